@@ -1,0 +1,68 @@
+"""Print the resolved per-layer pattern of a model with its density at a given length."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .block_index import attended_pairs, build_block_index, causal_pairs
+from .model_defaults import model_sparsity
+from .patterns import SparsePattern
+
+
+def layer_types(config: Any) -> list[str]:
+    """'full_attention' / 'sliding_attention' per layer (from config.layer_types, else from sliding_window)."""
+    n_layers = int(config.num_hidden_layers)
+    types = getattr(config, "layer_types", None)
+    if types:
+        return list(types)
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return ["sliding_attention"] * n_layers
+    return ["full_attention"] * n_layers
+
+
+def pattern_density(pattern: SparsePattern, seq_len: int) -> float:
+    """Attended pairs over causal pairs for one unpadded sequence of ``seq_len`` tokens (exact, O(S/B x k))."""
+    if pattern.is_dense:
+        return 1.0
+    if pattern.topk_blocks is not None:
+        # Data dependent: count the static part plus k blocks per query block (an upper bound).
+        static = pattern.replace(topk_blocks=None)
+        extra = pattern.topk_blocks * pattern.block_size * seq_len
+        return min(1.0, pattern_density(static, seq_len) + extra / causal_pairs(seq_len, seq_len, 0, 0))
+    index = build_block_index(pattern, batch=1, kv_heads=1 + max(pattern.dense_heads, default=-1),
+                              q_len=seq_len, kv_len=seq_len)
+    heads = index.full_count.shape[1]
+    pairs = sum(attended_pairs(index, 0, h) for h in range(heads)) / heads
+    return pairs / causal_pairs(seq_len, seq_len, 0, 0)
+
+
+def resolved_layers(config: Any) -> list[tuple[int, str, SparsePattern]]:
+    """(layer, kind, pattern) for every layer, as the attention function will resolve them."""
+    sparsity = model_sparsity(config)
+    rows = []
+    window = getattr(config, "sliding_window", None)
+    for layer, kind in enumerate(layer_types(config)):
+        if kind == "sliding_attention" and window:
+            rows.append((layer, "sliding (model)", SparsePattern(block_size=sparsity.default.block_size, window=window)))
+        else:
+            rows.append((layer, "full", sparsity.for_layer(layer)))
+    return rows
+
+
+def describe(model_or_config: Any, seq_len: int = 8192) -> str:
+    """A table of every layer's pattern and its density at ``seq_len``, plus the model's overall density."""
+    config = getattr(model_or_config, "config", model_or_config)
+    config = getattr(config, "text_config", None) or config
+    rows = resolved_layers(config)
+    cache: dict[str, float] = {}
+    lines = [f"model_type={getattr(config, 'model_type', '?')}  seq_len={seq_len}",
+             f"{'layer':>5}  {'kind':<16} {'density':>8}  pattern"]
+    total = 0.0
+    for layer, kind, pattern in rows:
+        key = repr(pattern)
+        if key not in cache:
+            cache[key] = pattern_density(pattern, seq_len)
+        total += cache[key]
+        lines.append(f"{layer:>5}  {kind:<16} {cache[key]:>8.3f}  {pattern.describe()}")
+    lines.append(f"mean density over layers: {total / max(1, len(rows)):.3f}")
+    return "\n".join(lines)

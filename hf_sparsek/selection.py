@@ -1,0 +1,54 @@
+"""Dynamic top-k block selection: for each query tile, the k key tiles with the highest pooled score.
+
+The score of (query tile, key tile) is the dot product of the mean query of the tile (averaged over the query heads
+of a KV group) with the mean key of the key tile, as in MoBA / NSA's block selection. Only causal key tiles with a
+real key compete. Costs O(query tiles x key tiles) per KV head and carries no gradient (a hard choice).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .patterns import SparsePattern
+
+
+@torch.no_grad()
+def select_topk_tiles(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    pattern: SparsePattern,
+    q_offset: int,
+    kv_offset: int,
+    k_seg: torch.Tensor | None,
+) -> torch.Tensor:
+    """(B, Hkv, n_q_tiles, topk) key tile numbers chosen per query tile; -1 where fewer tiles qualify."""
+    if pattern.topk_blocks is None:
+        raise ValueError("select_topk_tiles needs a pattern with topk_blocks set")
+    batch, hq, q_len, dim = q.shape
+    hkv, kv_len = k.shape[1], k.shape[2]
+    block = pattern.block_size
+    q_pool, _ = _pool(q.float(), q_offset, block, None)
+    q_pool = q_pool.view(batch, hkv, hq // hkv, -1, dim).mean(2)  # (B, Hkv, n_q, D)
+    k_pool, k_has = _pool(k.float(), kv_offset, block, None if k_seg is None else k_seg >= 0)
+    scores = torch.einsum("bhmd,bhnd->bhmn", q_pool, k_pool)
+    qb = q_offset // block + torch.arange(q_pool.shape[2], device=q.device)
+    kb = kv_offset // block + torch.arange(k_pool.shape[2], device=q.device)
+    allowed = (kb.view(1, -1) <= qb.view(-1, 1)).view(1, 1, len(qb), len(kb)) & k_has.view(k_has.shape[0], 1, 1, -1)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    top = min(pattern.topk_blocks, scores.shape[-1])
+    values, tiles = torch.topk(scores, top, dim=-1)
+    return torch.where(torch.isfinite(values), tiles, -1).to(torch.int32)
+
+
+def _pool(x: torch.Tensor, offset: int, block: int, valid: torch.Tensor | None):
+    """Mean over each absolute-grid tile of x (B, H, L, D), counting only valid positions."""
+    batch, heads, length, dim = x.shape
+    shift = offset % block
+    n_tiles = (shift + length + block - 1) // block
+    back = n_tiles * block - shift - length
+    ok = torch.ones(batch, length, dtype=torch.bool, device=x.device) if valid is None else valid
+    okp = torch.nn.functional.pad(ok, (shift, back), value=False).view(batch, 1, n_tiles, block, 1)
+    xp = torch.nn.functional.pad(x, (0, 0, shift, back)).view(batch, heads, n_tiles, block, dim)
+    total = (xp * okp).sum(3)
+    count = okp.sum(3).clamp(min=1)
+    return total / count, okp.any(3).view(batch, n_tiles)
