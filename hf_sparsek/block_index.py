@@ -241,7 +241,11 @@ def build_block_index(
         qlo = q_lo[m].view(1, 1, -1, 1)
         qhi = q_hi[m].view(1, 1, -1, 1)
         klo, khi = k_lo[n_safe], k_hi[n_safe]
-        gathered = lambda t: torch.gather(t.view(n_b, 1, 1, n_k).expand(n_b, n_h, len(m), n_k), 3, n_safe)  # noqa: E731
+
+        def gathered(per_tile: torch.Tensor, idx: torch.Tensor = n_safe) -> torch.Tensor:
+            """Per-key-tile statistic (n_b, n_k) gathered at the candidates (n_b, n_h, c, W)."""
+            return torch.gather(per_tile.view(n_b, 1, 1, n_k).expand(*idx.shape[:3], n_k), 3, idx)
+
         kany, kall = gathered(k_any), gathered(k_all)
         causal_any, causal_all = klo <= qhi, khi <= qlo
         seg_any = torch.ones_like(valid_c)

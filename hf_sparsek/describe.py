@@ -43,7 +43,8 @@ def resolved_layers(config: Any) -> list[tuple[int, str, SparsePattern]]:
     window = getattr(config, "sliding_window", None)
     for layer, kind in enumerate(layer_types(config)):
         if kind == "sliding_attention" and window:
-            rows.append((layer, "sliding (model)", SparsePattern(block_size=sparsity.default.block_size, window=window)))
+            model_window = SparsePattern(block_size=sparsity.default.block_size, window=window)
+            rows.append((layer, "sliding (model)", model_window))
         else:
             rows.append((layer, "full", sparsity.for_layer(layer)))
     return rows

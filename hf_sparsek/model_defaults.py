@@ -8,7 +8,7 @@ The choice lives in ``config.sparsek`` (a plain dict, so ``save_pretrained`` wri
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache, lru_cache
 from importlib import resources
 from typing import Any
 
@@ -24,7 +24,7 @@ def available_model_types() -> list[str]:
     return sorted(f.name[:-5] for f in files if f.name.endswith(".json") and f.name[:-5] != GENERIC)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load_default(model_type: str) -> ModelSparsity:
     folder = resources.files("hf_sparsek").joinpath("model_patterns")
     path = folder.joinpath(f"{model_type}.json")

@@ -33,7 +33,7 @@ def reference_attention(
     the compute dtype. Differentiable through autograd.
     """
     batch, hq, q_len, dim = q.shape
-    hkv, kv_len, dv = k.shape[1], k.shape[2], v.shape[-1]
+    hkv, dv = k.shape[1], v.shape[-1]
     group = hq // hkv
     block = index.block_size
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -54,7 +54,6 @@ def reference_attention(
     raw = index.part_tiles.long()
     tiles = torch.cat([index.full_tiles.long(), torch.where(raw < 0, -raw - 1, raw)], -1)
     kind = torch.cat([torch.where(full_ok, 1, 0), torch.where(part_ok, torch.where(raw < 0, 3, 2), 0)], -1)
-    n_b, n_h = tiles.shape[:2]
     tiles = tiles.expand(batch, hkv, n_q, -1)
     kind = kind.expand(batch, hkv, n_q, -1)
     width = tiles.shape[-1]

@@ -25,7 +25,7 @@ def select_topk_tiles(
     if pattern.topk_blocks is None:
         raise ValueError("select_topk_tiles needs a pattern with topk_blocks set")
     batch, hq, q_len, dim = q.shape
-    hkv, kv_len = k.shape[1], k.shape[2]
+    hkv = k.shape[1]
     block = pattern.block_size
     q_pool, _ = _pool(q.float(), q_offset, block, None)
     q_pool = q_pool.view(batch, hkv, hq // hkv, -1, dim).mean(2)  # (B, Hkv, n_q, D)

@@ -1,0 +1,345 @@
+"""Backward block-sparse flash attention (Triton), deterministic and atomic-free.
+
+* ``delta = rowsum(dO * O)`` (fp32), computed by a small kernel;
+* dK/dV key-major: one program owns ``BLOCK_N`` keys of one KV head and walks the query tiles of the transposed
+  index (``BlockIndex.transposed()``), for every query head of its group, so each dK/dV element has one writer;
+* dQ query-major over the forward lists, with the same head packing as the forward.
+
+Probabilities are recomputed from the forward's log2-domain LSE; partial tiles apply the same element mask.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention_fwd import _dot, _next_pow2, index_strides, score_constants, seg_args
+from .common import element_mask, tanh_f32
+
+
+@dataclass(frozen=True)
+class BwdConfig:
+    """Tiles of the two backward kernels: dK/dV (keys x query rows) and dQ (packed query rows x keys)."""
+
+    kv_block_n: int
+    kv_block_m: int
+    kv_warps: int
+    kv_stages: int
+    q_block_m: int
+    q_block_n: int
+    q_warps: int
+    q_stages: int
+
+
+# H100 defaults per head dim (bf16/fp16).
+BWD_CONFIGS: dict[int, BwdConfig] = {
+    64: BwdConfig(128, 64, 8, 3, 128, 64, 8, 3),
+    128: BwdConfig(128, 64, 8, 2, 128, 64, 8, 2),
+    256: BwdConfig(64, 32, 8, 2, 64, 32, 8, 2),
+}
+
+
+@triton.jit
+def _bwd_preprocess_kernel(O, DO, DELTA, s_ob, s_oh, s_ot, s_db, s_dh, s_dt, H, L,
+                           BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """delta[b, h, t] = sum_d dO * O, in fp32."""
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    d = tl.arange(0, HEAD_DIM)
+    ok = t < L
+    o = tl.load(O + b * s_ob + h * s_oh + t[:, None] * s_ot + d[None, :], mask=ok[:, None], other=0.0)
+    do = tl.load(DO + b * s_db + h * s_dh + t[:, None] * s_dt + d[None, :], mask=ok[:, None], other=0.0)
+    tl.store(DELTA + bh * L + t, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=ok)
+
+
+@triton.jit
+def _dkdv_step(
+    dk, dv, k, v, k_abs, k_t, mt, selected, rem, b, hkv,
+    Q, DO, LSE, DELTA, KSEG, QSEG, KRANK, s_qb, s_qh, s_qt, s_db, s_dh, s_dt, s_lb, s_lh,
+    s_kseg_b, s_qseg_b, s_krank_b, Hkv, G, q_len, kv_len, q_offset, sink, window, qk_mul, cap2,
+    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+    SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
+    HAS_KSEG: tl.constexpr, HAS_QSEG: tl.constexpr, HAS_KRANK: tl.constexpr,
+):
+    """One (query tile, row block, query head) visit of a key block: accumulate dK (unscaled) and dV."""
+    h = rem % G
+    q_abs = (q_offset // BLOCK + mt) * BLOCK + (rem // G) * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_t = q_abs - q_offset
+    q_ok = (q_t >= 0) & (q_t < q_len)
+    hq = hkv * G + h
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * s_qb + hq * s_qh + q_t[:, None] * s_qt + d[None, :], mask=q_ok[:, None], other=0.0)
+    do = tl.load(DO + b * s_db + hq * s_dh + q_t[:, None] * s_dt + d[None, :], mask=q_ok[:, None], other=0.0)
+    lse = tl.load(LSE + b * s_lb + hq * s_lh + q_t, mask=q_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    delta = tl.load(DELTA + (b * Hkv * G + hq) * q_len + q_t, mask=q_ok, other=0.0)
+    qk = _dot(k, tl.trans(q), IEEE)  # (BLOCK_N, BLOCK_M)
+    if SOFTCAP:
+        th = tanh_f32(qk * qk_mul)
+        s = cap2 * th
+    else:
+        s = qk * qk_mul
+    if MASKED:
+        keep = element_mask(
+            q_abs[None, :], k_abs[:, None], q_t[None, :], k_t[:, None], b, selected,
+            KSEG, QSEG, KRANK, s_kseg_b, s_qseg_b, s_krank_b, q_len, kv_len, sink, window,
+            HAS_KSEG, HAS_QSEG, HAS_KRANK,
+        )
+        s = tl.where(keep, s, float("-inf"))
+    p = tl.exp2(s - lse[None, :])
+    dv += _dot(p.to(do.dtype), do, IEEE)
+    dp = _dot(v, tl.trans(do), IEEE)
+    ds = p * (dp - delta[None, :])
+    if SOFTCAP:
+        ds = ds * (1.0 - th * th)
+    dk += _dot(ds.to(q.dtype), q, IEEE)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    FC, FT, PC, PT,
+    KSEG, QSEG, KRANK,
+    s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_db, s_dh, s_dt, s_lb, s_lh,
+    s_dkb, s_dkh, s_dkt, s_dvb, s_dvh, s_dvt,
+    s_ib, s_ih, f_width, p_width, s_kseg_b, s_qseg_b, s_krank_b,
+    Hkv, G, q_len, kv_len, q_offset, kv_offset, sink, window,
+    qk_mul, cap2, scale,
+    BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+    SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
+    HAS_KSEG: tl.constexpr, HAS_QSEG: tl.constexpr, HAS_KRANK: tl.constexpr,
+):
+    N_SUB_N: tl.constexpr = BLOCK // BLOCK_N
+    N_SUB_M: tl.constexpr = BLOCK // BLOCK_M
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hkv
+    hkv = bh % Hkv
+    n = pid // N_SUB_N
+    qb0 = q_offset // BLOCK
+    kb0 = kv_offset // BLOCK
+    k_abs = (kb0 + n) * BLOCK + (pid % N_SUB_N) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_t = k_abs - kv_offset
+    k_in = (k_t >= 0) & (k_t < kv_len)
+    d = tl.arange(0, HEAD_DIM)
+    k = tl.load(K + b * s_kb + hkv * s_kh + k_t[:, None] * s_kt + d[None, :], mask=k_in[:, None], other=0.0)
+    v = tl.load(V + b * s_vb + hkv * s_vh + k_t[:, None] * s_vt + d[None, :], mask=k_in[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+
+    irow = b * s_ib + hkv * s_ih + n
+    f_cnt = tl.load(FC + irow)
+    p_cnt = tl.load(PC + irow)
+    per_tile = N_SUB_M * G
+    for it in range(0, f_cnt * per_tile):
+        mt = tl.load(FT + irow * f_width + it // per_tile)
+        dk, dv = _dkdv_step(
+            dk, dv, k, v, k_abs, k_t, mt, False, it % per_tile, b, hkv,
+            Q, DO, LSE, DELTA, KSEG, QSEG, KRANK, s_qb, s_qh, s_qt, s_db, s_dh, s_dt, s_lb, s_lh,
+            s_kseg_b, s_qseg_b, s_krank_b, Hkv, G, q_len, kv_len, q_offset, sink, window, qk_mul, cap2,
+            BLOCK, BLOCK_M, HEAD_DIM, False, SOFTCAP, IEEE, HAS_KSEG, HAS_QSEG, HAS_KRANK,
+        )
+    for it in range(0, p_cnt * per_tile):
+        raw = tl.load(PT + irow * p_width + it // per_tile)
+        selected = raw < 0
+        mt = tl.where(selected, -raw - 1, raw)
+        dk, dv = _dkdv_step(
+            dk, dv, k, v, k_abs, k_t, mt, selected, it % per_tile, b, hkv,
+            Q, DO, LSE, DELTA, KSEG, QSEG, KRANK, s_qb, s_qh, s_qt, s_db, s_dh, s_dt, s_lb, s_lh,
+            s_kseg_b, s_qseg_b, s_krank_b, Hkv, G, q_len, kv_len, q_offset, sink, window, qk_mul, cap2,
+            BLOCK, BLOCK_M, HEAD_DIM, True, SOFTCAP, IEEE, HAS_KSEG, HAS_QSEG, HAS_KRANK,
+        )
+
+    dk = dk * scale
+    tl.store(DK + b * s_dkb + hkv * s_dkh + k_t[:, None] * s_dkt + d[None, :], dk.to(DK.dtype.element_ty),
+             mask=k_in[:, None])
+    tl.store(DV + b * s_dvb + hkv * s_dvh + k_t[:, None] * s_dvt + d[None, :], dv.to(DV.dtype.element_ty),
+             mask=k_in[:, None])
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    FC, FT, PC, PT,
+    KSEG, QSEG, KRANK,
+    s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_db, s_dh, s_dt, s_lb, s_lh,
+    s_dqb, s_dqh, s_dqt,
+    s_ib, s_ih, f_width, p_width, s_kseg_b, s_qseg_b, s_krank_b,
+    Hkv, G, q_len, kv_len, q_offset, kv_offset, n_q_tiles, sink, window,
+    qk_mul, cap2, scale,
+    BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr, HPP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
+    HAS_KSEG: tl.constexpr, HAS_QSEG: tl.constexpr, HAS_KRANK: tl.constexpr,
+):
+    BLOCK_M: tl.constexpr = SUB_M * HPP
+    N_SUB_M: tl.constexpr = BLOCK // SUB_M
+    N_SUB_N: tl.constexpr = BLOCK // BLOCK_N
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hkv
+    hkv = bh % Hkv
+    n_hc = tl.cdiv(G, HPP)
+    per_tile = N_SUB_M * n_hc
+    m = n_q_tiles - 1 - pid // per_tile
+    rem = pid % per_tile
+    sub = rem // n_hc
+    h0 = (rem % n_hc) * HPP
+
+    qb0 = q_offset // BLOCK
+    kb0 = kv_offset // BLOCK
+    r = tl.arange(0, BLOCK_M)
+    head = h0 + r // SUB_M
+    q_abs = (qb0 + m) * BLOCK + sub * SUB_M + r % SUB_M
+    q_t = q_abs - q_offset
+    row_ok = (q_t >= 0) & (q_t < q_len) & (head < G)
+    hq = hkv * G + head
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * s_qb + hq[:, None] * s_qh + q_t[:, None] * s_qt + d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * s_db + hq[:, None] * s_dh + q_t[:, None] * s_dt + d[None, :], mask=row_ok[:, None],
+                 other=0.0)
+    lse = tl.load(LSE + b * s_lb + hq * s_lh + q_t, mask=row_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    delta = tl.load(DELTA + (b * Hkv * G + hq) * q_len + q_t, mask=row_ok, other=0.0)
+
+    first_t = (qb0 + m) * BLOCK + sub * SUB_M - q_offset
+    any_row = (first_t < q_len) & (first_t + SUB_M > 0)
+    irow = b * s_ib + hkv * s_ih + m
+    f_cnt = tl.where(any_row, tl.load(FC + irow), 0)
+    p_cnt = tl.where(any_row, tl.load(PC + irow), 0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    kk = tl.arange(0, BLOCK_N)
+    k_base = K + b * s_kb + hkv * s_kh
+    v_base = V + b * s_vb + hkv * s_vh
+
+    for it in range(0, f_cnt * N_SUB_N):
+        n = tl.load(FT + irow * f_width + it // N_SUB_N)
+        k_t = (kb0 + n) * BLOCK + (it % N_SUB_N) * BLOCK_N + kk - kv_offset
+        k = tl.load(k_base + k_t[:, None] * s_kt + d[None, :])
+        v = tl.load(v_base + k_t[:, None] * s_vt + d[None, :])
+        qk = _dot(q, tl.trans(k), IEEE)
+        if SOFTCAP:
+            th = tanh_f32(qk * qk_mul)
+            s = cap2 * th
+        else:
+            s = qk * qk_mul
+        p = tl.exp2(s - lse[:, None])
+        dp = _dot(do, tl.trans(v), IEEE)
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - th * th)
+        dq += _dot(ds.to(k.dtype), k, IEEE)
+
+    for it in range(0, p_cnt * N_SUB_N):
+        raw = tl.load(PT + irow * p_width + it // N_SUB_N)
+        selected = raw < 0
+        n = tl.where(selected, -raw - 1, raw)
+        k_abs = (kb0 + n) * BLOCK + (it % N_SUB_N) * BLOCK_N + kk
+        k_t = k_abs - kv_offset
+        k_in = (k_t >= 0) & (k_t < kv_len)
+        k = tl.load(k_base + k_t[:, None] * s_kt + d[None, :], mask=k_in[:, None], other=0.0)
+        v = tl.load(v_base + k_t[:, None] * s_vt + d[None, :], mask=k_in[:, None], other=0.0)
+        qk = _dot(q, tl.trans(k), IEEE)
+        if SOFTCAP:
+            th = tanh_f32(qk * qk_mul)
+            s = cap2 * th
+        else:
+            s = qk * qk_mul
+        keep = element_mask(
+            q_abs[:, None], k_abs[None, :], q_t[:, None], k_t[None, :], b, selected,
+            KSEG, QSEG, KRANK, s_kseg_b, s_qseg_b, s_krank_b, q_len, kv_len, sink, window,
+            HAS_KSEG, HAS_QSEG, HAS_KRANK,
+        )
+        s = tl.where(keep, s, float("-inf"))
+        p = tl.exp2(s - lse[:, None])
+        dp = _dot(do, tl.trans(v), IEEE)
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - th * th)
+        dq += _dot(ds.to(k.dtype), k, IEEE)
+
+    dq = dq * scale
+    tl.store(DQ + b * s_dqb + hq[:, None] * s_dqh + q_t[:, None] * s_dqt + d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+def attention_backward(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    full_count: torch.Tensor, full_tiles: torch.Tensor, part_count: torch.Tensor, part_tiles: torch.Tensor,
+    t_full_count: torch.Tensor, t_full_tiles: torch.Tensor, t_part_count: torch.Tensor, t_part_tiles: torch.Tensor,
+    k_seg: torch.Tensor | None, q_seg: torch.Tensor | None, k_rank: torch.Tensor | None,
+    block: int, q_offset: int, kv_offset: int, sink: int, window: int, scale: float, softcap: float,
+    config: BwdConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch delta, dK/dV and dQ kernels; ``lse`` is the forward's log2-domain LSE. Returns dq, dk, dv."""
+    batch, hq, q_len, dim = q.shape
+    hkv, kv_len = k.shape[1], k.shape[2]
+    group = hq // hkv
+    cfg = config or BWD_CONFIGS[dim]
+    q, k, v, o, do = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, o, do))
+    ieee = q.dtype == torch.float32
+    qk_mul, cap2 = score_constants(scale, softcap)
+    (ks, ks_b), (qs, qs_b), (kr, kr_b) = seg_args(k_seg, q_seg, k_rank, full_count)
+
+    delta = torch.empty(batch, hq, q_len, device=q.device, dtype=torch.float32)
+    pre_block = 64
+    _bwd_preprocess_kernel[(triton.cdiv(q_len, pre_block), batch * hq)](
+        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), hq, q_len,
+        BLOCK=pre_block, HEAD_DIM=dim,
+    )
+
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    n_k = t_full_count.shape[2]
+    kv_block_n = min(cfg.kv_block_n, block)
+    kv_block_m = min(cfg.kv_block_m, block)
+    s_ib, s_ih = index_strides(t_full_count)
+    common_strides = (
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        lse.stride(0), lse.stride(1),
+    )
+    flags = dict(
+        SOFTCAP=bool(softcap), IEEE=ieee,
+        HAS_KSEG=k_seg is not None, HAS_QSEG=q_seg is not None, HAS_KRANK=k_rank is not None,
+    )
+    _attn_bwd_dkdv_kernel[(n_k * (block // kv_block_n), batch * hkv)](
+        q, k, v, do, lse, delta, dk, dv,
+        t_full_count, t_full_tiles, t_part_count, t_part_tiles,
+        ks, qs, kr,
+        *common_strides,
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        s_ib, s_ih, t_full_tiles.shape[-1], t_part_tiles.shape[-1], ks_b, qs_b, kr_b,
+        hkv, group, q_len, kv_len, q_offset, kv_offset, sink, window,
+        qk_mul, cap2, scale,
+        BLOCK=block, BLOCK_N=kv_block_n, BLOCK_M=kv_block_m, HEAD_DIM=dim, **flags,
+        num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
+    )
+
+    dq = torch.empty_like(q)
+    n_q = full_count.shape[2]
+    block_m = min(cfg.q_block_m, block * _next_pow2(group))
+    sub_m = min(block, block_m, max(16, _next_pow2(q_len)))
+    hpp = max(1, min(_next_pow2(group), block_m // sub_m))
+    q_block_n = min(cfg.q_block_n, block)
+    s_ib, s_ih = index_strides(full_count)
+    n_hc = math.ceil(group / hpp)
+    _attn_bwd_dq_kernel[(n_q * (block // sub_m) * n_hc, batch * hkv)](
+        q, k, v, do, lse, delta, dq,
+        full_count, full_tiles, part_count, part_tiles,
+        ks, qs, kr,
+        *common_strides,
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        s_ib, s_ih, full_tiles.shape[-1], part_tiles.shape[-1], ks_b, qs_b, kr_b,
+        hkv, group, q_len, kv_len, q_offset, kv_offset, n_q, sink, window,
+        qk_mul, cap2, scale,
+        BLOCK=block, BLOCK_N=q_block_n, SUB_M=sub_m, HPP=hpp, HEAD_DIM=dim, **flags,
+        num_warps=cfg.q_warps, num_stages=cfg.q_stages,
+    )
+    return dq, dk, dv

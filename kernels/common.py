@@ -1,0 +1,46 @@
+"""Shared Triton helpers for the block-sparse attention kernels: the element mask of partial tiles and softcap.
+
+The element predicate mirrors ``hf_sparsek.block_index.element_mask`` exactly; it is written with broadcasting so
+the forward (query rows x keys) and the key-major backward (keys x query rows) share one definition.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def tanh_f32(x):
+    """tanh via exp2: portable across Triton versions and the interpreter; saturates to +-1 without NaN."""
+    e = tl.exp2(x * 2.8853900817779268)  # exp(2x)
+    return 1.0 - 2.0 / (e + 1.0)
+
+
+@triton.jit
+def element_mask(
+    q_abs, k_abs, q_t, k_t, b, selected,
+    KSEG, QSEG, KRANK, s_kseg_b, s_qseg_b, s_krank_b,
+    q_len, kv_len, sink, window,
+    HAS_KSEG: tl.constexpr, HAS_QSEG: tl.constexpr, HAS_KRANK: tl.constexpr,
+):
+    """Token-exact predicate of a partial tile; ``q_*`` and ``k_*`` broadcast against each other (absolute/storage)."""
+    k_in = (k_t >= 0) & (k_t < kv_len)
+    keep = (k_abs <= q_abs) & k_in
+    k_safe = tl.minimum(tl.maximum(k_t, 0), kv_len - 1)
+    if HAS_KSEG:
+        kseg = tl.load(KSEG + b * s_kseg_b + k_safe, mask=k_in, other=-1)
+        keep = keep & (kseg >= 0)
+        if HAS_QSEG:
+            q_safe = tl.minimum(tl.maximum(q_t, 0), q_len - 1)
+            qseg = tl.load(QSEG + b * s_qseg_b + q_safe)
+            keep = keep & (qseg == kseg)
+    if HAS_KRANK:
+        rank = tl.load(KRANK + b * s_krank_b + k_safe, mask=k_in, other=0)
+    else:
+        rank = k_abs
+    token = ((sink > 0) & (rank < sink)) | ((window > 0) & ((q_abs - k_abs) < window))
+    return keep & (token | selected)

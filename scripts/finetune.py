@@ -1,0 +1,490 @@
+"""``hf-sparsek finetune``: causal-LM fine-tuning with ``attn_implementation="sparsek"`` through the HF Trainer.
+
+Why: a model fine-tuned under its sparsity pattern loses less perplexity than one that meets the pattern only at
+inference, and sparse attention trains at lengths where dense attention is too slow or too big.
+
+What it does: loads a causal LM with the chosen attention (``sparsek`` with a pattern, or ``sdpa``/``eager`` as the
+dense baseline), packs token-id documents to the training length (positions restart per document, no attention
+across documents, see :mod:`hf_sparsek.scripts.packing`), trains in full or with LoRA (peft) in bf16 with gradient
+checkpointing, evaluates held-out perplexity before, periodically and after, logs the loss to ``loss_log.jsonl``
+and writes resumable Trainer checkpoints. Multi-GPU: launch the same command through ``accelerate launch
+--config_file scripts/accelerate_ddp.yaml`` (or ``accelerate_fsdp.yaml``).
+
+The final model goes to ``<output_dir>/final``: a full checkpoint (``from_pretrained(final,
+attn_implementation="sparsek")`` restores the pattern from ``config.sparsek``), or for LoRA the merged model there
+plus the adapter in ``final/adapter`` (reload either with :func:`load_finetuned`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import hf_sparsek
+from hf_sparsek.scripts.packing import IGNORE_INDEX, PackedDataset, collate_packed, pack_documents
+
+ATTN_CHOICES = ("sparsek", "sdpa", "eager")
+DTYPE_CHOICES = ("bf16", "fp16", "fp32")
+DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj"
+PATTERN_FILE = "sparsek_pattern.json"
+
+
+# --------------------------------------------------------------------------------------------------- validation
+def check_model_type(config: Any) -> type:
+    """The causal-LM class of ``config``; ValueError when transformers has none or it cannot take "sparsek"."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = getattr(config, "model_type", None)
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(
+            f"model type {model_type!r} has no causal-LM class in transformers; finetune supports decoder-only "
+            f"causal LMs such as llama, mistral, qwen2, qwen3, gemma3_text, phi3"
+        )
+    import transformers
+
+    cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type], None)
+    if cls is None or not getattr(cls, "_supports_attention_backend", False):
+        raise ValueError(
+            f"model type {model_type!r} ({MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]}) does not route attention "
+            "through transformers' AttentionInterface, so attn_implementation='sparsek' cannot run it"
+        )
+    return cls
+
+
+def check_seq_len(config: Any, seq_len: int) -> None:
+    """ValueError when the training length exceeds the model's position range."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and seq_len > int(limit):
+        raise ValueError(
+            f"seq_len={seq_len} is longer than the model's max_position_embeddings={limit}; use seq_len <= {limit} "
+            "or a model (or RoPE scaling in its config) that covers the length"
+        )
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+
+
+def check_dtype(dtype: str, device: str) -> None:
+    """ValueError for a training precision this device (or the sparse kernels) cannot train in."""
+    if dtype not in DTYPE_CHOICES:
+        raise ValueError(f"dtype={dtype!r}; supported: {DTYPE_CHOICES}")
+    if device == "cuda":
+        if dtype == "bf16" and not torch.cuda.is_bf16_supported():
+            raise ValueError(
+                f"bf16 was requested but this GPU ({torch.cuda.get_device_name()}) has no bf16 support; use "
+                "--dtype fp16 or fp32"
+            )
+    elif dtype == "fp16":
+        raise ValueError("fp16 mixed-precision training needs a CUDA device; on CPU use --dtype bf16 or fp32")
+
+
+def check_attention_dropout(config: Any, attn: str) -> None:
+    """Sparse attention has no dropout: refuse rather than silently train without it."""
+    p = float(getattr(config, "attention_dropout", 0.0) or 0.0)
+    if attn == "sparsek" and p > 0:
+        raise ValueError(
+            f"the model config has attention_dropout={p}; attn_implementation='sparsek' has no attention dropout. "
+            "Set --attention-dropout-zero to train with 0"
+        )
+
+
+def pattern_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Trainable parameters that belong to the sparsity pattern itself (a learned scorer); none exist today."""
+    return [p for name, p in model.named_parameters() if "sparsek" in name.lower()]
+
+
+# --------------------------------------------------------------------------------------------------- model
+def resolve_model_path(name: str) -> str:
+    """A local checkpoint dir for ``name``: a path as is, else an offline name through hf_sparsek.eval.offline."""
+    if os.path.isdir(name):
+        return name
+    try:
+        from hf_sparsek.eval.offline import resolve_model
+    except ImportError as exc:
+        raise ValueError(f"{name!r} is not a local directory and hf_sparsek.eval.offline is not available") from exc
+    return str(resolve_model(name))
+
+
+def load_model(
+    model_path: str,
+    attn: str = "sparsek",
+    pattern: str | dict | hf_sparsek.SparsePattern | hf_sparsek.ModelSparsity | None = None,
+    seq_len: int | None = None,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    attention_dropout_zero: bool = False,
+) -> torch.nn.Module:
+    """Load a causal LM in fp32 weights (the Trainer's autocast does bf16/fp16) with the chosen attention."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if attn not in ATTN_CHOICES:
+        raise ValueError(f"attn={attn!r}; supported: {ATTN_CHOICES}")
+    try:
+        config = AutoConfig.from_pretrained(model_path)
+    except (ValueError, KeyError) as exc:
+        raise ValueError(f"cannot read a transformers config from {model_path!r}: {exc}") from exc
+    check_model_type(config)
+    if seq_len is not None:
+        check_seq_len(config, seq_len)
+    check_dtype(dtype, device)
+    if attention_dropout_zero and hasattr(config, "attention_dropout"):
+        config.attention_dropout = 0.0
+    check_attention_dropout(config, attn)
+    if attn == "sparsek" and pattern is not None:
+        hf_sparsek.set_pattern(config, _parse_pattern(pattern))  # validates: ModelSparsity raises on bad fields
+    elif attn == "sparsek":
+        hf_sparsek.model_sparsity(config)  # validates the stored pattern (or writes the default)
+    config.use_cache = False
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, config=config, attn_implementation=attn, dtype=torch.float32
+    )
+    return model
+
+
+def _parse_pattern(pattern: Any) -> Any:
+    """A --pattern value: preset name, JSON string, path to a JSON file, or an object already."""
+    if isinstance(pattern, str) and pattern not in hf_sparsek.PRESETS:
+        if os.path.isfile(pattern):
+            return json.loads(Path(pattern).read_text())
+        try:
+            return json.loads(pattern)
+        except json.JSONDecodeError as exc:
+            raise ValueError(
+                f"--pattern {pattern!r} is not a preset ({sorted(hf_sparsek.PRESETS)}), a JSON file or JSON"
+            ) from exc
+    return pattern
+
+
+def add_lora(model: torch.nn.Module, r: int, alpha: int, targets: str, dropout: float = 0.0) -> torch.nn.Module:
+    """Wrap ``model`` with a peft LoRA adapter on the named linear layers."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as exc:
+        raise ValueError("LoRA needs peft: pip install 'hf-sparsek[train]'") from exc
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=[t.strip() for t in targets.split(",") if t],
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def load_finetuned(path: str | os.PathLike, attn: str = "sparsek", merge: bool = False) -> torch.nn.Module:
+    """Reload a ``finetune`` output: a full checkpoint dir, or a LoRA adapter dir (attached, or merged if asked).
+
+    An adapter dir carries ``sparsek_pattern.json``: the pattern the adapter was trained under is set on the base.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "adapter_config.json").is_file():
+        return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn)
+    from peft import PeftConfig, PeftModel
+
+    base_path = PeftConfig.from_pretrained(path).base_model_name_or_path
+    base = AutoModelForCausalLM.from_pretrained(base_path, attn_implementation=attn)
+    if attn == "sparsek" and (path / PATTERN_FILE).is_file():
+        hf_sparsek.set_pattern(base, json.loads((path / PATTERN_FILE).read_text()))
+    model = PeftModel.from_pretrained(base, path)
+    return model.merge_and_unload() if merge else model
+
+
+# --------------------------------------------------------------------------------------------------- data
+def load_token_documents(source: str, tokenizer_path: str | None = None) -> list[list[int]]:
+    """Token-id documents from a ``.pt``/``.json`` file (a list of lists of ints) or a text source name.
+
+    A text source (``shakespeare``) goes through ``hf_sparsek.eval.offline.load_documents`` and the model's
+    tokenizer (no BOS/EOS added: each play is one document).
+    """
+    path = Path(source)
+    if path.suffix == ".pt" and path.is_file():
+        docs = torch.load(path)
+    elif path.suffix == ".json" and path.is_file():
+        docs = json.loads(path.read_text())
+    else:
+        try:
+            from hf_sparsek.eval.offline import load_documents
+        except ImportError as exc:
+            raise ValueError(f"data {source!r}: not a .pt/.json token file, and hf_sparsek.eval.offline is missing") from exc
+        if tokenizer_path is None:
+            raise ValueError("a text data source needs the model's tokenizer (--model dir with tokenizer files)")
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer_path)
+        docs = [tok(text, add_special_tokens=False)["input_ids"] for text in load_documents(source)]
+    if not isinstance(docs, list) or not docs or not all(isinstance(d, (list, tuple)) for d in docs):
+        raise ValueError(f"data {source!r} must hold a non-empty list of token-id lists")
+    return [list(map(int, d)) for d in docs]
+
+
+def synthetic_documents(n_docs: int, vocab: int, min_len: int, max_len: int, seed: int = 0) -> list[list[int]]:
+    """Learnable synthetic documents (for tests and throughput): each repeats a short random motif."""
+    gen = torch.Generator().manual_seed(seed)
+    docs = []
+    for _ in range(n_docs):
+        length = int(torch.randint(min_len, max_len + 1, (1,), generator=gen))
+        motif = torch.randint(0, vocab, (int(torch.randint(3, 9, (1,), generator=gen)),), generator=gen)
+        docs.append(motif.repeat(length // len(motif) + 1)[:length].tolist())
+    return docs
+
+
+# --------------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def heldout_nll(
+    model: torch.nn.Module, docs: Sequence[Sequence[int]], seq_len: int, autocast_dtype: torch.dtype | None = None,
+    max_windows: int | None = None,
+) -> dict[str, float]:
+    """Token-weighted mean next-token NLL over held-out documents, in non-overlapping windows of ``seq_len``.
+
+    Each window is one forward pass (batch 1, positions from 0, no padding). Windows shorter than 2 tokens are
+    skipped. Returns ``{"nll", "ppl", "tokens", "windows"}``.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count, windows = 0.0, 0, 0
+    for doc in docs:
+        for start in range(0, len(doc), seq_len):
+            window = doc[start : start + seq_len]
+            if len(window) < 2 or (max_windows is not None and windows >= max_windows):
+                continue
+            ids = torch.tensor([window], device=device)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                logits = model(input_ids=ids).logits.float()
+            loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
+            total += float(loss)
+            count += len(window) - 1
+            windows += 1
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("held-out data has no window of at least 2 tokens")
+    nll = total / count
+    return {"nll": nll, "ppl": math.exp(nll), "tokens": count, "windows": windows}
+
+
+# --------------------------------------------------------------------------------------------------- training
+def _callbacks(log_path: Path, eval_docs: list[list[int]] | None, eval_len: int, eval_steps: int,
+               autocast: torch.dtype | None, max_windows: int | None) -> list[Any]:
+    from transformers import TrainerCallback
+
+    class LossLog(TrainerCallback):
+        """Appends every Trainer log (loss, lr, grad norm, eval) as one JSON line, main process only."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+            if state.is_world_process_zero and logs:
+                with log_path.open("a") as f:
+                    f.write(json.dumps({"step": state.global_step, "time": time.time(), **logs}) + "\n")
+
+    class HeldoutEval(TrainerCallback):
+        """Held-out perplexity every ``eval_steps`` optimizer steps (added to the Trainer log)."""
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+            if eval_docs and eval_steps > 0 and state.global_step % eval_steps == 0 and model is not None:
+                result = heldout_nll(model, eval_docs, eval_len, autocast, max_windows)
+                state.log_history.append({"step": state.global_step, "eval_ppl": result["ppl"], "eval_nll": result["nll"]})
+                if state.is_world_process_zero:
+                    with log_path.open("a") as f:
+                        f.write(json.dumps({"step": state.global_step, "eval_ppl": result["ppl"],
+                                            "eval_nll": result["nll"]}) + "\n")
+                    print(f"step {state.global_step}: held-out ppl {result['ppl']:.3f}", file=sys.stderr)
+
+    return [LossLog(), HeldoutEval()]
+
+
+def finetune(args: argparse.Namespace) -> dict[str, Any]:
+    """Run one fine-tune from parsed CLI arguments; returns (and writes) the metrics summary."""
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    set_seed(args.seed)
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    model_path = resolve_model_path(args.model)
+    model = load_model(
+        model_path, attn=args.attn, pattern=args.pattern, seq_len=args.seq_len, device=device, dtype=args.dtype,
+        attention_dropout_zero=args.attention_dropout_zero,
+    )
+    if args.train_only_pattern:
+        params = pattern_parameters(model)
+        if not params:
+            raise ValueError(
+                "--train-only-pattern: this model's sparsity pattern has no trainable parameters (the shipped "
+                "patterns — sink, window, block layouts, top-k by score — are all parameter-free), so training "
+                "only the pattern would change nothing. Use full fine-tuning or --lora-r"
+            )
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+    if args.lora_r:
+        model = add_lora(model, args.lora_r, args.lora_alpha, args.lora_targets)
+
+    if args.train_data == "synthetic":
+        vocab = model.config.vocab_size
+        docs = synthetic_documents(args.synthetic_docs, vocab, args.seq_len // 4, args.seq_len, seed=args.seed)
+    else:
+        docs = load_token_documents(args.train_data, model_path)
+    eval_docs = load_token_documents(args.eval_data, model_path) if args.eval_data else None
+    if args.eval_data is None and args.heldout_docs:
+        if args.heldout_docs >= len(docs):
+            raise ValueError(f"--heldout-docs {args.heldout_docs} leaves no training documents (have {len(docs)})")
+        docs, eval_docs = docs[: -args.heldout_docs], docs[-args.heldout_docs :]
+    rows = pack_documents(docs, args.seq_len)
+    if not rows:
+        raise ValueError(f"the training data gives no full row of {args.seq_len} tokens")
+    dataset = PackedDataset(rows)
+
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "loss_log.jsonl"
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.dtype]
+    eval_len = args.eval_seq_len or args.seq_len
+    targs = TrainingArguments(
+        output_dir=str(out), max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, lr_scheduler_type=args.scheduler,
+        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, max_grad_norm=1.0,
+        bf16=args.dtype == "bf16", fp16=args.dtype == "fp16", use_cpu=device == "cpu",
+        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
+        logging_steps=args.logging_steps, save_steps=args.save_steps, save_total_limit=args.save_total_limit,
+        save_strategy="steps" if args.save_steps > 0 else "no", report_to="none", remove_unused_columns=False,
+        dataloader_num_workers=0, seed=args.seed, disable_tqdm=False, ddp_find_unused_parameters=False,
+    )
+    eval_steps = args.eval_steps if eval_docs else 0
+    trainer = Trainer(
+        model=model, args=targs, train_dataset=dataset, data_collator=collate_packed,
+        callbacks=_callbacks(log_path, eval_docs, eval_len, eval_steps, autocast, args.eval_max_windows),
+    )
+    metrics: dict[str, Any] = {
+        "model": args.model, "attn": args.attn, "seq_len": args.seq_len, "dtype": args.dtype,
+        "lora_r": args.lora_r, "train_rows": len(rows), "world_size": targs.world_size,
+        "sparsek": getattr(_base(model).config, "sparsek", None) if args.attn == "sparsek" else None,
+        "eval_seq_len": eval_len if eval_docs else None,
+    }
+    if eval_docs and args.eval_before and not args.resume:
+        metrics["eval_before"] = heldout_nll(trainer.model, eval_docs, eval_len, autocast, args.eval_max_windows)
+        print(f"held-out ppl before: {metrics['eval_before']['ppl']:.3f}", file=sys.stderr)
+    resume: bool | str | None = None
+    if args.resume:
+        resume = True if args.resume == "last" else args.resume
+    start = time.time()
+    result = trainer.train(resume_from_checkpoint=resume)
+    metrics["train_seconds"] = time.time() - start
+    metrics["train_loss"] = result.training_loss
+    metrics["train_tokens_per_second"] = (
+        (result.global_step * args.batch_size * args.grad_accum * targs.world_size * args.seq_len)
+        / max(metrics["train_seconds"], 1e-9)
+    )
+    metrics["losses"] = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    if eval_docs:
+        metrics["eval_after"] = heldout_nll(trainer.model, eval_docs, eval_len, autocast, args.eval_max_windows)
+        print(f"held-out ppl after: {metrics['eval_after']['ppl']:.3f}", file=sys.stderr)
+    if trainer.is_world_process_zero():
+        save_final(trainer, out / "final", merge_lora=not args.no_merge)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    trainer.accelerator.wait_for_everyone()
+    return metrics
+
+
+def _base(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a peft wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if get_base is not None else model
+
+
+def save_final(trainer: Any, final_dir: Path, merge_lora: bool = True) -> None:
+    """Write the final model: full checkpoint, or LoRA adapter (+ pattern file) in ``adapter`` and the merged model.
+
+    Called on the main process only; under FSDP ``trainer.save_model`` gathers the full state dict first.
+    """
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if not hasattr(model, "peft_config"):
+        trainer.save_model(str(final_dir))
+        return
+    adapter_dir = final_dir / "adapter"
+    model.save_pretrained(adapter_dir)
+    sparsek = getattr(model.get_base_model().config, "sparsek", None)
+    if sparsek is not None:
+        (adapter_dir / PATTERN_FILE).write_text(json.dumps(sparsek, indent=2))
+    if merge_lora:
+        import copy
+
+        merged = copy.deepcopy(model).merge_and_unload()
+        merged.save_pretrained(final_dir)
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``finetune`` options (shared by the subcommand and ``python -m hf_sparsek.scripts.finetune``)."""
+    p.add_argument("--model", required=True, help="local HF checkpoint dir or offline name (smollm2-135m, gemma3-270m)")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--attn", choices=ATTN_CHOICES, default="sparsek", help="sparsek, or sdpa/eager as the dense baseline")
+    p.add_argument("--pattern", default=None, help="preset name, JSON string or JSON file (default: the model's)")
+    p.add_argument("--train-data", default="shakespeare",
+                   help="token file (.pt/.json: list of token-id lists), a text source name, or 'synthetic'")
+    p.add_argument("--eval-data", default=None, help="held-out token file or text source (default: --heldout-docs)")
+    p.add_argument("--heldout-docs", type=int, default=0, help="hold out the last N training documents for eval")
+    p.add_argument("--synthetic-docs", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=8192, help="training length: documents are packed to it")
+    p.add_argument("--eval-seq-len", type=int, default=None, help="evaluation window (default: --seq-len)")
+    p.add_argument("--eval-steps", type=int, default=0, help="held-out perplexity every N steps (0: only before/after)")
+    p.add_argument("--eval-max-windows", type=int, default=None, help="cap on evaluation windows (speed)")
+    p.add_argument("--no-eval-before", dest="eval_before", action="store_false")
+    p.add_argument("--max-steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--scheduler", default="cosine")
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="bf16", help="mixed-precision compute dtype")
+    p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
+    p.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
+    p.add_argument("--lora-alpha", type=int, default=32)
+    p.add_argument("--lora-targets", default=DEFAULT_LORA_TARGETS)
+    p.add_argument("--no-merge", action="store_true", help="LoRA: save only the adapter, not the merged model")
+    p.add_argument("--train-only-pattern", action="store_true",
+                   help="freeze the model and train only the pattern's own parameters (errors: none exist yet)")
+    p.add_argument("--attention-dropout-zero", action="store_true", help="set the config's attention_dropout to 0")
+    p.add_argument("--logging-steps", type=int, default=1)
+    p.add_argument("--save-steps", type=int, default=50, help="checkpoint every N steps (0: none)")
+    p.add_argument("--save-total-limit", type=int, default=2)
+    p.add_argument("--resume", default=None, help="'last' or a checkpoint dir to resume from")
+    p.add_argument("--cpu", action="store_true", help="train on CPU even where CUDA is available")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _run(args: argparse.Namespace) -> int:
+    metrics = finetune(args)
+    keys = ("train_loss", "train_tokens_per_second", "train_seconds")
+    print(json.dumps({k: metrics[k] for k in keys} | {
+        k: metrics[k]["ppl"] for k in ("eval_before", "eval_after") if k in metrics}, indent=2))
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add ``finetune`` to the ``hf-sparsek`` CLI."""
+    p = subparsers.add_parser("finetune", help="fine-tune a causal LM with sparse attention (HF Trainer)")
+    add_arguments(p)
+    p.set_defaults(func=_run)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hf_sparsek.scripts.finetune", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return _run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = [
+    "IGNORE_INDEX", "add_lora", "check_dtype", "check_model_type", "check_seq_len", "finetune", "heldout_nll",
+    "load_finetuned", "load_model", "load_token_documents", "main", "register", "synthetic_documents",
+]

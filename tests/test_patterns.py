@@ -1,0 +1,106 @@
+"""Pattern configs: validation errors name the field, value and what is allowed; JSON round trips; defaults load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hf_sparsek import PRESETS, BlockLayout, ModelSparsity, SparsePattern, available_model_types, default_sparsity
+from hf_sparsek.patterns import as_model_sparsity
+
+BAD_PATTERNS = [
+    ({"block_size": 32}, "block_size"),
+    ({"block_size": 100}, "block_size"),
+    ({"sink_tokens": -1}, "sink_tokens"),
+    ({"sink_tokens": 1.5}, "sink_tokens"),
+    ({"window": 0}, "window"),
+    ({"window": True}, "window"),
+    ({"topk_blocks": 0}, "topk_blocks"),
+    ({"min_sparse_len": 100}, "min_sparse_len"),
+    ({"dense_heads": (1, 1)}, "dense_heads"),
+    ({"dense_heads": (-1,)}, "dense_heads"),
+    ({"layout": {"kind": "diagonal"}}, "layout.kind"),
+    ({"layout": {"kind": "strided", "stride": 0}}, "layout.stride"),
+    ({"layout": {"kind": "strided", "stride": 4, "offset": 4}}, "layout.offset"),
+    ({"layout": {"kind": "random", "density": 0.0}}, "layout.density"),
+    ({"layout": {"kind": "random", "density": 1.5}}, "layout.density"),
+    ({"layout": {"kind": "random", "density": 0.1, "stride": 2}}, "layout.stride"),
+    ({"layout": {"kind": "strided", "stride": 2, "density": 0.5}}, "layout.density"),
+    ({"widow": 128}, "pattern"),
+]
+
+
+@pytest.mark.parametrize("fields,name", BAD_PATTERNS, ids=[f"{n}-{i}" for i, (_, n) in enumerate(BAD_PATTERNS)])
+def test_invalid_pattern_raises_naming_field(fields, name):
+    with pytest.raises(ValueError) as err:
+        SparsePattern.from_dict(fields)
+    message = str(err.value)
+    assert repr(name) in message and "invalid sparsity pattern field" in message
+
+
+@pytest.mark.parametrize(
+    "data,name",
+    [
+        ({"default": {}, "dense_layers": [-2]}, "dense_layers"),
+        ({"default": {}, "layer_overrides": {"x": {}}}, "layer_overrides"),
+        ({"default": {}, "layer_overrides": {"1": {"window": -5}}}, "window"),
+        ({"default": {}, "layer_overrides": {"1": 7}}, "layer_overrides[1]"),
+        ({"default": {}, "extra": 1}, "sparsek"),
+        ({"default": {"block_size": 7}}, "block_size"),
+    ],
+)
+def test_invalid_model_sparsity_raises(data, name):
+    with pytest.raises(ValueError, match="invalid sparsity pattern field") as err:
+        ModelSparsity.from_dict(data)
+    assert repr(name) in str(err.value)
+
+
+def test_json_round_trip_and_layer_resolution():
+    sparsity = ModelSparsity(
+        default=SparsePattern(sink_tokens=64, window=1024, layout=BlockLayout("strided", stride=8)),
+        dense_layers=(0, 5),
+        layer_overrides={3: {"window": 256, "dense_heads": [1]}},
+        source="test",
+    )
+    again = ModelSparsity.from_json(sparsity.to_json())
+    assert again == sparsity
+    assert json.loads(again.to_json()) == json.loads(sparsity.to_json())
+    assert again.for_layer(0).is_dense and again.for_layer(5).is_dense
+    assert again.for_layer(3).window == 256 and again.for_layer(3).dense_heads == (1,)
+    assert again.for_layer(3).sink_tokens == 64  # override keeps the other default fields
+    assert again.for_layer(2) == sparsity.default
+
+
+def test_dense_pattern_and_describe():
+    assert SparsePattern().is_dense
+    assert SparsePattern().describe() == "dense causal"
+    text = SparsePattern(sink_tokens=128, window=4096).describe()
+    assert "sink 128" in text and "window 4096" in text
+    assert not SparsePattern(topk_blocks=4).is_dense
+
+
+def test_as_model_sparsity_accepts_forms(tmp_path):
+    pattern = SparsePattern(window=512)
+    assert as_model_sparsity(pattern).default == pattern
+    assert as_model_sparsity(pattern.to_dict()).default == pattern
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(ModelSparsity(default=pattern).to_dict()))
+    assert as_model_sparsity(str(path)).default == pattern
+    with pytest.raises(TypeError):
+        as_model_sparsity(3)
+
+
+def test_default_files_for_required_model_types():
+    required = {"llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3"}
+    assert required <= set(available_model_types())
+    for model_type in required:
+        sparsity = default_sparsity(model_type)
+        assert not sparsity.default.is_dense, model_type
+    generic = default_sparsity("some_unknown_type")
+    assert generic == default_sparsity(None)
+
+
+def test_presets_are_valid():
+    for name, pattern in PRESETS.items():
+        assert SparsePattern.from_dict(pattern.to_dict()) == pattern, name
