@@ -5,6 +5,7 @@
     import hf_sparsek
     model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="sparsek")
     hf_sparsek.set_pattern(model, "sink128-window4096")   # optional: pick another pattern
+    model = hf_sparsek.from_pretrained(name, pattern="sink128-window2048")  # or at load time
     print(hf_sparsek.describe(model, seq_len=16384))      # per-layer pattern and density
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 from .block_index import BlockIndex, build_block_index
 from .describe import describe
 from .integration import ATTN_IMPLEMENTATION, SparseKMask, register
+from .loading import from_pretrained
 from .model_defaults import available_model_types, default_sparsity, model_sparsity, set_pattern
 from .ops import build_index_for, sparse_attention
 from .patterns import BlockLayout, ModelSparsity, SparsePattern
@@ -37,6 +39,7 @@ __all__ = [
     "build_index_for",
     "default_sparsity",
     "describe",
+    "from_pretrained",
     "get_settings",
     "mask_picture",
     "model_sparsity",

@@ -67,3 +67,20 @@ def describe(model_or_config: Any, seq_len: int = 8192) -> str:
         lines.append(f"{layer:>5}  {kind:<16} {cache[key]:>8.3f}  {pattern.describe()}")
     lines.append(f"mean density over layers: {total / max(1, len(rows)):.3f}")
     return "\n".join(lines)
+
+
+def block_picture(pattern: SparsePattern, seq_len: int, kv_head: int = 0) -> str:
+    """Text picture of a pattern's block layout: one character per (query tile, key tile).
+
+    ``#`` full tile (no mask), ``+`` partial tile (token-exact mask inside), ``.`` skipped.
+    """
+    heads = 1 + max(pattern.dense_heads, default=kv_head)
+    index = build_block_index(pattern, batch=1, kv_heads=max(heads, kv_head + 1), q_len=seq_len, kv_len=seq_len)
+    h = 0 if index.head_broadcast else kv_head
+    grid = [["." for _ in range(index.n_k_tiles)] for _ in range(index.n_q_tiles)]
+    for m in range(index.n_q_tiles):
+        for n in index.full_tiles[0, h, m, : index.full_count[0, h, m]].tolist():
+            grid[m][n] = "#"
+        for raw in index.part_tiles[0, h, m, : index.part_count[0, h, m]].tolist():
+            grid[m][-raw - 1 if raw < 0 else raw] = "+"
+    return "\n".join(" ".join(row) for row in grid)

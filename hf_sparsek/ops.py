@@ -163,7 +163,7 @@ def sparse_attention(
         index = build_index_for(q, k, pattern, q_offset, kv_offset, attention_mask, segment_ids)
     use_triton = False
     if backend in ("auto", "triton"):
-        reason = triton_unsupported_reason(q, k, v) if q.is_cuda else "inputs are not on a CUDA device"
+        reason = triton_unsupported_reason(q, k, v) if q.is_cuda or backend == "triton" else "inputs are not on CUDA"
         if backend == "triton" and reason is not None:
             raise ValueError(f"backend='triton' cannot run: {reason}")
         use_triton = reason is None

@@ -15,7 +15,9 @@ PATTERNS = {
     "win1": SparsePattern(block_size=64, window=1),
     "sink100": SparsePattern(block_size=64, sink_tokens=100),
     "strided3-win10": SparsePattern(block_size=64, window=10, layout=BlockLayout("strided", stride=3, offset=1)),
-    "random30-denseh1": SparsePattern(block_size=64, layout=BlockLayout("random", density=0.3, seed=4), dense_heads=(1,)),
+    "random30-denseh1": SparsePattern(
+        block_size=64, layout=BlockLayout("random", density=0.3, seed=4), dense_heads=(1,)
+    ),
     "win5-dense128": SparsePattern(block_size=64, window=5, min_sparse_len=128),
     "b128-sink5-win200": SparsePattern(block_size=128, sink_tokens=5, window=200),
 }

@@ -181,3 +181,12 @@ def test_features_we_cannot_honor_raise():
         hf_sparsek.integration.sparsek_attention_forward(attn, q, k, k, None, s_aux=torch.zeros(4))
     with pytest.raises(ValueError, match="4D"):
         hf_sparsek.integration.sparsek_attention_forward(attn, q, k, k, torch.ones(1, 1, 5, 5, dtype=torch.bool))
+
+
+def test_one_line_load_with_pattern(tmp_path):
+    build("llama").save_pretrained(tmp_path)
+    model = hf_sparsek.from_pretrained(str(tmp_path), pattern="sink128-window1024")
+    assert model.config._attn_implementation == "sparsek"
+    assert hf_sparsek.model_sparsity(model.config).default == hf_sparsek.PRESETS["sink128-window1024"]
+    with pytest.raises(ValueError, match="attn_implementation"):
+        hf_sparsek.from_pretrained(str(tmp_path), attn_implementation="eager")

@@ -1,0 +1,150 @@
+"""Autograd + torch.library wrapper around the Triton block-sparse attention kernels.
+
+The forward and backward are registered as custom ops (``hf_sparsek::block_sparse_attn_fwd`` / ``_bwd``) with
+fake implementations that only allocate outputs, so ``torch.compile`` sees one opaque op per call. The block index
+travels as tensor arguments, its scalars as ints. The forward saves O and the log2-domain LSE for the backward.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .block_index import BlockIndex, _transpose_lists
+
+try:
+    from hf_sparsek.kernels.attention_bwd import attention_backward
+    from hf_sparsek.kernels.attention_fwd import FWD_CONFIGS, attention_forward
+except ImportError:  # editable checkouts without the package-dir mapping: import kernels/ by path
+    import importlib.util
+    import sys
+
+    _root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+    _spec = importlib.util.spec_from_file_location("hf_sparsek.kernels", os.path.join(_root, "__init__.py"),
+                                                   submodule_search_locations=[_root])
+    _mod = importlib.util.module_from_spec(_spec)
+    sys.modules["hf_sparsek.kernels"] = _mod
+    _spec.loader.exec_module(_mod)
+    from hf_sparsek.kernels.attention_bwd import attention_backward
+    from hf_sparsek.kernels.attention_fwd import FWD_CONFIGS, attention_forward
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LN2 = 0.6931471805599453
+
+
+def interpreter_mode() -> bool:
+    """True when Triton runs in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float | None = None) -> str | None:
+    """None when the kernels can run these inputs, else a human-readable reason (softcap is supported)."""
+    if not (q.is_cuda or interpreter_mode()):
+        return "inputs are not on a CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU)"
+    if q.dtype not in KERNEL_DTYPES:
+        return f"dtype {q.dtype} is not supported by the kernels (float16, bfloat16, float32)"
+    dims = {q.shape[-1], k.shape[-1], v.shape[-1]}
+    if len(dims) != 1:
+        return f"q/k/v head dims differ ({q.shape[-1]}, {k.shape[-1]}, {v.shape[-1]})"
+    if q.shape[-1] not in FWD_CONFIGS:
+        return f"head dim {q.shape[-1]} is not supported by the kernels (one of {sorted(FWD_CONFIGS)})"
+    return None
+
+
+def _i32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.to(torch.int32).contiguous()
+
+
+@torch.library.custom_op("hf_sparsek::block_sparse_attn_fwd", mutates_args=())
+def block_sparse_attn_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    full_count: torch.Tensor, full_tiles: torch.Tensor, part_count: torch.Tensor, part_tiles: torch.Tensor,
+    t_full_count: torch.Tensor | None, t_full_tiles: torch.Tensor | None,
+    t_part_count: torch.Tensor | None, t_part_tiles: torch.Tensor | None,
+    k_seg: torch.Tensor | None, q_seg: torch.Tensor | None, k_rank: torch.Tensor | None,
+    block: int, q_offset: int, kv_offset: int, sink: int, window: int, scale: float, softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward: (O, log2-domain LSE). The transposed lists are only carried for the backward."""
+    return attention_forward(
+        q, k, v, full_count, full_tiles, part_count, part_tiles, k_seg, q_seg, k_rank,
+        block, q_offset, kv_offset, sink, window, scale, softcap,
+    )
+
+
+@block_sparse_attn_fwd.register_fake
+def _(q, k, v, full_count, full_tiles, part_count, part_tiles, t_full_count, t_full_tiles, t_part_count,
+      t_part_tiles, k_seg, q_seg, k_rank, block, q_offset, kv_offset, sink, window, scale, softcap):
+    batch, hq, q_len, _ = q.shape
+    return torch.empty_like(q), q.new_empty((batch, hq, q_len), dtype=torch.float32)
+
+
+@torch.library.custom_op("hf_sparsek::block_sparse_attn_bwd", mutates_args=())
+def block_sparse_attn_bwd(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    full_count: torch.Tensor, full_tiles: torch.Tensor, part_count: torch.Tensor, part_tiles: torch.Tensor,
+    t_full_count: torch.Tensor | None, t_full_tiles: torch.Tensor | None,
+    t_part_count: torch.Tensor | None, t_part_tiles: torch.Tensor | None,
+    k_seg: torch.Tensor | None, q_seg: torch.Tensor | None, k_rank: torch.Tensor | None,
+    block: int, q_offset: int, kv_offset: int, sink: int, window: int, scale: float, softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward: (dQ, dK, dV); builds the key-major lists here when the forward did not carry them."""
+    if t_full_count is None or t_full_tiles is None or t_part_count is None or t_part_tiles is None:
+        n_k = (kv_offset % block + k.shape[2] + block - 1) // block
+        t_full_count, t_full_tiles = _transpose_lists(full_count, full_tiles, n_k, encoded=False)
+        t_part_count, t_part_tiles = _transpose_lists(part_count, part_tiles, n_k, encoded=True)
+    return attention_backward(
+        do, q, k, v, o, lse, full_count, full_tiles, part_count, part_tiles,
+        t_full_count, t_full_tiles, t_part_count, t_part_tiles, k_seg, q_seg, k_rank,
+        block, q_offset, kv_offset, sink, window, scale, softcap,
+    )
+
+
+@block_sparse_attn_bwd.register_fake
+def _(do, q, k, v, o, lse, full_count, full_tiles, part_count, part_tiles, t_full_count, t_full_tiles,
+      t_part_count, t_part_tiles, k_seg, q_seg, k_rank, block, q_offset, kv_offset, sink, window, scale, softcap):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+_N_TENSOR_ARGS = 14  # q, k, v, 4 forward lists, 4 transposed lists, k_seg, q_seg, k_rank
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    out, lse = output
+    ctx.save_for_backward(*inputs[:_N_TENSOR_ARGS], out, lse)
+    ctx.scalars = inputs[_N_TENSOR_ARGS:]
+
+
+def _backward(ctx, d_out, d_lse):
+    q, k, v, fc, ft, pc, pt, tfc, tft, tpc, tpt, k_seg, q_seg, k_rank, out, lse = ctx.saved_tensors
+    dq, dk, dv = block_sparse_attn_bwd(
+        d_out, q, k, v, out, lse, fc, ft, pc, pt, tfc, tft, tpc, tpt, k_seg, q_seg, k_rank, *ctx.scalars
+    )
+    return (dq, dk, dv) + (None,) * (_N_TENSOR_ARGS - 3 + len(ctx.scalars))
+
+
+torch.library.register_autograd("hf_sparsek::block_sparse_attn_fwd", _backward, setup_context=_setup_context)
+
+
+def triton_block_sparse_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: BlockIndex, scale: float, softcap: float | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention through the Triton kernels. Differentiable; output (B, Hq, Lq, D) in q's dtype.
+
+    With ``return_lse`` also returns the natural-log LSE (B, Hq, Lq) fp32, ``-inf`` for rows that attend nothing.
+    """
+    reason = unsupported_reason(q, k, v, softcap)
+    if reason is not None:
+        raise ValueError(f"Triton block-sparse attention cannot run: {reason}")
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    trans = tuple(index.transposed()) if needs_grad else (None, None, None, None)
+    out, lse = block_sparse_attn_fwd(
+        q, k, v, index.full_count.contiguous(), index.full_tiles.contiguous(), index.part_count.contiguous(),
+        index.part_tiles.contiguous(), *trans, _i32(index.k_seg), _i32(index.q_seg), _i32(index.k_rank),
+        int(index.block_size), int(index.q_offset), int(index.kv_offset), int(index.sink_tokens),
+        int(index.window or 0), float(scale), float(softcap or 0.0),
+    )
+    if return_lse:
+        return out, lse * LN2
+    return out
