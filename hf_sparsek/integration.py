@@ -141,6 +141,10 @@ def sparsek_attention_forward(
     if mask.padding is None and mask.q_offset == 0 and mask.kv_offset == 0 and q_len == kv_len:
         segments = _segments_from_positions(kwargs.get("position_ids"), batch, q_len)
 
+    if not (query.dtype == key.dtype == value.dtype) and torch.is_autocast_enabled(query.device.type):
+        # Under autocast, RoPE leaves q/k in fp32 and v in bf16/fp16; cast like SDPA does (to the autocast dtype).
+        target = torch.get_autocast_dtype(query.device.type)
+        query, key, value = query.to(target), key.to(target), value.to(target)
     pattern = layer_pattern(module, sliding_window)
     settings = get_settings()
     all_dense_rows = pattern.is_dense or mask.q_offset + q_len <= pattern.min_sparse_len

@@ -35,27 +35,27 @@ class BwdConfig:
     q_stages: int
 
 
-# H100 defaults per head dim (bf16/fp16).
+# H100 defaults per head dim (bf16/fp16), the fastest of scripts/gpu_kernels.py --tune.
 BWD_CONFIGS: dict[int, BwdConfig] = {
-    64: BwdConfig(128, 64, 8, 3, 128, 64, 8, 3),
+    64: BwdConfig(64, 64, 4, 3, 64, 64, 4, 3),
     128: BwdConfig(128, 64, 8, 2, 128, 64, 8, 2),
-    256: BwdConfig(64, 32, 8, 2, 64, 32, 8, 2),
+    256: BwdConfig(32, 64, 4, 2, 64, 32, 4, 2),
 }
 
 
 @triton.jit
-def _bwd_preprocess_kernel(O, DO, DELTA, s_ob, s_oh, s_ot, s_db, s_dh, s_dt, H, L,
+def _bwd_preprocess_kernel(Out, DO, DELTA, s_ob, s_oh, s_ot, s_db, s_dh, s_dt, H, L,
                            BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """delta[b, h, t] = sum_d dO * O, in fp32."""
+    """delta[b, h, t] = sum_d dO * Out, in fp32."""
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
     t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     d = tl.arange(0, HEAD_DIM)
     ok = t < L
-    o = tl.load(O + b * s_ob + h * s_oh + t[:, None] * s_ot + d[None, :], mask=ok[:, None], other=0.0)
+    o = tl.load(Out + b * s_ob + h * s_oh + t[:, None] * s_ot + d[None, :], mask=ok[:, None], other=0.0)
     do = tl.load(DO + b * s_db + h * s_dh + t[:, None] * s_dt + d[None, :], mask=ok[:, None], other=0.0)
-    tl.store(DELTA + bh * L + t, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=ok)
+    tl.store(DELTA + bh.to(tl.int64) * L + t, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=ok)
 
 
 @triton.jit
@@ -120,10 +120,9 @@ def _attn_bwd_dkdv_kernel(
     N_SUB_M: tl.constexpr = BLOCK // BLOCK_M
     pid = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // Hkv
-    hkv = bh % Hkv
+    b = (bh // Hkv).to(tl.int64)  # 64-bit bases: B*H*L*D exceeds 2**31 at 1M tokens
+    hkv = (bh % Hkv).to(tl.int64)
     n = pid // N_SUB_N
-    qb0 = q_offset // BLOCK
     kb0 = kv_offset // BLOCK
     k_abs = (kb0 + n) * BLOCK + (pid % N_SUB_N) * BLOCK_N + tl.arange(0, BLOCK_N)
     k_t = k_abs - kv_offset
@@ -183,8 +182,8 @@ def _attn_bwd_dq_kernel(
     N_SUB_N: tl.constexpr = BLOCK // BLOCK_N
     pid = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // Hkv
-    hkv = bh % Hkv
+    b = (bh // Hkv).to(tl.int64)  # 64-bit bases: B*H*L*D exceeds 2**31 at 1M tokens
+    hkv = (bh % Hkv).to(tl.int64)
     n_hc = tl.cdiv(G, HPP)
     per_tile = N_SUB_M * n_hc
     m = n_q_tiles - 1 - pid // per_tile

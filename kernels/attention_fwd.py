@@ -29,11 +29,12 @@ class FwdConfig:
     num_stages: int
 
 
-# H100 defaults per head dim (bf16/fp16); sound for any input.
+# H100 defaults per head dim (bf16/fp16), the fastest of scripts/gpu_kernels.py --tune (sink128+window4096, GQA
+# 32/8 heads; scripts/results/bench_h100_tune.json); sound for any input.
 FWD_CONFIGS: dict[int, FwdConfig] = {
     64: FwdConfig(128, 64, 4, 3),
-    128: FwdConfig(128, 64, 8, 3),
-    256: FwdConfig(64, 64, 8, 2),
+    128: FwdConfig(128, 128, 8, 3),
+    256: FwdConfig(128, 64, 8, 2),
 }
 
 
@@ -56,7 +57,7 @@ def _scores(qk, qk_mul, cap2, SOFTCAP: tl.constexpr):
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE,
+    Q, K, V, Out, LSE,
     FC, FT, PC, PT,
     KSEG, QSEG, KRANK,
     s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_ob, s_oh, s_ot, s_lb, s_lh,
@@ -72,8 +73,8 @@ def _attn_fwd_kernel(
     N_SUB_N: tl.constexpr = BLOCK // BLOCK_N
     pid = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // Hkv
-    hkv = bh % Hkv
+    b = (bh // Hkv).to(tl.int64)  # 64-bit bases: B*H*L*D exceeds 2**31 at 1M tokens
+    hkv = (bh % Hkv).to(tl.int64)
     n_hc = tl.cdiv(G, HPP)
     per_tile = N_SUB_M * n_hc
     m = n_q_tiles - 1 - pid // per_tile  # later query tiles list more key tiles: launch them first
@@ -148,7 +149,7 @@ def _attn_fwd_kernel(
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.log2(l_safe))
-    tl.store(O + b * s_ob + hq[:, None] * s_oh + q_t[:, None] * s_ot + d[None, :], out.to(O.dtype.element_ty),
+    tl.store(Out + b * s_ob + hq[:, None] * s_oh + q_t[:, None] * s_ot + d[None, :], out.to(Out.dtype.element_ty),
              mask=row_ok[:, None])
     tl.store(LSE + b * s_lb + hq * s_lh + q_t, lse, mask=row_ok)
 

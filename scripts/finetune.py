@@ -18,19 +18,21 @@ plus the adapter in ``final/adapter`` (reload either with :func:`load_finetuned`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from hf_sparsek.scripts.packing import IGNORE_INDEX, PackedDataset, collate_packed, pack_documents
 
 import hf_sparsek
-from hf_sparsek.scripts.packing import IGNORE_INDEX, PackedDataset, collate_packed, pack_documents
 
 ATTN_CHOICES = ("sparsek", "sdpa", "eager")
 DTYPE_CHOICES = ("bf16", "fp16", "fp32")
@@ -86,6 +88,35 @@ def check_dtype(dtype: str, device: str) -> None:
         raise ValueError("fp16 mixed-precision training needs a CUDA device; on CPU use --dtype bf16 or fp32")
 
 
+def check_kernel(config: Any, dtype: str, device: str, allow_reference: bool = False) -> str:
+    """Which backend will train the sparse layers: "triton" on CUDA when the kernel takes this head dim and dtype.
+
+    On CUDA a model the kernel cannot run raises (the PyTorch reference is exact but far too slow and big to train
+    at long lengths) unless ``allow_reference``; on CPU the reference is the only backend and is returned as such.
+    """
+    if device != "cuda":
+        return "reference"
+    heads = int(config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    reason = _kernel_reason(head_dim, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype])
+    if reason is None:
+        return "triton"
+    if not allow_reference:
+        raise ValueError(
+            f"the sparse attention kernel cannot train this model in {dtype}: {reason}. Use another --dtype, "
+            "--attn sdpa, or --allow-reference to train with the (slow, exact) PyTorch reference"
+        )
+    return "reference"
+
+
+def _kernel_reason(head_dim: int, dtype: torch.dtype) -> str | None:
+    """Why the Triton kernel cannot run (head_dim, dtype) on this GPU, or None."""
+    from hf_sparsek.ops import triton_unsupported_reason
+
+    probe = torch.empty(1, 1, 1, head_dim, dtype=dtype, device="cuda")
+    return triton_unsupported_reason(probe, probe, probe)
+
+
 def check_attention_dropout(config: Any, attn: str) -> None:
     """Sparse attention has no dropout: refuse rather than silently train without it."""
     p = float(getattr(config, "attention_dropout", 0.0) or 0.0)
@@ -121,6 +152,7 @@ def load_model(
     device: str = "cpu",
     dtype: str = "fp32",
     attention_dropout_zero: bool = False,
+    allow_reference: bool = False,
 ) -> torch.nn.Module:
     """Load a causal LM in fp32 weights (the Trainer's autocast does bf16/fp16) with the chosen attention."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -135,6 +167,8 @@ def load_model(
     if seq_len is not None:
         check_seq_len(config, seq_len)
     check_dtype(dtype, device)
+    if attn == "sparsek":
+        check_kernel(config, dtype, device, allow_reference)
     if attention_dropout_zero and hasattr(config, "attention_dropout"):
         config.attention_dropout = 0.0
     check_attention_dropout(config, attn)
@@ -212,7 +246,9 @@ def load_token_documents(source: str, tokenizer_path: str | None = None) -> list
         try:
             from hf_sparsek.eval.offline import load_documents
         except ImportError as exc:
-            raise ValueError(f"data {source!r}: not a .pt/.json token file, and hf_sparsek.eval.offline is missing") from exc
+            raise ValueError(
+                f"data {source!r}: not a .pt/.json token file, and hf_sparsek.eval.offline is missing"
+            ) from exc
         if tokenizer_path is None:
             raise ValueError("a text data source needs the model's tokenizer (--model dir with tokenizer files)")
         from transformers import AutoTokenizer
@@ -269,6 +305,28 @@ def heldout_nll(
     return {"nll": nll, "ppl": math.exp(nll), "tokens": count, "windows": windows}
 
 
+@contextlib.contextmanager
+def attention(model: torch.nn.Module, attn: str, pattern: Any = None) -> Iterator[None]:
+    """Run ``model`` with another attention inside the block (``sparsek`` with ``pattern``, or ``sdpa``/``eager``).
+
+    Used to evaluate a dense-trained model under the sparse pattern (and the reverse) with the same weights.
+    """
+    if attn not in ATTN_CHOICES:
+        raise ValueError(f"attn={attn!r}; supported: {ATTN_CHOICES}")
+    previous = model.config._attn_implementation
+    previous_pattern = getattr(model.config, hf_sparsek.model_defaults.CONFIG_ATTRIBUTE, None)
+    if attn == "sparsek":
+        hf_sparsek.set_pattern(model, _parse_pattern(pattern) if pattern is not None else hf_sparsek.model_sparsity(
+            model.config))
+    else:
+        model.set_attn_implementation(attn)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+        setattr(model.config, hf_sparsek.model_defaults.CONFIG_ATTRIBUTE, previous_pattern)
+
+
 # --------------------------------------------------------------------------------------------------- training
 def _callbacks(log_path: Path, eval_docs: list[list[int]] | None, eval_len: int, eval_steps: int,
                autocast: torch.dtype | None, max_windows: int | None) -> list[Any]:
@@ -288,18 +346,52 @@ def _callbacks(log_path: Path, eval_docs: list[list[int]] | None, eval_len: int,
         def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
             if eval_docs and eval_steps > 0 and state.global_step % eval_steps == 0 and model is not None:
                 result = heldout_nll(model, eval_docs, eval_len, autocast, max_windows)
-                state.log_history.append({"step": state.global_step, "eval_ppl": result["ppl"], "eval_nll": result["nll"]})
+                entry = {"step": state.global_step, "eval_ppl": result["ppl"], "eval_nll": result["nll"]}
+                state.log_history.append(entry)
                 if state.is_world_process_zero:
                     with log_path.open("a") as f:
-                        f.write(json.dumps({"step": state.global_step, "eval_ppl": result["ppl"],
-                                            "eval_nll": result["nll"]}) + "\n")
+                        f.write(json.dumps(entry) + "\n")
                     print(f"step {state.global_step}: held-out ppl {result['ppl']:.3f}", file=sys.stderr)
 
     return [LossLog(), HeldoutEval()]
 
 
-def finetune(args: argparse.Namespace) -> dict[str, Any]:
-    """Run one fine-tune from parsed CLI arguments; returns (and writes) the metrics summary."""
+def training_documents(
+    args: argparse.Namespace, vocab_size: int, model_path: str
+) -> tuple[list[list[int]], list[list[int]] | None]:
+    """(training documents, held-out documents or None) as token ids, from --train-data / --eval-data /
+    --heldout-docs (the last N training documents, e.g. plays the model is not trained on)."""
+    if args.train_data == "synthetic":
+        docs = synthetic_documents(args.synthetic_docs, vocab_size, args.seq_len // 4, args.seq_len, seed=args.seed)
+    else:
+        docs = load_token_documents(args.train_data, model_path)
+    eval_docs = load_token_documents(args.eval_data, model_path) if args.eval_data else None
+    if args.eval_data is None and args.heldout_docs:
+        if args.heldout_docs >= len(docs):
+            raise ValueError(f"--heldout-docs {args.heldout_docs} leaves no training documents (have {len(docs)})")
+        docs, eval_docs = docs[: -args.heldout_docs], docs[-args.heldout_docs :]
+    return docs, eval_docs
+
+
+@dataclass
+class FinetuneResult:
+    """What :func:`finetune` returns: the metrics summary (also in metrics.json) and the trained model."""
+
+    metrics: dict[str, Any]
+    model: torch.nn.Module
+
+
+def _checkpointing_kwargs(enabled: bool) -> dict[str, Any]:
+    """Gradient checkpointing options under the name this transformers version uses (renamed in 5.2x)."""
+    from transformers import TrainingArguments
+
+    name = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else (
+        "gradient_checkpointing")
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
+
+
+def finetune(args: argparse.Namespace) -> FinetuneResult:
+    """Run one fine-tune from parsed CLI arguments; returns the metrics summary (also written) and the model."""
     from transformers import Trainer, TrainingArguments, set_seed
 
     set_seed(args.seed)
@@ -307,7 +399,7 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
     model_path = resolve_model_path(args.model)
     model = load_model(
         model_path, attn=args.attn, pattern=args.pattern, seq_len=args.seq_len, device=device, dtype=args.dtype,
-        attention_dropout_zero=args.attention_dropout_zero,
+        attention_dropout_zero=args.attention_dropout_zero, allow_reference=args.allow_reference,
     )
     if args.train_only_pattern:
         params = pattern_parameters(model)
@@ -324,16 +416,7 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
     if args.lora_r:
         model = add_lora(model, args.lora_r, args.lora_alpha, args.lora_targets)
 
-    if args.train_data == "synthetic":
-        vocab = model.config.vocab_size
-        docs = synthetic_documents(args.synthetic_docs, vocab, args.seq_len // 4, args.seq_len, seed=args.seed)
-    else:
-        docs = load_token_documents(args.train_data, model_path)
-    eval_docs = load_token_documents(args.eval_data, model_path) if args.eval_data else None
-    if args.eval_data is None and args.heldout_docs:
-        if args.heldout_docs >= len(docs):
-            raise ValueError(f"--heldout-docs {args.heldout_docs} leaves no training documents (have {len(docs)})")
-        docs, eval_docs = docs[: -args.heldout_docs], docs[-args.heldout_docs :]
+    docs, eval_docs = training_documents(args, _base(model).config.vocab_size, model_path)
     rows = pack_documents(docs, args.seq_len)
     if not rows:
         raise ValueError(f"the training data gives no full row of {args.seq_len} tokens")
@@ -349,12 +432,15 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
         gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, lr_scheduler_type=args.scheduler,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, max_grad_norm=1.0,
         bf16=args.dtype == "bf16", fp16=args.dtype == "fp16", use_cpu=device == "cpu",
-        gradient_checkpointing=args.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
+        **_checkpointing_kwargs(args.gradient_checkpointing),
         logging_steps=args.logging_steps, save_steps=args.save_steps, save_total_limit=args.save_total_limit,
         save_strategy="steps" if args.save_steps > 0 else "no", report_to="none", remove_unused_columns=False,
         dataloader_num_workers=0, seed=args.seed, disable_tqdm=False, ddp_find_unused_parameters=False,
     )
+    if args.data_order != "random":
+        if "train_sampling_strategy" not in TrainingArguments.__dataclass_fields__:
+            raise ValueError("--data-order sequential needs a transformers version with train_sampling_strategy")
+        targs.train_sampling_strategy = args.data_order
     eval_steps = args.eval_steps if eval_docs else 0
     trainer = Trainer(
         model=model, args=targs, train_dataset=dataset, data_collator=collate_packed,
@@ -365,10 +451,20 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
         "lora_r": args.lora_r, "train_rows": len(rows), "world_size": targs.world_size,
         "sparsek": getattr(_base(model).config, "sparsek", None) if args.attn == "sparsek" else None,
         "eval_seq_len": eval_len if eval_docs else None,
+        "backend": check_kernel(_base(model).config, args.dtype, device, True) if args.attn == "sparsek" else None,
     }
+
+    def evaluate(tag: str) -> None:
+        metrics[tag] = heldout_nll(trainer.model, eval_docs, eval_len, autocast, args.eval_max_windows)
+        print(f"held-out ppl {tag} ({args.attn}): {metrics[tag]['ppl']:.3f}", file=sys.stderr)
+        if args.eval_also_attn:
+            with attention(_base(trainer.model), args.eval_also_attn, args.eval_pattern or args.pattern):
+                other = heldout_nll(trainer.model, eval_docs, eval_len, autocast, args.eval_max_windows)
+            metrics[f"{tag}_{args.eval_also_attn}"] = other
+            print(f"held-out ppl {tag} ({args.eval_also_attn}): {other['ppl']:.3f}", file=sys.stderr)
+
     if eval_docs and args.eval_before and not args.resume:
-        metrics["eval_before"] = heldout_nll(trainer.model, eval_docs, eval_len, autocast, args.eval_max_windows)
-        print(f"held-out ppl before: {metrics['eval_before']['ppl']:.3f}", file=sys.stderr)
+        evaluate("eval_before")
     resume: bool | str | None = None
     if args.resume:
         resume = True if args.resume == "last" else args.resume
@@ -382,13 +478,13 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
     )
     metrics["losses"] = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
     if eval_docs:
-        metrics["eval_after"] = heldout_nll(trainer.model, eval_docs, eval_len, autocast, args.eval_max_windows)
-        print(f"held-out ppl after: {metrics['eval_after']['ppl']:.3f}", file=sys.stderr)
+        evaluate("eval_after")
+    save_final(trainer, out / "final", merge_lora=not args.no_merge)
     if trainer.is_world_process_zero():
-        save_final(trainer, out / "final", merge_lora=not args.no_merge)
+        _copy_tokenizer(model_path, out / "final")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     trainer.accelerator.wait_for_everyone()
-    return metrics
+    return FinetuneResult(metrics, trainer.model)
 
 
 def _base(model: torch.nn.Module) -> torch.nn.Module:
@@ -398,32 +494,40 @@ def _base(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def save_final(trainer: Any, final_dir: Path, merge_lora: bool = True) -> None:
-    """Write the final model: full checkpoint, or LoRA adapter (+ pattern file) in ``adapter`` and the merged model.
+    """Write the final model: a full checkpoint, or for LoRA the adapter (+ its pattern) in ``adapter`` and the
+    merged model in ``final_dir``.
 
-    Called on the main process only; under FSDP ``trainer.save_model`` gathers the full state dict first.
+    Call on every process: under FSDP ``trainer.save_model`` gathers the full state dict (a collective); the files
+    are written by the main process.
     """
     model = trainer.accelerator.unwrap_model(trainer.model)
-    if not hasattr(model, "peft_config"):
-        trainer.save_model(str(final_dir))
+    is_lora = hasattr(model, "peft_config")
+    target = final_dir / "adapter" if is_lora else final_dir
+    trainer.save_model(str(target))
+    if not (is_lora and trainer.is_world_process_zero()):
         return
-    adapter_dir = final_dir / "adapter"
-    model.save_pretrained(adapter_dir)
-    sparsek = getattr(model.get_base_model().config, "sparsek", None)
+    base_config = model.get_base_model().config
+    sparsek = getattr(base_config, "sparsek", None)
     if sparsek is not None:
-        (adapter_dir / PATTERN_FILE).write_text(json.dumps(sparsek, indent=2))
+        (target / PATTERN_FILE).write_text(json.dumps(sparsek, indent=2))
     if merge_lora:
-        import copy
+        load_finetuned(target, attn=base_config._attn_implementation, merge=True).save_pretrained(final_dir)
 
-        merged = copy.deepcopy(model).merge_and_unload()
-        merged.save_pretrained(final_dir)
+
+def _copy_tokenizer(model_path: str, final_dir: Path) -> None:
+    """Save the base model's tokenizer beside the final weights, when the base has one."""
+    from transformers import AutoTokenizer
+
+    if any((Path(model_path) / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        AutoTokenizer.from_pretrained(model_path).save_pretrained(final_dir)
 
 
 # --------------------------------------------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``finetune`` options (shared by the subcommand and ``python -m hf_sparsek.scripts.finetune``)."""
-    p.add_argument("--model", required=True, help="local HF checkpoint dir or offline name (smollm2-135m, gemma3-270m)")
+    p.add_argument("--model", required=True, help="local checkpoint dir or offline name (smollm2-135m, gemma3-270m)")
     p.add_argument("--output-dir", required=True)
-    p.add_argument("--attn", choices=ATTN_CHOICES, default="sparsek", help="sparsek, or sdpa/eager as the dense baseline")
+    p.add_argument("--attn", choices=ATTN_CHOICES, default="sparsek", help="sparsek, or sdpa/eager: dense baseline")
     p.add_argument("--pattern", default=None, help="preset name, JSON string or JSON file (default: the model's)")
     p.add_argument("--train-data", default="shakespeare",
                    help="token file (.pt/.json: list of token-id lists), a text source name, or 'synthetic'")
@@ -435,7 +539,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-steps", type=int, default=0, help="held-out perplexity every N steps (0: only before/after)")
     p.add_argument("--eval-max-windows", type=int, default=None, help="cap on evaluation windows (speed)")
     p.add_argument("--no-eval-before", dest="eval_before", action="store_false")
+    p.add_argument("--eval-also-attn", choices=ATTN_CHOICES, default=None,
+                   help="before/after, also evaluate with this attention (same weights), e.g. sparsek for a dense run")
+    p.add_argument("--eval-pattern", default=None, help="pattern for --eval-also-attn sparsek (default: --pattern)")
     p.add_argument("--max-steps", type=int, default=100)
+    p.add_argument("--data-order", choices=("random", "sequential"), default="random",
+                   help="row order (sequential: same rows per global batch on any number of GPUs, to compare runs)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=2e-4)
@@ -455,15 +564,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-steps", type=int, default=50, help="checkpoint every N steps (0: none)")
     p.add_argument("--save-total-limit", type=int, default=2)
     p.add_argument("--resume", default=None, help="'last' or a checkpoint dir to resume from")
+    p.add_argument("--allow-reference", action="store_true",
+                   help="on CUDA, train sparse layers with the PyTorch reference where the kernel cannot run them")
     p.add_argument("--cpu", action="store_true", help="train on CPU even where CUDA is available")
     p.add_argument("--seed", type=int, default=0)
 
 
 def _run(args: argparse.Namespace) -> int:
-    metrics = finetune(args)
+    metrics = finetune(args).metrics
     keys = ("train_loss", "train_tokens_per_second", "train_seconds")
     print(json.dumps({k: metrics[k] for k in keys} | {
-        k: metrics[k]["ppl"] for k in ("eval_before", "eval_after") if k in metrics}, indent=2))
+        k: v["ppl"] for k, v in metrics.items() if k.startswith("eval_") and isinstance(v, dict)}, indent=2))
     return 0
 
 

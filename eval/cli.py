@@ -1,0 +1,259 @@
+"""``hf-sparsek eval {ppl,needle,layers}``: long-context evaluation, sparse vs dense, with JSON, markdown and plots.
+
+The defaults need no model hub: SmolLM2-135M (GGUF from PyPI, converted once) on the Shakespeare plays, short
+contexts, so ``hf-sparsek eval ppl`` finishes in a few minutes on a 2-core CPU. At 1K-2K tokens the shipped default
+pattern (tuned for 8K-32K) is dense, so the CPU demo adds two short-context patterns (sink 64 + window 256, and
+window 256 alone, in 64-token blocks) to show sparsity at work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Any
+
+import torch
+
+DEFAULT_MODEL = "smollm2-135m"
+DEMO_PATTERNS = [
+    "dense",
+    "default",
+    '{"block_size": 64, "sink_tokens": 64, "window": 256}',
+    '{"block_size": 64, "window": 256}',
+]
+
+
+def _ints(text: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        mult = 1024 if part.endswith("k") else 1
+        try:
+            out.append(int(float(part.rstrip("k")) * mult))
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"expected comma-separated lengths such as 1K,2K,4096; got {text!r}") \
+                from err
+    return out
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="offline name (smollm2-135m, gemma3-270m), hub id or local checkpoint (default %(default)s)")
+    p.add_argument("--patterns", nargs="+", default=None,
+                   help="'dense', 'default' (the model type's shipped file), preset names, JSON strings or files")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
+    p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float16")
+    p.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"],
+                   help="sparse attention backend (auto: Triton on CUDA, reference on CPU)")
+    p.add_argument("--out", default="results/eval", help="folder for JSON, markdown and PNG (default %(default)s)")
+    p.add_argument("--cache-dir", default=None, help="cache for converted models/data (default $HF_SPARSEK_CACHE "
+                   "or ~/.cache/hf_sparsek)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="shakespeare",
+                   help="'shakespeare' (offline plays), a .txt file/folder, or a datasets name (default %(default)s)")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--split", default="test")
+    p.add_argument("--dataset-config", default=None)
+    p.add_argument("--max-documents", type=int, default=None)
+
+
+def register(subparsers: Any) -> None:
+    """Add ``eval`` with sub-subcommands ``ppl``, ``needle`` and ``layers`` to the ``hf-sparsek`` parser."""
+    ev = subparsers.add_parser("eval", help="long-context evaluation: perplexity, needle retrieval, per-layer error")
+    sub = ev.add_subparsers(dest="eval_command", required=True)
+
+    ppl = sub.add_parser("ppl", help="perplexity at several context lengths, dense vs patterns")
+    _common(ppl)
+    _data_args(ppl)
+    ppl.add_argument("--contexts", type=_ints, default=[1024, 2048], help="e.g. 1K,2K,4K (default 1K,2K)")
+    ppl.add_argument("--max-tokens", type=int, default=2048,
+                     help="scored tokens per (context, pattern), as full windows (>= 1); 0 = every token of every "
+                          "document (default %(default)s)")
+    ppl.add_argument("--stride", type=int, default=None, help="window stride (default: the window, no overlap)")
+    ppl.set_defaults(func=cmd_ppl)
+
+    needle = sub.add_parser("needle", help="passkey retrieval accuracy per (length, depth)")
+    _common(needle)
+    needle.add_argument("--lengths", type=_ints, default=[1024, 2048])
+    needle.add_argument("--depths", type=_floats, default=[0.1, 0.5, 0.9])
+    needle.add_argument("--trials", type=int, default=2, help="passkeys per (length, depth)")
+    needle.add_argument("--seed", type=int, default=0)
+    needle.set_defaults(func=cmd_needle)
+
+    layers = sub.add_parser("layers", help="per-layer attention-output error and logit KL, pattern vs dense")
+    _common(layers)
+    _data_args(layers)
+    layers.add_argument("--seq-len", type=int, default=2048)
+    layers.add_argument("--isolate", action="store_true",
+                        help="also measure the KL with only one layer sparse at a time (one forward per layer)")
+    layers.set_defaults(func=cmd_layers)
+
+
+def _setup(args: argparse.Namespace) -> tuple[Any, Any, torch.device, torch.dtype, str]:
+    import hf_sparsek
+
+    from .modeling import load_model, parse_dtype, resolve_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    dtype = parse_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    hf_sparsek.set_settings(backend=args.backend)
+    start = time.perf_counter()
+    model, tok, path = load_model(args.model, device, dtype, args.cache_dir)
+    print(f"[hf-sparsek] loaded {args.model} ({path}) on {device} in {time.perf_counter() - start:.1f}s", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    return model, tok, device, dtype, path
+
+
+def bos_id(tok: Any) -> int | None:
+    """The BOS id when the tokenizer itself prepends one (Gemma, Llama 3), else None (SmolLM2, GPT-2)."""
+    if tok is None or tok.bos_token_id is None:
+        return None
+    ids = tok("a")["input_ids"]
+    return tok.bos_token_id if ids and ids[0] == tok.bos_token_id else None
+
+
+def _encode(tok: Any):
+    return lambda text: tok(text, add_special_tokens=False)["input_ids"]
+
+
+def _specs(args: argparse.Namespace, model: Any, default: list[str]) -> list:
+    from .modeling import parse_patterns, text_config
+
+    names = args.patterns or default
+    if "dense" not in names:
+        names = ["dense", *names]
+    return parse_patterns(names, getattr(text_config(model), "model_type", None))
+
+
+def _meta(args: argparse.Namespace, model: Any, path: str, device: torch.device, dtype: torch.dtype,
+          specs: list) -> dict[str, Any]:
+    from .modeling import environment
+
+    return {"command": args.eval_command, "model": args.model, "model_path": path,
+            "model_type": getattr(model.config, "model_type", None),
+            "patterns": [s.to_dict() for s in specs], "environment": environment(device, dtype),
+            "arguments": {k: v for k, v in vars(args).items() if k != "func"}}
+
+
+def _write(args: argparse.Namespace, name: str, data: dict[str, Any], table: str) -> None:
+    from .modeling import dump_json
+
+    base = os.path.join(args.out, name)
+    dump_json(base + ".json", data)
+    with open(base + ".md", "w", encoding="utf-8") as f:
+        f.write(table + "\n")
+    print(table)
+    print(f"[hf-sparsek] wrote {base}.json and {base}.md")
+
+
+def _tag(args: argparse.Namespace) -> str:
+    return os.path.basename(str(args.model).rstrip("/")).replace("/", "_")
+
+
+def cmd_ppl(args: argparse.Namespace) -> int:
+    from .offline import load_documents
+    from .ppl import run_ppl
+    from .report import ppl_table
+
+    model, tok, device, dtype, path = _setup(args)
+    specs = _specs(args, model, DEMO_PATTERNS)
+    docs_text = load_documents(args.data, args.text_column, args.split, args.dataset_config, args.max_documents,
+                               args.cache_dir)
+    encode = _encode(tok)
+    docs = [encode(d) for d in docs_text]
+    max_ctx = getattr(model.config, "max_position_embeddings", None)
+    if max_ctx and max(args.contexts) > max_ctx:
+        raise ValueError(f"--contexts {max(args.contexts)} exceeds the model's maximum {max_ctx}")
+    start = time.perf_counter()
+    rows = run_ppl(model, docs, args.contexts, specs, device, bos_id(tok), args.max_tokens or None, args.stride)
+    data = {**_meta(args, model, path, device, dtype, specs), "documents": len(docs),
+            "document_tokens": sum(map(len, docs)), "seconds": time.perf_counter() - start, "results": rows}
+    tag = f"ppl_{_tag(args)}"
+    _write(args, tag, data, ppl_table(rows))
+    if not args.no_plots:
+        from .plots import block_layout, ppl_vs_context, ppl_vs_density
+
+        ppl_vs_context(rows, os.path.join(args.out, tag + "_context.png"), f"{args.model}: PPL vs context")
+        ppl_vs_density(rows, os.path.join(args.out, tag + "_density.png"), f"{args.model}: PPL vs density")
+        for spec in specs:
+            if spec.sparsity is not None:
+                pattern = spec.sparsity.default.replace(topk_blocks=None)
+                block_layout(pattern, max(args.contexts),
+                             os.path.join(args.out, f"{tag}_layout_{_safe(spec.label)}.png"))
+    return 0
+
+
+def _safe(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
+
+
+def cmd_needle(args: argparse.Namespace) -> int:
+    from .needle import run_needle
+    from .report import needle_table
+
+    model, tok, device, dtype, path = _setup(args)
+    specs = _specs(args, model, DEMO_PATTERNS)
+    start = time.perf_counter()
+    rows = run_needle(model, _encode(tok), args.lengths, args.depths, specs, device, bos_id(tok), args.trials,
+                      args.seed)
+    data = {**_meta(args, model, path, device, dtype, specs), "seconds": time.perf_counter() - start,
+            "results": rows}
+    tag = f"needle_{_tag(args)}"
+    _write(args, tag, data, needle_table(rows))
+    if not args.no_plots:
+        from .plots import needle_heatmap
+
+        needle_heatmap(rows, os.path.join(args.out, tag + ".png"), f"{args.model}: passkey retrieval")
+    return 0
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    from .layers import compare_layers, isolate_layers
+    from .offline import load_documents
+    from .report import layers_table
+
+    model, tok, device, dtype, path = _setup(args)
+    specs = [s for s in _specs(args, model, ["default"]) if s.sparsity is not None]
+    docs = load_documents(args.data, args.text_column, args.split, args.dataset_config, args.max_documents,
+                          args.cache_dir)
+    encode = _encode(tok)
+    ids = None
+    bos = bos_id(tok)
+    for text in docs:
+        tokens = ([bos] if bos is not None else []) + encode(text)
+        if len(tokens) >= args.seq_len:
+            ids = torch.tensor([tokens[: args.seq_len]], device=device)
+            break
+    if ids is None:
+        raise ValueError(f"no document has {args.seq_len} tokens; lower --seq-len")
+    results, tables = [], []
+    for spec in specs:
+        res = compare_layers(model, ids, spec)
+        iso = isolate_layers(model, ids, spec) if args.isolate else None
+        res["isolated"] = iso
+        results.append(res)
+        tables.append(layers_table(res, iso))
+    data = {**_meta(args, model, path, device, dtype, specs), "results": results}
+    _write(args, f"layers_{_tag(args)}", data, "\n\n".join(tables))
+    return 0
+
+
+def main_json(path: str) -> dict[str, Any]:
+    """Read a results JSON (helper for scripts and tests)."""
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)

@@ -1,0 +1,92 @@
+"""Passkey (needle-in-a-haystack) retrieval at several lengths and depths, dense vs sparse patterns.
+
+A random 5-digit passkey sentence is hidden at a relative depth of a filler haystack; the prompt ends with a
+question. A trial passes when greedy decoding reproduces the passkey: checked in one teacher-forced forward (the
+argmax at every answer position equals the answer token, which is exactly what greedy generation would emit).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .modeling import PatternSpec, apply_pattern, density_summary
+
+INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize "
+         "it. I will quiz you about it.\n")
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
+QUESTION = "\nWhat is the pass key? The pass key is"
+
+
+def build_prompt(encode: Callable[[str], list[int]], length: int, depth: float, key: str, bos: int | None,
+                 filler_ids: list[int] | None = None) -> tuple[list[int], list[int]]:
+    """(prompt ids of about ``length`` tokens with the needle at relative ``depth``, answer ids)."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    head = ([bos] if bos is not None else []) + encode(INTRO)
+    needle = encode(NEEDLE.format(key=key))
+    question = encode(QUESTION)
+    answer = encode(" " + key)
+    filler_ids = encode(FILLER) if filler_ids is None else filler_ids
+    room = length - len(head) - len(needle) - len(question) - len(answer)
+    if room < len(filler_ids):
+        raise ValueError(f"length {length} is too short for a needle prompt (needs > {length - room} tokens)")
+    repeats = room // len(filler_ids) + 1
+    hay = (filler_ids * repeats)[:room]
+    # Put the needle at a sentence boundary of the filler, nearest to the requested depth.
+    at = int(round(depth * room / len(filler_ids))) * len(filler_ids)
+    at = min(at, room)
+    prompt = head + hay[:at] + needle + hay[at:] + question
+    return prompt, answer
+
+
+@torch.inference_mode()
+def greedy_matches(model: Any, prompt: list[int], answer: list[int], device: torch.device) -> bool:
+    """True when greedy decoding after ``prompt`` emits ``answer`` (one teacher-forced forward, last logits only)."""
+    ids = torch.tensor([prompt + answer], dtype=torch.long, device=device)
+    n = len(answer)
+    logits = model(input_ids=ids, use_cache=False, logits_to_keep=n + 1).logits[0, :n]
+    return bool((logits.argmax(-1).cpu() == torch.tensor(answer)).all())
+
+
+def needle_prompts(encode: Callable[[str], list[int]], lengths: list[int], depths: list[float], bos: int | None,
+                   trials: int = 3, seed: int = 0) -> dict[tuple[int, float], list[tuple[list[int], list[int]]]]:
+    """{(length, depth): [(prompt ids, answer ids)] * trials}, random passkeys from ``seed``."""
+    rng = random.Random(seed)
+    filler_ids = encode(FILLER)
+    prompts = {}
+    for length in lengths:
+        for depth in depths:
+            keys = [str(rng.randint(10000, 99999)) for _ in range(trials)]
+            prompts[(length, depth)] = [build_prompt(encode, length, depth, k, bos, filler_ids) for k in keys]
+    return prompts
+
+
+def run_needle_prompts(model: Any, prompts: dict[tuple[int, float], list[tuple[list[int], list[int]]]],
+                       specs: list[PatternSpec], device: torch.device) -> list[dict[str, Any]]:
+    """One row per (pattern, length, depth): accuracy over the prompts (the same prompts for each pattern)."""
+    rows = []
+    for spec in specs:
+        apply_pattern(model, spec)
+        for (length, depth), cases in tqdm(prompts.items(), desc=f"needle {spec.label}", leave=False):
+            hits = sum(greedy_matches(model, p, a, device) for p, a in cases)
+            rows.append({"pattern": spec.label, "length": length, "depth": depth, "accuracy": hits / len(cases),
+                         "trials": len(cases), "tokens": len(cases[0][0]) + len(cases[0][1]),
+                         **density_summary(model.config, spec.sparsity, length)})
+        done = [r for r in rows if r["pattern"] == spec.label]
+        print(f"  needle {spec.label:<28} mean accuracy {sum(r['accuracy'] for r in done) / len(done):.2f}",
+              flush=True)
+    return rows
+
+
+def run_needle(model: Any, encode: Callable[[str], list[int]], lengths: list[int], depths: list[float],
+               specs: list[PatternSpec], device: torch.device, bos: int | None, trials: int = 3,
+               seed: int = 0) -> list[dict[str, Any]]:
+    """Build the prompts and score them for every pattern (see :func:`run_needle_prompts`)."""
+    prompts = needle_prompts(encode, lengths, depths, bos, trials, seed)
+    return run_needle_prompts(model, prompts, specs, device)

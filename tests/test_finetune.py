@@ -1,0 +1,200 @@
+"""Fine-tuning with sparse attention: packing, training, checkpoints, LoRA, resume and clear errors (tiny, CPU)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hf_sparsek.scripts import finetune as ft
+from hf_sparsek.scripts.packing import IGNORE_INDEX, PackedDataset, collate_packed, pack_documents, segment_ids
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import hf_sparsek
+
+PATTERN = hf_sparsek.SparsePattern(block_size=64, sink_tokens=4, window=64)
+SEQ = 192
+
+
+def _tiny_config(**overrides) -> LlamaConfig:
+    kw = dict(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=512)
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny")
+    LlamaForCausalLM(_tiny_config()).save_pretrained(path)
+    return str(path)
+
+
+def _args(tiny_dir: str, out: Path, *extra: str) -> object:
+    parser = ft.argparse.ArgumentParser()
+    ft.add_arguments(parser)
+    base = ["--model", tiny_dir, "--output-dir", str(out), "--train-data", "synthetic", "--synthetic-docs", "24",
+            "--heldout-docs", "3", "--seq-len", str(SEQ), "--batch-size", "2", "--lr", "5e-3", "--dtype", "fp32",
+            "--pattern", json.dumps(PATTERN.to_dict()), "--scheduler", "constant", "--max-steps", "6",
+            "--save-steps", "3", "--eval-max-windows", "6", "--cpu"]
+    return parser.parse_args(base + list(extra))
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _probe() -> torch.Tensor:
+    return torch.randint(0, 48, (1, SEQ), generator=torch.Generator().manual_seed(7))
+
+
+# ------------------------------------------------------------------------------------------------ packing
+def test_packing_positions_labels_and_splits():
+    docs = [list(range(1, 6)), list(range(10, 13)), list(range(20, 30))]
+    rows = pack_documents(docs, seq_len=8)
+    assert [len(r.input_ids) for r in rows] == [8, 8]
+    r0, r1 = rows
+    assert r0.input_ids == [1, 2, 3, 4, 5, 10, 11, 12]
+    assert r0.position_ids == [0, 1, 2, 3, 4, 0, 1, 2]
+    assert r0.labels == [IGNORE_INDEX, 2, 3, 4, 5, IGNORE_INDEX, 11, 12]
+    # The third document does not fit in row 0: it starts row 1 with positions from 0; its last 2 tokens are dropped.
+    assert r1.position_ids == list(range(8)) and r1.labels[0] == IGNORE_INDEX
+    assert segment_ids(torch.tensor(r0.position_ids)).tolist() == [0, 0, 0, 0, 0, 1, 1, 1]
+    kept = pack_documents(docs, seq_len=8, drop_last=False)
+    assert len(kept) == 3 and kept[2].input_ids[:2] == [28, 29] and kept[2].labels[2:] == [IGNORE_INDEX] * 6
+    long = pack_documents([list(range(100, 120))], seq_len=8)
+    assert all(max(r.position_ids) <= 7 for r in long)
+
+
+def test_packed_rows_do_not_attend_across_documents(tiny_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, attn_implementation="sparsek")
+    hf_sparsek.set_pattern(model, PATTERN)
+    gen = torch.Generator().manual_seed(3)
+    doc1, doc2 = torch.randint(0, 48, (100,), generator=gen), torch.randint(0, 48, (156,), generator=gen)
+    batch = collate_packed(PackedDataset(pack_documents([doc1.tolist(), doc2.tolist()], seq_len=256)))
+    model.eval()
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        alone2 = model(input_ids=doc2[None]).logits
+        alone1 = model(input_ids=doc1[None]).logits
+        unpacked = model(input_ids=batch["input_ids"]).logits  # same tokens as one sequence: doc 2 sees doc 1
+    torch.testing.assert_close(packed[0, 100:], alone2[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed[0, :100], alone1[0], rtol=1e-5, atol=1e-5)
+    assert (unpacked[0, 100:] - alone2[0]).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------ training
+def test_full_finetune_learns_and_checkpoint_reloads(tiny_dir, tmp_path):
+    result = ft.finetune(_args(tiny_dir, tmp_path, "--eval-steps", "3"))
+    m = result.metrics
+    assert m["eval_after"]["nll"] < m["eval_before"]["nll"] - 0.05
+    losses = [loss for _, loss in m["losses"]]
+    assert len(losses) == 6 and sum(losses[-2:]) < sum(losses[:2])
+    log = [json.loads(line) for line in (tmp_path / "loss_log.jsonl").read_text().splitlines()]
+    assert any("eval_ppl" in e for e in log) and any("loss" in e for e in log)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "final", attn_implementation="sparsek")
+    assert hf_sparsek.model_sparsity(reloaded.config).default == PATTERN
+    assert reloaded.config._attn_implementation == "sparsek"
+    probe = _probe()
+    torch.testing.assert_close(_logits(reloaded, probe), _logits(result.model, probe), rtol=0, atol=0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir, attn_implementation="sparsek")
+    assert (_logits(base, probe) - _logits(reloaded, probe)).abs().max() > 1e-3  # training changed the weights
+
+
+def test_lora_adapter_and_merged_reload(tiny_dir, tmp_path):
+    result = ft.finetune(_args(tiny_dir, tmp_path, "--lora-r", "4", "--max-steps", "3", "--no-eval-before"))
+    trained = result.model
+    probe = _probe()
+    expected = _logits(trained, probe)
+    attached = ft.load_finetuned(tmp_path / "final" / "adapter")
+    assert hf_sparsek.model_sparsity(attached.get_base_model().config).default == PATTERN
+    torch.testing.assert_close(_logits(attached, probe), expected, rtol=0, atol=0)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "final", attn_implementation="sparsek")
+    assert hf_sparsek.model_sparsity(merged.config).default == PATTERN
+    torch.testing.assert_close(_logits(merged, probe), expected, rtol=1e-5, atol=1e-5)
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir, attn_implementation="sparsek")
+    assert (_logits(base, probe) - expected).abs().max() > 1e-4  # the adapter is not a no-op
+
+
+def test_resume_continues_the_same_run(tiny_dir, tmp_path):
+    first = ft.finetune(_args(tiny_dir, tmp_path, "--max-steps", "4", "--save-steps", "2", "--no-eval-before"))
+    losses = dict(first.metrics["losses"])
+    for step in (3, 4):
+        del losses[step]
+    import shutil
+
+    shutil.rmtree(tmp_path / "checkpoint-4")
+    resumed = ft.finetune(_args(tiny_dir, tmp_path, "--max-steps", "4", "--save-steps", "2", "--resume", "last"))
+    after = dict(resumed.metrics["losses"])
+    assert sorted(after) == [1, 2, 3, 4]  # the restored state carries the first two steps' log
+    for step in (3, 4):
+        assert after[step] == pytest.approx(dict(first.metrics["losses"])[step], rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ errors
+def test_clear_errors(tiny_dir, tmp_path):
+    with pytest.raises(ValueError, match="max_position_embeddings=512"):
+        ft.load_model(tiny_dir, seq_len=1024)
+    with pytest.raises(ValueError, match="fp16 mixed-precision training needs a CUDA device"):
+        ft.load_model(tiny_dir, seq_len=128, dtype="fp16", device="cpu")
+    with pytest.raises(ValueError, match="block_size"):
+        ft.load_model(tiny_dir, pattern='{"block_size": 32, "window": 64}')
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        ft.finetune(_args(tiny_dir, tmp_path, "--train-only-pattern"))
+    with pytest.raises(ValueError, match="longer than the model"):
+        ft.finetune(_args(tiny_dir, tmp_path, "--seq-len", "4096"))
+    from transformers import ViTConfig
+
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(
+        tmp_path / "vit")
+    with pytest.raises(ValueError, match="no causal-LM class"):
+        ft.load_model(str(tmp_path / "vit"))
+    LlamaConfig(**{**_tiny_config().to_dict(), "attention_dropout": 0.1}).save_pretrained(tmp_path / "drop")
+    with pytest.raises(ValueError, match="attention_dropout"):
+        ft.load_model(str(tmp_path / "drop"))
+
+
+def test_bf16_on_a_gpu_without_bf16_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Old GPU")
+    with pytest.raises(ValueError, match="no bf16 support"):
+        ft.check_dtype("bf16", "cuda")
+    ft.check_dtype("fp32", "cuda")
+
+
+def test_kernel_that_cannot_train_is_refused(monkeypatch):
+    monkeypatch.setattr(ft, "_kernel_reason", lambda head_dim, dtype: f"head dim {head_dim} is not supported")
+    config = _tiny_config(hidden_size=40, num_attention_heads=4)
+    with pytest.raises(ValueError, match="head dim 10 is not supported"):
+        ft.check_kernel(config, "bf16", "cuda")
+    assert ft.check_kernel(config, "bf16", "cuda", allow_reference=True) == "reference"
+    monkeypatch.setattr(ft, "_kernel_reason", lambda head_dim, dtype: None)
+    assert ft.check_kernel(config, "bf16", "cuda") == "triton"
+    assert ft.check_kernel(config, "bf16", "cpu") == "reference"
+
+
+def test_bf16_autocast_training_step_matches_sdpa(tiny_dir):
+    """Under autocast RoPE leaves q/k in fp32 and v in bf16: the sparse path must take them like SDPA does."""
+    ids = _probe()
+    losses = {}
+    for attn in ("sparsek", "sdpa"):
+        model = AutoModelForCausalLM.from_pretrained(tiny_dir, attn_implementation=attn)
+        if attn == "sparsek":
+            hf_sparsek.set_pattern(model, hf_sparsek.SparsePattern(block_size=64))  # dense via the sparse path
+        with hf_sparsek.settings(dense_via_sdpa=False), torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses[attn] = float(loss.detach())
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert losses["sparsek"] == pytest.approx(losses["sdpa"], rel=1e-2)
+
+
+def test_cli_registers_finetune():
+    from hf_sparsek.cli import build_parser
+
+    args = build_parser().parse_args(["finetune", "--model", "x", "--output-dir", "y", "--lora-r", "8"])
+    assert args.command == "finetune" and args.lora_r == 8 and args.func is ft._run

@@ -1,0 +1,165 @@
+"""Triton block-sparse attention kernels vs the fp64 reference, in the Triton CPU interpreter.
+
+The interpreter is enabled for this module (TRITON_INTERPRET=1 before triton is imported). Inputs are fp32 (exact
+in the interpreter) plus fp16 cases; the interpreter's bf16 ``tl.dot`` is broken on CPU, so bf16 is checked on
+the GPU by ``scripts/gpu_kernels.py``. Forward output, LSE and dQ/dK/dV are compared by relative norm on fresh
+random inputs.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+from hf_sparsek import BlockLayout, SparsePattern  # noqa: E402
+from hf_sparsek.ops import build_index_for, sparse_attention  # noqa: E402
+from hf_sparsek.reference import reference_attention  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") != "1":  # imported after a non-interpreter triton run: nothing to test on CPU
+    pytest.skip("TRITON_INTERPRET must be 1 for the CPU kernel tests", allow_module_level=True)
+
+from hf_sparsek.triton_ops import triton_block_sparse_attention  # noqa: E402
+
+SINK_WIN = SparsePattern(block_size=64, sink_tokens=4, window=40)
+TOL = {torch.float32: 2e-5, torch.float16: 5e-3}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative norm error; the floor 1.0 keeps all-zero references (e.g. dK of a single key) meaningful."""
+    a, b = a.detach().double(), b.detach().double()
+    assert torch.isfinite(a).all(), "kernel produced NaN/inf"
+    return float((a - b).norm() / b.norm().clamp_min(1.0))
+
+
+def _run_case(batch, hq, hk, q_len, kv_len, dim, pattern, dtype=torch.float32, softcap=None, attention_mask=None,
+              grad=True, seed=0):
+    """Compare forward, LSE and gradients of the kernel with the fp64 reference on one random input."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, hq, q_len, dim, generator=gen).to(dtype).requires_grad_(grad)
+    k = torch.randn(batch, hk, kv_len, dim, generator=gen).to(dtype).requires_grad_(grad)
+    v = torch.randn(batch, hk, kv_len, dim, generator=gen).to(dtype).requires_grad_(grad)
+    index = build_index_for(q, k, pattern, attention_mask=attention_mask)
+    scale = dim**-0.5
+    out, lse = triton_block_sparse_attention(q, k, v, index, scale, softcap, return_lse=True)
+    assert out.dtype == dtype and out.shape == q.shape
+    q64, k64, v64 = (t.detach().double().requires_grad_(grad) for t in (q, k, v))
+    ref, ref_lse = reference_attention(q64, k64, v64, index, scale=scale, softcap=softcap, return_lse=True)
+    tol = TOL[dtype]
+    assert _rel(out, ref) < tol
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite), "empty rows must give lse -inf exactly where the reference does"
+    if finite.any():
+        assert (lse.double()[finite] - ref_lse[finite]).abs().max() < 1e-3
+    assert (out.detach()[~finite] == 0).all(), "rows with nothing to attend must be 0"
+    if grad:
+        d_out = torch.randn(out.shape, generator=gen).to(dtype)
+        got = torch.autograd.grad(out, (q, k, v), d_out)
+        want = torch.autograd.grad(ref, (q64, k64, v64), d_out.double())
+        for name, g, w in zip(("dq", "dk", "dv"), got, want, strict=True):
+            assert g.dtype == dtype
+            assert _rel(g, w) < 2 * tol, name
+    return out, lse
+
+
+def _case_id(batch, hq, hk, q_len, kv_len, dim):
+    t = f"T{q_len}" if q_len == kv_len else f"Tq{q_len}-Tk{kv_len}"
+    return f"B{batch}-{t}-Hq{hq}-Hk{hk}-D{dim}"
+
+
+LENGTH_CASES = [(1, 4, 1, t, t, 64) for t in (1, 17, 63, 64, 65, 200)]
+
+
+@pytest.mark.parametrize("shape", LENGTH_CASES, ids=[_case_id(*c) for c in LENGTH_CASES])
+def test_lengths_sink_window(shape):
+    _run_case(*shape, SINK_WIN)
+
+
+HEAD_CASES = [(1, 2, 1, 65, 65, 128), (1, 2, 2, 70, 70, 256), (2, 8, 2, 63, 63, 64), (1, 8, 1, 65, 65, 64)]
+
+
+@pytest.mark.parametrize("shape", HEAD_CASES, ids=[_case_id(*c) for c in HEAD_CASES])
+def test_head_dims_and_groups(shape):
+    _run_case(*shape, SINK_WIN)
+
+
+PATTERNS = {
+    "dense-b64": SparsePattern(block_size=64),
+    "dense-b128": SparsePattern(block_size=128),
+    "strided": SparsePattern(block_size=64, sink_tokens=2, window=16, layout=BlockLayout("strided", stride=3)),
+    "random": SparsePattern(block_size=64, layout=BlockLayout("random", density=0.4, seed=3)),
+    "window-only": SparsePattern(block_size=64, window=7),
+    "sink-window-b128": SparsePattern(block_size=128, sink_tokens=8, window=100),
+}
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_patterns(name):
+    _run_case(2, 4, 2, 200, 200, 64, PATTERNS[name])
+
+
+def test_softcap():
+    _run_case(1, 4, 2, 130, 130, 64, SINK_WIN, softcap=3.0)
+
+
+def test_fp16():
+    _run_case(1, 4, 1, 100, 100, 64, SINK_WIN, dtype=torch.float16)
+
+
+@pytest.mark.parametrize(
+    "q_len,kv_len", [(1, 200), (1, 64), (40, 200), (64, 190)], ids=["decode-200", "decode-64", "chunk-40", "chunk-64"]
+)
+def test_decode_and_chunked_prefill(q_len, kv_len):
+    _run_case(2, 4, 1, q_len, kv_len, 64, SINK_WIN)
+
+
+def test_left_padding_empty_rows():
+    """Left padding: padded query rows attend nothing (zeros, finite grads); sinks count from the first real token."""
+    mask = torch.ones(2, 150, dtype=torch.bool)
+    mask[0, :37] = False
+    mask[1, :70] = False
+    out, lse = _run_case(2, 4, 2, 150, 150, 64, SINK_WIN, attention_mask=mask)
+    assert (out[0, :, :37] == 0).all() and torch.isinf(lse[0, :, :37]).all()
+
+
+def test_sparse_attention_dispatch_forced_triton():
+    q, k, v = (torch.randn(1, 2, 70, 64) for _ in range(3))
+    got = sparse_attention(q, k, v, SINK_WIN, backend="triton")
+    want = sparse_attention(q.double(), k.double(), v.double(), SINK_WIN, backend="reference")
+    assert _rel(got, want) < 2e-5
+
+
+def test_deterministic():
+    """Forward bitwise repeatable; dK/dV (key-major, no atomics) and dQ identical across runs."""
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 4, 150, 64, generator=gen, requires_grad=True)
+    k = torch.randn(1, 1, 150, 64, generator=gen, requires_grad=True)
+    v = torch.randn(1, 1, 150, 64, generator=gen, requires_grad=True)
+    do = torch.randn(1, 4, 150, 64, generator=gen)
+    index = build_index_for(q, k, SINK_WIN)
+    runs = []
+    for _ in range(2):
+        out = triton_block_sparse_attention(q, k, v, index, 0.125)
+        runs.append((out.detach(),) + torch.autograd.grad(out, (q, k, v), do))
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
+SLOW_CASES = [
+    (b, hq, hk, t, t, d)
+    for (b, hq, hk) in ((1, 4, 1), (2, 8, 2), (1, 3, 3))
+    for t in (1, 17, 129, 300)
+    for d in (64, 128, 256)
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", SLOW_CASES, ids=[_case_id(*c) for c in SLOW_CASES])
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_sweep_slow(shape, name):
+    _run_case(*shape, PATTERNS[name])
