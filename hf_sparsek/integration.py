@@ -8,14 +8,14 @@ padding row mask and the cache offsets, and the attention function builds a bloc
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from .model_defaults import model_sparsity
-from .ops import sparse_attention, triton_unsupported_reason
+from .ops import build_index_for, sparse_attention, triton_unsupported_reason
 from .patterns import SparsePattern
 from .runtime import get_settings
 
@@ -37,6 +37,9 @@ class SparseKMask:
     q_offset: int
     kv_offset: int
     padding: torch.Tensor | None
+    # The same mask object goes to every layer of one forward: layers with the same pattern share one index.
+    _indexes: dict = field(default_factory=dict, repr=False, compare=False)
+    _segments: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def shape(self) -> tuple[int, ...]:  # some model code logs mask shapes
@@ -139,7 +142,11 @@ def sparsek_attention_forward(
         kv_len = mask.kv_length
     segments = None
     if mask.padding is None and mask.q_offset == 0 and mask.kv_offset == 0 and q_len == kv_len:
-        segments = _segments_from_positions(kwargs.get("position_ids"), batch, q_len)
+        position_ids = kwargs.get("position_ids")
+        seg_key = id(position_ids)  # the tuple below keeps position_ids alive, so the id stays unique
+        if seg_key not in mask._segments:
+            mask._segments[seg_key] = (position_ids, _segments_from_positions(position_ids, batch, q_len))
+        segments = mask._segments[seg_key][1]
 
     if not (query.dtype == key.dtype == value.dtype) and torch.is_autocast_enabled(query.device.type):
         # Under autocast, RoPE leaves q/k in fp32 and v in bf16/fp16; cast like SDPA does (to the autocast dtype).
@@ -159,9 +166,16 @@ def sparsek_attention_forward(
         reason = triton_unsupported_reason(query, key, value)
         if reason is not None:
             _warn_once(reason, f"hf_sparsek: running the PyTorch reference on GPU (slow, same results): {reason}")
+    index = None
+    if pattern.topk_blocks is None:  # a data-dependent selection is rebuilt per layer
+        cache_key = (pattern, key.shape[1], batch, q_len, kv_len, id(segments), query.device)
+        index = mask._indexes.get(cache_key)
+        if index is None:
+            index = build_index_for(query, key, pattern, mask.q_offset, mask.kv_offset, mask.padding, segments)
+            mask._indexes[cache_key] = index
     out = sparse_attention(
         query, key, value, pattern, scale=scaling, softcap=softcap, q_offset=mask.q_offset,
-        kv_offset=mask.kv_offset, attention_mask=mask.padding, segment_ids=segments, backend=backend,
+        kv_offset=mask.kv_offset, attention_mask=mask.padding, segment_ids=segments, index=index, backend=backend,
     )
     return out.transpose(1, 2).contiguous(), None
 
