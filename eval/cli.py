@@ -25,6 +25,9 @@ DEMO_PATTERNS = [
 ]
 
 
+NEEDLE_PATTERNS = ["dense", "default", '{"block_size": 64, "window": 256}']
+
+
 def _ints(text: str) -> list[int]:
     out = []
     for part in text.split(","):
@@ -89,7 +92,7 @@ def register(subparsers: Any) -> None:
     _common(needle)
     needle.add_argument("--lengths", type=_ints, default=[1024, 2048])
     needle.add_argument("--depths", type=_floats, default=[0.1, 0.5, 0.9])
-    needle.add_argument("--trials", type=int, default=2, help="passkeys per (length, depth)")
+    needle.add_argument("--trials", type=int, default=1, help="passkeys per (length, depth) (default 1)")
     needle.add_argument("--seed", type=int, default=0)
     needle.set_defaults(func=cmd_needle)
 
@@ -207,7 +210,7 @@ def cmd_needle(args: argparse.Namespace) -> int:
     from .report import needle_table
 
     model, tok, device, dtype, path = _setup(args)
-    specs = _specs(args, model, DEMO_PATTERNS)
+    specs = _specs(args, model, NEEDLE_PATTERNS)
     start = time.perf_counter()
     rows = run_needle(model, _encode(tok), args.lengths, args.depths, specs, device, bos_id(tok), args.trials,
                       args.seed)

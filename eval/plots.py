@@ -42,7 +42,7 @@ def ppl_vs_density(rows: list[dict[str, Any]], path: str, title: str = "") -> st
     fig, ax = plt.subplots(figsize=(6, 4))
     for context in sorted({r["context"] for r in rows}):
         pts = sorted((r["density"], r["ppl"], r["pattern"]) for r in rows if r["context"] == context)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle=":", label=f"{context} tokens")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="none", label=f"{context} tokens")
         for d, p, name in pts:
             ax.annotate(name, (d, p), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("density (attended / causal pairs, full-attention layers)")

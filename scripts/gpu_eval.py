@@ -66,8 +66,9 @@ def _map_eval_package() -> None:
 def _check_backend(model, specs, device: torch.device, bos: int | None) -> dict:
     """One short sparse forward per pattern with backend "auto"; if the kernel raises, switch to the reference
     backend for the whole run and record why (the reference gives the same numbers, slower)."""
-    import hf_sparsek
     from hf_sparsek.eval.modeling import apply_pattern, token_nll
+
+    import hf_sparsek
 
     ids = torch.randint(10, 1000, (1, 4096), device=device)
     for spec in specs:
@@ -96,20 +97,22 @@ def main() -> int:
     ap.add_argument("--isolate", default=None, help="pattern label to isolate per layer at the first context")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--skip-ppl", action="store_true", help="only the needle (and isolation) stages")
+    ap.add_argument("--tag", default=None, help="suffix of the output file names")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     sys.path.insert(0, args.gguf_wheel)  # pure-Python wheel: importable as a zip
     _map_eval_package()
 
     import transformers
-    from transformers import AutoModelForCausalLM
-
-    import hf_sparsek
     from hf_sparsek.eval import report
     from hf_sparsek.eval.layers import isolate_layers
     from hf_sparsek.eval.modeling import DTYPES, environment, parse_patterns
     from hf_sparsek.eval.needle import run_needle_prompts
     from hf_sparsek.eval.ppl import run_ppl
+    from transformers import AutoModelForCausalLM
+
+    import hf_sparsek
 
     os.makedirs(args.out, exist_ok=True)
     device = torch.device(args.device)
@@ -128,7 +131,7 @@ def main() -> int:
             "tokenized_with_transformers": data.get("tokenizer_transformers"),
             "gpu_transformers": transformers.__version__, "max_tokens": args.max_tokens,
             "command": " ".join(sys.argv)}
-    tag = args.model
+    tag = args.model + (f"_{args.tag}" if args.tag else "")
     results: dict = {**meta}
 
     def save() -> None:
@@ -136,18 +139,21 @@ def main() -> int:
             json.dump(results, f, indent=2, default=str)
 
     results["backend"] = _check_backend(model, specs, device, bos)
-    start = time.perf_counter()
-    rows = run_ppl(model, docs, contexts, specs, device, bos, args.max_tokens)
-    results["ppl"] = rows
-    results["ppl_seconds"] = time.perf_counter() - start
-    save()
-    tables = ["## Perplexity", report.ppl_table(rows)]
-    print(tables[-1], flush=True)
+    rows, tables = [], []
+    if not args.skip_ppl:
+        start = time.perf_counter()
+        rows = run_ppl(model, docs, contexts, specs, device, bos, args.max_tokens)
+        results["ppl"] = rows
+        results["ppl_seconds"] = time.perf_counter() - start
+        save()
+        tables = ["## Perplexity", report.ppl_table(rows)]
+        print(tables[-1], flush=True)
 
     nspecs = parse_patterns(json.loads(args.needle_patterns), model.config.model_type) if args.needle_patterns \
         else specs
     start = time.perf_counter()
-    nrows = run_needle_prompts(model, data["needle"], nspecs, device)
+    prompts = {k: [([int(x) for x in p], [int(x) for x in a]) for p, a in v] for k, v in data["needle"].items()}
+    nrows = run_needle_prompts(model, prompts, nspecs, device)
     results["needle"] = nrows
     results["needle_seconds"] = time.perf_counter() - start
     save()
@@ -169,8 +175,10 @@ def main() -> int:
     try:
         from hf_sparsek.eval import plots
 
-        plots.ppl_vs_context(rows, os.path.join(args.out, f"eval_gpu_{tag}_context.png"), f"{tag}: PPL vs context")
-        plots.ppl_vs_density(rows, os.path.join(args.out, f"eval_gpu_{tag}_density.png"), f"{tag}: PPL vs density")
+        if rows:
+            plots.ppl_vs_context(rows, os.path.join(args.out, f"eval_gpu_{tag}_context.png"), f"{tag}: PPL vs context")
+        if rows:
+            plots.ppl_vs_density(rows, os.path.join(args.out, f"eval_gpu_{tag}_density.png"), f"{tag}: PPL vs density")
         plots.needle_heatmap(nrows, os.path.join(args.out, f"eval_gpu_{tag}_needle.png"), f"{tag}: passkey")
     except Exception as err:  # plots are a convenience; the JSON and tables are already written
         print(f"plots failed: {err}", flush=True)

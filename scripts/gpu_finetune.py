@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -125,11 +126,17 @@ def throughput(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def _short_error(error: str) -> str:
+    """"out of memory (tried to allocate 32.00 GiB)" from a CUDA OOM message; other errors as they are."""
+    match = re.search(r"Tried to allocate ([0-9.]+ [GM]iB)", error)
+    return f"out of memory (tried to allocate {match.group(1)})" if match else error
+
+
 def throughput_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| model | seq len | attention | backend | density (full layers) | tokens/s | step s | peak GiB |",
              "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        tps = f"{r['tokens_per_second']:.0f}" if "tokens_per_second" in r else r.get("error", "")
+        tps = f"{r['tokens_per_second']:.0f}" if "tokens_per_second" in r else _short_error(r.get("error", ""))
         lines.append(
             f"| {r['model']} | {r['seq_len']} | {r['attn']} | {r.get('backend', 'torch sdpa')} | "
             f"{r.get('density_full_layers', 1.0):.3f} | {tps} | {r.get('step_seconds', float('nan')):.3f} | "
@@ -177,17 +184,33 @@ def multi(args: argparse.Namespace) -> dict[str, Any]:
             entry["stderr_tail"] = proc.stderr[-3000:]
         else:
             metrics = json.loads((out / "metrics.json").read_text())
-            entry.update({k: metrics[k] for k in ("losses", "train_tokens_per_second", "world_size", "backend")})
+            entry.update({k: metrics[k] for k in ("losses", "train_tokens_per_second", "world_size", "backend",
+                                                  "train_rows")})
             entry["final_reload"] = check_reload(out / "final", args.pattern)
         result["runs"][tag] = entry
         print(tag, json.dumps({k: v for k, v in entry.items() if k != "losses"})[:2000], flush=True)
-    base = result["runs"].get("1gpu", {}).get("losses")
-    for tag, entry in result["runs"].items():
-        if tag != "1gpu" and base and entry.get("losses"):
-            diffs = [abs(a[1] - b[1]) for a, b in zip(base, entry["losses"], strict=False)]
-            entry["max_abs_loss_diff_vs_1gpu"] = max(diffs)
-            entry["mean_abs_loss_diff_vs_1gpu"] = sum(diffs) / len(diffs)
+    rows = next((r["train_rows"] for r in result["runs"].values() if "train_rows" in r), None)
+    compare_curves(result, None if rows is None else rows // 2)
     return result
+
+
+def compare_curves(result: dict[str, Any], same_rows_steps: int | None) -> None:
+    """Largest loss difference from the 1-GPU run, over the steps where both saw the same rows.
+
+    Global batch 2 over ``train_rows`` rows: the first ``train_rows // 2`` steps take the same rows on 1 and 2 GPUs
+    (sequential order); at an odd epoch end the 1-GPU batch holds one row while accelerate's even_batches pads the
+    2-GPU batch with the first row again, so the curves part there by design.
+    """
+    base = dict(result["runs"].get("1gpu", {}).get("losses") or [])
+    result["same_rows_steps"] = same_rows_steps
+    for tag, entry in result["runs"].items():
+        if tag == "1gpu" or not base or not entry.get("losses"):
+            continue
+        diffs = [(s, abs(base[s] - v)) for s, v in entry["losses"] if s in base]
+        same = [d for s, d in diffs if same_rows_steps is None or s <= same_rows_steps]
+        entry["max_abs_loss_diff_vs_1gpu"] = max(same)
+        entry["mean_abs_loss_diff_vs_1gpu"] = sum(same) / len(same)
+        entry["max_abs_loss_diff_vs_1gpu_all_steps"] = max(d for _, d in diffs)
 
 
 def check_reload(final_dir: Path, pattern: str) -> dict[str, Any]:
@@ -208,7 +231,9 @@ def multi_table(result: dict[str, Any]) -> str:
     runs = result["runs"]
     steps = sorted({s for r in runs.values() for s, _ in r.get("losses", [])})
     shown = sorted({steps[0], steps[len(steps) // 4], steps[len(steps) // 2], steps[-1]}) if steps else []
-    head = "| run | GPUs | tokens/s | " + " | ".join(f"loss @{s}" for s in shown) + " | max abs diff vs 1 GPU |"
+    same = result.get("same_rows_steps")
+    label = "max abs diff vs 1 GPU" + (f" (steps 1-{same}, same rows)" if same else "")
+    head = "| run | GPUs | tokens/s | " + " | ".join(f"loss @{s}" for s in shown) + f" | {label} |"
     lines = [head, "| --- | ---: | ---: | " + " | ".join("---:" for _ in shown) + " | ---: |"]
     for tag, r in runs.items():
         if r.get("returncode"):
@@ -241,9 +266,53 @@ def summarize(sparse_dir: str, dense_dir: str) -> tuple[dict[str, Any], str]:
     return runs, "\n".join(lines)
 
 
+def packcheck(seq_len: int, restart: int) -> dict[str, Any]:
+    """Batch of 2 packed rows (row 0 restarts at ``restart``, row 1 is one document): does each row of the batched
+    forward/backward equal the row alone, and does the kernel equal the reference on the same inputs?"""
+    from hf_sparsek.scripts.packing import segment_ids
+    from transformers import AutoModelForCausalLM
+
+    pattern = hf_sparsek.SparsePattern(block_size=128, sink_tokens=128, window=1024)
+    out: dict[str, Any] = {"seq_len": seq_len, "restart": restart, "pattern": pattern.to_dict()}
+    pos = torch.stack([torch.cat([torch.arange(restart), torch.arange(seq_len - restart)]), torch.arange(seq_len)])
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    pos = pos.to(dev)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    b, h, hk, d = 2, 9, 3, 64
+    q = torch.randn(b, h, seq_len, d, device=dev, dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(b, hk, seq_len, d, device=dev, dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(b, hk, seq_len, d, device=dev, dtype=torch.bfloat16, generator=gen)
+    seg = segment_ids(pos)
+    for backend in ("triton", "reference"):
+        res = []
+        for rows in ((0, 1), (0,), (1,)):
+            qq, kk, vv = (t[list(rows)].clone().requires_grad_() for t in (q, k, v))
+            o = hf_sparsek.sparse_attention(qq, kk, vv, pattern, segment_ids=seg[list(rows)], backend=backend)
+            o.float().square().sum().backward()
+            res.append((o.detach(), qq.grad, kk.grad, vv.grad))
+        both, r0, r1 = res
+        out[f"{backend}_batched_vs_alone_max_abs"] = {
+            name: max(float((both[i][0] - r0[i][0]).abs().max()), float((both[i][1] - r1[i][0]).abs().max()))
+            for i, name in enumerate(("o", "dq", "dk", "dv"))}
+        out[f"{backend}_batched"] = both
+    tri, ref = out.pop("triton_batched"), out.pop("reference_batched")
+    out["triton_vs_reference_max_abs"] = {name: [float((tri[i][r] - ref[i][r]).abs().max()) for r in range(2)]
+                                          for i, name in enumerate(("o", "dq", "dk", "dv"))}
+    config = model_config("smollm2-135m", seq_len)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sparsek").to(dev)
+    hf_sparsek.set_pattern(model, pattern)
+    ids = torch.randint(0, config.vocab_size, (2, seq_len), device=dev, generator=gen)
+    with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16):
+        both = model(input_ids=ids, position_ids=pos).logits.float()
+        alone = [model(input_ids=ids[r : r + 1], position_ids=pos[r : r + 1]).logits.float() for r in range(2)]
+    out["model_logits_batched_vs_alone_max_abs"] = [float((both[r] - alone[r][0]).abs().max()) for r in range(2)]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("mode", choices=("throughput", "multi", "summarize"))
+    p.add_argument("mode", choices=("throughput", "multi", "summarize", "packcheck"))
     p.add_argument("--runs-dirs", nargs=2, metavar=("SPARSE_DIR", "DENSE_DIR"), help="summarize: two finetune outputs")
     p.add_argument("--name", default="finetune_shakespeare", help="summarize: result file stem")
     p.add_argument("--models", nargs="+", default=["smollm2-135m"], choices=sorted(MODELS))
@@ -272,6 +341,11 @@ def main(argv: list[str] | None = None) -> int:
         (out / "finetune_throughput.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2))
         (out / "finetune_throughput.md").write_text(throughput_table(rows) + "\n")
         print(throughput_table(rows))
+    elif args.mode == "packcheck":
+        result = packcheck(args.seq_len, 338)
+        result["env"] = env
+        (out / "finetune_packcheck.json").write_text(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2))
     elif args.mode == "summarize":
         runs, table = summarize(*args.runs_dirs)
         (out / f"{args.name}.json").write_text(json.dumps(runs, indent=2))

@@ -8,10 +8,10 @@ import random
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
 from hf_sparsek.eval.modeling import PatternSpec, density_summary, parse_patterns
 from hf_sparsek.eval.ppl import evaluate_windows, make_windows, run_ppl
+from transformers import LlamaConfig, LlamaForCausalLM
+
 from hf_sparsek.patterns import ModelSparsity, SparsePattern
 
 WORDS = ("the king queen sword crown night day love death honour blood fair foul rose thorn ghost castle sea "

@@ -1,7 +1,8 @@
 """Triton block-sparse attention kernels vs the fp64 reference, in the Triton CPU interpreter.
 
-The interpreter is enabled for this module (TRITON_INTERPRET=1 before triton is imported). Inputs are fp32 (exact
-in the interpreter) plus fp16 cases; the interpreter's bf16 ``tl.dot`` is broken on CPU, so bf16 is checked on
+The interpreter is enabled for this module alone (kernels re-decorated in interpreter mode if needed). Inputs
+are fp32 (exact in the interpreter) plus fp16 cases; the interpreter's bf16 ``tl.dot`` is broken on CPU, so bf16
+is checked on
 the GPU by ``scripts/gpu_kernels.py``. Forward output, LSE and dQ/dK/dV are compared by relative norm on fresh
 random inputs.
 """
@@ -10,7 +11,11 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+_PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"  # restored after the imports below; tests re-enable it with a fixture
+
+import importlib  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -21,10 +26,36 @@ from hf_sparsek import BlockLayout, SparsePattern  # noqa: E402
 from hf_sparsek.ops import build_index_for, sparse_attention  # noqa: E402
 from hf_sparsek.reference import reference_attention  # noqa: E402
 
-if os.environ.get("TRITON_INTERPRET") != "1":  # imported after a non-interpreter triton run: nothing to test on CPU
-    pytest.skip("TRITON_INTERPRET must be 1 for the CPU kernel tests", allow_module_level=True)
 
+def _interpreted_kernels() -> None:
+    """Re-decorate Triton's standard library and our kernels in interpreter mode when an earlier test module imported
+    triton (or the kernels) without TRITON_INTERPRET: ``@triton.jit`` picks compiled vs interpreted at decoration."""
+    import triton.language.standard as tl_standard
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(tl_standard.cdiv, InterpretedFunction):
+        importlib.reload(tl_standard)
+        importlib.reload(sys.modules["triton.language"])
+    from hf_sparsek.kernels import attention_fwd
+
+    if not isinstance(attention_fwd._attn_fwd_kernel, InterpretedFunction):
+        for name in ("common", "attention_fwd", "attention_bwd"):
+            importlib.reload(sys.modules[f"hf_sparsek.kernels.{name}"])
+
+
+_interpreted_kernels()
 from hf_sparsek.triton_ops import triton_block_sparse_attention  # noqa: E402
+
+if _PREVIOUS_INTERPRET is None:
+    os.environ.pop("TRITON_INTERPRET")
+else:
+    os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
+
+
+@pytest.fixture(autouse=True)
+def _interpret_mode(monkeypatch):
+    """The kernels accept CPU tensors only in interpreter mode; keep it on for these tests alone."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 SINK_WIN = SparsePattern(block_size=64, sink_tokens=4, window=40)
 TOL = {torch.float32: 2e-5, torch.float16: 5e-3}
