@@ -7,6 +7,7 @@ Subcommands live beside their code: ``hf_sparsek.eval.cli.register(subparsers)``
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -47,8 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a subcommand. Bad input (ValueError) prints one line to stderr and returns 2, no traceback;
+    ``HF_SPARSEK_DEBUG=1`` re-raises it."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as exc:
+        if os.environ.get("HF_SPARSEK_DEBUG") == "1":
+            raise
+        print(f"hf-sparsek {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -333,7 +333,13 @@ def _callbacks(log_path: Path, eval_docs: list[list[int]] | None, eval_len: int,
     from transformers import TrainerCallback
 
     class LossLog(TrainerCallback):
-        """Appends every Trainer log (loss, lr, grad norm, eval) as one JSON line, main process only."""
+        """Appends every Trainer log (loss, lr, grad norm, eval) as one JSON line, main process only; remembers the
+        step this call started from (after a resume) for the throughput."""
+
+        first_step = 0
+
+        def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+            self.first_step = state.global_step
 
         def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
             if state.is_world_process_zero and logs:
@@ -442,9 +448,9 @@ def finetune(args: argparse.Namespace) -> FinetuneResult:
             raise ValueError("--data-order sequential needs a transformers version with train_sampling_strategy")
         targs.train_sampling_strategy = args.data_order
     eval_steps = args.eval_steps if eval_docs else 0
+    callbacks = _callbacks(log_path, eval_docs, eval_len, eval_steps, autocast, args.eval_max_windows)
     trainer = Trainer(
-        model=model, args=targs, train_dataset=dataset, data_collator=collate_packed,
-        callbacks=_callbacks(log_path, eval_docs, eval_len, eval_steps, autocast, args.eval_max_windows),
+        model=model, args=targs, train_dataset=dataset, data_collator=collate_packed, callbacks=callbacks,
     )
     metrics: dict[str, Any] = {
         "model": args.model, "attn": args.attn, "seq_len": args.seq_len, "dtype": args.dtype,
@@ -472,8 +478,9 @@ def finetune(args: argparse.Namespace) -> FinetuneResult:
     result = trainer.train(resume_from_checkpoint=resume)
     metrics["train_seconds"] = time.time() - start
     metrics["train_loss"] = result.training_loss
+    metrics["steps_this_run"] = result.global_step - callbacks[0].first_step
     metrics["train_tokens_per_second"] = (
-        (result.global_step * args.batch_size * args.grad_accum * targs.world_size * args.seq_len)
+        (metrics["steps_this_run"] * args.batch_size * args.grad_accum * targs.world_size * args.seq_len)
         / max(metrics["train_seconds"], 1e-9)
     )
     metrics["losses"] = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]

@@ -32,24 +32,6 @@ class PackedRow:
     labels: list[int]
 
 
-def split_documents(docs: Sequence[Sequence[int]], max_len: int, min_len: int = 2) -> list[list[int]]:
-    """Cut documents longer than ``max_len`` into consecutive pieces; drop pieces shorter than ``min_len``.
-
-    A piece of a long document is treated as a document of its own (its positions restart at 0), so no position
-    ever exceeds ``max_len - 1``.
-    """
-    if max_len < 2:
-        raise ValueError(f"max_len must be >= 2, got {max_len}")
-    pieces: list[list[int]] = []
-    for doc in docs:
-        doc = list(doc)
-        for start in range(0, len(doc), max_len):
-            piece = doc[start : start + max_len]
-            if len(piece) >= min_len:
-                pieces.append(piece)
-    return pieces
-
-
 def pack_documents(
     docs: Sequence[Sequence[int]],
     seq_len: int,
@@ -59,10 +41,10 @@ def pack_documents(
 ) -> list[PackedRow]:
     """Greedy in-order packing of token-id documents into rows of exactly ``seq_len`` tokens.
 
-    Documents longer than ``seq_len`` are split first (see :func:`split_documents`). A document that does not fit in
-    the space left in the current row is split across rows: its tail starts the next row with positions from 0
-    again (a new segment). ``drop_last`` drops a final row that would need padding; otherwise it is padded with
-    ``pad_token_id`` as one more segment whose labels are all -100.
+    A document that does not fit in the space left in the current row continues in the next row, with positions
+    from 0 again (a new segment), so no position exceeds ``seq_len - 1`` and a document is cut only at row ends.
+    ``drop_last`` drops a final row that would need padding; otherwise it is padded with ``pad_token_id`` as one
+    more segment whose labels are all -100. Documents shorter than ``min_doc_len`` are skipped.
     """
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
@@ -75,7 +57,10 @@ def pack_documents(
         rows.append(PackedRow(list(ids), list(pos), list(labels)))
         ids.clear(), pos.clear(), labels.clear()
 
-    for doc in split_documents(docs, seq_len, min_doc_len):
+    for doc in docs:
+        doc = list(doc)
+        if len(doc) < min_doc_len:
+            continue
         while doc:
             room = seq_len - len(ids)
             piece, doc = doc[:room], doc[room:]

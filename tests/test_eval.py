@@ -178,8 +178,9 @@ def test_cli_layers(tiny_checkpoint: tuple[str, str], tmp_path) -> None:
     assert [r["layer"] for r in res["isolated"]] == [0, 1]
 
 
-def test_cli_clear_error_for_missing_model(tmp_path) -> None:
+def test_cli_clear_error_for_missing_model(tmp_path, capsys) -> None:
     from hf_sparsek.cli import main
 
-    with pytest.raises(ValueError, match="could not load model"):
-        main(["eval", "ppl", "--model", str(tmp_path / "nope"), "--device", "cpu", "--out", str(tmp_path)])
+    code = main(["eval", "ppl", "--model", str(tmp_path / "nope"), "--device", "cpu", "--out", str(tmp_path)])
+    assert code == 2
+    assert "could not load model" in capsys.readouterr().err

@@ -68,6 +68,10 @@ def test_packing_positions_labels_and_splits():
     assert len(kept) == 3 and kept[2].input_ids[:2] == [28, 29] and kept[2].labels[2:] == [IGNORE_INDEX] * 6
     long = pack_documents([list(range(100, 120))], seq_len=8)
     assert all(max(r.position_ids) <= 7 for r in long)
+    # A long document is cut only at row ends: its second row is one segment with positions 0..7.
+    spans = pack_documents([list(range(1, 6)), list(range(100, 120))], seq_len=8)
+    assert spans[0].position_ids == [0, 1, 2, 3, 4, 0, 1, 2] and spans[1].position_ids == list(range(8))
+    assert spans[1].input_ids == list(range(103, 111)) and spans[1].labels[0] == IGNORE_INDEX
 
 
 def test_packed_rows_do_not_attend_across_documents(tiny_dir):
@@ -131,6 +135,7 @@ def test_resume_continues_the_same_run(tiny_dir, tmp_path):
     resumed = ft.finetune(_args(tiny_dir, tmp_path, "--max-steps", "4", "--save-steps", "2", "--resume", "last"))
     after = dict(resumed.metrics["losses"])
     assert sorted(after) == [1, 2, 3, 4]  # the restored state carries the first two steps' log
+    assert resumed.metrics["steps_this_run"] == 2 and first.metrics["steps_this_run"] == 4
     for step in (3, 4):
         assert after[step] == pytest.approx(dict(first.metrics["losses"])[step], rel=1e-5)
 
