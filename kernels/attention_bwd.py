@@ -18,7 +18,11 @@ import triton
 import triton.language as tl
 
 from .attention_fwd import _dot, _next_pow2, index_strides, score_constants, seg_args
+from .bwd_split import reduce_split, split_key_lists
 from .common import element_mask, tanh_f32
+
+# Entries per dK/dV program before a key tile's list is split (None: automatic, see bwd_split). Tests set it low.
+SPLIT_CHUNK: int | None = None
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,7 @@ def _dkdv_step(
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     FC, FT, PC, PT,
+    VT, VS, SCR_K, SCR_V, s_sb, s_sh, s_ss,
     KSEG, QSEG, KRANK,
     s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_db, s_dh, s_dt, s_lb, s_lh,
     s_dkb, s_dkh, s_dkt, s_dvb, s_dvh, s_dvt,
@@ -114,7 +119,7 @@ def _attn_bwd_dkdv_kernel(
     qk_mul, cap2, scale,
     BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
-    HAS_KSEG: tl.constexpr, HAS_QSEG: tl.constexpr, HAS_KRANK: tl.constexpr,
+    HAS_KSEG: tl.constexpr, HAS_QSEG: tl.constexpr, HAS_KRANK: tl.constexpr, SPLIT: tl.constexpr,
 ):
     N_SUB_N: tl.constexpr = BLOCK // BLOCK_N
     N_SUB_M: tl.constexpr = BLOCK // BLOCK_M
@@ -122,7 +127,12 @@ def _attn_bwd_dkdv_kernel(
     bh = tl.program_id(1)
     b = (bh // Hkv).to(tl.int64)  # 64-bit bases: B*H*L*D exceeds 2**31 at 1M tokens
     hkv = (bh % Hkv).to(tl.int64)
-    n = pid // N_SUB_N
+    row = pid // N_SUB_N  # a key tile, or with SPLIT a chunk ("virtual row") of a key tile's query-tile list
+    irow = b * s_ib + hkv * s_ih + row
+    if SPLIT:
+        n = tl.load(VT + irow)
+    else:
+        n = row
     kb0 = kv_offset // BLOCK
     k_abs = (kb0 + n) * BLOCK + (pid % N_SUB_N) * BLOCK_N + tl.arange(0, BLOCK_N)
     k_t = k_abs - kv_offset
@@ -133,7 +143,6 @@ def _attn_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
 
-    irow = b * s_ib + hkv * s_ih + n
     f_cnt = tl.load(FC + irow)
     p_cnt = tl.load(PC + irow)
     per_tile = N_SUB_M * G
@@ -157,10 +166,19 @@ def _attn_bwd_dkdv_kernel(
         )
 
     dk = dk * scale
-    tl.store(DK + b * s_dkb + hkv * s_dkh + k_t[:, None] * s_dkt + d[None, :], dk.to(DK.dtype.element_ty),
-             mask=k_in[:, None])
-    tl.store(DV + b * s_dvb + hkv * s_dvh + k_t[:, None] * s_dvt + d[None, :], dv.to(DV.dtype.element_ty),
-             mask=k_in[:, None])
+    slot = -1
+    if SPLIT:
+        slot = tl.load(VS + irow)  # -1: the tile has one chunk, store directly; >= 0: fp32 partial; -2: padding
+    if slot >= 0:
+        r = (pid % N_SUB_N) * BLOCK_N + tl.arange(0, BLOCK_N)
+        base = b * s_sb + hkv * s_sh + slot * s_ss + r[:, None] * HEAD_DIM + d[None, :]
+        tl.store(SCR_K + base, dk)
+        tl.store(SCR_V + base, dv)
+    elif slot == -1:
+        tl.store(DK + b * s_dkb + hkv * s_dkh + k_t[:, None] * s_dkt + d[None, :], dk.to(DK.dtype.element_ty),
+                 mask=k_in[:, None])
+        tl.store(DV + b * s_dvb + hkv * s_dvh + k_t[:, None] * s_dvt + d[None, :], dv.to(DV.dtype.element_ty),
+                 mask=k_in[:, None])
 
 
 @triton.jit
@@ -296,6 +314,15 @@ def attention_backward(
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     n_k = t_full_count.shape[2]
+    split = split_key_lists(t_full_count, t_full_tiles, t_part_count, t_part_tiles, SPLIT_CHUNK)
+    if split is not None:
+        t_full_count, t_full_tiles, t_part_count, t_part_tiles = split.lists
+        n_k = t_full_count.shape[2]  # virtual rows
+        scr_k = torch.empty(batch, hkv, max(1, split.n_slots), block, dim, device=q.device, dtype=torch.float32)
+        scr_v = torch.empty_like(scr_k)
+        vt, vs = split.tile, split.slot
+    else:
+        scr_k = scr_v = vt = vs = t_full_count
     kv_block_n = min(cfg.kv_block_n, block)
     kv_block_m = min(cfg.kv_block_m, block)
     s_ib, s_ih = index_strides(t_full_count)
@@ -311,15 +338,19 @@ def attention_backward(
     _attn_bwd_dkdv_kernel[(n_k * (block // kv_block_n), batch * hkv)](
         q, k, v, do, lse, delta, dk, dv,
         t_full_count, t_full_tiles, t_part_count, t_part_tiles,
+        vt, vs, scr_k, scr_v, scr_k.stride(0), scr_k.stride(1), scr_k.stride(2),
         ks, qs, kr,
         *common_strides,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         s_ib, s_ih, t_full_tiles.shape[-1], t_part_tiles.shape[-1], ks_b, qs_b, kr_b,
         hkv, group, q_len, kv_len, q_offset, kv_offset, sink, window,
         qk_mul, cap2, scale,
-        BLOCK=block, BLOCK_N=kv_block_n, BLOCK_M=kv_block_m, HEAD_DIM=dim, **flags,
+        BLOCK=block, BLOCK_N=kv_block_n, BLOCK_M=kv_block_m, HEAD_DIM=dim, **flags, SPLIT=split is not None,
         num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
     )
+    if split is not None:
+        reduce_split(split, scr_k, dk, kv_offset, block)
+        reduce_split(split, scr_v, dv, kv_offset, block)
 
     dq = torch.empty_like(q)
     n_q = full_count.shape[2]
