@@ -2,8 +2,8 @@
 
 The defaults need no model hub: SmolLM2-135M (GGUF from PyPI, converted once) on the Shakespeare plays, short
 contexts, so ``hf-sparsek eval ppl`` finishes in a few minutes on a 2-core CPU. At 1K-2K tokens the shipped default
-pattern (tuned for 8K-32K) is still mostly dense (87% / 58% density), so the CPU demo adds two short-context patterns (sink 64 + window 256, and
-window 256 alone, in 64-token blocks) to show sparsity at work.
+pattern (tuned for 8K-32K) is still mostly dense (87% / 58% density), so the CPU demo adds two short-context
+patterns (sink 64 + window 256, and window 256 alone, in 64-token blocks) to show sparsity at work.
 """
 
 from __future__ import annotations
