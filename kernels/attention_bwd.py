@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .attention_fwd import _dot, _next_pow2, index_strides, score_constants, seg_args
 from .bwd_split import reduce_split, split_key_lists
-from .common import element_mask, tanh_f32
+from .common import element_mask, query_tile_rows, tanh_f32
 
 # Entries per dK/dV program before a key tile's list is split (None: automatic, see bwd_split). Tests set it low.
 SPLIT_CHUNK: int | None = None
@@ -196,27 +196,14 @@ def _attn_bwd_dq_kernel(
     HAS_KSEG: tl.constexpr, HAS_QSEG: tl.constexpr, HAS_KRANK: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = SUB_M * HPP
-    N_SUB_M: tl.constexpr = BLOCK // SUB_M
     N_SUB_N: tl.constexpr = BLOCK // BLOCK_N
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // Hkv).to(tl.int64)  # 64-bit bases: B*H*L*D exceeds 2**31 at 1M tokens
     hkv = (bh % Hkv).to(tl.int64)
-    n_hc = tl.cdiv(G, HPP)
-    per_tile = N_SUB_M * n_hc
-    m = n_q_tiles - 1 - pid // per_tile
-    rem = pid % per_tile
-    sub = rem // n_hc
-    h0 = (rem % n_hc) * HPP
-
-    qb0 = q_offset // BLOCK
+    q_abs, q_t, row_ok, hq, irow, f_cnt, p_cnt = query_tile_rows(
+        pid, b, hkv, FC, PC, s_ib, s_ih, G, q_len, q_offset, n_q_tiles, BLOCK, SUB_M, HPP)
     kb0 = kv_offset // BLOCK
-    r = tl.arange(0, BLOCK_M)
-    head = h0 + r // SUB_M
-    q_abs = (qb0 + m) * BLOCK + sub * SUB_M + r % SUB_M
-    q_t = q_abs - q_offset
-    row_ok = (q_t >= 0) & (q_t < q_len) & (head < G)
-    hq = hkv * G + head
     d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + b * s_qb + hq[:, None] * s_qh + q_t[:, None] * s_qt + d[None, :], mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + b * s_db + hq[:, None] * s_dh + q_t[:, None] * s_dt + d[None, :], mask=row_ok[:, None],
@@ -225,11 +212,6 @@ def _attn_bwd_dq_kernel(
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(DELTA + (b * Hkv * G + hq) * q_len + q_t, mask=row_ok, other=0.0)
 
-    first_t = (qb0 + m) * BLOCK + sub * SUB_M - q_offset
-    any_row = (first_t < q_len) & (first_t + SUB_M > 0)
-    irow = b * s_ib + hkv * s_ih + m
-    f_cnt = tl.where(any_row, tl.load(FC + irow), 0)
-    p_cnt = tl.where(any_row, tl.load(PC + irow), 0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     kk = tl.arange(0, BLOCK_N)
     k_base = K + b * s_kb + hkv * s_kh

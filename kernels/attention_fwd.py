@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, element_mask, tanh_f32
+from .common import LOG2E, element_mask, query_tile_rows, tanh_f32
 
 
 @dataclass(frozen=True)
@@ -69,35 +69,17 @@ def _attn_fwd_kernel(
     HAS_KSEG: tl.constexpr, HAS_QSEG: tl.constexpr, HAS_KRANK: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = SUB_M * HPP
-    N_SUB_M: tl.constexpr = BLOCK // SUB_M
     N_SUB_N: tl.constexpr = BLOCK // BLOCK_N
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // Hkv).to(tl.int64)  # 64-bit bases: B*H*L*D exceeds 2**31 at 1M tokens
     hkv = (bh % Hkv).to(tl.int64)
-    n_hc = tl.cdiv(G, HPP)
-    per_tile = N_SUB_M * n_hc
-    m = n_q_tiles - 1 - pid // per_tile  # later query tiles list more key tiles: launch them first
-    rem = pid % per_tile
-    sub = rem // n_hc
-    h0 = (rem % n_hc) * HPP
-
-    qb0 = q_offset // BLOCK
+    q_abs, q_t, row_ok, hq, irow, f_cnt, p_cnt = query_tile_rows(
+        pid, b, hkv, FC, PC, s_ib, s_ih, G, q_len, q_offset, n_q_tiles, BLOCK, SUB_M, HPP)
     kb0 = kv_offset // BLOCK
-    r = tl.arange(0, BLOCK_M)
-    head = h0 + r // SUB_M
-    q_abs = (qb0 + m) * BLOCK + sub * SUB_M + r % SUB_M
-    q_t = q_abs - q_offset
-    row_ok = (q_t >= 0) & (q_t < q_len) & (head < G)
-    hq = hkv * G + head
     d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + b * s_qb + hq[:, None] * s_qh + q_t[:, None] * s_qt + d[None, :], mask=row_ok[:, None], other=0.0)
 
-    first_t = (qb0 + m) * BLOCK + sub * SUB_M - q_offset
-    any_row = (first_t < q_len) & (first_t + SUB_M > 0)
-    irow = b * s_ib + hkv * s_ih + m
-    f_cnt = tl.where(any_row, tl.load(FC + irow), 0)
-    p_cnt = tl.where(any_row, tl.load(PC + irow), 0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)

@@ -44,3 +44,29 @@ def element_mask(
         rank = k_abs
     token = ((sink > 0) & (rank < sink)) | ((window > 0) & ((q_abs - k_abs) < window))
     return keep & (token | selected)
+
+
+@triton.jit
+def query_tile_rows(pid, b, hkv, FC, PC, s_ib, s_ih, G, q_len, q_offset, n_q_tiles,
+                    BLOCK: tl.constexpr, SUB_M: tl.constexpr, HPP: tl.constexpr):
+    """Program -> its rows: query tile ``m`` (last tiles first: they list the most key tiles), ``SUB_M`` rows of it
+    for ``HPP`` query heads of the KV group packed into the M dimension, and the tile's list counts (0 when the
+    program has no valid row). Shared by the forward and the dQ kernel."""
+    n_sub_m: tl.constexpr = BLOCK // SUB_M
+    n_hc = tl.cdiv(G, HPP)
+    per_tile = n_sub_m * n_hc
+    m = n_q_tiles - 1 - pid // per_tile
+    rem = pid % per_tile
+    sub = rem // n_hc
+    h0 = (rem % n_hc) * HPP
+    r = tl.arange(0, SUB_M * HPP)
+    head = h0 + r // SUB_M
+    q_abs = (q_offset // BLOCK + m) * BLOCK + sub * SUB_M + r % SUB_M
+    q_t = q_abs - q_offset
+    row_ok = (q_t >= 0) & (q_t < q_len) & (head < G)
+    first_t = (q_offset // BLOCK + m) * BLOCK + sub * SUB_M - q_offset
+    any_row = (first_t < q_len) & (first_t + SUB_M > 0)
+    irow = b * s_ib + hkv * s_ih + m
+    f_cnt = tl.where(any_row, tl.load(FC + irow), 0)
+    p_cnt = tl.where(any_row, tl.load(PC + irow), 0)
+    return q_abs, q_t, row_ok, hkv * G + head, irow, f_cnt, p_cnt
