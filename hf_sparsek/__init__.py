@@ -11,6 +11,9 @@
 
 from __future__ import annotations
 
+import sys as _sys
+
+from ._source_tree import map_source_subpackages
 from .block_index import BlockIndex, build_block_index
 from .describe import describe
 from .integration import ATTN_IMPLEMENTATION, SparseKMask, register
@@ -25,6 +28,7 @@ from .token_rules import mask_picture, selection_mask
 __version__ = "0.1.0"
 
 register()
+map_source_subpackages(_sys.modules[__name__])  # kernels/, eval/, scripts/ from a plain source checkout
 
 __all__ = [
     "ATTN_IMPLEMENTATION",

@@ -12,22 +12,8 @@ import os
 import torch
 
 from .block_index import BlockIndex, _transpose_lists
-
-try:
-    from hf_sparsek.kernels.attention_bwd import attention_backward
-    from hf_sparsek.kernels.attention_fwd import FWD_CONFIGS, attention_forward
-except ImportError:  # editable checkouts without the package-dir mapping: import kernels/ by path
-    import importlib.util
-    import sys
-
-    _root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
-    _spec = importlib.util.spec_from_file_location("hf_sparsek.kernels", os.path.join(_root, "__init__.py"),
-                                                   submodule_search_locations=[_root])
-    _mod = importlib.util.module_from_spec(_spec)
-    sys.modules["hf_sparsek.kernels"] = _mod
-    _spec.loader.exec_module(_mod)
-    from hf_sparsek.kernels.attention_bwd import attention_backward
-    from hf_sparsek.kernels.attention_fwd import FWD_CONFIGS, attention_forward
+from .kernels.attention_bwd import attention_backward
+from .kernels.attention_fwd import FWD_CONFIGS, attention_forward
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LN2 = 0.6931471805599453

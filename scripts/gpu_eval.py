@@ -43,26 +43,6 @@ def _assemble(model: str, stage: list[str], workdir: str) -> str:
     return target
 
 
-def _map_eval_package() -> None:
-    """With PYTHONPATH=<repo> (no install), make the eval/ folder importable as hf_sparsek.eval."""
-    import importlib.util
-
-    import hf_sparsek
-
-    try:
-        import hf_sparsek.eval  # noqa: F401
-        return
-    except ImportError:
-        pass
-    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "eval")
-    spec = importlib.util.spec_from_file_location("hf_sparsek.eval", os.path.join(root, "__init__.py"),
-                                                  submodule_search_locations=[root])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["hf_sparsek.eval"] = module
-    spec.loader.exec_module(module)
-    hf_sparsek.eval = module
-
-
 def _check_backend(model, specs, device: torch.device, bos: int | None) -> dict:
     """One short sparse forward per pattern with backend "auto"; if the kernel raises, switch to the reference
     backend for the whole run and record why (the reference gives the same numbers, slower)."""
@@ -102,7 +82,6 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     sys.path.insert(0, args.gguf_wheel)  # pure-Python wheel: importable as a zip
-    _map_eval_package()
 
     import transformers
     from hf_sparsek.eval import report

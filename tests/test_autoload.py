@@ -48,3 +48,26 @@ def test_without_hook_transformers_refuses_sparsek():
 
 def test_setup_ships_the_pth_file():
     assert "hf_sparsek_autoload.pth" in (ROOT / "setup.py").read_text()
+
+
+def test_source_checkout_maps_folders_to_subpackages(tmp_path, monkeypatch):
+    """Without an install, <repo>/kernels etc. import as <package>.kernels, like pyproject's package-dir."""
+    from hf_sparsek._source_tree import map_source_subpackages
+
+    (tmp_path / "srcpkg").mkdir()
+    (tmp_path / "srcpkg" / "__init__.py").write_text("")
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("MARKER = 7\n")
+    (tmp_path / "kernels" / "extra.py").write_text("VALUE = 11\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    package = importlib.import_module("srcpkg")
+    try:
+        map_source_subpackages(package)
+        assert importlib.import_module("srcpkg.kernels").MARKER == 7
+        assert importlib.import_module("srcpkg.kernels.extra").VALUE == 11
+        assert "srcpkg.eval" not in sys.modules  # no such folder: nothing registered
+    finally:
+        for name in [n for n in sys.modules if n == "srcpkg" or n.startswith("srcpkg.")]:
+            del sys.modules[name]
