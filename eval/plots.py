@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from hf_sparsek.block_index import build_block_index
+from hf_sparsek.describe import tile_grid
 from hf_sparsek.patterns import SparsePattern
 
 
@@ -66,7 +66,7 @@ def needle_heatmap(rows: list[dict[str, Any]], path: str, title: str = "") -> st
         for r in rows:
             if r["pattern"] == pattern:
                 grid[depths.index(r["depth"]), lengths.index(r["length"])] = r["accuracy"]
-        image = ax.imshow(grid.numpy(), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
+        image = ax.imshow(grid.float().numpy(), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
         ax.set_xticks(range(len(lengths)), [str(x) for x in lengths], fontsize=7)
         ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
         ax.set_xlabel("length")
@@ -85,17 +85,11 @@ def needle_heatmap(rows: list[dict[str, Any]], path: str, title: str = "") -> st
 def block_layout(pattern: SparsePattern, seq_len: int, path: str, title: str = "") -> str:
     """Picture of the tiles a pattern computes: full tiles, partial (masked inside) tiles, skipped tiles."""
     plt = _plt()
-    index = build_block_index(pattern, batch=1, kv_heads=1 + max(pattern.dense_heads, default=0), q_len=seq_len,
-                              kv_len=seq_len)
-    grid = torch.zeros(index.n_q_tiles, index.n_k_tiles)
-    for m in range(index.n_q_tiles):
-        grid[m, index.full_tiles[0, 0, m, : index.full_count[0, 0, m]].long()] = 2
-        raw = index.part_tiles[0, 0, m, : index.part_count[0, 0, m]].long()
-        grid[m, torch.where(raw < 0, -raw - 1, raw)] = 1
+    grid = tile_grid(pattern, seq_len)
     fig, ax = plt.subplots(figsize=(5, 5))
     from matplotlib.colors import ListedColormap
 
-    ax.imshow(grid.numpy(), cmap=ListedColormap(["white", "#f4a261", "#264653"]), vmin=0, vmax=2,
+    ax.imshow(grid.float().numpy(), cmap=ListedColormap(["white", "#f4a261", "#264653"]), vmin=0, vmax=2,
               interpolation="nearest")
     ax.set_xlabel(f"key block ({pattern.block_size} tokens)")
     ax.set_ylabel("query block")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from .block_index import attended_pairs, build_block_index, causal_pairs
 from .model_defaults import model_sparsity
 from .patterns import SparsePattern
@@ -69,18 +71,27 @@ def describe(model_or_config: Any, seq_len: int = 8192) -> str:
     return "\n".join(lines)
 
 
+def tile_grid(pattern: SparsePattern, seq_len: int, kv_head: int = 0) -> torch.Tensor:
+    """(query tiles, key tiles) int8 map of one KV head's block index: 2 full tile, 1 partial tile, 0 skipped.
+
+    Dynamic top-k blocks depend on the data and are not drawn (the static part is).
+    """
+    heads = max(kv_head, *pattern.dense_heads, 0) + 1
+    index = build_block_index(pattern.replace(topk_blocks=None), batch=1, kv_heads=heads, q_len=seq_len,
+                              kv_len=seq_len)
+    h = 0 if index.head_broadcast else kv_head
+    grid = torch.zeros(index.n_q_tiles, index.n_k_tiles, dtype=torch.int8)
+    for m in range(index.n_q_tiles):
+        grid[m, index.full_tiles[0, h, m, : index.full_count[0, h, m]].long()] = 2
+        raw = index.part_tiles[0, h, m, : index.part_count[0, h, m]].long()
+        grid[m, torch.where(raw < 0, -raw - 1, raw)] = 1
+    return grid
+
+
 def block_picture(pattern: SparsePattern, seq_len: int, kv_head: int = 0) -> str:
     """Text picture of a pattern's block layout: one character per (query tile, key tile).
 
     ``#`` full tile (no mask), ``+`` partial tile (token-exact mask inside), ``.`` skipped.
     """
-    heads = 1 + max(pattern.dense_heads, default=kv_head)
-    index = build_block_index(pattern, batch=1, kv_heads=max(heads, kv_head + 1), q_len=seq_len, kv_len=seq_len)
-    h = 0 if index.head_broadcast else kv_head
-    grid = [["." for _ in range(index.n_k_tiles)] for _ in range(index.n_q_tiles)]
-    for m in range(index.n_q_tiles):
-        for n in index.full_tiles[0, h, m, : index.full_count[0, h, m]].tolist():
-            grid[m][n] = "#"
-        for raw in index.part_tiles[0, h, m, : index.part_count[0, h, m]].tolist():
-            grid[m][-raw - 1 if raw < 0 else raw] = "+"
-    return "\n".join(" ".join(row) for row in grid)
+    chars = ".+#"
+    return "\n".join(" ".join(chars[int(x)] for x in row) for row in tile_grid(pattern, seq_len, kv_head).tolist())

@@ -117,3 +117,12 @@ def test_index_errors_are_clear():
         build_block_index(SparsePattern(dense_heads=(3,)), batch=1, kv_heads=2, q_len=4, kv_len=4)
     with pytest.raises(ValueError, match="every query needs"):
         build_block_index(SparsePattern(), batch=1, kv_heads=1, q_len=8, kv_len=4, q_offset=0)
+
+
+def test_block_picture_marks_full_partial_and_skipped_tiles():
+    from hf_sparsek.describe import block_picture
+
+    rows = block_picture(SparsePattern(block_size=64, sink_tokens=64, window=256), 512).splitlines()
+    assert rows[0] == "+ . . . . . . ."  # diagonal tile: causal mask inside
+    assert rows[5] == "# + # # # + . ."  # sink tile full; window edge partial; interior full
+    assert rows[7] == "# . . + # # # +"
