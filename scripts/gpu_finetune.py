@@ -61,17 +61,18 @@ def model_config(name: str, seq_len: int) -> Any:
 
 def measure(name: str, attn: str, seq_len: int, steps: int, warmup: int, device: str) -> dict[str, Any]:
     """Time full fine-tuning steps of a random-init model; returns tokens/s, peak memory and the backend."""
+    from hf_sparsek.eval.modeling import density_summary
     from hf_sparsek.scripts.finetune import check_kernel
     from transformers import AutoModelForCausalLM
-
-    from hf_sparsek.describe import pattern_density
 
     config = model_config(name, seq_len)
     row: dict[str, Any] = {"model": name, "attn": attn, "seq_len": seq_len, "batch": 1}
     if attn == "sparsek":
         sparsity = hf_sparsek.model_sparsity(config)
+        row["sparsity"] = sparsity.to_dict()  # the whole per-model choice, dense layers included
         row["pattern"] = sparsity.default.to_dict()
-        row["density_full_layers"] = pattern_density(sparsity.default, seq_len)
+        # Mean over the full-attention layers, dense ones counted as 1 (top-k: an upper bound).
+        row["density_full_layers"] = density_summary(config, sparsity, seq_len)["density"]
         row["backend"] = check_kernel(config, "bf16", device, allow_reference=True)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32).to(device)
