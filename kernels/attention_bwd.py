@@ -17,9 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_fwd import _dot, _next_pow2, index_strides, score_constants, seg_args
+from .attention_fwd import _dot, _dot_acc, _next_pow2, index_strides, score_constants, seg_args
 from .bwd_split import reduce_split, split_key_lists
-from .common import element_mask, query_tile_rows, tanh_f32
+from .common import element_mask, kv_descriptors, load_rows, query_tile_rows, tanh_f32
+from .tma import ensure_allocator, use_tma
 
 # Entries per dK/dV program before a key tile's list is split (None: automatic, see bwd_split). Tests set it low.
 SPLIT_CHUNK: int | None = None
@@ -97,12 +98,12 @@ def _dkdv_step(
         )
         s = tl.where(keep, s, float("-inf"))
     p = tl.exp2(s - lse[None, :])
-    dv += _dot(p.to(do.dtype), do, IEEE)
+    dv = _dot_acc(p.to(do.dtype), do, dv, IEEE)
     dp = _dot(v, tl.trans(do), IEEE)
     ds = p * (dp - delta[None, :])
     if SOFTCAP:
         ds = ds * (1.0 - th * th)
-    dk += _dot(ds.to(q.dtype), q, IEEE)
+    dk = _dot_acc(ds.to(q.dtype), q, dk, IEEE)
     return dk, dv
 
 
@@ -193,7 +194,7 @@ def _attn_bwd_dq_kernel(
     qk_mul, cap2, scale,
     BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr, HPP: tl.constexpr, HEAD_DIM: tl.constexpr,
     SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
-    HAS_KSEG: tl.constexpr, HAS_QSEG: tl.constexpr, HAS_KRANK: tl.constexpr,
+    HAS_KSEG: tl.constexpr, HAS_QSEG: tl.constexpr, HAS_KRANK: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = SUB_M * HPP
     N_SUB_N: tl.constexpr = BLOCK // BLOCK_N
@@ -216,12 +217,14 @@ def _attn_bwd_dq_kernel(
     kk = tl.arange(0, BLOCK_N)
     k_base = K + b * s_kb + hkv * s_kh
     v_base = V + b * s_vb + hkv * s_vh
+    k_desc, v_desc = kv_descriptors(k_base, v_base, kv_len, s_kt, s_vt, BLOCK_N, HEAD_DIM, USE_TMA)
 
     for it in range(0, f_cnt * N_SUB_N):
         n = tl.load(FT + irow * f_width + it // N_SUB_N)
-        k_t = (kb0 + n) * BLOCK + (it % N_SUB_N) * BLOCK_N + kk - kv_offset
-        k = tl.load(k_base + k_t[:, None] * s_kt + d[None, :])
-        v = tl.load(v_base + k_t[:, None] * s_vt + d[None, :])
+        t0 = (kb0 + n) * BLOCK + (it % N_SUB_N) * BLOCK_N - kv_offset
+        k_t = t0 + kk
+        k = load_rows(k_desc, k_base, t0, k_t, s_kt, d, k_t, False, USE_TMA)
+        v = load_rows(v_desc, v_base, t0, k_t, s_vt, d, k_t, False, USE_TMA)
         qk = _dot(q, tl.trans(k), IEEE)
         if SOFTCAP:
             th = tanh_f32(qk * qk_mul)
@@ -233,17 +236,18 @@ def _attn_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
             ds = ds * (1.0 - th * th)
-        dq += _dot(ds.to(k.dtype), k, IEEE)
+        dq = _dot_acc(ds.to(k.dtype), k, dq, IEEE)
 
     for it in range(0, p_cnt * N_SUB_N):
         raw = tl.load(PT + irow * p_width + it // N_SUB_N)
         selected = raw < 0
         n = tl.where(selected, -raw - 1, raw)
         k_abs = (kb0 + n) * BLOCK + (it % N_SUB_N) * BLOCK_N + kk
+        t0 = (kb0 + n) * BLOCK + (it % N_SUB_N) * BLOCK_N - kv_offset
         k_t = k_abs - kv_offset
         k_in = (k_t >= 0) & (k_t < kv_len)
-        k = tl.load(k_base + k_t[:, None] * s_kt + d[None, :], mask=k_in[:, None], other=0.0)
-        v = tl.load(v_base + k_t[:, None] * s_vt + d[None, :], mask=k_in[:, None], other=0.0)
+        k = load_rows(k_desc, k_base, t0, k_t, s_kt, d, k_in, True, USE_TMA)
+        v = load_rows(v_desc, v_base, t0, k_t, s_vt, d, k_in, True, USE_TMA)
         qk = _dot(q, tl.trans(k), IEEE)
         if SOFTCAP:
             th = tanh_f32(qk * qk_mul)
@@ -261,7 +265,7 @@ def _attn_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
             ds = ds * (1.0 - th * th)
-        dq += _dot(ds.to(k.dtype), k, IEEE)
+        dq = _dot_acc(ds.to(k.dtype), k, dq, IEEE)
 
     dq = dq * scale
     tl.store(DQ + b * s_dqb + hq[:, None] * s_dqh + q_t[:, None] * s_dqt + d[None, :], dq.to(DQ.dtype.element_ty),
@@ -342,6 +346,9 @@ def attention_backward(
     q_block_n = min(cfg.q_block_n, block)
     s_ib, s_ih = index_strides(full_count)
     n_hc = math.ceil(group / hpp)
+    tma = use_tma(k, v)
+    if tma:
+        ensure_allocator()
     _attn_bwd_dq_kernel[(n_q * (block // sub_m) * n_hc, batch * hkv)](
         q, k, v, do, lse, delta, dq,
         full_count, full_tiles, part_count, part_tiles,
@@ -351,7 +358,7 @@ def attention_backward(
         s_ib, s_ih, full_tiles.shape[-1], part_tiles.shape[-1], ks_b, qs_b, kr_b,
         hkv, group, q_len, kv_len, q_offset, kv_offset, n_q, sink, window,
         qk_mul, cap2, scale,
-        BLOCK=block, BLOCK_N=q_block_n, SUB_M=sub_m, HPP=hpp, HEAD_DIM=dim, **flags,
+        BLOCK=block, BLOCK_N=q_block_n, SUB_M=sub_m, HPP=hpp, HEAD_DIM=dim, **flags, USE_TMA=tma,
         num_warps=cfg.q_warps, num_stages=cfg.q_stages,
     )
     return dq, dk, dv

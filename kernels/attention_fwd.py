@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, element_mask, query_tile_rows, tanh_f32
+from .common import LOG2E, element_mask, kv_descriptors, load_rows, query_tile_rows, tanh_f32
+from .tma import ensure_allocator, use_tma
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,15 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _dot_acc(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b with the add inside the MMA (wgmma accumulates in place: no second fp32 tile in registers)."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
 def _scores(qk, qk_mul, cap2, SOFTCAP: tl.constexpr):
     """Raw q.k -> log2-domain scores (with tanh soft-capping when SOFTCAP)."""
     if SOFTCAP:
@@ -66,7 +76,7 @@ def _attn_fwd_kernel(
     qk_mul, cap2,
     BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr, HPP: tl.constexpr, HEAD_DIM: tl.constexpr,
     SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
-    HAS_KSEG: tl.constexpr, HAS_QSEG: tl.constexpr, HAS_KRANK: tl.constexpr,
+    HAS_KSEG: tl.constexpr, HAS_QSEG: tl.constexpr, HAS_KRANK: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = SUB_M * HPP
     N_SUB_N: tl.constexpr = BLOCK // BLOCK_N
@@ -87,19 +97,28 @@ def _attn_fwd_kernel(
     kk = tl.arange(0, BLOCK_N)
     k_base = K + b * s_kb + hkv * s_kh
     v_base = V + b * s_vb + hkv * s_vh
+    k_desc, v_desc = kv_descriptors(k_base, v_base, kv_len, s_kt, s_vt, BLOCK_N, HEAD_DIM, USE_TMA)
 
     # Full tiles: every pair attended, keys in range; no mask.
     for it in range(0, f_cnt * N_SUB_N):
         n = tl.load(FT + irow * f_width + it // N_SUB_N)
-        k_t = (kb0 + n) * BLOCK + (it % N_SUB_N) * BLOCK_N + kk - kv_offset
-        k = tl.load(k_base + k_t[:, None] * s_kt + d[None, :])
-        s = _scores(_dot(q, tl.trans(k), IEEE), qk_mul, cap2, SOFTCAP)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        t0 = (kb0 + n) * BLOCK + (it % N_SUB_N) * BLOCK_N - kv_offset
+        k_t = t0 + kk
+        k = load_rows(k_desc, k_base, t0, k_t, s_kt, d, k_t, False, USE_TMA)
+        qk = _dot(q, tl.trans(k), IEEE)
+        if SOFTCAP:
+            s = _scores(qk, qk_mul, cap2, SOFTCAP)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            s = s - m_new[:, None]
+        else:  # max before scaling (qk_mul > 0), then one fused multiply-add per score
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_mul)
+            s = qk * qk_mul - m_new[:, None]
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        p = tl.exp2(s)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + k_t[:, None] * s_vt + d[None, :])
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        acc = acc * alpha[:, None]
+        v = load_rows(v_desc, v_base, t0, k_t, s_vt, d, k_t, False, USE_TMA)
+        acc = _dot_acc(p.to(v.dtype), v, acc, IEEE)
         m_i = m_new
 
     # Partial tiles: token-exact element mask; rows may see nothing yet (guard -inf - -inf).
@@ -108,9 +127,10 @@ def _attn_fwd_kernel(
         selected = raw < 0
         n = tl.where(selected, -raw - 1, raw)
         k_abs = (kb0 + n) * BLOCK + (it % N_SUB_N) * BLOCK_N + kk
+        t0 = (kb0 + n) * BLOCK + (it % N_SUB_N) * BLOCK_N - kv_offset
         k_t = k_abs - kv_offset
         k_in = (k_t >= 0) & (k_t < kv_len)
-        k = tl.load(k_base + k_t[:, None] * s_kt + d[None, :], mask=k_in[:, None], other=0.0)
+        k = load_rows(k_desc, k_base, t0, k_t, s_kt, d, k_in, True, USE_TMA)
         s = _scores(_dot(q, tl.trans(k), IEEE), qk_mul, cap2, SOFTCAP)
         keep = element_mask(
             q_abs[:, None], k_abs[None, :], q_t[:, None], k_t[None, :], b, selected,
@@ -123,8 +143,9 @@ def _attn_fwd_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + k_t[:, None] * s_vt + d[None, :], mask=k_in[:, None], other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        acc = acc * alpha[:, None]
+        v = load_rows(v_desc, v_base, t0, k_t, s_vt, d, k_in, True, USE_TMA)
+        acc = _dot_acc(p.to(v.dtype), v, acc, IEEE)
         m_i = m_new
 
     empty = l_i == 0.0
@@ -197,6 +218,9 @@ def attention_forward(
     s_ib, s_ih = index_strides(full_count)
     n_hc = math.ceil(group / hpp)
     grid = (n_q * (block // sub_m) * n_hc, batch * hkv)
+    tma = use_tma(k, v)
+    if tma:
+        ensure_allocator()
     _attn_fwd_kernel[grid](
         q, k, v, out, lse,
         full_count, full_tiles, part_count, part_tiles,
@@ -209,7 +233,7 @@ def attention_forward(
         qk_mul, cap2,
         BLOCK=block, BLOCK_N=block_n, SUB_M=sub_m, HPP=hpp, HEAD_DIM=dim,
         SOFTCAP=bool(softcap), IEEE=q.dtype == torch.float32,
-        HAS_KSEG=k_seg is not None, HAS_QSEG=q_seg is not None, HAS_KRANK=k_rank is not None,
+        HAS_KSEG=k_seg is not None, HAS_QSEG=q_seg is not None, HAS_KRANK=k_rank is not None, USE_TMA=tma,
         num_warps=warps, num_stages=stages,
     )
     return out, lse

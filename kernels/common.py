@@ -70,3 +70,29 @@ def query_tile_rows(pid, b, hkv, FC, PC, s_ib, s_ih, G, q_len, q_offset, n_q_til
     f_cnt = tl.where(any_row, tl.load(FC + irow), 0)
     p_cnt = tl.where(any_row, tl.load(PC + irow), 0)
     return q_abs, q_t, row_ok, hkv * G + head, irow, f_cnt, p_cnt
+
+
+@triton.jit
+def kv_descriptors(k_base, v_base, kv_len, s_kt, s_vt, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   USE_TMA: tl.constexpr):
+    """2-D TMA descriptors over one head's K and V rows (``[kv_len, HEAD_DIM]``), or the base pointers."""
+    if USE_TMA:
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[kv_len, HEAD_DIM], strides=[s_kt, 1],
+                                           block_shape=[ROWS, HEAD_DIM])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[kv_len, HEAD_DIM], strides=[s_vt, 1],
+                                           block_shape=[ROWS, HEAD_DIM])
+        return k_desc, v_desc
+    else:
+        return k_base, v_base
+
+
+@triton.jit
+def load_rows(desc, base, t0, t, s_t, d, ok, MASKED: tl.constexpr, USE_TMA: tl.constexpr):
+    """Rows ``t = t0 + arange`` of one head: a TMA box load (out-of-range rows read 0) or a pointer load, masked
+    by ``ok`` when MASKED (full tiles need no mask)."""
+    if USE_TMA:
+        return desc.load([t0, 0])
+    elif MASKED:
+        return tl.load(base + t[:, None] * s_t + d[None, :], mask=ok[:, None], other=0.0)
+    else:
+        return tl.load(base + t[:, None] * s_t + d[None, :])

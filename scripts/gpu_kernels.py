@@ -30,6 +30,9 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--only", default="", help="comma-separated benchmark groups: main,orig,dims,long")
     ap.add_argument("--tune", action="store_true", help="time candidate kernel configs first and keep the fastest")
     ap.add_argument("--sizes", default="", help="comma-separated sequence lengths for the main group")
+    ap.add_argument("--tune-dims", default="128,64,256", help="head dims --tune covers")
+    ap.add_argument("--tma-ab", action="store_true",
+                    help="also check and time the kernels with TMA loads off (method sparsek-ptr) beside the default")
     return ap.parse_args()
 
 
@@ -38,19 +41,15 @@ if ARGS.cpu_smoke:
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
+from hf_sparsek.kernels import tma  # noqa: E402
+from hf_sparsek.kernels.attention_bwd import BWD_CONFIGS, BwdConfig  # noqa: E402
+from hf_sparsek.kernels.attention_fwd import FWD_CONFIGS, FwdConfig  # noqa: E402
 
 from hf_sparsek import BlockLayout, SparsePattern  # noqa: E402
 from hf_sparsek.block_index import BlockIndex, attended_pairs, causal_pairs, random_layout_keep  # noqa: E402
 from hf_sparsek.ops import build_index_for  # noqa: E402
 from hf_sparsek.reference import reference_attention  # noqa: E402
 from hf_sparsek.triton_ops import triton_block_sparse_attention  # noqa: E402
-
-try:
-    from hf_sparsek.kernels.attention_bwd import BWD_CONFIGS, BwdConfig
-    from hf_sparsek.kernels.attention_fwd import FWD_CONFIGS, FwdConfig
-except ImportError:  # PYTHONPATH checkouts: triton_ops registered the package by path
-    from hf_sparsek.kernels.attention_bwd import BWD_CONFIGS, BwdConfig  # noqa: F401
-    from hf_sparsek.kernels.attention_fwd import FWD_CONFIGS, FwdConfig  # noqa: F401
 
 DEVICE = "cpu" if ARGS.cpu_smoke else "cuda"
 START = time.time()
@@ -91,11 +90,19 @@ def _pairs(index: BlockIndex, batch: int, hq: int, hkv: int) -> int:
 
 # ---------------------------------------------------------------- (a) correctness ---------------------------------
 
-def check_case(name, batch, hq, hkv, q_len, kv_len, dim, pattern, dtype, softcap=None, pad=0) -> bool:
-    gen = torch.Generator(device=DEVICE).manual_seed(hash(name) % (1 << 31))
-    q = _rand((batch, hq, q_len, dim), dtype, gen).requires_grad_()
-    k = _rand((batch, hkv, kv_len, dim), dtype, gen).requires_grad_()
-    v = _rand((batch, hkv, kv_len, dim), dtype, gen).requires_grad_()
+def _rand_heads(batch, heads, length, dim, dtype, gen, seq_major: bool) -> torch.Tensor:
+    """(B, H, S, D); ``seq_major``: transformers' layout, a transposed view of a (B, S, H, D) tensor."""
+    if seq_major:
+        return _rand((batch, length, heads, dim), dtype, gen).transpose(1, 2)
+    return _rand((batch, heads, length, dim), dtype, gen)
+
+
+def check_case(name, batch, hq, hkv, q_len, kv_len, dim, pattern, dtype, softcap=None, pad=0,
+               seq_major=False) -> bool:
+    gen = torch.Generator(device=DEVICE).manual_seed(sum(map(ord, name)))
+    q = _rand_heads(batch, hq, q_len, dim, dtype, gen, seq_major).requires_grad_()
+    k = _rand_heads(batch, hkv, kv_len, dim, dtype, gen, seq_major).requires_grad_()
+    v = _rand_heads(batch, hkv, kv_len, dim, dtype, gen, seq_major).requires_grad_()
     mask = None
     if pad:
         mask = torch.ones(batch, kv_len, dtype=torch.bool, device=DEVICE)
@@ -108,7 +115,7 @@ def check_case(name, batch, hq, hkv, q_len, kv_len, dim, pattern, dtype, softcap
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
     ref = reference_attention(q32, k32, v32, index, scale=scale, softcap=softcap)
     ref_grads = torch.autograd.grad(ref, (q32, k32, v32), d_out.float())
-    row = {"case": name, "dtype": str(dtype).replace("torch.", "")}
+    row = {"case": name, "dtype": str(dtype).replace("torch.", ""), "tma": tma.use_tma(k, v)}
     ok = True
     tol = 1e-2 if dtype != torch.float32 else 1e-4
     for key, got, want in zip(("out", "dq", "dk", "dv"), (out,) + grads, (ref,) + ref_grads, strict=True):
@@ -142,15 +149,26 @@ def run_checks() -> bool:
         ("decode-D128", 2, 8, 2, 1, s + 5, 128, sw, dt, None, 0),
         ("chunked-D128", 1, 8, 2, 300 if not ARGS.cpu_smoke else 40, s, 128, sw, dt, None, 0),
         ("fp16-D128", 1, 8, 2, s, s, 128, sw, torch.float16, None, 0),
+        ("bshd-view-D128-GQA4", 2, 8, 2, s + 9, s + 9, 128, sw, dt, None, 0, True),
+        ("bshd-view-chunked-D64", 1, 8, 2, 200 if not ARGS.cpu_smoke else 33, s, 64, sw, dt, None, 0, True),
     ]
+    # default loads (TMA where the kernels pick it), then with --tma-ab the pointer loads, and TMA forced at D=256
+    modes = [("", None)] + ([("ptr-", False), ("tma-forced-", True)] if ARGS.tma_ab else [])
     all_ok = True
-    for case in cases:
-        try:
-            all_ok &= check_case(*case)
-        except Exception as exc:  # record and go on
-            all_ok = False
-            RESULTS["errors"].append({"case": case[0], "error": repr(exc), "trace": traceback.format_exc()[-2000:]})
-            print(f"check {case[0]} ERROR {exc!r}")
+    for prefix, setting in modes:
+        for case in cases:
+            if prefix == "tma-forced-" and case[6] != 256:
+                continue
+            name = prefix + case[0]
+            tma.USE_TMA = setting
+            try:
+                all_ok &= check_case(name, *case[1:])
+            except Exception as exc:  # record and go on
+                all_ok = False
+                RESULTS["errors"].append({"case": name, "error": repr(exc), "trace": traceback.format_exc()[-2000:]})
+                print(f"check {name} ERROR {exc!r}")
+            finally:
+                tma.USE_TMA = None
     return all_ok
 
 
@@ -314,7 +332,13 @@ def _bench_case(group, batch, hq, hkv, seq, dim, dtype, patterns, methods=("spar
         ex = {**extra, "pattern": pname, "density": pairs / dense_pairs, "index_build_s": build_s}
         if "sparsek" in methods:
             fn = lambda: triton_block_sparse_attention(q, k, v, index, scale)  # noqa: B023
-            bench_method(group, case, "sparsek", fn, fwdbwd(fn), pairs, dim, ex)
+            bench_method(group, case, "sparsek", fn, fwdbwd(fn), pairs, dim, {**ex, "tma": tma.use_tma(k, v)})
+            if ARGS.tma_ab and tma.use_tma(k, v):
+                tma.USE_TMA = False
+                try:
+                    bench_method(group, case, "sparsek-ptr", fn, fwdbwd(fn), pairs, dim, {**ex, "tma": False})
+                finally:
+                    tma.USE_TMA = None
         if "flex" in methods and DEVICE == "cuda" and _left() > 0:
             try:
                 mod = flex_mask_mod(pattern, seq, hkv, group_size)
@@ -377,7 +401,7 @@ def run_bench() -> None:
 FWD_CANDIDATES = {
     64: [FwdConfig(128, 64, 4, 3), FwdConfig(128, 128, 8, 3), FwdConfig(128, 64, 8, 3), FwdConfig(128, 128, 4, 3)],
     128: [FwdConfig(128, 64, 8, 3), FwdConfig(128, 128, 8, 3), FwdConfig(128, 64, 4, 3), FwdConfig(128, 128, 8, 2),
-          FwdConfig(64, 64, 4, 3)],
+          FwdConfig(128, 128, 8, 4), FwdConfig(128, 64, 8, 4), FwdConfig(64, 64, 4, 3)],
     256: [FwdConfig(64, 64, 8, 2), FwdConfig(128, 64, 8, 2), FwdConfig(64, 32, 4, 2), FwdConfig(128, 32, 8, 2)],
 }
 BWD_CANDIDATES = {
@@ -394,7 +418,10 @@ BWD_CANDIDATES = {
 def tune() -> None:
     """Time each candidate config on sink128+window4096 (64K for D=128, 16K otherwise); keep the fastest."""
     RESULTS["tune"] = []
+    dims = {int(d) for d in ARGS.tune_dims.split(",") if d}
     for dim, seq in ((128, 65536), (64, 16384), (256, 16384)):
+        if dim not in dims:
+            continue
         _tune_dim(dim, seq)
         torch.cuda.empty_cache()
     RESULTS["tuned_fwd"] = {d: repr(c) for d, c in FWD_CONFIGS.items()}

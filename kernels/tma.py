@@ -1,0 +1,68 @@
+"""When the kernels load K/V tiles through TMA (Hopper's bulk tensor copy engine) and what that needs.
+
+The kernels build one 2-D tensor descriptor per (batch, KV head) program on the device
+(``tl.make_tensor_descriptor`` over rows of one head: shape ``[len, head_dim]``, strides ``[token stride, 1]``),
+so any strided (B, H, S, D) layout works, including transformers' transposed (B, S, H, D) views, and rows
+outside the sequence read as zeros (the same values the pointer path's masks give). Results are identical
+either way; only speed differs. Device-side descriptors need a scratch allocator for the descriptor bytes:
+:func:`ensure_allocator` installs a torch one when none is set.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+# None: automatic (CUDA, compute capability >= 9, fp16/bf16, head dim 64 or 128, aligned strides);
+# True / False: force (True still needs the alignment TMA requires; the interpreter runs it too, for tests).
+USE_TMA: bool | None = None
+AUTO_HEAD_DIMS = (64, 128)
+_ALIGN = 16  # bytes: TMA base address and every stride but the last
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def aligned(*tensors: torch.Tensor) -> bool:
+    """Base addresses and non-unit strides are multiples of 16 bytes and the last dim is contiguous."""
+    for t in tensors:
+        size = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % _ALIGN:
+            return False
+        if any((s * size) % _ALIGN for s in t.stride()[:-1]):
+            return False
+    return True
+
+
+def use_tma(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels should load these (B, H, S, D) tensors through TMA descriptors."""
+    first = tensors[0]
+    if USE_TMA is False or not aligned(*tensors):
+        return False
+    if USE_TMA is True:
+        return first.is_cuda or _interpreting()
+    if not first.is_cuda or _interpreting() or first.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if first.shape[-1] not in AUTO_HEAD_DIMS:
+        return False
+    return torch.cuda.get_device_capability(first.device)[0] >= 9
+
+
+def _torch_alloc(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    device = "cuda" if torch.cuda.is_available() and not _interpreting() else "cpu"
+    return torch.empty(size, dtype=torch.int8, device=device)
+
+
+def ensure_allocator() -> None:
+    """Install a torch-backed allocator for device-side descriptors unless the program has set one."""
+    try:
+        from triton.runtime import _allocation
+
+        if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            return
+    except (ImportError, AttributeError):  # other Triton layouts: set ours
+        pass
+    triton.set_allocator(_torch_alloc)
