@@ -10,12 +10,19 @@ positions cover it, which the ``finetune`` command checks).
 ``multi``: the same ``finetune`` command on 1 GPU (batch 2) and through ``accelerate launch`` on 2 GPUs (batch 1
 each, same global batch) with DDP and FSDP configs; writes both loss curves and their largest difference.
 
+``tokenize``: the Shakespeare plays as token files for ``finetune`` (training plays / held-out plays).
+
+``adapt``: does fine-tuning under a pattern adapt the model to it beyond domain fit? Per pattern, a LoRA fine-tune
+under the pattern and the same fine-tune with dense attention, both evaluated before and after with both
+attentions on held-out plays (``summarize``: the same table from two existing ``finetune`` outputs).
+
 Writes JSON and a markdown table to ``--out`` (default: scripts/results).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import re
@@ -250,9 +257,14 @@ def multi_table(result: dict[str, Any]) -> str:
 
 def summarize(sparse_dir: str, dense_dir: str) -> tuple[dict[str, Any], str]:
     """Before/after held-out perplexity of a sparse-trained and a dense-trained run (each evaluated both ways)."""
+    metrics = [json.loads((Path(folder) / "metrics.json").read_text()) for folder in (sparse_dir, dense_dir)]
+    return summarize_metrics(*metrics)
+
+
+def summarize_metrics(sparse: dict[str, Any], dense: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """:func:`summarize` on two ``finetune`` metrics dicts: per run, ``ppl[attn] = (before, after)`` and a table."""
     runs = {}
-    for tag, folder in (("trained sparse", sparse_dir), ("trained dense (sdpa)", dense_dir)):
-        m = json.loads((Path(folder) / "metrics.json").read_text())
+    for tag, m in (("trained sparse", sparse), ("trained dense (sdpa)", dense)):
         other = "sdpa" if m["attn"] == "sparsek" else "sparsek"
         ppl = {m["attn"]: (m["eval_before"]["ppl"], m["eval_after"]["ppl"])}
         if f"eval_before_{other}" in m:
@@ -265,6 +277,192 @@ def summarize(sparse_dir: str, dense_dir: str) -> tuple[dict[str, Any], str]:
         for attn, (before, after) in r["ppl"].items():
             lines.append(f"| {tag} | {attn} | {before:.3f} | {after:.3f} | {ratio:.4f} |")
     return runs, "\n".join(lines)
+
+
+def adaptation_verdict(runs: dict[str, Any]) -> dict[str, Any]:
+    """Does training under the pattern beat the dense-trained model evaluated under the same pattern?
+
+    ``runs``: :func:`summarize_metrics`' first result. Compares the sparse perplexity after training of the
+    sparse-trained run with that of the dense-trained run (same data, steps, seed; so domain fit is in both), and
+    reports what the sparse training costs the dense perplexity of the same weights.
+    """
+    sparse, dense = runs["trained sparse"]["ppl"], runs["trained dense (sdpa)"]["ppl"]
+    out: dict[str, Any] = {
+        "sparse_ppl_before": sparse["sparsek"][0],
+        "dense_ppl_before": sparse.get("sdpa", dense["sdpa"])[0],
+        "sparse_ppl_after_sparse_trained": sparse["sparsek"][1],
+        "sparse_ppl_after_dense_trained": dense["sparsek"][1] if "sparsek" in dense else None,
+        "dense_ppl_after_dense_trained": dense["sdpa"][1],
+        "dense_ppl_after_sparse_trained": sparse["sdpa"][1] if "sdpa" in sparse else None,
+    }
+    if out["sparse_ppl_after_dense_trained"] is None:
+        out["sparse_trained_wins"] = None
+        out["line"] = "the dense-trained run was not evaluated under the pattern: no comparison"
+        return out
+    ratio = out["sparse_ppl_after_sparse_trained"] / out["sparse_ppl_after_dense_trained"]
+    out["sparse_ppl_ratio_sparse_vs_dense_trained"] = ratio
+    out["sparse_trained_wins"] = ratio < 1.0
+    gap_before = out["sparse_ppl_before"] / out["dense_ppl_before"] - 1
+    gap_dense_trained = out["sparse_ppl_after_dense_trained"] / out["dense_ppl_after_dense_trained"] - 1
+    gap_sparse_trained = out["sparse_ppl_after_sparse_trained"] / out["dense_ppl_after_dense_trained"] - 1
+    out.update(gap_before=gap_before, gap_after_dense_trained=gap_dense_trained,
+               gap_after_sparse_trained=gap_sparse_trained)
+    verb = "lower" if ratio < 1 else "not lower"
+    out["line"] = (
+        f"training under the pattern gives sparse ppl {out['sparse_ppl_after_sparse_trained']:.3f}, {verb} than "
+        f"the dense-trained model under the same pattern ({out['sparse_ppl_after_dense_trained']:.3f}; "
+        f"{100 * (ratio - 1):+.2f}%). Gap to the dense-trained model's dense ppl "
+        f"({out['dense_ppl_after_dense_trained']:.3f}): {100 * gap_before:+.1f}% before training, "
+        f"{100 * gap_dense_trained:+.1f}% for the dense-trained model under the pattern, "
+        f"{100 * gap_sparse_trained:+.1f}% for the sparse-trained model"
+    )
+    return out
+
+
+def split_plays(titles: list[str], heldout: list[str]) -> tuple[list[str], list[str]]:
+    """(training titles, held-out titles) in the corpus order; ValueError for a held-out name not in it."""
+    missing = sorted(set(heldout) - set(titles))
+    if missing:
+        raise ValueError(f"held-out plays {missing} are not in the corpus; plays: {sorted(titles)}")
+    return [t for t in titles if t not in heldout], [t for t in titles if t in heldout]
+
+
+def tokenize_plays(args: argparse.Namespace) -> dict[str, Any]:
+    """Token files for ``finetune --train-data/--eval-data``: the Shakespeare plays split into training plays and
+    held-out plays, each play one document, tokenized whole with the model's tokenizer (no special tokens)."""
+    from hf_sparsek.eval.offline import shakespeare_plays
+    from hf_sparsek.scripts.finetune import resolve_model_path
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(args.model))
+    plays = shakespeare_plays()
+    train, held = split_plays(list(plays), args.heldout)
+    folder = Path(args.out)
+    info: dict[str, Any] = {"model": args.model, "tokenizer": type(tok).__name__}
+    for name, titles in (("train", train), ("eval", held)):
+        docs = [tok(plays[t], add_special_tokens=False)["input_ids"] for t in titles]
+        torch.save(docs, folder / f"{name}.pt")
+        info[name] = {"plays": titles, "tokens": [len(d) for d in docs], "total_tokens": sum(map(len, docs))}
+    (folder / "plays.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+def _pattern_spec(spec: str) -> str | None:
+    """A --patterns value's pattern: None for "default" (the model type's shipped default, dense layers included)."""
+    return None if spec == "default" else spec
+
+
+def adapt(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
+    """Adaptation to the pattern: for each pattern, a LoRA fine-tune under the pattern and the same fine-tune with
+    dense attention evaluated under the pattern (same data, seed, row order and steps), each evaluated before and
+    after with both attentions on held-out documents. Each run is one ``finetune`` process; ``save(result)`` is
+    called after each (partial results survive a killed command)."""
+    from hf_sparsek.eval.modeling import density_summary
+    from hf_sparsek.scripts.finetune import load_token_documents, resolve_model_path
+    from hf_sparsek.scripts.packing import pack_documents
+    from transformers import AutoConfig
+
+    start = time.time()
+    model = resolve_model_path(args.model)  # an offline name: the GGUF is converted once, here
+    rows = len(pack_documents(load_token_documents(args.train_data), args.seq_len))
+    steps = args.max_steps or rows
+    result: dict[str, Any] = {
+        "model": args.model, "seq_len": args.seq_len, "train_rows": rows, "max_steps": steps,
+        "epochs": steps / rows, "lr": args.lr, "warmup_steps": args.warmup_steps, "lora_r": args.lora_r,
+        "lora_alpha": args.lora_alpha, "lora_targets": args.lora_targets, "dtype": args.dtype, "seed": 0,
+        "train_data": args.train_data, "eval_data": args.eval_data, "patterns": {}, "runs": {},
+        "convert_seconds": time.time() - start,
+    }
+    common = ["--model", model, "--train-data", args.train_data, "--eval-data", args.eval_data,
+              "--seq-len", str(args.seq_len), "--max-steps", str(steps), "--batch-size", "1", "--lr", str(args.lr),
+              "--warmup-steps", str(args.warmup_steps), "--lora-r", str(args.lora_r),
+              "--lora-alpha", str(args.lora_alpha), "--lora-targets", args.lora_targets, "--dtype", args.dtype,
+              "--save-steps", "0", "--no-merge", "--logging-steps", str(args.logging_steps), "--seed", "0"]
+    if args.eval_max_windows:
+        common += ["--eval-max-windows", str(args.eval_max_windows)]
+    if args.cpu:
+        common += ["--cpu", "--no-gradient-checkpointing"]
+    config = AutoConfig.from_pretrained(model)
+    deadline = start + args.budget_s
+    durations: dict[str, float] = {}
+    for item in args.patterns:
+        name, spec = item.split("=", 1)
+        pattern = _pattern_spec(spec)
+        # The choice the finetune command will make: set_pattern parses presets/JSON like --pattern does.
+        sparsity = (hf_sparsek.set_pattern(copy.deepcopy(config), pattern) if pattern else
+                    hf_sparsek.default_sparsity(config.model_type))
+        result["patterns"][name] = {"spec": spec, "sparsity": sparsity.to_dict(),
+                                    "describe": sparsity.default.describe(),
+                                    **density_summary(config, sparsity, args.seq_len)}
+        pat = ["--pattern", pattern] if pattern else []
+        plan = {"sparse": ["--attn", "sparsek", *pat, "--eval-also-attn", "sdpa"],
+                "dense": ["--attn", "sdpa", "--eval-also-attn", "sparsek"] + (["--eval-pattern", pattern] if pattern
+                                                                             else [])}
+        for kind, extra in plan.items():
+            tag = f"{kind}_{name}"
+            # A pattern's sparse run starts only if its dense run is expected to fit too (a pair or nothing).
+            expected = durations.get(kind, 0.0) + (durations.get("dense", 0.0) if kind == "sparse" else 0.0)
+            why = None
+            if kind == "dense" and "metrics" not in result["runs"].get(f"sparse_{name}", {}):
+                why = "its sparse run did not finish"
+            elif time.time() + expected > deadline:
+                why = f"time budget ({args.budget_s:.0f} s)"
+            if why:
+                result["runs"][tag] = {"skipped": why}
+                print(f"== {tag}: skipped ({why})", flush=True)
+                continue
+            out = Path(args.work) / tag
+            cmd = [sys.executable, "-m", "hf_sparsek.scripts.finetune", *common, *extra, "--output-dir", str(out)]
+            print(f"== {tag}: {' '.join(cmd[1:])}", flush=True)
+            t0 = time.time()
+            proc = subprocess.run(cmd, stdout=sys.stdout, stderr=subprocess.STDOUT)
+            durations[kind] = max(durations.get(kind, 0.0), time.time() - t0)
+            entry: dict[str, Any] = {"returncode": proc.returncode, "wall_seconds": time.time() - t0,
+                                     "command": cmd[1:]}
+            if proc.returncode == 0:
+                entry["metrics"] = json.loads((out / "metrics.json").read_text())
+            result["runs"][tag] = entry
+            print(f"== {tag}: rc {proc.returncode}, {entry['wall_seconds']:.0f} s", flush=True)
+            if save is not None:
+                save(result)
+    result["summary"] = {}
+    for name in result["patterns"]:
+        sparse, dense = result["runs"].get(f"sparse_{name}", {}), result["runs"].get(f"dense_{name}", {})
+        if "metrics" in sparse and "metrics" in dense:
+            runs, table = summarize_metrics(sparse["metrics"], dense["metrics"])
+            result["summary"][name] = {"table": table, "verdict": adaptation_verdict(runs)}
+    result["wall_seconds"] = time.time() - start
+    return result
+
+
+def adapt_markdown(result: dict[str, Any]) -> str:
+    """The ``adapt`` result as markdown: settings, then per pattern the before/after table and the verdict line."""
+    env = result.get("env", {})
+    lines = [
+        f"Model {result['model']}, LoRA r={result['lora_r']} alpha={result['lora_alpha']} on "
+        f"{result['lora_targets']}, {result['dtype']}, seq len {result['seq_len']}, batch 1, {result['max_steps']} "
+        f"steps ({result['epochs']:.2f} epochs of {result['train_rows']} packed rows), lr {result['lr']} "
+        f"(cosine, {result['warmup_steps']} warmup), seed 0, same row order in every run. Device: "
+        f"{env.get('device', '?')}, torch {env.get('torch', '?')}, transformers {env.get('transformers', '?')}.",
+        "",
+    ]
+    for name, pattern in result["patterns"].items():
+        lines.append(f"### Pattern {name}: {pattern['describe']}, dense layers {pattern['sparsity']['dense_layers']} "
+                     f"(density over layers at {result['seq_len']}: {pattern['density']:.3f})")
+        lines.append("")
+        summary = result["summary"].get(name)
+        if summary is None:
+            states = {t: r.get("skipped") or f"rc {r.get('returncode')}" for t, r in result["runs"].items()
+                      if t.endswith(f"_{name}")}
+            lines += [f"incomplete: {states}", ""]
+            continue
+        lines += [summary["table"], "", summary["verdict"]["line"], ""]
+        for kind in ("sparse", "dense"):
+            m = result["runs"][f"{kind}_{name}"]["metrics"]
+            lines.append(f"- {kind}-trained: {m['train_tokens_per_second']:.0f} tokens/s, {m['train_seconds']:.0f} s "
+                         f"training, train loss {m['train_loss']:.4f}, backend {m.get('backend') or 'torch sdpa'}")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def packcheck(seq_len: int, restart: int) -> dict[str, Any]:
@@ -313,20 +511,36 @@ def packcheck(seq_len: int, restart: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("mode", choices=("throughput", "multi", "summarize", "packcheck"))
+    p.add_argument("mode", choices=("throughput", "multi", "summarize", "packcheck", "tokenize", "adapt"))
     p.add_argument("--runs-dirs", nargs=2, metavar=("SPARSE_DIR", "DENSE_DIR"), help="summarize: two finetune outputs")
     p.add_argument("--name", default="finetune_shakespeare", help="summarize: result file stem")
     p.add_argument("--models", nargs="+", default=["smollm2-135m"], choices=sorted(MODELS))
     p.add_argument("--seq-lens", nargs="+", type=int, default=[16384, 32768])
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--budget-s", type=float, default=240, help="stop starting new measurements after this")
+    p.add_argument("--budget-s", type=float, default=240,
+                   help="throughput/adapt: start no new measurement or run that would end after this")
     p.add_argument("--seq-len", type=int, default=8192, help="multi: training length")
-    p.add_argument("--max-steps", type=int, default=30, help="multi: optimizer steps")
+    p.add_argument("--max-steps", type=int, default=30, help="multi/adapt: optimizer steps (adapt, 0: one epoch)")
     p.add_argument("--train-data", default="synthetic", help="multi: token file or 'synthetic'")
     p.add_argument("--pattern", default='{"block_size": 128, "sink_tokens": 128, "window": 1024}')
     p.add_argument("--runs", nargs="+", default=["1gpu", "ddp", "fsdp"])
     p.add_argument("--work", default="/tmp/hf_sparsek_multi")
+    p.add_argument("--model", default="smollm2-135m", help="tokenize/adapt: model dir or offline name")
+    p.add_argument("--heldout", nargs="+", default=["hamlet", "macbeth", "othello", "tempest"],
+                   help="tokenize: plays held out for evaluation")
+    p.add_argument("--eval-data", default=None, help="adapt: held-out token file")
+    p.add_argument("--patterns", nargs="+", default=["A=default", 'B={"block_size":128,"sink_tokens":64,"window":256}'],
+                   help="adapt: NAME=SPEC (SPEC: 'default' = the model type's shipped default, a preset or JSON)")
+    p.add_argument("--lr", type=float, default=1e-3, help="adapt")
+    p.add_argument("--warmup-steps", type=int, default=10, help="adapt")
+    p.add_argument("--lora-r", type=int, default=16, help="adapt")
+    p.add_argument("--lora-alpha", type=int, default=32, help="adapt")
+    p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj", help="adapt")
+    p.add_argument("--dtype", default="bf16", help="adapt")
+    p.add_argument("--logging-steps", type=int, default=10, help="adapt")
+    p.add_argument("--eval-max-windows", type=int, default=None, help="adapt: cap on evaluation windows (CPU tests)")
+    p.add_argument("--cpu", action="store_true", help="adapt: run the fine-tunes on CPU (tests)")
     p.add_argument("--out", default=os.environ.get("OUT", str(Path(__file__).resolve().parent / "results")))
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -347,6 +561,14 @@ def main(argv: list[str] | None = None) -> int:
         result["env"] = env
         (out / "finetune_packcheck.json").write_text(json.dumps(result, indent=2))
         print(json.dumps(result, indent=2))
+    elif args.mode == "tokenize":
+        print(json.dumps(tokenize_plays(args), indent=2)[:3000])
+    elif args.mode == "adapt":
+        result = adapt(args, save=lambda r: (out / f"{args.name}.json").write_text(json.dumps(r | {"env": env})))
+        result["env"] = env
+        (out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
+        (out / f"{args.name}.md").write_text(adapt_markdown(result) + "\n")
+        print(adapt_markdown(result))
     elif args.mode == "summarize":
         runs, table = summarize(*args.runs_dirs)
         (out / f"{args.name}.json").write_text(json.dumps(runs, indent=2))

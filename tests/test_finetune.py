@@ -203,3 +203,53 @@ def test_cli_registers_finetune():
 
     args = build_parser().parse_args(["finetune", "--model", "x", "--output-dir", "y", "--lora-r", "8"])
     assert args.command == "finetune" and args.lora_r == 8 and args.func is ft._run
+
+
+# ------------------------------------------------------------------------------------------------ adaptation driver
+def _metrics(attn: str, before: tuple[float, float], after: tuple[float, float]) -> dict:
+    """A finetune metrics dict: (sparse ppl, dense ppl) before and after, evaluated both ways."""
+    other = "sdpa" if attn == "sparsek" else "sparsek"
+    own, alt = (0, 1) if attn == "sparsek" else (1, 0)
+    m = {"attn": attn, "losses": [(1, 3.0)], "train_loss": 3.0, "train_tokens_per_second": 1.0, "train_seconds": 1.0}
+    for tag, ppl in (("eval_before", before), ("eval_after", after)):
+        m[tag] = {"ppl": ppl[own]}
+        m[f"{tag}_{other}"] = {"ppl": ppl[alt]}
+    return m
+
+
+def test_adaptation_summary_and_verdict():
+    from hf_sparsek.scripts import gpu_finetune as gf
+
+    sparse = _metrics("sparsek", before=(50.0, 40.0), after=(42.0, 36.5))
+    dense = _metrics("sdpa", before=(50.0, 40.0), after=(45.0, 36.0))
+    runs, table = gf.summarize_metrics(sparse, dense)
+    assert runs["trained sparse"]["ppl"] == {"sparsek": (50.0, 42.0), "sdpa": (40.0, 36.5)}
+    assert runs["trained dense (sdpa)"]["ppl"] == {"sdpa": (40.0, 36.0), "sparsek": (50.0, 45.0)}
+    assert "| trained dense (sdpa) | sparsek | 50.000 | 45.000 | 1.2500 |" in table
+    verdict = gf.adaptation_verdict(runs)
+    assert verdict["sparse_trained_wins"] is True
+    assert verdict["sparse_ppl_ratio_sparse_vs_dense_trained"] == pytest.approx(42 / 45)
+    assert verdict["gap_before"] == pytest.approx(0.25)
+    assert verdict["gap_after_sparse_trained"] == pytest.approx(42 / 36 - 1)
+    assert "lower than the dense-trained model" in verdict["line"] and "not lower" not in verdict["line"]
+    # Domain fit only: the dense-trained model reaches the same sparse ppl.
+    same = gf.adaptation_verdict(gf.summarize_metrics(sparse, _metrics("sdpa", (50.0, 40.0), (41.0, 36.0)))[0])
+    assert same["sparse_trained_wins"] is False and "not lower" in same["line"]
+    result = {"model": "m", "lora_r": 16, "lora_alpha": 32, "lora_targets": "q_proj", "dtype": "bf16", "seq_len": 8192,
+              "max_steps": 2, "epochs": 1.0, "train_rows": 2, "lr": 1e-3, "warmup_steps": 0,
+              "patterns": {"B": {"describe": "sink 64 + window 256, block 128", "sparsity": {"dense_layers": []},
+                                 "density": 0.1},
+                           "C": {"describe": "x", "sparsity": {"dense_layers": [1]}, "density": 0.5}},
+              "runs": {"sparse_B": {"metrics": sparse}, "dense_B": {"metrics": dense},
+                       "sparse_C": {"skipped": "time budget"}},
+              "summary": {"B": {"table": table, "verdict": verdict}}}
+    text = gf.adapt_markdown(result)
+    assert table in text and verdict["line"] in text and "incomplete: {'sparse_C': 'time budget'}" in text
+
+
+def test_split_plays_keeps_order_and_refuses_unknown_names():
+    from hf_sparsek.scripts import gpu_finetune as gf
+
+    assert gf.split_plays(["a", "b", "c", "d"], ["c", "a"]) == (["b", "d"], ["a", "c"])
+    with pytest.raises(ValueError, match="not in the corpus"):
+        gf.split_plays(["a", "b"], ["hamlet"])
