@@ -40,14 +40,13 @@ class BwdConfig:
     q_stages: int
 
 
-# H100 defaults per head dim (bf16/fp16), the fastest of scripts/gpu_kernels.py --tune.
+# H100 defaults per head dim (bf16/fp16), the fastest of scripts/gpu_kernels.py --tune (D=128 re-tuned after the
+# in-MMA accumulation: scripts/results/bench_h100_tma_ab.json).
 BWD_CONFIGS: dict[int, BwdConfig] = {
     64: BwdConfig(64, 64, 4, 3, 64, 64, 4, 3),
-    128: BwdConfig(128, 64, 8, 3, 128, 64, 8, 3),  # re-tuned after the in-MMA accumulation (bench_h100_tma_ab)
+    128: BwdConfig(128, 64, 8, 3, 128, 64, 8, 3),
     256: BwdConfig(32, 64, 4, 2, 64, 32, 4, 2),
 }
-# deterministic=False (dQ fused into the key-major pass; only the kv_* fields are used).
-FUSED_BWD_CONFIGS: dict[int, BwdConfig] = dict(BWD_CONFIGS)
 
 
 @triton.jit
@@ -70,13 +69,11 @@ def _dkdv_step(
     dk, dv, k, v, k_abs, k_t, mt, selected, rem, b, hkv,
     Q, DO, LSE, DELTA, KSEG, QSEG, KRANK, s_qb, s_qh, s_qt, s_db, s_dh, s_dt, s_lb, s_lh,
     s_kseg_b, s_qseg_b, s_krank_b, Hkv, G, q_len, kv_len, q_offset, sink, window, qk_mul, cap2,
-    DQ_ACC, scale,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
     SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
-    HAS_KSEG: tl.constexpr, HAS_QSEG: tl.constexpr, HAS_KRANK: tl.constexpr, FUSE_DQ: tl.constexpr,
+    HAS_KSEG: tl.constexpr, HAS_QSEG: tl.constexpr, HAS_KRANK: tl.constexpr,
 ):
-    """One (query tile, row block, query head) visit of a key block: accumulate dK (unscaled) and dV; with
-    FUSE_DQ also add this key block's share of dQ (scaled) to the fp32 ``DQ_ACC`` with atomics."""
+    """One (query tile, row block, query head) visit of a key block: accumulate dK (unscaled) and dV."""
     h = rem % G
     q_abs = (q_offset // BLOCK + mt) * BLOCK + (rem // G) * BLOCK_M + tl.arange(0, BLOCK_M)
     q_t = q_abs - q_offset
@@ -108,10 +105,6 @@ def _dkdv_step(
     if SOFTCAP:
         ds = ds * (1.0 - th * th)
     dk = _dot_acc(ds.to(q.dtype), q, dk, IEEE)
-    if FUSE_DQ:
-        dq = _dot(tl.trans(ds.to(k.dtype)), k, IEEE) * scale  # (BLOCK_M, HEAD_DIM)
-        row = (b * Hkv * G + hq) * q_len + q_t
-        tl.atomic_add(DQ_ACC + row[:, None] * HEAD_DIM + d[None, :], dq, mask=q_ok[:, None], sem="relaxed")
     return dk, dv
 
 
@@ -119,7 +112,7 @@ def _dkdv_step(
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     FC, FT, PC, PT,
-    VT, VS, SCR_K, SCR_V, s_sb, s_sh, s_ss, DQ_ACC,
+    VT, VS, SCR_K, SCR_V, s_sb, s_sh, s_ss,
     KSEG, QSEG, KRANK,
     s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_db, s_dh, s_dt, s_lb, s_lh,
     s_dkb, s_dkh, s_dkt, s_dvb, s_dvh, s_dvt,
@@ -129,7 +122,6 @@ def _attn_bwd_dkdv_kernel(
     BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
     HAS_KSEG: tl.constexpr, HAS_QSEG: tl.constexpr, HAS_KRANK: tl.constexpr, SPLIT: tl.constexpr,
-    FUSE_DQ: tl.constexpr,
 ):
     N_SUB_N: tl.constexpr = BLOCK // BLOCK_N
     N_SUB_M: tl.constexpr = BLOCK // BLOCK_M
@@ -162,7 +154,7 @@ def _attn_bwd_dkdv_kernel(
             dk, dv, k, v, k_abs, k_t, mt, False, it % per_tile, b, hkv,
             Q, DO, LSE, DELTA, KSEG, QSEG, KRANK, s_qb, s_qh, s_qt, s_db, s_dh, s_dt, s_lb, s_lh,
             s_kseg_b, s_qseg_b, s_krank_b, Hkv, G, q_len, kv_len, q_offset, sink, window, qk_mul, cap2,
-            DQ_ACC, scale, BLOCK, BLOCK_M, HEAD_DIM, False, SOFTCAP, IEEE, HAS_KSEG, HAS_QSEG, HAS_KRANK, FUSE_DQ,
+            BLOCK, BLOCK_M, HEAD_DIM, False, SOFTCAP, IEEE, HAS_KSEG, HAS_QSEG, HAS_KRANK,
         )
     for it in range(0, p_cnt * per_tile):
         raw = tl.load(PT + irow * p_width + it // per_tile)
@@ -172,7 +164,7 @@ def _attn_bwd_dkdv_kernel(
             dk, dv, k, v, k_abs, k_t, mt, selected, it % per_tile, b, hkv,
             Q, DO, LSE, DELTA, KSEG, QSEG, KRANK, s_qb, s_qh, s_qt, s_db, s_dh, s_dt, s_lb, s_lh,
             s_kseg_b, s_qseg_b, s_krank_b, Hkv, G, q_len, kv_len, q_offset, sink, window, qk_mul, cap2,
-            DQ_ACC, scale, BLOCK, BLOCK_M, HEAD_DIM, True, SOFTCAP, IEEE, HAS_KSEG, HAS_QSEG, HAS_KRANK, FUSE_DQ,
+            BLOCK, BLOCK_M, HEAD_DIM, True, SOFTCAP, IEEE, HAS_KSEG, HAS_QSEG, HAS_KRANK,
         )
 
     dk = dk * scale
@@ -287,16 +279,13 @@ def attention_backward(
     t_full_count: torch.Tensor, t_full_tiles: torch.Tensor, t_part_count: torch.Tensor, t_part_tiles: torch.Tensor,
     k_seg: torch.Tensor | None, q_seg: torch.Tensor | None, k_rank: torch.Tensor | None,
     block: int, q_offset: int, kv_offset: int, sink: int, window: int, scale: float, softcap: float,
-    config: BwdConfig | None = None, deterministic: bool = True,
+    config: BwdConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch delta, dK/dV and dQ kernels; ``lse`` is the forward's log2-domain LSE. Returns dq, dk, dv.
-
-    ``deterministic=False`` folds dQ into the key-major pass (fp32 atomics: 5 matmuls per tile pair instead of
-    7, no dQ pass) at the price of run-to-run rounding differences in dQ; dK and dV stay deterministic."""
+    """Launch delta, dK/dV and dQ kernels; ``lse`` is the forward's log2-domain LSE. Returns dq, dk, dv."""
     batch, hq, q_len, dim = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     group = hq // hkv
-    cfg = config or (BWD_CONFIGS if deterministic else FUSED_BWD_CONFIGS)[dim]
+    cfg = config or BWD_CONFIGS[dim]
     q, k, v, o, do = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, o, do))
     ieee = q.dtype == torch.float32
     qk_mul, cap2 = score_constants(scale, softcap)
@@ -321,7 +310,6 @@ def attention_backward(
         vt, vs = split.tile, split.slot
     else:
         scr_k = scr_v = vt = vs = t_full_count
-    dq_acc = None if deterministic else torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     kv_block_n = min(cfg.kv_block_n, block)
     kv_block_m = min(cfg.kv_block_m, block)
     s_ib, s_ih = index_strides(t_full_count)
@@ -338,7 +326,6 @@ def attention_backward(
         q, k, v, do, lse, delta, dk, dv,
         t_full_count, t_full_tiles, t_part_count, t_part_tiles,
         vt, vs, scr_k, scr_v, scr_k.stride(0), scr_k.stride(1), scr_k.stride(2),
-        t_full_count if dq_acc is None else dq_acc,
         ks, qs, kr,
         *common_strides,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
@@ -346,13 +333,11 @@ def attention_backward(
         hkv, group, q_len, kv_len, q_offset, kv_offset, sink, window,
         qk_mul, cap2, scale,
         BLOCK=block, BLOCK_N=kv_block_n, BLOCK_M=kv_block_m, HEAD_DIM=dim, **flags, SPLIT=split is not None,
-        FUSE_DQ=dq_acc is not None, num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
+        num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
     )
     if split is not None:
         reduce_split(split, scr_k, dk, kv_offset, block)
         reduce_split(split, scr_v, dv, kv_offset, block)
-    if dq_acc is not None:
-        return dq_acc.to(q.dtype), dk, dv
 
     dq = torch.empty_like(q)
     n_q = full_count.shape[2]

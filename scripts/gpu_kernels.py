@@ -31,9 +31,6 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--tune", action="store_true", help="time candidate kernel configs first and keep the fastest")
     ap.add_argument("--sizes", default="", help="comma-separated sequence lengths for the main group")
     ap.add_argument("--tune-dims", default="128,64,256", help="head dims --tune covers")
-    ap.add_argument("--tune-kinds", default="fwd,fwdbwd", help="what --tune covers: fwd, fwdbwd, fused")
-    ap.add_argument("--fused-dq", action="store_true",
-                    help="also check and time the backward with deterministic=False (method sparsek-fused)")
     ap.add_argument("--tma-ab", action="store_true",
                     help="also check and time the kernels with TMA loads off (method sparsek-ptr) beside the default")
     return ap.parse_args()
@@ -45,10 +42,9 @@ if ARGS.cpu_smoke:
 
 import torch  # noqa: E402
 from hf_sparsek.kernels import tma  # noqa: E402
-from hf_sparsek.kernels.attention_bwd import BWD_CONFIGS, FUSED_BWD_CONFIGS, BwdConfig  # noqa: E402
+from hf_sparsek.kernels.attention_bwd import BWD_CONFIGS, BwdConfig  # noqa: E402
 from hf_sparsek.kernels.attention_fwd import FWD_CONFIGS, FwdConfig  # noqa: E402
 
-import hf_sparsek  # noqa: E402
 from hf_sparsek import BlockLayout, SparsePattern  # noqa: E402
 from hf_sparsek.block_index import BlockIndex, attended_pairs, causal_pairs, random_layout_keep  # noqa: E402
 from hf_sparsek.ops import build_index_for  # noqa: E402
@@ -157,23 +153,16 @@ def run_checks() -> bool:
         ("bshd-view-chunked-D64", 1, 8, 2, 200 if not ARGS.cpu_smoke else 33, s, 64, sw, dt, None, 0, True),
     ]
     # default loads (TMA where the kernels pick it), then with --tma-ab the pointer loads, and TMA forced at D=256
-    # default loads (TMA where the kernels pick it); --tma-ab: pointer loads, and TMA forced at D=256;
-    # --fused-dq: the backward with deterministic=False
-    modes = [("", None, True)]
-    if ARGS.tma_ab:
-        modes += [("ptr-", False, True), ("tma-forced-", True, True)]
-    if ARGS.fused_dq:
-        modes += [("fused-", None, False)]
+    modes = [("", None)] + ([("ptr-", False), ("tma-forced-", True)] if ARGS.tma_ab else [])
     all_ok = True
-    for prefix, setting, deterministic in modes:
+    for prefix, setting in modes:
         for case in cases:
             if prefix == "tma-forced-" and case[6] != 256:
                 continue
             name = prefix + case[0]
             tma.USE_TMA = setting
             try:
-                with hf_sparsek.settings(deterministic=deterministic):
-                    all_ok &= check_case(name, *case[1:])
+                all_ok &= check_case(name, *case[1:])
             except Exception as exc:  # record and go on
                 all_ok = False
                 RESULTS["errors"].append({"case": name, "error": repr(exc), "trace": traceback.format_exc()[-2000:]})
@@ -349,14 +338,6 @@ def _bench_case(group, batch, hq, hkv, seq, dim, dtype, patterns, methods=("spar
         if "sparsek" in methods:
             fn = lambda: triton_block_sparse_attention(q, k, v, index, scale)  # noqa: B023
             bench_method(group, case, "sparsek", fn, fwdbwd(fn), pairs, dim, {**ex, "tma": tma.use_tma(k, v)})
-            if ARGS.fused_dq and backward:
-                run = fwdbwd(fn)
-
-                def fused_fwdbwd(run=run):
-                    with hf_sparsek.settings(deterministic=False):
-                        run()
-                bench_method(group, case, "sparsek-fused", fn, fused_fwdbwd, pairs, dim,
-                             {**ex, "tma": tma.use_tma(k, v)})
             if ARGS.tma_ab and tma.use_tma(k, v):
                 tma.USE_TMA = False
                 try:
@@ -450,7 +431,6 @@ def tune() -> None:
         torch.cuda.empty_cache()
     RESULTS["tuned_fwd"] = {d: repr(c) for d, c in FWD_CONFIGS.items()}
     RESULTS["tuned_bwd"] = {d: repr(c) for d, c in BWD_CONFIGS.items()}
-    RESULTS["tuned_fused_bwd"] = {d: repr(c) for d, c in FUSED_BWD_CONFIGS.items()}
 
 
 def _tune_dim(dim: int, seq: int) -> None:
@@ -464,16 +444,8 @@ def _tune_dim(dim: int, seq: int) -> None:
     index.transposed()
     fn = lambda: triton_block_sparse_attention(q, k, v, index, dim**-0.5)  # noqa: B023
     fb = lambda: torch.autograd.grad(fn(), (q, k, v), d_out)  # noqa: B023
-    def fused():
-        with hf_sparsek.settings(deterministic=False):
-            fb()
-
-    kinds = set(ARGS.tune_kinds.split(","))
     for kind, cands, table, bench in (("fwd", FWD_CANDIDATES, FWD_CONFIGS, fn),
-                                      ("fwdbwd", BWD_CANDIDATES, BWD_CONFIGS, fb),
-                                      ("fused", BWD_CANDIDATES, FUSED_BWD_CONFIGS, fused)):
-        if kind not in kinds:
-            continue
+                                      ("fwdbwd", BWD_CANDIDATES, BWD_CONFIGS, fb)):
         best = None
         for cfg in cands[dim]:
             if _left() < 60:
