@@ -7,6 +7,7 @@ travels as tensor arguments, its scalars as ints. The forward saves O and the lo
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -38,6 +39,12 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softca
     return None
 
 
+def _on_device_of(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Launch on the inputs' GPU: Triton launches on the current device, and a model split over GPUs
+    (``device_map="auto"``) calls a layer on cuda:1 while cuda:0 is current."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _i32(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.to(torch.int32).contiguous()
 
@@ -52,10 +59,11 @@ def block_sparse_attn_fwd(
     block: int, q_offset: int, kv_offset: int, sink: int, window: int, scale: float, softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward: (O, log2-domain LSE). The transposed lists are only carried for the backward."""
-    return attention_forward(
-        q, k, v, full_count, full_tiles, part_count, part_tiles, k_seg, q_seg, k_rank,
-        block, q_offset, kv_offset, sink, window, scale, softcap,
-    )
+    with _on_device_of(q):
+        return attention_forward(
+            q, k, v, full_count, full_tiles, part_count, part_tiles, k_seg, q_seg, k_rank,
+            block, q_offset, kv_offset, sink, window, scale, softcap,
+        )
 
 
 @block_sparse_attn_fwd.register_fake
@@ -79,11 +87,12 @@ def block_sparse_attn_bwd(
         n_k = (kv_offset % block + k.shape[2] + block - 1) // block
         t_full_count, t_full_tiles = _transpose_lists(full_count, full_tiles, n_k, encoded=False)
         t_part_count, t_part_tiles = _transpose_lists(part_count, part_tiles, n_k, encoded=True)
-    return attention_backward(
-        do, q, k, v, o, lse, full_count, full_tiles, part_count, part_tiles,
-        t_full_count, t_full_tiles, t_part_count, t_part_tiles, k_seg, q_seg, k_rank,
-        block, q_offset, kv_offset, sink, window, scale, softcap,
-    )
+    with _on_device_of(q):
+        return attention_backward(
+            do, q, k, v, o, lse, full_count, full_tiles, part_count, part_tiles,
+            t_full_count, t_full_tiles, t_part_count, t_part_tiles, k_seg, q_seg, k_rank,
+            block, q_offset, kv_offset, sink, window, scale, softcap,
+        )
 
 
 @block_sparse_attn_bwd.register_fake
