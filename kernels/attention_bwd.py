@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import autotune
 from .attention_fwd import _dot, _dot_acc, _next_pow2, index_strides, score_constants, seg_args
 from .bwd_split import reduce_split, split_key_lists
 from .common import element_mask, kv_descriptors, load_rows, query_tile_rows, tanh_f32
@@ -46,6 +47,15 @@ BWD_CONFIGS: dict[int, BwdConfig] = {
     64: BwdConfig(64, 64, 4, 3, 64, 64, 4, 3),
     128: BwdConfig(128, 64, 8, 3, 128, 64, 8, 3),
     256: BwdConfig(32, 64, 4, 2, 64, 32, 4, 2),
+}
+# What opt-in runtime tuning (kernels/autotune.py) and scripts/gpu_kernels.py --tune try, per head dim.
+BWD_CANDIDATES: dict[int, list[BwdConfig]] = {
+    64: [BwdConfig(64, 64, 4, 3, 64, 64, 4, 3), BwdConfig(128, 64, 8, 3, 128, 64, 8, 3),
+         BwdConfig(128, 32, 4, 3, 128, 32, 4, 3)],
+    128: [BwdConfig(128, 64, 8, 3, 128, 64, 8, 3), BwdConfig(128, 64, 8, 2, 128, 64, 8, 2),
+          BwdConfig(64, 64, 4, 3, 64, 64, 4, 3), BwdConfig(128, 32, 8, 3, 64, 64, 4, 3)],
+    256: [BwdConfig(32, 64, 4, 2, 64, 32, 4, 2), BwdConfig(64, 32, 8, 2, 64, 32, 8, 2),
+          BwdConfig(64, 64, 8, 2, 64, 64, 8, 2)],
 }
 
 
@@ -285,7 +295,6 @@ def attention_backward(
     batch, hq, q_len, dim = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     group = hq // hkv
-    cfg = config or BWD_CONFIGS[dim]
     q, k, v, o, do = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, o, do))
     ieee = q.dtype == torch.float32
     qk_mul, cap2 = score_constants(scale, softcap)
@@ -310,9 +319,8 @@ def attention_backward(
         vt, vs = split.tile, split.slot
     else:
         scr_k = scr_v = vt = vs = t_full_count
-    kv_block_n = min(cfg.kv_block_n, block)
-    kv_block_m = min(cfg.kv_block_m, block)
-    s_ib, s_ih = index_strides(t_full_count)
+    s_ib_t, s_ih_t = index_strides(t_full_count)
+    s_ib, s_ih = index_strides(full_count)
     common_strides = (
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
@@ -322,44 +330,52 @@ def attention_backward(
         SOFTCAP=bool(softcap), IEEE=ieee,
         HAS_KSEG=k_seg is not None, HAS_QSEG=q_seg is not None, HAS_KRANK=k_rank is not None,
     )
-    _attn_bwd_dkdv_kernel[(n_k * (block // kv_block_n), batch * hkv)](
-        q, k, v, do, lse, delta, dk, dv,
-        t_full_count, t_full_tiles, t_part_count, t_part_tiles,
-        vt, vs, scr_k, scr_v, scr_k.stride(0), scr_k.stride(1), scr_k.stride(2),
-        ks, qs, kr,
-        *common_strides,
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        s_ib, s_ih, t_full_tiles.shape[-1], t_part_tiles.shape[-1], ks_b, qs_b, kr_b,
-        hkv, group, q_len, kv_len, q_offset, kv_offset, sink, window,
-        qk_mul, cap2, scale,
-        BLOCK=block, BLOCK_N=kv_block_n, BLOCK_M=kv_block_m, HEAD_DIM=dim, **flags, SPLIT=split is not None,
-        num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
-    )
-    if split is not None:
-        reduce_split(split, scr_k, dk, kv_offset, block)
-        reduce_split(split, scr_v, dv, kv_offset, block)
-
     dq = torch.empty_like(q)
     n_q = full_count.shape[2]
-    block_m = min(cfg.q_block_m, block * _next_pow2(group))
-    sub_m = min(block, block_m, max(16, _next_pow2(q_len)))
-    hpp = max(1, min(_next_pow2(group), block_m // sub_m))
-    q_block_n = min(cfg.q_block_n, block)
-    s_ib, s_ih = index_strides(full_count)
-    n_hc = math.ceil(group / hpp)
     tma = use_tma(k, v)
     if tma:
         ensure_allocator()
-    _attn_bwd_dq_kernel[(n_q * (block // sub_m) * n_hc, batch * hkv)](
-        q, k, v, do, lse, delta, dq,
-        full_count, full_tiles, part_count, part_tiles,
-        ks, qs, kr,
-        *common_strides,
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        s_ib, s_ih, full_tiles.shape[-1], part_tiles.shape[-1], ks_b, qs_b, kr_b,
-        hkv, group, q_len, kv_len, q_offset, kv_offset, n_q, sink, window,
-        qk_mul, cap2, scale,
-        BLOCK=block, BLOCK_N=q_block_n, SUB_M=sub_m, HPP=hpp, HEAD_DIM=dim, **flags, USE_TMA=tma,
-        num_warps=cfg.q_warps, num_stages=cfg.q_stages,
-    )
+
+    def launch(cfg: BwdConfig) -> None:
+        """dK/dV (key-major, then the split reduction) and dQ (query-major) with one config."""
+        kv_block_n = min(cfg.kv_block_n, block)
+        kv_block_m = min(cfg.kv_block_m, block)
+        _attn_bwd_dkdv_kernel[(n_k * (block // kv_block_n), batch * hkv)](
+            q, k, v, do, lse, delta, dk, dv,
+            t_full_count, t_full_tiles, t_part_count, t_part_tiles,
+            vt, vs, scr_k, scr_v, scr_k.stride(0), scr_k.stride(1), scr_k.stride(2),
+            ks, qs, kr,
+            *common_strides,
+            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+            s_ib_t, s_ih_t, t_full_tiles.shape[-1], t_part_tiles.shape[-1], ks_b, qs_b, kr_b,
+            hkv, group, q_len, kv_len, q_offset, kv_offset, sink, window,
+            qk_mul, cap2, scale,
+            BLOCK=block, BLOCK_N=kv_block_n, BLOCK_M=kv_block_m, HEAD_DIM=dim, **flags, SPLIT=split is not None,
+            num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
+        )
+        if split is not None:
+            reduce_split(split, scr_k, dk, kv_offset, block)
+            reduce_split(split, scr_v, dv, kv_offset, block)
+        block_m = min(cfg.q_block_m, block * _next_pow2(group))
+        sub_m = min(block, block_m, max(16, _next_pow2(q_len)))
+        hpp = max(1, min(_next_pow2(group), block_m // sub_m))
+        q_block_n = min(cfg.q_block_n, block)
+        n_hc = math.ceil(group / hpp)
+        _attn_bwd_dq_kernel[(n_q * (block // sub_m) * n_hc, batch * hkv)](
+            q, k, v, do, lse, delta, dq,
+            full_count, full_tiles, part_count, part_tiles,
+            ks, qs, kr,
+            *common_strides,
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            s_ib, s_ih, full_tiles.shape[-1], part_tiles.shape[-1], ks_b, qs_b, kr_b,
+            hkv, group, q_len, kv_len, q_offset, kv_offset, n_q, sink, window,
+            qk_mul, cap2, scale,
+            BLOCK=block, BLOCK_N=q_block_n, SUB_M=sub_m, HPP=hpp, HEAD_DIM=dim, **flags, USE_TMA=tma,
+            num_warps=cfg.q_warps, num_stages=cfg.q_stages,
+        )
+
+    if config is None and autotune.ENABLED:
+        key = autotune.shape_key("bwd", q, k, block, full_tiles.shape[-1] + part_tiles.shape[-1])
+        config = autotune.choose(key, BWD_CANDIDATES[dim], BWD_CONFIGS[dim], launch)
+    launch(config or BWD_CONFIGS[dim])
     return dq, dk, dv

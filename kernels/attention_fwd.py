@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import autotune
 from .common import LOG2E, element_mask, kv_descriptors, load_rows, query_tile_rows, tanh_f32
 from .tma import ensure_allocator, use_tma
 
@@ -37,6 +38,13 @@ FWD_CONFIGS: dict[int, FwdConfig] = {
     64: FwdConfig(128, 64, 4, 3),
     128: FwdConfig(128, 128, 8, 2),
     256: FwdConfig(128, 64, 8, 2),
+}
+# What opt-in runtime tuning (kernels/autotune.py) and scripts/gpu_kernels.py --tune try, per head dim.
+FWD_CANDIDATES: dict[int, list[FwdConfig]] = {
+    64: [FwdConfig(128, 64, 4, 3), FwdConfig(128, 128, 8, 3), FwdConfig(128, 64, 8, 3), FwdConfig(128, 128, 4, 3)],
+    128: [FwdConfig(128, 128, 8, 2), FwdConfig(128, 128, 8, 3), FwdConfig(128, 64, 8, 3), FwdConfig(128, 64, 4, 3),
+          FwdConfig(128, 64, 8, 4), FwdConfig(64, 64, 4, 3)],
+    256: [FwdConfig(128, 64, 8, 2), FwdConfig(64, 64, 8, 2), FwdConfig(64, 32, 4, 2), FwdConfig(128, 32, 8, 2)],
 }
 
 
@@ -211,30 +219,37 @@ def attention_forward(
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     n_q = full_count.shape[2]
     group = hq // hkv
-    sub_m, hpp, block_n, warps, stages = pick_fwd_config(dim, block, group, q_len, config)
     out = torch.empty_like(q)
     lse = torch.empty(batch, hq, q_len, device=q.device, dtype=torch.float32)
     qk_mul, cap2 = score_constants(scale, softcap)
     (ks, ks_b), (qs, qs_b), (kr, kr_b) = seg_args(k_seg, q_seg, k_rank, full_count)
     s_ib, s_ih = index_strides(full_count)
-    n_hc = math.ceil(group / hpp)
-    grid = (n_q * (block // sub_m) * n_hc, batch * hkv)
     tma = use_tma(k, v)
     if tma:
         ensure_allocator()
-    _attn_fwd_kernel[grid](
-        q, k, v, out, lse,
-        full_count, full_tiles, part_count, part_tiles,
-        ks, qs, kr,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        lse.stride(0), lse.stride(1),
-        s_ib, s_ih, full_tiles.shape[-1], part_tiles.shape[-1], ks_b, qs_b, kr_b,
-        hkv, group, q_len, kv_len, q_offset, kv_offset, n_q, sink, window,
-        qk_mul, cap2,
-        BLOCK=block, BLOCK_N=block_n, SUB_M=sub_m, HPP=hpp, HEAD_DIM=dim,
-        SOFTCAP=bool(softcap), IEEE=q.dtype == torch.float32,
-        HAS_KSEG=k_seg is not None, HAS_QSEG=q_seg is not None, HAS_KRANK=k_rank is not None, USE_TMA=tma,
-        num_warps=warps, num_stages=stages,
-    )
+
+    def launch(cfg: FwdConfig | None) -> None:
+        sub_m, hpp, block_n, warps, stages = pick_fwd_config(dim, block, group, q_len, cfg)
+        grid = (n_q * (block // sub_m) * math.ceil(group / hpp), batch * hkv)
+        _attn_fwd_kernel[grid](
+            q, k, v, out, lse,
+            full_count, full_tiles, part_count, part_tiles,
+            ks, qs, kr,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            lse.stride(0), lse.stride(1),
+            s_ib, s_ih, full_tiles.shape[-1], part_tiles.shape[-1], ks_b, qs_b, kr_b,
+            hkv, group, q_len, kv_len, q_offset, kv_offset, n_q, sink, window,
+            qk_mul, cap2,
+            BLOCK=block, BLOCK_N=block_n, SUB_M=sub_m, HPP=hpp, HEAD_DIM=dim,
+            SOFTCAP=bool(softcap), IEEE=q.dtype == torch.float32,
+            HAS_KSEG=k_seg is not None, HAS_QSEG=q_seg is not None, HAS_KRANK=k_rank is not None, USE_TMA=tma,
+            num_warps=warps, num_stages=stages,
+        )
+
+    if config is None and autotune.ENABLED:
+        # list widths (the longest row) stand for the pattern's density without a device sync
+        key = autotune.shape_key("fwd", q, k, block, full_tiles.shape[-1] + part_tiles.shape[-1])
+        config = autotune.choose(key, FWD_CANDIDATES[dim], FWD_CONFIGS[dim], launch)
+    launch(config)
     return out, lse

@@ -42,8 +42,8 @@ if ARGS.cpu_smoke:
 
 import torch  # noqa: E402
 from hf_sparsek.kernels import tma  # noqa: E402
-from hf_sparsek.kernels.attention_bwd import BWD_CONFIGS, BwdConfig  # noqa: E402
-from hf_sparsek.kernels.attention_fwd import FWD_CONFIGS, FwdConfig  # noqa: E402
+from hf_sparsek.kernels.attention_bwd import BWD_CANDIDATES, BWD_CONFIGS  # noqa: E402
+from hf_sparsek.kernels.attention_fwd import FWD_CANDIDATES, FWD_CONFIGS  # noqa: E402
 
 from hf_sparsek import BlockLayout, SparsePattern  # noqa: E402
 from hf_sparsek.block_index import BlockIndex, attended_pairs, causal_pairs, random_layout_keep  # noqa: E402
@@ -402,23 +402,6 @@ def run_bench() -> None:
 
 
 # ---------------------------------------------------------------- (c) config tuning -------------------------------
-
-FWD_CANDIDATES = {
-    64: [FwdConfig(128, 64, 4, 3), FwdConfig(128, 128, 8, 3), FwdConfig(128, 64, 8, 3), FwdConfig(128, 128, 4, 3)],
-    128: [FwdConfig(128, 64, 8, 3), FwdConfig(128, 128, 8, 3), FwdConfig(128, 64, 4, 3), FwdConfig(128, 128, 8, 2),
-          FwdConfig(128, 128, 8, 4), FwdConfig(128, 64, 8, 4), FwdConfig(64, 64, 4, 3)],
-    256: [FwdConfig(64, 64, 8, 2), FwdConfig(128, 64, 8, 2), FwdConfig(64, 32, 4, 2), FwdConfig(128, 32, 8, 2)],
-}
-BWD_CANDIDATES = {
-    64: [BwdConfig(128, 64, 8, 3, 128, 64, 8, 3), BwdConfig(128, 32, 4, 3, 128, 32, 4, 3),
-         BwdConfig(64, 64, 4, 3, 64, 64, 4, 3)],
-    128: [BwdConfig(128, 64, 8, 2, 128, 64, 8, 2), BwdConfig(128, 32, 4, 3, 128, 32, 4, 3),
-          BwdConfig(64, 64, 4, 3, 64, 64, 4, 3), BwdConfig(128, 64, 8, 3, 128, 64, 8, 3),
-          BwdConfig(128, 32, 8, 3, 64, 64, 4, 3)],
-    256: [BwdConfig(64, 32, 8, 2, 64, 32, 8, 2), BwdConfig(64, 64, 8, 2, 64, 64, 8, 2),
-          BwdConfig(32, 64, 4, 2, 64, 32, 4, 2)],
-}
-
 
 def tune() -> None:
     """Time each candidate config on sink128+window4096 (64K for D=128, 16K otherwise); keep the fastest."""

@@ -309,3 +309,52 @@ def test_split_key_lists_keep_gradients_exact_and_deterministic(chunk, monkeypat
     for g, g2, w in zip(got, again, want, strict=True):
         assert torch.equal(g, g2)
         assert (g.double() - w).norm() / w.norm() < 1e-5
+
+
+def test_runtime_autotune_picks_fastest_caches_and_persists(tmp_path, monkeypatch):
+    """Opt-in tuning: each candidate is timed once per shape class (a failing one skipped), the fastest is used and
+    cached in memory and on disk; results stay exact; a later call or process pays no timing."""
+    import json
+
+    from hf_sparsek.kernels import autotune
+    from hf_sparsek.kernels.attention_bwd import BWD_CANDIDATES
+    from hf_sparsek.kernels.attention_fwd import FWD_CANDIDATES
+
+    cache = tmp_path / "autotune.json"
+    monkeypatch.setenv("HF_SPARSEK_AUTOTUNE_CACHE", str(cache))
+    monkeypatch.setattr(autotune, "ENABLED", True)
+    autotune.clear_memory()
+    fwd_ms = [5.0, 4.0, 1.0, RuntimeError("out of resource")]  # candidate 2 wins, 3 cannot launch
+    bwd_ms = [2.0, 1.0, 3.0]
+    assert len(FWD_CANDIDATES[64]) == len(fwd_ms) and len(BWD_CANDIDATES[64]) == len(bwd_ms)
+    script = iter(fwd_ms + bwd_ms)
+    calls = []
+
+    def fake_time(fn):
+        calls.append(1)
+        fn()
+        ms = next(script)
+        if isinstance(ms, Exception):
+            raise ms
+        return ms
+
+    monkeypatch.setattr(autotune, "_time", fake_time)
+    try:
+        _run_case(1, 4, 2, 130, 130, 64, SINK_WIN, seed=2)
+        assert len(calls) == len(fwd_ms) + len(bwd_ms)
+        saved = json.loads(cache.read_text())
+        chosen = {key.split("|")[0]: entry["config"] for key, entry in saved.items()}
+        assert chosen == {"fwd": dataclasses_asdict(FWD_CANDIDATES[64][2]),
+                          "bwd": dataclasses_asdict(BWD_CANDIDATES[64][1])}
+        _run_case(1, 4, 2, 130, 130, 64, SINK_WIN, seed=3)  # same shape class: cached in memory
+        autotune.clear_memory()
+        _run_case(1, 4, 2, 130, 130, 64, SINK_WIN, seed=4)  # fresh memory: read back from the file
+        assert len(calls) == len(fwd_ms) + len(bwd_ms)
+    finally:
+        autotune.clear_memory()
+
+
+def dataclasses_asdict(obj):
+    import dataclasses
+
+    return dataclasses.asdict(obj)
