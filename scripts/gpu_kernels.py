@@ -31,6 +31,8 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--tune", action="store_true", help="time candidate kernel configs first and keep the fastest")
     ap.add_argument("--sizes", default="", help="comma-separated sequence lengths for the main group")
     ap.add_argument("--tune-dims", default="128,64,256", help="head dims --tune covers")
+    ap.add_argument("--runtime-autotune", action="store_true",
+                    help="time the kernels with HF_SPARSEK_AUTOTUNE on (choices saved to OUT/autotune.json)")
     ap.add_argument("--tma-ab", action="store_true",
                     help="also check and time the kernels with TMA loads off (method sparsek-ptr) beside the default")
     return ap.parse_args()
@@ -41,7 +43,7 @@ if ARGS.cpu_smoke:
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
-from hf_sparsek.kernels import tma  # noqa: E402
+from hf_sparsek.kernels import autotune, tma  # noqa: E402
 from hf_sparsek.kernels.attention_bwd import BWD_CANDIDATES, BWD_CONFIGS  # noqa: E402
 from hf_sparsek.kernels.attention_fwd import FWD_CANDIDATES, FWD_CONFIGS  # noqa: E402
 
@@ -479,6 +481,10 @@ def table() -> str:
 def main() -> int:
     os.makedirs(ARGS.out, exist_ok=True)
     RESULTS["env"] = environment()
+    if ARGS.runtime_autotune:  # each shape class tunes on its first (warm-up) call; the timings then use the choice
+        os.environ["HF_SPARSEK_AUTOTUNE_CACHE"] = os.path.join(ARGS.out, "autotune.json")
+        autotune.clear_memory()
+        autotune.ENABLED = True
     RESULTS["args"] = vars(ARGS)
     print(json.dumps(RESULTS["env"]))
     ok = True
