@@ -402,8 +402,10 @@ def adapt(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
             tag = f"{kind}_{name}"
             # A pattern's sparse run starts only if its dense run is expected to fit too (a pair or nothing).
             expected = durations.get(kind, 0.0) + (durations.get("dense", 0.0) if kind == "sparse" else 0.0)
-            # The dense run still goes when its sparse run failed: it needs only the forward under the pattern.
-            if time.time() + expected > deadline:
+            # The dense run still goes when its sparse run failed (it needs only the forward under the pattern), not
+            # when the sparse run was skipped for time: half a pair answers nothing and spends device time.
+            skipped_pair = kind == "dense" and "skipped" in result["runs"].get(f"sparse_{name}", {})
+            if skipped_pair or time.time() + expected > deadline:
                 result["runs"][tag] = {"skipped": f"time budget ({args.budget_s:.0f} s)"}
                 print(f"== {tag}: skipped (time budget)", flush=True)
                 continue

@@ -253,3 +253,45 @@ def test_split_plays_keeps_order_and_refuses_unknown_names():
     assert gf.split_plays(["a", "b", "c", "d"], ["c", "a"]) == (["b", "d"], ["a", "c"])
     with pytest.raises(ValueError, match="not in the corpus"):
         gf.split_plays(["a", "b"], ["hamlet"])
+
+
+def test_adapt_runs_pairs_and_skips_half_pairs_for_time(tiny_dir, tmp_path, monkeypatch):
+    """The driver runs each pattern's sparse- and dense-trained fine-tunes; when a pattern's sparse run does not
+    fit the time budget its dense run is skipped too (half a pair answers nothing), while a failed sparse run
+    still lets the dense one go."""
+    import argparse
+    import types
+
+    from hf_sparsek.scripts import gpu_finetune as gf
+
+    clock = types.SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(gf, "time", types.SimpleNamespace(time=lambda: clock.now))
+    cost = {"sparse": 100.0, "dense": 50.0}
+    launched = []
+
+    def fake_run(cmd, stdout=None, stderr=None):
+        out = Path(cmd[cmd.index("--output-dir") + 1])
+        kind = "sparse" if cmd[cmd.index("--attn") + 1] == "sparsek" else "dense"
+        launched.append(out.name)
+        clock.now += cost[kind]
+        if out.name == "sparse_P2":
+            return types.SimpleNamespace(returncode=1)
+        out.mkdir(parents=True)
+        m = _metrics("sparsek" if kind == "sparse" else "sdpa", (50.0, 40.0), (42.0, 36.0))
+        (out / "metrics.json").write_text(json.dumps(m))
+        return types.SimpleNamespace(returncode=0)
+
+    monkeypatch.setattr(gf.subprocess, "run", fake_run)
+    torch.save([list(range(1, 40)), list(range(2, 60))], tmp_path / "docs.pt")
+    pat = json.dumps(PATTERN.to_dict())
+    args = argparse.Namespace(
+        model=tiny_dir, train_data=str(tmp_path / "docs.pt"), eval_data=str(tmp_path / "docs.pt"), seq_len=64,
+        max_steps=2, lr=1e-3, warmup_steps=0, lora_r=4, lora_alpha=8, lora_targets="q_proj", dtype="fp32",
+        logging_steps=1, eval_max_windows=None, cpu=True, work=str(tmp_path / "work"), budget_s=420.0,
+        patterns=[f"P1={pat}", f"P2={pat}", f"P3={pat}"])
+    result = gf.adapt(args)
+    # P1 pair: 150 s; P2: sparse fails, its dense still runs (300 s in all); P3's sparse (expected 150 s) no longer
+    # fits 420 s, and its dense run, which would fit alone, is skipped with it.
+    assert launched == ["sparse_P1", "dense_P1", "sparse_P2", "dense_P2"]
+    assert "skipped" in result["runs"]["sparse_P3"] and "skipped" in result["runs"]["dense_P3"]
+    assert "P1" in result["summary"] and "P2" not in result["summary"]
