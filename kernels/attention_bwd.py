@@ -253,9 +253,9 @@ def _attn_bwd_dq_kernel(
         raw = tl.load(PT + irow * p_width + it // N_SUB_N)
         selected = raw < 0
         n = tl.where(selected, -raw - 1, raw)
-        k_abs = (kb0 + n) * BLOCK + (it % N_SUB_N) * BLOCK_N + kk
-        t0 = (kb0 + n) * BLOCK + (it % N_SUB_N) * BLOCK_N - kv_offset
-        k_t = k_abs - kv_offset
+        t0 = (kb0 + n) * BLOCK + (it % N_SUB_N) * BLOCK_N - kv_offset  # first key row of the tile (storage)
+        k_t = t0 + kk
+        k_abs = k_t + kv_offset
         k_in = (k_t >= 0) & (k_t < kv_len)
         k = load_rows(k_desc, k_base, t0, k_t, s_kt, d, k_in, True, USE_TMA)
         v = load_rows(v_desc, v_base, t0, k_t, s_vt, d, k_in, True, USE_TMA)
