@@ -22,6 +22,16 @@ def _plt():
     return plt
 
 
+def _finish_ppl_axes(fig: Any, ax: Any, path: str, xlabel: str, title: str) -> str:
+    """Labels, grid and legend of a perplexity plot, then save it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("perplexity")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def ppl_vs_context(rows: list[dict[str, Any]], path: str, title: str = "") -> str:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -29,12 +39,7 @@ def ppl_vs_context(rows: list[dict[str, Any]], path: str, title: str = "") -> st
         pts = sorted((r["context"], r["ppl"]) for r in rows if r["pattern"] == pattern)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=pattern)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("perplexity")
-    ax.set_title(title or "PPL vs context length")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return _save(fig, path)
+    return _finish_ppl_axes(fig, ax, path, "context length (tokens)", title or "PPL vs context length")
 
 
 def ppl_vs_density(rows: list[dict[str, Any]], path: str, title: str = "") -> str:
@@ -45,12 +50,8 @@ def ppl_vs_density(rows: list[dict[str, Any]], path: str, title: str = "") -> st
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="none", label=f"{context} tokens")
         for d, p, name in pts:
             ax.annotate(name, (d, p), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("density (attended / causal pairs, full-attention layers)")
-    ax.set_ylabel("perplexity")
-    ax.set_title(title or "PPL vs density")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return _save(fig, path)
+    return _finish_ppl_axes(fig, ax, path, "density (attended / causal pairs, full-attention layers)",
+                            title or "PPL vs density")
 
 
 def needle_heatmap(rows: list[dict[str, Any]], path: str, title: str = "") -> str:

@@ -194,6 +194,40 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.jit
+def _dq_step(
+    dq, q, do, lse, delta, k_desc, k_base, v_desc, v_base, t0, kk, d, q_abs, q_t, b, selected,
+    KSEG, QSEG, KRANK, s_kt, s_vt, s_kseg_b, s_qseg_b, s_krank_b, q_len, kv_len, kv_offset, sink, window,
+    qk_mul, cap2, MASKED: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
+    HAS_KSEG: tl.constexpr, HAS_QSEG: tl.constexpr, HAS_KRANK: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    """One key tile (first storage row ``t0``) of the query-major dQ pass: recompute P and dP, accumulate dS.K
+    (unscaled); MASKED applies the partial tile's element mask."""
+    k_t = t0 + kk
+    k_in = (k_t >= 0) & (k_t < kv_len)
+    k = load_rows(k_desc, k_base, t0, k_t, s_kt, d, k_in, MASKED, USE_TMA)
+    v = load_rows(v_desc, v_base, t0, k_t, s_vt, d, k_in, MASKED, USE_TMA)
+    qk = _dot(q, tl.trans(k), IEEE)
+    if SOFTCAP:
+        th = tanh_f32(qk * qk_mul)
+        s = cap2 * th
+    else:
+        s = qk * qk_mul
+    if MASKED:
+        keep = element_mask(
+            q_abs[:, None], (k_t + kv_offset)[None, :], q_t[:, None], k_t[None, :], b, selected,
+            KSEG, QSEG, KRANK, s_kseg_b, s_qseg_b, s_krank_b, q_len, kv_len, sink, window,
+            HAS_KSEG, HAS_QSEG, HAS_KRANK,
+        )
+        s = tl.where(keep, s, float("-inf"))
+    p = tl.exp2(s - lse[:, None])
+    dp = _dot(do, tl.trans(v), IEEE)
+    ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - th * th)
+    return _dot_acc(ds.to(k.dtype), k, dq, IEEE)
+
+
+@triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     FC, FT, PC, PT,
@@ -233,50 +267,21 @@ def _attn_bwd_dq_kernel(
     for it in range(0, f_cnt * N_SUB_N):
         n = tl.load(FT + irow * f_width + it // N_SUB_N)
         t0 = (kb0 + n) * BLOCK + (it % N_SUB_N) * BLOCK_N - kv_offset
-        k_t = t0 + kk
-        k = load_rows(k_desc, k_base, t0, k_t, s_kt, d, k_t, False, USE_TMA)
-        v = load_rows(v_desc, v_base, t0, k_t, s_vt, d, k_t, False, USE_TMA)
-        qk = _dot(q, tl.trans(k), IEEE)
-        if SOFTCAP:
-            th = tanh_f32(qk * qk_mul)
-            s = cap2 * th
-        else:
-            s = qk * qk_mul
-        p = tl.exp2(s - lse[:, None])
-        dp = _dot(do, tl.trans(v), IEEE)
-        ds = p * (dp - delta[:, None])
-        if SOFTCAP:
-            ds = ds * (1.0 - th * th)
-        dq = _dot_acc(ds.to(k.dtype), k, dq, IEEE)
-
+        dq = _dq_step(
+            dq, q, do, lse, delta, k_desc, k_base, v_desc, v_base, t0, kk, d, q_abs, q_t, b, False,
+            KSEG, QSEG, KRANK, s_kt, s_vt, s_kseg_b, s_qseg_b, s_krank_b, q_len, kv_len, kv_offset, sink, window,
+            qk_mul, cap2, False, SOFTCAP, IEEE, HAS_KSEG, HAS_QSEG, HAS_KRANK, USE_TMA,
+        )
     for it in range(0, p_cnt * N_SUB_N):
         raw = tl.load(PT + irow * p_width + it // N_SUB_N)
         selected = raw < 0
         n = tl.where(selected, -raw - 1, raw)
-        t0 = (kb0 + n) * BLOCK + (it % N_SUB_N) * BLOCK_N - kv_offset  # first key row of the tile (storage)
-        k_t = t0 + kk
-        k_abs = k_t + kv_offset
-        k_in = (k_t >= 0) & (k_t < kv_len)
-        k = load_rows(k_desc, k_base, t0, k_t, s_kt, d, k_in, True, USE_TMA)
-        v = load_rows(v_desc, v_base, t0, k_t, s_vt, d, k_in, True, USE_TMA)
-        qk = _dot(q, tl.trans(k), IEEE)
-        if SOFTCAP:
-            th = tanh_f32(qk * qk_mul)
-            s = cap2 * th
-        else:
-            s = qk * qk_mul
-        keep = element_mask(
-            q_abs[:, None], k_abs[None, :], q_t[:, None], k_t[None, :], b, selected,
-            KSEG, QSEG, KRANK, s_kseg_b, s_qseg_b, s_krank_b, q_len, kv_len, sink, window,
-            HAS_KSEG, HAS_QSEG, HAS_KRANK,
+        t0 = (kb0 + n) * BLOCK + (it % N_SUB_N) * BLOCK_N - kv_offset
+        dq = _dq_step(
+            dq, q, do, lse, delta, k_desc, k_base, v_desc, v_base, t0, kk, d, q_abs, q_t, b, selected,
+            KSEG, QSEG, KRANK, s_kt, s_vt, s_kseg_b, s_qseg_b, s_krank_b, q_len, kv_len, kv_offset, sink, window,
+            qk_mul, cap2, True, SOFTCAP, IEEE, HAS_KSEG, HAS_QSEG, HAS_KRANK, USE_TMA,
         )
-        s = tl.where(keep, s, float("-inf"))
-        p = tl.exp2(s - lse[:, None])
-        dp = _dot(do, tl.trans(v), IEEE)
-        ds = p * (dp - delta[:, None])
-        if SOFTCAP:
-            ds = ds * (1.0 - th * th)
-        dq = _dot_acc(ds.to(k.dtype), k, dq, IEEE)
 
     dq = dq * scale
     tl.store(DQ + b * s_dqb + hq[:, None] * s_dqh + q_t[:, None] * s_dqt + d[None, :], dq.to(DQ.dtype.element_ty),
