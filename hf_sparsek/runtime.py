@@ -14,21 +14,16 @@ class RuntimeSettings:
     """``backend``: "auto" | "triton" | "reference" for sparse layers.
     ``dense_via_sdpa``: dense layers (and sequences under ``min_sparse_len``) run torch SDPA; False forces them
     through the sparse code with a dense pattern (tests use this to compare the two paths).
-    ``deterministic``: the Triton backward gives bit-identical gradients run to run (dQ in its own query-major
-    pass). False folds dQ into the key-major dK/dV pass with fp32 atomics: 5 instead of 7 matmuls per attended
-    tile pair, faster training, but dQ (and so the weights' gradients) varies in the last bits between runs.
     """
 
     backend: str = "auto"
     dense_via_sdpa: bool = True
-    deterministic: bool = True
 
     def __post_init__(self) -> None:
         if self.backend not in _BACKENDS:
             raise ValueError(f"backend={self.backend!r}; supported: {_BACKENDS}")
-        for name in ("dense_via_sdpa", "deterministic"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.dense_via_sdpa, bool):
+            raise ValueError(f"dense_via_sdpa must be a bool, got {self.dense_via_sdpa!r}")
 
 
 _current = RuntimeSettings()

@@ -15,7 +15,6 @@ import torch
 from .block_index import BlockIndex, _transpose_lists
 from .kernels.attention_bwd import attention_backward
 from .kernels.attention_fwd import FWD_CONFIGS, attention_forward
-from .runtime import get_settings
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LN2 = 0.6931471805599453
@@ -58,10 +57,8 @@ def block_sparse_attn_fwd(
     t_part_count: torch.Tensor | None, t_part_tiles: torch.Tensor | None,
     k_seg: torch.Tensor | None, q_seg: torch.Tensor | None, k_rank: torch.Tensor | None,
     block: int, q_offset: int, kv_offset: int, sink: int, window: int, scale: float, softcap: float,
-    deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward: (O, log2-domain LSE). The transposed lists and ``deterministic`` are only carried for the
-    backward."""
+    """Forward: (O, log2-domain LSE). The transposed lists are only carried for the backward."""
     with _on_device_of(q):
         return attention_forward(
             q, k, v, full_count, full_tiles, part_count, part_tiles, k_seg, q_seg, k_rank,
@@ -71,7 +68,7 @@ def block_sparse_attn_fwd(
 
 @block_sparse_attn_fwd.register_fake
 def _(q, k, v, full_count, full_tiles, part_count, part_tiles, t_full_count, t_full_tiles, t_part_count,
-      t_part_tiles, k_seg, q_seg, k_rank, block, q_offset, kv_offset, sink, window, scale, softcap, deterministic):
+      t_part_tiles, k_seg, q_seg, k_rank, block, q_offset, kv_offset, sink, window, scale, softcap):
     batch, hq, q_len, _ = q.shape
     return torch.empty_like(q), q.new_empty((batch, hq, q_len), dtype=torch.float32)
 
@@ -84,7 +81,6 @@ def block_sparse_attn_bwd(
     t_part_count: torch.Tensor | None, t_part_tiles: torch.Tensor | None,
     k_seg: torch.Tensor | None, q_seg: torch.Tensor | None, k_rank: torch.Tensor | None,
     block: int, q_offset: int, kv_offset: int, sink: int, window: int, scale: float, softcap: float,
-    deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: (dQ, dK, dV); builds the key-major lists here when the forward did not carry them."""
     if t_full_count is None or t_full_tiles is None or t_part_count is None or t_part_tiles is None:
@@ -95,14 +91,13 @@ def block_sparse_attn_bwd(
         return attention_backward(
             do, q, k, v, o, lse, full_count, full_tiles, part_count, part_tiles,
             t_full_count, t_full_tiles, t_part_count, t_part_tiles, k_seg, q_seg, k_rank,
-            block, q_offset, kv_offset, sink, window, scale, softcap, deterministic=deterministic,
+            block, q_offset, kv_offset, sink, window, scale, softcap,
         )
 
 
 @block_sparse_attn_bwd.register_fake
 def _(do, q, k, v, o, lse, full_count, full_tiles, part_count, part_tiles, t_full_count, t_full_tiles,
-      t_part_count, t_part_tiles, k_seg, q_seg, k_rank, block, q_offset, kv_offset, sink, window, scale, softcap,
-      deterministic):
+      t_part_count, t_part_tiles, k_seg, q_seg, k_rank, block, q_offset, kv_offset, sink, window, scale, softcap):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -143,7 +138,7 @@ def triton_block_sparse_attention(
         q, k, v, index.full_count.contiguous(), index.full_tiles.contiguous(), index.part_count.contiguous(),
         index.part_tiles.contiguous(), *trans, _i32(index.k_seg), _i32(index.q_seg), _i32(index.k_rank),
         int(index.block_size), int(index.q_offset), int(index.kv_offset), int(index.sink_tokens),
-        int(index.window or 0), float(scale), float(softcap or 0.0), bool(get_settings().deterministic),
+        int(index.window or 0), float(scale), float(softcap or 0.0),
     )
     if return_lse:
         return out, lse * LN2

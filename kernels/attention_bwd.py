@@ -3,11 +3,7 @@
 * ``delta = rowsum(dO * O)`` (fp32), computed by a small kernel;
 * dK/dV key-major: one program owns ``BLOCK_N`` keys of one KV head and walks the query tiles of the transposed
   index (``BlockIndex.transposed()``), for every query head of its group, so each dK/dV element has one writer;
-* dQ query-major over the forward lists, with the same head packing as the forward; or, with
-  ``deterministic=False``, dQ folded into the key-major pass: each step adds its (rows x head dim) share to an fp32
-  buffer, through TMA bulk reductions on Hopper (``cp.reduce.async.bulk``: one asynchronous L2 reduction per tile,
-  as FlashAttention 3 does) or element atomics elsewhere. 5 instead of 7 matmuls per tile pair; dQ's rounding then
-  depends on the order the reductions land, dK/dV stay deterministic.
+* dQ query-major over the forward lists, with the same head packing as the forward.
 
 Probabilities are recomputed from the forward's log2-domain LSE; partial tiles apply the same element mask.
 """
@@ -25,7 +21,7 @@ from . import autotune
 from .attention_fwd import _dot, _dot_acc, _next_pow2, index_strides, score_constants, seg_args
 from .bwd_split import reduce_split, split_key_lists
 from .common import element_mask, kv_descriptors, load_rows, query_tile_rows, tanh_f32
-from .tma import ensure_allocator, interpreting, use_tma
+from .tma import ensure_allocator, use_tma
 
 # Entries per dK/dV program before a key tile's list is split (None: automatic, see bwd_split). Tests set it low.
 SPLIT_CHUNK: int | None = None
@@ -52,11 +48,6 @@ BWD_CONFIGS: dict[int, BwdConfig] = {
     128: BwdConfig(128, 64, 8, 3, 128, 64, 8, 3),
     256: BwdConfig(32, 64, 4, 2, 64, 32, 4, 2),
 }
-# deterministic=False: dQ fused into the key-major pass (only the kv_* fields are used).
-FUSED_BWD_CONFIGS: dict[int, BwdConfig] = dict(BWD_CONFIGS)
-# How the fused pass adds dQ: None picks TMA bulk reductions where TMA runs (Hopper, aligned fp16/bf16, not the
-# interpreter, which lacks them), else element atomics; "tma" / "atomic" force one (scripts/gpu_kernels.py A/B).
-DQ_REDUCE: str | None = None
 # What opt-in runtime tuning (kernels/autotune.py) and scripts/gpu_kernels.py --tune try, per head dim.
 BWD_CANDIDATES: dict[int, list[BwdConfig]] = {
     64: [BwdConfig(64, 64, 4, 3, 64, 64, 4, 3), BwdConfig(128, 64, 8, 3, 128, 64, 8, 3),
@@ -88,28 +79,19 @@ def _dkdv_step(
     dk, dv, k, v, k_abs, k_t, mt, selected, rem, b, hkv,
     Q, DO, LSE, DELTA, KSEG, QSEG, KRANK, s_qb, s_qh, s_qt, s_db, s_dh, s_dt, s_lb, s_lh,
     s_kseg_b, s_qseg_b, s_krank_b, Hkv, G, q_len, kv_len, q_offset, sink, window, qk_mul, cap2,
-    q_desc, do_desc, DQ_ACC, dq_desc, scale,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
     SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
     HAS_KSEG: tl.constexpr, HAS_QSEG: tl.constexpr, HAS_KRANK: tl.constexpr,
-    USE_TMA: tl.constexpr, FUSE_DQ: tl.constexpr, DQ_TMA: tl.constexpr,
 ):
-    """One (query tile, row block, query head) visit of a key block: accumulate dK (unscaled) and dV; with
-    FUSE_DQ also add this key block's share of dQ (scaled) to the fp32 ``DQ_ACC``. USE_TMA loads the query rows
-    through per-batch 3-D descriptors ([head, row, dim]; rows outside the sequence read 0)."""
+    """One (query tile, row block, query head) visit of a key block: accumulate dK (unscaled) and dV."""
     h = rem % G
-    t_first = (q_offset // BLOCK + mt) * BLOCK + (rem // G) * BLOCK_M - q_offset
-    q_t = t_first + tl.arange(0, BLOCK_M)
-    q_abs = q_t + q_offset
+    q_abs = (q_offset // BLOCK + mt) * BLOCK + (rem // G) * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_t = q_abs - q_offset
     q_ok = (q_t >= 0) & (q_t < q_len)
     hq = hkv * G + h
     d = tl.arange(0, HEAD_DIM)
-    if USE_TMA:
-        q = tl.reshape(q_desc.load([hq.to(tl.int32), t_first.to(tl.int32), 0]), [BLOCK_M, HEAD_DIM])
-        do = tl.reshape(do_desc.load([hq.to(tl.int32), t_first.to(tl.int32), 0]), [BLOCK_M, HEAD_DIM])
-    else:
-        q = tl.load(Q + b * s_qb + hq * s_qh + q_t[:, None] * s_qt + d[None, :], mask=q_ok[:, None], other=0.0)
-        do = tl.load(DO + b * s_db + hq * s_dh + q_t[:, None] * s_dt + d[None, :], mask=q_ok[:, None], other=0.0)
+    q = tl.load(Q + b * s_qb + hq * s_qh + q_t[:, None] * s_qt + d[None, :], mask=q_ok[:, None], other=0.0)
+    do = tl.load(DO + b * s_db + hq * s_dh + q_t[:, None] * s_dt + d[None, :], mask=q_ok[:, None], other=0.0)
     lse = tl.load(LSE + b * s_lb + hq * s_lh + q_t, mask=q_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(DELTA + (b * Hkv * G + hq) * q_len + q_t, mask=q_ok, other=0.0)
@@ -133,14 +115,6 @@ def _dkdv_step(
     if SOFTCAP:
         ds = ds * (1.0 - th * th)
     dk = _dot_acc(ds.to(q.dtype), q, dk, IEEE)
-    if FUSE_DQ:
-        dq = _dot(tl.trans(ds.to(k.dtype)), k, IEEE) * scale  # (BLOCK_M, HEAD_DIM)
-        if DQ_TMA:  # one asynchronous bulk reduction into L2; rows outside [0, q_len) are dropped by the box
-            bh_q = (b * Hkv * G + hq).to(tl.int32)
-            dq_desc.atomic_add([bh_q, t_first.to(tl.int32), 0], tl.reshape(dq, [1, BLOCK_M, HEAD_DIM]))
-        else:
-            row = (b * Hkv * G + hq) * q_len + q_t
-            tl.atomic_add(DQ_ACC + row[:, None] * HEAD_DIM + d[None, :], dq, mask=q_ok[:, None], sem="relaxed")
     return dk, dv
 
 
@@ -148,7 +122,7 @@ def _dkdv_step(
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     FC, FT, PC, PT,
-    VT, VS, SCR_K, SCR_V, s_sb, s_sh, s_ss, DQ_ACC,
+    VT, VS, SCR_K, SCR_V, s_sb, s_sh, s_ss,
     KSEG, QSEG, KRANK,
     s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_db, s_dh, s_dt, s_lb, s_lh,
     s_dkb, s_dkh, s_dkt, s_dvb, s_dvh, s_dvt,
@@ -158,7 +132,6 @@ def _attn_bwd_dkdv_kernel(
     BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
     HAS_KSEG: tl.constexpr, HAS_QSEG: tl.constexpr, HAS_KRANK: tl.constexpr, SPLIT: tl.constexpr,
-    USE_TMA: tl.constexpr, FUSE_DQ: tl.constexpr, DQ_TMA: tl.constexpr,
 ):
     N_SUB_N: tl.constexpr = BLOCK // BLOCK_N
     N_SUB_M: tl.constexpr = BLOCK // BLOCK_M
@@ -181,16 +154,6 @@ def _attn_bwd_dkdv_kernel(
     v = tl.load(V + b * s_vb + hkv * s_vh + k_t[:, None] * s_vt + d[None, :], mask=k_in[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    q_desc, do_desc, dq_desc = Q, DO, DQ_ACC
-    if USE_TMA:  # [query head, row, dim] of this batch row, for any (B, H, S, D) strides
-        q_desc = tl.make_tensor_descriptor(Q + b * s_qb, shape=[Hkv * G, q_len, HEAD_DIM], strides=[s_qh, s_qt, 1],
-                                           block_shape=[1, BLOCK_M, HEAD_DIM])
-        do_desc = tl.make_tensor_descriptor(DO + b * s_db, shape=[Hkv * G, q_len, HEAD_DIM],
-                                            strides=[s_dh, s_dt, 1], block_shape=[1, BLOCK_M, HEAD_DIM])
-    if DQ_TMA:  # the fp32 accumulator as [batch x head, row, dim]
-        dq_desc = tl.make_tensor_descriptor(DQ_ACC, shape=[tl.num_programs(1) * G, q_len, HEAD_DIM],
-                                            strides=[q_len * HEAD_DIM, HEAD_DIM, 1],
-                                            block_shape=[1, BLOCK_M, HEAD_DIM])
 
     f_cnt = tl.load(FC + irow)
     p_cnt = tl.load(PC + irow)
@@ -201,8 +164,7 @@ def _attn_bwd_dkdv_kernel(
             dk, dv, k, v, k_abs, k_t, mt, False, it % per_tile, b, hkv,
             Q, DO, LSE, DELTA, KSEG, QSEG, KRANK, s_qb, s_qh, s_qt, s_db, s_dh, s_dt, s_lb, s_lh,
             s_kseg_b, s_qseg_b, s_krank_b, Hkv, G, q_len, kv_len, q_offset, sink, window, qk_mul, cap2,
-            q_desc, do_desc, DQ_ACC, dq_desc, scale,
-            BLOCK, BLOCK_M, HEAD_DIM, False, SOFTCAP, IEEE, HAS_KSEG, HAS_QSEG, HAS_KRANK, USE_TMA, FUSE_DQ, DQ_TMA,
+            BLOCK, BLOCK_M, HEAD_DIM, False, SOFTCAP, IEEE, HAS_KSEG, HAS_QSEG, HAS_KRANK,
         )
     for it in range(0, p_cnt * per_tile):
         raw = tl.load(PT + irow * p_width + it // per_tile)
@@ -212,8 +174,7 @@ def _attn_bwd_dkdv_kernel(
             dk, dv, k, v, k_abs, k_t, mt, selected, it % per_tile, b, hkv,
             Q, DO, LSE, DELTA, KSEG, QSEG, KRANK, s_qb, s_qh, s_qt, s_db, s_dh, s_dt, s_lb, s_lh,
             s_kseg_b, s_qseg_b, s_krank_b, Hkv, G, q_len, kv_len, q_offset, sink, window, qk_mul, cap2,
-            q_desc, do_desc, DQ_ACC, dq_desc, scale,
-            BLOCK, BLOCK_M, HEAD_DIM, True, SOFTCAP, IEEE, HAS_KSEG, HAS_QSEG, HAS_KRANK, USE_TMA, FUSE_DQ, DQ_TMA,
+            BLOCK, BLOCK_M, HEAD_DIM, True, SOFTCAP, IEEE, HAS_KSEG, HAS_QSEG, HAS_KRANK,
         )
 
     dk = dk * scale
@@ -333,12 +294,9 @@ def attention_backward(
     t_full_count: torch.Tensor, t_full_tiles: torch.Tensor, t_part_count: torch.Tensor, t_part_tiles: torch.Tensor,
     k_seg: torch.Tensor | None, q_seg: torch.Tensor | None, k_rank: torch.Tensor | None,
     block: int, q_offset: int, kv_offset: int, sink: int, window: int, scale: float, softcap: float,
-    config: BwdConfig | None = None, deterministic: bool = True,
+    config: BwdConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch delta, dK/dV and dQ kernels; ``lse`` is the forward's log2-domain LSE. Returns dq, dk, dv.
-
-    ``deterministic=False`` folds dQ into the key-major pass (see the module docstring): no dQ kernel, dQ summed
-    in fp32 in an order that varies run to run; dK and dV stay deterministic."""
+    """Launch delta, dK/dV and dQ kernels; ``lse`` is the forward's log2-domain LSE. Returns dq, dk, dv."""
     batch, hq, q_len, dim = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     group = hq // hkv
@@ -377,33 +335,20 @@ def attention_backward(
         SOFTCAP=bool(softcap), IEEE=ieee,
         HAS_KSEG=k_seg is not None, HAS_QSEG=q_seg is not None, HAS_KRANK=k_rank is not None,
     )
+    dq = torch.empty_like(q)
     n_q = full_count.shape[2]
     tma = use_tma(k, v)
-    tma_rows = use_tma(q, do)
-    fuse = not deterministic
-    dq_tma = fuse and (DQ_REDUCE == "tma" or (DQ_REDUCE is None and tma_rows and not interpreting()))
-    if DQ_REDUCE not in (None, "tma", "atomic"):
-        raise ValueError(f"DQ_REDUCE={DQ_REDUCE!r}; supported: None, 'tma', 'atomic'")
-    if dq_tma and (interpreting() or not q.is_cuda):
-        raise ValueError("DQ_REDUCE='tma' needs a CUDA GPU with TMA (Hopper or newer); the Triton interpreter has "
-                         "no bulk reductions: use None or 'atomic'")
-    if tma or tma_rows or dq_tma:
+    if tma:
         ensure_allocator()
-    dq_acc = torch.empty(q.shape, device=q.device, dtype=torch.float32) if fuse else None
-    dq = dq_acc if fuse else torch.empty_like(q)
 
     def launch(cfg: BwdConfig) -> None:
-        """dK/dV (key-major, then the split reduction) and dQ (query-major, or fused: into a zeroed fp32 buffer)
-        with one config."""
-        if fuse:
-            dq_acc.zero_()
+        """dK/dV (key-major, then the split reduction) and dQ (query-major) with one config."""
         kv_block_n = min(cfg.kv_block_n, block)
         kv_block_m = min(cfg.kv_block_m, block)
         _attn_bwd_dkdv_kernel[(n_k * (block // kv_block_n), batch * hkv)](
             q, k, v, do, lse, delta, dk, dv,
             t_full_count, t_full_tiles, t_part_count, t_part_tiles,
             vt, vs, scr_k, scr_v, scr_k.stride(0), scr_k.stride(1), scr_k.stride(2),
-            t_full_count if dq_acc is None else dq_acc,
             ks, qs, kr,
             *common_strides,
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
@@ -411,13 +356,11 @@ def attention_backward(
             hkv, group, q_len, kv_len, q_offset, kv_offset, sink, window,
             qk_mul, cap2, scale,
             BLOCK=block, BLOCK_N=kv_block_n, BLOCK_M=kv_block_m, HEAD_DIM=dim, **flags, SPLIT=split is not None,
-            USE_TMA=tma_rows, FUSE_DQ=fuse, DQ_TMA=dq_tma, num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
+            num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
         )
         if split is not None:
             reduce_split(split, scr_k, dk, kv_offset, block)
             reduce_split(split, scr_v, dv, kv_offset, block)
-        if fuse:
-            return
         block_m = min(cfg.q_block_m, block * _next_pow2(group))
         sub_m = min(block, block_m, max(16, _next_pow2(q_len)))
         hpp = max(1, min(_next_pow2(group), block_m // sub_m))
@@ -436,12 +379,8 @@ def attention_backward(
             num_warps=cfg.q_warps, num_stages=cfg.q_stages,
         )
 
-    defaults = FUSED_BWD_CONFIGS if fuse else BWD_CONFIGS
     if config is None and autotune.ENABLED:
-        kind = "bwd-fused" if fuse else "bwd"
-        key = autotune.shape_key(kind, q, k, block, full_tiles.shape[-1] + part_tiles.shape[-1])
-        config = autotune.choose(key, BWD_CANDIDATES[dim], defaults[dim], launch)
-    launch(config or defaults[dim])
-    if fuse:
-        return dq_acc.to(q.dtype), dk, dv
+        key = autotune.shape_key("bwd", q, k, block, full_tiles.shape[-1] + part_tiles.shape[-1])
+        config = autotune.choose(key, BWD_CANDIDATES[dim], BWD_CONFIGS[dim], launch)
+    launch(config or BWD_CONFIGS[dim])
     return dq, dk, dv

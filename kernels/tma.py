@@ -22,8 +22,7 @@ AUTO_HEAD_DIMS = (64, 128)
 _ALIGN = 16  # bytes: TMA base address and every stride but the last
 
 
-def interpreting() -> bool:
-    """True when Triton runs in its CPU interpreter (TRITON_INTERPRET=1)."""
+def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -44,8 +43,8 @@ def use_tma(*tensors: torch.Tensor) -> bool:
     if USE_TMA is False or not aligned(*tensors):
         return False
     if USE_TMA is True:
-        return first.is_cuda or interpreting()
-    if not first.is_cuda or interpreting() or first.dtype not in (torch.float16, torch.bfloat16):
+        return first.is_cuda or _interpreting()
+    if not first.is_cuda or _interpreting() or first.dtype not in (torch.float16, torch.bfloat16):
         return False
     if first.shape[-1] not in AUTO_HEAD_DIMS:
         return False
@@ -53,7 +52,7 @@ def use_tma(*tensors: torch.Tensor) -> bool:
 
 
 def _torch_alloc(size: int, alignment: int, stream: int | None) -> torch.Tensor:
-    device = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+    device = "cuda" if torch.cuda.is_available() and not _interpreting() else "cpu"
     return torch.empty(size, dtype=torch.int8, device=device)
 
 

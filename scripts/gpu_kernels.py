@@ -33,12 +33,6 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--tune-dims", default="128,64,256", help="head dims --tune covers")
     ap.add_argument("--runtime-autotune", action="store_true",
                     help="time the kernels with HF_SPARSEK_AUTOTUNE on (choices saved to OUT/autotune.json)")
-    ap.add_argument("--tune-kinds", default="fwd,fwdbwd", help="what --tune covers: fwd, fwdbwd, fused")
-    ap.add_argument("--fused-dq", action="store_true",
-                    help="also check and time the backward with deterministic=False (method sparsek-fused; with "
-                         "--dq-reduce-ab also its element-atomic variant, sparsek-fused-atomic)")
-    ap.add_argument("--dq-reduce-ab", action="store_true",
-                    help="with --fused-dq: also check and time dQ added with element atomics instead of TMA")
     ap.add_argument("--tma-ab", action="store_true",
                     help="also check and time the kernels with TMA loads off (method sparsek-ptr) beside the default")
     return ap.parse_args()
@@ -49,11 +43,10 @@ if ARGS.cpu_smoke:
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
-from hf_sparsek.kernels import attention_bwd, autotune, tma  # noqa: E402
-from hf_sparsek.kernels.attention_bwd import BWD_CANDIDATES, BWD_CONFIGS, FUSED_BWD_CONFIGS  # noqa: E402
+from hf_sparsek.kernels import autotune, tma  # noqa: E402
+from hf_sparsek.kernels.attention_bwd import BWD_CANDIDATES, BWD_CONFIGS  # noqa: E402
 from hf_sparsek.kernels.attention_fwd import FWD_CANDIDATES, FWD_CONFIGS  # noqa: E402
 
-import hf_sparsek  # noqa: E402
 from hf_sparsek import BlockLayout, SparsePattern  # noqa: E402
 from hf_sparsek.block_index import BlockIndex, attended_pairs, causal_pairs, random_layout_keep  # noqa: E402
 from hf_sparsek.ops import build_index_for  # noqa: E402
@@ -161,34 +154,23 @@ def run_checks() -> bool:
         ("bshd-view-D128-GQA4", 2, 8, 2, s + 9, s + 9, 128, sw, dt, None, 0, True),
         ("bshd-view-chunked-D64", 1, 8, 2, 200 if not ARGS.cpu_smoke else 33, s, 64, sw, dt, None, 0, True),
     ]
-    # (prefix, TMA loads, deterministic, fused dQ reduction): default loads (TMA where the kernels pick it);
-    # --tma-ab: pointer loads, and TMA forced at D=256; --fused-dq: the backward with deterministic=False (TMA bulk
-    # reductions where TMA runs), --dq-reduce-ab: also with element atomics
-    modes = [("", None, True, None)]
-    if ARGS.tma_ab:
-        modes += [("ptr-", False, True, None), ("tma-forced-", True, True, None)]
-    if ARGS.fused_dq:
-        modes += [("fused-", None, False, None)]
-        if ARGS.dq_reduce_ab:
-            modes += [("fused-atomic-", None, False, "atomic")]
+    # default loads (TMA where the kernels pick it), then with --tma-ab the pointer loads, and TMA forced at D=256
+    modes = [("", None)] + ([("ptr-", False), ("tma-forced-", True)] if ARGS.tma_ab else [])
     all_ok = True
-    for prefix, setting, deterministic, dq_reduce in modes:
+    for prefix, setting in modes:
         for case in cases:
             if prefix == "tma-forced-" and case[6] != 256:
                 continue
             name = prefix + case[0]
             tma.USE_TMA = setting
-            attention_bwd.DQ_REDUCE = dq_reduce
             try:
-                with hf_sparsek.settings(deterministic=deterministic):
-                    all_ok &= check_case(name, *case[1:])
+                all_ok &= check_case(name, *case[1:])
             except Exception as exc:  # record and go on
                 all_ok = False
                 RESULTS["errors"].append({"case": name, "error": repr(exc), "trace": traceback.format_exc()[-2000:]})
                 print(f"check {name} ERROR {exc!r}")
             finally:
                 tma.USE_TMA = None
-                attention_bwd.DQ_REDUCE = None
     return all_ok
 
 
@@ -358,20 +340,6 @@ def _bench_case(group, batch, hq, hkv, seq, dim, dtype, patterns, methods=("spar
         if "sparsek" in methods:
             fn = lambda: triton_block_sparse_attention(q, k, v, index, scale)  # noqa: B023
             bench_method(group, case, "sparsek", fn, fwdbwd(fn), pairs, dim, {**ex, "tma": tma.use_tma(k, v)})
-            if ARGS.fused_dq and backward:
-                run = fwdbwd(fn)
-                reductions = [("sparsek-fused", None)] + ([("sparsek-fused-atomic", "atomic")] if ARGS.dq_reduce_ab
-                                                          else [])
-                for method, dq_reduce in reductions:
-                    def fused_fwdbwd(run=run, dq_reduce=dq_reduce):
-                        attention_bwd.DQ_REDUCE = dq_reduce
-                        try:
-                            with hf_sparsek.settings(deterministic=False):
-                                run()
-                        finally:
-                            attention_bwd.DQ_REDUCE = None
-                    bench_method(group, case, method, fn, fused_fwdbwd, pairs, dim,
-                                 {**ex, "tma": tma.use_tma(k, v), "dq_reduce": dq_reduce or "auto"})
             if ARGS.tma_ab and tma.use_tma(k, v):
                 tma.USE_TMA = False
                 try:
@@ -448,7 +416,6 @@ def tune() -> None:
         torch.cuda.empty_cache()
     RESULTS["tuned_fwd"] = {d: repr(c) for d, c in FWD_CONFIGS.items()}
     RESULTS["tuned_bwd"] = {d: repr(c) for d, c in BWD_CONFIGS.items()}
-    RESULTS["tuned_fused_bwd"] = {d: repr(c) for d, c in FUSED_BWD_CONFIGS.items()}
 
 
 def _tune_dim(dim: int, seq: int) -> None:
@@ -462,16 +429,8 @@ def _tune_dim(dim: int, seq: int) -> None:
     index.transposed()
     fn = lambda: triton_block_sparse_attention(q, k, v, index, dim**-0.5)  # noqa: B023
     fb = lambda: torch.autograd.grad(fn(), (q, k, v), d_out)  # noqa: B023
-    def fused():
-        with hf_sparsek.settings(deterministic=False):
-            fb()
-
-    kinds = set(ARGS.tune_kinds.split(","))
     for kind, cands, table, bench in (("fwd", FWD_CANDIDATES, FWD_CONFIGS, fn),
-                                      ("fwdbwd", BWD_CANDIDATES, BWD_CONFIGS, fb),
-                                      ("fused", BWD_CANDIDATES, FUSED_BWD_CONFIGS, fused)):
-        if kind not in kinds:
-            continue
+                                      ("fwdbwd", BWD_CANDIDATES, BWD_CONFIGS, fb)):
         best = None
         for cfg in cands[dim]:
             if _left() < 60:

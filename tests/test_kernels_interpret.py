@@ -237,77 +237,6 @@ def test_deterministic():
         assert torch.equal(a, b)
 
 
-FUSED_DQ_CASES = {
-    "gqa-odd": dict(shape=(2, 8, 2, 131, 131, 64), pattern=SINK_WIN),
-    "mqa-d128-b128": dict(shape=(1, 4, 1, 200, 200, 128), pattern=PATTERNS["sink-window-b128"]),
-    "strided": dict(shape=(1, 4, 2, 200, 200, 64), pattern=PATTERNS["strided"]),
-    "random": dict(shape=(2, 4, 2, 150, 150, 64), pattern=PATTERNS["random"]),
-    "chunked-prefill": dict(shape=(2, 4, 1, 40, 200, 64), pattern=SINK_WIN),
-    "decode": dict(shape=(1, 4, 1, 1, 130, 64), pattern=SINK_WIN),
-    "softcap": dict(shape=(1, 4, 2, 130, 130, 64), pattern=SINK_WIN, softcap=3.0),
-}
-
-
-@pytest.mark.parametrize("name", list(FUSED_DQ_CASES))
-def test_fused_dq_backward_matches_reference(name):
-    """``deterministic=False``: dQ accumulated with atomics inside the key-major pass equals the reference."""
-    import hf_sparsek
-
-    case = FUSED_DQ_CASES[name]
-    with hf_sparsek.settings(deterministic=False):
-        _run_case(*case["shape"], case["pattern"], softcap=case.get("softcap"), seed=7)
-
-
-def test_fused_dq_with_split_lists_and_padding(monkeypatch):
-    """The atomic dQ path composes with split key lists (sink column over many programs) and left padding."""
-    import hf_sparsek.kernels.attention_bwd as bwd
-
-    import hf_sparsek
-
-    monkeypatch.setattr(bwd, "SPLIT_CHUNK", 2)
-    mask = torch.ones(2, 290, dtype=torch.bool)
-    mask[1, :50] = False
-    pattern = SparsePattern(block_size=64, sink_tokens=4, window=30, layout=BlockLayout("strided", stride=3))
-    with hf_sparsek.settings(deterministic=False):
-        _run_case(2, 4, 2, 290, 290, 64, pattern, attention_mask=mask, seed=11)
-
-
-@pytest.mark.parametrize("seq_major", [False, True], ids=["bhsd", "bshd-view"])
-def test_fused_dq_with_tma_row_loads(seq_major, monkeypatch):
-    """Fused dQ with the key-major pass loading query rows through its 3-D descriptors (forced TMA), on chunked
-    prefill (the first row block starts before the chunk: negative box rows read 0) and transformers' views."""
-    from hf_sparsek.kernels import tma
-
-    import hf_sparsek
-
-    monkeypatch.setattr(tma, "USE_TMA", True)
-    with hf_sparsek.settings(deterministic=False):
-        _run_case(2, 4, 2, 40, 200, 64, SINK_WIN, seq_major=seq_major, seed=13)
-
-
-def test_dq_reduce_choice_is_validated(monkeypatch):
-    """A bad DQ_REDUCE value, or TMA bulk reductions where they cannot run (CPU, interpreter), fail clearly."""
-    import hf_sparsek.kernels.attention_bwd as bwd
-
-    import hf_sparsek
-
-    q, k, v = (torch.randn(1, 2, 70, 64, requires_grad=True) for _ in range(3))
-    index = build_index_for(q, k, SINK_WIN)
-    for value, match in (("bulk", "supported: None, 'tma', 'atomic'"), ("tma", "needs a CUDA GPU with TMA")):
-        monkeypatch.setattr(bwd, "DQ_REDUCE", value)
-        with hf_sparsek.settings(deterministic=False):  # read by the forward, carried to the backward
-            out = triton_block_sparse_attention(q, k, v, index, 0.125)
-        with pytest.raises(ValueError, match=match):
-            out.sum().backward()
-
-
-def test_deterministic_setting_is_validated():
-    import hf_sparsek
-
-    with pytest.raises(ValueError, match="deterministic must be a bool"):
-        hf_sparsek.set_settings(deterministic="no")
-
-
 SLOW_CASES = [
     (b, hq, hk, t, t, d)
     for (b, hq, hk) in ((1, 4, 1), (2, 8, 2), (1, 3, 3))
@@ -333,7 +262,7 @@ def test_custom_op_passes_opcheck():
     v = torch.randn(1, 2, 70, 64, requires_grad=True)
     index = build_index_for(q, k, SINK_WIN)
     args = (q, k, v, index.full_count, index.full_tiles, index.part_count, index.part_tiles, *index.transposed(),
-            None, None, None, 64, index.q_offset, index.kv_offset, index.sink_tokens, index.window, 0.125, 0.0, True)
+            None, None, None, 64, index.q_offset, index.kv_offset, index.sink_tokens, index.window, 0.125, 0.0)
     torch.library.opcheck(block_sparse_attn_fwd, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
