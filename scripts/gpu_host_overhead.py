@@ -1,4 +1,5 @@
-"""Host (CPU) time per call of the sparse attention op, with runtime autotuning off and on, plus a profile.
+"""Host (CPU) time per call of the sparse attention op: through the custom op, the eager fast path, and with
+runtime autotuning on; plus a profile.
 
     PYTHONPATH=$PWD python3 scripts/gpu_host_overhead.py [--seq 4096] [--out DIR]
 
@@ -21,7 +22,7 @@ import time
 import torch
 from hf_sparsek.kernels import autotune
 
-from hf_sparsek import SparsePattern
+from hf_sparsek import SparsePattern, triton_ops
 from hf_sparsek.ops import build_index_for
 from hf_sparsek.triton_ops import triton_block_sparse_attention
 
@@ -57,11 +58,11 @@ def main() -> None:
     fwd = lambda: triton_block_sparse_attention(q, k, v, index, 128**-0.5)  # noqa: E731
     fwdbwd = lambda: torch.autograd.grad(fwd(), (q, k, v), d_out)  # noqa: E731
     rows = {}
-    for tuned in (False, True):
+    for name, fast, tuned in (("custom-op", False, False), ("eager", True, False), ("eager+autotune", True, True)):
+        triton_ops.EAGER_FAST_PATH = fast
         autotune.ENABLED = tuned
         os.environ["HF_SPARSEK_AUTOTUNE_CACHE"] = os.path.join(args.out, "autotune_host.json")
         autotune.clear_memory()
-        name = "autotune" if tuned else "defaults"
         rows[name] = {
             "fwd_host_us": _host_us(fwd, args.calls),
             "fwdbwd_host_us": _host_us(fwdbwd, args.calls),
