@@ -9,7 +9,7 @@ result stays deterministic (no atomics). Host-side torch code; the kernel reads 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,6 +34,9 @@ class SplitLists:
     n_slots: int
     heavy_tiles: torch.Tensor  # (Bi, Hi, H) int64 key tiles that were split, -1 padding
     slot_table: torch.Tensor  # (Bi, Hi, H, K) int64 scratch slots of each split tile, -1 padding
+    # reduce_split's index tensors per (batch, heads, kv_len, kv_offset, block, device): built once, so later calls
+    # run without the host synchronisation of boolean-mask indexing (it dominated small backward calls).
+    plans: dict = field(default_factory=dict)
 
 
 def _ceil_div(a: torch.Tensor, b: int) -> torch.Tensor:
@@ -130,9 +133,19 @@ def reduce_split(split: SplitLists, scratch: torch.Tensor, out: torch.Tensor, kv
     gathered = torch.gather(flat, 2, table.clamp(min=0).reshape(batch, hkv, -1, 1).expand(-1, -1, -1, block * dim))
     gathered = gathered.view(batch, hkv, h_max, k_max, block, dim)
     summed = torch.where(valid.view(batch, hkv, h_max, k_max, 1, 1), gathered, 0.0).sum(3)  # fixed order
-    tiles = split.heavy_tiles.expand(batch, hkv, -1)
-    rows = tiles.unsqueeze(-1) * block + torch.arange(block, device=out.device) - kv_offset % block
-    ok = (tiles.unsqueeze(-1) >= 0) & (rows >= 0) & (rows < kv_len)
-    b_idx = torch.arange(batch, device=out.device).view(-1, 1, 1, 1).expand_as(rows)
-    h_idx = torch.arange(hkv, device=out.device).view(1, -1, 1, 1).expand_as(rows)
-    out[b_idx[ok], h_idx[ok], rows[ok]] = summed[ok].to(out.dtype)
+    src, dst = _reduce_plan(split, batch, hkv, kv_len, kv_offset, block, out.device)
+    out.index_put_(dst, summed[src].to(out.dtype))
+
+
+def _reduce_plan(split: SplitLists, batch: int, hkv: int, kv_len: int, kv_offset: int, block: int,
+                 device: torch.device) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """Where each summed row of a split tile comes from (batch, head, heavy slot, row) and goes to (batch, head,
+    key row), keeping rows inside the sequence; cached on ``split``."""
+    key = (batch, hkv, kv_len, kv_offset, block, str(device))
+    if key not in split.plans:
+        tiles = split.heavy_tiles.expand(batch, hkv, -1)
+        rows = tiles.unsqueeze(-1) * block + torch.arange(block, device=device) - kv_offset % block
+        ok = (tiles.unsqueeze(-1) >= 0) & (rows >= 0) & (rows < kv_len)
+        src = tuple(ok.nonzero(as_tuple=True))
+        split.plans[key] = (src, (src[0], src[1], rows[src]))
+    return split.plans[key]

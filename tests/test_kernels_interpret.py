@@ -322,7 +322,8 @@ def test_split_key_lists_keep_gradients_exact_and_deterministic(chunk, monkeypat
     mask = torch.ones(2, 290, dtype=torch.bool)
     mask[1, :50] = False
     index = build_index_for(q, k, pattern, attention_mask=mask)
-    assert split_key_lists(*index.transposed(), chunk=chunk) is not None  # the split path really runs
+    split = split_key_lists(*index.transposed(), chunk=chunk)
+    assert split is not None  # the split path really runs
     out = triton_block_sparse_attention(q, k, v, index, 0.125)
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), grad)
@@ -333,6 +334,7 @@ def test_split_key_lists_keep_gradients_exact_and_deterministic(chunk, monkeypat
     for g, g2, w in zip(got, again, want, strict=True):
         assert torch.equal(g, g2)
         assert (g.double() - w).norm() / w.norm() < 1e-5
+    assert len(split.plans) == 1  # the reduction's index plan is built once and reused by the second call
 
 
 def test_runtime_autotune_picks_fastest_caches_and_persists(tmp_path, monkeypatch):
