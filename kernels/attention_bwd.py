@@ -75,6 +75,27 @@ def _bwd_preprocess_kernel(Out, DO, DELTA, s_ob, s_oh, s_ot, s_db, s_dh, s_dt, H
 
 
 @triton.jit
+def _scores_and_tanh(qk, qk_mul, cap2, SOFTCAP: tl.constexpr):
+    """Log2-domain scores of raw q.k and, with softcap, the tanh the gradient needs (without softcap the second
+    value is unused)."""
+    if SOFTCAP:
+        th = tanh_f32(qk * qk_mul)
+        return cap2 * th, th
+    else:
+        return qk * qk_mul, qk
+
+
+@triton.jit
+def _softcap_grad(ds, th, SOFTCAP: tl.constexpr):
+    """dS times the tanh derivative ``1 - tanh^2`` when soft-capping (the constant factors are applied as without
+    softcap)."""
+    if SOFTCAP:
+        return ds * (1.0 - th * th)
+    else:
+        return ds
+
+
+@triton.jit
 def _dkdv_step(
     dk, dv, k, v, k_abs, k_t, mt, selected, rem, b, hkv,
     Q, DO, LSE, DELTA, KSEG, QSEG, KRANK, s_qb, s_qh, s_qt, s_db, s_dh, s_dt, s_lb, s_lh,
@@ -96,11 +117,7 @@ def _dkdv_step(
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(DELTA + (b * Hkv * G + hq) * q_len + q_t, mask=q_ok, other=0.0)
     qk = _dot(k, tl.trans(q), IEEE)  # (BLOCK_N, BLOCK_M)
-    if SOFTCAP:
-        th = tanh_f32(qk * qk_mul)
-        s = cap2 * th
-    else:
-        s = qk * qk_mul
+    s, th = _scores_and_tanh(qk, qk_mul, cap2, SOFTCAP)
     if MASKED:
         keep = element_mask(
             q_abs[None, :], k_abs[:, None], q_t[None, :], k_t[:, None], b, selected,
@@ -112,8 +129,7 @@ def _dkdv_step(
     dv = _dot_acc(p.to(do.dtype), do, dv, IEEE)
     dp = _dot(v, tl.trans(do), IEEE)
     ds = p * (dp - delta[None, :])
-    if SOFTCAP:
-        ds = ds * (1.0 - th * th)
+    ds = _softcap_grad(ds, th, SOFTCAP)
     dk = _dot_acc(ds.to(q.dtype), q, dk, IEEE)
     return dk, dv
 
@@ -207,11 +223,7 @@ def _dq_step(
     k = load_rows(k_desc, k_base, t0, k_t, s_kt, d, k_in, MASKED, USE_TMA)
     v = load_rows(v_desc, v_base, t0, k_t, s_vt, d, k_in, MASKED, USE_TMA)
     qk = _dot(q, tl.trans(k), IEEE)
-    if SOFTCAP:
-        th = tanh_f32(qk * qk_mul)
-        s = cap2 * th
-    else:
-        s = qk * qk_mul
+    s, th = _scores_and_tanh(qk, qk_mul, cap2, SOFTCAP)
     if MASKED:
         keep = element_mask(
             q_abs[:, None], (k_t + kv_offset)[None, :], q_t[:, None], k_t[None, :], b, selected,
@@ -222,8 +234,7 @@ def _dq_step(
     p = tl.exp2(s - lse[:, None])
     dp = _dot(do, tl.trans(v), IEEE)
     ds = p * (dp - delta[:, None])
-    if SOFTCAP:
-        ds = ds * (1.0 - th * th)
+    ds = _softcap_grad(ds, th, SOFTCAP)
     return _dot_acc(ds.to(k.dtype), k, dq, IEEE)
 
 
