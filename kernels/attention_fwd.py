@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import attention_fwd_ws, autotune
+from . import autotune
 from .common import LOG2E, element_mask, kv_descriptors, load_rows, query_tile_rows, tanh_f32
 from .tma import ensure_allocator, use_tma
 
@@ -39,8 +39,6 @@ FWD_CONFIGS: dict[int, FwdConfig] = {
     128: FwdConfig(128, 128, 8, 2),
     256: FwdConfig(128, 64, 8, 2),
 }
-# Which forward kernel the last call launched ("general" or "warp_specialized"): for benchmarks and tests.
-LAST_KERNEL = ""
 # What opt-in runtime tuning (kernels/autotune.py) and scripts/gpu_kernels.py --tune try, per head dim.
 FWD_CANDIDATES: dict[int, list[FwdConfig]] = {
     64: [FwdConfig(128, 64, 4, 3), FwdConfig(128, 128, 8, 3), FwdConfig(128, 64, 8, 3), FwdConfig(128, 128, 4, 3)],
@@ -204,42 +202,6 @@ def pick_fwd_config(head_dim: int, block: int, group: int, q_len: int,
     return sub_m, hpp, block_n, cfg.num_warps, cfg.num_stages
 
 
-def _launch_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-               full_count: torch.Tensor, full_tiles: torch.Tensor, part_count: torch.Tensor,
-               part_tiles: torch.Tensor, block: int, q_offset: int, kv_offset: int, sink: int, window: int,
-               qk_mul: float) -> None:
-    """Launch the warp-specialised forward (``attention_fwd_ws``), with opt-in runtime tuning of its tiles."""
-    global LAST_KERNEL
-    LAST_KERNEL = "warp_specialized"
-    batch, hq, q_len, dim = q.shape
-    hkv, kv_len = k.shape[1], k.shape[2]
-    group, n_q = hq // hkv, full_count.shape[2]
-    s_ib, s_ih = index_strides(full_count)
-    p_max = _next_pow2(max(2, part_tiles.shape[-1]))
-
-    def launch(cfg: attention_fwd_ws.WsConfig | None) -> None:
-        cfg = cfg or attention_fwd_ws.WS_CONFIGS[dim]
-        rows = attention_fwd_ws.ROWS
-        attention_fwd_ws._attn_fwd_ws_kernel[(n_q * (block // rows) * group, batch * hkv)](
-            q, k, v, out, lse,
-            full_count, full_tiles, part_count, part_tiles,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            lse.stride(0), lse.stride(1),
-            s_ib, s_ih, full_tiles.shape[-1], part_tiles.shape[-1],
-            hkv, group, q_len, kv_len, q_offset, kv_offset, n_q, sink, window,
-            qk_mul,
-            BLOCK=block, BLOCK_N=min(cfg.block_n, block), SUB_M=rows, HEAD_DIM=dim, P_MAX=p_max,
-            num_warps=4, num_stages=cfg.num_stages,
-        )
-
-    config = None
-    if autotune.ENABLED:
-        key = autotune.shape_key("fwd_ws", q, k, block, full_tiles.shape[-1] + part_tiles.shape[-1])
-        config = autotune.choose(key, attention_fwd_ws.WS_CANDIDATES[dim], attention_fwd_ws.WS_CONFIGS[dim], launch)
-    launch(config)
-
-
 def attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     full_count: torch.Tensor, full_tiles: torch.Tensor, part_count: torch.Tensor, part_tiles: torch.Tensor,
@@ -265,14 +227,6 @@ def attention_forward(
     tma = use_tma(k, v)
     if tma:
         ensure_allocator()
-    if config is None and attention_fwd_ws.ws_applicable(
-            q, block, any(t is not None for t in (k_seg, q_seg, k_rank)), softcap, part_tiles.shape[-1],
-            tma and use_tma(q)):
-        _launch_ws(q, k, v, out, lse, full_count, full_tiles, part_count, part_tiles,
-                   block, q_offset, kv_offset, sink, window, qk_mul)
-        return out, lse
-    global LAST_KERNEL
-    LAST_KERNEL = "general"
 
     def launch(cfg: FwdConfig | None) -> None:
         sub_m, hpp, block_n, warps, stages = pick_fwd_config(dim, block, group, q_len, cfg)

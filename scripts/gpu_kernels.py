@@ -33,8 +33,6 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--tune-dims", default="128,64,256", help="head dims --tune covers")
     ap.add_argument("--runtime-autotune", action="store_true",
                     help="time the kernels with HF_SPARSEK_AUTOTUNE on (choices saved to OUT/autotune.json)")
-    ap.add_argument("--ws-ab", action="store_true",
-                    help="also check and time the forward with the warp-specialised kernel off (same run)")
     ap.add_argument("--tma-ab", action="store_true",
                     help="also check and time the kernels with TMA loads off (method sparsek-ptr) beside the default")
     return ap.parse_args()
@@ -45,7 +43,7 @@ if ARGS.cpu_smoke:
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
-from hf_sparsek.kernels import attention_fwd, attention_fwd_ws, autotune, tma  # noqa: E402
+from hf_sparsek.kernels import autotune, tma  # noqa: E402
 from hf_sparsek.kernels.attention_bwd import BWD_CANDIDATES, BWD_CONFIGS  # noqa: E402
 from hf_sparsek.kernels.attention_fwd import FWD_CANDIDATES, FWD_CONFIGS  # noqa: E402
 
@@ -119,8 +117,7 @@ def check_case(name, batch, hq, hkv, q_len, kv_len, dim, pattern, dtype, softcap
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
     ref = reference_attention(q32, k32, v32, index, scale=scale, softcap=softcap)
     ref_grads = torch.autograd.grad(ref, (q32, k32, v32), d_out.float())
-    row = {"case": name, "dtype": str(dtype).replace("torch.", ""), "tma": tma.use_tma(k, v),
-           "fwd_kernel": attention_fwd.LAST_KERNEL}
+    row = {"case": name, "dtype": str(dtype).replace("torch.", ""), "tma": tma.use_tma(k, v)}
     ok = True
     tol = 1e-2 if dtype != torch.float32 else 1e-4
     for key, got, want in zip(("out", "dq", "dk", "dv"), (out,) + grads, (ref,) + ref_grads, strict=True):
@@ -158,8 +155,7 @@ def run_checks() -> bool:
         ("bshd-view-chunked-D64", 1, 8, 2, 200 if not ARGS.cpu_smoke else 33, s, 64, sw, dt, None, 0, True),
     ]
     # default loads (TMA where the kernels pick it), then with --tma-ab the pointer loads, and TMA forced at D=256
-    modes = [("", None)] + ([("ptr-", False), ("tma-forced-", True)] if ARGS.tma_ab else []) + (
-        [("nows-", None)] if ARGS.ws_ab else [])
+    modes = [("", None)] + ([("ptr-", False), ("tma-forced-", True)] if ARGS.tma_ab else [])
     all_ok = True
     for prefix, setting in modes:
         for case in cases:
@@ -167,7 +163,6 @@ def run_checks() -> bool:
                 continue
             name = prefix + case[0]
             tma.USE_TMA = setting
-            attention_fwd_ws.WARP_SPECIALIZE = False if prefix == "nows-" else None
             try:
                 all_ok &= check_case(name, *case[1:])
             except Exception as exc:  # record and go on
@@ -176,7 +171,6 @@ def run_checks() -> bool:
                 print(f"check {name} ERROR {exc!r}")
             finally:
                 tma.USE_TMA = None
-                attention_fwd_ws.WARP_SPECIALIZE = None
     return all_ok
 
 
@@ -345,16 +339,7 @@ def _bench_case(group, batch, hq, hkv, seq, dim, dtype, patterns, methods=("spar
         ex = {**extra, "pattern": pname, "density": pairs / dense_pairs, "index_build_s": build_s}
         if "sparsek" in methods:
             fn = lambda: triton_block_sparse_attention(q, k, v, index, scale)  # noqa: B023
-            fn()
-            bench_method(group, case, "sparsek", fn, fwdbwd(fn), pairs, dim,
-                         {**ex, "tma": tma.use_tma(k, v), "fwd_kernel": attention_fwd.LAST_KERNEL})
-            if ARGS.ws_ab and attention_fwd.LAST_KERNEL == "warp_specialized":
-                attention_fwd_ws.WARP_SPECIALIZE = False
-                try:
-                    bench_method(group, case, "sparsek-nows", fn, fwdbwd(fn), pairs, dim,
-                                 {**ex, "tma": tma.use_tma(k, v), "fwd_kernel": "general"})
-                finally:
-                    attention_fwd_ws.WARP_SPECIALIZE = None
+            bench_method(group, case, "sparsek", fn, fwdbwd(fn), pairs, dim, {**ex, "tma": tma.use_tma(k, v)})
             if ARGS.tma_ab and tma.use_tma(k, v):
                 tma.USE_TMA = False
                 try:

@@ -39,7 +39,7 @@ def _interpreted_kernels() -> None:
     from hf_sparsek.kernels import attention_fwd
 
     if not isinstance(attention_fwd._attn_fwd_kernel, InterpretedFunction):
-        for name in ("common", "attention_fwd_ws", "attention_fwd", "attention_bwd"):
+        for name in ("common", "attention_fwd", "attention_bwd"):
             importlib.reload(sys.modules[f"hf_sparsek.kernels.{name}"])
 
 
@@ -385,51 +385,3 @@ def dataclasses_asdict(obj):
     import dataclasses
 
     return dataclasses.asdict(obj)
-
-
-B128_SW = SparsePattern(block_size=128, sink_tokens=8, window=100)
-WS_CASES = {
-    "sinkwin-gqa-grad": dict(shape=(2, 4, 2, 300, 300, 64), pattern=B128_SW, grad=True),
-    "chunked-prefill-d128": dict(shape=(1, 4, 1, 130, 300, 128), pattern=B128_SW, grad=False),
-    "strided-odd": dict(shape=(1, 2, 2, 257, 257, 64),
-                        pattern=SparsePattern(block_size=128, sink_tokens=2, window=16,
-                                              layout=BlockLayout("strided", stride=2)), grad=False),
-    "random-selected": dict(shape=(1, 2, 1, 400, 400, 64),
-                            pattern=SparsePattern(block_size=128, layout=BlockLayout("random", density=0.4, seed=3)),
-                            grad=False),
-    "dense-mqa": dict(shape=(1, 4, 1, 200, 200, 64), pattern=SparsePattern(block_size=128), grad=True),
-    "window-only": dict(shape=(1, 2, 1, 260, 260, 64), pattern=SparsePattern(block_size=128, window=7), grad=False),
-}
-
-
-@pytest.mark.parametrize("name", list(WS_CASES))
-def test_warp_specialized_forward_matches_reference(name, monkeypatch):
-    """The Hopper warp-specialised forward (one merged loop, column-bound masks, Q/K/V through TMA), forced in the
-    interpreter: output, LSE and the gradients built on its LSE match the reference, and it is the kernel that ran."""
-    from hf_sparsek.kernels import attention_fwd, attention_fwd_ws, tma
-
-    monkeypatch.setattr(tma, "USE_TMA", True)
-    monkeypatch.setattr(attention_fwd_ws, "WARP_SPECIALIZE", True)
-    case = WS_CASES[name]
-    _run_case(*case["shape"], case["pattern"], grad=case["grad"], seed=5)
-    assert attention_fwd.LAST_KERNEL == "warp_specialized"
-
-
-def test_warp_specialized_forward_scope(monkeypatch):
-    """Inputs the warp-specialised kernel does not support run the general kernel (same results): left padding
-    (segment tensors), softcap, blocks under 128 rows; the automatic mode never picks it off a Hopper GPU."""
-    from hf_sparsek.kernels import attention_fwd, attention_fwd_ws, tma
-
-    monkeypatch.setattr(tma, "USE_TMA", True)
-    monkeypatch.setattr(attention_fwd_ws, "WARP_SPECIALIZE", True)
-    mask = torch.ones(1, 150, dtype=torch.bool)
-    mask[0, :20] = False
-    _run_case(1, 2, 1, 150, 150, 64, B128_SW, attention_mask=mask, grad=False)
-    assert attention_fwd.LAST_KERNEL == "general"
-    _run_case(1, 2, 1, 150, 150, 64, B128_SW, softcap=5.0, grad=False)
-    assert attention_fwd.LAST_KERNEL == "general"
-    _run_case(1, 2, 1, 150, 150, 64, SINK_WIN, grad=False)  # 64-token blocks
-    assert attention_fwd.LAST_KERNEL == "general"
-    monkeypatch.setattr(attention_fwd_ws, "WARP_SPECIALIZE", None)
-    _run_case(1, 2, 1, 150, 150, 64, B128_SW, grad=False)
-    assert attention_fwd.LAST_KERNEL == "general"
