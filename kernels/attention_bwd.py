@@ -25,6 +25,18 @@ from .tma import ensure_allocator, use_tma
 
 # Entries per dK/dV program before a key tile's list is split (None: automatic, see bwd_split). Tests set it low.
 SPLIT_CHUNK: int | None = None
+# Run the dQ kernel on a side CUDA stream, concurrently with dK/dV (they share inputs, not outputs): the second
+# kernel's programs start on the SMs the first one's short programs free, instead of after its longest one.
+CONCURRENT_DQ: bool = True
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per GPU, made once (a stream per call would cost host time on small shapes)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _SIDE_STREAMS[index]
 
 
 @dataclass(frozen=True)
@@ -352,8 +364,22 @@ def attention_backward(
     if tma:
         ensure_allocator()
 
+    side = _side_stream(q.device) if CONCURRENT_DQ and q.is_cuda else None
+
     def launch(cfg: BwdConfig) -> None:
-        """dK/dV (key-major, then the split reduction) and dQ (query-major) with one config."""
+        """dK/dV (key-major, then the split reduction) and dQ (query-major, on the side stream if any)."""
+        if side is None:
+            launch_dkdv(cfg)
+            launch_dq(cfg)
+            return
+        main = torch.cuda.current_stream(q.device)
+        side.wait_stream(main)  # delta and the inputs are ready
+        with torch.cuda.stream(side):
+            launch_dq(cfg)
+        launch_dkdv(cfg)
+        main.wait_stream(side)  # dq is complete before anything later on the caller's stream
+
+    def launch_dkdv(cfg: BwdConfig) -> None:
         kv_block_n = min(cfg.kv_block_n, block)
         kv_block_m = min(cfg.kv_block_m, block)
         _attn_bwd_dkdv_kernel[(n_k * (block // kv_block_n), batch * hkv)](
@@ -372,6 +398,8 @@ def attention_backward(
         if split is not None:
             reduce_split(split, scr_k, dk, kv_offset, block)
             reduce_split(split, scr_v, dv, kv_offset, block)
+
+    def launch_dq(cfg: BwdConfig) -> None:
         block_m = min(cfg.q_block_m, block * _next_pow2(group))
         sub_m = min(block, block_m, max(16, _next_pow2(q_len)))
         hpp = max(1, min(_next_pow2(group), block_m // sub_m))

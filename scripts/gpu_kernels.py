@@ -33,6 +33,8 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--tune-dims", default="128,64,256", help="head dims --tune covers")
     ap.add_argument("--runtime-autotune", action="store_true",
                     help="time the kernels with HF_SPARSEK_AUTOTUNE on (choices saved to OUT/autotune.json)")
+    ap.add_argument("--bwd-ab", action="store_true",
+                    help="also time forward+backward with dQ and dK/dV launched one after the other (same run)")
     ap.add_argument("--tma-ab", action="store_true",
                     help="also check and time the kernels with TMA loads off (method sparsek-ptr) beside the default")
     return ap.parse_args()
@@ -43,7 +45,7 @@ if ARGS.cpu_smoke:
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
-from hf_sparsek.kernels import autotune, tma  # noqa: E402
+from hf_sparsek.kernels import attention_bwd, autotune, tma  # noqa: E402
 from hf_sparsek.kernels.attention_bwd import BWD_CANDIDATES, BWD_CONFIGS  # noqa: E402
 from hf_sparsek.kernels.attention_fwd import FWD_CANDIDATES, FWD_CONFIGS  # noqa: E402
 
@@ -283,9 +285,11 @@ def bench_method(group, case, method, fn_fwd, make_loss_grad, pairs, dim, extra=
         row["fwd_tflops"] = 4 * dim * pairs / (row["fwd_ms"] * 1e-3) / 1e12
         if make_loss_grad is not None and _left() > 0:
             row["fwdbwd_ms"] = _bench_ms(make_loss_grad)
-            row["fwdbwd_tflops"] = 2.5 * 4 * dim * pairs / (row["fwdbwd_ms"] * 1e-3) / 1e12
+            # FlashAttention's convention: the backward's five matmuls are 2.5x the forward's two (runs before
+            # this line's commit counted 1.5x and 2.5x: their bwd and fwd+bwd TFLOP/s read 5/3 and 7/5 higher here)
+            row["fwdbwd_tflops"] = 3.5 * 4 * dim * pairs / (row["fwdbwd_ms"] * 1e-3) / 1e12
             row["bwd_ms"] = row["fwdbwd_ms"] - row["fwd_ms"]
-            row["bwd_tflops"] = 1.5 * 4 * dim * pairs / (max(row["bwd_ms"], 1e-6) * 1e-3) / 1e12
+            row["bwd_tflops"] = 2.5 * 4 * dim * pairs / (max(row["bwd_ms"], 1e-6) * 1e-3) / 1e12
     except Exception as exc:
         row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         if "out of memory" in str(exc).lower():
@@ -340,6 +344,13 @@ def _bench_case(group, batch, hq, hkv, seq, dim, dtype, patterns, methods=("spar
         if "sparsek" in methods:
             fn = lambda: triton_block_sparse_attention(q, k, v, index, scale)  # noqa: B023
             bench_method(group, case, "sparsek", fn, fwdbwd(fn), pairs, dim, {**ex, "tma": tma.use_tma(k, v)})
+            if ARGS.bwd_ab and backward and DEVICE == "cuda":
+                attention_bwd.CONCURRENT_DQ = False
+                try:
+                    bench_method(group, case, "sparsek-serialbwd", fn, fwdbwd(fn), pairs, dim,
+                                 {**ex, "tma": tma.use_tma(k, v), "concurrent_dq": False})
+                finally:
+                    attention_bwd.CONCURRENT_DQ = True
             if ARGS.tma_ab and tma.use_tma(k, v):
                 tma.USE_TMA = False
                 try:
@@ -455,7 +466,8 @@ def environment() -> dict:
     import triton
 
     env = {"torch": torch.__version__, "triton": triton.__version__, "device": DEVICE,
-           "interpreter": os.environ.get("TRITON_INTERPRET", "0")}
+           "interpreter": os.environ.get("TRITON_INTERPRET", "0"),
+           "flops": "fwd 4*D*pairs, bwd 2.5x fwd, fwd+bwd 3.5x fwd (FlashAttention's convention)"}
     if DEVICE == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
         env["cudnn"] = torch.backends.cudnn.version()
