@@ -401,7 +401,8 @@ def run_bench() -> None:
         for seq in sizes:
             bench_case("main", 1, 32, 8, seq, 128, bf16, pattern_set(seq))
     if want("long") and not ARGS.quick:
-        sw = {"sink128-win4096": SparsePattern(sink_tokens=128, window=4096)}
+        sw = {"sink128-win4096": SparsePattern(sink_tokens=128, window=4096),
+              "random10": SparsePattern(layout=BlockLayout("random", density=0.1, seed=1))}
         bench_case("long", 1, 32, 8, 1 << 20, 128, bf16, sw, methods=("sparsek",), backward=False)
     if want("orig"):
         orig = {"dense": SparsePattern(block_size=64), "sink64-win128": SparsePattern(block_size=64, sink_tokens=64,
