@@ -36,6 +36,10 @@ CASES = [
     ("orig-B16-S512-sink64-win128", 16, 96, 96, 512, 64, torch.float16,
      SparsePattern(block_size=64, sink_tokens=64, window=128)),
     ("8K-D64-GQA3-sink128-win512", 4, 9, 3, 8192, 64, torch.bfloat16, SparsePattern(sink_tokens=128, window=512)),
+    ("64K-random10", 1, 32, 8, 65536, 128, torch.bfloat16, SparsePattern(layout=BlockLayout("random", density=0.1,
+                                                                                          seed=1))),
+    ("128K-random10", 1, 32, 8, 131072, 128, torch.bfloat16, SparsePattern(layout=BlockLayout("random", density=0.1,
+                                                                                            seed=1))),
 ]
 
 
@@ -63,11 +67,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--cases", default="", help="comma-separated case names (default: all)")
     args = ap.parse_args()
+    wanted = set(filter(None, args.cases.split(",")))
     rows = []
     print("| case | concurrent ms (median of repeats) | serial ms | serial / concurrent | spread c / s |")
     print("|---|---:|---:|---:|---|")
     for name, *shape in CASES:
+        if wanted and name not in wanted:
+            continue
         t = time_case(*shape, repeats=args.repeats)
         c, s = statistics.median(t["concurrent"]), statistics.median(t["serial"])
         rows.append({"case": name, "concurrent_ms": t["concurrent"], "serial_ms": t["serial"],
