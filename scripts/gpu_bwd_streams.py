@@ -23,9 +23,9 @@ from hf_sparsek.kernels import attention_bwd
 from hf_sparsek import BlockLayout, SparsePattern
 from hf_sparsek.ops import build_index_for
 from hf_sparsek.triton_ops import triton_block_sparse_attention
+from scripts.gpu_profile_case import PATTERNS
 
-SW = SparsePattern(sink_tokens=128, window=4096)
-STRIDED = SparsePattern(window=512, layout=BlockLayout("strided", stride=16))
+SW, STRIDED, RANDOM10 = PATTERNS["sinkwin"], PATTERNS["strided"], PATTERNS["random"]
 # (name, batch, q heads, kv heads, seq, head dim, dtype, pattern)
 CASES = [
     ("4K-dense", 1, 32, 8, 4096, 128, torch.bfloat16, SparsePattern()),
@@ -36,10 +36,8 @@ CASES = [
     ("orig-B16-S512-sink64-win128", 16, 96, 96, 512, 64, torch.float16,
      SparsePattern(block_size=64, sink_tokens=64, window=128)),
     ("8K-D64-GQA3-sink128-win512", 4, 9, 3, 8192, 64, torch.bfloat16, SparsePattern(sink_tokens=128, window=512)),
-    ("64K-random10", 1, 32, 8, 65536, 128, torch.bfloat16, SparsePattern(layout=BlockLayout("random", density=0.1,
-                                                                                          seed=1))),
-    ("128K-random10", 1, 32, 8, 131072, 128, torch.bfloat16, SparsePattern(layout=BlockLayout("random", density=0.1,
-                                                                                            seed=1))),
+    ("64K-random10", 1, 32, 8, 65536, 128, torch.bfloat16, RANDOM10),
+    ("128K-random10", 1, 32, 8, 131072, 128, torch.bfloat16, RANDOM10),
 ]
 
 
