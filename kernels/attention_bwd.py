@@ -29,12 +29,6 @@ SPLIT_CHUNK: int | None = None
 # kernel's programs start on the SMs the first one's short programs free, instead of after its longest one.
 CONCURRENT_DQ: bool = True
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
-# How the dK/dV kernel walks a key tile's list. 0: a loop over the full entries, then one over the partial entries;
-# with two loops, ptxas serialised every wgmma of the kernel (warning C7515: accumulator registers defined between
-# the loops while an MMA was in flight; each 16-deep MMA step waited for the previous one, seen in its SASS).
-# 1: one loop, the element mask on every entry (a full entry's mask is all true); 2: one loop, the mask behind a
-# branch on partial entries. Both one-loop forms keep the MMAs asynchronous.
-DKDV_LOOP_MODE: int = 2
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
@@ -71,7 +65,8 @@ BWD_CANDIDATES: dict[int, list[BwdConfig]] = {
     64: [BwdConfig(64, 64, 4, 3, 64, 64, 4, 3), BwdConfig(128, 64, 8, 3, 128, 64, 8, 3),
          BwdConfig(128, 32, 4, 3, 128, 32, 4, 3)],
     128: [BwdConfig(128, 64, 8, 3, 128, 64, 8, 3), BwdConfig(128, 64, 8, 2, 128, 64, 8, 2),
-          BwdConfig(64, 64, 4, 3, 64, 64, 4, 3), BwdConfig(128, 32, 8, 3, 64, 64, 4, 3)],
+          BwdConfig(64, 64, 4, 3, 64, 64, 4, 3), BwdConfig(128, 32, 8, 3, 64, 64, 4, 3),
+          BwdConfig(128, 32, 8, 3, 128, 64, 8, 3), BwdConfig(64, 64, 4, 2, 128, 64, 8, 3)],
     256: [BwdConfig(32, 64, 4, 2, 64, 32, 4, 2), BwdConfig(64, 32, 8, 2, 64, 32, 8, 2),
           BwdConfig(64, 64, 8, 2, 64, 64, 8, 2)],
 }
@@ -118,12 +113,12 @@ def _dkdv_step(
     dk, dv, k, v, k_abs, k_t, mt, selected, rem, b, hkv, part,
     Q, DO, LSE, DELTA, KSEG, QSEG, KRANK, s_qb, s_qh, s_qt, s_db, s_dh, s_dt, s_lb, s_lh,
     s_kseg_b, s_qseg_b, s_krank_b, Hkv, G, q_len, kv_len, q_offset, sink, window, qk_mul, cap2,
-    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
     HAS_KSEG: tl.constexpr, HAS_QSEG: tl.constexpr, HAS_KRANK: tl.constexpr,
 ):
-    """One (query tile, row block, query head) visit of a key block: accumulate dK (unscaled) and dV. MASKED: 0 no
-    element mask (a full entry), 1 always, 2 when ``part`` (a runtime flag: the entry is a partial tile)."""
+    """One (query tile, row block, query head) visit of a key block: accumulate dK (unscaled) and dV; ``part`` (a
+    runtime flag) marks a partial tile, which gets the element mask."""
     h = rem % G
     q_abs = (q_offset // BLOCK + mt) * BLOCK + (rem // G) * BLOCK_M + tl.arange(0, BLOCK_M)
     q_t = q_abs - q_offset
@@ -137,15 +132,7 @@ def _dkdv_step(
     delta = tl.load(DELTA + (b * Hkv * G + hq) * q_len + q_t, mask=q_ok, other=0.0)
     qk = _dot(k, tl.trans(q), IEEE)  # (BLOCK_N, BLOCK_M)
     s, th = _scores_and_tanh(qk, qk_mul, cap2, SOFTCAP)
-    if MASKED == 2:  # mask only a partial entry (a branch per entry)
-        if part:
-            keep = element_mask(
-                q_abs[None, :], k_abs[:, None], q_t[None, :], k_t[:, None], b, selected,
-                KSEG, QSEG, KRANK, s_kseg_b, s_qseg_b, s_krank_b, q_len, kv_len, sink, window,
-                HAS_KSEG, HAS_QSEG, HAS_KRANK,
-            )
-            s = tl.where(keep, s, float("-inf"))
-    elif MASKED == 1:  # mask every entry (a full entry passes selected=True: its mask is all true)
+    if part:  # a partial entry: the token-exact element mask
         keep = element_mask(
             q_abs[None, :], k_abs[:, None], q_t[None, :], k_t[:, None], b, selected,
             KSEG, QSEG, KRANK, s_kseg_b, s_qseg_b, s_krank_b, q_len, kv_len, sink, window,
@@ -175,7 +162,6 @@ def _attn_bwd_dkdv_kernel(
     BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
     HAS_KSEG: tl.constexpr, HAS_QSEG: tl.constexpr, HAS_KRANK: tl.constexpr, SPLIT: tl.constexpr,
-    LOOP_MODE: tl.constexpr,
 ):
     N_SUB_N: tl.constexpr = BLOCK // BLOCK_N
     N_SUB_M: tl.constexpr = BLOCK // BLOCK_M
@@ -202,39 +188,21 @@ def _attn_bwd_dkdv_kernel(
     f_cnt = tl.load(FC + irow)
     p_cnt = tl.load(PC + irow)
     per_tile = N_SUB_M * G
-    if LOOP_MODE == 0:  # full entries, then partial ones: two loops
-        for it in range(0, f_cnt * per_tile):
-            mt = tl.load(FT + irow * f_width + it // per_tile)
-            dk, dv = _dkdv_step(
-                dk, dv, k, v, k_abs, k_t, mt, False, it % per_tile, b, hkv, False,
-                Q, DO, LSE, DELTA, KSEG, QSEG, KRANK, s_qb, s_qh, s_qt, s_db, s_dh, s_dt, s_lb, s_lh,
-                s_kseg_b, s_qseg_b, s_krank_b, Hkv, G, q_len, kv_len, q_offset, sink, window, qk_mul, cap2,
-                BLOCK, BLOCK_M, HEAD_DIM, 0, SOFTCAP, IEEE, HAS_KSEG, HAS_QSEG, HAS_KRANK,
-            )
-        for it in range(0, p_cnt * per_tile):
-            raw = tl.load(PT + irow * p_width + it // per_tile)
-            selected = raw < 0
-            mt = tl.where(selected, -raw - 1, raw)
-            dk, dv = _dkdv_step(
-                dk, dv, k, v, k_abs, k_t, mt, selected, it % per_tile, b, hkv, True,
-                Q, DO, LSE, DELTA, KSEG, QSEG, KRANK, s_qb, s_qh, s_qt, s_db, s_dh, s_dt, s_lb, s_lh,
-                s_kseg_b, s_qseg_b, s_krank_b, Hkv, G, q_len, kv_len, q_offset, sink, window, qk_mul, cap2,
-                BLOCK, BLOCK_M, HEAD_DIM, 1, SOFTCAP, IEEE, HAS_KSEG, HAS_QSEG, HAS_KRANK,
-            )
-    else:  # one loop over full then partial entries (LOOP_MODE is the step's MASKED: 1 or 2)
-        for it in range(0, (f_cnt + p_cnt) * per_tile):
-            e = it // per_tile
-            is_full = e < f_cnt
-            raw_f = tl.load(FT + irow * f_width + e, mask=is_full, other=0)
-            raw_p = tl.load(PT + irow * p_width + (e - f_cnt), mask=~is_full, other=0)
-            raw = tl.where(is_full, raw_f, raw_p)
-            mt = tl.where(raw < 0, -raw - 1, raw)
-            dk, dv = _dkdv_step(
-                dk, dv, k, v, k_abs, k_t, mt, (raw < 0) | is_full, it % per_tile, b, hkv, ~is_full,
-                Q, DO, LSE, DELTA, KSEG, QSEG, KRANK, s_qb, s_qh, s_qt, s_db, s_dh, s_dt, s_lb, s_lh,
-                s_kseg_b, s_qseg_b, s_krank_b, Hkv, G, q_len, kv_len, q_offset, sink, window, qk_mul, cap2,
-                BLOCK, BLOCK_M, HEAD_DIM, LOOP_MODE, SOFTCAP, IEEE, HAS_KSEG, HAS_QSEG, HAS_KRANK,
-            )
+    # One loop over the full entries, then the partial ones (a branch applies the element mask to the latter): with
+    # two loops ptxas serialised every wgmma of the kernel (warning C7515, one wait per MMA step in the SASS).
+    for it in range(0, (f_cnt + p_cnt) * per_tile):
+        e = it // per_tile
+        is_full = e < f_cnt
+        raw_f = tl.load(FT + irow * f_width + e, mask=is_full, other=0)
+        raw_p = tl.load(PT + irow * p_width + (e - f_cnt), mask=~is_full, other=0)
+        raw = tl.where(is_full, raw_f, raw_p)
+        mt = tl.where(raw < 0, -raw - 1, raw)
+        dk, dv = _dkdv_step(
+            dk, dv, k, v, k_abs, k_t, mt, raw < 0, it % per_tile, b, hkv, ~is_full,
+            Q, DO, LSE, DELTA, KSEG, QSEG, KRANK, s_qb, s_qh, s_qt, s_db, s_dh, s_dt, s_lb, s_lh,
+            s_kseg_b, s_qseg_b, s_krank_b, Hkv, G, q_len, kv_len, q_offset, sink, window, qk_mul, cap2,
+            BLOCK, BLOCK_M, HEAD_DIM, SOFTCAP, IEEE, HAS_KSEG, HAS_QSEG, HAS_KRANK,
+        )
 
     dk = dk * scale
     slot = -1
@@ -424,7 +392,6 @@ def attention_backward(
             hkv, group, q_len, kv_len, q_offset, kv_offset, sink, window,
             qk_mul, cap2, scale,
             BLOCK=block, BLOCK_N=kv_block_n, BLOCK_M=kv_block_m, HEAD_DIM=dim, **flags, SPLIT=split is not None,
-            LOOP_MODE=DKDV_LOOP_MODE,
             num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
         )
         if split is not None:

@@ -35,9 +35,6 @@ def _parse() -> argparse.Namespace:
                     help="time the kernels with HF_SPARSEK_AUTOTUNE on (choices saved to OUT/autotune.json)")
     ap.add_argument("--bwd-ab", action="store_true",
                     help="also time forward+backward with dQ and dK/dV launched one after the other (same run)")
-    ap.add_argument("--dkdv-ab", default="",
-                    help="comma-separated dK/dV loop modes (attention_bwd.DKDV_LOOP_MODE) to time beside the default, "
-                         "each also compared with the default's gradients (method sparsek-dkdv<mode>)")
     ap.add_argument("--tma-ab", action="store_true",
                     help="also check and time the kernels with TMA loads off (method sparsek-ptr) beside the default")
     return ap.parse_args()
@@ -354,8 +351,6 @@ def _bench_case(group, batch, hq, hkv, seq, dim, dtype, patterns, methods=("spar
                                  {**ex, "tma": tma.use_tma(k, v), "concurrent_dq": False})
                 finally:
                     attention_bwd.CONCURRENT_DQ = True
-            if ARGS.dkdv_ab and backward:
-                _dkdv_ab(group, case, fn, fwdbwd(fn), pairs, dim, ex, q, k, v, d_out)
             if ARGS.tma_ab and tma.use_tma(k, v):
                 tma.USE_TMA = False
                 try:
@@ -391,28 +386,6 @@ def _bench_case(group, batch, hq, hkv, seq, dim, dtype, patterns, methods=("spar
                 bench_method(group, case, meth, fn, fwdbwd(fn), pairs, dim, ex)
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
-
-
-def _dkdv_ab(group, case, fn, loss_grad, pairs, dim, ex, q, k, v, d_out) -> None:
-    """Time forward+backward with other dK/dV loop modes (same run, same inputs) and record how far their dK/dV
-    are from the default mode's (max abs difference)."""
-    default = attention_bwd.DKDV_LOOP_MODE
-    want = torch.autograd.grad(fn(), (k, v), d_out)
-    for mode in (int(m) for m in ARGS.dkdv_ab.split(",") if m):
-        if mode == default:
-            continue
-        attention_bwd.DKDV_LOOP_MODE = mode
-        try:
-            got = torch.autograd.grad(fn(), (k, v), d_out)
-            diff = {f"max_abs_diff_{n}": float((g.float() - w.float()).abs().max()) for n, g, w in
-                    zip(("dk", "dv"), got, want, strict=True)}
-            bench_method(group, case, f"sparsek-dkdv{mode}", fn, loss_grad, pairs, dim,
-                         {**ex, "dkdv_loop_mode": mode, "default_mode": default, **diff})
-        except Exception as exc:
-            _record({"group": group, "case": case, "method": f"sparsek-dkdv{mode}", **ex,
-                     "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
-        finally:
-            attention_bwd.DKDV_LOOP_MODE = default
 
 
 def run_bench() -> None:
@@ -496,7 +469,7 @@ def environment() -> dict:
     env = {"torch": torch.__version__, "triton": triton.__version__, "device": DEVICE,
            "interpreter": os.environ.get("TRITON_INTERPRET", "0"),
            "flops": "fwd 4*D*pairs, bwd 2.5x fwd, fwd+bwd 3.5x fwd (FlashAttention's convention)",
-           "dkdv_loop_mode": attention_bwd.DKDV_LOOP_MODE, "concurrent_dq": attention_bwd.CONCURRENT_DQ}
+           "concurrent_dq": attention_bwd.CONCURRENT_DQ}
     if DEVICE == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
         env["cudnn"] = torch.backends.cudnn.version()
