@@ -29,6 +29,9 @@ SPLIT_CHUNK: int | None = None
 # kernel's programs start on the SMs the first one's short programs free, instead of after its longest one.
 CONCURRENT_DQ: bool = True
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+# The dK/dV kernel loads query and dO rows through TMA descriptors where TMA applies (kernels/tma.py); False: pointer
+# loads (per-thread addresses and row predicates: about a third of the kernel's per-step instructions in its SASS).
+DKDV_TMA_ROWS: bool = True
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
@@ -110,23 +113,30 @@ def _softcap_grad(ds, th, SOFTCAP: tl.constexpr):
 
 @triton.jit
 def _dkdv_step(
-    dk, dv, k, v, k_abs, k_t, mt, selected, rem, b, hkv, part,
+    dk, dv, k, v, k_abs, k_t, mt, selected, rem, b, hkv, part, q_desc, do_desc,
     Q, DO, LSE, DELTA, KSEG, QSEG, KRANK, s_qb, s_qh, s_qt, s_db, s_dh, s_dt, s_lb, s_lh,
-    s_kseg_b, s_qseg_b, s_krank_b, Hkv, G, q_len, kv_len, q_offset, sink, window, qk_mul, cap2,
+    s_kseg_b, s_qseg_b, s_krank_b, Hkv, G: tl.constexpr, q_len, kv_len, q_offset, sink, window, qk_mul, cap2,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
-    HAS_KSEG: tl.constexpr, HAS_QSEG: tl.constexpr, HAS_KRANK: tl.constexpr,
+    HAS_KSEG: tl.constexpr, HAS_QSEG: tl.constexpr, HAS_KRANK: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """One (query tile, row block, query head) visit of a key block: accumulate dK (unscaled) and dV; ``part`` (a
-    runtime flag) marks a partial tile, which gets the element mask."""
+    runtime flag) marks a partial tile, which gets the element mask. With USE_TMA the query and dO rows come
+    through per-batch 3-D descriptors ([head, row, dim]; rows outside the sequence read 0): one bulk copy instead of
+    per-thread addresses and row predicates."""
     h = rem % G
     q_abs = (q_offset // BLOCK + mt) * BLOCK + (rem // G) * BLOCK_M + tl.arange(0, BLOCK_M)
     q_t = q_abs - q_offset
     q_ok = (q_t >= 0) & (q_t < q_len)
     hq = hkv * G + h
     d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * s_qb + hq * s_qh + q_t[:, None] * s_qt + d[None, :], mask=q_ok[:, None], other=0.0)
-    do = tl.load(DO + b * s_db + hq * s_dh + q_t[:, None] * s_dt + d[None, :], mask=q_ok[:, None], other=0.0)
+    if USE_TMA:
+        t_first = ((q_offset // BLOCK + mt) * BLOCK + (rem // G) * BLOCK_M - q_offset).to(tl.int32)
+        q = tl.reshape(q_desc.load([hq.to(tl.int32), t_first, 0]), [BLOCK_M, HEAD_DIM])
+        do = tl.reshape(do_desc.load([hq.to(tl.int32), t_first, 0]), [BLOCK_M, HEAD_DIM])
+    else:
+        q = tl.load(Q + b * s_qb + hq * s_qh + q_t[:, None] * s_qt + d[None, :], mask=q_ok[:, None], other=0.0)
+        do = tl.load(DO + b * s_db + hq * s_dh + q_t[:, None] * s_dt + d[None, :], mask=q_ok[:, None], other=0.0)
     lse = tl.load(LSE + b * s_lb + hq * s_lh + q_t, mask=q_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(DELTA + (b * Hkv * G + hq) * q_len + q_t, mask=q_ok, other=0.0)
@@ -157,11 +167,12 @@ def _attn_bwd_dkdv_kernel(
     s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_db, s_dh, s_dt, s_lb, s_lh,
     s_dkb, s_dkh, s_dkt, s_dvb, s_dvh, s_dvt,
     s_ib, s_ih, f_width, p_width, s_kseg_b, s_qseg_b, s_krank_b,
-    Hkv, G, q_len, kv_len, q_offset, kv_offset, sink, window,
+    Hkv, G: tl.constexpr, q_len, kv_len, q_offset, kv_offset, sink, window,
     qk_mul, cap2, scale,
     BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
     HAS_KSEG: tl.constexpr, HAS_QSEG: tl.constexpr, HAS_KRANK: tl.constexpr, SPLIT: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     N_SUB_N: tl.constexpr = BLOCK // BLOCK_N
     N_SUB_M: tl.constexpr = BLOCK // BLOCK_M
@@ -184,10 +195,17 @@ def _attn_bwd_dkdv_kernel(
     v = tl.load(V + b * s_vb + hkv * s_vh + k_t[:, None] * s_vt + d[None, :], mask=k_in[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    if USE_TMA:
+        q_desc = tl.make_tensor_descriptor(Q + b * s_qb, shape=[Hkv * G, q_len, HEAD_DIM], strides=[s_qh, s_qt, 1],
+                                           block_shape=[1, BLOCK_M, HEAD_DIM])
+        do_desc = tl.make_tensor_descriptor(DO + b * s_db, shape=[Hkv * G, q_len, HEAD_DIM], strides=[s_dh, s_dt, 1],
+                                            block_shape=[1, BLOCK_M, HEAD_DIM])
+    else:
+        q_desc, do_desc = Q, DO
 
     f_cnt = tl.load(FC + irow)
     p_cnt = tl.load(PC + irow)
-    per_tile = N_SUB_M * G
+    per_tile: tl.constexpr = N_SUB_M * G  # G is a compile-time constant: the per-entry // and % become shifts
     # One loop over the full entries, then the partial ones (a branch applies the element mask to the latter): with
     # two loops ptxas serialised every wgmma of the kernel (warning C7515, one wait per MMA step in the SASS).
     for it in range(0, (f_cnt + p_cnt) * per_tile):
@@ -198,10 +216,10 @@ def _attn_bwd_dkdv_kernel(
         raw = tl.where(is_full, raw_f, raw_p)
         mt = tl.where(raw < 0, -raw - 1, raw)
         dk, dv = _dkdv_step(
-            dk, dv, k, v, k_abs, k_t, mt, raw < 0, it % per_tile, b, hkv, ~is_full,
+            dk, dv, k, v, k_abs, k_t, mt, raw < 0, it % per_tile, b, hkv, ~is_full, q_desc, do_desc,
             Q, DO, LSE, DELTA, KSEG, QSEG, KRANK, s_qb, s_qh, s_qt, s_db, s_dh, s_dt, s_lb, s_lh,
             s_kseg_b, s_qseg_b, s_krank_b, Hkv, G, q_len, kv_len, q_offset, sink, window, qk_mul, cap2,
-            BLOCK, BLOCK_M, HEAD_DIM, SOFTCAP, IEEE, HAS_KSEG, HAS_QSEG, HAS_KRANK,
+            BLOCK, BLOCK_M, HEAD_DIM, SOFTCAP, IEEE, HAS_KSEG, HAS_QSEG, HAS_KRANK, USE_TMA,
         )
 
     dk = dk * scale
@@ -360,7 +378,8 @@ def attention_backward(
     dq = torch.empty_like(q)
     n_q = full_count.shape[2]
     tma = use_tma(k, v)
-    if tma:
+    rows_tma = DKDV_TMA_ROWS and use_tma(q, do)
+    if tma or rows_tma:
         ensure_allocator()
 
     side = _side_stream(q.device) if CONCURRENT_DQ and q.is_cuda else None
@@ -392,6 +411,7 @@ def attention_backward(
             hkv, group, q_len, kv_len, q_offset, kv_offset, sink, window,
             qk_mul, cap2, scale,
             BLOCK=block, BLOCK_N=kv_block_n, BLOCK_M=kv_block_m, HEAD_DIM=dim, **flags, SPLIT=split is not None,
+            USE_TMA=rows_tma,
             num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
         )
         if split is not None:

@@ -32,6 +32,8 @@ def aligned(*tensors: torch.Tensor) -> bool:
         size = t.element_size()
         if t.stride(-1) != 1 or t.data_ptr() % _ALIGN:
             return False
+        if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape, strict=True)):  # broadcast dims
+            return False
         if any((s * size) % _ALIGN for s in t.stride()[:-1]):
             return False
     return True

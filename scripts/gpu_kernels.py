@@ -35,6 +35,9 @@ def _parse() -> argparse.Namespace:
                     help="time the kernels with HF_SPARSEK_AUTOTUNE on (choices saved to OUT/autotune.json)")
     ap.add_argument("--bwd-ab", action="store_true",
                     help="also time forward+backward with dQ and dK/dV launched one after the other (same run)")
+    ap.add_argument("--rows-tma-ab", action="store_true",
+                    help="also time forward+backward with the dK/dV kernel's query/dO rows loaded by pointers "
+                         "(method sparsek-ptrrows) beside the default TMA rows")
     ap.add_argument("--tma-ab", action="store_true",
                     help="also check and time the kernels with TMA loads off (method sparsek-ptr) beside the default")
     return ap.parse_args()
@@ -351,6 +354,12 @@ def _bench_case(group, batch, hq, hkv, seq, dim, dtype, patterns, methods=("spar
                                  {**ex, "tma": tma.use_tma(k, v), "concurrent_dq": False})
                 finally:
                     attention_bwd.CONCURRENT_DQ = True
+            if ARGS.rows_tma_ab and backward and tma.use_tma(q, d_out):
+                attention_bwd.DKDV_TMA_ROWS = False
+                try:
+                    bench_method(group, case, "sparsek-ptrrows", fn, fwdbwd(fn), pairs, dim, {**ex, "rows_tma": False})
+                finally:
+                    attention_bwd.DKDV_TMA_ROWS = True
             if ARGS.tma_ab and tma.use_tma(k, v):
                 tma.USE_TMA = False
                 try:
@@ -469,7 +478,7 @@ def environment() -> dict:
     env = {"torch": torch.__version__, "triton": triton.__version__, "device": DEVICE,
            "interpreter": os.environ.get("TRITON_INTERPRET", "0"),
            "flops": "fwd 4*D*pairs, bwd 2.5x fwd, fwd+bwd 3.5x fwd (FlashAttention's convention)",
-           "concurrent_dq": attention_bwd.CONCURRENT_DQ}
+           "concurrent_dq": attention_bwd.CONCURRENT_DQ, "dkdv_tma_rows": attention_bwd.DKDV_TMA_ROWS}
     if DEVICE == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
         env["cudnn"] = torch.backends.cudnn.version()

@@ -189,6 +189,7 @@ def test_tma_needs_alignment():
     x = torch.randn(1, 2, 10, 65)[..., :64]  # row stride 65 floats = 260 bytes, not a multiple of 16
     assert not tma.aligned(x)
     assert tma.aligned(torch.randn(1, 2, 10, 64))
+    assert not tma.aligned(torch.randn(1, 1, 10, 64).expand(1, 2, 10, 64))  # a broadcast head dim: stride 0
 
 
 def test_tma_automatic_choice(monkeypatch):
