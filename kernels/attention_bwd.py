@@ -1,6 +1,7 @@
 """Backward block-sparse flash attention (Triton), deterministic and atomic-free.
 
-* ``delta = rowsum(dO * O)`` (fp32), computed by a small kernel;
+* ``delta = rowsum(dO * O)`` (fp32) and a copy of the LSE with empty rows' ``-inf`` as ``+inf`` (their P is then 0),
+  both in padded row-major buffers (rows of a multiple of 16 bytes, so TMA can load them), by a small kernel;
 * dK/dV key-major: one program owns ``BLOCK_N`` keys of one KV head and walks the query tiles of the transposed
   index (``BlockIndex.transposed()``), for every query head of its group, so each dK/dV element has one writer;
 * dQ query-major over the forward lists, with the same head packing as the forward.
@@ -76,9 +77,9 @@ BWD_CANDIDATES: dict[int, list[BwdConfig]] = {
 
 
 @triton.jit
-def _bwd_preprocess_kernel(Out, DO, DELTA, s_ob, s_oh, s_ot, s_db, s_dh, s_dt, H, L,
+def _bwd_preprocess_kernel(Out, DO, LSE, DELTA, LSE_BWD, s_ob, s_oh, s_ot, s_db, s_dh, s_dt, s_lb, s_lh, H, L, L_PAD,
                            BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """delta[b, h, t] = sum_d dO * Out, in fp32."""
+    """delta[b, h, t] = sum_d dO * Out in fp32; lse_bwd[b, h, t] = the LSE with -inf (empty rows) as +inf."""
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -87,7 +88,10 @@ def _bwd_preprocess_kernel(Out, DO, DELTA, s_ob, s_oh, s_ot, s_db, s_dh, s_dt, H
     ok = t < L
     o = tl.load(Out + b * s_ob + h * s_oh + t[:, None] * s_ot + d[None, :], mask=ok[:, None], other=0.0)
     do = tl.load(DO + b * s_db + h * s_dh + t[:, None] * s_dt + d[None, :], mask=ok[:, None], other=0.0)
-    tl.store(DELTA + bh.to(tl.int64) * L + t, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=ok)
+    row = bh.to(tl.int64) * L_PAD + t
+    tl.store(DELTA + row, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=ok)
+    lse = tl.load(LSE + b * s_lb + h * s_lh + t, mask=ok, other=0.0)
+    tl.store(LSE_BWD + row, tl.where(lse == float("-inf"), float("inf"), lse), mask=ok)
 
 
 @triton.jit
@@ -113,17 +117,20 @@ def _softcap_grad(ds, th, SOFTCAP: tl.constexpr):
 
 @triton.jit
 def _dkdv_step(
-    dk, dv, k, v, k_abs, k_t, mt, selected, rem, b, hkv, part, q_desc, do_desc,
+    dk, dv, k, v, k_abs, k_t, mt, selected, rem, b, hkv, part, q_desc, do_desc, lse_desc, delta_desc,
     Q, DO, LSE, DELTA, KSEG, QSEG, KRANK, s_qb, s_qh, s_qt, s_db, s_dh, s_dt, s_lb, s_lh,
     s_kseg_b, s_qseg_b, s_krank_b, Hkv, G: tl.constexpr, q_len, kv_len, q_offset, sink, window, qk_mul, cap2,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
     HAS_KSEG: tl.constexpr, HAS_QSEG: tl.constexpr, HAS_KRANK: tl.constexpr, USE_TMA: tl.constexpr,
+    ROW_TMA: tl.constexpr,
 ):
     """One (query tile, row block, query head) visit of a key block: accumulate dK (unscaled) and dV; ``part`` (a
-    runtime flag) marks a partial tile, which gets the element mask. With USE_TMA the query and dO rows come
-    through per-batch 3-D descriptors ([head, row, dim]; rows outside the sequence read 0): one bulk copy instead of
-    per-thread addresses and row predicates."""
+    runtime flag) marks a partial tile, which gets the element mask. With USE_TMA the query and dO rows (and their
+    LSE and delta with ROW_TMA: their row offset must be 16-byte aligned, so the query offset a multiple of 4) come
+    through per-batch descriptors ([head, row(, dim)]; rows outside the sequence read 0): bulk copies instead of
+    per-thread addresses and row predicates. LSE here is the backward's copy (``+inf`` for empty
+    rows); LSE and DELTA share the strides ``s_lb, s_lh``."""
     h = rem % G
     q_abs = (q_offset // BLOCK + mt) * BLOCK + (rem // G) * BLOCK_M + tl.arange(0, BLOCK_M)
     q_t = q_abs - q_offset
@@ -137,9 +144,12 @@ def _dkdv_step(
     else:
         q = tl.load(Q + b * s_qb + hq * s_qh + q_t[:, None] * s_qt + d[None, :], mask=q_ok[:, None], other=0.0)
         do = tl.load(DO + b * s_db + hq * s_dh + q_t[:, None] * s_dt + d[None, :], mask=q_ok[:, None], other=0.0)
-    lse = tl.load(LSE + b * s_lb + hq * s_lh + q_t, mask=q_ok, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    delta = tl.load(DELTA + (b * Hkv * G + hq) * q_len + q_t, mask=q_ok, other=0.0)
+    if ROW_TMA:  # rows outside the sequence read 0 (their q and dO are 0 too, so they add nothing)
+        lse = tl.reshape(lse_desc.load([hq.to(tl.int32), t_first]), [BLOCK_M])
+        delta = tl.reshape(delta_desc.load([hq.to(tl.int32), t_first]), [BLOCK_M])
+    else:
+        lse = tl.load(LSE + b * s_lb + hq * s_lh + q_t, mask=q_ok, other=float("inf"))
+        delta = tl.load(DELTA + b * s_lb + hq * s_lh + q_t, mask=q_ok, other=0.0)
     qk = _dot(k, tl.trans(q), IEEE)  # (BLOCK_N, BLOCK_M)
     s, th = _scores_and_tanh(qk, qk_mul, cap2, SOFTCAP)
     if part:  # a partial entry: the token-exact element mask
@@ -172,7 +182,7 @@ def _attn_bwd_dkdv_kernel(
     BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
     HAS_KSEG: tl.constexpr, HAS_QSEG: tl.constexpr, HAS_KRANK: tl.constexpr, SPLIT: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, ROW_TMA: tl.constexpr,
 ):
     N_SUB_N: tl.constexpr = BLOCK // BLOCK_N
     N_SUB_M: tl.constexpr = BLOCK // BLOCK_M
@@ -202,6 +212,13 @@ def _attn_bwd_dkdv_kernel(
                                             block_shape=[1, BLOCK_M, HEAD_DIM])
     else:
         q_desc, do_desc = Q, DO
+    if ROW_TMA:
+        lse_desc = tl.make_tensor_descriptor(LSE + b * s_lb, shape=[Hkv * G, q_len], strides=[s_lh, 1],
+                                             block_shape=[1, BLOCK_M])
+        delta_desc = tl.make_tensor_descriptor(DELTA + b * s_lb, shape=[Hkv * G, q_len], strides=[s_lh, 1],
+                                               block_shape=[1, BLOCK_M])
+    else:
+        lse_desc, delta_desc = LSE, DELTA
 
     f_cnt = tl.load(FC + irow)
     p_cnt = tl.load(PC + irow)
@@ -216,10 +233,10 @@ def _attn_bwd_dkdv_kernel(
         raw = tl.where(is_full, raw_f, raw_p)
         mt = tl.where(raw < 0, -raw - 1, raw)
         dk, dv = _dkdv_step(
-            dk, dv, k, v, k_abs, k_t, mt, raw < 0, it % per_tile, b, hkv, ~is_full, q_desc, do_desc,
-            Q, DO, LSE, DELTA, KSEG, QSEG, KRANK, s_qb, s_qh, s_qt, s_db, s_dh, s_dt, s_lb, s_lh,
+            dk, dv, k, v, k_abs, k_t, mt, raw < 0, it % per_tile, b, hkv, ~is_full, q_desc, do_desc, lse_desc,
+            delta_desc, Q, DO, LSE, DELTA, KSEG, QSEG, KRANK, s_qb, s_qh, s_qt, s_db, s_dh, s_dt, s_lb, s_lh,
             s_kseg_b, s_qseg_b, s_krank_b, Hkv, G, q_len, kv_len, q_offset, sink, window, qk_mul, cap2,
-            BLOCK, BLOCK_M, HEAD_DIM, SOFTCAP, IEEE, HAS_KSEG, HAS_QSEG, HAS_KRANK, USE_TMA,
+            BLOCK, BLOCK_M, HEAD_DIM, SOFTCAP, IEEE, HAS_KSEG, HAS_QSEG, HAS_KRANK, USE_TMA, ROW_TMA,
         )
 
     dk = dk * scale
@@ -294,9 +311,8 @@ def _attn_bwd_dq_kernel(
     q = tl.load(Q + b * s_qb + hq[:, None] * s_qh + q_t[:, None] * s_qt + d[None, :], mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + b * s_db + hq[:, None] * s_dh + q_t[:, None] * s_dt + d[None, :], mask=row_ok[:, None],
                  other=0.0)
-    lse = tl.load(LSE + b * s_lb + hq * s_lh + q_t, mask=row_ok, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    delta = tl.load(DELTA + (b * Hkv * G + hq) * q_len + q_t, mask=row_ok, other=0.0)
+    lse = tl.load(LSE + b * s_lb + hq * s_lh + q_t, mask=row_ok, other=float("inf"))  # the backward's copy
+    delta = tl.load(DELTA + b * s_lb + hq * s_lh + q_t, mask=row_ok, other=0.0)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     kk = tl.arange(0, BLOCK_N)
@@ -345,10 +361,13 @@ def attention_backward(
     qk_mul, cap2 = score_constants(scale, softcap)
     (ks, ks_b), (qs, qs_b), (kr, kr_b) = seg_args(k_seg, q_seg, k_rank, full_count)
 
-    delta = torch.empty(batch, hq, q_len, device=q.device, dtype=torch.float32)
+    l_pad = -(-q_len // 4) * 4  # fp32 rows of a multiple of 16 bytes (TMA's stride rule)
+    delta = torch.empty(batch, hq, l_pad, device=q.device, dtype=torch.float32)
+    lse_bwd = torch.empty_like(delta)
     pre_block = 64
     _bwd_preprocess_kernel[(triton.cdiv(q_len, pre_block), batch * hq)](
-        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), hq, q_len,
+        o, do, lse, delta, lse_bwd, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        lse.stride(0), lse.stride(1), hq, q_len, l_pad,
         BLOCK=pre_block, HEAD_DIM=dim,
     )
 
@@ -369,7 +388,7 @@ def attention_backward(
     common_strides = (
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        lse.stride(0), lse.stride(1),
+        lse_bwd.stride(0), lse_bwd.stride(1),  # delta has the same layout
     )
     flags = dict(
         SOFTCAP=bool(softcap), IEEE=ieee,
@@ -401,7 +420,7 @@ def attention_backward(
         kv_block_n = min(cfg.kv_block_n, block)
         kv_block_m = min(cfg.kv_block_m, block)
         _attn_bwd_dkdv_kernel[(n_k * (block // kv_block_n), batch * hkv)](
-            q, k, v, do, lse, delta, dk, dv,
+            q, k, v, do, lse_bwd, delta, dk, dv,
             t_full_count, t_full_tiles, t_part_count, t_part_tiles,
             vt, vs, scr_k, scr_v, scr_k.stride(0), scr_k.stride(1), scr_k.stride(2),
             ks, qs, kr,
@@ -411,7 +430,7 @@ def attention_backward(
             hkv, group, q_len, kv_len, q_offset, kv_offset, sink, window,
             qk_mul, cap2, scale,
             BLOCK=block, BLOCK_N=kv_block_n, BLOCK_M=kv_block_m, HEAD_DIM=dim, **flags, SPLIT=split is not None,
-            USE_TMA=rows_tma,
+            USE_TMA=rows_tma, ROW_TMA=rows_tma and q_offset % 4 == 0,
             num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
         )
         if split is not None:
@@ -425,7 +444,7 @@ def attention_backward(
         q_block_n = min(cfg.q_block_n, block)
         n_hc = math.ceil(group / hpp)
         _attn_bwd_dq_kernel[(n_q * (block // sub_m) * n_hc, batch * hkv)](
-            q, k, v, do, lse, delta, dq,
+            q, k, v, do, lse_bwd, delta, dq,
             full_count, full_tiles, part_count, part_tiles,
             ks, qs, kr,
             *common_strides,
