@@ -31,7 +31,7 @@ SPLIT_CHUNK: int | None = None
 CONCURRENT_DQ: bool = True
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 # The dK/dV kernel loads query and dO rows, and their LSE and delta, through TMA descriptors where TMA applies
-# (kernels/tma.py); False: pointer loads, whose per-thread addresses and row predicates took 695 instead of 416 SASS
+# (kernels/tma.py); False: pointer loads, whose per-thread addresses and row predicates took 716 instead of 416 SASS
 # instructions per full-tile step (scripts/sass_report.py, Triton 3.6) and 3-18% of forward+backward time on the H100.
 DKDV_TMA_ROWS: bool = True
 
