@@ -435,8 +435,7 @@ def attention_backward(
             num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
         )
         if split is not None:
-            reduce_split(split, scr_k, dk, kv_offset, block)
-            reduce_split(split, scr_v, dv, kv_offset, block)
+            reduce_split(split, scr_k, scr_v, dk, dv, kv_offset, block)
 
     def launch_dq(cfg: BwdConfig) -> None:
         block_m = min(cfg.q_block_m, block * _next_pow2(group))

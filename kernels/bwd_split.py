@@ -3,15 +3,18 @@
 A key tile that every query tile visits (attention sinks, strided layout columns) would otherwise be one program
 looping over all of them while the other programs finish after a few entries. Each chunk becomes its own program;
 chunks of a split tile write fp32 partial dK/dV to a scratch buffer, summed afterwards in a fixed order, so the
-result stays deterministic (no atomics). Host-side torch code; the kernel reads the virtual lists.
+result stays deterministic (no atomics). The split is host-side torch code (cached per index); the reduction is one
+small Triton kernel for dK and dV together (a sequence of torch gathers cost a dozen launches and their host time).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 
 # Most chunks a heavy tile is split into; the chunk size is at least the median list length, so typical tiles
 # stay whole (no scratch, no extra reduction traffic).
@@ -34,9 +37,6 @@ class SplitLists:
     n_slots: int
     heavy_tiles: torch.Tensor  # (Bi, Hi, H) int64 key tiles that were split, -1 padding
     slot_table: torch.Tensor  # (Bi, Hi, H, K) int64 scratch slots of each split tile, -1 padding
-    # reduce_split's index tensors per (batch, heads, kv_len, kv_offset, block, device): built once, so later calls
-    # run without the host synchronisation of boolean-mask indexing (it dominated small backward calls).
-    plans: dict = field(default_factory=dict)
 
 
 def _ceil_div(a: torch.Tensor, b: int) -> torch.Tensor:
@@ -122,30 +122,55 @@ def _split(full_count, full_tiles, part_count, part_tiles, chunk):
     return SplitLists((vfc, vft, vpc, vpt), vtile, vslot, n_slots, heavy_tiles, slot_table)
 
 
-def reduce_split(split: SplitLists, scratch: torch.Tensor, out: torch.Tensor, kv_offset: int, block: int) -> None:
-    """Sum the fp32 partials of each split key tile in slot order and write them into ``out`` (B, Hkv, L, D)."""
-    batch, hkv, n_slots, _, dim = scratch.shape
-    kv_len = out.shape[2]
-    table = split.slot_table.expand(batch, hkv, -1, -1)
+@triton.jit
+def _reduce_split_kernel(
+    SCR_K, SCR_V, DK, DV, TILES, TABLE,
+    s_sb, s_sh, s_ss, s_tb, s_th, s_ab, s_ah, s_at, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
+    Hkv, k_max, kv_len, row_shift,
+    BLOCK: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    """One (split key tile, ROWS of it) of one (batch, KV head): dK and dV = the sum of its chunks' fp32 partials in
+    slot order (fixed, so deterministic), stored for the rows inside the sequence."""
+    N_CHUNKS: tl.constexpr = BLOCK // ROWS
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hkv).to(tl.int64)
+    h = (bh % Hkv).to(tl.int64)
+    heavy = pid // N_CHUNKS
+    tile = tl.load(TILES + b * s_tb + h * s_th + heavy)
+    if tile >= 0:
+        r = (pid % N_CHUNKS) * ROWS + tl.arange(0, ROWS)
+        d = tl.arange(0, HEAD_DIM)
+        acc_k = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+        acc_v = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+        for j in range(0, k_max):
+            slot = tl.load(TABLE + b * s_ab + h * s_ah + heavy * s_at + j)
+            base = b * s_sb + h * s_sh + tl.maximum(slot, 0) * s_ss + r[:, None] * HEAD_DIM + d[None, :]
+            used = (r[:, None] * 0 + slot) >= 0  # -1 pads the tile's slot list
+            acc_k += tl.load(SCR_K + base, mask=used, other=0.0)
+            acc_v += tl.load(SCR_V + base, mask=used, other=0.0)
+        k_t = tile * BLOCK + r - row_shift
+        ok = (k_t >= 0) & (k_t < kv_len)
+        tl.store(DK + b * s_kb + h * s_kh + k_t[:, None] * s_kt + d[None, :], acc_k.to(DK.dtype.element_ty),
+                 mask=ok[:, None])
+        tl.store(DV + b * s_vb + h * s_vh + k_t[:, None] * s_vt + d[None, :], acc_v.to(DV.dtype.element_ty),
+                 mask=ok[:, None])
+
+
+def reduce_split(split: SplitLists, scr_k: torch.Tensor, scr_v: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
+                 kv_offset: int, block: int) -> None:
+    """Sum the fp32 partials (scratch ``(B, Hkv, slots, block, D)``) of each split key tile in slot order and write
+    them into dK and dV ``(B, Hkv, L, D)``: one launch for both."""
+    batch, hkv, _, _, dim = scr_k.shape
+    tiles, table = split.heavy_tiles, split.slot_table
     h_max, k_max = table.shape[2:]
-    valid = table >= 0
-    flat = scratch.view(batch, hkv, n_slots, block * dim)
-    gathered = torch.gather(flat, 2, table.clamp(min=0).reshape(batch, hkv, -1, 1).expand(-1, -1, -1, block * dim))
-    gathered = gathered.view(batch, hkv, h_max, k_max, block, dim)
-    summed = torch.where(valid.view(batch, hkv, h_max, k_max, 1, 1), gathered, 0.0).sum(3)  # fixed order
-    src, dst = _reduce_plan(split, batch, hkv, kv_len, kv_offset, block, out.device)
-    out.index_put_(dst, summed[src].to(out.dtype))
-
-
-def _reduce_plan(split: SplitLists, batch: int, hkv: int, kv_len: int, kv_offset: int, block: int,
-                 device: torch.device) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-    """Where each summed row of a split tile comes from (batch, head, heavy slot, row) and goes to (batch, head,
-    key row), keeping rows inside the sequence; cached on ``split``."""
-    key = (batch, hkv, kv_len, kv_offset, block, str(device))
-    if key not in split.plans:
-        tiles = split.heavy_tiles.expand(batch, hkv, -1)
-        rows = tiles.unsqueeze(-1) * block + torch.arange(block, device=device) - kv_offset % block
-        ok = (tiles.unsqueeze(-1) >= 0) & (rows >= 0) & (rows < kv_len)
-        src = tuple(ok.nonzero(as_tuple=True))
-        split.plans[key] = (src, (src[0], src[1], rows[src]))
-    return split.plans[key]
+    rows = min(block, 32)
+    bcast = lambda t, dim_: t.stride(dim_) if t.shape[dim_] > 1 else 0  # noqa: E731
+    _reduce_split_kernel[(h_max * (block // rows), batch * hkv)](
+        scr_k, scr_v, dk, dv, tiles, table,
+        scr_k.stride(0), scr_k.stride(1), scr_k.stride(2), bcast(tiles, 0), bcast(tiles, 1),
+        bcast(table, 0), bcast(table, 1), table.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        hkv, k_max, dk.shape[2], kv_offset % block,
+        BLOCK=block, ROWS=rows, HEAD_DIM=dim, num_warps=4,
+    )

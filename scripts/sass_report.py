@@ -27,7 +27,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import triton  # noqa: E402
-from hf_sparsek.kernels import attention_bwd, attention_fwd  # noqa: E402
+from hf_sparsek.kernels import attention_bwd, attention_fwd, bwd_split  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
@@ -35,6 +35,7 @@ FLAGS = dict(SOFTCAP=False, IEEE=False, HAS_KSEG=False, HAS_QSEG=False, HAS_KRAN
 BF16_ARGS = {"Q", "K", "V", "Out", "DO", "DK", "DV", "DQ"}
 FP32_ARGS = {"LSE", "DELTA", "SCR_K", "SCR_V", "LSE_BWD"}
 INT32_PTRS = {"FC", "FT", "PC", "PT", "VT", "VS", "KSEG", "QSEG", "KRANK"}
+INT64_PTRS = {"TILES", "TABLE"}
 FLOAT_SCALARS = {"qk_mul", "cap2", "scale"}
 DIVISIBLE_INTS = {"q_len", "kv_len", "f_width", "p_width"}
 GROUP = 4
@@ -67,6 +68,8 @@ def _source(fn, constexprs: dict) -> ASTSource:
             signature[name] = "*fp32"
         elif name in INT32_PTRS:
             signature[name] = "*i32"
+        elif name in INT64_PTRS:
+            signature[name] = "*i64"
         elif name in FLOAT_SCALARS:
             signature[name] = "fp32"
         else:
@@ -90,6 +93,9 @@ def kernel_cases(dims: list[int], kernels: set[str]):
             yield (f"dkdv D{dim}", attention_bwd._attn_bwd_dkdv_kernel,
                    dict(BLOCK=BLOCK, BLOCK_N=cfg.kv_block_n, BLOCK_M=cfg.kv_block_m, HEAD_DIM=dim, G=GROUP,
                         SPLIT=True, USE_TMA=tma, ROW_TMA=tma, **FLAGS), cfg.kv_warps, cfg.kv_stages)
+        if "reduce" in kernels:
+            yield (f"split reduce D{dim}", bwd_split._reduce_split_kernel,
+                   dict(BLOCK=BLOCK, ROWS=32, HEAD_DIM=dim), 4, 1)
         if "dq" in kernels:
             hpp = max(1, cfg.q_block_m // BLOCK)
             yield (f"dq D{dim}", attention_bwd._attn_bwd_dq_kernel,
@@ -194,7 +200,7 @@ def table(rows: list[dict]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kernels", default="fwd,dkdv,dq")
+    ap.add_argument("--kernels", default="fwd,dkdv,dq", help="any of fwd, dkdv, dq, reduce (the dK/dV split sum)")
     ap.add_argument("--dims", default="128", help="head dims (64, 128, 256)")
     ap.add_argument("--out", default="", help="folder for sass_report.json (printed only when empty)")
     args = ap.parse_args()

@@ -39,7 +39,7 @@ def _interpreted_kernels() -> None:
     from hf_sparsek.kernels import attention_fwd
 
     if not isinstance(attention_fwd._attn_fwd_kernel, InterpretedFunction):
-        for name in ("common", "attention_fwd", "attention_bwd"):
+        for name in ("common", "attention_fwd", "bwd_split", "attention_bwd"):
             importlib.reload(sys.modules[f"hf_sparsek.kernels.{name}"])
 
 
@@ -344,7 +344,6 @@ def test_split_key_lists_keep_gradients_exact_and_deterministic(chunk, monkeypat
     for g, g2, w in zip(got, again, want, strict=True):
         assert torch.equal(g, g2)
         assert (g.double() - w).norm() / w.norm() < 1e-5
-    assert len(split.plans) == 1  # the reduction's index plan is built once and reused by the second call
 
 
 def test_runtime_autotune_picks_fastest_caches_and_persists(tmp_path, monkeypatch):
