@@ -300,6 +300,16 @@ def bench_method(group, case, method, fn_fwd, make_loss_grad, pairs, dim, extra=
     _record(row)
 
 
+def _bench_switched(module, name: str, value, method: str, group, case, fn, loss_grad, pairs, dim, extra) -> None:
+    """Time ``method`` with the module switch ``name`` set to ``value`` (the A/B rows of one run), then restore it."""
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        bench_method(group, case, method, fn, loss_grad, pairs, dim, extra)
+    finally:
+        setattr(module, name, saved)
+
+
 def bench_case(*args, **kwargs) -> None:
     """One shape: every pattern and method; an allocation or setup failure is recorded, not raised."""
     try:
@@ -347,25 +357,15 @@ def _bench_case(group, batch, hq, hkv, seq, dim, dtype, patterns, methods=("spar
         if "sparsek" in methods:
             fn = lambda: triton_block_sparse_attention(q, k, v, index, scale)  # noqa: B023
             bench_method(group, case, "sparsek", fn, fwdbwd(fn), pairs, dim, {**ex, "tma": tma.use_tma(k, v)})
+            same = (group, case, fn, fwdbwd(fn), pairs, dim)
             if ARGS.bwd_ab and backward and DEVICE == "cuda":
-                attention_bwd.CONCURRENT_DQ = False
-                try:
-                    bench_method(group, case, "sparsek-serialbwd", fn, fwdbwd(fn), pairs, dim,
-                                 {**ex, "tma": tma.use_tma(k, v), "concurrent_dq": False})
-                finally:
-                    attention_bwd.CONCURRENT_DQ = True
+                _bench_switched(attention_bwd, "CONCURRENT_DQ", False, "sparsek-serialbwd", *same,
+                                {**ex, "tma": tma.use_tma(k, v), "concurrent_dq": False})
             if ARGS.rows_tma_ab and backward and tma.use_tma(q, d_out):
-                attention_bwd.DKDV_TMA_ROWS = False
-                try:
-                    bench_method(group, case, "sparsek-ptrrows", fn, fwdbwd(fn), pairs, dim, {**ex, "rows_tma": False})
-                finally:
-                    attention_bwd.DKDV_TMA_ROWS = True
+                _bench_switched(attention_bwd, "DKDV_TMA_ROWS", False, "sparsek-ptrrows", *same,
+                                {**ex, "rows_tma": False})
             if ARGS.tma_ab and tma.use_tma(k, v):
-                tma.USE_TMA = False
-                try:
-                    bench_method(group, case, "sparsek-ptr", fn, fwdbwd(fn), pairs, dim, {**ex, "tma": False})
-                finally:
-                    tma.USE_TMA = None
+                _bench_switched(tma, "USE_TMA", False, "sparsek-ptr", *same, {**ex, "tma": False})
         if "flex" in methods and DEVICE == "cuda" and _left() > 0:
             try:
                 mod = flex_mask_mod(pattern, seq, hkv, group_size)
