@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import autotune
+from . import attention_fwd_gluon, autotune
 from .common import LOG2E, element_mask, kv_descriptors, load_rows, query_tile_rows, tanh_f32
 from .tma import ensure_allocator, use_tma
 
@@ -247,6 +247,10 @@ def attention_forward(
             num_warps=warps, num_stages=stages,
         )
 
+    if config is None and attention_fwd_gluon.supported(q, k, v, block, softcap,
+                                                        k_seg is not None or q_seg is not None or k_rank is not None):
+        return attention_fwd_gluon.attention_forward_gluon(
+            q, k, v, full_count, full_tiles, part_count, part_tiles, block, q_offset, kv_offset, sink, window, scale)
     if config is None and autotune.ENABLED:
         # list widths (the longest row) stand for the pattern's density without a device sync
         key = autotune.shape_key("fwd", q, k, block, full_tiles.shape[-1] + part_tiles.shape[-1])
