@@ -40,6 +40,8 @@ NUM_WARPS = 8  # two warpgroups, 64 query rows each
 # None: automatic (Hopper GPU and supported inputs); True / False: force on (where supported) / off.
 ENABLED: bool | None = False  # off until checked on the GPU (scripts/gpu_gluon_fwd.py)
 STAGES = 2  # K/V ring depth (2 x 2 x 32 KiB at head dim 128, plus 32 KiB for Q)
+# "ws": warp-specialised (TMA loader warp + two consumer warpgroups); "pipelined": one 8-warp partition
+VARIANT = "ws"
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int, softcap: float,
@@ -225,11 +227,173 @@ if AVAILABLE:
         gl.store(o_ptrs, out.to(dtype), mask=ok[:, None])
 
 
+    @gluon.jit
+    def _ws_loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free,
+                   FT, PT, irow, f_width, p_width, f_cnt, n_tiles, kb0, kv_offset, t_first):
+        """One warp: Q once, then K and V tiles into the ring as soon as both consumers freed the slot."""
+        BLOCK: gl.constexpr = q_smem.shape[0]  # worker partitions take no constexpr arguments (Triton 3.6)
+        STAGES: gl.constexpr = k_smem.shape[0]
+        BLOCK_N: gl.constexpr = k_smem.shape[1]
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+        _tma_load(q_desc, [t_first, 0], q_bar, q_smem)
+        for j in range(n_tiles):
+            slot = j % STAGES
+            t0 = _tile_start(FT, PT, irow, f_width, p_width, f_cnt, j, kb0, kv_offset, BLOCK, BLOCK_N)[0]
+            free_phase = ((j // STAGES) + 1) & 1  # the slot's previous use ended (first round: no wait)
+            mbarrier.wait(k_free.index(slot), free_phase, pred=j >= STAGES)
+            _load_tile(k_desc, t0, k_bar.index(slot), k_smem.index(slot))
+            mbarrier.wait(v_free.index(slot), free_phase, pred=j >= STAGES)
+            _load_tile(v_desc, t0, v_bar.index(slot), v_smem.index(slot))
+
+    @gluon.jit
+    def _ws_consumer(q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free,
+                     Out, LSE, FT, PT, irow, f_width, p_width, f_cnt, n_tiles, kb0,
+                     b, hq, s_ob, s_oh, s_ot, s_lb, s_lh, q_len, kv_len, kv_offset, q_first, t_first,
+                     sink, window, qk_mul, ROW0: gl.constexpr):
+        """One warpgroup: 64 query rows (from ROW0) of the tile, the pipelined loop of the single-partition
+        kernel, signalling the loader through the slots' free barriers instead of CTA-wide barriers."""
+        ROWS: gl.constexpr = 64
+        BLOCK: gl.constexpr = q_smem.shape[0]
+        STAGES: gl.constexpr = k_smem.shape[0]
+        BLOCK_N: gl.constexpr = k_smem.shape[1]
+        HEAD_DIM: gl.constexpr = k_smem.shape[2]
+        dtype: gl.constexpr = q_smem.dtype
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        q_rows = q_smem.slice(ROW0, ROWS)
+        q_abs = q_first + ROW0 + gl.arange(0, ROWS, layout=row_s)
+        m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_s)
+        l_i = gl.zeros([ROWS], gl.float32, layout=row_s)
+        acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
+        s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+        p = gl.zeros([ROWS, BLOCK_N], dtype, layout=p_layout)
+        mbarrier.wait(q_bar, 0)
+        if n_tiles > 0:
+            mbarrier.wait(k_bar.index(0), 0)
+            s = warpgroup_mma(q_rows, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(0, deps=(s, ))
+            mbarrier.arrive(k_free.index(0))
+            t0, part, selected = _tile_start(FT, PT, irow, f_width, p_width, f_cnt, 0, kb0, kv_offset, BLOCK,
+                                             BLOCK_N)
+            p32, m_i, l_i, alpha0 = _softmax_step(s, m_i, l_i, qk_mul, part, selected, t0, q_abs, kv_offset,
+                                                  kv_len, sink, window, BLOCK_N, s_layout)
+            p = gl.convert_layout(p32.to(dtype), p_layout)
+            for j in range(1, n_tiles):
+                slot = j % STAGES
+                prev = (j - 1) % STAGES
+                mbarrier.wait(k_bar.index(slot), (j // STAGES) & 1)
+                s = warpgroup_mma(q_rows, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                mbarrier.wait(v_bar.index(prev), ((j - 1) // STAGES) & 1)
+                acc = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
+                s = warpgroup_mma_wait(1, deps=(s, ))
+                mbarrier.arrive(k_free.index(slot))
+                t0, part, selected = _tile_start(FT, PT, irow, f_width, p_width, f_cnt, j, kb0, kv_offset, BLOCK,
+                                                 BLOCK_N)
+                p32, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_mul, part, selected, t0, q_abs, kv_offset,
+                                                     kv_len, sink, window, BLOCK_N, s_layout)
+                p = gl.convert_layout(p32.to(dtype), p_layout)
+                acc = warpgroup_mma_wait(0, deps=(acc, ))
+                mbarrier.arrive(v_free.index(prev))
+                acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+            last = (n_tiles - 1) % STAGES
+            mbarrier.wait(v_bar.index(last), ((n_tiles - 1) // STAGES) & 1)
+            acc = warpgroup_mma(p, v_smem.index(last), acc, is_async=True)
+            acc = warpgroup_mma_wait(0, deps=(acc, ))
+        empty = l_i == 0.0
+        l_safe = gl.where(empty, 1.0, l_i)
+        lse = gl.where(empty, float("-inf"), m_i + gl.log2(l_safe))
+        rows_s = t_first + ROW0 + gl.arange(0, ROWS, layout=row_s)
+        gl.store(LSE + b * s_lb + hq * s_lh + rows_s, lse, mask=(rows_s >= 0) & (rows_s < q_len))
+        out = acc / gl.convert_layout(l_safe, row_o)[:, None]
+        rows_o = t_first + ROW0 + gl.arange(0, ROWS, layout=row_o)
+        cols_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        ok = (rows_o >= 0) & (rows_o < q_len)
+        gl.store(Out + b * s_ob + hq * s_oh + rows_o[:, None] * s_ot + cols_o[None, :], out.to(dtype),
+                 mask=ok[:, None])
+
+    @gluon.jit
+    def _ws_consumer_top(q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free, Out, LSE, FT, PT, irow,
+                         f_width, p_width, f_cnt, n_tiles, kb0, b, hq, s_ob, s_oh, s_ot, s_lb, s_lh, q_len, kv_len,
+                         kv_offset, q_first, t_first, sink, window, qk_mul):
+        _ws_consumer(q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free, Out, LSE, FT, PT, irow,
+                     f_width, p_width, f_cnt, n_tiles, kb0, b, hq, s_ob, s_oh, s_ot, s_lb, s_lh, q_len, kv_len,
+                     kv_offset, q_first, t_first, sink, window, qk_mul, 0)
+
+    @gluon.jit
+    def _ws_consumer_bottom(q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free, Out, LSE, FT, PT, irow,
+                            f_width, p_width, f_cnt, n_tiles, kb0, b, hq, s_ob, s_oh, s_ot, s_lb, s_lh, q_len,
+                            kv_len, kv_offset, q_first, t_first, sink, window, qk_mul):
+        _ws_consumer(q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free, Out, LSE, FT, PT, irow,
+                     f_width, p_width, f_cnt, n_tiles, kb0, b, hq, s_ob, s_oh, s_ot, s_lb, s_lh, q_len, kv_len,
+                     kv_offset, q_first, t_first, sink, window, qk_mul, 64)
+
+    @gluon.jit
+    def _attn_fwd_ws_kernel(
+        Q, K, V, Out, LSE, FC, FT, PC, PT,
+        s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_ob, s_oh, s_ot, s_lb, s_lh,
+        s_ib, s_ih, f_width, p_width,
+        Hkv, G, q_len, kv_len, q_offset, kv_offset, n_q_tiles, sink, window, qk_mul,
+        BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+        num_warps: gl.constexpr,
+    ):
+        """Warp-specialised forward: a 1-warp TMA loader and two 4-warp consumers (64 query rows each) that run
+        unsynchronised with each other (FlashAttention-3's producer/consumer split; no CTA-wide barrier in the
+        loop). Same program grid and results as _attn_fwd_gluon_kernel."""
+        dtype: gl.constexpr = Q.dtype.element_ty
+        smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        pid = gl.program_id(0)
+        bh = gl.program_id(1)
+        b = (bh // Hkv).to(gl.int64)
+        hkv = (bh % Hkv).to(gl.int64)
+        m = n_q_tiles - 1 - pid // G
+        hq = hkv * G + pid % G
+        q_first = (q_offset // BLOCK + m) * BLOCK
+        t_first = q_first - q_offset
+        irow = b * s_ib + hkv * s_ih + m
+        f_cnt = gl.load(FC + irow)
+        n_tiles = (f_cnt + gl.load(PC + irow)) * (BLOCK // BLOCK_N)
+        kb0 = kv_offset // BLOCK
+        q_desc = tma.make_tensor_descriptor(Q + b * s_qb + hq * s_qh, shape=[q_len, HEAD_DIM], strides=[s_qt, 1],
+                                            block_shape=[BLOCK, HEAD_DIM], layout=smem_layout)
+        k_desc = tma.make_tensor_descriptor(K + b * s_kb + hkv * s_kh, shape=[kv_len, HEAD_DIM], strides=[s_kt, 1],
+                                            block_shape=[BLOCK_N, HEAD_DIM], layout=smem_layout)
+        v_desc = tma.make_tensor_descriptor(V + b * s_vb + hkv * s_vh, shape=[kv_len, HEAD_DIM], strides=[s_vt, 1],
+                                            block_shape=[BLOCK_N, HEAD_DIM], layout=smem_layout)
+        q_smem = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], smem_layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_bar.index(i), count=1)
+            mbarrier.init(v_bar.index(i), count=1)
+            mbarrier.init(k_free.index(i), count=2)  # one arrival per consumer warpgroup
+            mbarrier.init(v_free.index(i), count=2)
+        consumer_args = (q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free,
+                         Out, LSE, FT, PT, irow, f_width, p_width, f_cnt, n_tiles, kb0,
+                         b, hq, s_ob, s_oh, s_ot, s_lb, s_lh, q_len, kv_len, kv_offset, q_first, t_first,
+                         sink, window, qk_mul)
+        gl.warp_specialize(
+            [(_ws_consumer_top, consumer_args), (_ws_consumer_bottom, consumer_args),
+             (_ws_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free,
+                           FT, PT, irow, f_width, p_width, f_cnt, n_tiles, kb0, kv_offset, t_first))],
+            [4, 1], [240, 24])
+
+
 def attention_forward_gluon(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     full_count: torch.Tensor, full_tiles: torch.Tensor, part_count: torch.Tensor, part_tiles: torch.Tensor,
     block: int, q_offset: int, kv_offset: int, sink: int, window: int, scale: float,
-    stages: int | None = None,
+    stages: int | None = None, variant: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the Gluon forward (callers check :func:`supported` first). Returns O and the log2-domain LSE."""
     batch, hq, q_len, dim = q.shape
@@ -243,13 +407,18 @@ def attention_forward_gluon(
     s_ib, s_ih = (n_h * width if n_b > 1 else 0), (width if n_h > 1 else 0)
     ensure_allocator()
     grid = (n_q * group, batch * hkv)
-    _attn_fwd_gluon_kernel[grid](
+    variant = variant or VARIANT
+    if variant not in ("ws", "pipelined"):
+        raise ValueError(f"Gluon forward variant {variant!r}: one of 'ws', 'pipelined'")
+    kernel = _attn_fwd_ws_kernel if variant == "ws" else _attn_fwd_gluon_kernel
+    kernel[grid](
         q, k, v, out, lse, full_count, full_tiles, part_count, part_tiles,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), s_ib, s_ih, full_tiles.shape[-1], part_tiles.shape[-1],
         hkv, group, q_len, kv_len, q_offset, kv_offset, n_q, sink, window, qk_mul,
-        BLOCK=block, BLOCK_N=128, HEAD_DIM=dim, STAGES=stages or STAGES, num_warps=NUM_WARPS,
+        BLOCK=block, BLOCK_N=128, HEAD_DIM=dim, STAGES=stages or STAGES,
+        num_warps=4 if variant == "ws" else NUM_WARPS,  # ws: the default partition is the first consumer
     )
     return out, lse
 

@@ -40,11 +40,12 @@ def _rand(shape, dtype, gen, seq_major=False):
     return torch.randn(shape, generator=gen, device="cuda").to(dtype)
 
 
-def _launch(q, k, v, index, use_gluon: bool, stages: int | None = None):
-    """One forward through attention_forward with the Gluon switch forced (the dispatch users get)."""
-    saved, saved_stages = gluon_fwd.ENABLED, gluon_fwd.STAGES
+def _launch(q, k, v, index, use_gluon: bool, stages: int | None = None, variant: str | None = None):
+    """One forward through attention_forward with the Gluon switches forced (the dispatch users get)."""
+    saved = gluon_fwd.ENABLED, gluon_fwd.STAGES, gluon_fwd.VARIANT
     gluon_fwd.ENABLED = use_gluon
-    gluon_fwd.STAGES = stages or saved_stages
+    gluon_fwd.STAGES = stages or saved[1]
+    gluon_fwd.VARIANT = variant or saved[2]
     try:
         return attention_forward(
             q, k, v, index.full_count.contiguous(), index.full_tiles.contiguous(), index.part_count.contiguous(),
@@ -52,10 +53,11 @@ def _launch(q, k, v, index, use_gluon: bool, stages: int | None = None):
             index.block_size, index.q_offset, index.kv_offset, index.sink_tokens, index.window or 0,
             q.shape[-1] ** -0.5, 0.0)
     finally:
-        gluon_fwd.ENABLED, gluon_fwd.STAGES = saved, saved_stages
+        gluon_fwd.ENABLED, gluon_fwd.STAGES, gluon_fwd.VARIANT = saved
 
 
-def check(name, batch, hq, hkv, q_len, kv_len, dim, pattern, dtype=torch.bfloat16, seq_major=False) -> dict:
+def check(variant, name, batch, hq, hkv, q_len, kv_len, dim, pattern, dtype=torch.bfloat16,
+          seq_major=False) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(sum(map(ord, name)))
     q = _rand((batch, hq, q_len, dim), dtype, gen, seq_major)
     k = _rand((batch, hkv, kv_len, dim), dtype, gen, seq_major)
@@ -64,12 +66,12 @@ def check(name, batch, hq, hkv, q_len, kv_len, dim, pattern, dtype=torch.bfloat1
     saved, gluon_fwd.ENABLED = gluon_fwd.ENABLED, True
     supported = gluon_fwd.supported(q, k, v, index.block_size, 0.0, False)
     gluon_fwd.ENABLED = saved
-    row = {"case": name, "supported": supported}
+    row = {"case": name, "variant": variant, "supported": supported}
     if not supported:
         row["ok"] = False
         row["error"] = "not supported by the Gluon forward"
         return row
-    out, lse = _launch(q, k, v, index, True)
+    out, lse = _launch(q, k, v, index, True, variant=variant)
     out_t, lse_t = _launch(q, k, v, index, False)
     ref = reference_attention(q.float(), k.float(), v.float(), index, scale=dim**-0.5)
     torch.cuda.synchronize()
@@ -84,7 +86,7 @@ def check(name, batch, hq, hkv, q_len, kv_len, dim, pattern, dtype=torch.bfloat1
     return row
 
 
-def run_checks() -> list[dict]:
+def run_checks(variants: list[str]) -> list[dict]:
     sw = SparsePattern(sink_tokens=128, window=512)
     cases = [
         ("sinkwin-D128-GQA4-b2", 2, 8, 2, 2048, 2048, 128, sw),
@@ -100,13 +102,15 @@ def run_checks() -> list[dict]:
         ("window-only-D128", 1, 4, 1, 3000, 3000, 128, SparsePattern(window=700)),
     ]
     rows = []
-    for case in cases:
-        try:
-            row = check(*case)
-        except Exception as exc:  # record and go on
-            row = {"case": case[0], "ok": False, "error": repr(exc), "trace": traceback.format_exc()[-1500:]}
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+    for variant in variants:
+        for case in cases:
+            try:
+                row = check(variant, *case)
+            except Exception as exc:  # record and go on
+                row = {"case": case[0], "variant": variant, "ok": False, "error": repr(exc),
+                       "trace": traceback.format_exc()[-1500:]}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
     return rows
 
 
@@ -127,7 +131,7 @@ def _cudnn(q, k, v):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
 
-def bench_shape(seq: int, dim: int, stages: list[int]) -> list[dict]:
+def bench_shape(seq: int, dim: int, stages: list[int], variants: list[str]) -> list[dict]:
     """Every pattern at one shape (B=1, 32/8 heads, bf16): Triton, Gluon per ring depth, cuDNN on dense."""
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(seq)
@@ -138,7 +142,8 @@ def bench_shape(seq: int, dim: int, stages: list[int]) -> list[dict]:
         index = build_index_for(q, k, pat)
         flops = 4 * dim * _pairs(index, 1, 32)
         methods = [("triton", lambda index=index: _launch(q, k, v, index, False))]
-        methods += [(f"gluon-s{st}", lambda index=index, st=st: _launch(q, k, v, index, True, st)) for st in stages]
+        methods += [(f"gluon-{var}-s{st}", lambda index=index, st=st, var=var: _launch(q, k, v, index, True, st, var))
+                    for var in variants for st in stages]
         if pname == "dense":
             methods.append(("cudnn", lambda: _cudnn(q, k, v)))
         for method, fn in methods:
@@ -153,10 +158,10 @@ def bench_shape(seq: int, dim: int, stages: list[int]) -> list[dict]:
     return rows
 
 
-def bench(sizes: list[int], stages: list[int]) -> list[dict]:
+def bench(sizes: list[int], stages: list[int], variants: list[str]) -> list[dict]:
     rows = []
     for seq, dim in [(s, 128) for s in sizes] + [(16384, 64)]:
-        rows += bench_shape(seq, dim, stages)
+        rows += bench_shape(seq, dim, stages, variants)
         torch.cuda.empty_cache()
     return rows
 
@@ -174,6 +179,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="16384,65536")
     ap.add_argument("--stages", default="2,3")
+    ap.add_argument("--variants", default="ws,pipelined")
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -181,10 +187,11 @@ def main() -> int:
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "cudnn": torch.backends.cudnn.version()}
     print(json.dumps(env), flush=True)
-    checks = run_checks()
+    variants = args.variants.split(",")
+    checks = run_checks(variants)
     ok = all(r["ok"] for r in checks)
     rows = [] if (args.skip_bench or not ok) else bench([int(s) for s in args.sizes.split(",")],
-                                                        [int(s) for s in args.stages.split(",")])
+                                                        [int(s) for s in args.stages.split(",")], variants)
     with open(os.path.join(args.out, "gluon_fwd.json"), "w") as f:
         json.dump({"env": env, "checks": checks, "bench": rows, "all_ok": ok}, f, indent=1)
     md = table(rows)
