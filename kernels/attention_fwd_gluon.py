@@ -1,18 +1,25 @@
-"""Forward block-sparse flash attention for Hopper written in Gluon: explicit asynchronous wgmma and a TMA ring.
+"""Forward block-sparse flash attention for Hopper in Gluon: warp-specialised, explicit asynchronous wgmma, TMA ring.
 
 Same contract and math as ``attention_fwd._attn_fwd_kernel`` (O and the log2-domain LSE, ``-inf`` for rows that
-attend nothing), for the common case only: 16-bit inputs, head dim 64 or 128, index blocks of 128 rows, one query
-head per program, no soft-capping and no per-batch segment / rank tensors (``supported`` says which inputs qualify;
-the Triton kernel runs every other case).
+attend nothing) for the common case: 16-bit inputs, head dim 64 or 128, index blocks of 128 rows, query length >= 16,
+no soft-capping and no per-batch segment / rank tensors (left-padded batches, packed sequences). ``supported`` says
+which inputs qualify; the Triton kernel runs every other case (same results, slower).
 
-Why a second forward: Triton's pipeliner waits for each ``Q.K^T`` wgmma before the softmax that follows it, so the
-tensor cores idle while a warpgroup does its exponentials (scripts/results/KERNEL_NOTES.md). Here the schedule is
-written out (FlashAttention-3's intra-warpgroup pipelining): the scores of tile j are issued asynchronously
-together with ``P_{j-1} V_{j-1}``, the kernel waits only for the scores, runs the softmax of tile j while the
-``P V`` product is still in flight, then waits for it and rescales. K and V tiles stream through a ring of shared
-memory slots filled by TMA and tracked with mbarriers; one CTA-wide barrier per step guards the refill of the slots
-the previous step finished with. Gluon has no CPU interpreter: tests compile it for sm_90 on the CPU and the GPU
-script checks it against the reference (scripts/gpu_kernels.py --gluon-ab).
+Why a second forward: in the Triton kernel the warps that issue the MMAs also do all the softmax work, and Triton's
+pipeliner waits for each ``Q.K^T`` before the softmax that follows it, so the tensor cores idle while a warpgroup
+computes exponentials (scripts/results/KERNEL_NOTES.md). Here the schedule is written out, FlashAttention-3 style:
+
+- one program = one 128-row query tile of one query head, split into three partitions: a 1-warp loader that
+  streams Q and the listed K/V tiles by TMA into a ring of shared-memory slots (``mbarrier`` per slot, "full" and
+  "free"), and two 4-warp consumer warpgroups of 64 query rows each, which run unsynchronised with each other (so
+  one's softmax overlaps the other's MMAs) and free a slot by arriving on its barrier (no CTA-wide barrier);
+- inside a consumer, the scores of tile j are issued asynchronously together with ``P_{j-1} V_{j-1}``; it waits
+  only for the scores, runs the softmax of tile j while ``P V`` is still in flight, then waits and rescales.
+
+A single-partition version of the same loop (8 warps, a CTA barrier per step) was no faster than Triton
+(scripts/results/gluon_fwd_h100_v1.*): the overlap between the two warpgroups is what pays. Gluon has no CPU
+interpreter: CI compiles these kernels for sm_90 and checks their machine code; scripts/gpu_gluon_fwd.py and
+scripts/gpu_kernels.py check them against the reference on the GPU.
 """
 
 from __future__ import annotations
@@ -26,7 +33,6 @@ try:  # Gluon ships with Triton >= 3.5; without it the Triton kernel runs every 
 
     # Triton 3.9 renamed the TMA copy (3.6, the H100 image's version, has only the old name)
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-    _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # renamed after 3.6 too
     AVAILABLE = True
 except ImportError:  # pragma: no cover - depends on the installed Triton
     AVAILABLE = False
@@ -36,18 +42,18 @@ from .tma import aligned, ensure_allocator
 
 HEAD_DIMS = (64, 128)
 BLOCK = 128
-NUM_WARPS = 8  # two warpgroups, 64 query rows each
-# None: automatic (Hopper GPU and supported inputs); True / False: force on (where supported) / off.
-ENABLED: bool | None = False  # off until checked on the GPU (scripts/gpu_gluon_fwd.py)
-STAGES = 2  # K/V ring depth (2 x 2 x 32 KiB at head dim 128, plus 32 KiB for Q)
-# "ws": warp-specialised (TMA loader warp + two consumer warpgroups); "pipelined": one 8-warp partition
-VARIANT = "ws"
+# False: never (the Triton kernel runs every case); True: wherever ``supported`` (Hopper GPU, qualifying inputs).
+ENABLED = True
+# K/V ring depth: None picks 3 for long tile lists (dense-like rows; 3 x 64 KiB + 32 KiB for Q at head dim 128)
+# and 2 otherwise, the faster of the two in scripts/results/gluon_fwd_h100_v2_ws.json.
+STAGES: int | None = None
+LONG_ROW_TILES = 96
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int, softcap: float,
               has_segments: bool) -> bool:
     """Whether the Gluon forward can run these inputs (otherwise the Triton kernel does)."""
-    if ENABLED is False or not AVAILABLE or not q.is_cuda:
+    if not ENABLED or not AVAILABLE or not q.is_cuda:
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in HEAD_DIMS:
         return False
@@ -102,132 +108,6 @@ if AVAILABLE:
         return p, m_new, l_i, alpha
 
     @gluon.jit
-    def _attn_fwd_gluon_kernel(
-        Q, K, V, Out, LSE, FC, FT, PC, PT,
-        s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_ob, s_oh, s_ot, s_lb, s_lh,
-        s_ib, s_ih, f_width, p_width,
-        Hkv, G, q_len, kv_len, q_offset, kv_offset, n_q_tiles, sink, window, qk_mul,
-        BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-        num_warps: gl.constexpr,
-    ):
-        BLOCK_M: gl.constexpr = BLOCK
-        dtype: gl.constexpr = Q.dtype.element_ty
-        smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                           instr_shape=[16, BLOCK_N, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                           instr_shape=[16, HEAD_DIM, 16])
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-
-        pid = gl.program_id(0)
-        bh = gl.program_id(1)
-        b = (bh // Hkv).to(gl.int64)
-        hkv = (bh % Hkv).to(gl.int64)
-        m = n_q_tiles - 1 - pid // G  # last query tiles first: they list the most key tiles
-        hq = hkv * G + pid % G
-        q_first = (q_offset // BLOCK + m) * BLOCK  # absolute position of the tile's first row
-        t_first = q_first - q_offset  # its storage row (negative when q_offset is not a multiple of BLOCK)
-        irow = b * s_ib + hkv * s_ih + m
-        f_cnt = gl.load(FC + irow)
-        n_tiles = (f_cnt + gl.load(PC + irow)) * (BLOCK // BLOCK_N)
-        kb0 = kv_offset // BLOCK
-
-        q_desc = tma.make_tensor_descriptor(Q + b * s_qb + hq * s_qh, shape=[q_len, HEAD_DIM], strides=[s_qt, 1],
-                                            block_shape=[BLOCK_M, HEAD_DIM], layout=smem_layout)
-        k_desc = tma.make_tensor_descriptor(K + b * s_kb + hkv * s_kh, shape=[kv_len, HEAD_DIM], strides=[s_kt, 1],
-                                            block_shape=[BLOCK_N, HEAD_DIM], layout=smem_layout)
-        v_desc = tma.make_tensor_descriptor(V + b * s_vb + hkv * s_vh, shape=[kv_len, HEAD_DIM], strides=[s_vt, 1],
-                                            block_shape=[BLOCK_N, HEAD_DIM], layout=smem_layout)
-        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], smem_layout)
-        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
-        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(k_bar.index(i), count=1)
-            mbarrier.init(v_bar.index(i), count=1)
-
-        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-        _tma_load(q_desc, [t_first, 0], q_bar, q_smem)
-        for i in gl.static_range(STAGES):
-            if i < n_tiles:
-                t0 = _tile_start(FT, PT, irow, f_width, p_width, f_cnt, i, kb0, kv_offset, BLOCK, BLOCK_N)[0]
-                _load_tile(k_desc, t0, k_bar.index(i), k_smem.index(i))
-                _load_tile(v_desc, t0, v_bar.index(i), v_smem.index(i))
-
-        q_abs = q_first + gl.arange(0, BLOCK_M, layout=row_s)
-        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
-        l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
-        acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
-        s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
-        p = gl.zeros([BLOCK_M, BLOCK_N], dtype, layout=p_layout)
-        mbarrier.wait(q_bar, 0)
-        if n_tiles > 0:
-            # Tile 0: scores, softmax (nothing to rescale yet).
-            mbarrier.wait(k_bar.index(0), 0)
-            s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            s = warpgroup_mma_wait(0, deps=(s, ))
-            t0, part, selected = _tile_start(FT, PT, irow, f_width, p_width, f_cnt, 0, kb0, kv_offset, BLOCK,
-                                             BLOCK_N)
-            p32, m_i, l_i, alpha0 = _softmax_step(s, m_i, l_i, qk_mul, part, selected, t0, q_abs, kv_offset, kv_len,
-                                             sink, window, BLOCK_N, s_layout)
-            p = gl.convert_layout(p32.to(dtype), p_layout)
-            for j in range(1, n_tiles):
-                # Every warp is done with tile j-1's K (scores) and tile j-2's V (P V): refill those slots.
-                _cta_barrier()
-                nxt = j - 1 + STAGES
-                if nxt < n_tiles:
-                    tn = _tile_start(FT, PT, irow, f_width, p_width, f_cnt, nxt, kb0, kv_offset, BLOCK,
-                                           BLOCK_N)[0]
-                    _load_tile(k_desc, tn, k_bar.index((j - 1) % STAGES), k_smem.index((j - 1) % STAGES))
-                if j >= 2:
-                    nxt_v = j - 2 + STAGES
-                    if nxt_v < n_tiles:
-                        tv = _tile_start(FT, PT, irow, f_width, p_width, f_cnt, nxt_v, kb0, kv_offset,
-                                               BLOCK, BLOCK_N)[0]
-                        _load_tile(v_desc, tv, v_bar.index((j - 2) % STAGES), v_smem.index((j - 2) % STAGES))
-                slot = j % STAGES
-                prev = (j - 1) % STAGES
-                mbarrier.wait(k_bar.index(slot), (j // STAGES) & 1)
-                s = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                mbarrier.wait(v_bar.index(prev), ((j - 1) // STAGES) & 1)
-                acc = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
-                s = warpgroup_mma_wait(1, deps=(s, ))  # the scores are ready; P V may still run
-                t0, part, selected = _tile_start(FT, PT, irow, f_width, p_width, f_cnt, j, kb0, kv_offset, BLOCK,
-                                                 BLOCK_N)
-                p32, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_mul, part, selected, t0, q_abs, kv_offset,
-                                                     kv_len, sink, window, BLOCK_N, s_layout)
-                p = gl.convert_layout(p32.to(dtype), p_layout)
-                acc = warpgroup_mma_wait(0, deps=(acc, ))
-                acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-            last = (n_tiles - 1) % STAGES
-            mbarrier.wait(v_bar.index(last), ((n_tiles - 1) // STAGES) & 1)
-            acc = warpgroup_mma(p, v_smem.index(last), acc, is_async=True)
-            acc = warpgroup_mma_wait(0, deps=(acc, ))
-        _cta_barrier()
-        mbarrier.invalidate(q_bar)
-        for i in gl.static_range(STAGES):
-            mbarrier.invalidate(k_bar.index(i))
-            mbarrier.invalidate(v_bar.index(i))
-
-        empty = l_i == 0.0
-        l_safe = gl.where(empty, 1.0, l_i)
-        lse = gl.where(empty, float("-inf"), m_i + gl.log2(l_safe))
-        rows_s = t_first + gl.arange(0, BLOCK_M, layout=row_s)
-        gl.store(LSE + b * s_lb + hq * s_lh + rows_s, lse, mask=(rows_s >= 0) & (rows_s < q_len))
-        out = acc / gl.convert_layout(l_safe, row_o)[:, None]
-        rows_o = t_first + gl.arange(0, BLOCK_M, layout=row_o)
-        cols_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-        ok = (rows_o >= 0) & (rows_o < q_len)
-        o_ptrs = Out + b * s_ob + hq * s_oh + rows_o[:, None] * s_ot + cols_o[None, :]
-        gl.store(o_ptrs, out.to(dtype), mask=ok[:, None])
-
-
-    @gluon.jit
     def _ws_loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free,
                    FT, PT, irow, f_width, p_width, f_cnt, n_tiles, kb0, kv_offset, t_first):
         """One warp: Q once, then K and V tiles into the ring as soon as both consumers freed the slot."""
@@ -251,7 +131,7 @@ if AVAILABLE:
                      b, hq, s_ob, s_oh, s_ot, s_lb, s_lh, q_len, kv_len, kv_offset, q_first, t_first,
                      sink, window, qk_mul, ROW0: gl.constexpr):
         """One warpgroup: 64 query rows (from ROW0) of the tile, the pipelined loop of the single-partition
-        kernel, signalling the loader through the slots' free barriers instead of CTA-wide barriers."""
+        """
         ROWS: gl.constexpr = 64
         BLOCK: gl.constexpr = q_smem.shape[0]
         STAGES: gl.constexpr = k_smem.shape[0]
@@ -393,7 +273,7 @@ def attention_forward_gluon(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     full_count: torch.Tensor, full_tiles: torch.Tensor, part_count: torch.Tensor, part_tiles: torch.Tensor,
     block: int, q_offset: int, kv_offset: int, sink: int, window: int, scale: float,
-    stages: int | None = None, variant: str | None = None,
+    stages: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the Gluon forward (callers check :func:`supported` first). Returns O and the log2-domain LSE."""
     batch, hq, q_len, dim = q.shape
@@ -407,18 +287,17 @@ def attention_forward_gluon(
     s_ib, s_ih = (n_h * width if n_b > 1 else 0), (width if n_h > 1 else 0)
     ensure_allocator()
     grid = (n_q * group, batch * hkv)
-    variant = variant or VARIANT
-    if variant not in ("ws", "pipelined"):
-        raise ValueError(f"Gluon forward variant {variant!r}: one of 'ws', 'pipelined'")
-    kernel = _attn_fwd_ws_kernel if variant == "ws" else _attn_fwd_gluon_kernel
-    kernel[grid](
+    stages = stages or STAGES or (3 if full_tiles.shape[-1] + part_tiles.shape[-1] >= LONG_ROW_TILES else 2)
+    if stages not in (2, 3):
+        raise ValueError(f"Gluon forward ring depth {stages}: 2 or 3 (shared memory holds at most 3)")
+    _attn_fwd_ws_kernel[grid](
         q, k, v, out, lse, full_count, full_tiles, part_count, part_tiles,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), s_ib, s_ih, full_tiles.shape[-1], part_tiles.shape[-1],
         hkv, group, q_len, kv_len, q_offset, kv_offset, n_q, sink, window, qk_mul,
-        BLOCK=block, BLOCK_N=128, HEAD_DIM=dim, STAGES=stages or STAGES,
-        num_warps=4 if variant == "ws" else NUM_WARPS,  # ws: the default partition is the first consumer
+        BLOCK=block, BLOCK_N=128, HEAD_DIM=dim, STAGES=stages,
+        num_warps=4,  # the default partition is the first consumer warpgroup
     )
     return out, lse
 

@@ -1,12 +1,12 @@
 """Check and time the Gluon forward (kernels/attention_fwd_gluon.py) against the Triton forward, in one GPU run.
 
-    PYTHONPATH=$PWD python3 scripts/gpu_gluon_fwd.py [--sizes 16384,65536] [--stages 2,3] [--out DIR]
+    PYTHONPATH=$PWD python3 scripts/gpu_gluon_fwd.py [--sizes 16384,65536] [--stages 0,2,3] [--out DIR]
 
 (a) Correctness: on fresh random bf16/fp16 inputs (odd lengths, GQA and MQA, head dims 64/128, batch 2, chunked
 prefill, transposed (B, S, H, D) views, sink+window, strided and random layouts) the Gluon output is compared with
 the float32 reference and its log-sum-exp with the Triton kernel's; a mismatch fails the run (exit 1).
-(b) Forward milliseconds (CUDA events, median) of Gluon (each ring depth) vs Triton vs cuDNN SDPA (dense causal) on
-B=1, 32/8 heads, head dim 128 (and 64 at 16K), with TFLOP/s counted on the attended pairs. Writes
+(b) Forward milliseconds (CUDA events, median) of Gluon (each ring depth; 0 = automatic) vs Triton vs cuDNN SDPA
+(dense causal) on B=1, 32/8 heads, head dim 128 (and 64 at 16K), with TFLOP/s counted on the attended pairs. Writes
 ``gluon_fwd.json`` and ``gluon_fwd.md``.
 """
 
@@ -40,12 +40,11 @@ def _rand(shape, dtype, gen, seq_major=False):
     return torch.randn(shape, generator=gen, device="cuda").to(dtype)
 
 
-def _launch(q, k, v, index, use_gluon: bool, stages: int | None = None, variant: str | None = None):
+def _launch(q, k, v, index, use_gluon: bool, stages: int | None = None):
     """One forward through attention_forward with the Gluon switches forced (the dispatch users get)."""
-    saved = gluon_fwd.ENABLED, gluon_fwd.STAGES, gluon_fwd.VARIANT
+    saved = gluon_fwd.ENABLED, gluon_fwd.STAGES
     gluon_fwd.ENABLED = use_gluon
-    gluon_fwd.STAGES = stages or saved[1]
-    gluon_fwd.VARIANT = variant or saved[2]
+    gluon_fwd.STAGES = stages
     try:
         return attention_forward(
             q, k, v, index.full_count.contiguous(), index.full_tiles.contiguous(), index.part_count.contiguous(),
@@ -53,10 +52,10 @@ def _launch(q, k, v, index, use_gluon: bool, stages: int | None = None, variant:
             index.block_size, index.q_offset, index.kv_offset, index.sink_tokens, index.window or 0,
             q.shape[-1] ** -0.5, 0.0)
     finally:
-        gluon_fwd.ENABLED, gluon_fwd.STAGES, gluon_fwd.VARIANT = saved
+        gluon_fwd.ENABLED, gluon_fwd.STAGES = saved
 
 
-def check(variant, name, batch, hq, hkv, q_len, kv_len, dim, pattern, dtype=torch.bfloat16,
+def check(stages, name, batch, hq, hkv, q_len, kv_len, dim, pattern, dtype=torch.bfloat16,
           seq_major=False) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(sum(map(ord, name)))
     q = _rand((batch, hq, q_len, dim), dtype, gen, seq_major)
@@ -66,12 +65,12 @@ def check(variant, name, batch, hq, hkv, q_len, kv_len, dim, pattern, dtype=torc
     saved, gluon_fwd.ENABLED = gluon_fwd.ENABLED, True
     supported = gluon_fwd.supported(q, k, v, index.block_size, 0.0, False)
     gluon_fwd.ENABLED = saved
-    row = {"case": name, "variant": variant, "supported": supported}
+    row = {"case": name, "stages": stages, "supported": supported}
     if not supported:
         row["ok"] = False
         row["error"] = "not supported by the Gluon forward"
         return row
-    out, lse = _launch(q, k, v, index, True, variant=variant)
+    out, lse = _launch(q, k, v, index, True, stages)
     out_t, lse_t = _launch(q, k, v, index, False)
     ref = reference_attention(q.float(), k.float(), v.float(), index, scale=dim**-0.5)
     torch.cuda.synchronize()
@@ -86,7 +85,7 @@ def check(variant, name, batch, hq, hkv, q_len, kv_len, dim, pattern, dtype=torc
     return row
 
 
-def run_checks(variants: list[str]) -> list[dict]:
+def run_checks(stage_list: list[int]) -> list[dict]:
     sw = SparsePattern(sink_tokens=128, window=512)
     cases = [
         ("sinkwin-D128-GQA4-b2", 2, 8, 2, 2048, 2048, 128, sw),
@@ -102,12 +101,12 @@ def run_checks(variants: list[str]) -> list[dict]:
         ("window-only-D128", 1, 4, 1, 3000, 3000, 128, SparsePattern(window=700)),
     ]
     rows = []
-    for variant in variants:
+    for stages in stage_list:
         for case in cases:
             try:
-                row = check(variant, *case)
+                row = check(stages, *case)
             except Exception as exc:  # record and go on
-                row = {"case": case[0], "variant": variant, "ok": False, "error": repr(exc),
+                row = {"case": case[0], "stages": stages, "ok": False, "error": repr(exc),
                        "trace": traceback.format_exc()[-1500:]}
             print(json.dumps(row), flush=True)
             rows.append(row)
@@ -131,7 +130,7 @@ def _cudnn(q, k, v):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
 
-def bench_shape(seq: int, dim: int, stages: list[int], variants: list[str]) -> list[dict]:
+def bench_shape(seq: int, dim: int, stages: list[int]) -> list[dict]:
     """Every pattern at one shape (B=1, 32/8 heads, bf16): Triton, Gluon per ring depth, cuDNN on dense."""
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(seq)
@@ -142,8 +141,8 @@ def bench_shape(seq: int, dim: int, stages: list[int], variants: list[str]) -> l
         index = build_index_for(q, k, pat)
         flops = 4 * dim * _pairs(index, 1, 32)
         methods = [("triton", lambda index=index: _launch(q, k, v, index, False))]
-        methods += [(f"gluon-{var}-s{st}", lambda index=index, st=st, var=var: _launch(q, k, v, index, True, st, var))
-                    for var in variants for st in stages]
+        methods += [(f"gluon-s{st or 'auto'}", lambda index=index, st=st: _launch(q, k, v, index, True, st))
+                    for st in stages]
         if pname == "dense":
             methods.append(("cudnn", lambda: _cudnn(q, k, v)))
         for method, fn in methods:
@@ -158,10 +157,10 @@ def bench_shape(seq: int, dim: int, stages: list[int], variants: list[str]) -> l
     return rows
 
 
-def bench(sizes: list[int], stages: list[int], variants: list[str]) -> list[dict]:
+def bench(sizes: list[int], stages: list[int]) -> list[dict]:
     rows = []
     for seq, dim in [(s, 128) for s in sizes] + [(16384, 64)]:
-        rows += bench_shape(seq, dim, stages, variants)
+        rows += bench_shape(seq, dim, stages)
         torch.cuda.empty_cache()
     return rows
 
@@ -178,8 +177,7 @@ def table(rows: list[dict]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="16384,65536")
-    ap.add_argument("--stages", default="2,3")
-    ap.add_argument("--variants", default="ws,pipelined")
+    ap.add_argument("--stages", default="0,2,3", help="K/V ring depths to time (0: the automatic choice)")
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -187,11 +185,11 @@ def main() -> int:
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "cudnn": torch.backends.cudnn.version()}
     print(json.dumps(env), flush=True)
-    variants = args.variants.split(",")
-    checks = run_checks(variants)
+    stages = [int(s) or None for s in args.stages.split(",")]
+    checks = run_checks([2, 3])
     ok = all(r["ok"] for r in checks)
     rows = [] if (args.skip_bench or not ok) else bench([int(s) for s in args.sizes.split(",")],
-                                                        [int(s) for s in args.stages.split(",")], variants)
+                                                        stages)
     with open(os.path.join(args.out, "gluon_fwd.json"), "w") as f:
         json.dump({"env": env, "checks": checks, "bench": rows, "all_ok": ok}, f, indent=1)
     md = table(rows)

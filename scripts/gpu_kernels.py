@@ -38,6 +38,9 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--rows-tma-ab", action="store_true",
                     help="also time forward+backward with the dK/dV kernel's query/dO rows loaded by pointers "
                          "(method sparsek-ptrrows) beside the default TMA rows")
+    ap.add_argument("--gluon-ab", action="store_true",
+                    help="also time the kernels with the Gluon forward off (method sparsek-tritonfwd) beside the "
+                         "default, and run the checks both ways")
     ap.add_argument("--tma-ab", action="store_true",
                     help="also check and time the kernels with TMA loads off (method sparsek-ptr) beside the default")
     return ap.parse_args()
@@ -48,7 +51,7 @@ if ARGS.cpu_smoke:
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
-from hf_sparsek.kernels import attention_bwd, autotune, tma  # noqa: E402
+from hf_sparsek.kernels import attention_bwd, attention_fwd_gluon, autotune, tma  # noqa: E402
 from hf_sparsek.kernels.attention_bwd import BWD_CANDIDATES, BWD_CONFIGS  # noqa: E402
 from hf_sparsek.kernels.attention_fwd import FWD_CANDIDATES, FWD_CONFIGS  # noqa: E402
 
@@ -122,7 +125,9 @@ def check_case(name, batch, hq, hkv, q_len, kv_len, dim, pattern, dtype, softcap
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
     ref = reference_attention(q32, k32, v32, index, scale=scale, softcap=softcap)
     ref_grads = torch.autograd.grad(ref, (q32, k32, v32), d_out.float())
-    row = {"case": name, "dtype": str(dtype).replace("torch.", ""), "tma": tma.use_tma(k, v)}
+    row = {"case": name, "dtype": str(dtype).replace("torch.", ""), "tma": tma.use_tma(k, v),
+           "gluon_fwd": attention_fwd_gluon.supported(q, k, v, index.block_size, softcap or 0.0,
+                                                      index.k_seg is not None or index.q_seg is not None)}
     ok = True
     tol = 1e-2 if dtype != torch.float32 else 1e-4
     for key, got, want in zip(("out", "dq", "dk", "dv"), (out,) + grads, (ref,) + ref_grads, strict=True):
@@ -161,13 +166,16 @@ def run_checks() -> bool:
     ]
     # default loads (TMA where the kernels pick it), then with --tma-ab the pointer loads, and TMA forced at D=256
     modes = [("", None)] + ([("ptr-", False), ("tma-forced-", True)] if ARGS.tma_ab else [])
+    modes += [("tritonfwd-", "triton-forward")] if ARGS.gluon_ab else []
     all_ok = True
     for prefix, setting in modes:
         for case in cases:
             if prefix == "tma-forced-" and case[6] != 256:
                 continue
             name = prefix + case[0]
-            tma.USE_TMA = setting
+            triton_fwd = setting == "triton-forward"  # --gluon-ab: the Triton forward where Gluon would run
+            tma.USE_TMA = None if triton_fwd else setting
+            attention_fwd_gluon.ENABLED = not triton_fwd
             try:
                 all_ok &= check_case(name, *case[1:])
             except Exception as exc:  # record and go on
@@ -176,6 +184,7 @@ def run_checks() -> bool:
                 print(f"check {name} ERROR {exc!r}")
             finally:
                 tma.USE_TMA = None
+                attention_fwd_gluon.ENABLED = True
     return all_ok
 
 
@@ -356,8 +365,13 @@ def _bench_case(group, batch, hq, hkv, seq, dim, dtype, patterns, methods=("spar
         ex = {**extra, "pattern": pname, "density": pairs / dense_pairs, "index_build_s": build_s}
         if "sparsek" in methods:
             fn = lambda: triton_block_sparse_attention(q, k, v, index, scale)  # noqa: B023
-            bench_method(group, case, "sparsek", fn, fwdbwd(fn), pairs, dim, {**ex, "tma": tma.use_tma(k, v)})
+            gluon = attention_fwd_gluon.supported(q, k, v, index.block_size, 0.0, index.k_seg is not None)
+            bench_method(group, case, "sparsek", fn, fwdbwd(fn), pairs, dim,
+                         {**ex, "tma": tma.use_tma(k, v), "gluon_fwd": gluon})
             same = (group, case, fn, fwdbwd(fn), pairs, dim)
+            if ARGS.gluon_ab and gluon:
+                _bench_switched(attention_fwd_gluon, "ENABLED", False, "sparsek-tritonfwd", *same,
+                                {**ex, "gluon_fwd": False})
             if ARGS.bwd_ab and backward and DEVICE == "cuda":
                 _bench_switched(attention_bwd, "CONCURRENT_DQ", False, "sparsek-serialbwd", *same,
                                 {**ex, "tma": tma.use_tma(k, v), "concurrent_dq": False})
@@ -478,7 +492,8 @@ def environment() -> dict:
     env = {"torch": torch.__version__, "triton": triton.__version__, "device": DEVICE,
            "interpreter": os.environ.get("TRITON_INTERPRET", "0"),
            "flops": "fwd 4*D*pairs, bwd 2.5x fwd, fwd+bwd 3.5x fwd (FlashAttention's convention)",
-           "concurrent_dq": attention_bwd.CONCURRENT_DQ, "dkdv_tma_rows": attention_bwd.DKDV_TMA_ROWS}
+           "concurrent_dq": attention_bwd.CONCURRENT_DQ, "dkdv_tma_rows": attention_bwd.DKDV_TMA_ROWS,
+           "gluon_fwd": attention_fwd_gluon.ENABLED and attention_fwd_gluon.AVAILABLE}
     if DEVICE == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
         env["cudnn"] = torch.backends.cudnn.version()

@@ -27,7 +27,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import triton  # noqa: E402
-from hf_sparsek.kernels import attention_bwd, attention_fwd, bwd_split  # noqa: E402
+from hf_sparsek.kernels import attention_bwd, attention_fwd, attention_fwd_gluon, bwd_split  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
@@ -54,7 +54,7 @@ def _bin(tool: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
 
 
-def _source(fn, constexprs: dict) -> ASTSource:
+def _source(fn, constexprs: dict):
     """Signature, constants and divisibility attributes for one kernel (pointers bf16/fp32/int32 by name)."""
     signature, constants, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -76,6 +76,10 @@ def _source(fn, constexprs: dict) -> ASTSource:
             signature[name] = "i32"
         if signature[name].startswith("*") or name.startswith("s_") or name in DIVISIBLE_INTS:
             attrs[(i,)] = [["tt.divisibility", 16]]
+    if getattr(fn, "is_gluon", lambda: False)():
+        from triton.experimental.gluon._runtime import GluonASTSource
+
+        return GluonASTSource(fn, signature, constants, attrs)
     return ASTSource(fn, signature, constants, attrs)
 
 
@@ -87,6 +91,10 @@ def kernel_cases(dims: list[int], kernels: set[str]):
             yield (f"fwd D{dim}", attention_fwd._attn_fwd_kernel,
                    dict(BLOCK=BLOCK, BLOCK_N=block_n, SUB_M=sub_m, HPP=hpp, HEAD_DIM=dim, USE_TMA=dim != 256, **FLAGS),
                    warps, stages)
+        if "gluon_fwd" in kernels and attention_fwd_gluon.AVAILABLE and dim in attention_fwd_gluon.HEAD_DIMS:
+            for ring in (2, 3):
+                yield (f"gluon fwd D{dim} ring {ring}", attention_fwd_gluon._attn_fwd_ws_kernel,
+                       dict(BLOCK=BLOCK, BLOCK_N=BLOCK, HEAD_DIM=dim, STAGES=ring), 4, 1)
         cfg = attention_bwd.BWD_CONFIGS[dim]
         if "dkdv" in kernels:
             tma = dim != 256
@@ -181,8 +189,11 @@ def ttgir_loads(ttgir: str) -> dict:
 def report(name, fn, constexprs, warps, stages) -> dict:
     kernel = triton.compile(_source(fn, constexprs), target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=warps, num_stages=stages))
+    ptx = kernel.asm["ptx"]
     return {"kernel": name, "num_warps": warps, "num_stages": stages, "shared_bytes": kernel.metadata.shared,
-            **_ptxas_info(kernel.asm["ptx"]), **ttgir_loads(kernel.asm["ttgir"]),
+            "cta_barriers": len(re.findall(r"bar\.sync\s+0;", ptx)), "setmaxnreg": "setmaxnreg" in ptx,
+            "wgmma_wait_1": "wgmma.wait_group.sync.aligned 1;" in ptx, **_ptxas_info(ptx),
+            **ttgir_loads(kernel.asm["ttgir"]),
             "mma_loops": mma_loops(_sass(kernel.asm["cubin"]))}
 
 
@@ -200,7 +211,8 @@ def table(rows: list[dict]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kernels", default="fwd,dkdv,dq", help="any of fwd, dkdv, dq, reduce (the dK/dV split sum)")
+    ap.add_argument("--kernels", default="fwd,dkdv,dq",
+                    help="any of fwd, dkdv, dq, reduce (the dK/dV split sum), gluon_fwd (the Gluon forward)")
     ap.add_argument("--dims", default="128", help="head dims (64, 128, 256)")
     ap.add_argument("--out", default="", help="folder for sass_report.json (printed only when empty)")
     args = ap.parse_args()

@@ -1,0 +1,74 @@
+"""The Gluon forward (kernels/attention_fwd_gluon.py): which inputs it takes, and its Hopper machine code.
+
+Gluon has no CPU interpreter, so its results are checked against the reference on the GPU
+(scripts/gpu_gluon_fwd.py, scripts/gpu_kernels.py); here CI compiles it for sm_90 and checks what makes it fast and
+safe: warp-specialised (register reallocation between loader and consumers), no CTA-wide barrier in the loop (the
+two consumer warpgroups run unsynchronised), the scores waited for apart from the P.V product, no spills, and shared
+memory within the H100's 227 KiB for both ring depths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+from hf_sparsek.kernels import attention_fwd_gluon as gluon_fwd  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+H100_SMEM = 232448  # bytes of shared memory one block may use on sm_90
+
+
+def _qkv(dtype=torch.bfloat16, dim=128, device="cpu"):
+    q = torch.randn(1, 4, 256, dim, dtype=dtype, device=device)
+    k = torch.randn(1, 2, 256, dim, dtype=dtype, device=device)
+    return q, k, k.clone()
+
+
+def test_not_supported_off_gpu_or_when_disabled(monkeypatch):
+    q, k, v = _qkv()
+    assert not gluon_fwd.supported(q, k, v, 128, 0.0, False)  # CPU tensors: the Triton kernel / reference runs
+    monkeypatch.setattr(gluon_fwd, "ENABLED", False)
+    assert not gluon_fwd.supported(q, k, v, 128, 0.0, False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", ["fp32", "dim256", "block64", "softcap", "segments", "decode"])
+def test_unsupported_inputs_go_to_triton(case):
+    q, k, v = _qkv(torch.float32 if case == "fp32" else torch.bfloat16, 256 if case == "dim256" else 128, "cuda")
+    if case == "decode":
+        q = q[:, :, :1]
+    block = 64 if case == "block64" else 128
+    assert not gluon_fwd.supported(q, k, v, block, 30.0 if case == "softcap" else 0.0, case == "segments")
+
+
+def test_ring_depth_is_checked():
+    q, k, v = _qkv()
+    counts = torch.ones(1, 1, 2, dtype=torch.int32)
+    tiles = torch.zeros(1, 1, 2, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="ring depth 4"):
+        gluon_fwd.attention_forward_gluon(q, k, v, counts, tiles, counts, tiles, 128, 0, 0, 0, 0, 0.1, stages=4)
+
+
+@pytest.mark.skipif(not gluon_fwd.AVAILABLE, reason="this Triton has no Gluon")
+@pytest.mark.skipif(not os.path.exists(_TOOLS), reason="Triton without its NVIDIA backend tools")
+def test_hopper_code_is_warp_specialised_and_overlapped(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "sass_report.py"), "--kernels", "gluon_fwd",
+                    "--dims", "128,64", "--out", str(tmp_path)], check=True, env=env, capture_output=True)
+    with open(tmp_path / "sass_report.json") as f:
+        rows = json.load(f)["kernels"]
+    assert len(rows) == 4  # head dims 128 and 64, ring depths 2 and 3
+    for row in rows:
+        assert row["setmaxnreg"], row["kernel"]  # loader and consumers in their own partitions
+        assert row["cta_barriers"] == 0, row["kernel"]  # consumers synchronise through mbarriers only
+        assert row["wgmma_wait_1"], row["kernel"]  # softmax of tile j while P.V of tile j-1 runs
+        assert row["spill_store_bytes"] == 0 and not row["wgmma_serialised_warning"], row["kernel"]
+        assert 0 < row["shared_bytes"] <= H100_SMEM, row["kernel"]
+        assert row["tma_loads"] == 3  # Q, K and V through TMA
