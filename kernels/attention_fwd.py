@@ -217,6 +217,11 @@ def attention_forward(
     if hq % hkv or k.shape[0] != batch or v.shape[:3] != k.shape[:3]:
         raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    # Hopper, 16-bit, head dim 64/128, no softcap or segments: the warp-specialised Gluon forward (same results)
+    if config is None and attention_fwd_gluon.supported(q, k, v, block, softcap,
+                                                        k_seg is not None or q_seg is not None or k_rank is not None):
+        return attention_fwd_gluon.attention_forward_gluon(
+            q, k, v, full_count, full_tiles, part_count, part_tiles, block, q_offset, kv_offset, sink, window, scale)
     n_q = full_count.shape[2]
     group = hq // hkv
     out = torch.empty_like(q)
@@ -247,10 +252,6 @@ def attention_forward(
             num_warps=warps, num_stages=stages,
         )
 
-    if config is None and attention_fwd_gluon.supported(q, k, v, block, softcap,
-                                                        k_seg is not None or q_seg is not None or k_rank is not None):
-        return attention_fwd_gluon.attention_forward_gluon(
-            q, k, v, full_count, full_tiles, part_count, part_tiles, block, q_offset, kv_offset, sink, window, scale)
     if config is None and autotune.ENABLED:
         # list widths (the longest row) stand for the pattern's density without a device sync
         key = autotune.shape_key("fwd", q, k, block, full_tiles.shape[-1] + part_tiles.shape[-1])
