@@ -36,11 +36,12 @@ def _interpreted_kernels() -> None:
     if not isinstance(tl_standard.cdiv, InterpretedFunction):
         importlib.reload(tl_standard)
         importlib.reload(sys.modules["triton.language"])
-    from hf_sparsek.kernels import attention_fwd
+    from hf_sparsek.kernels import attention_fwd, common
 
-    if not isinstance(attention_fwd._attn_fwd_kernel, InterpretedFunction):
+    # common alone may have been imported compiled (the Gluon forward's module imports it, not attention_fwd)
+    if not all(isinstance(f, InterpretedFunction) for f in (attention_fwd._attn_fwd_kernel, common.element_mask)):
         for name in ("common", "attention_fwd", "bwd_split", "attention_bwd"):
-            importlib.reload(sys.modules[f"hf_sparsek.kernels.{name}"])
+            importlib.reload(importlib.import_module(f"hf_sparsek.kernels.{name}"))
 
 
 _interpreted_kernels()
