@@ -130,8 +130,8 @@ if AVAILABLE:
                      Out, LSE, FT, PT, irow, f_width, p_width, f_cnt, n_tiles, kb0,
                      b, hq, s_ob, s_oh, s_ot, s_lb, s_lh, q_len, kv_len, kv_offset, q_first, t_first,
                      sink, window, qk_mul, ROW0: gl.constexpr):
-        """One warpgroup: 64 query rows (from ROW0) of the tile, the pipelined loop of the single-partition
-        """
+        """One warpgroup: 64 query rows (from ROW0) of the tile. Scores of tile j go out with P.V of tile j-1; the
+        softmax of j runs while P.V is in flight; each slot is freed (mbarrier arrive) as soon as its MMA is done."""
         ROWS: gl.constexpr = 64
         BLOCK: gl.constexpr = q_smem.shape[0]
         STAGES: gl.constexpr = k_smem.shape[0]
@@ -223,7 +223,8 @@ if AVAILABLE:
     ):
         """Warp-specialised forward: a 1-warp TMA loader and two 4-warp consumers (64 query rows each) that run
         unsynchronised with each other (FlashAttention-3's producer/consumer split; no CTA-wide barrier in the
-        loop). Same program grid and results as _attn_fwd_gluon_kernel."""
+        loop). Same program order (last query tiles first, the heads of a KV group side by side) and results as the
+        Triton forward's ``_attn_fwd_kernel``."""
         dtype: gl.constexpr = Q.dtype.element_ty
         smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
         pid = gl.program_id(0)
