@@ -19,9 +19,9 @@ import triton
 import triton.language as tl
 
 from . import autotune
-from .attention_fwd import _dot, _dot_acc, _next_pow2, index_strides, score_constants, seg_args
+from .attention_fwd import _dot, _dot_acc, _next_pow2, seg_args
 from .bwd_split import reduce_split, split_key_lists
-from .common import element_mask, kv_descriptors, load_rows, query_tile_rows, tanh_f32
+from .common import element_mask, index_strides, kv_descriptors, load_rows, query_tile_rows, score_constants, tanh_f32
 from .tma import ensure_allocator, use_tma
 
 # Entries per dK/dV program before a key tile's list is split (None: automatic, see bwd_split). Tests set it low.

@@ -17,7 +17,15 @@ import triton
 import triton.language as tl
 
 from . import attention_fwd_gluon, autotune
-from .common import LOG2E, element_mask, kv_descriptors, load_rows, query_tile_rows, tanh_f32
+from .common import (
+    element_mask,
+    index_strides,
+    kv_descriptors,
+    load_rows,
+    query_tile_rows,
+    score_constants,
+    tanh_f32,
+)
 from .tma import ensure_allocator, use_tma
 
 
@@ -170,25 +178,12 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
-def score_constants(scale: float, softcap: float) -> tuple[float, float]:
-    """(qk multiplier, log2 cap): scores = qk*mul*log2e, or cap*log2e*tanh(qk*scale/cap) with softcap."""
-    if softcap:
-        return scale / softcap, softcap * LOG2E
-    return scale * LOG2E, 0.0
-
-
 def seg_args(k_seg, q_seg, k_rank, dummy: torch.Tensor) -> tuple:
     """Tensor/stride arguments for the optional per-batch tensors (a dummy pointer when absent)."""
     out = []
     for t in (k_seg, q_seg, k_rank):
         out.append((dummy, 0) if t is None else (t, t.stride(0)))
     return out
-
-
-def index_strides(count: torch.Tensor) -> tuple[int, int]:
-    """Row strides of a (Bi, Hi, n) count tensor with 0 for broadcast dims (lists are contiguous)."""
-    bi, hi, n = count.shape
-    return (hi * n if bi > 1 else 0), (n if hi > 1 else 0)
 
 
 def pick_fwd_config(head_dim: int, block: int, group: int, q_len: int,

@@ -37,11 +37,12 @@ try:  # Gluon ships with Triton >= 3.5; without it the Triton kernel runs every 
 except ImportError:  # pragma: no cover - depends on the installed Triton
     AVAILABLE = False
 
-from .common import LOG2E
+from .common import index_strides, score_constants
 from .tma import aligned, ensure_allocator
 
 HEAD_DIMS = (64, 128)
 BLOCK = 128
+MIN_Q_LEN = 16
 # False: never (the Triton kernel runs every case); True: wherever ``supported`` (Hopper GPU, qualifying inputs).
 ENABLED = True
 # K/V ring depth: None picks 3 for long tile lists (dense-like rows; 3 x 64 KiB + 32 KiB for Q at head dim 128)
@@ -50,18 +51,32 @@ STAGES: int | None = None
 LONG_ROW_TILES = 96
 
 
+def input_reason(dtype: torch.dtype, head_dim: int, q_len: int, block: int, softcap: float,
+                 has_segments: bool) -> str | None:
+    """Why these inputs go to the Triton forward instead (None: the Gluon forward takes them, device permitting)."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {dtype} (Gluon forward: float16, bfloat16)"
+    if head_dim not in HEAD_DIMS:
+        return f"head dim {head_dim} (Gluon forward: {HEAD_DIMS})"
+    if block != BLOCK:
+        return f"block size {block} (Gluon forward: {BLOCK})"
+    if softcap:
+        return "soft-capping"
+    if has_segments:
+        return "per-batch segments or ranks (left padding, packed sequences)"
+    if q_len < MIN_Q_LEN:
+        return f"query length {q_len} < {MIN_Q_LEN} (decode: the Triton forward packs heads instead)"
+    return None
+
+
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int, softcap: float,
               has_segments: bool) -> bool:
-    """Whether the Gluon forward can run these inputs (otherwise the Triton kernel does)."""
+    """Whether the Gluon forward runs these inputs (otherwise the Triton kernel does, with the same results)."""
     if not ENABLED or not AVAILABLE or not q.is_cuda:
         return False
-    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in HEAD_DIMS:
+    if input_reason(q.dtype, q.shape[-1], q.shape[2], block, softcap, has_segments) is not None:
         return False
-    if block != BLOCK or softcap or has_segments or q.shape[2] < 16:
-        return False
-    if not aligned(q, k, v):
-        return False
-    return torch.cuda.get_device_capability(q.device)[0] == 9
+    return aligned(q, k, v) and torch.cuda.get_device_capability(q.device)[0] == 9
 
 
 if AVAILABLE:
@@ -283,9 +298,8 @@ def attention_forward_gluon(
     n_q = full_count.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty(batch, hq, q_len, device=q.device, dtype=torch.float32)
-    qk_mul = scale * LOG2E  # scores in the log2 domain, as the Triton kernel's (no soft-capping here)
-    n_b, n_h, width = full_count.shape  # row strides as attention_fwd.index_strides (0: broadcast)
-    s_ib, s_ih = (n_h * width if n_b > 1 else 0), (width if n_h > 1 else 0)
+    qk_mul, _ = score_constants(scale, 0.0)  # no soft-capping on this path
+    s_ib, s_ih = index_strides(full_count)
     ensure_allocator()
     grid = (n_q * group, batch * hkv)
     stages = stages or STAGES or (3 if full_tiles.shape[-1] + part_tiles.shape[-1] >= LONG_ROW_TILES else 2)

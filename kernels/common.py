@@ -1,4 +1,5 @@
-"""Shared Triton helpers for the block-sparse attention kernels: the element mask of partial tiles and softcap.
+"""Shared helpers for the block-sparse attention kernels (Triton and Gluon): the element mask of partial tiles,
+softcap, and the host-side score constants and index strides every launcher passes.
 
 The element predicate mirrors ``hf_sparsek.block_index.element_mask`` exactly; it is written with broadcasting so
 the forward (query rows x keys) and the key-major backward (keys x query rows) share one definition.
@@ -6,11 +7,25 @@ the forward (query rows x keys) and the key-major backward (keys x query rows) s
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+
+
+def score_constants(scale: float, softcap: float) -> tuple[float, float]:
+    """(qk multiplier, log2 cap): scores = qk*mul*log2e, or cap*log2e*tanh(qk*scale/cap) with softcap."""
+    if softcap:
+        return scale / softcap, softcap * LOG2E
+    return scale * LOG2E, 0.0
+
+
+def index_strides(count: torch.Tensor) -> tuple[int, int]:
+    """Row strides of a (Bi, Hi, n) count tensor with 0 for broadcast dims (lists are contiguous)."""
+    bi, hi, n = count.shape
+    return (hi * n if bi > 1 else 0), (n if hi > 1 else 0)
 
 
 @triton.jit

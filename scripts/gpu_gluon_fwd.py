@@ -31,6 +31,7 @@ from hf_sparsek import BlockLayout, SparsePattern  # noqa: E402
 from hf_sparsek.block_index import attended_pairs  # noqa: E402
 from hf_sparsek.ops import build_index_for  # noqa: E402
 from hf_sparsek.reference import reference_attention  # noqa: E402
+from scripts.gpu_profile_case import PATTERNS as PROFILE_PATTERNS  # noqa: E402
 
 
 def _rand(shape, dtype, gen, seq_major=False):
@@ -117,12 +118,9 @@ def _pairs(index, batch, hq) -> int:
     return attended_pairs(index) * batch * hq
 
 
-PATTERNS = {
-    "sink128-win4096": SparsePattern(sink_tokens=128, window=4096),
-    "dense": SparsePattern(),
-    "random10": SparsePattern(layout=BlockLayout("random", density=0.1, seed=1)),
-    "strided16-win512": SparsePattern(window=512, layout=BlockLayout("strided", stride=16)),
-}
+# the benchmark patterns of scripts/gpu_profile_case.py (sink 128 + window 4096, strided 16 + window 512, random
+# 10%; runs before this line named them sink128-win4096, strided16-win512, random10) and dense causal
+PATTERNS = {"dense": SparsePattern(), **PROFILE_PATTERNS}
 
 
 def _cudnn(q, k, v):

@@ -107,6 +107,12 @@ def _rand_heads(batch, heads, length, dim, dtype, gen, seq_major: bool) -> torch
     return _rand((batch, heads, length, dim), dtype, gen)
 
 
+def _gluon_runs(q, k, v, index: BlockIndex, softcap: float) -> bool:
+    """Whether attention_forward sends this call to the Gluon forward (the same test it makes)."""
+    segments = index.k_seg is not None or index.q_seg is not None or index.k_rank is not None
+    return attention_fwd_gluon.supported(q, k, v, index.block_size, softcap, segments)
+
+
 def check_case(name, batch, hq, hkv, q_len, kv_len, dim, pattern, dtype, softcap=None, pad=0,
                seq_major=False) -> bool:
     gen = torch.Generator(device=DEVICE).manual_seed(sum(map(ord, name)))
@@ -126,8 +132,7 @@ def check_case(name, batch, hq, hkv, q_len, kv_len, dim, pattern, dtype, softcap
     ref = reference_attention(q32, k32, v32, index, scale=scale, softcap=softcap)
     ref_grads = torch.autograd.grad(ref, (q32, k32, v32), d_out.float())
     row = {"case": name, "dtype": str(dtype).replace("torch.", ""), "tma": tma.use_tma(k, v),
-           "gluon_fwd": attention_fwd_gluon.supported(q, k, v, index.block_size, softcap or 0.0,
-                                                      index.k_seg is not None or index.q_seg is not None)}
+           "gluon_fwd": _gluon_runs(q, k, v, index, softcap or 0.0)}
     ok = True
     tol = 1e-2 if dtype != torch.float32 else 1e-4
     for key, got, want in zip(("out", "dq", "dk", "dv"), (out,) + grads, (ref,) + ref_grads, strict=True):
@@ -168,6 +173,7 @@ def run_checks() -> bool:
     modes = [("", None)] + ([("ptr-", False), ("tma-forced-", True)] if ARGS.tma_ab else [])
     modes += [("tritonfwd-", "triton-forward")] if ARGS.gluon_ab else []
     all_ok = True
+    gluon_saved = attention_fwd_gluon.ENABLED
     for prefix, setting in modes:
         for case in cases:
             if prefix == "tma-forced-" and case[6] != 256:
@@ -175,7 +181,7 @@ def run_checks() -> bool:
             name = prefix + case[0]
             triton_fwd = setting == "triton-forward"  # --gluon-ab: the Triton forward where Gluon would run
             tma.USE_TMA = None if triton_fwd else setting
-            attention_fwd_gluon.ENABLED = not triton_fwd
+            attention_fwd_gluon.ENABLED = gluon_saved and not triton_fwd
             try:
                 all_ok &= check_case(name, *case[1:])
             except Exception as exc:  # record and go on
@@ -184,7 +190,7 @@ def run_checks() -> bool:
                 print(f"check {name} ERROR {exc!r}")
             finally:
                 tma.USE_TMA = None
-                attention_fwd_gluon.ENABLED = True
+                attention_fwd_gluon.ENABLED = gluon_saved
     return all_ok
 
 
@@ -365,7 +371,7 @@ def _bench_case(group, batch, hq, hkv, seq, dim, dtype, patterns, methods=("spar
         ex = {**extra, "pattern": pname, "density": pairs / dense_pairs, "index_build_s": build_s}
         if "sparsek" in methods:
             fn = lambda: triton_block_sparse_attention(q, k, v, index, scale)  # noqa: B023
-            gluon = attention_fwd_gluon.supported(q, k, v, index.block_size, 0.0, index.k_seg is not None)
+            gluon = _gluon_runs(q, k, v, index, 0.0)
             bench_method(group, case, "sparsek", fn, fwdbwd(fn), pairs, dim,
                          {**ex, "tma": tma.use_tma(k, v), "gluon_fwd": gluon})
             same = (group, case, fn, fwdbwd(fn), pairs, dim)

@@ -31,21 +31,36 @@ def _qkv(dtype=torch.bfloat16, dim=128, device="cpu"):
     return q, k, k.clone()
 
 
-def test_not_supported_off_gpu_or_when_disabled(monkeypatch):
+def test_not_supported_off_gpu():
     q, k, v = _qkv()
     assert not gluon_fwd.supported(q, k, v, 128, 0.0, False)  # CPU tensors: the Triton kernel / reference runs
-    monkeypatch.setattr(gluon_fwd, "ENABLED", False)
-    assert not gluon_fwd.supported(q, k, v, 128, 0.0, False)
+
+
+@pytest.mark.parametrize("change, expect", [
+    ({}, None),
+    ({"dtype": torch.float16}, None),
+    ({"head_dim": 64}, None),
+    ({"dtype": torch.float32}, "dtype"),
+    ({"head_dim": 256}, "head dim 256"),
+    ({"block": 64}, "block size 64"),
+    ({"softcap": 30.0}, "soft-capping"),
+    ({"has_segments": True}, "segments"),
+    ({"q_len": 1}, "query length 1"),
+])
+def test_which_inputs_take_the_gluon_forward(change, expect):
+    args = dict(dtype=torch.bfloat16, head_dim=128, q_len=4096, block=128, softcap=0.0, has_segments=False)
+    reason = gluon_fwd.input_reason(**{**args, **change})
+    if expect is None:
+        assert reason is None
+    else:
+        assert reason is not None and expect in reason
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("case", ["fp32", "dim256", "block64", "softcap", "segments", "decode"])
-def test_unsupported_inputs_go_to_triton(case):
-    q, k, v = _qkv(torch.float32 if case == "fp32" else torch.bfloat16, 256 if case == "dim256" else 128, "cuda")
-    if case == "decode":
-        q = q[:, :, :1]
-    block = 64 if case == "block64" else 128
-    assert not gluon_fwd.supported(q, k, v, block, 30.0 if case == "softcap" else 0.0, case == "segments")
+def test_switch_off_sends_everything_to_triton(monkeypatch):
+    q, k, v = _qkv(device="cuda")
+    monkeypatch.setattr(gluon_fwd, "ENABLED", False)
+    assert not gluon_fwd.supported(q, k, v, 128, 0.0, False)
 
 
 def test_ring_depth_is_checked():
