@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import autotune
+from . import attention_bwd_gluon, autotune
 from .attention_fwd import _dot, _dot_acc, _next_pow2, seg_args
 from .bwd_split import reduce_split, split_key_lists
 from .common import element_mask, index_strides, kv_descriptors, load_rows, query_tile_rows, score_constants, tanh_f32
@@ -403,6 +403,10 @@ def attention_backward(
         ensure_allocator()
 
     side = _side_stream(q.device) if CONCURRENT_DQ and q.is_cuda else None
+    # the warp-specialised Gluon dK/dV kernel where it applies (Hopper, 16-bit, head dim 64/128, no softcap or
+    # segments); explicit configs (tests, tuning) keep the Triton kernel they name
+    gluon_dkdv = config is None and attention_bwd_gluon.supported(
+        q, k, v, do, block, softcap, k_seg is not None or q_seg is not None or k_rank is not None, q_offset)
 
     def launch(cfg: BwdConfig) -> None:
         """dK/dV (key-major, then the split reduction) and dQ (query-major, on the side stream if any)."""
@@ -418,6 +422,15 @@ def attention_backward(
         main.wait_stream(side)  # dq is complete before anything later on the caller's stream
 
     def launch_dkdv(cfg: BwdConfig) -> None:
+        if gluon_dkdv:
+            attention_bwd_gluon.attention_dkdv_gluon(
+                q, k, v, do, lse_bwd, delta, dk, dv, t_full_count, t_full_tiles, t_part_count, t_part_tiles,
+                None if split is None else vt, None if split is None else vs,
+                None if split is None else scr_k, None if split is None else scr_v,
+                block, q_offset, kv_offset, sink, window, scale)
+            if split is not None:
+                reduce_split(split, scr_k, scr_v, dk, dv, kv_offset, block)
+            return
         kv_block_n = min(cfg.kv_block_n, block)
         kv_block_m = min(cfg.kv_block_m, block)
         _attn_bwd_dkdv_kernel[(n_k * (block // kv_block_n), batch * hkv)](

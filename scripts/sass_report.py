@@ -27,7 +27,13 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import triton  # noqa: E402
-from hf_sparsek.kernels import attention_bwd, attention_fwd, attention_fwd_gluon, bwd_split  # noqa: E402
+from hf_sparsek.kernels import (  # noqa: E402
+    attention_bwd,
+    attention_bwd_gluon,
+    attention_fwd,
+    attention_fwd_gluon,
+    bwd_split,
+)
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
@@ -95,6 +101,10 @@ def kernel_cases(dims: list[int], kernels: set[str]):
             for ring in (2, 3):
                 yield (f"gluon fwd D{dim} ring {ring}", attention_fwd_gluon._attn_fwd_ws_kernel,
                        dict(BLOCK=BLOCK, BLOCK_N=BLOCK, HEAD_DIM=dim, STAGES=ring), 4, 1)
+        if "gluon_dkdv" in kernels and attention_bwd_gluon.AVAILABLE and dim in attention_bwd_gluon.HEAD_DIMS:
+            ring = attention_bwd_gluon.STAGES[dim]
+            yield (f"gluon dkdv D{dim} ring {ring}", attention_bwd_gluon._attn_bwd_dkdv_ws_kernel,
+                   dict(BLOCK=BLOCK, BLOCK_M=attention_bwd_gluon.BLOCK_M, HEAD_DIM=dim, STAGES=ring, SPLIT=True), 4, 1)
         cfg = attention_bwd.BWD_CONFIGS[dim]
         if "dkdv" in kernels:
             tma = dim != 256
@@ -212,7 +222,8 @@ def table(rows: list[dict]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kernels", default="fwd,dkdv,dq",
-                    help="any of fwd, dkdv, dq, reduce (the dK/dV split sum), gluon_fwd (the Gluon forward)")
+                    help="any of fwd, dkdv, dq, reduce (the dK/dV split sum), gluon_fwd (the Gluon forward), "
+                         "gluon_dkdv (the Gluon dK/dV)")
     ap.add_argument("--dims", default="128", help="head dims (64, 128, 256)")
     ap.add_argument("--out", default="", help="folder for sass_report.json (printed only when empty)")
     args = ap.parse_args()

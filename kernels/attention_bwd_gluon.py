@@ -1,0 +1,330 @@
+"""dK/dV of block-sparse flash attention for Hopper in Gluon: warp-specialised, explicit asynchronous wgmma, TMA ring.
+
+Same contract and math as ``attention_bwd._attn_bwd_dkdv_kernel`` (key-major, deterministic, the transposed index
+and its split "virtual rows") for the common case: 16-bit inputs, head dim 64 or 128, index blocks of 128 rows, no
+soft-capping, no per-batch segment / rank tensors, a query offset that is a multiple of 4. ``supported`` says which
+inputs qualify; the Triton kernel runs every other case (same results, slower).
+
+Why a second dK/dV kernel: in the Triton one, the warps that issue the four MMAs of a step also do the
+probability recompute, dS and the conversions, and Triton waits for each MMA before the elementwise work that
+follows it (scripts/results/KERNEL_NOTES.md: ~390 non-MMA instructions per 24 wgmma, 65-69% of cuDNN's backward).
+Here, as in the Gluon forward and FlashAttention-3's backward:
+
+- one program = one 128-key tile of one KV head (or one chunk of a long key tile's list), split into three
+  partitions: a 1-warp loader that loads K and V once and streams the query rows and dO rows of every listed
+  (query tile, row block, query head) step through a ring of shared-memory slots by TMA, and two 4-warp consumer
+  warpgroups that own 64 keys each (their dK and dV accumulators, 64 x head dim fp32 each, stay in registers);
+- inside a consumer, step j issues ``S^T = K Q^T`` and ``dP^T = V dO^T`` together, waits only for the scores
+  (which also retires step j-1's dV / dK products, so its slot is freed), recomputes P while dP^T runs, then
+  issues ``dV += P^T dO`` and ``dK += dS^T Q`` and goes on without waiting for them: the next step's scores queue
+  behind them on the tensor cores. The two consumers run unsynchronised (no CTA-wide barrier in the loop).
+
+Gluon has no CPU interpreter: CI compiles this kernel for sm_90 and checks its machine code; scripts/gpu_gluon_bwd.py
+and scripts/gpu_kernels.py check it against the reference on the GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attention_fwd_gluon import AVAILABLE  # Gluon present (Triton >= 3.5)
+from .common import index_strides, score_constants
+from .tma import aligned, ensure_allocator
+
+if AVAILABLE:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+
+    from .attention_fwd_gluon import _tma_load
+
+HEAD_DIMS = (64, 128)
+BLOCK = 128
+BLOCK_M = 64  # query rows per step (S^T is 64 keys x 64 queries per consumer: 32 fp32 registers a thread)
+# False: never (the Triton kernel runs every case); True: wherever ``supported`` (Hopper GPU, qualifying inputs).
+ENABLED = True
+# Query/dO ring depth per head dim (each slot holds BLOCK_M rows of both: 32 KiB at head dim 128, next to K and V).
+STAGES: dict[int, int] = {64: 4, 128: 3}
+
+
+def input_reason(dtype: torch.dtype, head_dim: int, block: int, softcap: float, has_segments: bool,
+                 q_offset: int) -> str | None:
+    """Why these inputs go to the Triton dK/dV kernel instead (None: the Gluon one takes them, device permitting)."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {dtype} (Gluon dK/dV: float16, bfloat16)"
+    if head_dim not in HEAD_DIMS:
+        return f"head dim {head_dim} (Gluon dK/dV: {HEAD_DIMS})"
+    if block != BLOCK:
+        return f"block size {block} (Gluon dK/dV: {BLOCK})"
+    if softcap:
+        return "soft-capping"
+    if has_segments:
+        return "per-batch segments or ranks (left padding, packed sequences)"
+    if q_offset % 4:
+        return f"query offset {q_offset} not a multiple of 4"
+    return None
+
+
+def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, block: int, softcap: float,
+              has_segments: bool, q_offset: int) -> bool:
+    """Whether the Gluon dK/dV kernel runs these inputs (otherwise the Triton kernel does, with the same results)."""
+    if not ENABLED or not AVAILABLE or not q.is_cuda:
+        return False
+    if input_reason(q.dtype, q.shape[-1], block, softcap, has_segments, q_offset) is not None:
+        return False
+    return aligned(q, k, v, do) and torch.cuda.get_device_capability(q.device)[0] == 9
+
+
+if AVAILABLE:
+
+    @gluon.jit
+    def _step_rows(FT, PT, irow, f_width, p_width, f_cnt, j, hkv, G, q_offset, BLOCK: gl.constexpr,
+                   BLOCK_M: gl.constexpr):
+        """Step ``j`` of a key tile's list (full entries first; per entry its row blocks x the group's heads):
+        query head, first storage row, partial-entry flag, top-k flag."""
+        per_entry = (BLOCK // BLOCK_M) * G
+        e = j // per_entry
+        rem = j % per_entry
+        if e < f_cnt:
+            raw = gl.load(FT + irow * f_width + e)
+        else:
+            raw = gl.load(PT + irow * p_width + (e - f_cnt))
+        selected = raw < 0
+        mt = gl.where(selected, -raw - 1, raw)
+        hq = hkv * G + rem % G
+        t_first = (q_offset // BLOCK + mt) * BLOCK + (rem // G) * BLOCK_M - q_offset
+        return hq, t_first, e >= f_cnt, selected
+
+    @gluon.jit
+    def _ws_loader(k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, kv_bar, q_bar, do_bar,
+                   q_free, do_free, FT, PT, irow, f_width, p_width, f_cnt, n_steps, hkv, G, q_offset, t_k):
+        """One warp: K and V of the key tile once, then each step's query and dO rows as soon as both consumers
+        freed the slot."""
+        BLOCK: gl.constexpr = k_smem.shape[0]  # worker partitions take no constexpr arguments (Triton 3.6)
+        STAGES: gl.constexpr = q_smem.shape[0]
+        BLOCK_M: gl.constexpr = q_smem.shape[2]
+        mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes)
+        _tma_load(k_desc, [t_k, 0], kv_bar, k_smem)
+        _tma_load(v_desc, [t_k, 0], kv_bar, v_smem)
+        for j in range(n_steps):
+            slot = j % STAGES
+            hq, t_first, part, selected = _step_rows(FT, PT, irow, f_width, p_width, f_cnt, j, hkv, G, q_offset,
+                                                     BLOCK, BLOCK_M)
+            hq32 = hq.to(gl.int32)
+            free_phase = ((j // STAGES) + 1) & 1  # the slot's previous use ended (first round: no wait)
+            mbarrier.wait(q_free.index(slot), free_phase, pred=j >= STAGES)
+            mbarrier.expect(q_bar.index(slot), q_desc.block_type.nbytes)
+            _tma_load(q_desc, [hq32, t_first, 0], q_bar.index(slot), q_smem.index(slot))
+            mbarrier.wait(do_free.index(slot), free_phase, pred=j >= STAGES)
+            mbarrier.expect(do_bar.index(slot), do_desc.block_type.nbytes)
+            _tma_load(do_desc, [hq32, t_first, 0], do_bar.index(slot), do_smem.index(slot))
+
+    @gluon.jit
+    def _ws_consumer(k_smem, v_smem, q_smem, do_smem, kv_bar, q_bar, do_bar, q_free, do_free,
+                     LSE, DELTA, DK, DV, SCR_K, SCR_V, FT, PT, irow, f_width, p_width, f_cnt, n_steps,
+                     b, hkv, G, s_lb, s_lh, s_dkb, s_dkh, s_dkt, s_dvb, s_dvh, s_dvt, s_sb, s_sh, s_ss, slot_out,
+                     q_len, kv_len, q_offset, kv_offset, k_first, sink, window, qk_mul, scale, ROW0: gl.constexpr):
+        """One warpgroup: 64 keys (from ROW0) of the tile. Step j: S^T and dP^T issued together; wait for S^T only
+        (this also retires step j-1's dV/dK products: free its slot); P while dP^T runs; then dV += P^T dO and
+        dK += dS^T Q left in flight."""
+        ROWS: gl.constexpr = 64
+        BLOCK: gl.constexpr = k_smem.shape[0]
+        HEAD_DIM: gl.constexpr = k_smem.shape[1]
+        STAGES: gl.constexpr = q_smem.shape[0]
+        BLOCK_M: gl.constexpr = q_smem.shape[2]
+        dtype: gl.constexpr = k_smem.dtype
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_M, 16])
+        a_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=a_layout, k_width=2)
+        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        k_rows = k_smem.slice(ROW0, ROWS)
+        v_rows = v_smem.slice(ROW0, ROWS)
+        k_abs = k_first + ROW0 + gl.arange(0, ROWS, layout=row_s)
+        k_t = k_abs - kv_offset
+        k_in = (k_t >= 0) & (k_t < kv_len)
+        cols = gl.arange(0, BLOCK_M, layout=col_s)
+        s_zero = gl.zeros([ROWS, BLOCK_M], gl.float32, layout=s_layout)
+        dk = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=a_layout)
+        dv = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=a_layout)
+        mbarrier.wait(kv_bar, 0)
+        for j in range(n_steps):
+            slot = j % STAGES
+            phase = (j // STAGES) & 1
+            hq, t_first, part, selected = _step_rows(FT, PT, irow, f_width, p_width, f_cnt, j, hkv, G, q_offset,
+                                                     BLOCK, BLOCK_M)
+            q_rows = q_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
+            do_rows = do_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
+            mbarrier.wait(q_bar.index(slot), phase)
+            s = warpgroup_mma(k_rows, q_rows.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            mbarrier.wait(do_bar.index(slot), phase)
+            dp = warpgroup_mma(v_rows, do_rows.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            q_t = t_first + cols  # the row statistics load while the two products run
+            q_ok = (q_t >= 0) & (q_t < q_len)
+            row = b * s_lb + hq * s_lh
+            lse = gl.load(LSE + row + q_t, mask=q_ok, other=float("inf"))  # the backward's copy: +inf when empty
+            delta = gl.load(DELTA + row + q_t, mask=q_ok, other=0.0)
+            s = warpgroup_mma_wait(1, deps=(s, ))
+            s = s * qk_mul
+            if part:  # token-exact element mask (attention_bwd's element_mask without segments / ranks)
+                qa = (q_t + q_offset)[None, :]
+                ka = k_abs[:, None]
+                token = ((sink > 0) & (ka < sink)) | ((window > 0) & ((qa - ka) < window))
+                keep = (ka <= qa) & k_in[:, None] & (token | selected)
+                s = gl.where(keep, s, float("-inf"))
+            p = gl.exp2(s - lse[None, :])
+            p_op = gl.convert_layout(p.to(dtype), op_layout)
+            dp = warpgroup_mma_wait(0, deps=(dp, ))
+            ds = p * (dp - delta[None, :])
+            ds_op = gl.convert_layout(ds.to(dtype), op_layout)
+            dv = warpgroup_mma(p_op, do_rows, dv, is_async=True)
+            dk = warpgroup_mma(ds_op, q_rows, dk, is_async=True)
+            dk, dv = warpgroup_mma_wait(0, deps=(dk, dv, p_op, ds_op))[:2]
+            mbarrier.arrive(q_free.index(slot))
+            mbarrier.arrive(do_free.index(slot))
+        dk = dk * scale
+        rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, a_layout))
+        d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, a_layout))
+        k_t_a = k_first + ROW0 + rows - kv_offset
+        if slot_out >= 0:  # a chunk of a split key tile: fp32 partial, summed by bwd_split.reduce_split
+            base = b * s_sb + hkv * s_sh + slot_out * s_ss + (ROW0 + rows)[:, None] * HEAD_DIM + d[None, :]
+            gl.store(SCR_K + base, dk)
+            gl.store(SCR_V + base, dv)
+        elif slot_out == -1:  # the tile's only program (-2: padding of the split lists, writes nothing)
+            ok = ((k_t_a >= 0) & (k_t_a < kv_len))[:, None]
+            gl.store(DK + b * s_dkb + hkv * s_dkh + k_t_a[:, None] * s_dkt + d[None, :], dk.to(dtype), mask=ok)
+            gl.store(DV + b * s_dvb + hkv * s_dvh + k_t_a[:, None] * s_dvt + d[None, :], dv.to(dtype), mask=ok)
+
+    @gluon.jit
+    def _ws_consumer_top(k_smem, v_smem, q_smem, do_smem, kv_bar, q_bar, do_bar, q_free, do_free,
+                         LSE, DELTA, DK, DV, SCR_K, SCR_V, FT, PT, irow, f_width, p_width, f_cnt, n_steps,
+                         b, hkv, G, s_lb, s_lh, s_dkb, s_dkh, s_dkt, s_dvb, s_dvh, s_dvt, s_sb, s_sh, s_ss, slot_out,
+                         q_len, kv_len, q_offset, kv_offset, k_first, sink, window, qk_mul, scale):
+        _ws_consumer(k_smem, v_smem, q_smem, do_smem, kv_bar, q_bar, do_bar, q_free, do_free,
+                     LSE, DELTA, DK, DV, SCR_K, SCR_V, FT, PT, irow, f_width, p_width, f_cnt, n_steps,
+                     b, hkv, G, s_lb, s_lh, s_dkb, s_dkh, s_dkt, s_dvb, s_dvh, s_dvt, s_sb, s_sh, s_ss, slot_out,
+                     q_len, kv_len, q_offset, kv_offset, k_first, sink, window, qk_mul, scale, 0)
+
+    @gluon.jit
+    def _ws_consumer_bottom(k_smem, v_smem, q_smem, do_smem, kv_bar, q_bar, do_bar, q_free, do_free,
+                            LSE, DELTA, DK, DV, SCR_K, SCR_V, FT, PT, irow, f_width, p_width, f_cnt, n_steps,
+                            b, hkv, G, s_lb, s_lh, s_dkb, s_dkh, s_dkt, s_dvb, s_dvh, s_dvt, s_sb, s_sh, s_ss, slot_out,
+                            q_len, kv_len, q_offset, kv_offset, k_first, sink, window, qk_mul, scale):
+        _ws_consumer(k_smem, v_smem, q_smem, do_smem, kv_bar, q_bar, do_bar, q_free, do_free,
+                     LSE, DELTA, DK, DV, SCR_K, SCR_V, FT, PT, irow, f_width, p_width, f_cnt, n_steps,
+                     b, hkv, G, s_lb, s_lh, s_dkb, s_dkh, s_dkt, s_dvb, s_dvh, s_dvt, s_sb, s_sh, s_ss, slot_out,
+                     q_len, kv_len, q_offset, kv_offset, k_first, sink, window, qk_mul, scale, 64)
+
+    @gluon.jit
+    def _attn_bwd_dkdv_ws_kernel(
+        Q, K, V, DO, LSE, DELTA, DK, DV, FC, FT, PC, PT, VT, VS, SCR_K, SCR_V, s_sb, s_sh, s_ss,
+        s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_db, s_dh, s_dt, s_lb, s_lh,
+        s_dkb, s_dkh, s_dkt, s_dvb, s_dvh, s_dvt, s_ib, s_ih, f_width, p_width,
+        Hkv, G, q_len, kv_len, q_offset, kv_offset, sink, window, qk_mul, scale,
+        BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+        SPLIT: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        """Warp-specialised dK/dV: a 1-warp TMA loader and two 4-warp consumers (64 keys each). Same program order,
+        lists and outputs (direct stores, or fp32 partials for split key tiles) as ``_attn_bwd_dkdv_kernel``."""
+        dtype: gl.constexpr = Q.dtype.element_ty
+        kv_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        row_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
+        pid = gl.program_id(0)
+        bh = gl.program_id(1)
+        b = (bh // Hkv).to(gl.int64)  # 64-bit bases: B*H*L*D exceeds 2**31 at 1M tokens
+        hkv = (bh % Hkv).to(gl.int64)
+        irow = b * s_ib + hkv * s_ih + pid  # a key tile, or with SPLIT a chunk ("virtual row") of its list
+        if SPLIT:
+            n = gl.load(VT + irow)
+            slot_out = gl.load(VS + irow)  # -1: one chunk, store directly; >= 0: fp32 partial slot; -2: padding
+        else:
+            n = pid
+            slot_out = pid * 0 - 1
+        k_first = (kv_offset // BLOCK + n) * BLOCK
+        t_k = k_first - kv_offset
+        f_cnt = gl.load(FC + irow)
+        n_steps = (f_cnt + gl.load(PC + irow)) * (BLOCK // BLOCK_M) * G
+        k_desc = tma.make_tensor_descriptor(K + b * s_kb + hkv * s_kh, shape=[kv_len, HEAD_DIM], strides=[s_kt, 1],
+                                            block_shape=[BLOCK, HEAD_DIM], layout=kv_layout)
+        v_desc = tma.make_tensor_descriptor(V + b * s_vb + hkv * s_vh, shape=[kv_len, HEAD_DIM], strides=[s_vt, 1],
+                                            block_shape=[BLOCK, HEAD_DIM], layout=kv_layout)
+        q_desc = tma.make_tensor_descriptor(Q + b * s_qb, shape=[Hkv * G, q_len, HEAD_DIM], strides=[s_qh, s_qt, 1],
+                                            block_shape=[1, BLOCK_M, HEAD_DIM], layout=row_layout)
+        do_desc = tma.make_tensor_descriptor(DO + b * s_db, shape=[Hkv * G, q_len, HEAD_DIM],
+                                             strides=[s_dh, s_dt, 1], block_shape=[1, BLOCK_M, HEAD_DIM],
+                                             layout=row_layout)
+        k_smem = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], kv_layout)
+        v_smem = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], kv_layout)
+        q_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, HEAD_DIM], row_layout)
+        do_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, HEAD_DIM], row_layout)
+        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        do_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        q_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        do_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(kv_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(q_bar.index(i), count=1)
+            mbarrier.init(do_bar.index(i), count=1)
+            mbarrier.init(q_free.index(i), count=2)  # one arrival per consumer warpgroup
+            mbarrier.init(do_free.index(i), count=2)
+        consumer_args = (k_smem, v_smem, q_smem, do_smem, kv_bar, q_bar, do_bar, q_free, do_free,
+                         LSE, DELTA, DK, DV, SCR_K, SCR_V, FT, PT, irow, f_width, p_width, f_cnt, n_steps,
+                         b, hkv, G, s_lb, s_lh, s_dkb, s_dkh, s_dkt, s_dvb, s_dvh, s_dvt, s_sb, s_sh, s_ss, slot_out,
+                         q_len, kv_len, q_offset, kv_offset, k_first, sink, window, qk_mul, scale)
+        gl.warp_specialize(
+            [(_ws_consumer_top, consumer_args), (_ws_consumer_bottom, consumer_args),
+             (_ws_loader, (k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, kv_bar, q_bar, do_bar,
+                           q_free, do_free, FT, PT, irow, f_width, p_width, f_cnt, n_steps, hkv, G, q_offset, t_k))],
+            [4, 1], [240, 24])
+
+
+def attention_dkdv_gluon(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse_bwd: torch.Tensor, delta: torch.Tensor,
+    dk: torch.Tensor, dv: torch.Tensor,
+    t_full_count: torch.Tensor, t_full_tiles: torch.Tensor, t_part_count: torch.Tensor, t_part_tiles: torch.Tensor,
+    split_tile: torch.Tensor | None, split_slot: torch.Tensor | None,
+    scr_k: torch.Tensor | None, scr_v: torch.Tensor | None,
+    block: int, q_offset: int, kv_offset: int, sink: int, window: int, scale: float, stages: int | None = None,
+) -> None:
+    """Launch the Gluon dK/dV kernel (callers check :func:`supported` first) over the transposed lists (after
+    ``bwd_split.split_key_lists`` when a split applies: then ``split_tile``/``split_slot`` and the fp32 scratch are
+    given and ``bwd_split.reduce_split`` sums the partials afterwards). ``lse_bwd`` and ``delta`` are the backward
+    preprocess kernel's padded row buffers. Writes ``dk`` (scaled) and ``dv``."""
+    batch, hq, q_len, dim = q.shape
+    hkv, kv_len = k.shape[1], k.shape[2]
+    group = hq // hkv
+    n_rows = t_full_count.shape[2]
+    qk_mul, _ = score_constants(scale, 0.0)  # no soft-capping on this path
+    s_ib, s_ih = index_strides(t_full_count)
+    stages = stages or STAGES[dim]
+    if stages < 2:
+        raise ValueError(f"Gluon dK/dV ring depth {stages}: at least 2")
+    split = split_tile is not None
+    if not split:
+        split_tile = split_slot = t_full_count
+        scr_k = scr_v = lse_bwd
+    ensure_allocator()
+    _attn_bwd_dkdv_ws_kernel[(n_rows, batch * hkv)](
+        q, k, v, do, lse_bwd, delta, dk, dv, t_full_count, t_full_tiles, t_part_count, t_part_tiles,
+        split_tile, split_slot, scr_k, scr_v,
+        scr_k.stride(0) if split else 0, scr_k.stride(1) if split else 0, scr_k.stride(2) if split else 0,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        lse_bwd.stride(0), lse_bwd.stride(1),
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        s_ib, s_ih, t_full_tiles.shape[-1], t_part_tiles.shape[-1],
+        hkv, group, q_len, kv_len, q_offset, kv_offset, sink, window, qk_mul, scale,
+        BLOCK=block, BLOCK_M=BLOCK_M, HEAD_DIM=dim, STAGES=stages, SPLIT=split,
+        num_warps=4,  # the default partition is the first consumer warpgroup
+    )
+
+
+__all__ = ["AVAILABLE", "ENABLED", "HEAD_DIMS", "attention_dkdv_gluon", "input_reason", "supported"]

@@ -1,0 +1,228 @@
+"""Check and time the Gluon dK/dV kernel (kernels/attention_bwd_gluon.py) against the Triton one, in one GPU run.
+
+    PYTHONPATH=$PWD python3 scripts/gpu_gluon_bwd.py [--sizes 16384,65536] [--stages 0,2,3] [--out DIR]
+
+(a) Correctness: on fresh random bf16/fp16 inputs (odd lengths, GQA and MQA, head dims 64/128, batch 2, chunked
+prefill, transposed (B, S, H, D) views, sink+window, strided and random layouts, split key lists) the gradients of
+the library path (``triton_block_sparse_attention``) with the Gluon dK/dV kernel are compared with the float32
+reference's (autograd) and with the Triton dK/dV kernel's; a mismatch fails the run (exit 1).
+(b) Milliseconds (CUDA events, median) of the backward alone and of forward+backward, Gluon dK/dV (each ring depth;
+0 = automatic) vs the Triton dK/dV kernel vs cuDNN SDPA (dense causal), B=1, 32/8 heads, head dim 128 (and 64 at
+16K), TFLOP/s on the attended pairs (FlashAttention's convention: backward 2.5x, forward+backward 3.5x the
+forward's 4·D·pairs). Writes ``gluon_bwd.json`` and ``gluon_bwd.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+
+import torch
+import triton
+import triton.testing
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from hf_sparsek.kernels import attention_bwd  # noqa: E402
+from hf_sparsek.kernels import attention_bwd_gluon as gluon_bwd  # noqa: E402
+
+from hf_sparsek import BlockLayout, SparsePattern  # noqa: E402
+from hf_sparsek.block_index import attended_pairs  # noqa: E402
+from hf_sparsek.ops import build_index_for  # noqa: E402
+from hf_sparsek.reference import reference_attention  # noqa: E402
+from hf_sparsek.triton_ops import triton_block_sparse_attention  # noqa: E402
+from scripts.gpu_gluon_fwd import PATTERNS, _cudnn, _rand  # noqa: E402
+
+
+class _Switch:
+    """Force the Gluon dK/dV kernel on or off (and its ring depth, and the split chunk) for one block of code."""
+
+    def __init__(self, on: bool, stages: int | None = None, chunk: int | None = None):
+        self.on, self.stages, self.chunk = on, stages, chunk
+
+    def __enter__(self):
+        self.saved = gluon_bwd.ENABLED, dict(gluon_bwd.STAGES), attention_bwd.SPLIT_CHUNK
+        gluon_bwd.ENABLED = self.on
+        if self.stages:
+            gluon_bwd.STAGES.update({64: self.stages, 128: self.stages})
+        attention_bwd.SPLIT_CHUNK = self.chunk
+
+    def __exit__(self, *exc):
+        gluon_bwd.ENABLED, stages, attention_bwd.SPLIT_CHUNK = self.saved
+        gluon_bwd.STAGES.clear()
+        gluon_bwd.STAGES.update(stages)
+
+
+def _grads(q, k, v, index, d_out, on: bool, chunk: int | None = None, stages: int | None = None):
+    with _Switch(on, stages, chunk):
+        qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+        out = triton_block_sparse_attention(qq, kk, vv, index, q.shape[-1] ** -0.5)
+        return torch.autograd.grad(out, (qq, kk, vv), d_out)
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a.float() - ref).norm() / ref.norm().clamp_min(1e-6))
+
+
+def check(stages, name, batch, hq, hkv, q_len, kv_len, dim, pattern, dtype=torch.bfloat16, seq_major=False,
+          chunk=None) -> dict:
+    gen = torch.Generator(device="cuda").manual_seed(sum(map(ord, name)))
+    q = _rand((batch, hq, q_len, dim), dtype, gen, seq_major)
+    k = _rand((batch, hkv, kv_len, dim), dtype, gen, seq_major)
+    v = _rand((batch, hkv, kv_len, dim), dtype, gen, seq_major)
+    d_out = torch.randn(q.shape, generator=gen, device="cuda").to(dtype)
+    index = build_index_for(q, k, pattern)
+    with _Switch(True):
+        supported = gluon_bwd.supported(q, k, v, d_out, index.block_size, 0.0, False, index.q_offset)
+    row = {"case": name, "stages": stages, "supported": supported, "split_chunk": chunk}
+    if not supported:
+        row.update(ok=False, error="not supported by the Gluon dK/dV kernel")
+        return row
+    g = _grads(q, k, v, index, d_out, True, chunk, stages)
+    g2 = _grads(q, k, v, index, d_out, True, chunk, stages)  # deterministic: bit-identical on repeat
+    g_t = _grads(q, k, v, index, d_out, False, chunk)
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = reference_attention(qf, kf, vf, index, scale=dim**-0.5)
+    g_ref = torch.autograd.grad(ref, (qf, kf, vf), d_out.float())
+    torch.cuda.synchronize()
+    for name_, a, a_t, r in zip(("dq", "dk", "dv"), g, g_t, g_ref, strict=True):
+        row[f"{name_}_rel"] = _rel(a, r)
+        row[f"{name_}_rel_triton"] = _rel(a_t, r)
+        row[f"{name_}_max_abs"] = float((a.float() - r).abs().max())
+    row["finite"] = all(bool(torch.isfinite(a).all()) for a in g)
+    row["repeat_identical"] = all(bool(torch.equal(a, b)) for a, b in zip(g, g2, strict=True))
+    row["ok"] = (row["finite"] and row["repeat_identical"]
+                 and all(row[f"{n}_rel"] < 1e-2 for n in ("dq", "dk", "dv")))
+    return row
+
+
+def run_checks(stage_list: list[int]) -> list[dict]:
+    sw = SparsePattern(sink_tokens=128, window=512)
+    cases = [
+        ("sinkwin-D128-GQA4-b2", 2, 8, 2, 2048, 2048, 128, sw),
+        ("sinkwin-D64-MQA-odd", 1, 8, 1, 2065, 2065, 64, sw),
+        ("dense-D128-odd", 1, 4, 2, 1000, 1000, 128, SparsePattern()),
+        ("dense-D64-GQA4", 1, 8, 2, 4096 + 17, 4096 + 17, 64, SparsePattern()),
+        ("strided-D128", 1, 4, 2, 2048, 2048, 128, SparsePattern(window=256, layout=BlockLayout("strided", stride=4))),
+        ("random10-D128", 1, 4, 2, 4096, 4096, 128, SparsePattern(layout=BlockLayout("random", density=0.1))),
+        ("chunked-D128", 1, 8, 2, 300, 2048, 128, sw),
+        ("chunked-odd-D64", 1, 8, 2, 203, 1999, 64, sw),  # query offset 1796: a multiple of 4
+        ("bshd-view-D128", 2, 8, 2, 2057, 2057, 128, sw, torch.bfloat16, True),
+        ("fp16-D128", 1, 8, 2, 2048, 2048, 128, sw, torch.float16),
+        ("window-only-D128", 1, 4, 1, 3000, 3000, 128, SparsePattern(window=700)),
+        ("split3-sinkwin-D128", 1, 8, 2, 3000, 3000, 128, sw, torch.bfloat16, False, 3),
+        ("split2-dense-D64", 1, 4, 1, 1500, 1500, 64, SparsePattern(), torch.bfloat16, False, 2),
+        ("decode-like-q16-D128", 1, 8, 2, 16, 2048, 128, sw),
+    ]
+    rows = []
+    for stages in stage_list:
+        for case in cases:
+            try:
+                row = check(stages, *case)
+            except Exception as exc:  # record and go on
+                row = {"case": case[0], "stages": stages, "ok": False, "error": repr(exc),
+                       "trace": traceback.format_exc()[-1500:]}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def _time(fn) -> float:
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def bench_shape(seq: int, dim: int, stages: list[int | None]) -> list[dict]:
+    """Every pattern at one shape (B=1, 32/8 heads, bf16): backward and forward+backward, Triton dK/dV vs Gluon
+    dK/dV per ring depth; cuDNN on dense."""
+    rows = []
+    gen = torch.Generator(device="cuda").manual_seed(seq)
+    q = _rand((1, 32, seq, dim), torch.bfloat16, gen).requires_grad_()
+    k = _rand((1, 8, seq, dim), torch.bfloat16, gen).requires_grad_()
+    v = _rand((1, 8, seq, dim), torch.bfloat16, gen).requires_grad_()
+    d_out = torch.randn(q.shape, generator=gen, device="cuda").to(torch.bfloat16)
+    for pname, pat in PATTERNS.items():
+        index = build_index_for(q, k, pat)
+        index.transposed()
+        fwd_flops = 4 * dim * attended_pairs(index) * 32
+        variants = [("triton-dkdv", False, None)] + [(f"gluon-dkdv-s{st or 'auto'}", True, st) for st in stages]
+        for method, on, st in variants:
+            row = {"case": f"S{seq}-D{dim}-{pname}", "method": method}
+            try:
+                with _Switch(on, st):
+                    out = triton_block_sparse_attention(q, k, v, index, dim**-0.5)
+                    bwd = _time(lambda out=out: torch.autograd.grad(out, (q, k, v), d_out, retain_graph=True))
+                    fb = _time(lambda index=index: torch.autograd.grad(
+                        triton_block_sparse_attention(q, k, v, index, dim**-0.5), (q, k, v), d_out))
+                    del out
+                row.update(bwd_ms=bwd, fwd_bwd_ms=fb, bwd_tflops=2.5 * fwd_flops / bwd / 1e9,
+                           fwd_bwd_tflops=3.5 * fwd_flops / fb / 1e9)
+            except Exception as exc:
+                row["error"] = repr(exc)[:300]
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        if pname == "dense":
+            row = {"case": f"S{seq}-D{dim}-{pname}", "method": "cudnn"}
+            try:
+                out = _cudnn(q, k, v)
+                bwd = _time(lambda out=out: torch.autograd.grad(out, (q, k, v), d_out, retain_graph=True))
+                fb = _time(lambda: torch.autograd.grad(_cudnn(q, k, v), (q, k, v), d_out))
+                del out
+                row.update(bwd_ms=bwd, fwd_bwd_ms=fb, bwd_tflops=2.5 * fwd_flops / bwd / 1e9,
+                           fwd_bwd_tflops=3.5 * fwd_flops / fb / 1e9)
+            except Exception as exc:
+                row["error"] = repr(exc)[:300]
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def bench(sizes: list[int], stages: list[int | None]) -> list[dict]:
+    rows = []
+    for seq, dim in [(s, 128) for s in sizes] + [(16384, 64)]:
+        rows += bench_shape(seq, dim, stages)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| case | method | bwd ms | bwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "bwd_ms" not in r:
+            lines.append(f"| {r['case']} | {r['method']} | {r.get('error', '')} | | | |")
+            continue
+        lines.append(f"| {r['case']} | {r['method']} | {r['bwd_ms']:.3f} | {r['bwd_tflops']:.0f} "
+                     f"| {r['fwd_bwd_ms']:.3f} | {r['fwd_bwd_tflops']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="16384,65536")
+    ap.add_argument("--stages", default="0", help="query/dO ring depths to time (0: the shipped choice)")
+    ap.add_argument("--check-stages", default="0", help="ring depths the checks run with (0: the shipped choice)")
+    ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+           "cudnn": torch.backends.cudnn.version(), "flop_convention": "bwd 2.5x, fwd+bwd 3.5x of 4*D*pairs"}
+    print(json.dumps(env), flush=True)
+    checks = run_checks([int(s) or None for s in args.check_stages.split(",")])
+    ok = all(r["ok"] for r in checks)
+    stages = [int(s) or None for s in args.stages.split(",")]
+    rows = [] if (args.skip_bench or not ok) else bench([int(s) for s in args.sizes.split(",")], stages)
+    with open(os.path.join(args.out, "gluon_bwd.json"), "w") as f:
+        json.dump({"env": env, "checks": checks, "bench": rows, "all_ok": ok}, f, indent=1)
+    md = table(rows)
+    with open(os.path.join(args.out, "gluon_bwd.md"), "w") as f:
+        f.write(md)
+    print(md)
+    print("checks:", "all OK" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
