@@ -101,10 +101,11 @@ if AVAILABLE:
         return hq, t_first, e >= f_cnt, selected
 
     @gluon.jit
-    def _ws_loader(k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, kv_bar, q_bar, do_bar,
-                   q_free, do_free, FT, PT, irow, f_width, p_width, f_cnt, n_steps, hkv, G, q_offset, t_k):
-        """One warp: K and V of the key tile once, then each step's query and dO rows as soon as both consumers
-        freed the slot."""
+    def _ws_loader(k_desc, v_desc, q_desc, do_desc, lse_desc, delta_desc, k_smem, v_smem, q_smem, do_smem,
+                   lse_smem, delta_smem, kv_bar, q_bar, do_bar, q_free, do_free, FT, PT, irow, f_width, p_width,
+                   f_cnt, n_steps, hkv, G, q_offset, t_k, lse_row0):
+        """One warp: K and V of the key tile once, then each step's query rows with their LSE, and dO rows with
+        their delta, as soon as both consumers freed the slot."""
         BLOCK: gl.constexpr = k_smem.shape[0]  # worker partitions take no constexpr arguments (Triton 3.6)
         STAGES: gl.constexpr = q_smem.shape[0]
         BLOCK_M: gl.constexpr = q_smem.shape[2]
@@ -118,16 +119,19 @@ if AVAILABLE:
             hq32 = hq.to(gl.int32)
             free_phase = ((j // STAGES) + 1) & 1  # the slot's previous use ended (first round: no wait)
             mbarrier.wait(q_free.index(slot), free_phase, pred=j >= STAGES)
-            mbarrier.expect(q_bar.index(slot), q_desc.block_type.nbytes)
+            stat_row = (lse_row0 + hq).to(gl.int32)
+            mbarrier.expect(q_bar.index(slot), q_desc.block_type.nbytes + lse_desc.block_type.nbytes)
             _tma_load(q_desc, [hq32, t_first, 0], q_bar.index(slot), q_smem.index(slot))
+            _tma_load(lse_desc, [stat_row, t_first], q_bar.index(slot), lse_smem.index(slot))
             mbarrier.wait(do_free.index(slot), free_phase, pred=j >= STAGES)
-            mbarrier.expect(do_bar.index(slot), do_desc.block_type.nbytes)
+            mbarrier.expect(do_bar.index(slot), do_desc.block_type.nbytes + delta_desc.block_type.nbytes)
             _tma_load(do_desc, [hq32, t_first, 0], do_bar.index(slot), do_smem.index(slot))
+            _tma_load(delta_desc, [stat_row, t_first], do_bar.index(slot), delta_smem.index(slot))
 
     @gluon.jit
-    def _ws_consumer(k_smem, v_smem, q_smem, do_smem, kv_bar, q_bar, do_bar, q_free, do_free,
-                     LSE, DELTA, DK, DV, SCR_K, SCR_V, FT, PT, irow, f_width, p_width, f_cnt, n_steps,
-                     b, hkv, G, s_lb, s_lh, s_dkb, s_dkh, s_dkt, s_dvb, s_dvh, s_dvt, s_sb, s_sh, s_ss, slot_out,
+    def _ws_consumer(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar, q_bar, do_bar, q_free, do_free,
+                     DK, DV, SCR_K, SCR_V, FT, PT, irow, f_width, p_width, f_cnt, n_steps,
+                     b, hkv, G, s_dkb, s_dkh, s_dkt, s_dvb, s_dvh, s_dvt, s_sb, s_sh, s_ss, slot_out,
                      q_len, kv_len, q_offset, kv_offset, k_first, sink, window, qk_mul, scale, ROW0: gl.constexpr):
         """One warpgroup: 64 keys (from ROW0) of the tile. Step j: S^T and dP^T issued together; wait for S^T only
         (this also retires step j-1's dV/dK products: free its slot); P while dP^T runs; then dV += P^T dO and
@@ -166,23 +170,20 @@ if AVAILABLE:
             s = warpgroup_mma(k_rows, q_rows.permute((1, 0)), s_zero, use_acc=False, is_async=True)
             mbarrier.wait(do_bar.index(slot), phase)
             dp = warpgroup_mma(v_rows, do_rows.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            q_t = t_first + cols  # the row statistics load while the two products run
-            q_ok = (q_t >= 0) & (q_t < q_len)
-            row = b * s_lb + hq * s_lh
-            lse = gl.load(LSE + row + q_t, mask=q_ok, other=float("inf"))  # the backward's copy: +inf when empty
-            delta = gl.load(DELTA + row + q_t, mask=q_ok, other=0.0)
             s = warpgroup_mma_wait(1, deps=(s, ))
             s = s * qk_mul
             if part:  # token-exact element mask (attention_bwd's element_mask without segments / ranks)
-                qa = (q_t + q_offset)[None, :]
+                qa = (t_first + q_offset + cols)[None, :]
                 ka = k_abs[:, None]
                 token = ((sink > 0) & (ka < sink)) | ((window > 0) & ((qa - ka) < window))
                 keep = (ka <= qa) & k_in[:, None] & (token | selected)
                 s = gl.where(keep, s, float("-inf"))
-            p = gl.exp2(s - lse[None, :])
+            # the row's LSE (the backward's copy: +inf for empty rows; rows outside the sequence read 0, and their
+            # q and dO rows are 0 too, so they add nothing), broadcast over this warpgroup's keys
+            p = gl.exp2(s - lse_smem.index(slot).load(s_layout))
             p_op = gl.convert_layout(p.to(dtype), op_layout)
             dp = warpgroup_mma_wait(0, deps=(dp, ))
-            ds = p * (dp - delta[None, :])
+            ds = p * (dp - delta_smem.index(slot).load(s_layout))
             ds_op = gl.convert_layout(ds.to(dtype), op_layout)
             dv = warpgroup_mma(p_op, do_rows, dv, is_async=True)
             dk = warpgroup_mma(ds_op, q_rows, dk, is_async=True)
@@ -203,23 +204,24 @@ if AVAILABLE:
             gl.store(DV + b * s_dvb + hkv * s_dvh + k_t_a[:, None] * s_dvt + d[None, :], dv.to(dtype), mask=ok)
 
     @gluon.jit
-    def _ws_consumer_top(k_smem, v_smem, q_smem, do_smem, kv_bar, q_bar, do_bar, q_free, do_free,
-                         LSE, DELTA, DK, DV, SCR_K, SCR_V, FT, PT, irow, f_width, p_width, f_cnt, n_steps,
-                         b, hkv, G, s_lb, s_lh, s_dkb, s_dkh, s_dkt, s_dvb, s_dvh, s_dvt, s_sb, s_sh, s_ss, slot_out,
+    def _ws_consumer_top(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar, q_bar, do_bar, q_free, do_free,
+                         DK, DV, SCR_K, SCR_V, FT, PT, irow, f_width, p_width, f_cnt, n_steps,
+                         b, hkv, G, s_dkb, s_dkh, s_dkt, s_dvb, s_dvh, s_dvt, s_sb, s_sh, s_ss, slot_out,
                          q_len, kv_len, q_offset, kv_offset, k_first, sink, window, qk_mul, scale):
-        _ws_consumer(k_smem, v_smem, q_smem, do_smem, kv_bar, q_bar, do_bar, q_free, do_free,
-                     LSE, DELTA, DK, DV, SCR_K, SCR_V, FT, PT, irow, f_width, p_width, f_cnt, n_steps,
-                     b, hkv, G, s_lb, s_lh, s_dkb, s_dkh, s_dkt, s_dvb, s_dvh, s_dvt, s_sb, s_sh, s_ss, slot_out,
+        _ws_consumer(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar, q_bar, do_bar, q_free, do_free,
+                     DK, DV, SCR_K, SCR_V, FT, PT, irow, f_width, p_width, f_cnt, n_steps,
+                     b, hkv, G, s_dkb, s_dkh, s_dkt, s_dvb, s_dvh, s_dvt, s_sb, s_sh, s_ss, slot_out,
                      q_len, kv_len, q_offset, kv_offset, k_first, sink, window, qk_mul, scale, 0)
 
     @gluon.jit
-    def _ws_consumer_bottom(k_smem, v_smem, q_smem, do_smem, kv_bar, q_bar, do_bar, q_free, do_free,
-                            LSE, DELTA, DK, DV, SCR_K, SCR_V, FT, PT, irow, f_width, p_width, f_cnt, n_steps,
-                            b, hkv, G, s_lb, s_lh, s_dkb, s_dkh, s_dkt, s_dvb, s_dvh, s_dvt, s_sb, s_sh, s_ss, slot_out,
+    def _ws_consumer_bottom(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar, q_bar, do_bar, q_free,
+                            do_free,
+                            DK, DV, SCR_K, SCR_V, FT, PT, irow, f_width, p_width, f_cnt, n_steps,
+                            b, hkv, G, s_dkb, s_dkh, s_dkt, s_dvb, s_dvh, s_dvt, s_sb, s_sh, s_ss, slot_out,
                             q_len, kv_len, q_offset, kv_offset, k_first, sink, window, qk_mul, scale):
-        _ws_consumer(k_smem, v_smem, q_smem, do_smem, kv_bar, q_bar, do_bar, q_free, do_free,
-                     LSE, DELTA, DK, DV, SCR_K, SCR_V, FT, PT, irow, f_width, p_width, f_cnt, n_steps,
-                     b, hkv, G, s_lb, s_lh, s_dkb, s_dkh, s_dkt, s_dvb, s_dvh, s_dvt, s_sb, s_sh, s_ss, slot_out,
+        _ws_consumer(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar, q_bar, do_bar, q_free, do_free,
+                     DK, DV, SCR_K, SCR_V, FT, PT, irow, f_width, p_width, f_cnt, n_steps,
+                     b, hkv, G, s_dkb, s_dkh, s_dkt, s_dvb, s_dvh, s_dvt, s_sb, s_sh, s_ss, slot_out,
                      q_len, kv_len, q_offset, kv_offset, k_first, sink, window, qk_mul, scale, 64)
 
     @gluon.jit
@@ -241,15 +243,17 @@ if AVAILABLE:
         b = (bh // Hkv).to(gl.int64)  # 64-bit bases: B*H*L*D exceeds 2**31 at 1M tokens
         hkv = (bh % Hkv).to(gl.int64)
         irow = b * s_ib + hkv * s_ih + pid  # a key tile, or with SPLIT a chunk ("virtual row") of its list
+        f_cnt = gl.load(FC + irow)
         if SPLIT:
             n = gl.load(VT + irow)
             slot_out = gl.load(VS + irow)  # -1: one chunk, store directly; >= 0: fp32 partial slot; -2: padding
         else:
             n = pid
-            slot_out = pid * 0 - 1
+            # -1 (f_cnt >= 0), computed at run time: a constant passed into the partitions crashed Triton 3.6's
+            # lowering of warp_specialize
+            slot_out = gl.minimum(f_cnt, 0) - 1
         k_first = (kv_offset // BLOCK + n) * BLOCK
         t_k = k_first - kv_offset
-        f_cnt = gl.load(FC + irow)
         n_steps = (f_cnt + gl.load(PC + irow)) * (BLOCK // BLOCK_M) * G
         k_desc = tma.make_tensor_descriptor(K + b * s_kb + hkv * s_kh, shape=[kv_len, HEAD_DIM], strides=[s_kt, 1],
                                             block_shape=[BLOCK, HEAD_DIM], layout=kv_layout)
@@ -260,10 +264,18 @@ if AVAILABLE:
         do_desc = tma.make_tensor_descriptor(DO + b * s_db, shape=[Hkv * G, q_len, HEAD_DIM],
                                              strides=[s_dh, s_dt, 1], block_shape=[1, BLOCK_M, HEAD_DIM],
                                              layout=row_layout)
+        stat_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+        rows_total = gl.num_programs(1) // Hkv * Hkv * G  # batch x query heads: the statistics buffers' rows
+        lse_desc = tma.make_tensor_descriptor(LSE, shape=[rows_total, q_len], strides=[s_lh, 1],
+                                              block_shape=[1, BLOCK_M], layout=stat_layout)
+        delta_desc = tma.make_tensor_descriptor(DELTA, shape=[rows_total, q_len], strides=[s_lh, 1],
+                                                block_shape=[1, BLOCK_M], layout=stat_layout)
         k_smem = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], kv_layout)
         v_smem = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], kv_layout)
         q_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, HEAD_DIM], row_layout)
         do_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, HEAD_DIM], row_layout)
+        lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BLOCK_M], stat_layout)
+        delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BLOCK_M], stat_layout)
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         q_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         do_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -275,14 +287,15 @@ if AVAILABLE:
             mbarrier.init(do_bar.index(i), count=1)
             mbarrier.init(q_free.index(i), count=2)  # one arrival per consumer warpgroup
             mbarrier.init(do_free.index(i), count=2)
-        consumer_args = (k_smem, v_smem, q_smem, do_smem, kv_bar, q_bar, do_bar, q_free, do_free,
-                         LSE, DELTA, DK, DV, SCR_K, SCR_V, FT, PT, irow, f_width, p_width, f_cnt, n_steps,
-                         b, hkv, G, s_lb, s_lh, s_dkb, s_dkh, s_dkt, s_dvb, s_dvh, s_dvt, s_sb, s_sh, s_ss, slot_out,
+        consumer_args = (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar, q_bar, do_bar, q_free, do_free,
+                         DK, DV, SCR_K, SCR_V, FT, PT, irow, f_width, p_width, f_cnt, n_steps,
+                         b, hkv, G, s_dkb, s_dkh, s_dkt, s_dvb, s_dvh, s_dvt, s_sb, s_sh, s_ss, slot_out,
                          q_len, kv_len, q_offset, kv_offset, k_first, sink, window, qk_mul, scale)
         gl.warp_specialize(
             [(_ws_consumer_top, consumer_args), (_ws_consumer_bottom, consumer_args),
-             (_ws_loader, (k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, kv_bar, q_bar, do_bar,
-                           q_free, do_free, FT, PT, irow, f_width, p_width, f_cnt, n_steps, hkv, G, q_offset, t_k))],
+             (_ws_loader, (k_desc, v_desc, q_desc, do_desc, lse_desc, delta_desc, k_smem, v_smem, q_smem, do_smem,
+                           lse_smem, delta_smem, kv_bar, q_bar, do_bar, q_free, do_free, FT, PT, irow, f_width,
+                           p_width, f_cnt, n_steps, hkv, G, q_offset, t_k, b * Hkv * G))],
             [4, 1], [240, 24])
 
 

@@ -103,8 +103,11 @@ def kernel_cases(dims: list[int], kernels: set[str]):
                        dict(BLOCK=BLOCK, BLOCK_N=BLOCK, HEAD_DIM=dim, STAGES=ring), 4, 1)
         if "gluon_dkdv" in kernels and attention_bwd_gluon.AVAILABLE and dim in attention_bwd_gluon.HEAD_DIMS:
             ring = attention_bwd_gluon.STAGES[dim]
-            yield (f"gluon dkdv D{dim} ring {ring}", attention_bwd_gluon._attn_bwd_dkdv_ws_kernel,
-                   dict(BLOCK=BLOCK, BLOCK_M=attention_bwd_gluon.BLOCK_M, HEAD_DIM=dim, STAGES=ring, SPLIT=True), 4, 1)
+            for split in (False, True):  # one program per key tile / chunks of split key tiles
+                yield (f"gluon dkdv D{dim} ring {ring}{' split' if split else ''}",
+                       attention_bwd_gluon._attn_bwd_dkdv_ws_kernel,
+                       dict(BLOCK=BLOCK, BLOCK_M=attention_bwd_gluon.BLOCK_M, HEAD_DIM=dim, STAGES=ring, SPLIT=split),
+                       4, 1)
         cfg = attention_bwd.BWD_CONFIGS[dim]
         if "dkdv" in kernels:
             tma = dim != 256
