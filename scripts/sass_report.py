@@ -133,7 +133,8 @@ def _ptxas_info(ptx: str) -> dict:
     text = run.stdout + run.stderr
     num = lambda pattern: int(m.group(1)) if (m := re.search(pattern, text)) else 0  # noqa: E731
     return {"registers": num(r"Used (\d+) registers"), "spill_store_bytes": num(r"(\d+) bytes spill stores"),
-            "spill_load_bytes": num(r"(\d+) bytes spill loads"), "wgmma_serialised_warning": "C7515" in text}
+            "spill_load_bytes": num(r"(\d+) bytes spill loads"),
+            "wgmma_serialised_warning": "C7515" in text or "C7512" in text}  # C7512: too few registers
 
 
 def _sass(cubin: bytes) -> list[tuple[int, str]]:

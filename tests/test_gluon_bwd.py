@@ -1,0 +1,84 @@
+"""The Gluon dK/dV kernel (kernels/attention_bwd_gluon.py): which inputs it takes, and its Hopper machine code.
+
+Gluon has no CPU interpreter, so its gradients are checked against the reference on the GPU
+(scripts/gpu_gluon_bwd.py: 14 cases, and bit-identical on repeat); here CI compiles it for sm_90, with and without
+split key lists, and checks the structure that makes it fast: warp-specialised (register reallocation between the
+loader and the consumers), no CTA-wide barrier in the loop, wgmma not serialised by ptxas (3 waits per step for 24
+or 16 wgmma, no C7512/C7515 warning), the scores waited for apart from dP, six TMA loads (K, V, query rows, dO
+rows, LSE, delta) and shared memory within the H100's 227 KiB.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+from hf_sparsek.kernels import attention_bwd_gluon as gluon_bwd  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+H100_SMEM = 232448  # bytes of shared memory one block may use on sm_90
+
+
+def test_not_supported_off_gpu():
+    q = torch.randn(1, 4, 256, 128, dtype=torch.bfloat16)
+    k = torch.randn(1, 2, 256, 128, dtype=torch.bfloat16)
+    assert not gluon_bwd.supported(q, k, k.clone(), q.clone(), 128, 0.0, False, 0)
+
+
+@pytest.mark.parametrize("change, expect", [
+    ({}, None),
+    ({"dtype": torch.float16}, None),
+    ({"head_dim": 64}, None),
+    ({"q_offset": 1796}, None),
+    ({"dtype": torch.float32}, "dtype"),
+    ({"head_dim": 256}, "head dim 256"),
+    ({"block": 64}, "block size 64"),
+    ({"softcap": 30.0}, "soft-capping"),
+    ({"has_segments": True}, "segments"),
+    ({"q_offset": 1798}, "query offset 1798"),
+])
+def test_which_inputs_take_the_gluon_dkdv(change, expect):
+    args = dict(dtype=torch.bfloat16, head_dim=128, block=128, softcap=0.0, has_segments=False, q_offset=0)
+    reason = gluon_bwd.input_reason(**{**args, **change})
+    if expect is None:
+        assert reason is None
+    else:
+        assert reason is not None and expect in reason
+
+
+def test_ring_depth_is_checked():
+    q = torch.randn(1, 2, 128, 64, dtype=torch.bfloat16)
+    counts = torch.ones(1, 1, 1, dtype=torch.int32)
+    tiles = torch.zeros(1, 1, 1, 1, dtype=torch.int32)
+    stats = torch.zeros(1, 2, 128)
+    with pytest.raises(ValueError, match="ring depth 1"):
+        gluon_bwd.attention_dkdv_gluon(q, q[:, :1], q[:, :1], q, stats, stats, q[:, :1], q[:, :1], counts, tiles,
+                                       counts, tiles, None, None, None, None, 128, 0, 0, 0, 0, 0.1, stages=1)
+
+
+@pytest.mark.skipif(not gluon_bwd.AVAILABLE, reason="this Triton has no Gluon")
+@pytest.mark.skipif(not os.path.exists(_TOOLS), reason="Triton without its NVIDIA backend tools")
+def test_hopper_code_is_warp_specialised_and_not_serialised(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "sass_report.py"), "--kernels", "gluon_dkdv",
+                    "--dims", "128,64", "--out", str(tmp_path)], check=True, env=env, capture_output=True)
+    with open(tmp_path / "sass_report.json") as f:
+        rows = json.load(f)["kernels"]
+    assert len(rows) == 4  # head dims 128 and 64, unsplit and split lists
+    for row in rows:
+        name = row["kernel"]
+        assert row["setmaxnreg"], name  # loader and consumers in their own partitions
+        assert row["cta_barriers"] == 0, name  # consumers synchronise through mbarriers only
+        assert row["wgmma_wait_1"], name  # scores waited for while dP^T is still in flight
+        assert not row["wgmma_serialised_warning"], name
+        loop = row["mma_loops"][0]
+        assert loop["hgmma"] == (24 if "D128" in name else 16) and loop["wgmma_waits"] == 3, (name, loop)
+        assert 0 < row["shared_bytes"] <= H100_SMEM, name
+        assert row["tma_loads"] == 6, name  # K, V, query rows, dO rows, LSE, delta
