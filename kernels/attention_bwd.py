@@ -405,8 +405,9 @@ def attention_backward(
     side = _side_stream(q.device) if CONCURRENT_DQ and q.is_cuda else None
     # the warp-specialised Gluon dK/dV kernel where it applies (Hopper, 16-bit, head dim 64/128, no softcap or
     # segments); explicit configs (tests, tuning) keep the Triton kernel they name
-    gluon_dkdv = config is None and attention_bwd_gluon.supported(
-        q, k, v, do, block, softcap, k_seg is not None or q_seg is not None or k_rank is not None, q_offset)
+    has_segments = k_seg is not None or q_seg is not None or k_rank is not None
+    gluon_dkdv = config is None and attention_bwd_gluon.supported(q, k, v, do, block, softcap, has_segments, q_offset)
+    gluon_dq = config is None and attention_bwd_gluon.dq_supported(q, k, v, do, block, softcap, has_segments)
 
     def launch(cfg: BwdConfig) -> None:
         """dK/dV (key-major, then the split reduction) and dQ (query-major, on the side stream if any)."""
@@ -451,6 +452,11 @@ def attention_backward(
             reduce_split(split, scr_k, scr_v, dk, dv, kv_offset, block)
 
     def launch_dq(cfg: BwdConfig) -> None:
+        if gluon_dq:
+            attention_bwd_gluon.attention_dq_gluon(
+                q, k, v, do, lse_bwd, delta, dq, full_count, full_tiles, part_count, part_tiles,
+                block, q_offset, kv_offset, sink, window, scale)
+            return
         block_m = min(cfg.q_block_m, block * _next_pow2(group))
         sub_m = min(block, block_m, max(16, _next_pow2(q_len)))
         hpp = max(1, min(_next_pow2(group), block_m // sub_m))

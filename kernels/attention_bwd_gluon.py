@@ -41,7 +41,7 @@ if AVAILABLE:
         warpgroup_mma_wait,
     )
 
-    from .attention_fwd_gluon import _tma_load
+    from .attention_fwd_gluon import _load_tile, _tile_start, _tma_load
 
 HEAD_DIMS = (64, 128)
 BLOCK = 128
@@ -50,6 +50,11 @@ BLOCK_M = 64  # query rows per step (S^T is 64 keys x 64 queries per consumer: 3
 ENABLED = True
 # Query/dO ring depth per head dim (each slot holds BLOCK_M rows of both: 32 KiB at head dim 128, next to K and V).
 STAGES: dict[int, int] = {64: 4, 128: 3}
+# The dQ kernel: keys per step, and the K/V ring depth per (head dim, keys per step); its own switch.
+DQ_ENABLED = True
+DQ_BLOCK_N = 64
+DQ_STAGES: dict[tuple[int, int], int] = {(64, 64): 4, (128, 64): 4, (64, 128): 3, (128, 128): 2}
+DQ_MIN_Q_LEN = 16  # shorter (decode) queries: the Triton dQ kernel packs the heads of a group instead
 
 
 def input_reason(dtype: torch.dtype, head_dim: int, block: int, softcap: float, has_segments: bool,
@@ -80,6 +85,14 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tenso
     return aligned(q, k, v, do) and torch.cuda.get_device_capability(q.device)[0] == 9
 
 
+def dq_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, block: int, softcap: float,
+                 has_segments: bool) -> bool:
+    """Whether the Gluon dQ kernel runs these inputs (otherwise the Triton one does, with the same results)."""
+    if not DQ_ENABLED or q.shape[2] < DQ_MIN_Q_LEN:
+        return False
+    return supported(q, k, v, do, block, softcap, has_segments, 0)
+
+
 if AVAILABLE:
 
     @gluon.jit
@@ -99,6 +112,13 @@ if AVAILABLE:
         hq = hkv * G + rem % G
         t_first = (q_offset // BLOCK + mt) * BLOCK + (rem // G) * BLOCK_M - q_offset
         return hq, t_first, e >= f_cnt, selected
+
+    @gluon.jit
+    def _keep(qa, ka, k_in, selected, sink, window):
+        """Token-exact element mask of a partial tile (attention_bwd's element_mask without segments / ranks):
+        ``qa``, ``ka`` absolute positions broadcast against each other, ``k_in`` the key inside the sequence."""
+        token = ((sink > 0) & (ka < sink)) | ((window > 0) & ((qa - ka) < window))
+        return (ka <= qa) & k_in & (token | selected)
 
     @gluon.jit
     def _ws_loader(k_desc, v_desc, q_desc, do_desc, lse_desc, delta_desc, k_smem, v_smem, q_smem, do_smem,
@@ -172,11 +192,9 @@ if AVAILABLE:
             dp = warpgroup_mma(v_rows, do_rows.permute((1, 0)), s_zero, use_acc=False, is_async=True)
             s = warpgroup_mma_wait(1, deps=(s, ))
             s = s * qk_mul
-            if part:  # token-exact element mask (attention_bwd's element_mask without segments / ranks)
-                qa = (t_first + q_offset + cols)[None, :]
-                ka = k_abs[:, None]
-                token = ((sink > 0) & (ka < sink)) | ((window > 0) & ((qa - ka) < window))
-                keep = (ka <= qa) & k_in[:, None] & (token | selected)
+            if part:  # the token-exact element mask
+                keep = _keep((t_first + q_offset + cols)[None, :], k_abs[:, None], k_in[:, None], selected, sink,
+                             window)
                 s = gl.where(keep, s, float("-inf"))
             # the row's LSE (the backward's copy: +inf for empty rows; rows outside the sequence read 0, and their
             # q and dO rows are 0 too, so they add nothing), broadcast over this warpgroup's keys
@@ -298,6 +316,180 @@ if AVAILABLE:
                            p_width, f_cnt, n_steps, hkv, G, q_offset, t_k, b * Hkv * G))],
             [4, 1], [240, 24])
 
+    @gluon.jit
+    def _dq_ds(s, dp, lse, delta, q_abs, cols, FT, PT, irow, f_width, p_width, f_cnt, j, kb0, kv_offset, kv_len,
+               sink, window, qk_mul, BLOCK: gl.constexpr, BLOCK_N: gl.constexpr):
+        """dS of key tile ``j`` from raw scores and dP (query rows x keys); partial tiles get the element mask."""
+        t0, part, selected = _tile_start(FT, PT, irow, f_width, p_width, f_cnt, j, kb0, kv_offset, BLOCK, BLOCK_N)
+        s = s * qk_mul
+        if part:
+            k_t = t0 + cols
+            keep = _keep(q_abs[:, None], (k_t + kv_offset)[None, :], ((k_t >= 0) & (k_t < kv_len))[None, :],
+                         selected, sink, window)
+            s = gl.where(keep, s, float("-inf"))
+        p = gl.exp2(s - lse[:, None])
+        return p * (dp - delta[:, None])
+
+    @gluon.jit
+    def _dq_loader(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free,
+                   v_free, FT, PT, irow, f_width, p_width, f_cnt, n_tiles, kb0, kv_offset, t_first):
+        """One warp: the query and dO rows once, then the listed K and V tiles into the ring as soon as both
+        consumers freed the slot."""
+        BLOCK: gl.constexpr = q_smem.shape[0]
+        STAGES: gl.constexpr = k_smem.shape[0]
+        BLOCK_N: gl.constexpr = k_smem.shape[1]
+        mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+        _tma_load(q_desc, [t_first, 0], q_bar, q_smem)
+        _tma_load(do_desc, [t_first, 0], q_bar, do_smem)
+        for j in range(n_tiles):
+            slot = j % STAGES
+            t0 = _tile_start(FT, PT, irow, f_width, p_width, f_cnt, j, kb0, kv_offset, BLOCK, BLOCK_N)[0]
+            free_phase = ((j // STAGES) + 1) & 1  # the slot's previous use ended (first round: no wait)
+            mbarrier.wait(k_free.index(slot), free_phase, pred=j >= STAGES)
+            _load_tile(k_desc, t0, k_bar.index(slot), k_smem.index(slot))
+            mbarrier.wait(v_free.index(slot), free_phase, pred=j >= STAGES)
+            _load_tile(v_desc, t0, v_bar.index(slot), v_smem.index(slot))
+
+    @gluon.jit
+    def _dq_consumer(q_smem, do_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free, LSE, DELTA, DQ,
+                     FT, PT, irow, f_width, p_width, f_cnt, n_tiles, kb0, b, hq, s_lb, s_lh, s_qb, s_qh, s_qt,
+                     q_len, kv_len, kv_offset, q_first, t_first, sink, window, qk_mul, scale, ROW0: gl.constexpr):
+        """One warpgroup: 64 query rows (from ROW0). Step j issues S_j = Q K_j^T and dP_j = dO V_j^T together with
+        dQ += dS_{j-1} K_{j-1}, waits for S_j and dP_j only (V_j's slot is then free), and computes dS_j while that
+        dQ product runs; K_{j-1}'s slot is freed once it is done."""
+        ROWS: gl.constexpr = 64
+        BLOCK: gl.constexpr = q_smem.shape[0]
+        STAGES: gl.constexpr = k_smem.shape[0]
+        BLOCK_N: gl.constexpr = k_smem.shape[1]
+        HEAD_DIM: gl.constexpr = k_smem.shape[2]
+        dtype: gl.constexpr = q_smem.dtype
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        a_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=a_layout, k_width=2)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        q_rows = q_smem.slice(ROW0, ROWS)
+        do_rows = do_smem.slice(ROW0, ROWS)
+        t_rows = t_first + ROW0 + gl.arange(0, ROWS, layout=row_s)
+        row_ok = (t_rows >= 0) & (t_rows < q_len)
+        stats = b * s_lb + hq * s_lh + t_rows
+        lse = gl.load(LSE + stats, mask=row_ok, other=float("inf"))  # the backward's copy: +inf for empty rows
+        delta = gl.load(DELTA + stats, mask=row_ok, other=0.0)
+        q_abs = q_first + ROW0 + gl.arange(0, ROWS, layout=row_s)
+        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+        dq = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=a_layout)
+        mbarrier.wait(q_bar, 0)
+        if n_tiles > 0:
+            mbarrier.wait(k_bar.index(0), 0)
+            s = warpgroup_mma(q_rows, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            mbarrier.wait(v_bar.index(0), 0)
+            dp = warpgroup_mma(do_rows, v_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s, dp = warpgroup_mma_wait(0, deps=(s, dp))
+            mbarrier.arrive(v_free.index(0))
+            ds = _dq_ds(s, dp, lse, delta, q_abs, cols, FT, PT, irow, f_width, p_width, f_cnt, 0, kb0, kv_offset,
+                        kv_len, sink, window, qk_mul, BLOCK, BLOCK_N)
+            ds_op = gl.convert_layout(ds.to(dtype), op_layout)
+            for j in range(1, n_tiles):
+                slot = j % STAGES
+                prev = (j - 1) % STAGES
+                mbarrier.wait(k_bar.index(slot), (j // STAGES) & 1)
+                s = warpgroup_mma(q_rows, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                mbarrier.wait(v_bar.index(slot), (j // STAGES) & 1)
+                dp = warpgroup_mma(do_rows, v_smem.index(slot).permute((1, 0)), s_zero, use_acc=False,
+                                   is_async=True)
+                dq = warpgroup_mma(ds_op, k_smem.index(prev), dq, is_async=True)
+                s, dp = warpgroup_mma_wait(1, deps=(s, dp))  # dS_{j-1} K_{j-1} still in flight
+                mbarrier.arrive(v_free.index(slot))
+                ds = _dq_ds(s, dp, lse, delta, q_abs, cols, FT, PT, irow, f_width, p_width, f_cnt, j, kb0,
+                            kv_offset, kv_len, sink, window, qk_mul, BLOCK, BLOCK_N)
+                dq, ds_op = warpgroup_mma_wait(0, deps=(dq, ds_op))
+                mbarrier.arrive(k_free.index(prev))
+                ds_op = gl.convert_layout(ds.to(dtype), op_layout)
+            last = (n_tiles - 1) % STAGES
+            dq = warpgroup_mma(ds_op, k_smem.index(last), dq, is_async=True)
+            dq = warpgroup_mma_wait(0, deps=(dq, ))
+        dq = dq * scale
+        rows = t_first + ROW0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, a_layout))
+        d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, a_layout))
+        ok = (rows >= 0) & (rows < q_len)
+        gl.store(DQ + b * s_qb + hq * s_qh + rows[:, None] * s_qt + d[None, :], dq.to(dtype), mask=ok[:, None])
+
+    @gluon.jit
+    def _dq_consumer_top(q_smem, do_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free, LSE, DELTA, DQ,
+                         FT, PT, irow, f_width, p_width, f_cnt, n_tiles, kb0, b, hq, s_lb, s_lh, s_qb, s_qh, s_qt,
+                         q_len, kv_len, kv_offset, q_first, t_first, sink, window, qk_mul, scale):
+        _dq_consumer(q_smem, do_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free, LSE, DELTA, DQ,
+                     FT, PT, irow, f_width, p_width, f_cnt, n_tiles, kb0, b, hq, s_lb, s_lh, s_qb, s_qh, s_qt,
+                     q_len, kv_len, kv_offset, q_first, t_first, sink, window, qk_mul, scale, 0)
+
+    @gluon.jit
+    def _dq_consumer_bottom(q_smem, do_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free, LSE, DELTA, DQ,
+                            FT, PT, irow, f_width, p_width, f_cnt, n_tiles, kb0, b, hq, s_lb, s_lh, s_qb, s_qh, s_qt,
+                            q_len, kv_len, kv_offset, q_first, t_first, sink, window, qk_mul, scale):
+        _dq_consumer(q_smem, do_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free, LSE, DELTA, DQ,
+                     FT, PT, irow, f_width, p_width, f_cnt, n_tiles, kb0, b, hq, s_lb, s_lh, s_qb, s_qh, s_qt,
+                     q_len, kv_len, kv_offset, q_first, t_first, sink, window, qk_mul, scale, 64)
+
+    @gluon.jit
+    def _attn_bwd_dq_ws_kernel(
+        Q, K, V, DO, LSE, DELTA, DQ, FC, FT, PC, PT,
+        s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_db, s_dh, s_dt, s_lb, s_lh,
+        s_ib, s_ih, f_width, p_width,
+        Hkv, G, q_len, kv_len, q_offset, kv_offset, n_q_tiles, sink, window, qk_mul, scale,
+        BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+        num_warps: gl.constexpr,
+    ):
+        """Warp-specialised dQ: a 1-warp TMA loader and two 4-warp consumers (64 query rows each), the program
+        order of the Gluon forward (last query tiles first, the heads of a KV group side by side). DQ has Q's
+        strides (``torch.empty_like(q)``)."""
+        dtype: gl.constexpr = Q.dtype.element_ty
+        smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        pid = gl.program_id(0)
+        bh = gl.program_id(1)
+        b = (bh // Hkv).to(gl.int64)
+        hkv = (bh % Hkv).to(gl.int64)
+        m = n_q_tiles - 1 - pid // G
+        hq = hkv * G + pid % G
+        q_first = (q_offset // BLOCK + m) * BLOCK
+        t_first = q_first - q_offset
+        irow = b * s_ib + hkv * s_ih + m
+        f_cnt = gl.load(FC + irow)
+        n_tiles = (f_cnt + gl.load(PC + irow)) * (BLOCK // BLOCK_N)
+        kb0 = kv_offset // BLOCK
+        q_desc = tma.make_tensor_descriptor(Q + b * s_qb + hq * s_qh, shape=[q_len, HEAD_DIM], strides=[s_qt, 1],
+                                            block_shape=[BLOCK, HEAD_DIM], layout=smem_layout)
+        do_desc = tma.make_tensor_descriptor(DO + b * s_db + hq * s_dh, shape=[q_len, HEAD_DIM], strides=[s_dt, 1],
+                                             block_shape=[BLOCK, HEAD_DIM], layout=smem_layout)
+        k_desc = tma.make_tensor_descriptor(K + b * s_kb + hkv * s_kh, shape=[kv_len, HEAD_DIM], strides=[s_kt, 1],
+                                            block_shape=[BLOCK_N, HEAD_DIM], layout=smem_layout)
+        v_desc = tma.make_tensor_descriptor(V + b * s_vb + hkv * s_vh, shape=[kv_len, HEAD_DIM], strides=[s_vt, 1],
+                                            block_shape=[BLOCK_N, HEAD_DIM], layout=smem_layout)
+        q_smem = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], smem_layout)
+        do_smem = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], smem_layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_bar.index(i), count=1)
+            mbarrier.init(v_bar.index(i), count=1)
+            mbarrier.init(k_free.index(i), count=2)  # one arrival per consumer warpgroup
+            mbarrier.init(v_free.index(i), count=2)
+        consumer_args = (q_smem, do_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free, LSE, DELTA, DQ,
+                         FT, PT, irow, f_width, p_width, f_cnt, n_tiles, kb0, b, hq, s_lb, s_lh, s_qb, s_qh, s_qt,
+                         q_len, kv_len, kv_offset, q_first, t_first, sink, window, qk_mul, scale)
+        gl.warp_specialize(
+            [(_dq_consumer_top, consumer_args), (_dq_consumer_bottom, consumer_args),
+             (_dq_loader, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, q_bar, k_bar, v_bar,
+                           k_free, v_free, FT, PT, irow, f_width, p_width, f_cnt, n_tiles, kb0, kv_offset, t_first))],
+            [4, 1], [240, 24])
+
 
 def attention_dkdv_gluon(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse_bwd: torch.Tensor, delta: torch.Tensor,
@@ -340,4 +532,37 @@ def attention_dkdv_gluon(
     )
 
 
-__all__ = ["AVAILABLE", "ENABLED", "HEAD_DIMS", "attention_dkdv_gluon", "input_reason", "supported"]
+def attention_dq_gluon(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse_bwd: torch.Tensor, delta: torch.Tensor,
+    dq: torch.Tensor, full_count: torch.Tensor, full_tiles: torch.Tensor, part_count: torch.Tensor,
+    part_tiles: torch.Tensor, block: int, q_offset: int, kv_offset: int, sink: int, window: int, scale: float,
+    block_n: int | None = None, stages: int | None = None,
+) -> None:
+    """Launch the Gluon dQ kernel over the forward lists (callers check :func:`dq_supported` first). ``dq`` must
+    have q's strides (``torch.empty_like(q)``); it receives the scaled dQ."""
+    batch, hq, q_len, dim = q.shape
+    hkv, kv_len = k.shape[1], k.shape[2]
+    group = hq // hkv
+    n_q = full_count.shape[2]
+    if dq.stride() != q.stride():
+        raise ValueError("Gluon dQ: dq must have q's strides (torch.empty_like(q))")
+    block_n = block_n or DQ_BLOCK_N
+    stages = stages or DQ_STAGES[(dim, block_n)]
+    if block % block_n or stages < 2:
+        raise ValueError(f"Gluon dQ: key tile {block_n} (a divisor of {block}), ring depth {stages} (at least 2)")
+    qk_mul, _ = score_constants(scale, 0.0)
+    s_ib, s_ih = index_strides(full_count)
+    ensure_allocator()
+    _attn_bwd_dq_ws_kernel[(n_q * group, batch * hkv)](
+        q, k, v, do, lse_bwd, delta, dq, full_count, full_tiles, part_count, part_tiles,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        lse_bwd.stride(0), lse_bwd.stride(1), s_ib, s_ih, full_tiles.shape[-1], part_tiles.shape[-1],
+        hkv, group, q_len, kv_len, q_offset, kv_offset, n_q, sink, window, qk_mul, scale,
+        BLOCK=block, BLOCK_N=block_n, HEAD_DIM=dim, STAGES=stages,
+        num_warps=4,  # the default partition is the first consumer warpgroup
+    )
+
+
+__all__ = ["AVAILABLE", "ENABLED", "HEAD_DIMS", "attention_dkdv_gluon", "attention_dq_gluon", "dq_supported",
+           "input_reason", "supported"]

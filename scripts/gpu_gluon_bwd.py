@@ -1,13 +1,14 @@
-"""Check and time the Gluon dK/dV kernel (kernels/attention_bwd_gluon.py) against the Triton one, in one GPU run.
+"""Check and time the Gluon backward kernels (kernels/attention_bwd_gluon.py) against the Triton ones, in one run.
 
     PYTHONPATH=$PWD python3 scripts/gpu_gluon_bwd.py [--sizes 16384,65536] [--stages 0,2,3] [--out DIR]
 
 (a) Correctness: on fresh random bf16/fp16 inputs (odd lengths, GQA and MQA, head dims 64/128, batch 2, chunked
 prefill, transposed (B, S, H, D) views, sink+window, strided and random layouts, split key lists) the gradients of
-the library path (``triton_block_sparse_attention``) with the Gluon dK/dV kernel are compared with the float32
-reference's (autograd) and with the Triton dK/dV kernel's; a mismatch fails the run (exit 1).
-(b) Milliseconds (CUDA events, median) of the backward alone and of forward+backward, Gluon dK/dV (each ring depth;
-0 = automatic) vs the Triton dK/dV kernel vs cuDNN SDPA (dense causal), B=1, 32/8 heads, head dim 128 (and 64 at
+the library path (``triton_block_sparse_attention``) with the Gluon dK/dV and dQ kernels are compared with the
+float32 reference's (autograd) and with the Triton kernels'; a mismatch fails the run (exit 1).
+(b) Milliseconds (CUDA events, median) of the backward alone and of forward+backward: Triton dK/dV and dQ, Gluon
+dK/dV with Triton dQ, Gluon both (each dK/dV ring depth; 0 = automatic), and cuDNN SDPA (dense causal); B=1, 32/8
+heads, head dim 128 (and 64 at
 16K), TFLOP/s on the attended pairs (FlashAttention's convention: backward 2.5x, forward+backward 3.5x the
 forward's 4·D·pairs). Writes ``gluon_bwd.json`` and ``gluon_bwd.md``.
 """
@@ -38,20 +39,22 @@ from scripts.gpu_gluon_fwd import PATTERNS, _cudnn, _rand  # noqa: E402
 
 
 class _Switch:
-    """Force the Gluon dK/dV kernel on or off (and its ring depth, and the split chunk) for one block of code."""
+    """Force the Gluon dK/dV kernel (``on``) and the Gluon dQ kernel (``dq``, default: as ``on``) on or off, the
+    dK/dV ring depth, and the split chunk, for one block of code."""
 
-    def __init__(self, on: bool, stages: int | None = None, chunk: int | None = None):
+    def __init__(self, on: bool, stages: int | None = None, chunk: int | None = None, dq: bool | None = None):
         self.on, self.stages, self.chunk = on, stages, chunk
+        self.dq = on if dq is None else dq
 
     def __enter__(self):
-        self.saved = gluon_bwd.ENABLED, dict(gluon_bwd.STAGES), attention_bwd.SPLIT_CHUNK
-        gluon_bwd.ENABLED = self.on
+        self.saved = gluon_bwd.ENABLED, gluon_bwd.DQ_ENABLED, dict(gluon_bwd.STAGES), attention_bwd.SPLIT_CHUNK
+        gluon_bwd.ENABLED, gluon_bwd.DQ_ENABLED = self.on, self.dq
         if self.stages:
             gluon_bwd.STAGES.update({64: self.stages, 128: self.stages})
         attention_bwd.SPLIT_CHUNK = self.chunk
 
     def __exit__(self, *exc):
-        gluon_bwd.ENABLED, stages, attention_bwd.SPLIT_CHUNK = self.saved
+        gluon_bwd.ENABLED, gluon_bwd.DQ_ENABLED, stages, attention_bwd.SPLIT_CHUNK = self.saved
         gluon_bwd.STAGES.clear()
         gluon_bwd.STAGES.update(stages)
 
@@ -77,7 +80,9 @@ def check(stages, name, batch, hq, hkv, q_len, kv_len, dim, pattern, dtype=torch
     index = build_index_for(q, k, pattern)
     with _Switch(True):
         supported = gluon_bwd.supported(q, k, v, d_out, index.block_size, 0.0, False, index.q_offset)
-    row = {"case": name, "stages": stages, "supported": supported, "split_chunk": chunk}
+    with _Switch(True):
+        dq_supported = gluon_bwd.dq_supported(q, k, v, d_out, index.block_size, 0.0, False)
+    row = {"case": name, "stages": stages, "supported": supported, "dq_supported": dq_supported, "split_chunk": chunk}
     if not supported:
         row.update(ok=False, error="not supported by the Gluon dK/dV kernel")
         return row
@@ -92,6 +97,7 @@ def check(stages, name, batch, hq, hkv, q_len, kv_len, dim, pattern, dtype=torch
         row[f"{name_}_rel"] = _rel(a, r)
         row[f"{name_}_rel_triton"] = _rel(a_t, r)
         row[f"{name_}_max_abs"] = float((a.float() - r).abs().max())
+        row[f"{name_}_rel_gluon_vs_triton"] = _rel(a, a_t.float())
     row["finite"] = all(bool(torch.isfinite(a).all()) for a in g)
     row["repeat_identical"] = all(bool(torch.equal(a, b)) for a, b in zip(g, g2, strict=True))
     row["ok"] = (row["finite"] and row["repeat_identical"]
@@ -147,11 +153,12 @@ def bench_shape(seq: int, dim: int, stages: list[int | None]) -> list[dict]:
         index = build_index_for(q, k, pat)
         index.transposed()
         fwd_flops = 4 * dim * attended_pairs(index) * 32
-        variants = [("triton-dkdv", False, None)] + [(f"gluon-dkdv-s{st or 'auto'}", True, st) for st in stages]
-        for method, on, st in variants:
+        variants = [("triton", False, None, False), ("gluon-dkdv", True, None, False)]
+        variants += [(f"gluon-both-s{st or 'auto'}", True, st, True) for st in stages]
+        for method, on, st, dq in variants:
             row = {"case": f"S{seq}-D{dim}-{pname}", "method": method}
             try:
-                with _Switch(on, st):
+                with _Switch(on, st, dq=dq):
                     out = triton_block_sparse_attention(q, k, v, index, dim**-0.5)
                     bwd = _time(lambda out=out: torch.autograd.grad(out, (q, k, v), d_out, retain_graph=True))
                     fb = _time(lambda index=index: torch.autograd.grad(

@@ -108,6 +108,11 @@ def kernel_cases(dims: list[int], kernels: set[str]):
                        attention_bwd_gluon._attn_bwd_dkdv_ws_kernel,
                        dict(BLOCK=BLOCK, BLOCK_M=attention_bwd_gluon.BLOCK_M, HEAD_DIM=dim, STAGES=ring, SPLIT=split),
                        4, 1)
+        if "gluon_dq" in kernels and attention_bwd_gluon.AVAILABLE and dim in attention_bwd_gluon.HEAD_DIMS:
+            for block_n in (64, 128):
+                ring = attention_bwd_gluon.DQ_STAGES[(dim, block_n)]
+                yield (f"gluon dq D{dim} keys {block_n} ring {ring}", attention_bwd_gluon._attn_bwd_dq_ws_kernel,
+                       dict(BLOCK=BLOCK, BLOCK_N=block_n, HEAD_DIM=dim, STAGES=ring), 4, 1)
         cfg = attention_bwd.BWD_CONFIGS[dim]
         if "dkdv" in kernels:
             tma = dim != 256
@@ -227,7 +232,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kernels", default="fwd,dkdv,dq",
                     help="any of fwd, dkdv, dq, reduce (the dK/dV split sum), gluon_fwd (the Gluon forward), "
-                         "gluon_dkdv (the Gluon dK/dV)")
+                         "gluon_dkdv (the Gluon dK/dV), gluon_dq (the Gluon dQ)")
     ap.add_argument("--dims", default="128", help="head dims (64, 128, 256)")
     ap.add_argument("--out", default="", help="folder for sass_report.json (printed only when empty)")
     args = ap.parse_args()
