@@ -55,6 +55,9 @@ DQ_ENABLED = True
 DQ_BLOCK_N = 64
 DQ_STAGES: dict[tuple[int, int], int] = {(64, 64): 4, (128, 64): 4, (64, 128): 3, (128, 128): 2}
 DQ_MIN_Q_LEN = 16  # shorter (decode) queries: the Triton dQ kernel packs the heads of a group instead
+# Head dims the Gluon dQ takes by default: at 64 it was slower than the Triton dQ on sparse layouts at 16K
+# (scripts/results/gluon_bwd_h100_v2_dq.md: strided 1.54 vs 1.37 ms backward, random 1.22 vs 1.05)
+DQ_HEAD_DIMS = (128,)
 
 
 def input_reason(dtype: torch.dtype, head_dim: int, block: int, softcap: float, has_segments: bool,
@@ -88,7 +91,7 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tenso
 def dq_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, block: int, softcap: float,
                  has_segments: bool) -> bool:
     """Whether the Gluon dQ kernel runs these inputs (otherwise the Triton one does, with the same results)."""
-    if not DQ_ENABLED or q.shape[2] < DQ_MIN_Q_LEN:
+    if not DQ_ENABLED or q.shape[2] < DQ_MIN_Q_LEN or q.shape[-1] not in DQ_HEAD_DIMS:
         return False
     return supported(q, k, v, do, block, softcap, has_segments, 0)
 
