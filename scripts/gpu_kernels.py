@@ -51,7 +51,7 @@ if ARGS.cpu_smoke:
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
-from hf_sparsek.kernels import attention_bwd, attention_fwd_gluon, autotune, tma  # noqa: E402
+from hf_sparsek.kernels import attention_bwd, attention_bwd_gluon, attention_fwd_gluon, autotune, tma  # noqa: E402
 from hf_sparsek.kernels.attention_bwd import BWD_CANDIDATES, BWD_CONFIGS  # noqa: E402
 from hf_sparsek.kernels.attention_fwd import FWD_CANDIDATES, FWD_CONFIGS  # noqa: E402
 
@@ -499,7 +499,10 @@ def environment() -> dict:
            "interpreter": os.environ.get("TRITON_INTERPRET", "0"),
            "flops": "fwd 4*D*pairs, bwd 2.5x fwd, fwd+bwd 3.5x fwd (FlashAttention's convention)",
            "concurrent_dq": attention_bwd.CONCURRENT_DQ, "dkdv_tma_rows": attention_bwd.DKDV_TMA_ROWS,
-           "gluon_fwd": attention_fwd_gluon.ENABLED and attention_fwd_gluon.AVAILABLE}
+           "gluon_fwd": attention_fwd_gluon.ENABLED and attention_fwd_gluon.AVAILABLE,
+           "gluon_dkdv": attention_bwd_gluon.ENABLED and attention_bwd_gluon.AVAILABLE,
+           "gluon_dq": (list(attention_bwd_gluon.DQ_HEAD_DIMS)
+                        if attention_bwd_gluon.DQ_ENABLED and attention_bwd_gluon.AVAILABLE else [])}
     if DEVICE == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
         env["cudnn"] = torch.backends.cudnn.version()
