@@ -48,6 +48,11 @@ BLOCK = 128
 BLOCK_M = 64  # query rows per step (S^T is 64 keys x 64 queries per consumer: 32 fp32 registers a thread)
 # False: never (the Triton kernel runs every case); True: wherever ``supported`` (Hopper GPU, qualifying inputs).
 ENABLED = True
+# Fewest dK/dV programs (batch x KV heads x key tiles) for the Gluon backward kernels: one 240-register consumer
+# pair per SM leaves short grids with too few programs in flight. At 4K (B=1, 8 KV heads: 256 programs) the Gluon
+# backward lost in forward+backward on 3 of 4 patterns, at 8K (512) it won on 3 of 4, and on all from 16K
+# (scripts/results/gluon_bwd_h100_v3_4k_8k.md, gluon_bwd_h100_v2_dq.md).
+MIN_PROGRAMS = 512
 # Query/dO ring depth per head dim (each slot holds BLOCK_M rows of both: 32 KiB at head dim 128, next to K and V).
 STAGES: dict[int, int] = {64: 4, 128: 3}
 # The dQ kernel: keys per step, and the K/V ring depth per (head dim, keys per step); its own switch.
@@ -61,8 +66,9 @@ DQ_HEAD_DIMS = (128,)
 
 
 def input_reason(dtype: torch.dtype, head_dim: int, block: int, softcap: float, has_segments: bool,
-                 q_offset: int) -> str | None:
-    """Why these inputs go to the Triton dK/dV kernel instead (None: the Gluon one takes them, device permitting)."""
+                 q_offset: int, programs: int = MIN_PROGRAMS) -> str | None:
+    """Why these inputs go to the Triton dK/dV kernel instead (None: the Gluon one takes them, device permitting);
+    ``programs``: batch x KV heads x key tiles."""
     if dtype not in (torch.float16, torch.bfloat16):
         return f"dtype {dtype} (Gluon dK/dV: float16, bfloat16)"
     if head_dim not in HEAD_DIMS:
@@ -75,6 +81,8 @@ def input_reason(dtype: torch.dtype, head_dim: int, block: int, softcap: float, 
         return "per-batch segments or ranks (left padding, packed sequences)"
     if q_offset % 4:
         return f"query offset {q_offset} not a multiple of 4"
+    if programs < MIN_PROGRAMS:
+        return f"{programs} key-tile programs < {MIN_PROGRAMS} (short grids run faster on the Triton kernels)"
     return None
 
 
@@ -83,7 +91,8 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tenso
     """Whether the Gluon dK/dV kernel runs these inputs (otherwise the Triton kernel does, with the same results)."""
     if not ENABLED or not AVAILABLE or not q.is_cuda:
         return False
-    if input_reason(q.dtype, q.shape[-1], block, softcap, has_segments, q_offset) is not None:
+    programs = q.shape[0] * k.shape[1] * -(-k.shape[2] // block)
+    if input_reason(q.dtype, q.shape[-1], block, softcap, has_segments, q_offset, programs) is not None:
         return False
     return aligned(q, k, v, do) and torch.cuda.get_device_capability(q.device)[0] == 9
 

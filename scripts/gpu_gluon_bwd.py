@@ -47,16 +47,18 @@ class _Switch:
         self.dq = on if dq is None else dq
 
     def __enter__(self):
-        self.saved = (gluon_bwd.ENABLED, gluon_bwd.DQ_ENABLED, gluon_bwd.DQ_HEAD_DIMS, dict(gluon_bwd.STAGES),
-                      attention_bwd.SPLIT_CHUNK)
+        self.saved = (gluon_bwd.ENABLED, gluon_bwd.DQ_ENABLED, gluon_bwd.DQ_HEAD_DIMS, gluon_bwd.MIN_PROGRAMS,
+                      dict(gluon_bwd.STAGES), attention_bwd.SPLIT_CHUNK)
         gluon_bwd.ENABLED, gluon_bwd.DQ_ENABLED = self.on, self.dq
         gluon_bwd.DQ_HEAD_DIMS = gluon_bwd.HEAD_DIMS  # the checks and timings cover both head dims
+        gluon_bwd.MIN_PROGRAMS = 0  # and small grids (the shipped policy sends those to the Triton kernels)
         if self.stages:
             gluon_bwd.STAGES.update({64: self.stages, 128: self.stages})
         attention_bwd.SPLIT_CHUNK = self.chunk
 
     def __exit__(self, *exc):
-        gluon_bwd.ENABLED, gluon_bwd.DQ_ENABLED, gluon_bwd.DQ_HEAD_DIMS, stages, attention_bwd.SPLIT_CHUNK = self.saved
+        (gluon_bwd.ENABLED, gluon_bwd.DQ_ENABLED, gluon_bwd.DQ_HEAD_DIMS, gluon_bwd.MIN_PROGRAMS, stages,
+         attention_bwd.SPLIT_CHUNK) = self.saved
         gluon_bwd.STAGES.clear()
         gluon_bwd.STAGES.update(stages)
 
