@@ -41,7 +41,7 @@ if AVAILABLE:
         warpgroup_mma_wait,
     )
 
-    from .attention_fwd_gluon import _load_tile, _tile_start, _tma_load
+    from .attention_fwd_gluon import _load_tile, _partial_entry, _tile_start, _tma_load
 
 HEAD_DIMS = (64, 128)
 BLOCK = 128
@@ -190,12 +190,11 @@ if AVAILABLE:
         s_zero = gl.zeros([ROWS, BLOCK_M], gl.float32, layout=s_layout)
         dk = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=a_layout)
         dv = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=a_layout)
+        per_entry = (BLOCK // BLOCK_M) * G
         mbarrier.wait(kv_bar, 0)
         for j in range(n_steps):
             slot = j % STAGES
             phase = (j // STAGES) & 1
-            hq, t_first, part, selected = _step_rows(FT, PT, irow, f_width, p_width, f_cnt, j, hkv, G, q_offset,
-                                                     BLOCK, BLOCK_M)
             q_rows = q_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
             do_rows = do_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
             mbarrier.wait(q_bar.index(slot), phase)
@@ -204,7 +203,9 @@ if AVAILABLE:
             dp = warpgroup_mma(v_rows, do_rows.permute((1, 0)), s_zero, use_acc=False, is_async=True)
             s = warpgroup_mma_wait(1, deps=(s, ))
             s = s * qk_mul
-            if part:  # the token-exact element mask
+            if j // per_entry >= f_cnt:  # a partial entry: the element mask (the list is read only for those)
+                hq, t_first, part, selected = _step_rows(FT, PT, irow, f_width, p_width, f_cnt, j, hkv, G, q_offset,
+                                                         BLOCK, BLOCK_M)
                 keep = _keep((t_first + q_offset + cols)[None, :], k_abs[:, None], k_in[:, None], selected, sink,
                              window)
                 s = gl.where(keep, s, float("-inf"))
@@ -332,9 +333,9 @@ if AVAILABLE:
     def _dq_ds(s, dp, lse, delta, q_abs, cols, FT, PT, irow, f_width, p_width, f_cnt, j, kb0, kv_offset, kv_len,
                sink, window, qk_mul, BLOCK: gl.constexpr, BLOCK_N: gl.constexpr):
         """dS of key tile ``j`` from raw scores and dP (query rows x keys); partial tiles get the element mask."""
-        t0, part, selected = _tile_start(FT, PT, irow, f_width, p_width, f_cnt, j, kb0, kv_offset, BLOCK, BLOCK_N)
         s = s * qk_mul
-        if part:
+        if j // (BLOCK // BLOCK_N) >= f_cnt:  # a partial entry (the list is read only for those)
+            t0, selected = _partial_entry(PT, irow, p_width, f_cnt, j, kb0, kv_offset, BLOCK, BLOCK_N)
             k_t = t0 + cols
             keep = _keep(q_abs[:, None], (k_t + kv_offset)[None, :], ((k_t >= 0) & (k_t < kv_len))[None, :],
                          selected, sink, window)
