@@ -98,8 +98,11 @@ if AVAILABLE:
 
     @gluon.jit
     def _partial_entry(PT, irow, p_width, f_cnt, it, kb0, kv_offset, BLOCK: gl.constexpr, BLOCK_N: gl.constexpr):
-        """First key row (storage) and top-k flag of tile ``it`` when it is a partial entry: the consumers load the
-        list only for partial tiles (their mask needs it), full tiles need nothing from it."""
+        """First key row (storage) and top-k flag of tile ``it`` when it is a partial entry (the Gluon backward's
+        consumers read the list only for those). The forward's consumers still read every entry through
+        ``_tile_start``: reading only partial entries there made the 64K dense forward slower on the H100 (65.1 vs
+        54.4 ms, scripts/results/gluon_fwd_h100_v4_lazy.json), with the same main loop length (526 SASS
+        instructions, Triton 3.6)."""
         n_sub: gl.constexpr = BLOCK // BLOCK_N
         raw = gl.load(PT + irow * p_width + (it // n_sub - f_cnt))
         selected = raw < 0
@@ -112,12 +115,10 @@ if AVAILABLE:
         _tma_load(desc, [t0, 0], bar, slot)
 
     @gluon.jit
-    def _softmax_step(s, m_i, l_i, qk_mul, PT, irow, p_width, f_cnt, it, kb0, q_abs, kv_offset, kv_len, sink, window,
-                      BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
-        """Online-softmax update for tile ``it`` of raw scores: (P, new max, new sum, rescale factor)."""
-        if it // (BLOCK // BLOCK_N) >= f_cnt:  # a partial entry: the token-exact element mask (attention_fwd's
-            # element_mask without segments / ranks)
-            t0, selected = _partial_entry(PT, irow, p_width, f_cnt, it, kb0, kv_offset, BLOCK, BLOCK_N)
+    def _softmax_step(s, m_i, l_i, qk_mul, part, selected, t0, q_abs, kv_offset, kv_len, sink, window,
+                      BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+        """Online-softmax update for one tile of raw scores: (P, new max, new sum, rescale factor)."""
+        if part:  # token-exact element mask (attention_fwd's element_mask without segments / ranks)
             cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             k_t = t0 + cols
             k_abs = k_t + kv_offset
@@ -185,8 +186,10 @@ if AVAILABLE:
             s = warpgroup_mma(q_rows, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             s = warpgroup_mma_wait(0, deps=(s, ))
             mbarrier.arrive(k_free.index(0))
-            p32, m_i, l_i, alpha0 = _softmax_step(s, m_i, l_i, qk_mul, PT, irow, p_width, f_cnt, 0, kb0, q_abs,
-                                                  kv_offset, kv_len, sink, window, BLOCK, BLOCK_N, s_layout)
+            t0, part, selected = _tile_start(FT, PT, irow, f_width, p_width, f_cnt, 0, kb0, kv_offset, BLOCK,
+                                             BLOCK_N)
+            p32, m_i, l_i, alpha0 = _softmax_step(s, m_i, l_i, qk_mul, part, selected, t0, q_abs, kv_offset,
+                                                  kv_len, sink, window, BLOCK_N, s_layout)
             p = gl.convert_layout(p32.to(dtype), p_layout)
             for j in range(1, n_tiles):
                 slot = j % STAGES
@@ -197,8 +200,10 @@ if AVAILABLE:
                 acc = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
                 s = warpgroup_mma_wait(1, deps=(s, ))
                 mbarrier.arrive(k_free.index(slot))
-                p32, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_mul, PT, irow, p_width, f_cnt, j, kb0, q_abs,
-                                                     kv_offset, kv_len, sink, window, BLOCK, BLOCK_N, s_layout)
+                t0, part, selected = _tile_start(FT, PT, irow, f_width, p_width, f_cnt, j, kb0, kv_offset, BLOCK,
+                                                 BLOCK_N)
+                p32, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_mul, part, selected, t0, q_abs, kv_offset,
+                                                     kv_len, sink, window, BLOCK_N, s_layout)
                 p = gl.convert_layout(p32.to(dtype), p_layout)
                 acc = warpgroup_mma_wait(0, deps=(acc, ))
                 mbarrier.arrive(v_free.index(prev))
