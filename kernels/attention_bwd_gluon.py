@@ -1,26 +1,32 @@
-"""dK/dV of block-sparse flash attention for Hopper in Gluon: warp-specialised, explicit asynchronous wgmma, TMA ring.
+"""The backward of block-sparse flash attention for Hopper in Gluon: dK/dV and dQ kernels, warp-specialised, with
+explicit asynchronous wgmma and TMA rings.
 
-Same contract and math as ``attention_bwd._attn_bwd_dkdv_kernel`` (key-major, deterministic, the transposed index
-and its split "virtual rows") for the common case: 16-bit inputs, head dim 64 or 128, index blocks of 128 rows, no
-soft-capping, no per-batch segment / rank tensors, a query offset that is a multiple of 4. ``supported`` says which
-inputs qualify; the Triton kernel runs every other case (same results, slower).
+Same contracts and math as ``attention_bwd._attn_bwd_dkdv_kernel`` (key-major, deterministic, the transposed index
+and its split "virtual rows") and ``_attn_bwd_dq_kernel`` (query-major over the forward lists) for the common case:
+16-bit inputs, head dim 64 or 128 (dQ: 128 by default), index blocks of 128 rows, no soft-capping, no per-batch
+segment / rank tensors, a query offset that is a multiple of 4 (dK/dV), query length >= 16 (dQ), and grids of at
+least ``MIN_PROGRAMS`` dK/dV programs. ``supported`` / ``dq_supported`` say which inputs qualify; the Triton kernels
+run every other case (same results).
 
-Why a second dK/dV kernel: in the Triton one, the warps that issue the four MMAs of a step also do the
-probability recompute, dS and the conversions, and Triton waits for each MMA before the elementwise work that
-follows it (scripts/results/KERNEL_NOTES.md: ~390 non-MMA instructions per 24 wgmma, 65-69% of cuDNN's backward).
-Here, as in the Gluon forward and FlashAttention-3's backward:
+Why: in the Triton kernels the warps that issue the MMAs of a step also do the probability recompute, dS and the
+conversions, and Triton waits for each MMA before the elementwise work that follows it (scripts/results/
+KERNEL_NOTES.md: 65-69% of cuDNN's backward). Here, as in the Gluon forward and FlashAttention-3's backward, each
+program has three partitions: a 1-warp TMA loader and two 4-warp consumer warpgroups that run unsynchronised with
+each other (no CTA-wide barrier in the loop), so one's elementwise work overlaps the other's MMAs.
 
-- one program = one 128-key tile of one KV head (or one chunk of a long key tile's list), split into three
-  partitions: a 1-warp loader that loads K and V once and streams the query rows and dO rows of every listed
-  (query tile, row block, query head) step through a ring of shared-memory slots by TMA, and two 4-warp consumer
-  warpgroups that own 64 keys each (their dK and dV accumulators, 64 x head dim fp32 each, stay in registers);
-- inside a consumer, step j issues ``S^T = K Q^T`` and ``dP^T = V dO^T`` together, waits only for the scores
-  (which also retires step j-1's dV / dK products, so its slot is freed), recomputes P while dP^T runs, then
-  issues ``dV += P^T dO`` and ``dK += dS^T Q`` and goes on without waiting for them: the next step's scores queue
-  behind them on the tensor cores. The two consumers run unsynchronised (no CTA-wide barrier in the loop).
+- dK/dV: one program = one 128-key tile of one KV head (or one chunk of a long key tile's list). The loader loads K
+  and V once, then streams the query rows, dO rows, LSE and delta of every listed (query tile, row block, query
+  head) step into a ring of shared-memory slots; each consumer owns 64 keys (its dK and dV accumulators, 64 x head
+  dim fp32 each, stay in registers). Per step it issues ``S^T = K Q^T`` and ``dP^T = V dO^T`` together, waits for
+  the scores only, recomputes P while dP^T runs, then issues ``dV += P^T dO`` and ``dK += dS^T Q`` and waits for
+  them before freeing the slot (keeping their operands alive into the next step needed more than the 240 registers
+  a consumer has: ptxas then serialised every wgmma).
+- dQ: one program = one 128-row query tile of one query head (the forward's order); the loader loads its query and
+  dO rows once and streams the listed K/V tiles in 64-key steps; step j issues ``S_j`` and ``dP_j`` together with
+  ``dQ += dS_{j-1} K_{j-1}``, waits for the first two, and computes ``dS_j`` while that product runs.
 
-Gluon has no CPU interpreter: CI compiles this kernel for sm_90 and checks its machine code; scripts/gpu_gluon_bwd.py
-and scripts/gpu_kernels.py check it against the reference on the GPU.
+Gluon has no CPU interpreter: CI compiles these kernels for sm_90 and checks their machine code;
+scripts/gpu_gluon_bwd.py and scripts/gpu_kernels.py check them against the reference on the GPU.
 """
 
 from __future__ import annotations
@@ -165,9 +171,8 @@ if AVAILABLE:
                      DK, DV, SCR_K, SCR_V, FT, PT, irow, f_width, p_width, f_cnt, n_steps,
                      b, hkv, G, s_dkb, s_dkh, s_dkt, s_dvb, s_dvh, s_dvt, s_sb, s_sh, s_ss, slot_out,
                      q_len, kv_len, q_offset, kv_offset, k_first, sink, window, qk_mul, scale, ROW0: gl.constexpr):
-        """One warpgroup: 64 keys (from ROW0) of the tile. Step j: S^T and dP^T issued together; wait for S^T only
-        (this also retires step j-1's dV/dK products: free its slot); P while dP^T runs; then dV += P^T dO and
-        dK += dS^T Q left in flight."""
+        """One warpgroup: 64 keys (from ROW0) of the tile. Step j: S^T and dP^T issued together; wait for S^T only;
+        P while dP^T runs; then dV += P^T dO and dK += dS^T Q, waited for before the slot is freed."""
         ROWS: gl.constexpr = 64
         BLOCK: gl.constexpr = k_smem.shape[0]
         HEAD_DIM: gl.constexpr = k_smem.shape[1]

@@ -56,6 +56,30 @@ def test_which_inputs_take_the_gluon_dkdv(change, expect):
         assert reason is not None and expect in reason
 
 
+def test_dq_launch_arguments_are_checked():
+    q = torch.randn(1, 2, 128, 128, dtype=torch.bfloat16)
+    kv = q[:, :1].clone()
+    counts = torch.ones(1, 1, 1, dtype=torch.int32)
+    tiles = torch.zeros(1, 1, 1, 1, dtype=torch.int32)
+    stats = torch.zeros(1, 2, 128)
+    args = (q, kv, kv, q, stats, stats)
+    rest = (counts, tiles, counts, tiles, 128, 0, 0, 0, 0, 0.1)
+    with pytest.raises(ValueError, match="q's strides"):
+        gluon_bwd.attention_dq_gluon(*args, q.transpose(1, 2).contiguous().transpose(1, 2), *rest)
+    with pytest.raises(ValueError, match="key tile 48"):
+        gluon_bwd.attention_dq_gluon(*args, torch.empty_like(q), *rest, block_n=48, stages=2)
+
+
+@pytest.mark.parametrize("q_len, dim, expect", [(16, 128, True), (15, 128, False), (4096, 64, False)])
+def test_dq_rules_on_top_of_the_dkdv_rules(monkeypatch, q_len, dim, expect):
+    """dq_supported adds its own rules (query length >= 16, head dims DQ_HEAD_DIMS) to what the dK/dV kernel takes;
+    the device part is stubbed to True so the rules themselves are tested on CPU."""
+    monkeypatch.setattr(gluon_bwd, "supported", lambda *args: True)
+    q = torch.randn(1, 2, q_len, dim, dtype=torch.bfloat16)
+    kv = torch.randn(1, 1, 64, dim, dtype=torch.bfloat16)
+    assert gluon_bwd.dq_supported(q, kv, kv, q, 128, 0.0, False) is expect
+
+
 def test_ring_depth_is_checked():
     q = torch.randn(1, 2, 128, 64, dtype=torch.bfloat16)
     counts = torch.ones(1, 1, 1, dtype=torch.int32)
@@ -70,10 +94,21 @@ def test_ring_depth_is_checked():
 @pytest.mark.skipif(not os.path.exists(_TOOLS), reason="Triton without its NVIDIA backend tools")
 def test_hopper_code_is_warp_specialised_and_not_serialised(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "sass_report.py"), "--kernels", "gluon_dkdv",
-                    "--dims", "128,64", "--out", str(tmp_path)], check=True, env=env, capture_output=True)
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "sass_report.py"), "--kernels",
+                    "gluon_dkdv,gluon_dq", "--dims", "128,64", "--out", str(tmp_path)], check=True, env=env,
+                   capture_output=True)
     with open(tmp_path / "sass_report.json") as f:
         rows = json.load(f)["kernels"]
+    dq_rows = [r for r in rows if f"keys {gluon_bwd.DQ_BLOCK_N} " in r["kernel"]]  # the shipped dQ key step
+    assert len(dq_rows) == 2
+    for row in dq_rows:
+        name = row["kernel"]
+        assert row["setmaxnreg"] and row["cta_barriers"] == 0 and row["wgmma_wait_1"], name
+        assert not row["wgmma_serialised_warning"] and row["spill_store_bytes"] == 0, name
+        loop = row["mma_loops"][0]  # S and dP (K = head dim), dS.K (K = 64 keys): 16 + 4 or 8 + 4 wgmma, 2 waits
+        assert loop["hgmma"] == (20 if "D128" in name else 12) and loop["wgmma_waits"] == 2, (name, loop)
+        assert 0 < row["shared_bytes"] <= H100_SMEM, name
+    rows = [r for r in rows if "dkdv" in r["kernel"]]
     assert len(rows) == 4  # head dims 128 and 64, unsplit and split lists
     for row in rows:
         name = row["kernel"]
