@@ -403,8 +403,9 @@ def attention_backward(
         ensure_allocator()
 
     side = _side_stream(q.device) if CONCURRENT_DQ and q.is_cuda else None
-    # the warp-specialised Gluon dK/dV kernel where it applies (Hopper, 16-bit, head dim 64/128, no softcap or
-    # segments); explicit configs (tests, tuning) keep the Triton kernel they name
+    # the warp-specialised Gluon dK/dV and dQ kernels where they apply (kernels/attention_bwd_gluon.py: Hopper,
+    # 16-bit, head dim 64/128 (dQ 128), no softcap or segments, large enough grids); explicit configs (tests,
+    # tuning) keep the Triton kernels they name
     has_segments = k_seg is not None or q_seg is not None or k_rank is not None
     gluon_dkdv = config is None and attention_bwd_gluon.supported(q, k, v, do, block, softcap, has_segments, q_offset)
     gluon_dq = config is None and attention_bwd_gluon.dq_supported(q, k, v, do, block, softcap, has_segments)
