@@ -99,10 +99,9 @@ if AVAILABLE:
     @gluon.jit
     def _partial_entry(PT, irow, p_width, f_cnt, it, kb0, kv_offset, BLOCK: gl.constexpr, BLOCK_N: gl.constexpr):
         """First key row (storage) and top-k flag of tile ``it`` when it is a partial entry (the Gluon backward's
-        consumers read the list only for those). The forward's consumers still read every entry through
-        ``_tile_start``: reading only partial entries there made the 64K dense forward slower on the H100 (65.1 vs
-        54.4 ms, scripts/results/gluon_fwd_h100_v4_lazy.json), with the same main loop length (526 SASS
-        instructions, Triton 3.6)."""
+        consumers read the list only for those). The forward's consumers read it through ``_tile_start``: the
+        partial-only form compiles to the same main loops there (Triton 3.6 already sinks the full-tile loads into
+        the mask branch), so it was not kept (scripts/results/KERNEL_NOTES.md, session seven)."""
         n_sub: gl.constexpr = BLOCK // BLOCK_N
         raw = gl.load(PT + irow * p_width + (it // n_sub - f_cnt))
         selected = raw < 0
