@@ -47,7 +47,14 @@ if AVAILABLE:
         warpgroup_mma_wait,
     )
 
-    from .attention_fwd_gluon import _load_tile, _partial_entry, _tile_start, _tma_load
+    from .attention_fwd_gluon import (
+        _load_tile,
+        _partial_entry,
+        _query_tile_program,
+        _ring_barriers,
+        _tile_start,
+        _tma_load,
+    )
 
 HEAD_DIMS = (64, 128)
 BLOCK = 128
@@ -313,16 +320,8 @@ if AVAILABLE:
         lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BLOCK_M], stat_layout)
         delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BLOCK_M], stat_layout)
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        q_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        do_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        q_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        do_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         mbarrier.init(kv_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(q_bar.index(i), count=1)
-            mbarrier.init(do_bar.index(i), count=1)
-            mbarrier.init(q_free.index(i), count=2)  # one arrival per consumer warpgroup
-            mbarrier.init(do_free.index(i), count=2)
+        q_bar, do_bar, q_free, do_free = _ring_barriers(STAGES)
         consumer_args = (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar, q_bar, do_bar, q_free, do_free,
                          DK, DV, SCR_K, SCR_V, FT, PT, irow, f_width, p_width, f_cnt, n_steps,
                          b, hkv, G, s_dkb, s_dkh, s_dkt, s_dvb, s_dvh, s_dvt, s_sb, s_sh, s_ss, slot_out,
@@ -464,17 +463,8 @@ if AVAILABLE:
         strides (``torch.empty_like(q)``)."""
         dtype: gl.constexpr = Q.dtype.element_ty
         smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-        pid = gl.program_id(0)
-        bh = gl.program_id(1)
-        b = (bh // Hkv).to(gl.int64)
-        hkv = (bh % Hkv).to(gl.int64)
-        m = n_q_tiles - 1 - pid // G
-        hq = hkv * G + pid % G
-        q_first = (q_offset // BLOCK + m) * BLOCK
-        t_first = q_first - q_offset
-        irow = b * s_ib + hkv * s_ih + m
-        f_cnt = gl.load(FC + irow)
-        n_tiles = (f_cnt + gl.load(PC + irow)) * (BLOCK // BLOCK_N)
+        b, hkv, hq, q_first, t_first, irow, f_cnt, n_tiles = _query_tile_program(
+            FC, PC, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK, BLOCK_N)
         kb0 = kv_offset // BLOCK
         q_desc = tma.make_tensor_descriptor(Q + b * s_qb + hq * s_qh, shape=[q_len, HEAD_DIM], strides=[s_qt, 1],
                                             block_shape=[BLOCK, HEAD_DIM], layout=smem_layout)
@@ -489,16 +479,8 @@ if AVAILABLE:
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        k_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(k_bar.index(i), count=1)
-            mbarrier.init(v_bar.index(i), count=1)
-            mbarrier.init(k_free.index(i), count=2)  # one arrival per consumer warpgroup
-            mbarrier.init(v_free.index(i), count=2)
+        k_bar, v_bar, k_free, v_free = _ring_barriers(STAGES)
         consumer_args = (q_smem, do_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free, LSE, DELTA, DQ,
                          FT, PT, irow, f_width, p_width, f_cnt, n_tiles, kb0, b, hq, s_lb, s_lh, s_qb, s_qh, s_qt,
                          q_len, kv_len, kv_offset, q_first, t_first, sink, window, qk_mul, scale)

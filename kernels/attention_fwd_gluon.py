@@ -240,6 +240,39 @@ if AVAILABLE:
                      kv_offset, q_first, t_first, sink, window, qk_mul, 64)
 
     @gluon.jit
+    def _query_tile_program(FC, PC, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK: gl.constexpr,
+                            BLOCK_N: gl.constexpr):
+        """Program -> (batch, KV head, query head, first absolute / storage row of its query tile, index row, full
+        entries, BLOCK_N-key steps): last query tiles first, the heads of a KV group side by side. Shared by the
+        forward and the dQ kernel."""
+        pid = gl.program_id(0)
+        bh = gl.program_id(1)
+        b = (bh // Hkv).to(gl.int64)  # 64-bit bases: B*H*L*D exceeds 2**31 at 1M tokens
+        hkv = (bh % Hkv).to(gl.int64)
+        m = n_q_tiles - 1 - pid // G
+        hq = hkv * G + pid % G
+        q_first = (q_offset // BLOCK + m) * BLOCK
+        irow = b * s_ib + hkv * s_ih + m
+        f_cnt = gl.load(FC + irow)
+        n_tiles = (f_cnt + gl.load(PC + irow)) * (BLOCK // BLOCK_N)
+        return b, hkv, hq, q_first, q_first - q_offset, irow, f_cnt, n_tiles
+
+    @gluon.jit
+    def _ring_barriers(STAGES: gl.constexpr):
+        """The mbarriers of a ring of slots holding two tensors (a, b): per slot "full" (count 1: the loader's
+        expect + TMA transaction) and "free" (count 2: one arrival per consumer warpgroup), initialised."""
+        full_a = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        full_b = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        free_a = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        free_b = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(full_a.index(i), count=1)
+            mbarrier.init(full_b.index(i), count=1)
+            mbarrier.init(free_a.index(i), count=2)
+            mbarrier.init(free_b.index(i), count=2)
+        return full_a, full_b, free_a, free_b
+
+    @gluon.jit
     def _attn_fwd_ws_kernel(
         Q, K, V, Out, LSE, FC, FT, PC, PT,
         s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_ob, s_oh, s_ot, s_lb, s_lh,
@@ -254,17 +287,8 @@ if AVAILABLE:
         Triton forward's ``_attn_fwd_kernel``."""
         dtype: gl.constexpr = Q.dtype.element_ty
         smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-        pid = gl.program_id(0)
-        bh = gl.program_id(1)
-        b = (bh // Hkv).to(gl.int64)
-        hkv = (bh % Hkv).to(gl.int64)
-        m = n_q_tiles - 1 - pid // G
-        hq = hkv * G + pid % G
-        q_first = (q_offset // BLOCK + m) * BLOCK
-        t_first = q_first - q_offset
-        irow = b * s_ib + hkv * s_ih + m
-        f_cnt = gl.load(FC + irow)
-        n_tiles = (f_cnt + gl.load(PC + irow)) * (BLOCK // BLOCK_N)
+        b, hkv, hq, q_first, t_first, irow, f_cnt, n_tiles = _query_tile_program(
+            FC, PC, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK, BLOCK_N)
         kb0 = kv_offset // BLOCK
         q_desc = tma.make_tensor_descriptor(Q + b * s_qb + hq * s_qh, shape=[q_len, HEAD_DIM], strides=[s_qt, 1],
                                             block_shape=[BLOCK, HEAD_DIM], layout=smem_layout)
@@ -276,16 +300,8 @@ if AVAILABLE:
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        k_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(k_bar.index(i), count=1)
-            mbarrier.init(v_bar.index(i), count=1)
-            mbarrier.init(k_free.index(i), count=2)  # one arrival per consumer warpgroup
-            mbarrier.init(v_free.index(i), count=2)
+        k_bar, v_bar, k_free, v_free = _ring_barriers(STAGES)
         consumer_args = (q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free,
                          Out, LSE, FT, PT, irow, f_width, p_width, f_cnt, n_tiles, kb0,
                          b, hq, s_ob, s_oh, s_ot, s_lb, s_lh, q_len, kv_len, kv_offset, q_first, t_first,
