@@ -86,24 +86,28 @@ def check(stages, name, batch, hq, hkv, q_len, kv_len, dim, pattern, dtype=torch
     return row
 
 
+_SW = SparsePattern(sink_tokens=128, window=512)
+# (name, batch, q heads, kv heads, q_len, kv_len, head dim, pattern[, dtype, sequence-major]); gpu_gluon_bwd.py
+# reuses them
+CASES = [
+    ("sinkwin-D128-GQA4-b2", 2, 8, 2, 2048, 2048, 128, _SW),
+    ("sinkwin-D64-MQA-odd", 1, 8, 1, 2065, 2065, 64, _SW),
+    ("dense-D128-odd", 1, 4, 2, 1000, 1000, 128, SparsePattern()),
+    ("dense-D64-GQA4", 1, 8, 2, 4096 + 17, 4096 + 17, 64, SparsePattern()),
+    ("strided-D128", 1, 4, 2, 2048, 2048, 128, SparsePattern(window=256, layout=BlockLayout("strided", stride=4))),
+    ("random10-D128", 1, 4, 2, 4096, 4096, 128, SparsePattern(layout=BlockLayout("random", density=0.1))),
+    ("chunked-D128", 1, 8, 2, 300, 2048, 128, _SW),
+    ("chunked-odd-D64", 1, 8, 2, 201, 1999, 64, _SW),
+    ("bshd-view-D128", 2, 8, 2, 2057, 2057, 128, _SW, torch.bfloat16, True),
+    ("fp16-D128", 1, 8, 2, 2048, 2048, 128, _SW, torch.float16),
+    ("window-only-D128", 1, 4, 1, 3000, 3000, 128, SparsePattern(window=700)),
+]
+
+
 def run_checks(stage_list: list[int]) -> list[dict]:
-    sw = SparsePattern(sink_tokens=128, window=512)
-    cases = [
-        ("sinkwin-D128-GQA4-b2", 2, 8, 2, 2048, 2048, 128, sw),
-        ("sinkwin-D64-MQA-odd", 1, 8, 1, 2065, 2065, 64, sw),
-        ("dense-D128-odd", 1, 4, 2, 1000, 1000, 128, SparsePattern()),
-        ("dense-D64-GQA4", 1, 8, 2, 4096 + 17, 4096 + 17, 64, SparsePattern()),
-        ("strided-D128", 1, 4, 2, 2048, 2048, 128, SparsePattern(window=256, layout=BlockLayout("strided", stride=4))),
-        ("random10-D128", 1, 4, 2, 4096, 4096, 128, SparsePattern(layout=BlockLayout("random", density=0.1))),
-        ("chunked-D128", 1, 8, 2, 300, 2048, 128, sw),
-        ("chunked-odd-D64", 1, 8, 2, 201, 1999, 64, sw),
-        ("bshd-view-D128", 2, 8, 2, 2057, 2057, 128, sw, torch.bfloat16, True),
-        ("fp16-D128", 1, 8, 2, 2048, 2048, 128, sw, torch.float16),
-        ("window-only-D128", 1, 4, 1, 3000, 3000, 128, SparsePattern(window=700)),
-    ]
     rows = []
     for stages in stage_list:
-        for case in cases:
+        for case in CASES:
             try:
                 row = check(stages, *case)
             except Exception as exc:  # record and go on
