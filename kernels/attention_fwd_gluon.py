@@ -24,6 +24,8 @@ scripts/gpu_kernels.py check them against the reference on the GPU.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 try:  # Gluon ships with Triton >= 3.5; without it the Triton kernel runs every case.
@@ -49,6 +51,9 @@ ENABLED = True
 # and 2 otherwise, the faster of the two in scripts/results/gluon_fwd_h100_v2_ws.json.
 STAGES: int | None = None
 LONG_ROW_TILES = 96
+# True: one program per SM walks the work items (query tile x head) in turn, so each item's epilogue overlaps the
+# next one's loads; False: one program per work item.
+PERSISTENT = True
 
 
 def input_reason(dtype: torch.dtype, head_dim: int, q_len: int, block: int, softcap: float,
@@ -135,35 +140,50 @@ if AVAILABLE:
         return p, m_new, l_i, alpha
 
     @gluon.jit
-    def _ws_loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free,
-                   FT, PT, irow, f_width, p_width, f_cnt, n_tiles, kb0, kv_offset, t_first):
-        """One warp: Q once, then K and V tiles into the ring as soon as both consumers freed the slot."""
-        BLOCK: gl.constexpr = q_smem.shape[0]  # worker partitions take no constexpr arguments (Triton 3.6)
+    def _ws_loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free,
+                   FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, q_offset, kv_offset, n_q_tiles, n_work):
+        """One warp: per work item (query tile, head), Q once it is free, then the K and V tiles into the ring as
+        soon as both consumers freed the slot; the ring's slot counter runs on across work items."""
+        BLOCK: gl.constexpr = q_smem.shape[2]  # worker partitions take no constexpr arguments (Triton 3.6)
         STAGES: gl.constexpr = k_smem.shape[0]
-        BLOCK_N: gl.constexpr = k_smem.shape[1]
-        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-        _tma_load(q_desc, [t_first, 0], q_bar, q_smem)
-        for j in range(n_tiles):
-            slot = j % STAGES
-            t0 = _tile_start(FT, PT, irow, f_width, p_width, f_cnt, j, kb0, kv_offset, BLOCK, BLOCK_N)[0]
-            free_phase = ((j // STAGES) + 1) & 1  # the slot's previous use ended (first round: no wait)
-            mbarrier.wait(k_free.index(slot), free_phase, pred=j >= STAGES)
-            _load_tile(k_desc, t0, k_bar.index(slot), k_smem.index(slot))
-            mbarrier.wait(v_free.index(slot), free_phase, pred=j >= STAGES)
-            _load_tile(v_desc, t0, v_bar.index(slot), v_smem.index(slot))
+        BLOCK_N: gl.constexpr = k_smem.shape[3]
+        kb0 = kv_offset // BLOCK
+        base = 0  # ring uses before this work item
+        i = 0  # work items done by this program
+        for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
+            b, hkv, hq, q_first, t_first, irow, f_cnt, n_tiles = _query_tile(
+                w, FC, PC, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK, BLOCK_N)
+            b32 = b.to(gl.int32)
+            mbarrier.wait(q_free, (i + 1) & 1, pred=i > 0)  # both consumers issued their last Q.K^T
+            mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+            _tma_load(q_desc, [b32, hq.to(gl.int32), t_first, 0], q_bar, q_smem)
+            for j in range(n_tiles):
+                c = base + j
+                slot = c % STAGES
+                t0 = _tile_start(FT, PT, irow, f_width, p_width, f_cnt, j, kb0, kv_offset, BLOCK, BLOCK_N)[0]
+                free_phase = ((c // STAGES) + 1) & 1  # the slot's previous use ended (first round: no wait)
+                mbarrier.wait(k_free.index(slot), free_phase, pred=c >= STAGES)
+                mbarrier.expect(k_bar.index(slot), k_desc.block_type.nbytes)
+                _tma_load(k_desc, [b32, hkv.to(gl.int32), t0, 0], k_bar.index(slot), k_smem.index(slot))
+                mbarrier.wait(v_free.index(slot), free_phase, pred=c >= STAGES)
+                mbarrier.expect(v_bar.index(slot), v_desc.block_type.nbytes)
+                _tma_load(v_desc, [b32, hkv.to(gl.int32), t0, 0], v_bar.index(slot), v_smem.index(slot))
+            base += n_tiles
+            i += 1
 
     @gluon.jit
-    def _ws_consumer(q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free,
-                     Out, LSE, FT, PT, irow, f_width, p_width, f_cnt, n_tiles, kb0,
-                     b, hq, s_ob, s_oh, s_ot, s_lb, s_lh, q_len, kv_len, kv_offset, q_first, t_first,
-                     sink, window, qk_mul, ROW0: gl.constexpr):
-        """One warpgroup: 64 query rows (from ROW0) of the tile. Scores of tile j go out with P.V of tile j-1; the
-        softmax of j runs while P.V is in flight; each slot is freed (mbarrier arrive) as soon as its MMA is done."""
+    def _ws_consumer(q_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free,
+                     Out, LSE, FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, n_q_tiles, n_work,
+                     s_ob, s_oh, s_ot, s_lb, s_lh, q_len, kv_len, q_offset, kv_offset, sink, window, qk_mul,
+                     ROW0: gl.constexpr):
+        """One warpgroup: 64 query rows (from ROW0) of each work item's tile. Scores of tile j go out with P.V of
+        tile j-1; the softmax of j runs while P.V is in flight; each slot is freed (mbarrier arrive) as soon as its
+        MMA is done, and Q once the last scores are in, so the loader fetches the next item during this epilogue."""
         ROWS: gl.constexpr = 64
-        BLOCK: gl.constexpr = q_smem.shape[0]
+        BLOCK: gl.constexpr = q_smem.shape[2]
         STAGES: gl.constexpr = k_smem.shape[0]
-        BLOCK_N: gl.constexpr = k_smem.shape[1]
-        HEAD_DIM: gl.constexpr = k_smem.shape[2]
+        BLOCK_N: gl.constexpr = k_smem.shape[3]
+        HEAD_DIM: gl.constexpr = k_smem.shape[4]
         dtype: gl.constexpr = q_smem.dtype
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
@@ -172,81 +192,106 @@ if AVAILABLE:
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        q_rows = q_smem.slice(ROW0, ROWS)
-        q_abs = q_first + ROW0 + gl.arange(0, ROWS, layout=row_s)
-        m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_s)
-        l_i = gl.zeros([ROWS], gl.float32, layout=row_s)
-        acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
+        q_rows = q_smem.reshape([BLOCK, HEAD_DIM]).slice(ROW0, ROWS)
         s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
-        p = gl.zeros([ROWS, BLOCK_N], dtype, layout=p_layout)
-        mbarrier.wait(q_bar, 0)
-        if n_tiles > 0:
-            mbarrier.wait(k_bar.index(0), 0)
-            s = warpgroup_mma(q_rows, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            s = warpgroup_mma_wait(0, deps=(s, ))
-            mbarrier.arrive(k_free.index(0))
-            t0, part, selected = _tile_start(FT, PT, irow, f_width, p_width, f_cnt, 0, kb0, kv_offset, BLOCK,
-                                             BLOCK_N)
-            p32, m_i, l_i, alpha0 = _softmax_step(s, m_i, l_i, qk_mul, part, selected, t0, q_abs, kv_offset,
-                                                  kv_len, sink, window, BLOCK_N, s_layout)
-            p = gl.convert_layout(p32.to(dtype), p_layout)
-            for j in range(1, n_tiles):
-                slot = j % STAGES
-                prev = (j - 1) % STAGES
-                mbarrier.wait(k_bar.index(slot), (j // STAGES) & 1)
-                s = warpgroup_mma(q_rows, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                mbarrier.wait(v_bar.index(prev), ((j - 1) // STAGES) & 1)
-                acc = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
-                s = warpgroup_mma_wait(1, deps=(s, ))
+        kb0 = kv_offset // BLOCK
+        base = 0  # ring uses before this work item (the loader counts the same way)
+        i = 0
+        for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
+            b, hkv, hq, q_first, t_first, irow, f_cnt, n_tiles = _query_tile(
+                w, FC, PC, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK, BLOCK_N)
+            q_abs = q_first + ROW0 + gl.arange(0, ROWS, layout=row_s)
+            m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_s)
+            l_i = gl.zeros([ROWS], gl.float32, layout=row_s)
+            acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
+            mbarrier.wait(q_bar, i & 1)
+            if n_tiles > 0:
+                slot = base % STAGES
+                mbarrier.wait(k_bar.index(slot), (base // STAGES) & 1)
+                s = warpgroup_mma(q_rows, _ring_tile(k_smem, slot).permute((1, 0)), s_zero, use_acc=False,
+                                  is_async=True)
+                s = warpgroup_mma_wait(0, deps=(s, ))
                 mbarrier.arrive(k_free.index(slot))
-                t0, part, selected = _tile_start(FT, PT, irow, f_width, p_width, f_cnt, j, kb0, kv_offset, BLOCK,
+                t0, part, selected = _tile_start(FT, PT, irow, f_width, p_width, f_cnt, 0, kb0, kv_offset, BLOCK,
                                                  BLOCK_N)
-                p32, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_mul, part, selected, t0, q_abs, kv_offset,
-                                                     kv_len, sink, window, BLOCK_N, s_layout)
+                p32, m_i, l_i, alpha0 = _softmax_step(s, m_i, l_i, qk_mul, part, selected, t0, q_abs, kv_offset,
+                                                      kv_len, sink, window, BLOCK_N, s_layout)
                 p = gl.convert_layout(p32.to(dtype), p_layout)
+                for j in range(1, n_tiles):
+                    c = base + j
+                    slot = c % STAGES
+                    prev = (c - 1) % STAGES
+                    mbarrier.wait(k_bar.index(slot), (c // STAGES) & 1)
+                    s = warpgroup_mma(q_rows, _ring_tile(k_smem, slot).permute((1, 0)), s_zero, use_acc=False,
+                                      is_async=True)
+                    mbarrier.wait(v_bar.index(prev), ((c - 1) // STAGES) & 1)
+                    acc = warpgroup_mma(p, _ring_tile(v_smem, prev), acc, is_async=True)
+                    s = warpgroup_mma_wait(1, deps=(s, ))
+                    mbarrier.arrive(k_free.index(slot))
+                    t0, part, selected = _tile_start(FT, PT, irow, f_width, p_width, f_cnt, j, kb0, kv_offset,
+                                                     BLOCK, BLOCK_N)
+                    p32, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_mul, part, selected, t0, q_abs, kv_offset,
+                                                         kv_len, sink, window, BLOCK_N, s_layout)
+                    p = gl.convert_layout(p32.to(dtype), p_layout)
+                    acc = warpgroup_mma_wait(0, deps=(acc, ))
+                    mbarrier.arrive(v_free.index(prev))
+                    acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+                mbarrier.arrive(q_free)  # every Q.K^T of this item is done: the loader may bring the next Q
+                last = (base + n_tiles - 1) % STAGES
+                mbarrier.wait(v_bar.index(last), ((base + n_tiles - 1) // STAGES) & 1)
+                acc = warpgroup_mma(p, _ring_tile(v_smem, last), acc, is_async=True)
                 acc = warpgroup_mma_wait(0, deps=(acc, ))
-                mbarrier.arrive(v_free.index(prev))
-                acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-            last = (n_tiles - 1) % STAGES
-            mbarrier.wait(v_bar.index(last), ((n_tiles - 1) // STAGES) & 1)
-            acc = warpgroup_mma(p, v_smem.index(last), acc, is_async=True)
-            acc = warpgroup_mma_wait(0, deps=(acc, ))
-        empty = l_i == 0.0
-        l_safe = gl.where(empty, 1.0, l_i)
-        lse = gl.where(empty, float("-inf"), m_i + gl.log2(l_safe))
-        rows_s = t_first + ROW0 + gl.arange(0, ROWS, layout=row_s)
-        gl.store(LSE + b * s_lb + hq * s_lh + rows_s, lse, mask=(rows_s >= 0) & (rows_s < q_len))
-        out = acc / gl.convert_layout(l_safe, row_o)[:, None]
-        rows_o = t_first + ROW0 + gl.arange(0, ROWS, layout=row_o)
-        cols_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-        ok = (rows_o >= 0) & (rows_o < q_len)
-        gl.store(Out + b * s_ob + hq * s_oh + rows_o[:, None] * s_ot + cols_o[None, :], out.to(dtype),
-                 mask=ok[:, None])
+                mbarrier.arrive(v_free.index(last))
+            else:
+                mbarrier.arrive(q_free)
+            empty = l_i == 0.0
+            l_safe = gl.where(empty, 1.0, l_i)
+            lse = gl.where(empty, float("-inf"), m_i + gl.log2(l_safe))
+            rows_s = t_first + ROW0 + gl.arange(0, ROWS, layout=row_s)
+            gl.store(LSE + b * s_lb + hq * s_lh + rows_s, lse, mask=(rows_s >= 0) & (rows_s < q_len))
+            out = acc / gl.convert_layout(l_safe, row_o)[:, None]
+            rows_o = t_first + ROW0 + gl.arange(0, ROWS, layout=row_o)
+            cols_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+            ok = (rows_o >= 0) & (rows_o < q_len)
+            gl.store(Out + b * s_ob + hq * s_oh + rows_o[:, None] * s_ot + cols_o[None, :], out.to(dtype),
+                     mask=ok[:, None])
+            base += n_tiles
+            i += 1
 
     @gluon.jit
-    def _ws_consumer_top(q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free, Out, LSE, FT, PT, irow,
-                         f_width, p_width, f_cnt, n_tiles, kb0, b, hq, s_ob, s_oh, s_ot, s_lb, s_lh, q_len, kv_len,
-                         kv_offset, q_first, t_first, sink, window, qk_mul):
-        _ws_consumer(q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free, Out, LSE, FT, PT, irow,
-                     f_width, p_width, f_cnt, n_tiles, kb0, b, hq, s_ob, s_oh, s_ot, s_lb, s_lh, q_len, kv_len,
-                     kv_offset, q_first, t_first, sink, window, qk_mul, 0)
+    def _ws_consumer_top(q_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free,
+                         Out, LSE, FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, n_q_tiles, n_work,
+                         s_ob, s_oh, s_ot, s_lb, s_lh, q_len, kv_len, q_offset, kv_offset, sink, window, qk_mul):
+        _ws_consumer(q_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free,
+                     Out, LSE, FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, n_q_tiles, n_work,
+                     s_ob, s_oh, s_ot, s_lb, s_lh, q_len, kv_len, q_offset, kv_offset, sink, window, qk_mul, 0)
 
     @gluon.jit
-    def _ws_consumer_bottom(q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free, Out, LSE, FT, PT, irow,
-                            f_width, p_width, f_cnt, n_tiles, kb0, b, hq, s_ob, s_oh, s_ot, s_lb, s_lh, q_len,
-                            kv_len, kv_offset, q_first, t_first, sink, window, qk_mul):
-        _ws_consumer(q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free, Out, LSE, FT, PT, irow,
-                     f_width, p_width, f_cnt, n_tiles, kb0, b, hq, s_ob, s_oh, s_ot, s_lb, s_lh, q_len, kv_len,
-                     kv_offset, q_first, t_first, sink, window, qk_mul, 64)
+    def _ws_consumer_bottom(q_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free,
+                            Out, LSE, FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, n_q_tiles, n_work,
+                            s_ob, s_oh, s_ot, s_lb, s_lh, q_len, kv_len, q_offset, kv_offset, sink, window, qk_mul):
+        _ws_consumer(q_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free,
+                     Out, LSE, FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, n_q_tiles, n_work,
+                     s_ob, s_oh, s_ot, s_lb, s_lh, q_len, kv_len, q_offset, kv_offset, sink, window, qk_mul, 64)
 
     @gluon.jit
-    def _query_tile_program(FC, PC, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK: gl.constexpr,
-                            BLOCK_N: gl.constexpr):
-        """Program -> (batch, KV head, query head, first absolute / storage row of its query tile, index row, full
-        entries, BLOCK_N-key steps): last query tiles first, the heads of a KV group side by side. Shared by the
-        forward and the dQ kernel."""
-        pid = gl.program_id(0)
-        bh = gl.program_id(1)
+    def _ring_tile(ring, slot):
+        """Slot ``slot`` of a ring of [1, 1, rows, head dim] TMA boxes, as the 2-D [rows, head dim] MMA operand."""
+        return ring.index(slot).reshape([ring.shape[3], ring.shape[4]])
+
+    @gluon.jit
+    def _query_tile(w, FC, PC, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK: gl.constexpr,
+                    BLOCK_N: gl.constexpr):
+        """Work item ``w`` -> (batch, KV head, query head, first absolute / storage row of its query tile, index
+        row, full entries, BLOCK_N-key steps): per (batch, KV head) the last query tiles first, the heads of a KV
+        group side by side (the Triton forward's program order)."""
+        per_bh = n_q_tiles * G
+        return _query_tile_of(w % per_bh, w // per_bh, FC, PC, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK,
+                              BLOCK_N)
+
+    @gluon.jit
+    def _query_tile_of(pid, bh, FC, PC, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK: gl.constexpr,
+                       BLOCK_N: gl.constexpr):
         b = (bh // Hkv).to(gl.int64)  # 64-bit bases: B*H*L*D exceeds 2**31 at 1M tokens
         hkv = (bh % Hkv).to(gl.int64)
         m = n_q_tiles - 1 - pid // G
@@ -256,6 +301,13 @@ if AVAILABLE:
         f_cnt = gl.load(FC + irow)
         n_tiles = (f_cnt + gl.load(PC + irow)) * (BLOCK // BLOCK_N)
         return b, hkv, hq, q_first, q_first - q_offset, irow, f_cnt, n_tiles
+
+    @gluon.jit
+    def _query_tile_program(FC, PC, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK: gl.constexpr,
+                            BLOCK_N: gl.constexpr):
+        """``_query_tile`` for a grid of (query tiles x group, batch x KV heads): the dQ kernel's mapping."""
+        return _query_tile_of(gl.program_id(0), gl.program_id(1), FC, PC, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles,
+                              BLOCK, BLOCK_N)
 
     @gluon.jit
     def _ring_barriers(STAGES: gl.constexpr):
@@ -277,40 +329,53 @@ if AVAILABLE:
         Q, K, V, Out, LSE, FC, FT, PC, PT,
         s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_ob, s_oh, s_ot, s_lb, s_lh,
         s_ib, s_ih, f_width, p_width,
-        Hkv, G, q_len, kv_len, q_offset, kv_offset, n_q_tiles, sink, window, qk_mul,
+        B, Hkv, G, q_len, kv_len, q_offset, kv_offset, n_q_tiles, sink, window, qk_mul,
         BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
         num_warps: gl.constexpr,
     ):
         """Warp-specialised forward: a 1-warp TMA loader and two 4-warp consumers (64 query rows each) that run
         unsynchronised with each other (FlashAttention-3's producer/consumer split; no CTA-wide barrier in the
-        loop). Same program order (last query tiles first, the heads of a KV group side by side) and results as the
-        Triton forward's ``_attn_fwd_kernel``."""
+        loop). Program p takes work items p, p + grid, ... (one per program when the grid covers them all; a
+        persistent grid of one program per SM overlaps each item's epilogue with the next item's loads). Same work
+        order (last query tiles first, the heads of a KV group side by side) and results as the Triton forward's
+        ``_attn_fwd_kernel``."""
         dtype: gl.constexpr = Q.dtype.element_ty
-        smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-        b, hkv, hq, q_first, t_first, irow, f_cnt, n_tiles = _query_tile_program(
-            FC, PC, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK, BLOCK_N)
-        kb0 = kv_offset // BLOCK
-        q_desc = tma.make_tensor_descriptor(Q + b * s_qb + hq * s_qh, shape=[q_len, HEAD_DIM], strides=[s_qt, 1],
-                                            block_shape=[BLOCK, HEAD_DIM], layout=smem_layout)
-        k_desc = tma.make_tensor_descriptor(K + b * s_kb + hkv * s_kh, shape=[kv_len, HEAD_DIM], strides=[s_kt, 1],
-                                            block_shape=[BLOCK_N, HEAD_DIM], layout=smem_layout)
-        v_desc = tma.make_tensor_descriptor(V + b * s_vb + hkv * s_vh, shape=[kv_len, HEAD_DIM], strides=[s_vt, 1],
-                                            block_shape=[BLOCK_N, HEAD_DIM], layout=smem_layout)
-        q_smem = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], smem_layout)
-        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
-        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
+        layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
+        # 4-D descriptors over (batch, head, row, dim): one set serves every work item of the program
+        q_desc = tma.make_tensor_descriptor(Q, shape=[B, Hkv * G, q_len, HEAD_DIM], strides=[s_qb, s_qh, s_qt, 1],
+                                            block_shape=[1, 1, BLOCK, HEAD_DIM], layout=layout)
+        k_desc = tma.make_tensor_descriptor(K, shape=[B, Hkv, kv_len, HEAD_DIM], strides=[s_kb, s_kh, s_kt, 1],
+                                            block_shape=[1, 1, BLOCK_N, HEAD_DIM], layout=layout)
+        v_desc = tma.make_tensor_descriptor(V, shape=[B, Hkv, kv_len, HEAD_DIM], strides=[s_vb, s_vh, s_vt, 1],
+                                            block_shape=[1, 1, BLOCK_N, HEAD_DIM], layout=layout)
+        q_smem = gl.allocate_shared_memory(dtype, [1, 1, BLOCK, HEAD_DIM], layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
+        mbarrier.init(q_free, count=2)
         k_bar, v_bar, k_free, v_free = _ring_barriers(STAGES)
-        consumer_args = (q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free,
-                         Out, LSE, FT, PT, irow, f_width, p_width, f_cnt, n_tiles, kb0,
-                         b, hq, s_ob, s_oh, s_ot, s_lb, s_lh, q_len, kv_len, kv_offset, q_first, t_first,
-                         sink, window, qk_mul)
+        n_work = B * Hkv * G * n_q_tiles
+        consumer_args = (q_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free,
+                         Out, LSE, FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, n_q_tiles, n_work,
+                         s_ob, s_oh, s_ot, s_lb, s_lh, q_len, kv_len, q_offset, kv_offset, sink, window, qk_mul)
         gl.warp_specialize(
             [(_ws_consumer_top, consumer_args), (_ws_consumer_bottom, consumer_args),
-             (_ws_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free,
-                           FT, PT, irow, f_width, p_width, f_cnt, n_tiles, kb0, kv_offset, t_first))],
+             (_ws_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free,
+                           v_free, FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, q_offset, kv_offset,
+                           n_q_tiles, n_work))],
             [4, 1], [240, 24])
+
+
+@functools.cache
+def _sm_count_of(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (the persistent grid's size; one 3-warpgroup program fits per SM)."""
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def attention_forward_gluon(
@@ -329,16 +394,17 @@ def attention_forward_gluon(
     qk_mul, _ = score_constants(scale, 0.0)  # no soft-capping on this path
     s_ib, s_ih = index_strides(full_count)
     ensure_allocator()
-    grid = (n_q * group, batch * hkv)
     stages = stages or STAGES or (3 if full_tiles.shape[-1] + part_tiles.shape[-1] >= LONG_ROW_TILES else 2)
     if stages not in (2, 3):
         raise ValueError(f"Gluon forward ring depth {stages}: 2 or 3 (shared memory holds at most 3)")
+    n_work = batch * hkv * group * n_q
+    grid = (min(n_work, _sm_count(q.device)) if PERSISTENT else n_work,)
     _attn_fwd_ws_kernel[grid](
         q, k, v, out, lse, full_count, full_tiles, part_count, part_tiles,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), s_ib, s_ih, full_tiles.shape[-1], part_tiles.shape[-1],
-        hkv, group, q_len, kv_len, q_offset, kv_offset, n_q, sink, window, qk_mul,
+        batch, hkv, group, q_len, kv_len, q_offset, kv_offset, n_q, sink, window, qk_mul,
         BLOCK=block, BLOCK_N=128, HEAD_DIM=dim, STAGES=stages,
         num_warps=4,  # the default partition is the first consumer warpgroup
     )

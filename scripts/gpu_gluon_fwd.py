@@ -1,11 +1,13 @@
 """Check and time the Gluon forward (kernels/attention_fwd_gluon.py) against the Triton forward, in one GPU run.
 
-    PYTHONPATH=$PWD python3 scripts/gpu_gluon_fwd.py [--sizes 16384,65536] [--stages 0,2,3] [--out DIR]
+    PYTHONPATH=$PWD python3 scripts/gpu_gluon_fwd.py [--sizes 16384,65536] [--stages 0,2,3] [--persistent 1,0]
+        [--repeats 1] [--check-stages 2,3] [--out DIR]
 
 (a) Correctness: on fresh random bf16/fp16 inputs (odd lengths, GQA and MQA, head dims 64/128, batch 2, chunked
 prefill, transposed (B, S, H, D) views, sink+window, strided and random layouts) the Gluon output is compared with
 the float32 reference and its log-sum-exp with the Triton kernel's; a mismatch fails the run (exit 1).
-(b) Forward milliseconds (CUDA events, median) of Gluon (each ring depth; 0 = automatic) vs Triton vs cuDNN SDPA
+(b) Forward milliseconds (CUDA events, median) of Gluon (each ring depth, 0 = automatic; persistent grid or one program
+per work item) vs Triton vs cuDNN SDPA
 (dense causal) on B=1, 32/8 heads, head dim 128 (and 64 at 16K), with TFLOP/s counted on the attended pairs. Writes
 ``gluon_fwd.json`` and ``gluon_fwd.md``.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import traceback
 
@@ -41,11 +44,12 @@ def _rand(shape, dtype, gen, seq_major=False):
     return torch.randn(shape, generator=gen, device="cuda").to(dtype)
 
 
-def _launch(q, k, v, index, use_gluon: bool, stages: int | None = None):
+def _launch(q, k, v, index, use_gluon: bool, stages: int | None = None, persistent: bool = True):
     """One forward through attention_forward with the Gluon switches forced (the dispatch users get)."""
-    saved = gluon_fwd.ENABLED, gluon_fwd.STAGES
+    saved = gluon_fwd.ENABLED, gluon_fwd.STAGES, gluon_fwd.PERSISTENT
     gluon_fwd.ENABLED = use_gluon
     gluon_fwd.STAGES = stages
+    gluon_fwd.PERSISTENT = persistent
     try:
         return attention_forward(
             q, k, v, index.full_count.contiguous(), index.full_tiles.contiguous(), index.part_count.contiguous(),
@@ -53,10 +57,10 @@ def _launch(q, k, v, index, use_gluon: bool, stages: int | None = None):
             index.block_size, index.q_offset, index.kv_offset, index.sink_tokens, index.window or 0,
             q.shape[-1] ** -0.5, 0.0)
     finally:
-        gluon_fwd.ENABLED, gluon_fwd.STAGES = saved
+        gluon_fwd.ENABLED, gluon_fwd.STAGES, gluon_fwd.PERSISTENT = saved
 
 
-def check(stages, name, batch, hq, hkv, q_len, kv_len, dim, pattern, dtype=torch.bfloat16,
+def check(mode, name, batch, hq, hkv, q_len, kv_len, dim, pattern, dtype=torch.bfloat16,
           seq_major=False) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(sum(map(ord, name)))
     q = _rand((batch, hq, q_len, dim), dtype, gen, seq_major)
@@ -66,12 +70,13 @@ def check(stages, name, batch, hq, hkv, q_len, kv_len, dim, pattern, dtype=torch
     saved, gluon_fwd.ENABLED = gluon_fwd.ENABLED, True
     supported = gluon_fwd.supported(q, k, v, index.block_size, 0.0, False)
     gluon_fwd.ENABLED = saved
-    row = {"case": name, "stages": stages, "supported": supported}
+    stages, persistent = mode
+    row = {"case": name, "stages": stages, "persistent": persistent, "supported": supported}
     if not supported:
         row["ok"] = False
         row["error"] = "not supported by the Gluon forward"
         return row
-    out, lse = _launch(q, k, v, index, True, stages)
+    out, lse = _launch(q, k, v, index, True, stages, persistent)
     out_t, lse_t = _launch(q, k, v, index, False)
     ref = reference_attention(q.float(), k.float(), v.float(), index, scale=dim**-0.5)
     torch.cuda.synchronize()
@@ -104,14 +109,15 @@ CASES = [
 ]
 
 
-def run_checks(stage_list: list[int]) -> list[dict]:
+def run_checks(modes: list[tuple[int, bool]]) -> list[dict]:
+    """Every case for each (ring depth, persistent grid) mode."""
     rows = []
-    for stages in stage_list:
+    for mode in modes:
         for case in CASES:
             try:
-                row = check(stages, *case)
+                row = check(mode, *case)
             except Exception as exc:  # record and go on
-                row = {"case": case[0], "stages": stages, "ok": False, "error": repr(exc),
+                row = {"case": case[0], "stages": mode[0], "persistent": mode[1], "ok": False, "error": repr(exc),
                        "trace": traceback.format_exc()[-1500:]}
             print(json.dumps(row), flush=True)
             rows.append(row)
@@ -132,8 +138,9 @@ def _cudnn(q, k, v):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
 
-def bench_shape(seq: int, dim: int, stages: list[int]) -> list[dict]:
-    """Every pattern at one shape (B=1, 32/8 heads, bf16): Triton, Gluon per ring depth, cuDNN on dense."""
+def bench_shape(seq: int, dim: int, stages: list[int], persistent: list[bool], repeats: int) -> list[dict]:
+    """Every pattern at one shape (B=1, 32/8 heads, bf16): Triton, Gluon per ring depth and grid, cuDNN on dense;
+    the methods of a pattern timed in turn ``repeats`` times (interleaved, so drift hits them alike)."""
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(seq)
     q = _rand((1, 32, seq, dim), torch.bfloat16, gen)
@@ -143,36 +150,47 @@ def bench_shape(seq: int, dim: int, stages: list[int]) -> list[dict]:
         index = build_index_for(q, k, pat)
         flops = 4 * dim * _pairs(index, 1, 32)
         methods = [("triton", lambda index=index: _launch(q, k, v, index, False))]
-        methods += [(f"gluon-s{st or 'auto'}", lambda index=index, st=st: _launch(q, k, v, index, True, st))
-                    for st in stages]
+        methods += [(f"gluon-s{st or 'auto'}{'-persistent' if pe else ''}",
+                     lambda index=index, st=st, pe=pe: _launch(q, k, v, index, True, st, pe))
+                    for st in stages for pe in persistent]
         if pname == "dense":
             methods.append(("cudnn", lambda: _cudnn(q, k, v)))
-        for method, fn in methods:
-            row = {"case": f"S{seq}-D{dim}-{pname}", "method": method}
-            try:
-                ms = float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-                row.update(fwd_ms=ms, tflops=flops / ms / 1e9)
-            except Exception as exc:
-                row["error"] = repr(exc)[:300]
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+        for rep in range(repeats):
+            for method, fn in methods:
+                row = {"case": f"S{seq}-D{dim}-{pname}", "method": method, "repeat": rep}
+                try:
+                    ms = float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+                    row.update(fwd_ms=ms, tflops=flops / ms / 1e9)
+                except Exception as exc:
+                    row["error"] = repr(exc)[:300]
+                print(json.dumps(row), flush=True)
+                rows.append(row)
     return rows
 
 
-def bench(sizes: list[int], stages: list[int]) -> list[dict]:
+def bench(sizes: list[int], stages: list[int], persistent: list[bool], repeats: int) -> list[dict]:
     rows = []
     for seq, dim in [(s, 128) for s in sizes] + [(16384, 64)]:
-        rows += bench_shape(seq, dim, stages)
+        rows += bench_shape(seq, dim, stages, persistent, repeats)
         torch.cuda.empty_cache()
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| case | method | fwd ms | TFLOP/s |", "|---|---|---|---|"]
+    """Per case and method: the median over repeats (and every repeat's milliseconds)."""
+    lines = ["| case | method | fwd ms (median of repeats) | TFLOP/s | every repeat |", "|---|---|---|---|---|"]
+    groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
-        ms = f"{r['fwd_ms']:.3f}" if "fwd_ms" in r else r.get("error", "")
-        tf = f"{r['tflops']:.0f}" if "tflops" in r else ""
-        lines.append(f"| {r['case']} | {r['method']} | {ms} | {tf} |")
+        groups.setdefault((r["case"], r["method"]), []).append(r)
+    for (case, method), rs in groups.items():
+        ok = [r for r in rs if "fwd_ms" in r]
+        if not ok:
+            lines.append(f"| {case} | {method} | {rs[0].get('error', '')} | | |")
+            continue
+        ms = statistics.median(r["fwd_ms"] for r in ok)
+        tf = statistics.median(r["tflops"] for r in ok)
+        each = " ".join(f"{r['fwd_ms']:.3f}" for r in ok)
+        lines.append(f"| {case} | {method} | {ms:.3f} | {tf:.0f} | {each} |")
     return "\n".join(lines) + "\n"
 
 
@@ -180,6 +198,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="16384,65536")
     ap.add_argument("--stages", default="0,2,3", help="K/V ring depths to time (0: the automatic choice)")
+    ap.add_argument("--persistent", default="1,0", help="grids to check and time: 1 persistent, 0 one per item")
+    ap.add_argument("--repeats", type=int, default=1, help="interleaved timings of each method")
+    ap.add_argument("--check-stages", default="2,3", help="ring depths the checks run with")
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -188,10 +209,11 @@ def main() -> int:
            "cudnn": torch.backends.cudnn.version()}
     print(json.dumps(env), flush=True)
     stages = [int(s) or None for s in args.stages.split(",")]
-    checks = run_checks([2, 3])
+    persistent = [bool(int(p)) for p in args.persistent.split(",")]
+    checks = run_checks([(int(st), pe) for st in args.check_stages.split(",") for pe in persistent])
     ok = all(r["ok"] for r in checks)
     rows = [] if (args.skip_bench or not ok) else bench([int(s) for s in args.sizes.split(",")],
-                                                        stages)
+                                                        stages, persistent, args.repeats)
     with open(os.path.join(args.out, "gluon_fwd.json"), "w") as f:
         json.dump({"env": env, "checks": checks, "bench": rows, "all_ok": ok}, f, indent=1)
     md = table(rows)

@@ -1,6 +1,6 @@
 """Repeated timings of issue #4's headline case: sink 128 + window 4096 at 64K (B=1, 32/8 heads, D=128, bf16).
 
-    PYTHONPATH=$PWD python3 scripts/gpu_target_case.py [--repeats 7] [--seq 65536] [--out DIR]
+    PYTHONPATH=$PWD python3 scripts/gpu_target_case.py [--repeats 7] [--seq 65536] [--forward-grids 1,0] [--out DIR]
 
 Single runs of the benchmark scripts spread by 5-10% on this case (scripts/results/KERNEL_NOTES.md, session seven),
 so this script times forward and forward+backward through the library path ``--repeats`` times in a row
@@ -35,6 +35,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--seq", type=int, default=65536)
+    ap.add_argument("--forward-grids", default="1",
+                    help="Gluon forward grids to time, interleaved: 1 persistent (shipped), 0 one program per item")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -54,17 +56,27 @@ def main() -> int:
     def fwd_bwd() -> None:
         torch.autograd.grad(triton_block_sparse_attention(q, k, v, index, scale), (q, k, v), d_out)
 
-    times: dict[str, list[float]] = {"fwd": [], "fwd_bwd": []}
-    for i in range(args.repeats):
-        for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
-            ms = float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
-            times[name].append(ms)
-            print(json.dumps({"repeat": i, name: ms}), flush=True)
-    summary = {name: {"median": statistics.median(t), "min": min(t), "max": max(t), "target": TARGETS_MS[name],
-                      "runs_under_target": sum(x <= TARGETS_MS[name] for x in t), "runs": len(t)}
+    grids = [bool(int(g)) for g in args.forward_grids.split(",")]
+    times: dict[str, list[float]] = {}
+    saved = attention_fwd_gluon.PERSISTENT
+    try:
+        for i in range(args.repeats):
+            for persistent in grids:
+                attention_fwd_gluon.PERSISTENT = persistent
+                suffix = "" if persistent else "-grid-per-item"
+                for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+                    ms = float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
+                    times.setdefault(name + suffix, []).append(ms)
+                    print(json.dumps({"repeat": i, name + suffix: ms}), flush=True)
+    finally:
+        attention_fwd_gluon.PERSISTENT = saved
+    summary = {name: {"median": statistics.median(t), "min": min(t), "max": max(t),
+                      "target": TARGETS_MS[name.split("-")[0]],
+                      "runs_under_target": sum(x <= TARGETS_MS[name.split("-")[0]] for x in t), "runs": len(t)}
                for name, t in times.items()}
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "seq": args.seq, "gluon_fwd": attention_fwd_gluon.ENABLED, "gluon_dkdv": attention_bwd_gluon.ENABLED,
+           "seq": args.seq, "gluon_fwd": attention_fwd_gluon.ENABLED,
+           "gluon_fwd_persistent_default": attention_fwd_gluon.PERSISTENT, "gluon_dkdv": attention_bwd_gluon.ENABLED,
            "gluon_dq_head_dims": list(attention_bwd_gluon.DQ_HEAD_DIMS)}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "target_case.json"), "w") as f:

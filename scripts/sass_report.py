@@ -195,6 +195,7 @@ def mma_loops(ins: list[tuple[int, str]]) -> list[dict]:
         ops = collections.Counter(_opcode(t) for t in body)
         out.append({"start": hex(start), "instructions": len(body), "hgmma": ops["HGMMA"],
                     "wgmma_waits": sum("WARPGROUP.DEPBAR" in t for t in body),
+                    "local_memory": ops["LDL"] + ops["STL"],  # spill traffic inside the loop
                     "top_opcodes": dict(ops.most_common(8))})
     return out
 
