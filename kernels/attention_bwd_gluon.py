@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention_fwd_gluon import AVAILABLE  # Gluon present (Triton >= 3.5)
+from .attention_fwd_gluon import AVAILABLE, SHARED_MEMORY_BYTES, _sm_count  # AVAILABLE: Gluon (Triton >= 3.5)
 from .common import index_strides, score_constants
 from .tma import aligned, ensure_allocator
 
@@ -48,10 +48,10 @@ if AVAILABLE:
     )
 
     from .attention_fwd_gluon import (
-        _load_tile,
         _partial_entry,
-        _query_tile_program,
+        _query_tile,
         _ring_barriers,
+        _ring_tile,
         _tile_start,
         _tma_load,
     )
@@ -76,6 +76,10 @@ DQ_MIN_Q_LEN = 16  # shorter (decode) queries: the Triton dQ kernel packs the he
 # Head dims the Gluon dQ takes by default: at 64 it was slower than the Triton dQ on sparse layouts at 16K
 # (scripts/results/gluon_bwd_h100_v2_dq.md: strided 1.54 vs 1.37 ms backward, random 1.22 vs 1.05)
 DQ_HEAD_DIMS = (128,)
+# Query + dO slots (2: the next work item's rows load while this one finishes; needs a 3-slot K/V ring at head dim
+# 128) and the persistent grid (one program per SM walking the work items), as in the forward.
+DQ_Q_SLOTS = 1
+DQ_PERSISTENT = False
 
 
 def input_reason(dtype: torch.dtype, head_dim: int, block: int, softcap: float, has_segments: bool,
@@ -348,37 +352,57 @@ if AVAILABLE:
         return p * (dp - delta[:, None])
 
     @gluon.jit
-    def _dq_loader(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free,
-                   v_free, FT, PT, irow, f_width, p_width, f_cnt, n_tiles, kb0, kv_offset, t_first):
-        """One warp: the query and dO rows once, then the listed K and V tiles into the ring as soon as both
-        consumers freed the slot."""
-        BLOCK: gl.constexpr = q_smem.shape[0]
+    def _dq_loader(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar,
+                   k_free, v_free, FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, q_offset, kv_offset,
+                   n_q_tiles, n_work):
+        """One warp: per work item (query tile, head), the query and dO rows once their slot is free, then the
+        listed K and V tiles into the ring as soon as both consumers freed the slot (a counter running on across
+        work items)."""
+        BLOCK: gl.constexpr = q_smem.shape[3]  # worker partitions take no constexpr arguments (Triton 3.6)
+        Q_SLOTS: gl.constexpr = q_smem.shape[0]
         STAGES: gl.constexpr = k_smem.shape[0]
-        BLOCK_N: gl.constexpr = k_smem.shape[1]
-        mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
-        _tma_load(q_desc, [t_first, 0], q_bar, q_smem)
-        _tma_load(do_desc, [t_first, 0], q_bar, do_smem)
-        for j in range(n_tiles):
-            slot = j % STAGES
-            t0 = _tile_start(FT, PT, irow, f_width, p_width, f_cnt, j, kb0, kv_offset, BLOCK, BLOCK_N)[0]
-            free_phase = ((j // STAGES) + 1) & 1  # the slot's previous use ended (first round: no wait)
-            mbarrier.wait(k_free.index(slot), free_phase, pred=j >= STAGES)
-            _load_tile(k_desc, t0, k_bar.index(slot), k_smem.index(slot))
-            mbarrier.wait(v_free.index(slot), free_phase, pred=j >= STAGES)
-            _load_tile(v_desc, t0, v_bar.index(slot), v_smem.index(slot))
+        BLOCK_N: gl.constexpr = k_smem.shape[3]
+        kb0 = kv_offset // BLOCK
+        base = 0
+        i = 0
+        for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
+            b, hkv, hq, q_first, t_first, irow, f_cnt, n_tiles = _query_tile(
+                w, FC, PC, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK, BLOCK_N)
+            b32 = b.to(gl.int32)
+            q_slot = i % Q_SLOTS
+            mbarrier.wait(q_free.index(q_slot), ((i // Q_SLOTS) + 1) & 1, pred=i >= Q_SLOTS)
+            mbarrier.expect(q_bar.index(q_slot), 2 * q_desc.block_type.nbytes)
+            _tma_load(q_desc, [b32, hq.to(gl.int32), t_first, 0], q_bar.index(q_slot), q_smem.index(q_slot))
+            _tma_load(do_desc, [b32, hq.to(gl.int32), t_first, 0], q_bar.index(q_slot), do_smem.index(q_slot))
+            for j in range(n_tiles):
+                c = base + j
+                slot = c % STAGES
+                t0 = _tile_start(FT, PT, irow, f_width, p_width, f_cnt, j, kb0, kv_offset, BLOCK, BLOCK_N)[0]
+                free_phase = ((c // STAGES) + 1) & 1  # the slot's previous use ended (first round: no wait)
+                mbarrier.wait(k_free.index(slot), free_phase, pred=c >= STAGES)
+                mbarrier.expect(k_bar.index(slot), k_desc.block_type.nbytes)
+                _tma_load(k_desc, [b32, hkv.to(gl.int32), t0, 0], k_bar.index(slot), k_smem.index(slot))
+                mbarrier.wait(v_free.index(slot), free_phase, pred=c >= STAGES)
+                mbarrier.expect(v_bar.index(slot), v_desc.block_type.nbytes)
+                _tma_load(v_desc, [b32, hkv.to(gl.int32), t0, 0], v_bar.index(slot), v_smem.index(slot))
+            base += n_tiles
+            i += 1
 
     @gluon.jit
-    def _dq_consumer(q_smem, do_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free, LSE, DELTA, DQ,
-                     FT, PT, irow, f_width, p_width, f_cnt, n_tiles, kb0, b, hq, s_lb, s_lh, s_qb, s_qh, s_qt,
-                     q_len, kv_len, kv_offset, q_first, t_first, sink, window, qk_mul, scale, ROW0: gl.constexpr):
-        """One warpgroup: 64 query rows (from ROW0). Step j issues S_j = Q K_j^T and dP_j = dO V_j^T together with
-        dQ += dS_{j-1} K_{j-1}, waits for S_j and dP_j only (V_j's slot is then free), and computes dS_j while that
-        dQ product runs; K_{j-1}'s slot is freed once it is done."""
+    def _dq_consumer(q_smem, do_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free, LSE, DELTA, DQ,
+                     FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, n_q_tiles, n_work,
+                     s_lb, s_lh, s_qb, s_qh, s_qt, q_len, kv_len, q_offset, kv_offset, sink, window, qk_mul, scale,
+                     ROW0: gl.constexpr):
+        """One warpgroup: 64 query rows (from ROW0) of each work item. Step j issues S_j = Q K_j^T and
+        dP_j = dO V_j^T together with dQ += dS_{j-1} K_{j-1}, waits for S_j and dP_j only (V_j's slot is then free),
+        and computes dS_j while that dQ product runs; K_{j-1}'s slot is freed once it is done, the query / dO slot
+        after the item's last S and dP."""
         ROWS: gl.constexpr = 64
-        BLOCK: gl.constexpr = q_smem.shape[0]
+        BLOCK: gl.constexpr = q_smem.shape[3]
+        Q_SLOTS: gl.constexpr = q_smem.shape[0]
         STAGES: gl.constexpr = k_smem.shape[0]
-        BLOCK_N: gl.constexpr = k_smem.shape[1]
-        HEAD_DIM: gl.constexpr = k_smem.shape[2]
+        BLOCK_N: gl.constexpr = k_smem.shape[3]
+        HEAD_DIM: gl.constexpr = k_smem.shape[4]
         dtype: gl.constexpr = q_smem.dtype
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
@@ -386,108 +410,132 @@ if AVAILABLE:
                                                            instr_shape=[16, HEAD_DIM, 16])
         op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=a_layout, k_width=2)
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-        q_rows = q_smem.slice(ROW0, ROWS)
-        do_rows = do_smem.slice(ROW0, ROWS)
-        t_rows = t_first + ROW0 + gl.arange(0, ROWS, layout=row_s)
-        row_ok = (t_rows >= 0) & (t_rows < q_len)
-        stats = b * s_lb + hq * s_lh + t_rows
-        lse = gl.load(LSE + stats, mask=row_ok, other=float("inf"))  # the backward's copy: +inf for empty rows
-        delta = gl.load(DELTA + stats, mask=row_ok, other=0.0)
-        q_abs = q_first + ROW0 + gl.arange(0, ROWS, layout=row_s)
         cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
-        dq = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=a_layout)
-        mbarrier.wait(q_bar, 0)
-        if n_tiles > 0:
-            mbarrier.wait(k_bar.index(0), 0)
-            s = warpgroup_mma(q_rows, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            mbarrier.wait(v_bar.index(0), 0)
-            dp = warpgroup_mma(do_rows, v_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            s, dp = warpgroup_mma_wait(0, deps=(s, dp))
-            mbarrier.arrive(v_free.index(0))
-            ds = _dq_ds(s, dp, lse, delta, q_abs, cols, FT, PT, irow, f_width, p_width, f_cnt, 0, kb0, kv_offset,
-                        kv_len, sink, window, qk_mul, BLOCK, BLOCK_N)
-            ds_op = gl.convert_layout(ds.to(dtype), op_layout)
-            for j in range(1, n_tiles):
-                slot = j % STAGES
-                prev = (j - 1) % STAGES
-                mbarrier.wait(k_bar.index(slot), (j // STAGES) & 1)
-                s = warpgroup_mma(q_rows, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                mbarrier.wait(v_bar.index(slot), (j // STAGES) & 1)
-                dp = warpgroup_mma(do_rows, v_smem.index(slot).permute((1, 0)), s_zero, use_acc=False,
+        kb0 = kv_offset // BLOCK
+        base = 0
+        i = 0
+        for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
+            b, hkv, hq, q_first, t_first, irow, f_cnt, n_tiles = _query_tile(
+                w, FC, PC, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK, BLOCK_N)
+            q_slot = i % Q_SLOTS
+            q_rows = _ring_tile(q_smem, q_slot).slice(ROW0, ROWS)
+            do_rows = _ring_tile(do_smem, q_slot).slice(ROW0, ROWS)
+            t_rows = t_first + ROW0 + gl.arange(0, ROWS, layout=row_s)
+            row_ok = (t_rows >= 0) & (t_rows < q_len)
+            stats = b * s_lb + hq * s_lh + t_rows
+            lse = gl.load(LSE + stats, mask=row_ok, other=float("inf"))  # the backward's copy: +inf for empty rows
+            delta = gl.load(DELTA + stats, mask=row_ok, other=0.0)
+            q_abs = q_first + ROW0 + gl.arange(0, ROWS, layout=row_s)
+            dq = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=a_layout)
+            mbarrier.wait(q_bar.index(q_slot), (i // Q_SLOTS) & 1)
+            if n_tiles > 0:
+                slot = base % STAGES
+                phase = (base // STAGES) & 1
+                mbarrier.wait(k_bar.index(slot), phase)
+                s = warpgroup_mma(q_rows, _ring_tile(k_smem, slot).permute((1, 0)), s_zero, use_acc=False,
+                                  is_async=True)
+                mbarrier.wait(v_bar.index(slot), phase)
+                dp = warpgroup_mma(do_rows, _ring_tile(v_smem, slot).permute((1, 0)), s_zero, use_acc=False,
                                    is_async=True)
-                dq = warpgroup_mma(ds_op, k_smem.index(prev), dq, is_async=True)
-                s, dp = warpgroup_mma_wait(1, deps=(s, dp))  # dS_{j-1} K_{j-1} still in flight
+                s, dp = warpgroup_mma_wait(0, deps=(s, dp))
                 mbarrier.arrive(v_free.index(slot))
-                ds = _dq_ds(s, dp, lse, delta, q_abs, cols, FT, PT, irow, f_width, p_width, f_cnt, j, kb0,
+                ds = _dq_ds(s, dp, lse, delta, q_abs, cols, FT, PT, irow, f_width, p_width, f_cnt, 0, kb0,
                             kv_offset, kv_len, sink, window, qk_mul, BLOCK, BLOCK_N)
-                dq, ds_op = warpgroup_mma_wait(0, deps=(dq, ds_op))
-                mbarrier.arrive(k_free.index(prev))
                 ds_op = gl.convert_layout(ds.to(dtype), op_layout)
-            last = (n_tiles - 1) % STAGES
-            dq = warpgroup_mma(ds_op, k_smem.index(last), dq, is_async=True)
-            dq = warpgroup_mma_wait(0, deps=(dq, ))
-        dq = dq * scale
-        rows = t_first + ROW0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, a_layout))
-        d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, a_layout))
-        ok = (rows >= 0) & (rows < q_len)
-        gl.store(DQ + b * s_qb + hq * s_qh + rows[:, None] * s_qt + d[None, :], dq.to(dtype), mask=ok[:, None])
+                for j in range(1, n_tiles):
+                    c = base + j
+                    slot = c % STAGES
+                    prev = (c - 1) % STAGES
+                    phase = (c // STAGES) & 1
+                    mbarrier.wait(k_bar.index(slot), phase)
+                    s = warpgroup_mma(q_rows, _ring_tile(k_smem, slot).permute((1, 0)), s_zero, use_acc=False,
+                                      is_async=True)
+                    mbarrier.wait(v_bar.index(slot), phase)
+                    dp = warpgroup_mma(do_rows, _ring_tile(v_smem, slot).permute((1, 0)), s_zero, use_acc=False,
+                                       is_async=True)
+                    dq = warpgroup_mma(ds_op, _ring_tile(k_smem, prev), dq, is_async=True)
+                    s, dp = warpgroup_mma_wait(1, deps=(s, dp))  # dS_{j-1} K_{j-1} still in flight
+                    mbarrier.arrive(v_free.index(slot))
+                    ds = _dq_ds(s, dp, lse, delta, q_abs, cols, FT, PT, irow, f_width, p_width, f_cnt, j, kb0,
+                                kv_offset, kv_len, sink, window, qk_mul, BLOCK, BLOCK_N)
+                    dq, ds_op = warpgroup_mma_wait(0, deps=(dq, ds_op))
+                    mbarrier.arrive(k_free.index(prev))
+                    ds_op = gl.convert_layout(ds.to(dtype), op_layout)
+                mbarrier.arrive(q_free.index(q_slot))  # the item's last S and dP are in: the slot may refill
+                last = (base + n_tiles - 1) % STAGES
+                dq = warpgroup_mma(ds_op, _ring_tile(k_smem, last), dq, is_async=True)
+                dq = warpgroup_mma_wait(0, deps=(dq, ))
+                mbarrier.arrive(k_free.index(last))
+            else:
+                mbarrier.arrive(q_free.index(q_slot))
+            dq = dq * scale
+            rows = t_first + ROW0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, a_layout))
+            d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, a_layout))
+            ok = (rows >= 0) & (rows < q_len)
+            gl.store(DQ + b * s_qb + hq * s_qh + rows[:, None] * s_qt + d[None, :], dq.to(dtype), mask=ok[:, None])
+            base += n_tiles
+            i += 1
 
     @gluon.jit
-    def _dq_consumer_top(q_smem, do_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free, LSE, DELTA, DQ,
-                         FT, PT, irow, f_width, p_width, f_cnt, n_tiles, kb0, b, hq, s_lb, s_lh, s_qb, s_qh, s_qt,
-                         q_len, kv_len, kv_offset, q_first, t_first, sink, window, qk_mul, scale):
-        _dq_consumer(q_smem, do_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free, LSE, DELTA, DQ,
-                     FT, PT, irow, f_width, p_width, f_cnt, n_tiles, kb0, b, hq, s_lb, s_lh, s_qb, s_qh, s_qt,
-                     q_len, kv_len, kv_offset, q_first, t_first, sink, window, qk_mul, scale, 0)
+    def _dq_consumer_top(q_smem, do_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free, LSE, DELTA,
+                         DQ, FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, n_q_tiles, n_work,
+                         s_lb, s_lh, s_qb, s_qh, s_qt, q_len, kv_len, q_offset, kv_offset, sink, window, qk_mul,
+                         scale):
+        _dq_consumer(q_smem, do_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free, LSE, DELTA, DQ,
+                     FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, n_q_tiles, n_work,
+                     s_lb, s_lh, s_qb, s_qh, s_qt, q_len, kv_len, q_offset, kv_offset, sink, window, qk_mul, scale, 0)
 
     @gluon.jit
-    def _dq_consumer_bottom(q_smem, do_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free, LSE, DELTA, DQ,
-                            FT, PT, irow, f_width, p_width, f_cnt, n_tiles, kb0, b, hq, s_lb, s_lh, s_qb, s_qh, s_qt,
-                            q_len, kv_len, kv_offset, q_first, t_first, sink, window, qk_mul, scale):
-        _dq_consumer(q_smem, do_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free, LSE, DELTA, DQ,
-                     FT, PT, irow, f_width, p_width, f_cnt, n_tiles, kb0, b, hq, s_lb, s_lh, s_qb, s_qh, s_qt,
-                     q_len, kv_len, kv_offset, q_first, t_first, sink, window, qk_mul, scale, 64)
+    def _dq_consumer_bottom(q_smem, do_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free, LSE,
+                            DELTA, DQ, FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, n_q_tiles, n_work,
+                            s_lb, s_lh, s_qb, s_qh, s_qt, q_len, kv_len, q_offset, kv_offset, sink, window, qk_mul,
+                            scale):
+        _dq_consumer(q_smem, do_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free, LSE, DELTA, DQ,
+                     FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, n_q_tiles, n_work,
+                     s_lb, s_lh, s_qb, s_qh, s_qt, q_len, kv_len, q_offset, kv_offset, sink, window, qk_mul, scale, 64)
 
     @gluon.jit
     def _attn_bwd_dq_ws_kernel(
         Q, K, V, DO, LSE, DELTA, DQ, FC, FT, PC, PT,
         s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_db, s_dh, s_dt, s_lb, s_lh,
         s_ib, s_ih, f_width, p_width,
-        Hkv, G, q_len, kv_len, q_offset, kv_offset, n_q_tiles, sink, window, qk_mul, scale,
+        B, Hkv, G, q_len, kv_len, q_offset, kv_offset, n_q_tiles, sink, window, qk_mul, scale,
         BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-        num_warps: gl.constexpr,
+        Q_SLOTS: gl.constexpr, num_warps: gl.constexpr,
     ):
-        """Warp-specialised dQ: a 1-warp TMA loader and two 4-warp consumers (64 query rows each), the program
-        order of the Gluon forward (last query tiles first, the heads of a KV group side by side). DQ has Q's
-        strides (``torch.empty_like(q)``)."""
+        """Warp-specialised dQ: a 1-warp TMA loader and two 4-warp consumers (64 query rows each), the work order
+        of the Gluon forward (last query tiles first, the heads of a KV group side by side); program p takes work
+        items p, p + grid, ... (one each, or a persistent grid). DQ has Q's strides (``torch.empty_like(q)``)."""
         dtype: gl.constexpr = Q.dtype.element_ty
-        smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-        b, hkv, hq, q_first, t_first, irow, f_cnt, n_tiles = _query_tile_program(
-            FC, PC, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK, BLOCK_N)
-        kb0 = kv_offset // BLOCK
-        q_desc = tma.make_tensor_descriptor(Q + b * s_qb + hq * s_qh, shape=[q_len, HEAD_DIM], strides=[s_qt, 1],
-                                            block_shape=[BLOCK, HEAD_DIM], layout=smem_layout)
-        do_desc = tma.make_tensor_descriptor(DO + b * s_db + hq * s_dh, shape=[q_len, HEAD_DIM], strides=[s_dt, 1],
-                                             block_shape=[BLOCK, HEAD_DIM], layout=smem_layout)
-        k_desc = tma.make_tensor_descriptor(K + b * s_kb + hkv * s_kh, shape=[kv_len, HEAD_DIM], strides=[s_kt, 1],
-                                            block_shape=[BLOCK_N, HEAD_DIM], layout=smem_layout)
-        v_desc = tma.make_tensor_descriptor(V + b * s_vb + hkv * s_vh, shape=[kv_len, HEAD_DIM], strides=[s_vt, 1],
-                                            block_shape=[BLOCK_N, HEAD_DIM], layout=smem_layout)
-        q_smem = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], smem_layout)
-        do_smem = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], smem_layout)
-        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
-        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
+        layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
+        q_desc = tma.make_tensor_descriptor(Q, shape=[B, Hkv * G, q_len, HEAD_DIM], strides=[s_qb, s_qh, s_qt, 1],
+                                            block_shape=[1, 1, BLOCK, HEAD_DIM], layout=layout)
+        do_desc = tma.make_tensor_descriptor(DO, shape=[B, Hkv * G, q_len, HEAD_DIM], strides=[s_db, s_dh, s_dt, 1],
+                                             block_shape=[1, 1, BLOCK, HEAD_DIM], layout=layout)
+        k_desc = tma.make_tensor_descriptor(K, shape=[B, Hkv, kv_len, HEAD_DIM], strides=[s_kb, s_kh, s_kt, 1],
+                                            block_shape=[1, 1, BLOCK_N, HEAD_DIM], layout=layout)
+        v_desc = tma.make_tensor_descriptor(V, shape=[B, Hkv, kv_len, HEAD_DIM], strides=[s_vb, s_vh, s_vt, 1],
+                                            block_shape=[1, 1, BLOCK_N, HEAD_DIM], layout=layout)
+        q_smem = gl.allocate_shared_memory(dtype, [Q_SLOTS, 1, 1, BLOCK, HEAD_DIM], layout)
+        do_smem = gl.allocate_shared_memory(dtype, [Q_SLOTS, 1, 1, BLOCK, HEAD_DIM], layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [Q_SLOTS, 1], mbarrier.MBarrierLayout())
+        q_free = gl.allocate_shared_memory(gl.int64, [Q_SLOTS, 1], mbarrier.MBarrierLayout())
+        for slot in gl.static_range(Q_SLOTS):
+            mbarrier.init(q_bar.index(slot), count=1)
+            mbarrier.init(q_free.index(slot), count=2)
         k_bar, v_bar, k_free, v_free = _ring_barriers(STAGES)
-        consumer_args = (q_smem, do_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free, LSE, DELTA, DQ,
-                         FT, PT, irow, f_width, p_width, f_cnt, n_tiles, kb0, b, hq, s_lb, s_lh, s_qb, s_qh, s_qt,
-                         q_len, kv_len, kv_offset, q_first, t_first, sink, window, qk_mul, scale)
+        n_work = B * Hkv * G * n_q_tiles
+        consumer_args = (q_smem, do_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free, LSE, DELTA,
+                         DQ, FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, n_q_tiles, n_work,
+                         s_lb, s_lh, s_qb, s_qh, s_qt, q_len, kv_len, q_offset, kv_offset, sink, window, qk_mul, scale)
         gl.warp_specialize(
             [(_dq_consumer_top, consumer_args), (_dq_consumer_bottom, consumer_args),
-             (_dq_loader, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, q_bar, k_bar, v_bar,
-                           k_free, v_free, FT, PT, irow, f_width, p_width, f_cnt, n_tiles, kb0, kv_offset, t_first))],
+             (_dq_loader, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, q_bar, q_free, k_bar,
+                           v_bar, k_free, v_free, FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, q_offset,
+                           kv_offset, n_q_tiles, n_work))],
             [4, 1], [240, 24])
 
 
@@ -536,7 +584,7 @@ def attention_dq_gluon(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse_bwd: torch.Tensor, delta: torch.Tensor,
     dq: torch.Tensor, full_count: torch.Tensor, full_tiles: torch.Tensor, part_count: torch.Tensor,
     part_tiles: torch.Tensor, block: int, q_offset: int, kv_offset: int, sink: int, window: int, scale: float,
-    block_n: int | None = None, stages: int | None = None,
+    block_n: int | None = None, stages: int | None = None, q_slots: int | None = None, persistent: bool | None = None,
 ) -> None:
     """Launch the Gluon dQ kernel over the forward lists (callers check :func:`dq_supported` first). ``dq`` must
     have q's strides (``torch.empty_like(q)``); it receives the scaled dQ."""
@@ -550,18 +598,31 @@ def attention_dq_gluon(
     stages = stages or DQ_STAGES[(dim, block_n)]
     if block % block_n or stages < 2:
         raise ValueError(f"Gluon dQ: key tile {block_n} (a divisor of {block}), ring depth {stages} (at least 2)")
+    q_slots = q_slots or DQ_Q_SLOTS
+    if q_slots not in (1, 2) or _dq_shared_bytes(stages, q_slots, block, block_n, dim) > SHARED_MEMORY_BYTES:
+        raise ValueError(f"Gluon dQ with {q_slots} query/dO slots and a {stages}-slot ring of {block_n} keys at head "
+                         f"dim {dim}: {_dq_shared_bytes(stages, q_slots, block, block_n, dim)} bytes of shared "
+                         f"memory, more than {SHARED_MEMORY_BYTES} (query/dO slots: 1 or 2)")
     qk_mul, _ = score_constants(scale, 0.0)
     s_ib, s_ih = index_strides(full_count)
     ensure_allocator()
-    _attn_bwd_dq_ws_kernel[(n_q * group, batch * hkv)](
+    n_work = batch * hkv * group * n_q
+    persistent = DQ_PERSISTENT if persistent is None else persistent
+    grid = (min(n_work, _sm_count(q.device)) if persistent else n_work,)
+    _attn_bwd_dq_ws_kernel[grid](
         q, k, v, do, lse_bwd, delta, dq, full_count, full_tiles, part_count, part_tiles,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         lse_bwd.stride(0), lse_bwd.stride(1), s_ib, s_ih, full_tiles.shape[-1], part_tiles.shape[-1],
-        hkv, group, q_len, kv_len, q_offset, kv_offset, n_q, sink, window, qk_mul, scale,
-        BLOCK=block, BLOCK_N=block_n, HEAD_DIM=dim, STAGES=stages,
+        batch, hkv, group, q_len, kv_len, q_offset, kv_offset, n_q, sink, window, qk_mul, scale,
+        BLOCK=block, BLOCK_N=block_n, HEAD_DIM=dim, STAGES=stages, Q_SLOTS=q_slots,
         num_warps=4,  # the default partition is the first consumer warpgroup
     )
+
+
+def _dq_shared_bytes(stages: int, q_slots: int, block: int, block_n: int, dim: int) -> int:
+    """Shared memory of the dQ kernel's tiles: ``stages`` K/V slot pairs and ``q_slots`` query + dO tiles, 16-bit."""
+    return (stages * 2 * block_n + q_slots * 2 * block) * dim * 2
 
 
 __all__ = ["AVAILABLE", "ENABLED", "HEAD_DIMS", "attention_dkdv_gluon", "attention_dq_gluon", "dq_supported",

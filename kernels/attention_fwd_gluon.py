@@ -52,8 +52,13 @@ ENABLED = True
 STAGES: int | None = None
 LONG_ROW_TILES = 96
 # True: one program per SM walks the work items (query tile x head) in turn, so each item's epilogue overlaps the
-# next one's loads; False: one program per work item.
-PERSISTENT = True
+# next one's loads; False: one program per work item; None: persistent for rows shorter than LONG_ROW_TILES (faster
+# on every sparse layout in scripts/results/gluon_fwd_h100_v5_persistent.*, equal or slower on dense rows).
+PERSISTENT: bool | None = None
+# Query tiles in shared memory: 2 lets the loader fetch the next item's Q while this one runs; None: 2 where shared
+# memory holds them beside the ring (head dim 64, or 128 with a 2-slot ring), else 1.
+Q_SLOTS: int | None = None
+SHARED_MEMORY_BYTES = 227 * 1024 - 1024  # sm_90's per-block limit, less room for the barriers
 
 
 def input_reason(dtype: torch.dtype, head_dim: int, q_len: int, block: int, softcap: float,
@@ -114,11 +119,6 @@ if AVAILABLE:
         return (kb0 + n) * BLOCK + (it % n_sub) * BLOCK_N - kv_offset, selected
 
     @gluon.jit
-    def _load_tile(desc, t0, bar, slot):
-        mbarrier.expect(bar, desc.block_type.nbytes)
-        _tma_load(desc, [t0, 0], bar, slot)
-
-    @gluon.jit
     def _softmax_step(s, m_i, l_i, qk_mul, part, selected, t0, q_abs, kv_offset, kv_len, sink, window,
                       BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
         """Online-softmax update for one tile of raw scores: (P, new max, new sum, rescale factor)."""
@@ -144,7 +144,8 @@ if AVAILABLE:
                    FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, q_offset, kv_offset, n_q_tiles, n_work):
         """One warp: per work item (query tile, head), Q once it is free, then the K and V tiles into the ring as
         soon as both consumers freed the slot; the ring's slot counter runs on across work items."""
-        BLOCK: gl.constexpr = q_smem.shape[2]  # worker partitions take no constexpr arguments (Triton 3.6)
+        BLOCK: gl.constexpr = q_smem.shape[3]  # worker partitions take no constexpr arguments (Triton 3.6)
+        Q_SLOTS: gl.constexpr = q_smem.shape[0]
         STAGES: gl.constexpr = k_smem.shape[0]
         BLOCK_N: gl.constexpr = k_smem.shape[3]
         kb0 = kv_offset // BLOCK
@@ -154,9 +155,10 @@ if AVAILABLE:
             b, hkv, hq, q_first, t_first, irow, f_cnt, n_tiles = _query_tile(
                 w, FC, PC, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK, BLOCK_N)
             b32 = b.to(gl.int32)
-            mbarrier.wait(q_free, (i + 1) & 1, pred=i > 0)  # both consumers issued their last Q.K^T
-            mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-            _tma_load(q_desc, [b32, hq.to(gl.int32), t_first, 0], q_bar, q_smem)
+            q_slot = i % Q_SLOTS  # both consumers issued their last Q.K^T on the slot's previous item
+            mbarrier.wait(q_free.index(q_slot), ((i // Q_SLOTS) + 1) & 1, pred=i >= Q_SLOTS)
+            mbarrier.expect(q_bar.index(q_slot), q_desc.block_type.nbytes)
+            _tma_load(q_desc, [b32, hq.to(gl.int32), t_first, 0], q_bar.index(q_slot), q_smem.index(q_slot))
             for j in range(n_tiles):
                 c = base + j
                 slot = c % STAGES
@@ -180,7 +182,8 @@ if AVAILABLE:
         tile j-1; the softmax of j runs while P.V is in flight; each slot is freed (mbarrier arrive) as soon as its
         MMA is done, and Q once the last scores are in, so the loader fetches the next item during this epilogue."""
         ROWS: gl.constexpr = 64
-        BLOCK: gl.constexpr = q_smem.shape[2]
+        BLOCK: gl.constexpr = q_smem.shape[3]
+        Q_SLOTS: gl.constexpr = q_smem.shape[0]
         STAGES: gl.constexpr = k_smem.shape[0]
         BLOCK_N: gl.constexpr = k_smem.shape[3]
         HEAD_DIM: gl.constexpr = k_smem.shape[4]
@@ -192,7 +195,6 @@ if AVAILABLE:
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        q_rows = q_smem.reshape([BLOCK, HEAD_DIM]).slice(ROW0, ROWS)
         s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
         kb0 = kv_offset // BLOCK
         base = 0  # ring uses before this work item (the loader counts the same way)
@@ -204,7 +206,9 @@ if AVAILABLE:
             m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_s)
             l_i = gl.zeros([ROWS], gl.float32, layout=row_s)
             acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
-            mbarrier.wait(q_bar, i & 1)
+            q_slot = i % Q_SLOTS
+            q_rows = _ring_tile(q_smem, q_slot).slice(ROW0, ROWS)
+            mbarrier.wait(q_bar.index(q_slot), (i // Q_SLOTS) & 1)
             if n_tiles > 0:
                 slot = base % STAGES
                 mbarrier.wait(k_bar.index(slot), (base // STAGES) & 1)
@@ -236,14 +240,14 @@ if AVAILABLE:
                     acc = warpgroup_mma_wait(0, deps=(acc, ))
                     mbarrier.arrive(v_free.index(prev))
                     acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-                mbarrier.arrive(q_free)  # every Q.K^T of this item is done: the loader may bring the next Q
+                mbarrier.arrive(q_free.index(q_slot))  # every Q.K^T of this item is done: the slot may refill
                 last = (base + n_tiles - 1) % STAGES
                 mbarrier.wait(v_bar.index(last), ((base + n_tiles - 1) // STAGES) & 1)
                 acc = warpgroup_mma(p, _ring_tile(v_smem, last), acc, is_async=True)
                 acc = warpgroup_mma_wait(0, deps=(acc, ))
                 mbarrier.arrive(v_free.index(last))
             else:
-                mbarrier.arrive(q_free)
+                mbarrier.arrive(q_free.index(q_slot))
             empty = l_i == 0.0
             l_safe = gl.where(empty, 1.0, l_i)
             lse = gl.where(empty, float("-inf"), m_i + gl.log2(l_safe))
@@ -303,13 +307,6 @@ if AVAILABLE:
         return b, hkv, hq, q_first, q_first - q_offset, irow, f_cnt, n_tiles
 
     @gluon.jit
-    def _query_tile_program(FC, PC, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK: gl.constexpr,
-                            BLOCK_N: gl.constexpr):
-        """``_query_tile`` for a grid of (query tiles x group, batch x KV heads): the dQ kernel's mapping."""
-        return _query_tile_of(gl.program_id(0), gl.program_id(1), FC, PC, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles,
-                              BLOCK, BLOCK_N)
-
-    @gluon.jit
     def _ring_barriers(STAGES: gl.constexpr):
         """The mbarriers of a ring of slots holding two tensors (a, b): per slot "full" (count 1: the loader's
         expect + TMA transaction) and "free" (count 2: one arrival per consumer warpgroup), initialised."""
@@ -331,7 +328,7 @@ if AVAILABLE:
         s_ib, s_ih, f_width, p_width,
         B, Hkv, G, q_len, kv_len, q_offset, kv_offset, n_q_tiles, sink, window, qk_mul,
         BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-        num_warps: gl.constexpr,
+        Q_SLOTS: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Warp-specialised forward: a 1-warp TMA loader and two 4-warp consumers (64 query rows each) that run
         unsynchronised with each other (FlashAttention-3's producer/consumer split; no CTA-wide barrier in the
@@ -348,13 +345,14 @@ if AVAILABLE:
                                             block_shape=[1, 1, BLOCK_N, HEAD_DIM], layout=layout)
         v_desc = tma.make_tensor_descriptor(V, shape=[B, Hkv, kv_len, HEAD_DIM], strides=[s_vb, s_vh, s_vt, 1],
                                             block_shape=[1, 1, BLOCK_N, HEAD_DIM], layout=layout)
-        q_smem = gl.allocate_shared_memory(dtype, [1, 1, BLOCK, HEAD_DIM], layout)
+        q_smem = gl.allocate_shared_memory(dtype, [Q_SLOTS, 1, 1, BLOCK, HEAD_DIM], layout)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        q_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
-        mbarrier.init(q_free, count=2)
+        q_bar = gl.allocate_shared_memory(gl.int64, [Q_SLOTS, 1], mbarrier.MBarrierLayout())
+        q_free = gl.allocate_shared_memory(gl.int64, [Q_SLOTS, 1], mbarrier.MBarrierLayout())
+        for slot in gl.static_range(Q_SLOTS):
+            mbarrier.init(q_bar.index(slot), count=1)
+            mbarrier.init(q_free.index(slot), count=2)
         k_bar, v_bar, k_free, v_free = _ring_barriers(STAGES)
         n_work = B * Hkv * G * n_q_tiles
         consumer_args = (q_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free,
@@ -366,6 +364,11 @@ if AVAILABLE:
                            v_free, FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, q_offset, kv_offset,
                            n_q_tiles, n_work))],
             [4, 1], [240, 24])
+
+
+def _shared_bytes(stages: int, q_slots: int, block: int, dim: int) -> int:
+    """Shared memory of the forward's tiles: ``stages`` K/V slot pairs (128 keys), ``q_slots`` query tiles (16-bit)."""
+    return (stages * 2 * 128 + q_slots * block) * dim * 2
 
 
 @functools.cache
@@ -394,18 +397,25 @@ def attention_forward_gluon(
     qk_mul, _ = score_constants(scale, 0.0)  # no soft-capping on this path
     s_ib, s_ih = index_strides(full_count)
     ensure_allocator()
-    stages = stages or STAGES or (3 if full_tiles.shape[-1] + part_tiles.shape[-1] >= LONG_ROW_TILES else 2)
+    long_rows = full_tiles.shape[-1] + part_tiles.shape[-1] >= LONG_ROW_TILES
+    stages = stages or STAGES or (3 if long_rows else 2)
     if stages not in (2, 3):
         raise ValueError(f"Gluon forward ring depth {stages}: 2 or 3 (shared memory holds at most 3)")
+    q_slots = Q_SLOTS or (2 if _shared_bytes(stages, 2, block, dim) <= SHARED_MEMORY_BYTES else 1)
+    if q_slots not in (1, 2) or _shared_bytes(stages, q_slots, block, dim) > SHARED_MEMORY_BYTES:
+        raise ValueError(f"Gluon forward with {q_slots} query slots and a {stages}-slot ring at head dim {dim}: "
+                         f"{_shared_bytes(stages, q_slots, block, dim)} bytes of shared memory, more than "
+                         f"{SHARED_MEMORY_BYTES} (query slots: 1 or 2)")
+    persistent = (not long_rows) if PERSISTENT is None else PERSISTENT
     n_work = batch * hkv * group * n_q
-    grid = (min(n_work, _sm_count(q.device)) if PERSISTENT else n_work,)
+    grid = (min(n_work, _sm_count(q.device)) if persistent else n_work,)
     _attn_fwd_ws_kernel[grid](
         q, k, v, out, lse, full_count, full_tiles, part_count, part_tiles,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), s_ib, s_ih, full_tiles.shape[-1], part_tiles.shape[-1],
         batch, hkv, group, q_len, kv_len, q_offset, kv_offset, n_q, sink, window, qk_mul,
-        BLOCK=block, BLOCK_N=128, HEAD_DIM=dim, STAGES=stages,
+        BLOCK=block, BLOCK_N=128, HEAD_DIM=dim, STAGES=stages, Q_SLOTS=q_slots,
         num_warps=4,  # the default partition is the first consumer warpgroup
     )
     return out, lse

@@ -1,6 +1,7 @@
 """Check and time the Gluon backward kernels (kernels/attention_bwd_gluon.py) against the Triton ones, in one run.
 
-    PYTHONPATH=$PWD python3 scripts/gpu_gluon_bwd.py [--sizes 16384,65536] [--stages 0,2,3] [--out DIR]
+    PYTHONPATH=$PWD python3 scripts/gpu_gluon_bwd.py [--sizes 16384,65536] [--stages 0,2,3] [--dq-modes p0q1,p1q2]
+        [--out DIR]
 
 (a) Correctness: on fresh random bf16/fp16 inputs (odd lengths, GQA and MQA, head dims 64/128, batch 2, chunked
 prefill, transposed (B, S, H, D) views, sink+window, strided and random layouts, split key lists) the gradients of
@@ -39,33 +40,52 @@ from scripts.gpu_gluon_fwd import CASES as FWD_CASES  # noqa: E402
 from scripts.gpu_gluon_fwd import PATTERNS, _cudnn, _rand  # noqa: E402
 
 
+def parse_dq_mode(mode: str) -> tuple[bool, int]:
+    """"p1q2" -> (persistent grid, 2 query/dO slots); "" -> the shipped settings."""
+    if not mode:
+        return gluon_bwd.DQ_PERSISTENT, gluon_bwd.DQ_Q_SLOTS
+    if len(mode) != 4 or mode[0] != "p" or mode[2] != "q" or mode[1] not in "01" or mode[3] not in "12":
+        raise ValueError(f"dQ mode {mode!r}: p<0|1>q<1|2> (persistent grid, query/dO slots)")
+    return mode[1] == "1", int(mode[3])
+
+
 class _Switch:
     """Force the Gluon dK/dV kernel (``on``) and the Gluon dQ kernel (``dq``, default: as ``on``) on or off, the
-    dK/dV ring depth, and the split chunk, for one block of code."""
+    dK/dV ring depth, the split chunk and the dQ grid / query-slot mode (``parse_dq_mode``; two slots take a 3-slot
+    K/V ring at head dim 128), for one block of code."""
 
-    def __init__(self, on: bool, stages: int | None = None, chunk: int | None = None, dq: bool | None = None):
+    def __init__(self, on: bool, stages: int | None = None, chunk: int | None = None, dq: bool | None = None,
+                 dq_mode: str = ""):
         self.on, self.stages, self.chunk = on, stages, chunk
         self.dq = on if dq is None else dq
+        self.dq_mode = dq_mode
 
     def __enter__(self):
         self.saved = (gluon_bwd.ENABLED, gluon_bwd.DQ_ENABLED, gluon_bwd.DQ_HEAD_DIMS, gluon_bwd.MIN_PROGRAMS,
-                      dict(gluon_bwd.STAGES), attention_bwd.SPLIT_CHUNK)
+                      dict(gluon_bwd.STAGES), attention_bwd.SPLIT_CHUNK, gluon_bwd.DQ_PERSISTENT,
+                      gluon_bwd.DQ_Q_SLOTS, dict(gluon_bwd.DQ_STAGES))
         gluon_bwd.ENABLED, gluon_bwd.DQ_ENABLED = self.on, self.dq
         gluon_bwd.DQ_HEAD_DIMS = gluon_bwd.HEAD_DIMS  # the checks and timings cover both head dims
         gluon_bwd.MIN_PROGRAMS = 0  # and small grids (the shipped policy sends those to the Triton kernels)
         if self.stages:
             gluon_bwd.STAGES.update({64: self.stages, 128: self.stages})
         attention_bwd.SPLIT_CHUNK = self.chunk
+        gluon_bwd.DQ_PERSISTENT, gluon_bwd.DQ_Q_SLOTS = parse_dq_mode(self.dq_mode)
+        if gluon_bwd.DQ_Q_SLOTS == 2:
+            gluon_bwd.DQ_STAGES[(128, 64)] = 3
 
     def __exit__(self, *exc):
         (gluon_bwd.ENABLED, gluon_bwd.DQ_ENABLED, gluon_bwd.DQ_HEAD_DIMS, gluon_bwd.MIN_PROGRAMS, stages,
-         attention_bwd.SPLIT_CHUNK) = self.saved
+         attention_bwd.SPLIT_CHUNK, gluon_bwd.DQ_PERSISTENT, gluon_bwd.DQ_Q_SLOTS, dq_stages) = self.saved
         gluon_bwd.STAGES.clear()
         gluon_bwd.STAGES.update(stages)
+        gluon_bwd.DQ_STAGES.clear()
+        gluon_bwd.DQ_STAGES.update(dq_stages)
 
 
-def _grads(q, k, v, index, d_out, on: bool, chunk: int | None = None, stages: int | None = None):
-    with _Switch(on, stages, chunk):
+def _grads(q, k, v, index, d_out, on: bool, chunk: int | None = None, stages: int | None = None,
+           dq_mode: str = ""):
+    with _Switch(on, stages, chunk, dq_mode=dq_mode):
         qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
         out = triton_block_sparse_attention(qq, kk, vv, index, q.shape[-1] ** -0.5)
         return torch.autograd.grad(out, (qq, kk, vv), d_out)
@@ -75,7 +95,7 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a.float() - ref).norm() / ref.norm().clamp_min(1e-6))
 
 
-def check(stages, name, batch, hq, hkv, q_len, kv_len, dim, pattern, dtype=torch.bfloat16, seq_major=False,
+def check(mode, name, batch, hq, hkv, q_len, kv_len, dim, pattern, dtype=torch.bfloat16, seq_major=False,
           chunk=None) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(sum(map(ord, name)))
     q = _rand((batch, hq, q_len, dim), dtype, gen, seq_major)
@@ -87,12 +107,14 @@ def check(stages, name, batch, hq, hkv, q_len, kv_len, dim, pattern, dtype=torch
         supported = gluon_bwd.supported(q, k, v, d_out, index.block_size, 0.0, False, index.q_offset)
     with _Switch(True):
         dq_supported = gluon_bwd.dq_supported(q, k, v, d_out, index.block_size, 0.0, False)
-    row = {"case": name, "stages": stages, "supported": supported, "dq_supported": dq_supported, "split_chunk": chunk}
+    stages, dq_mode = mode
+    row = {"case": name, "stages": stages, "dq_mode": dq_mode or "shipped", "supported": supported,
+           "dq_supported": dq_supported, "split_chunk": chunk}
     if not supported:
         row.update(ok=False, error="not supported by the Gluon dK/dV kernel")
         return row
-    g = _grads(q, k, v, index, d_out, True, chunk, stages)
-    g2 = _grads(q, k, v, index, d_out, True, chunk, stages)  # deterministic: bit-identical on repeat
+    g = _grads(q, k, v, index, d_out, True, chunk, stages, dq_mode)
+    g2 = _grads(q, k, v, index, d_out, True, chunk, stages, dq_mode)  # deterministic: bit-identical on repeat
     g_t = _grads(q, k, v, index, d_out, False, chunk)
     qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
     ref = reference_attention(qf, kf, vf, index, scale=dim**-0.5)
@@ -120,14 +142,15 @@ CASES = [c if c[0] != "chunked-odd-D64" else ("chunked-odd-D64", 1, 8, 2, 203, 1
 ]
 
 
-def run_checks(stage_list: list[int]) -> list[dict]:
+def run_checks(modes: list[tuple[int | None, str]]) -> list[dict]:
+    """Every case for each (dK/dV ring depth, dQ mode)."""
     rows = []
-    for stages in stage_list:
+    for mode in modes:
         for case in CASES:
             try:
-                row = check(stages, *case)
+                row = check(mode, *case)
             except Exception as exc:  # record and go on
-                row = {"case": case[0], "stages": stages, "ok": False, "error": repr(exc),
+                row = {"case": case[0], "stages": mode[0], "dq_mode": mode[1], "ok": False, "error": repr(exc),
                        "trace": traceback.format_exc()[-1500:]}
             print(json.dumps(row), flush=True)
             rows.append(row)
@@ -153,7 +176,7 @@ def _timed_row(case: str, method: str, fwd_flops: float, q, k, v, d_out, attend)
     return row
 
 
-def bench_shape(seq: int, dim: int, stages: list[int | None]) -> list[dict]:
+def bench_shape(seq: int, dim: int, stages: list[int | None], dq_modes: list[str]) -> list[dict]:
     """Every pattern at one shape (B=1, 32/8 heads, bf16): backward and forward+backward, Triton dK/dV vs Gluon
     dK/dV per ring depth; cuDNN on dense."""
     rows = []
@@ -166,10 +189,11 @@ def bench_shape(seq: int, dim: int, stages: list[int | None]) -> list[dict]:
         index = build_index_for(q, k, pat)
         index.transposed()
         fwd_flops = 4 * dim * attended_pairs(index) * 32
-        variants = [("triton", False, None, False), ("gluon-dkdv", True, None, False)]
-        variants += [(f"gluon-both-s{st or 'auto'}", True, st, True) for st in stages]
-        for method, on, st, dq in variants:
-            with _Switch(on, st, dq=dq):
+        variants = [("triton", False, None, False, ""), ("gluon-dkdv", True, None, False, "")]
+        variants += [(f"gluon-both-s{st or 'auto'}-dq-{mode or 'shipped'}", True, st, True, mode)
+                     for st in stages for mode in dq_modes]
+        for method, on, st, dq, mode in variants:
+            with _Switch(on, st, dq=dq, dq_mode=mode):
                 rows.append(_timed_row(f"S{seq}-D{dim}-{pname}", method, fwd_flops, q, k, v, d_out,
                                        lambda index=index: triton_block_sparse_attention(q, k, v, index, dim**-0.5)))
         if pname == "dense":
@@ -178,10 +202,10 @@ def bench_shape(seq: int, dim: int, stages: list[int | None]) -> list[dict]:
     return rows
 
 
-def bench(sizes: list[int], stages: list[int | None]) -> list[dict]:
+def bench(sizes: list[int], stages: list[int | None], dq_modes: list[str]) -> list[dict]:
     rows = []
     for seq, dim in [(s, 128) for s in sizes] + [(16384, 64)]:
-        rows += bench_shape(seq, dim, stages)
+        rows += bench_shape(seq, dim, stages, dq_modes)
         torch.cuda.empty_cache()
     return rows
 
@@ -202,6 +226,9 @@ def main() -> int:
     ap.add_argument("--sizes", default="16384,65536")
     ap.add_argument("--stages", default="0", help="query/dO ring depths to time (0: the shipped choice)")
     ap.add_argument("--check-stages", default="0", help="ring depths the checks run with (0: the shipped choice)")
+    ap.add_argument("--dq-modes", default="",
+                    help="dQ modes to check and time, comma-separated p<0|1>q<1|2> (persistent grid, query/dO "
+                         "slots); empty: the shipped one")
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--skip-check", action="store_true", help="time only (checks already passed at this commit)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -210,10 +237,14 @@ def main() -> int:
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "cudnn": torch.backends.cudnn.version(), "flop_convention": "bwd 2.5x, fwd+bwd 3.5x of 4*D*pairs"}
     print(json.dumps(env), flush=True)
-    checks = [] if args.skip_check else run_checks([int(s) or None for s in args.check_stages.split(",")])
+    dq_modes = args.dq_modes.split(",")
+    for mode in dq_modes:
+        parse_dq_mode(mode)  # a bad mode fails before any work
+    checks = [] if args.skip_check else run_checks([(int(s) or None, m) for s in args.check_stages.split(",")
+                                                    for m in dq_modes])
     ok = all(r["ok"] for r in checks)
     stages = [int(s) or None for s in args.stages.split(",")]
-    rows = [] if (args.skip_bench or not ok) else bench([int(s) for s in args.sizes.split(",")], stages)
+    rows = [] if (args.skip_bench or not ok) else bench([int(s) for s in args.sizes.split(",")], stages, dq_modes)
     with open(os.path.join(args.out, "gluon_bwd.json"), "w") as f:
         json.dump({"env": env, "checks": checks, "bench": rows, "all_ok": ok}, f, indent=1)
     md = table(rows)

@@ -1,7 +1,7 @@
 """Check and time the Gluon forward (kernels/attention_fwd_gluon.py) against the Triton forward, in one GPU run.
 
     PYTHONPATH=$PWD python3 scripts/gpu_gluon_fwd.py [--sizes 16384,65536] [--stages 0,2,3] [--persistent 1,0]
-        [--repeats 1] [--check-stages 2,3] [--out DIR]
+        [--q-slots 0,1,2] [--repeats 1] [--check-stages 2,3] [--out DIR]
 
 (a) Correctness: on fresh random bf16/fp16 inputs (odd lengths, GQA and MQA, head dims 64/128, batch 2, chunked
 prefill, transposed (B, S, H, D) views, sink+window, strided and random layouts) the Gluon output is compared with
@@ -44,12 +44,14 @@ def _rand(shape, dtype, gen, seq_major=False):
     return torch.randn(shape, generator=gen, device="cuda").to(dtype)
 
 
-def _launch(q, k, v, index, use_gluon: bool, stages: int | None = None, persistent: bool = True):
+def _launch(q, k, v, index, use_gluon: bool, stages: int | None = None, persistent: bool | None = None,
+            q_slots: int | None = None):
     """One forward through attention_forward with the Gluon switches forced (the dispatch users get)."""
-    saved = gluon_fwd.ENABLED, gluon_fwd.STAGES, gluon_fwd.PERSISTENT
+    saved = gluon_fwd.ENABLED, gluon_fwd.STAGES, gluon_fwd.PERSISTENT, gluon_fwd.Q_SLOTS
     gluon_fwd.ENABLED = use_gluon
     gluon_fwd.STAGES = stages
     gluon_fwd.PERSISTENT = persistent
+    gluon_fwd.Q_SLOTS = q_slots
     try:
         return attention_forward(
             q, k, v, index.full_count.contiguous(), index.full_tiles.contiguous(), index.part_count.contiguous(),
@@ -57,7 +59,7 @@ def _launch(q, k, v, index, use_gluon: bool, stages: int | None = None, persiste
             index.block_size, index.q_offset, index.kv_offset, index.sink_tokens, index.window or 0,
             q.shape[-1] ** -0.5, 0.0)
     finally:
-        gluon_fwd.ENABLED, gluon_fwd.STAGES, gluon_fwd.PERSISTENT = saved
+        gluon_fwd.ENABLED, gluon_fwd.STAGES, gluon_fwd.PERSISTENT, gluon_fwd.Q_SLOTS = saved
 
 
 def check(mode, name, batch, hq, hkv, q_len, kv_len, dim, pattern, dtype=torch.bfloat16,
@@ -138,7 +140,8 @@ def _cudnn(q, k, v):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
 
-def bench_shape(seq: int, dim: int, stages: list[int], persistent: list[bool], repeats: int) -> list[dict]:
+def bench_shape(seq: int, dim: int, stages: list[int], persistent: list[bool], q_slots: list[int | None],
+                repeats: int) -> list[dict]:
     """Every pattern at one shape (B=1, 32/8 heads, bf16): Triton, Gluon per ring depth and grid, cuDNN on dense;
     the methods of a pattern timed in turn ``repeats`` times (interleaved, so drift hits them alike)."""
     rows = []
@@ -150,9 +153,10 @@ def bench_shape(seq: int, dim: int, stages: list[int], persistent: list[bool], r
         index = build_index_for(q, k, pat)
         flops = 4 * dim * _pairs(index, 1, 32)
         methods = [("triton", lambda index=index: _launch(q, k, v, index, False))]
-        methods += [(f"gluon-s{st or 'auto'}{'-persistent' if pe else ''}",
-                     lambda index=index, st=st, pe=pe: _launch(q, k, v, index, True, st, pe))
-                    for st in stages for pe in persistent]
+        methods += [(f"gluon-s{st or 'auto'}{'-persistent' if pe else ''}-q{qs or 'auto'}",
+                     lambda index=index, st=st, pe=pe, qs=qs: _launch(q, k, v, index, True, st, pe, qs))
+                    for st in stages for pe in persistent for qs in q_slots
+                    if _fits(st, qs, dim, index)]
         if pname == "dense":
             methods.append(("cudnn", lambda: _cudnn(q, k, v)))
         for rep in range(repeats):
@@ -168,10 +172,20 @@ def bench_shape(seq: int, dim: int, stages: list[int], persistent: list[bool], r
     return rows
 
 
-def bench(sizes: list[int], stages: list[int], persistent: list[bool], repeats: int) -> list[dict]:
+def _fits(stages: int | None, q_slots: int | None, dim: int, index) -> bool:
+    """Whether this ring depth and query-slot count fit in shared memory (None: the launcher's choice, always)."""
+    if q_slots is None:
+        return True
+    long_rows = index.full_tiles.shape[-1] + index.part_tiles.shape[-1] >= gluon_fwd.LONG_ROW_TILES
+    ring = stages or gluon_fwd.STAGES or (3 if long_rows else 2)
+    return gluon_fwd._shared_bytes(ring, q_slots, 128, dim) <= gluon_fwd.SHARED_MEMORY_BYTES
+
+
+def bench(sizes: list[int], stages: list[int], persistent: list[bool], q_slots: list[int | None],
+          repeats: int) -> list[dict]:
     rows = []
     for seq, dim in [(s, 128) for s in sizes] + [(16384, 64)]:
-        rows += bench_shape(seq, dim, stages, persistent, repeats)
+        rows += bench_shape(seq, dim, stages, persistent, q_slots, repeats)
         torch.cuda.empty_cache()
     return rows
 
@@ -199,6 +213,7 @@ def main() -> int:
     ap.add_argument("--sizes", default="16384,65536")
     ap.add_argument("--stages", default="0,2,3", help="K/V ring depths to time (0: the automatic choice)")
     ap.add_argument("--persistent", default="1,0", help="grids to check and time: 1 persistent, 0 one per item")
+    ap.add_argument("--q-slots", default="0", help="query slots to time: 1, 2, 0 (the launcher's choice)")
     ap.add_argument("--repeats", type=int, default=1, help="interleaved timings of each method")
     ap.add_argument("--check-stages", default="2,3", help="ring depths the checks run with")
     ap.add_argument("--skip-bench", action="store_true")
@@ -213,7 +228,9 @@ def main() -> int:
     checks = run_checks([(int(st), pe) for st in args.check_stages.split(",") for pe in persistent])
     ok = all(r["ok"] for r in checks)
     rows = [] if (args.skip_bench or not ok) else bench([int(s) for s in args.sizes.split(",")],
-                                                        stages, persistent, args.repeats)
+                                                        stages, persistent,
+                                                        [int(x) or None for x in args.q_slots.split(",")],
+                                                        args.repeats)
     with open(os.path.join(args.out, "gluon_fwd.json"), "w") as f:
         json.dump({"env": env, "checks": checks, "bench": rows, "all_ok": ok}, f, indent=1)
     md = table(rows)

@@ -98,9 +98,11 @@ def kernel_cases(dims: list[int], kernels: set[str]):
                    dict(BLOCK=BLOCK, BLOCK_N=block_n, SUB_M=sub_m, HPP=hpp, HEAD_DIM=dim, USE_TMA=dim != 256, **FLAGS),
                    warps, stages)
         if "gluon_fwd" in kernels and attention_fwd_gluon.AVAILABLE and dim in attention_fwd_gluon.HEAD_DIMS:
-            for ring in (2, 3):
-                yield (f"gluon fwd D{dim} ring {ring}", attention_fwd_gluon._attn_fwd_ws_kernel,
-                       dict(BLOCK=BLOCK, BLOCK_N=BLOCK, HEAD_DIM=dim, STAGES=ring), 4, 1)
+            for ring in (2, 3):  # with the query slots the launcher pairs with this ring
+                fits = attention_fwd_gluon._shared_bytes(ring, 2, BLOCK, dim) <= attention_fwd_gluon.SHARED_MEMORY_BYTES
+                q_slots = 2 if fits else 1
+                yield (f"gluon fwd D{dim} ring {ring} q {q_slots}", attention_fwd_gluon._attn_fwd_ws_kernel,
+                       dict(BLOCK=BLOCK, BLOCK_N=BLOCK, HEAD_DIM=dim, STAGES=ring, Q_SLOTS=q_slots), 4, 1)
         if "gluon_dkdv" in kernels and attention_bwd_gluon.AVAILABLE and dim in attention_bwd_gluon.HEAD_DIMS:
             ring = attention_bwd_gluon.STAGES[dim]
             for split in (False, True):  # one program per key tile / chunks of split key tiles
@@ -109,10 +111,12 @@ def kernel_cases(dims: list[int], kernels: set[str]):
                        dict(BLOCK=BLOCK, BLOCK_M=attention_bwd_gluon.BLOCK_M, HEAD_DIM=dim, STAGES=ring, SPLIT=split),
                        4, 1)
         if "gluon_dq" in kernels and attention_bwd_gluon.AVAILABLE and dim in attention_bwd_gluon.HEAD_DIMS:
-            for block_n in (64, 128):
-                ring = attention_bwd_gluon.DQ_STAGES[(dim, block_n)]
-                yield (f"gluon dq D{dim} keys {block_n} ring {ring}", attention_bwd_gluon._attn_bwd_dq_ws_kernel,
-                       dict(BLOCK=BLOCK, BLOCK_N=block_n, HEAD_DIM=dim, STAGES=ring), 4, 1)
+            variants = [(64, attention_bwd_gluon.DQ_STAGES[(dim, 64)], attention_bwd_gluon.DQ_Q_SLOTS), (64, 3, 2),
+                        (128, attention_bwd_gluon.DQ_STAGES[(dim, 128)], 1)]
+            for block_n, ring, q_slots in variants:  # shipped, two query/dO slots, 128-key steps
+                yield (f"gluon dq D{dim} keys {block_n} ring {ring} q {q_slots}",
+                       attention_bwd_gluon._attn_bwd_dq_ws_kernel,
+                       dict(BLOCK=BLOCK, BLOCK_N=block_n, HEAD_DIM=dim, STAGES=ring, Q_SLOTS=q_slots), 4, 1)
         cfg = attention_bwd.BWD_CONFIGS[dim]
         if "dkdv" in kernels:
             tma = dim != 256
