@@ -18,9 +18,9 @@ each other (no CTA-wide barrier in the loop), so one's elementwise work overlaps
   and V once, then streams the query rows, dO rows, LSE and delta of every listed (query tile, row block, query
   head) step into a ring of shared-memory slots; each consumer owns 64 keys (its dK and dV accumulators, 64 x head
   dim fp32 each, stay in registers). Per step it issues ``S^T = K Q^T`` and ``dP^T = V dO^T`` together, waits for
-  the scores only, recomputes P while dP^T runs, then issues ``dV += P^T dO`` and ``dK += dS^T Q`` and waits for
-  them before freeing the slot (keeping their operands alive into the next step needed more than the 240 registers
-  a consumer has: ptxas then serialised every wgmma).
+  the scores only, recomputes P while dP^T runs, issues ``dV += P^T dO``, computes dS while that runs, issues
+  ``dK += dS^T Q`` and waits for both before freeing the slot (keeping their operands alive into the next step
+  needed more than the 240 registers a consumer has: ptxas then serialised every wgmma).
 - dQ: one program = one 128-row query tile of one query head (the forward's order); the loader loads its query and
   dO rows once and streams the listed K/V tiles in 64-key steps; step j issues ``S_j`` and ``dP_j`` together with
   ``dQ += dS_{j-1} K_{j-1}``, waits for the first two, and computes ``dS_j`` while that product runs.
@@ -183,7 +183,8 @@ if AVAILABLE:
                      b, hkv, G, s_dkb, s_dkh, s_dkt, s_dvb, s_dvh, s_dvt, s_sb, s_sh, s_ss, slot_out,
                      q_len, kv_len, q_offset, kv_offset, k_first, sink, window, qk_mul, scale, ROW0: gl.constexpr):
         """One warpgroup: 64 keys (from ROW0) of the tile. Step j: S^T and dP^T issued together; wait for S^T only;
-        P while dP^T runs; then dV += P^T dO and dK += dS^T Q, waited for before the slot is freed."""
+        P while dP^T runs; dV += P^T dO issued, dS computed while it runs; dK += dS^T Q; both waited for before the
+        slot is freed."""
         ROWS: gl.constexpr = 64
         BLOCK: gl.constexpr = k_smem.shape[0]
         HEAD_DIM: gl.constexpr = k_smem.shape[1]
@@ -229,10 +230,10 @@ if AVAILABLE:
             # q and dO rows are 0 too, so they add nothing), broadcast over this warpgroup's keys
             p = gl.exp2(s - lse_smem.index(slot).load(s_layout))
             p_op = gl.convert_layout(p.to(dtype), op_layout)
-            dp = warpgroup_mma_wait(0, deps=(dp, ))
+            dv = warpgroup_mma(p_op, do_rows, dv, is_async=True)  # runs while dS is computed
+            dp = warpgroup_mma_wait(1, deps=(dp, ))
             ds = p * (dp - delta_smem.index(slot).load(s_layout))
             ds_op = gl.convert_layout(ds.to(dtype), op_layout)
-            dv = warpgroup_mma(p_op, do_rows, dv, is_async=True)
             dk = warpgroup_mma(ds_op, q_rows, dk, is_async=True)
             dk, dv = warpgroup_mma_wait(0, deps=(dk, dv, p_op, ds_op))[:2]
             mbarrier.arrive(q_free.index(slot))
