@@ -48,6 +48,8 @@ if AVAILABLE:
     )
 
     from .attention_fwd_gluon import (
+        _item,
+        _items_of_program,
         _partial_entry,
         _query_tile,
         _ring_barriers,
@@ -366,9 +368,10 @@ if AVAILABLE:
         kb0 = kv_offset // BLOCK
         base = 0
         i = 0
-        for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
+        for k in range(_items_of_program(n_work)):
+            w = _item(k)
             b, hkv, hq, q_first, t_first, irow, f_cnt, n_tiles = _query_tile(
-                w, FC, PC, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK, BLOCK_N)
+                w, n_work, FC, PC, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK, BLOCK_N)
             b32 = b.to(gl.int32)
             q_slot = i % Q_SLOTS
             mbarrier.wait(q_free.index(q_slot), ((i // Q_SLOTS) + 1) & 1, pred=i >= Q_SLOTS)
@@ -416,9 +419,10 @@ if AVAILABLE:
         kb0 = kv_offset // BLOCK
         base = 0
         i = 0
-        for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
+        for k in range(_items_of_program(n_work)):
+            w = _item(k)
             b, hkv, hq, q_first, t_first, irow, f_cnt, n_tiles = _query_tile(
-                w, FC, PC, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK, BLOCK_N)
+                w, n_work, FC, PC, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK, BLOCK_N)
             q_slot = i % Q_SLOTS
             q_rows = _ring_tile(q_smem, q_slot).slice(ROW0, ROWS)
             do_rows = _ring_tile(do_smem, q_slot).slice(ROW0, ROWS)

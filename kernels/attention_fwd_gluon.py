@@ -151,9 +151,10 @@ if AVAILABLE:
         kb0 = kv_offset // BLOCK
         base = 0  # ring uses before this work item
         i = 0  # work items done by this program
-        for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
+        for k in range(_items_of_program(n_work)):
+            w = _item(k)
             b, hkv, hq, q_first, t_first, irow, f_cnt, n_tiles = _query_tile(
-                w, FC, PC, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK, BLOCK_N)
+                w, n_work, FC, PC, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK, BLOCK_N)
             b32 = b.to(gl.int32)
             q_slot = i % Q_SLOTS  # both consumers issued their last Q.K^T on the slot's previous item
             mbarrier.wait(q_free.index(q_slot), ((i // Q_SLOTS) + 1) & 1, pred=i >= Q_SLOTS)
@@ -199,9 +200,10 @@ if AVAILABLE:
         kb0 = kv_offset // BLOCK
         base = 0  # ring uses before this work item (the loader counts the same way)
         i = 0
-        for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
+        for k in range(_items_of_program(n_work)):
+            w = _item(k)
             b, hkv, hq, q_first, t_first, irow, f_cnt, n_tiles = _query_tile(
-                w, FC, PC, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK, BLOCK_N)
+                w, n_work, FC, PC, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK, BLOCK_N)
             q_abs = q_first + ROW0 + gl.arange(0, ROWS, layout=row_s)
             m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_s)
             l_i = gl.zeros([ROWS], gl.float32, layout=row_s)
@@ -284,14 +286,34 @@ if AVAILABLE:
         return ring.index(slot).reshape([ring.shape[3], ring.shape[4]])
 
     @gluon.jit
-    def _query_tile(w, FC, PC, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK: gl.constexpr,
+    def _items_of_program(n_work):
+        """Work items this program walks: rounds of one item per program, forth in even rounds and back in odd ones
+        (items come longest first, so the snake order evens the programs' loads)."""
+        grid = gl.num_programs(0)
+        rounds = n_work // grid
+        left = n_work % grid  # items of the last, partial round
+        last = gl.program_id(0) + (rounds % 2) * (grid - 1 - 2 * gl.program_id(0))
+        return rounds + (last < left).to(gl.int32)
+
+    @gluon.jit
+    def _item(k):
+        """Round ``k``'s work item of this program (the snake order of ``_items_of_program``)."""
+        p = gl.program_id(0)
+        grid = gl.num_programs(0)
+        return k * grid + p + (k % 2) * (grid - 1 - 2 * p)
+
+    @gluon.jit
+    def _query_tile(w, n_work, FC, PC, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK: gl.constexpr,
                     BLOCK_N: gl.constexpr):
         """Work item ``w`` -> (batch, KV head, query head, first absolute / storage row of its query tile, index
-        row, full entries, BLOCK_N-key steps): per (batch, KV head) the last query tiles first, the heads of a KV
-        group side by side (the Triton forward's program order)."""
-        per_bh = n_q_tiles * G
-        return _query_tile_of(w % per_bh, w // per_bh, FC, PC, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK,
-                              BLOCK_N)
+        row, full entries, BLOCK_N-key steps). Items go by query tile, last (longest causal rows) first, then by
+        (batch, KV head), the heads of a KV group side by side: with a grid of one program per SM the longest rows
+        of every head start first; grouping by (batch, KV head) first left a persistent grid 1.8x out of balance
+        on dense causal rows at 4K (scripts/results/KERNEL_NOTES.md, session eight)."""
+        per_rank = n_work // n_q_tiles
+        rest = w % per_rank
+        return _query_tile_of((w // per_rank) * G + rest % G, rest // G, FC, PC, s_ib, s_ih, Hkv, G, q_offset,
+                              n_q_tiles, BLOCK, BLOCK_N)
 
     @gluon.jit
     def _query_tile_of(pid, bh, FC, PC, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK: gl.constexpr,
