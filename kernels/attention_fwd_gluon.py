@@ -51,10 +51,11 @@ ENABLED = True
 # and 2 otherwise, the faster of the two in scripts/results/gluon_fwd_h100_v2_ws.json.
 STAGES: int | None = None
 LONG_ROW_TILES = 96
-# True: one program per SM walks the work items (query tile x head) in turn, so each item's epilogue overlaps the
-# next one's loads; False: one program per work item; None: persistent for rows shorter than LONG_ROW_TILES (faster
-# on every sparse layout in scripts/results/gluon_fwd_h100_v5_persistent.*, equal or slower on dense rows).
-PERSISTENT: bool | None = None
+# True: one program per SM walks the work items (query tile x head) in snake rounds, so each item's epilogue
+# overlaps the next one's loads; False: one program per work item. Persistent was as fast or faster on every
+# pattern and size timed (scripts/results/gluon_fwd_h100_v8_snake.*: 4K dense 0.260 vs 0.297 ms, 64K sink+window
+# 7.94 vs 8.37).
+PERSISTENT = True
 # Query tiles in shared memory: 2 lets the loader fetch the next item's Q while this one runs; None: 2 where shared
 # memory holds them beside the ring (head dim 64, or 128 with a 2-slot ring), else 1.
 Q_SLOTS: int | None = None
@@ -428,9 +429,8 @@ def attention_forward_gluon(
         raise ValueError(f"Gluon forward with {q_slots} query slots and a {stages}-slot ring at head dim {dim}: "
                          f"{_shared_bytes(stages, q_slots, block, dim)} bytes of shared memory, more than "
                          f"{SHARED_MEMORY_BYTES} (query slots: 1 or 2)")
-    persistent = (not long_rows) if PERSISTENT is None else PERSISTENT
     n_work = batch * hkv * group * n_q
-    grid = (min(n_work, _sm_count(q.device)) if persistent else n_work,)
+    grid = (min(n_work, _sm_count(q.device)) if PERSISTENT else n_work,)
     _attn_fwd_ws_kernel[grid](
         q, k, v, out, lse, full_count, full_tiles, part_count, part_tiles,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

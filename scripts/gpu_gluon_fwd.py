@@ -44,7 +44,7 @@ def _rand(shape, dtype, gen, seq_major=False):
     return torch.randn(shape, generator=gen, device="cuda").to(dtype)
 
 
-def _launch(q, k, v, index, use_gluon: bool, stages: int | None = None, persistent: bool | None = None,
+def _launch(q, k, v, index, use_gluon: bool, stages: int | None = None, persistent: bool = True,
             q_slots: int | None = None):
     """One forward through attention_forward with the Gluon switches forced (the dispatch users get)."""
     saved = gluon_fwd.ENABLED, gluon_fwd.STAGES, gluon_fwd.PERSISTENT, gluon_fwd.Q_SLOTS

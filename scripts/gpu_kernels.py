@@ -503,7 +503,7 @@ def environment() -> dict:
            "gluon_dkdv": attention_bwd_gluon.ENABLED and attention_bwd_gluon.AVAILABLE,
            "gluon_dq": (list(attention_bwd_gluon.DQ_HEAD_DIMS)
                         if attention_bwd_gluon.DQ_ENABLED and attention_bwd_gluon.AVAILABLE else []),
-           # None: persistent for rows shorter than LONG_ROW_TILES (the launcher's rule)
+           # (runs up to v14 shipped None: persistent for rows shorter than LONG_ROW_TILES only)
            "gluon_fwd_persistent": attention_fwd_gluon.PERSISTENT, "gluon_fwd_q_slots": attention_fwd_gluon.Q_SLOTS,
            "gluon_dq_persistent": attention_bwd_gluon.DQ_PERSISTENT, "gluon_dq_q_slots": attention_bwd_gluon.DQ_Q_SLOTS}
     if DEVICE == "cuda":
