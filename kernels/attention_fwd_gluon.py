@@ -9,9 +9,11 @@ Why a second forward: in the Triton kernel the warps that issue the MMAs also do
 pipeliner waits for each ``Q.K^T`` before the softmax that follows it, so the tensor cores idle while a warpgroup
 computes exponentials (scripts/results/KERNEL_NOTES.md). Here the schedule is written out, FlashAttention-3 style:
 
-- one program = one 128-row query tile of one query head, split into three partitions: a 1-warp loader that
-  streams Q and the listed K/V tiles by TMA into a ring of shared-memory slots (``mbarrier`` per slot, "full" and
-  "free"), and two 4-warp consumer warpgroups of 64 query rows each, which run unsynchronised with each other (so
+- a persistent grid, one program per SM, walks the work items (a 128-row query tile of one query head; longest
+  rows first, in snake rounds). A program has three partitions: a 1-warp loader that streams each item's Q and its
+  listed K/V tiles by TMA into shared-memory slots (``mbarrier`` per slot, "full" and "free"; Q's slot is freed
+  after the item's last scores, so the next item loads during this one's epilogue), and two 4-warp consumer
+  warpgroups of 64 query rows each, which run unsynchronised with each other (so
   one's softmax overlaps the other's MMAs) and free a slot by arriving on its barrier (no CTA-wide barrier);
 - inside a consumer, the scores of tile j are issued asynchronously together with ``P_{j-1} V_{j-1}``; it waits
   only for the scores, runs the softmax of tile j while ``P V`` is still in flight, then waits and rescales.
