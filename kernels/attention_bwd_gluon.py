@@ -54,6 +54,8 @@ if AVAILABLE:
         _query_tile,
         _ring_barriers,
         _ring_tile,
+        _rows_descriptor,
+        _slot_barriers,
         _tile_start,
         _tma_load,
     )
@@ -514,23 +516,15 @@ if AVAILABLE:
         items p, p + grid, ... (one each, or a persistent grid). DQ has Q's strides (``torch.empty_like(q)``)."""
         dtype: gl.constexpr = Q.dtype.element_ty
         layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
-        q_desc = tma.make_tensor_descriptor(Q, shape=[B, Hkv * G, q_len, HEAD_DIM], strides=[s_qb, s_qh, s_qt, 1],
-                                            block_shape=[1, 1, BLOCK, HEAD_DIM], layout=layout)
-        do_desc = tma.make_tensor_descriptor(DO, shape=[B, Hkv * G, q_len, HEAD_DIM], strides=[s_db, s_dh, s_dt, 1],
-                                             block_shape=[1, 1, BLOCK, HEAD_DIM], layout=layout)
-        k_desc = tma.make_tensor_descriptor(K, shape=[B, Hkv, kv_len, HEAD_DIM], strides=[s_kb, s_kh, s_kt, 1],
-                                            block_shape=[1, 1, BLOCK_N, HEAD_DIM], layout=layout)
-        v_desc = tma.make_tensor_descriptor(V, shape=[B, Hkv, kv_len, HEAD_DIM], strides=[s_vb, s_vh, s_vt, 1],
-                                            block_shape=[1, 1, BLOCK_N, HEAD_DIM], layout=layout)
+        q_desc = _rows_descriptor(Q, B, Hkv * G, q_len, s_qb, s_qh, s_qt, BLOCK, HEAD_DIM, layout)
+        do_desc = _rows_descriptor(DO, B, Hkv * G, q_len, s_db, s_dh, s_dt, BLOCK, HEAD_DIM, layout)
+        k_desc = _rows_descriptor(K, B, Hkv, kv_len, s_kb, s_kh, s_kt, BLOCK_N, HEAD_DIM, layout)
+        v_desc = _rows_descriptor(V, B, Hkv, kv_len, s_vb, s_vh, s_vt, BLOCK_N, HEAD_DIM, layout)
         q_smem = gl.allocate_shared_memory(dtype, [Q_SLOTS, 1, 1, BLOCK, HEAD_DIM], layout)
         do_smem = gl.allocate_shared_memory(dtype, [Q_SLOTS, 1, 1, BLOCK, HEAD_DIM], layout)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [Q_SLOTS, 1], mbarrier.MBarrierLayout())
-        q_free = gl.allocate_shared_memory(gl.int64, [Q_SLOTS, 1], mbarrier.MBarrierLayout())
-        for slot in gl.static_range(Q_SLOTS):
-            mbarrier.init(q_bar.index(slot), count=1)
-            mbarrier.init(q_free.index(slot), count=2)
+        q_bar, q_free = _slot_barriers(Q_SLOTS)
         k_bar, v_bar, k_free, v_free = _ring_barriers(STAGES)
         n_work = B * Hkv * G * n_q_tiles
         consumer_args = (q_smem, do_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free, LSE, DELTA,

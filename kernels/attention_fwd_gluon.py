@@ -332,6 +332,25 @@ if AVAILABLE:
         return b, hkv, hq, q_first, q_first - q_offset, irow, f_cnt, n_tiles
 
     @gluon.jit
+    def _slot_barriers(SLOTS: gl.constexpr):
+        """"Full" (count 1: the loader's expect + TMA transaction) and "free" (count 2: one arrival per consumer
+        warpgroup) mbarriers for ``SLOTS`` slots of one tensor, initialised (the query slots of forward and dQ)."""
+        full = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
+        free = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
+        for slot in gl.static_range(SLOTS):
+            mbarrier.init(full.index(slot), count=1)
+            mbarrier.init(free.index(slot), count=2)
+        return full, free
+
+    @gluon.jit
+    def _rows_descriptor(ptr, n_batch, n_heads, n_rows, s_b, s_h, s_t, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr,
+                         layout: gl.constexpr):
+        """A TMA descriptor over a (batch, head, row, dim) tensor with [1, 1, ROWS, HEAD_DIM] boxes: one serves
+        every work item of a persistent program."""
+        return tma.make_tensor_descriptor(ptr, shape=[n_batch, n_heads, n_rows, HEAD_DIM], strides=[s_b, s_h, s_t, 1],
+                                          block_shape=[1, 1, ROWS, HEAD_DIM], layout=layout)
+
+    @gluon.jit
     def _ring_barriers(STAGES: gl.constexpr):
         """The mbarriers of a ring of slots holding two tensors (a, b): per slot "full" (count 1: the loader's
         expect + TMA transaction) and "free" (count 2: one arrival per consumer warpgroup), initialised."""
@@ -363,21 +382,13 @@ if AVAILABLE:
         ``_attn_fwd_kernel``."""
         dtype: gl.constexpr = Q.dtype.element_ty
         layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
-        # 4-D descriptors over (batch, head, row, dim): one set serves every work item of the program
-        q_desc = tma.make_tensor_descriptor(Q, shape=[B, Hkv * G, q_len, HEAD_DIM], strides=[s_qb, s_qh, s_qt, 1],
-                                            block_shape=[1, 1, BLOCK, HEAD_DIM], layout=layout)
-        k_desc = tma.make_tensor_descriptor(K, shape=[B, Hkv, kv_len, HEAD_DIM], strides=[s_kb, s_kh, s_kt, 1],
-                                            block_shape=[1, 1, BLOCK_N, HEAD_DIM], layout=layout)
-        v_desc = tma.make_tensor_descriptor(V, shape=[B, Hkv, kv_len, HEAD_DIM], strides=[s_vb, s_vh, s_vt, 1],
-                                            block_shape=[1, 1, BLOCK_N, HEAD_DIM], layout=layout)
+        q_desc = _rows_descriptor(Q, B, Hkv * G, q_len, s_qb, s_qh, s_qt, BLOCK, HEAD_DIM, layout)
+        k_desc = _rows_descriptor(K, B, Hkv, kv_len, s_kb, s_kh, s_kt, BLOCK_N, HEAD_DIM, layout)
+        v_desc = _rows_descriptor(V, B, Hkv, kv_len, s_vb, s_vh, s_vt, BLOCK_N, HEAD_DIM, layout)
         q_smem = gl.allocate_shared_memory(dtype, [Q_SLOTS, 1, 1, BLOCK, HEAD_DIM], layout)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [Q_SLOTS, 1], mbarrier.MBarrierLayout())
-        q_free = gl.allocate_shared_memory(gl.int64, [Q_SLOTS, 1], mbarrier.MBarrierLayout())
-        for slot in gl.static_range(Q_SLOTS):
-            mbarrier.init(q_bar.index(slot), count=1)
-            mbarrier.init(q_free.index(slot), count=2)
+        q_bar, q_free = _slot_barriers(Q_SLOTS)
         k_bar, v_bar, k_free, v_free = _ring_barriers(STAGES)
         n_work = B * Hkv * G * n_q_tiles
         consumer_args = (q_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free,
