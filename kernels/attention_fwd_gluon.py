@@ -402,6 +402,22 @@ if AVAILABLE:
             [4, 1], [240, 24])
 
 
+def slots_for(dim: int, block: int, row_tiles: int, stages: int | None = None,
+              q_slots: int | None = None) -> tuple[int, int]:
+    """(K/V ring depth, query slots) the forward launches with for rows listing up to ``row_tiles`` tiles: given
+    values, else the module settings, else 3 slots for long rows (2 otherwise) and 2 query slots where shared memory
+    holds them. Raises ValueError for a combination that does not fit."""
+    stages = stages or STAGES or (3 if row_tiles >= LONG_ROW_TILES else 2)
+    if stages not in (2, 3):
+        raise ValueError(f"Gluon forward ring depth {stages}: 2 or 3 (shared memory holds at most 3)")
+    q_slots = q_slots or Q_SLOTS or (2 if _shared_bytes(stages, 2, block, dim) <= SHARED_MEMORY_BYTES else 1)
+    if q_slots not in (1, 2) or _shared_bytes(stages, q_slots, block, dim) > SHARED_MEMORY_BYTES:
+        raise ValueError(f"Gluon forward with {q_slots} query slots and a {stages}-slot ring at head dim {dim}: "
+                         f"{_shared_bytes(stages, q_slots, block, dim)} bytes of shared memory, more than "
+                         f"{SHARED_MEMORY_BYTES} (query slots: 1 or 2)")
+    return stages, q_slots
+
+
 def _shared_bytes(stages: int, q_slots: int, block: int, dim: int) -> int:
     """Shared memory of the forward's tiles: ``stages`` K/V slot pairs (128 keys), ``q_slots`` query tiles (16-bit)."""
     return (stages * 2 * 128 + q_slots * block) * dim * 2
@@ -433,15 +449,7 @@ def attention_forward_gluon(
     qk_mul, _ = score_constants(scale, 0.0)  # no soft-capping on this path
     s_ib, s_ih = index_strides(full_count)
     ensure_allocator()
-    long_rows = full_tiles.shape[-1] + part_tiles.shape[-1] >= LONG_ROW_TILES
-    stages = stages or STAGES or (3 if long_rows else 2)
-    if stages not in (2, 3):
-        raise ValueError(f"Gluon forward ring depth {stages}: 2 or 3 (shared memory holds at most 3)")
-    q_slots = Q_SLOTS or (2 if _shared_bytes(stages, 2, block, dim) <= SHARED_MEMORY_BYTES else 1)
-    if q_slots not in (1, 2) or _shared_bytes(stages, q_slots, block, dim) > SHARED_MEMORY_BYTES:
-        raise ValueError(f"Gluon forward with {q_slots} query slots and a {stages}-slot ring at head dim {dim}: "
-                         f"{_shared_bytes(stages, q_slots, block, dim)} bytes of shared memory, more than "
-                         f"{SHARED_MEMORY_BYTES} (query slots: 1 or 2)")
+    stages, q_slots = slots_for(dim, block, full_tiles.shape[-1] + part_tiles.shape[-1], stages)
     n_work = batch * hkv * group * n_q
     grid = (min(n_work, _sm_count(q.device)) if PERSISTENT else n_work,)
     _attn_fwd_ws_kernel[grid](

@@ -173,12 +173,12 @@ def bench_shape(seq: int, dim: int, stages: list[int], persistent: list[bool], q
 
 
 def _fits(stages: int | None, q_slots: int | None, dim: int, index) -> bool:
-    """Whether this ring depth and query-slot count fit in shared memory (None: the launcher's choice, always)."""
-    if q_slots is None:
-        return True
-    long_rows = index.full_tiles.shape[-1] + index.part_tiles.shape[-1] >= gluon_fwd.LONG_ROW_TILES
-    ring = stages or gluon_fwd.STAGES or (3 if long_rows else 2)
-    return gluon_fwd._shared_bytes(ring, q_slots, 128, dim) <= gluon_fwd.SHARED_MEMORY_BYTES
+    """Whether this ring depth and query-slot count fit in shared memory (the launcher's own rule)."""
+    try:
+        gluon_fwd.slots_for(dim, 128, index.full_tiles.shape[-1] + index.part_tiles.shape[-1], stages, q_slots)
+    except ValueError:
+        return False
+    return True
 
 
 def bench(sizes: list[int], stages: list[int], persistent: list[bool], q_slots: list[int | None],

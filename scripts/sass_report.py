@@ -99,8 +99,7 @@ def kernel_cases(dims: list[int], kernels: set[str]):
                    warps, stages)
         if "gluon_fwd" in kernels and attention_fwd_gluon.AVAILABLE and dim in attention_fwd_gluon.HEAD_DIMS:
             for ring in (2, 3):  # with the query slots the launcher pairs with this ring
-                fits = attention_fwd_gluon._shared_bytes(ring, 2, BLOCK, dim) <= attention_fwd_gluon.SHARED_MEMORY_BYTES
-                q_slots = 2 if fits else 1
+                q_slots = attention_fwd_gluon.slots_for(dim, BLOCK, 1, ring)[1]
                 yield (f"gluon fwd D{dim} ring {ring} q {q_slots}", attention_fwd_gluon._attn_fwd_ws_kernel,
                        dict(BLOCK=BLOCK, BLOCK_N=BLOCK, HEAD_DIM=dim, STAGES=ring, Q_SLOTS=q_slots), 4, 1)
         if "gluon_dkdv" in kernels and attention_bwd_gluon.AVAILABLE and dim in attention_bwd_gluon.HEAD_DIMS:

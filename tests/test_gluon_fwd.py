@@ -71,6 +71,14 @@ def test_ring_depth_is_checked():
         gluon_fwd.attention_forward_gluon(q, k, v, counts, tiles, counts, tiles, 128, 0, 0, 0, 0, 0.1, stages=4)
 
 
+def test_query_slots_follow_shared_memory():
+    assert gluon_fwd.slots_for(128, 128, 34) == (2, 2)  # short rows: 2-slot ring, room for a second query tile
+    assert gluon_fwd.slots_for(128, 128, 512) == (3, 1)  # long rows: 3-slot ring fills shared memory
+    assert gluon_fwd.slots_for(64, 128, 512) == (3, 2)
+    with pytest.raises(ValueError, match="2 query slots and a 3-slot ring at head dim 128"):
+        gluon_fwd.slots_for(128, 128, 512, q_slots=2)
+
+
 @pytest.mark.skipif(not gluon_fwd.AVAILABLE, reason="this Triton has no Gluon")
 @pytest.mark.skipif(not os.path.exists(_TOOLS), reason="Triton without its NVIDIA backend tools")
 def test_hopper_code_is_warp_specialised_and_overlapped(tmp_path):
