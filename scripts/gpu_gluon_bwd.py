@@ -37,7 +37,7 @@ from hf_sparsek.ops import build_index_for  # noqa: E402
 from hf_sparsek.reference import reference_attention  # noqa: E402
 from hf_sparsek.triton_ops import triton_block_sparse_attention  # noqa: E402
 from scripts.gpu_gluon_fwd import CASES as FWD_CASES  # noqa: E402
-from scripts.gpu_gluon_fwd import PATTERNS, _cudnn, _rand  # noqa: E402
+from scripts.gpu_gluon_fwd import PATTERNS, _cudnn, _rand, save  # noqa: E402
 
 
 def parse_dq_mode(mode: str) -> tuple[bool, int]:
@@ -202,10 +202,11 @@ def bench_shape(seq: int, dim: int, stages: list[int | None], dq_modes: list[str
     return rows
 
 
-def bench(sizes: list[int], stages: list[int | None], dq_modes: list[str]) -> list[dict]:
+def bench(sizes: list[int], stages: list[int | None], dq_modes: list[str], saved=lambda rows: None) -> list[dict]:
     rows = []
     for seq, dim in [(s, 128) for s in sizes] + [(16384, 64)]:
         rows += bench_shape(seq, dim, stages, dq_modes)
+        saved(rows)
         torch.cuda.empty_cache()
     return rows
 
@@ -244,13 +245,11 @@ def main() -> int:
                                                     for m in dq_modes])
     ok = all(r["ok"] for r in checks)
     stages = [int(s) or None for s in args.stages.split(",")]
-    rows = [] if (args.skip_bench or not ok) else bench([int(s) for s in args.sizes.split(",")], stages, dq_modes)
-    with open(os.path.join(args.out, "gluon_bwd.json"), "w") as f:
-        json.dump({"env": env, "checks": checks, "bench": rows, "all_ok": ok}, f, indent=1)
-    md = table(rows)
-    with open(os.path.join(args.out, "gluon_bwd.md"), "w") as f:
-        f.write(md)
-    print(md)
+    save(args.out, "gluon_bwd", env, checks, [], "")
+    rows = [] if (args.skip_bench or not ok) else bench(
+        [int(s) for s in args.sizes.split(",")], stages, dq_modes,
+        lambda rows: save(args.out, "gluon_bwd", env, checks, rows, table(rows)))
+    print(save(args.out, "gluon_bwd", env, checks, rows, table(rows)))
     print("checks:", "all OK" if ok else "FAILED")
     return 0 if ok else 1
 

@@ -182,10 +182,11 @@ def _fits(stages: int | None, q_slots: int | None, dim: int, index) -> bool:
 
 
 def bench(sizes: list[int], stages: list[int], persistent: list[bool], q_slots: list[int | None],
-          repeats: int) -> list[dict]:
+          repeats: int, saved=lambda rows: None) -> list[dict]:
     rows = []
     for seq, dim in [(s, 128) for s in sizes] + [(16384, 64)]:
         rows += bench_shape(seq, dim, stages, persistent, q_slots, repeats)
+        saved(rows)
         torch.cuda.empty_cache()
     return rows
 
@@ -227,18 +228,25 @@ def main() -> int:
     persistent = [bool(int(p)) for p in args.persistent.split(",")]
     checks = run_checks([(int(st), pe) for st in args.check_stages.split(",") for pe in persistent])
     ok = all(r["ok"] for r in checks)
-    rows = [] if (args.skip_bench or not ok) else bench([int(s) for s in args.sizes.split(",")],
-                                                        stages, persistent,
-                                                        [int(x) or None for x in args.q_slots.split(",")],
-                                                        args.repeats)
-    with open(os.path.join(args.out, "gluon_fwd.json"), "w") as f:
-        json.dump({"env": env, "checks": checks, "bench": rows, "all_ok": ok}, f, indent=1)
-    md = table(rows)
-    with open(os.path.join(args.out, "gluon_fwd.md"), "w") as f:
-        f.write(md)
-    print(md)
+    save(args.out, "gluon_fwd", env, checks, [], "")
+    rows = [] if (args.skip_bench or not ok) else bench(
+        [int(s) for s in args.sizes.split(",")], stages, persistent, [int(x) or None for x in args.q_slots.split(",")],
+        args.repeats, lambda rows: save(args.out, "gluon_fwd", env, checks, rows, table(rows)))
+    print(save(args.out, "gluon_fwd", env, checks, rows, table(rows)))
     print("checks:", "all OK" if ok else "FAILED")
     return 0 if ok else 1
+
+
+def save(out: str, stem: str, env: dict, checks: list[dict], rows: list[dict], md: str) -> str:
+    """Write ``stem``.json (environment, checks, timings) and ``stem``.md (the table); returns the table. The GPU
+    scripts call it after the checks and after each benchmark shape, so a run stopped by its time limit keeps what
+    it measured."""
+    ok = all(r["ok"] for r in checks)
+    with open(os.path.join(out, f"{stem}.json"), "w") as f:
+        json.dump({"env": env, "checks": checks, "bench": rows, "all_ok": ok}, f, indent=1)
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
+        f.write(md)
+    return md
 
 
 if __name__ == "__main__":
