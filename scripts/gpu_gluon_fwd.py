@@ -108,6 +108,9 @@ CASES = [
     ("bshd-view-D128", 2, 8, 2, 2057, 2057, 128, _SW, torch.bfloat16, True),
     ("fp16-D128", 1, 8, 2, 2048, 2048, 128, _SW, torch.float16),
     ("window-only-D128", 1, 4, 1, 3000, 3000, 128, SparsePattern(window=700)),
+    # sink keys without a window: the tiles that hold them are partial and not top-k selected
+    ("sink-random-D128", 1, 8, 2, 2500, 2500, 128,
+     SparsePattern(sink_tokens=100, layout=BlockLayout("random", density=0.2))),
 ]
 
 
