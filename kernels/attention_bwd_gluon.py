@@ -50,8 +50,7 @@ if AVAILABLE:
     from .attention_fwd_gluon import (
         _item,
         _items_of_program,
-        _key_columns,
-        _mask_columns,
+        _keep,
         _mask_query_rows,
         _partial_entry,
         _query_tile,
@@ -196,12 +195,14 @@ if AVAILABLE:
         a_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, HEAD_DIM, 16])
         op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=a_layout, k_width=2)
+        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         k_rows = k_smem.slice(ROW0, ROWS)
         v_rows = v_smem.slice(ROW0, ROWS)
         k_abs = k_first + ROW0 + gl.arange(0, ROWS, layout=row_s)
         k_t = k_abs - kv_offset
-        k_lo = gl.where((k_t >= 0) & (k_t < kv_len), k_abs, 1 << 29)  # keys outside the sequence: no query
+        k_in = (k_t >= 0) & (k_t < kv_len)
+        cols = gl.arange(0, BLOCK_M, layout=col_s)
         s_zero = gl.zeros([ROWS, BLOCK_M], gl.float32, layout=s_layout)
         dk = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=a_layout)
         dv = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=a_layout)
@@ -221,8 +222,11 @@ if AVAILABLE:
             if j // per_entry >= f_cnt:  # a partial entry: the element mask (the list is read only for those)
                 hq, t_first, part, selected = _step_rows(FT, PT, irow, f_width, p_width, f_cnt, j, hkv, G, q_offset,
                                                          BLOCK, BLOCK_M)
-                lo, hi = _key_columns(k_lo, t_first + q_offset, sink, window, selected)
-                s = _mask_columns(s, lo, hi, BLOCK_M, s_layout)
+                # element-wise: the row-wise interval form (_key_columns) left spill reloads in this loop at
+                # head dim 128 and ran the strided pattern's backward 13% slower (ab_h100_v1_interval_masks.md)
+                keep = _keep((t_first + q_offset + cols)[None, :], k_abs[:, None], k_in[:, None], selected, sink,
+                             window)
+                s = gl.where(keep, s, float("-inf"))
             # the row's LSE (the backward's copy: +inf for empty rows; rows outside the sequence read 0, and their
             # q and dO rows are 0 too, so they add nothing), broadcast over this warpgroup's keys
             p = gl.exp2(s - lse_smem.index(slot).load(s_layout))

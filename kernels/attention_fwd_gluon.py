@@ -125,7 +125,8 @@ if AVAILABLE:
     def _keep(qa, ka, k_in, selected, sink, window):
         """Token-exact element mask (attention_fwd's element_mask without segments / ranks): ``qa``, ``ka`` absolute
         positions broadcast against each other, ``k_in`` the key inside the sequence. About 11 instructions per
-        element on sm_90: only the rare tiles that hold sink keys and are cut by the window use it."""
+        element on sm_90; the query-row kernels (forward, dQ) use row-wise intervals instead (:func:`_mask_query_rows`),
+        the dK/dV kernel keeps this form (the interval form left spill reloads in its loop)."""
         token = ((sink > 0) & (ka < sink)) | ((window > 0) & ((qa - ka) < window))
         return (ka <= qa) & k_in & (token | selected)
 
@@ -143,22 +144,6 @@ if AVAILABLE:
         lo = gl.where(selected, lo0, gl.where(windowed, gl.maximum(q_abs - window + 1 - k_base, lo0), hi))
         sink_hi = gl.where(selected, lo0, gl.minimum(hi, sink - k_base))  # sink keys: causal ones only
         return lo, hi, lo0, sink_hi
-
-    @gluon.jit
-    def _key_columns(k_lo, q_base, sink, window, selected):
-        """The mask for key rows against the query columns of one step (the dK/dV kernel's transposed tiles): one
-        interval [lo, hi) of columns per row, since a sink key is kept by every later query. ``k_lo``: the rows'
-        absolute key positions, 2**29 for keys outside the sequence (a bound past every position: positions stay
-        below it, so differences fit in int32); ``q_base``: the absolute position of column 0."""
-        big = 1 << 29
-        # causal: query >= key; the window: query - key < window; sink keys and top-k tiles: every later query
-        hi = gl.where(selected | ((sink > 0) & (k_lo < sink)), big, gl.where(window > 0, k_lo + window, -big))
-        return k_lo - q_base, hi - q_base
-
-    @gluon.jit
-    def _mask_columns(s, lo, hi, N: gl.constexpr, layout: gl.constexpr):
-        """``s`` with every element outside its row's column interval [lo, hi) set to -inf."""
-        return gl.where(_in_interval(lo, hi, N, layout), s, float("-inf"))
 
     @gluon.jit
     def _in_interval(lo, hi, N: gl.constexpr, layout: gl.constexpr):
