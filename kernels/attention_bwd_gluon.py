@@ -51,6 +51,7 @@ if AVAILABLE:
         _item,
         _items_of_program,
         _keep,
+        _list_counts,
         _mask_query_rows,
         _partial_entry,
         _query_tile,
@@ -366,8 +367,8 @@ if AVAILABLE:
         i = 0
         for k in range(_items_of_program(n_work)):
             w = _item(k)
-            b, hkv, hq, q_first, t_first, irow, f_cnt, n_tiles = _query_tile(
-                w, n_work, FC, PC, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK, BLOCK_N)
+            b, hkv, hq, q_first, t_first, irow = _query_tile(w, n_work, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK)
+            f_cnt, n_tiles = _list_counts(w, n_work, FC, PC, s_ib, s_ih, Hkv, G, n_q_tiles, BLOCK, BLOCK_N)
             b32 = b.to(gl.int32)
             q_slot = i % Q_SLOTS
             mbarrier.wait(q_free.index(q_slot), ((i // Q_SLOTS) + 1) & 1, pred=i >= Q_SLOTS)
@@ -416,8 +417,8 @@ if AVAILABLE:
         i = 0
         for k in range(_items_of_program(n_work)):
             w = _item(k)
-            b, hkv, hq, q_first, t_first, irow, f_cnt, n_tiles = _query_tile(
-                w, n_work, FC, PC, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK, BLOCK_N)
+            b, hkv, hq, q_first, t_first, irow = _query_tile(w, n_work, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK)
+            f_cnt, n_tiles = _list_counts(w, n_work, FC, PC, s_ib, s_ih, Hkv, G, n_q_tiles, BLOCK, BLOCK_N)
             q_slot = i % Q_SLOTS
             q_rows = _ring_tile(q_smem, q_slot).slice(ROW0, ROWS)
             do_rows = _ring_tile(do_smem, q_slot).slice(ROW0, ROWS)

@@ -188,8 +188,8 @@ if AVAILABLE:
         i = 0  # work items done by this program
         for k in range(_items_of_program(n_work)):
             w = _item(k)
-            b, hkv, hq, q_first, t_first, irow, f_cnt, n_tiles = _query_tile(
-                w, n_work, FC, PC, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK, BLOCK_N)
+            b, hkv, hq, q_first, t_first, irow = _query_tile(w, n_work, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK)
+            f_cnt, n_tiles = _list_counts(w, n_work, FC, PC, s_ib, s_ih, Hkv, G, n_q_tiles, BLOCK, BLOCK_N)
             b32 = b.to(gl.int32)
             q_slot = i % Q_SLOTS  # both consumers issued their last Q.K^T on the slot's previous item
             mbarrier.wait(q_free.index(q_slot), ((i // Q_SLOTS) + 1) & 1, pred=i >= Q_SLOTS)
@@ -235,10 +235,16 @@ if AVAILABLE:
         kb0 = kv_offset // BLOCK
         base = 0  # ring uses before this work item (the loader counts the same way)
         i = 0
+        # list lengths are read one work item ahead, the list entries one tile ahead, so the global loads' latency
+        # overlaps the MMAs instead of stalling each item's start and each partial tile's mask
+        f_next, n_next = _list_counts(_item(0), n_work, FC, PC, s_ib, s_ih, Hkv, G, n_q_tiles, BLOCK, BLOCK_N)
         for k in range(_items_of_program(n_work)):
             w = _item(k)
-            b, hkv, hq, q_first, t_first, irow, f_cnt, n_tiles = _query_tile(
-                w, n_work, FC, PC, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK, BLOCK_N)
+            b, hkv, hq, q_first, t_first, irow = _query_tile(w, n_work, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK)
+            f_cnt = f_next
+            n_tiles = n_next
+            f_next, n_next = _list_counts(gl.minimum(_item(k + 1), n_work - 1), n_work, FC, PC, s_ib, s_ih, Hkv, G,
+                                          n_q_tiles, BLOCK, BLOCK_N)
             q_abs = q_first + ROW0 + gl.arange(0, ROWS, layout=row_s)
             m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_s)
             l_i = gl.zeros([ROWS], gl.float32, layout=row_s)
@@ -255,6 +261,8 @@ if AVAILABLE:
                 mbarrier.arrive(k_free.index(slot))
                 t0, part, selected = _tile_start(FT, PT, irow, f_width, p_width, f_cnt, 0, kb0, kv_offset, BLOCK,
                                                  BLOCK_N)
+                t0_n, part_n, selected_n = _tile_start(FT, PT, irow, f_width, p_width, f_cnt,
+                                                       gl.minimum(1, n_tiles - 1), kb0, kv_offset, BLOCK, BLOCK_N)
                 p32, m_i, l_i, alpha0 = _softmax_step(s, m_i, l_i, qk_mul, part, selected, t0, q_abs, kv_offset,
                                                       kv_len, sink, window, BLOCK_N, s_layout)
                 p = gl.convert_layout(p32.to(dtype), p_layout)
@@ -262,6 +270,10 @@ if AVAILABLE:
                     c = base + j
                     slot = c % STAGES
                     prev = (c - 1) % STAGES
+                    t0, part, selected = t0_n, part_n, selected_n
+                    t0_n, part_n, selected_n = _tile_start(FT, PT, irow, f_width, p_width, f_cnt,
+                                                           gl.minimum(j + 1, n_tiles - 1), kb0, kv_offset, BLOCK,
+                                                           BLOCK_N)
                     mbarrier.wait(k_bar.index(slot), (c // STAGES) & 1)
                     s = warpgroup_mma(q_rows, _ring_tile(k_smem, slot).permute((1, 0)), s_zero, use_acc=False,
                                       is_async=True)
@@ -269,8 +281,6 @@ if AVAILABLE:
                     acc = warpgroup_mma(p, _ring_tile(v_smem, prev), acc, is_async=True)
                     s = warpgroup_mma_wait(1, deps=(s, ))
                     mbarrier.arrive(k_free.index(slot))
-                    t0, part, selected = _tile_start(FT, PT, irow, f_width, p_width, f_cnt, j, kb0, kv_offset,
-                                                     BLOCK, BLOCK_N)
                     p32, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_mul, part, selected, t0, q_abs, kv_offset,
                                                          kv_len, sink, window, BLOCK_N, s_layout)
                     p = gl.convert_layout(p32.to(dtype), p_layout)
@@ -338,30 +348,34 @@ if AVAILABLE:
         return k * grid + p + (k % 2) * (grid - 1 - 2 * p)
 
     @gluon.jit
-    def _query_tile(w, n_work, FC, PC, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK: gl.constexpr,
-                    BLOCK_N: gl.constexpr):
-        """Work item ``w`` -> (batch, KV head, query head, first absolute / storage row of its query tile, index
-        row, full entries, BLOCK_N-key steps). Items go by query tile, last (longest causal rows) first, then by
-        (batch, KV head), the heads of a KV group side by side: with a grid of one program per SM the longest rows
-        of every head start first; grouping by (batch, KV head) first left a persistent grid 1.8x out of balance
-        on dense causal rows at 4K (scripts/results/KERNEL_NOTES.md, session eight)."""
+    def _work_row(w, n_work, n_q_tiles, G):
+        """Work item ``w`` -> (query tile slot ``pid`` within its (batch, KV head), (batch, KV head) ``bh``). Items go
+        by query tile, last (longest causal rows) first, then by (batch, KV head), the heads of a KV group side by
+        side: with a grid of one program per SM the longest rows of every head start first; grouping by (batch,
+        KV head) first left a persistent grid 1.8x out of balance on dense causal rows at 4K
+        (scripts/results/KERNEL_NOTES.md, session eight)."""
         per_rank = n_work // n_q_tiles
         rest = w % per_rank
-        return _query_tile_of((w // per_rank) * G + rest % G, rest // G, FC, PC, s_ib, s_ih, Hkv, G, q_offset,
-                              n_q_tiles, BLOCK, BLOCK_N)
+        return (w // per_rank) * G + rest % G, rest // G
 
     @gluon.jit
-    def _query_tile_of(pid, bh, FC, PC, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK: gl.constexpr,
-                       BLOCK_N: gl.constexpr):
+    def _query_tile(w, n_work, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK: gl.constexpr):
+        """Work item ``w`` -> (batch, KV head, query head, first absolute / storage row of its query tile, index
+        row); its list lengths come from :func:`_list_counts`."""
+        pid, bh = _work_row(w, n_work, n_q_tiles, G)
         b = (bh // Hkv).to(gl.int64)  # 64-bit bases: B*H*L*D exceeds 2**31 at 1M tokens
         hkv = (bh % Hkv).to(gl.int64)
         m = n_q_tiles - 1 - pid // G
-        hq = hkv * G + pid % G
         q_first = (q_offset // BLOCK + m) * BLOCK
-        irow = b * s_ib + hkv * s_ih + m
+        return b, hkv, hkv * G + pid % G, q_first, q_first - q_offset, b * s_ib + hkv * s_ih + m
+
+    @gluon.jit
+    def _list_counts(w, n_work, FC, PC, s_ib, s_ih, Hkv, G, n_q_tiles, BLOCK: gl.constexpr, BLOCK_N: gl.constexpr):
+        """Work item ``w``'s full entries and BLOCK_N-key steps (two global loads: callers issue them ahead)."""
+        pid, bh = _work_row(w, n_work, n_q_tiles, G)
+        irow = (bh // Hkv).to(gl.int64) * s_ib + (bh % Hkv).to(gl.int64) * s_ih + n_q_tiles - 1 - pid // G
         f_cnt = gl.load(FC + irow)
-        n_tiles = (f_cnt + gl.load(PC + irow)) * (BLOCK // BLOCK_N)
-        return b, hkv, hq, q_first, q_first - q_offset, irow, f_cnt, n_tiles
+        return f_cnt, (f_cnt + gl.load(PC + irow)) * (BLOCK // BLOCK_N)
 
     @gluon.jit
     def _slot_barriers(SLOTS: gl.constexpr):
