@@ -2,14 +2,16 @@
 
     git archive <commit> kernels | tar -x -C ab_base      # the baseline's kernels/ folder
     PYTHONPATH=$PWD python3 scripts/gpu_ab_kernels.py --base ab_base/kernels [--seq 65536] [--repeats 5]
-        [--patterns sinkwin,dense,strided,random] [--out DIR]
+        [--patterns sinkwin,dense,strided,random] [--swap fwd,dkdv,dq] [--out DIR]
 
 Single runs spread by 5-20% on the H100 (scripts/results/KERNEL_NOTES.md), so a change is read against its
 baseline in the same process: the baseline's ``attention_fwd_gluon`` / ``attention_bwd_gluon`` are loaded as a
 second package and their launchers take the place of the working tree's for the "base" timings (the library's
 dispatch, index and autograd code are the working tree's for both). Each repeat times forward and
-forward+backward of "base" and "new" in turn (``triton.testing.do_bench`` median), B=1, 32/8 heads, head dim 128,
-bf16; before timing, both trees' outputs and gradients are compared (they must agree to bf16 rounding). Writes
+forward+backward of "base" and "new" in turn (``triton.testing.do_bench`` median; which goes first alternates),
+B=1, 32/8 heads, head dim 128, bf16; ``--swap`` limits the baseline to some of the launchers, to tell which kernel
+a difference comes from. Before timing, both trees' outputs and gradients are compared (they must agree to bf16
+rounding). Writes
 ``ab_kernels.json`` (every timing, medians, new/base ratios) and ``ab_kernels.md``.
 """
 
@@ -50,14 +52,18 @@ def load_base(folder: str):
             importlib.import_module("kernels_base.attention_bwd_gluon"))
 
 
+SWAPS = {"fwd": "attention_forward_gluon", "dkdv": "attention_dkdv_gluon", "dq": "attention_dq_gluon"}
+
+
 @contextlib.contextmanager
-def launchers_of(base_fwd, base_bwd):
-    """The baseline's Gluon launchers in place of the working tree's, for the timings of "base"."""
+def launchers_of(base_fwd, base_bwd, swap: tuple[str, ...] = tuple(SWAPS)):
+    """The baseline's Gluon launchers named in ``swap`` (fwd, dkdv, dq) in place of the working tree's, for the
+    timings of "base"."""
     saved = {(mod, name): getattr(mod, name) for mod, names in LAUNCHERS.items() for name in names}
-    for name in LAUNCHERS[attention_fwd_gluon]:
-        setattr(attention_fwd_gluon, name, getattr(base_fwd, name))
-    for name in LAUNCHERS[attention_bwd_gluon]:
-        setattr(attention_bwd_gluon, name, getattr(base_bwd, name))
+    for mod, base in ((attention_fwd_gluon, base_fwd), (attention_bwd_gluon, base_bwd)):
+        for name in LAUNCHERS[mod]:
+            if name in [SWAPS[key] for key in swap]:
+                setattr(mod, name, getattr(base, name))
     try:
         yield
     finally:
@@ -71,11 +77,13 @@ def main() -> int:
     ap.add_argument("--seq", type=int, default=65536)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--patterns", default="sinkwin,dense,strided,random")
+    ap.add_argument("--swap", default="fwd,dkdv,dq", help="launchers the baseline provides in its timings")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     base_fwd, base_bwd = load_base(args.base)
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "seq": args.seq, "base": args.base}
+           "seq": args.seq, "base": args.base, "swap": args.swap}
+    swap = tuple(args.swap.split(","))
     print(json.dumps(env), flush=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
     shape_q, shape_kv = (1, 32, args.seq, 128), (1, 8, args.seq, 128)
@@ -100,7 +108,7 @@ def main() -> int:
             return (out, *torch.autograd.grad(out, (q, k, v), d_out))
 
         new = fwd_bwd()
-        with launchers_of(base_fwd, base_bwd):
+        with launchers_of(base_fwd, base_bwd, swap):
             old = fwd_bwd()
         errs = {name: float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-6))
                 for name, a, b in zip(("out", "dq", "dk", "dv"), new, old, strict=True)}
@@ -109,8 +117,8 @@ def main() -> int:
         print(json.dumps({"pattern": pname, **checks[pname]}), flush=True)
         del new, old
         for rep in range(args.repeats):
-            for tree in ("base", "new"):
-                ctx = launchers_of(base_fwd, base_bwd) if tree == "base" else contextlib.nullcontext()
+            for tree in ("base", "new") if rep % 2 == 0 else ("new", "base"):  # alternate who goes first
+                ctx = launchers_of(base_fwd, base_bwd, swap) if tree == "base" else contextlib.nullcontext()
                 with ctx:
                     for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
                         ms = float(triton.testing.do_bench(fn, warmup=25, rep=150, return_mode="median"))
