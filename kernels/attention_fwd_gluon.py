@@ -97,7 +97,8 @@ if AVAILABLE:
     @gluon.jit
     def _tile_start(FT, PT, irow, f_width, p_width, f_cnt, it, kb0, kv_offset,
                     BLOCK: gl.constexpr, BLOCK_N: gl.constexpr):
-        """Tile ``it`` of this query tile's list (full entries first): first key row (storage), partial, top-k."""
+        """Tile ``it`` of this query tile's list (full entries first): first key row (storage), partial, top-k (the
+        loaders' view; the consumers read only partial entries, :func:`_partial_entry`)."""
         n_sub: gl.constexpr = BLOCK // BLOCK_N
         e = it // n_sub
         if e < f_cnt:
@@ -111,10 +112,9 @@ if AVAILABLE:
 
     @gluon.jit
     def _partial_entry(PT, irow, p_width, f_cnt, it, kb0, kv_offset, BLOCK: gl.constexpr, BLOCK_N: gl.constexpr):
-        """First key row (storage) and top-k flag of tile ``it`` when it is a partial entry (the Gluon backward's
-        consumers read the list only for those). The forward's consumers read it through ``_tile_start``: the
-        partial-only form compiles to the same main loops there (Triton 3.6 already sinks the full-tile loads into
-        the mask branch), so it was not kept (scripts/results/KERNEL_NOTES.md, session seven)."""
+        """First key row (storage) and top-k flag of tile ``it`` when it is a partial entry (the consumers read the
+        list only for those, at the mask: loading every tile's entry a tile ahead of its use ran the dense forward
+        9% slower, scripts/results/gluon_fwd_h100_v11_ring3.md, since ptxas waits for it within the tile)."""
         n_sub: gl.constexpr = BLOCK // BLOCK_N
         raw = gl.load(PT + irow * p_width + (it // n_sub - f_cnt))
         selected = raw < 0
@@ -162,10 +162,11 @@ if AVAILABLE:
         return gl.where(keep, s, float("-inf"))
 
     @gluon.jit
-    def _softmax_step(s, m_i, l_i, qk_mul, part, selected, t0, q_abs, kv_offset, kv_len, sink, window,
-                      BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
-        """Online-softmax update for one tile of raw scores: (P, new max, new sum, rescale factor)."""
-        if part:  # token-exact element mask
+    def _softmax_step(s, m_i, l_i, qk_mul, PT, irow, p_width, f_cnt, it, kb0, q_abs, kv_offset, kv_len, sink,
+                      window, BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+        """Online-softmax update for tile ``it`` of raw scores: (P, new max, new sum, rescale factor)."""
+        if it // (BLOCK // BLOCK_N) >= f_cnt:  # a partial entry: the token-exact mask (only these read the list)
+            t0, selected = _partial_entry(PT, irow, p_width, f_cnt, it, kb0, kv_offset, BLOCK, BLOCK_N)
             s = _mask_query_rows(s, q_abs, t0, kv_offset, kv_len, sink, window, selected, BLOCK_N, s_layout)
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_mul)  # qk_mul > 0: max before scaling
         m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
@@ -235,8 +236,8 @@ if AVAILABLE:
         kb0 = kv_offset // BLOCK
         base = 0  # ring uses before this work item (the loader counts the same way)
         i = 0
-        # list lengths are read one work item ahead, the list entries one tile ahead, so the global loads' latency
-        # overlaps the MMAs instead of stalling each item's start and each partial tile's mask
+        # list lengths are read one work item ahead, so their loads' latency overlaps this item's MMAs instead of
+        # stalling its start
         f_next, n_next = _list_counts(_item(0), n_work, FC, PC, s_ib, s_ih, Hkv, G, n_q_tiles, BLOCK, BLOCK_N)
         for k in range(_items_of_program(n_work)):
             w = _item(k)
@@ -259,21 +260,13 @@ if AVAILABLE:
                                   is_async=True)
                 s = warpgroup_mma_wait(0, deps=(s, ))
                 mbarrier.arrive(k_free.index(slot))
-                t0, part, selected = _tile_start(FT, PT, irow, f_width, p_width, f_cnt, 0, kb0, kv_offset, BLOCK,
-                                                 BLOCK_N)
-                t0_n, part_n, selected_n = _tile_start(FT, PT, irow, f_width, p_width, f_cnt,
-                                                       gl.minimum(1, n_tiles - 1), kb0, kv_offset, BLOCK, BLOCK_N)
-                p32, m_i, l_i, alpha0 = _softmax_step(s, m_i, l_i, qk_mul, part, selected, t0, q_abs, kv_offset,
-                                                      kv_len, sink, window, BLOCK_N, s_layout)
+                p32, m_i, l_i, alpha0 = _softmax_step(s, m_i, l_i, qk_mul, PT, irow, p_width, f_cnt, 0, kb0, q_abs,
+                                                      kv_offset, kv_len, sink, window, BLOCK, BLOCK_N, s_layout)
                 p = gl.convert_layout(p32.to(dtype), p_layout)
                 for j in range(1, n_tiles):
                     c = base + j
                     slot = c % STAGES
                     prev = (c - 1) % STAGES
-                    t0, part, selected = t0_n, part_n, selected_n
-                    t0_n, part_n, selected_n = _tile_start(FT, PT, irow, f_width, p_width, f_cnt,
-                                                           gl.minimum(j + 1, n_tiles - 1), kb0, kv_offset, BLOCK,
-                                                           BLOCK_N)
                     mbarrier.wait(k_bar.index(slot), (c // STAGES) & 1)
                     s = warpgroup_mma(q_rows, _ring_tile(k_smem, slot).permute((1, 0)), s_zero, use_acc=False,
                                       is_async=True)
@@ -281,8 +274,8 @@ if AVAILABLE:
                     acc = warpgroup_mma(p, _ring_tile(v_smem, prev), acc, is_async=True)
                     s = warpgroup_mma_wait(1, deps=(s, ))
                     mbarrier.arrive(k_free.index(slot))
-                    p32, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_mul, part, selected, t0, q_abs, kv_offset,
-                                                         kv_len, sink, window, BLOCK_N, s_layout)
+                    p32, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_mul, PT, irow, p_width, f_cnt, j, kb0, q_abs,
+                                                         kv_offset, kv_len, sink, window, BLOCK, BLOCK_N, s_layout)
                     p = gl.convert_layout(p32.to(dtype), p_layout)
                     acc = warpgroup_mma_wait(0, deps=(acc, ))
                     mbarrier.arrive(v_free.index(prev))
