@@ -50,9 +50,6 @@ if AVAILABLE:
     from .attention_fwd_gluon import (
         _item,
         _items_of_program,
-        _keep,
-        _list_counts,
-        _mask_query_rows,
         _partial_entry,
         _query_tile,
         _ring_barriers,
@@ -150,6 +147,13 @@ if AVAILABLE:
         return hq, t_first, e >= f_cnt, selected
 
     @gluon.jit
+    def _keep(qa, ka, k_in, selected, sink, window):
+        """Token-exact element mask of a partial tile (attention_bwd's element_mask without segments / ranks):
+        ``qa``, ``ka`` absolute positions broadcast against each other, ``k_in`` the key inside the sequence."""
+        token = ((sink > 0) & (ka < sink)) | ((window > 0) & ((qa - ka) < window))
+        return (ka <= qa) & k_in & (token | selected)
+
+    @gluon.jit
     def _ws_loader(k_desc, v_desc, q_desc, do_desc, lse_desc, delta_desc, k_smem, v_smem, q_smem, do_smem,
                    lse_smem, delta_smem, kv_bar, q_bar, do_bar, q_free, do_free, FT, PT, irow, f_width, p_width,
                    f_cnt, n_steps, hkv, G, q_offset, t_k, lse_row0):
@@ -223,8 +227,6 @@ if AVAILABLE:
             if j // per_entry >= f_cnt:  # a partial entry: the element mask (the list is read only for those)
                 hq, t_first, part, selected = _step_rows(FT, PT, irow, f_width, p_width, f_cnt, j, hkv, G, q_offset,
                                                          BLOCK, BLOCK_M)
-                # element-wise: the row-wise interval form (_key_columns) left spill reloads in this loop at
-                # head dim 128 and ran the strided pattern's backward 13% slower (ab_h100_v1_interval_masks.md)
                 keep = _keep((t_first + q_offset + cols)[None, :], k_abs[:, None], k_in[:, None], selected, sink,
                              window)
                 s = gl.where(keep, s, float("-inf"))
@@ -341,13 +343,16 @@ if AVAILABLE:
             [4, 1], [240, 24])
 
     @gluon.jit
-    def _dq_ds(s, dp, lse, delta, q_abs, FT, PT, irow, f_width, p_width, f_cnt, j, kb0, kv_offset, kv_len,
-               sink, window, qk_mul, BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+    def _dq_ds(s, dp, lse, delta, q_abs, cols, FT, PT, irow, f_width, p_width, f_cnt, j, kb0, kv_offset, kv_len,
+               sink, window, qk_mul, BLOCK: gl.constexpr, BLOCK_N: gl.constexpr):
         """dS of key tile ``j`` from raw scores and dP (query rows x keys); partial tiles get the element mask."""
         s = s * qk_mul
         if j // (BLOCK // BLOCK_N) >= f_cnt:  # a partial entry (the list is read only for those)
             t0, selected = _partial_entry(PT, irow, p_width, f_cnt, j, kb0, kv_offset, BLOCK, BLOCK_N)
-            s = _mask_query_rows(s, q_abs, t0, kv_offset, kv_len, sink, window, selected, BLOCK_N, s_layout)
+            k_t = t0 + cols
+            keep = _keep(q_abs[:, None], (k_t + kv_offset)[None, :], ((k_t >= 0) & (k_t < kv_len))[None, :],
+                         selected, sink, window)
+            s = gl.where(keep, s, float("-inf"))
         p = gl.exp2(s - lse[:, None])
         return p * (dp - delta[:, None])
 
@@ -367,8 +372,8 @@ if AVAILABLE:
         i = 0
         for k in range(_items_of_program(n_work)):
             w = _item(k)
-            b, hkv, hq, q_first, t_first, irow = _query_tile(w, n_work, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK)
-            f_cnt, n_tiles = _list_counts(w, n_work, FC, PC, s_ib, s_ih, Hkv, G, n_q_tiles, BLOCK, BLOCK_N)
+            b, hkv, hq, q_first, t_first, irow, f_cnt, n_tiles = _query_tile(
+                w, n_work, FC, PC, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK, BLOCK_N)
             b32 = b.to(gl.int32)
             q_slot = i % Q_SLOTS
             mbarrier.wait(q_free.index(q_slot), ((i // Q_SLOTS) + 1) & 1, pred=i >= Q_SLOTS)
@@ -411,14 +416,15 @@ if AVAILABLE:
                                                            instr_shape=[16, HEAD_DIM, 16])
         op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=a_layout, k_width=2)
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
         kb0 = kv_offset // BLOCK
         base = 0
         i = 0
         for k in range(_items_of_program(n_work)):
             w = _item(k)
-            b, hkv, hq, q_first, t_first, irow = _query_tile(w, n_work, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK)
-            f_cnt, n_tiles = _list_counts(w, n_work, FC, PC, s_ib, s_ih, Hkv, G, n_q_tiles, BLOCK, BLOCK_N)
+            b, hkv, hq, q_first, t_first, irow, f_cnt, n_tiles = _query_tile(
+                w, n_work, FC, PC, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK, BLOCK_N)
             q_slot = i % Q_SLOTS
             q_rows = _ring_tile(q_smem, q_slot).slice(ROW0, ROWS)
             do_rows = _ring_tile(do_smem, q_slot).slice(ROW0, ROWS)
@@ -441,8 +447,8 @@ if AVAILABLE:
                                    is_async=True)
                 s, dp = warpgroup_mma_wait(0, deps=(s, dp))
                 mbarrier.arrive(v_free.index(slot))
-                ds = _dq_ds(s, dp, lse, delta, q_abs, FT, PT, irow, f_width, p_width, f_cnt, 0, kb0,
-                            kv_offset, kv_len, sink, window, qk_mul, BLOCK, BLOCK_N, s_layout)
+                ds = _dq_ds(s, dp, lse, delta, q_abs, cols, FT, PT, irow, f_width, p_width, f_cnt, 0, kb0,
+                            kv_offset, kv_len, sink, window, qk_mul, BLOCK, BLOCK_N)
                 ds_op = gl.convert_layout(ds.to(dtype), op_layout)
                 for j in range(1, n_tiles):
                     c = base + j
@@ -458,8 +464,8 @@ if AVAILABLE:
                     dq = warpgroup_mma(ds_op, _ring_tile(k_smem, prev), dq, is_async=True)
                     s, dp = warpgroup_mma_wait(1, deps=(s, dp))  # dS_{j-1} K_{j-1} still in flight
                     mbarrier.arrive(v_free.index(slot))
-                    ds = _dq_ds(s, dp, lse, delta, q_abs, FT, PT, irow, f_width, p_width, f_cnt, j, kb0,
-                                kv_offset, kv_len, sink, window, qk_mul, BLOCK, BLOCK_N, s_layout)
+                    ds = _dq_ds(s, dp, lse, delta, q_abs, cols, FT, PT, irow, f_width, p_width, f_cnt, j, kb0,
+                                kv_offset, kv_len, sink, window, qk_mul, BLOCK, BLOCK_N)
                     dq, ds_op = warpgroup_mma_wait(0, deps=(dq, ds_op))
                     mbarrier.arrive(k_free.index(prev))
                     ds_op = gl.convert_layout(ds.to(dtype), op_layout)

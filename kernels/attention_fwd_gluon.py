@@ -97,8 +97,7 @@ if AVAILABLE:
     @gluon.jit
     def _tile_start(FT, PT, irow, f_width, p_width, f_cnt, it, kb0, kv_offset,
                     BLOCK: gl.constexpr, BLOCK_N: gl.constexpr):
-        """Tile ``it`` of this query tile's list (full entries first): first key row (storage), partial, top-k (the
-        loaders' view; the consumers read only partial entries, :func:`_partial_entry`)."""
+        """Tile ``it`` of this query tile's list (full entries first): first key row (storage), partial, top-k."""
         n_sub: gl.constexpr = BLOCK // BLOCK_N
         e = it // n_sub
         if e < f_cnt:
@@ -112,9 +111,10 @@ if AVAILABLE:
 
     @gluon.jit
     def _partial_entry(PT, irow, p_width, f_cnt, it, kb0, kv_offset, BLOCK: gl.constexpr, BLOCK_N: gl.constexpr):
-        """First key row (storage) and top-k flag of tile ``it`` when it is a partial entry (the consumers read the
-        list only for those, at the mask: loading every tile's entry a tile ahead of its use ran the dense forward
-        9% slower, scripts/results/gluon_fwd_h100_v11_ring3.md, since ptxas waits for it within the tile)."""
+        """First key row (storage) and top-k flag of tile ``it`` when it is a partial entry (the Gluon backward's
+        consumers read the list only for those). The forward's consumers read it through ``_tile_start``: the
+        partial-only form compiles to the same main loops there (Triton 3.6 already sinks the full-tile loads into
+        the mask branch), so it was not kept (scripts/results/KERNEL_NOTES.md, session seven)."""
         n_sub: gl.constexpr = BLOCK // BLOCK_N
         raw = gl.load(PT + irow * p_width + (it // n_sub - f_cnt))
         selected = raw < 0
@@ -122,52 +122,19 @@ if AVAILABLE:
         return (kb0 + n) * BLOCK + (it % n_sub) * BLOCK_N - kv_offset, selected
 
     @gluon.jit
-    def _keep(qa, ka, k_in, selected, sink, window):
-        """Token-exact element mask (attention_fwd's element_mask without segments / ranks): ``qa``, ``ka`` absolute
-        positions broadcast against each other, ``k_in`` the key inside the sequence. About 11 instructions per
-        element on sm_90; the query-row kernels (forward, dQ) use row-wise intervals instead (:func:`_mask_query_rows`),
-        the dK/dV kernel keeps this form (the interval form left spill reloads in its loop)."""
-        token = ((sink > 0) & (ka < sink)) | ((window > 0) & ((qa - ka) < window))
-        return (ka <= qa) & k_in & (token | selected)
-
-    @gluon.jit
-    def _query_row_bounds(q_abs, t0, kv_offset, kv_len, sink, window, selected):
-        """The same mask for query rows ``q_abs`` (absolute) against the key tile from storage row ``t0``, as two
-        column intervals per row: [lo, hi) (the window, or every causal key of a selected tile) and [lo0, sink_hi)
-        (the sink keys; empty on every tile past the sinks). Row-wise bounds leave a few integer operations and a
-        select per element where the element-wise form (:func:`_keep`) took about 11 on sm_90."""
-        k_base = t0 + kv_offset  # absolute position of column 0
-        lo0 = -t0  # storage row 0
-        hi = gl.minimum(q_abs - k_base + 1, kv_len - t0)  # causal; the end of the sequence
-        windowed = (window > 0) & ~selected
-        # selected: every causal key; window: from the window's edge; neither: none (only sink keys, below)
-        lo = gl.where(selected, lo0, gl.where(windowed, gl.maximum(q_abs - window + 1 - k_base, lo0), hi))
-        sink_hi = gl.where(selected, lo0, gl.minimum(hi, sink - k_base))  # sink keys: causal ones only
-        return lo, hi, lo0, sink_hi
-
-    @gluon.jit
-    def _in_interval(lo, hi, N: gl.constexpr, layout: gl.constexpr):
-        """[rows, N] booleans: column in [lo, hi) of its row (an empty interval when hi <= lo)."""
-        cols = gl.arange(0, N, layout=gl.SliceLayout(0, layout))[None, :]
-        width = gl.maximum(hi - lo, 0).to(gl.uint32, bitcast=True)
-        # one unsigned compare per element: lo <= col < hi  <=>  (col - lo) mod 2**32 < hi - lo
-        return (cols - lo[:, None]).to(gl.uint32, bitcast=True) < width[:, None]
-
-    @gluon.jit
-    def _mask_query_rows(s, q_abs, t0, kv_offset, kv_len, sink, window, selected, N: gl.constexpr,
-                         layout: gl.constexpr):
-        """Scores of query rows ``q_abs`` x the ``N`` keys from storage row ``t0`` with the token-exact mask."""
-        lo, hi, lo0, sink_hi = _query_row_bounds(q_abs, t0, kv_offset, kv_len, sink, window, selected)
-        keep = _in_interval(lo, hi, N, layout) | _in_interval(gl.zeros_like(lo) + lo0, sink_hi, N, layout)
-        return gl.where(keep, s, float("-inf"))
-
-    @gluon.jit
-    def _softmax_step(s, m_i, l_i, qk_mul, PT, irow, p_width, f_cnt, it, kb0, q_abs, kv_offset, kv_len, sink,
-                      window, BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
-        """Online-softmax update for tile ``it`` of raw scores: (P, new max, new sum, rescale factor)."""
-        if it // (BLOCK // BLOCK_N) >= f_cnt:  # a partial entry: the token-exact mask (only these read the list)
-            t0, selected = _partial_entry(PT, irow, p_width, f_cnt, it, kb0, kv_offset, BLOCK, BLOCK_N)
-            s = _mask_query_rows(s, q_abs, t0, kv_offset, kv_len, sink, window, selected, BLOCK_N, s_layout)
+    def _softmax_step(s, m_i, l_i, qk_mul, part, selected, t0, q_abs, kv_offset, kv_len, sink, window,
+                      BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+        """Online-softmax update for one tile of raw scores: (P, new max, new sum, rescale factor)."""
+        if part:  # token-exact element mask (attention_fwd's element_mask without segments / ranks)
+            cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            k_t = t0 + cols
+            k_abs = k_t + kv_offset
+            k_in = (k_t >= 0) & (k_t < kv_len)
+            qa = q_abs[:, None]
+            ka = k_abs[None, :]
+            token = ((sink > 0) & (ka < sink)) | ((window > 0) & ((qa - ka) < window))
+            keep = (ka <= qa) & k_in[None, :] & (token | selected)
+            s = gl.where(keep, s, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_mul)  # qk_mul > 0: max before scaling
         m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = gl.exp2(m_i - m_safe)
@@ -189,8 +156,8 @@ if AVAILABLE:
         i = 0  # work items done by this program
         for k in range(_items_of_program(n_work)):
             w = _item(k)
-            b, hkv, hq, q_first, t_first, irow = _query_tile(w, n_work, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK)
-            f_cnt, n_tiles = _list_counts(w, n_work, FC, PC, s_ib, s_ih, Hkv, G, n_q_tiles, BLOCK, BLOCK_N)
+            b, hkv, hq, q_first, t_first, irow, f_cnt, n_tiles = _query_tile(
+                w, n_work, FC, PC, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK, BLOCK_N)
             b32 = b.to(gl.int32)
             q_slot = i % Q_SLOTS  # both consumers issued their last Q.K^T on the slot's previous item
             mbarrier.wait(q_free.index(q_slot), ((i // Q_SLOTS) + 1) & 1, pred=i >= Q_SLOTS)
@@ -236,16 +203,10 @@ if AVAILABLE:
         kb0 = kv_offset // BLOCK
         base = 0  # ring uses before this work item (the loader counts the same way)
         i = 0
-        # list lengths are read one work item ahead, so their loads' latency overlaps this item's MMAs instead of
-        # stalling its start
-        f_next, n_next = _list_counts(_item(0), n_work, FC, PC, s_ib, s_ih, Hkv, G, n_q_tiles, BLOCK, BLOCK_N)
         for k in range(_items_of_program(n_work)):
             w = _item(k)
-            b, hkv, hq, q_first, t_first, irow = _query_tile(w, n_work, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK)
-            f_cnt = f_next
-            n_tiles = n_next
-            f_next, n_next = _list_counts(gl.minimum(_item(k + 1), n_work - 1), n_work, FC, PC, s_ib, s_ih, Hkv, G,
-                                          n_q_tiles, BLOCK, BLOCK_N)
+            b, hkv, hq, q_first, t_first, irow, f_cnt, n_tiles = _query_tile(
+                w, n_work, FC, PC, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK, BLOCK_N)
             q_abs = q_first + ROW0 + gl.arange(0, ROWS, layout=row_s)
             m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_s)
             l_i = gl.zeros([ROWS], gl.float32, layout=row_s)
@@ -260,8 +221,10 @@ if AVAILABLE:
                                   is_async=True)
                 s = warpgroup_mma_wait(0, deps=(s, ))
                 mbarrier.arrive(k_free.index(slot))
-                p32, m_i, l_i, alpha0 = _softmax_step(s, m_i, l_i, qk_mul, PT, irow, p_width, f_cnt, 0, kb0, q_abs,
-                                                      kv_offset, kv_len, sink, window, BLOCK, BLOCK_N, s_layout)
+                t0, part, selected = _tile_start(FT, PT, irow, f_width, p_width, f_cnt, 0, kb0, kv_offset, BLOCK,
+                                                 BLOCK_N)
+                p32, m_i, l_i, alpha0 = _softmax_step(s, m_i, l_i, qk_mul, part, selected, t0, q_abs, kv_offset,
+                                                      kv_len, sink, window, BLOCK_N, s_layout)
                 p = gl.convert_layout(p32.to(dtype), p_layout)
                 for j in range(1, n_tiles):
                     c = base + j
@@ -274,8 +237,10 @@ if AVAILABLE:
                     acc = warpgroup_mma(p, _ring_tile(v_smem, prev), acc, is_async=True)
                     s = warpgroup_mma_wait(1, deps=(s, ))
                     mbarrier.arrive(k_free.index(slot))
-                    p32, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_mul, PT, irow, p_width, f_cnt, j, kb0, q_abs,
-                                                         kv_offset, kv_len, sink, window, BLOCK, BLOCK_N, s_layout)
+                    t0, part, selected = _tile_start(FT, PT, irow, f_width, p_width, f_cnt, j, kb0, kv_offset,
+                                                     BLOCK, BLOCK_N)
+                    p32, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_mul, part, selected, t0, q_abs, kv_offset,
+                                                         kv_len, sink, window, BLOCK_N, s_layout)
                     p = gl.convert_layout(p32.to(dtype), p_layout)
                     acc = warpgroup_mma_wait(0, deps=(acc, ))
                     mbarrier.arrive(v_free.index(prev))
@@ -341,34 +306,30 @@ if AVAILABLE:
         return k * grid + p + (k % 2) * (grid - 1 - 2 * p)
 
     @gluon.jit
-    def _work_row(w, n_work, n_q_tiles, G):
-        """Work item ``w`` -> (query tile slot ``pid`` within its (batch, KV head), (batch, KV head) ``bh``). Items go
-        by query tile, last (longest causal rows) first, then by (batch, KV head), the heads of a KV group side by
-        side: with a grid of one program per SM the longest rows of every head start first; grouping by (batch,
-        KV head) first left a persistent grid 1.8x out of balance on dense causal rows at 4K
-        (scripts/results/KERNEL_NOTES.md, session eight)."""
+    def _query_tile(w, n_work, FC, PC, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK: gl.constexpr,
+                    BLOCK_N: gl.constexpr):
+        """Work item ``w`` -> (batch, KV head, query head, first absolute / storage row of its query tile, index
+        row, full entries, BLOCK_N-key steps). Items go by query tile, last (longest causal rows) first, then by
+        (batch, KV head), the heads of a KV group side by side: with a grid of one program per SM the longest rows
+        of every head start first; grouping by (batch, KV head) first left a persistent grid 1.8x out of balance
+        on dense causal rows at 4K (scripts/results/KERNEL_NOTES.md, session eight)."""
         per_rank = n_work // n_q_tiles
         rest = w % per_rank
-        return (w // per_rank) * G + rest % G, rest // G
+        return _query_tile_of((w // per_rank) * G + rest % G, rest // G, FC, PC, s_ib, s_ih, Hkv, G, q_offset,
+                              n_q_tiles, BLOCK, BLOCK_N)
 
     @gluon.jit
-    def _query_tile(w, n_work, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK: gl.constexpr):
-        """Work item ``w`` -> (batch, KV head, query head, first absolute / storage row of its query tile, index
-        row); its list lengths come from :func:`_list_counts`."""
-        pid, bh = _work_row(w, n_work, n_q_tiles, G)
+    def _query_tile_of(pid, bh, FC, PC, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK: gl.constexpr,
+                       BLOCK_N: gl.constexpr):
         b = (bh // Hkv).to(gl.int64)  # 64-bit bases: B*H*L*D exceeds 2**31 at 1M tokens
         hkv = (bh % Hkv).to(gl.int64)
         m = n_q_tiles - 1 - pid // G
+        hq = hkv * G + pid % G
         q_first = (q_offset // BLOCK + m) * BLOCK
-        return b, hkv, hkv * G + pid % G, q_first, q_first - q_offset, b * s_ib + hkv * s_ih + m
-
-    @gluon.jit
-    def _list_counts(w, n_work, FC, PC, s_ib, s_ih, Hkv, G, n_q_tiles, BLOCK: gl.constexpr, BLOCK_N: gl.constexpr):
-        """Work item ``w``'s full entries and BLOCK_N-key steps (two global loads: callers issue them ahead)."""
-        pid, bh = _work_row(w, n_work, n_q_tiles, G)
-        irow = (bh // Hkv).to(gl.int64) * s_ib + (bh % Hkv).to(gl.int64) * s_ih + n_q_tiles - 1 - pid // G
+        irow = b * s_ib + hkv * s_ih + m
         f_cnt = gl.load(FC + irow)
-        return f_cnt, (f_cnt + gl.load(PC + irow)) * (BLOCK // BLOCK_N)
+        n_tiles = (f_cnt + gl.load(PC + irow)) * (BLOCK // BLOCK_N)
+        return b, hkv, hq, q_first, q_first - q_offset, irow, f_cnt, n_tiles
 
     @gluon.jit
     def _slot_barriers(SLOTS: gl.constexpr):
