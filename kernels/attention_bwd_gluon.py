@@ -56,7 +56,7 @@ if AVAILABLE:
         _ring_tile,
         _rows_descriptor,
         _slot_barriers,
-        _tile_start,
+        _stream_kv_tiles,
         _tma_load,
     )
 
@@ -365,7 +365,6 @@ if AVAILABLE:
         work items)."""
         BLOCK: gl.constexpr = q_smem.shape[3]  # worker partitions take no constexpr arguments (Triton 3.6)
         Q_SLOTS: gl.constexpr = q_smem.shape[0]
-        STAGES: gl.constexpr = k_smem.shape[0]
         BLOCK_N: gl.constexpr = k_smem.shape[3]
         kb0 = kv_offset // BLOCK
         base = 0
@@ -380,17 +379,8 @@ if AVAILABLE:
             mbarrier.expect(q_bar.index(q_slot), 2 * q_desc.block_type.nbytes)
             _tma_load(q_desc, [b32, hq.to(gl.int32), t_first, 0], q_bar.index(q_slot), q_smem.index(q_slot))
             _tma_load(do_desc, [b32, hq.to(gl.int32), t_first, 0], q_bar.index(q_slot), do_smem.index(q_slot))
-            for j in range(n_tiles):
-                c = base + j
-                slot = c % STAGES
-                t0 = _tile_start(FT, PT, irow, f_width, p_width, f_cnt, j, kb0, kv_offset, BLOCK, BLOCK_N)[0]
-                free_phase = ((c // STAGES) + 1) & 1  # the slot's previous use ended (first round: no wait)
-                mbarrier.wait(k_free.index(slot), free_phase, pred=c >= STAGES)
-                mbarrier.expect(k_bar.index(slot), k_desc.block_type.nbytes)
-                _tma_load(k_desc, [b32, hkv.to(gl.int32), t0, 0], k_bar.index(slot), k_smem.index(slot))
-                mbarrier.wait(v_free.index(slot), free_phase, pred=c >= STAGES)
-                mbarrier.expect(v_bar.index(slot), v_desc.block_type.nbytes)
-                _tma_load(v_desc, [b32, hkv.to(gl.int32), t0, 0], v_bar.index(slot), v_smem.index(slot))
+            _stream_kv_tiles(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, k_free, v_free, FT, PT, irow, f_width,
+                             p_width, f_cnt, n_tiles, base, kb0, kv_offset, b32, hkv.to(gl.int32), BLOCK, BLOCK_N)
             base += n_tiles
             i += 1
 

@@ -143,13 +143,31 @@ if AVAILABLE:
         return p, m_new, l_i, alpha
 
     @gluon.jit
+    def _stream_kv_tiles(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, k_free, v_free, FT, PT, irow, f_width,
+                         p_width, f_cnt, n_tiles, base, kb0, kv_offset, b32, hkv32, BLOCK: gl.constexpr,
+                         BLOCK_N: gl.constexpr):
+        """The loaders' K/V stream (forward and dQ): the ``n_tiles`` listed tiles of one work item into the ring,
+        ring uses ``base`` on, each K and V as soon as both consumers freed its slot."""
+        STAGES: gl.constexpr = k_smem.shape[0]
+        for j in range(n_tiles):
+            c = base + j
+            slot = c % STAGES
+            t0 = _tile_start(FT, PT, irow, f_width, p_width, f_cnt, j, kb0, kv_offset, BLOCK, BLOCK_N)[0]
+            free_phase = ((c // STAGES) + 1) & 1  # the slot's previous use ended (first round: no wait)
+            mbarrier.wait(k_free.index(slot), free_phase, pred=c >= STAGES)
+            mbarrier.expect(k_bar.index(slot), k_desc.block_type.nbytes)
+            _tma_load(k_desc, [b32, hkv32, t0, 0], k_bar.index(slot), k_smem.index(slot))
+            mbarrier.wait(v_free.index(slot), free_phase, pred=c >= STAGES)
+            mbarrier.expect(v_bar.index(slot), v_desc.block_type.nbytes)
+            _tma_load(v_desc, [b32, hkv32, t0, 0], v_bar.index(slot), v_smem.index(slot))
+
+    @gluon.jit
     def _ws_loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free,
                    FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, q_offset, kv_offset, n_q_tiles, n_work):
         """One warp: per work item (query tile, head), Q once it is free, then the K and V tiles into the ring as
         soon as both consumers freed the slot; the ring's slot counter runs on across work items."""
         BLOCK: gl.constexpr = q_smem.shape[3]  # worker partitions take no constexpr arguments (Triton 3.6)
         Q_SLOTS: gl.constexpr = q_smem.shape[0]
-        STAGES: gl.constexpr = k_smem.shape[0]
         BLOCK_N: gl.constexpr = k_smem.shape[3]
         kb0 = kv_offset // BLOCK
         base = 0  # ring uses before this work item
@@ -163,17 +181,8 @@ if AVAILABLE:
             mbarrier.wait(q_free.index(q_slot), ((i // Q_SLOTS) + 1) & 1, pred=i >= Q_SLOTS)
             mbarrier.expect(q_bar.index(q_slot), q_desc.block_type.nbytes)
             _tma_load(q_desc, [b32, hq.to(gl.int32), t_first, 0], q_bar.index(q_slot), q_smem.index(q_slot))
-            for j in range(n_tiles):
-                c = base + j
-                slot = c % STAGES
-                t0 = _tile_start(FT, PT, irow, f_width, p_width, f_cnt, j, kb0, kv_offset, BLOCK, BLOCK_N)[0]
-                free_phase = ((c // STAGES) + 1) & 1  # the slot's previous use ended (first round: no wait)
-                mbarrier.wait(k_free.index(slot), free_phase, pred=c >= STAGES)
-                mbarrier.expect(k_bar.index(slot), k_desc.block_type.nbytes)
-                _tma_load(k_desc, [b32, hkv.to(gl.int32), t0, 0], k_bar.index(slot), k_smem.index(slot))
-                mbarrier.wait(v_free.index(slot), free_phase, pred=c >= STAGES)
-                mbarrier.expect(v_bar.index(slot), v_desc.block_type.nbytes)
-                _tma_load(v_desc, [b32, hkv.to(gl.int32), t0, 0], v_bar.index(slot), v_smem.index(slot))
+            _stream_kv_tiles(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, k_free, v_free, FT, PT, irow, f_width,
+                             p_width, f_cnt, n_tiles, base, kb0, kv_offset, b32, hkv.to(gl.int32), BLOCK, BLOCK_N)
             base += n_tiles
             i += 1
 

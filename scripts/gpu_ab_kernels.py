@@ -36,6 +36,7 @@ from hf_sparsek.kernels import attention_bwd_gluon, attention_fwd_gluon  # noqa:
 from hf_sparsek.ops import build_index_for  # noqa: E402
 from hf_sparsek.triton_ops import triton_block_sparse_attention  # noqa: E402
 from scripts.gpu_gluon_fwd import PATTERNS  # noqa: E402
+from scripts.gpu_target_case import headline_inputs  # noqa: E402
 
 LAUNCHERS = {attention_fwd_gluon: ("attention_forward_gluon",),
              attention_bwd_gluon: ("attention_dkdv_gluon", "attention_dq_gluon")}
@@ -85,12 +86,7 @@ def main() -> int:
            "seq": args.seq, "base": args.base, "swap": args.swap}
     swap = tuple(args.swap.split(","))
     print(json.dumps(env), flush=True)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    shape_q, shape_kv = (1, 32, args.seq, 128), (1, 8, args.seq, 128)
-    q = torch.randn(shape_q, generator=gen, device="cuda").to(torch.bfloat16).requires_grad_()
-    k = torch.randn(shape_kv, generator=gen, device="cuda").to(torch.bfloat16).requires_grad_()
-    v = torch.randn(shape_kv, generator=gen, device="cuda").to(torch.bfloat16).requires_grad_()
-    d_out = torch.randn(shape_q, generator=gen, device="cuda").to(torch.bfloat16)
+    q, k, v, d_out = headline_inputs(args.seq)
     scale = 128**-0.5
     times: dict[str, list[float]] = {}
     checks: dict[str, dict] = {}

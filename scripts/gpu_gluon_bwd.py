@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import sys
-import traceback
 
 import torch
 import triton
@@ -37,7 +36,7 @@ from hf_sparsek.ops import build_index_for  # noqa: E402
 from hf_sparsek.reference import reference_attention  # noqa: E402
 from hf_sparsek.triton_ops import triton_block_sparse_attention  # noqa: E402
 from scripts.gpu_gluon_fwd import CASES as FWD_CASES  # noqa: E402
-from scripts.gpu_gluon_fwd import PATTERNS, _cudnn, _rand, save  # noqa: E402
+from scripts.gpu_gluon_fwd import PATTERNS, _cudnn, _rand, run_cases, save  # noqa: E402
 
 
 def parse_dq_mode(mode: str) -> tuple[bool, int]:
@@ -144,17 +143,7 @@ CASES = [c if c[0] != "chunked-odd-D64" else ("chunked-odd-D64", 1, 8, 2, 203, 1
 
 def run_checks(modes: list[tuple[int | None, str]]) -> list[dict]:
     """Every case for each (dK/dV ring depth, dQ mode)."""
-    rows = []
-    for mode in modes:
-        for case in CASES:
-            try:
-                row = check(mode, *case)
-            except Exception as exc:  # record and go on
-                row = {"case": case[0], "stages": mode[0], "dq_mode": mode[1], "ok": False, "error": repr(exc),
-                       "trace": traceback.format_exc()[-1500:]}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-    return rows
+    return run_cases(check, CASES, modes, ("stages", "dq_mode"))
 
 
 def _time(fn) -> float:

@@ -116,13 +116,20 @@ CASES = [
 
 def run_checks(modes: list[tuple[int, bool]]) -> list[dict]:
     """Every case for each (ring depth, persistent grid) mode."""
+    return run_cases(check, CASES, modes, ("stages", "persistent"))
+
+
+def run_cases(check_fn, cases: list[tuple], modes: list[tuple], mode_keys: tuple[str, ...]) -> list[dict]:
+    """``check_fn(mode, *case)`` for every case and mode, printed as JSON lines as they finish; an exception is
+    recorded as a failed row (with ``mode_keys`` naming the mode's fields) and the sweep goes on. gpu_gluon_bwd.py
+    runs its checks through it too."""
     rows = []
     for mode in modes:
-        for case in CASES:
+        for case in cases:
             try:
-                row = check(mode, *case)
+                row = check_fn(mode, *case)
             except Exception as exc:  # record and go on
-                row = {"case": case[0], "stages": mode[0], "persistent": mode[1], "ok": False, "error": repr(exc),
+                row = {"case": case[0], **dict(zip(mode_keys, mode, strict=True)), "ok": False, "error": repr(exc),
                        "trace": traceback.format_exc()[-1500:]}
             print(json.dumps(row), flush=True)
             rows.append(row)

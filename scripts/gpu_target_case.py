@@ -31,6 +31,17 @@ from hf_sparsek.triton_ops import triton_block_sparse_attention  # noqa: E402
 TARGETS_MS = {"fwd": 7.1, "fwd_bwd": 32.7}
 
 
+def headline_inputs(seq: int) -> tuple[torch.Tensor, ...]:
+    """q, k, v (requiring grad) and dO of the headline shape: B=1, 32 query / 8 KV heads, head dim 128, bf16, seeded
+    (gpu_ab_kernels.py times the same inputs)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shape_q, shape_kv = (1, 32, seq, 128), (1, 8, seq, 128)
+    q = torch.randn(shape_q, generator=gen, device="cuda").to(torch.bfloat16).requires_grad_()
+    k = torch.randn(shape_kv, generator=gen, device="cuda").to(torch.bfloat16).requires_grad_()
+    v = torch.randn(shape_kv, generator=gen, device="cuda").to(torch.bfloat16).requires_grad_()
+    return q, k, v, torch.randn(shape_q, generator=gen, device="cuda").to(torch.bfloat16)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=7)
@@ -39,12 +50,7 @@ def main() -> int:
                     help="Gluon forward grids to time, interleaved: 1 persistent (shipped), 0 one program per item")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    shape_q, shape_kv = (1, 32, args.seq, 128), (1, 8, args.seq, 128)
-    q = torch.randn(shape_q, generator=gen, device="cuda").to(torch.bfloat16).requires_grad_()
-    k = torch.randn(shape_kv, generator=gen, device="cuda").to(torch.bfloat16).requires_grad_()
-    v = torch.randn(shape_kv, generator=gen, device="cuda").to(torch.bfloat16).requires_grad_()
-    d_out = torch.randn(shape_q, generator=gen, device="cuda").to(torch.bfloat16)
+    q, k, v, d_out = headline_inputs(args.seq)
     index = build_index_for(q, k, SparsePattern(sink_tokens=128, window=4096))
     index.transposed()
     scale = 128**-0.5
