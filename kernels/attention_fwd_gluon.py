@@ -61,9 +61,6 @@ PERSISTENT = True
 # Query tiles in shared memory: 2 lets the loader fetch the next item's Q while this one runs; None: 2 where shared
 # memory holds them beside the ring (head dim 64, or 128 with a 2-slot ring), else 1.
 Q_SLOTS: int | None = None
-# True: the two consumer warpgroups take turns issuing their MMAs (FlashAttention-3's ping-pong: a warpgroup issues,
-# then hands the turn to the other), so one's softmax runs while the other's MMAs do; False: they run unsynchronised.
-PINGPONG = True
 SHARED_MEMORY_BYTES = 227 * 1024 - 1024  # sm_90's per-block limit, less room for the barriers
 
 
@@ -190,7 +187,7 @@ if AVAILABLE:
             i += 1
 
     @gluon.jit
-    def _ws_consumer(q_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free, turn,
+    def _ws_consumer(q_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free,
                      Out, LSE, FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, n_q_tiles, n_work,
                      s_ob, s_oh, s_ot, s_lb, s_lh, q_len, kv_len, q_offset, kv_offset, sink, window, qk_mul,
                      ROW0: gl.constexpr):
@@ -228,13 +225,9 @@ if AVAILABLE:
             mbarrier.wait(q_bar.index(q_slot), (i // Q_SLOTS) & 1)
             if n_tiles > 0:
                 slot = base % STAGES
-                # the ping-pong's turns: item i issues MMAs n_tiles + 1 times (an empty item takes one turn), so its
-                # turns are numbered from base + i on, alike in both warpgroups
-                _take_turn(turn, base + i, ROW0 // ROWS)
                 mbarrier.wait(k_bar.index(slot), (base // STAGES) & 1)
                 s = warpgroup_mma(q_rows, _ring_tile(k_smem, slot).permute((1, 0)), s_zero, use_acc=False,
                                   is_async=True)
-                _pass_turn(turn, ROW0 // ROWS)
                 s = warpgroup_mma_wait(0, deps=(s, ))
                 mbarrier.arrive(k_free.index(slot))
                 t0, part, selected = _tile_start(FT, PT, irow, f_width, p_width, f_cnt, 0, kb0, kv_offset, BLOCK,
@@ -246,13 +239,11 @@ if AVAILABLE:
                     c = base + j
                     slot = c % STAGES
                     prev = (c - 1) % STAGES
-                    _take_turn(turn, c + i, ROW0 // ROWS)
                     mbarrier.wait(k_bar.index(slot), (c // STAGES) & 1)
                     s = warpgroup_mma(q_rows, _ring_tile(k_smem, slot).permute((1, 0)), s_zero, use_acc=False,
                                       is_async=True)
                     mbarrier.wait(v_bar.index(prev), ((c - 1) // STAGES) & 1)
                     acc = warpgroup_mma(p, _ring_tile(v_smem, prev), acc, is_async=True)
-                    _pass_turn(turn, ROW0 // ROWS)
                     s = warpgroup_mma_wait(1, deps=(s, ))
                     mbarrier.arrive(k_free.index(slot))
                     t0, part, selected = _tile_start(FT, PT, irow, f_width, p_width, f_cnt, j, kb0, kv_offset,
@@ -265,16 +256,12 @@ if AVAILABLE:
                     acc = acc * gl.convert_layout(alpha, row_o)[:, None]
                 mbarrier.arrive(q_free.index(q_slot))  # every Q.K^T of this item is done: the slot may refill
                 last = (base + n_tiles - 1) % STAGES
-                _take_turn(turn, base + n_tiles + i, ROW0 // ROWS)
                 mbarrier.wait(v_bar.index(last), ((base + n_tiles - 1) // STAGES) & 1)
                 acc = warpgroup_mma(p, _ring_tile(v_smem, last), acc, is_async=True)
-                _pass_turn(turn, ROW0 // ROWS)
                 acc = warpgroup_mma_wait(0, deps=(acc, ))
                 mbarrier.arrive(v_free.index(last))
             else:
                 mbarrier.arrive(q_free.index(q_slot))
-                _take_turn(turn, base + i, ROW0 // ROWS)
-                _pass_turn(turn, ROW0 // ROWS)
             empty = l_i == 0.0
             l_safe = gl.where(empty, 1.0, l_i)
             lse = gl.where(empty, float("-inf"), m_i + gl.log2(l_safe))
@@ -290,46 +277,20 @@ if AVAILABLE:
             i += 1
 
     @gluon.jit
-    def _ws_consumer_top(q_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free, turn,
+    def _ws_consumer_top(q_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free,
                          Out, LSE, FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, n_q_tiles, n_work,
                          s_ob, s_oh, s_ot, s_lb, s_lh, q_len, kv_len, q_offset, kv_offset, sink, window, qk_mul):
-        _ws_consumer(q_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free, turn,
+        _ws_consumer(q_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free,
                      Out, LSE, FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, n_q_tiles, n_work,
                      s_ob, s_oh, s_ot, s_lb, s_lh, q_len, kv_len, q_offset, kv_offset, sink, window, qk_mul, 0)
 
     @gluon.jit
-    def _ws_consumer_bottom(q_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free, turn,
+    def _ws_consumer_bottom(q_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free,
                             Out, LSE, FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, n_q_tiles, n_work,
                             s_ob, s_oh, s_ot, s_lb, s_lh, q_len, kv_len, q_offset, kv_offset, sink, window, qk_mul):
-        _ws_consumer(q_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free, turn,
+        _ws_consumer(q_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free,
                      Out, LSE, FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, n_q_tiles, n_work,
                      s_ob, s_oh, s_ot, s_lb, s_lh, q_len, kv_len, q_offset, kv_offset, sink, window, qk_mul, 64)
-
-    @gluon.jit
-    def _turn_barriers(PINGPONG: gl.constexpr):
-        """The ping-pong's two "your turn" mbarriers (count 1: the other warpgroup's hand-over), one per consumer
-        warpgroup; an empty [0, 1] allocation when the warpgroups run unsynchronised."""
-        n: gl.constexpr = 2 if PINGPONG else 0
-        turn = gl.allocate_shared_memory(gl.int64, [n, 1], mbarrier.MBarrierLayout())
-        for w in gl.static_range(n):
-            mbarrier.init(turn.index(w), count=1)
-        return turn
-
-    @gluon.jit
-    def _take_turn(turn, e, WG: gl.constexpr):
-        """Before a warpgroup's ``e``-th MMA issue: wait until the other one handed over (warpgroup 0 goes first).
-        The two alternate issue by issue, so neither is ever more than one hand-over ahead (parities stay exact)."""
-        if turn.shape[0] == 2:
-            if WG == 0:
-                mbarrier.wait(turn.index(0), (e - 1) & 1, pred=e > 0)
-            else:
-                mbarrier.wait(turn.index(1), e & 1)
-
-    @gluon.jit
-    def _pass_turn(turn, WG: gl.constexpr):
-        """After a warpgroup issued its MMAs: hand the turn to the other one."""
-        if turn.shape[0] == 2:
-            mbarrier.arrive(turn.index(1 - WG))
 
     @gluon.jit
     def _ring_tile(ring, slot):
@@ -420,7 +381,7 @@ if AVAILABLE:
         s_ib, s_ih, f_width, p_width,
         B, Hkv, G, q_len, kv_len, q_offset, kv_offset, n_q_tiles, sink, window, qk_mul,
         BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-        Q_SLOTS: gl.constexpr, PINGPONG: gl.constexpr, num_warps: gl.constexpr,
+        Q_SLOTS: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Warp-specialised forward: a 1-warp TMA loader and two 4-warp consumers (64 query rows each) that run
         unsynchronised with each other (FlashAttention-3's producer/consumer split; no CTA-wide barrier in the
@@ -438,9 +399,8 @@ if AVAILABLE:
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], layout)
         q_bar, q_free = _slot_barriers(Q_SLOTS)
         k_bar, v_bar, k_free, v_free = _ring_barriers(STAGES)
-        turn = _turn_barriers(PINGPONG)
         n_work = B * Hkv * G * n_q_tiles
-        consumer_args = (q_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free, turn,
+        consumer_args = (q_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free,
                          Out, LSE, FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, n_q_tiles, n_work,
                          s_ob, s_oh, s_ot, s_lb, s_lh, q_len, kv_len, q_offset, kv_offset, sink, window, qk_mul)
         gl.warp_specialize(
@@ -507,7 +467,7 @@ def attention_forward_gluon(
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), s_ib, s_ih, full_tiles.shape[-1], part_tiles.shape[-1],
         batch, hkv, group, q_len, kv_len, q_offset, kv_offset, n_q, sink, window, qk_mul,
-        BLOCK=block, BLOCK_N=128, HEAD_DIM=dim, STAGES=stages, Q_SLOTS=q_slots, PINGPONG=PINGPONG,
+        BLOCK=block, BLOCK_N=128, HEAD_DIM=dim, STAGES=stages, Q_SLOTS=q_slots,
         num_warps=4,  # the default partition is the first consumer warpgroup
     )
     return out, lse

@@ -1,13 +1,13 @@
 """Check and time the Gluon forward (kernels/attention_fwd_gluon.py) against the Triton forward, in one GPU run.
 
     PYTHONPATH=$PWD python3 scripts/gpu_gluon_fwd.py [--sizes 16384,65536] [--stages 0,2,3] [--persistent 1,0]
-        [--q-slots 0,1,2] [--pingpong 1,0] [--patterns dense,...] [--repeats 1] [--check-stages 2,3] [--out DIR]
+        [--q-slots 0,1,2] [--patterns dense,...] [--repeats 1] [--check-stages 2,3] [--out DIR]
 
 (a) Correctness: on fresh random bf16/fp16 inputs (odd lengths, GQA and MQA, head dims 64/128, batch 2, chunked
 prefill, transposed (B, S, H, D) views, sink+window, strided and random layouts) the Gluon output is compared with
 the float32 reference and its log-sum-exp with the Triton kernel's; a mismatch fails the run (exit 1).
 (b) Forward milliseconds (CUDA events, median) of Gluon (each ring depth, 0 = automatic; persistent grid or one program
-per work item; consumer warpgroups in ping-pong or unsynchronised) vs Triton vs cuDNN SDPA
+per work item) vs Triton vs cuDNN SDPA
 (dense causal) on B=1, 32/8 heads, head dim 128 (and 64 at 16K), with TFLOP/s counted on the attended pairs. Writes
 ``gluon_fwd.json`` and ``gluon_fwd.md``.
 """
@@ -45,15 +45,13 @@ def _rand(shape, dtype, gen, seq_major=False):
 
 
 def _launch(q, k, v, index, use_gluon: bool, stages: int | None = None, persistent: bool = True,
-            q_slots: int | None = None, pingpong: bool | None = None):
-    """One forward through attention_forward with the Gluon switches forced (the dispatch users get; ``pingpong``
-    None keeps the module's setting)."""
-    saved = gluon_fwd.ENABLED, gluon_fwd.STAGES, gluon_fwd.PERSISTENT, gluon_fwd.Q_SLOTS, gluon_fwd.PINGPONG
+            q_slots: int | None = None):
+    """One forward through attention_forward with the Gluon switches forced (the dispatch users get)."""
+    saved = gluon_fwd.ENABLED, gluon_fwd.STAGES, gluon_fwd.PERSISTENT, gluon_fwd.Q_SLOTS
     gluon_fwd.ENABLED = use_gluon
     gluon_fwd.STAGES = stages
     gluon_fwd.PERSISTENT = persistent
     gluon_fwd.Q_SLOTS = q_slots
-    gluon_fwd.PINGPONG = saved[4] if pingpong is None else pingpong
     try:
         return attention_forward(
             q, k, v, index.full_count.contiguous(), index.full_tiles.contiguous(), index.part_count.contiguous(),
@@ -61,7 +59,7 @@ def _launch(q, k, v, index, use_gluon: bool, stages: int | None = None, persiste
             index.block_size, index.q_offset, index.kv_offset, index.sink_tokens, index.window or 0,
             q.shape[-1] ** -0.5, 0.0)
     finally:
-        gluon_fwd.ENABLED, gluon_fwd.STAGES, gluon_fwd.PERSISTENT, gluon_fwd.Q_SLOTS, gluon_fwd.PINGPONG = saved
+        gluon_fwd.ENABLED, gluon_fwd.STAGES, gluon_fwd.PERSISTENT, gluon_fwd.Q_SLOTS = saved
 
 
 def check(mode, name, batch, hq, hkv, q_len, kv_len, dim, pattern, dtype=torch.bfloat16,
@@ -153,11 +151,10 @@ def _cudnn(q, k, v):
 
 
 def bench_shape(seq: int, dim: int, stages: list[int], persistent: list[bool], q_slots: list[int | None],
-                repeats: int, pingpong: list[bool] | None = None, patterns: list[str] | None = None) -> list[dict]:
-    """Every pattern at one shape (B=1, 32/8 heads, bf16): Triton, Gluon per ring depth, grid and ping-pong
-    setting, cuDNN on dense; the methods of a pattern timed in turn ``repeats`` times, interleaved and in reverse
+                repeats: int, patterns: list[str] | None = None) -> list[dict]:
+    """Every pattern (or those named) at one shape (B=1, 32/8 heads, bf16): Triton, Gluon per ring depth and grid,
+    cuDNN on dense; the methods of a pattern timed in turn ``repeats`` times, interleaved and in reverse
     order on odd repeats (so drift and the position in the sequence hit them alike)."""
-    pingpong = pingpong or [gluon_fwd.PINGPONG]
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(seq)
     q = _rand((1, 32, seq, dim), torch.bfloat16, gen)
@@ -169,10 +166,9 @@ def bench_shape(seq: int, dim: int, stages: list[int], persistent: list[bool], q
         index = build_index_for(q, k, pat)
         flops = 4 * dim * _pairs(index, 1, 32)
         methods = [("triton", lambda index=index: _launch(q, k, v, index, False))]
-        methods += [(f"gluon-s{st or 'auto'}{'-persistent' if pe else ''}-q{qs or 'auto'}"
-                     f"{('-pingpong' if pp else '-unsync') if len(pingpong) > 1 else ''}",
-                     lambda index=index, st=st, pe=pe, qs=qs, pp=pp: _launch(q, k, v, index, True, st, pe, qs, pp))
-                    for st in stages for pe in persistent for qs in q_slots for pp in pingpong
+        methods += [(f"gluon-s{st or 'auto'}{'-persistent' if pe else ''}-q{qs or 'auto'}",
+                     lambda index=index, st=st, pe=pe, qs=qs: _launch(q, k, v, index, True, st, pe, qs))
+                    for st in stages for pe in persistent for qs in q_slots
                     if _fits(st, qs, dim, index)]
         if pname == "dense":
             methods.append(("cudnn", lambda: _cudnn(q, k, v)))
@@ -199,11 +195,11 @@ def _fits(stages: int | None, q_slots: int | None, dim: int, index) -> bool:
 
 
 def bench(sizes: list[int], stages: list[int], persistent: list[bool], q_slots: list[int | None],
-          repeats: int, saved=lambda rows: None, pingpong: list[bool] | None = None,
-          patterns: list[str] | None = None, dims: tuple[int, ...] = (64,)) -> list[dict]:
+          repeats: int, saved=lambda rows: None, patterns: list[str] | None = None,
+          dims: tuple[int, ...] = (64,)) -> list[dict]:
     rows = []
     for seq, dim in [(s, 128) for s in sizes] + [(16384, d) for d in dims]:
-        rows += bench_shape(seq, dim, stages, persistent, q_slots, repeats, pingpong, patterns)
+        rows += bench_shape(seq, dim, stages, persistent, q_slots, repeats, patterns)
         saved(rows)
         torch.cuda.empty_cache()
     return rows
@@ -233,8 +229,6 @@ def main() -> int:
     ap.add_argument("--stages", default="0,2,3", help="K/V ring depths to time (0: the automatic choice)")
     ap.add_argument("--persistent", default="1,0", help="grids to check and time: 1 persistent, 0 one per item")
     ap.add_argument("--q-slots", default="0", help="query slots to time: 1, 2, 0 (the launcher's choice)")
-    ap.add_argument("--pingpong", default="", help="consumer schedules to time: 1 ping-pong, 0 unsynchronised "
-                    "(default: the module's setting)")
     ap.add_argument("--patterns", default="", help="patterns to time (default: all of " + ",".join(PATTERNS) + ")")
     ap.add_argument("--d64", type=int, default=1, help="also time head dim 64 at 16K (1) or not (0)")
     ap.add_argument("--repeats", type=int, default=1, help="interleaved timings of each method")
@@ -254,7 +248,6 @@ def main() -> int:
     rows = [] if (args.skip_bench or not ok) else bench(
         [int(s) for s in args.sizes.split(",")], stages, persistent, [int(x) or None for x in args.q_slots.split(",")],
         args.repeats, lambda rows: save(args.out, "gluon_fwd", env, checks, rows, table(rows)),
-        [bool(int(x)) for x in args.pingpong.split(",")] if args.pingpong else None,
         args.patterns.split(",") if args.patterns else None, (64,) if args.d64 else ())
     print(save(args.out, "gluon_fwd", env, checks, rows, table(rows)))
     print("checks:", "all OK" if ok else "FAILED")

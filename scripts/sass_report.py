@@ -101,8 +101,7 @@ def kernel_cases(dims: list[int], kernels: set[str]):
             for ring in (2, 3):  # with the query slots the launcher pairs with this ring
                 q_slots = attention_fwd_gluon.slots_for(dim, BLOCK, 1, ring)[1]
                 yield (f"gluon fwd D{dim} ring {ring} q {q_slots}", attention_fwd_gluon._attn_fwd_ws_kernel,
-                       dict(BLOCK=BLOCK, BLOCK_N=BLOCK, HEAD_DIM=dim, STAGES=ring, Q_SLOTS=q_slots,
-                            PINGPONG=attention_fwd_gluon.PINGPONG), 4, 1)
+                       dict(BLOCK=BLOCK, BLOCK_N=BLOCK, HEAD_DIM=dim, STAGES=ring, Q_SLOTS=q_slots), 4, 1)
         if "gluon_dkdv" in kernels and attention_bwd_gluon.AVAILABLE and dim in attention_bwd_gluon.HEAD_DIMS:
             ring = attention_bwd_gluon.STAGES[dim]
             for split in (False, True):  # one program per key tile / chunks of split key tiles
