@@ -16,7 +16,8 @@ computes exponentials (scripts/results/KERNEL_NOTES.md). Here the schedule is wr
   warpgroups of 64 query rows each, which run unsynchronised with each other (so
   one's softmax overlaps the other's MMAs) and free a slot by arriving on its barrier (no CTA-wide barrier);
 - inside a consumer, the scores of tile j are issued asynchronously together with ``P_{j-1} V_{j-1}``; it waits
-  only for the scores, runs the softmax of tile j while ``P V`` is still in flight, then waits and rescales.
+  only for the scores, runs the softmax of tile j while ``P V`` is still in flight, then waits and rescales (the
+  softmax sits in a basic block of its own, else ptxas moves the wait for ``P V`` above it).
 
 A single-partition version of the same loop (8 warps, a CTA barrier per step) was no faster than Triton
 (scripts/results/gluon_fwd_h100_v1.*): the overlap between the two warpgroups is what pays. Gluon has no CPU
@@ -248,8 +249,15 @@ if AVAILABLE:
                     mbarrier.arrive(k_free.index(slot))
                     t0, part, selected = _tile_start(FT, PT, irow, f_width, p_width, f_cnt, j, kb0, kv_offset,
                                                      BLOCK, BLOCK_N)
-                    p32, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_mul, part, selected, t0, q_abs, kv_offset,
-                                                         kv_len, sink, window, BLOCK_N, s_layout)
+                    # the softmax in a block of its own (the condition always holds): ptxas schedules within a block,
+                    # and in one shared with the P.V wait it hoists that wait above the exponentials (the new P's
+                    # packs reuse the registers of the P in flight), so the softmax never overlapped this
+                    # warpgroup's own P.V (scripts/results/KERNEL_NOTES.md, session ten)
+                    p32 = s
+                    alpha = m_i
+                    if c >= 0:
+                        p32, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_mul, part, selected, t0, q_abs,
+                                                             kv_offset, kv_len, sink, window, BLOCK_N, s_layout)
                     p = gl.convert_layout(p32.to(dtype), p_layout)
                     acc = warpgroup_mma_wait(0, deps=(acc, ))
                     mbarrier.arrive(v_free.index(prev))

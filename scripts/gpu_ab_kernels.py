@@ -2,7 +2,7 @@
 
     git archive <commit> kernels | tar -x -C ab_base      # the baseline's kernels/ folder
     PYTHONPATH=$PWD python3 scripts/gpu_ab_kernels.py --base ab_base/kernels [--seq 65536] [--repeats 5]
-        [--patterns sinkwin,dense,strided,random] [--swap fwd,dkdv,dq] [--out DIR]
+        [--patterns sinkwin,dense,strided,random] [--swap fwd,dkdv,dq] [--passes fwd,fwd_bwd] [--out DIR]
 
 Single runs spread by 5-20% on the H100 (scripts/results/KERNEL_NOTES.md), so a change is read against its
 baseline in the same process: the baseline's ``attention_fwd_gluon`` / ``attention_bwd_gluon`` are loaded as a
@@ -79,12 +79,14 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--patterns", default="sinkwin,dense,strided,random")
     ap.add_argument("--swap", default="fwd,dkdv,dq", help="launchers the baseline provides in its timings")
+    ap.add_argument("--passes", default="fwd,fwd_bwd", help="what to time: fwd, fwd_bwd or both")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     base_fwd, base_bwd = load_base(args.base)
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "seq": args.seq, "base": args.base, "swap": args.swap}
     swap = tuple(args.swap.split(","))
+    passes = args.passes.split(",")
     print(json.dumps(env), flush=True)
     q, k, v, d_out = headline_inputs(args.seq)
     scale = 128**-0.5
@@ -116,7 +118,7 @@ def main() -> int:
             for tree in ("base", "new") if rep % 2 == 0 else ("new", "base"):  # alternate who goes first
                 ctx = launchers_of(base_fwd, base_bwd, swap) if tree == "base" else contextlib.nullcontext()
                 with ctx:
-                    for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+                    for name, fn in [(n, f) for n, f in (("fwd", fwd), ("fwd_bwd", fwd_bwd)) if n in passes]:
                         ms = float(triton.testing.do_bench(fn, warmup=25, rep=150, return_mode="median"))
                         times.setdefault(f"{pname}/{name}/{tree}", []).append(ms)
                         print(json.dumps({"pattern": pname, "repeat": rep, "tree": tree, name: ms}), flush=True)
