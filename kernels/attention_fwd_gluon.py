@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import triton
 
 try:  # Gluon ships with Triton >= 3.5; without it the Triton kernel runs every case.
     from triton.experimental import gluon
@@ -38,6 +39,11 @@ try:  # Gluon ships with Triton >= 3.5; without it the Triton kernel runs every 
 
     # Triton 3.9 renamed the TMA copy (3.6, the H100 image's version, has only the old name)
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    # The sparse rows' loop (2-slot ring) runs its softmax in a basic block of its own, so that ptxas keeps the wait
+    # for P.V after it: 64K sink+window forward 0.95x, random 0.93x the time on the H100 with Triton 3.6
+    # (scripts/results/ab_h100_v6_softmax_block*). Triton 3.9 compiles the same source with 4-9 spilled words reloaded
+    # per tile at head dim 128 (sm_90, CPU), unmeasured on a GPU, so newer Tritons keep the plain loop.
+    _SOFTMAX_OWN_BLOCK = gl.constexpr(tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7))
     AVAILABLE = True
 except ImportError:  # pragma: no cover - depends on the installed Triton
     AVAILABLE = False
@@ -202,6 +208,7 @@ if AVAILABLE:
         BLOCK_N: gl.constexpr = k_smem.shape[3]
         HEAD_DIM: gl.constexpr = k_smem.shape[4]
         dtype: gl.constexpr = q_smem.dtype
+        SOFTMAX_BLOCK: gl.constexpr = _SOFTMAX_OWN_BLOCK and STAGES == 2
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -249,13 +256,17 @@ if AVAILABLE:
                     mbarrier.arrive(k_free.index(slot))
                     t0, part, selected = _tile_start(FT, PT, irow, f_width, p_width, f_cnt, j, kb0, kv_offset,
                                                      BLOCK, BLOCK_N)
-                    # the softmax in a block of its own (the condition always holds): ptxas schedules within a block,
-                    # and in one shared with the P.V wait it hoists that wait above the exponentials (the new P's
-                    # packs reuse the registers of the P in flight), so the softmax never overlapped this
-                    # warpgroup's own P.V (scripts/results/KERNEL_NOTES.md, session ten)
-                    p32 = s
-                    alpha = m_i
-                    if c >= 0:
+                    if SOFTMAX_BLOCK:
+                        # the softmax in a basic block of its own (the condition always holds): ptxas schedules
+                        # within a block, and in one shared with the P.V wait below it hoists that wait above the
+                        # exponentials (the new P's packs reuse the registers of the P in flight), so the softmax
+                        # would not overlap this warpgroup's own P.V (scripts/results/KERNEL_NOTES.md, session ten)
+                        p32 = s
+                        alpha = m_i
+                        if c >= 0:
+                            p32, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_mul, part, selected, t0, q_abs,
+                                                                 kv_offset, kv_len, sink, window, BLOCK_N, s_layout)
+                    else:
                         p32, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_mul, part, selected, t0, q_abs,
                                                              kv_offset, kv_len, sink, window, BLOCK_N, s_layout)
                     p = gl.convert_layout(p32.to(dtype), p_layout)

@@ -199,8 +199,18 @@ def mma_loops(ins: list[tuple[int, str]]) -> list[dict]:
         out.append({"start": hex(start), "instructions": len(body), "hgmma": ops["HGMMA"],
                     "wgmma_waits": sum("WARPGROUP.DEPBAR" in t for t in body),
                     "local_memory": ops["LDL"] + ops["STL"],  # spill traffic inside the loop
+                    "exp_before_last_wait": _exp_before_last_wait(body),
                     "top_opcodes": dict(ops.most_common(8))})
     return out
+
+
+def _exp_before_last_wait(body: list[str]) -> int:
+    """MUFU.EX2 laid out between a loop's first and last wgmma wait: in the forward's steady loop, the softmax
+    exponentials issued while the P.V product is still in flight (0: ptxas put the P.V wait before them)."""
+    waits = [i for i, t in enumerate(body) if "WARPGROUP.DEPBAR" in t]
+    if len(waits) < 2:
+        return 0
+    return sum("MUFU.EX2" in t for t in body[waits[0]:waits[-1]])
 
 
 def ttgir_loads(ttgir: str) -> dict:
