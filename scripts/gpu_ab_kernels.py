@@ -1,7 +1,7 @@
 """A/B timing of the Gluon kernels of two source trees through the library path, interleaved in one process.
 
     git archive <commit> kernels | tar -x -C ab_base      # the baseline's kernels/ folder
-    PYTHONPATH=$PWD python3 scripts/gpu_ab_kernels.py --base ab_base/kernels [--seq 65536] [--repeats 5]
+    PYTHONPATH=$PWD python3 scripts/gpu_ab_kernels.py --base ab_base/kernels [--seq 65536] [--dim 128] [--repeats 5]
         [--patterns sinkwin,dense,strided,random] [--swap fwd,dkdv,dq] [--passes fwd,fwd_bwd] [--out DIR]
 
 Single runs spread by 5-20% on the H100 (scripts/results/KERNEL_NOTES.md), so a change is read against its
@@ -9,10 +9,9 @@ baseline in the same process: the baseline's ``attention_fwd_gluon`` / ``attenti
 second package and their launchers take the place of the working tree's for the "base" timings (the library's
 dispatch, index and autograd code are the working tree's for both). Each repeat times forward and
 forward+backward of "base" and "new" in turn (``triton.testing.do_bench`` median; which goes first alternates),
-B=1, 32/8 heads, head dim 128, bf16; ``--swap`` limits the baseline to some of the launchers, to tell which kernel
-a difference comes from. Before timing, both trees' outputs and gradients are compared (they must agree to bf16
-rounding). Writes
-``ab_kernels.json`` (every timing, medians, new/base ratios) and ``ab_kernels.md``.
+B=1, 32/8 heads, head dim 128 (or ``--dim``), bf16; ``--swap`` limits the baseline to some of the launchers, to
+tell which kernel a difference comes from. Before timing, both trees' outputs and gradients are compared (they
+must agree to bf16 rounding). Writes ``ab_kernels.json`` (every timing, medians, new/base ratios) and ``ab_kernels.md``.
 """
 
 from __future__ import annotations
@@ -76,6 +75,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", required=True, help="a kernels/ folder of the baseline commit")
     ap.add_argument("--seq", type=int, default=65536)
+    ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--patterns", default="sinkwin,dense,strided,random")
     ap.add_argument("--swap", default="fwd,dkdv,dq", help="launchers the baseline provides in its timings")
@@ -84,12 +84,12 @@ def main() -> int:
     args = ap.parse_args()
     base_fwd, base_bwd = load_base(args.base)
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "seq": args.seq, "base": args.base, "swap": args.swap}
+           "seq": args.seq, "dim": args.dim, "base": args.base, "swap": args.swap}
     swap = tuple(args.swap.split(","))
     passes = args.passes.split(",")
     print(json.dumps(env), flush=True)
-    q, k, v, d_out = headline_inputs(args.seq)
-    scale = 128**-0.5
+    q, k, v, d_out = headline_inputs(args.seq, args.dim)
+    scale = args.dim**-0.5
     times: dict[str, list[float]] = {}
     checks: dict[str, dict] = {}
     ok = True

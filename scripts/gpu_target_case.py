@@ -31,11 +31,11 @@ from hf_sparsek.triton_ops import triton_block_sparse_attention  # noqa: E402
 TARGETS_MS = {"fwd": 7.1, "fwd_bwd": 32.7}
 
 
-def headline_inputs(seq: int) -> tuple[torch.Tensor, ...]:
-    """q, k, v (requiring grad) and dO of the headline shape: B=1, 32 query / 8 KV heads, head dim 128, bf16, seeded
-    (gpu_ab_kernels.py times the same inputs)."""
+def headline_inputs(seq: int, dim: int = 128) -> tuple[torch.Tensor, ...]:
+    """q, k, v (requiring grad) and dO of the headline shape: B=1, 32 query / 8 KV heads, head dim 128 (or ``dim``),
+    bf16, seeded (gpu_ab_kernels.py times the same inputs)."""
     gen = torch.Generator(device="cuda").manual_seed(0)
-    shape_q, shape_kv = (1, 32, seq, 128), (1, 8, seq, 128)
+    shape_q, shape_kv = (1, 32, seq, dim), (1, 8, seq, dim)
     q = torch.randn(shape_q, generator=gen, device="cuda").to(torch.bfloat16).requires_grad_()
     k = torch.randn(shape_kv, generator=gen, device="cuda").to(torch.bfloat16).requires_grad_()
     v = torch.randn(shape_kv, generator=gen, device="cuda").to(torch.bfloat16).requires_grad_()
