@@ -39,10 +39,11 @@ try:  # Gluon ships with Triton >= 3.5; without it the Triton kernel runs every 
 
     # Triton 3.9 renamed the TMA copy (3.6, the H100 image's version, has only the old name)
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-    # The sparse rows' loop (2-slot ring) runs its softmax in a basic block of its own, so that ptxas keeps the wait
-    # for P.V after it: 64K sink+window forward 0.95x, random 0.93x the time on the H100 with Triton 3.6
-    # (scripts/results/ab_h100_v6_softmax_block*). Triton 3.9 compiles the same source with 4-9 spilled words reloaded
-    # per tile at head dim 128 (sm_90, CPU), unmeasured on a GPU, so newer Tritons keep the plain loop.
+    # The sparse rows' loop (2-slot ring) at head dim 128 runs its softmax in a basic block of its own, so that ptxas
+    # keeps the wait for P.V after it: on the H100 with Triton 3.6, 64K random forward 0.89-0.93x the time,
+    # sink+window 0.94-1.02x (64K, 128K), strided 0.99-1.02x; at head dim 64 random was 1.08-1.11x slower, so there
+    # the plain loop stays (scripts/results/ab_h100_v6_*, v8_*). Triton 3.9 compiles the same source with 4-9 spilled
+    # words reloaded per tile (sm_90, CPU), unmeasured on a GPU, so newer Tritons keep the plain loop too.
     _SOFTMAX_OWN_BLOCK = gl.constexpr(tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7))
     AVAILABLE = True
 except ImportError:  # pragma: no cover - depends on the installed Triton
@@ -208,7 +209,7 @@ if AVAILABLE:
         BLOCK_N: gl.constexpr = k_smem.shape[3]
         HEAD_DIM: gl.constexpr = k_smem.shape[4]
         dtype: gl.constexpr = q_smem.dtype
-        SOFTMAX_BLOCK: gl.constexpr = _SOFTMAX_OWN_BLOCK and STAGES == 2
+        SOFTMAX_BLOCK: gl.constexpr = _SOFTMAX_OWN_BLOCK and STAGES == 2 and HEAD_DIM == 128
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
