@@ -16,8 +16,9 @@ computes exponentials (scripts/results/KERNEL_NOTES.md). Here the schedule is wr
   warpgroups of 64 query rows each, which run unsynchronised with each other (so
   one's softmax overlaps the other's MMAs) and free a slot by arriving on its barrier (no CTA-wide barrier);
 - inside a consumer, the scores of tile j are issued asynchronously together with ``P_{j-1} V_{j-1}``; it waits
-  only for the scores, runs the softmax of tile j while ``P V`` is still in flight, then waits and rescales (the
-  softmax sits in a basic block of its own, else ptxas moves the wait for ``P V`` above it).
+  only for the scores, runs the softmax of tile j while ``P V`` is still in flight, then waits and rescales. ptxas
+  moves the wait for ``P V`` above the softmax unless the softmax sits in a basic block of its own, which it does on
+  the sparse rows at head dim 128 (``_SOFTMAX_OWN_BLOCK``).
 
 A single-partition version of the same loop (8 warps, a CTA barrier per step) was no faster than Triton
 (scripts/results/gluon_fwd_h100_v1.*): the overlap between the two warpgroups is what pays. Gluon has no CPU
@@ -30,9 +31,9 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
 
 try:  # Gluon ships with Triton >= 3.5; without it the Triton kernel runs every case.
+    import triton
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait

@@ -1,7 +1,7 @@
 """Check and time the Gluon forward (kernels/attention_fwd_gluon.py) against the Triton forward, in one GPU run.
 
     PYTHONPATH=$PWD python3 scripts/gpu_gluon_fwd.py [--sizes 16384,65536] [--stages 0,2,3] [--persistent 1,0]
-        [--q-slots 0,1,2] [--patterns dense,...] [--repeats 1] [--check-stages 2,3] [--out DIR]
+        [--q-slots 0,1,2] [--patterns dense,...] [--d64 1] [--repeats 1] [--check-stages 2,3] [--out DIR]
 
 (a) Correctness: on fresh random bf16/fp16 inputs (odd lengths, GQA and MQA, head dims 64/128, batch 2, chunked
 prefill, transposed (B, S, H, D) views, sink+window, strided and random layouts) the Gluon output is compared with
