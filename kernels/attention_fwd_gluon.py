@@ -210,7 +210,7 @@ if AVAILABLE:
         BLOCK_N: gl.constexpr = k_smem.shape[3]
         HEAD_DIM: gl.constexpr = k_smem.shape[4]
         dtype: gl.constexpr = q_smem.dtype
-        SOFTMAX_BLOCK: gl.constexpr = _SOFTMAX_OWN_BLOCK and HEAD_DIM == 128
+        SOFTMAX_BLOCK: gl.constexpr = _SOFTMAX_OWN_BLOCK and STAGES == 2 and HEAD_DIM == 128
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
