@@ -2,16 +2,17 @@
 
     git archive <commit> kernels | tar -x -C ab_base      # the baseline's kernels/ folder
     PYTHONPATH=$PWD python3 scripts/gpu_ab_kernels.py --base ab_base/kernels [--seq 65536] [--dim 128] [--repeats 5]
-        [--patterns sinkwin,dense,strided,random] [--swap fwd,dkdv,dq] [--passes fwd,fwd_bwd] [--out DIR]
+        [--patterns sinkwin,dense,strided,random] [--swap fwd,dkdv,dq] [--passes fwd,bwd,fwd_bwd] [--out DIR]
 
-Single runs spread by 5-20% on the H100 (scripts/results/KERNEL_NOTES.md), so a change is read against its
-baseline in the same process: the baseline's ``attention_fwd_gluon`` / ``attention_bwd_gluon`` are loaded as a
-second package and their launchers take the place of the working tree's for the "base" timings (the library's
-dispatch, index and autograd code are the working tree's for both). Each repeat times forward and
-forward+backward of "base" and "new" in turn (``triton.testing.do_bench`` median; which goes first alternates),
-B=1, 32/8 heads, head dim 128 (or ``--dim``), bf16; ``--swap`` limits the baseline to some of the launchers, to
-tell which kernel a difference comes from. Before timing, both trees' outputs and gradients are compared (they
-must agree to bf16 rounding). Writes ``ab_kernels.json`` (every timing, medians, new/base ratios) and ``ab_kernels.md``.
+Single runs spread by 5-20% on the H100 (scripts/results/KERNEL_NOTES.md), so a change is read against its baseline
+in the same process: the baseline's ``attention_fwd_gluon`` / ``attention_bwd_gluon`` are loaded as a second package
+and their launchers take the place of the working tree's for the "base" timings (the library's dispatch, index and
+autograd code are the working tree's for both). Each repeat times forward, the backward alone (graph retained;
+``--passes`` picks) and forward+backward of "base" and "new" in turn (``triton.testing.do_bench`` median; which goes
+first alternates), B=1, 32/8 heads, head dim 128 (or ``--dim``), bf16; ``--swap`` limits the baseline to some of the
+launchers, to tell which kernel a difference comes from. Before timing, both trees' outputs and gradients are
+compared (they must agree to bf16 rounding). Writes ``ab_kernels.json`` (every timing, medians, new/base ratios) and
+``ab_kernels.md``.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--patterns", default="sinkwin,dense,strided,random")
     ap.add_argument("--swap", default="fwd,dkdv,dq", help="launchers the baseline provides in its timings")
-    ap.add_argument("--passes", default="fwd,fwd_bwd", help="what to time: fwd, fwd_bwd or both")
+    ap.add_argument("--passes", default="fwd,fwd_bwd", help="what to time: fwd, bwd (alone), fwd_bwd")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     base_fwd, base_bwd = load_base(args.base)
@@ -118,7 +119,13 @@ def main() -> int:
             for tree in ("base", "new") if rep % 2 == 0 else ("new", "base"):  # alternate who goes first
                 ctx = launchers_of(base_fwd, base_bwd, swap) if tree == "base" else contextlib.nullcontext()
                 with ctx:
-                    for name, fn in [(n, f) for n, f in (("fwd", fwd), ("fwd_bwd", fwd_bwd)) if n in passes]:
+                    out = triton_block_sparse_attention(q, k, v, index, scale) if "bwd" in passes else None
+
+                    def bwd(out=out):
+                        return torch.autograd.grad(out, (q, k, v), d_out, retain_graph=True)
+
+                    for name, fn in [(n, f) for n, f in (("fwd", fwd), ("bwd", bwd), ("fwd_bwd", fwd_bwd))
+                                     if n in passes]:
                         ms = float(triton.testing.do_bench(fn, warmup=25, rep=150, return_mode="median"))
                         times.setdefault(f"{pname}/{name}/{tree}", []).append(ms)
                         print(json.dumps({"pattern": pname, "repeat": rep, "tree": tree, name: ms}), flush=True)
