@@ -48,7 +48,6 @@ if AVAILABLE:
     )
 
     from .attention_fwd_gluon import (
-        _SOFTMAX_OWN_BLOCK,
         _item,
         _items_of_program,
         _partial_entry,
@@ -455,16 +454,8 @@ if AVAILABLE:
                     dq = warpgroup_mma(ds_op, _ring_tile(k_smem, prev), dq, is_async=True)
                     s, dp = warpgroup_mma_wait(1, deps=(s, dp))  # dS_{j-1} K_{j-1} still in flight
                     mbarrier.arrive(v_free.index(slot))
-                    if _SOFTMAX_OWN_BLOCK:
-                        # dS in a basic block of its own (the condition always holds), so ptxas keeps the wait for
-                        # the dQ product after it, as in the forward (scripts/results/KERNEL_NOTES.md, session ten)
-                        ds = s
-                        if c >= 0:
-                            ds = _dq_ds(s, dp, lse, delta, q_abs, cols, FT, PT, irow, f_width, p_width, f_cnt, j,
-                                        kb0, kv_offset, kv_len, sink, window, qk_mul, BLOCK, BLOCK_N)
-                    else:
-                        ds = _dq_ds(s, dp, lse, delta, q_abs, cols, FT, PT, irow, f_width, p_width, f_cnt, j, kb0,
-                                    kv_offset, kv_len, sink, window, qk_mul, BLOCK, BLOCK_N)
+                    ds = _dq_ds(s, dp, lse, delta, q_abs, cols, FT, PT, irow, f_width, p_width, f_cnt, j, kb0,
+                                kv_offset, kv_len, sink, window, qk_mul, BLOCK, BLOCK_N)
                     dq, ds_op = warpgroup_mma_wait(0, deps=(dq, ds_op))
                     mbarrier.arrive(k_free.index(prev))
                     ds_op = gl.convert_layout(ds.to(dtype), op_layout)
