@@ -131,10 +131,37 @@ if AVAILABLE:
         return (kb0 + n) * BLOCK + (it % n_sub) * BLOCK_N - kv_offset, selected
 
     @gluon.jit
+    def _query_row_bounds(q_abs, t0, kv_offset, kv_len, sink, window, selected):
+        """The token-exact mask of query rows ``q_abs`` (absolute) against the key tile from storage row ``t0`` as two
+        column intervals per row: [lo, hi) (the window, or every causal key of a top-k tile) and [lo0, sink_hi)
+        (the sink keys; empty past them): a few integer operations per row and one unsigned compare per element,
+        where the element-wise form takes about 11 instructions per element."""
+        k_base = t0 + kv_offset  # absolute position of column 0
+        lo0 = -t0  # storage row 0
+        hi = gl.minimum(q_abs - k_base + 1, kv_len - t0)  # causal; the end of the sequence
+        windowed = (window > 0) & ~selected
+        lo = gl.where(selected, lo0, gl.where(windowed, gl.maximum(q_abs - window + 1 - k_base, lo0), hi))
+        sink_hi = gl.where(selected, lo0, gl.minimum(hi, sink - k_base))  # sink keys: causal ones only
+        return lo, hi, lo0, sink_hi
+
+    @gluon.jit
+    def _in_interval(lo, hi, N: gl.constexpr, layout: gl.constexpr):
+        """[rows, N] booleans: column in [lo, hi) of its row (empty when hi <= lo): (col - lo) mod 2**32 < hi - lo."""
+        cols = gl.arange(0, N, layout=gl.SliceLayout(0, layout))[None, :]
+        width = gl.maximum(hi - lo, 0).to(gl.uint32, bitcast=True)
+        return (cols - lo[:, None]).to(gl.uint32, bitcast=True) < width[:, None]
+
+    @gluon.jit
     def _softmax_step(s, m_i, l_i, qk_mul, part, selected, t0, q_abs, kv_offset, kv_len, sink, window,
-                      BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
-        """Online-softmax update for one tile of raw scores: (P, new max, new sum, rescale factor)."""
-        if part:  # token-exact element mask (attention_fwd's element_mask without segments / ranks)
+                      BLOCK_N: gl.constexpr, s_layout: gl.constexpr, INTERVALS: gl.constexpr = False):
+        """Online-softmax update for one tile of raw scores: (P, new max, new sum, rescale factor). ``INTERVALS``:
+        the partial tile's mask as row-wise column intervals (same mask, fewer instructions)."""
+        if part and INTERVALS:
+            lo, hi, lo0, sink_hi = _query_row_bounds(q_abs, t0, kv_offset, kv_len, sink, window, selected)
+            keep = (_in_interval(lo, hi, BLOCK_N, s_layout)
+                    | _in_interval(gl.zeros_like(lo) + lo0, sink_hi, BLOCK_N, s_layout))
+            s = gl.where(keep, s, float("-inf"))
+        elif part:  # token-exact element mask (attention_fwd's element_mask without segments / ranks)
             cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             k_t = t0 + cols
             k_abs = k_t + kv_offset
@@ -243,7 +270,7 @@ if AVAILABLE:
                 t0, part, selected = _tile_start(FT, PT, irow, f_width, p_width, f_cnt, 0, kb0, kv_offset, BLOCK,
                                                  BLOCK_N)
                 p32, m_i, l_i, alpha0 = _softmax_step(s, m_i, l_i, qk_mul, part, selected, t0, q_abs, kv_offset,
-                                                      kv_len, sink, window, BLOCK_N, s_layout)
+                                                      kv_len, sink, window, BLOCK_N, s_layout, SOFTMAX_BLOCK)
                 p = gl.convert_layout(p32.to(dtype), p_layout)
                 for j in range(1, n_tiles):
                     c = base + j
@@ -267,7 +294,8 @@ if AVAILABLE:
                         alpha = m_i
                         if c >= 0:
                             p32, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_mul, part, selected, t0, q_abs,
-                                                                 kv_offset, kv_len, sink, window, BLOCK_N, s_layout)
+                                                                 kv_offset, kv_len, sink, window, BLOCK_N, s_layout,
+                                                                 True)
                     else:
                         p32, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_mul, part, selected, t0, q_abs,
                                                              kv_offset, kv_len, sink, window, BLOCK_N, s_layout)
