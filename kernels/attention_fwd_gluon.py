@@ -43,7 +43,9 @@ try:  # Gluon ships with Triton >= 3.5; without it the Triton kernel runs every 
     # The sparse rows' loop (2-slot ring) at head dim 128 runs its softmax in a basic block of its own, so that ptxas
     # keeps the wait for P.V after it: on the H100 with Triton 3.6, 64K random forward 0.89-0.93x the time,
     # sink+window 0.94-1.02x (64K, 128K), strided 0.99-1.02x; at head dim 64 random was 1.08-1.11x slower, so there
-    # the plain loop stays (scripts/results/ab_h100_v6_*, v8_*). Triton 3.9 compiles the same source with 4-9 spilled
+    # the plain loop stays (scripts/results/ab_h100_v6_*, v8_*). There the partial tiles' mask is also taken as
+    # row-wise column intervals (steady loop 816 sm_90 instructions laid out instead of 1192; 64K sink+window 0.94x,
+    # random 0.94x, strided 0.98x the time: ab_h100_v11_intervals_*). Triton 3.9 compiles the block with 4-9 spilled
     # words reloaded per tile (sm_90, CPU), unmeasured on a GPU, so newer Tritons keep the plain loop too.
     _SOFTMAX_OWN_BLOCK = gl.constexpr(tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7))
     AVAILABLE = True
