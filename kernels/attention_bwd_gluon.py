@@ -50,6 +50,7 @@ if AVAILABLE:
     from .attention_fwd_gluon import (
         _item,
         _items_of_program,
+        _keep,
         _partial_entry,
         _query_tile,
         _ring_barriers,
@@ -145,13 +146,6 @@ if AVAILABLE:
         hq = hkv * G + rem % G
         t_first = (q_offset // BLOCK + mt) * BLOCK + (rem // G) * BLOCK_M - q_offset
         return hq, t_first, e >= f_cnt, selected
-
-    @gluon.jit
-    def _keep(qa, ka, k_in, selected, sink, window):
-        """Token-exact element mask of a partial tile (attention_bwd's element_mask without segments / ranks):
-        ``qa``, ``ka`` absolute positions broadcast against each other, ``k_in`` the key inside the sequence."""
-        token = ((sink > 0) & (ka < sink)) | ((window > 0) & ((qa - ka) < window))
-        return (ka <= qa) & k_in & (token | selected)
 
     @gluon.jit
     def _ws_loader(k_desc, v_desc, q_desc, do_desc, lse_desc, delta_desc, k_smem, v_smem, q_smem, do_smem,

@@ -133,6 +133,14 @@ if AVAILABLE:
         return (kb0 + n) * BLOCK + (it % n_sub) * BLOCK_N - kv_offset, selected
 
     @gluon.jit
+    def _keep(qa, ka, k_in, selected, sink, window):
+        """Token-exact element mask of a partial tile (the Triton kernels' element_mask without segments / ranks):
+        ``qa``, ``ka`` absolute positions broadcast against each other, ``k_in`` the key inside the sequence; the
+        Gluon backward uses it too."""
+        token = ((sink > 0) & (ka < sink)) | ((window > 0) & ((qa - ka) < window))
+        return (ka <= qa) & k_in & (token | selected)
+
+    @gluon.jit
     def _query_row_bounds(q_abs, t0, kv_offset, kv_len, sink, window, selected):
         """The token-exact mask of query rows ``q_abs`` (absolute) against the key tile from storage row ``t0`` as two
         column intervals per row: [lo, hi) (the window, or every causal key of a top-k tile) and [lo0, sink_hi)
@@ -163,15 +171,10 @@ if AVAILABLE:
             keep = (_in_interval(lo, hi, BLOCK_N, s_layout)
                     | _in_interval(gl.zeros_like(lo) + lo0, sink_hi, BLOCK_N, s_layout))
             s = gl.where(keep, s, float("-inf"))
-        elif part:  # token-exact element mask (attention_fwd's element_mask without segments / ranks)
-            cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-            k_t = t0 + cols
-            k_abs = k_t + kv_offset
-            k_in = (k_t >= 0) & (k_t < kv_len)
-            qa = q_abs[:, None]
-            ka = k_abs[None, :]
-            token = ((sink > 0) & (ka < sink)) | ((window > 0) & ((qa - ka) < window))
-            keep = (ka <= qa) & k_in[None, :] & (token | selected)
+        elif part:  # element-wise
+            k_t = t0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            keep = _keep(q_abs[:, None], (k_t + kv_offset)[None, :], ((k_t >= 0) & (k_t < kv_len))[None, :], selected,
+                         sink, window)
             s = gl.where(keep, s, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_mul)  # qk_mul > 0: max before scaling
         m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
@@ -297,7 +300,7 @@ if AVAILABLE:
                         if c >= 0:
                             p32, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_mul, part, selected, t0, q_abs,
                                                                  kv_offset, kv_len, sink, window, BLOCK_N, s_layout,
-                                                                 True)
+                                                                 SOFTMAX_BLOCK)
                     else:
                         p32, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_mul, part, selected, t0, q_abs,
                                                              kv_offset, kv_len, sink, window, BLOCK_N, s_layout)
