@@ -1,0 +1,145 @@
+"""Where the backward's time goes: each backward kernel's GPU time, serial and concurrent, per attended tile.
+
+    PYTHONPATH=$PWD python3 scripts/gpu_bwd_breakdown.py [--cases 65536:sinkwin,16384:strided] [--out DIR]
+
+For each case (B=1, 32 query / 8 KV heads, head dim 128, bf16; patterns as in scripts/gpu_gluon_fwd.py) it times
+the forward, the backward alone (graph retained) with dQ on its side stream (the shipped mode) and serially, and
+profiles the serial backward (torch.profiler) for each kernel's own GPU time. Per kernel it divides that time by the
+attended 128 x 128 tile pairs per SM, so the sparse rows' cost per tile can be read against the dense rows'
+(dK/dV issues 4 matmuls per tile pair, dQ 3, the forward 2). Writes ``bwd_breakdown.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+
+import torch
+import triton
+import triton.testing
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from hf_sparsek.kernels import attention_bwd  # noqa: E402
+
+from hf_sparsek.ops import build_index_for  # noqa: E402
+from hf_sparsek.triton_ops import triton_block_sparse_attention  # noqa: E402
+from scripts.gpu_gluon_fwd import PATTERNS  # noqa: E402
+from scripts.gpu_target_case import headline_inputs  # noqa: E402
+
+STEPS = 5
+
+
+def attended_tiles(index, q_heads: int) -> int:
+    """Attended (query tile, key tile) pairs summed over batch and query heads (partial tiles count whole)."""
+    per_index_head = int((index.full_count.long() + index.part_count.long()).sum())
+    return per_index_head * q_heads // index.full_count.shape[1]
+
+
+def kernel_times(fn) -> dict[str, float]:
+    """GPU milliseconds per call of ``fn`` for each kernel it launches (torch.profiler, STEPS calls)."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(STEPS):
+            fn()
+        torch.cuda.synchronize()
+    times: dict[str, float] = defaultdict(float)
+    for evt in prof.key_averages():
+        us = getattr(evt, "self_device_time_total", 0.0) or getattr(evt, "self_cuda_time_total", 0.0)
+        if us > 0 and evt.device_type == torch.autograd.DeviceType.CUDA:
+            times[evt.key] += us / 1000.0 / STEPS
+    return dict(times)
+
+
+def short_name(kernel: str) -> str:
+    """A readable label for a profiler kernel name."""
+    for tag in ("dkdv", "dq", "preprocess", "reduce", "fwd"):
+        if tag in kernel.lower():
+            return tag
+    return kernel[:40]
+
+
+def run_case(seq: int, pattern: str, sms: int) -> dict:
+    q, k, v, d_out = headline_inputs(seq)
+    index = build_index_for(q, k, PATTERNS[pattern])
+    index.transposed()
+    scale = 128**-0.5
+    tiles = attended_tiles(index, q.shape[1])
+
+    def fwd():
+        with torch.no_grad():
+            return triton_block_sparse_attention(q, k, v, index, scale)
+
+    out = triton_block_sparse_attention(q, k, v, index, scale)
+
+    def bwd():
+        return torch.autograd.grad(out, (q, k, v), d_out, retain_graph=True)
+
+    res: dict = {"seq": seq, "pattern": pattern, "tiles": tiles, "tiles_per_sm": tiles / sms}
+    res["fwd_ms"] = float(triton.testing.do_bench(fwd, warmup=25, rep=150, return_mode="median"))
+    saved = attention_bwd.CONCURRENT_DQ
+    try:
+        for mode, concurrent in (("concurrent", True), ("serial", False)):
+            attention_bwd.CONCURRENT_DQ = concurrent
+            res[f"bwd_{mode}_ms"] = float(triton.testing.do_bench(bwd, warmup=25, rep=150, return_mode="median"))
+        attention_bwd.CONCURRENT_DQ = False
+        per_kernel: dict[str, float] = defaultdict(float)
+        for name, ms in kernel_times(bwd).items():
+            per_kernel[short_name(name)] += ms
+        res["bwd_serial_kernels_ms"] = dict(per_kernel)
+        res["fwd_kernels_ms"] = {short_name(n): ms for n, ms in kernel_times(fwd).items()}
+    finally:
+        attention_bwd.CONCURRENT_DQ = saved
+    us_per_tile = {name: ms * 1000.0 / res["tiles_per_sm"] for name, ms in res["bwd_serial_kernels_ms"].items()}
+    us_per_tile["fwd"] = res["fwd_ms"] * 1000.0 / res["tiles_per_sm"]
+    res["us_per_tile_per_sm"] = us_per_tile
+    torch.cuda.empty_cache()
+    return res
+
+
+def table(results: list[dict]) -> str:
+    """Markdown: per case, forward and backward times and each kernel's microseconds per tile per SM."""
+    rows = ["| S | pattern | tiles/SM | fwd ms | bwd conc. ms | bwd serial ms | dK/dV ms | dQ ms | other ms "
+            "| us/tile fwd | dK/dV | dQ |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        ker = r["bwd_serial_kernels_ms"]
+        other = sum(ms for name, ms in ker.items() if name not in ("dkdv", "dq"))
+        per = r["us_per_tile_per_sm"]
+        rows.append(f"| {r['seq']} | {r['pattern']} | {r['tiles_per_sm']:.0f} | {r['fwd_ms']:.3f} | "
+                    f"{r['bwd_concurrent_ms']:.3f} | {r['bwd_serial_ms']:.3f} | {ker.get('dkdv', 0):.3f} | "
+                    f"{ker.get('dq', 0):.3f} | {other:.3f} | {per['fwd']:.3f} | {per.get('dkdv', 0):.3f} | "
+                    f"{per.get('dq', 0):.3f} |")
+    return "\n".join(rows) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", default="65536:sinkwin,65536:dense,65536:strided,65536:random,"
+                                       "16384:dense,16384:strided,16384:random")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    env = {"gpu": torch.cuda.get_device_name(), "sms": sms, "torch": torch.__version__, "triton": triton.__version__,
+           "cudnn": torch.backends.cudnn.version()}
+    print(json.dumps(env), flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    results = []
+    for case in args.cases.split(","):
+        seq, pattern = case.split(":")
+        results.append(run_case(int(seq), pattern, sms))
+        print(json.dumps(results[-1]), flush=True)
+        with open(os.path.join(args.out, "bwd_breakdown.json"), "w") as f:
+            json.dump({"env": env, "results": results}, f, indent=1)
+        with open(os.path.join(args.out, "bwd_breakdown.md"), "w") as f:
+            f.write(table(results))
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
