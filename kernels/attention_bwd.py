@@ -29,6 +29,9 @@ SPLIT_CHUNK: int | None = None
 # Run the dQ kernel on a side CUDA stream, concurrently with dK/dV (they share inputs, not outputs): the second
 # kernel's programs start on the SMs the first one's short programs free, instead of after its longest one.
 CONCURRENT_DQ: bool = True
+# With CONCURRENT_DQ: which kernel is launched first (its programs reach the SMs first); the other fills the SMs
+# its programs free.
+DQ_FIRST: bool = True
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 # The dK/dV kernel loads query and dO rows, and their LSE and delta, through TMA descriptors where TMA applies
 # (kernels/tma.py); False: pointer loads, whose per-thread addresses and row predicates took 716 instead of 416 SASS
@@ -418,9 +421,12 @@ def attention_backward(
             return
         main = torch.cuda.current_stream(q.device)
         side.wait_stream(main)  # delta and the inputs are ready
+        if not DQ_FIRST:
+            launch_dkdv(cfg)
         with torch.cuda.stream(side):
             launch_dq(cfg)
-        launch_dkdv(cfg)
+        if DQ_FIRST:
+            launch_dkdv(cfg)
         main.wait_stream(side)  # dq is complete before anything later on the caller's stream
 
     def launch_dkdv(cfg: BwdConfig) -> None:

@@ -1,12 +1,15 @@
 """Where the backward's time goes: each backward kernel's GPU time, serial and concurrent, per attended tile.
 
-    PYTHONPATH=$PWD python3 scripts/gpu_bwd_breakdown.py [--cases 65536:sinkwin,16384:strided] [--out DIR]
+    PYTHONPATH=$PWD python3 scripts/gpu_bwd_breakdown.py [--cases 65536:sinkwin,16384:strided]
+        [--dq-modes item:1:4,pers:2:3] [--out DIR]
 
-For each case (B=1, 32 query / 8 KV heads, head dim 128, bf16; patterns as in scripts/gpu_gluon_fwd.py) it times
-the forward, the backward alone (graph retained) with dQ on its side stream (the shipped mode) and serially, and
-profiles the serial backward (torch.profiler) for each kernel's own GPU time. Per kernel it divides that time by the
-attended 128 x 128 tile pairs per SM, so the sparse rows' cost per tile can be read against the dense rows'
-(dK/dV issues 4 matmuls per tile pair, dQ 3, the forward 2). Writes ``bwd_breakdown.json`` and ``.md``.
+For each case (B=1, 32 query / 8 KV heads, head dim 128, bf16; patterns as in scripts/gpu_gluon_fwd.py) and each
+Gluon dQ mode (``--dq-modes``: one program per item or a persistent grid, query/dO slots, ring depth) it times the
+forward, the backward alone (graph retained) with dQ on its side stream launched first (the shipped order) or
+second, and serially, and profiles the serial backward (torch.profiler) for each kernel's own GPU time. Per kernel
+it divides that time by the attended 128 x 128 tile pairs per SM, so the sparse rows' cost per tile can be read
+against the dense rows' (dK/dV issues 4 matmuls per tile pair, dQ 3, the forward 2).
+Writes ``bwd_breakdown.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hf_sparsek.kernels import attention_bwd  # noqa: E402
+from hf_sparsek.kernels import attention_bwd, attention_bwd_gluon  # noqa: E402
 
 from hf_sparsek.ops import build_index_for  # noqa: E402
 from hf_sparsek.triton_ops import triton_block_sparse_attention  # noqa: E402
@@ -64,7 +67,16 @@ def short_name(kernel: str) -> str:
     return kernel[:40]
 
 
-def run_case(seq: int, pattern: str, sms: int) -> dict:
+def dq_mode(mode: str) -> None:
+    """Set the Gluon dQ launch mode: ``item`` (one program per work item) or ``pers`` (persistent grid), query/dO
+    slots, K/V ring depth at head dim 128 (64 keys per step), e.g. ``pers:2:3``."""
+    grid, slots, stages = mode.split(":")
+    attention_bwd_gluon.DQ_PERSISTENT = grid == "pers"
+    attention_bwd_gluon.DQ_Q_SLOTS = int(slots)
+    attention_bwd_gluon.DQ_STAGES[(128, 64)] = int(stages)
+
+
+def run_case(seq: int, pattern: str, sms: int, modes: list[str]) -> list[dict]:
     q, k, v, d_out = headline_inputs(seq)
     index = build_index_for(q, k, PATTERNS[pattern])
     index.transposed()
@@ -80,40 +92,54 @@ def run_case(seq: int, pattern: str, sms: int) -> dict:
     def bwd():
         return torch.autograd.grad(out, (q, k, v), d_out, retain_graph=True)
 
-    res: dict = {"seq": seq, "pattern": pattern, "tiles": tiles, "tiles_per_sm": tiles / sms}
-    res["fwd_ms"] = float(triton.testing.do_bench(fwd, warmup=25, rep=150, return_mode="median"))
-    saved = attention_bwd.CONCURRENT_DQ
+    fwd_ms = float(triton.testing.do_bench(fwd, warmup=25, rep=150, return_mode="median"))
+    reference = bwd()
+    results = []
+    saved = (attention_bwd.CONCURRENT_DQ, attention_bwd.DQ_FIRST, attention_bwd_gluon.DQ_PERSISTENT,
+             attention_bwd_gluon.DQ_Q_SLOTS, dict(attention_bwd_gluon.DQ_STAGES))
     try:
-        for mode, concurrent in (("concurrent", True), ("serial", False)):
-            attention_bwd.CONCURRENT_DQ = concurrent
-            res[f"bwd_{mode}_ms"] = float(triton.testing.do_bench(bwd, warmup=25, rep=150, return_mode="median"))
-        attention_bwd.CONCURRENT_DQ = False
-        per_kernel: dict[str, float] = defaultdict(float)
-        for name, ms in kernel_times(bwd).items():
-            per_kernel[short_name(name)] += ms
-        res["bwd_serial_kernels_ms"] = dict(per_kernel)
-        res["fwd_kernels_ms"] = {short_name(n): ms for n, ms in kernel_times(fwd).items()}
+        for mode in modes:
+            dq_mode(mode)
+            res: dict = {"seq": seq, "pattern": pattern, "dq_mode": mode, "tiles": tiles, "tiles_per_sm": tiles / sms,
+                         "fwd_ms": fwd_ms}
+            same = all(torch.equal(a, b) for a, b in zip(bwd(), reference, strict=True))
+            res["grads_equal_first_mode"] = same
+            for name, concurrent, dq_first in (("dq_first", True, True), ("dkdv_first", True, False),
+                                               ("serial", False, True)):
+                attention_bwd.CONCURRENT_DQ, attention_bwd.DQ_FIRST = concurrent, dq_first
+                res[f"bwd_{name}_ms"] = float(triton.testing.do_bench(bwd, warmup=25, rep=150,
+                                                                      return_mode="median"))
+            attention_bwd.CONCURRENT_DQ = False
+            per_kernel: dict[str, float] = defaultdict(float)
+            for name, ms in kernel_times(bwd).items():
+                per_kernel[short_name(name)] += ms
+            res["bwd_serial_kernels_ms"] = dict(per_kernel)
+            us_per_tile = {name: ms * 1000.0 / res["tiles_per_sm"] for name, ms in per_kernel.items()}
+            us_per_tile["fwd"] = fwd_ms * 1000.0 / res["tiles_per_sm"]
+            res["us_per_tile_per_sm"] = us_per_tile
+            results.append(res)
+            print(json.dumps(res), flush=True)
     finally:
-        attention_bwd.CONCURRENT_DQ = saved
-    us_per_tile = {name: ms * 1000.0 / res["tiles_per_sm"] for name, ms in res["bwd_serial_kernels_ms"].items()}
-    us_per_tile["fwd"] = res["fwd_ms"] * 1000.0 / res["tiles_per_sm"]
-    res["us_per_tile_per_sm"] = us_per_tile
+        (attention_bwd.CONCURRENT_DQ, attention_bwd.DQ_FIRST, attention_bwd_gluon.DQ_PERSISTENT,
+         attention_bwd_gluon.DQ_Q_SLOTS) = saved[:4]
+        attention_bwd_gluon.DQ_STAGES.update(saved[4])
     torch.cuda.empty_cache()
-    return res
+    return results
 
 
 def table(results: list[dict]) -> str:
     """Markdown: per case, forward and backward times and each kernel's microseconds per tile per SM."""
-    rows = ["| S | pattern | tiles/SM | fwd ms | bwd conc. ms | bwd serial ms | dK/dV ms | dQ ms | other ms "
-            "| us/tile fwd | dK/dV | dQ |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| S | pattern | dQ mode | tiles/SM | fwd ms | bwd dQ first | bwd dK/dV first | bwd serial | dK/dV ms "
+            "| dQ ms | other ms | us/tile fwd | dK/dV | dQ | same grads |",
+            "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         ker = r["bwd_serial_kernels_ms"]
         other = sum(ms for name, ms in ker.items() if name not in ("dkdv", "dq"))
         per = r["us_per_tile_per_sm"]
-        rows.append(f"| {r['seq']} | {r['pattern']} | {r['tiles_per_sm']:.0f} | {r['fwd_ms']:.3f} | "
-                    f"{r['bwd_concurrent_ms']:.3f} | {r['bwd_serial_ms']:.3f} | {ker.get('dkdv', 0):.3f} | "
-                    f"{ker.get('dq', 0):.3f} | {other:.3f} | {per['fwd']:.3f} | {per.get('dkdv', 0):.3f} | "
-                    f"{per.get('dq', 0):.3f} |")
+        rows.append(f"| {r['seq']} | {r['pattern']} | {r['dq_mode']} | {r['tiles_per_sm']:.0f} | {r['fwd_ms']:.3f} | "
+                    f"{r['bwd_dq_first_ms']:.3f} | {r['bwd_dkdv_first_ms']:.3f} | {r['bwd_serial_ms']:.3f} | "
+                    f"{ker.get('dkdv', 0):.3f} | {ker.get('dq', 0):.3f} | {other:.3f} | {per['fwd']:.3f} | "
+                    f"{per.get('dkdv', 0):.3f} | {per.get('dq', 0):.3f} | {r['grads_equal_first_mode']} |")
     return "\n".join(rows) + "\n"
 
 
@@ -121,6 +147,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default="65536:sinkwin,65536:dense,65536:strided,65536:random,"
                                        "16384:dense,16384:strided,16384:random")
+    ap.add_argument("--dq-modes", default="item:1:4",
+                    help="Gluon dQ modes: grid (item|pers):query slots:K/V ring depth, comma-separated")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -131,8 +159,7 @@ def main() -> int:
     results = []
     for case in args.cases.split(","):
         seq, pattern = case.split(":")
-        results.append(run_case(int(seq), pattern, sms))
-        print(json.dumps(results[-1]), flush=True)
+        results += run_case(int(seq), pattern, sms, args.dq_modes.split(","))
         with open(os.path.join(args.out, "bwd_breakdown.json"), "w") as f:
             json.dump({"env": env, "results": results}, f, indent=1)
         with open(os.path.join(args.out, "bwd_breakdown.md"), "w") as f:
