@@ -92,7 +92,7 @@ def run_case(seq: int, pattern: str, sms: int, modes: list[str]) -> list[dict]:
     def bwd():
         return torch.autograd.grad(out, (q, k, v), d_out, retain_graph=True)
 
-    fwd_ms = float(triton.testing.do_bench(fwd, warmup=25, rep=150, return_mode="median"))
+    fwd_ms = float(triton.testing.do_bench(fwd, warmup=25, rep=400, return_mode="median"))
     reference = bwd()
     results = []
     saved = (attention_bwd.CONCURRENT_DQ, attention_bwd.DQ_FIRST, attention_bwd_gluon.DQ_PERSISTENT,
@@ -107,7 +107,7 @@ def run_case(seq: int, pattern: str, sms: int, modes: list[str]) -> list[dict]:
             for name, concurrent, dq_first in (("dq_first", True, True), ("dkdv_first", True, False),
                                                ("serial", False, True)):
                 attention_bwd.CONCURRENT_DQ, attention_bwd.DQ_FIRST = concurrent, dq_first
-                res[f"bwd_{name}_ms"] = float(triton.testing.do_bench(bwd, warmup=25, rep=150,
+                res[f"bwd_{name}_ms"] = float(triton.testing.do_bench(bwd, warmup=25, rep=400,
                                                                       return_mode="median"))
             attention_bwd.CONCURRENT_DQ = False
             per_kernel: dict[str, float] = defaultdict(float)
