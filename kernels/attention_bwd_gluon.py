@@ -48,6 +48,8 @@ if AVAILABLE:
     )
 
     from .attention_fwd_gluon import (
+        _item,
+        _items_of_program,
         _keep,
         _partial_entry,
         _query_tile,
@@ -349,43 +351,25 @@ if AVAILABLE:
         return p * (dp - delta[:, None])
 
     @gluon.jit
-    def _publish_item(item_smem, q_bar, q_free, i, w):
-        """Loader: once query slot ``i % Q_SLOTS`` is free, write work item ``w`` beside it (the loader's
-        arrive on the slot's "full" barrier, which follows, releases the write to the consumers)."""
-        Q_SLOTS: gl.constexpr = item_smem.shape[0]
-        q_slot = i % Q_SLOTS
-        mbarrier.wait(q_free.index(q_slot), ((i // Q_SLOTS) + 1) & 1, pred=i >= Q_SLOTS)
-        item_smem.index(q_slot).store(gl.full([1], w, gl.int32, gl.BlockedLayout([1], [32], [1], [0])))
-        return q_slot
-
-    @gluon.jit
-    def _claimed_item(item_smem, q_bar, i):
-        """Consumer: the work item of this program's ``i``-th claim, once the loader has published it (its query
-        rows arrive on the same barrier); ``n_work`` or more: no items are left."""
-        Q_SLOTS: gl.constexpr = item_smem.shape[0]
-        q_slot = i % Q_SLOTS
-        mbarrier.wait(q_bar.index(q_slot), (i // Q_SLOTS) & 1)
-        return gl.max(item_smem.index(q_slot).load(gl.BlockedLayout([1], [32], [4], [0])), axis=0)
-
-    @gluon.jit
-    def _dq_loader(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, item_smem, q_bar, q_free,
-                   k_bar, v_bar, k_free, v_free, CLAIMS, FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G,
-                   q_offset, kv_offset, n_q_tiles, n_work):
-        """One warp: claims work items (query tile, head) from the launch's counter, longest rows first, until
-        none are left; per item the query and dO rows once their slot is free, then the listed K and V tiles into
-        the ring as soon as both consumers freed the slot (a counter running on across work items). A program that
-        starts late claims fewer items, so the grid may share the SMs with the dK/dV kernel."""
+    def _dq_loader(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar,
+                   k_free, v_free, FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, q_offset, kv_offset,
+                   n_q_tiles, n_work):
+        """One warp: per work item (query tile, head), the query and dO rows once their slot is free, then the
+        listed K and V tiles into the ring as soon as both consumers freed the slot (a counter running on across
+        work items)."""
         BLOCK: gl.constexpr = q_smem.shape[3]  # worker partitions take no constexpr arguments (Triton 3.6)
+        Q_SLOTS: gl.constexpr = q_smem.shape[0]
         BLOCK_N: gl.constexpr = k_smem.shape[3]
         kb0 = kv_offset // BLOCK
         base = 0
         i = 0
-        w = gl.atomic_add(CLAIMS, 1)
-        while w < n_work:
+        for k in range(_items_of_program(n_work)):
+            w = _item(k)
             b, hkv, hq, q_first, t_first, irow, f_cnt, n_tiles = _query_tile(
                 w, n_work, FC, PC, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK, BLOCK_N)
             b32 = b.to(gl.int32)
-            q_slot = _publish_item(item_smem, q_bar, q_free, i, w)
+            q_slot = i % Q_SLOTS
+            mbarrier.wait(q_free.index(q_slot), ((i // Q_SLOTS) + 1) & 1, pred=i >= Q_SLOTS)
             mbarrier.expect(q_bar.index(q_slot), 2 * q_desc.block_type.nbytes)
             _tma_load(q_desc, [b32, hq.to(gl.int32), t_first, 0], q_bar.index(q_slot), q_smem.index(q_slot))
             _tma_load(do_desc, [b32, hq.to(gl.int32), t_first, 0], q_bar.index(q_slot), do_smem.index(q_slot))
@@ -393,13 +377,10 @@ if AVAILABLE:
                              p_width, f_cnt, n_tiles, base, kb0, kv_offset, b32, hkv.to(gl.int32), BLOCK, BLOCK_N)
             base += n_tiles
             i += 1
-            w = gl.atomic_add(CLAIMS, 1)
-        q_slot = _publish_item(item_smem, q_bar, q_free, i, w)  # "none left" for the consumers
-        mbarrier.arrive(q_bar.index(q_slot))
 
     @gluon.jit
-    def _dq_consumer(q_smem, do_smem, k_smem, v_smem, item_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free, LSE,
-                     DELTA, DQ, FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, n_q_tiles, n_work,
+    def _dq_consumer(q_smem, do_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free, LSE, DELTA, DQ,
+                     FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, n_q_tiles, n_work,
                      s_lb, s_lh, s_qb, s_qh, s_qt, q_len, kv_len, q_offset, kv_offset, sink, window, qk_mul, scale,
                      ROW0: gl.constexpr):
         """One warpgroup: 64 query rows (from ROW0) of each work item. Step j issues S_j = Q K_j^T and
@@ -424,8 +405,8 @@ if AVAILABLE:
         kb0 = kv_offset // BLOCK
         base = 0
         i = 0
-        w = _claimed_item(item_smem, q_bar, i)  # the query / dO rows are in once it is published
-        while w < n_work:
+        for k in range(_items_of_program(n_work)):
+            w = _item(k)
             b, hkv, hq, q_first, t_first, irow, f_cnt, n_tiles = _query_tile(
                 w, n_work, FC, PC, s_ib, s_ih, Hkv, G, q_offset, n_q_tiles, BLOCK, BLOCK_N)
             q_slot = i % Q_SLOTS
@@ -438,6 +419,7 @@ if AVAILABLE:
             delta = gl.load(DELTA + stats, mask=row_ok, other=0.0)
             q_abs = q_first + ROW0 + gl.arange(0, ROWS, layout=row_s)
             dq = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=a_layout)
+            mbarrier.wait(q_bar.index(q_slot), (i // Q_SLOTS) & 1)
             if n_tiles > 0:
                 slot = base % STAGES
                 phase = (base // STAGES) & 1
@@ -485,29 +467,28 @@ if AVAILABLE:
             gl.store(DQ + b * s_qb + hq * s_qh + rows[:, None] * s_qt + d[None, :], dq.to(dtype), mask=ok[:, None])
             base += n_tiles
             i += 1
-            w = _claimed_item(item_smem, q_bar, i)
 
     @gluon.jit
-    def _dq_consumer_top(q_smem, do_smem, k_smem, v_smem, item_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free, LSE,
-                         DELTA, DQ, FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, n_q_tiles, n_work,
+    def _dq_consumer_top(q_smem, do_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free, LSE, DELTA,
+                         DQ, FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, n_q_tiles, n_work,
                          s_lb, s_lh, s_qb, s_qh, s_qt, q_len, kv_len, q_offset, kv_offset, sink, window, qk_mul,
                          scale):
-        _dq_consumer(q_smem, do_smem, k_smem, v_smem, item_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free, LSE,
-                     DELTA, DQ, FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, n_q_tiles, n_work,
+        _dq_consumer(q_smem, do_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free, LSE, DELTA, DQ,
+                     FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, n_q_tiles, n_work,
                      s_lb, s_lh, s_qb, s_qh, s_qt, q_len, kv_len, q_offset, kv_offset, sink, window, qk_mul, scale, 0)
 
     @gluon.jit
-    def _dq_consumer_bottom(q_smem, do_smem, k_smem, v_smem, item_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free,
-                            LSE, DELTA, DQ, FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, n_q_tiles, n_work,
+    def _dq_consumer_bottom(q_smem, do_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free, LSE,
+                            DELTA, DQ, FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, n_q_tiles, n_work,
                             s_lb, s_lh, s_qb, s_qh, s_qt, q_len, kv_len, q_offset, kv_offset, sink, window, qk_mul,
                             scale):
-        _dq_consumer(q_smem, do_smem, k_smem, v_smem, item_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free, LSE,
-                     DELTA, DQ, FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, n_q_tiles, n_work,
+        _dq_consumer(q_smem, do_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free, LSE, DELTA, DQ,
+                     FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, n_q_tiles, n_work,
                      s_lb, s_lh, s_qb, s_qh, s_qt, q_len, kv_len, q_offset, kv_offset, sink, window, qk_mul, scale, 64)
 
     @gluon.jit
     def _attn_bwd_dq_ws_kernel(
-        Q, K, V, DO, LSE, DELTA, DQ, FC, FT, PC, PT, CLAIMS,
+        Q, K, V, DO, LSE, DELTA, DQ, FC, FT, PC, PT,
         s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_db, s_dh, s_dt, s_lb, s_lh,
         s_ib, s_ih, f_width, p_width,
         B, Hkv, G, q_len, kv_len, q_offset, kv_offset, n_q_tiles, sink, window, qk_mul, scale,
@@ -515,9 +496,8 @@ if AVAILABLE:
         Q_SLOTS: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Warp-specialised dQ: a 1-warp TMA loader and two 4-warp consumers (64 query rows each), the work order
-        of the Gluon forward (last query tiles first, the heads of a KV group side by side); each program claims
-        work items from ``CLAIMS`` (an int32 zero per launch) until none are left (a grid of one program per item,
-        or a persistent one). DQ has Q's strides (``torch.empty_like(q)``)."""
+        of the Gluon forward (last query tiles first, the heads of a KV group side by side); program p takes work
+        items p, p + grid, ... (one each, or a persistent grid). DQ has Q's strides (``torch.empty_like(q)``)."""
         dtype: gl.constexpr = Q.dtype.element_ty
         layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
         q_desc = _rows_descriptor(Q, B, Hkv * G, q_len, s_qb, s_qh, s_qt, BLOCK, HEAD_DIM, layout)
@@ -528,19 +508,17 @@ if AVAILABLE:
         do_smem = gl.allocate_shared_memory(dtype, [Q_SLOTS, 1, 1, BLOCK, HEAD_DIM], layout)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], layout)
-        item_smem = gl.allocate_shared_memory(gl.int32, [Q_SLOTS, 1],
-                                              gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0]))
         q_bar, q_free = _slot_barriers(Q_SLOTS)
         k_bar, v_bar, k_free, v_free = _ring_barriers(STAGES)
         n_work = B * Hkv * G * n_q_tiles
-        consumer_args = (q_smem, do_smem, k_smem, v_smem, item_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free, LSE,
-                         DELTA, DQ, FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, n_q_tiles, n_work,
+        consumer_args = (q_smem, do_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free, LSE, DELTA,
+                         DQ, FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, n_q_tiles, n_work,
                          s_lb, s_lh, s_qb, s_qh, s_qt, q_len, kv_len, q_offset, kv_offset, sink, window, qk_mul, scale)
         gl.warp_specialize(
             [(_dq_consumer_top, consumer_args), (_dq_consumer_bottom, consumer_args),
-             (_dq_loader, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, item_smem, q_bar,
-                           q_free, k_bar, v_bar, k_free, v_free, CLAIMS, FC, PC, FT, PT, s_ib, s_ih, f_width, p_width,
-                           Hkv, G, q_offset, kv_offset, n_q_tiles, n_work))],
+             (_dq_loader, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, q_bar, q_free, k_bar,
+                           v_bar, k_free, v_free, FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, q_offset,
+                           kv_offset, n_q_tiles, n_work))],
             [4, 1], [240, 24])
 
 
@@ -614,9 +592,8 @@ def attention_dq_gluon(
     n_work = batch * hkv * group * n_q
     persistent = DQ_PERSISTENT if persistent is None else persistent
     grid = (min(n_work, _sm_count(q.device)) if persistent else n_work,)
-    claims = torch.zeros(1, device=q.device, dtype=torch.int32)  # the work items' claim counter
     _attn_bwd_dq_ws_kernel[grid](
-        q, k, v, do, lse_bwd, delta, dq, full_count, full_tiles, part_count, part_tiles, claims,
+        q, k, v, do, lse_bwd, delta, dq, full_count, full_tiles, part_count, part_tiles,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         lse_bwd.stride(0), lse_bwd.stride(1), s_ib, s_ih, full_tiles.shape[-1], part_tiles.shape[-1],

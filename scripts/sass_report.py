@@ -40,7 +40,7 @@ from triton.compiler import ASTSource  # noqa: E402
 FLAGS = dict(SOFTCAP=False, IEEE=False, HAS_KSEG=False, HAS_QSEG=False, HAS_KRANK=False)
 BF16_ARGS = {"Q", "K", "V", "Out", "DO", "DK", "DV", "DQ"}
 FP32_ARGS = {"LSE", "DELTA", "SCR_K", "SCR_V", "LSE_BWD"}
-INT32_PTRS = {"FC", "FT", "PC", "PT", "VT", "VS", "KSEG", "QSEG", "KRANK", "CLAIMS"}
+INT32_PTRS = {"FC", "FT", "PC", "PT", "VT", "VS", "KSEG", "QSEG", "KRANK"}
 INT64_PTRS = {"TILES", "TABLE"}
 FLOAT_SCALARS = {"qk_mul", "cap2", "scale"}
 DIVISIBLE_INTS = {"q_len", "kv_len", "f_width", "p_width"}
