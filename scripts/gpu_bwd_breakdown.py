@@ -69,11 +69,13 @@ def short_name(kernel: str) -> str:
 
 def dq_mode(mode: str) -> None:
     """Set the Gluon dQ launch mode: ``item`` (one program per work item) or ``pers`` (persistent grid), query/dO
-    slots, K/V ring depth at head dim 128 (64 keys per step), e.g. ``pers:2:3``."""
-    grid, slots, stages = mode.split(":")
+    slots, K/V ring depth at head dim 128 (64 keys per step), and optionally the dK/dV list split's chunk (entries
+    per program; absent or 0: the automatic policy), e.g. ``pers:2:3`` or ``item:1:4:17``."""
+    grid, slots, stages, *chunk = mode.split(":")
     attention_bwd_gluon.DQ_PERSISTENT = grid == "pers"
     attention_bwd_gluon.DQ_Q_SLOTS = int(slots)
     attention_bwd_gluon.DQ_STAGES[(128, 64)] = int(stages)
+    attention_bwd.SPLIT_CHUNK = int(chunk[0]) or None if chunk else None
 
 
 def run_case(seq: int, pattern: str, sms: int, modes: list[str]) -> list[dict]:
@@ -96,14 +98,17 @@ def run_case(seq: int, pattern: str, sms: int, modes: list[str]) -> list[dict]:
     reference = bwd()
     results = []
     saved = (attention_bwd.CONCURRENT_DQ, attention_bwd.DQ_FIRST, attention_bwd_gluon.DQ_PERSISTENT,
-             attention_bwd_gluon.DQ_Q_SLOTS, dict(attention_bwd_gluon.DQ_STAGES))
+             attention_bwd_gluon.DQ_Q_SLOTS, dict(attention_bwd_gluon.DQ_STAGES), attention_bwd.SPLIT_CHUNK)
     try:
         for mode in modes:
             dq_mode(mode)
             res: dict = {"seq": seq, "pattern": pattern, "dq_mode": mode, "tiles": tiles, "tiles_per_sm": tiles / sms,
                          "fwd_ms": fwd_ms}
-            same = all(torch.equal(a, b) for a, b in zip(bwd(), reference, strict=True))
-            res["grads_equal_first_mode"] = same
+            grads = bwd()
+            res["grads_equal_first_mode"] = all(torch.equal(a, b) for a, b in zip(grads, reference, strict=True))
+            res["grads_max_rel_diff_first_mode"] = max(
+                float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+                for a, b in zip(grads, reference, strict=True))
             for name, concurrent, dq_first in (("dq_first", True, True), ("dkdv_first", True, False),
                                                ("serial", False, True)):
                 attention_bwd.CONCURRENT_DQ, attention_bwd.DQ_FIRST = concurrent, dq_first
@@ -123,6 +128,7 @@ def run_case(seq: int, pattern: str, sms: int, modes: list[str]) -> list[dict]:
         (attention_bwd.CONCURRENT_DQ, attention_bwd.DQ_FIRST, attention_bwd_gluon.DQ_PERSISTENT,
          attention_bwd_gluon.DQ_Q_SLOTS) = saved[:4]
         attention_bwd_gluon.DQ_STAGES.update(saved[4])
+        attention_bwd.SPLIT_CHUNK = saved[5]
     torch.cuda.empty_cache()
     return results
 
@@ -139,7 +145,8 @@ def table(results: list[dict]) -> str:
         rows.append(f"| {r['seq']} | {r['pattern']} | {r['dq_mode']} | {r['tiles_per_sm']:.0f} | {r['fwd_ms']:.3f} | "
                     f"{r['bwd_dq_first_ms']:.3f} | {r['bwd_dkdv_first_ms']:.3f} | {r['bwd_serial_ms']:.3f} | "
                     f"{ker.get('dkdv', 0):.3f} | {ker.get('dq', 0):.3f} | {other:.3f} | {per['fwd']:.3f} | "
-                    f"{per.get('dkdv', 0):.3f} | {per.get('dq', 0):.3f} | {r['grads_equal_first_mode']} |")
+                    f"{per.get('dkdv', 0):.3f} | {per.get('dq', 0):.3f} | {r['grads_equal_first_mode']} "
+                    f"({r.get('grads_max_rel_diff_first_mode', 0):.1e}) |")
     return "\n".join(rows) + "\n"
 
 
@@ -148,7 +155,8 @@ def main() -> int:
     ap.add_argument("--cases", default="65536:sinkwin,65536:dense,65536:strided,65536:random,"
                                        "16384:dense,16384:strided,16384:random")
     ap.add_argument("--dq-modes", default="item:1:4",
-                    help="Gluon dQ modes: grid (item|pers):query slots:K/V ring depth, comma-separated")
+                    help="Gluon dQ modes: grid (item|pers):query slots:K/V ring depth[:dK/dV split chunk], "
+                         "comma-separated")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
