@@ -1,7 +1,7 @@
 """Where the backward's time goes: each backward kernel's GPU time, serial and concurrent, per attended tile.
 
     PYTHONPATH=$PWD python3 scripts/gpu_bwd_breakdown.py [--cases 65536:sinkwin,16384:strided]
-        [--dq-modes item:1:4,pers:2:3] [--out DIR]
+        [--dq-modes item:1:4,pers:2:3] [--repeats 3] [--out DIR]
 
 For each case (B=1, 32 query / 8 KV heads, head dim 128, bf16; patterns as in scripts/gpu_gluon_fwd.py) and each
 Gluon dQ mode (``--dq-modes``: one program per item or a persistent grid, query/dO slots, ring depth) it times the
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 from collections import defaultdict
 
@@ -27,7 +28,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hf_sparsek.kernels import attention_bwd, attention_bwd_gluon  # noqa: E402
+from hf_sparsek.kernels import attention_bwd, attention_bwd_gluon, bwd_split  # noqa: E402
 
 from hf_sparsek.ops import build_index_for  # noqa: E402
 from hf_sparsek.triton_ops import triton_block_sparse_attention  # noqa: E402
@@ -69,16 +70,27 @@ def short_name(kernel: str) -> str:
 
 def dq_mode(mode: str) -> None:
     """Set the Gluon dQ launch mode: ``item`` (one program per work item) or ``pers`` (persistent grid), query/dO
-    slots, K/V ring depth at head dim 128 (64 keys per step), and optionally the dK/dV list split's chunk (entries
-    per program; absent or 0: the automatic policy), e.g. ``pers:2:3`` or ``item:1:4:17``."""
-    grid, slots, stages, *chunk = mode.split(":")
+    slots, K/V ring depth at head dim 128 (64 keys per step), and optionally the dK/dV list split: ``cN`` (or a bare
+    N) splits lists into chunks of N entries, ``iN`` keeps the automatic chunk but splits from an N-fold imbalance;
+    e.g. ``pers:2:3``, ``item:1:4:c17``, ``pers:1:4:i3``."""
+    grid, slots, stages, *split = mode.split(":")
     attention_bwd_gluon.DQ_PERSISTENT = grid == "pers"
     attention_bwd_gluon.DQ_Q_SLOTS = int(slots)
     attention_bwd_gluon.DQ_STAGES[(128, 64)] = int(stages)
-    attention_bwd.SPLIT_CHUNK = int(chunk[0]) or None if chunk else None
+    attention_bwd.SPLIT_CHUNK = None
+    bwd_split.IMBALANCE = DEFAULT_IMBALANCE
+    if split and split[0].startswith("i"):
+        bwd_split.IMBALANCE = int(split[0][1:])
+    elif split:
+        attention_bwd.SPLIT_CHUNK = int(split[0].lstrip("c")) or None
+    bwd_split._cache.clear()  # split lists are cached per index and chunk, not per policy
 
 
-def run_case(seq: int, pattern: str, sms: int, modes: list[str]) -> list[dict]:
+DEFAULT_IMBALANCE = bwd_split.IMBALANCE
+ORDERS = (("dq_first", True, True), ("dkdv_first", True, False), ("serial", False, True))
+
+
+def run_case(seq: int, pattern: str, sms: int, modes: list[str], repeats: int) -> list[dict]:
     q, k, v, d_out = headline_inputs(seq)
     index = build_index_for(q, k, PATTERNS[pattern])
     index.transposed()
@@ -96,41 +108,49 @@ def run_case(seq: int, pattern: str, sms: int, modes: list[str]) -> list[dict]:
 
     fwd_ms = float(triton.testing.do_bench(fwd, warmup=25, rep=400, return_mode="median"))
     reference = bwd()
-    results = []
+    results = {mode: {"seq": seq, "pattern": pattern, "dq_mode": mode, "tiles": tiles, "tiles_per_sm": tiles / sms,
+                      "fwd_ms": fwd_ms, **{f"bwd_{name}_each_ms": [] for name, _, _ in ORDERS}} for mode in modes}
     saved = (attention_bwd.CONCURRENT_DQ, attention_bwd.DQ_FIRST, attention_bwd_gluon.DQ_PERSISTENT,
              attention_bwd_gluon.DQ_Q_SLOTS, dict(attention_bwd_gluon.DQ_STAGES), attention_bwd.SPLIT_CHUNK)
     try:
-        for mode in modes:
-            dq_mode(mode)
-            res: dict = {"seq": seq, "pattern": pattern, "dq_mode": mode, "tiles": tiles, "tiles_per_sm": tiles / sms,
-                         "fwd_ms": fwd_ms}
-            grads = bwd()
-            res["grads_equal_first_mode"] = all(torch.equal(a, b) for a, b in zip(grads, reference, strict=True))
-            res["grads_max_rel_diff_first_mode"] = max(
-                float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
-                for a, b in zip(grads, reference, strict=True))
-            for name, concurrent, dq_first in (("dq_first", True, True), ("dkdv_first", True, False),
-                                               ("serial", False, True)):
-                attention_bwd.CONCURRENT_DQ, attention_bwd.DQ_FIRST = concurrent, dq_first
-                res[f"bwd_{name}_ms"] = float(triton.testing.do_bench(bwd, warmup=25, rep=400,
-                                                                      return_mode="median"))
-            attention_bwd.CONCURRENT_DQ = False
-            per_kernel: dict[str, float] = defaultdict(float)
-            for name, ms in kernel_times(bwd).items():
-                per_kernel[short_name(name)] += ms
-            res["bwd_serial_kernels_ms"] = dict(per_kernel)
-            us_per_tile = {name: ms * 1000.0 / res["tiles_per_sm"] for name, ms in per_kernel.items()}
-            us_per_tile["fwd"] = fwd_ms * 1000.0 / res["tiles_per_sm"]
-            res["us_per_tile_per_sm"] = us_per_tile
-            results.append(res)
-            print(json.dumps(res), flush=True)
+        for rep in range(repeats):
+            for mode in modes if rep % 2 == 0 else modes[::-1]:  # alternate which mode goes first
+                dq_mode(mode)
+                res = results[mode]
+                if rep == 0:
+                    attention_bwd.CONCURRENT_DQ, attention_bwd.DQ_FIRST = saved[0], saved[1]
+                    grads = bwd()
+                    res["grads_equal_first_mode"] = all(torch.equal(a, b)
+                                                        for a, b in zip(grads, reference, strict=True))
+                    res["grads_max_rel_diff_first_mode"] = max(
+                        float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+                        for a, b in zip(grads, reference, strict=True))
+                    del grads
+                for name, concurrent, dq_first in ORDERS:
+                    attention_bwd.CONCURRENT_DQ, attention_bwd.DQ_FIRST = concurrent, dq_first
+                    res[f"bwd_{name}_each_ms"].append(float(triton.testing.do_bench(
+                        bwd, warmup=25, rep=400, return_mode="median")))
+                    res[f"bwd_{name}_ms"] = statistics.median(res[f"bwd_{name}_each_ms"])
+                if rep == 0:
+                    attention_bwd.CONCURRENT_DQ = False
+                    per_kernel: dict[str, float] = defaultdict(float)
+                    for name, ms in kernel_times(bwd).items():
+                        per_kernel[short_name(name)] += ms
+                    res["bwd_serial_kernels_ms"] = dict(per_kernel)
+                    us_per_tile = {name: ms * 1000.0 / res["tiles_per_sm"] for name, ms in per_kernel.items()}
+                    us_per_tile["fwd"] = fwd_ms * 1000.0 / res["tiles_per_sm"]
+                    res["us_per_tile_per_sm"] = us_per_tile
+                print(json.dumps({"rep": rep, "mode": mode, **{k: v for k, v in res.items() if "each" in k}}),
+                      flush=True)
     finally:
         (attention_bwd.CONCURRENT_DQ, attention_bwd.DQ_FIRST, attention_bwd_gluon.DQ_PERSISTENT,
          attention_bwd_gluon.DQ_Q_SLOTS) = saved[:4]
         attention_bwd_gluon.DQ_STAGES.update(saved[4])
         attention_bwd.SPLIT_CHUNK = saved[5]
+        bwd_split.IMBALANCE = DEFAULT_IMBALANCE
+        bwd_split._cache.clear()
     torch.cuda.empty_cache()
-    return results
+    return list(results.values())
 
 
 def table(results: list[dict]) -> str:
@@ -157,6 +177,8 @@ def main() -> int:
     ap.add_argument("--dq-modes", default="item:1:4",
                     help="Gluon dQ modes: grid (item|pers):query slots:K/V ring depth[:dK/dV split chunk], "
                          "comma-separated")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="timings per mode (the modes' order alternates between repeats; medians reported)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -167,7 +189,7 @@ def main() -> int:
     results = []
     for case in args.cases.split(","):
         seq, pattern = case.split(":")
-        results += run_case(int(seq), pattern, sms, args.dq_modes.split(","))
+        results += run_case(int(seq), pattern, sms, args.dq_modes.split(","), args.repeats)
         with open(os.path.join(args.out, "bwd_breakdown.json"), "w") as f:
             json.dump({"env": env, "results": results}, f, indent=1)
         with open(os.path.join(args.out, "bwd_breakdown.md"), "w") as f:
