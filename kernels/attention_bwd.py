@@ -27,7 +27,8 @@ from .tma import ensure_allocator, use_tma
 # Entries per dK/dV program before a key tile's list is split (None: automatic, see bwd_split). Tests set it low.
 SPLIT_CHUNK: int | None = None
 # Run the dQ kernel on a side CUDA stream, concurrently with dK/dV (they share inputs, not outputs): the second
-# kernel's programs start on the SMs the first one's short programs free, instead of after its longest one.
+# kernel's programs start on the SMs the first one's short programs free, instead of after its longest one. (The
+# Gluon dQ's persistent grid holds every SM until it is done, so there the two kernels run one after the other.)
 CONCURRENT_DQ: bool = True
 # With CONCURRENT_DQ: which kernel is launched first (its programs reach the SMs first); the other fills the SMs
 # its programs free.

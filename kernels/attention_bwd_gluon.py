@@ -82,9 +82,13 @@ DQ_MIN_Q_LEN = 16  # shorter (decode) queries: the Triton dQ kernel packs the he
 # (scripts/results/gluon_bwd_h100_v2_dq.md: strided 1.54 vs 1.37 ms backward, random 1.22 vs 1.05)
 DQ_HEAD_DIMS = (128,)
 # Query + dO slots (2: the next work item's rows load while this one finishes; needs a 3-slot K/V ring at head dim
-# 128) and the persistent grid (one program per SM walking the work items), as in the forward.
+# 128) and the persistent grid (one program per SM walking the work items), as in the forward. The persistent grid
+# took the dQ kernel's own time down 5-20% on sparse rows (per-item start-up overlapped: 16K strided 0.79-0.81 vs
+# 0.96-0.99 ms, 64K sink+window 9.6-10.4 vs 10.2-11.4), and the backward 0.5-6% over seven cases in three alternating
+# repeats (with bwd_split.IMBALANCE 3; scripts/results/bwd_breakdown_h100_v5_dq_persistent_ab.md). Its programs hold
+# every SM until dQ is done, so dK/dV (on its own stream) no longer fills in beside it.
 DQ_Q_SLOTS = 1
-DQ_PERSISTENT = False
+DQ_PERSISTENT = True
 
 
 def input_reason(dtype: torch.dtype, head_dim: int, block: int, softcap: float, has_segments: bool,

@@ -21,8 +21,10 @@ import triton.language as tl
 MAX_CHUNKS = 16
 MIN_CHUNK = 8
 # Split only when the longest list is this many times the typical one: mild imbalance (dense causal, random
-# layouts) costs less than the extra programs, scratch traffic and reduction.
-IMBALANCE = 4
+# layouts: about 2x) costs less than the extra programs, scratch traffic and reduction. 3 splits the sink column of
+# 16K sink+window rows (128 entries against 33), whose single program left the dK/dV kernel 3.83 ms against 3.21 split
+# (scripts/results/bwd_breakdown_h100_v4_split_chunks.md); 4 had been enough while dQ ran beside dK/dV per item.
+IMBALANCE = 3
 _CACHE_SIZE = 16
 _cache: OrderedDict = OrderedDict()
 
