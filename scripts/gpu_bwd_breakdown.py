@@ -1,14 +1,15 @@
 """Where the backward's time goes: each backward kernel's GPU time, serial and concurrent, per attended tile.
 
     PYTHONPATH=$PWD python3 scripts/gpu_bwd_breakdown.py [--cases 65536:sinkwin,16384:strided]
-        [--dq-modes item:1:4,pers:2:3] [--repeats 3] [--out DIR]
+        [--dq-modes item:1:4,pers:2:3] [--dim 128] [--repeats 3] [--out DIR]
 
-For each case (B=1, 32 query / 8 KV heads, head dim 128, bf16; patterns as in scripts/gpu_gluon_fwd.py) and each
-Gluon dQ mode (``--dq-modes``: one program per item or a persistent grid, query/dO slots, ring depth) it times the
-forward, the backward alone (graph retained) with dQ on its side stream launched first (the shipped order) or
-second, and serially, and profiles the serial backward (torch.profiler) for each kernel's own GPU time. Per kernel
-it divides that time by the attended 128 x 128 tile pairs per SM, so the sparse rows' cost per tile can be read
-against the dense rows' (dK/dV issues 4 matmuls per tile pair, dQ 3, the forward 2).
+For each case (B=1, 32 query / 8 KV heads, head dim 128 or ``--dim``, bf16; patterns as in scripts/gpu_gluon_fwd.py)
+and each dQ mode (``--dq-modes``, see ``dq_mode``: Gluon on one program per item or a persistent grid, or the Triton
+kernel; query/dO slots, ring depth, the dK/dV list split) it times the forward, the backward alone (graph retained)
+with dQ on its side stream launched first (the shipped order) or second, and serially, and profiles the serial
+backward (torch.profiler) for each kernel's own GPU time. Per kernel it divides that time by the attended 128 x 128
+tile pairs per SM, so the sparse rows' cost per tile can be read against the dense rows' (dK/dV issues 4 matmuls
+per tile pair, dQ 3, the forward 2). With ``--repeats`` the modes' order alternates and medians are reported.
 Writes ``bwd_breakdown.json`` and ``.md``.
 """
 
@@ -68,15 +69,17 @@ def short_name(kernel: str) -> str:
     return kernel[:40]
 
 
-def dq_mode(mode: str) -> None:
-    """Set the Gluon dQ launch mode: ``item`` (one program per work item) or ``pers`` (persistent grid), query/dO
-    slots, K/V ring depth at head dim 128 (64 keys per step), and optionally the dK/dV list split: ``cN`` (or a bare
-    N) splits lists into chunks of N entries, ``iN`` keeps the automatic chunk but splits from an N-fold imbalance;
-    e.g. ``pers:2:3``, ``item:1:4:c17``, ``pers:1:4:i3``."""
+def dq_mode(mode: str, dim: int = 128) -> None:
+    """Set the dQ launch mode: ``item`` (Gluon, one program per work item), ``pers`` (Gluon, persistent grid) or
+    ``tri`` (the Triton dQ kernel), query/dO slots, K/V ring depth at head dim ``dim`` (64 keys per step), and
+    optionally the dK/dV list split: ``cN`` (or a bare N) splits lists into chunks of N entries, ``iN`` keeps the
+    automatic chunk but splits from an N-fold imbalance; e.g. ``pers:2:3``, ``item:1:4:c17``, ``pers:1:4:i3``."""
     grid, slots, stages, *split = mode.split(":")
     attention_bwd_gluon.DQ_PERSISTENT = grid == "pers"
     attention_bwd_gluon.DQ_Q_SLOTS = int(slots)
-    attention_bwd_gluon.DQ_STAGES[(128, 64)] = int(stages)
+    attention_bwd_gluon.DQ_STAGES[(dim, 64)] = int(stages)
+    # ``tri``: the Triton dQ kernel at this head dim instead of the Gluon one
+    attention_bwd_gluon.DQ_HEAD_DIMS = tuple(d for d in (64, 128) if d != dim or grid != "tri")
     attention_bwd.SPLIT_CHUNK = None
     bwd_split.IMBALANCE = DEFAULT_IMBALANCE
     if split and split[0].startswith("i"):
@@ -90,11 +93,11 @@ DEFAULT_IMBALANCE = bwd_split.IMBALANCE
 ORDERS = (("dq_first", True, True), ("dkdv_first", True, False), ("serial", False, True))
 
 
-def run_case(seq: int, pattern: str, sms: int, modes: list[str], repeats: int) -> list[dict]:
-    q, k, v, d_out = headline_inputs(seq)
+def run_case(seq: int, pattern: str, sms: int, modes: list[str], repeats: int, dim: int = 128) -> list[dict]:
+    q, k, v, d_out = headline_inputs(seq, dim)
     index = build_index_for(q, k, PATTERNS[pattern])
     index.transposed()
-    scale = 128**-0.5
+    scale = dim**-0.5
     tiles = attended_tiles(index, q.shape[1])
 
     def fwd():
@@ -108,14 +111,16 @@ def run_case(seq: int, pattern: str, sms: int, modes: list[str], repeats: int) -
 
     fwd_ms = float(triton.testing.do_bench(fwd, warmup=25, rep=400, return_mode="median"))
     reference = bwd()
-    results = {mode: {"seq": seq, "pattern": pattern, "dq_mode": mode, "tiles": tiles, "tiles_per_sm": tiles / sms,
-                      "fwd_ms": fwd_ms, **{f"bwd_{name}_each_ms": [] for name, _, _ in ORDERS}} for mode in modes}
+    results = {mode: {"seq": seq, "dim": dim, "pattern": pattern, "dq_mode": mode, "tiles": tiles,
+                      "tiles_per_sm": tiles / sms, "fwd_ms": fwd_ms,
+                      **{f"bwd_{name}_each_ms": [] for name, _, _ in ORDERS}} for mode in modes}
     saved = (attention_bwd.CONCURRENT_DQ, attention_bwd.DQ_FIRST, attention_bwd_gluon.DQ_PERSISTENT,
-             attention_bwd_gluon.DQ_Q_SLOTS, dict(attention_bwd_gluon.DQ_STAGES), attention_bwd.SPLIT_CHUNK)
+             attention_bwd_gluon.DQ_Q_SLOTS, dict(attention_bwd_gluon.DQ_STAGES), attention_bwd.SPLIT_CHUNK,
+             attention_bwd_gluon.DQ_HEAD_DIMS)
     try:
         for rep in range(repeats):
             for mode in modes if rep % 2 == 0 else modes[::-1]:  # alternate which mode goes first
-                dq_mode(mode)
+                dq_mode(mode, dim)
                 res = results[mode]
                 if rep == 0:
                     attention_bwd.CONCURRENT_DQ, attention_bwd.DQ_FIRST = saved[0], saved[1]
@@ -147,6 +152,7 @@ def run_case(seq: int, pattern: str, sms: int, modes: list[str], repeats: int) -
          attention_bwd_gluon.DQ_Q_SLOTS) = saved[:4]
         attention_bwd_gluon.DQ_STAGES.update(saved[4])
         attention_bwd.SPLIT_CHUNK = saved[5]
+        attention_bwd_gluon.DQ_HEAD_DIMS = saved[6]
         bwd_split.IMBALANCE = DEFAULT_IMBALANCE
         bwd_split._cache.clear()
     torch.cuda.empty_cache()
@@ -177,6 +183,7 @@ def main() -> int:
     ap.add_argument("--dq-modes", default="item:1:4",
                     help="Gluon dQ modes: grid (item|pers):query slots:K/V ring depth[:dK/dV split chunk], "
                          "comma-separated")
+    ap.add_argument("--dim", type=int, default=128, help="head dim (64 or 128)")
     ap.add_argument("--repeats", type=int, default=1,
                     help="timings per mode (the modes' order alternates between repeats; medians reported)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -189,7 +196,7 @@ def main() -> int:
     results = []
     for case in args.cases.split(","):
         seq, pattern = case.split(":")
-        results += run_case(int(seq), pattern, sms, args.dq_modes.split(","), args.repeats)
+        results += run_case(int(seq), pattern, sms, args.dq_modes.split(","), args.repeats, args.dim)
         with open(os.path.join(args.out, "bwd_breakdown.json"), "w") as f:
             json.dump({"env": env, "results": results}, f, indent=1)
         with open(os.path.join(args.out, "bwd_breakdown.md"), "w") as f:
