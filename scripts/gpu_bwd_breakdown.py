@@ -73,7 +73,8 @@ def dq_mode(mode: str, dim: int = 128) -> None:
     """Set the dQ launch mode: ``item`` (Gluon, one program per work item), ``pers`` (Gluon, persistent grid) or
     ``tri`` (the Triton dQ kernel), query/dO slots, K/V ring depth at head dim ``dim`` (64 keys per step), and
     optionally the dK/dV list split: ``cN`` (or a bare N) splits lists into chunks of N entries, ``iN`` keeps the
-    automatic chunk but splits from an N-fold imbalance; e.g. ``pers:2:3``, ``item:1:4:c17``, ``pers:1:4:i3``."""
+    automatic chunk but splits from an N-fold imbalance, ``mN`` runs the Gluon backward from N dK/dV programs; e.g.
+    ``pers:2:3``, ``item:1:4:c17``, ``pers:1:4:i3:m256``."""
     grid, slots, stages, *split = mode.split(":")
     attention_bwd_gluon.DQ_PERSISTENT = grid == "pers"
     attention_bwd_gluon.DQ_Q_SLOTS = int(slots)
@@ -82,14 +83,19 @@ def dq_mode(mode: str, dim: int = 128) -> None:
     attention_bwd_gluon.DQ_HEAD_DIMS = tuple(d for d in (64, 128) if d != dim or grid != "tri")
     attention_bwd.SPLIT_CHUNK = None
     bwd_split.IMBALANCE = DEFAULT_IMBALANCE
-    if split and split[0].startswith("i"):
-        bwd_split.IMBALANCE = int(split[0][1:])
-    elif split:
-        attention_bwd.SPLIT_CHUNK = int(split[0].lstrip("c")) or None
+    attention_bwd_gluon.MIN_PROGRAMS = DEFAULT_MIN_PROGRAMS
+    for field in split:
+        if field.startswith("i"):
+            bwd_split.IMBALANCE = int(field[1:])
+        elif field.startswith("m"):  # fewest dK/dV programs for the Gluon backward
+            attention_bwd_gluon.MIN_PROGRAMS = int(field[1:])
+        else:
+            attention_bwd.SPLIT_CHUNK = int(field.lstrip("c")) or None
     bwd_split._cache.clear()  # split lists are cached per index and chunk, not per policy
 
 
 DEFAULT_IMBALANCE = bwd_split.IMBALANCE
+DEFAULT_MIN_PROGRAMS = attention_bwd_gluon.MIN_PROGRAMS
 ORDERS = (("dq_first", True, True), ("dkdv_first", True, False), ("serial", False, True))
 
 
@@ -154,6 +160,7 @@ def run_case(seq: int, pattern: str, sms: int, modes: list[str], repeats: int, d
         attention_bwd.SPLIT_CHUNK = saved[5]
         attention_bwd_gluon.DQ_HEAD_DIMS = saved[6]
         bwd_split.IMBALANCE = DEFAULT_IMBALANCE
+        attention_bwd_gluon.MIN_PROGRAMS = DEFAULT_MIN_PROGRAMS
         bwd_split._cache.clear()
     torch.cuda.empty_cache()
     return list(results.values())
