@@ -66,11 +66,14 @@ BLOCK = 128
 BLOCK_M = 64  # query rows per step (S^T is 64 keys x 64 queries per consumer: 32 fp32 registers a thread)
 # False: never (the Triton kernel runs every case); True: wherever ``supported`` (Hopper GPU, qualifying inputs).
 ENABLED = True
-# Fewest dK/dV programs (batch x KV heads x key tiles) for the Gluon backward kernels: one 240-register consumer
-# pair per SM leaves short grids with too few programs in flight. At 4K (B=1, 8 KV heads: 256 programs) the Gluon
-# backward lost in forward+backward on 3 of 4 patterns, at 8K (512) it won on 3 of 4, and on all from 16K
-# (scripts/results/gluon_bwd_h100_v3_4k_8k.md, gluon_bwd_h100_v2_dq.md).
-MIN_PROGRAMS = 512
+# Fewest dK/dV programs (batch x KV heads x key tiles) for the Gluon backward kernels, per head dim: one
+# 240-register consumer pair per SM leaves short grids with too few programs in flight. At 4K (B=1, 8 KV heads: 256
+# programs) the Gluon backward with one dQ program per item lost in forward+backward on 3 of 4 patterns, at 8K (512)
+# it won on 3 of 4, and on all from 16K (scripts/results/gluon_bwd_h100_v3_4k_8k.md, gluon_bwd_h100_v2_dq.md). With
+# the persistent dQ, head dim 128 at 4K: both Gluon kernels faster than the Triton ones on dense, strided and random
+# rows (dK/dV 0.64 vs 0.81 ms dense, dQ 0.31 vs 0.44), the dense backward 0.94 vs 1.02 ms in 5 of 5 repeats, strided
+# and random within the host-bound spread (bwd_breakdown_h100_v7_4k_min_programs.md). Head dim 64 unmeasured there.
+MIN_PROGRAMS: dict[int, int] = {64: 512, 128: 256}
 # Query/dO ring depth per head dim (each slot holds BLOCK_M rows of both: 32 KiB at head dim 128, next to K and V).
 STAGES: dict[int, int] = {64: 4, 128: 3}
 # The dQ kernel: keys per step, and the K/V ring depth per (head dim, keys per step); its own switch.
@@ -92,7 +95,7 @@ DQ_PERSISTENT = True
 
 
 def input_reason(dtype: torch.dtype, head_dim: int, block: int, softcap: float, has_segments: bool,
-                 q_offset: int, programs: int = MIN_PROGRAMS) -> str | None:
+                 q_offset: int, programs: int | None = None) -> str | None:
     """Why these inputs go to the Triton dK/dV kernel instead (None: the Gluon one takes them, device permitting);
     ``programs``: batch x KV heads x key tiles."""
     if dtype not in (torch.float16, torch.bfloat16):
@@ -107,8 +110,10 @@ def input_reason(dtype: torch.dtype, head_dim: int, block: int, softcap: float, 
         return "per-batch segments or ranks (left padding, packed sequences)"
     if q_offset % 4:
         return f"query offset {q_offset} not a multiple of 4"
-    if programs < MIN_PROGRAMS:
-        return f"{programs} key-tile programs < {MIN_PROGRAMS} (short grids run faster on the Triton kernels)"
+    least = MIN_PROGRAMS.get(head_dim, 0)
+    if programs is not None and programs < least:
+        return (f"{programs} key-tile programs < {least} at head dim {head_dim} (short grids run faster on the "
+                "Triton kernels)")
     return None
 
 

@@ -83,19 +83,19 @@ def dq_mode(mode: str, dim: int = 128) -> None:
     attention_bwd_gluon.DQ_HEAD_DIMS = tuple(d for d in (64, 128) if d != dim or grid != "tri")
     attention_bwd.SPLIT_CHUNK = None
     bwd_split.IMBALANCE = DEFAULT_IMBALANCE
-    attention_bwd_gluon.MIN_PROGRAMS = DEFAULT_MIN_PROGRAMS
+    attention_bwd_gluon.MIN_PROGRAMS = dict(DEFAULT_MIN_PROGRAMS)
     for field in split:
         if field.startswith("i"):
             bwd_split.IMBALANCE = int(field[1:])
         elif field.startswith("m"):  # fewest dK/dV programs for the Gluon backward
-            attention_bwd_gluon.MIN_PROGRAMS = int(field[1:])
+            attention_bwd_gluon.MIN_PROGRAMS[dim] = int(field[1:])
         else:
             attention_bwd.SPLIT_CHUNK = int(field.lstrip("c")) or None
     bwd_split._cache.clear()  # split lists are cached per index and chunk, not per policy
 
 
 DEFAULT_IMBALANCE = bwd_split.IMBALANCE
-DEFAULT_MIN_PROGRAMS = attention_bwd_gluon.MIN_PROGRAMS
+DEFAULT_MIN_PROGRAMS = dict(attention_bwd_gluon.MIN_PROGRAMS)
 ORDERS = (("dq_first", True, True), ("dkdv_first", True, False), ("serial", False, True))
 
 
@@ -160,7 +160,7 @@ def run_case(seq: int, pattern: str, sms: int, modes: list[str], repeats: int, d
         attention_bwd.SPLIT_CHUNK = saved[5]
         attention_bwd_gluon.DQ_HEAD_DIMS = saved[6]
         bwd_split.IMBALANCE = DEFAULT_IMBALANCE
-        attention_bwd_gluon.MIN_PROGRAMS = DEFAULT_MIN_PROGRAMS
+        attention_bwd_gluon.MIN_PROGRAMS = dict(DEFAULT_MIN_PROGRAMS)
         bwd_split._cache.clear()
     torch.cuda.empty_cache()
     return list(results.values())

@@ -65,7 +65,8 @@ class _Switch:
                       gluon_bwd.DQ_Q_SLOTS, dict(gluon_bwd.DQ_STAGES))
         gluon_bwd.ENABLED, gluon_bwd.DQ_ENABLED = self.on, self.dq
         gluon_bwd.DQ_HEAD_DIMS = gluon_bwd.HEAD_DIMS  # the checks and timings cover both head dims
-        gluon_bwd.MIN_PROGRAMS = 0  # and small grids (the shipped policy sends those to the Triton kernels)
+        gluon_bwd.MIN_PROGRAMS = {dim: 0 for dim in gluon_bwd.HEAD_DIMS}  # and small grids (the shipped policy
+        # sends those to the Triton kernels)
         if self.stages:
             gluon_bwd.STAGES.update({64: self.stages, 128: self.stages})
         attention_bwd.SPLIT_CHUNK = self.chunk
