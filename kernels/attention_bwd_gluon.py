@@ -33,7 +33,12 @@ from __future__ import annotations
 
 import torch
 
-from .attention_fwd_gluon import AVAILABLE, SHARED_MEMORY_BYTES, _sm_count  # AVAILABLE: Gluon (Triton >= 3.5)
+from .attention_fwd_gluon import (  # AVAILABLE: Gluon (Triton >= 3.5)
+    AVAILABLE,
+    LONG_ROW_TILES,
+    SHARED_MEMORY_BYTES,
+    _sm_count,
+)
 from .common import index_strides, score_constants
 from .tma import aligned, ensure_allocator
 
@@ -85,13 +90,16 @@ DQ_MIN_Q_LEN = 16  # shorter (decode) queries: the Triton dQ kernel packs the he
 # (scripts/results/gluon_bwd_h100_v2_dq.md: strided 1.54 vs 1.37 ms backward, random 1.22 vs 1.05)
 DQ_HEAD_DIMS = (128,)
 # Query + dO slots (2: the next work item's rows load while this one finishes; needs a 3-slot K/V ring at head dim
-# 128) and the persistent grid (one program per SM walking the work items), as in the forward. The persistent grid
-# took the dQ kernel's own time down 5-20% on sparse rows (per-item start-up overlapped: 16K strided 0.79-0.81 vs
+# 128) and the persistent grid (one program per SM walking the work items), as in the forward. On short rows the
+# persistent grid took the dQ kernel's own time down 5-20% (per-item start-up overlapped: 16K strided 0.79-0.81 vs
 # 0.96-0.99 ms, 64K sink+window 9.6-10.4 vs 10.2-11.4), and the backward 0.5-6% over seven cases in three alternating
 # repeats (with bwd_split.IMBALANCE 3; scripts/results/bwd_breakdown_h100_v5_dq_persistent_ab.md). Its programs hold
-# every SM until dQ is done, so dK/dV (on its own stream) no longer fills in beside it.
+# every SM until dQ is done, so dK/dV (on its own stream) no longer fills in beside it, which cost long dense rows
+# more than the grid saved: 64K dense backward 195.5 vs 183.0 ms, 128K 788 vs 740
+# (bwd_breakdown_h100_v8_dense_dq_persistent.md). None: persistent for rows listing fewer than the forward's
+# LONG_ROW_TILES tiles (the sparse patterns), one program per item otherwise; True / False: always / never.
 DQ_Q_SLOTS = 1
-DQ_PERSISTENT = True
+DQ_PERSISTENT: bool | None = None
 
 
 def input_reason(dtype: torch.dtype, head_dim: int, block: int, softcap: float, has_segments: bool,
@@ -579,7 +587,8 @@ def attention_dq_gluon(
     block_n: int | None = None, stages: int | None = None, q_slots: int | None = None, persistent: bool | None = None,
 ) -> None:
     """Launch the Gluon dQ kernel over the forward lists (callers check :func:`dq_supported` first). ``dq`` must
-    have q's strides (``torch.empty_like(q)``); it receives the scaled dQ."""
+    have q's strides (``torch.empty_like(q)``); it receives the scaled dQ. Unset options take the module settings
+    (``persistent``: see ``DQ_PERSISTENT``)."""
     batch, hq, q_len, dim = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     group = hq // hkv
@@ -599,7 +608,10 @@ def attention_dq_gluon(
     s_ib, s_ih = index_strides(full_count)
     ensure_allocator()
     n_work = batch * hkv * group * n_q
-    persistent = DQ_PERSISTENT if persistent is None else persistent
+    if persistent is None:
+        persistent = DQ_PERSISTENT
+    if persistent is None:
+        persistent = full_tiles.shape[-1] + part_tiles.shape[-1] < LONG_ROW_TILES
     grid = (min(n_work, _sm_count(q.device)) if persistent else n_work,)
     _attn_bwd_dq_ws_kernel[grid](
         q, k, v, do, lse_bwd, delta, dq, full_count, full_tiles, part_count, part_tiles,

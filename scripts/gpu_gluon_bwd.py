@@ -39,7 +39,7 @@ from scripts.gpu_gluon_fwd import CASES as FWD_CASES  # noqa: E402
 from scripts.gpu_gluon_fwd import PATTERNS, _cudnn, _rand, run_cases, save  # noqa: E402
 
 
-def parse_dq_mode(mode: str) -> tuple[bool, int]:
+def parse_dq_mode(mode: str) -> tuple[bool | None, int]:
     """"p1q2" -> (persistent grid, 2 query/dO slots); "" -> the shipped settings."""
     if not mode:
         return gluon_bwd.DQ_PERSISTENT, gluon_bwd.DQ_Q_SLOTS
