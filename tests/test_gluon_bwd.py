@@ -43,9 +43,9 @@ def test_not_supported_off_gpu():
     ({"softcap": 30.0}, "soft-capping"),
     ({"has_segments": True}, "segments"),
     ({"q_offset": 1798}, "query offset 1798"),
-    ({"programs": 255}, "255 key-tile programs"),
-    ({"programs": 256}, None),
-    ({"programs": 256, "head_dim": 64}, "256 key-tile programs < 512 at head dim 64"),
+    ({"programs": 256}, "256 key-tile programs < 512 at head dim 128"),
+    ({"programs": 511, "head_dim": 64}, "511 key-tile programs < 512 at head dim 64"),
+    ({"programs": 512}, None),
     ({"programs": 512, "head_dim": 64}, None),
 ])
 def test_which_inputs_take_the_gluon_dkdv(change, expect):
