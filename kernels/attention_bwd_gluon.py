@@ -21,8 +21,9 @@ each other (no CTA-wide barrier in the loop), so one's elementwise work overlaps
   the scores only, recomputes P while dP^T runs, issues ``dV += P^T dO``, computes dS while that runs, issues
   ``dK += dS^T Q`` and waits for both before freeing the slot (keeping their operands alive into the next step
   needed more than the 240 registers a consumer has: ptxas then serialised every wgmma).
-- dQ: one program = one 128-row query tile of one query head (the forward's order); the loader loads its query and
-  dO rows once and streams the listed K/V tiles in 64-key steps; step j issues ``S_j`` and ``dP_j`` together with
+- dQ: one work item = one 128-row query tile of one query head (the forward's order; on rows under the forward's
+  LONG_ROW_TILES a persistent grid walks the items, else one program each); the loader loads its query and dO rows
+  once and streams the listed K/V tiles in 64-key steps; step j issues ``S_j`` and ``dP_j`` together with
   ``dQ += dS_{j-1} K_{j-1}``, waits for the first two, and computes ``dS_j`` while that product runs.
 
 Gluon has no CPU interpreter: CI compiles these kernels for sm_90 and checks their machine code;
