@@ -94,13 +94,14 @@ DQ_MIN_Q_LEN = 16  # shorter (decode) queries: the Triton dQ kernel packs the he
 DQ_HEAD_DIMS = (128,)
 # Query + dO slots (2: the next work item's rows load while this one finishes; needs a 3-slot K/V ring at head dim
 # 128) and the persistent grid (one program per SM walking the work items), as in the forward. On short rows the
-# persistent grid took the dQ kernel's own time down 5-20% (per-item start-up overlapped: 16K strided 0.79-0.81 vs
-# 0.96-0.99 ms, 64K sink+window 9.6-10.4 vs 10.2-11.4), and the backward 0.5-6% over seven cases in three alternating
-# repeats (with bwd_split.IMBALANCE 3; scripts/results/bwd_breakdown_h100_v5_dq_persistent_ab.md). Its programs hold
-# every SM until dQ is done, so dK/dV (on its own stream) no longer fills in beside it, which cost long dense rows
-# more than the grid saved: 64K dense backward 195.5 vs 183.0 ms, 128K 788 vs 740
-# (bwd_breakdown_h100_v8_dense_dq_persistent.md). None: persistent for rows listing fewer than the forward's
-# LONG_ROW_TILES tiles (the sparse patterns), one program per item otherwise; True / False: always / never.
+# persistent grid took the dQ kernel's own time down 5-22% (per-item start-up overlapped: 16K strided 0.77-0.81 vs
+# 0.94-1.00 ms, 64K sink+window 9.6-10.4 vs 10.2-11.4; bwd_breakdown_h100_v2..v5), and the backward 0.5-6% over
+# seven cases in three alternating repeats (with bwd_split.IMBALANCE 3; scripts/results/
+# bwd_breakdown_h100_v5_dq_persistent_ab.md). Its programs hold every SM until dQ is done, so dK/dV (on its own
+# stream) no longer fills in beside it, which cost long dense rows more than the grid saved: 64K dense backward
+# 195.5 vs 183.0 ms, 128K 788 vs 740 (bwd_breakdown_h100_v8_dense_dq_persistent.md). None: persistent for rows
+# listing fewer than the forward's LONG_ROW_TILES tiles (the sparse patterns), one program per item otherwise;
+# True / False: always / never.
 DQ_Q_SLOTS = 1
 DQ_PERSISTENT: bool | None = None
 
