@@ -612,11 +612,7 @@ def attention_dq_gluon(
     s_ib, s_ih = index_strides(full_count)
     ensure_allocator()
     n_work = batch * hkv * group * n_q
-    if persistent is None:
-        persistent = DQ_PERSISTENT
-    if persistent is None:
-        persistent = full_tiles.shape[-1] + part_tiles.shape[-1] < LONG_ROW_TILES
-    grid = (min(n_work, _sm_count(q.device)) if persistent else n_work,)
+    grid = (dq_grid_size(n_work, full_tiles.shape[-1] + part_tiles.shape[-1], _sm_count(q.device), persistent),)
     _attn_bwd_dq_ws_kernel[grid](
         q, k, v, do, lse_bwd, delta, dq, full_count, full_tiles, part_count, part_tiles,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -628,10 +624,21 @@ def attention_dq_gluon(
     )
 
 
+def dq_grid_size(n_work: int, row_tiles: int, sms: int, persistent: bool | None = None) -> int:
+    """Programs the dQ kernel launches for ``n_work`` items whose rows list up to ``row_tiles`` tiles: one per SM
+    (persistent) or one per item; ``persistent`` None takes ``DQ_PERSISTENT``, and where that is None too, persistent
+    for rows under ``LONG_ROW_TILES`` (see ``DQ_PERSISTENT`` for the measurements)."""
+    if persistent is None:
+        persistent = DQ_PERSISTENT
+    if persistent is None:
+        persistent = row_tiles < LONG_ROW_TILES
+    return min(n_work, sms) if persistent else n_work
+
+
 def _dq_shared_bytes(stages: int, q_slots: int, block: int, block_n: int, dim: int) -> int:
     """Shared memory of the dQ kernel's tiles: ``stages`` K/V slot pairs and ``q_slots`` query + dO tiles, 16-bit."""
     return (stages * 2 * block_n + q_slots * 2 * block) * dim * 2
 
 
-__all__ = ["AVAILABLE", "ENABLED", "HEAD_DIMS", "attention_dkdv_gluon", "attention_dq_gluon", "dq_supported",
-           "input_reason", "supported"]
+__all__ = ["AVAILABLE", "ENABLED", "HEAD_DIMS", "attention_dkdv_gluon", "attention_dq_gluon", "dq_grid_size",
+           "dq_supported", "input_reason", "supported"]

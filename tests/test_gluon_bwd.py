@@ -58,6 +58,21 @@ def test_which_inputs_take_the_gluon_dkdv(change, expect):
         assert reason is not None and expect in reason
 
 
+@pytest.mark.parametrize("row_tiles, setting, expect", [
+    (34, None, 132),  # sparse rows (64K sink+window): one program per SM
+    (95, None, 132),
+    (96, None, 4096),  # long rows (dense causal): one program per item, so dK/dV can run beside dQ
+    (512, None, 4096),
+    (512, True, 132),
+    (34, False, 4096),
+])
+def test_dq_grid_follows_row_length(monkeypatch, row_tiles, setting, expect):
+    monkeypatch.setattr(gluon_bwd, "DQ_PERSISTENT", setting)
+    assert gluon_bwd.dq_grid_size(4096, row_tiles, 132) == expect
+    assert gluon_bwd.dq_grid_size(100, row_tiles, 132) == 100  # fewer items than SMs: one program each
+    assert gluon_bwd.dq_grid_size(4096, row_tiles, 132, persistent=False) == 4096  # an explicit argument wins
+
+
 def test_dq_launch_arguments_are_checked():
     q = torch.randn(1, 2, 128, 128, dtype=torch.bfloat16)
     kv = q[:, :1].clone()

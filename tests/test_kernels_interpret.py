@@ -319,6 +319,27 @@ def test_dkdv_full_and_partial_entries_match_reference():
     _run_case(2, 4, 2, 300, 300, 64, pattern, attention_mask=mask, seed=3)
 
 
+@pytest.mark.parametrize("longest, typical, splits", [
+    (128, 33, True),  # the sink column of 16K sink+window rows (3.9x): split since session eleven
+    (99, 33, True),
+    (98, 33, False),  # under a 3-fold imbalance
+    (64, 32, False),  # dense causal: longest list twice the median
+])
+def test_split_policy_follows_the_imbalance(longest, typical, splits):
+    from hf_sparsek.kernels.bwd_split import split_key_lists
+
+    n = 16
+    full_count = torch.full((1, 1, n), typical, dtype=torch.int32)
+    full_count[0, 0, 0] = longest
+    full_tiles = torch.arange(longest, dtype=torch.int32).expand(1, 1, n, longest).contiguous()
+    part_count = torch.zeros(1, 1, n, dtype=torch.int32)
+    part_tiles = torch.zeros(1, 1, n, 1, dtype=torch.int32)
+    split = split_key_lists(full_count, full_tiles, part_count, part_tiles)
+    assert (split is not None) == splits
+    if splits:  # only the long list becomes several programs; the others stay whole
+        assert int((split.slot >= 0).sum()) == int(split.tile.eq(0).sum()) > 1
+
+
 @pytest.mark.parametrize("chunk", [1, 3], ids=["chunk1", "chunk3"])
 def test_split_key_lists_keep_gradients_exact_and_deterministic(chunk, monkeypatch):
     """Long per-key-tile lists (the sink tile, strided columns) split across programs give the same dK/dV."""
