@@ -25,9 +25,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hf_sparsek.kernels import attention_bwd, attention_fwd, bwd_split  # noqa: E402
 
-from hf_sparsek.ops import build_index_for  # noqa: E402
 from hf_sparsek.triton_ops import triton_block_sparse_attention  # noqa: E402
 from scripts.gpu_gluon_fwd import PATTERNS  # noqa: E402
+from scripts.gpu_target_case import retained_backward  # noqa: E402
 
 
 class _NoLaunch:
@@ -56,12 +56,7 @@ def main() -> int:
     v = torch.randn(1, 8, args.seq, 128, dtype=torch.bfloat16, requires_grad=True)
     d_out = torch.randn_like(q)
     for pattern in ("random", "strided", "dense"):
-        index = build_index_for(q, k, PATTERNS[pattern])
-        index.transposed()
-        out = triton_block_sparse_attention(q, k, v, index, 128**-0.5)
-
-        def bwd(out=out):
-            return torch.autograd.grad(out, (q, k, v), d_out, retain_graph=True)
+        index, bwd = retained_backward(q, k, v, d_out, PATTERNS[pattern])
 
         for _ in range(5):
             bwd()

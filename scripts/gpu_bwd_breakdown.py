@@ -31,10 +31,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hf_sparsek.kernels import attention_bwd, attention_bwd_gluon, bwd_split  # noqa: E402
 
-from hf_sparsek.ops import build_index_for  # noqa: E402
 from hf_sparsek.triton_ops import triton_block_sparse_attention  # noqa: E402
 from scripts.gpu_gluon_fwd import PATTERNS  # noqa: E402
-from scripts.gpu_target_case import headline_inputs  # noqa: E402
+from scripts.gpu_target_case import headline_inputs, retained_backward  # noqa: E402
 
 STEPS = 5
 
@@ -101,19 +100,12 @@ ORDERS = (("dq_first", True, True), ("dkdv_first", True, False), ("serial", Fals
 
 def run_case(seq: int, pattern: str, sms: int, modes: list[str], repeats: int, dim: int = 128) -> list[dict]:
     q, k, v, d_out = headline_inputs(seq, dim)
-    index = build_index_for(q, k, PATTERNS[pattern])
-    index.transposed()
-    scale = dim**-0.5
+    index, bwd = retained_backward(q, k, v, d_out, PATTERNS[pattern])
     tiles = attended_tiles(index, q.shape[1])
 
     def fwd():
         with torch.no_grad():
-            return triton_block_sparse_attention(q, k, v, index, scale)
-
-    out = triton_block_sparse_attention(q, k, v, index, scale)
-
-    def bwd():
-        return torch.autograd.grad(out, (q, k, v), d_out, retain_graph=True)
+            return triton_block_sparse_attention(q, k, v, index, dim**-0.5)
 
     fwd_ms = float(triton.testing.do_bench(fwd, warmup=25, rep=400, return_mode="median"))
     reference = bwd()

@@ -23,10 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hf_sparsek.kernels import attention_bwd_gluon  # noqa: E402
 
-from hf_sparsek.ops import build_index_for  # noqa: E402
-from hf_sparsek.triton_ops import triton_block_sparse_attention  # noqa: E402
 from scripts.gpu_gluon_fwd import PATTERNS  # noqa: E402
-from scripts.gpu_target_case import headline_inputs  # noqa: E402
+from scripts.gpu_target_case import headline_inputs, retained_backward  # noqa: E402
 
 
 def main() -> int:
@@ -38,13 +36,7 @@ def main() -> int:
     res: dict[str, list[dict]] = {}
     try:
         for pattern in ("random", "strided", "dense"):
-            index = build_index_for(q, k, PATTERNS[pattern])
-            index.transposed()
-            out = triton_block_sparse_attention(q, k, v, index, 128**-0.5)
-
-            def bwd(out=out):
-                return torch.autograd.grad(out, (q, k, v), d_out, retain_graph=True)
-
+            bwd = retained_backward(q, k, v, d_out, PATTERNS[pattern])[1]
             for rep in range(3):
                 for least in (256, 512) if rep % 2 == 0 else (512, 256):
                     attention_bwd_gluon.MIN_PROGRAMS = {**saved, 128: least}

@@ -15,6 +15,7 @@ import json
 import os
 import statistics
 import sys
+from collections.abc import Callable
 
 import torch
 import triton
@@ -25,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from hf_sparsek.kernels import attention_bwd_gluon, attention_fwd_gluon  # noqa: E402
 
 from hf_sparsek import SparsePattern  # noqa: E402
+from hf_sparsek.block_index import BlockIndex  # noqa: E402
 from hf_sparsek.ops import build_index_for  # noqa: E402
 from hf_sparsek.triton_ops import triton_block_sparse_attention  # noqa: E402
 
@@ -40,6 +42,17 @@ def headline_inputs(seq: int, dim: int = 128) -> tuple[torch.Tensor, ...]:
     k = torch.randn(shape_kv, generator=gen, device="cuda").to(torch.bfloat16).requires_grad_()
     v = torch.randn(shape_kv, generator=gen, device="cuda").to(torch.bfloat16).requires_grad_()
     return q, k, v, torch.randn(shape_q, generator=gen, device="cuda").to(torch.bfloat16)
+
+
+def retained_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d_out: torch.Tensor,
+                      pattern: SparsePattern) -> tuple[BlockIndex, Callable[[], tuple[torch.Tensor, ...]]]:
+    """The pattern's index (key-major lists built) and a callable running the backward alone: one forward with
+    its graph kept, then dQ, dK, dV per call (what the backward timings of gpu_bwd_breakdown.py, gpu_host_4k_ab.py
+    and cpu_host_path.py repeat)."""
+    index = build_index_for(q, k, pattern)
+    index.transposed()
+    out = triton_block_sparse_attention(q, k, v, index, q.shape[-1] ** -0.5)
+    return index, lambda: torch.autograd.grad(out, (q, k, v), d_out, retain_graph=True)
 
 
 def main() -> int:
