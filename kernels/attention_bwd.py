@@ -411,8 +411,11 @@ def attention_backward(
     # 16-bit, head dim 64/128 (dQ 128), no softcap or segments, large enough grids); explicit configs (tests,
     # tuning) keep the Triton kernels they name
     has_segments = k_seg is not None or q_seg is not None or k_rank is not None
-    gluon_dkdv = config is None and attention_bwd_gluon.supported(q, k, v, do, block, softcap, has_segments, q_offset)
-    gluon_dq = config is None and attention_bwd_gluon.dq_supported(q, k, v, do, block, softcap, has_segments)
+    row_tiles = full_tiles.shape[-1] + part_tiles.shape[-1]
+    gluon_dkdv = config is None and attention_bwd_gluon.supported(q, k, v, do, block, softcap, has_segments, q_offset,
+                                                                  row_tiles)
+    gluon_dq = config is None and attention_bwd_gluon.dq_supported(q, k, v, do, block, softcap, has_segments,
+                                                                   row_tiles)
 
     def launch(cfg: BwdConfig) -> None:
         """dK/dV (key-major, then the split reduction) and dQ (query-major, on the side stream if any)."""

@@ -82,6 +82,11 @@ ENABLED = True
 # host_4k_min_programs_h100.json; sweep bench_h100_v16_4k_16k: strided 1.20 vs 1.01 ms forward+backward in v15), so
 # the floor stays at 512 until that host time is found.
 MIN_PROGRAMS: dict[int, int] = {64: 512, 128: 512}
+# ... except for grids whose longest query row lists at least this many key tiles: there the GPU work outweighs the
+# host time (4K dense causal, 32-tile rows: backward 0.94 vs 1.02 ms, forward+backward 1.16 vs 1.28 against cuDNN's
+# 1.08; bwd_breakdown_h100_v7_4k_min_programs, bench_h100_v16_4k_16k vs v15), while the host-bound 4K sparse rows
+# (strided 16 + window 512: 7 tiles, random 10%: 8) keep the Triton kernels.
+FLOOR_EXEMPT_ROW_TILES = 24
 # Query/dO ring depth per head dim (each slot holds BLOCK_M rows of both: 32 KiB at head dim 128, next to K and V).
 STAGES: dict[int, int] = {64: 4, 128: 3}
 # The dQ kernel: keys per step, and the K/V ring depth per (head dim, keys per step); its own switch.
@@ -107,9 +112,9 @@ DQ_PERSISTENT: bool | None = None
 
 
 def input_reason(dtype: torch.dtype, head_dim: int, block: int, softcap: float, has_segments: bool,
-                 q_offset: int, programs: int | None = None) -> str | None:
+                 q_offset: int, programs: int | None = None, row_tiles: int | None = None) -> str | None:
     """Why these inputs go to the Triton dK/dV kernel instead (None: the Gluon one takes them, device permitting);
-    ``programs``: batch x KV heads x key tiles."""
+    ``programs``: batch x KV heads x key tiles; ``row_tiles``: key tiles the longest query row lists."""
     if dtype not in (torch.float16, torch.bfloat16):
         return f"dtype {dtype} (Gluon dK/dV: float16, bfloat16)"
     if head_dim not in HEAD_DIMS:
@@ -123,29 +128,32 @@ def input_reason(dtype: torch.dtype, head_dim: int, block: int, softcap: float, 
     if q_offset % 4:
         return f"query offset {q_offset} not a multiple of 4"
     least = MIN_PROGRAMS.get(head_dim, 0)
-    if programs is not None and programs < least:
-        return (f"{programs} key-tile programs < {least} at head dim {head_dim} (short grids run faster on the "
-                "Triton kernels)")
+    long_rows = row_tiles is not None and row_tiles >= FLOOR_EXEMPT_ROW_TILES
+    if programs is not None and programs < least and not long_rows:
+        return (f"{programs} key-tile programs < {least} at head dim {head_dim} with rows of "
+                f"{'?' if row_tiles is None else row_tiles} < {FLOOR_EXEMPT_ROW_TILES} tiles (short grids of short "
+                "rows are bound by host time, which the Triton kernels' launches take less of)")
     return None
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, block: int, softcap: float,
-              has_segments: bool, q_offset: int) -> bool:
-    """Whether the Gluon dK/dV kernel runs these inputs (otherwise the Triton kernel does, with the same results)."""
+              has_segments: bool, q_offset: int, row_tiles: int | None = None) -> bool:
+    """Whether the Gluon dK/dV kernel runs these inputs (otherwise the Triton kernel does, with the same results);
+    ``row_tiles``: the forward lists' width (full + partial entries), None if unknown."""
     if not ENABLED or not AVAILABLE or not q.is_cuda:
         return False
     programs = q.shape[0] * k.shape[1] * -(-k.shape[2] // block)
-    if input_reason(q.dtype, q.shape[-1], block, softcap, has_segments, q_offset, programs) is not None:
+    if input_reason(q.dtype, q.shape[-1], block, softcap, has_segments, q_offset, programs, row_tiles) is not None:
         return False
     return aligned(q, k, v, do) and torch.cuda.get_device_capability(q.device)[0] == 9
 
 
 def dq_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, block: int, softcap: float,
-                 has_segments: bool) -> bool:
+                 has_segments: bool, row_tiles: int | None = None) -> bool:
     """Whether the Gluon dQ kernel runs these inputs (otherwise the Triton one does, with the same results)."""
     if not DQ_ENABLED or q.shape[2] < DQ_MIN_Q_LEN or q.shape[-1] not in DQ_HEAD_DIMS:
         return False
-    return supported(q, k, v, do, block, softcap, has_segments, 0)
+    return supported(q, k, v, do, block, softcap, has_segments, 0, row_tiles)
 
 
 if AVAILABLE:

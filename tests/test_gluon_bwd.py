@@ -47,6 +47,11 @@ def test_not_supported_off_gpu():
     ({"programs": 511, "head_dim": 64}, "511 key-tile programs < 512 at head dim 64"),
     ({"programs": 512}, None),
     ({"programs": 512, "head_dim": 64}, None),
+    ({"programs": 256, "row_tiles": 8}, "rows of 8 < 24 tiles"),  # 4K random 10%: host-bound, Triton kernels
+    ({"programs": 256, "row_tiles": 23}, "256 key-tile programs"),
+    ({"programs": 256, "row_tiles": 24}, None),  # 4K dense causal (32-tile rows): GPU-bound, Gluon kernels
+    ({"programs": 256, "row_tiles": 32, "head_dim": 64}, None),
+    ({"programs": 256, "row_tiles": 32, "softcap": 30.0}, "soft-capping"),  # the exemption is the floor's only
 ])
 def test_which_inputs_take_the_gluon_dkdv(change, expect):
     args = dict(dtype=torch.bfloat16, head_dim=128, block=128, softcap=0.0, has_segments=False, q_offset=0,
@@ -91,7 +96,7 @@ def test_dq_launch_arguments_are_checked():
 def test_dq_rules_on_top_of_the_dkdv_rules(monkeypatch, q_len, dim, expect):
     """dq_supported adds its own rules (query length >= 16, head dims DQ_HEAD_DIMS) to what the dK/dV kernel takes;
     the device part is stubbed to True so the rules themselves are tested on CPU."""
-    monkeypatch.setattr(gluon_bwd, "supported", lambda *args: True)
+    monkeypatch.setattr(gluon_bwd, "supported", lambda *args, **kwargs: True)
     q = torch.randn(1, 2, q_len, dim, dtype=torch.bfloat16)
     kv = torch.randn(1, 1, 64, dim, dtype=torch.bfloat16)
     assert gluon_bwd.dq_supported(q, kv, kv, q, 128, 0.0, False) is expect
