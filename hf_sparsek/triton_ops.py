@@ -41,8 +41,11 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softca
 
 def _on_device_of(t: torch.Tensor) -> contextlib.AbstractContextManager:
     """Launch on the inputs' GPU: Triton launches on the current device, and a model split over GPUs
-    (``device_map="auto"``) calls a layer on cuda:1 while cuda:0 is current."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    (``device_map="auto"``) calls a layer on cuda:1 while cuda:0 is current. No context when that device is already
+    current (the common case; entering one costs host time on every call)."""
+    if not t.is_cuda or t.device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
 
 
 def _i32(t: torch.Tensor | None) -> torch.Tensor | None:

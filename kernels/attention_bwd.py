@@ -427,8 +427,11 @@ def attention_backward(
         side.wait_stream(main)  # delta and the inputs are ready
         if not DQ_FIRST:
             launch_dkdv(cfg)
-        with torch.cuda.stream(side):
+        torch.cuda.set_stream(side)  # (torch.cuda.stream()'s context manager costs more host time per call)
+        try:
             launch_dq(cfg)
+        finally:
+            torch.cuda.set_stream(main)
         if DQ_FIRST:
             launch_dkdv(cfg)
         main.wait_stream(side)  # dq is complete before anything later on the caller's stream

@@ -41,7 +41,7 @@ from .attention_fwd_gluon import (  # AVAILABLE: Gluon (Triton >= 3.5)
     _sm_count,
 )
 from .common import index_strides, score_constants
-from .tma import aligned, ensure_allocator
+from .tma import aligned, compute_major, ensure_allocator
 
 if AVAILABLE:
     from triton.experimental import gluon
@@ -145,7 +145,7 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tenso
     programs = q.shape[0] * k.shape[1] * -(-k.shape[2] // block)
     if input_reason(q.dtype, q.shape[-1], block, softcap, has_segments, q_offset, programs, row_tiles) is not None:
         return False
-    return aligned(q, k, v, do) and torch.cuda.get_device_capability(q.device)[0] == 9
+    return aligned(q, k, v, do) and compute_major(q.device) == 9
 
 
 def dq_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, block: int, softcap: float,

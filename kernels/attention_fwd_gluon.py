@@ -53,7 +53,7 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
     AVAILABLE = False
 
 from .common import index_strides, score_constants
-from .tma import aligned, ensure_allocator
+from .tma import aligned, compute_major, ensure_allocator
 
 HEAD_DIMS = (64, 128)
 BLOCK = 128
@@ -100,7 +100,7 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int, sof
         return False
     if input_reason(q.dtype, q.shape[-1], q.shape[2], block, softcap, has_segments) is not None:
         return False
-    return aligned(q, k, v) and torch.cuda.get_device_capability(q.device)[0] == 9
+    return aligned(q, k, v) and compute_major(q.device) == 9
 
 
 if AVAILABLE:

@@ -10,6 +10,7 @@ either way; only speed differs. Device-side descriptors need a scratch allocator
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -27,16 +28,27 @@ def _interpreting() -> bool:
 
 
 def aligned(*tensors: torch.Tensor) -> bool:
-    """Base addresses and non-unit strides are multiples of 16 bytes and the last dim is contiguous."""
+    """Base addresses and non-unit strides are multiples of 16 bytes and the last dim is contiguous (plain loops:
+    this runs several times per call, and small shapes are bound by host time)."""
     for t in tensors:
+        strides = t.stride()
+        if strides[-1] != 1 or t.data_ptr() % _ALIGN:
+            return False
         size = t.element_size()
-        if t.stride(-1) != 1 or t.data_ptr() % _ALIGN:
-            return False
-        if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape, strict=True)):  # broadcast dims
-            return False
-        if any((s * size) % _ALIGN for s in t.stride()[:-1]):
-            return False
+        for st, n in zip(strides[:-1], t.shape[:-1], strict=True):
+            if (st == 0 and n > 1) or (st * size) % _ALIGN:  # broadcast dims; misaligned rows
+                return False
     return True
+
+
+@functools.cache
+def _major_of(device_index: int) -> int:
+    return torch.cuda.get_device_capability(device_index)[0]
+
+
+def compute_major(device: torch.device) -> int:
+    """The CUDA compute capability's major number of ``device`` (looked up once per GPU)."""
+    return _major_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def use_tma(*tensors: torch.Tensor) -> bool:
@@ -50,12 +62,12 @@ def use_tma(*tensors: torch.Tensor) -> bool:
         return False
     if first.shape[-1] not in AUTO_HEAD_DIMS:
         return False
-    return torch.cuda.get_device_capability(first.device)[0] >= 9
+    return compute_major(first.device) >= 9
 
 
 def _torch_alloc(size: int, alignment: int, stream: int | None) -> torch.Tensor:
-    device = "cuda" if torch.cuda.is_available() and not _interpreting() else "cpu"
-    return torch.empty(size, dtype=torch.int8, device=device)
+    """Descriptor scratch, called at every launch of a kernel that builds descriptors on the device."""
+    return torch.empty(size, dtype=torch.int8, device="cpu" if _interpreting() else "cuda")
 
 
 def ensure_allocator() -> None:
