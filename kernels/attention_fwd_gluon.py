@@ -48,6 +48,10 @@ try:  # Gluon ships with Triton >= 3.5; without it the Triton kernel runs every 
     # random 0.94x, strided 0.98x the time: ab_h100_v11_intervals_*). Triton 3.9 compiles the block with 4-9 spilled
     # words reloaded per tile (sm_90, CPU), unmeasured on a GPU, so newer Tritons keep the plain loop too.
     _SOFTMAX_OWN_BLOCK = gl.constexpr(tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7))
+    # The bottom consumer warpgroup starts once the top one has its first tile's probabilities, so their item
+    # boundaries (the first scores waited for alone, the last P.V, the epilogue) fall at different times and the
+    # other warpgroup's MMAs fill them; a persistent program pays the offset once.
+    _STAGGER = gl.constexpr(True)
     AVAILABLE = True
 except ImportError:  # pragma: no cover - depends on the installed Triton
     AVAILABLE = False
@@ -228,7 +232,7 @@ if AVAILABLE:
             i += 1
 
     @gluon.jit
-    def _ws_consumer(q_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free,
+    def _ws_consumer(q_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free, stagger,
                      Out, LSE, FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, n_q_tiles, n_work,
                      s_ob, s_oh, s_ot, s_lb, s_lh, q_len, kv_len, q_offset, kv_offset, sink, window, qk_mul,
                      ROW0: gl.constexpr):
@@ -254,6 +258,8 @@ if AVAILABLE:
         kb0 = kv_offset // BLOCK
         base = 0  # ring uses before this work item (the loader counts the same way)
         i = 0
+        if _STAGGER and ROW0 > 0:
+            mbarrier.wait(stagger.index(0), 0)  # the top warpgroup has its first probabilities
         for k in range(_items_of_program(n_work)):
             w = _item(k)
             b, hkv, hq, q_first, t_first, irow, f_cnt, n_tiles = _query_tile(
@@ -277,6 +283,8 @@ if AVAILABLE:
                 p32, m_i, l_i, alpha0 = _softmax_step(s, m_i, l_i, qk_mul, part, selected, t0, q_abs, kv_offset,
                                                       kv_len, sink, window, BLOCK_N, s_layout, SOFTMAX_BLOCK)
                 p = gl.convert_layout(p32.to(dtype), p_layout)
+                if _STAGGER and ROW0 == 0:
+                    mbarrier.arrive(stagger.index(0), pred=i == 0)
                 for j in range(1, n_tiles):
                     c = base + j
                     slot = c % STAGES
@@ -316,6 +324,8 @@ if AVAILABLE:
                 mbarrier.arrive(v_free.index(last))
             else:
                 mbarrier.arrive(q_free.index(q_slot))
+                if _STAGGER and ROW0 == 0:
+                    mbarrier.arrive(stagger.index(0), pred=i == 0)
             empty = l_i == 0.0
             l_safe = gl.where(empty, 1.0, l_i)
             lse = gl.where(empty, float("-inf"), m_i + gl.log2(l_safe))
@@ -331,18 +341,18 @@ if AVAILABLE:
             i += 1
 
     @gluon.jit
-    def _ws_consumer_top(q_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free,
+    def _ws_consumer_top(q_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free, stagger,
                          Out, LSE, FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, n_q_tiles, n_work,
                          s_ob, s_oh, s_ot, s_lb, s_lh, q_len, kv_len, q_offset, kv_offset, sink, window, qk_mul):
-        _ws_consumer(q_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free,
+        _ws_consumer(q_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free, stagger,
                      Out, LSE, FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, n_q_tiles, n_work,
                      s_ob, s_oh, s_ot, s_lb, s_lh, q_len, kv_len, q_offset, kv_offset, sink, window, qk_mul, 0)
 
     @gluon.jit
-    def _ws_consumer_bottom(q_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free,
+    def _ws_consumer_bottom(q_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free, stagger,
                             Out, LSE, FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, n_q_tiles, n_work,
                             s_ob, s_oh, s_ot, s_lb, s_lh, q_len, kv_len, q_offset, kv_offset, sink, window, qk_mul):
-        _ws_consumer(q_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free,
+        _ws_consumer(q_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free, stagger,
                      Out, LSE, FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, n_q_tiles, n_work,
                      s_ob, s_oh, s_ot, s_lb, s_lh, q_len, kv_len, q_offset, kv_offset, sink, window, qk_mul, 64)
 
@@ -453,8 +463,10 @@ if AVAILABLE:
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], layout)
         q_bar, q_free = _slot_barriers(Q_SLOTS)
         k_bar, v_bar, k_free, v_free = _ring_barriers(STAGES)
+        stagger = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(stagger.index(0), count=1)
         n_work = B * Hkv * G * n_q_tiles
-        consumer_args = (q_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free,
+        consumer_args = (q_smem, k_smem, v_smem, q_bar, q_free, k_bar, v_bar, k_free, v_free, stagger,
                          Out, LSE, FC, PC, FT, PT, s_ib, s_ih, f_width, p_width, Hkv, G, n_q_tiles, n_work,
                          s_ob, s_oh, s_ot, s_lb, s_lh, q_len, kv_len, q_offset, kv_offset, sink, window, qk_mul)
         gl.warp_specialize(
