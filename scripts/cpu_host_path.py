@@ -2,7 +2,7 @@
 
     PYTHONPATH=$PWD python3 scripts/cpu_host_path.py [--seq 4096] [--profile]
 
-On the GPU machine a 4K backward call took 0.5-1.2 ms of host time (scripts/gpu_host_4k_ab.py); this separates the
+On the GPU machine a 4K backward call took 0.5-1.2 ms of host time (scripts/gpu_host_profile.py); this separates the
 Python around the launches (index lists, split bookkeeping, allocations, autograd) from the launches themselves:
 the Triton kernels are replaced by no-ops and the inputs are CPU tensors (the interpreter's dispatch, which skips
 the CUDA-only side stream and Gluon checks). B=1, 32 query / 8 KV heads, head dim 128, bf16.

@@ -72,8 +72,8 @@ def dq_mode(mode: str, dim: int = 128) -> None:
     """Set the dQ launch mode: ``item`` (Gluon, one program per work item), ``pers`` (Gluon, persistent grid) or
     ``tri`` (the Triton dQ kernel), query/dO slots, K/V ring depth at head dim ``dim`` (64 keys per step), and
     optionally the dK/dV list split: ``cN`` (or a bare N) splits lists into chunks of N entries, ``iN`` keeps the
-    automatic chunk but splits from an N-fold imbalance, ``mN`` runs the Gluon backward from N dK/dV programs; e.g.
-    ``pers:2:3``, ``item:1:4:c17``, ``pers:1:4:i3:m256``."""
+    automatic chunk but splits from an N-fold imbalance, ``mN`` runs the Gluon backward from N dK/dV programs
+    whatever the row length; e.g. ``pers:2:3``, ``item:1:4:c17``, ``pers:1:4:i3:m256``."""
     grid, slots, stages, *split = mode.split(":")
     attention_bwd_gluon.DQ_PERSISTENT = grid == "pers"
     attention_bwd_gluon.DQ_Q_SLOTS = int(slots)
@@ -83,11 +83,13 @@ def dq_mode(mode: str, dim: int = 128) -> None:
     attention_bwd.SPLIT_CHUNK = None
     bwd_split.IMBALANCE = DEFAULT_IMBALANCE
     attention_bwd_gluon.MIN_PROGRAMS = dict(DEFAULT_MIN_PROGRAMS)
+    attention_bwd_gluon.FLOOR_EXEMPT_ROW_TILES = DEFAULT_FLOOR_EXEMPT
     for field in split:
         if field.startswith("i"):
             bwd_split.IMBALANCE = int(field[1:])
         elif field.startswith("m"):  # fewest dK/dV programs for the Gluon backward
             attention_bwd_gluon.MIN_PROGRAMS[dim] = int(field[1:])
+            attention_bwd_gluon.FLOOR_EXEMPT_ROW_TILES = 1 << 30  # the floor alone decides
         else:
             attention_bwd.SPLIT_CHUNK = int(field.lstrip("c")) or None
     bwd_split._cache.clear()  # split lists are cached per index and chunk, not per policy
@@ -95,6 +97,7 @@ def dq_mode(mode: str, dim: int = 128) -> None:
 
 DEFAULT_IMBALANCE = bwd_split.IMBALANCE
 DEFAULT_MIN_PROGRAMS = dict(attention_bwd_gluon.MIN_PROGRAMS)
+DEFAULT_FLOOR_EXEMPT = attention_bwd_gluon.FLOOR_EXEMPT_ROW_TILES
 ORDERS = (("dq_first", True, True), ("dkdv_first", True, False), ("serial", False, True))
 
 
@@ -153,6 +156,7 @@ def run_case(seq: int, pattern: str, sms: int, modes: list[str], repeats: int, d
         attention_bwd_gluon.DQ_HEAD_DIMS = saved[6]
         bwd_split.IMBALANCE = DEFAULT_IMBALANCE
         attention_bwd_gluon.MIN_PROGRAMS = dict(DEFAULT_MIN_PROGRAMS)
+        attention_bwd_gluon.FLOOR_EXEMPT_ROW_TILES = DEFAULT_FLOOR_EXEMPT
         bwd_split._cache.clear()
     torch.cuda.empty_cache()
     return list(results.values())

@@ -47,7 +47,7 @@ def headline_inputs(seq: int, dim: int = 128) -> tuple[torch.Tensor, ...]:
 def retained_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d_out: torch.Tensor,
                       pattern: SparsePattern) -> tuple[BlockIndex, Callable[[], tuple[torch.Tensor, ...]]]:
     """The pattern's index (key-major lists built) and a callable running the backward alone: one forward with
-    its graph kept, then dQ, dK, dV per call (what the backward timings of gpu_bwd_breakdown.py, gpu_host_4k_ab.py
+    its graph kept, then dQ, dK, dV per call (what the backward timings of gpu_bwd_breakdown.py, gpu_host_profile.py
     and cpu_host_path.py repeat)."""
     index = build_index_for(q, k, pattern)
     index.transposed()
