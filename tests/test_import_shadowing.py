@@ -70,7 +70,12 @@ def test_transformers_hub_kernels_imports_from_repo_root():
 
 
 @pytest.mark.skipif(HF_KERNELS, reason="only meaningful where Hugging Face's kernels package is absent")
-def test_without_hugging_faces_package_import_kernels_fails_cleanly():
-    result = _run("import kernels", ROOT)
-    assert result.returncode != 0
-    assert "ModuleNotFoundError" in result.stderr and "hf_sparsek.kernels" in result.stderr
+def test_without_hugging_faces_package_kernels_reads_as_not_installed():
+    code = (
+        "from transformers import AttentionInterface; import transformers.integrations.hub_kernels; import kernels; "
+        "from transformers.utils.import_utils import is_kernels_available; "
+        "print(getattr(kernels, '__file__', None), is_kernels_available())"
+    )
+    result = _run(code, ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["None", "False"]
