@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import torch
 
+from . import gluon_support
 from .attention_fwd_gluon import (  # AVAILABLE: Gluon (Triton >= 3.5)
     AVAILABLE,
     LONG_ROW_TILES,
@@ -145,7 +146,7 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tenso
     programs = q.shape[0] * k.shape[1] * -(-k.shape[2] // block)
     if input_reason(q.dtype, q.shape[-1], block, softcap, has_segments, q_offset, programs, row_tiles) is not None:
         return False
-    return aligned(q, k, v, do) and compute_major(q.device) == 9
+    return aligned(q, k, v, do) and compute_major(q.device) == 9 and gluon_support.allowed()
 
 
 def dq_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, block: int, softcap: float,

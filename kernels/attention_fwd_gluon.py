@@ -58,6 +58,7 @@ try:  # Gluon ships with Triton >= 3.5; without it the Triton kernel runs every 
 except ImportError:  # pragma: no cover - depends on the installed Triton
     AVAILABLE = False
 
+from . import gluon_support
 from .common import index_strides, score_constants
 from .tma import aligned, compute_major, ensure_allocator
 
@@ -106,7 +107,7 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int, sof
         return False
     if input_reason(q.dtype, q.shape[-1], q.shape[2], block, softcap, has_segments) is not None:
         return False
-    return aligned(q, k, v) and compute_major(q.device) == 9
+    return aligned(q, k, v) and compute_major(q.device) == 9 and gluon_support.allowed()
 
 
 if AVAILABLE:
