@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys as _sys
 
+from ._dependencies import TRANSFORMERS_MIN as _TRANSFORMERS_MIN  # noqa: F401 - imported first: checks the range
 from ._source_tree import map_source_subpackages
 from .block_index import BlockIndex, build_block_index
 from .describe import describe
