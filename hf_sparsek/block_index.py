@@ -25,6 +25,7 @@ Building costs O(query tiles x listed tiles), never O(S^2): 1M tokens fit.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -143,6 +144,20 @@ def random_layout_keep(qb: torch.Tensor, kb: torch.Tensor, head: torch.Tensor, s
     return (qb == kb) | _random_keep(qb, kb, head, seed, density)
 
 
+def absolute_position(name: str, value: object) -> int:
+    """Check an offset argument: an integer >= 0 (a negative one would make the kernels read before the tensors).
+
+    Plain ints cost nothing; a one-element integer tensor is read once, as ``int()`` would.
+    """
+    try:
+        position = operator.index(value)
+    except TypeError:
+        position = -1
+    if position < 0:
+        raise ValueError(f"{name}={value!r}: expected an integer absolute position >= 0")
+    return position
+
+
 def build_block_index(
     pattern: SparsePattern,
     *,
@@ -166,6 +181,7 @@ def build_block_index(
     """
     if q_len < 1 or kv_len < 1:
         raise ValueError(f"q_len and kv_len must be >= 1, got q_len={q_len}, kv_len={kv_len}")
+    q_offset, kv_offset = absolute_position("q_offset", q_offset), absolute_position("kv_offset", kv_offset)
     if q_offset + q_len > kv_offset + kv_len:
         raise ValueError(
             f"queries end at position {q_offset + q_len} but keys end at {kv_offset + kv_len}: every query needs "
@@ -180,7 +196,17 @@ def build_block_index(
     k_lo, k_hi, k_clipped, n_k = _tile_ranges(kv_offset, kv_len, block, device)
     qb0, kb0 = q_offset // block, kv_offset // block
 
+    if topk_tiles is not None and (
+        topk_tiles.dim() != 4 or topk_tiles.shape[0] not in (1, batch) or topk_tiles.shape[1] not in (1, kv_heads)
+        or topk_tiles.shape[2] != n_q
+    ):
+        raise ValueError(
+            f"topk_tiles must be (1 or batch={batch}, 1 or kv_heads={kv_heads}, n_q_tiles={n_q}, k), "
+            f"got shape {tuple(topk_tiles.shape)}"
+        )
+    # Padding, packing and a per-row top-k selection make the lists differ between batch rows.
     per_batch = k_seg is not None or q_seg is not None or k_rank is not None
+    per_batch = per_batch or (topk_tiles is not None and topk_tiles.shape[0] != 1)
     n_b = batch if per_batch else 1
     # Per key tile: validity, segment range and rank range; per query tile: segment range.
     k_positions = (kv_offset + torch.arange(kv_len, device=device)).expand(n_b, kv_len)
@@ -215,7 +241,7 @@ def build_block_index(
     sink_cands = None
     if sink > 0:
         has_sink = (rank_min < sink) & k_any
-        width = int(has_sink.sum(-1).max().item())
+        width = int(has_sink.sum(-1).max().item()) if n_b else 0  # batch 0: nothing to list
         if width:
             order = torch.sort((~has_sink).to(torch.int8), dim=-1, stable=True).indices[:, :width]
             sink_cands = torch.where(torch.gather(has_sink, 1, order), order, -1)  # (n_b, width)
@@ -382,10 +408,11 @@ def _transpose_lists(count: torch.Tensor, tiles: torch.Tensor, n_k: int, encoded
     key_tile = torch.where(selected, -raw - 1, raw)
     m = torch.arange(n_q, device=device).view(1, 1, n_q, 1).expand_as(raw)
     value = torch.where(selected, -m - 1, m)
-    flat_key = torch.where(present, key_tile, n_k).reshape(n_b, n_h, -1)
-    flat_val = value.reshape(n_b, n_h, -1)
+    flat = n_q * width  # spelled out (no -1): an index for batch 0 has no elements to infer it from
+    flat_key = torch.where(present, key_tile, n_k).reshape(n_b, n_h, flat)
+    flat_val = value.reshape(n_b, n_h, flat)
     # Sort by key tile, then query tile: lists come out ascending and the result is deterministic.
-    order = torch.sort(flat_key * (n_q + 1) + m.reshape(n_b, n_h, -1), dim=-1).indices
+    order = torch.sort(flat_key * (n_q + 1) + m.reshape(n_b, n_h, flat), dim=-1).indices
     flat_key = torch.gather(flat_key, -1, order)
     flat_val = torch.gather(flat_val, -1, order)
     counts = torch.zeros(n_b, n_h, n_k + 1, dtype=torch.long, device=device)

@@ -77,9 +77,10 @@ def reference_attention(
         # Element mask: (B, Hkv, 1, c, block, W, block).
         q_abs = ((qb0 + torch.arange(m0, m1, device=q.device)).view(1, 1, -1, 1, 1, 1) * block
                  + r.view(1, 1, 1, -1, 1, 1))
-        k_abs = ((kb0 + t).view(batch, hkv, -1, 1, width, 1) * block + r.view(1, 1, 1, 1, 1, -1))
+        # Sizes spelled out (no -1): a batch of 0 has no elements to infer them from.
+        k_abs = ((kb0 + t).view(batch, hkv, m1 - m0, 1, width, 1) * block + r.view(1, 1, 1, 1, 1, -1))
         rows = torch.arange(batch, device=q.device).view(batch, 1, 1, 1, 1, 1)
-        kd6 = kd.view(batch, hkv, -1, 1, width, 1)
+        kd6 = kd.view(batch, hkv, m1 - m0, 1, width, 1)
         partial = element_mask(index, q_abs, k_abs, rows, kd6 == 3)
         mask = (kd6 == 1) | ((kd6 >= 2) & partial)
         scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))

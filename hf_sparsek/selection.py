@@ -28,12 +28,13 @@ def select_topk_tiles(
     hkv = k.shape[1]
     block = pattern.block_size
     q_pool, _ = _pool(q.float(), q_offset, block, None)
-    q_pool = q_pool.view(batch, hkv, hq // hkv, -1, dim).mean(2)  # (B, Hkv, n_q, D)
+    n_q = q_pool.shape[2]
+    q_pool = q_pool.view(batch, hkv, hq // hkv, n_q, dim).mean(2)  # (B, Hkv, n_q, D); sizes spelled out for batch 0
     k_pool, k_has = _pool(k.float(), kv_offset, block, None if k_seg is None else k_seg >= 0)
     scores = torch.einsum("bhmd,bhnd->bhmn", q_pool, k_pool)
     qb = q_offset // block + torch.arange(q_pool.shape[2], device=q.device)
     kb = kv_offset // block + torch.arange(k_pool.shape[2], device=q.device)
-    allowed = (kb.view(1, -1) <= qb.view(-1, 1)).view(1, 1, len(qb), len(kb)) & k_has.view(k_has.shape[0], 1, 1, -1)
+    allowed = (kb.view(1, -1) <= qb.view(-1, 1)).view(1, 1, len(qb), len(kb)) & k_has.view(batch, 1, 1, len(kb))
     scores = scores.masked_fill(~allowed, float("-inf"))
     top = min(pattern.topk_blocks, scores.shape[-1])
     values, tiles = torch.topk(scores, top, dim=-1)
