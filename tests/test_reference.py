@@ -181,4 +181,6 @@ def test_32k_reference_memory_does_not_grow_quadratically():
     assert result.returncode == 0, result.stderr
     grown = int(result.stdout.strip().splitlines()[-1])
     dense_scores = 32768 * 32768 * 4
-    assert grown < dense_scores // 8, f"grew {grown / 2**20:.0f} MiB"
+    # One chunk's scores are budgeted at 256 MB; with probabilities and gathers a chunk peaks near 0.5-0.6 GiB,
+    # whatever the length. Quadratic growth would need 4 GiB for the scores alone.
+    assert grown < dense_scores // 4, f"grew {grown / 2**20:.0f} MiB"
