@@ -63,7 +63,7 @@ class BwdConfig:
 
 
 # H100 defaults per head dim (bf16/fp16), the fastest of scripts/gpu_kernels.py --tune (D=128 re-tuned after the
-# in-MMA accumulation: scripts/results/bench_h100_tma_ab.json).
+# in-MMA accumulation; docs/kernel-decisions.md).
 BWD_CONFIGS: dict[int, BwdConfig] = {
     64: BwdConfig(64, 64, 4, 3, 64, 64, 4, 3),
     128: BwdConfig(128, 64, 8, 3, 128, 64, 8, 3),

@@ -9,10 +9,10 @@ least ``MIN_PROGRAMS`` dK/dV programs. ``supported`` / ``dq_supported`` say whic
 run every other case (same results).
 
 Why: in the Triton kernels the warps that issue the MMAs of a step also do the probability recompute, dS and the
-conversions, and Triton waits for each MMA before the elementwise work that follows it (scripts/results/
-KERNEL_NOTES.md: 65-69% of cuDNN's backward). Here, as in the Gluon forward and FlashAttention-3's backward, each
-program has three partitions: a 1-warp TMA loader and two 4-warp consumer warpgroups that run unsynchronised with
-each other (no CTA-wide barrier in the loop), so one's elementwise work overlaps the other's MMAs.
+conversions, and Triton waits for each MMA before the elementwise work that follows it (docs/kernel-decisions.md).
+Here, as in the Gluon forward and FlashAttention-3's backward, each program has three partitions: a 1-warp TMA
+loader and two 4-warp consumer warpgroups that run unsynchronised with each other (no CTA-wide barrier in the loop),
+so one's elementwise work overlaps the other's MMAs.
 
 - dK/dV: one program = one 128-key tile of one KV head (or one chunk of a long key tile's list). The loader loads K
   and V once, then streams the query rows, dO rows, LSE and delta of every listed (query tile, row block, query
@@ -75,18 +75,14 @@ BLOCK_M = 64  # query rows per step (S^T is 64 keys x 64 queries per consumer: 3
 ENABLED = True
 # Fewest dK/dV programs (batch x KV heads x key tiles) for the Gluon backward kernels, per head dim: one
 # 240-register consumer pair per SM leaves short grids with too few programs in flight. At 4K (B=1, 8 KV heads: 256
-# programs) the Gluon backward with one dQ program per item lost in forward+backward on 3 of 4 patterns, at 8K (512)
-# it won on 3 of 4, and on all from 16K (scripts/results/gluon_bwd_h100_v3_4k_8k.md, gluon_bwd_h100_v2_dq.md). With
-# the persistent dQ, head dim 128 at 4K, the Gluon kernels ran faster on the GPU (dK/dV 0.64 vs 0.81 ms dense, dQ
-# 0.31 vs 0.44; dense backward 0.94 vs 1.02 ms, bwd_breakdown_h100_v7_4k_min_programs.md), but these rows are bound
-# by host work and the Gluon path took more of it per call (median 0.72 vs 0.55 ms random, 1.16 vs 0.88 strided;
-# host_4k_min_programs_h100.json; sweep bench_h100_v16_4k_16k: strided 1.20 vs 1.01 ms forward+backward in v15), so
-# the floor stays at 512 until that host time is found.
+# programs) the Gluon backward with one dQ program per item lost in forward+backward on most patterns, from 8K (512)
+# it won. With the persistent dQ, head dim 128 at 4K, the Gluon kernels ran faster on the GPU, but these rows are
+# bound by host work and the Gluon path took more of it per call, so the floor stays at 512 until that host time is
+# found (docs/kernel-decisions.md).
 MIN_PROGRAMS: dict[int, int] = {64: 512, 128: 512}
 # ... except for grids whose longest query row lists at least this many key tiles: there the GPU work outweighs the
-# host time (4K dense causal, 32-tile rows: backward 0.94 vs 1.02 ms, forward+backward 1.16 vs 1.28 against cuDNN's
-# 1.08; bwd_breakdown_h100_v7_4k_min_programs, bench_h100_v16_4k_16k vs v15), while the host-bound 4K sparse rows
-# (strided 16 + window 512: 7 tiles, random 10%: 8) keep the Triton kernels.
+# host time (4K dense causal, 32-tile rows), while the host-bound 4K sparse rows (strided 16 + window 512: 7 tiles,
+# random 10%: 8) keep the Triton kernels (docs/kernel-decisions.md).
 FLOOR_EXEMPT_ROW_TILES = 24
 # Query/dO ring depth per head dim (each slot holds BLOCK_M rows of both: 32 KiB at head dim 128, next to K and V).
 STAGES: dict[int, int] = {64: 4, 128: 3}
@@ -95,17 +91,14 @@ DQ_ENABLED = True
 DQ_BLOCK_N = 64
 DQ_STAGES: dict[tuple[int, int], int] = {(64, 64): 4, (128, 64): 4, (64, 128): 3, (128, 128): 2}
 DQ_MIN_Q_LEN = 16  # shorter (decode) queries: the Triton dQ kernel packs the heads of a group instead
-# Head dims the Gluon dQ takes by default: at 64 it was slower than the Triton dQ on sparse layouts at 16K
-# (scripts/results/gluon_bwd_h100_v2_dq.md: strided 1.54 vs 1.37 ms backward, random 1.22 vs 1.05)
+# Head dims the Gluon dQ takes by default: at 64 it was slower than the Triton dQ on sparse layouts
+# (docs/kernel-decisions.md)
 DQ_HEAD_DIMS = (128,)
 # Query + dO slots (2: the next work item's rows load while this one finishes; needs a 3-slot K/V ring at head dim
 # 128) and the persistent grid (one program per SM walking the work items), as in the forward. On short rows the
-# persistent grid took the dQ kernel's own time down 5-22% (per-item start-up overlapped: 16K strided 0.77-0.81 vs
-# 0.94-1.00 ms, 64K sink+window 9.6-10.4 vs 10.2-11.4; bwd_breakdown_h100_v2..v5), and the backward 0.5-6% over
-# seven cases in three alternating repeats (with bwd_split.IMBALANCE 3; scripts/results/
-# bwd_breakdown_h100_v5_dq_persistent_ab.md). Its programs hold every SM until dQ is done, so dK/dV (on its own
-# stream) no longer fills in beside it, which cost long dense rows more than the grid saved: 64K dense backward
-# 195.5 vs 183.0 ms, 128K 788 vs 740 (bwd_breakdown_h100_v8_dense_dq_persistent.md). None: persistent for rows
+# persistent grid overlaps each work item's start-up with the previous item, which made the dQ kernel and the
+# backward faster. Its programs hold every SM until dQ is done, so dK/dV (on its own stream) no longer fills in
+# beside it, which cost long dense rows more than the grid saved (docs/kernel-decisions.md). None: persistent for rows
 # listing fewer than the forward's LONG_ROW_TILES tiles (the sparse patterns), one program per item otherwise;
 # True / False: always / never.
 DQ_Q_SLOTS = 1

@@ -40,8 +40,7 @@ class FwdConfig:
 
 
 # H100 defaults per head dim (bf16/fp16), the fastest of scripts/gpu_kernels.py --tune (sink128+window4096, GQA
-# 32/8 heads; scripts/results/bench_h100_tune.json, D=128 re-tuned with TMA loads in bench_h100_tma_ab.json);
-# sound for any input.
+# 32/8 heads; D=128 re-tuned with TMA loads; docs/kernel-decisions.md); sound for any input.
 FWD_CONFIGS: dict[int, FwdConfig] = {
     64: FwdConfig(128, 64, 4, 3),
     128: FwdConfig(128, 128, 8, 2),

@@ -7,7 +7,7 @@ which inputs qualify; the Triton kernel runs every other case (same results, slo
 
 Why a second forward: in the Triton kernel the warps that issue the MMAs also do all the softmax work, and Triton's
 pipeliner waits for each ``Q.K^T`` before the softmax that follows it, so the tensor cores idle while a warpgroup
-computes exponentials (scripts/results/KERNEL_NOTES.md). Here the schedule is written out, FlashAttention-3 style:
+computes exponentials (docs/kernel-decisions.md). Here the schedule is written out, FlashAttention-3 style:
 
 - a persistent grid, one program per SM, walks the work items (a 128-row query tile of one query head; longest
   rows first, in snake rounds). A program has three partitions: a 1-warp loader that streams each item's Q and its
@@ -21,7 +21,7 @@ computes exponentials (scripts/results/KERNEL_NOTES.md). Here the schedule is wr
   the sparse rows at head dim 128 (``_SOFTMAX_OWN_BLOCK``).
 
 A single-partition version of the same loop (8 warps, a CTA barrier per step) was no faster than Triton
-(scripts/results/gluon_fwd_h100_v1.*): the overlap between the two warpgroups is what pays. Gluon has no CPU
+(docs/kernel-decisions.md): the overlap between the two warpgroups is what pays. Gluon has no CPU
 interpreter: CI compiles these kernels for sm_90 and checks their machine code; scripts/gpu_gluon_fwd.py and
 scripts/gpu_kernels.py check them against the reference on the GPU.
 """
@@ -41,18 +41,17 @@ try:  # Gluon ships with Triton >= 3.5; without it the Triton kernel runs every 
     # Triton 3.9 renamed the TMA copy (3.6, the H100 image's version, has only the old name)
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     # The sparse rows' loop (2-slot ring) at head dim 128 runs its softmax in a basic block of its own, so that ptxas
-    # keeps the wait for P.V after it: on the H100 with Triton 3.6, 64K random forward 0.89-0.93x the time,
-    # sink+window 0.94-1.02x (64K, 128K), strided 0.99-1.02x; at head dim 64 random was 1.08-1.11x slower, so there
-    # the plain loop stays (scripts/results/ab_h100_v6_*, v8_*). There the partial tiles' mask is also taken as
-    # row-wise column intervals (steady loop 816 sm_90 instructions laid out instead of 1192; 64K sink+window 0.94x,
-    # random 0.94x, strided 0.98x the time: ab_h100_v11_intervals_*). Triton 3.9 compiles the block with 4-9 spilled
-    # words reloaded per tile (sm_90, CPU), unmeasured on a GPU, so newer Tritons keep the plain loop too.
+    # keeps the wait for P.V after it and the softmax overlaps this warpgroup's own P.V (faster on the H100 with
+    # Triton 3.6; at head dim 64 it was slower, so there the plain loop stays). There the partial tiles' mask is also
+    # taken as row-wise column intervals (a shorter steady loop, faster on the same rows). Triton 3.9 compiles the
+    # block with spilled words reloaded per tile (sm_90, CPU), unmeasured on a GPU, so newer Tritons keep the plain
+    # loop too. Measurements: docs/kernel-decisions.md.
     _SOFTMAX_OWN_BLOCK = gl.constexpr(tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7))
     # The bottom consumer warpgroup starts once the top one has its first tile's probabilities, so their item
     # boundaries (the first scores waited for alone, the last P.V, the epilogue) fall at different times and the
     # other warpgroup's MMAs fill them; a persistent program pays the offset once (a grid of one item per program,
-    # n_work <= SMs, pays it per item: about one softmax). Forward A/B: 64K sink+window 0.955-0.959 of the time,
-    # random 0.947-0.987, strided 0.936-1.002, dense 0.998-1.040, 16K 0.996-1.016 (scripts/results/ab_h100_v13_*).
+    # n_work <= SMs, pays it per item: about one softmax). Kept: faster on the 64K sparse rows, neutral on dense rows
+    # and at 16K (docs/kernel-decisions.md).
     _STAGGER = gl.constexpr(True)
     AVAILABLE = True
 except ImportError:  # pragma: no cover - depends on the installed Triton
@@ -68,13 +67,12 @@ MIN_Q_LEN = 16
 # False: never (the Triton kernel runs every case); True: wherever ``supported`` (Hopper GPU, qualifying inputs).
 ENABLED = True
 # K/V ring depth: None picks 3 for long tile lists (dense-like rows; 3 x 64 KiB + 32 KiB for Q at head dim 128)
-# and 2 otherwise, the faster of the two in scripts/results/gluon_fwd_h100_v2_ws.json.
+# and 2 otherwise, each the faster of the two on its rows (docs/kernel-decisions.md).
 STAGES: int | None = None
 LONG_ROW_TILES = 96
 # True: one program per SM walks the work items (query tile x head) in snake rounds, so each item's epilogue
 # overlaps the next one's loads; False: one program per work item. Persistent was as fast or faster on every
-# pattern and size timed (scripts/results/gluon_fwd_h100_v8_snake.*: 4K dense 0.260 vs 0.297 ms, 64K sink+window
-# 7.94 vs 8.37).
+# pattern and size timed (docs/kernel-decisions.md).
 PERSISTENT = True
 # Query tiles in shared memory: 2 lets the loader fetch the next item's Q while this one runs; None: 2 where shared
 # memory holds them beside the ring (head dim 64, or 128 with a 2-slot ring), else 1.
@@ -132,7 +130,7 @@ if AVAILABLE:
         """First key row (storage) and top-k flag of tile ``it`` when it is a partial entry (the Gluon backward's
         consumers read the list only for those). The forward's consumers read it through ``_tile_start``: the
         partial-only form compiles to the same main loops there (Triton 3.6 already sinks the full-tile loads into
-        the mask branch), so it was not kept (scripts/results/KERNEL_NOTES.md, session seven)."""
+        the mask branch), so it was not kept (docs/kernel-decisions.md)."""
         n_sub: gl.constexpr = BLOCK // BLOCK_N
         raw = gl.load(PT + irow * p_width + (it // n_sub - f_cnt))
         selected = raw < 0
@@ -305,7 +303,7 @@ if AVAILABLE:
                         # the softmax in a basic block of its own (the condition always holds): ptxas schedules
                         # within a block, and in one shared with the P.V wait below it hoists that wait above the
                         # exponentials (the new P's packs reuse the registers of the P in flight), so the softmax
-                        # would not overlap this warpgroup's own P.V (scripts/results/KERNEL_NOTES.md, session ten)
+                        # would not overlap this warpgroup's own P.V (docs/kernel-decisions.md)
                         p32 = s
                         alpha = m_i
                         if c >= 0:
@@ -388,7 +386,7 @@ if AVAILABLE:
         row, full entries, BLOCK_N-key steps). Items go by query tile, last (longest causal rows) first, then by
         (batch, KV head), the heads of a KV group side by side: with a grid of one program per SM the longest rows
         of every head start first; grouping by (batch, KV head) first left a persistent grid 1.8x out of balance
-        on dense causal rows at 4K (scripts/results/KERNEL_NOTES.md, session eight)."""
+        on dense causal rows at 4K (docs/kernel-decisions.md)."""
         per_rank = n_work // n_q_tiles
         rest = w % per_rank
         return _query_tile_of((w // per_rank) * G + rest % G, rest // G, FC, PC, s_ib, s_ih, Hkv, G, q_offset,

@@ -22,8 +22,8 @@ MAX_CHUNKS = 16
 MIN_CHUNK = 8
 # Split only when the longest list is this many times the typical one: mild imbalance (dense causal, random
 # layouts: about 2x) costs less than the extra programs, scratch traffic and reduction. 3 splits the sink column of
-# 16K sink+window rows (128 entries against 33), whose single program left the dK/dV kernel 3.83 ms against 3.21 split
-# (scripts/results/bwd_breakdown_h100_v4_split_chunks.md); 4 had been enough while dQ ran beside dK/dV per item.
+# 16K sink+window rows (128 entries against 33), whose single program was the dK/dV kernel's longest tail; 4 had
+# been enough while dQ ran beside dK/dV per item (docs/kernel-decisions.md).
 IMBALANCE = 3
 _CACHE_SIZE = 16
 _cache: OrderedDict = OrderedDict()

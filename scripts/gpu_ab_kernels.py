@@ -4,7 +4,7 @@
     PYTHONPATH=$PWD python3 scripts/gpu_ab_kernels.py --base ab_base/kernels [--seq 65536] [--dim 128] [--repeats 5]
         [--patterns sinkwin,dense,strided,random] [--swap fwd,dkdv,dq] [--passes fwd,bwd,fwd_bwd] [--out DIR]
 
-Single runs spread by 5-20% on the H100 (scripts/results/KERNEL_NOTES.md), so a change is read against its baseline
+Single runs spread by 5-20% on the H100 (docs/kernel-decisions.md), so a change is read against its baseline
 in the same process: the baseline's ``attention_fwd_gluon`` / ``attention_bwd_gluon`` are loaded as a second package
 and their launchers take the place of the working tree's for the "base" timings (the library's dispatch, index and
 autograd code are the working tree's for both). Each repeat times forward, the backward alone (graph retained;

@@ -2,7 +2,7 @@
 
     PYTHONPATH=$PWD python3 scripts/gpu_target_case.py [--repeats 7] [--seq 65536] [--forward-grids 1,0] [--out DIR]
 
-Single runs of the benchmark scripts spread by 5-10% on this case (scripts/results/KERNEL_NOTES.md, session seven),
+Single runs of the benchmark scripts spread by 5-10% on this case (docs/kernel-decisions.md),
 so this script times forward and forward+backward through the library path ``--repeats`` times in a row
 (``triton.testing.do_bench`` median each) and reports every timing with their median, minimum and maximum, to say
 whether the targets (forward <= 7.1 ms, forward+backward <= 32.7 ms) are met reliably. Writes ``target_case.json``.

@@ -7,7 +7,7 @@ shipped H100 config, GQA 4, bf16) this prints and writes as JSON: registers and 
 memory, the steady-state loop that issues wgmma (its SASS instructions as laid out, wgmma instructions and the waits
 on them: one wait per wgmma means ptxas serialised them, warning C7515), and which loads the software pipeliner made
 asynchronous (TTGIR). Run it with the Triton the GPU uses (the H100 image: 3.6) for numbers that match that GPU.
-Used to find the dK/dV kernel's per-step overhead (scripts/results/KERNEL_NOTES.md).
+Used to find the dK/dV kernel's per-step overhead (docs/kernel-decisions.md).
 
 Pointer arguments and strides are marked divisible by 16, as Triton's launcher marks them at run time for aligned
 tensors; without that the pipeliner leaves 16-bit loads synchronous and the report would not match the GPU's code.

@@ -101,7 +101,7 @@ def test_hopper_code_is_warp_specialised_and_overlapped(tmp_path):
         assert 0 < row["shared_bytes"] <= H100_SMEM, row["kernel"]
         # with the Tritons whose sparse-row loop (2-slot ring, head dim 128) has its softmax in a block of its own,
         # the exponentials run while this warpgroup's P.V is in flight (in the plain loop Triton 3.6's ptxas waits
-        # for P.V first: scripts/results/KERNEL_NOTES.md, session ten)
+        # for P.V first: docs/kernel-decisions.md)
         if gluon_fwd._SOFTMAX_OWN_BLOCK and " ring 2 " in row["kernel"] and "D128" in row["kernel"]:
             assert all(loop["exp_before_last_wait"] >= 64 for loop in steady), row["kernel"]
         assert row["tma_loads"] == 3  # Q, K and V through TMA
