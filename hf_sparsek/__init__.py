@@ -5,30 +5,101 @@
     import hf_sparsek
     model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="sparsek")
     hf_sparsek.set_pattern(model, "sink128-window4096")   # optional: pick another pattern
+    # or name a preset where only attn_implementation can be given (lm-eval's model_args, pipelines):
+    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="sparsek:sink128-window4096")
     model = hf_sparsek.from_pretrained(name, pattern="sink128-window2048")  # or at load time
     print(hf_sparsek.describe(model, seq_len=16384))      # per-layer pattern and density
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.abc
+import importlib.util
 import sys as _sys
+from typing import Any
 
 from ._dependencies import TRANSFORMERS_MIN as _TRANSFORMERS_MIN  # noqa: F401 - imported first: checks the range
 from ._source_tree import map_source_subpackages
-from .block_index import BlockIndex, build_block_index
 from .describe import describe
-from .integration import ATTN_IMPLEMENTATION, SparseKMask, register
-from .loading import from_pretrained
-from .model_defaults import available_model_types, default_sparsity, model_sparsity, set_pattern
-from .ops import build_index_for, sparse_attention
 from .patterns import BlockLayout, ModelSparsity, SparsePattern
 from .presets import PRESETS
 from .runtime import get_settings, set_settings, settings
-from .token_rules import mask_picture, selection_mask
 
 __version__ = "0.1.0"
 
-register()
+# Names whose modules import torch or transformers load on first use (PEP 562), so that ``import hf_sparsek`` and the
+# ``hf-sparsek`` command line (its entry point imports this package) start without them.
+_LAZY = {
+    "ATTN_IMPLEMENTATION": "model_defaults",
+    "implementation_names": "model_defaults",
+    "is_sparsek_implementation": "model_defaults",
+    "available_model_types": "model_defaults",
+    "default_sparsity": "model_defaults",
+    "model_sparsity": "model_defaults",
+    "set_pattern": "model_defaults",
+    "BlockIndex": "block_index",
+    "build_block_index": "block_index",
+    "SparseKMask": "integration",
+    "register": "integration",
+    "from_pretrained": "loading",
+    "build_index_for": "ops",
+    "sparse_attention": "ops",
+    "mask_picture": "token_rules",
+    "selection_mask": "token_rules",
+}
+_SUBMODULES = frozenset({"block_index", "integration", "loading", "model_defaults", "ops", "reference", "selection",
+                         "token_rules", "triton_ops"})  # ``hf_sparsek.ops.x`` works before anything imported ops
+_TRANSFORMERS_MODELING = "transformers.modeling_utils"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+def _register() -> None:
+    from .integration import register
+
+    register()
+
+
+class _RegisterAfterTransformers(importlib.abc.MetaPathFinder):
+    """Runs :func:`_register` right after ``transformers.modeling_utils`` (where AttentionInterface lives) loads."""
+
+    def find_spec(self, fullname, path, target=None):  # noqa: ANN001, ANN201 - importlib protocol
+        if fullname != _TRANSFORMERS_MODELING:
+            return None
+        _sys.meta_path.remove(self)  # fire once; the lookup below must not find us again
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        loader_exec = spec.loader.exec_module
+
+        def exec_module(module):  # noqa: ANN001, ANN202
+            loader_exec(module)
+            _register()
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+# ``import hf_sparsek`` registers "sparsek" with transformers: at once when its modeling code is loaded, else the
+# moment it loads (before any from_pretrained can ask for "sparsek"), without importing torch here.
+if _TRANSFORMERS_MODELING in _sys.modules:
+    _register()
+else:
+    _sys.meta_path.insert(0, _RegisterAfterTransformers())
 map_source_subpackages(_sys.modules[__name__])  # kernels/, eval/, scripts/ from a plain source checkout
 
 __all__ = [
@@ -46,6 +117,8 @@ __all__ = [
     "describe",
     "from_pretrained",
     "get_settings",
+    "implementation_names",
+    "is_sparsek_implementation",
     "mask_picture",
     "model_sparsity",
     "register",

@@ -1,14 +1,17 @@
-"""Print the resolved per-layer pattern of a model with its density at a given length."""
+"""Print the resolved per-layer pattern of a model with its density at a given length.
+
+torch, the block index and the pattern resolution are imported inside the functions that use them, so that
+``import hf_sparsek.describe`` (and the ``hf-sparsek`` command line that imports it) stays light.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from .block_index import attended_pairs, build_block_index, causal_pairs
-from .model_defaults import model_sparsity
 from .patterns import SparsePattern
+
+if TYPE_CHECKING:
+    import torch
 
 
 def layer_types(config: Any) -> list[str]:
@@ -24,6 +27,8 @@ def layer_types(config: Any) -> list[str]:
 
 def pattern_density(pattern: SparsePattern, seq_len: int) -> float:
     """Attended pairs over causal pairs for one unpadded sequence of ``seq_len`` tokens (exact, O(S/B x k))."""
+    from .block_index import attended_pairs, build_block_index, causal_pairs
+
     if pattern.is_dense:
         return 1.0
     if pattern.topk_blocks is not None:
@@ -40,33 +45,61 @@ def pattern_density(pattern: SparsePattern, seq_len: int) -> float:
 
 def resolved_layers(config: Any) -> list[tuple[int, str, SparsePattern]]:
     """(layer, kind, pattern) for every layer, as the attention function will resolve them."""
+    from .model_defaults import model_sparsity
+
     sparsity = model_sparsity(config)
     rows = []
     window = getattr(config, "sliding_window", None)
+    block = sparsity.default.block_size
     for layer, kind in enumerate(layer_types(config)):
         if kind == "sliding_attention" and window:
-            model_window = SparsePattern(block_size=sparsity.default.block_size, window=window)
-            rows.append((layer, "sliding (model)", model_window))
-        else:
+            rows.append((layer, "sliding (model)", SparsePattern(block_size=block, window=window)))
+        elif kind == "chunked_attention":
+            rows.append((layer, f"chunked {getattr(config, 'attention_chunk_size', '?')} (model)",
+                         SparsePattern(block_size=block)))
+        elif kind in ("full_attention", "sliding_attention"):
             rows.append((layer, "full", sparsity.for_layer(layer)))
+        else:
+            rows.append((layer, f"unsupported: {kind}", SparsePattern(block_size=block)))
     return rows
+
+
+def chunked_density(chunk: int, seq_len: int) -> float:
+    """Pairs inside chunks of ``chunk`` tokens over causal pairs (Llama 4's chunked layers), one sequence."""
+    whole, rest = divmod(seq_len, chunk)
+    inside = whole * chunk * (chunk + 1) // 2 + rest * (rest + 1) // 2
+    return inside / (seq_len * (seq_len + 1) // 2)
 
 
 def describe(model_or_config: Any, seq_len: int = 8192) -> str:
     """A table of every layer's pattern and its density at ``seq_len``, plus the model's overall density."""
+    if hasattr(model_or_config, "set_attn_implementation"):
+        from .model_support import check_model
+
+        check_model(model_or_config)
     config = getattr(model_or_config, "config", model_or_config)
     config = getattr(config, "text_config", None) or config
     rows = resolved_layers(config)
     cache: dict[str, float] = {}
     lines = [f"model_type={getattr(config, 'model_type', '?')}  seq_len={seq_len}",
-             f"{'layer':>5}  {'kind':<16} {'density':>8}  pattern"]
+             f"{'layer':>5}  {'kind':<20} {'density':>8}  pattern"]
     total = 0.0
     for layer, kind, pattern in rows:
-        key = repr(pattern)
+        key = kind if kind.startswith(("chunked", "unsupported")) else repr(pattern)
         if key not in cache:
-            cache[key] = pattern_density(pattern, seq_len)
+            if kind.startswith("chunked"):
+                cache[key] = chunked_density(int(config.attention_chunk_size), seq_len)
+            elif kind.startswith("unsupported"):
+                cache[key] = float("nan")
+            else:
+                cache[key] = pattern_density(pattern, seq_len)
         total += cache[key]
-        lines.append(f"{layer:>5}  {kind:<16} {cache[key]:>8.3f}  {pattern.describe()}")
+        text = pattern.describe()
+        if kind.startswith("unsupported"):
+            text = "refused at the first forward"
+        elif kind.startswith("chunked"):
+            text = "dense within each chunk"
+        lines.append(f"{layer:>5}  {kind:<20} {cache[key]:>8.3f}  {text}")
     lines.append(f"mean density over layers: {total / max(1, len(rows)):.3f}")
     return "\n".join(lines)
 
@@ -76,6 +109,10 @@ def tile_grid(pattern: SparsePattern, seq_len: int, kv_head: int = 0) -> torch.T
 
     Dynamic top-k blocks depend on the data and are not drawn (the static part is).
     """
+    import torch
+
+    from .block_index import build_block_index
+
     heads = max(kv_head, *pattern.dense_heads, 0) + 1
     index = build_block_index(pattern.replace(topk_blocks=None), batch=1, kv_heads=heads, q_len=seq_len,
                               kv_len=seq_len)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .integration import ATTN_IMPLEMENTATION
-from .model_defaults import set_pattern
+from .model_defaults import ATTN_IMPLEMENTATION, is_sparsek_implementation, preset_of_implementation, set_pattern
+from .model_support import check_model
 from .patterns import ModelSparsity, SparsePattern
 
 
@@ -16,18 +16,26 @@ def from_pretrained(
     **kwargs: Any,
 ) -> Any:
     """Load a model with ``attn_implementation="sparsek"`` and, if given, a pattern (else the stored one or the
-    model type's default). Other keyword arguments go to ``from_pretrained`` unchanged."""
+    model type's default). ``attn_implementation="sparsek:<preset>"`` is accepted in place of ``pattern``. Other
+    keyword arguments go to ``from_pretrained`` unchanged."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_class = AutoModelForCausalLM if model_class is None else model_class
-    if kwargs.get("attn_implementation", ATTN_IMPLEMENTATION) != ATTN_IMPLEMENTATION:
-        raise ValueError(f"hf_sparsek.from_pretrained loads with attn_implementation={ATTN_IMPLEMENTATION!r}; "
-                         f"got {kwargs['attn_implementation']!r} (use transformers' from_pretrained for others)")
-    kwargs["attn_implementation"] = ATTN_IMPLEMENTATION
+    implementation = kwargs.get("attn_implementation", ATTN_IMPLEMENTATION)
+    if not is_sparsek_implementation(implementation):
+        raise ValueError(f"hf_sparsek.from_pretrained loads with attn_implementation={ATTN_IMPLEMENTATION!r} or "
+                         f"'{ATTN_IMPLEMENTATION}:<preset>'; got {implementation!r} (use transformers' "
+                         "from_pretrained for others)")
+    if pattern is not None and preset_of_implementation(implementation) is not None:
+        raise ValueError(f"two patterns given: pattern={pattern!r} and attn_implementation={implementation!r}; "
+                         "pass one of them")
+    kwargs["attn_implementation"] = implementation
     if pattern is not None and "config" not in kwargs:
         config_kwargs = {k: kwargs[k] for k in ("revision", "trust_remote_code", "gguf_file", "cache_dir")
                          if k in kwargs}
         kwargs["config"] = AutoConfig.from_pretrained(name_or_path, **config_kwargs)
     if pattern is not None:
         set_pattern(kwargs["config"], pattern)
-    return model_class.from_pretrained(name_or_path, **kwargs)
+    model = model_class.from_pretrained(name_or_path, **kwargs)
+    check_model(model)  # a model whose attention never reaches "sparsek" would silently stay dense
+    return model

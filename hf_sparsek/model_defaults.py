@@ -2,20 +2,52 @@
 
 The choice lives in ``config.sparsek`` (a plain dict, so ``save_pretrained`` writes it to config.json and
 ``from_pretrained`` reads it back). A model without one gets the default file of its ``model_type``, or
-``generic.json`` for other model types.
+``generic.json`` for other model types. A preset-qualified attention name, ``attn_implementation=
+"sparsek:<preset>"``, picks the preset wherever only an attention name can be given (lm-eval ``--model_args``).
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
+import os
 from functools import cache, lru_cache
 from importlib import resources
 from typing import Any
 
-from .patterns import ModelSparsity, SparsePattern, as_model_sparsity
+import torch
+
+from .patterns import BlockLayout, ModelSparsity, SparsePattern, as_model_sparsity
+from .presets import PRESETS
 
 CONFIG_ATTRIBUTE = "sparsek"
 GENERIC = "generic"
+ATTN_IMPLEMENTATION = "sparsek"
+PRESET_SEPARATOR = ":"
+logger = logging.getLogger(__name__)
+
+
+def implementation_names() -> list[str]:
+    """Every attention name registered with transformers: "sparsek" and "sparsek:<preset>" per preset."""
+    return [ATTN_IMPLEMENTATION] + [f"{ATTN_IMPLEMENTATION}{PRESET_SEPARATOR}{name}" for name in PRESETS]
+
+
+def is_sparsek_implementation(name: Any) -> bool:
+    """True for "sparsek" and its preset-qualified names (use this, not ``== "sparsek"``)."""
+    return isinstance(name, str) and (
+        name == ATTN_IMPLEMENTATION or name.startswith(ATTN_IMPLEMENTATION + PRESET_SEPARATOR)
+    )
+
+
+def preset_of_implementation(name: Any) -> str | None:
+    """The preset named by "sparsek:<preset>"; None for "sparsek" and other names. ValueError for unknown presets."""
+    if not is_sparsek_implementation(name) or name == ATTN_IMPLEMENTATION:
+        return None
+    preset = name[len(ATTN_IMPLEMENTATION) + len(PRESET_SEPARATOR) :]
+    if preset not in PRESETS:
+        raise ValueError(f"attn_implementation={name!r} names no preset; use one of {implementation_names()}")
+    return preset
 
 
 def available_model_types() -> list[str]:
@@ -40,48 +72,156 @@ def default_sparsity(model_type: str | None) -> ModelSparsity:
     return _load_default(model_type or GENERIC)
 
 
+def _freeze(value: Any) -> Any:
+    """A stored pattern (nested dicts / lists) as a hashable key; plain Python, so torch.compile traces it."""
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((str(k), _freeze(v)) for k, v in value.items())))
+    if isinstance(value, (list, tuple)):
+        return ("list", tuple(_freeze(v) for v in value))
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, tuple) and len(value) == 2 and value[0] == "dict":
+        return {k: _thaw(v) for k, v in value[1]}
+    if isinstance(value, tuple) and len(value) == 2 and value[0] == "list":
+        return [_thaw(v) for v in value[1]]
+    return value
+
+
 @lru_cache(maxsize=256)
-def _parse(serialized: str) -> ModelSparsity:
-    return ModelSparsity.from_dict(json.loads(serialized))
+def _resolve(frozen: Any, preset: str | None, model_type: str | None) -> ModelSparsity:
+    if preset is not None:
+        return ModelSparsity(default=PRESETS[preset], source=f"attn_implementation {ATTN_IMPLEMENTATION}:{preset}")
+    if frozen is None:
+        return default_sparsity(model_type)
+    return ModelSparsity.from_dict(_thaw(frozen))
+
+
+def _config_key(config: Any) -> tuple[Any, Any, str | None, str | None]:
+    """(stored value, hashable key of it, preset of the attention name, model type): what decides the choice."""
+    stored = getattr(config, CONFIG_ATTRIBUTE, None)
+    preset = preset_of_implementation(getattr(config, "_attn_implementation", None))
+    frozen = None
+    if preset is None and stored is not None:
+        frozen = _freeze(stored.to_dict() if isinstance(stored, ModelSparsity) else stored)
+    return stored, frozen, preset, getattr(config, "model_type", None)
+
+
+@lru_cache(maxsize=256)
+def _resolved_dict(frozen: Any, preset: str | None, model_type: str | None) -> dict:
+    return _resolve(frozen, preset, model_type).to_dict()
 
 
 def model_sparsity(config: Any) -> ModelSparsity:
-    """The resolved choice of a model config (its stored ``sparsek`` dict, or its model type's default).
+    """The resolved choice of a model config: a preset named by ``attn_implementation="sparsek:<preset>"``, else
+    its stored ``sparsek`` dict, else its model type's default.
 
-    The default is written into the config the first time, so that a later ``save_pretrained`` keeps it.
+    The choice is written into the config as a plain dict, so that a later ``save_pretrained`` keeps it. A
+    preset-qualified name replaces a different stored pattern (it is the explicit request) and says so once in the
+    log.
     """
-    stored = getattr(config, CONFIG_ATTRIBUTE, None)
-    if stored is None:
-        model_type = getattr(config, "model_type", None)
-        sparsity = default_sparsity(model_type)
-        setattr(config, CONFIG_ATTRIBUTE, sparsity.to_dict())
-        return sparsity
-    if isinstance(stored, ModelSparsity):
-        setattr(config, CONFIG_ATTRIBUTE, stored.to_dict())
-        return stored
-    return _parse(json.dumps(stored, sort_keys=True))
+    key = _config_key(config)
+    _write_choice(config, *key)
+    return _resolve(*key[1:])
+
+
+def _write_choice(config: Any, stored: Any, frozen: Any, preset: str | None, model_type: str | None) -> None:
+    if preset is not None or not isinstance(stored, dict):  # a name, nothing stored yet, or a ModelSparsity object
+        wanted = _resolved_dict(frozen, preset, model_type)
+        if stored != wanted:
+            if preset is not None and stored is not None:
+                _log_once(f"hf_sparsek: attn_implementation={config._attn_implementation!r} replaces the pattern "
+                          "stored in config.sparsek")
+            setattr(config, CONFIG_ATTRIBUTE, copy.deepcopy(wanted))
+
+
+@torch.compiler.assume_constant_result  # run while tracing; its arguments are config values the graph guards on
+def _layer_fields(frozen: Any, preset: str | None, model_type: str | None, layer_idx: int | None) -> tuple:
+    return _layer_fields_cached(frozen, preset, model_type, layer_idx)
+
+
+@lru_cache(maxsize=1024)
+def _layer_fields_cached(frozen: Any, preset: str | None, model_type: str | None, layer_idx: int | None) -> tuple:
+    """A layer's pattern as sorted (field, value) pairs of plain values, the layout as pairs too."""
+    fields = _resolve(frozen, preset, model_type).for_layer(layer_idx).to_dict()
+    fields["dense_heads"] = tuple(fields["dense_heads"])
+    if fields["layout"] is not None:
+        fields["layout"] = tuple(sorted(fields["layout"].items()))
+    return tuple(sorted(fields.items()))
+
+
+def _pattern_from_fields(fields: tuple) -> SparsePattern:
+    values = dict(fields)
+    if values["layout"] is not None:
+        values["layout"] = BlockLayout(**dict(values["layout"]))
+    return SparsePattern(**values)
+
+
+_pattern_cached = lru_cache(maxsize=1024)(_pattern_from_fields)
+
+
+def layer_pattern(config: Any, layer_idx: int | None) -> SparsePattern:
+    """The pattern of layer ``layer_idx`` (None: the default) of a model config, as :func:`model_sparsity` resolves it.
+
+    torch.compile traces this: the resolution runs once while tracing (its inputs are config values the graph guards
+    on), and the pattern is rebuilt from plain fields inside the graph. Eager calls also write the choice into the
+    config, like :func:`model_sparsity`.
+    """
+    compiling = torch.compiler.is_compiling()
+    stored, frozen, preset, model_type = _config_key(config)
+    if not compiling:
+        _write_choice(config, stored, frozen, preset, model_type)
+    fields = _layer_fields(frozen, preset, model_type, layer_idx)
+    return _pattern_from_fields(fields) if compiling else _pattern_cached(fields)
+
+
+_logged: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        logger.warning(message)
+
+
+def resolve_pattern(pattern: ModelSparsity | SparsePattern | dict | str) -> ModelSparsity:
+    """A pattern in any accepted form -> ModelSparsity; ValueError naming the forms for a string that is none."""
+    if isinstance(pattern, str):
+        if pattern in PRESETS:
+            return ModelSparsity(default=PRESETS[pattern])
+        if not pattern.lstrip().startswith("{") and not os.path.isfile(pattern):
+            raise ValueError(
+                f"pattern {pattern!r} is not a preset ({', '.join(PRESETS)}), a JSON string (starting with '{{') or "
+                "an existing JSON file; a dict, SparsePattern or ModelSparsity is accepted as well"
+            )
+    return as_model_sparsity(pattern)
 
 
 def set_pattern(model_or_config: Any, pattern: ModelSparsity | SparsePattern | dict | str) -> ModelSparsity:
     """Pick a pattern for a model (or its config) in one line; also switches a model to "sparsek" attention.
 
     ``pattern``: a ModelSparsity, a SparsePattern (applied to every full-attention layer), a dict of either, a
-    JSON string or file, or a preset name (see :data:`hf_sparsek.presets.PRESETS`).
+    JSON string or file, or a preset name (see :data:`hf_sparsek.presets.PRESETS`). A preset-qualified attention
+    name ("sparsek:<preset>") becomes plain "sparsek", so that the name does not override this choice.
     """
-    from .presets import PRESETS
-
-    if isinstance(pattern, str) and pattern in PRESETS:
-        pattern = PRESETS[pattern]
-    sparsity = as_model_sparsity(pattern)
-    config = getattr(model_or_config, "config", model_or_config)
-    setattr(config, CONFIG_ATTRIBUTE, sparsity.to_dict())
-    for sub in ("text_config",):
-        sub_config = getattr(config, sub, None)
-        if sub_config is not None and sub_config is not config:
-            setattr(sub_config, CONFIG_ATTRIBUTE, sparsity.to_dict())
+    sparsity = resolve_pattern(pattern)
     if hasattr(model_or_config, "set_attn_implementation"):
-        from .integration import ATTN_IMPLEMENTATION
+        from .model_support import check_model
 
+        check_model(model_or_config)  # a model whose attention never reaches "sparsek" would stay dense
+    config = getattr(model_or_config, "config", model_or_config)
+    configs = [config]
+    sub_config = getattr(config, "text_config", None)
+    if sub_config is not None and sub_config is not config:
+        configs.append(sub_config)
+    for cfg in configs:
+        setattr(cfg, CONFIG_ATTRIBUTE, sparsity.to_dict())
+    if hasattr(model_or_config, "set_attn_implementation"):
         if getattr(config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
             model_or_config.set_attn_implementation(ATTN_IMPLEMENTATION)
+    else:
+        for cfg in configs:
+            if preset_of_implementation(getattr(cfg, "_attn_implementation", None)) is not None:
+                cfg._attn_implementation = ATTN_IMPLEMENTATION
     return sparsity

@@ -12,7 +12,10 @@ and writes resumable Trainer checkpoints. Multi-GPU: launch the same command thr
 
 The final model goes to ``<output_dir>/final``: a full checkpoint (``from_pretrained(final,
 attn_implementation="sparsek")`` restores the pattern from ``config.sparsek``), or for LoRA the merged model there
-plus the adapter in ``final/adapter`` (reload either with :func:`load_finetuned`).
+plus the adapter in ``final/adapter`` (reload either with :func:`load_finetuned`). Every saved adapter (final and
+each Trainer checkpoint) carries ``sparsek_pattern.json``: peft's own loaders (``PeftModel.from_pretrained``,
+``AutoPeftModelForCausalLM``) restore the adapter's config and weights but nothing of the base model's config, so
+set the pattern on the base with ``hf_sparsek.set_pattern(base, "<adapter>/sparsek_pattern.json")``.
 """
 
 from __future__ import annotations
@@ -27,12 +30,24 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from hf_sparsek.scripts.packing import IGNORE_INDEX, PackedDataset, collate_packed, pack_documents
+from hf_sparsek.cli import (
+    CliParser,
+    apply_pattern,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    run_command,
+)
 
-import hf_sparsek
+# torch, transformers and hf_sparsek's modules are imported inside the functions that use them, so that building the
+# command line (``hf-sparsek finetune --help``) stays light.
+if TYPE_CHECKING:
+    import torch
+
+    import hf_sparsek
 
 ATTN_CHOICES = ("sparsek", "sdpa", "eager")
 DTYPE_CHOICES = ("bf16", "fp16", "fp32")
@@ -76,6 +91,8 @@ def check_seq_len(config: Any, seq_len: int) -> None:
 
 def check_dtype(dtype: str, device: str) -> None:
     """ValueError for a training precision this device (or the sparse kernels) cannot train in."""
+    import torch
+
     if dtype not in DTYPE_CHOICES:
         raise ValueError(f"dtype={dtype!r}; supported: {DTYPE_CHOICES}")
     if device == "cuda":
@@ -94,6 +111,8 @@ def check_kernel(config: Any, dtype: str, device: str, allow_reference: bool = F
     On CUDA a model the kernel cannot run raises (the PyTorch reference is exact but far too slow and big to train
     at long lengths) unless ``allow_reference``; on CPU the reference is the only backend and is returned as such.
     """
+    import torch
+
     if device != "cuda":
         return "reference"
     heads = int(config.num_attention_heads)
@@ -111,6 +130,8 @@ def check_kernel(config: Any, dtype: str, device: str, allow_reference: bool = F
 
 def _kernel_reason(head_dim: int, dtype: torch.dtype) -> str | None:
     """Why the Triton kernel cannot run (head_dim, dtype) on this GPU, or None."""
+    import torch
+
     from hf_sparsek.ops import triton_unsupported_reason
 
     probe = torch.empty(1, 1, 1, head_dim, dtype=dtype, device="cuda")
@@ -134,14 +155,18 @@ def pattern_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 # --------------------------------------------------------------------------------------------------- model
 def resolve_model_path(name: str) -> str:
-    """A local checkpoint dir for ``name``: a path as is, else an offline name through hf_sparsek.eval.offline."""
+    """What ``from_pretrained`` loads for ``--model``: a local folder as is, an offline name converted once (through
+    hf_sparsek.eval.offline), else a hub id as is. ValueError for a path that does not exist."""
+    from hf_sparsek.eval.offline import OFFLINE_MODELS, is_offline_model, resolve_model
+
     if os.path.isdir(name):
         return name
-    try:
-        from hf_sparsek.eval.offline import resolve_model
-    except ImportError as exc:
-        raise ValueError(f"{name!r} is not a local directory and hf_sparsek.eval.offline is not available") from exc
-    return str(resolve_model(name))
+    if is_offline_model(name):
+        return str(resolve_model(name))
+    if os.path.isabs(os.path.expanduser(name)) or name.startswith((".", "~")) or os.path.exists(name):
+        raise ValueError(f"--model {name!r}: no such checkpoint folder; give a local checkpoint folder, an offline "
+                         f"name ({', '.join(OFFLINE_MODELS)}) or a hub id")
+    return name
 
 
 def load_model(
@@ -155,13 +180,16 @@ def load_model(
     allow_reference: bool = False,
 ) -> torch.nn.Module:
     """Load a causal LM in fp32 weights (the Trainer's autocast does bf16/fp16) with the chosen attention."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    import hf_sparsek
 
     if attn not in ATTN_CHOICES:
         raise ValueError(f"attn={attn!r}; supported: {ATTN_CHOICES}")
     try:
         config = AutoConfig.from_pretrained(model_path)
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError, OSError) as exc:
         raise ValueError(f"cannot read a transformers config from {model_path!r}: {exc}") from exc
     check_model_type(config)
     if seq_len is not None:
@@ -173,7 +201,7 @@ def load_model(
         config.attention_dropout = 0.0
     check_attention_dropout(config, attn)
     if attn == "sparsek" and pattern is not None:
-        hf_sparsek.set_pattern(config, _parse_pattern(pattern))  # validates: ModelSparsity raises on bad fields
+        _set_pattern(config, pattern)  # validates: ModelSparsity raises on bad fields
     elif attn == "sparsek":
         hf_sparsek.model_sparsity(config)  # validates the stored pattern (or writes the default)
     config.use_cache = False
@@ -183,18 +211,13 @@ def load_model(
     return model
 
 
-def _parse_pattern(pattern: Any) -> Any:
-    """A --pattern value: preset name, JSON string, path to a JSON file, or an object already."""
-    if isinstance(pattern, str) and pattern not in hf_sparsek.PRESETS:
-        if os.path.isfile(pattern):
-            return json.loads(Path(pattern).read_text())
-        try:
-            return json.loads(pattern)
-        except json.JSONDecodeError as exc:
-            raise ValueError(
-                f"--pattern {pattern!r} is not a preset ({sorted(hf_sparsek.PRESETS)}), a JSON file or JSON"
-            ) from exc
-    return pattern
+def _set_pattern(target: Any, pattern: Any, option: str = "--pattern") -> Any:
+    """``hf_sparsek.set_pattern`` for a command-line string (an error names ``option``) or a pattern object."""
+    if isinstance(pattern, str):
+        return apply_pattern(target, pattern, option)
+    import hf_sparsek
+
+    return hf_sparsek.set_pattern(target, pattern)
 
 
 def add_lora(model: torch.nn.Module, r: int, alpha: int, targets: str, dropout: float = 0.0) -> torch.nn.Module:
@@ -217,6 +240,8 @@ def load_finetuned(path: str | os.PathLike, attn: str = "sparsek", merge: bool =
     """
     from transformers import AutoModelForCausalLM
 
+    import hf_sparsek
+
     path = Path(path)
     if not (path / "adapter_config.json").is_file():
         return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn)
@@ -224,8 +249,8 @@ def load_finetuned(path: str | os.PathLike, attn: str = "sparsek", merge: bool =
 
     base_path = PeftConfig.from_pretrained(path).base_model_name_or_path
     base = AutoModelForCausalLM.from_pretrained(base_path, attn_implementation=attn)
-    if attn == "sparsek" and (path / PATTERN_FILE).is_file():
-        hf_sparsek.set_pattern(base, json.loads((path / PATTERN_FILE).read_text()))
+    if hf_sparsek.is_sparsek_implementation(attn) and (path / PATTERN_FILE).is_file():
+        hf_sparsek.set_pattern(base, str(path / PATTERN_FILE))
     model = PeftModel.from_pretrained(base, path)
     return model.merge_and_unload() if merge else model
 
@@ -237,6 +262,8 @@ def load_token_documents(source: str, tokenizer_path: str | None = None) -> list
     A text source (``shakespeare``) goes through ``hf_sparsek.eval.offline.load_documents`` and the model's
     tokenizer (no BOS/EOS added: each play is one document).
     """
+    import torch
+
     path = Path(source)
     if path.suffix == ".pt" and path.is_file():
         docs = torch.load(path)
@@ -262,6 +289,8 @@ def load_token_documents(source: str, tokenizer_path: str | None = None) -> list
 
 def synthetic_documents(n_docs: int, vocab: int, min_len: int, max_len: int, seed: int = 0) -> list[list[int]]:
     """Learnable synthetic documents (for tests and throughput): each repeats a short random motif."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     docs = []
     for _ in range(n_docs):
@@ -272,7 +301,6 @@ def synthetic_documents(n_docs: int, vocab: int, min_len: int, max_len: int, see
 
 
 # --------------------------------------------------------------------------------------------------- evaluation
-@torch.no_grad()
 def heldout_nll(
     model: torch.nn.Module, docs: Sequence[Sequence[int]], seq_len: int, autocast_dtype: torch.dtype | None = None,
     max_windows: int | None = None,
@@ -282,6 +310,8 @@ def heldout_nll(
     Each window is one forward pass (batch 1, positions from 0, no padding). Windows shorter than 2 tokens are
     skipped. Returns ``{"nll", "ppl", "tokens", "windows"}``.
     """
+    import torch
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -292,9 +322,10 @@ def heldout_nll(
             if len(window) < 2 or (max_windows is not None and windows >= max_windows):
                 continue
             ids = torch.tensor([window], device=device)
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                logits = model(input_ids=ids).logits.float()
-            loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
+            with torch.no_grad():
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    logits = model(input_ids=ids).logits.float()
+                loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
             total += float(loss)
             count += len(window) - 1
             windows += 1
@@ -311,26 +342,30 @@ def attention(model: torch.nn.Module, attn: str, pattern: Any = None) -> Iterato
 
     Used to evaluate a dense-trained model under the sparse pattern (and the reverse) with the same weights.
     """
+    import hf_sparsek
+    from hf_sparsek.model_defaults import CONFIG_ATTRIBUTE
+
     if attn not in ATTN_CHOICES:
         raise ValueError(f"attn={attn!r}; supported: {ATTN_CHOICES}")
     previous = model.config._attn_implementation
-    previous_pattern = getattr(model.config, hf_sparsek.model_defaults.CONFIG_ATTRIBUTE, None)
+    previous_pattern = getattr(model.config, CONFIG_ATTRIBUTE, None)
     if attn == "sparsek":
-        hf_sparsek.set_pattern(model, _parse_pattern(pattern) if pattern is not None else hf_sparsek.model_sparsity(
-            model.config))
+        _set_pattern(model, pattern if pattern is not None else hf_sparsek.model_sparsity(model.config),
+                     "--eval-pattern")
     else:
         model.set_attn_implementation(attn)
     try:
         yield
     finally:
         model.set_attn_implementation(previous)
-        setattr(model.config, hf_sparsek.model_defaults.CONFIG_ATTRIBUTE, previous_pattern)
+        setattr(model.config, CONFIG_ATTRIBUTE, previous_pattern)
 
 
 # --------------------------------------------------------------------------------------------------- training
 def _callbacks(log_path: Path, eval_docs: list[list[int]] | None, eval_len: int, eval_steps: int,
                autocast: torch.dtype | None, max_windows: int | None) -> list[Any]:
     from transformers import TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
     class LossLog(TrainerCallback):
         """Appends every Trainer log (loss, lr, grad norm, eval) as one JSON line, main process only; remembers the
@@ -359,7 +394,16 @@ def _callbacks(log_path: Path, eval_docs: list[list[int]] | None, eval_len: int,
                         f.write(json.dumps(entry) + "\n")
                     print(f"step {state.global_step}: held-out ppl {result['ppl']:.3f}", file=sys.stderr)
 
-    return [LossLog(), HeldoutEval()]
+    class AdapterPattern(TrainerCallback):
+        """Writes the pattern file beside the adapter of every LoRA checkpoint (peft does not save it)."""
+
+        def on_save(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+            if state.is_world_process_zero and model is not None and hasattr(model, "peft_config"):
+                folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+                if folder.is_dir():
+                    write_adapter_pattern(model, folder)
+
+    return [LossLog(), HeldoutEval(), AdapterPattern()]
 
 
 def training_documents(
@@ -398,11 +442,13 @@ def _checkpointing_kwargs(enabled: bool) -> dict[str, Any]:
 
 def finetune(args: argparse.Namespace) -> FinetuneResult:
     """Run one fine-tune from parsed CLI arguments; returns the metrics summary (also written) and the model."""
-    from transformers import Trainer, TrainingArguments, set_seed
+    import torch
+    from hf_sparsek.scripts.packing import PackedDataset, collate_packed, pack_documents
+    from transformers import set_seed
 
+    model_path = resolve_model_path(args.model)  # bad input fails here and in load_model, before the Trainer import
     set_seed(args.seed)
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
-    model_path = resolve_model_path(args.model)
     model = load_model(
         model_path, attn=args.attn, pattern=args.pattern, seq_len=args.seq_len, device=device, dtype=args.dtype,
         attention_dropout_zero=args.attention_dropout_zero, allow_reference=args.allow_reference,
@@ -427,6 +473,8 @@ def finetune(args: argparse.Namespace) -> FinetuneResult:
     if not rows:
         raise ValueError(f"the training data gives no full row of {args.seq_len} tokens")
     dataset = PackedDataset(rows)
+
+    from transformers import Trainer, TrainingArguments
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -514,11 +562,49 @@ def save_final(trainer: Any, final_dir: Path, merge_lora: bool = True) -> None:
     if not (is_lora and trainer.is_world_process_zero()):
         return
     base_config = model.get_base_model().config
-    sparsek = getattr(base_config, "sparsek", None)
-    if sparsek is not None:
-        (target / PATTERN_FILE).write_text(json.dumps(sparsek, indent=2))
+    write_adapter_pattern(model, target)
     if merge_lora:
         load_finetuned(target, attn=base_config._attn_implementation, merge=True).save_pretrained(final_dir)
+
+
+ADAPTER_README_NOTE = """
+## Sparse attention (hf_sparsek)
+
+This adapter was trained with `attn_implementation="sparsek"` under the pattern in `{pattern_file}`. peft restores
+the LoRA weights but not the base model's attention pattern: set it on the base model before running the adapter:
+
+```python
+import hf_sparsek
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+base = AutoModelForCausalLM.from_pretrained(base_model, attn_implementation="sparsek")
+hf_sparsek.set_pattern(base, "<this folder>/{pattern_file}")
+model = PeftModel.from_pretrained(base, "<this folder>")
+```
+"""
+
+
+def write_adapter_pattern(model: Any, directory: str | os.PathLike) -> Path | None:
+    """Write the sparse pattern a peft model trains under beside its saved adapter: ``sparsek_pattern.json`` plus a
+    note in the adapter's README.md. Returns the file, or None for a model without a sparsek pattern (dense).
+
+    peft saves and loads only the adapter config and weights (nothing reaches the base model's config), so the
+    pattern travels as this file; ``hf_sparsek.set_pattern(base, <file>)`` restores it, :func:`load_finetuned` too.
+    """
+    base_config = _base(model).config
+    sparsek = getattr(base_config, "sparsek", None)
+    if sparsek is None:
+        return None
+    directory = Path(directory)
+    path = directory / PATTERN_FILE
+    path.write_text(json.dumps(sparsek, indent=2))
+    readme = directory / "README.md"
+    note = ADAPTER_README_NOTE.format(pattern_file=PATTERN_FILE)
+    text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
+    if note not in text:
+        readme.write_text(text + note, encoding="utf-8")
+    return path
 
 
 def _copy_tokenizer(model_path: str, final_dir: Path) -> None:
@@ -539,37 +625,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-data", default="shakespeare",
                    help="token file (.pt/.json: list of token-id lists), a text source name, or 'synthetic'")
     p.add_argument("--eval-data", default=None, help="held-out token file or text source (default: --heldout-docs)")
-    p.add_argument("--heldout-docs", type=int, default=0, help="hold out the last N training documents for eval")
-    p.add_argument("--synthetic-docs", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=8192, help="training length: documents are packed to it")
-    p.add_argument("--eval-seq-len", type=int, default=None, help="evaluation window (default: --seq-len)")
-    p.add_argument("--eval-steps", type=int, default=0, help="held-out perplexity every N steps (0: only before/after)")
-    p.add_argument("--eval-max-windows", type=int, default=None, help="cap on evaluation windows (speed)")
+    p.add_argument("--heldout-docs", type=non_negative_int, default=0,
+                   help="hold out the last N training documents for eval")
+    p.add_argument("--synthetic-docs", type=positive_int, default=64)
+    p.add_argument("--seq-len", type=positive_int, default=8192, help="training length: documents are packed to it")
+    p.add_argument("--eval-seq-len", type=positive_int, default=None, help="evaluation window (default: --seq-len)")
+    p.add_argument("--eval-steps", type=non_negative_int, default=0,
+                   help="held-out perplexity every N steps (0: only before/after)")
+    p.add_argument("--eval-max-windows", type=positive_int, default=None, help="cap on evaluation windows (speed)")
     p.add_argument("--no-eval-before", dest="eval_before", action="store_false")
     p.add_argument("--eval-also-attn", choices=ATTN_CHOICES, default=None,
                    help="before/after, also evaluate with this attention (same weights), e.g. sparsek for a dense run")
     p.add_argument("--eval-pattern", default=None, help="pattern for --eval-also-attn sparsek (default: --pattern)")
-    p.add_argument("--max-steps", type=int, default=100)
+    p.add_argument("--max-steps", type=positive_int, default=100)
     p.add_argument("--data-order", choices=("random", "sequential"), default="random",
                    help="row order (sequential: same rows per global batch on any number of GPUs, to compare runs)")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--batch-size", type=positive_int, default=1)
+    p.add_argument("--grad-accum", type=positive_int, default=1)
+    p.add_argument("--lr", type=positive_float, default=2e-4)
     p.add_argument("--scheduler", default="cosine")
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup-steps", type=non_negative_int, default=0)
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.0)
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="bf16", help="mixed-precision compute dtype")
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
-    p.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
-    p.add_argument("--lora-alpha", type=int, default=32)
+    p.add_argument("--lora-r", type=non_negative_int, default=0, help="LoRA rank (0: full fine-tuning)")
+    p.add_argument("--lora-alpha", type=positive_int, default=32)
     p.add_argument("--lora-targets", default=DEFAULT_LORA_TARGETS)
     p.add_argument("--no-merge", action="store_true", help="LoRA: save only the adapter, not the merged model")
     p.add_argument("--train-only-pattern", action="store_true",
                    help="freeze the model and train only the pattern's own parameters (errors: none exist yet)")
     p.add_argument("--attention-dropout-zero", action="store_true", help="set the config's attention_dropout to 0")
-    p.add_argument("--logging-steps", type=int, default=1)
-    p.add_argument("--save-steps", type=int, default=50, help="checkpoint every N steps (0: none)")
-    p.add_argument("--save-total-limit", type=int, default=2)
+    p.add_argument("--logging-steps", type=positive_int, default=1)
+    p.add_argument("--save-steps", type=non_negative_int, default=50, help="checkpoint every N steps (0: none)")
+    p.add_argument("--save-total-limit", type=positive_int, default=2)
     p.add_argument("--resume", default=None, help="'last' or a checkpoint dir to resume from")
     p.add_argument("--allow-reference", action="store_true",
                    help="on CUDA, train sparse layers with the PyTorch reference where the kernel cannot run them")
@@ -593,9 +681,11 @@ def register(subparsers: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hf_sparsek.scripts.finetune", description=__doc__.split("\n")[0])
+    """``python -m hf_sparsek.scripts.finetune``: the same options and one-line errors as ``hf-sparsek finetune``."""
+    parser = CliParser(prog="python -m hf_sparsek.scripts.finetune", description=__doc__.split("\n")[0])
     add_arguments(parser)
-    return _run(parser.parse_args(argv))
+    parser.set_defaults(func=_run)
+    return run_command(parser.parse_args(argv), parser.prog)
 
 
 if __name__ == "__main__":
@@ -603,6 +693,6 @@ if __name__ == "__main__":
 
 
 __all__ = [
-    "IGNORE_INDEX", "add_lora", "check_dtype", "check_model_type", "check_seq_len", "finetune", "heldout_nll",
+    "add_lora", "check_dtype", "check_model_type", "check_seq_len", "finetune", "heldout_nll",
     "load_finetuned", "load_model", "load_token_documents", "main", "register", "synthetic_documents",
 ]

@@ -1,10 +1,10 @@
 """Pack tokenized documents into fixed-length training rows with no attention across document boundaries.
 
 Each row holds ``seq_len`` tokens made of whole documents (or pieces of long ones) laid end to end. Positions
-restart at 0 for every document and ``attention_mask`` is left out: ``attn_implementation="sparsek"`` detects the
-restarts (``hf_sparsek.integration._segments_from_positions``) and attends only inside each document, like
-flash-attention's packed path in transformers. The first token of every document gets label -100, so no token is
-trained to predict the start of the next document.
+restart at 0 for every document and ``attention_mask`` is left out: transformers detects the restarts (without a
+cache, as in training) and folds them into the mask function it hands ``attn_implementation="sparsek"``, which then
+attends only inside each document, like flash-attention's packed path in transformers. The first token of every
+document gets label -100, so no token is trained to predict the start of the next document.
 
 Row picture (two documents of 3 and 5 tokens, seq_len 8)::
 

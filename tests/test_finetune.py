@@ -82,9 +82,10 @@ def test_packed_rows_do_not_attend_across_documents(tiny_dir):
     batch = collate_packed(PackedDataset(pack_documents([doc1.tolist(), doc2.tolist()], seq_len=256)))
     model.eval()
     with torch.no_grad():
-        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
-        alone2 = model(input_ids=doc2[None]).logits
-        alone1 = model(input_ids=doc1[None]).logits
+        # Without a cache, as in training: transformers detects packing only then (for every implementation).
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        alone2 = model(input_ids=doc2[None], use_cache=False).logits
+        alone1 = model(input_ids=doc1[None], use_cache=False).logits
         unpacked = model(input_ids=batch["input_ids"]).logits  # same tokens as one sequence: doc 2 sees doc 1
     torch.testing.assert_close(packed[0, 100:], alone2[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(packed[0, :100], alone1[0], rtol=1e-5, atol=1e-5)
@@ -116,6 +117,10 @@ def test_lora_adapter_and_merged_reload(tiny_dir, tmp_path):
     expected = _logits(trained, probe)
     attached = ft.load_finetuned(tmp_path / "final" / "adapter")
     assert hf_sparsek.model_sparsity(attached.get_base_model().config).default == PATTERN
+    # Every saved adapter carries the pattern it was trained under: the final one and each Trainer checkpoint's.
+    for folder in (tmp_path / "final" / "adapter", tmp_path / "checkpoint-3"):
+        saved = json.loads((folder / ft.PATTERN_FILE).read_text())
+        assert hf_sparsek.ModelSparsity.from_dict(saved).default == PATTERN
     torch.testing.assert_close(_logits(attached, probe), expected, rtol=0, atol=0)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "final", attn_implementation="sparsek")
     assert hf_sparsek.model_sparsity(merged.config).default == PATTERN
@@ -196,6 +201,21 @@ def test_bf16_autocast_training_step_matches_sdpa(tiny_dir):
         losses[attn] = float(loss.detach())
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     assert losses["sparsek"] == pytest.approx(losses["sdpa"], rel=1e-2)
+
+
+def test_module_entry_point_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    """`python -m hf_sparsek.scripts.finetune` reports bad input like `hf-sparsek finetune`: one line, exit code 2."""
+    monkeypatch.delenv("HF_SPARSEK_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exc:
+        ft.main(["--model", "x", "--output-dir", str(tmp_path), "--grad-accum", "0"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "python -m hf_sparsek.scripts.finetune: error: argument --grad-accum: expected a whole number >= 1, got 0 "
+        "(see python -m hf_sparsek.scripts.finetune --help)"]
+    assert ft.main(["--model", str(tmp_path / "missing"), "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("python -m hf_sparsek.scripts.finetune: error: --model ")
+    assert "no such checkpoint folder" in err[0]
 
 
 def test_cli_registers_finetune():

@@ -323,7 +323,7 @@ def test_dkdv_full_and_partial_entries_match_reference():
 
 
 @pytest.mark.parametrize("longest, typical, splits", [
-    (128, 33, True),  # the sink column of 16K sink+window rows (3.9x): split since IMBALANCE became 3 (docs/kernel-decisions.md)
+    (128, 33, True),  # the sink column of 16K sink+window rows (3.9x): split since IMBALANCE is 3 (docs)
     (99, 33, True),
     (98, 33, False),  # under a 3-fold imbalance
     (64, 32, False),  # dense causal: longest list twice the median

@@ -134,18 +134,6 @@ def test_cached_decode_and_chunked_prefill_match_full_forward(model_type):
             torch.testing.assert_close(step.logits[:, 0], full[:, t], rtol=1e-4, atol=1e-4)
 
 
-def test_packed_sequences_do_not_attend_across_documents():
-    model = build("llama")
-    sparse_copy(model, SPARSE)
-    doc_a, doc_b = torch.randint(1, 97, (1, 90)), torch.randint(1, 97, (1, 110))
-    packed = torch.cat([doc_a, doc_b], 1)
-    position_ids = torch.cat([torch.arange(90), torch.arange(110)]).unsqueeze(0)
-    with torch.no_grad():
-        together = model(packed, position_ids=position_ids).logits
-        alone = model(doc_b).logits
-    torch.testing.assert_close(together[:, 90:], alone, rtol=1e-5, atol=1e-5)
-
-
 def test_pattern_survives_save_and_load(tmp_path):
     model = build("llama")
     sparsity = ModelSparsity(default=SPARSE, dense_layers=(1,), layer_overrides={0: {"window": 32}}, source="t")

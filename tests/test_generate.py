@@ -1,0 +1,70 @@
+"""generate() through attn_implementation="sparsek" with every cache generate() offers that runs on this CPU.
+
+Dynamic cache: the reference. Static cache: the same tokens and logits (generate() prepares the masks ahead and hands
+our mask object back to the model). Quantized cache (fp8 backend, transformers >= 5.25, no extra package): equal to
+sdpa on the same cache. Offloaded caches need CUDA (see docs/transformers.md).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_models import KEEP_ALL, SPARSE, build
+
+import hf_sparsek
+
+GEN = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+
+
+def _prompt(batch: int = 2, length: int = 56, left_pad: int = 13) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(1, 97, (batch, length))
+    mask = torch.ones_like(ids)
+    mask[0, :left_pad] = 0
+    ids[0, :left_pad] = 0
+    return ids, mask
+
+
+def _generate(model, ids, mask, **kwargs):
+    out = model.generate(ids, attention_mask=mask, **GEN, **kwargs)
+    return out.sequences, torch.stack(out.logits, 1)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "gemma3_text"])
+def test_static_cache_equals_dynamic_cache(model_type):
+    """Sparse pattern, left padding, 68 tokens in all: past mistral's and gemma3's window of 40 (rolling buffers)."""
+    model = build(model_type)
+    hf_sparsek.set_pattern(model, SPARSE)
+    ids, mask = _prompt()
+    seq_dynamic, logits_dynamic = _generate(model, ids, mask)
+    seq_static, logits_static = _generate(model, ids, mask, cache_implementation="static")
+    assert torch.equal(seq_static, seq_dynamic)
+    torch.testing.assert_close(logits_static, logits_dynamic, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral"])
+def test_static_cache_keep_all_equals_sdpa(model_type):
+    """The whole static-cache path (buffers longer than the tokens, query offsets as tensors) equals sdpa's."""
+    model = build(model_type)
+    ids, mask = _prompt()
+    seq_sdpa, logits_sdpa = _generate(model, ids, mask, cache_implementation="static")
+    hf_sparsek.set_pattern(model, KEEP_ALL)
+    with hf_sparsek.settings(dense_via_sdpa=False):
+        seq_sparse, logits_sparse = _generate(model, ids, mask, cache_implementation="static")
+    assert torch.equal(seq_sparse, seq_sdpa)
+    torch.testing.assert_close(logits_sparse, logits_sdpa, rtol=1e-4, atol=1e-4)
+
+
+def test_quantized_cache_equals_sdpa():
+    """QuantizedCache (full-attention models only, transformers' own limit) with the fp8 backend, no extra package."""
+    model = build("llama")
+    ids, mask = _prompt()
+    fp8 = dict(cache_implementation="quantized", cache_config={"backend": "fp8"})
+    try:
+        seq_sdpa, logits_sdpa = _generate(model, ids, mask, **fp8)
+    except ValueError as exc:  # transformers < 5.25 has only the quanto / hqq backends (extra packages)
+        pytest.skip(f"this transformers has no fp8 quantized cache: {exc}")
+    hf_sparsek.set_pattern(model, KEEP_ALL)
+    with hf_sparsek.settings(dense_via_sdpa=False):
+        seq_sparse, logits_sparse = _generate(model, ids, mask, **fp8)
+    assert torch.equal(seq_sparse, seq_sdpa)
+    torch.testing.assert_close(logits_sparse, logits_sdpa, rtol=1e-4, atol=1e-4)
