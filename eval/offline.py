@@ -295,8 +295,11 @@ def load_documents(
 def _dataset_documents(name: str, text_column: str, split: str, config: str | None, limit: int | None) -> list[str]:
     try:
         import datasets
-    except ImportError as err:  # pragma: no cover - datasets is a dependency
-        raise RuntimeError("loading a dataset by name needs the `datasets` package") from err
+    except ImportError as err:  # an optional dependency (the `eval` extra): hub text only
+        raise ValueError(
+            f"loading the dataset {name!r} by name needs the `datasets` package (pip install datasets, or the "
+            "package's `eval` extra); the offline default 'shakespeare' and local .txt files/folders need nothing"
+        ) from err
     try:
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as err:

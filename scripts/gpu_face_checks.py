@@ -1,0 +1,138 @@
+"""CUDA checks of the transformers face that CPU tests cannot make (one device call, JSON to $OUT).
+
+    python -m scripts.gpu_face_checks [--out DIR]
+
+A random-weight Llama (bf16, head dim 64, GQA) with a sparse pattern, Triton backend:
+generate() with the dynamic and the static cache (same tokens), the sparse model against sdpa with the pattern's exact
+token mask, torch.compile(model, fullgraph=True) against eager (prefill, padded prefill, static-cache generate), a
+text-generation pipeline with model_kwargs, and whether the Gluon kernels are allowed on this Triton. Every check is
+recorded with its error; a failure never ends the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+import hf_sparsek
+from hf_sparsek import SparsePattern
+
+PATTERN = SparsePattern(block_size=64, sink_tokens=16, window=128)
+VOCAB = 512
+
+
+def tiny_llama() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
+                         attention_dropout=0.0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.bfloat16)
+    return model.cuda().eval()
+
+
+def check(results: dict[str, Any], name: str, fn: Callable[[], dict[str, Any]]) -> None:
+    start = time.perf_counter()
+    try:
+        out = fn()
+        results[name] = {"ok": bool(out.pop("ok", True)), **out}
+    except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+        results[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000],
+                         "trace": traceback.format_exc()[-3000:]}
+    results[name]["seconds"] = round(time.perf_counter() - start, 2)
+    print(name, results[name].get("ok"), {k: v for k, v in results[name].items() if k not in ("trace",)}, flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "gpu_out"))
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    from hf_sparsek.kernels import gluon_support
+
+    results: dict[str, Any] = {
+        "env": {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                "transformers": transformers.__version__, "triton": __import__("triton").__version__,
+                "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S")},
+    }
+    check(results, "gluon_allowed_on_this_triton", lambda: {"ok": gluon_support.allowed()})
+    model = tiny_llama()
+    hf_sparsek.set_pattern(model, PATTERN)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    ids = torch.randint(1, VOCAB, (2, 700), device="cuda", generator=gen)
+
+    def exact_mask() -> dict[str, Any]:
+        with torch.no_grad():
+            sparse = model(ids).logits.float()
+            mask4d = hf_sparsek.selection_mask(PATTERN, ids.shape[1])[:, :1].cuda()
+            model.set_attn_implementation("sdpa")
+            dense = model(ids, attention_mask=mask4d.expand(2, -1, -1, -1)).logits.float()
+            hf_sparsek.set_pattern(model, PATTERN)
+        err = ((sparse - dense).norm() / dense.norm()).item()
+        return {"ok": err < 2e-2, "rel_err_vs_sdpa_exact_mask": err}
+
+    def static_vs_dynamic() -> dict[str, Any]:
+        kw = dict(max_new_tokens=24, do_sample=False, pad_token_id=0)
+        dyn = model.generate(ids, **kw)
+        sta = model.generate(ids, cache_implementation="static", **kw)
+        return {"ok": torch.equal(dyn, sta), "same_tokens": int((dyn == sta).sum()), "of": dyn.numel()}
+
+    def compiled_fullgraph() -> dict[str, Any]:
+        compiled = torch.compile(model, fullgraph=True)
+        mask = torch.ones_like(ids)
+        mask[0, :37] = 0
+        out = {}
+        with torch.no_grad():
+            for name, kwargs in (("prefill", {}), ("padded", {"attention_mask": mask})):
+                eager = model(ids, **kwargs).logits.float()
+                comp = compiled(ids, **kwargs).logits.float()
+                keep = slice(None) if name == "prefill" else (slice(None), slice(37, None))
+                out[name] = ((comp[keep] - eager[keep]).norm() / eager[keep].norm()).item()
+        out["ok"] = all(v < 2e-2 for v in out.values())
+        return out
+
+    def compiled_static_generate() -> dict[str, Any]:
+        kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=0, cache_implementation="static")
+        eager = model.generate(ids, **kw)
+        model.forward = torch.compile(model.forward, fullgraph=True)
+        try:
+            comp = model.generate(ids, **kw)
+        finally:
+            del model.forward
+        return {"ok": torch.equal(eager, comp), "same_tokens": int((eager == comp).sum()), "of": eager.numel()}
+
+    def pipeline_model_kwargs() -> dict[str, Any]:
+        import tempfile
+
+        from transformers import pipeline
+
+        with tempfile.TemporaryDirectory() as folder:
+            model.save_pretrained(folder)
+            pipe = pipeline("text-generation", model=folder, device=0,
+                            model_kwargs={"attn_implementation": "sparsek", "dtype": torch.bfloat16})
+            impl = pipe.model.config._attn_implementation
+            out = pipe.model.generate(ids[:1, :200], max_new_tokens=8, do_sample=False, pad_token_id=0)
+        return {"ok": impl == "sparsek" and out.shape[1] == 208, "attn_implementation": impl}
+
+    for name, fn in (("sparse_equals_sdpa_with_exact_mask", exact_mask),
+                     ("generate_static_equals_dynamic", static_vs_dynamic),
+                     ("compile_fullgraph_equals_eager", compiled_fullgraph),
+                     ("compile_fullgraph_static_generate", compiled_static_generate),
+                     ("pipeline_model_kwargs", pipeline_model_kwargs)):
+        check(results, name, fn)
+    with open(os.path.join(args.out, "face_checks.json"), "w") as handle:
+        json.dump(results, handle, indent=2)
+    print(json.dumps({k: v.get("ok") for k, v in results.items() if k != "env"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
