@@ -113,15 +113,24 @@ def main() -> None:
     def pipeline_model_kwargs() -> dict[str, Any]:
         import tempfile
 
-        from transformers import pipeline
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast, pipeline
 
+        tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        text = " ".join(f"w{i}" for i in ids[0, :300].tolist())
+        out = {}
         with tempfile.TemporaryDirectory() as folder:
+            PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", pad_token="w0",
+                                    eos_token="w1").save_pretrained(folder)
             model.save_pretrained(folder)
-            pipe = pipeline("text-generation", model=folder, device=0,
-                            model_kwargs={"attn_implementation": "sparsek", "dtype": torch.bfloat16})
-            impl = pipe.model.config._attn_implementation
-            out = pipe.model.generate(ids[:1, :200], max_new_tokens=8, do_sample=False, pad_token_id=0)
-        return {"ok": impl == "sparsek" and out.shape[1] == 208, "attn_implementation": impl}
+            for impl in ("sdpa", "sparsek"):
+                pipe = pipeline("text-generation", model=folder, device=0,
+                                model_kwargs={"attn_implementation": impl, "dtype": torch.bfloat16})
+                out[impl] = pipe(text, max_new_tokens=8, do_sample=False)[0]["generated_text"]
+                out[f"{impl}_attn_implementation"] = pipe.model.config._attn_implementation
+        return {"ok": out["sparsek_attn_implementation"] == "sparsek" and len(out["sparsek"]) > len(text),
+                "new_words_sparsek": out["sparsek"][len(text):], "new_words_sdpa": out["sdpa"][len(text):]}
 
     for name, fn in (("sparse_equals_sdpa_with_exact_mask", exact_mask),
                      ("generate_static_equals_dynamic", static_vs_dynamic),
