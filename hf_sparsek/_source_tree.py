@@ -1,8 +1,9 @@
 """Running from a source checkout without installing (``PYTHONPATH=<repo>``, as on the GPU machine).
 
-pyproject's package-dir installs ``kernels/``, ``eval/`` and ``scripts/`` as ``hf_sparsek.kernels`` / ``.eval`` /
-``.scripts``; a plain source tree has no such mapping, so this makes the same names importable there. Installed and
-editable packages already resolve them and are left alone.
+pyproject's package-dir installs ``kernels/`` and ``eval/`` as ``hf_sparsek.kernels`` / ``.eval``; a plain source tree
+has no such mapping, so this makes the same names importable there. Installed and editable packages already resolve
+them and are left alone. (``scripts/``, the lab, is not part of the package: run it from the repository root as
+``python -m scripts.<module>``.)
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import sys
 from types import ModuleType
 
-SUBPACKAGES = ("kernels", "eval", "scripts")
+SUBPACKAGES = ("kernels", "eval")
 
 
 def map_source_subpackages(package: ModuleType) -> None:

@@ -1,7 +1,7 @@
 """Command line: ``hf-sparsek describe | eval {ppl,needle,layers} | finetune``.
 
 Subcommands live beside their code: ``hf_sparsek.eval.cli.register(subparsers)`` adds ``eval``,
-``hf_sparsek.scripts.finetune.register(subparsers)`` adds ``finetune``. Building the parser imports no torch or
+``hf_sparsek.finetune.cli.register(subparsers)`` adds ``finetune``. Building the parser imports no torch or
 transformers (those modules import them inside the functions that run a command), so ``--help`` answers at once.
 
 Every error a user can cause prints ONE line, ``hf-sparsek <command>: error: <what is wrong>``, and exits with 2:
@@ -114,7 +114,7 @@ def _describe(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The ``hf-sparsek`` parser with every subcommand; imports no torch or transformers."""
     from hf_sparsek.eval.cli import register as register_eval
-    from hf_sparsek.scripts.finetune import register as register_finetune
+    from hf_sparsek.finetune.cli import register as register_finetune
 
     parser = CliParser(prog=PROG, description="Sparse attention for HuggingFace Transformers")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -16,7 +16,8 @@ each, same global batch) with DDP and FSDP configs; writes both loss curves and 
 under the pattern and the same fine-tune with dense attention, both evaluated before and after with both
 attentions on held-out plays (``summarize``: the same table from two existing ``finetune`` outputs).
 
-Writes JSON and a markdown table to ``--out`` (default: scripts/results).
+Writes JSON and a markdown table to ``--out`` (default: scripts/results). Run from the repository root:
+``python -m scripts.gpu_finetune MODE ...``; the fine-tunes it starts run ``python -m hf_sparsek.finetune``.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ GEMMA3_270M = {
     "tie_word_embeddings": True, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2,
 }
 MODELS = {"smollm2-135m": SMOLLM2_135M, "gemma3-270m": GEMMA3_270M}
+FINETUNE_MODULE = "hf_sparsek.finetune"  # `python -m` / `accelerate launch -m` this: the `hf-sparsek finetune` command
 
 
 def model_config(name: str, seq_len: int) -> Any:
@@ -69,8 +71,9 @@ def model_config(name: str, seq_len: int) -> Any:
 def measure(name: str, attn: str, seq_len: int, steps: int, warmup: int, device: str) -> dict[str, Any]:
     """Time full fine-tuning steps of a random-init model; returns tokens/s, peak memory and the backend."""
     from hf_sparsek.eval.modeling import density_summary
-    from hf_sparsek.scripts.finetune import check_kernel
     from transformers import AutoModelForCausalLM
+
+    from hf_sparsek.finetune.checks import check_kernel
 
     config = model_config(name, seq_len)
     row: dict[str, Any] = {"model": name, "attn": attn, "seq_len": seq_len, "batch": 1}
@@ -178,11 +181,11 @@ def multi(args: argparse.Namespace) -> dict[str, Any]:
         accel_config, extra = runs[tag]
         out = root / tag
         if accel_config is None:
-            cmd = [sys.executable, "-m", "hf_sparsek.scripts.finetune"]
+            cmd = [sys.executable, "-m", FINETUNE_MODULE]
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0"}
         else:
             cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(here / accel_config),
-                   "-m", "hf_sparsek.scripts.finetune"]
+                   "-m", FINETUNE_MODULE]
             env = dict(os.environ)
         start = time.time()
         proc = subprocess.run(cmd + common + extra + ["--output-dir", str(out)], env=env, capture_output=True,
@@ -331,8 +334,9 @@ def tokenize_plays(args: argparse.Namespace) -> dict[str, Any]:
     """Token files for ``finetune --train-data/--eval-data``: the Shakespeare plays split into training plays and
     held-out plays, each play one document, tokenized whole with the model's tokenizer (no special tokens)."""
     from hf_sparsek.eval.offline import shakespeare_plays
-    from hf_sparsek.scripts.finetune import resolve_model_path
     from transformers import AutoTokenizer
+
+    from hf_sparsek.finetune.model import resolve_model_path
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path(args.model))
     plays = shakespeare_plays()
@@ -358,9 +362,11 @@ def adapt(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
     after with both attentions on held-out documents. Each run is one ``finetune`` process; ``save(result)`` is
     called after each (partial results survive a killed command)."""
     from hf_sparsek.eval.modeling import density_summary
-    from hf_sparsek.scripts.finetune import load_token_documents, resolve_model_path
-    from hf_sparsek.scripts.packing import pack_documents
     from transformers import AutoConfig
+
+    from hf_sparsek.finetune.data import load_token_documents
+    from hf_sparsek.finetune.model import resolve_model_path
+    from hf_sparsek.finetune.packing import pack_documents
 
     start = time.time()
     model = resolve_model_path(args.model)  # an offline name: the GGUF is converted once, here
@@ -410,7 +416,7 @@ def adapt(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
                 print(f"== {tag}: skipped (time budget)", flush=True)
                 continue
             out = Path(args.work) / tag
-            cmd = [sys.executable, "-m", "hf_sparsek.scripts.finetune", *common, *extra, "--output-dir", str(out)]
+            cmd = [sys.executable, "-m", FINETUNE_MODULE, *common, *extra, "--output-dir", str(out)]
             print(f"== {tag}: {' '.join(cmd[1:])}", flush=True)
             t0 = time.time()
             proc = subprocess.run(cmd, stdout=sys.stdout, stderr=subprocess.STDOUT)
@@ -466,8 +472,9 @@ def adapt_markdown(result: dict[str, Any]) -> str:
 def packcheck(seq_len: int, restart: int) -> dict[str, Any]:
     """Batch of 2 packed rows (row 0 restarts at ``restart``, row 1 is one document): does each row of the batched
     forward/backward equal the row alone, and does the kernel equal the reference on the same inputs?"""
-    from hf_sparsek.scripts.packing import segment_ids
     from transformers import AutoModelForCausalLM
+
+    from hf_sparsek.finetune.packing import segment_ids
 
     pattern = hf_sparsek.SparsePattern(block_size=128, sink_tokens=128, window=1024)
     out: dict[str, Any] = {"seq_len": seq_len, "restart": restart, "pattern": pattern.to_dict()}

@@ -15,7 +15,7 @@ import functools
 import pytest
 import torch
 import transformers
-from hf_sparsek.scripts import arch_sweep as sweep
+from scripts import arch_sweep as sweep
 from packaging.version import Version
 
 import hf_sparsek

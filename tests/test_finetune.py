@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from hf_sparsek.scripts import finetune as ft
-from hf_sparsek.scripts.packing import IGNORE_INDEX, PackedDataset, collate_packed, pack_documents, segment_ids
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import hf_sparsek
+from hf_sparsek.finetune import PATTERN_FILE, FinetuneConfig, checks, finetune, load_finetuned, load_model
+from hf_sparsek.finetune import cli as ft_cli
+from hf_sparsek.finetune.packing import IGNORE_INDEX, PackedDataset, collate_packed, pack_documents, segment_ids
 
 PATTERN = hf_sparsek.SparsePattern(block_size=64, sink_tokens=4, window=64)
 SEQ = 192
@@ -32,14 +37,15 @@ def tiny_dir(tmp_path_factory) -> str:
     return str(path)
 
 
-def _args(tiny_dir: str, out: Path, *extra: str) -> object:
-    parser = ft.argparse.ArgumentParser()
-    ft.add_arguments(parser)
+def _cli_config(tiny_dir: str, out: Path, *extra: str) -> FinetuneConfig:
+    """The FinetuneConfig of `hf-sparsek finetune` options: a small synthetic run on CPU, plus ``extra``."""
+    parser = argparse.ArgumentParser()
+    ft_cli.add_arguments(parser)
     base = ["--model", tiny_dir, "--output-dir", str(out), "--train-data", "synthetic", "--synthetic-docs", "24",
             "--heldout-docs", "3", "--seq-len", str(SEQ), "--batch-size", "2", "--lr", "5e-3", "--dtype", "fp32",
             "--pattern", json.dumps(PATTERN.to_dict()), "--scheduler", "constant", "--max-steps", "6",
             "--save-steps", "3", "--eval-max-windows", "6", "--cpu"]
-    return parser.parse_args(base + list(extra))
+    return ft_cli.config_from_args(parser.parse_args(base + list(extra)))
 
 
 def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -94,7 +100,7 @@ def test_packed_rows_do_not_attend_across_documents(tiny_dir):
 
 # ------------------------------------------------------------------------------------------------ training
 def test_full_finetune_learns_and_checkpoint_reloads(tiny_dir, tmp_path):
-    result = ft.finetune(_args(tiny_dir, tmp_path, "--eval-steps", "3"))
+    result = finetune(_cli_config(tiny_dir, tmp_path, "--eval-steps", "3"))
     m = result.metrics
     assert m["eval_after"]["nll"] < m["eval_before"]["nll"] - 0.05
     losses = [loss for _, loss in m["losses"]]
@@ -111,15 +117,15 @@ def test_full_finetune_learns_and_checkpoint_reloads(tiny_dir, tmp_path):
 
 
 def test_lora_adapter_and_merged_reload(tiny_dir, tmp_path):
-    result = ft.finetune(_args(tiny_dir, tmp_path, "--lora-r", "4", "--max-steps", "3", "--no-eval-before"))
+    result = finetune(_cli_config(tiny_dir, tmp_path, "--lora-r", "4", "--max-steps", "3", "--no-eval-before"))
     trained = result.model
     probe = _probe()
     expected = _logits(trained, probe)
-    attached = ft.load_finetuned(tmp_path / "final" / "adapter")
+    attached = load_finetuned(tmp_path / "final" / "adapter")
     assert hf_sparsek.model_sparsity(attached.get_base_model().config).default == PATTERN
     # Every saved adapter carries the pattern it was trained under: the final one and each Trainer checkpoint's.
     for folder in (tmp_path / "final" / "adapter", tmp_path / "checkpoint-3"):
-        saved = json.loads((folder / ft.PATTERN_FILE).read_text())
+        saved = json.loads((folder / PATTERN_FILE).read_text())
         assert hf_sparsek.ModelSparsity.from_dict(saved).default == PATTERN
     torch.testing.assert_close(_logits(attached, probe), expected, rtol=0, atol=0)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "final", attn_implementation="sparsek")
@@ -129,15 +135,54 @@ def test_lora_adapter_and_merged_reload(tiny_dir, tmp_path):
     assert (_logits(base, probe) - expected).abs().max() > 1e-4  # the adapter is not a no-op
 
 
+def test_finetune_from_python_with_a_config(tiny_dir, tmp_path):
+    """The Python API: a FinetuneConfig with a pattern object and a Path, no command line; the dense evaluation of
+    the same weights leaves the model on its own attention and pattern."""
+    config = FinetuneConfig(
+        model=tiny_dir, output_dir=tmp_path / "run", pattern=PATTERN, train_data="synthetic", synthetic_docs=24,
+        heldout_docs=3, seq_len=SEQ, batch_size=2, lr=5e-3, dtype="fp32", scheduler="constant", max_steps=4,
+        save_steps=0, eval_max_windows=6, eval_also_attn="sdpa", cpu=True,
+    )
+    assert config.output_dir == str(tmp_path / "run")
+    result = finetune(config)
+    m = result.metrics
+    assert m["eval_after"]["nll"] < m["eval_before"]["nll"] - 0.05
+    assert m["eval_after_sdpa"]["ppl"] != m["eval_after"]["ppl"]  # a dense evaluation, not the sparse one again
+    assert result.model.config._attn_implementation == "sparsek"
+    assert hf_sparsek.model_sparsity(result.model.config).default == PATTERN
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["eval_after"] == m["eval_after"]
+    assert not list((tmp_path / "run").glob("checkpoint-*"))  # save_steps=0: no Trainer checkpoints
+    reloaded = load_finetuned(tmp_path / "run" / "final")
+    probe = _probe()
+    torch.testing.assert_close(_logits(reloaded, probe), _logits(result.model, probe), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("grad_accum", 0), ("seq_len", 1), ("lora_r", -1), ("batch_size", 2.0), ("eval_seq_len", 1), ("seed", -3),
+    ("lr", 0.0), ("lr", float("nan")), ("weight_decay", -0.1), ("attn", "flash"), ("dtype", "int8"),
+    ("eval_also_attn", "flash"), ("data_order", "shuffled"), ("cpu", "yes"), ("merge_lora", 1), ("model", ""),
+    ("pattern", 42), ("eval_pattern", ["window"]), ("lora_targets", " , "), ("resume", ""),
+])
+def test_bad_config_field_is_a_value_error_naming_it(field, value):
+    kwargs = {"model": "m", "output_dir": "o", field: value}
+    with pytest.raises(ValueError, match=rf"^FinetuneConfig\.{field}=.*: expected "):
+        FinetuneConfig(**kwargs)
+
+
+def test_finetune_takes_only_a_config(tmp_path):
+    with pytest.raises(TypeError, match="takes a FinetuneConfig, got Namespace"):
+        finetune(argparse.Namespace(model="m", output_dir=str(tmp_path)))
+
+
 def test_resume_continues_the_same_run(tiny_dir, tmp_path):
-    first = ft.finetune(_args(tiny_dir, tmp_path, "--max-steps", "4", "--save-steps", "2", "--no-eval-before"))
+    first = finetune(_cli_config(tiny_dir, tmp_path, "--max-steps", "4", "--save-steps", "2", "--no-eval-before"))
     losses = dict(first.metrics["losses"])
     for step in (3, 4):
         del losses[step]
     import shutil
 
     shutil.rmtree(tmp_path / "checkpoint-4")
-    resumed = ft.finetune(_args(tiny_dir, tmp_path, "--max-steps", "4", "--save-steps", "2", "--resume", "last"))
+    resumed = finetune(_cli_config(tiny_dir, tmp_path, "--max-steps", "4", "--save-steps", "2", "--resume", "last"))
     after = dict(resumed.metrics["losses"])
     assert sorted(after) == [1, 2, 3, 4]  # the restored state carries the first two steps' log
     assert resumed.metrics["steps_this_run"] == 2 and first.metrics["steps_this_run"] == 4
@@ -148,43 +193,43 @@ def test_resume_continues_the_same_run(tiny_dir, tmp_path):
 # ------------------------------------------------------------------------------------------------ errors
 def test_clear_errors(tiny_dir, tmp_path):
     with pytest.raises(ValueError, match="max_position_embeddings=512"):
-        ft.load_model(tiny_dir, seq_len=1024)
+        load_model(tiny_dir, seq_len=1024)
     with pytest.raises(ValueError, match="fp16 mixed-precision training needs a CUDA device"):
-        ft.load_model(tiny_dir, seq_len=128, dtype="fp16", device="cpu")
+        load_model(tiny_dir, seq_len=128, dtype="fp16", device="cpu")
     with pytest.raises(ValueError, match="block_size"):
-        ft.load_model(tiny_dir, pattern='{"block_size": 32, "window": 64}')
+        load_model(tiny_dir, pattern='{"block_size": 32, "window": 64}')
     with pytest.raises(ValueError, match="no trainable parameters"):
-        ft.finetune(_args(tiny_dir, tmp_path, "--train-only-pattern"))
+        finetune(_cli_config(tiny_dir, tmp_path, "--train-only-pattern"))
     with pytest.raises(ValueError, match="longer than the model"):
-        ft.finetune(_args(tiny_dir, tmp_path, "--seq-len", "4096"))
+        finetune(_cli_config(tiny_dir, tmp_path, "--seq-len", "4096"))
     from transformers import ViTConfig
 
     ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(
         tmp_path / "vit")
     with pytest.raises(ValueError, match="no causal-LM class"):
-        ft.load_model(str(tmp_path / "vit"))
+        load_model(str(tmp_path / "vit"))
     LlamaConfig(**{**_tiny_config().to_dict(), "attention_dropout": 0.1}).save_pretrained(tmp_path / "drop")
     with pytest.raises(ValueError, match="attention_dropout"):
-        ft.load_model(str(tmp_path / "drop"))
+        load_model(str(tmp_path / "drop"))
 
 
 def test_bf16_on_a_gpu_without_bf16_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Old GPU")
     with pytest.raises(ValueError, match="no bf16 support"):
-        ft.check_dtype("bf16", "cuda")
-    ft.check_dtype("fp32", "cuda")
+        checks.check_dtype("bf16", "cuda")
+    checks.check_dtype("fp32", "cuda")
 
 
 def test_kernel_that_cannot_train_is_refused(monkeypatch):
-    monkeypatch.setattr(ft, "_kernel_reason", lambda head_dim, dtype: f"head dim {head_dim} is not supported")
+    monkeypatch.setattr(checks, "_kernel_reason", lambda head_dim, dtype: f"head dim {head_dim} is not supported")
     config = _tiny_config(hidden_size=40, num_attention_heads=4)
     with pytest.raises(ValueError, match="head dim 10 is not supported"):
-        ft.check_kernel(config, "bf16", "cuda")
-    assert ft.check_kernel(config, "bf16", "cuda", allow_reference=True) == "reference"
-    monkeypatch.setattr(ft, "_kernel_reason", lambda head_dim, dtype: None)
-    assert ft.check_kernel(config, "bf16", "cuda") == "triton"
-    assert ft.check_kernel(config, "bf16", "cpu") == "reference"
+        checks.check_kernel(config, "bf16", "cuda")
+    assert checks.check_kernel(config, "bf16", "cuda", allow_reference=True) == "reference"
+    monkeypatch.setattr(checks, "_kernel_reason", lambda head_dim, dtype: None)
+    assert checks.check_kernel(config, "bf16", "cuda") == "triton"
+    assert checks.check_kernel(config, "bf16", "cpu") == "reference"
 
 
 def test_bf16_autocast_training_step_matches_sdpa(tiny_dir):
@@ -204,25 +249,42 @@ def test_bf16_autocast_training_step_matches_sdpa(tiny_dir):
 
 
 def test_module_entry_point_errors_are_one_line(tmp_path, capsys, monkeypatch):
-    """`python -m hf_sparsek.scripts.finetune` reports bad input like `hf-sparsek finetune`: one line, exit code 2."""
+    """`python -m hf_sparsek.finetune` reports bad input like `hf-sparsek finetune`: one line, exit code 2."""
     monkeypatch.delenv("HF_SPARSEK_DEBUG", raising=False)
     with pytest.raises(SystemExit) as exc:
-        ft.main(["--model", "x", "--output-dir", str(tmp_path), "--grad-accum", "0"])
+        ft_cli.main(["--model", "x", "--output-dir", str(tmp_path), "--grad-accum", "0"])
     assert exc.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "python -m hf_sparsek.scripts.finetune: error: argument --grad-accum: expected a whole number >= 1, got 0 "
-        "(see python -m hf_sparsek.scripts.finetune --help)"]
-    assert ft.main(["--model", str(tmp_path / "missing"), "--output-dir", str(tmp_path)]) == 2
+        "python -m hf_sparsek.finetune: error: argument --grad-accum: expected a whole number >= 1, got 0 "
+        "(see python -m hf_sparsek.finetune --help)"]
+    assert ft_cli.main(["--model", str(tmp_path / "missing"), "--output-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("python -m hf_sparsek.scripts.finetune: error: --model ")
+    assert len(err) == 1 and err[0].startswith("python -m hf_sparsek.finetune: error: --model ")
     assert "no such checkpoint folder" in err[0]
+
+
+def test_python_dash_m_is_the_command(tmp_path):
+    """`python -m hf_sparsek.finetune` (what `accelerate launch -m` runs) is the finetune command, run from anywhere."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_SPARSEK_DEBUG"}
+    argv = ["--model", "m", "--output-dir", str(tmp_path / "o"), "--seq-len", "-1"]
+    result = subprocess.run([sys.executable, "-m", "hf_sparsek.finetune", *argv], capture_output=True, text=True,
+                            env=env, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == ("python -m hf_sparsek.finetune: error: argument --seq-len: expected a whole "
+                                     "number >= 1, got -1 (see python -m hf_sparsek.finetune --help)")
 
 
 def test_cli_registers_finetune():
     from hf_sparsek.cli import build_parser
 
     args = build_parser().parse_args(["finetune", "--model", "x", "--output-dir", "y", "--lora-r", "8"])
-    assert args.command == "finetune" and args.lora_r == 8 and args.func is ft._run
+    assert args.command == "finetune" and args.lora_r == 8 and args.func is ft_cli.run
+    config = ft_cli.config_from_args(args)
+    assert config == FinetuneConfig(model="x", output_dir="y", lora_r=8)  # the options' defaults are the config's
+    no_flags = ft_cli.config_from_args(build_parser().parse_args(
+        ["finetune", "--model", "x", "--output-dir", "y", "--no-merge", "--no-eval-before",
+         "--no-gradient-checkpointing"]))
+    assert (no_flags.merge_lora, no_flags.eval_before, no_flags.gradient_checkpointing) == (False, False, False)
 
 
 # ------------------------------------------------------------------------------------------------ adaptation driver
@@ -238,7 +300,7 @@ def _metrics(attn: str, before: tuple[float, float], after: tuple[float, float])
 
 
 def test_adaptation_summary_and_verdict():
-    from hf_sparsek.scripts import gpu_finetune as gf
+    from scripts import gpu_finetune as gf
 
     sparse = _metrics("sparsek", before=(50.0, 40.0), after=(42.0, 36.5))
     dense = _metrics("sdpa", before=(50.0, 40.0), after=(45.0, 36.0))
@@ -268,7 +330,7 @@ def test_adaptation_summary_and_verdict():
 
 
 def test_split_plays_keeps_order_and_refuses_unknown_names():
-    from hf_sparsek.scripts import gpu_finetune as gf
+    from scripts import gpu_finetune as gf
 
     assert gf.split_plays(["a", "b", "c", "d"], ["c", "a"]) == (["b", "d"], ["a", "c"])
     with pytest.raises(ValueError, match="not in the corpus"):
@@ -282,7 +344,7 @@ def test_adapt_runs_pairs_and_skips_half_pairs_for_time(tiny_dir, tmp_path, monk
     import argparse
     import types
 
-    from hf_sparsek.scripts import gpu_finetune as gf
+    from scripts import gpu_finetune as gf
 
     clock = types.SimpleNamespace(now=1000.0)
     monkeypatch.setattr(gf, "time", types.SimpleNamespace(time=lambda: clock.now))

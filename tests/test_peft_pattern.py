@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_sparsek.scripts import finetune as ft
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import hf_sparsek
+from hf_sparsek.finetune import PATTERN_FILE, write_adapter_pattern
 
 peft = pytest.importorskip("peft")
 
@@ -53,7 +53,7 @@ def trained(base_dir, tmp_path_factory) -> tuple[Path, torch.Tensor, torch.Tenso
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
     folder = tmp_path_factory.mktemp("adapter")
     model.save_pretrained(folder)
-    ft.write_adapter_pattern(model, folder)
+    write_adapter_pattern(model, folder)
     probe = torch.randint(0, VOCAB, (1, SEQ), generator=gen)
     return folder, probe, _logits(model, probe)
 
@@ -66,16 +66,16 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 def test_adapter_folder_carries_the_pattern_and_says_how_to_restore_it(trained):
     folder, _, _ = trained
-    saved = hf_sparsek.ModelSparsity.from_dict(json.loads((folder / ft.PATTERN_FILE).read_text()))
+    saved = hf_sparsek.ModelSparsity.from_dict(json.loads((folder / PATTERN_FILE).read_text()))
     assert saved.default == PATTERN
     readme = (folder / "README.md").read_text()
-    assert ft.PATTERN_FILE in readme and "hf_sparsek.set_pattern(base" in readme
+    assert PATTERN_FILE in readme and "hf_sparsek.set_pattern(base" in readme
 
 
 def test_peft_from_pretrained_with_the_pattern_file_gives_the_trained_logits(base_dir, trained):
     folder, probe, expected = trained
     base = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="sparsek")
-    hf_sparsek.set_pattern(base, str(folder / ft.PATTERN_FILE))
+    hf_sparsek.set_pattern(base, str(folder / PATTERN_FILE))
     model = peft.PeftModel.from_pretrained(base, folder)
     torch.testing.assert_close(_logits(model, probe), expected, rtol=0, atol=0)
     # The check can fail: the same adapter under the model type's default pattern gives other logits.
@@ -87,7 +87,7 @@ def test_auto_peft_model_with_the_pattern_file_gives_the_trained_logits(trained,
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # AutoPeftModel looks for a tokenizer on the hub otherwise
     folder, probe, expected = trained
     model = peft.AutoPeftModelForCausalLM.from_pretrained(folder, attn_implementation="sparsek")
-    hf_sparsek.set_pattern(model.get_base_model(), str(folder / ft.PATTERN_FILE))
+    hf_sparsek.set_pattern(model.get_base_model(), str(folder / PATTERN_FILE))
     torch.testing.assert_close(_logits(model, probe), expected, rtol=0, atol=0)
 
 
