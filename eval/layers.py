@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from hf_sparsek.describe import layer_types as _layer_types
+from hf_sparsek.model_defaults import layer_kinds
 
 from .modeling import PatternSpec, _decoder, apply_pattern, layer_densities, text_config
 
@@ -66,7 +66,7 @@ def compare_layers(model: Any, ids: torch.Tensor, spec: PatternSpec) -> dict[str
     dense_outs, dense_hidden = _forward_capture(model, ids)
     apply_pattern(model, spec)
     sparse_outs, sparse_hidden = _forward_capture(model, ids)
-    kinds = _layer_types(text_config(model))
+    kinds = layer_kinds(text_config(model))
     dens = layer_densities(model.config, spec.sparsity, ids.shape[1])
     rows = []
     for i, (d, s) in enumerate(zip(dense_outs, sparse_outs, strict=True)):
@@ -82,7 +82,7 @@ def isolate_layers(model: Any, ids: torch.Tensor, spec: PatternSpec, layers: lis
     if spec.sparsity is None:
         raise ValueError("isolate needs a sparse pattern")
     config = text_config(model)
-    kinds = _layer_types(config)
+    kinds = layer_kinds(config)
     n = len(kinds)
     candidates = [i for i, k in enumerate(kinds) if k != "sliding_attention"] if layers is None else layers
     apply_pattern(model, PatternSpec("dense", None))

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 import hf_sparsek
-from hf_sparsek.describe import layer_types, pattern_density
-from hf_sparsek.model_defaults import default_sparsity
+from hf_sparsek.describe import pattern_density
+from hf_sparsek.model_defaults import default_sparsity, layer_kinds, resolve_layer_pattern
 from hf_sparsek.patterns import ModelSparsity, SparsePattern, as_model_sparsity
 
 DENSE = "dense"
@@ -133,18 +133,15 @@ def apply_pattern(model: Any, spec: PatternSpec) -> None:
 
 
 def layer_densities(config: Any, sparsity: ModelSparsity | None, seq_len: int) -> list[float]:
-    """Per-layer attended / causal pairs at ``seq_len``; model sliding layers keep their own window."""
+    """Per-layer attended / causal pairs at ``seq_len`` (``sparsity`` None: the dense baseline), each layer's pattern
+    as the attention function resolves it (model sliding layers keep their own window)."""
     config = text_config(config)
     window = getattr(config, "sliding_window", None)
+    sparsity = sparsity or ModelSparsity(default=SparsePattern())
     out = []
     cache: dict[str, float] = {}
-    for layer, kind in enumerate(layer_types(config)):
-        if kind == "sliding_attention" and window:
-            pattern = SparsePattern(window=int(window))
-        elif sparsity is None:
-            pattern = SparsePattern()
-        else:
-            pattern = sparsity.for_layer(layer)
+    for layer, kind in enumerate(layer_kinds(config)):
+        pattern = resolve_layer_pattern(sparsity, layer, kind, window if kind == "sliding_attention" else None)
         if seq_len <= pattern.min_sparse_len:
             pattern = SparsePattern()
         key = repr(pattern)
@@ -158,7 +155,7 @@ def density_summary(config: Any, sparsity: ModelSparsity | None, seq_len: int) -
     """``density``: mean over the layers the pattern controls (full-attention layers); ``model_density``: all."""
     config = text_config(config)
     dens = layer_densities(config, sparsity, seq_len)
-    kinds = layer_types(config)
+    kinds = layer_kinds(config)
     full = [d for d, k in zip(dens, kinds, strict=True) if k != "sliding_attention"] or dens
     return {"density": sum(full) / len(full), "model_density": sum(dens) / len(dens)}
 

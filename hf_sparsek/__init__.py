@@ -45,11 +45,11 @@ _LAZY = {
     "from_pretrained": "loading",
     "build_index_for": "ops",
     "sparse_attention": "ops",
-    "mask_picture": "token_rules",
-    "selection_mask": "token_rules",
+    "exact_token_mask": "masks",
+    "mask_picture": "masks",
 }
-_SUBMODULES = frozenset({"block_index", "integration", "loading", "model_defaults", "ops", "reference", "selection",
-                         "token_rules", "triton_ops"})  # ``hf_sparsek.ops.x`` works before anything imported ops
+_SUBMODULES = frozenset({"block_index", "integration", "loading", "masks", "model_defaults", "ops", "reference",
+                         "topk_selector", "triton_ops"})  # ``hf_sparsek.ops.x`` works before anything imported ops
 _TRANSFORMERS_MODELING = "transformers.modeling_utils"
 
 
@@ -115,6 +115,7 @@ __all__ = [
     "build_index_for",
     "default_sparsity",
     "describe",
+    "exact_token_mask",
     "from_pretrained",
     "get_settings",
     "implementation_names",
@@ -122,7 +123,6 @@ __all__ = [
     "mask_picture",
     "model_sparsity",
     "register",
-    "selection_mask",
     "set_pattern",
     "set_settings",
     "settings",

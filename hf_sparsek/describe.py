@@ -14,17 +14,6 @@ if TYPE_CHECKING:
     import torch
 
 
-def layer_types(config: Any) -> list[str]:
-    """'full_attention' / 'sliding_attention' per layer (from config.layer_types, else from sliding_window)."""
-    n_layers = int(config.num_hidden_layers)
-    types = getattr(config, "layer_types", None)
-    if types:
-        return list(types)
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        return ["sliding_attention"] * n_layers
-    return ["full_attention"] * n_layers
-
-
 def pattern_density(pattern: SparsePattern, seq_len: int) -> float:
     """Attended pairs over causal pairs for one unpadded sequence of ``seq_len`` tokens (exact, O(S/B x k))."""
     from .block_index import attended_pairs, build_block_index, causal_pairs
@@ -44,23 +33,26 @@ def pattern_density(pattern: SparsePattern, seq_len: int) -> float:
 
 
 def resolved_layers(config: Any) -> list[tuple[int, str, SparsePattern]]:
-    """(layer, kind, pattern) for every layer, as the attention function will resolve them."""
-    from .model_defaults import model_sparsity
+    """(layer, kind, pattern) for every layer, as the attention function will resolve them
+    (``model_defaults.resolve_layer_pattern``); a layer it refuses is listed as unsupported."""
+    from .model_defaults import layer_kinds, model_sparsity, resolve_layer_pattern
 
     sparsity = model_sparsity(config)
-    rows = []
     window = getattr(config, "sliding_window", None)
-    block = sparsity.default.block_size
-    for layer, kind in enumerate(layer_types(config)):
-        if kind == "sliding_attention" and window:
-            rows.append((layer, "sliding (model)", SparsePattern(block_size=block, window=window)))
+    rows = []
+    for layer, kind in enumerate(layer_kinds(config)):
+        try:
+            pattern = resolve_layer_pattern(sparsity, layer, kind, window if kind == "sliding_attention" else None)
+        except ValueError:
+            rows.append((layer, f"unsupported: {kind}", SparsePattern(block_size=sparsity.default.block_size)))
+            continue
+        if kind == "sliding_attention":
+            label = "sliding (model)"
         elif kind == "chunked_attention":
-            rows.append((layer, f"chunked {getattr(config, 'attention_chunk_size', '?')} (model)",
-                         SparsePattern(block_size=block)))
-        elif kind in ("full_attention", "sliding_attention"):
-            rows.append((layer, "full", sparsity.for_layer(layer)))
+            label = f"chunked {getattr(config, 'attention_chunk_size', '?')} (model)"
         else:
-            rows.append((layer, f"unsupported: {kind}", SparsePattern(block_size=block)))
+            label = "full"
+        rows.append((layer, label, pattern))
     return rows
 
 

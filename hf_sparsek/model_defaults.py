@@ -136,15 +136,69 @@ def _write_choice(config: Any, stored: Any, frozen: Any, preset: str | None, mod
             setattr(config, CONFIG_ATTRIBUTE, copy.deepcopy(wanted))
 
 
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+
+
+def layer_kind(config: Any, layer_idx: int | None) -> str | None:
+    """The layer's entry in ``config.layer_types`` (None when the config lists none or the layer is unknown)."""
+    types = getattr(config, "layer_types", None)
+    if not types or layer_idx is None or layer_idx >= len(types):
+        return None
+    return types[layer_idx]
+
+
+def layer_kinds(config: Any) -> list[str]:
+    """The kind of every layer: ``config.layer_types``, else sliding for all layers of a model-wide window."""
+    types = getattr(config, "layer_types", None)
+    if types:
+        return list(types)
+    n_layers = int(config.num_hidden_layers)
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return ["sliding_attention"] * n_layers
+    return ["full_attention"] * n_layers
+
+
+def check_layer_kind(kind: str | None, sliding_window: int | None, layer_idx: int | None) -> None:
+    """ValueError for a layer whose mask is unknown to us: another type, or a sliding layer without its window."""
+    if kind is not None and kind not in SUPPORTED_LAYER_TYPES:
+        raise ValueError(
+            f"attn_implementation='sparsek' does not support layer type {kind!r} (layer {layer_idx}); supported "
+            f"layer types: {SUPPORTED_LAYER_TYPES}. Use attn_implementation='sdpa' for this model."
+        )
+    if kind == "sliding_attention" and sliding_window is None:
+        raise ValueError(
+            f"layer {layer_idx} is a 'sliding_attention' layer but no sliding_window is known for it (the model "
+            "passes none to its attention function); attn_implementation='sparsek' cannot know its window"
+        )
+
+
+def resolve_layer_pattern(
+    sparsity: ModelSparsity, layer_idx: int | None, kind: str | None, sliding_window: int | None
+) -> SparsePattern:
+    """The one rule for the pattern of one layer: a model's sliding layers keep exactly their window, chunked layers
+    are dense within their chunk (the chunks are applied as segments), other layers take ``sparsity``'s pattern.
+
+    ``kind``: the layer's type (None: a plain layer); ``sliding_window``: the window the model applies to it.
+    """
+    check_layer_kind(kind, sliding_window, layer_idx)
+    if sliding_window is not None or kind == "chunked_attention":
+        window = None if sliding_window is None else int(sliding_window)
+        return SparsePattern(block_size=sparsity.default.block_size, window=window)
+    return sparsity.for_layer(layer_idx)
+
+
 @torch.compiler.assume_constant_result  # run while tracing; its arguments are config values the graph guards on
-def _layer_fields(frozen: Any, preset: str | None, model_type: str | None, layer_idx: int | None) -> tuple:
-    return _layer_fields_cached(frozen, preset, model_type, layer_idx)
+def _layer_fields(frozen: Any, preset: str | None, model_type: str | None, layer_idx: int | None, kind: str | None,
+                  sliding_window: int | None) -> tuple:
+    return _layer_fields_cached(frozen, preset, model_type, layer_idx, kind, sliding_window)
 
 
 @lru_cache(maxsize=1024)
-def _layer_fields_cached(frozen: Any, preset: str | None, model_type: str | None, layer_idx: int | None) -> tuple:
+def _layer_fields_cached(frozen: Any, preset: str | None, model_type: str | None, layer_idx: int | None,
+                         kind: str | None, sliding_window: int | None) -> tuple:
     """A layer's pattern as sorted (field, value) pairs of plain values, the layout as pairs too."""
-    fields = _resolve(frozen, preset, model_type).for_layer(layer_idx).to_dict()
+    pattern = resolve_layer_pattern(_resolve(frozen, preset, model_type), layer_idx, kind, sliding_window)
+    fields = pattern.to_dict()
     fields["dense_heads"] = tuple(fields["dense_heads"])
     if fields["layout"] is not None:
         fields["layout"] = tuple(sorted(fields["layout"].items()))
@@ -161,18 +215,21 @@ def _pattern_from_fields(fields: tuple) -> SparsePattern:
 _pattern_cached = lru_cache(maxsize=1024)(_pattern_from_fields)
 
 
-def layer_pattern(config: Any, layer_idx: int | None) -> SparsePattern:
-    """The pattern of layer ``layer_idx`` (None: the default) of a model config, as :func:`model_sparsity` resolves it.
+def layer_pattern(config: Any, layer_idx: int | None, sliding_window: int | None = None) -> SparsePattern:
+    """The pattern layer ``layer_idx`` (None: a plain layer) of a model config runs: :func:`resolve_layer_pattern`
+    over :func:`model_sparsity`, the layer's type from ``config.layer_types`` and the window the model passes.
 
     torch.compile traces this: the resolution runs once while tracing (its inputs are config values the graph guards
     on), and the pattern is rebuilt from plain fields inside the graph. Eager calls also write the choice into the
     config, like :func:`model_sparsity`.
     """
     compiling = torch.compiler.is_compiling()
+    kind = layer_kind(config, layer_idx)
+    check_layer_kind(kind, sliding_window, layer_idx)
     stored, frozen, preset, model_type = _config_key(config)
     if not compiling:
         _write_choice(config, stored, frozen, preset, model_type)
-    fields = _layer_fields(frozen, preset, model_type, layer_idx)
+    fields = _layer_fields(frozen, preset, model_type, layer_idx, kind, sliding_window)
     return _pattern_from_fields(fields) if compiling else _pattern_cached(fields)
 
 

@@ -1,4 +1,7 @@
-"""Public functional API: ``sparse_attention`` (dispatch to the Triton kernel or the reference).
+"""The op: ``sparse_attention`` validates its inputs once, builds (or reuses) the block index, makes the one backend
+decision (torch SDPA for dense rows where asked, the Triton kernels, or the PyTorch reference) and runs it. Under
+torch.compile it is one custom op (``hf_sparsek::sparse_attention``) that builds the index inside, so a model
+compiles with ``fullgraph=True``.
 
 Mask picture of ``SparsePattern(sink_tokens=2, window=3)`` on 8 tokens (rows are queries, ``#`` attended)::
 
@@ -14,23 +17,29 @@ Mask picture of ``SparsePattern(sink_tokens=2, window=3)`` on 8 tokens (rows are
 
 from __future__ import annotations
 
+import logging
 import math
+from functools import lru_cache
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 from .block_index import BlockIndex, absolute_position, build_block_index
-from .patterns import SparsePattern
+from .patterns import BlockLayout, SparsePattern
 from .reference import reference_attention
-from .selection import select_topk_tiles
+from .topk_selector import select_topk_tiles
 
 Backend = Literal["auto", "triton", "reference"]
 BACKENDS = ("auto", "triton", "reference")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+logger = logging.getLogger(__name__)
+_warned: set[str] = set()
 
 
 def _check_layout(
-    batch: int, q_len: int, kv_len: int, attention_mask: torch.Tensor | None, segment_ids: torch.Tensor | None
+    batch: int, q_len: int, kv_len: int, attention_mask: torch.Tensor | None, segment_ids: torch.Tensor | None,
+    query_segment_ids: torch.Tensor | None = None,
 ) -> None:
     """Shape and dtype checks of a padding mask / packed segment ids (metadata only: no device work)."""
     if attention_mask is not None:
@@ -46,14 +55,25 @@ def _check_layout(
                 "token and False / 0 = padding. Convert an additive mask (0 = keep, -inf = masked) with "
                 "`attention_mask == 0`"
             )
-    if segment_ids is not None:
-        if segment_ids.dtype.is_floating_point or segment_ids.dtype.is_complex:
-            raise ValueError(f"segment_ids must be an integer tensor of sequence ids, got dtype {segment_ids.dtype}")
-        if segment_ids.shape != (batch, kv_len) or q_len != kv_len:
+    for name, ids in (("segment_ids", segment_ids), ("query_segment_ids", query_segment_ids)):
+        if ids is not None and (ids.dtype.is_floating_point or ids.dtype.is_complex):
+            raise ValueError(f"{name} must be an integer tensor of sequence ids, got dtype {ids.dtype}")
+    if query_segment_ids is not None:
+        if segment_ids is None or query_segment_ids.shape != (batch, q_len):
             raise ValueError(
-                f"segment_ids must be (batch, seq) = ({batch}, {kv_len}) with q_len == kv_len (packed sequences "
-                f"without a cache), got shape {tuple(segment_ids.shape)} and q_len={q_len}"
+                f"query_segment_ids must be (batch, q_len) = ({batch}, {q_len}) and come with segment_ids, got "
+                f"shape {tuple(query_segment_ids.shape)}"
+                + ("" if segment_ids is not None else " without segment_ids")
             )
+        if segment_ids.shape != (batch, kv_len):
+            raise ValueError(f"segment_ids must be (batch, kv_len) = ({batch}, {kv_len}), got shape "
+                             f"{tuple(segment_ids.shape)}")
+    elif segment_ids is not None and (segment_ids.shape != (batch, kv_len) or q_len != kv_len):
+        raise ValueError(
+            f"segment_ids must be (batch, seq) = ({batch}, {kv_len}) with q_len == kv_len (packed sequences "
+            f"without a cache; pass query_segment_ids otherwise), got shape {tuple(segment_ids.shape)} and "
+            f"q_len={q_len}"
+        )
 
 
 def sequence_layout(
@@ -63,23 +83,25 @@ def sequence_layout(
     attention_mask: torch.Tensor | None,
     segment_ids: torch.Tensor | None,
     device: torch.device,
+    query_segment_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Padding mask / packed segment ids -> (k_seg, q_seg, k_rank) for the block index; all None when unpadded."""
-    _check_layout(batch, q_len, kv_len, attention_mask, segment_ids)
+    """Padding mask / segment ids -> (k_seg, q_seg, k_rank) for the block index; all None when unpadded.
+
+    A key's rank counts from the first key of its segment in this call (sinks of packed sequences)."""
+    _check_layout(batch, q_len, kv_len, attention_mask, segment_ids, query_segment_ids)
     if attention_mask is None and segment_ids is None:
         return None, None, None
     if attention_mask is not None:
         valid = attention_mask.to(device=device, dtype=torch.bool)
     else:
         valid = torch.ones(batch, kv_len, dtype=torch.bool, device=device)
-    q_seg = None
     if segment_ids is None:
         k_seg = torch.where(valid, 0, -1).to(torch.int32)
         k_rank = (torch.cumsum(valid.to(torch.int32), -1) - 1).to(torch.int32)
         return k_seg, None, k_rank
     seg = segment_ids.to(device=device, dtype=torch.int32)
     k_seg = torch.where(valid, seg, -1).to(torch.int32)
-    q_seg = seg
+    q_seg = seg if query_segment_ids is None else query_segment_ids.to(device=device, dtype=torch.int32)
     starts = torch.ones_like(seg, dtype=torch.bool)
     starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
     pos = torch.arange(kv_len, device=device).expand(batch, kv_len)
@@ -197,11 +219,13 @@ def build_index_for(
     kv_offset: int = 0,
     attention_mask: torch.Tensor | None = None,
     segment_ids: torch.Tensor | None = None,
+    query_segment_ids: torch.Tensor | None = None,
 ) -> BlockIndex:
     """The block index ``sparse_attention`` would use for these inputs (exposed for kernels, tests, benchmarks)."""
     batch, q_len, kv_len = q.shape[0], q.shape[2], k.shape[2]
     q_offset, kv_offset = _resolve_offsets(q_len, kv_len, q_offset, kv_offset)
-    k_seg, q_seg, k_rank = sequence_layout(batch, q_len, kv_len, attention_mask, segment_ids, q.device)
+    k_seg, q_seg, k_rank = sequence_layout(batch, q_len, kv_len, attention_mask, segment_ids, q.device,
+                                           query_segment_ids)
     topk = None
     if pattern.topk_blocks is not None:
         topk = select_topk_tiles(q, k, pattern, q_offset, kv_offset, k_seg)
@@ -211,13 +235,53 @@ def build_index_for(
     )
 
 
-def triton_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
-    """None when the Triton kernel can run these inputs, else why not (used by dispatch and its errors)."""
+def triton_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float | None = None
+                              ) -> str | None:
+    """None when the Triton kernels can run these inputs, else why not: the one question behind the backend choice
+    and its errors (``kernels.dispatch.unsupported_reason``, or why the kernels cannot be imported)."""
     try:
-        from .triton_ops import unsupported_reason
+        from .kernels.dispatch import unsupported_reason
     except ImportError as exc:  # triton missing, or the kernels package not built for this platform
         return f"the Triton kernels cannot be imported ({exc})"
-    return unsupported_reason(q, k, v)
+    return unsupported_reason(q, k, v, softcap)
+
+
+def _uses_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float | None, backend: Backend) -> bool:
+    """The backend decision: "auto" takes the Triton kernels on CUDA where they can run (else the reference, with a
+    one-time warning on GPU); a forced backend that cannot run raises (nothing falls back silently)."""
+    if backend == "reference" or (backend == "auto" and not q.is_cuda):
+        return False
+    reason = triton_unsupported_reason(q, k, v, softcap)
+    if reason is None:
+        return True
+    if backend == "triton":
+        raise ValueError(f"backend='triton' cannot run: {reason}")
+    if reason not in _warned:
+        _warned.add(reason)
+        logger.warning("hf_sparsek: running the PyTorch reference on GPU (slow, same results): %s", reason)
+    return False
+
+
+def _sdpa_applies(q_len: int, kv_len: int, q_offset: int, kv_offset: int) -> bool:
+    """Dense causal attention needs no mask tensor in torch SDPA: prefill, or one query at the end of the keys."""
+    return (q_len == kv_len and q_offset == kv_offset) or (q_len == 1 and q_offset + 1 == kv_offset + kv_len)
+
+
+def _index_for_call(
+    cache: dict | None, q: torch.Tensor, k: torch.Tensor, pattern: SparsePattern, q_offset: int, kv_offset: int,
+    attention_mask: torch.Tensor | None, segment_ids: torch.Tensor | None, query_segment_ids: torch.Tensor | None,
+) -> BlockIndex:
+    """Build the index, or reuse one of ``cache`` built for the same pattern, shapes and kind of layout. A top-k
+    selection depends on q and k, so it is rebuilt per call."""
+    if cache is None or pattern.topk_blocks is not None:
+        return build_index_for(q, k, pattern, q_offset, kv_offset, attention_mask, segment_ids, query_segment_ids)
+    key = (pattern, k.shape[1], q.shape[2], k.shape[2], q_offset, kv_offset, attention_mask is not None,
+           segment_ids is not None, query_segment_ids is not None, q.device)
+    index = cache.get(key)
+    if index is None:
+        index = cache[key] = build_index_for(q, k, pattern, q_offset, kv_offset, attention_mask, segment_ids,
+                                             query_segment_ids)
+    return index
 
 
 def sparse_attention(
@@ -228,12 +292,15 @@ def sparse_attention(
     *,
     scale: float | None = None,
     softcap: float | None = None,
-    q_offset: int | None = None,
-    kv_offset: int = 0,
+    q_offset: int | torch.Tensor | None = None,
+    kv_offset: int | torch.Tensor = 0,
     attention_mask: torch.Tensor | None = None,
     segment_ids: torch.Tensor | None = None,
+    query_segment_ids: torch.Tensor | None = None,
     index: BlockIndex | None = None,
+    index_cache: dict | None = None,
     backend: Backend = "auto",
+    dense_via_sdpa: bool = False,
 ) -> torch.Tensor:
     """Causal block-sparse attention. Differentiable.
 
@@ -242,16 +309,23 @@ def sparse_attention(
             of kv_heads (GQA / MQA read each KV head once per group, no copies).
         pattern: which keys each query sees (default: dense causal). See :class:`SparsePattern`.
         scale: softmax scale (default 1/sqrt(head_dim)); softcap: tanh logit soft-capping (Gemma 2 style).
-        q_offset, kv_offset: absolute positions (integers >= 0) of the first query / key (default: queries are the
-            last q_len positions of the keys, as in prefill, chunked prefill and decode against a cache).
+        q_offset, kv_offset: absolute positions (integers >= 0, or one-element integer tensors) of the first query /
+            key (default: queries are the last q_len positions of the keys, as in prefill, chunked prefill and
+            decode against a cache).
         attention_mask: (batch, kv_len) bool or integer, True / 1 for real keys, False / 0 for padding; sinks count
             from the first real key. A floating (additive) mask raises: pass ``mask == 0`` instead.
-        segment_ids: (batch, seq) integer packed-sequence ids (q_len == kv_len): no attention across sequences.
+        segment_ids: (batch, kv_len) integer sequence ids of the keys: no attention across sequences. Without
+            ``query_segment_ids`` the queries are the keys (packed sequences, q_len == kv_len).
+        query_segment_ids: (batch, q_len) sequence ids of the queries, where they are not the keys' (a cached call).
         index: a prebuilt block index (skips building one). It must match the other arguments: lengths, offsets,
             batch / heads, the pattern's block size, sinks and window, and whether a mask / segment ids were given
             (checked on shapes; the mask's values are not compared).
-        backend: "auto" (Triton kernel on CUDA when supported, else the reference), "triton" or "reference".
+        index_cache: a dict kept by the caller for one padding mask / segments source (the layers of one forward):
+            indexes built here are stored in it and reused by later calls with the same pattern and shapes.
+        backend: "auto" (Triton kernels on CUDA when supported, else the reference), "triton" or "reference".
             A forced backend that cannot run raises; nothing falls back silently.
+        dense_via_sdpa: rows that are all dense (a dense pattern, or queries under ``min_sparse_len``) without
+            padding, segments or softcap run torch SDPA where it needs no mask.
 
     Returns:
         (batch, q_heads, q_len, head_dim) in q's dtype. Rows with nothing to attend are zeros. A batch of 0 gives
@@ -260,22 +334,166 @@ def sparse_attention(
     _validate(q, k, v)
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}; supported: {BACKENDS}")
+    _check_layout(q.shape[0], q.shape[2], k.shape[2], attention_mask, segment_ids, query_segment_ids)
+    if index is None and pattern is None:
+        pattern = SparsePattern()
+    if torch.compiler.is_compiling() and index is None:
+        return _traced_call(q, k, v, attention_mask, segment_ids, query_segment_ids, q_offset, kv_offset, pattern,
+                            scale, softcap, backend, dense_via_sdpa)
+    q_offset, kv_offset = _resolve_offsets(q.shape[2], k.shape[2], q_offset, kv_offset)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if index is None:
-        pattern = SparsePattern() if pattern is None else pattern
-        index = build_index_for(q, k, pattern, q_offset, kv_offset, attention_mask, segment_ids)
+        index = _prepare_index(q, k, pattern, q_offset, kv_offset, attention_mask, segment_ids, query_segment_ids,
+                               index_cache, softcap, dense_via_sdpa)
     else:
-        q_offset, kv_offset = _resolve_offsets(q.shape[2], k.shape[2], q_offset, kv_offset)
-        _check_layout(q.shape[0], q.shape[2], k.shape[2], attention_mask, segment_ids)
         _check_index(index, q, k, pattern, q_offset, kv_offset, attention_mask, segment_ids)
-    use_triton = False
-    if backend in ("auto", "triton"):
-        reason = triton_unsupported_reason(q, k, v) if q.is_cuda or backend == "triton" else "inputs are not on CUDA"
-        if backend == "triton" and reason is not None:
-            raise ValueError(f"backend='triton' cannot run: {reason}")
-        use_triton = reason is None
-    if use_triton:
+    return _attend(q, k, v, index, scale, softcap, backend)
+
+
+def _prepare_index(
+    q: torch.Tensor, k: torch.Tensor, pattern: SparsePattern, q_offset: int, kv_offset: int,
+    attention_mask: torch.Tensor | None, segment_ids: torch.Tensor | None, query_segment_ids: torch.Tensor | None,
+    index_cache: dict | None, softcap: float | None, dense_via_sdpa: bool,
+) -> BlockIndex | None:
+    """The call's block index; None where torch SDPA runs it (all rows dense, nothing masked, asked for)."""
+    if q_offset + q.shape[2] <= pattern.min_sparse_len:  # every row dense
+        pattern = SparsePattern(block_size=pattern.block_size)
+    plain = attention_mask is None and segment_ids is None and not softcap
+    if dense_via_sdpa and pattern.is_dense and plain and _sdpa_applies(q.shape[2], k.shape[2], q_offset, kv_offset):
+        return None
+    return _index_for_call(index_cache, q, k, pattern, q_offset, kv_offset, attention_mask, segment_ids,
+                           query_segment_ids)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: BlockIndex | None, scale: float,
+            softcap: float | None, backend: Backend) -> torch.Tensor:
+    """Run the call on the chosen backend: torch SDPA (``index`` None), the Triton kernels or the reference."""
+    if index is None:
+        gqa = q.shape[1] != k.shape[1]  # prefill is causal; one query at the end of the keys sees them all
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale, enable_gqa=gqa)
+    if _uses_triton(q, k, v, softcap, backend):
         from .triton_ops import triton_block_sparse_attention
 
         return triton_block_sparse_attention(q, k, v, index, scale, softcap)
     return reference_attention(q, k, v, index, scale=scale, softcap=softcap)
+
+
+# --- torch.compile: one custom op that builds the index inside ----------------------------------------------------
+
+
+def _pattern_text(pattern: SparsePattern) -> str:
+    """The pattern as a constant string argument of the custom op (plain formatting: Dynamo traces it)."""
+    layout = pattern.layout
+    text = "" if layout is None else f"{layout.kind}:{layout.stride}:{layout.offset}:{layout.density}:{layout.seed}"
+    heads = ",".join(str(h) for h in pattern.dense_heads)
+    return (f"{pattern.block_size};{pattern.sink_tokens};{pattern.window};{text};{pattern.topk_blocks};{heads};"
+            f"{pattern.min_sparse_len}")
+
+
+@lru_cache(maxsize=256)
+def _pattern_of_text(text: str) -> SparsePattern:
+    block, sink, window, layout, topk, heads, min_sparse = text.split(";")
+
+    def number(value: str, kind: type = int) -> int | float | None:
+        return None if value == "None" else kind(value)
+
+    block_layout = None
+    if layout:
+        kind, stride, offset, density, seed = layout.split(":")
+        block_layout = BlockLayout(kind, stride=number(stride), offset=int(offset), density=number(density, float),
+                                   seed=int(seed))
+    return SparsePattern(block_size=int(block), sink_tokens=int(sink), window=number(window), layout=block_layout,
+                         topk_blocks=number(topk), dense_heads=tuple(int(h) for h in heads.split(",") if h),
+                         min_sparse_len=int(min_sparse))
+
+
+def _offset_tensor(value: int | torch.Tensor | None) -> torch.Tensor:
+    """An offset as a one-element int64 CPU tensor (-1: the default query offset); a static cache's tensor offset
+    stays a tensor, so tracing reads no value from it."""
+    if value is None:
+        return torch.full((1,), -1, dtype=torch.int64)
+    return torch.as_tensor(value, dtype=torch.int64).reshape(1).cpu()
+
+
+def _traced_call(q, k, v, attention_mask, segment_ids, query_segment_ids, q_offset, kv_offset, pattern, scale,
+                 softcap, backend, dense_via_sdpa) -> torch.Tensor:
+    offsets = torch.cat([_offset_tensor(q_offset), _offset_tensor(kv_offset)])
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return sparse_attention_op(q, k, v, attention_mask, segment_ids, query_segment_ids, offsets,
+                               _pattern_text(pattern), scale, float(softcap or 0.0), backend, dense_via_sdpa)
+
+
+def _offsets_of(offsets: torch.Tensor) -> tuple[int | None, int]:
+    q_offset, kv_offset = offsets.tolist()
+    return (None if q_offset < 0 else q_offset), kv_offset
+
+
+def _eager_call(q, k, v, attention_mask, segment_ids, query_segment_ids, offsets, pattern, scale, softcap, backend,
+                dense_via_sdpa) -> torch.Tensor:
+    q_offset, kv_offset = _offsets_of(offsets)
+    return sparse_attention(
+        q, k, v, _pattern_of_text(pattern), scale=scale, softcap=softcap or None,
+        q_offset=q_offset, kv_offset=kv_offset, attention_mask=attention_mask,
+        segment_ids=segment_ids, query_segment_ids=query_segment_ids, backend=backend, dense_via_sdpa=dense_via_sdpa,
+    )
+
+
+@torch.library.custom_op("hf_sparsek::sparse_attention", mutates_args=())
+def sparse_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None,
+    segment_ids: torch.Tensor | None, query_segment_ids: torch.Tensor | None, offsets: torch.Tensor, pattern: str,
+    scale: float, softcap: float, backend: str, dense_via_sdpa: bool,
+) -> torch.Tensor:
+    """``sparse_attention`` as one op for torch.compile: the index (data-dependent widths) is built inside."""
+    return _eager_call(q, k, v, attention_mask, segment_ids, query_segment_ids, offsets, pattern, scale, softcap,
+                       backend, dense_via_sdpa)
+
+
+@sparse_attention_op.register_fake
+def _(q, k, v, attention_mask, segment_ids, query_segment_ids, offsets, pattern, scale, softcap, backend,
+      dense_via_sdpa):
+    return q.new_empty(q.shape[:3] + v.shape[3:])
+
+
+@torch.library.custom_op("hf_sparsek::sparse_attention_backward", mutates_args=())
+def sparse_attention_backward_op(
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None,
+    segment_ids: torch.Tensor | None, query_segment_ids: torch.Tensor | None, offsets: torch.Tensor, pattern: str,
+    scale: float, softcap: float, backend: str, dense_via_sdpa: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`sparse_attention_op`: rebuilds the index and runs the same backend's backward (the
+    kernels' own, or ``torch.func.vjp`` of the PyTorch math: an op's body runs below autograd, which would record
+    no graph)."""
+    q_offset, kv_offset = _resolve_offsets(q.shape[2], k.shape[2], *_offsets_of(offsets))
+    index = _prepare_index(q, k, _pattern_of_text(pattern), q_offset, kv_offset, attention_mask, segment_ids,
+                           query_segment_ids, None, softcap, dense_via_sdpa)
+    if index is not None and _uses_triton(q, k, v, softcap, backend):
+        from .triton_ops import triton_block_sparse_attention_grads
+
+        return triton_block_sparse_attention_grads(grad, q, k, v, index, scale, softcap)
+    _, pullback = torch.func.vjp(lambda *qkv: _attend(*qkv, index, scale, softcap or None, backend), q, k, v)
+    return pullback(grad)
+
+
+@sparse_attention_backward_op.register_fake
+def _(grad, q, k, v, attention_mask, segment_ids, query_segment_ids, offsets, pattern, scale, softcap, backend,
+      dense_via_sdpa):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+_N_DIFFERENTIABLE = 3  # q, k, v; the masks, offsets and constants get no gradient
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs[:7])
+    ctx.constants = inputs[7:]
+
+
+def _backward(ctx, grad):
+    q, k, v, attention_mask, segment_ids, query_segment_ids, offsets = ctx.saved_tensors
+    grads = sparse_attention_backward_op(grad.contiguous(), q, k, v, attention_mask, segment_ids, query_segment_ids,
+                                         offsets, *ctx.constants)
+    return (*grads, *([None] * (12 - _N_DIFFERENTIABLE)))
+
+
+torch.library.register_autograd("hf_sparsek::sparse_attention", _backward, setup_context=_setup_context)

@@ -8,35 +8,15 @@ travels as tensor arguments, its scalars as ints. The forward saves O and the lo
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 
 from .block_index import BlockIndex, _transpose_lists
 from .kernels.attention_bwd import attention_backward
-from .kernels.attention_fwd import FWD_CONFIGS, attention_forward
+from .kernels.attention_fwd import attention_forward
+from .kernels.dispatch import unsupported_reason
 
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LN2 = 0.6931471805599453
-
-
-def interpreter_mode() -> bool:
-    """True when Triton runs in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float | None = None) -> str | None:
-    """None when the kernels can run these inputs, else a human-readable reason (softcap is supported)."""
-    if not (q.is_cuda or interpreter_mode()):
-        return "inputs are not on a CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU)"
-    if q.dtype not in KERNEL_DTYPES:
-        return f"dtype {q.dtype} is not supported by the kernels (float16, bfloat16, float32)"
-    dims = {q.shape[-1], k.shape[-1], v.shape[-1]}
-    if len(dims) != 1:
-        return f"q/k/v head dims differ ({q.shape[-1]}, {k.shape[-1]}, {v.shape[-1]})"
-    if q.shape[-1] not in FWD_CONFIGS:
-        return f"head dim {q.shape[-1]} is not supported by the kernels (one of {sorted(FWD_CONFIGS)})"
-    return None
 
 
 def _on_device_of(t: torch.Tensor) -> contextlib.AbstractContextManager:
@@ -183,12 +163,29 @@ def triton_block_sparse_attention(
     trans = tuple(index.transposed()) if needs_grad else (None, None, None, None)
     eager = EAGER_FAST_PATH and not torch.compiler.is_compiling()
     op = _EagerBlockSparseAttention.apply if eager else block_sparse_attn_fwd
-    out, lse = op(
-        q, k, v, index.full_count.contiguous(), index.full_tiles.contiguous(), index.part_count.contiguous(),
-        index.part_tiles.contiguous(), *trans, _i32(index.k_seg), _i32(index.q_seg), _i32(index.k_rank),
-        int(index.block_size), int(index.q_offset), int(index.kv_offset), int(index.sink_tokens),
-        int(index.window or 0), float(scale), float(softcap or 0.0),
-    )
+    lists, segments, scalars = _index_args(index, scale, softcap)
+    out, lse = op(q, k, v, *lists, *trans, *segments, *scalars)
     if return_lse:
         return out, lse * LN2
     return out
+
+
+def _index_args(index: BlockIndex, scale: float, softcap: float | None) -> tuple[tuple, tuple, tuple]:
+    """The index as the kernels' arguments: the forward lists, the per-batch tensors, the scalars."""
+    lists = (index.full_count.contiguous(), index.full_tiles.contiguous(), index.part_count.contiguous(),
+             index.part_tiles.contiguous())
+    segments = (_i32(index.k_seg), _i32(index.q_seg), _i32(index.k_rank))
+    scalars = (int(index.block_size), int(index.q_offset), int(index.kv_offset), int(index.sink_tokens),
+               int(index.window or 0), float(scale), float(softcap or 0.0))
+    return lists, segments, scalars
+
+
+def triton_block_sparse_attention_grads(
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: BlockIndex, scale: float,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dQ, dK, dV) of :func:`triton_block_sparse_attention` for the output gradient ``grad``: the forward is
+    recomputed for its log-sum-exp (the compiled op's backward, which runs outside autograd)."""
+    lists, segments, scalars = _index_args(index, scale, softcap)
+    out, lse = _forward_body(q, k, v, *lists, *segments, *scalars)
+    return _backward_body(grad, q, k, v, out, lse, *lists, *index.transposed(), *segments, *scalars)

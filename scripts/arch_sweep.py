@@ -41,7 +41,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 import hf_sparsek
-from hf_sparsek import SparsePattern, selection_mask
+from hf_sparsek import SparsePattern, exact_token_mask
 
 CHECKS = ("dense", "sparse", "cache", "padding", "packing")
 DENSE = SparsePattern(block_size=64)
@@ -341,7 +341,7 @@ def _oracle_attention(
     restricted = sliding_window is not None or not bool((allowed == causal).all())
     if _oracle_pattern is not None and not restricted:
         _oracle_calls["patterned"] += 1
-        allowed = allowed & selection_mask(_oracle_pattern, q_len, kv_len, device=query.device)
+        allowed = allowed & exact_token_mask(_oracle_pattern, q_len, kv_len, device=query.device)
     group = query.shape[1] // key.shape[1]
     k = key.double().repeat_interleave(group, 1)
     v = value.double().repeat_interleave(group, 1)

@@ -73,7 +73,7 @@ def main() -> None:
     def exact_mask() -> dict[str, Any]:
         with torch.no_grad():
             sparse = model(ids).logits.float()
-            mask4d = hf_sparsek.selection_mask(PATTERN, ids.shape[1])[:, :1].cuda()
+            mask4d = hf_sparsek.exact_token_mask(PATTERN, ids.shape[1])[:, :1].cuda()
             model.set_attn_implementation("sdpa")
             dense = model(ids, attention_mask=mask4d.expand(2, -1, -1, -1)).logits.float()
             hf_sparsek.set_pattern(model, PATTERN)

@@ -15,11 +15,11 @@ import functools
 import pytest
 import torch
 import transformers
-from scripts import arch_sweep as sweep
 from packaging.version import Version
 
 import hf_sparsek
 from hf_sparsek import SparsePattern
+from scripts import arch_sweep as sweep
 
 NEW_TRANSFORMERS = Version(transformers.__version__) >= Version("5.25")
 

@@ -315,19 +315,58 @@ def test_mask_function_and_pattern_resolution_trace_with_fullgraph():
     assert padding.tolist() == [[float(SPARSE.sink_tokens)] * 50]  # kept (no host read of "all ones") when tracing
 
 
-@pytest.mark.parametrize("case", ["padded", "packed"])
-def test_torch_compile_matches_eager(case):
-    """torch.compile of a whole sparsek model (graph breaks allowed: the block index build) equals eager."""
+@pytest.mark.parametrize("case", ["plain", "padded", "packed"])
+def test_torch_compile_fullgraph_matches_eager(case):
+    """torch.compile(model, fullgraph=True) of a sparsek model (reference backend): the face traces, the op with its
+    index build is one custom op, and prefill (plain, left-padded, packed) equals eager."""
+    torch._dynamo.reset()
     model = build_any("llama")
     hf_sparsek.set_pattern(model, SPARSE)
-    ids = torch.randint(1, 97, (2 if case == "padded" else 1, 150))
+    ids = torch.randint(1, 97, (1 if case == "packed" else 2, 150))
     kwargs: dict = {"use_cache": False}
     if case == "padded":
         kwargs["attention_mask"] = torch.ones_like(ids)
         kwargs["attention_mask"][0, :11] = 0
-    else:
+    elif case == "packed":
         kwargs["position_ids"] = torch.cat([torch.arange(70), torch.arange(80)]).unsqueeze(0)
-    with torch.no_grad():
+    with torch.no_grad(), hf_sparsek.settings(backend="reference"):
         eager = model(ids, **kwargs).logits
-        compiled = torch.compile(model, backend="eager")(ids, **kwargs).logits
+        compiled = torch.compile(model, fullgraph=True, backend="eager")(ids, **kwargs).logits
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_compile_fullgraph_static_cache_generate_matches_eager():
+    """A static cache gives the query offset as a tensor: the compiled forward keeps it a tensor (no host read while
+    tracing) and generate() through the compiled model gives eager's tokens and logits, left padding included."""
+    torch._dynamo.reset()
+    model = build_any("llama")
+    hf_sparsek.set_pattern(model, SPARSE)
+    ids = torch.randint(1, 97, (2, 70))
+    mask = torch.ones_like(ids)
+    mask[0, :9] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True,
+                  return_dict_in_generate=True, cache_implementation="static")
+    with hf_sparsek.settings(backend="reference"):
+        eager = model.generate(ids, **kwargs)
+        model.forward = torch.compile(model.forward, fullgraph=True, backend="eager")
+        compiled = model.generate(ids, **kwargs)
+    assert torch.equal(compiled.sequences, eager.sequences)
+    torch.testing.assert_close(torch.stack(compiled.logits), torch.stack(eager.logits), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_compile_fullgraph_gradients_match_eager():
+    """Gradients through the compiled op (its backward rebuilds the index and recomputes) equal eager's."""
+    torch._dynamo.reset()
+    model = build_any("llama")
+    hf_sparsek.set_pattern(model, SPARSE)
+    ids = torch.randint(1, 97, (2, 150))
+    mask = torch.ones_like(ids)
+    mask[1, :20] = 0
+    grads = []
+    with hf_sparsek.settings(backend="reference"):
+        for run in (model, torch.compile(model, fullgraph=True, backend="eager")):
+            model.zero_grad()
+            run(ids, attention_mask=mask, use_cache=False).logits.square().mean().backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+    for eager, compiled in zip(*grads, strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)

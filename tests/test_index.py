@@ -1,11 +1,11 @@
-"""The block index against the token-exact rules of the pattern (selection_mask), and its build cost."""
+"""The block index against the token-exact rules of the pattern (exact_token_mask), and its build cost."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hf_sparsek import BlockLayout, SparsePattern, build_block_index, selection_mask
+from hf_sparsek import BlockLayout, SparsePattern, build_block_index, exact_token_mask
 from hf_sparsek.block_index import attended_pairs, causal_pairs
 from hf_sparsek.ops import build_index_for, sequence_layout
 
@@ -30,7 +30,7 @@ def test_index_matches_token_rules(name, shape):
     pattern = PATTERNS[name]
     q_len, kv_len, q_offset = shape
     index = build_block_index(pattern, batch=1, kv_heads=2, q_len=q_len, kv_len=kv_len, q_offset=q_offset)
-    expected = selection_mask(pattern, q_len, kv_len, q_offset=q_offset, kv_heads=2)
+    expected = exact_token_mask(pattern, q_len, kv_len, q_offset=q_offset, kv_heads=2)
     assert torch.equal(index.token_mask().expand_as(expected), expected)
 
 
@@ -42,7 +42,7 @@ def test_index_with_left_padding_matches_rules(name):
     mask[2, :3] = False
     k_seg, q_seg, k_rank = sequence_layout(3, 260, 260, mask, None, torch.device("cpu"))
     index = build_block_index(pattern, batch=3, kv_heads=2, q_len=260, kv_len=260, k_seg=k_seg, k_rank=k_rank)
-    expected = selection_mask(pattern, 260, kv_heads=2, attention_mask=mask)
+    expected = exact_token_mask(pattern, 260, kv_heads=2, attention_mask=mask)
     assert torch.equal(index.token_mask().expand_as(expected), expected)
 
 
@@ -52,7 +52,7 @@ def test_index_with_packed_sequences_matches_rules():
     k_seg, q_seg, k_rank = sequence_layout(2, 260, 260, None, seg, torch.device("cpu"))
     index = build_block_index(pattern, batch=2, kv_heads=1, q_len=260, kv_len=260, k_seg=k_seg, q_seg=q_seg,
                               k_rank=k_rank)
-    expected = selection_mask(pattern, 260, segment_ids=seg)
+    expected = exact_token_mask(pattern, 260, segment_ids=seg)
     assert torch.equal(index.token_mask(), expected)
 
 
@@ -61,8 +61,8 @@ def test_topk_index_adds_selected_blocks_only():
     q, k = torch.randn(1, 4, 500, 32), torch.randn(1, 2, 500, 32)
     index = build_index_for(q, k, pattern)
     mask = index.token_mask()
-    window_only = selection_mask(pattern.replace(topk_blocks=None), 500, kv_heads=2)
-    causal = selection_mask(SparsePattern(block_size=64), 500, kv_heads=2)
+    window_only = exact_token_mask(pattern.replace(topk_blocks=None), 500, kv_heads=2)
+    causal = exact_token_mask(SparsePattern(block_size=64), 500, kv_heads=2)
     assert bool((mask & ~causal).sum() == 0)  # never beyond causal
     assert bool((window_only & ~mask.expand_as(window_only)).sum() == 0)  # the window is always kept
     extra_blocks = (mask.expand_as(window_only) & ~window_only).view(1, 2, 500, -1).sum(-1)
@@ -107,9 +107,9 @@ def test_million_token_index_is_linear_in_length():
 def test_attended_pairs_is_exact():
     pattern = PATTERNS["strided3-win10"]
     index = build_block_index(pattern, batch=1, kv_heads=1, q_len=37, kv_len=300, q_offset=263)
-    expected = int(selection_mask(pattern, 37, 300, q_offset=263).sum())
+    expected = int(exact_token_mask(pattern, 37, 300, q_offset=263).sum())
     assert attended_pairs(index) == expected
-    assert causal_pairs(37, 300, 263, 0) == int(selection_mask(SparsePattern(block_size=64), 37, 300).sum())
+    assert causal_pairs(37, 300, 263, 0) == int(exact_token_mask(SparsePattern(block_size=64), 37, 300).sum())
 
 
 def test_index_errors_are_clear():

@@ -15,7 +15,7 @@ from transformers import (
 )
 
 import hf_sparsek
-from hf_sparsek import ModelSparsity, SparsePattern, selection_mask
+from hf_sparsek import ModelSparsity, SparsePattern, exact_token_mask
 
 COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=1024, attention_dropout=0.0)
@@ -91,7 +91,7 @@ def test_sparse_model_matches_masked_softmax_model(model_type):
     """A sparse pattern equals sdpa given the pattern's exact token mask (forward and gradients)."""
     model = build(model_type)
     ids = torch.randint(1, 97, (1, 200))
-    mask4d = selection_mask(SPARSE, 200)[:, :1]  # (1, 1, L, L), True = attend
+    mask4d = exact_token_mask(SPARSE, 200)[:, :1]  # (1, 1, L, L), True = attend
     dense_logits = model(ids, attention_mask=mask4d).logits
     dense_grads = torch.autograd.grad(dense_logits.square().mean(), list(model.parameters()))
     sparse_copy(model, SPARSE)

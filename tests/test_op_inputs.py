@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import dense_masked_attention
 
-from hf_sparsek import SparsePattern, build_block_index, build_index_for, selection_mask, sparse_attention
-from hf_sparsek.selection import select_topk_tiles
+from hf_sparsek import SparsePattern, build_block_index, build_index_for, exact_token_mask, sparse_attention
+from hf_sparsek.topk_selector import select_topk_tiles
 
 TOPK_PATTERNS = {
     "top1": SparsePattern(block_size=64, topk_blocks=1),
@@ -78,11 +78,11 @@ def _topk_mask(pattern, chosen, batch, hkv, q_len, kv_len, q_offset, kv_offset, 
     block = pattern.block_size
     shape = (batch, hkv, q_len, kv_len)
     kw = dict(q_offset=q_offset, kv_offset=kv_offset, kv_heads=hkv, attention_mask=attention_mask)
-    causal = selection_mask(SparsePattern(block_size=block), q_len, kv_len, **kw).expand(shape)
+    causal = exact_token_mask(SparsePattern(block_size=block), q_len, kv_len, **kw).expand(shape)
     static = pattern.replace(topk_blocks=None)
     token = torch.zeros(shape, dtype=torch.bool)
     if not static.is_dense:
-        token = selection_mask(static, q_len, kv_len, **kw).expand(shape)
+        token = exact_token_mask(static, q_len, kv_len, **kw).expand(shape)
     q_blk = (q_offset + torch.arange(q_len)) // block
     k_blk = (kv_offset + torch.arange(kv_len)) // block
     picked = torch.zeros(shape, dtype=torch.bool)

@@ -104,3 +104,21 @@ def test_default_files_for_required_model_types():
 def test_presets_are_valid():
     for name, pattern in PRESETS.items():
         assert SparsePattern.from_dict(pattern.to_dict()) == pattern, name
+
+
+def test_layer_pattern_rule_sliding_chunked_and_refusals():
+    """The one per-layer rule (face, describe and eval use it): sliding layers keep exactly the model's window at the
+    pattern's block size, chunked layers are dense (their chunks are segments), dense layers and overrides apply to
+    plain layers, and a layer we cannot honour raises."""
+    from hf_sparsek.model_defaults import resolve_layer_pattern
+
+    sparsity = ModelSparsity(default=SparsePattern(block_size=64, sink_tokens=4, window=256), dense_layers=(1,))
+    assert resolve_layer_pattern(sparsity, 0, "sliding_attention", 40) == SparsePattern(block_size=64, window=40)
+    assert resolve_layer_pattern(sparsity, 0, None, 40) == SparsePattern(block_size=64, window=40)
+    assert resolve_layer_pattern(sparsity, 0, "chunked_attention", None) == SparsePattern(block_size=64)
+    assert resolve_layer_pattern(sparsity, 0, "full_attention", None) == sparsity.default
+    assert resolve_layer_pattern(sparsity, 1, None, None) == SparsePattern(block_size=64)
+    with pytest.raises(ValueError, match="does not support layer type"):
+        resolve_layer_pattern(sparsity, 2, "linear_attention", None)
+    with pytest.raises(ValueError, match="no sliding_window"):
+        resolve_layer_pattern(sparsity, 2, "sliding_attention", None)

@@ -1,4 +1,4 @@
-"""The reference against dense masked-softmax math on selection_mask: forward, gradients, edge rows, memory."""
+"""The reference against dense masked-softmax math on exact_token_mask: forward, gradients, edge rows, memory."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import dense_masked_attention
 
-from hf_sparsek import BlockLayout, SparsePattern, build_index_for, selection_mask, sparse_attention
+from hf_sparsek import BlockLayout, SparsePattern, build_index_for, exact_token_mask, sparse_attention
 from hf_sparsek.reference import reference_attention
 
 PATTERNS = {
@@ -43,7 +43,7 @@ def test_forward_and_gradients_match_masked_softmax(name, case):
     v = torch.randn(b, hk, lk, d, dtype=torch.float64, requires_grad=True)
     scale = 1 / math.sqrt(d)
     out = sparse_attention(q, k, v, pattern, backend="reference")
-    mask = selection_mask(pattern, lq, lk, kv_heads=hk)
+    mask = exact_token_mask(pattern, lq, lk, kv_heads=hk)
     ref = dense_masked_attention(q, k, v, mask, scale)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     grad = torch.randn_like(out)
@@ -115,7 +115,7 @@ def test_softcap_and_scale_match_math():
     pattern = PATTERNS["strided4-win8"]
     q, k, v = (torch.randn(1, 2, 100, 16, dtype=torch.float64) * 3 for _ in range(3))
     out = sparse_attention(q, k, v, pattern, scale=0.3, softcap=5.0)
-    ref = dense_masked_attention(q, k, v, selection_mask(pattern, 100, kv_heads=2), 0.3, softcap=5.0)
+    ref = dense_masked_attention(q, k, v, exact_token_mask(pattern, 100, kv_heads=2), 0.3, softcap=5.0)
     torch.testing.assert_close(out, ref)
 
 
@@ -135,7 +135,7 @@ def test_lse_is_logsumexp_of_attended_scores():
     index = build_index_for(q, k, pattern)
     _, lse = reference_attention(q, k, v, index, scale=0.25, return_lse=True)
     scores = (q @ k.transpose(-1, -2)) * 0.25
-    scores = scores.masked_fill(~selection_mask(pattern, 90, kv_heads=2), float("-inf"))
+    scores = scores.masked_fill(~exact_token_mask(pattern, 90, kv_heads=2), float("-inf"))
     torch.testing.assert_close(lse, torch.logsumexp(scores, -1))
 
 

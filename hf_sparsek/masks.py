@@ -1,4 +1,5 @@
-"""The token-exact meaning of a pattern as a dense boolean mask: the definition the block index is tested against.
+"""A pattern's exact token mask (dense booleans): the definition the block index, the reference and the kernels are
+tested against.
 
 Dense (q_len x kv_len), so for tests and pictures at small sizes only; attention itself never builds this.
 """
@@ -11,7 +12,7 @@ from .block_index import random_layout_keep
 from .patterns import SparsePattern
 
 
-def selection_mask(
+def exact_token_mask(
     pattern: SparsePattern,
     q_len: int,
     kv_len: int | None = None,
@@ -41,7 +42,7 @@ def selection_mask(
         # # . . . . # #
     """
     if pattern.topk_blocks is not None:
-        raise ValueError("selection_mask cannot draw a dynamic top-k pattern: its blocks depend on the data")
+        raise ValueError("exact_token_mask cannot draw a dynamic top-k pattern: its blocks depend on the data")
     kv_len = q_len if kv_len is None else kv_len
     q_offset = kv_offset + kv_len - q_len if q_offset is None else q_offset
     device = torch.device(device)
@@ -90,6 +91,8 @@ def selection_mask(
             chosen = chosen | dense.view(1, -1, 1, 1)
     mask = causal & chosen
     return mask.expand(batch, kv_heads, q_len, kv_len)
+
+
 
 
 def mask_picture(mask: torch.Tensor, on: str = "#", off: str = ".") -> str:

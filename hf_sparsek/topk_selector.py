@@ -1,4 +1,4 @@
-"""Dynamic top-k block selection: for each query tile, the k key tiles with the highest pooled score.
+"""The dynamic top-k block selector: for each query tile, the k key tiles with the highest pooled score.
 
 The score of (query tile, key tile) is the dot product of the mean query of the tile (averaged over the query heads
 of a KV group) with the mean key of the key tile, as in MoBA / NSA's block selection. Only causal key tiles with a
