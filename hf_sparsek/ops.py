@@ -407,17 +407,17 @@ def _pattern_of_text(text: str) -> SparsePattern:
                          min_sparse_len=int(min_sparse))
 
 
-def _offset_tensor(value: int | torch.Tensor | None) -> torch.Tensor:
-    """An offset as a one-element int64 CPU tensor (-1: the default query offset); a static cache's tensor offset
-    stays a tensor, so tracing reads no value from it."""
+def _offset_tensor(value: int | torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """An offset as a one-element int64 tensor on the inputs' device (-1: the default query offset); a static
+    cache's tensor offset stays a tensor, so tracing reads no value from it (the op body reads it once)."""
     if value is None:
-        return torch.full((1,), -1, dtype=torch.int64)
-    return torch.as_tensor(value, dtype=torch.int64).reshape(1).cpu()
+        return torch.full((1,), -1, dtype=torch.int64, device=device)
+    return torch.as_tensor(value, dtype=torch.int64, device=device).reshape(1)
 
 
 def _traced_call(q, k, v, attention_mask, segment_ids, query_segment_ids, q_offset, kv_offset, pattern, scale,
                  softcap, backend, dense_via_sdpa) -> torch.Tensor:
-    offsets = torch.cat([_offset_tensor(q_offset), _offset_tensor(kv_offset)])
+    offsets = torch.cat([_offset_tensor(q_offset, q.device), _offset_tensor(kv_offset, q.device)])
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return sparse_attention_op(q, k, v, attention_mask, segment_ids, query_segment_ids, offsets,
                                _pattern_text(pattern), scale, float(softcap or 0.0), backend, dense_via_sdpa)
@@ -444,9 +444,10 @@ def sparse_attention_op(
     segment_ids: torch.Tensor | None, query_segment_ids: torch.Tensor | None, offsets: torch.Tensor, pattern: str,
     scale: float, softcap: float, backend: str, dense_via_sdpa: bool,
 ) -> torch.Tensor:
-    """``sparse_attention`` as one op for torch.compile: the index (data-dependent widths) is built inside."""
+    """``sparse_attention`` as one op for torch.compile: the index (data-dependent widths) is built inside. The
+    output is contiguous whatever the kernels' layout, as the fake says."""
     return _eager_call(q, k, v, attention_mask, segment_ids, query_segment_ids, offsets, pattern, scale, softcap,
-                       backend, dense_via_sdpa)
+                       backend, dense_via_sdpa).contiguous()
 
 
 @sparse_attention_op.register_fake
@@ -470,15 +471,17 @@ def sparse_attention_backward_op(
     if index is not None and _uses_triton(q, k, v, softcap, backend):
         from .triton_ops import triton_block_sparse_attention_grads
 
-        return triton_block_sparse_attention_grads(grad, q, k, v, index, scale, softcap)
-    _, pullback = torch.func.vjp(lambda *qkv: _attend(*qkv, index, scale, softcap or None, backend), q, k, v)
-    return pullback(grad)
+        grads = triton_block_sparse_attention_grads(grad, q, k, v, index, scale, softcap)
+    else:
+        _, pullback = torch.func.vjp(lambda *qkv: _attend(*qkv, index, scale, softcap or None, backend), q, k, v)
+        grads = pullback(grad)
+    return tuple(g.contiguous() for g in grads)  # contiguous, as the fake says
 
 
 @sparse_attention_backward_op.register_fake
 def _(grad, q, k, v, attention_mask, segment_ids, query_segment_ids, offsets, pattern, scale, softcap, backend,
       dense_via_sdpa):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 _N_DIFFERENTIABLE = 3  # q, k, v; the masks, offsets and constants get no gradient

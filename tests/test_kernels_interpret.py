@@ -14,6 +14,8 @@ import os
 _PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"  # restored after the imports below; tests re-enable it with a fixture
 
+import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
 import importlib  # noqa: E402
 import sys  # noqa: E402
 
@@ -25,6 +27,7 @@ if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7) and int(__i
     # Triton 3.6's interpreter converts arrays with APIs numpy 2 removed (CI's oldest leg pins numpy<2).
     pytest.skip(f"Triton {triton.__version__}'s interpreter needs numpy<2", allow_module_level=True)
 
+import hf_sparsek  # noqa: E402
 from hf_sparsek import BlockLayout, SparsePattern  # noqa: E402
 from hf_sparsek.ops import build_index_for, sparse_attention  # noqa: E402
 from hf_sparsek.reference import reference_attention  # noqa: E402
@@ -60,6 +63,11 @@ else:
 def _interpret_mode(monkeypatch):
     """The kernels accept CPU tensors only in interpreter mode; keep it on for these tests alone."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def kernel_options(**changes) -> contextlib.AbstractContextManager:
+    """``hf_sparsek.settings`` with these KernelOptions fields changed, inside a ``with`` block."""
+    return hf_sparsek.settings(kernels=dataclasses.replace(hf_sparsek.get_settings().kernels, **changes))
 
 SINK_WIN = SparsePattern(block_size=64, sink_tokens=4, window=40)
 TOL = {torch.float32: 2e-5, torch.float16: 5e-3}
@@ -178,12 +186,12 @@ def test_tma_loads_match_reference(name, seq_major, monkeypatch):
     zeros: forward and gradients match the reference, on contiguous inputs and on transformers' transposed views."""
     from hf_sparsek.kernels import tma
 
-    monkeypatch.setattr(tma, "USE_TMA", True)
     case = TMA_CASES[name]
     gen = torch.Generator().manual_seed(1)
     probe = _inputs(1, 2, 8, case["shape"][-1], gen, torch.float32, False, seq_major)
-    assert tma.use_tma(probe), "the forced TMA path must really run"
-    _run_case(*case["shape"], case["pattern"], seq_major=seq_major, seed=3)
+    assert tma.use_tma(probe, setting=True), "the forced TMA path must really run"
+    with kernel_options(tma=True):
+        _run_case(*case["shape"], case["pattern"], seq_major=seq_major, seed=3)
 
 
 def test_tma_needs_alignment():
@@ -196,18 +204,15 @@ def test_tma_needs_alignment():
     assert not tma.aligned(torch.randn(1, 1, 10, 64).expand(1, 2, 10, 64))  # a broadcast head dim: stride 0
 
 
-def test_tma_automatic_choice(monkeypatch):
+def test_tma_automatic_choice():
     """Automatic mode never picks TMA off CUDA (or in the interpreter); forcing it off always wins."""
     from hf_sparsek.kernels import tma
 
     x = torch.randn(1, 2, 16, 64)
-    monkeypatch.setattr(tma, "USE_TMA", None)
-    assert not tma.use_tma(x)
-    monkeypatch.setattr(tma, "USE_TMA", False)
-    assert not tma.use_tma(x)
-    monkeypatch.setattr(tma, "USE_TMA", True)
-    assert tma.use_tma(x)  # interpreter: forced on, for the tests above
-    assert not tma.use_tma(torch.randn(1, 2, 16, 65)[..., :64])  # alignment is never overridden
+    assert not tma.use_tma(x, setting=None)
+    assert not tma.use_tma(x, setting=False)
+    assert tma.use_tma(x, setting=True)  # interpreter: forced on, for the tests above
+    assert not tma.use_tma(torch.randn(1, 2, 16, 65)[..., :64], setting=True)  # alignment is never overridden
 
 
 def test_left_padding_empty_rows():
@@ -242,11 +247,9 @@ def test_deterministic():
         assert torch.equal(a, b)
 
 
-def test_eager_fast_path_equals_custom_op(monkeypatch):
+def test_eager_fast_path_equals_custom_op():
     """Eager calls skip the custom op's dispatch (host time) but run the same kernels: outputs and gradients are
     bit-identical to the custom-op path, with GQA, padding and chunked prefill."""
-    import hf_sparsek.triton_ops as ops
-
     gen = torch.Generator().manual_seed(9)
     mask = torch.ones(2, 150, dtype=torch.bool)
     mask[1, :23] = False
@@ -257,10 +260,10 @@ def test_eager_fast_path_equals_custom_op(monkeypatch):
     index = build_index_for(q, k, SINK_WIN, attention_mask=mask)
     runs = []
     for fast in (True, False):
-        monkeypatch.setattr(ops, "EAGER_FAST_PATH", fast)
-        out, lse = triton_block_sparse_attention(q, k, v, index, 0.125, return_lse=True)
-        assert ("_EagerBlockSparseAttention" in type(out.grad_fn).__name__) == fast, type(out.grad_fn).__name__
-        runs.append((out.detach(), lse.detach()) + torch.autograd.grad(out, (q, k, v), do))
+        with kernel_options(eager_fast_path=fast):
+            out, lse = triton_block_sparse_attention(q, k, v, index, 0.125, return_lse=True)
+            assert ("_EagerBlockSparseAttention" in type(out.grad_fn).__name__) == fast, type(out.grad_fn).__name__
+            runs.append((out.detach(), lse.detach()) + torch.autograd.grad(out, (q, k, v), do))
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
     assert _rel(runs[0][0], reference_attention(q.double(), k.double(), v.double(), index, scale=0.125)) < 2e-5
@@ -323,13 +326,14 @@ def test_dkdv_full_and_partial_entries_match_reference():
 
 
 @pytest.mark.parametrize("longest, typical, splits", [
-    (128, 33, True),  # the sink column of 16K sink+window rows (3.9x): split since IMBALANCE is 3 (docs)
+    (128, 33, True),  # the sink column of 16K sink+window rows (3.9x): split since the imbalance is 3 (docs)
     (99, 33, True),
     (98, 33, False),  # under a 3-fold imbalance
     (64, 32, False),  # dense causal: longest list twice the median
 ])
 def test_split_policy_follows_the_imbalance(longest, typical, splits):
     from hf_sparsek.kernels.bwd_split import split_key_lists
+    from hf_sparsek.kernels.options import KernelOptions
 
     n = 16
     full_count = torch.full((1, 1, n), typical, dtype=torch.int32)
@@ -337,19 +341,17 @@ def test_split_policy_follows_the_imbalance(longest, typical, splits):
     full_tiles = torch.arange(longest, dtype=torch.int32).expand(1, 1, n, longest).contiguous()
     part_count = torch.zeros(1, 1, n, dtype=torch.int32)
     part_tiles = torch.zeros(1, 1, n, 1, dtype=torch.int32)
-    split = split_key_lists(full_count, full_tiles, part_count, part_tiles)
+    split = split_key_lists(full_count, full_tiles, part_count, part_tiles, None, KernelOptions().split_imbalance)
     assert (split is not None) == splits
     if splits:  # only the long list becomes several programs; the others stay whole
         assert int((split.slot >= 0).sum()) == int(split.tile.eq(0).sum()) > 1
 
 
 @pytest.mark.parametrize("chunk", [1, 3], ids=["chunk1", "chunk3"])
-def test_split_key_lists_keep_gradients_exact_and_deterministic(chunk, monkeypatch):
+def test_split_key_lists_keep_gradients_exact_and_deterministic(chunk):
     """Long per-key-tile lists (the sink tile, strided columns) split across programs give the same dK/dV."""
-    import hf_sparsek.kernels.attention_bwd as bwd
     from hf_sparsek.kernels.bwd_split import split_key_lists
 
-    monkeypatch.setattr(bwd, "SPLIT_CHUNK", chunk)
     pattern = SparsePattern(block_size=64, sink_tokens=4, window=30, layout=BlockLayout("strided", stride=3))
     q = torch.randn(2, 4, 290, 64, requires_grad=True)
     k = torch.randn(2, 2, 290, 64, requires_grad=True)
@@ -357,18 +359,52 @@ def test_split_key_lists_keep_gradients_exact_and_deterministic(chunk, monkeypat
     mask = torch.ones(2, 290, dtype=torch.bool)
     mask[1, :50] = False
     index = build_index_for(q, k, pattern, attention_mask=mask)
-    split = split_key_lists(*index.transposed(), chunk=chunk)
+    split = split_key_lists(*index.transposed(), chunk=chunk, imbalance=3)
     assert split is not None  # the split path really runs
-    out = triton_block_sparse_attention(q, k, v, index, 0.125)
-    grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v), grad)
-    again = torch.autograd.grad(triton_block_sparse_attention(q, k, v, index, 0.125), (q, k, v), grad)
+    with kernel_options(split_chunk=chunk):
+        out = triton_block_sparse_attention(q, k, v, index, 0.125)
+        grad = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v), grad)
+        again = torch.autograd.grad(triton_block_sparse_attention(q, k, v, index, 0.125), (q, k, v), grad)
     qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref = reference_attention(qd, kd, vd, index, scale=0.125)
     want = torch.autograd.grad(ref, (qd, kd, vd), grad.double())
     for g, g2, w in zip(got, again, want, strict=True):
         assert torch.equal(g, g2)
         assert (g.double() - w).norm() / w.norm() < 1e-5
+
+
+def test_settings_reach_the_launchers(monkeypatch):
+    """``hf_sparsek.settings(kernels=...)`` -> triton_ops -> kernels/dispatch -> the launchers: the defaults give the
+    pointer loads and whole key lists on CPU, non-default options the TMA path and split lists, in both passes."""
+    from hf_sparsek.kernels import attention_bwd, attention_fwd
+
+    seen = {}
+    real_fwd, real_bwd = attention_fwd.prepare_forward, attention_bwd.prepare_backward
+
+    def spy_fwd(*args, **kwargs):
+        seen["fwd_tma"] = kwargs["tma"]
+        return real_fwd(*args, **kwargs)
+
+    def spy_bwd(*args):
+        seen["plan"] = args[-1]
+        return real_bwd(*args)
+
+    monkeypatch.setattr(attention_fwd, "prepare_forward", spy_fwd)
+    monkeypatch.setattr(attention_bwd, "prepare_backward", spy_bwd)
+    pattern = SparsePattern(block_size=64, sink_tokens=4, window=30, layout=BlockLayout("strided", stride=3))
+    q = torch.randn(1, 4, 290, 64, requires_grad=True)
+    k = torch.randn(1, 2, 290, 64, requires_grad=True)
+    v = torch.randn(1, 2, 290, 64, requires_grad=True)
+    index = build_index_for(q, k, pattern)
+    for changes, tma, split in (({}, False, False), ({"tma": True, "split_chunk": 1}, True, True)):
+        with kernel_options(**changes):
+            out = triton_block_sparse_attention(q, k, v, index, 0.125)
+            out.sum().backward()
+        plan = seen.pop("plan")
+        assert seen.pop("fwd_tma") is tma and plan.tma is tma and plan.rows_tma is tma, changes
+        assert (plan.split is not None) is split, changes
+        assert not plan.gluon_dkdv and not plan.gluon_dq and plan.side_stream is None  # CPU: Triton, one stream
 
 
 def test_runtime_autotune_picks_fastest_caches_and_persists(tmp_path, monkeypatch):
@@ -382,7 +418,6 @@ def test_runtime_autotune_picks_fastest_caches_and_persists(tmp_path, monkeypatc
 
     cache = tmp_path / "autotune.json"
     monkeypatch.setenv("HF_SPARSEK_AUTOTUNE_CACHE", str(cache))
-    monkeypatch.setattr(autotune, "ENABLED", True)
     autotune.clear_memory()
     # Scripted "timings" (no clock is read): forward candidate 2 wins and 3 cannot launch, backward candidate 1 wins.
     fwd_ms = [5.0, 4.0, 1.0, RuntimeError("out of resource")]
@@ -400,25 +435,20 @@ def test_runtime_autotune_picks_fastest_caches_and_persists(tmp_path, monkeypatc
 
     monkeypatch.setattr(autotune, "_time", fake_time)
     try:
-        _run_case(1, 4, 2, 130, 130, 64, SINK_WIN, seed=2)
-        n_candidates = len(FWD_CANDIDATES[64]) + len(BWD_CANDIDATES[64])
-        assert len(timed) == n_candidates  # every candidate tried once
-        saved = json.loads(cache.read_text())
-        chosen = {key.split("|")[0]: entry["config"] for key, entry in saved.items()}
-        assert chosen == {"fwd": dataclasses_asdict(FWD_CANDIDATES[64][2]),
-                          "bwd": dataclasses_asdict(BWD_CANDIDATES[64][1])}
-        _run_case(1, 4, 2, 130, 130, 64, SINK_WIN, seed=3)  # same shape class: cached in memory
-        autotune.clear_memory()
-        _run_case(1, 4, 2, 130, 130, 64, SINK_WIN, seed=4)  # fresh memory: read back from the file
-        assert len(timed) == n_candidates  # neither later call tuned again
+        with kernel_options(autotune=True):
+            _run_case(1, 4, 2, 130, 130, 64, SINK_WIN, seed=2)
+            n_candidates = len(FWD_CANDIDATES[64]) + len(BWD_CANDIDATES[64])
+            assert len(timed) == n_candidates  # every candidate tried once
+            saved = json.loads(cache.read_text())
+            chosen = {key.split("|")[0]: entry["config"] for key, entry in saved.items()}
+            assert chosen == {"fwd": dataclasses.asdict(FWD_CANDIDATES[64][2]),
+                              "bwd": dataclasses.asdict(BWD_CANDIDATES[64][1])}
+            _run_case(1, 4, 2, 130, 130, 64, SINK_WIN, seed=3)  # same shape class: cached in memory
+            autotune.clear_memory()
+            _run_case(1, 4, 2, 130, 130, 64, SINK_WIN, seed=4)  # fresh memory: read back from the file
+            assert len(timed) == n_candidates  # neither later call tuned again
     finally:
         autotune.clear_memory()
-
-
-def dataclasses_asdict(obj):
-    import dataclasses
-
-    return dataclasses.asdict(obj)
 
 
 @pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])
@@ -445,13 +475,18 @@ def test_compiled_sparse_attention_op_on_the_kernels_matches_reference(compile_b
         assert _rel(got, want) < 2e-5
 
 
-def test_sparse_attention_op_passes_opcheck():
-    """The compiled path's custom op: schema, fake implementation and autograd registration are consistent."""
+@pytest.mark.parametrize("layout", ["bhsd", "bshd-view"])
+def test_sparse_attention_op_passes_opcheck(layout):
+    """The compiled path's custom op: schema, fake implementation (shapes AND strides, also for the (B, S, H, D)
+    storage transformers hands over as a transposed view) and autograd registration are consistent."""
     from hf_sparsek.ops import _pattern_text, sparse_attention_op
 
-    q = torch.randn(1, 4, 70, 64, requires_grad=True)
-    k = torch.randn(1, 2, 70, 64, requires_grad=True)
-    v = torch.randn(1, 2, 70, 64, requires_grad=True)
+    def tensor(heads: int) -> torch.Tensor:
+        if layout == "bhsd":
+            return torch.randn(1, heads, 70, 64, requires_grad=True)
+        return torch.randn(1, 70, heads, 64).transpose(1, 2).requires_grad_()
+
+    q, k, v = tensor(4), tensor(2), tensor(2)
     args = (q, k, v, None, None, None, torch.tensor([-1, 0]), _pattern_text(SINK_WIN), 0.125, 0.0, "triton", False)
     torch.library.opcheck(sparse_attention_op, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
