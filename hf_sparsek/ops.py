@@ -438,7 +438,8 @@ def _eager_call(q, k, v, attention_mask, segment_ids, query_segment_ids, offsets
     )
 
 
-@torch.library.custom_op("hf_sparsek::sparse_attention", mutates_args=())
+# The body builds the index with host reads: never inside a CUDA graph (Inductor keeps it out of captured regions).
+@torch.library.custom_op("hf_sparsek::sparse_attention", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 def sparse_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None,
     segment_ids: torch.Tensor | None, query_segment_ids: torch.Tensor | None, offsets: torch.Tensor, pattern: str,
@@ -456,7 +457,7 @@ def _(q, k, v, attention_mask, segment_ids, query_segment_ids, offsets, pattern,
     return q.new_empty(q.shape[:3] + v.shape[3:])
 
 
-@torch.library.custom_op("hf_sparsek::sparse_attention_backward", mutates_args=())
+@torch.library.custom_op("hf_sparsek::sparse_attention_backward", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 def sparse_attention_backward_op(
     grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None,
     segment_ids: torch.Tensor | None, query_segment_ids: torch.Tensor | None, offsets: torch.Tensor, pattern: str,
