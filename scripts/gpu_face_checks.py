@@ -93,6 +93,19 @@ def main() -> None:
             model.to(torch.bfloat16)
         return {"ok": torch.equal(dyn, sta), "same_tokens": int((dyn == sta).sum()), "of": dyn.numel()}
 
+    def static_auto_compile() -> dict[str, Any]:
+        """transformers compiles static-cache decoding by itself on CUDA (CUDA graphs where it can): it must run and
+        give the eager tokens (fp32, no TF32)."""
+        kw = dict(max_new_tokens=24, do_sample=False, pad_token_id=0, cache_implementation="static")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        model.float()
+        try:
+            eager = model.generate(ids, disable_compile=True, **kw)
+            auto = model.generate(ids, **kw)
+        finally:
+            model.to(torch.bfloat16)
+        return {"ok": torch.equal(eager, auto), "same_tokens": int((eager == auto).sum()), "of": eager.numel()}
+
     def compiled_fullgraph() -> dict[str, Any]:
         compiled = torch.compile(model, fullgraph=True)
         mask = torch.ones_like(ids)
@@ -145,6 +158,7 @@ def main() -> None:
 
     for name, fn in (("sparse_equals_sdpa_with_exact_mask", exact_mask),
                      ("generate_static_equals_dynamic", static_vs_dynamic),
+                     ("generate_static_with_transformers_auto_compile", static_auto_compile),
                      ("compile_fullgraph_equals_eager", compiled_fullgraph),
                      ("compile_fullgraph_static_generate", compiled_static_generate),
                      ("pipeline_model_kwargs", pipeline_model_kwargs)):
