@@ -32,6 +32,8 @@ __version__ = "0.1.0"
 # ``hf-sparsek`` command line (its entry point imports this package) start without them.
 _LAZY = {
     "ATTN_IMPLEMENTATION": "model_defaults",
+    "KernelOptions": "kernels.options",
+    "sparsek_topk": "sparsek_topk",
     "implementation_names": "model_defaults",
     "is_sparsek_implementation": "model_defaults",
     "available_model_types": "model_defaults",
@@ -106,6 +108,7 @@ __all__ = [
     "ATTN_IMPLEMENTATION",
     "BlockIndex",
     "BlockLayout",
+    "KernelOptions",
     "ModelSparsity",
     "PRESETS",
     "SparseKMask",
@@ -127,4 +130,5 @@ __all__ = [
     "set_settings",
     "settings",
     "sparse_attention",
+    "sparsek_topk",
 ]

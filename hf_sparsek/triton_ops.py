@@ -3,6 +3,8 @@
 The forward and backward are registered as custom ops (``hf_sparsek::block_sparse_attn_fwd`` / ``_bwd``) with
 fake implementations that only allocate outputs, so ``torch.compile`` sees one opaque op per call. The block index
 travels as tensor arguments, its scalars as ints. The forward saves O and the log2-domain LSE for the backward.
+The kernels' options are not arguments: each body reads the current settings' (``hf_sparsek.runtime``) when it runs
+and hands them to ``kernels/dispatch.py``, which makes every launch choice.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ import contextlib
 import torch
 
 from .block_index import BlockIndex, _transpose_lists
-from .kernels.attention_bwd import attention_backward
-from .kernels.attention_fwd import attention_forward
+from .kernels import dispatch
 from .kernels.dispatch import unsupported_reason
+from .runtime import kernel_options
 
 LN2 = 0.6931471805599453
 
@@ -50,9 +52,9 @@ def _forward_body(q, k, v, full_count, full_tiles, part_count, part_tiles, k_seg
                   block, q_offset, kv_offset, sink, window, scale, softcap):
     """The forward launch, shared by the custom op and the eager autograd function."""
     with _on_device_of(q):
-        return attention_forward(
+        return dispatch.forward(
             q, k, v, full_count, full_tiles, part_count, part_tiles, k_seg, q_seg, k_rank,
-            block, q_offset, kv_offset, sink, window, scale, softcap,
+            block, q_offset, kv_offset, sink, window, scale, softcap, kernel_options(),
         )
 
 
@@ -87,10 +89,10 @@ def _backward_body(do, q, k, v, o, lse, full_count, full_tiles, part_count, part
         t_full_count, t_full_tiles = _transpose_lists(full_count, full_tiles, n_k, encoded=False)
         t_part_count, t_part_tiles = _transpose_lists(part_count, part_tiles, n_k, encoded=True)
     with _on_device_of(q):
-        return attention_backward(
+        return dispatch.backward(
             do, q, k, v, o, lse, full_count, full_tiles, part_count, part_tiles,
             t_full_count, t_full_tiles, t_part_count, t_part_tiles, k_seg, q_seg, k_rank,
-            block, q_offset, kv_offset, sink, window, scale, softcap,
+            block, q_offset, kv_offset, sink, window, scale, softcap, kernel_options(),
         )
 
 
@@ -119,14 +121,11 @@ def _backward(ctx, d_out, d_lse):
 
 torch.library.register_autograd("hf_sparsek::block_sparse_attn_fwd", _backward, setup_context=_setup_context)
 
-# Eager calls skip the custom op: its Python dispatch (schema defaults, aliasing checks, dynamo guards) made a call
-# cost 441 us of host time per forward and 1693 us per forward+backward on the H100 machine, against 155 / 1020 us
-# through this function (scripts/gpu_host_overhead.py, 4K tokens, where the forward kernel takes ~0.2 ms).
-# torch.compile still sees the op. Same kernels, same results; False sends eager calls through the op too (tests
-# compare the two).
-EAGER_FAST_PATH: bool = True
-
-
+# Eager calls skip the custom op (KernelOptions.eager_fast_path): its Python dispatch (schema defaults, aliasing
+# checks, dynamo guards) made a call cost 441 us of host time per forward and 1693 us per forward+backward on the H100
+# machine, against 155 / 1020 us through this function (4K tokens, where the forward kernel takes ~0.2 ms;
+# docs/kernel-decisions.md). torch.compile still sees the op. Same kernels, same results; False sends eager calls
+# through the op too (tests compare the two).
 class _EagerBlockSparseAttention(torch.autograd.Function):
     """The custom op's forward and backward bodies behind a plain autograd function (eager mode only)."""
 
@@ -161,7 +160,7 @@ def triton_block_sparse_attention(
         raise ValueError(f"Triton block-sparse attention cannot run: {reason}")
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     trans = tuple(index.transposed()) if needs_grad else (None, None, None, None)
-    eager = EAGER_FAST_PATH and not torch.compiler.is_compiling()
+    eager = kernel_options().eager_fast_path and not torch.compiler.is_compiling()
     op = _EagerBlockSparseAttention.apply if eager else block_sparse_attn_fwd
     lists, segments, scalars = _index_args(index, scale, softcap)
     out, lse = op(q, k, v, *lists, *trans, *segments, *scalars)

@@ -12,40 +12,18 @@ Probabilities are recomputed from the forward's log2-domain LSE; partial tiles a
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from . import attention_bwd_gluon, autotune
+from . import attention_bwd_gluon
 from .attention_fwd import _dot, _dot_acc, _next_pow2, seg_args
-from .bwd_split import reduce_split, split_key_lists
+from .bwd_split import SplitLists, reduce_split
 from .common import element_mask, index_strides, kv_descriptors, load_rows, query_tile_rows, score_constants, tanh_f32
-from .tma import ensure_allocator, use_tma
-
-# Entries per dK/dV program before a key tile's list is split (None: automatic, see bwd_split). Tests set it low.
-SPLIT_CHUNK: int | None = None
-# Run the dQ kernel on a side CUDA stream, concurrently with dK/dV (they share inputs, not outputs): the second
-# kernel's programs start on the SMs the first one's short programs free, instead of after its longest one. (The
-# Gluon dQ's persistent grid holds every SM until it is done, so there the two kernels run one after the other.)
-CONCURRENT_DQ: bool = True
-# With CONCURRENT_DQ: which kernel is launched first (its programs reach the SMs first); the other fills the SMs
-# its programs free.
-DQ_FIRST: bool = True
-_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
-# The dK/dV kernel loads query and dO rows, and their LSE and delta, through TMA descriptors where TMA applies
-# (kernels/tma.py); False: pointer loads, whose per-thread addresses and row predicates took 716 instead of 416 SASS
-# instructions per full-tile step (scripts/sass_report.py, Triton 3.6) and 3-18% of forward+backward time on the H100.
-DKDV_TMA_ROWS: bool = True
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    """One side stream per GPU, made once (a stream per call would cost host time on small shapes)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SIDE_STREAMS:
-        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
-    return _SIDE_STREAMS[index]
+from .tma import ensure_allocator
 
 
 @dataclass(frozen=True)
@@ -349,19 +327,44 @@ def _attn_bwd_dq_kernel(
              mask=row_ok[:, None])
 
 
-def attention_backward(
+@dataclass(slots=True)
+class BackwardPlan:
+    """The choices ``kernels/dispatch.py`` made for one backward call; :func:`prepare_backward` carries them out.
+
+    ``split``: the dK/dV lists cut into chunks (None: one program per key tile). ``gluon_dkdv`` / ``gluon_dq``: the
+    Hopper kernels run that pass (with the ring depths, key step, slots and grid given here). ``side_stream``: dQ
+    runs on it beside dK/dV (None: one after the other), the dQ kernel launched first when ``dq_first``. ``tma``:
+    the Triton dQ kernel loads K/V through TMA; ``rows_tma``: the Triton dK/dV kernel loads query, dO, LSE and
+    delta rows through TMA."""
+
+    split: SplitLists | None
+    gluon_dkdv: bool
+    gluon_dq: bool
+    side_stream: torch.cuda.Stream | None
+    dq_first: bool
+    tma: bool
+    rows_tma: bool
+    gluon_dkdv_stages: int | None  # None where the Triton kernel runs that pass
+    gluon_dq_block_n: int
+    gluon_dq_stages: int | None
+    gluon_dq_q_slots: int
+    gluon_dq_persistent: bool | None
+
+
+def prepare_backward(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
     full_count: torch.Tensor, full_tiles: torch.Tensor, part_count: torch.Tensor, part_tiles: torch.Tensor,
     t_full_count: torch.Tensor, t_full_tiles: torch.Tensor, t_part_count: torch.Tensor, t_part_tiles: torch.Tensor,
     k_seg: torch.Tensor | None, q_seg: torch.Tensor | None, k_rank: torch.Tensor | None,
     block: int, q_offset: int, kv_offset: int, sink: int, window: int, scale: float, softcap: float,
-    config: BwdConfig | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch delta, dK/dV and dQ kernels; ``lse`` is the forward's log2-domain LSE. Returns dq, dk, dv."""
+    plan: BackwardPlan,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Callable[[BwdConfig], None]]:
+    """Run the delta preprocess kernel for last-dim-contiguous inputs (``lse``: the forward's log2-domain LSE) and
+    return dq, dk, dv and ``launch(config)`` that fills them: dK/dV and dQ as ``plan`` says (autotuning calls it
+    once per candidate; the Gluon kernels ignore the config)."""
     batch, hq, q_len, dim = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     group = hq // hkv
-    q, k, v, o, do = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, o, do))
     ieee = q.dtype == torch.float32
     qk_mul, cap2 = score_constants(scale, softcap)
     (ks, ks_b), (qs, qs_b), (kr, kr_b) = seg_args(k_seg, q_seg, k_rank, full_count)
@@ -379,7 +382,7 @@ def attention_backward(
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     n_k = t_full_count.shape[2]
-    split = split_key_lists(t_full_count, t_full_tiles, t_part_count, t_part_tiles, SPLIT_CHUNK)
+    split = plan.split
     if split is not None:
         t_full_count, t_full_tiles, t_part_count, t_part_tiles = split.lists
         n_k = t_full_count.shape[2]  # virtual rows
@@ -401,21 +404,10 @@ def attention_backward(
     )
     dq = torch.empty_like(q)
     n_q = full_count.shape[2]
-    tma = use_tma(k, v)
-    rows_tma = DKDV_TMA_ROWS and use_tma(q, do)
+    tma, rows_tma = plan.tma, plan.rows_tma
     if tma or rows_tma:
         ensure_allocator()
-
-    side = _side_stream(q.device) if CONCURRENT_DQ and q.is_cuda else None
-    # the warp-specialised Gluon dK/dV and dQ kernels where they apply (kernels/attention_bwd_gluon.py: Hopper,
-    # 16-bit, head dim 64/128 (dQ 128), no softcap or segments, large enough grids); explicit configs (tests,
-    # tuning) keep the Triton kernels they name
-    has_segments = k_seg is not None or q_seg is not None or k_rank is not None
-    row_tiles = full_tiles.shape[-1] + part_tiles.shape[-1]
-    gluon_dkdv = config is None and attention_bwd_gluon.supported(q, k, v, do, block, softcap, has_segments, q_offset,
-                                                                  row_tiles)
-    gluon_dq = config is None and attention_bwd_gluon.dq_supported(q, k, v, do, block, softcap, has_segments,
-                                                                   row_tiles)
+    side = plan.side_stream
 
     def launch(cfg: BwdConfig) -> None:
         """dK/dV (key-major, then the split reduction) and dQ (query-major, on the side stream if any)."""
@@ -425,24 +417,24 @@ def attention_backward(
             return
         main = torch.cuda.current_stream(q.device)
         side.wait_stream(main)  # delta and the inputs are ready
-        if not DQ_FIRST:
+        if not plan.dq_first:
             launch_dkdv(cfg)
         torch.cuda.set_stream(side)  # (torch.cuda.stream()'s context manager costs more host time per call)
         try:
             launch_dq(cfg)
         finally:
             torch.cuda.set_stream(main)
-        if DQ_FIRST:
+        if plan.dq_first:
             launch_dkdv(cfg)
         main.wait_stream(side)  # dq is complete before anything later on the caller's stream
 
     def launch_dkdv(cfg: BwdConfig) -> None:
-        if gluon_dkdv:
+        if plan.gluon_dkdv:
             attention_bwd_gluon.attention_dkdv_gluon(
                 q, k, v, do, lse_bwd, delta, dk, dv, t_full_count, t_full_tiles, t_part_count, t_part_tiles,
                 None if split is None else vt, None if split is None else vs,
                 None if split is None else scr_k, None if split is None else scr_v,
-                block, q_offset, kv_offset, sink, window, scale)
+                block, q_offset, kv_offset, sink, window, scale, stages=plan.gluon_dkdv_stages)
             if split is not None:
                 reduce_split(split, scr_k, scr_v, dk, dv, kv_offset, block)
             return
@@ -466,10 +458,11 @@ def attention_backward(
             reduce_split(split, scr_k, scr_v, dk, dv, kv_offset, block)
 
     def launch_dq(cfg: BwdConfig) -> None:
-        if gluon_dq:
+        if plan.gluon_dq:
             attention_bwd_gluon.attention_dq_gluon(
                 q, k, v, do, lse_bwd, delta, dq, full_count, full_tiles, part_count, part_tiles,
-                block, q_offset, kv_offset, sink, window, scale)
+                block, q_offset, kv_offset, sink, window, scale, block_n=plan.gluon_dq_block_n,
+                stages=plan.gluon_dq_stages, q_slots=plan.gluon_dq_q_slots, persistent=plan.gluon_dq_persistent)
             return
         block_m = min(cfg.q_block_m, block * _next_pow2(group))
         sub_m = min(block, block_m, max(16, _next_pow2(q_len)))
@@ -489,8 +482,4 @@ def attention_backward(
             num_warps=cfg.q_warps, num_stages=cfg.q_stages,
         )
 
-    if config is None and autotune.ENABLED:
-        key = autotune.shape_key("bwd", q, k, block, full_tiles.shape[-1] + part_tiles.shape[-1])
-        config = autotune.choose(key, BWD_CANDIDATES[dim], BWD_CONFIGS[dim], launch)
-    launch(config or BWD_CONFIGS[dim])
-    return dq, dk, dv
+    return dq, dk, dv, launch

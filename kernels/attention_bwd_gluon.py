@@ -4,9 +4,9 @@ explicit asynchronous wgmma and TMA rings.
 Same contracts and math as ``attention_bwd._attn_bwd_dkdv_kernel`` (key-major, deterministic, the transposed index
 and its split "virtual rows") and ``_attn_bwd_dq_kernel`` (query-major over the forward lists) for the common case:
 16-bit inputs, head dim 64 or 128 (dQ: 128 by default), index blocks of 128 rows, no soft-capping, no per-batch
-segment / rank tensors, a query offset that is a multiple of 4 (dK/dV), query length >= 16 (dQ), and grids of at
-least ``MIN_PROGRAMS`` dK/dV programs. ``supported`` / ``dq_supported`` say which inputs qualify; the Triton kernels
-run every other case (same results).
+segment / rank tensors, a query offset that is a multiple of 4 (dK/dV), query length >= 16 (dQ), and large enough
+grids (``KernelOptions.gluon_dkdv_min_programs``). ``kernels/dispatch.py`` decides which calls they take; the Triton
+kernels run every other case (same results).
 
 Why: in the Triton kernels the warps that issue the MMAs of a step also do the probability recompute, dS and the
 conversions, and Triton waits for each MMA before the elementwise work that follows it (docs/kernel-decisions.md).
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import torch
 
-from . import gluon_support
 from .attention_fwd_gluon import (  # AVAILABLE: Gluon (Triton >= 3.5)
     AVAILABLE,
     LONG_ROW_TILES,
@@ -42,7 +41,7 @@ from .attention_fwd_gluon import (  # AVAILABLE: Gluon (Triton >= 3.5)
     _sm_count,
 )
 from .common import index_strides, score_constants
-from .tma import aligned, compute_major, ensure_allocator
+from .tma import ensure_allocator
 
 if AVAILABLE:
     from triton.experimental import gluon
@@ -68,86 +67,11 @@ if AVAILABLE:
         _tma_load,
     )
 
+# What the kernels take (kernels/dispatch.py holds the whole rule, with the options' grid floor and dQ head dims).
 HEAD_DIMS = (64, 128)
 BLOCK = 128
 BLOCK_M = 64  # query rows per step (S^T is 64 keys x 64 queries per consumer: 32 fp32 registers a thread)
-# False: never (the Triton kernel runs every case); True: wherever ``supported`` (Hopper GPU, qualifying inputs).
-ENABLED = True
-# Fewest dK/dV programs (batch x KV heads x key tiles) for the Gluon backward kernels, per head dim: one
-# 240-register consumer pair per SM leaves short grids with too few programs in flight. At 4K (B=1, 8 KV heads: 256
-# programs) the Gluon backward with one dQ program per item lost in forward+backward on most patterns, from 8K (512)
-# it won. With the persistent dQ, head dim 128 at 4K, the Gluon kernels ran faster on the GPU, but these rows are
-# bound by host work and the Gluon path took more of it per call, so the floor stays at 512 until that host time is
-# found (docs/kernel-decisions.md).
-MIN_PROGRAMS: dict[int, int] = {64: 512, 128: 512}
-# ... except for grids whose longest query row lists at least this many key tiles: there the GPU work outweighs the
-# host time (4K dense causal, 32-tile rows), while the host-bound 4K sparse rows (strided 16 + window 512: 7 tiles,
-# random 10%: 8) keep the Triton kernels (docs/kernel-decisions.md).
-FLOOR_EXEMPT_ROW_TILES = 24
-# Query/dO ring depth per head dim (each slot holds BLOCK_M rows of both: 32 KiB at head dim 128, next to K and V).
-STAGES: dict[int, int] = {64: 4, 128: 3}
-# The dQ kernel: keys per step, and the K/V ring depth per (head dim, keys per step); its own switch.
-DQ_ENABLED = True
-DQ_BLOCK_N = 64
-DQ_STAGES: dict[tuple[int, int], int] = {(64, 64): 4, (128, 64): 4, (64, 128): 3, (128, 128): 2}
 DQ_MIN_Q_LEN = 16  # shorter (decode) queries: the Triton dQ kernel packs the heads of a group instead
-# Head dims the Gluon dQ takes by default: at 64 it was slower than the Triton dQ on sparse layouts
-# (docs/kernel-decisions.md)
-DQ_HEAD_DIMS = (128,)
-# Query + dO slots (2: the next work item's rows load while this one finishes; needs a 3-slot K/V ring at head dim
-# 128) and the persistent grid (one program per SM walking the work items), as in the forward. On short rows the
-# persistent grid overlaps each work item's start-up with the previous item, which made the dQ kernel and the
-# backward faster. Its programs hold every SM until dQ is done, so dK/dV (on its own stream) no longer fills in
-# beside it, which cost long dense rows more than the grid saved (docs/kernel-decisions.md). None: persistent for rows
-# listing fewer than the forward's LONG_ROW_TILES tiles (the sparse patterns), one program per item otherwise;
-# True / False: always / never.
-DQ_Q_SLOTS = 1
-DQ_PERSISTENT: bool | None = None
-
-
-def input_reason(dtype: torch.dtype, head_dim: int, block: int, softcap: float, has_segments: bool,
-                 q_offset: int, programs: int | None = None, row_tiles: int | None = None) -> str | None:
-    """Why these inputs go to the Triton dK/dV kernel instead (None: the Gluon one takes them, device permitting);
-    ``programs``: batch x KV heads x key tiles; ``row_tiles``: key tiles the longest query row lists."""
-    if dtype not in (torch.float16, torch.bfloat16):
-        return f"dtype {dtype} (Gluon dK/dV: float16, bfloat16)"
-    if head_dim not in HEAD_DIMS:
-        return f"head dim {head_dim} (Gluon dK/dV: {HEAD_DIMS})"
-    if block != BLOCK:
-        return f"block size {block} (Gluon dK/dV: {BLOCK})"
-    if softcap:
-        return "soft-capping"
-    if has_segments:
-        return "per-batch segments or ranks (left padding, packed sequences)"
-    if q_offset % 4:
-        return f"query offset {q_offset} not a multiple of 4"
-    least = MIN_PROGRAMS.get(head_dim, 0)
-    long_rows = row_tiles is not None and row_tiles >= FLOOR_EXEMPT_ROW_TILES
-    if programs is not None and programs < least and not long_rows:
-        return (f"{programs} key-tile programs < {least} at head dim {head_dim} with rows of "
-                f"{'?' if row_tiles is None else row_tiles} < {FLOOR_EXEMPT_ROW_TILES} tiles (short grids of short "
-                "rows are bound by host time, which the Triton kernels' launches take less of)")
-    return None
-
-
-def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, block: int, softcap: float,
-              has_segments: bool, q_offset: int, row_tiles: int | None = None) -> bool:
-    """Whether the Gluon dK/dV kernel runs these inputs (otherwise the Triton kernel does, with the same results);
-    ``row_tiles``: the forward lists' width (full + partial entries), None if unknown."""
-    if not ENABLED or not AVAILABLE or not q.is_cuda:
-        return False
-    programs = q.shape[0] * k.shape[1] * -(-k.shape[2] // block)
-    if input_reason(q.dtype, q.shape[-1], block, softcap, has_segments, q_offset, programs, row_tiles) is not None:
-        return False
-    return aligned(q, k, v, do) and compute_major(q.device) == 9 and gluon_support.allowed()
-
-
-def dq_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, block: int, softcap: float,
-                 has_segments: bool, row_tiles: int | None = None) -> bool:
-    """Whether the Gluon dQ kernel runs these inputs (otherwise the Triton one does, with the same results)."""
-    if not DQ_ENABLED or q.shape[2] < DQ_MIN_Q_LEN or q.shape[-1] not in DQ_HEAD_DIMS:
-        return False
-    return supported(q, k, v, do, block, softcap, has_segments, 0, row_tiles)
 
 
 if AVAILABLE:
@@ -551,9 +475,10 @@ def attention_dkdv_gluon(
     t_full_count: torch.Tensor, t_full_tiles: torch.Tensor, t_part_count: torch.Tensor, t_part_tiles: torch.Tensor,
     split_tile: torch.Tensor | None, split_slot: torch.Tensor | None,
     scr_k: torch.Tensor | None, scr_v: torch.Tensor | None,
-    block: int, q_offset: int, kv_offset: int, sink: int, window: int, scale: float, stages: int | None = None,
+    block: int, q_offset: int, kv_offset: int, sink: int, window: int, scale: float, *, stages: int,
 ) -> None:
-    """Launch the Gluon dK/dV kernel (callers check :func:`supported` first) over the transposed lists (after
+    """Launch the Gluon dK/dV kernel (for calls ``kernels/dispatch.py`` gave it; ``stages``: the query/dO ring
+    depth) over the transposed lists (after
     ``bwd_split.split_key_lists`` when a split applies: then ``split_tile``/``split_slot`` and the fp32 scratch are
     given and ``bwd_split.reduce_split`` sums the partials afterwards). ``lse_bwd`` and ``delta`` are the backward
     preprocess kernel's padded row buffers. Writes ``dk`` (scaled) and ``dv``."""
@@ -563,7 +488,6 @@ def attention_dkdv_gluon(
     n_rows = t_full_count.shape[2]
     qk_mul, _ = score_constants(scale, 0.0)  # no soft-capping on this path
     s_ib, s_ih = index_strides(t_full_count)
-    stages = stages or STAGES[dim]
     if stages < 2:
         raise ValueError(f"Gluon dK/dV ring depth {stages}: at least 2")
     split = split_tile is not None
@@ -590,22 +514,19 @@ def attention_dq_gluon(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse_bwd: torch.Tensor, delta: torch.Tensor,
     dq: torch.Tensor, full_count: torch.Tensor, full_tiles: torch.Tensor, part_count: torch.Tensor,
     part_tiles: torch.Tensor, block: int, q_offset: int, kv_offset: int, sink: int, window: int, scale: float,
-    block_n: int | None = None, stages: int | None = None, q_slots: int | None = None, persistent: bool | None = None,
+    *, block_n: int, stages: int, q_slots: int, persistent: bool | None,
 ) -> None:
-    """Launch the Gluon dQ kernel over the forward lists (callers check :func:`dq_supported` first). ``dq`` must
-    have q's strides (``torch.empty_like(q)``); it receives the scaled dQ. Unset options take the module settings
-    (``persistent``: see ``DQ_PERSISTENT``)."""
+    """Launch the Gluon dQ kernel over the forward lists (for calls ``kernels/dispatch.py`` gave it). ``dq`` must
+    have q's strides (``torch.empty_like(q)``); it receives the scaled dQ. ``block_n`` keys per step, ``stages`` K/V
+    ring depth, ``q_slots`` query/dO slots, ``persistent``: see :func:`dq_grid_size`."""
     batch, hq, q_len, dim = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     group = hq // hkv
     n_q = full_count.shape[2]
     if dq.stride() != q.stride():
         raise ValueError("Gluon dQ: dq must have q's strides (torch.empty_like(q))")
-    block_n = block_n or DQ_BLOCK_N
-    stages = stages or DQ_STAGES[(dim, block_n)]
     if block % block_n or stages < 2:
         raise ValueError(f"Gluon dQ: key tile {block_n} (a divisor of {block}), ring depth {stages} (at least 2)")
-    q_slots = q_slots or DQ_Q_SLOTS
     if q_slots not in (1, 2) or _dq_shared_bytes(stages, q_slots, block, block_n, dim) > SHARED_MEMORY_BYTES:
         raise ValueError(f"Gluon dQ with {q_slots} query/dO slots and a {stages}-slot ring of {block_n} keys at head "
                          f"dim {dim}: {_dq_shared_bytes(stages, q_slots, block, block_n, dim)} bytes of shared "
@@ -626,12 +547,11 @@ def attention_dq_gluon(
     )
 
 
-def dq_grid_size(n_work: int, row_tiles: int, sms: int, persistent: bool | None = None) -> int:
+def dq_grid_size(n_work: int, row_tiles: int, sms: int, persistent: bool | None) -> int:
     """Programs the dQ kernel launches for ``n_work`` items whose rows list up to ``row_tiles`` tiles: one per SM
-    (persistent) or one per item; ``persistent`` None takes ``DQ_PERSISTENT``, and where that is None too, persistent
-    for rows under ``LONG_ROW_TILES`` (see ``DQ_PERSISTENT`` for the measurements)."""
-    if persistent is None:
-        persistent = DQ_PERSISTENT
+    (persistent) or one per item; ``persistent`` None: persistent for rows under ``LONG_ROW_TILES`` (on short rows
+    the persistent grid overlaps each item's start-up with the previous one; on long rows its programs would hold
+    every SM, so dK/dV could not run beside dQ: docs/kernel-decisions.md)."""
     if persistent is None:
         persistent = row_tiles < LONG_ROW_TILES
     return min(n_work, sms) if persistent else n_work
@@ -642,5 +562,4 @@ def _dq_shared_bytes(stages: int, q_slots: int, block: int, block_n: int, dim: i
     return (stages * 2 * block_n + q_slots * 2 * block) * dim * 2
 
 
-__all__ = ["AVAILABLE", "ENABLED", "HEAD_DIMS", "attention_dkdv_gluon", "attention_dq_gluon", "dq_grid_size",
-           "dq_supported", "input_reason", "supported"]
+__all__ = ["AVAILABLE", "HEAD_DIMS", "attention_dkdv_gluon", "attention_dq_gluon", "dq_grid_size"]

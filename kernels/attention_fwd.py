@@ -10,13 +10,13 @@ that attend nothing, whose output is 0).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from . import attention_fwd_gluon, autotune
 from .common import (
     element_mask,
     index_strides,
@@ -26,7 +26,7 @@ from .common import (
     score_constants,
     tanh_f32,
 )
-from .tma import ensure_allocator, use_tma
+from .tma import ensure_allocator
 
 
 @dataclass(frozen=True)
@@ -196,26 +196,27 @@ def pick_fwd_config(head_dim: int, block: int, group: int, q_len: int,
     return sub_m, hpp, block_n, cfg.num_warps, cfg.num_stages
 
 
-def attention_forward(
+def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """ValueError unless q (B, Hq, Lq, D), k and v (B, Hkv, Lk, D) share a head dim the kernels take and Hq is a
+    multiple of Hkv."""
+    dim = q.shape[-1]
+    if dim not in FWD_CONFIGS or k.shape[-1] != dim or v.shape[-1] != dim:
+        raise ValueError(f"head dims must match and be one of {sorted(FWD_CONFIGS)}: q {q.shape}, k {k.shape}")
+    if q.shape[1] % k.shape[1] or k.shape[0] != q.shape[0] or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+
+
+def prepare_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     full_count: torch.Tensor, full_tiles: torch.Tensor, part_count: torch.Tensor, part_tiles: torch.Tensor,
     k_seg: torch.Tensor | None, q_seg: torch.Tensor | None, k_rank: torch.Tensor | None,
-    block: int, q_offset: int, kv_offset: int, sink: int, window: int, scale: float, softcap: float,
-    config: FwdConfig | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel. Returns O (q's shape and dtype) and the log2-domain LSE (B, Hq, Lq) fp32."""
+    block: int, q_offset: int, kv_offset: int, sink: int, window: int, scale: float, softcap: float, *, tma: bool,
+) -> tuple[torch.Tensor, torch.Tensor, Callable[[FwdConfig | None], None]]:
+    """The Triton forward for checked (:func:`check_shapes`), last-dim-contiguous inputs: O (q's shape and dtype),
+    the log2-domain LSE (B, Hq, Lq) fp32, and ``launch(config)`` that fills them (None: the head dim's default
+    config; autotuning calls it once per candidate). ``tma``: K/V tiles load through TMA descriptors."""
     batch, hq, q_len, dim = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
-    if dim not in FWD_CONFIGS or k.shape[-1] != dim or v.shape[-1] != dim:
-        raise ValueError(f"head dims must match and be one of {sorted(FWD_CONFIGS)}: q {q.shape}, k {k.shape}")
-    if hq % hkv or k.shape[0] != batch or v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    # Hopper, 16-bit, head dim 64/128, no softcap or segments: the warp-specialised Gluon forward (same results)
-    if config is None and attention_fwd_gluon.supported(q, k, v, block, softcap,
-                                                        k_seg is not None or q_seg is not None or k_rank is not None):
-        return attention_fwd_gluon.attention_forward_gluon(
-            q, k, v, full_count, full_tiles, part_count, part_tiles, block, q_offset, kv_offset, sink, window, scale)
     n_q = full_count.shape[2]
     group = hq // hkv
     out = torch.empty_like(q)
@@ -223,7 +224,6 @@ def attention_forward(
     qk_mul, cap2 = score_constants(scale, softcap)
     (ks, ks_b), (qs, qs_b), (kr, kr_b) = seg_args(k_seg, q_seg, k_rank, full_count)
     s_ib, s_ih = index_strides(full_count)
-    tma = use_tma(k, v)
     if tma:
         ensure_allocator()
 
@@ -246,9 +246,4 @@ def attention_forward(
             num_warps=warps, num_stages=stages,
         )
 
-    if config is None and autotune.ENABLED:
-        # list widths (the longest row) stand for the pattern's density without a device sync
-        key = autotune.shape_key("fwd", q, k, block, full_tiles.shape[-1] + part_tiles.shape[-1])
-        config = autotune.choose(key, FWD_CANDIDATES[dim], FWD_CONFIGS[dim], launch)
-    launch(config)
-    return out, lse
+    return out, lse, launch

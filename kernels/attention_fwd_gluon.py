@@ -2,8 +2,8 @@
 
 Same contract and math as ``attention_fwd._attn_fwd_kernel`` (O and the log2-domain LSE, ``-inf`` for rows that
 attend nothing) for the common case: 16-bit inputs, head dim 64 or 128, index blocks of 128 rows, query length >= 16,
-no soft-capping and no per-batch segment / rank tensors (left-padded batches, packed sequences). ``supported`` says
-which inputs qualify; the Triton kernel runs every other case (same results, slower).
+no soft-capping and no per-batch segment / rank tensors (left-padded batches, packed sequences).
+``kernels/dispatch.py`` decides which calls it takes; the Triton kernel runs every other case (same results, slower).
 
 Why a second forward: in the Triton kernel the warps that issue the MMAs also do all the softmax work, and Triton's
 pipeliner waits for each ``Q.K^T`` before the softmax that follows it, so the tensor cores idle while a warpgroup
@@ -57,55 +57,15 @@ try:  # Gluon ships with Triton >= 3.5; without it the Triton kernel runs every 
 except ImportError:  # pragma: no cover - depends on the installed Triton
     AVAILABLE = False
 
-from . import gluon_support
 from .common import index_strides, score_constants
-from .tma import aligned, compute_major, ensure_allocator
+from .tma import ensure_allocator
 
+# What the kernel takes (kernels/dispatch.py holds the whole rule: dtype, soft-capping, segments, device, release).
 HEAD_DIMS = (64, 128)
 BLOCK = 128
 MIN_Q_LEN = 16
-# False: never (the Triton kernel runs every case); True: wherever ``supported`` (Hopper GPU, qualifying inputs).
-ENABLED = True
-# K/V ring depth: None picks 3 for long tile lists (dense-like rows; 3 x 64 KiB + 32 KiB for Q at head dim 128)
-# and 2 otherwise, each the faster of the two on its rows (docs/kernel-decisions.md).
-STAGES: int | None = None
-LONG_ROW_TILES = 96
-# True: one program per SM walks the work items (query tile x head) in snake rounds, so each item's epilogue
-# overlaps the next one's loads; False: one program per work item. Persistent was as fast or faster on every
-# pattern and size timed (docs/kernel-decisions.md).
-PERSISTENT = True
-# Query tiles in shared memory: 2 lets the loader fetch the next item's Q while this one runs; None: 2 where shared
-# memory holds them beside the ring (head dim 64, or 128 with a 2-slot ring), else 1.
-Q_SLOTS: int | None = None
+LONG_ROW_TILES = 96  # rows listing at least this many tiles are "long" (dense-like): 3-slot ring, see slots_for
 SHARED_MEMORY_BYTES = 227 * 1024 - 1024  # sm_90's per-block limit, less room for the barriers
-
-
-def input_reason(dtype: torch.dtype, head_dim: int, q_len: int, block: int, softcap: float,
-                 has_segments: bool) -> str | None:
-    """Why these inputs go to the Triton forward instead (None: the Gluon forward takes them, device permitting)."""
-    if dtype not in (torch.float16, torch.bfloat16):
-        return f"dtype {dtype} (Gluon forward: float16, bfloat16)"
-    if head_dim not in HEAD_DIMS:
-        return f"head dim {head_dim} (Gluon forward: {HEAD_DIMS})"
-    if block != BLOCK:
-        return f"block size {block} (Gluon forward: {BLOCK})"
-    if softcap:
-        return "soft-capping"
-    if has_segments:
-        return "per-batch segments or ranks (left padding, packed sequences)"
-    if q_len < MIN_Q_LEN:
-        return f"query length {q_len} < {MIN_Q_LEN} (decode: the Triton forward packs heads instead)"
-    return None
-
-
-def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int, softcap: float,
-              has_segments: bool) -> bool:
-    """Whether the Gluon forward runs these inputs (otherwise the Triton kernel does, with the same results)."""
-    if not ENABLED or not AVAILABLE or not q.is_cuda:
-        return False
-    if input_reason(q.dtype, q.shape[-1], q.shape[2], block, softcap, has_segments) is not None:
-        return False
-    return aligned(q, k, v) and compute_major(q.device) == 9 and gluon_support.allowed()
 
 
 if AVAILABLE:
@@ -481,12 +441,13 @@ if AVAILABLE:
 def slots_for(dim: int, block: int, row_tiles: int, stages: int | None = None,
               q_slots: int | None = None) -> tuple[int, int]:
     """(K/V ring depth, query slots) the forward launches with for rows listing up to ``row_tiles`` tiles: given
-    values, else the module settings, else 3 slots for long rows (2 otherwise) and 2 query slots where shared memory
-    holds them. Raises ValueError for a combination that does not fit."""
-    stages = stages or STAGES or (3 if row_tiles >= LONG_ROW_TILES else 2)
+    values, else 3 slots for long rows (2 otherwise; each the faster of the two on its rows) and 2 query slots where
+    shared memory holds them (the loader then fetches the next item's Q while this one runs). Raises ValueError for
+    a combination that does not fit."""
+    stages = stages or (3 if row_tiles >= LONG_ROW_TILES else 2)
     if stages not in (2, 3):
         raise ValueError(f"Gluon forward ring depth {stages}: 2 or 3 (shared memory holds at most 3)")
-    q_slots = q_slots or Q_SLOTS or (2 if _shared_bytes(stages, 2, block, dim) <= SHARED_MEMORY_BYTES else 1)
+    q_slots = q_slots or (2 if _shared_bytes(stages, 2, block, dim) <= SHARED_MEMORY_BYTES else 1)
     if q_slots not in (1, 2) or _shared_bytes(stages, q_slots, block, dim) > SHARED_MEMORY_BYTES:
         raise ValueError(f"Gluon forward with {q_slots} query slots and a {stages}-slot ring at head dim {dim}: "
                          f"{_shared_bytes(stages, q_slots, block, dim)} bytes of shared memory, more than "
@@ -513,9 +474,11 @@ def attention_forward_gluon(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     full_count: torch.Tensor, full_tiles: torch.Tensor, part_count: torch.Tensor, part_tiles: torch.Tensor,
     block: int, q_offset: int, kv_offset: int, sink: int, window: int, scale: float,
-    stages: int | None = None,
+    *, stages: int | None, q_slots: int | None, persistent: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the Gluon forward (callers check :func:`supported` first). Returns O and the log2-domain LSE."""
+    """Launch the Gluon forward for inputs ``kernels/dispatch.py`` gave it. ``stages`` / ``q_slots``: see
+    :func:`slots_for` (None: automatic); ``persistent``: one program per SM walks the work items (else one program
+    per item). Returns O and the log2-domain LSE."""
     batch, hq, q_len, dim = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     group = hq // hkv
@@ -525,9 +488,9 @@ def attention_forward_gluon(
     qk_mul, _ = score_constants(scale, 0.0)  # no soft-capping on this path
     s_ib, s_ih = index_strides(full_count)
     ensure_allocator()
-    stages, q_slots = slots_for(dim, block, full_tiles.shape[-1] + part_tiles.shape[-1], stages)
+    stages, q_slots = slots_for(dim, block, full_tiles.shape[-1] + part_tiles.shape[-1], stages, q_slots)
     n_work = batch * hkv * group * n_q
-    grid = (min(n_work, _sm_count(q.device)) if PERSISTENT else n_work,)
+    grid = (min(n_work, _sm_count(q.device)) if persistent else n_work,)
     _attn_fwd_ws_kernel[grid](
         q, k, v, out, lse, full_count, full_tiles, part_count, part_tiles,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -540,4 +503,4 @@ def attention_forward_gluon(
     return out, lse
 
 
-__all__ = ["AVAILABLE", "ENABLED", "HEAD_DIMS", "attention_forward_gluon", "supported"]
+__all__ = ["AVAILABLE", "HEAD_DIMS", "attention_forward_gluon", "slots_for"]

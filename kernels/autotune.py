@@ -2,10 +2,11 @@
 
 Why: the shipped per-head-dim defaults were tuned on one shape (32/8 heads, sink 128 + window 4096); other head
 groupings, densities and lengths can prefer other tiles (the H100 sweep spread was 20% in the forward). With
-``HF_SPARSEK_AUTOTUNE=1`` (or ``ENABLED = True``) the first call of a shape class times the candidates on the real
-inputs and the choice is cached in memory and in a JSON file (``$HF_SPARSEK_AUTOTUNE_CACHE``, default
-``~/.cache/hf_sparsek/autotune.json``), so later calls and later processes pay nothing. Off by default: tuning
-costs seconds on first use and never runs during CUDA-graph capture. Results do not depend on the config.
+``HF_SPARSEK_AUTOTUNE=1`` (``KernelOptions.autotune``; kernels/dispatch.py decides when to tune) the first call of a
+shape class times the candidates on the real inputs and the choice is cached in memory and in a JSON file
+(``$HF_SPARSEK_AUTOTUNE_CACHE``, default ``~/.cache/hf_sparsek/autotune.json``), so later calls and later processes
+pay nothing. Off by default: tuning costs seconds on first use and never runs during CUDA-graph capture. Results do
+not depend on the config.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from typing import Any, TypeVar
 
 import torch
 
-ENABLED: bool = os.environ.get("HF_SPARSEK_AUTOTUNE", "0") not in ("", "0")
 C = TypeVar("C")
 _memory: dict[str, dict[str, Any]] | None = None
 
@@ -84,12 +84,13 @@ def _capturing() -> bool:
 
 
 def choose(key: str, candidates: Sequence[C], default: C, run: Callable[[C], Any]) -> C:
-    """The cached choice for ``key``, else (when enabled) the fastest candidate of a timing of each on ``run``.
+    """The cached choice for ``key``, else the fastest candidate of a timing of each on ``run`` (the default during
+    CUDA-graph capture).
 
     ``run(config)`` launches the kernel(s) with that config on the real inputs. A candidate that fails (out of
     shared memory, say) is skipped; with no candidate left the default stays. The winner is a dataclass of the
     default's type, cached by its fields."""
-    if not ENABLED or _capturing():
+    if _capturing():
         return default
     memory = _load()
     if key in memory:

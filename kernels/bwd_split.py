@@ -20,11 +20,6 @@ import triton.language as tl
 # stay whole (no scratch, no extra reduction traffic).
 MAX_CHUNKS = 16
 MIN_CHUNK = 8
-# Split only when the longest list is this many times the typical one: mild imbalance (dense causal, random
-# layouts: about 2x) costs less than the extra programs, scratch traffic and reduction. 3 splits the sink column of
-# 16K sink+window rows (128 entries against 33), whose single program was the dK/dV kernel's longest tail; 4 had
-# been enough while dQ ran beside dK/dV per item (docs/kernel-decisions.md).
-IMBALANCE = 3
 _CACHE_SIZE = 16
 _cache: OrderedDict = OrderedDict()
 
@@ -47,32 +42,35 @@ def _ceil_div(a: torch.Tensor, b: int) -> torch.Tensor:
 
 def split_key_lists(
     full_count: torch.Tensor, full_tiles: torch.Tensor, part_count: torch.Tensor, part_tiles: torch.Tensor,
-    chunk: int | None = None,
+    chunk: int | None, imbalance: int,
 ) -> SplitLists | None:
-    """Split per-key-tile query lists longer than ``chunk`` entries; None when no tile needs it.
+    """Split per-key-tile query lists longer than ``chunk`` entries; None when no tile needs it. ``chunk`` None:
+    split only when the longest list is ``imbalance`` times the typical one (mild imbalance -- dense causal, random
+    layouts: about 2x -- costs less than the extra programs, scratch traffic and reduction), into chunks of at least
+    the median length (``KernelOptions.split_chunk`` / ``split_imbalance``).
 
     Cached on the list tensors (the same index serves every layer and the checkpoint recompute), holding them so
     their storage cannot be reused while cached.
     """
     key = tuple((t.data_ptr(), tuple(t.shape), t._version) for t in (full_count, full_tiles, part_count, part_tiles))
-    key = (key, chunk, str(full_count.device))
+    key = (key, chunk, imbalance, str(full_count.device))
     if key in _cache:
         _cache.move_to_end(key)
         return _cache[key][1]
-    result = _split(full_count, full_tiles, part_count, part_tiles, chunk)
+    result = _split(full_count, full_tiles, part_count, part_tiles, chunk, imbalance)
     _cache[key] = ((full_count, full_tiles, part_count, part_tiles), result)
     if len(_cache) > _CACHE_SIZE:
         _cache.popitem(last=False)
     return result
 
 
-def _split(full_count, full_tiles, part_count, part_tiles, chunk):
+def _split(full_count, full_tiles, part_count, part_tiles, chunk, imbalance):
     f, p = full_count.long(), part_count.long()
     total = f + p
     max_total = int(total.max().item()) if total.numel() else 0
     if chunk is None:
         typical = int(total.float().median().item()) if total.numel() else 0
-        if max_total < IMBALANCE * max(MIN_CHUNK, typical):
+        if max_total < imbalance * max(MIN_CHUNK, typical):
             return None
         chunk = max(MIN_CHUNK, typical, -(-max_total // MAX_CHUNKS))
     pieces = torch.maximum(_ceil_div(f, chunk), _ceil_div(p, chunk)).clamp(min=1)

@@ -4,7 +4,8 @@ Gluon (``triton.experimental.gluon``) is an experimental API: its semantics and 
 Triton releases, so a release the Gluon kernels were not checked on (``scripts/gpu_gluon_fwd.py`` /
 ``gpu_gluon_bwd.py`` on a Hopper GPU) gets the Triton kernels, which compute the same results, with a one-time
 notice. ``HF_SPARSEK_GLUON``: ``0`` never, ``force`` on any release (to check a new one), unset or ``1`` on the
-checked releases only. ``hf_sparsek.set_settings(gluon=False)`` switches them off at run time.
+checked releases only. ``kernels/dispatch.py`` asks here before it picks a Gluon kernel; the run-time switches
+(``hf_sparsek.set_settings(gluon=False)``, ``KernelOptions.gluon_*``) are the options it is given.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ ENV_VARIABLE = "HF_SPARSEK_GLUON"
 _ENV_CHOICES = ("0", "1", "force")
 
 logger = logging.getLogger("hf_sparsek")
-_enabled = True
 _noticed = False
 
 
@@ -32,12 +32,6 @@ def triton_release() -> tuple[int, int] | None:
     return int(major), int(minor)
 
 
-def set_enabled(enabled: bool) -> None:
-    """Run-time switch (``hf_sparsek.set_settings(gluon=...)`` calls it)."""
-    global _enabled
-    _enabled = bool(enabled)
-
-
 def _env_choice() -> str:
     choice = os.environ.get(ENV_VARIABLE, "1").strip().lower() or "1"
     if choice not in _ENV_CHOICES:
@@ -46,11 +40,11 @@ def _env_choice() -> str:
 
 
 def allowed() -> bool:
-    """True when a Gluon kernel may take a call its own input rules accept; logs a notice once when the release
-    is unchecked."""
+    """True when the environment and the installed Triton release let a Gluon kernel run; logs a notice once when
+    the release is unchecked."""
     global _noticed
     choice = _env_choice()
-    if not _enabled or choice == "0":
+    if choice == "0":
         return False
     if choice == "force":
         return True

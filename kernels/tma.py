@@ -16,9 +16,6 @@ import os
 import torch
 import triton
 
-# None: automatic (CUDA, compute capability >= 9, fp16/bf16, head dim 64 or 128, aligned strides);
-# True / False: force (True still needs the alignment TMA requires; the interpreter runs it too, for tests).
-USE_TMA: bool | None = None
 AUTO_HEAD_DIMS = (64, 128)
 _ALIGN = 16  # bytes: TMA base address and every stride but the last
 
@@ -51,12 +48,14 @@ def compute_major(device: torch.device) -> int:
     return _major_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def use_tma(*tensors: torch.Tensor) -> bool:
-    """Whether the kernels should load these (B, H, S, D) tensors through TMA descriptors."""
+def use_tma(*tensors: torch.Tensor, setting: bool | None) -> bool:
+    """Whether the kernels should load these (B, H, S, D) tensors through TMA descriptors. ``setting``
+    (``KernelOptions.tma``): None automatic (CUDA, compute capability >= 9, fp16/bf16, head dim 64 or 128, aligned
+    strides); True / False force (True still needs the alignment TMA requires; the interpreter runs it too)."""
     first = tensors[0]
-    if USE_TMA is False or not aligned(*tensors):
+    if setting is False or not aligned(*tensors):
         return False
-    if USE_TMA is True:
+    if setting is True:
         return first.is_cuda or _interpreting()
     if not first.is_cuda or _interpreting() or first.dtype not in (torch.float16, torch.bfloat16):
         return False

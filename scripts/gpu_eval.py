@@ -6,8 +6,10 @@ the needle prompts). It assembles the GGUF, loads it once, then runs perplexity 
 pattern on the same tokens), passkey retrieval and the per-layer isolation, writing JSON, markdown and PNGs to --out
 after each stage, so that a run cut short still returns what it finished.
 
-    PYTHONPATH=$PWD python scripts/gpu_eval.py --model gemma3-270m --stage /tmp/stage --tokens .carry/gemma/tokens.pt \
-        --gguf-wheel .carry/gemma/gguf-0.19.0-py3-none-any.whl --contexts 16384,32768 --out $OUT
+    PYTHONPATH=.carry/gemma/gguf-0.19.0-py3-none-any.whl python -m scripts.gpu_eval --model gemma3-270m \
+        --stage /tmp/stage --tokens .carry/gemma/tokens.pt --contexts 16384,32768 --out $OUT
+
+(the ``gguf`` wheel is pure Python: on ``PYTHONPATH`` it imports as a zip).
 """
 
 from __future__ import annotations
@@ -68,7 +70,6 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="gemma3-270m")
     ap.add_argument("--stage", nargs="+", required=True, help="folders holding the GGUF wheels")
-    ap.add_argument("--gguf-wheel", required=True)
     ap.add_argument("--tokens", required=True)
     ap.add_argument("--contexts", default="16384,32768")
     ap.add_argument("--max-tokens", type=int, default=131072)
@@ -81,7 +82,6 @@ def main() -> int:
     ap.add_argument("--tag", default=None, help="suffix of the output file names")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    sys.path.insert(0, args.gguf_wheel)  # pure-Python wheel: importable as a zip
 
     import transformers
     from hf_sparsek.eval import report

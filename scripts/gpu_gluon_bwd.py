@@ -1,6 +1,6 @@
 """Check and time the Gluon backward kernels (kernels/attention_bwd_gluon.py) against the Triton ones, in one run.
 
-    PYTHONPATH=$PWD python3 scripts/gpu_gluon_bwd.py [--sizes 16384,65536] [--stages 0,2,3] [--dq-modes p0q1,p1q2]
+    python -m scripts.gpu_gluon_bwd [--sizes 16384,65536] [--stages 0,2,3] [--dq-modes p0q1,p1q2]
         [--out DIR]
 
 (a) Correctness: on fresh random bf16/fp16 inputs (odd lengths, GQA and MQA, head dims 64/128, batch 2, chunked
@@ -11,12 +11,13 @@ float32 reference's (autograd) and with the Triton kernels'; a mismatch fails th
 dK/dV with Triton dQ, Gluon both (each dK/dV ring depth; 0 = automatic), and cuDNN SDPA (dense causal); B=1, 32/8
 heads, head dim 128 (and 64 at
 16K), TFLOP/s on the attended pairs (FlashAttention's convention: backward 2.5x, forward+backward 3.5x the
-forward's 4·D·pairs). Writes ``gluon_bwd.json`` and ``gluon_bwd.md``.
+forward's 4·D·pairs). Writes ``gluon_bwd.json`` (with the run's metadata) and ``gluon_bwd.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -24,68 +25,51 @@ import sys
 import torch
 import triton
 import triton.testing
+from hf_sparsek.kernels import attention_bwd_gluon as gluon_bwd
+from hf_sparsek.kernels import dispatch
+from hf_sparsek.kernels.options import KernelOptions
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from hf_sparsek.kernels import attention_bwd  # noqa: E402
-from hf_sparsek.kernels import attention_bwd_gluon as gluon_bwd  # noqa: E402
-
-from hf_sparsek import SparsePattern  # noqa: E402
-from hf_sparsek.block_index import attended_pairs  # noqa: E402
-from hf_sparsek.ops import build_index_for  # noqa: E402
-from hf_sparsek.reference import reference_attention  # noqa: E402
-from hf_sparsek.triton_ops import triton_block_sparse_attention  # noqa: E402
-from scripts.gpu_gluon_fwd import CASES as FWD_CASES  # noqa: E402
-from scripts.gpu_gluon_fwd import PATTERNS, _cudnn, _rand, run_cases, save  # noqa: E402
+import hf_sparsek
+from hf_sparsek import SparsePattern
+from hf_sparsek.block_index import attended_pairs
+from hf_sparsek.ops import build_index_for
+from hf_sparsek.reference import reference_attention
+from hf_sparsek.runtime import kernel_options
+from hf_sparsek.triton_ops import triton_block_sparse_attention
+from scripts.common import PATTERNS
+from scripts.gpu_gluon_fwd import CASES as FWD_CASES
+from scripts.gpu_gluon_fwd import _cudnn, _rand, run_cases, save
 
 
 def parse_dq_mode(mode: str) -> tuple[bool | None, int]:
-    """"p1q2" -> (persistent grid, 2 query/dO slots); "" -> the shipped settings."""
+    """"p1q2" -> (persistent grid, 2 query/dO slots); "" -> the shipped options."""
     if not mode:
-        return gluon_bwd.DQ_PERSISTENT, gluon_bwd.DQ_Q_SLOTS
+        shipped = KernelOptions()
+        return shipped.gluon_dq_persistent, shipped.gluon_dq_q_slots
     if len(mode) != 4 or mode[0] != "p" or mode[2] != "q" or mode[1] not in "01" or mode[3] not in "12":
         raise ValueError(f"dQ mode {mode!r}: p<0|1>q<1|2> (persistent grid, query/dO slots)")
     return mode[1] == "1", int(mode[3])
 
 
-class _Switch:
-    """Force the Gluon dK/dV kernel (``on``) and the Gluon dQ kernel (``dq``, default: as ``on``) on or off, the
-    dK/dV ring depth, the split chunk and the dQ grid / query-slot mode (``parse_dq_mode``; two slots take a 3-slot
-    K/V ring at head dim 128), for one block of code."""
-
-    def __init__(self, on: bool, stages: int | None = None, chunk: int | None = None, dq: bool | None = None,
-                 dq_mode: str = ""):
-        self.on, self.stages, self.chunk = on, stages, chunk
-        self.dq = on if dq is None else dq
-        self.dq_mode = dq_mode
-
-    def __enter__(self):
-        self.saved = (gluon_bwd.ENABLED, gluon_bwd.DQ_ENABLED, gluon_bwd.DQ_HEAD_DIMS, gluon_bwd.MIN_PROGRAMS,
-                      dict(gluon_bwd.STAGES), attention_bwd.SPLIT_CHUNK, gluon_bwd.DQ_PERSISTENT,
-                      gluon_bwd.DQ_Q_SLOTS, dict(gluon_bwd.DQ_STAGES))
-        gluon_bwd.ENABLED, gluon_bwd.DQ_ENABLED = self.on, self.dq
-        gluon_bwd.DQ_HEAD_DIMS = gluon_bwd.HEAD_DIMS  # the checks and timings cover both head dims
-        gluon_bwd.MIN_PROGRAMS = {dim: 0 for dim in gluon_bwd.HEAD_DIMS}  # and small grids (the shipped policy
-        # sends those to the Triton kernels)
-        if self.stages:
-            gluon_bwd.STAGES.update({64: self.stages, 128: self.stages})
-        attention_bwd.SPLIT_CHUNK = self.chunk
-        gluon_bwd.DQ_PERSISTENT, gluon_bwd.DQ_Q_SLOTS = parse_dq_mode(self.dq_mode)
-        if gluon_bwd.DQ_Q_SLOTS == 2:
-            gluon_bwd.DQ_STAGES[(128, 64)] = 3
-
-    def __exit__(self, *exc):
-        (gluon_bwd.ENABLED, gluon_bwd.DQ_ENABLED, gluon_bwd.DQ_HEAD_DIMS, gluon_bwd.MIN_PROGRAMS, stages,
-         attention_bwd.SPLIT_CHUNK, gluon_bwd.DQ_PERSISTENT, gluon_bwd.DQ_Q_SLOTS, dq_stages) = self.saved
-        gluon_bwd.STAGES.clear()
-        gluon_bwd.STAGES.update(stages)
-        gluon_bwd.DQ_STAGES.clear()
-        gluon_bwd.DQ_STAGES.update(dq_stages)
+def bwd_options(on: bool, stages: int | None = None, chunk: int | None = None, dq: bool | None = None,
+                dq_mode: str = "") -> KernelOptions:
+    """The current options with the Gluon dK/dV kernel (``on``) and the Gluon dQ kernel (``dq``, default: as ``on``)
+    forced on or off at both head dims and on small grids (the shipped policy sends those to the Triton kernels),
+    the dK/dV ring depth, the split chunk and the dQ grid / query-slot mode (``parse_dq_mode``; two slots take a
+    3-slot K/V ring at head dim 128)."""
+    current = kernel_options()
+    persistent, q_slots = parse_dq_mode(dq_mode)
+    dq_stages = {**current.gluon_dq_stages, **({(128, 64): 3} if q_slots == 2 else {})}
+    return dataclasses.replace(
+        current, gluon_dkdv=on, gluon_dq=on if dq is None else dq, gluon_dq_head_dims=gluon_bwd.HEAD_DIMS,
+        gluon_dkdv_min_programs={dim: 0 for dim in gluon_bwd.HEAD_DIMS},
+        gluon_dkdv_stages={64: stages, 128: stages} if stages else current.gluon_dkdv_stages,
+        split_chunk=chunk, gluon_dq_persistent=persistent, gluon_dq_q_slots=q_slots, gluon_dq_stages=dq_stages)
 
 
 def _grads(q, k, v, index, d_out, on: bool, chunk: int | None = None, stages: int | None = None,
            dq_mode: str = ""):
-    with _Switch(on, stages, chunk, dq_mode=dq_mode):
+    with hf_sparsek.settings(kernels=bwd_options(on, stages, chunk, dq_mode=dq_mode)):
         qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
         out = triton_block_sparse_attention(qq, kk, vv, index, q.shape[-1] ** -0.5)
         return torch.autograd.grad(out, (qq, kk, vv), d_out)
@@ -103,10 +87,9 @@ def check(mode, name, batch, hq, hkv, q_len, kv_len, dim, pattern, dtype=torch.b
     v = _rand((batch, hkv, kv_len, dim), dtype, gen, seq_major)
     d_out = torch.randn(q.shape, generator=gen, device="cuda").to(dtype)
     index = build_index_for(q, k, pattern)
-    with _Switch(True):
-        supported = gluon_bwd.supported(q, k, v, d_out, index.block_size, 0.0, False, index.q_offset)
-    with _Switch(True):
-        dq_supported = gluon_bwd.dq_supported(q, k, v, d_out, index.block_size, 0.0, False)
+    forced = bwd_options(True)
+    supported = dispatch.use_gluon_dkdv(q, k, v, d_out, index.block_size, 0.0, False, index.q_offset, None, forced)
+    dq_supported = dispatch.use_gluon_dq(q, k, v, d_out, index.block_size, 0.0, False, None, forced)
     stages, dq_mode = mode
     row = {"case": name, "stages": stages, "dq_mode": dq_mode or "shipped", "supported": supported,
            "dq_supported": dq_supported, "split_chunk": chunk}
@@ -183,7 +166,7 @@ def bench_shape(seq: int, dim: int, stages: list[int | None], dq_modes: list[str
         variants += [(f"gluon-both-s{st or 'auto'}-dq-{mode or 'shipped'}", True, st, True, mode)
                      for st in stages for mode in dq_modes]
         for method, on, st, dq, mode in variants:
-            with _Switch(on, st, dq=dq, dq_mode=mode):
+            with hf_sparsek.settings(kernels=bwd_options(on, st, dq=dq, dq_mode=mode)):
                 rows.append(_timed_row(f"S{seq}-D{dim}-{pname}", method, fwd_flops, q, k, v, d_out,
                                        lambda index=index: triton_block_sparse_attention(q, k, v, index, dim**-0.5)))
         if pname == "dense":

@@ -1,6 +1,6 @@
 """Check and time the Gluon forward (kernels/attention_fwd_gluon.py) against the Triton forward, in one GPU run.
 
-    PYTHONPATH=$PWD python3 scripts/gpu_gluon_fwd.py [--sizes 16384,65536] [--stages 0,2,3] [--persistent 1,0]
+    python -m scripts.gpu_gluon_fwd [--sizes 16384,65536] [--stages 0,2,3] [--persistent 1,0]
         [--q-slots 0,1,2] [--patterns dense,...] [--d64 1] [--repeats 1] [--check-stages 2,3] [--out DIR]
 
 (a) Correctness: on fresh random bf16/fp16 inputs (odd lengths, GQA and MQA, head dims 64/128, batch 2, chunked
@@ -9,12 +9,14 @@ the float32 reference and its log-sum-exp with the Triton kernel's; a mismatch f
 (b) Forward milliseconds (CUDA events, median) of Gluon (each ring depth, 0 = automatic; persistent grid or one program
 per work item) vs Triton vs cuDNN SDPA
 (dense causal) on B=1, 32/8 heads, head dim 128 (and 64 at 16K), with TFLOP/s counted on the attended pairs. Writes
-``gluon_fwd.json`` and ``gluon_fwd.md``.
+``gluon_fwd.json`` (with the run's metadata) and ``gluon_fwd.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -24,17 +26,16 @@ import traceback
 import torch
 import triton
 import triton.testing
+from hf_sparsek.kernels import attention_fwd_gluon as gluon_fwd
+from hf_sparsek.kernels import dispatch
+from hf_sparsek.kernels.options import KernelOptions
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from hf_sparsek.kernels import attention_fwd_gluon as gluon_fwd  # noqa: E402
-from hf_sparsek.kernels.attention_fwd import attention_forward  # noqa: E402
-
-from hf_sparsek import BlockLayout, SparsePattern  # noqa: E402
-from hf_sparsek.block_index import attended_pairs  # noqa: E402
-from hf_sparsek.ops import build_index_for  # noqa: E402
-from hf_sparsek.reference import reference_attention  # noqa: E402
-from scripts.gpu_profile_case import PATTERNS as PROFILE_PATTERNS  # noqa: E402
+from hf_sparsek import BlockLayout, SparsePattern
+from hf_sparsek.block_index import attended_pairs
+from hf_sparsek.ops import build_index_for
+from hf_sparsek.reference import reference_attention
+from hf_sparsek.runtime import kernel_options
+from scripts.common import PATTERNS, write_json
 
 
 def _rand(shape, dtype, gen, seq_major=False):
@@ -44,22 +45,20 @@ def _rand(shape, dtype, gen, seq_major=False):
     return torch.randn(shape, generator=gen, device="cuda").to(dtype)
 
 
-def _launch(q, k, v, index, use_gluon: bool, stages: int | None = None, persistent: bool = True,
-            q_slots: int | None = None):
-    """One forward through attention_forward with the Gluon switches forced (the dispatch users get)."""
-    saved = gluon_fwd.ENABLED, gluon_fwd.STAGES, gluon_fwd.PERSISTENT, gluon_fwd.Q_SLOTS
-    gluon_fwd.ENABLED = use_gluon
-    gluon_fwd.STAGES = stages
-    gluon_fwd.PERSISTENT = persistent
-    gluon_fwd.Q_SLOTS = q_slots
-    try:
-        return attention_forward(
-            q, k, v, index.full_count.contiguous(), index.full_tiles.contiguous(), index.part_count.contiguous(),
-            index.part_tiles.contiguous(), None, None, None,
-            index.block_size, index.q_offset, index.kv_offset, index.sink_tokens, index.window or 0,
-            q.shape[-1] ** -0.5, 0.0)
-    finally:
-        gluon_fwd.ENABLED, gluon_fwd.STAGES, gluon_fwd.PERSISTENT, gluon_fwd.Q_SLOTS = saved
+def fwd_options(use_gluon: bool, stages: int | None = None, persistent: bool = True,
+                q_slots: int | None = None) -> KernelOptions:
+    """The current kernel options with the Gluon forward's switches set (made once per timed method)."""
+    return dataclasses.replace(kernel_options(), gluon_fwd=use_gluon, gluon_fwd_stages=stages,
+                               gluon_fwd_persistent=persistent, gluon_fwd_q_slots=q_slots)
+
+
+def _launch(q, k, v, index, opts: KernelOptions):
+    """One forward through the library's dispatch with these options."""
+    return dispatch.forward(
+        q, k, v, index.full_count.contiguous(), index.full_tiles.contiguous(), index.part_count.contiguous(),
+        index.part_tiles.contiguous(), None, None, None,
+        index.block_size, index.q_offset, index.kv_offset, index.sink_tokens, index.window or 0,
+        q.shape[-1] ** -0.5, 0.0, opts)
 
 
 def check(mode, name, batch, hq, hkv, q_len, kv_len, dim, pattern, dtype=torch.bfloat16,
@@ -69,17 +68,15 @@ def check(mode, name, batch, hq, hkv, q_len, kv_len, dim, pattern, dtype=torch.b
     k = _rand((batch, hkv, kv_len, dim), dtype, gen, seq_major)
     v = _rand((batch, hkv, kv_len, dim), dtype, gen, seq_major)
     index = build_index_for(q, k, pattern)
-    saved, gluon_fwd.ENABLED = gluon_fwd.ENABLED, True
-    supported = gluon_fwd.supported(q, k, v, index.block_size, 0.0, False)
-    gluon_fwd.ENABLED = saved
+    supported = dispatch.use_gluon_forward(q, k, v, index.block_size, 0.0, False, fwd_options(True))
     stages, persistent = mode
     row = {"case": name, "stages": stages, "persistent": persistent, "supported": supported}
     if not supported:
         row["ok"] = False
         row["error"] = "not supported by the Gluon forward"
         return row
-    out, lse = _launch(q, k, v, index, True, stages, persistent)
-    out_t, lse_t = _launch(q, k, v, index, False)
+    out, lse = _launch(q, k, v, index, fwd_options(True, stages, persistent))
+    out_t, lse_t = _launch(q, k, v, index, fwd_options(False))
     ref = reference_attention(q.float(), k.float(), v.float(), index, scale=dim**-0.5)
     torch.cuda.synchronize()
     rel = float((out.float() - ref).norm() / ref.norm().clamp_min(1.0))
@@ -140,11 +137,6 @@ def _pairs(index, batch, hq) -> int:
     return attended_pairs(index) * batch * hq
 
 
-# the benchmark patterns of scripts/gpu_profile_case.py (sink 128 + window 4096, strided 16 + window 512, random
-# 10%; runs before this line named them sink128-win4096, strided16-win512, random10) and dense causal
-PATTERNS = {"dense": SparsePattern(), **PROFILE_PATTERNS}
-
-
 def _cudnn(q, k, v):
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -165,9 +157,9 @@ def bench_shape(seq: int, dim: int, stages: list[int], persistent: list[bool], q
             continue
         index = build_index_for(q, k, pat)
         flops = 4 * dim * _pairs(index, 1, 32)
-        methods = [("triton", lambda index=index: _launch(q, k, v, index, False))]
+        methods = [("triton", functools.partial(_launch, q, k, v, index, fwd_options(False)))]
         methods += [(f"gluon-s{st or 'auto'}{'-persistent' if pe else ''}-q{qs or 'auto'}",
-                     lambda index=index, st=st, pe=pe, qs=qs: _launch(q, k, v, index, True, st, pe, qs))
+                     functools.partial(_launch, q, k, v, index, fwd_options(True, st, pe, qs)))
                     for st in stages for pe in persistent for qs in q_slots
                     if _fits(st, qs, dim, index)]
         if pname == "dense":
@@ -259,8 +251,7 @@ def save(out: str, stem: str, env: dict, checks: list[dict], rows: list[dict], m
     scripts call it after the checks and after each benchmark shape, so a run stopped by its time limit keeps what
     it measured."""
     ok = all(r["ok"] for r in checks)
-    with open(os.path.join(out, f"{stem}.json"), "w") as f:
-        json.dump({"env": env, "checks": checks, "bench": rows, "all_ok": ok}, f, indent=1)
+    write_json(os.path.join(out, f"{stem}.json"), {"env": env, "checks": checks, "bench": rows, "all_ok": ok})
     with open(os.path.join(out, f"{stem}.md"), "w") as f:
         f.write(md)
     return md

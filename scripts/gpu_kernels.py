@@ -1,18 +1,20 @@
 """GPU correctness sweep + benchmark of the Triton block-sparse attention kernels (one script, one device call).
 
-    PYTHONUNBUFFERED=1 python scripts/gpu_kernels.py [--quick] [--max-seconds 450] [--out DIR]
-    TRITON_INTERPRET=1 python scripts/gpu_kernels.py --cpu-smoke       # tiny sizes, CPU interpreter, fp32
+    PYTHONUNBUFFERED=1 python -m scripts.gpu_kernels [--quick] [--max-seconds 450] [--out DIR]
+    TRITON_INTERPRET=1 python -m scripts.gpu_kernels --cpu-smoke       # tiny sizes, CPU interpreter, fp32
 
 (a) correctness: bf16 kernel vs the fp32 reference (forward and dQ/dK/dV) at realistic sizes; per-case max abs and
 relative-norm errors; exits non-zero when any case fails. (b) benchmark: sparsek vs FlexAttention (same mask),
 cuDNN SDPA and SDPA flash (dense causal), forward and forward+backward, TFLOP/s counted on attended pairs
-(4*D*pairs forward, 2.5x that forward+backward). Writes ``bench.json`` and ``bench.md`` to --out ($OUT by default)
-and prints the table last. Every case runs in try/except and is recorded, an error never ends the run.
+(4*D*pairs forward, 2.5x that forward+backward). Writes ``bench.json`` (with the run's metadata: command, commit,
+date, device, versions, kernel options) and ``bench.md`` to --out ($OUT by default) and prints the table last.
+Every case runs in try/except and is recorded, an error never ends the run.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -51,15 +53,18 @@ if ARGS.cpu_smoke:
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
-from hf_sparsek.kernels import attention_bwd, attention_bwd_gluon, attention_fwd_gluon, autotune, tma  # noqa: E402
+from hf_sparsek.kernels import attention_bwd_gluon, attention_fwd_gluon, autotune, tma  # noqa: E402
 from hf_sparsek.kernels.attention_bwd import BWD_CANDIDATES, BWD_CONFIGS  # noqa: E402
 from hf_sparsek.kernels.attention_fwd import FWD_CANDIDATES, FWD_CONFIGS  # noqa: E402
 
+import hf_sparsek  # noqa: E402
 from hf_sparsek import BlockLayout, SparsePattern  # noqa: E402
 from hf_sparsek.block_index import BlockIndex, attended_pairs, causal_pairs, random_layout_keep  # noqa: E402
 from hf_sparsek.ops import build_index_for  # noqa: E402
 from hf_sparsek.reference import reference_attention  # noqa: E402
+from hf_sparsek.runtime import kernel_options  # noqa: E402
 from hf_sparsek.triton_ops import triton_block_sparse_attention  # noqa: E402
+from scripts.common import bench_ms, gluon_forward_runs, options, run_metadata, write_json  # noqa: E402
 
 DEVICE = "cpu" if ARGS.cpu_smoke else "cuda"
 START = time.time()
@@ -68,21 +73,6 @@ RESULTS: dict = {"checks": [], "bench": [], "errors": []}
 
 def _left() -> float:
     return ARGS.max_seconds - (time.time() - START)
-
-
-def _bench_ms(fn) -> float:
-    """Median milliseconds of ``fn`` (triton.testing.do_bench on GPU: events, warm-up; wall clock on CPU)."""
-    if DEVICE == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-    fn()
-    times = []
-    for _ in range(2):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def _rand(shape, dtype, gen) -> torch.Tensor:
@@ -107,12 +97,6 @@ def _rand_heads(batch, heads, length, dim, dtype, gen, seq_major: bool) -> torch
     return _rand((batch, heads, length, dim), dtype, gen)
 
 
-def _gluon_runs(q, k, v, index: BlockIndex, softcap: float) -> bool:
-    """Whether attention_forward sends this call to the Gluon forward (the same test it makes)."""
-    segments = index.k_seg is not None or index.q_seg is not None or index.k_rank is not None
-    return attention_fwd_gluon.supported(q, k, v, index.block_size, softcap, segments)
-
-
 def check_case(name, batch, hq, hkv, q_len, kv_len, dim, pattern, dtype, softcap=None, pad=0,
                seq_major=False) -> bool:
     gen = torch.Generator(device=DEVICE).manual_seed(sum(map(ord, name)))
@@ -131,8 +115,8 @@ def check_case(name, batch, hq, hkv, q_len, kv_len, dim, pattern, dtype, softcap
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
     ref = reference_attention(q32, k32, v32, index, scale=scale, softcap=softcap)
     ref_grads = torch.autograd.grad(ref, (q32, k32, v32), d_out.float())
-    row = {"case": name, "dtype": str(dtype).replace("torch.", ""), "tma": tma.use_tma(k, v),
-           "gluon_fwd": _gluon_runs(q, k, v, index, softcap or 0.0)}
+    row = {"case": name, "dtype": str(dtype).replace("torch.", ""), "tma": _tma(k, v),
+           "gluon_fwd": gluon_forward_runs(q, k, v, index, softcap or 0.0)}
     ok = True
     tol = 1e-2 if dtype != torch.float32 else 1e-4
     for key, got, want in zip(("out", "dq", "dk", "dv"), (out,) + grads, (ref,) + ref_grads, strict=True):
@@ -173,25 +157,26 @@ def run_checks() -> bool:
     modes = [("", None)] + ([("ptr-", False), ("tma-forced-", True)] if ARGS.tma_ab else [])
     modes += [("tritonfwd-", "triton-forward")] if ARGS.gluon_ab else []
     all_ok = True
-    gluon_saved = attention_fwd_gluon.ENABLED
     for prefix, setting in modes:
         for case in cases:
             if prefix == "tma-forced-" and case[6] != 256:
                 continue
             name = prefix + case[0]
             triton_fwd = setting == "triton-forward"  # --gluon-ab: the Triton forward where Gluon would run
-            tma.USE_TMA = None if triton_fwd else setting
-            attention_fwd_gluon.ENABLED = gluon_saved and not triton_fwd
+            mode = {"gluon_fwd": False} if triton_fwd else {"tma": setting}
             try:
-                all_ok &= check_case(name, *case[1:])
+                with options(**mode):
+                    all_ok &= check_case(name, *case[1:])
             except Exception as exc:  # record and go on
                 all_ok = False
                 RESULTS["errors"].append({"case": name, "error": repr(exc), "trace": traceback.format_exc()[-2000:]})
                 print(f"check {name} ERROR {exc!r}")
-            finally:
-                tma.USE_TMA = None
-                attention_fwd_gluon.ENABLED = gluon_saved
     return all_ok
+
+
+def _tma(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels load these tensors through TMA with the current options."""
+    return tma.use_tma(*tensors, setting=kernel_options().tma)
 
 
 # ---------------------------------------------------------------- (b) benchmark -----------------------------------
@@ -299,10 +284,10 @@ def bench_method(group, case, method, fn_fwd, make_loss_grad, pairs, dim, extra=
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     try:
-        row["fwd_ms"] = _bench_ms(fn_fwd)
+        row["fwd_ms"] = bench_ms(fn_fwd)
         row["fwd_tflops"] = 4 * dim * pairs / (row["fwd_ms"] * 1e-3) / 1e12
         if make_loss_grad is not None and _left() > 0:
-            row["fwdbwd_ms"] = _bench_ms(make_loss_grad)
+            row["fwdbwd_ms"] = bench_ms(make_loss_grad)
             # FlashAttention's convention: the backward's five matmuls are 2.5x the forward's two (runs before
             # this line's commit counted 1.5x and 2.5x: their bwd and fwd+bwd TFLOP/s read 5/3 and 7/5 higher here)
             row["fwdbwd_tflops"] = 3.5 * 4 * dim * pairs / (row["fwdbwd_ms"] * 1e-3) / 1e12
@@ -315,14 +300,10 @@ def bench_method(group, case, method, fn_fwd, make_loss_grad, pairs, dim, extra=
     _record(row)
 
 
-def _bench_switched(module, name: str, value, method: str, group, case, fn, loss_grad, pairs, dim, extra) -> None:
-    """Time ``method`` with the module switch ``name`` set to ``value`` (the A/B rows of one run), then restore it."""
-    saved = getattr(module, name)
-    setattr(module, name, value)
-    try:
+def _bench_switched(changes: dict, method: str, group, case, fn, loss_grad, pairs, dim, extra) -> None:
+    """Time ``method`` with these kernel options changed (the A/B rows of one run)."""
+    with options(**changes):
         bench_method(group, case, method, fn, loss_grad, pairs, dim, extra)
-    finally:
-        setattr(module, name, saved)
 
 
 def bench_case(*args, **kwargs) -> None:
@@ -371,21 +352,19 @@ def _bench_case(group, batch, hq, hkv, seq, dim, dtype, patterns, methods=("spar
         ex = {**extra, "pattern": pname, "density": pairs / dense_pairs, "index_build_s": build_s}
         if "sparsek" in methods:
             fn = lambda: triton_block_sparse_attention(q, k, v, index, scale)  # noqa: B023
-            gluon = _gluon_runs(q, k, v, index, 0.0)
+            gluon = gluon_forward_runs(q, k, v, index, 0.0)
             bench_method(group, case, "sparsek", fn, fwdbwd(fn), pairs, dim,
-                         {**ex, "tma": tma.use_tma(k, v), "gluon_fwd": gluon})
+                         {**ex, "tma": _tma(k, v), "gluon_fwd": gluon})
             same = (group, case, fn, fwdbwd(fn), pairs, dim)
             if ARGS.gluon_ab and gluon:
-                _bench_switched(attention_fwd_gluon, "ENABLED", False, "sparsek-tritonfwd", *same,
-                                {**ex, "gluon_fwd": False})
+                _bench_switched({"gluon_fwd": False}, "sparsek-tritonfwd", *same, {**ex, "gluon_fwd": False})
             if ARGS.bwd_ab and backward and DEVICE == "cuda":
-                _bench_switched(attention_bwd, "CONCURRENT_DQ", False, "sparsek-serialbwd", *same,
-                                {**ex, "tma": tma.use_tma(k, v), "concurrent_dq": False})
-            if ARGS.rows_tma_ab and backward and tma.use_tma(q, d_out):
-                _bench_switched(attention_bwd, "DKDV_TMA_ROWS", False, "sparsek-ptrrows", *same,
-                                {**ex, "rows_tma": False})
-            if ARGS.tma_ab and tma.use_tma(k, v):
-                _bench_switched(tma, "USE_TMA", False, "sparsek-ptr", *same, {**ex, "tma": False})
+                _bench_switched({"concurrent_dq": False}, "sparsek-serialbwd", *same,
+                                {**ex, "tma": _tma(k, v), "concurrent_dq": False})
+            if ARGS.rows_tma_ab and backward and _tma(q, d_out):
+                _bench_switched({"dkdv_tma_rows": False}, "sparsek-ptrrows", *same, {**ex, "rows_tma": False})
+            if ARGS.tma_ab and _tma(k, v):
+                _bench_switched({"tma": False}, "sparsek-ptr", *same, {**ex, "tma": False})
         if "flex" in methods and DEVICE == "cuda" and _left() > 0:
             try:
                 mod = flex_mask_mod(pattern, seq, hkv, group_size)
@@ -479,7 +458,7 @@ def _tune_dim(dim: int, seq: int) -> None:
             table[dim] = cfg
             row = {"dim": dim, "seq": seq, "kind": kind, "config": repr(cfg)}
             try:
-                row["ms"] = _bench_ms(bench)
+                row["ms"] = bench_ms(bench)
                 if best is None or row["ms"] < best[0]:
                     best = (row["ms"], cfg)
             except Exception as exc:
@@ -493,19 +472,20 @@ def _tune_dim(dim: int, seq: int) -> None:
 # ---------------------------------------------------------------- report ------------------------------------------
 
 def environment() -> dict:
+    """The run's environment in the keys earlier bench.json files used (the full record is under "meta")."""
     import triton
 
+    opts = kernel_options()
     env = {"torch": torch.__version__, "triton": triton.__version__, "device": DEVICE,
            "interpreter": os.environ.get("TRITON_INTERPRET", "0"),
            "flops": "fwd 4*D*pairs, bwd 2.5x fwd, fwd+bwd 3.5x fwd (FlashAttention's convention)",
-           "concurrent_dq": attention_bwd.CONCURRENT_DQ, "dkdv_tma_rows": attention_bwd.DKDV_TMA_ROWS,
-           "gluon_fwd": attention_fwd_gluon.ENABLED and attention_fwd_gluon.AVAILABLE,
-           "gluon_dkdv": attention_bwd_gluon.ENABLED and attention_bwd_gluon.AVAILABLE,
-           "gluon_dq": (list(attention_bwd_gluon.DQ_HEAD_DIMS)
-                        if attention_bwd_gluon.DQ_ENABLED and attention_bwd_gluon.AVAILABLE else []),
+           "concurrent_dq": opts.concurrent_dq, "dkdv_tma_rows": opts.dkdv_tma_rows,
+           "gluon_fwd": opts.gluon_fwd and attention_fwd_gluon.AVAILABLE,
+           "gluon_dkdv": opts.gluon_dkdv and attention_bwd_gluon.AVAILABLE,
+           "gluon_dq": list(opts.gluon_dq_head_dims) if opts.gluon_dq and attention_bwd_gluon.AVAILABLE else [],
            # (runs up to v14 shipped None: persistent for rows shorter than LONG_ROW_TILES only)
-           "gluon_fwd_persistent": attention_fwd_gluon.PERSISTENT, "gluon_fwd_q_slots": attention_fwd_gluon.Q_SLOTS,
-           "gluon_dq_persistent": attention_bwd_gluon.DQ_PERSISTENT, "gluon_dq_q_slots": attention_bwd_gluon.DQ_Q_SLOTS}
+           "gluon_fwd_persistent": opts.gluon_fwd_persistent, "gluon_fwd_q_slots": opts.gluon_fwd_q_slots,
+           "gluon_dq_persistent": opts.gluon_dq_persistent, "gluon_dq_q_slots": opts.gluon_dq_q_slots}
     if DEVICE == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
         env["cudnn"] = torch.backends.cudnn.version()
@@ -530,11 +510,11 @@ def table() -> str:
 
 def main() -> int:
     os.makedirs(ARGS.out, exist_ok=True)
-    RESULTS["env"] = environment()
     if ARGS.runtime_autotune:  # each shape class tunes on its first (warm-up) call; the timings then use the choice
         os.environ["HF_SPARSEK_AUTOTUNE_CACHE"] = os.path.join(ARGS.out, "autotune.json")
         autotune.clear_memory()
-        autotune.ENABLED = True
+        hf_sparsek.set_settings(kernels=dataclasses.replace(hf_sparsek.get_settings().kernels, autotune=True))
+    RESULTS["env"] = environment()
     RESULTS["args"] = vars(ARGS)
     print(json.dumps(RESULTS["env"]))
     ok = True
@@ -553,14 +533,13 @@ def main() -> int:
         RESULTS["errors"].append({"case": "bench", "error": repr(exc), "trace": traceback.format_exc()[-3000:]})
         print(traceback.format_exc())
     RESULTS["elapsed_s"] = time.time() - START
-    with open(os.path.join(ARGS.out, "bench.json"), "w") as f:
-        json.dump(RESULTS, f, indent=1, default=str)
+    write_json(os.path.join(ARGS.out, "bench.json"), RESULTS)
     md = table()
     checks = "\n".join(f"- {c['case']}: {'OK' if c['ok'] else 'FAIL'} (out rel {c['out']['rel']:.1e}, dq "
                        f"{c['dq']['rel']:.1e}, dk {c['dk']['rel']:.1e}, dv {c['dv']['rel']:.1e})"
                        for c in RESULTS["checks"])
     with open(os.path.join(ARGS.out, "bench.md"), "w") as f:
-        f.write(f"# gpu_kernels.py\n\n{json.dumps(RESULTS['env'])}\n\n## Checks\n\n{checks}\n\n## Timings\n\n{md}\n")
+        f.write(f"# gpu_kernels.py\n\n{json.dumps(run_metadata())}\n\n## Checks\n\n{checks}\n\n## Timings\n\n{md}\n")
     print(md)
     if not ok:
         print("CORRECTNESS FAILURES: see checks above", file=sys.stderr)

@@ -1,6 +1,6 @@
 """What the GPU would run, read on a CPU machine: compile the kernels for sm_90 (Hopper) and report their machine code.
 
-    python scripts/sass_report.py [--kernels fwd,dkdv,dq] [--dims 128] [--out DIR]
+    python -m scripts.sass_report [--kernels fwd,dkdv,dq] [--dims 128] [--out DIR]
 
 Triton compiles for a named target without a GPU; its wheel ships ptxas and nvdisasm. Per kernel and head dim (the
 shipped H100 config, GQA 4, bf16) this prints and writes as JSON: registers and spill bytes (``ptxas -v``), shared
@@ -24,18 +24,17 @@ import subprocess
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import triton  # noqa: E402
-from hf_sparsek.kernels import (  # noqa: E402
+import triton
+from hf_sparsek.kernels import (
     attention_bwd,
     attention_bwd_gluon,
     attention_fwd,
     attention_fwd_gluon,
     bwd_split,
 )
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from hf_sparsek.kernels.options import KernelOptions
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
 FLAGS = dict(SOFTCAP=False, IEEE=False, HAS_KSEG=False, HAS_QSEG=False, HAS_KRANK=False)
 BF16_ARGS = {"Q", "K", "V", "Out", "DO", "DK", "DV", "DQ"}
@@ -46,6 +45,7 @@ FLOAT_SCALARS = {"qk_mul", "cap2", "scale"}
 DIVISIBLE_INTS = {"q_len", "kv_len", "f_width", "p_width"}
 GROUP = 4
 BLOCK = 128
+SHIPPED = KernelOptions()  # the Gluon ring depths and slots the library launches with
 
 
 def _bin(tool: str) -> str:
@@ -103,15 +103,15 @@ def kernel_cases(dims: list[int], kernels: set[str]):
                 yield (f"gluon fwd D{dim} ring {ring} q {q_slots}", attention_fwd_gluon._attn_fwd_ws_kernel,
                        dict(BLOCK=BLOCK, BLOCK_N=BLOCK, HEAD_DIM=dim, STAGES=ring, Q_SLOTS=q_slots), 4, 1)
         if "gluon_dkdv" in kernels and attention_bwd_gluon.AVAILABLE and dim in attention_bwd_gluon.HEAD_DIMS:
-            ring = attention_bwd_gluon.STAGES[dim]
+            ring = SHIPPED.gluon_dkdv_stages[dim]
             for split in (False, True):  # one program per key tile / chunks of split key tiles
                 yield (f"gluon dkdv D{dim} ring {ring}{' split' if split else ''}",
                        attention_bwd_gluon._attn_bwd_dkdv_ws_kernel,
                        dict(BLOCK=BLOCK, BLOCK_M=attention_bwd_gluon.BLOCK_M, HEAD_DIM=dim, STAGES=ring, SPLIT=split),
                        4, 1)
         if "gluon_dq" in kernels and attention_bwd_gluon.AVAILABLE and dim in attention_bwd_gluon.HEAD_DIMS:
-            variants = [(64, attention_bwd_gluon.DQ_STAGES[(dim, 64)], attention_bwd_gluon.DQ_Q_SLOTS), (64, 3, 2),
-                        (128, attention_bwd_gluon.DQ_STAGES[(dim, 128)], 1)]
+            variants = [(64, SHIPPED.gluon_dq_stages[(dim, 64)], SHIPPED.gluon_dq_q_slots), (64, 3, 2),
+                        (128, SHIPPED.gluon_dq_stages[(dim, 128)], 1)]
             for block_n, ring, q_slots in variants:  # shipped, two query/dO slots, 128-key steps
                 yield (f"gluon dq D{dim} keys {block_n} ring {ring} q {q_slots}",
                        attention_bwd_gluon._attn_bwd_dq_ws_kernel,

@@ -20,6 +20,8 @@ import torch
 
 triton = pytest.importorskip("triton")
 from hf_sparsek.kernels import attention_bwd_gluon as gluon_bwd  # noqa: E402
+from hf_sparsek.kernels import dispatch  # noqa: E402
+from hf_sparsek.kernels.options import KernelOptions  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
@@ -29,7 +31,7 @@ H100_SMEM = 232448  # bytes of shared memory one block may use on sm_90
 def test_not_supported_off_gpu():
     q = torch.randn(1, 4, 256, 128, dtype=torch.bfloat16)
     k = torch.randn(1, 2, 256, 128, dtype=torch.bfloat16)
-    assert not gluon_bwd.supported(q, k, k.clone(), q.clone(), 128, 0.0, False, 0)
+    assert not dispatch.use_gluon_dkdv(q, k, k.clone(), q.clone(), 128, 0.0, False, 0, None, KernelOptions())
 
 
 @pytest.mark.parametrize("change, expect", [
@@ -56,14 +58,23 @@ def test_not_supported_off_gpu():
 def test_which_inputs_take_the_gluon_dkdv(change, expect):
     args = dict(dtype=torch.bfloat16, head_dim=128, block=128, softcap=0.0, has_segments=False, q_offset=0,
                 programs=1024)
-    reason = gluon_bwd.input_reason(**{**args, **change})
+    reason = dispatch.gluon_dkdv_reason(**{**args, **change}, options=KernelOptions())
     if expect is None:
         assert reason is None
     else:
         assert reason is not None and expect in reason
 
 
-@pytest.mark.parametrize("row_tiles, setting, expect", [
+def test_the_grid_floor_is_an_option():
+    """The options reach the rule: a lower floor or a lower exemption lets the 4K sparse grid take the Gluon dK/dV."""
+    args = dict(dtype=torch.bfloat16, head_dim=128, block=128, softcap=0.0, has_segments=False, q_offset=0,
+                programs=256, row_tiles=8)
+    assert "256 key-tile programs < 512" in dispatch.gluon_dkdv_reason(**args, options=KernelOptions())
+    assert dispatch.gluon_dkdv_reason(**args, options=KernelOptions(gluon_dkdv_min_programs={128: 256})) is None
+    assert dispatch.gluon_dkdv_reason(**args, options=KernelOptions(gluon_dkdv_floor_exempt_row_tiles=8)) is None
+
+
+@pytest.mark.parametrize("row_tiles, persistent, expect", [
     (34, None, 132),  # sparse rows (64K sink+window): one program per SM
     (95, None, 132),
     (96, None, 4096),  # long rows (dense causal): one program per item, so dK/dV can run beside dQ
@@ -71,11 +82,9 @@ def test_which_inputs_take_the_gluon_dkdv(change, expect):
     (512, True, 132),
     (34, False, 4096),
 ])
-def test_dq_grid_follows_row_length(monkeypatch, row_tiles, setting, expect):
-    monkeypatch.setattr(gluon_bwd, "DQ_PERSISTENT", setting)
-    assert gluon_bwd.dq_grid_size(4096, row_tiles, 132) == expect
-    assert gluon_bwd.dq_grid_size(100, row_tiles, 132) == 100  # fewer items than SMs: one program each
-    assert gluon_bwd.dq_grid_size(4096, row_tiles, 132, persistent=False) == 4096  # an explicit argument wins
+def test_dq_grid_follows_row_length(row_tiles, persistent, expect):
+    assert gluon_bwd.dq_grid_size(4096, row_tiles, 132, persistent) == expect
+    assert gluon_bwd.dq_grid_size(100, row_tiles, 132, persistent) == 100  # fewer items than SMs: one program each
 
 
 def test_dq_launch_arguments_are_checked():
@@ -86,20 +95,27 @@ def test_dq_launch_arguments_are_checked():
     stats = torch.zeros(1, 2, 128)
     args = (q, kv, kv, q, stats, stats)
     rest = (counts, tiles, counts, tiles, 128, 0, 0, 0, 0, 0.1)
+    shipped = dict(block_n=64, stages=4, q_slots=1, persistent=None)
     with pytest.raises(ValueError, match="q's strides"):
-        gluon_bwd.attention_dq_gluon(*args, q.transpose(1, 2).contiguous().transpose(1, 2), *rest)
+        gluon_bwd.attention_dq_gluon(*args, q.transpose(1, 2).contiguous().transpose(1, 2), *rest, **shipped)
     with pytest.raises(ValueError, match="key tile 48"):
-        gluon_bwd.attention_dq_gluon(*args, torch.empty_like(q), *rest, block_n=48, stages=2)
+        gluon_bwd.attention_dq_gluon(*args, torch.empty_like(q), *rest, **{**shipped, "block_n": 48, "stages": 2})
 
 
-@pytest.mark.parametrize("q_len, dim, expect", [(16, 128, True), (15, 128, False), (4096, 64, False)])
-def test_dq_rules_on_top_of_the_dkdv_rules(monkeypatch, q_len, dim, expect):
-    """dq_supported adds its own rules (query length >= 16, head dims DQ_HEAD_DIMS) to what the dK/dV kernel takes;
-    the device part is stubbed to True so the rules themselves are tested on CPU."""
-    monkeypatch.setattr(gluon_bwd, "supported", lambda *args, **kwargs: True)
+@pytest.mark.parametrize("q_len, dim, options, expect", [
+    (16, 128, KernelOptions(), True),
+    (15, 128, KernelOptions(), False),
+    (4096, 64, KernelOptions(), False),
+    (4096, 64, KernelOptions(gluon_dq_head_dims=(64, 128)), True),
+    (4096, 128, KernelOptions(gluon_dq=False), False),
+])
+def test_dq_rules_on_top_of_the_dkdv_rules(monkeypatch, q_len, dim, options, expect):
+    """The Gluon dQ adds its own rules (query length >= 16, the options' head dims and switch) to what the dK/dV
+    kernel takes; the dK/dV rule is stubbed to True so these rules themselves are tested on CPU."""
+    monkeypatch.setattr(dispatch, "use_gluon_dkdv", lambda *args, **kwargs: True)
     q = torch.randn(1, 2, q_len, dim, dtype=torch.bfloat16)
     kv = torch.randn(1, 1, 64, dim, dtype=torch.bfloat16)
-    assert gluon_bwd.dq_supported(q, kv, kv, q, 128, 0.0, False) is expect
+    assert dispatch.use_gluon_dq(q, kv, kv, q, 128, 0.0, False, None, options) is expect
 
 
 def test_ring_depth_is_checked():
@@ -116,12 +132,11 @@ def test_ring_depth_is_checked():
 @pytest.mark.skipif(not os.path.exists(_TOOLS), reason="Triton without its NVIDIA backend tools")
 def test_hopper_code_is_warp_specialised_and_not_serialised(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "sass_report.py"), "--kernels",
-                    "gluon_dkdv,gluon_dq", "--dims", "128,64", "--out", str(tmp_path)], check=True, env=env,
-                   capture_output=True)
+    subprocess.run([sys.executable, "-m", "scripts.sass_report", "--kernels", "gluon_dkdv,gluon_dq", "--dims",
+                    "128,64", "--out", str(tmp_path)], check=True, env=env, capture_output=True, cwd=ROOT)
     with open(tmp_path / "sass_report.json") as f:
         rows = json.load(f)["kernels"]
-    dq_rows = [r for r in rows if f"keys {gluon_bwd.DQ_BLOCK_N} " in r["kernel"]]  # the shipped dQ key step
+    dq_rows = [r for r in rows if f"keys {KernelOptions().gluon_dq_block_n} " in r["kernel"]]  # the shipped key step
     assert len(dq_rows) == 4  # head dims 128 and 64; one and two query/dO slots
     for row in dq_rows:
         name = row["kernel"]

@@ -19,6 +19,8 @@ import torch
 
 triton = pytest.importorskip("triton")
 from hf_sparsek.kernels import attention_fwd_gluon as gluon_fwd  # noqa: E402
+from hf_sparsek.kernels import dispatch  # noqa: E402
+from hf_sparsek.kernels.options import KernelOptions  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
@@ -33,7 +35,8 @@ def _qkv(dtype=torch.bfloat16, dim=128, device="cpu"):
 
 def test_not_supported_off_gpu():
     q, k, v = _qkv()
-    assert not gluon_fwd.supported(q, k, v, 128, 0.0, False)  # CPU tensors: the Triton kernel / reference runs
+    # CPU tensors: the Triton kernel / reference runs
+    assert not dispatch.use_gluon_forward(q, k, v, 128, 0.0, False, KernelOptions())
 
 
 @pytest.mark.parametrize("change, expect", [
@@ -49,7 +52,7 @@ def test_not_supported_off_gpu():
 ])
 def test_which_inputs_take_the_gluon_forward(change, expect):
     args = dict(dtype=torch.bfloat16, head_dim=128, q_len=4096, block=128, softcap=0.0, has_segments=False)
-    reason = gluon_fwd.input_reason(**{**args, **change})
+    reason = dispatch.gluon_forward_reason(**{**args, **change})
     if expect is None:
         assert reason is None
     else:
@@ -57,10 +60,9 @@ def test_which_inputs_take_the_gluon_forward(change, expect):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_switch_off_sends_everything_to_triton(monkeypatch):
+def test_switch_off_sends_everything_to_triton():
     q, k, v = _qkv(device="cuda")
-    monkeypatch.setattr(gluon_fwd, "ENABLED", False)
-    assert not gluon_fwd.supported(q, k, v, 128, 0.0, False)
+    assert not dispatch.use_gluon_forward(q, k, v, 128, 0.0, False, KernelOptions(gluon_fwd=False))
 
 
 def test_ring_depth_is_checked():
@@ -68,7 +70,8 @@ def test_ring_depth_is_checked():
     counts = torch.ones(1, 1, 2, dtype=torch.int32)
     tiles = torch.zeros(1, 1, 2, 1, dtype=torch.int32)
     with pytest.raises(ValueError, match="ring depth 4"):
-        gluon_fwd.attention_forward_gluon(q, k, v, counts, tiles, counts, tiles, 128, 0, 0, 0, 0, 0.1, stages=4)
+        gluon_fwd.attention_forward_gluon(q, k, v, counts, tiles, counts, tiles, 128, 0, 0, 0, 0, 0.1, stages=4,
+                                          q_slots=None, persistent=True)
 
 
 def test_query_slots_follow_shared_memory():
@@ -83,8 +86,8 @@ def test_query_slots_follow_shared_memory():
 @pytest.mark.skipif(not os.path.exists(_TOOLS), reason="Triton without its NVIDIA backend tools")
 def test_hopper_code_is_warp_specialised_and_overlapped(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "sass_report.py"), "--kernels", "gluon_fwd",
-                    "--dims", "128,64", "--out", str(tmp_path)], check=True, env=env, capture_output=True)
+    subprocess.run([sys.executable, "-m", "scripts.sass_report", "--kernels", "gluon_fwd", "--dims", "128,64",
+                    "--out", str(tmp_path)], check=True, env=env, capture_output=True, cwd=ROOT)
     with open(tmp_path / "sass_report.json") as f:
         rows = json.load(f)["kernels"]
     assert len(rows) == 4  # head dims 128 and 64, ring depths 2 and 3

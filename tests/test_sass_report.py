@@ -2,8 +2,8 @@
 
 Checks the installed Triton's code for sm_90: wgmma not serialised (with Triton 3.6, the GPU image's version, an
 earlier two-loop form of this kernel made ptxas wait after every wgmma, warning C7515; Triton 3.9 did not) and the
-query/dO/LSE/delta rows loaded through TMA. Runs ``scripts/sass_report.py`` in a fresh process (other test modules
-load the kernels in interpreter mode). Needs Triton's NVIDIA backend tools, which its Linux wheels ship.
+query/dO/LSE/delta rows loaded through TMA. Runs ``python -m scripts.sass_report`` in a fresh process (other test
+modules load the kernels in interpreter mode). Needs Triton's NVIDIA backend tools, which its Linux wheels ship.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ pytestmark = pytest.mark.skipif(not os.path.exists(_TOOLS), reason="Triton witho
 
 def test_dkdv_kernel_wgmma_asynchronous_and_rows_through_tma(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "sass_report.py"), "--kernels", "dkdv",
-                    "--dims", "128", "--out", str(tmp_path)], check=True, env=env, capture_output=True)
+    subprocess.run([sys.executable, "-m", "scripts.sass_report", "--kernels", "dkdv", "--dims", "128", "--out",
+                    str(tmp_path)], check=True, env=env, capture_output=True, cwd=ROOT)
     with open(tmp_path / "sass_report.json") as f:
         (row,) = json.load(f)["kernels"]
     assert not row["wgmma_serialised_warning"]

@@ -1,7 +1,7 @@
 """A/B timing of the Gluon kernels of two source trees through the library path, interleaved in one process.
 
     git archive <commit> kernels | tar -x -C ab_base      # the baseline's kernels/ folder
-    PYTHONPATH=$PWD python3 scripts/gpu_ab_kernels.py --base ab_base/kernels [--seq 65536] [--dim 128] [--repeats 5]
+    python -m scripts.experiments.gpu_ab_kernels --base ab_base/kernels [--seq 65536] [--dim 128] [--repeats 5]
         [--patterns sinkwin,dense,strided,random] [--swap fwd,dkdv,dq] [--passes fwd,bwd,fwd_bwd] [--out DIR]
 
 Single runs spread by 5-20% on the H100 (docs/kernel-decisions.md), so a change is read against its baseline
@@ -12,7 +12,9 @@ autograd code are the working tree's for both). Each repeat times forward, the b
 first alternates), B=1, 32/8 heads, head dim 128 (or ``--dim``), bf16; ``--swap`` limits the baseline to some of the
 launchers, to tell which kernel a difference comes from. Before timing, both trees' outputs and gradients are
 compared (they must agree to bf16 rounding). Writes ``ab_kernels.json`` (every timing, medians, new/base ratios) and
-``ab_kernels.md``.
+``ab_kernels.md``. The baseline's launchers are called with this tree's arguments (``kernels/dispatch.py`` passes
+the ring depths, slots and grid as keywords), so the baseline must come from a commit with the same launcher
+signatures.
 """
 
 from __future__ import annotations
@@ -28,15 +30,11 @@ import sys
 import torch
 import triton
 import triton.testing
+from hf_sparsek.kernels import attention_bwd_gluon, attention_fwd_gluon
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from hf_sparsek.kernels import attention_bwd_gluon, attention_fwd_gluon  # noqa: E402
-
-from hf_sparsek.ops import build_index_for  # noqa: E402
-from hf_sparsek.triton_ops import triton_block_sparse_attention  # noqa: E402
-from scripts.gpu_gluon_fwd import PATTERNS  # noqa: E402
-from scripts.gpu_target_case import headline_inputs  # noqa: E402
+from hf_sparsek.ops import build_index_for
+from hf_sparsek.triton_ops import triton_block_sparse_attention
+from scripts.common import PATTERNS, headline_inputs, write_json
 
 LAUNCHERS = {attention_fwd_gluon: ("attention_forward_gluon",),
              attention_bwd_gluon: ("attention_dkdv_gluon", "attention_dq_gluon")}
@@ -149,8 +147,8 @@ def save(out: str, env: dict, checks: dict, times: dict[str, list[float]]) -> st
         summary[f"{pattern}/{name}"] = {"base_ms": base, "new_ms": new, "new_over_base": new / base}
         each = " / ".join(f"{b:.3f}, {n:.3f}" for b, n in zip(times[f"{pattern}/{name}/base"], times[key], strict=True))
         rows.append(f"| {pattern} | {name} | {base:.3f} | {new:.3f} | {new / base:.3f} | {each} |")
-    with open(os.path.join(out, "ab_kernels.json"), "w") as f:
-        json.dump({"env": env, "checks": checks, "times_ms": times, "summary": summary}, f, indent=1)
+    write_json(os.path.join(out, "ab_kernels.json"), {"env": env, "checks": checks, "times_ms": times,
+                                                       "summary": summary})
     md = ("| pattern | pass | base ms (median) | new ms (median) | new / base | each repeat (base, new) |\n"
           "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
     with open(os.path.join(out, "ab_kernels.md"), "w") as f:

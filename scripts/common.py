@@ -1,0 +1,111 @@
+"""What the lab scripts share: the benchmark cases, kernel options for a block, timing, and the results writer.
+
+Scripts run from the repository root as ``python -m scripts.<name>`` (the checkout's ``hf_sparsek`` and ``scripts``
+import from there; no ``sys.path`` edits). Every results file goes through :func:`write_json`, which records the
+command, commit, date, device and versions beside the data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+
+import torch
+from hf_sparsek.kernels import dispatch
+from hf_sparsek.kernels.options import KernelOptions
+
+import hf_sparsek
+from hf_sparsek import BlockLayout, SparsePattern
+from hf_sparsek.block_index import BlockIndex
+from hf_sparsek.runtime import kernel_options
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The benchmark patterns (B=1, 32 query / 8 KV heads, head dim 128, bf16 unless a script says otherwise).
+PATTERNS: dict[str, SparsePattern] = {
+    "dense": SparsePattern(),
+    "strided": SparsePattern(window=512, layout=BlockLayout("strided", stride=16)),
+    "sinkwin": SparsePattern(sink_tokens=128, window=4096),
+    "random": SparsePattern(layout=BlockLayout("random", density=0.1, seed=1)),
+}
+
+
+@contextlib.contextmanager
+def options(**changes: object) -> Iterator[KernelOptions]:
+    """Inside the block the kernels run with these ``KernelOptions`` fields changed (the library's settings)."""
+    current = hf_sparsek.get_settings().kernels
+    with hf_sparsek.settings(kernels=dataclasses.replace(current, **changes)):
+        yield kernel_options()
+
+
+def gluon_forward_runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: BlockIndex, softcap: float) -> bool:
+    """Whether the library sends this forward to the Gluon kernel with the current options (dispatch's own test)."""
+    segments = index.k_seg is not None or index.q_seg is not None or index.k_rank is not None
+    return dispatch.use_gluon_forward(q, k, v, index.block_size, softcap, segments, kernel_options())
+
+
+def headline_inputs(seq: int, dim: int = 128) -> tuple[torch.Tensor, ...]:
+    """q, k, v (requiring grad) and dO of the headline shape: B=1, 32 query / 8 KV heads, head dim 128 (or ``dim``),
+    bf16, seeded."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shape_q, shape_kv = (1, 32, seq, dim), (1, 8, seq, dim)
+    q = torch.randn(shape_q, generator=gen, device="cuda").to(torch.bfloat16).requires_grad_()
+    k = torch.randn(shape_kv, generator=gen, device="cuda").to(torch.bfloat16).requires_grad_()
+    v = torch.randn(shape_kv, generator=gen, device="cuda").to(torch.bfloat16).requires_grad_()
+    return q, k, v, torch.randn(shape_q, generator=gen, device="cuda").to(torch.bfloat16)
+
+
+def bench_ms(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> float:
+    """Median milliseconds of ``fn``: ``triton.testing.do_bench`` (CUDA events, warm-up) on a GPU, else the median
+    of three wall-clock calls after one warm-up (the interpreter smoke runs)."""
+    if torch.cuda.is_available():
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+    import time
+
+    fn()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[1]
+
+
+def _commit() -> str:
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else "unknown"
+
+
+def run_metadata() -> dict:
+    """Command, commit, date, device, versions and the kernel options of this run."""
+    import triton
+
+    return {
+        "command": " ".join(["python", *sys.orig_argv[1:]]),
+        "commit": _commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+                     "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+                     "hf_sparsek": getattr(hf_sparsek, "__version__", "unknown")},
+        "interpreter": os.environ.get("TRITON_INTERPRET", "0"),
+        "kernel_options": kernel_options().record(),
+    }
+
+
+def write_json(path: str, data: dict) -> None:
+    """Write ``data`` to ``path`` with the run's metadata under ``"meta"`` (the folder is made if needed)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"meta": run_metadata(), **data}, f, indent=1, default=str)
