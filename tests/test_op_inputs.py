@@ -13,7 +13,15 @@ import pytest
 import torch
 from conftest import dense_masked_attention
 
-from hf_sparsek import SparsePattern, build_block_index, build_index_for, exact_token_mask, sparse_attention
+from hf_sparsek import (
+    PRESETS,
+    BlockLayout,
+    SparsePattern,
+    build_block_index,
+    build_index_for,
+    exact_token_mask,
+    sparse_attention,
+)
 from hf_sparsek.topk_selector import select_topk_tiles
 
 TOPK_PATTERNS = {
@@ -353,3 +361,16 @@ def test_batch_zero_triton_returns_empty_and_differentiates(padded, kernels):
     assert out.shape == (0, 4, 70, 64)
     out.sum().backward()
     assert q.grad.shape == q.shape and k.grad.shape == k.shape
+
+
+@pytest.mark.parametrize("pattern", [
+    *PRESETS.values(),
+    SparsePattern(block_size=64, sink_tokens=3, window=48, dense_heads=(0, 2), min_sparse_len=128, topk_blocks=5),
+    SparsePattern(layout=BlockLayout("random", density=0.1234567891, seed=7)),
+    SparsePattern(layout=BlockLayout("strided", stride=8, offset=3)),
+], ids=lambda p: p.describe())
+def test_compiled_op_pattern_text_round_trips(pattern):
+    """The compiled path hands the pattern to its custom op as text: every field must come back exactly."""
+    from hf_sparsek.ops import _pattern_of_text, _pattern_text
+
+    assert _pattern_of_text(_pattern_text(pattern)) == pattern
