@@ -1,4 +1,5 @@
-"""``hf-sparsek eval {ppl,needle,layers}``: long-context evaluation, sparse vs dense, with JSON, markdown and plots.
+"""``hf-sparsek eval {ppl,needle,layers,selection}``: long-context evaluation, sparse vs dense, with JSON, markdown
+and plots.
 
 The defaults need no model hub: SmolLM2-135M (GGUF from PyPI, converted once) on the Shakespeare plays, short
 contexts, so ``hf-sparsek eval ppl`` finishes in a few minutes on a 2-core CPU. At 1K-2K tokens the shipped default
@@ -87,7 +88,8 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: Any) -> None:
-    """Add ``eval`` with sub-subcommands ``ppl``, ``needle`` and ``layers`` to the ``hf-sparsek`` parser."""
+    """Add ``eval`` with sub-subcommands ``ppl``, ``needle``, ``layers`` and ``selection`` to the ``hf-sparsek``
+    parser."""
     ev = subparsers.add_parser("eval", help="long-context evaluation: perplexity, needle retrieval, per-layer error")
     sub = ev.add_subparsers(dest="eval_command", required=True)
 
@@ -117,6 +119,15 @@ def register(subparsers: Any) -> None:
     layers.add_argument("--isolate", action="store_true",
                         help="also measure the KL with only one layer sparse at a time (one forward per layer)")
     layers.set_defaults(func=cmd_layers)
+
+    selection = sub.add_parser("selection", help="per layer and KV head: attention mass the selected blocks cover, "
+                               "beside the oracle (most true mass) at the same tile budget")
+    _common(selection)
+    _data_args(selection)
+    selection.add_argument("--seq-len", type=positive_int, default=2048)
+    selection.add_argument("--local-blocks", type=non_negative_int, default=2,
+                           help="most recent blocks the oracle always keeps, besides the sink block (default 2)")
+    selection.set_defaults(func=cmd_selection)
 
 
 def _setup(args: argparse.Namespace) -> tuple[Any, Any, torch.device, torch.dtype, str]:
@@ -241,27 +252,51 @@ def cmd_needle(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_layers(args: argparse.Namespace) -> int:
+def _first_window(args: argparse.Namespace, tok: Any, device: torch.device) -> torch.Tensor:
+    """(1, seq_len) token ids: the start of the first document with at least ``--seq-len`` tokens."""
     import torch
 
-    from .layers import compare_layers, isolate_layers
     from .offline import load_documents
-    from .report import layers_table
 
-    model, tok, device, dtype, path = _setup(args)
-    specs = [s for s in _specs(args, model, ["default"]) if s.sparsity is not None]
     docs = load_documents(args.data, args.text_column, args.split, args.dataset_config, args.max_documents,
                           args.cache_dir)
     encode = _encode(tok)
-    ids = None
     bos = bos_id(tok)
     for text in docs:
         tokens = ([bos] if bos is not None else []) + encode(text)
         if len(tokens) >= args.seq_len:
-            ids = torch.tensor([tokens[: args.seq_len]], device=device)
-            break
-    if ids is None:
-        raise ValueError(f"no document has {args.seq_len} tokens; lower --seq-len")
+            return torch.tensor([tokens[: args.seq_len]], device=device)
+    raise ValueError(f"no document has {args.seq_len} tokens; lower --seq-len")
+
+
+def cmd_selection(args: argparse.Namespace) -> int:
+    from .selection_recall import recall_plot, recall_table, selection_recall
+
+    model, tok, device, dtype, path = _setup(args)
+    specs = [s for s in _specs(args, model, ["default"]) if s.sparsity is not None]
+    if not specs:
+        raise ValueError("selection compares sparse patterns with the oracle: pass a pattern other than 'dense'")
+    ids = _first_window(args, tok, device)
+    start = time.perf_counter()
+    rows = selection_recall(model, ids, specs, args.local_blocks)
+    data = {**_meta(args, model, path, device, dtype, specs), "seq_len": args.seq_len,
+            "seconds": time.perf_counter() - start, "results": rows}
+    tag = f"selection_{_tag(args)}"
+    _write(args, tag, data, recall_table(rows))
+    if not args.no_plots:
+        recall_plot(rows, os.path.join(args.out, tag + ".png"), f"{args.model}: attention mass covered, "
+                    f"{args.seq_len} tokens")
+    return 0
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+
+    from .layers import compare_layers, isolate_layers
+    from .report import layers_table
+
+    model, tok, device, dtype, path = _setup(args)
+    specs = [s for s in _specs(args, model, ["default"]) if s.sparsity is not None]
+    ids = _first_window(args, tok, device)
     results, tables = [], []
     for spec in specs:
         res = compare_layers(model, ids, spec)

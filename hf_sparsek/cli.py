@@ -1,4 +1,4 @@
-"""Command line: ``hf-sparsek describe | eval {ppl,needle,layers} | finetune``.
+"""Command line: ``hf-sparsek describe | eval {ppl,needle,layers,selection} | finetune``.
 
 Subcommands live beside their code: ``hf_sparsek.eval.cli.register(subparsers)`` adds ``eval``,
 ``hf_sparsek.finetune.cli.register(subparsers)`` adds ``finetune``. Building the parser imports no torch or
