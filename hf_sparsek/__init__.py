@@ -14,10 +14,10 @@
 from __future__ import annotations
 
 import importlib
-import importlib.abc
-import importlib.util
 import sys as _sys
 from typing import Any
+
+from _hf_sparsek_autoload import run_after_transformers as _run_after_transformers
 
 from ._dependencies import TRANSFORMERS_MIN as _TRANSFORMERS_MIN  # noqa: F401 - imported first: checks the range
 from ._source_tree import map_source_subpackages
@@ -52,7 +52,6 @@ _LAZY = {
 }
 _SUBMODULES = frozenset({"block_index", "integration", "loading", "masks", "model_defaults", "ops", "reference",
                          "topk_selector", "triton_ops"})  # ``hf_sparsek.ops.x`` works before anything imported ops
-_TRANSFORMERS_MODELING = "transformers.modeling_utils"
 
 
 def __getattr__(name: str) -> Any:
@@ -76,33 +75,11 @@ def _register() -> None:
     register()
 
 
-class _RegisterAfterTransformers(importlib.abc.MetaPathFinder):
-    """Runs :func:`_register` right after ``transformers.modeling_utils`` (where AttentionInterface lives) loads."""
-
-    def find_spec(self, fullname, path, target=None):  # noqa: ANN001, ANN201 - importlib protocol
-        if fullname != _TRANSFORMERS_MODELING:
-            return None
-        _sys.meta_path.remove(self)  # fire once; the lookup below must not find us again
-        spec = importlib.util.find_spec(fullname)
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        loader_exec = spec.loader.exec_module
-
-        def exec_module(module):  # noqa: ANN001, ANN202
-            loader_exec(module)
-            _register()
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-
 # ``import hf_sparsek`` registers "sparsek" with transformers: at once when its modeling code is loaded, else the
-# moment it loads (before any from_pretrained can ask for "sparsek"), without importing torch here.
-if _TRANSFORMERS_MODELING in _sys.modules:
-    _register()
-else:
-    _sys.meta_path.insert(0, _RegisterAfterTransformers())
-map_source_subpackages(_sys.modules[__name__])  # kernels/, eval/, scripts/ from a plain source checkout
+# moment it loads (before any from_pretrained can ask for "sparsek"), without importing torch here. The hook is the
+# one the site-packages startup file uses (_hf_sparsek_autoload.py, installed beside the package).
+_run_after_transformers(_register)
+map_source_subpackages(_sys.modules[__name__])  # kernels/, eval/ from a plain source checkout
 
 __all__ = [
     "ATTN_IMPLEMENTATION",

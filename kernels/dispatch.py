@@ -53,19 +53,29 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softca
 # ---- Triton or Gluon ----------------------------------------------------------------------------------------------
 
 
-def gluon_forward_reason(dtype: torch.dtype, head_dim: int, q_len: int, block: int, softcap: float,
-                         has_segments: bool) -> str | None:
-    """Why these inputs go to the Triton forward (None: the Gluon forward takes them, device permitting)."""
+def _gluon_shared_reason(kernel: str, head_dims: tuple[int, ...], kernel_block: int, dtype: torch.dtype,
+                         head_dim: int, block: int, softcap: float, has_segments: bool) -> str | None:
+    """The input rules every Gluon kernel shares (16-bit, its head dims and block, no soft-capping or segments)."""
     if dtype not in GLUON_DTYPES:
-        return f"dtype {dtype} (Gluon forward: float16, bfloat16)"
-    if head_dim not in gluon_fwd.HEAD_DIMS:
-        return f"head dim {head_dim} (Gluon forward: {gluon_fwd.HEAD_DIMS})"
-    if block != gluon_fwd.BLOCK:
-        return f"block size {block} (Gluon forward: {gluon_fwd.BLOCK})"
+        return f"dtype {dtype} ({kernel}: float16, bfloat16)"
+    if head_dim not in head_dims:
+        return f"head dim {head_dim} ({kernel}: {head_dims})"
+    if block != kernel_block:
+        return f"block size {block} ({kernel}: {kernel_block})"
     if softcap:
         return "soft-capping"
     if has_segments:
         return "per-batch segments or ranks (left padding, packed sequences)"
+    return None
+
+
+def gluon_forward_reason(dtype: torch.dtype, head_dim: int, q_len: int, block: int, softcap: float,
+                         has_segments: bool) -> str | None:
+    """Why these inputs go to the Triton forward (None: the Gluon forward takes them, device permitting)."""
+    reason = _gluon_shared_reason("Gluon forward", gluon_fwd.HEAD_DIMS, gluon_fwd.BLOCK, dtype, head_dim, block,
+                                  softcap, has_segments)
+    if reason is not None:
+        return reason
     if q_len < gluon_fwd.MIN_Q_LEN:
         return f"query length {q_len} < {gluon_fwd.MIN_Q_LEN} (decode: the Triton forward packs heads instead)"
     return None
@@ -76,16 +86,10 @@ def gluon_dkdv_reason(dtype: torch.dtype, head_dim: int, block: int, softcap: fl
                       row_tiles: int | None = None) -> str | None:
     """Why these inputs go to the Triton dK/dV kernel (None: the Gluon one takes them, device permitting);
     ``programs``: batch x KV heads x key tiles; ``row_tiles``: key tiles the longest query row lists."""
-    if dtype not in GLUON_DTYPES:
-        return f"dtype {dtype} (Gluon dK/dV: float16, bfloat16)"
-    if head_dim not in gluon_bwd.HEAD_DIMS:
-        return f"head dim {head_dim} (Gluon dK/dV: {gluon_bwd.HEAD_DIMS})"
-    if block != gluon_bwd.BLOCK:
-        return f"block size {block} (Gluon dK/dV: {gluon_bwd.BLOCK})"
-    if softcap:
-        return "soft-capping"
-    if has_segments:
-        return "per-batch segments or ranks (left padding, packed sequences)"
+    reason = _gluon_shared_reason("Gluon dK/dV", gluon_bwd.HEAD_DIMS, gluon_bwd.BLOCK, dtype, head_dim, block,
+                                  softcap, has_segments)
+    if reason is not None:
+        return reason
     if q_offset % 4:
         return f"query offset {q_offset} not a multiple of 4"
     least = options.gluon_dkdv_min_programs.get(head_dim, 0)
