@@ -220,6 +220,7 @@ def build_index_for(
     attention_mask: torch.Tensor | None = None,
     segment_ids: torch.Tensor | None = None,
     query_segment_ids: torch.Tensor | None = None,
+    selected_tiles: torch.Tensor | None = None,
 ) -> BlockIndex:
     """The block index ``sparse_attention`` would use for these inputs (exposed for kernels, tests, benchmarks)."""
     batch, q_len, kv_len = q.shape[0], q.shape[2], k.shape[2]
@@ -227,12 +228,32 @@ def build_index_for(
     k_seg, q_seg, k_rank = sequence_layout(batch, q_len, kv_len, attention_mask, segment_ids, q.device,
                                            query_segment_ids)
     topk = None
-    if pattern.topk_blocks is not None:
+    if selected_tiles is not None:
+        topk = _checked_selected_tiles(selected_tiles, batch, k.shape[1], q_len, q_offset, pattern.block_size,
+                                       q.device)
+    elif pattern.topk_blocks is not None:
         topk = select_topk_tiles(q, k, pattern, q_offset, kv_offset, k_seg)
     return build_block_index(
         pattern, batch=batch, kv_heads=k.shape[1], q_len=q_len, kv_len=kv_len, q_offset=q_offset,
         kv_offset=kv_offset, k_seg=k_seg, q_seg=q_seg, k_rank=k_rank, topk_tiles=topk, device=q.device,
     )
+
+
+def _checked_selected_tiles(tiles: torch.Tensor, batch: int, kv_heads: int, q_len: int, q_offset: int, block: int,
+                            device: torch.device) -> torch.Tensor:
+    """Key tiles chosen outside the op, checked on shape and dtype only (no device read)."""
+    n_q = (q_offset % block + q_len + block - 1) // block
+    if (not isinstance(tiles, torch.Tensor) or tiles.dim() != 4 or tiles.dtype.is_floating_point
+            or tiles.dtype == torch.bool or tiles.shape[0] not in (1, batch) or tiles.shape[1] not in (1, kv_heads)
+            or tiles.shape[2] != n_q):
+        got = (f"{tuple(tiles.shape)} {tiles.dtype}" if isinstance(tiles, torch.Tensor) else type(tiles).__name__)
+        raise ValueError(
+            f"selected_tiles must be an integer tensor (1 or batch={batch}, 1 or kv_heads={kv_heads}, "
+            f"query tiles={n_q}, k) of key tile numbers on the absolute {block}-token grid (-1 = none), got {got}"
+        )
+    if tiles.device != device:
+        raise ValueError(f"selected_tiles is on {tiles.device}, the inputs on {device}")
+    return tiles
 
 
 def triton_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float | None = None
@@ -270,11 +291,13 @@ def _sdpa_applies(q_len: int, kv_len: int, q_offset: int, kv_offset: int) -> boo
 def _index_for_call(
     cache: dict | None, q: torch.Tensor, k: torch.Tensor, pattern: SparsePattern, q_offset: int, kv_offset: int,
     attention_mask: torch.Tensor | None, segment_ids: torch.Tensor | None, query_segment_ids: torch.Tensor | None,
+    selected_tiles: torch.Tensor | None = None,
 ) -> BlockIndex:
     """Build the index, or reuse one of ``cache`` built for the same pattern, shapes and kind of layout. A top-k
     selection depends on q and k, so it is rebuilt per call."""
-    if cache is None or pattern.topk_blocks is not None:
-        return build_index_for(q, k, pattern, q_offset, kv_offset, attention_mask, segment_ids, query_segment_ids)
+    if cache is None or pattern.topk_blocks is not None or selected_tiles is not None:
+        return build_index_for(q, k, pattern, q_offset, kv_offset, attention_mask, segment_ids, query_segment_ids,
+                               selected_tiles)
     key = (pattern, k.shape[1], q.shape[2], k.shape[2], q_offset, kv_offset, attention_mask is not None,
            segment_ids is not None, query_segment_ids is not None, q.device)
     index = cache.get(key)
@@ -301,6 +324,7 @@ def sparse_attention(
     index_cache: dict | None = None,
     backend: Backend = "auto",
     dense_via_sdpa: bool = False,
+    selected_tiles: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal block-sparse attention. Differentiable.
 
@@ -326,6 +350,9 @@ def sparse_attention(
             A forced backend that cannot run raises; nothing falls back silently.
         dense_via_sdpa: rows that are all dense (a dense pattern, or queries under ``min_sparse_len``) without
             padding, segments or softcap run torch SDPA where it needs no mask.
+        selected_tiles: key tiles chosen outside the op (a learned scorer), (1 or batch, 1 or kv_heads, query tiles,
+            k) integers on the absolute ``block_size`` grid, -1 = none: attended as whole blocks (causal, valid,
+            same sequence) beside the pattern's sink and window; the pattern's own selector does not run.
 
     Returns:
         (batch, q_heads, q_len, head_dim) in q's dtype. Rows with nothing to attend are zeros. A batch of 0 gives
@@ -337,14 +364,16 @@ def sparse_attention(
     _check_layout(q.shape[0], q.shape[2], k.shape[2], attention_mask, segment_ids, query_segment_ids)
     if index is None and pattern is None:
         pattern = SparsePattern()
+    if index is not None and selected_tiles is not None:
+        raise ValueError("pass either a prebuilt index or selected_tiles, not both (the index already holds tiles)")
     if torch.compiler.is_compiling() and index is None:
         return _traced_call(q, k, v, attention_mask, segment_ids, query_segment_ids, q_offset, kv_offset, pattern,
-                            scale, softcap, backend, dense_via_sdpa)
+                            scale, softcap, backend, dense_via_sdpa, selected_tiles)
     q_offset, kv_offset = _resolve_offsets(q.shape[2], k.shape[2], q_offset, kv_offset)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if index is None:
         index = _prepare_index(q, k, pattern, q_offset, kv_offset, attention_mask, segment_ids, query_segment_ids,
-                               index_cache, softcap, dense_via_sdpa)
+                               index_cache, softcap, dense_via_sdpa, selected_tiles)
     else:
         _check_index(index, q, k, pattern, q_offset, kv_offset, attention_mask, segment_ids)
     return _attend(q, k, v, index, scale, softcap, backend)
@@ -354,15 +383,16 @@ def _prepare_index(
     q: torch.Tensor, k: torch.Tensor, pattern: SparsePattern, q_offset: int, kv_offset: int,
     attention_mask: torch.Tensor | None, segment_ids: torch.Tensor | None, query_segment_ids: torch.Tensor | None,
     index_cache: dict | None, softcap: float | None, dense_via_sdpa: bool,
+    selected_tiles: torch.Tensor | None = None,
 ) -> BlockIndex | None:
     """The call's block index; None where torch SDPA runs it (all rows dense, nothing masked, asked for)."""
     if q_offset + q.shape[2] <= pattern.min_sparse_len:  # every row dense
-        pattern = SparsePattern(block_size=pattern.block_size)
-    plain = attention_mask is None and segment_ids is None and not softcap
+        pattern, selected_tiles = SparsePattern(block_size=pattern.block_size), None
+    plain = attention_mask is None and segment_ids is None and not softcap and selected_tiles is None
     if dense_via_sdpa and pattern.is_dense and plain and _sdpa_applies(q.shape[2], k.shape[2], q_offset, kv_offset):
         return None
     return _index_for_call(index_cache, q, k, pattern, q_offset, kv_offset, attention_mask, segment_ids,
-                           query_segment_ids)
+                           query_segment_ids, selected_tiles)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: BlockIndex | None, scale: float,
@@ -387,12 +417,12 @@ def _pattern_text(pattern: SparsePattern) -> str:
     text = "" if layout is None else f"{layout.kind}:{layout.stride}:{layout.offset}:{layout.density}:{layout.seed}"
     heads = ",".join(str(h) for h in pattern.dense_heads)
     return (f"{pattern.block_size};{pattern.sink_tokens};{pattern.window};{text};{pattern.topk_blocks};{heads};"
-            f"{pattern.min_sparse_len}")
+            f"{pattern.min_sparse_len};{pattern.selector};{pattern.mass_threshold}")
 
 
 @lru_cache(maxsize=256)
 def _pattern_of_text(text: str) -> SparsePattern:
-    block, sink, window, layout, topk, heads, min_sparse = text.split(";")
+    block, sink, window, layout, topk, heads, min_sparse, selector, threshold = text.split(";")
 
     def number(value: str, kind: type = int) -> int | float | None:
         return None if value == "None" else kind(value)
@@ -404,7 +434,8 @@ def _pattern_of_text(text: str) -> SparsePattern:
                                    seed=int(seed))
     return SparsePattern(block_size=int(block), sink_tokens=int(sink), window=number(window), layout=block_layout,
                          topk_blocks=number(topk), dense_heads=tuple(int(h) for h in heads.split(",") if h),
-                         min_sparse_len=int(min_sparse))
+                         min_sparse_len=int(min_sparse), selector=None if selector == "None" else selector,
+                         mass_threshold=number(threshold, float))
 
 
 def _offset_tensor(value: int | torch.Tensor | None, device: torch.device) -> torch.Tensor:
@@ -416,11 +447,12 @@ def _offset_tensor(value: int | torch.Tensor | None, device: torch.device) -> to
 
 
 def _traced_call(q, k, v, attention_mask, segment_ids, query_segment_ids, q_offset, kv_offset, pattern, scale,
-                 softcap, backend, dense_via_sdpa) -> torch.Tensor:
+                 softcap, backend, dense_via_sdpa, selected_tiles=None) -> torch.Tensor:
     offsets = torch.cat([_offset_tensor(q_offset, q.device), _offset_tensor(kv_offset, q.device)])
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return sparse_attention_op(q, k, v, attention_mask, segment_ids, query_segment_ids, offsets,
-                               _pattern_text(pattern), scale, float(softcap or 0.0), backend, dense_via_sdpa)
+                               _pattern_text(pattern), scale, float(softcap or 0.0), backend, dense_via_sdpa,
+                               selected_tiles)
 
 
 def _offsets_of(offsets: torch.Tensor) -> tuple[int | None, int]:
@@ -429,12 +461,13 @@ def _offsets_of(offsets: torch.Tensor) -> tuple[int | None, int]:
 
 
 def _eager_call(q, k, v, attention_mask, segment_ids, query_segment_ids, offsets, pattern, scale, softcap, backend,
-                dense_via_sdpa) -> torch.Tensor:
+                dense_via_sdpa, selected_tiles) -> torch.Tensor:
     q_offset, kv_offset = _offsets_of(offsets)
     return sparse_attention(
         q, k, v, _pattern_of_text(pattern), scale=scale, softcap=softcap or None,
         q_offset=q_offset, kv_offset=kv_offset, attention_mask=attention_mask,
         segment_ids=segment_ids, query_segment_ids=query_segment_ids, backend=backend, dense_via_sdpa=dense_via_sdpa,
+        selected_tiles=selected_tiles,
     )
 
 
@@ -443,17 +476,17 @@ def _eager_call(q, k, v, attention_mask, segment_ids, query_segment_ids, offsets
 def sparse_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None,
     segment_ids: torch.Tensor | None, query_segment_ids: torch.Tensor | None, offsets: torch.Tensor, pattern: str,
-    scale: float, softcap: float, backend: str, dense_via_sdpa: bool,
+    scale: float, softcap: float, backend: str, dense_via_sdpa: bool, selected_tiles: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``sparse_attention`` as one op for torch.compile: the index (data-dependent widths) is built inside. The
     output is contiguous whatever the kernels' layout, as the fake says."""
     return _eager_call(q, k, v, attention_mask, segment_ids, query_segment_ids, offsets, pattern, scale, softcap,
-                       backend, dense_via_sdpa).contiguous()
+                       backend, dense_via_sdpa, selected_tiles).contiguous()
 
 
 @sparse_attention_op.register_fake
 def _(q, k, v, attention_mask, segment_ids, query_segment_ids, offsets, pattern, scale, softcap, backend,
-      dense_via_sdpa):
+      dense_via_sdpa, selected_tiles=None):
     return q.new_empty(q.shape[:3] + v.shape[3:])
 
 
@@ -461,14 +494,14 @@ def _(q, k, v, attention_mask, segment_ids, query_segment_ids, offsets, pattern,
 def sparse_attention_backward_op(
     grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None,
     segment_ids: torch.Tensor | None, query_segment_ids: torch.Tensor | None, offsets: torch.Tensor, pattern: str,
-    scale: float, softcap: float, backend: str, dense_via_sdpa: bool,
+    scale: float, softcap: float, backend: str, dense_via_sdpa: bool, selected_tiles: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`sparse_attention_op`: rebuilds the index and runs the same backend's backward (the
     kernels' own, or ``torch.func.vjp`` of the PyTorch math: an op's body runs below autograd, which would record
     no graph)."""
     q_offset, kv_offset = _resolve_offsets(q.shape[2], k.shape[2], *_offsets_of(offsets))
     index = _prepare_index(q, k, _pattern_of_text(pattern), q_offset, kv_offset, attention_mask, segment_ids,
-                           query_segment_ids, None, softcap, dense_via_sdpa)
+                           query_segment_ids, None, softcap, dense_via_sdpa, selected_tiles)
     if index is not None and _uses_triton(q, k, v, softcap, backend):
         from .triton_ops import triton_block_sparse_attention_grads
 
@@ -481,23 +514,24 @@ def sparse_attention_backward_op(
 
 @sparse_attention_backward_op.register_fake
 def _(grad, q, k, v, attention_mask, segment_ids, query_segment_ids, offsets, pattern, scale, softcap, backend,
-      dense_via_sdpa):
+      dense_via_sdpa, selected_tiles=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-_N_DIFFERENTIABLE = 3  # q, k, v; the masks, offsets and constants get no gradient
+_N_DIFFERENTIABLE = 3  # q, k, v; the masks, offsets, constants and selected tiles get no gradient
+_N_INPUTS = 13
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs[:7])
-    ctx.constants = inputs[7:]
+    ctx.save_for_backward(*inputs[:7], inputs[12])
+    ctx.constants = inputs[7:12]
 
 
 def _backward(ctx, grad):
-    q, k, v, attention_mask, segment_ids, query_segment_ids, offsets = ctx.saved_tensors
+    q, k, v, attention_mask, segment_ids, query_segment_ids, offsets, selected_tiles = ctx.saved_tensors
     grads = sparse_attention_backward_op(grad.contiguous(), q, k, v, attention_mask, segment_ids, query_segment_ids,
-                                         offsets, *ctx.constants)
-    return (*grads, *([None] * (12 - _N_DIFFERENTIABLE)))
+                                         offsets, *ctx.constants, selected_tiles)
+    return (*grads, *([None] * (_N_INPUTS - _N_DIFFERENTIABLE)))
 
 
 torch.library.register_autograd("hf_sparsek::sparse_attention", _backward, setup_context=_setup_context)

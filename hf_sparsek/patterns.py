@@ -7,7 +7,9 @@ block layouts, which select whole key blocks of ``block_size`` tokens on the abs
 * ``sink_tokens`` s: the first s tokens of the query's own sequence (rank < s, so padding and packing are honoured);
 * ``window`` w: keys with ``i - j < w``;
 * ``layout``: a static block layout (``strided`` or ``random``) selecting key blocks;
-* ``topk_blocks``: a dynamic budget of k key blocks per query block, chosen from the data;
+* ``topk_blocks``: a dynamic budget of k key blocks per query block, chosen from the data by ``selector``
+  (``"mass"`` by default, ``"meanpool"``, or ``"learned"``); with ``mass_threshold`` t, the fewest blocks whose
+  estimated attention mass reaches t, at most k;
 * ``dense_heads``: KV heads that stay dense; ``min_sparse_len``: queries at positions below it attend densely.
 
 A pattern with no selection term (no sink, window, layout or top-k) is dense causal.
@@ -25,6 +27,8 @@ from typing import Any
 
 SUPPORTED_BLOCK_SIZES = (64, 128)
 LAYOUT_KINDS = ("strided", "random")
+SELECTORS = ("mass", "meanpool", "learned")
+DEFAULT_SELECTOR = "mass"
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -99,6 +103,8 @@ class SparsePattern:
     topk_blocks: int | None = None
     dense_heads: tuple[int, ...] = ()
     min_sparse_len: int = 0
+    selector: str | None = None
+    mass_threshold: float | None = None
 
     def __post_init__(self) -> None:
         if self.block_size not in SUPPORTED_BLOCK_SIZES:
@@ -119,6 +125,32 @@ class SparsePattern:
         if len(set(heads)) != len(heads):
             _fail("dense_heads", self.dense_heads, "distinct KV head indices")
         object.__setattr__(self, "dense_heads", tuple(sorted(heads)))
+        self._check_selection()
+
+    def _check_selection(self) -> None:
+        """``selector`` and ``mass_threshold`` only mean something beside a ``topk_blocks`` budget."""
+        if self.selector is not None:
+            if self.selector not in SELECTORS:
+                _fail("selector", self.selector, f"null or one of {SELECTORS}")
+            if self.topk_blocks is None:
+                _fail("selector", self.selector, "only with topk_blocks set (the selector fills that budget)")
+        threshold = self.mass_threshold
+        if threshold is None:
+            return
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold <= 1.0:
+            _fail("mass_threshold", threshold, "null (fixed k) or a number in (0, 1]")
+        if self.topk_blocks is None:
+            _fail("mass_threshold", threshold, "only with topk_blocks set (the threshold's hard cap)")
+        if self.selector == "meanpool":
+            _fail("mass_threshold", threshold, "only with selector 'mass' or 'learned' (meanpool scores are not mass)")
+        object.__setattr__(self, "mass_threshold", float(threshold))
+
+    @property
+    def resolved_selector(self) -> str | None:
+        """The selector that fills ``topk_blocks``: ``selector``, or ``"mass"`` when unset; None without top-k."""
+        if self.topk_blocks is None:
+            return None
+        return self.selector or DEFAULT_SELECTOR
 
     @property
     def is_dense(self) -> bool:
@@ -137,6 +169,8 @@ class SparsePattern:
             "topk_blocks": self.topk_blocks,
             "dense_heads": list(self.dense_heads),
             "min_sparse_len": self.min_sparse_len,
+            "selector": self.selector,
+            "mass_threshold": self.mass_threshold,
         }
 
     @classmethod
@@ -171,7 +205,12 @@ class SparsePattern:
             else:
                 parts.append(f"random {self.layout.density:.0%} of blocks")
         if self.topk_blocks is not None:
-            parts.append(f"top-{self.topk_blocks} blocks")
+            if self.mass_threshold is not None:
+                parts.append(f"blocks to mass {self.mass_threshold:g} (at most {self.topk_blocks})")
+            else:
+                parts.append(f"top-{self.topk_blocks} blocks")
+            if self.selector is not None:
+                parts[-1] += f" by {self.selector}"
         text = " + ".join(parts) + f", block {self.block_size}"
         if self.dense_heads:
             text += f", dense KV heads {list(self.dense_heads)}"

@@ -24,6 +24,9 @@ def select_topk_tiles(
     """(B, Hkv, n_q_tiles, topk) key tile numbers chosen per query tile; -1 where fewer tiles qualify."""
     if pattern.topk_blocks is None:
         raise ValueError("select_topk_tiles needs a pattern with topk_blocks set")
+    if pattern.resolved_selector == "learned":
+        raise ValueError("selector 'learned' cannot choose tiles inside the op: the tiles must come from the model's "
+                         "trained scorer; use selector 'mass' or 'meanpool' to select inside sparse_attention")
     batch, hq, q_len, dim = q.shape
     hkv = k.shape[1]
     block = pattern.block_size

@@ -28,6 +28,13 @@ BAD_PATTERNS = [
     ({"layout": {"kind": "random", "density": 0.1, "stride": 2}}, "layout.stride"),
     ({"layout": {"kind": "strided", "stride": 2, "density": 0.5}}, "layout.density"),
     ({"widow": 128}, "pattern"),
+    ({"selector": "mass"}, "selector"),
+    ({"topk_blocks": 4, "selector": "quest"}, "selector"),
+    ({"topk_blocks": 4, "mass_threshold": 0.0}, "mass_threshold"),
+    ({"topk_blocks": 4, "mass_threshold": 1.5}, "mass_threshold"),
+    ({"topk_blocks": 4, "mass_threshold": True}, "mass_threshold"),
+    ({"mass_threshold": 0.9}, "mass_threshold"),
+    ({"topk_blocks": 4, "selector": "meanpool", "mass_threshold": 0.9}, "mass_threshold"),
 ]
 
 
@@ -122,3 +129,36 @@ def test_layer_pattern_rule_sliding_chunked_and_refusals():
         resolve_layer_pattern(sparsity, 2, "linear_attention", None)
     with pytest.raises(ValueError, match="no sliding_window"):
         resolve_layer_pattern(sparsity, 2, "sliding_attention", None)
+
+
+SELECTION_PATTERNS = [
+    SparsePattern(block_size=64, window=256, topk_blocks=8),
+    SparsePattern(block_size=64, window=256, topk_blocks=8, selector="meanpool"),
+    SparsePattern(block_size=64, sink_tokens=64, topk_blocks=24, selector="mass", mass_threshold=0.95),
+    SparsePattern(block_size=128, topk_blocks=3, selector="learned", mass_threshold=1),
+]
+
+
+@pytest.mark.parametrize("pattern", SELECTION_PATTERNS, ids=lambda p: p.describe())
+def test_selector_fields_round_trip_through_json_and_the_op_text(pattern):
+    from hf_sparsek.ops import _pattern_of_text, _pattern_text
+
+    assert SparsePattern.from_dict(json.loads(json.dumps(pattern.to_dict()))) == pattern
+    assert _pattern_of_text(_pattern_text(pattern)) == pattern
+
+
+def test_selector_defaults_and_old_configs():
+    """A config written before ``selector`` / ``mass_threshold`` existed loads; top-k alone means the mass selector."""
+    old = {"block_size": 64, "sink_tokens": 64, "window": 256, "layout": None, "topk_blocks": 4,
+           "dense_heads": [], "min_sparse_len": 0}
+    pattern = SparsePattern.from_dict(old)
+    assert pattern.selector is None and pattern.mass_threshold is None
+    assert pattern.resolved_selector == "mass"
+    assert SparsePattern(topk_blocks=4, selector="meanpool").resolved_selector == "meanpool"
+    assert SparsePattern(window=64).resolved_selector is None
+    assert "top-4 blocks by meanpool" in SparsePattern(topk_blocks=4, selector="meanpool").describe()
+    assert "mass 0.9 (at most 4)" in SparsePattern(topk_blocks=4, mass_threshold=0.9).describe()
+    # an override that drops top-k from a top-k default leaves no dangling selector
+    sparsity = ModelSparsity(default=SparsePattern(topk_blocks=4, window=128),
+                             layer_overrides={1: {"topk_blocks": None}})
+    assert sparsity.for_layer(1).resolved_selector is None and sparsity.for_layer(0).resolved_selector == "mass"
