@@ -225,7 +225,7 @@ def build_block_index(
     sink, window = pattern.sink_tokens, pattern.window or 0
     head_dependent = bool(pattern.dense_heads) or pattern.topk_blocks is not None or (
         pattern.layout is not None and pattern.layout.kind == "random"
-    )
+    ) or (topk_tiles is not None and topk_tiles.shape[1] != 1)
     n_h = kv_heads if head_dependent else 1
     heads = torch.arange(n_h, device=device)
     dense_head = torch.zeros(n_h, dtype=torch.bool, device=device)
