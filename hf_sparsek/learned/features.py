@@ -1,0 +1,111 @@
+"""Block features the learned scorer reads, on the absolute tile grid, and the tiles that compete for the budget.
+
+Key tile features: [mean, max, min] over the tile's real keys, (B, Hkv, n_tiles, 3 D): computed once per complete
+tile (decode keeps them, :mod:`hf_sparsek.learned.store`). Query tile features: the mean query of a tile over its real
+rows and the query heads of a KV group, (B, Hkv, n_tiles, D).
+
+Why the scorer of query tile m reads the pooled queries of tile m - 1 ("lagged"): the kernels apply one selection
+to every row of a tile, so a selection that read tile m's own rows would depend on rows after the first one, and a
+sequence cut into calls (prefill, chunked prefill, decode) would select differently from one long call. Everything
+the lagged rule reads exists when tile m's first row arrives, so every way of cutting a sequence selects the same
+tiles (the property the block index already has for static patterns).
+
+Competing tiles of query tile m (absolute tile ``qb``): causal key tiles with a real key, before the window's
+first tile ``floor((qb B - window + 1) / B)`` (without a window: before the diagonal tile), that hold no sink key.
+The window, sink and diagonal tiles are always visited by the pattern itself and never spend budget.
+"""
+
+from __future__ import annotations
+
+import torch
+
+KEY_FEATURES = 3  # mean, max, min
+
+
+def tile_count(offset: int, length: int, block: int) -> int:
+    """Tiles on the absolute grid touched by positions offset .. offset + length - 1."""
+    return (offset % block + length + block - 1) // block
+
+
+def _tiles(x: torch.Tensor, valid: torch.Tensor, offset: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B, H, L, F) and valid (B, L) -> (B, H, n, block, F) padded onto the grid, (B, 1, n, block, 1) validity."""
+    batch, heads, length, feat = x.shape
+    shift = offset % block
+    n = tile_count(offset, length, block)
+    back = n * block - shift - length
+    xp = torch.nn.functional.pad(x, (0, 0, shift, back)).view(batch, heads, n, block, feat)
+    ok = torch.nn.functional.pad(valid, (shift, back), value=False).view(batch, 1, n, block, 1)
+    return xp, ok
+
+
+def key_tile_features(k: torch.Tensor, valid: torch.Tensor | None, offset: int, block: int) -> torch.Tensor:
+    """(B, Hkv, n_tiles, 3 D) float32: [mean, max, min] of the real keys of each tile (zeros for a tile without)."""
+    batch, _, length, _ = k.shape
+    if valid is None:
+        valid = torch.ones(batch, length, dtype=torch.bool, device=k.device)
+    kp, ok = _tiles(k.float(), valid, offset, block)
+    count = ok.sum(3)
+    mean = (kp * ok).sum(3) / count.clamp(min=1)
+    big = torch.finfo(torch.float32).max
+    top = kp.masked_fill(~ok, -big).amax(3)
+    low = kp.masked_fill(~ok, big).amin(3)
+    has = count > 0
+    return torch.cat([mean, torch.where(has, top, 0.0), torch.where(has, low, 0.0)], dim=-1)
+
+
+def query_tile_sums(q: torch.Tensor, valid: torch.Tensor | None, offset: int, block: int, kv_heads: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per tile: the sum of the real query rows over the group's heads (B, Hkv, n, D) and their count (B, 1, n, 1)
+    (rows x group heads), float32."""
+    batch, hq, length, dim = q.shape
+    if valid is None:
+        valid = torch.ones(batch, length, dtype=torch.bool, device=q.device)
+    grouped = q.float().view(batch, kv_heads, hq // kv_heads, length, dim).sum(2)
+    qp, ok = _tiles(grouped, valid, offset, block)
+    return (qp * ok).sum(3), ok.sum(3).float() * (hq // kv_heads)
+
+
+def lagged_query_features(sums: torch.Tensor, counts: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+    """Query features of each tile of a call: the mean of the tile before it (B, Hkv, n, D).
+
+    ``sums``/``counts`` are the call's per-tile sums (its first tile completed with rows of earlier calls where
+    known); ``previous`` the mean of the tile before the call's first one (None where unknown: the first tile then
+    reads its own rows, the one case where cutting a sequence differently can change a selection).
+    """
+    means = sums / counts.clamp(min=1)
+    first = means[:, :, :1] if previous is None else previous.unsqueeze(2).to(means.dtype)
+    return torch.cat([first, means[:, :, :-1]], dim=2)
+
+
+def key_ranks(valid: torch.Tensor | None, batch: int, kv_len: int, kv_offset: int, device: torch.device
+              ) -> torch.Tensor:
+    """(B, kv_len) rank of each key in its sequence, as the block index counts sinks (padding: from the first real
+    key of the call; none: the absolute position)."""
+    if valid is None:
+        return (kv_offset + torch.arange(kv_len, device=device)).expand(batch, kv_len)
+    return torch.cumsum(valid.long(), -1) - 1
+
+
+def competing_tiles(
+    q_offset: int, q_len: int, kv_offset: int, kv_len: int, block: int, sink_tokens: int, window: int | None,
+    valid: torch.Tensor | None, batch: int, device: torch.device,
+) -> torch.Tensor:
+    """(B, 1, n_q_tiles, n_k_tiles) boolean: the key tiles each query tile's budget chooses among (module doc)."""
+    n_q, n_k = tile_count(q_offset, q_len, block), tile_count(kv_offset, kv_len, block)
+    qb = (q_offset // block + torch.arange(n_q, device=device)).view(-1, 1)
+    kb = (kv_offset // block + torch.arange(n_k, device=device)).view(1, -1)
+    limit = qb if window is None else torch.div(qb * block - window + 1, block, rounding_mode="floor")
+    before = kb < limit  # (n_q, n_k)
+    ok = torch.ones(batch, kv_len, dtype=torch.bool, device=device) if valid is None else valid.bool()
+    rank = key_ranks(valid, batch, kv_len, kv_offset, device)
+    shift = kv_offset % block
+    back = n_k * block - shift - kv_len
+    okp = torch.nn.functional.pad(ok, (shift, back), value=False).view(batch, n_k, block)
+    rankp = torch.nn.functional.pad(rank, (shift, back), value=1 << 40).view(batch, n_k, block)
+    has_key = okp.any(-1)
+    complete = torch.ones_like(has_key)
+    if shift:  # the first tile is cut by the call: its keys before kv_offset are unknown here
+        complete[:, 0] = False
+    sink = (okp & (rankp < sink_tokens)).any(-1) if sink_tokens else torch.zeros_like(has_key)
+    per_key = has_key & ~sink & complete
+    return (before.view(1, 1, n_q, n_k) & per_key.view(batch, 1, 1, n_k))

@@ -1,0 +1,105 @@
+"""``LearnedSelector``: the per-layer scorers of one model and the tiles they choose for one attention call."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .features import competing_tiles, key_tile_features, lagged_query_features, query_tile_sums, tile_count
+from .scorer import DISTANCE_BUCKETS, LayerScorer, hard_topk_tiles
+from .store import LayerStore
+
+
+class LearnedSelector(nn.Module):
+    """One :class:`LayerScorer` per attention layer that selects (``layers``), the block size they score, and the
+    per-layer decode stores (kept outside the parameters; see :mod:`hf_sparsek.learned.store`).
+
+    Made for a model with :meth:`for_model`, or from a saved file with ``hf_sparsek.learned.load_selector``.
+    """
+
+    def __init__(self, layers: list[int], kv_heads: int, head_dim: int, block_size: int, mode: str = "query",
+                 buckets: int = DISTANCE_BUCKETS) -> None:
+        super().__init__()
+        if not layers:
+            raise ValueError("a LearnedSelector needs at least one layer")
+        self.block_size, self.mode, self.kv_heads, self.head_dim = block_size, mode, kv_heads, head_dim
+        self.scorers = nn.ModuleDict({str(i): LayerScorer(kv_heads, head_dim, mode, buckets) for i in layers})
+        self.stores: dict[int, LayerStore] = {}
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(int(i) for i in self.scorers)
+
+    def meta(self) -> dict[str, Any]:
+        """What rebuilding this selector needs (saved beside its weights)."""
+        any_scorer = next(iter(self.scorers.values()))
+        return {"layers": self.layers, "kv_heads": self.kv_heads, "head_dim": self.head_dim,
+                "block_size": self.block_size, "mode": self.mode, "buckets": any_scorer.buckets}
+
+    @classmethod
+    def for_model(cls, model: Any, block_size: int, mode: str = "query", layers: list[int] | None = None
+                  ) -> LearnedSelector:
+        """A fresh (training-free-equivalent) selector for every layer of ``model`` (or ``layers``)."""
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        layers = list(range(config.num_hidden_layers)) if layers is None else list(layers)
+        return cls(layers, kv_heads, head_dim, block_size, mode)
+
+    def scorer(self, layer_idx: int | None) -> LayerScorer:
+        key = str(0 if layer_idx is None else layer_idx)
+        if key not in self.scorers:
+            raise ValueError(f"the learned selector has no scorer for layer {layer_idx} (it has layers "
+                             f"{self.layers}); train one for it, or give that layer a pattern without "
+                             "selector 'learned'")
+        return self.scorers[key]
+
+    def reset_stores(self) -> None:
+        self.stores.clear()
+
+    def select(
+        self, layer_idx: int | None, q: torch.Tensor, k: torch.Tensor, topk: int, sink_tokens: int,
+        window: int | None, q_offset: int, kv_offset: int, valid: torch.Tensor | None, use_store: bool = True,
+    ) -> torch.Tensor:
+        """(B, Hkv, n_q_tiles, width) int32 absolute key tiles to visit beyond the pattern's sink and window, -1 =
+        none; q (B, Hq, q_len, D) and k (B, Hkv, kv_len, D) after RoPE, ``valid`` (B, kv_len) real keys or None.
+
+        The ``topk`` best competing tiles per query tile (an exact budget, ``sparsek_topk``'s hard forward); without
+        a window the diagonal tile is added, so every row sees its own key.
+        """
+        block = self.block_size
+        batch, _, q_len, _ = q.shape
+        kv_heads, kv_len = k.shape[1], k.shape[2]
+        if kv_heads != self.kv_heads or q.shape[-1] != self.head_dim:
+            raise ValueError(f"the learned selector was made for {self.kv_heads} KV heads of dim {self.head_dim}; "
+                             f"this layer has {kv_heads} of dim {q.shape[-1]}")
+        q_valid = None
+        if valid is not None:
+            start = q_offset - kv_offset
+            q_valid = valid[:, start : start + q_len]
+        with torch.no_grad():
+            store = self.stores.setdefault(-1 if layer_idx is None else layer_idx, LayerStore()) if use_store else None
+            if store is not None and kv_offset == 0:
+                k_feat = store.key_features_for(k, valid, kv_offset, block)
+                sums, counts, previous = store.query_sums_for(q, q_valid, q_offset, block, kv_heads)
+            else:
+                k_feat = key_tile_features(k, valid, kv_offset, block)
+                sums, counts = query_tile_sums(q, q_valid, q_offset, block, kv_heads)
+                previous = None
+            q_feat = lagged_query_features(sums, counts, previous)
+            n_q, n_k = tile_count(q_offset, q_len, block), tile_count(kv_offset, kv_len, block)
+            if k_feat.shape[2] < n_k:  # tiles not yet complete never compete: zero features
+                k_feat = torch.nn.functional.pad(k_feat, (0, 0, 0, n_k - k_feat.shape[2]))
+            qb = q_offset // block + torch.arange(n_q, device=q.device)
+            kb = kv_offset // block + torch.arange(n_k, device=q.device)
+            competing = competing_tiles(q_offset, q_len, kv_offset, kv_len, block, sink_tokens, window, valid,
+                                        batch, q.device)
+            logits = self.scorer(layer_idx)(q_feat, k_feat, qb, kb)
+            tiles = hard_topk_tiles(logits, competing, topk, kb)
+            if window is None:
+                diagonal = qb.view(1, 1, -1, 1).expand(batch, kv_heads, n_q, 1).to(torch.int32)
+                tiles = torch.cat([tiles, diagonal], dim=-1)
+        return tiles

@@ -1,0 +1,97 @@
+"""Per-layer block metadata kept across the calls of one generation, so a decode step reads block features, not keys.
+
+What one layer keeps (:class:`LayerStore`):
+
+* the key features of every complete key tile, computed once when the tile fills (``[mean, max, min]``, see
+  :mod:`hf_sparsek.learned.features`), with the last key of the last stored tile as a fingerprint;
+* the mean query of the last complete query tile and the running sum of the current one.
+
+A call reuses them when it continues the same sequence: the batch and kv_offset are unchanged, the keys are at
+least as long as the stored tiles and the fingerprint matches (the stored tiles' last key is still the key at that
+position). Anything else (a new prompt, a cropped or reordered cache, a different batch) recomputes the key
+features from this call's keys; query state is kept only for a call that starts where the last one ended.
+Calls at kv_offset > 0 (sliding caches) never use the store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .features import key_tile_features, query_tile_sums
+
+
+@dataclass
+class LayerStore:
+    """One layer's kept block metadata (see the module docstring); empty until a call fills it."""
+
+    batch: int = -1
+    key_tiles: int = 0
+    key_features: torch.Tensor | None = None  # (B, Hkv, key_tiles, 3 D)
+    fingerprint: torch.Tensor | None = None  # (B, Hkv, D): the last key of tile key_tiles - 1
+    q_next: int = -1  # the position the next call's first query must have to continue
+    q_previous: torch.Tensor | None = None  # (B, Hkv, D): mean query of the tile before q_next's tile
+    q_sum: torch.Tensor | None = None  # (B, Hkv, D): running sum of q_next's tile so far
+    q_count: torch.Tensor | None = None  # (B, 1, 1) rows x heads so far
+    recomputed: int = 0  # how many calls found the store unusable and recomputed (tests, diagnostics)
+
+    def reset(self) -> None:
+        recomputed = self.recomputed
+        self.__init__()  # type: ignore[misc]
+        self.recomputed = recomputed
+
+    def key_features_for(self, k: torch.Tensor, valid: torch.Tensor | None, kv_offset: int, block: int
+                         ) -> torch.Tensor:
+        """Features of this call's complete key tiles (B, Hkv, n_complete, 3 D), from the store where it still
+        describes these keys; new complete tiles are computed from their keys alone and kept."""
+        batch, _, kv_len, _ = k.shape
+        complete = kv_len // block
+        usable = (kv_offset == 0 and self.batch == batch and self.key_features is not None
+                  and self.key_tiles <= complete)
+        if usable and self.key_tiles:
+            last = k[:, :, self.key_tiles * block - 1].float()
+            usable = bool(torch.equal(last, self.fingerprint))
+        if not usable:
+            if self.key_features is not None:
+                self.recomputed += 1
+            self.batch, self.key_tiles = batch, 0
+            self.key_features = k.new_zeros(batch, k.shape[1], 0, 0, dtype=torch.float32)
+        if complete > self.key_tiles:
+            lo, hi = self.key_tiles * block, complete * block
+            part_valid = None if valid is None else valid[:, lo:hi]
+            new = key_tile_features(k[:, :, lo:hi], part_valid, 0, block)
+            old = self.key_features if self.key_tiles else new[:, :, :0]
+            self.key_features = torch.cat([old, new], dim=2)
+            self.key_tiles = complete
+            self.fingerprint = k[:, :, hi - 1].float().clone()
+        return self.key_features
+
+    def query_sums_for(self, q: torch.Tensor, valid: torch.Tensor | None, q_offset: int, block: int, kv_heads: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """This call's per-tile query sums and counts, its first tile completed with the rows of earlier calls, and
+        the mean of the tile before it (None where the store does not know them); then keeps the state for the
+        next call."""
+        batch, _, q_len, _ = q.shape
+        sums, counts = query_tile_sums(q, valid, q_offset, block, kv_heads)
+        continues = self.q_next == q_offset and self.batch == batch and self.q_sum is not None
+        previous = None
+        if continues:
+            previous = self.q_previous
+            if q_offset % block:
+                sums = torch.cat([sums[:, :, :1] + self.q_sum.unsqueeze(2), sums[:, :, 1:]], dim=2)
+                counts = torch.cat([counts[:, :, :1] + self.q_count.unsqueeze(2), counts[:, :, 1:]], dim=2)
+        elif q_offset >= block:
+            self.recomputed += 1
+        means = sums / counts.clamp(min=1)
+        end = q_offset + q_len
+        n = sums.shape[2]
+        if end % block:  # the last tile is still filling: keep its sum; the tile before it is complete
+            self.q_sum, self.q_count = sums[:, :, -1].clone(), counts[:, :, -1].clone()
+            self.q_previous = means[:, :, -2].clone() if n > 1 else previous
+        else:
+            self.q_sum = torch.zeros_like(sums[:, :, -1])
+            self.q_count = torch.zeros_like(counts[:, :, -1])
+            self.q_previous = means[:, :, -1].clone()
+        self.q_next, self.batch = end, batch
+        return sums, counts, previous
