@@ -261,6 +261,19 @@ def _chunk_segments(mask: SparseKMask, chunk: int) -> tuple[torch.Tensor, torch.
     return chunk_of(mask.q_offset, mask.q_length), chunk_of(mask.kv_offset, mask.kv_length)
 
 
+def _learned_tiles(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, pattern: Any,
+                   mask: SparseKMask, segments: torch.Tensor | None) -> torch.Tensor | None:
+    """The key tiles the layer's trained scorer chooses (selector "learned"), else None (the op selects)."""
+    if getattr(pattern, "resolved_selector", None) != "learned":
+        return None
+    if segments is not None:
+        raise ValueError("selector 'learned' does not support packed sequences or chunked layers (segment ids); "
+                         "use selector 'mass' for them")
+    from .learned.face import learned_tiles
+
+    return learned_tiles(module, query, key, pattern, mask.q_offset, mask.kv_offset, mask.padding)
+
+
 def sparsek_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -316,10 +329,12 @@ def sparsek_attention_forward(
         if mask._chunks[0] is not None:
             query_segments, segments = mask._chunks[0]
     settings = get_settings()
+    selected = _learned_tiles(module, query, key, pattern, mask, segments)
     out = sparse_attention(
         query, key, value, pattern, scale=scaling, softcap=softcap, q_offset=mask.q_offset, kv_offset=mask.kv_offset,
         attention_mask=mask.padding, segment_ids=segments, query_segment_ids=query_segments,
         index_cache=mask._indexes, backend=settings.backend, dense_via_sdpa=settings.dense_via_sdpa,
+        selected_tiles=selected,
     )
     return out.transpose(1, 2).contiguous(), None
 
