@@ -159,14 +159,41 @@ def triton_block_sparse_attention(
     if reason is not None:
         raise ValueError(f"Triton block-sparse attention cannot run: {reason}")
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    options = kernel_options()
+    if not torch.compiler.is_compiling() and dispatch.use_split_kv(q.shape[2], needs_grad or return_lse, options):
+        lists, segments, (block, q_offset, kv_offset, sink, window, scale, softcap) = _index_args(index, scale, softcap)
+        if segments[1] is None:  # packed queries (q_seg) stay on the forward kernel
+            with _on_device_of(q):
+                return dispatch.decode_forward(
+                    q, k, v, block=block, q_offset=q_offset, kv_offset=kv_offset, sink=sink, window=window,
+                    scale=scale, softcap=softcap, options=options, lists=lists, k_seg=segments[0],
+                    k_rank=segments[2])
     trans = tuple(index.transposed()) if needs_grad else (None, None, None, None)
-    eager = kernel_options().eager_fast_path and not torch.compiler.is_compiling()
+    eager = options.eager_fast_path and not torch.compiler.is_compiling()
     op = _EagerBlockSparseAttention.apply if eager else block_sparse_attn_fwd
     lists, segments, scalars = _index_args(index, scale, softcap)
     out, lse = op(q, k, v, *lists, *trans, *segments, *scalars)
     if return_lse:
         return out, lse * LN2
     return out
+
+
+def triton_decode_without_index(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: int, q_offset: int, kv_offset: int, sink: int,
+    window: int, scale: float, softcap: float | None, ranges: tuple[int, int, int, int],
+    sink_ranges: torch.Tensor | None = None, selected: torch.Tensor | None = None, range_selected: bool = False,
+    k_seg: torch.Tensor | None = None, k_rank: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A decode step without a block index: key tiles from the pattern's sink and window ranges (and selected
+    tiles) through the split-KV kernel. No gradients."""
+    reason = unsupported_reason(q, k, v, softcap)
+    if reason is not None:
+        raise ValueError(f"Triton block-sparse attention cannot run: {reason}")
+    with _on_device_of(q):
+        return dispatch.decode_forward(
+            q, k, v, block=block, q_offset=q_offset, kv_offset=kv_offset, sink=sink, window=window, scale=scale,
+            softcap=float(softcap or 0.0), options=kernel_options(), ranges=ranges, sink_ranges=sink_ranges,
+            selected=selected, range_selected=range_selected, k_seg=_i32(k_seg), k_rank=_i32(k_rank))
 
 
 def _index_args(index: BlockIndex, scale: float, softcap: float | None) -> tuple[tuple, tuple, tuple]:

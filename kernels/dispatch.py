@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from . import attention_bwd, attention_fwd, autotune, gluon_support
+from . import attention_bwd, attention_fwd, autotune, decode, gluon_support
 from . import attention_bwd_gluon as gluon_bwd
 from . import attention_fwd_gluon as gluon_fwd
 from .attention_bwd import BWD_CANDIDATES, BWD_CONFIGS, BackwardPlan, BwdConfig
@@ -26,8 +26,9 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GLUON_DTYPES = (torch.float16, torch.bfloat16)
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
-__all__ = ["KernelOptions", "backward", "forward", "gluon_dkdv_reason", "gluon_forward_reason", "unsupported_reason",
-           "use_gluon_dkdv", "use_gluon_dq", "use_gluon_forward"]
+__all__ = ["KernelOptions", "backward", "decode_forward", "forward", "gluon_dkdv_reason", "gluon_forward_reason",
+           "unsupported_reason", "use_gluon_dkdv", "use_gluon_dq", "use_gluon_forward", "use_split_kv"]
+_SM_COUNTS: dict[int, int] = {}
 
 
 def interpreter_mode() -> bool:
@@ -231,3 +232,42 @@ def backward(
         config = autotune.choose(key, BWD_CANDIDATES[dim], BWD_CONFIGS[dim], launch)
     launch(config or BWD_CONFIGS[dim])
     return dq, dk, dv
+
+
+# ---- decode: split-KV ----------------------------------------------------------------------------------------------
+
+
+def use_split_kv(q_len: int, needs_lse: bool, options: KernelOptions) -> bool:
+    """Whether a call runs the split-KV decode kernel: short query runs (decode, small chunks) that need neither
+    gradients nor the log-sum-exp."""
+    return options.split_kv_decode and not needs_lse and q_len <= decode.MAX_Q_LEN
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # the interpreter: small grids
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
+
+
+def decode_splits(q: torch.Tensor, k: torch.Tensor, block: int, q_offset: int, options: KernelOptions) -> int:
+    """Shares per query tile: enough programs for ``decode_programs_per_sm`` per SM (the kernel caps it by the
+    entries a tile lists, so each program keeps at least one key tile)."""
+    n_q = (q_offset % block + q.shape[2] + block - 1) // block
+    programs = q.shape[0] * k.shape[1] * n_q
+    return max(1, -(-options.decode_programs_per_sm * _sm_count(q.device) // programs))
+
+
+def decode_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: int, q_offset: int, kv_offset: int, sink: int,
+    window: int, scale: float, softcap: float, options: KernelOptions, **source,
+) -> torch.Tensor:
+    """The split-KV decode forward (``source``: ``lists=`` a block index's four lists, or ``ranges=`` with its
+    optional per-row sink ranges, selected tiles and ``range_selected``; see ``kernels/decode.py``)."""
+    attention_fwd.check_shapes(q, k, v)
+    q, k, v = _rows_contiguous(q, k, v)
+    return decode.decode_forward(
+        q, k, v, block=block, q_offset=q_offset, kv_offset=kv_offset, sink=sink, window=window, scale=scale,
+        softcap=softcap, n_splits=decode_splits(q, k, block, q_offset, options), **source)

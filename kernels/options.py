@@ -26,9 +26,10 @@ def _table(values: dict) -> Mapping:
 
 
 _BOOLS = ("gluon_fwd", "gluon_fwd_persistent", "gluon_dkdv", "gluon_dq", "concurrent_dq", "dq_first",
-          "dkdv_tma_rows", "autotune", "eager_fast_path")
+          "dkdv_tma_rows", "autotune", "eager_fast_path", "split_kv_decode")
 _OPTIONAL_BOOLS = ("gluon_dq_persistent", "tma")
-_POSITIVE_INTS = ("gluon_dkdv_floor_exempt_row_tiles", "gluon_dq_block_n", "gluon_dq_q_slots", "split_imbalance")
+_POSITIVE_INTS = ("gluon_dkdv_floor_exempt_row_tiles", "gluon_dq_block_n", "gluon_dq_q_slots", "split_imbalance",
+                  "decode_programs_per_sm")
 _OPTIONAL_POSITIVE_INTS = ("gluon_fwd_stages", "gluon_fwd_q_slots", "split_chunk")
 _TABLES = ("gluon_dkdv_min_programs", "gluon_dkdv_stages", "gluon_dq_stages")
 
@@ -62,6 +63,10 @@ class KernelOptions:
     force (True still needs alignment; the interpreter runs it too, for tests); ``autotune`` time the launch-config
     candidates once per shape class (default: ``HF_SPARSEK_AUTOTUNE``); ``eager_fast_path`` eager calls skip the
     custom op's Python dispatch (host time), torch.compile still sees the op.
+
+    Decode (query runs of at most 16 rows without gradients): ``split_kv_decode`` runs the split-KV kernel
+    (kernels/decode.py; False: the forward kernel, one program per query tile and KV head);
+    ``decode_programs_per_sm`` how many programs per SM the split count aims for.
     """
 
     gluon_fwd: bool = True
@@ -86,6 +91,8 @@ class KernelOptions:
     tma: bool | None = None
     autotune: bool = field(default_factory=autotune_from_env)
     eager_fast_path: bool = True
+    split_kv_decode: bool = True
+    decode_programs_per_sm: int = 4
 
     def __post_init__(self) -> None:
         for name in _BOOLS + _OPTIONAL_BOOLS:

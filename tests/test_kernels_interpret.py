@@ -42,11 +42,12 @@ def _interpreted_kernels() -> None:
     if not isinstance(tl_standard.cdiv, InterpretedFunction):
         importlib.reload(tl_standard)
         importlib.reload(sys.modules["triton.language"])
-    from hf_sparsek.kernels import attention_fwd, common
+    from hf_sparsek.kernels import attention_fwd, common, decode
 
     # common alone may have been imported compiled (the Gluon forward's module imports it, not attention_fwd)
-    if not all(isinstance(f, InterpretedFunction) for f in (attention_fwd._attn_fwd_kernel, common.element_mask)):
-        for name in ("common", "attention_fwd", "bwd_split", "attention_bwd"):
+    kernels = (attention_fwd._attn_fwd_kernel, common.element_mask, decode._decode_split_kernel)
+    if not all(isinstance(f, InterpretedFunction) for f in kernels):
+        for name in ("common", "attention_fwd", "bwd_split", "attention_bwd", "decode"):
             importlib.reload(importlib.import_module(f"hf_sparsek.kernels.{name}"))
 
 
