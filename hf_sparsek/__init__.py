@@ -51,7 +51,7 @@ _LAZY = {
     "mask_picture": "masks",
 }
 _SUBMODULES = frozenset({"block_index", "integration", "loading", "masks", "model_defaults", "ops", "reference",
-                         "topk_selector", "triton_ops"})  # ``hf_sparsek.ops.x`` works before anything imported ops
+                         "selection", "triton_ops"})  # ``hf_sparsek.ops.x`` works before anything imported ops
 
 
 def __getattr__(name: str) -> Any:

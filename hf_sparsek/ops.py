@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from .block_index import BlockIndex, absolute_position, build_block_index
 from .patterns import BlockLayout, SparsePattern
 from .reference import reference_attention
-from .topk_selector import select_topk_tiles
+from .selection import select_tiles
 
 Backend = Literal["auto", "triton", "reference"]
 BACKENDS = ("auto", "triton", "reference")
@@ -232,7 +232,7 @@ def build_index_for(
         topk = _checked_selected_tiles(selected_tiles, batch, k.shape[1], q_len, q_offset, pattern.block_size,
                                        q.device)
     elif pattern.topk_blocks is not None:
-        topk = select_topk_tiles(q, k, pattern, q_offset, kv_offset, k_seg)
+        topk = select_tiles(q, k, pattern, q_offset, kv_offset, k_seg)
     return build_block_index(
         pattern, batch=batch, kv_heads=k.shape[1], q_len=q_len, kv_len=kv_len, q_offset=q_offset,
         kv_offset=kv_offset, k_seg=k_seg, q_seg=q_seg, k_rank=k_rank, topk_tiles=topk, device=q.device,

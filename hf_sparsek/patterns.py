@@ -158,7 +158,9 @@ class SparsePattern:
         return self.sink_tokens == 0 and self.window is None and self.layout is None and self.topk_blocks is None
 
     def replace(self, **changes: Any) -> SparsePattern:
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes``; dropping ``topk_blocks`` also drops the selector fields it carried (the static
+        part of a top-k pattern is ``pattern.replace(topk_blocks=None)``)."""
+        return dataclasses.replace(self, **_without_orphan_selection(changes))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -219,6 +221,13 @@ class SparsePattern:
         return text
 
 
+def _without_orphan_selection(changes: dict[str, Any]) -> dict[str, Any]:
+    """``changes`` setting ``topk_blocks`` to None also reset ``selector`` and ``mass_threshold`` unless given."""
+    if "topk_blocks" in changes and changes["topk_blocks"] is None:
+        return {"selector": None, "mass_threshold": None, **changes}
+    return changes
+
+
 def _parse_layer_key(key: Any) -> int:
     try:
         layer = int(key)
@@ -258,7 +267,7 @@ class ModelSparsity:
                 value = value.to_dict()
             if not isinstance(value, dict):
                 _fail(f"layer_overrides[{layer}]", value, "an object of pattern fields")
-            merged = {**self.default.to_dict(), **value}
+            merged = {**self.default.to_dict(), **_without_orphan_selection(value)}
             SparsePattern.from_dict(merged)  # validates now, not at the first forward
             overrides[layer] = dict(value)
         object.__setattr__(self, "layer_overrides", overrides)
@@ -270,7 +279,8 @@ class ModelSparsity:
         if layer_idx is not None and layer_idx in self.dense_layers:
             return SparsePattern(block_size=self.default.block_size)
         if layer_idx is not None and layer_idx in self.layer_overrides:
-            return SparsePattern.from_dict({**self.default.to_dict(), **self.layer_overrides[layer_idx]})
+            override = _without_orphan_selection(self.layer_overrides[layer_idx])
+            return SparsePattern.from_dict({**self.default.to_dict(), **override})
         return self.default
 
     def replace(self, **changes: Any) -> ModelSparsity:

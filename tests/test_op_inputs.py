@@ -22,11 +22,11 @@ from hf_sparsek import (
     exact_token_mask,
     sparse_attention,
 )
-from hf_sparsek.topk_selector import select_topk_tiles
+from hf_sparsek.selection import select_meanpool
 
 TOPK_PATTERNS = {
-    "top1": SparsePattern(block_size=64, topk_blocks=1),
-    "sink2-win30-top2": SparsePattern(block_size=64, sink_tokens=2, window=30, topk_blocks=2),
+    "top1": SparsePattern(block_size=64, topk_blocks=1, selector="meanpool"),
+    "sink2-win30-top2": SparsePattern(block_size=64, sink_tokens=2, window=30, topk_blocks=2, selector="meanpool"),
 }
 # batch, q heads, kv heads, q_len, kv_len, q_offset (None: the last q_len positions), kv_offset, left padding
 TOPK_CASES = [
@@ -140,7 +140,7 @@ def test_topk_matches_token_exact_definition(name, case):
     q_offset = kv_offset + k.shape[2] - q.shape[2] if offsets["q_offset"] is None else offsets["q_offset"]
     index = build_index_for(q, k, pattern, **offsets)
     k_seg = None if offsets["attention_mask"] is None else torch.where(offsets["attention_mask"], 0, -1)
-    tiles = select_topk_tiles(q, k, pattern, q_offset, kv_offset, k_seg)
+    tiles = select_meanpool(q, k, pattern, q_offset, kv_offset, k_seg)
     qb0, kb0 = q_offset // pattern.block_size, kv_offset // pattern.block_size
     got = {(b, h, qb0 + m): {kb0 + n for n in tiles[b, h, m].tolist() if n >= 0}
            for b in range(tiles.shape[0]) for h in range(tiles.shape[1]) for m in range(tiles.shape[2])}

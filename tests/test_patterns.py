@@ -158,7 +158,10 @@ def test_selector_defaults_and_old_configs():
     assert SparsePattern(window=64).resolved_selector is None
     assert "top-4 blocks by meanpool" in SparsePattern(topk_blocks=4, selector="meanpool").describe()
     assert "mass 0.9 (at most 4)" in SparsePattern(topk_blocks=4, mass_threshold=0.9).describe()
-    # an override that drops top-k from a top-k default leaves no dangling selector
-    sparsity = ModelSparsity(default=SparsePattern(topk_blocks=4, window=128),
+    # dropping top-k (an override, or the static part of a pattern) drops its selector fields too
+    static = SparsePattern(topk_blocks=4, window=128, selector="mass", mass_threshold=0.9).replace(topk_blocks=None)
+    assert static == SparsePattern(window=128)
+    sparsity = ModelSparsity(default=SparsePattern(topk_blocks=4, window=128, selector="meanpool"),
                              layer_overrides={1: {"topk_blocks": None}})
-    assert sparsity.for_layer(1).resolved_selector is None and sparsity.for_layer(0).resolved_selector == "mass"
+    assert sparsity.for_layer(1) == SparsePattern(window=128)
+    assert sparsity.for_layer(0).resolved_selector == "meanpool"

@@ -1,4 +1,4 @@
-"""The dynamic top-k block selector: for each query tile, the k key tiles with the highest pooled score.
+"""Selector ``"meanpool"`` (the one before issue 22): per query tile, the k key tiles with the highest pooled score.
 
 The score of (query tile, key tile) is the dot product of the mean query of the tile (averaged over the query heads
 of a KV group) with the mean key of the key tile, as in MoBA / NSA's block selection. Only causal key tiles with a
@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from .patterns import SparsePattern
+from ..patterns import SparsePattern
 
 
 @torch.no_grad()
-def select_topk_tiles(
+def select_meanpool(
     q: torch.Tensor,
     k: torch.Tensor,
     pattern: SparsePattern,
@@ -23,10 +23,7 @@ def select_topk_tiles(
 ) -> torch.Tensor:
     """(B, Hkv, n_q_tiles, topk) key tile numbers chosen per query tile; -1 where fewer tiles qualify."""
     if pattern.topk_blocks is None:
-        raise ValueError("select_topk_tiles needs a pattern with topk_blocks set")
-    if pattern.resolved_selector == "learned":
-        raise ValueError("selector 'learned' cannot choose tiles inside the op: the tiles must come from the model's "
-                         "trained scorer; use selector 'mass' or 'meanpool' to select inside sparse_attention")
+        raise ValueError("select_meanpool needs a pattern with topk_blocks set")
     batch, hq, q_len, dim = q.shape
     hkv = k.shape[1]
     block = pattern.block_size
@@ -41,7 +38,8 @@ def select_topk_tiles(
     scores = scores.masked_fill(~allowed, float("-inf"))
     top = min(pattern.topk_blocks, scores.shape[-1])
     values, tiles = torch.topk(scores, top, dim=-1)
-    return torch.where(torch.isfinite(values), tiles, -1).to(torch.int32)
+    out = torch.where(torch.isfinite(values), tiles, -1).to(torch.int32)
+    return torch.nn.functional.pad(out, (0, pattern.topk_blocks - top), value=-1)  # always topk_blocks wide
 
 
 def _pool(x: torch.Tensor, offset: int, block: int, valid: torch.Tensor | None):

@@ -1,0 +1,43 @@
+"""Dynamic block selection: which key tiles each query tile visits beyond the pattern's static part.
+
+``select_tiles`` dispatches on ``pattern.selector`` (``resolved_selector``): ``"mass"`` (the default) estimates each
+key tile's attention mass per query head (:mod:`.mass`), ``"meanpool"`` is the pooled dot product of before
+(:mod:`.meanpool`), ``"learned"`` tiles come from a trained scorer outside the op. Every selector returns
+(B, Hkv, n_q_tiles, topk_blocks) int32 key tile numbers on the absolute grid (-1 = none) without reading a tensor on
+the host, so it runs inside CUDA graphs and torch.compile.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..patterns import SparsePattern
+from .mass import select_mass
+from .meanpool import select_meanpool
+
+__all__ = ["select_mass", "select_meanpool", "select_tiles"]
+
+
+@torch.no_grad()
+def select_tiles(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    pattern: SparsePattern,
+    q_offset: int,
+    kv_offset: int,
+    k_seg: torch.Tensor | None,
+) -> torch.Tensor:
+    """(B, Hkv, n_q_tiles, topk_blocks) int32 key tiles per query tile chosen by ``pattern``'s selector (-1 = none).
+
+    q (B, Hq, q_len, D) at absolute positions ``q_offset + t``; k (B, Hkv, kv_len, D) at ``kv_offset + s``;
+    ``k_seg`` (B, kv_len) int32 with -1 for padding keys, or None.
+    """
+    selector = pattern.resolved_selector
+    if selector is None:
+        raise ValueError("select_tiles needs a pattern with topk_blocks set (the budget a selector fills)")
+    if selector == "meanpool":
+        return select_meanpool(q, k, pattern, q_offset, kv_offset, k_seg)
+    if selector == "mass":
+        return select_mass(q, k, pattern, q_offset, kv_offset, k_seg)
+    raise ValueError(f"selector {selector!r} cannot choose tiles inside the op: the tiles must come from the model's "
+                     "trained scorer (pass them as selected_tiles); selectors 'mass' and 'meanpool' select here")
