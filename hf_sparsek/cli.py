@@ -1,4 +1,4 @@
-"""Command line: ``hf-sparsek describe | eval {ppl,needle,layers,selection} | finetune``.
+"""Command line: ``hf-sparsek describe | eval {ppl,needle,layers,selection} | finetune | distill``.
 
 Subcommands live beside their code: ``hf_sparsek.eval.cli.register(subparsers)`` adds ``eval``,
 ``hf_sparsek.finetune.cli.register(subparsers)`` adds ``finetune``. Building the parser imports no torch or
@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``hf-sparsek`` parser with every subcommand; imports no torch or transformers."""
     from hf_sparsek.eval.cli import register as register_eval
     from hf_sparsek.finetune.cli import register as register_finetune
+    from hf_sparsek.learned.cli import register as register_distill
 
     parser = CliParser(prog=PROG, description="Sparse attention for HuggingFace Transformers")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -130,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     describe.set_defaults(func=_describe)
     register_eval(sub)
     register_finetune(sub)
+    register_distill(sub)
     return parser
 
 

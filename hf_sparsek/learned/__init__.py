@@ -4,23 +4,42 @@ window.
 
 A pattern names it with ``selector="learned"`` (and its budget ``topk_blocks``)::
 
-    hf-sparsek distill --model smollm2-135m --output-dir runs/learned --seq-len 2048 --topk 4 --window 256
+    hf-sparsek distill --model smollm2-135m --output-dir runs/learned --seq-len 2048 \\
+        --pattern '{"block_size": 64, "sink_tokens": 64, "window": 256, "topk_blocks": 4}'
     model = AutoModelForCausalLM.from_pretrained("runs/learned/final", attn_implementation="sparsek")
 
 Modules: ``features`` (block features, the competing tiles), ``scorer`` (LayerScorer, the hard top-k),
 ``selector`` (LearnedSelector: the per-layer scorers and one call's tiles), ``store`` (decode keeps block
 features), ``io`` (safetensors file, which model a selector belongs to), ``face`` (what the attention function
-calls), ``distill`` (training against dense block attention mass), ``cli`` (``hf-sparsek distill``).
+calls), ``config`` / ``distill`` (training against dense block attention mass), ``cli`` (``hf-sparsek distill``).
+Names load on first use, so the command line imports no torch to parse its options.
 """
 
 from __future__ import annotations
 
-from .io import SCORER_FILE, attach_selector, attached_selector, load_selector, save_selector, selector_for
-from .scorer import MODES, LayerScorer, hard_topk_tiles
-from .selector import LearnedSelector
-from .store import LayerStore
+import importlib
+from typing import Any
 
-__all__ = [
-    "MODES", "SCORER_FILE", "LayerScorer", "LayerStore", "LearnedSelector", "attach_selector", "attached_selector",
-    "hard_topk_tiles", "load_selector", "save_selector", "selector_for",
-]
+_LAZY = {
+    "DistillConfig": "config", "DistillResult": "distill", "distill": "distill",
+    "SCORER_FILE": "io", "attach_selector": "io", "attached_selector": "io", "load_selector": "io",
+    "save_selector": "io", "selector_for": "io",
+    "MODES": "config", "LayerScorer": "scorer", "hard_topk_tiles": "scorer",
+    "LearnedSelector": "selector", "LayerStore": "store",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = sorted(_LAZY)

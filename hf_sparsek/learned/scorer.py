@@ -21,9 +21,9 @@ import math
 import torch
 from torch import nn
 
+from .config import MODES
 from .features import KEY_FEATURES
 
-MODES = ("query", "key")
 DISTANCE_BUCKETS = 16
 
 
