@@ -24,7 +24,7 @@ import math
 import torch
 
 from ..patterns import SparsePattern
-from .tiles import TileGrid, choose_tiles, tile_grid
+from .tiles import TileGrid, choose_tiles, key_tile_info, tile_grid
 
 _CHUNK_ELEMENTS = 1 << 24  # query tiles x key tiles x query heads x batch per chunk of the PyTorch path
 
@@ -85,14 +85,25 @@ def tile_mass(q: torch.Tensor, k: torch.Tensor, grid: TileGrid, block: int, q_of
 
 @torch.no_grad()
 def select_mass(q: torch.Tensor, k: torch.Tensor, pattern: SparsePattern, q_offset: int, kv_offset: int,
-                k_seg: torch.Tensor | None) -> torch.Tensor:
+                k_seg: torch.Tensor | None, backend: str = "auto") -> torch.Tensor:
     """(B, Hkv, n_q_tiles, topk_blocks) int32 key tiles with the most estimated mass (-1 = none).
 
     q (B, Hq, q_len, D), k (B, Hkv, kv_len, D), queries at absolute ``q_offset + t``, keys at ``kv_offset + s``;
-    ``k_seg`` (B, kv_len) marks padding keys with -1. On CUDA the Triton kernel computes the same selection.
+    ``k_seg`` (B, kv_len) marks padding keys with -1. ``backend``: ``"auto"`` runs the Triton kernel
+    (``hf_sparsek.kernels.selection``) on CUDA and this PyTorch definition elsewhere; ``"torch"`` / ``"triton"``
+    force one (the latter also on CPU under ``TRITON_INTERPRET=1``, for tests).
     """
     if pattern.topk_blocks is None:
         raise ValueError("select_mass needs a pattern with topk_blocks set")
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if backend == "triton" or (backend == "auto" and q.is_cuda):
+        from ..kernels.selection import select_by_mass
+
+        count, sink_only = key_tile_info(k.shape[2], kv_offset, k_seg, pattern, q.shape[0], q.device)
+        return select_by_mass(q, k, k_seg, count, sink_only, block=pattern.block_size, q_offset=q_offset,
+                              kv_offset=kv_offset, topk=pattern.topk_blocks, window=pattern.window,
+                              threshold=pattern.mass_threshold, scale=1.0 / math.sqrt(q.shape[-1]))
     grid = tile_grid(q.shape[2], k.shape[2], q_offset, kv_offset, k_seg, pattern, q.shape[0], q.device)
     mass = tile_mass(q, k, grid, pattern.block_size, q_offset, kv_offset, k_seg)
     return choose_tiles(mass, grid, pattern.topk_blocks, pattern.mass_threshold)

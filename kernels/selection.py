@@ -1,0 +1,262 @@
+"""Block selection by estimated attention mass, on the GPU: pooled features, then scores, softmax and top-k fused.
+
+The definition is ``hf_sparsek.selection.mass`` (PyTorch; this file must give the same tiles, ties aside):
+
+* ``_pool_kernel`` writes per tile the features of the Quest bound: query tiles ``[relu(qbar), min(qbar, 0)]``
+  (``qbar``: mean of the tile's real rows), key tiles ``[kmax, kmin]`` (over its real keys), so that
+  ``scale * qfeat . kfeat = scale * sum_d max(qbar_d * kmax_d, qbar_d * kmin_d)`` is one dot product;
+* ``_select_kernel``: one program per (batch, KV head, ``BM`` query tiles), the rows being (query tile, query head
+  of the group). Pass 1 streams over the causal key tiles for each row's log-sum-exp; pass 2 streams again, turns
+  the scores into probabilities, averages them over the group's heads and keeps a running top-k per query tile of
+  the tiles that compete (causal, real, not kept whole by sink / window), plus the mass of the static tiles for the
+  threshold mode. Nothing of size (query tiles x key tiles) is written; the tile list is written directly.
+
+No host synchronisation: every size comes from the shapes and the pattern. No transformers or hf_sparsek imports.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+NEG = -1.0e30  # "no candidate" score: finite, so that exp() of differences never makes NaN
+ROWS_MIN = 16  # tl.dot needs >= 16 rows: query tiles of a program x padded group size
+POOL_ROWS = 32  # rows of a tile loaded at once by the pooling kernel
+FEATURE_CHUNK = 64  # feature columns per dot product (bounds registers at head dim 256)
+
+
+@triton.jit
+def _pool_kernel(
+    X, SEG, OUT,
+    s_xb, s_xh, s_xl, s_xd, s_sb, s_ob, s_oh, s_on,
+    length, shift, seg_start, H, D,
+    BLOCK: tl.constexpr, ROWS: tl.constexpr, D_PAD: tl.constexpr, IS_QUERY: tl.constexpr, HAS_SEG: tl.constexpr,
+):
+    t = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    d = tl.arange(0, D_PAD)
+    d_ok = d < D
+    total = tl.zeros([D_PAD], dtype=tl.float32)
+    hi = tl.full([D_PAD], float("-inf"), tl.float32)
+    lo = tl.full([D_PAD], float("inf"), tl.float32)
+    count = tl.zeros([ROWS], dtype=tl.float32)
+    base = X + b.to(tl.int64) * s_xb + h.to(tl.int64) * s_xh
+    for r0 in tl.static_range(0, BLOCK, ROWS):
+        rows = t * BLOCK - shift + r0 + tl.arange(0, ROWS)
+        ok = (rows >= 0) & (rows < length)
+        if HAS_SEG:
+            seg = tl.load(SEG + b.to(tl.int64) * s_sb + seg_start + rows, mask=ok, other=-1)
+            ok = ok & (seg >= 0)
+        x = tl.load(base + rows.to(tl.int64)[:, None] * s_xl + d[None, :] * s_xd, mask=ok[:, None] & d_ok[None, :],
+                    other=0.0).to(tl.float32)
+        count += ok.to(tl.float32)
+        if IS_QUERY:
+            total += tl.sum(x, 0)
+        else:
+            hi = tl.maximum(hi, tl.max(tl.where(ok[:, None], x, float("-inf")), 0))
+            lo = tl.minimum(lo, tl.min(tl.where(ok[:, None], x, float("inf")), 0))
+    n = tl.sum(count, 0)
+    if IS_QUERY:
+        mean = total / tl.maximum(n, 1.0)
+        first = tl.maximum(mean, 0.0)
+        second = tl.minimum(mean, 0.0)
+    else:
+        first = tl.where(n > 0, hi, 0.0)
+        second = tl.where(n > 0, lo, 0.0)
+    out = OUT + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh + t.to(tl.int64) * s_on
+    tl.store(out + d, tl.where(d_ok, first, 0.0))
+    tl.store(out + D_PAD + d, tl.where(d_ok, second, 0.0))
+
+
+@triton.jit
+def _scores(qf_ptr, kf_ptr, n, n_ok, rows_ok, s_kn,
+            ROWS: tl.constexpr, CN: tl.constexpr, F: tl.constexpr, FC: tl.constexpr):
+    """(ROWS, CN) dot products of the rows' features with the features of key tiles ``n``, FC columns at a time."""
+    acc = tl.zeros([ROWS, CN], dtype=tl.float32)
+    for f0 in tl.static_range(0, F, FC):
+        f = f0 + tl.arange(0, FC)
+        qf = tl.load(qf_ptr + f[None, :], mask=rows_ok[:, None], other=0.0)
+        kf = tl.load(kf_ptr + n.to(tl.int64)[:, None] * s_kn + f[None, :], mask=n_ok[:, None], other=0.0)
+        acc += tl.dot(qf, tl.trans(kf))
+    return acc
+
+
+@triton.jit
+def _select_kernel(
+    QF, KF, CNT, SINK_ONLY, OUT,
+    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_cb, s_ob, s_oh, s_om,
+    n_q, n_k, qb0, kb0, q_end, kv_offset, window, scale, threshold,
+    HKV: tl.constexpr, GROUP: tl.constexpr, HG_P: tl.constexpr, BM: tl.constexpr, CN: tl.constexpr,
+    F: tl.constexpr, FC: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_THRESHOLD: tl.constexpr,
+):
+    ROWS: tl.constexpr = BM * HG_P
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    g = pid_bh % HKV
+    r = tl.arange(0, ROWS)
+    m_r = pid_m * BM + r // HG_P
+    h_r = r % HG_P
+    rows_ok = (h_r < GROUP) & (m_r < n_q)
+    qb_r = qb0 + m_r
+    qf_ptr = (QF + b.to(tl.int64) * s_qb + (g * GROUP + h_r).to(tl.int64)[:, None] * s_qh
+              + m_r.to(tl.int64)[:, None] * s_qm)
+    kf_ptr = KF + b.to(tl.int64) * s_kb + g.to(tl.int64) * s_kh
+    c_ptr = CNT + b.to(tl.int64) * s_cb
+    s_ptr = SINK_ONLY + b.to(tl.int64) * s_cb
+    m_last = tl.minimum(pid_m * BM + BM - 1, n_q - 1)
+    n_hi = tl.minimum(n_k, qb0 + m_last - kb0 + 1)  # key tiles past the program's last query tile are not causal
+    cn = tl.arange(0, CN)
+
+    # pass 1: per row (query tile, head), the log-sum-exp of the estimated logits over its candidate tiles
+    m_i = tl.full([ROWS], NEG, tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    for n0 in range(0, n_hi, CN):
+        n = n0 + cn
+        n_ok = n < n_k
+        cnt = tl.load(c_ptr + n, mask=n_ok, other=0)
+        s = _scores(qf_ptr, kf_ptr, n, n_ok, rows_ok, s_kn, ROWS, CN, F, FC) * scale
+        cand = rows_ok[:, None] & ((kb0 + n)[None, :] <= qb_r[:, None]) & (cnt > 0)[None, :]
+        s = tl.where(cand, s, NEG)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.where(cand, tl.exp(s - m_new[:, None]), 0.0), 1)
+        m_i = m_new
+    lse = tl.where(l_i > 0, m_i + tl.log(tl.maximum(l_i, 1e-30)), 0.0)
+
+    # pass 2: group-mean probabilities per (query tile, key tile), running top-k of the competing tiles
+    mi = tl.arange(0, BM)
+    m = pid_m * BM + mi
+    m_ok = m < n_q
+    qb = qb0 + m
+    q_last = tl.minimum((qb + 1) * BLOCK - 1, q_end - 1)
+    kk = tl.arange(0, KP)
+    best_v = tl.full([BM, KP], -1.0, tl.float32)
+    best_i = tl.full([BM, KP], -1, tl.int32)
+    static_mass = tl.zeros([BM], dtype=tl.float32)
+    for n0 in range(0, n_hi, CN):
+        n = n0 + cn
+        n_ok = n < n_k
+        cnt = tl.load(c_ptr + n, mask=n_ok, other=0)
+        sink_only = tl.load(s_ptr + n, mask=n_ok, other=0) != 0
+        s = _scores(qf_ptr, kf_ptr, n, n_ok, rows_ok, s_kn, ROWS, CN, F, FC) * scale
+        cand_r = rows_ok[:, None] & ((kb0 + n)[None, :] <= qb_r[:, None]) & (cnt > 0)[None, :]
+        p = tl.where(cand_r, tl.exp(s - lse[:, None]), 0.0)
+        mass = tl.sum(tl.reshape(p, [BM, HG_P, CN]), 1) / GROUP
+        cand = m_ok[:, None] & ((kb0 + n)[None, :] <= qb[:, None]) & (cnt > 0)[None, :]
+        static = sink_only[None, :] & cand
+        if HAS_WINDOW:
+            k_first = tl.maximum((kb0 + n) * BLOCK, kv_offset)
+            static = static | (cand & ((q_last[:, None] - k_first[None, :]) < window))
+        static_mass += tl.sum(tl.where(static, mass, 0.0), 1)
+        cv = tl.where(cand & ~static, mass, -1.0)
+        kth = tl.sum(tl.where(kk[None, :] == TOPK - 1, best_v, 0.0), 1)
+        if tl.max(tl.max(cv, 1) - kth, 0) > 0:  # some row has a tile better than its k-th: merge this chunk
+            new_v = tl.full([BM, KP], -1.0, tl.float32)
+            new_i = tl.full([BM, KP], -1, tl.int32)
+            for t in range(TOPK):
+                mb = tl.max(best_v, 1)
+                mc = tl.max(cv, 1)
+                ab = tl.argmax(best_v, 1)
+                ac = tl.argmax(cv, 1)
+                take_c = mc > mb  # equal values keep the earlier (lower) tile
+                from_b = tl.sum(tl.where(kk[None, :] == ab[:, None], best_i, 0), 1)
+                idx = tl.where(take_c, n0 + ac, from_b)
+                new_v = tl.where(kk[None, :] == t, tl.where(take_c, mc, mb)[:, None], new_v)
+                new_i = tl.where(kk[None, :] == t, idx[:, None], new_i)
+                cv = tl.where(take_c[:, None] & (cn[None, :] == ac[:, None]), -2.0, cv)
+                best_v = tl.where((~take_c)[:, None] & (kk[None, :] == ab[:, None]), -2.0, best_v)
+            best_v = new_v
+            best_i = new_i
+
+    keep = best_v >= 0
+    if HAS_THRESHOLD:
+        v = tl.maximum(best_v, 0.0)
+        before = static_mass[:, None] + tl.cumsum(v, 1) - v
+        keep = keep & (before < threshold)
+    out = tl.where(keep, best_i, -1)
+    ptr = OUT + b.to(tl.int64) * s_ob + g.to(tl.int64) * s_oh + m.to(tl.int64)[:, None] * s_om + kk[None, :]
+    tl.store(ptr, out, mask=m_ok[:, None] & (kk[None, :] < TOPK))
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def pool_features(x: torch.Tensor, offset: int, block: int, seg: torch.Tensor | None, seg_start: int,
+                  is_query: bool) -> torch.Tensor:
+    """(B, H, n_tiles, 2 * D_pad) float32 tile features of x (B, H, L, D) on the absolute grid from ``offset``.
+
+    Rows t with ``seg[:, seg_start + t] < 0`` are padding and left out (``seg`` None: all rows real)."""
+    batch, heads, length, dim = x.shape
+    shift = offset % block
+    n_tiles = (shift + length + block - 1) // block
+    d_pad = max(16, _next_pow2(dim))
+    out = torch.empty(batch, heads, n_tiles, 2 * d_pad, device=x.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out
+    seg_arg = seg if seg is not None else out
+    s_sb = seg.stride(0) if seg is not None else 0
+    _pool_kernel[(n_tiles, batch * heads)](
+        x, seg_arg, out, *x.stride(), s_sb, *out.stride()[:3], length, shift, seg_start, heads, dim,
+        BLOCK=block, ROWS=min(POOL_ROWS, block), D_PAD=d_pad, IS_QUERY=is_query, HAS_SEG=seg is not None,
+    )
+    return out
+
+
+def select_by_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    k_seg: torch.Tensor | None,
+    key_count: torch.Tensor,
+    sink_only: torch.Tensor,
+    *,
+    block: int,
+    q_offset: int,
+    kv_offset: int,
+    topk: int,
+    window: int | None,
+    threshold: float | None,
+    scale: float,
+) -> torch.Tensor:
+    """(B, Hkv, n_q_tiles, topk) int32 key tiles (relative to ``kv_offset // block``, -1 = none) per query tile.
+
+    q (B, Hq, q_len, D), k (B, Hkv, kv_len, D), any float dtype and strides; ``k_seg`` (B, kv_len) int32 with -1 for
+    padding keys, or None; ``key_count`` (B, n_k) real keys per key tile; ``sink_only`` (B, n_k) bool, tiles whose
+    real keys are all sink tokens. ``window`` None: no window term; ``threshold`` None: fixed k.
+    """
+    batch, hq, q_len, dim = q.shape
+    hkv, kv_len = k.shape[1], k.shape[2]
+    if k.shape[0] != batch or k.shape[3] != dim or hkv < 1 or hq % hkv:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)}: need the same batch and head dim, and query "
+                         "heads a multiple of KV heads")
+    n_q = (q_offset % block + q_len + block - 1) // block
+    n_k = (kv_offset % block + kv_len + block - 1) // block
+    if tuple(key_count.shape) != (batch, n_k) or tuple(sink_only.shape) != (batch, n_k):
+        raise ValueError(f"key_count and sink_only must be (batch={batch}, key tiles={n_k}), got "
+                         f"{tuple(key_count.shape)} and {tuple(sink_only.shape)}")
+    out = torch.empty(batch, hkv, n_q, topk, dtype=torch.int32, device=q.device)
+    if out.numel() == 0:
+        return out
+    q_start = q_offset - kv_offset
+    q_seg = k_seg if (k_seg is not None and q_start >= 0) else None
+    qf = pool_features(q, q_offset, block, q_seg, max(q_start, 0), True)
+    kf = pool_features(k, kv_offset, block, k_seg, 0, False)
+    count = key_count.to(torch.int32).contiguous()
+    sink = sink_only.to(torch.int32).contiguous()
+    group = hq // hkv
+    hg_p = _next_pow2(group)
+    bm = max(1, ROWS_MIN // hg_p)
+    feats = qf.shape[-1]
+    cn = 16 if feats > 256 else 32
+    _select_kernel[(triton.cdiv(n_q, bm), batch * hkv)](
+        qf, kf, count, sink, out, *qf.stride()[:3], *kf.stride()[:3], count.stride(0), *out.stride()[:3],
+        n_q, n_k, q_offset // block, kv_offset // block, q_offset + q_len, kv_offset, window or 0, scale,
+        threshold if threshold is not None else 0.0,
+        HKV=hkv, GROUP=group, HG_P=hg_p, BM=bm, CN=cn, F=feats, FC=min(FEATURE_CHUNK, feats), TOPK=topk,
+        KP=max(2, _next_pow2(topk)), BLOCK=block, HAS_WINDOW=window is not None, HAS_THRESHOLD=threshold is not None,
+    )
+    return out

@@ -1,0 +1,355 @@
+"""Dynamic block selection (hf_sparsek.selection): the mass selector against a slow exact reference of its own
+definition, the Triton kernel against the PyTorch path (Triton CPU interpreter), a planted block, and the public
+path (sparse_attention and a model forward) on awkward shapes: padding, decode, chunked prefill, GQA / MQA."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import sys
+
+import pytest
+import torch
+from conftest import dense_masked_attention
+
+import hf_sparsek
+from hf_sparsek import SparsePattern, exact_token_mask
+from hf_sparsek.ops import build_index_for, sparse_attention
+from hf_sparsek.selection import select_tiles
+from hf_sparsek.selection.mass import select_mass, tile_mass
+from hf_sparsek.selection.tiles import tile_grid
+
+# --- the definition, slowly: loops over (batch, KV head, query tile, key tile), float64 --------------------------
+
+
+def _slow_mass_selection(q, k, pattern, q_offset, kv_offset, k_seg):
+    """{(b, g, m): (chosen tile set, {tile: estimated mass})} straight from the docstring of selection/mass.py."""
+    block, top, thr = pattern.block_size, pattern.topk_blocks, pattern.mass_threshold
+    batch, hq, q_len, dim = q.shape
+    hkv, kv_len = k.shape[1], k.shape[2]
+    group = hq // hkv
+    scale = 1.0 / math.sqrt(dim)
+    q_pos = q_offset + torch.arange(q_len)
+    k_pos = kv_offset + torch.arange(kv_len)
+    qb0, kb0 = q_offset // block, kv_offset // block
+    n_q = (q_offset % block + q_len + block - 1) // block
+    n_k = (kv_offset % block + kv_len + block - 1) // block
+    result = {}
+    for b in range(batch):
+        k_real = torch.ones(kv_len, dtype=torch.bool) if k_seg is None else k_seg[b] >= 0
+        rank = kv_offset + torch.cumsum(k_real.long(), 0) - 1
+        q_real = torch.ones(q_len, dtype=torch.bool)
+        if k_seg is not None and q_offset >= kv_offset:
+            q_real = k_real[q_offset - kv_offset: q_offset - kv_offset + q_len]
+        for g in range(hkv):
+            for m in range(n_q):
+                rows = (q_pos // block == qb0 + m)
+                real_rows = rows & q_real
+                probs = {}
+                for h in range(g * group, (g + 1) * group):
+                    qbar = q[b, h, real_rows].double().mean(0) if real_rows.any() else torch.zeros(dim).double()
+                    logits = {}
+                    for n in range(n_k):
+                        keys = (k_pos // block == kb0 + n) & k_real
+                        if kb0 + n > qb0 + m or not keys.any():
+                            continue
+                        kk = k[b, g, keys].double()
+                        bound = torch.maximum(qbar * kk.amax(0), qbar * kk.amin(0)).sum()
+                        logits[n] = scale * float(bound)
+                    if not logits:
+                        continue
+                    top_logit = max(logits.values())
+                    total = sum(math.exp(v - top_logit) for v in logits.values())
+                    for n, v in logits.items():
+                        probs[n] = probs.get(n, 0.0) + math.exp(v - top_logit) / total / group
+                q_last = int(q_pos[rows].max())
+                static = set()
+                for n in probs:
+                    keys = (k_pos // block == kb0 + n) & k_real
+                    stored = k_pos[k_pos // block == kb0 + n]
+                    in_window = pattern.window is not None and q_last - int(stored.min()) < pattern.window
+                    all_sink = pattern.sink_tokens > 0 and bool((rank[keys] < pattern.sink_tokens).all())
+                    if in_window or all_sink:
+                        static.add(n)
+                competing = sorted((n for n in probs if n not in static), key=lambda n: -probs[n])[:top]
+                if thr is not None:
+                    covered, kept = sum(probs[n] for n in static), []
+                    for n in competing:
+                        if covered >= thr:
+                            break
+                        kept.append(n)
+                        covered += probs[n]
+                    competing = kept
+                result[b, g, m] = (set(competing), probs)
+    return result
+
+
+def _check_same_selection(tiles, slow, tol=1e-6):
+    """Same tiles as the slow definition, ties allowed: per row the chosen masses agree as sorted lists."""
+    assert tiles.dtype == torch.int32
+    for (b, g, m), (chosen, probs) in slow.items():
+        got = [n for n in tiles[b, g, m].tolist() if n >= 0]
+        assert len(got) == len(set(got)) == len(chosen), (b, g, m, got, chosen)
+        want = sorted(probs[n] for n in chosen)
+        have = sorted(probs[n] for n in got)
+        assert all(abs(x - y) <= tol for x, y in zip(want, have, strict=True)), (b, g, m, got, chosen)
+
+
+def _padding(batch: int, kv_len: int) -> torch.Tensor:
+    """(batch, kv_len) int32 k_seg: row b has 37 * b padding keys on the left."""
+    seg = torch.zeros(batch, kv_len, dtype=torch.int32)
+    for b in range(batch):
+        seg[b, : 37 * b] = -1
+    return seg
+
+
+# batch, q heads, kv heads, q_len, kv_len, head dim, q_offset (None: the last q_len positions), kv_offset, padded
+CASES = [
+    (1, 4, 2, 300, 300, 64, None, 0, False),
+    (2, 3, 1, 200, 200, 128, None, 0, True),  # group of 3 (padded to 4 in the kernel), left padding
+    (1, 8, 1, 1, 233, 64, None, 0, False),  # MQA decode
+    (2, 4, 4, 50, 250, 64, 150, 0, True),  # chunked prefill, q_offset not a multiple of the block
+    (1, 2, 2, 70, 161, 128, None, 101, False),  # keys from offset 101 (a sliding cache)
+]
+PATTERNS = {
+    "sink64-win64-top3": SparsePattern(block_size=64, sink_tokens=64, window=64, topk_blocks=3),
+    "win100-top2-mass0.6": SparsePattern(block_size=64, window=100, topk_blocks=2, mass_threshold=0.6),
+    "sink5-top4-block128": SparsePattern(block_size=128, sink_tokens=5, topk_blocks=4),
+}
+
+
+def _case_id(case) -> str:
+    b, hq, hk, lq, lk, d, qo, ko, pad = case
+    return f"B{b}-Tq{lq}-Tk{lk}-Hq{hq}-Hk{hk}-D{d}" + (f"-qo{qo}" if qo is not None else "") + \
+        (f"-ko{ko}" if ko else "") + ("-pad" if pad else "")
+
+
+def _inputs(case, seed=0):
+    b, hq, hk, lq, lk, d, qo, ko, pad = case
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, lq, d, generator=gen)
+    k = torch.randn(b, hk, lk, d, generator=gen)
+    q_offset = ko + lk - lq if qo is None else qo
+    return q, k, q_offset, ko, (_padding(b, lk) if pad else None)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_mass_selector_follows_its_definition(name, case):
+    pattern = PATTERNS[name]
+    q, k, q_offset, kv_offset, k_seg = _inputs(case)
+    tiles = select_mass(q, k, pattern, q_offset, kv_offset, k_seg, backend="torch")
+    assert tiles.shape == (q.shape[0], k.shape[1], (q_offset % pattern.block_size + q.shape[2] + pattern.block_size
+                                                    - 1) // pattern.block_size, pattern.topk_blocks)
+    _check_same_selection(tiles, _slow_mass_selection(q, k, pattern, q_offset, kv_offset, k_seg))
+
+
+def test_estimated_mass_rows_sum_to_one():
+    q, k, q_offset, kv_offset, k_seg = _inputs(CASES[1])
+    pattern = PATTERNS["sink64-win64-top3"]
+    grid = tile_grid(q.shape[2], k.shape[2], q_offset, kv_offset, k_seg, pattern, q.shape[0], q.device)
+    mass = tile_mass(q, k, grid, pattern.block_size, q_offset, kv_offset, k_seg)
+    torch.testing.assert_close(mass.sum(-1), torch.ones(mass.shape[:3]))
+    assert not (mass * ~grid.candidate).any()  # no mass on acausal or empty tiles
+
+
+# --- a planted block: one key tile holds the attention mass ---------------------------------------------------------
+
+
+def _planted(one_key: bool):
+    """Queries of the last tile all point along u; key tile 3 holds keys along u (all of them, or one)."""
+    gen = torch.Generator().manual_seed(3)
+    q = 0.1 * torch.randn(1, 4, 640, 64, generator=gen)
+    k = 0.1 * torch.randn(1, 2, 640, 64, generator=gen)
+    u = torch.randn(64, generator=gen)
+    u = u / u.norm()
+    q[:, :, 576:] += 6.0 * u
+    if one_key:
+        k[:, :, 3 * 64 + 17] += 6.0 * u
+    else:
+        k[:, :, 3 * 64: 4 * 64] += 6.0 * u
+    return q, k
+
+
+@pytest.mark.parametrize("one_key", [False, True], ids=["whole-block", "one-key"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_planted_block_is_selected(backend, one_key, interpret):
+    pattern = SparsePattern(block_size=64, sink_tokens=64, window=64, topk_blocks=1)
+    q, k = _planted(one_key)
+    tiles = select_mass(q, k, pattern, 0, 0, None, backend=backend)
+    assert tiles[0, :, -1, 0].tolist() == [3, 3]
+
+
+# --- the Triton kernel equals the PyTorch definition (Triton CPU interpreter) --------------------------------------
+
+
+@pytest.fixture
+def interpret(request):
+    """TRITON_INTERPRET=1 for kernels launched in the test (only needed by the Triton backend)."""
+    if "triton" not in request.node.name:
+        yield
+        return
+    triton = pytest.importorskip("triton")
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7) and int(
+            __import__("numpy").__version__[0]) >= 2:
+        pytest.skip(f"Triton {triton.__version__}'s interpreter needs numpy<2")
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    _interpreted_selection_kernels()
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TRITON_INTERPRET")
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+def _interpreted_selection_kernels() -> None:
+    """``@triton.jit`` chooses compiled or interpreted when a module is imported: re-import Triton's standard library
+    and our selection kernels in interpreter mode when an earlier import made them compiled."""
+    import triton.language.standard as tl_standard
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(tl_standard.cdiv, InterpretedFunction):
+        importlib.reload(tl_standard)
+        importlib.reload(sys.modules["triton.language"])
+    module = importlib.import_module("hf_sparsek.kernels.selection")
+    if not isinstance(module._select_kernel, InterpretedFunction):
+        importlib.reload(module)
+
+
+KERNEL_CASES = CASES + [(2, 8, 2, 129, 129, 64, None, 0, True)]
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=[_case_id(c) for c in KERNEL_CASES])
+@pytest.mark.parametrize("name", ["sink64-win64-top3", "win100-top2-mass0.6"])
+def test_triton_kernel_matches_definition(name, case, interpret):
+    pattern = PATTERNS[name]
+    q, k, q_offset, kv_offset, k_seg = _inputs(case, seed=1)
+    want = select_mass(q, k, pattern, q_offset, kv_offset, k_seg, backend="torch")
+    got = select_mass(q, k, pattern, q_offset, kv_offset, k_seg, backend="triton")
+    assert got.shape == want.shape and got.dtype == want.dtype
+    if not torch.equal(got, want):  # ties may order or pick differently: compare the masses chosen
+        _check_same_selection(got, _slow_mass_selection(q, k, pattern, q_offset, kv_offset, k_seg), tol=1e-5)
+
+
+def test_triton_kernel_block128_head_dim_256(interpret):
+    pattern = SparsePattern(block_size=128, window=128, topk_blocks=2, selector="mass")
+    q, k, q_offset, kv_offset, k_seg = _inputs((1, 2, 1, 300, 300, 256, None, 0, False), seed=2)
+    want = select_mass(q, k, pattern, q_offset, kv_offset, k_seg, backend="torch")
+    got = select_mass(q, k, pattern, q_offset, kv_offset, k_seg, backend="triton")
+    if not torch.equal(got, want):
+        _check_same_selection(got, _slow_mass_selection(q, k, pattern, q_offset, kv_offset, k_seg), tol=1e-5)
+
+
+# --- the public path: sparse_attention and a model forward ----------------------------------------------------------
+
+
+def _expected_mask(pattern, tiles, q_len, kv_len, q_offset, kv_offset, hkv, attention_mask):
+    """Token-exact mask (B, Hkv, q_len, kv_len): the static part's token rules, or a causal real key in a tile
+    the selector chose for the query's tile."""
+    block = pattern.block_size
+    batch = tiles.shape[0]
+    shape = (batch, hkv, q_len, kv_len)
+    kw = dict(q_offset=q_offset, kv_offset=kv_offset, kv_heads=hkv, attention_mask=attention_mask)
+    causal = exact_token_mask(SparsePattern(block_size=block), q_len, kv_len, **kw).expand(shape)
+    static = exact_token_mask(pattern.replace(topk_blocks=None), q_len, kv_len, **kw).expand(shape)
+    q_tile = (q_offset + torch.arange(q_len)) // block - q_offset // block
+    k_tile = (kv_offset + torch.arange(kv_len)) // block - kv_offset // block
+    chosen = torch.zeros(batch, hkv, tiles.shape[2], k_tile.max() + 2, dtype=torch.bool)
+    chosen.scatter_(-1, torch.where(tiles >= 0, tiles, chosen.shape[-1] - 1).long(), True)
+    picked = chosen[:, :, q_tile][..., k_tile]
+    return static | (causal & picked)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+@pytest.mark.parametrize("selector", ["mass", "meanpool"])
+def test_sparse_attention_with_selection_equals_masked_softmax(selector, case):
+    """What sparse_attention computes for a top-k pattern is dense attention on the static rules plus the tiles
+    ``select_tiles`` chooses: padding, decode, chunked prefill, batch > 1, GQA / MQA, forward and gradients."""
+    pattern = SparsePattern(block_size=64, sink_tokens=64, window=64, topk_blocks=2, selector=selector)
+    q, k, q_offset, kv_offset, k_seg = _inputs(case)
+    v = torch.randn(k.shape[:3] + (k.shape[3],), dtype=torch.float64)
+    q, k = q.double().requires_grad_(), k.double().requires_grad_()
+    v.requires_grad_()
+    mask = None if k_seg is None else k_seg >= 0
+    tiles = select_tiles(q.detach(), k.detach(), pattern, q_offset, kv_offset, k_seg)
+    expected = _expected_mask(pattern, tiles, q.shape[2], k.shape[2], q_offset, kv_offset, k.shape[1], mask)
+    out = sparse_attention(q, k, v, pattern, q_offset=q_offset, kv_offset=kv_offset, attention_mask=mask,
+                           backend="reference")
+    ref = dense_masked_attention(q, k, v, expected, q.shape[-1] ** -0.5)
+    rows = expected.any(-1).repeat_interleave(q.shape[1] // k.shape[1], 1)  # rows with a key (padding rows: zeros)
+    torch.testing.assert_close(out[rows], ref[rows], rtol=1e-9, atol=1e-9)
+    grad = torch.randn_like(out) * rows.unsqueeze(-1)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (q, k, v), grad)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-8)
+    if selector == "mass" and k_seg is None and q.shape[2] > 64:  # the selection changed what is attended
+        assert tiles.ge(0).any()
+
+
+def test_learned_selector_cannot_select_inside_the_op():
+    q, k = torch.randn(1, 2, 70, 16), torch.randn(1, 2, 70, 16)
+    pattern = SparsePattern(block_size=64, window=64, topk_blocks=1, selector="learned")
+    with pytest.raises(ValueError, match="trained scorer"):
+        sparse_attention(q, k, k, pattern)
+    with pytest.raises(ValueError, match="topk_blocks"):
+        select_mass(q, k, SparsePattern(window=64), 0, 0, None)
+    with pytest.raises(ValueError, match="backend"):
+        select_mass(q, k, pattern, 0, 0, None, backend="cuda")
+
+
+def test_selection_reads_nothing_on_the_host(monkeypatch):
+    """No .item() / .tolist() / bool(tensor) in selection: it must run inside CUDA graphs and torch.compile."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("host synchronisation in selection")
+
+    q, k, q_offset, kv_offset, k_seg = _inputs(CASES[3])
+    for name in ("item", "tolist", "__bool__", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    for selector in ("mass", "meanpool"):
+        for threshold in (None, 0.7):
+            if threshold is not None and selector == "meanpool":
+                continue
+            pattern = SparsePattern(block_size=64, sink_tokens=64, window=64, topk_blocks=3, selector=selector,
+                                    mass_threshold=threshold)
+            select_tiles(q, k, pattern, q_offset, kv_offset, k_seg)
+
+
+def test_model_forward_with_selection():
+    """A tiny Llama through attn_implementation="sparsek": with a budget that selects every competing tile the
+    logits equal SDPA's; with a small budget they follow the selection (finite, and not the dense logits)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
+    ids = torch.randint(1, 97, (2, 300))
+    mask = torch.ones_like(ids)
+    mask[1, :21] = 0
+    with torch.no_grad():
+        dense = model(ids, attention_mask=mask).logits
+        hf_sparsek.set_pattern(model, SparsePattern(block_size=64, sink_tokens=4, window=64, topk_blocks=5))
+        with hf_sparsek.settings(backend="reference"):
+            every = model(ids, attention_mask=mask).logits
+        hf_sparsek.set_pattern(model, SparsePattern(block_size=64, window=64, topk_blocks=1))
+        with hf_sparsek.settings(backend="reference"):
+            small = model(ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(every[real], dense[real], rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(small[real]).all()
+    assert (small[real] - dense[real]).abs().max() > 1e-3
+
+
+def test_index_of_a_mass_pattern_lists_the_selected_tiles():
+    """build_index_for with a top-k pattern adds exactly the selected tiles to the static part."""
+    q, k, q_offset, kv_offset, k_seg = _inputs(CASES[0])
+    pattern = PATTERNS["sink64-win64-top3"]
+    tiles = select_tiles(q, k, pattern, q_offset, kv_offset, k_seg)
+    index = build_index_for(q, k, pattern)
+    with_tiles = build_index_for(q, k, pattern, selected_tiles=tiles)
+    assert torch.equal(index.token_mask(), with_tiles.token_mask())
