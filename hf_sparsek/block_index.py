@@ -42,7 +42,9 @@ class BlockIndex:
     """Key tiles to visit per (batch, KV head, query tile), with what the kernel needs for partial tiles.
 
     Shapes: ``*_count`` are ``(Bi, Hi, n_q_tiles)`` int32, ``*_tiles`` are ``(Bi, Hi, n_q_tiles, width)`` int32,
-    with ``Bi`` in {1, batch} and ``Hi`` in {1, kv_heads}. Entries past ``count`` are padding (0).
+    with ``Bi`` in {1, batch} and ``Hi`` in {1, kv_heads}. Entries past ``count`` are padding (0). ``width`` is an
+    upper bound the host knows from the pattern and the shapes (not the longest row): read it as a row stride and
+    loop to the counts.
     """
 
     block_size: int
@@ -61,6 +63,8 @@ class BlockIndex:
     k_seg: torch.Tensor | None = None  # (B, kv_len) int32, -1 = key not attendable (padding)
     q_seg: torch.Tensor | None = None  # (B, q_len) int32, packed sequences only
     k_rank: torch.Tensor | None = None  # (B, kv_len) int32, position of the key in its own sequence
+    # Host-known widths of the transposed (full, partial) lists, from the pattern; None: the number of query tiles.
+    t_widths: tuple[int, int] | None = None
     _transposed: tuple[torch.Tensor, ...] | None = None
 
     @property
@@ -86,11 +90,13 @@ class BlockIndex:
     def transposed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Query tiles per key tile (for a deterministic key-major backward): full_count, full, part_count, part.
 
-        Same encoding as the forward lists, with query tile numbers in place of key tile numbers.
+        Same encoding as the forward lists, with query tile numbers in place of key tile numbers. Widths are
+        host-known bounds (``t_widths``), so building them reads nothing back from the device.
         """
         if self._transposed is None:
-            f_cnt, f_idx = _transpose_lists(self.full_count, self.full_tiles, self.n_k_tiles, encoded=False)
-            p_cnt, p_idx = _transpose_lists(self.part_count, self.part_tiles, self.n_k_tiles, encoded=True)
+            w_full, w_part = self.t_widths or (self.n_q_tiles, self.n_q_tiles)
+            f_cnt, f_idx = _transpose_lists(self.full_count, self.full_tiles, self.n_k_tiles, False, w_full)
+            p_cnt, p_idx = _transpose_lists(self.part_count, self.part_tiles, self.n_k_tiles, True, w_part)
             self._transposed = (f_cnt, f_idx, p_cnt, p_idx)
         return self._transposed
 
@@ -105,26 +111,30 @@ class BlockIndex:
         return _expand_index(self)
 
 
+def _n_tiles(offset: int, length: int, block: int) -> int:
+    """Tiles of the absolute grid that positions ``[offset, offset + length)`` touch."""
+    return (offset % block + length + block - 1) // block
+
+
 def _tile_ranges(offset: int, length: int, block: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Absolute first/last valid position of each tile, and whether the tile is clipped by the call's range."""
-    first_block = offset // block
-    n_tiles = (offset % block + length + block - 1) // block
-    starts = (first_block + torch.arange(n_tiles, device=device)) * block
+    """Absolute first/last position inside the call's range of each tile (int64), and whether the tile is whole."""
+    first = offset // block * block
+    starts = torch.arange(first, first + _n_tiles(offset, length, block) * block, block, device=device)
     lo = starts.clamp(min=offset)
-    hi = (starts + block - 1).clamp(max=offset + length - 1)
-    clipped = (lo != starts) | (hi != starts + block - 1)
-    return lo, hi, clipped, n_tiles
+    hi = (starts + (block - 1)).clamp(max=offset + length - 1)
+    return lo, hi, (lo == starts) & (hi - lo == block - 1)
 
 
 def _tile_reduce(values: torch.Tensor, valid: torch.Tensor, shift: int, n_tiles: int, block: int):
-    """Per-tile min / max of ``values`` (B, L) over ``valid`` positions, and any/all validity."""
-    batch, length = values.shape
+    """Per-tile min / max of ``values`` (B, L, V) over ``valid`` (B, L) positions, and any / all validity."""
+    batch, length, n_val = values.shape
     pad_back = n_tiles * block - shift - length
     big = torch.iinfo(torch.int64).max
-    vals = torch.nn.functional.pad(values.long(), (shift, pad_back), value=0).view(batch, n_tiles, block)
+    vals = torch.nn.functional.pad(values.long(), (0, 0, shift, pad_back)).view(batch, n_tiles, block, n_val)
     ok = torch.nn.functional.pad(valid, (shift, pad_back), value=False).view(batch, n_tiles, block)
-    vmin = torch.where(ok, vals, torch.full_like(vals, big)).amin(-1)
-    vmax = torch.where(ok, vals, torch.full_like(vals, -big)).amax(-1)
+    okv = ok.unsqueeze(-1)
+    vmin = torch.where(okv, vals, big).amin(2)
+    vmax = torch.where(okv, vals, -big).amax(2)
     return vmin, vmax, ok.any(-1), ok.all(-1)
 
 
@@ -178,6 +188,12 @@ def build_block_index(
     ``k_seg``/``q_seg``/``k_rank`` describe padding and packed sequences (see the module docstring); leave them
     None for one unpadded sequence per batch row. ``topk_tiles`` (B or 1, Hkv or 1, n_q_tiles, k) holds key tile
     numbers chosen by a dynamic selection (-1 for none); they are added as block-selected tiles.
+
+    No host synchronisation: every list width is an upper bound known from the pattern and the shapes (a GPU build
+    only queues work), and entries past a row's count are 0. The one exception is packed sequences (``q_seg``):
+    each segment has its own sink tiles, so the sink list is sized by one device read of the longest one.
+    Without ``q_seg``, the valid keys of a row must have distinct ranks (``k_rank``: their position in the row's
+    sequence, as a padding mask gives): the first ``sink`` of them then lie in at most ``sink`` tiles.
     """
     if q_len < 1 or kv_len < 1:
         raise ValueError(f"q_len and kv_len must be >= 1, got q_len={q_len}, kv_len={kv_len}")
@@ -190,12 +206,11 @@ def build_block_index(
     bad_heads = [h for h in pattern.dense_heads if h >= kv_heads]
     if bad_heads:
         raise ValueError(f"dense_heads {bad_heads} out of range: the layer has {kv_heads} KV heads")
+    if q_seg is not None and k_seg is None:
+        raise ValueError("q_seg needs k_seg (packed sequences give both)")
     device = torch.device(device)
     block = pattern.block_size
-    q_lo, q_hi, _, n_q = _tile_ranges(q_offset, q_len, block, device)
-    k_lo, k_hi, k_clipped, n_k = _tile_ranges(kv_offset, kv_len, block, device)
-    qb0, kb0 = q_offset // block, kv_offset // block
-
+    n_q, n_k = _n_tiles(q_offset, q_len, block), _n_tiles(kv_offset, kv_len, block)
     if topk_tiles is not None and (
         topk_tiles.dim() != 4 or topk_tiles.shape[0] not in (1, batch) or topk_tiles.shape[1] not in (1, kv_heads)
         or topk_tiles.shape[2] != n_q
@@ -204,112 +219,18 @@ def build_block_index(
             f"topk_tiles must be (1 or batch={batch}, 1 or kv_heads={kv_heads}, n_q_tiles={n_q}, k), "
             f"got shape {tuple(topk_tiles.shape)}"
         )
-    # Padding, packing and a per-row top-k selection make the lists differ between batch rows.
-    per_batch = k_seg is not None or q_seg is not None or k_rank is not None
-    per_batch = per_batch or (topk_tiles is not None and topk_tiles.shape[0] != 1)
-    n_b = batch if per_batch else 1
-    # Per key tile: validity, segment range and rank range; per query tile: segment range.
-    k_positions = (kv_offset + torch.arange(kv_len, device=device)).expand(n_b, kv_len)
-    k_valid = torch.ones(n_b, kv_len, dtype=torch.bool, device=device) if k_seg is None else k_seg >= 0
-    rank = k_positions if k_rank is None else k_rank
-    rank_min, rank_max, k_any, k_all = _tile_reduce(rank, k_valid, kv_offset % block, n_k, block)
-    k_all = k_all & ~k_clipped
-    if k_seg is not None:
-        kseg_min, kseg_max, _, _ = _tile_reduce(k_seg, k_valid, kv_offset % block, n_k, block)
+    plan = _plan(pattern, batch, kv_heads, q_offset, q_len, kv_offset, k_seg, q_seg, k_rank, topk_tiles, n_q, n_k)
+    q_lo, q_hi, _ = _tile_ranges(q_offset, q_len, block, device)
+    table, has_sink = _key_tile_table(plan, kv_offset, kv_len, k_seg, q_seg, k_rank, device)
+    q_segs = None
     if q_seg is not None:
         q_ok = torch.ones_like(q_seg, dtype=torch.bool)
-        qseg_min, qseg_max, _, _ = _tile_reduce(q_seg, q_ok, q_offset % block, n_q, block)
-        if k_seg is None:
-            raise ValueError("q_seg needs k_seg (packed sequences give both)")
+        qs_min, qs_max, _, _ = _tile_reduce(q_seg.unsqueeze(-1), q_ok, q_offset % block, n_q, block)
+        q_segs = (qs_min[..., 0], qs_max[..., 0])
+    sink_row = _sink_candidates(plan, has_sink, device)
+    _finish_widths(plan)
 
-    sink, window = pattern.sink_tokens, pattern.window or 0
-    head_dependent = bool(pattern.dense_heads) or pattern.topk_blocks is not None or (
-        pattern.layout is not None and pattern.layout.kind == "random"
-    ) or (topk_tiles is not None and topk_tiles.shape[1] != 1)
-    n_h = kv_heads if head_dependent else 1
-    heads = torch.arange(n_h, device=device)
-    dense_head = torch.zeros(n_h, dtype=torch.bool, device=device)
-    if pattern.dense_heads and head_dependent:
-        dense_head[list(pattern.dense_heads)] = True
-    q_block_abs = qb0 + torch.arange(n_q, device=device)
-    dense_row = (q_block_abs + 1) * block <= pattern.min_sparse_len
-    if pattern.is_dense:
-        dense_row[:] = True
-    any_dense = bool(dense_row.any().item()) or bool(dense_head.any().item())
-
-    # Sink candidates: key tiles holding any key of rank < sink (per batch row).
-    sink_cands = None
-    if sink > 0:
-        has_sink = (rank_min < sink) & k_any
-        width = int(has_sink.sum(-1).max().item()) if n_b else 0  # batch 0: nothing to list
-        if width:
-            order = torch.sort((~has_sink).to(torch.int8), dim=-1, stable=True).indices[:, :width]
-            sink_cands = torch.where(torch.gather(has_sink, 1, order), order, -1)  # (n_b, width)
-
-    fulls, parts = [], []
-    # Candidate width per query tile, to pick a chunk size that bounds memory.
-    est_width = (0 if sink_cands is None else sink_cands.shape[1]) + (window // block + 2 if window else 0)
-    if pattern.layout is not None and pattern.layout.kind == "strided":
-        est_width += n_k // pattern.layout.stride + 1
-    if any_dense or (pattern.layout is not None and pattern.layout.kind == "random"):
-        est_width += n_k
-    if topk_tiles is not None:
-        est_width += topk_tiles.shape[-1]
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, est_width * n_h * n_b))
-    for m0 in range(0, n_q, chunk):
-        m = torch.arange(m0, min(n_q, m0 + chunk), device=device)
-        cand, blk = _candidates(
-            pattern, m, q_lo, q_hi, qb0, kb0, n_k, n_b, n_h, heads, dense_head, dense_row, sink_cands,
-            topk_tiles, any_dense,
-        )  # (n_b, n_h, c, W) int64 tile numbers (-1 = none), bool block-selected
-        valid_c = cand >= 0
-        n_safe = cand.clamp(min=0)
-        qlo = q_lo[m].view(1, 1, -1, 1)
-        qhi = q_hi[m].view(1, 1, -1, 1)
-        klo, khi = k_lo[n_safe], k_hi[n_safe]
-
-        def gathered(per_tile: torch.Tensor, idx: torch.Tensor = n_safe) -> torch.Tensor:
-            """Per-key-tile statistic (n_b, n_k) gathered at the candidates (n_b, n_h, c, W)."""
-            return torch.gather(per_tile.view(n_b, 1, 1, n_k).expand(*idx.shape[:3], n_k), 3, idx)
-
-        kany, kall = gathered(k_any), gathered(k_all)
-        causal_any, causal_all = klo <= qhi, khi <= qlo
-        seg_any = torch.ones_like(valid_c)
-        seg_all = torch.ones_like(valid_c)
-        if k_seg is not None and q_seg is not None:
-            ks_min, ks_max = gathered(kseg_min), gathered(kseg_max)
-            qs_min = qseg_min[:, m].view(n_b, 1, -1, 1)
-            qs_max = qseg_max[:, m].view(n_b, 1, -1, 1)
-            seg_any = (ks_min <= qs_max) & (qs_min <= ks_max)
-            seg_all = (ks_min == ks_max) & (qs_min == qs_max) & (ks_min == qs_min)
-        token_any = torch.zeros_like(valid_c)
-        token_all = torch.zeros_like(valid_c)
-        if sink > 0:
-            token_any |= gathered(rank_min) < sink
-            token_all |= kall & (gathered(rank_max) < sink)
-        if window:
-            token_any |= (qlo - khi) < window
-            token_all |= (qhi - klo) < window
-        keep = valid_c & kany & causal_any & seg_any & (blk | token_any)
-        full = keep & kall & causal_all & seg_all & (blk | token_all)
-        # Deduplicate: a tile listed twice keeps its block-selected entry (a superset of the token one).
-        key = torch.where(keep, cand * 2 + (~blk).long(), torch.full_like(cand, 1 << 40))
-        key, order = torch.sort(key, dim=-1)
-        keep = torch.gather(keep, 3, order)
-        full = torch.gather(full, 3, order)
-        blk = torch.gather(blk, 3, order)
-        n_sorted = key // 2
-        dup = torch.zeros_like(keep)
-        dup[..., 1:] = n_sorted[..., 1:] == n_sorted[..., :-1]
-        keep &= ~dup
-        full &= keep
-        part = keep & ~full
-        fulls.append(_compact(n_sorted, full))
-        encoded = torch.where(blk, -(n_sorted + 1), n_sorted)
-        parts.append(_compact(encoded, part))
-
-    full_count, full_tiles = _concat_lists(fulls)
-    part_count, part_tiles = _concat_lists(parts)
+    lists = _build_lists(plan, q_lo, q_hi, table, q_segs, sink_row, topk_tiles, device)
     return BlockIndex(
         block_size=block,
         q_len=q_len,
@@ -318,118 +239,304 @@ def build_block_index(
         kv_offset=kv_offset,
         n_q_tiles=n_q,
         n_k_tiles=n_k,
-        full_count=full_count,
-        full_tiles=full_tiles,
-        part_count=part_count,
-        part_tiles=part_tiles,
-        sink_tokens=sink,
-        window=window,
+        full_count=lists[0],
+        full_tiles=lists[1],
+        part_count=lists[2],
+        part_tiles=lists[3],
+        sink_tokens=plan.sink,
+        window=plan.window,
         k_seg=None if k_seg is None else k_seg.to(torch.int32).contiguous(),
         q_seg=None if q_seg is None else q_seg.to(torch.int32).contiguous(),
         k_rank=None if k_rank is None else k_rank.to(torch.int32).contiguous(),
+        t_widths=plan.t_widths,
     )
 
 
-def _candidates(pattern, m, q_lo, q_hi, qb0, kb0, n_k, n_b, n_h, heads, dense_head, dense_row, sink_cands,
-                topk_tiles, any_dense):
-    """Candidate key tiles for query tiles ``m``: (n_b, n_h, c, W) tile numbers and a block-selected flag."""
+@dataclass
+class _Plan:
+    """What the host decides from the pattern and the shapes: layout dimensions, candidate sources, list widths."""
+
+    pattern: SparsePattern
+    block: int
+    n_q: int
+    n_k: int
+    qb0: int
+    kb0: int
+    n_b: int
+    n_h: int
+    n_causal: int  # key tiles 0 .. n_causal-1 can be causal for some query of the call
+    sink: int
+    window: int
+    padded: bool  # per-key statistics come from data (k_seg / k_rank / q_seg)
+    packed: bool
+    k_clipped: bool  # the first key tile starts before kv_offset
+    sink_width: int  # sink candidates per row (packed: set from the device by _sink_candidates)
+    sink_fixed: bool  # ranks are positions: the sink tiles are 0 .. sink_width-1
+    window_span: int
+    strided: tuple[int, int, int] | None  # first tile, stride, count
+    random_width: int
+    dense_rows: int  # query tiles 0 .. dense_rows-1 attend every causal tile
+    dense_heads: tuple[int, ...]
+    dense_width: int
+    topk_width: int
+    cand_width: int = 0
+    full_width: int = 1
+    part_width: int = 1
+    t_widths: tuple[int, int] = (1, 1)
+
+
+def _plan(pattern, batch, kv_heads, q_offset, q_len, kv_offset, k_seg, q_seg, k_rank, topk_tiles, n_q, n_k) -> _Plan:
+    """Host-side decisions: every width from pattern parameters and shapes, never from tensor contents."""
     block = pattern.block_size
-    c = len(m)
-    device = m.device
-    lists: list[tuple[torch.Tensor, bool]] = []
-    last_kb = q_hi[m] // block  # absolute key block of the last causal key
-    if sink_cands is not None:
-        lists.append((sink_cands.view(n_b, 1, 1, -1).expand(n_b, n_h, c, -1), False))
-    if pattern.window:
-        w = pattern.window
-        first = torch.div(q_lo[m] - w + 1, block, rounding_mode="floor").clamp(min=0) - kb0
-        span = (w + block - 2) // block + 2
-        n = first.view(-1, 1) + torch.arange(span, device=device)
-        n = torch.where(n <= (last_kb - kb0).view(-1, 1), n, -1)
-        lists.append((n.view(1, 1, c, span).expand(n_b, n_h, c, span), False))
-    if pattern.layout is not None and pattern.layout.kind == "strided":
-        lay = pattern.layout
-        kb = lay.offset + lay.stride * torch.arange((kb0 + n_k + lay.stride - 1) // lay.stride + 1, device=device)
-        kb = kb[(kb >= kb0) & (kb < kb0 + n_k)]
-        n = (kb - kb0).view(1, -1).expand(c, -1)
-        n = torch.where(kb.view(1, -1) <= last_kb.view(-1, 1), n, -1)
-        lists.append((n.view(1, 1, c, -1).expand(n_b, n_h, c, -1), True))
-    all_n = torch.arange(n_k, device=device)
-    if pattern.layout is not None and pattern.layout.kind == "random":
-        lay = pattern.layout
-        qb = (qb0 + m).view(1, -1, 1)
-        kb = (kb0 + all_n).view(1, 1, -1)
-        keep = random_layout_keep(qb, kb, heads.view(-1, 1, 1), lay.seed, lay.density) & (kb <= qb)
-        n = torch.where(keep, all_n.view(1, 1, -1), -1)
-        lists.append((n.view(1, n_h, c, n_k).expand(n_b, n_h, c, n_k), True))
-    if any_dense:
-        row_dense = dense_row[m].view(1, -1, 1) | dense_head.view(-1, 1, 1)
-        causal = (kb0 + all_n).view(1, 1, -1) <= last_kb.view(1, -1, 1)
-        n = torch.where(row_dense & causal, all_n.view(1, 1, -1), -1)
-        lists.append((n.view(1, n_h, c, n_k).expand(n_b, n_h, c, n_k), True))
-    if topk_tiles is not None:
-        t = topk_tiles[:, :, m].long()
-        lists.append((t.expand(n_b, n_h, c, t.shape[-1]), True))
-    if not lists:
-        return (torch.full((n_b, n_h, c, 1), -1, dtype=torch.long, device=device),
-                torch.zeros((n_b, n_h, c, 1), dtype=torch.bool, device=device))
-    cand = torch.cat([x.long() for x, _ in lists], dim=-1)
-    blk = torch.cat([torch.full(x.shape, flag, dtype=torch.bool, device=device) for x, flag in lists], dim=-1)
-    cand = torch.where((cand >= 0) & (cand < n_k), cand, -1)
-    return cand, blk
+    qb0, kb0 = q_offset // block, kv_offset // block
+    padded = k_seg is not None or k_rank is not None or q_seg is not None
+    per_batch = padded or (topk_tiles is not None and topk_tiles.shape[0] != 1)
+    layout = pattern.layout
+    head_dependent = bool(pattern.dense_heads) or pattern.topk_blocks is not None or (
+        layout is not None and layout.kind == "random") or (topk_tiles is not None and topk_tiles.shape[1] != 1)
+    n_causal = max(0, min(n_k, (q_offset + q_len - 1) // block - kb0 + 1))
+    sink, window = pattern.sink_tokens, pattern.window or 0
+    sink_fixed = k_rank is None
+    if not sink:
+        sink_width = 0
+    elif sink_fixed:  # tiles holding positions < sink
+        sink_width = max(0, min(-(-sink // block) - kb0, n_causal))
+    else:  # distinct ranks: the first `sink` valid keys lie in at most `sink` tiles (packed: resized on device)
+        sink_width = min(sink, n_causal)
+    strided = None
+    if layout is not None and layout.kind == "strided":
+        first = (layout.offset - kb0) % layout.stride
+        count = max(0, -(-(n_causal - first) // layout.stride))
+        strided = (first, layout.stride, count) if count else None
+    dense_rows = n_q if pattern.is_dense else min(n_q, max(0, pattern.min_sparse_len // block - qb0))
+    dense_heads = tuple(pattern.dense_heads)
+    if dense_heads:
+        dense_width = n_causal
+    else:  # the last dense row's causal key tiles
+        dense_width = max(0, min(n_causal, qb0 + dense_rows - kb0)) if dense_rows else 0
+    return _Plan(
+        pattern=pattern, block=block, n_q=n_q, n_k=n_k, qb0=qb0, kb0=kb0, n_b=batch if per_batch else 1,
+        n_h=kv_heads if head_dependent else 1, n_causal=n_causal, sink=sink, window=window, padded=padded,
+        packed=q_seg is not None, k_clipped=kv_offset % block != 0, sink_width=sink_width, sink_fixed=sink_fixed,
+        # Window of query tile m: key tiles floor((q_lo - w + 1) / B) .. m's own, at most this many.
+        window_span=(window + block - 2) // block + 1 if window else 0,
+        strided=strided, random_width=n_causal if layout is not None and layout.kind == "random" else 0,
+        dense_rows=dense_rows, dense_heads=dense_heads, dense_width=dense_width,
+        topk_width=0 if topk_tiles is None else topk_tiles.shape[-1],
+    )
 
 
-def _compact(values: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Move kept entries to the front (order preserved); return counts and the list trimmed to the max count."""
-    count = keep.sum(-1)
-    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices
-    packed = torch.gather(values, -1, order)
-    width = int(count.max().item()) if count.numel() else 0
-    packed = packed[..., :width]
-    slot = torch.arange(width, device=values.device)
-    packed = torch.where(slot < count.unsqueeze(-1), packed, 0)
-    return count.to(torch.int32), packed.to(torch.int32)
+def _finish_widths(plan: _Plan) -> None:
+    """List widths from the candidate sources (all host-known once the sink width is)."""
+    cand_width = (plan.sink_width + plan.window_span + (plan.strided[2] if plan.strided else 0) + plan.random_width
+                  + plan.dense_width + plan.topk_width)
+    plan.cand_width = cand_width
+    plan.full_width = max(1, min(cand_width, plan.n_causal))
+    plan.part_width = plan.full_width
+    sink_edge = plan.sink_width > 0 and (not plan.sink_fixed or plan.sink % plan.block != 0)
+    if not plan.padded:
+        # Partial tiles of a row: its diagonal tile, a clipped first key tile, the tile holding the sink's end,
+        # the window's two edge tiles; every other listed tile is whole, causal and inside one rule.
+        plan.part_width = min(plan.full_width, 1 + plan.k_clipped + sink_edge + (2 if plan.window else 0))
+    # Transposed lists: the query tiles listing one key tile. Sinks, layouts, dense rows and a top-k selection can
+    # be listed by every query tile; a window tile only by the query tiles within the window's reach.
+    any_blk = plan.strided is not None or plan.random_width or plan.dense_width or plan.topk_width
+    window_only = plan.window and not plan.sink_width and not any_blk
+    t_full = min(plan.n_q, plan.window_span) if window_only else plan.n_q
+    t_part = plan.n_q if (plan.padded or plan.k_clipped or sink_edge) else min(plan.n_q, 1 + (2 if plan.window else 0))
+    plan.t_widths = (max(1, t_full), max(1, t_part))
 
 
-def _concat_lists(chunks: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(1, max(t.shape[-1] for _, t in chunks))
-    counts = torch.cat([c for c, _ in chunks], dim=2).contiguous()
-    tiles = torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[-1])) for _, t in chunks], dim=2)
-    return counts, tiles.contiguous()
+def _key_tile_table(plan: _Plan, kv_offset: int, kv_len: int, k_seg, q_seg, k_rank, device):
+    """Per key tile statistics, one row per tile so that one gather serves them all: columns ``lo`` (first
+    position; int64 max when the tile has no valid key), ``hi`` (last position), ``hi_full`` (``hi`` when the tile
+    is whole and all valid, else int64 max) and, with padding, ``rank min/max`` (and ``segment min/max`` when
+    packed). (n_k, 3) without padding, else (batch, n_k, 5 or 7). Also, where ranks are data, whether each tile
+    holds a sink key (batch, n_k)."""
+    block = plan.block
+    big = torch.iinfo(torch.int64).max
+    k_lo, k_hi, whole = _tile_ranges(kv_offset, kv_len, block, device)
+    if not plan.padded:
+        return torch.stack([k_lo, k_hi, torch.where(whole, k_hi, big)], -1), None
+    n_b, n_k = plan.n_b, plan.n_k
+    valid = torch.ones(n_b, kv_len, dtype=torch.bool, device=device) if k_seg is None else k_seg >= 0
+    if k_rank is None:
+        rank = (kv_offset + torch.arange(kv_len, device=device)).expand(n_b, kv_len)
+    else:
+        rank = k_rank.long()
+    values = torch.stack([rank, k_seg.long()], -1) if q_seg is not None else rank.unsqueeze(-1)
+    vmin, vmax, k_any, k_all = _tile_reduce(values, valid, kv_offset % block, n_k, block)
+    lo = torch.where(k_any, k_lo, big)
+    hi_full = torch.where(k_all & whole, k_hi, big)
+    columns = [lo, k_hi.expand(n_b, n_k), hi_full, vmin[..., 0], vmax[..., 0]]
+    if q_seg is not None:
+        columns += [vmin[..., 1], vmax[..., 1]]
+    has_sink = None
+    if plan.sink and not plan.sink_fixed:
+        has_sink = ((vmin[..., 0] < plan.sink) & k_any)[:, : plan.n_causal]
+    return torch.stack(columns, -1), has_sink
 
 
-def _transpose_lists(count: torch.Tensor, tiles: torch.Tensor, n_k: int, encoded: bool):
-    """Invert per-query-tile lists into per-key-tile lists of query tiles (same encoding), deterministically."""
-    n_b, n_h, n_q, width = tiles.shape
+def _sink_candidates(plan: _Plan, has_sink: torch.Tensor | None, device) -> torch.Tensor | None:
+    """Sink key tiles: (1, Ws) the fixed tiles 0 .. Ws-1, or (batch, Ws) the first tiles holding a key of rank <
+    sink, -1 past the last (packed sequences: Ws read from the device, the build's one synchronisation)."""
+    if not plan.sink_width:
+        return None
+    if plan.sink_fixed:
+        return torch.arange(plan.sink_width, dtype=torch.int32, device=device).view(1, -1)
+    if plan.packed:
+        plan.sink_width = int(has_sink.sum(-1).max()) if has_sink.numel() else 0  # the packed layout's sync
+        if not plan.sink_width:
+            return None
+    order = torch.sort((~has_sink).to(torch.int8), dim=-1, stable=True).indices[:, : plan.sink_width]
+    return torch.where(torch.gather(has_sink, 1, order), order, -1).to(torch.int32)
+
+
+_BIG = (1 << 31) - 1  # sort key of an empty slot: past every entry (int32 lists)
+
+
+def _build_lists(plan: _Plan, q_lo, q_hi, table, q_segs, sink_row, topk_tiles, device):
+    """full_count, full_tiles, part_count, part_tiles: per chunk of query tiles, the candidate key tiles of every
+    source are classified (skipped / partial / full), deduplicated and compacted by two sorts."""
+    n_b, n_h, n_q, n_k, block = plan.n_b, plan.n_h, plan.n_q, plan.n_k, plan.block
+    w_f, w_p = plan.full_width, plan.part_width
+    if plan.cand_width == 0:
+        zeros = torch.zeros(n_b, n_h, n_q, dtype=torch.int32, device=device)
+        return zeros, zeros.new_zeros(n_b, n_h, n_q, w_f), zeros.clone(), zeros.new_zeros(n_b, n_h, n_q, w_p)
+    i32 = dict(dtype=torch.int32, device=device)
+    n_tok = plan.sink_width + plan.window_span
+    n_blk = plan.cand_width - n_tok
+    # 1 on block-selected columns (token-rule sources come first): a Python int when every column agrees.
+    blk_col = (torch.arange(plan.cand_width, **i32) >= n_tok).to(torch.int32) if n_tok and n_blk else int(n_blk > 0)
+    win_first = None
+    if plan.window:
+        win_first = torch.div(q_lo - (plan.window - 1), block, rounding_mode="floor") - plan.kb0
+        if plan.sink_fixed and plan.sink_width:
+            win_first = win_first.clamp(min=plan.sink_width)  # fixed sink tiles come first: no overlap to remove
+        win_first = win_first.to(torch.int32).view(-1, 1) + torch.arange(plan.window_span, **i32)
+    strided_row = None
+    if plan.strided is not None:
+        first, stride, count = plan.strided
+        strided_row = torch.arange(first, first + stride * count, stride, **i32)
+    all_n = torch.arange(max(plan.random_width, plan.dense_width), **i32)
+    heads = torch.arange(n_h, device=device)
+    head_dense = None
+    for h in plan.dense_heads:
+        head_dense = (heads == h) if head_dense is None else head_dense | (heads == h)
+    n_sources = sum(map(bool, (plan.sink_width, plan.window_span, strided_row is not None, plan.random_width,
+                               plan.dense_width, plan.topk_width)))
+    # Overlapping sources list a tile twice: sort once to keep one entry per tile (the block-selected one).
+    dedupe = plan.topk_width > 0 or (n_sources > 1 and not (n_blk == 0 and plan.sink_fixed))
+    batch_rows = torch.arange(n_b, device=device).view(n_b, 1, 1, 1) if table.dim() == 3 else None
+    slot_f, slot_p = slice(0, w_f), slice(0, w_p)
+
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, plan.cand_width * n_h * n_b))
+    out = []
+    for m0 in range(0, n_q, chunk):
+        m1 = min(n_q, m0 + chunk)
+        c = m1 - m0
+        shape = (n_b, n_h, c)
+        sources = []
+        if sink_row is not None:
+            sources.append(sink_row.view(sink_row.shape[0], 1, 1, sink_row.shape[1]))
+        if win_first is not None:
+            sources.append(win_first[m0:m1].view(1, 1, c, plan.window_span))
+        if strided_row is not None:
+            sources.append(strided_row.view(1, 1, 1, plan.strided[2]))
+        if plan.random_width:
+            lay = plan.pattern.layout
+            qb = (plan.qb0 + torch.arange(m0, m1, device=device)).view(1, c, 1)
+            kb = plan.kb0 + torch.arange(plan.random_width, device=device).view(1, 1, -1)
+            keep = random_layout_keep(qb, kb, heads.view(-1, 1, 1), lay.seed, lay.density)
+            sources.append(torch.where(keep, all_n[: plan.random_width], -1).view(1, n_h, c, plan.random_width))
+        if plan.dense_width:
+            dense = torch.arange(m0, m1, device=device).view(1, c, 1) < plan.dense_rows
+            if head_dense is not None:
+                dense = dense | head_dense.view(-1, 1, 1)
+            sources.append(torch.where(dense, all_n[: plan.dense_width], -1).unsqueeze(0))
+        if topk_tiles is not None:
+            sources.append(topk_tiles[:, :, m0:m1].to(torch.int32))
+        cand = torch.cat([s.expand(*shape, s.shape[-1]) for s in sources], -1) if len(sources) > 1 else \
+            sources[0].expand(*shape, sources[0].shape[-1])
+        n_safe = cand.clamp(0, n_k - 1)
+        valid = n_safe == cand
+        stats = (table[n_safe] if batch_rows is None else table[batch_rows, n_safe]).unbind(-1)
+        k_lo, k_hi, k_hi_full = stats[:3]
+        qlo, qhi = q_lo[m0:m1].view(1, 1, c, 1), q_hi[m0:m1].view(1, 1, c, 1)
+        keep = valid & (k_lo <= qhi)  # some causal valid key
+        full = k_hi_full <= qlo  # whole, all valid and all causal
+        if q_segs is not None:
+            ks_min, ks_max = stats[5], stats[6]
+            qs_min = q_segs[0][:, m0:m1].view(n_b, 1, c, 1)
+            qs_max = q_segs[1][:, m0:m1].view(n_b, 1, c, 1)
+            keep &= (ks_min <= qs_max) & (qs_min <= ks_max)
+            full &= (ks_min == ks_max) & (qs_min == qs_max) & (ks_min == qs_min)
+        if n_tok:
+            r_min, r_max = (stats[3], stats[4]) if plan.padded else (k_lo, k_hi)
+            tok_any = tok_all = None
+            if plan.sink:
+                tok_any, tok_all = r_min < plan.sink, r_max < plan.sink
+            if plan.window:
+                w_any, w_all = k_hi > qlo - plan.window, k_lo > qhi - plan.window
+                tok_any = w_any if tok_any is None else tok_any | w_any
+                tok_all = w_all if tok_all is None else tok_all | w_all
+            if n_blk:
+                blk_true = blk_col.bool()
+                tok_any, tok_all = tok_any | blk_true, tok_all | blk_true
+            keep &= tok_any
+            full &= tok_all
+        full &= keep
+        if dedupe:
+            # Key: tile, then block-selected, then full; the last entry of a tile is the one kept (a block-selected
+            # entry attends a superset of a token-rule one, and both agree on being full when both are).
+            key = torch.where(keep, cand * 4 + blk_col * 2 + full, _BIG).sort(-1).values
+            tile = key >> 2
+            last = (tile != torch.nn.functional.pad(tile[..., 1:], (0, 1), value=-1)) & (key != _BIG)
+            full = last & (key & 1).bool()
+            part = last ^ full
+            tile_code = key >> 1  # tile * 2 + block-selected
+        else:
+            tile = cand
+            part = keep ^ full
+            tile_code = cand * 2 + blk_col
+        full_count = full.sum(-1, dtype=torch.int32)
+        part_count = part.sum(-1, dtype=torch.int32)
+        full_tiles = torch.where(full, tile, _BIG).sort(-1).values[..., slot_f] % _BIG  # empty slots -> 0
+        code = torch.where(part, tile_code, _BIG).sort(-1).values[..., slot_p] % _BIG
+        part_tiles = (code >> 1) ^ -(code & 1)  # block-selected: -(tile + 1) == ~tile
+        out.append((full_count, full_tiles, part_count, part_tiles))
+    if len(out) == 1:
+        return out[0]
+    return tuple(torch.cat([o[i] for o in out], dim=2) for i in range(4))
+
+
+def _transpose_lists(count: torch.Tensor, tiles: torch.Tensor, n_k: int, encoded: bool, width: int | None = None):
+    """Invert per-query-tile lists into per-key-tile lists of query tiles (same encoding), deterministically and
+    without a device read: ``width`` is a host-known bound on the query tiles listing one key tile (default: all)."""
+    n_b, n_h, n_q, w = tiles.shape
+    width = n_q if width is None else width
     device = tiles.device
-    present = torch.arange(width, device=device) < count.unsqueeze(-1).long()
     raw = tiles.long()
-    selected = raw < 0 if encoded else torch.zeros_like(present)
-    key_tile = torch.where(selected, -raw - 1, raw)
-    m = torch.arange(n_q, device=device).view(1, 1, n_q, 1).expand_as(raw)
-    value = torch.where(selected, -m - 1, m)
-    flat = n_q * width  # spelled out (no -1): an index for batch 0 has no elements to infer it from
-    flat_key = torch.where(present, key_tile, n_k).reshape(n_b, n_h, flat)
-    flat_val = value.reshape(n_b, n_h, flat)
-    # Sort by key tile, then query tile: lists come out ascending and the result is deterministic.
-    order = torch.sort(flat_key * (n_q + 1) + m.reshape(n_b, n_h, flat), dim=-1).indices
-    flat_key = torch.gather(flat_key, -1, order)
-    flat_val = torch.gather(flat_val, -1, order)
-    counts = torch.zeros(n_b, n_h, n_k + 1, dtype=torch.long, device=device)
-    counts.scatter_add_(-1, flat_key, torch.ones_like(flat_key))
-    starts = torch.cumsum(counts, -1) - counts
-    counts = counts[..., :n_k]
-    width_t = max(1, int(counts.max().item()) if counts.numel() else 0)
-    pos = torch.arange(flat_key.shape[-1], device=device).expand_as(flat_key)
-    rank = pos - torch.gather(starts, -1, flat_key)
-    # Absent entries land in a dump region past the n_k lists.
-    target = torch.where(flat_key < n_k, flat_key * width_t + rank, n_k * width_t + pos)
-    out = torch.zeros(n_b, n_h, n_k * width_t + flat_key.shape[-1], dtype=torch.long, device=device)
-    out.scatter_(-1, target, flat_val)
-    out = out[..., : n_k * width_t].view(n_b, n_h, n_k, width_t)
-    slot = torch.arange(width_t, device=device)
-    out = torch.where(slot < counts.unsqueeze(-1), out, 0)
-    return counts.to(torch.int32).contiguous(), out.to(torch.int32).contiguous()
+    present = torch.arange(w, device=device) < count.unsqueeze(-1)
+    m = torch.arange(n_q, device=device).view(n_q, 1)
+    if encoded:
+        selected = raw < 0
+        key = (torch.where(selected, ~raw, raw) * n_q + m) * 2 + selected
+    else:
+        key = (raw * n_q + m) * 2
+    big = torch.iinfo(torch.int64).max
+    # Sorted by key tile, then query tile: lists come out ascending and the result is deterministic.
+    flat = torch.where(present, key, big).view(n_b, n_h, n_q * w).sort(-1).values
+    bounds = (torch.arange(n_k + 1, device=device) * (2 * n_q)).expand(n_b, n_h, n_k + 1).contiguous()
+    starts = torch.searchsorted(flat, bounds)
+    counts = starts[..., 1:] - starts[..., :-1]
+    at = (starts[..., :-1, None] + torch.arange(width, device=device)).clamp(max=n_q * w - 1)
+    entry = flat.gather(-1, at.view(n_b, n_h, n_k * width)).view(n_b, n_h, n_k, width)
+    q_tile = (entry >> 1) % n_q
+    if encoded:
+        q_tile = q_tile ^ -(entry & 1)  # block-selected: -(m + 1) == ~m
+    out = torch.where(torch.arange(width, device=device) < counts.unsqueeze(-1), q_tile, 0)
+    return counts.to(torch.int32), out.to(torch.int32)
 
 
 def element_mask(
