@@ -74,7 +74,8 @@ def _reference_tiles(selector, layer, q, k, topk, sink, window, q_offset, kv_off
 
             for m, qb in enumerate(qb_list):
                 qf = qmean(qb if m == 0 else qb - 1)
-                limit = qb if window is None else math.floor((qb * BLOCK - window + 1) / BLOCK)
+                # tiles the window keeps whole for the tile's last row do not compete; its edge tile does
+                limit = qb if window is None else min(qb, math.floor((qb * BLOCK + BLOCK - 1 - window) / BLOCK) + 1)
                 scored = []
                 for kb in kb_list:
                     members = [s for s in range(kv_len) if key_pos[s] // BLOCK == kb]
@@ -82,7 +83,7 @@ def _reference_tiles(selector, layer, q, k, topk, sink, window, q_offset, kv_off
                         continue
                     if kb == kb_list[0] and kv_offset % BLOCK:
                         continue
-                    if sink and any(real[s] and rank[s] < sink for s in members):
+                    if sink and all(rank[s] < sink for s in members if real[s]):  # kept whole by the sink
                         continue
                     kf = kfeat(kb)
                     logit = float(scorer.u[h] @ kf)
@@ -290,3 +291,14 @@ def test_block_mass_rows_equals_eval_definition(length):
     tiles = torch.tensor([0, 2, 3])
     got = block_mass_rows(q, k, BLOCK, 0.3, tiles, tiles_per_chunk=2)
     torch.testing.assert_close(got, want[:, :, tiles], rtol=1e-5, atol=1e-6)
+    # The gain (mass the static part leaves): per query tile, 1 - the static index's token-exact coverage.
+    from hf_sparsek.eval.selection_recall import coverage
+
+    from hf_sparsek.ops import build_index_for
+
+    static = hf_sparsek.SparsePattern(block_size=BLOCK, sink_tokens=5, window=70)
+    gain = block_mass_rows(q, k, BLOCK, 0.3, tiles, sink_tokens=5, window=70)
+    covered = coverage(q, k, build_index_for(q, k, static), 0.3, per_tile=True).float()
+    torch.testing.assert_close(gain.sum(-1), 1 - covered[:, :, tiles], rtol=1e-4, atol=1e-5)
+    assert (gain[:, :, 1, 2] == 0).all()  # the window keeps all of tile 2 for query tile 2 (its diagonal)
+    assert (gain[:, :, 2, 2] > 0).all()  # but not for query tile 3

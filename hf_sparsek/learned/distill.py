@@ -8,8 +8,9 @@ What a run does:
    ``AttentionInterface.register`` + ``model.set_attn_implementation``) that records, per layer, the block features
    the scorer reads and the *true* block attention mass of every (query tile, KV head) (``block_attention_mass``,
    exact, on the model's device): the distillation targets;
-3. trains the per-layer scorers on those records: per query tile, the KL divergence between the true mass over the
-   competing key tiles (renormalised) and the scorer's softmax over them, weighted by the mass at stake, plus
+3. trains the per-layer scorers on those records: per query tile, the KL divergence between the true mass the
+   pattern's sink and window leave in each competing key tile (what selecting it gains, renormalised) and the
+   scorer's softmax over them, weighted by the mass at stake, plus
    optionally (``coverage_weight``) the mass the soft SPARSEK mask (``sparsek_topk``) of the logits covers;
 4. measures on the held-out windows the attention mass each selector covers at the same budget (the oracle, the
    learned scorer, the untrained one, the library's training-free selectors), token-exact;
@@ -57,16 +58,19 @@ class LayerRecord:
     qb: torch.Tensor  # (n,) the query tiles recorded (all, or every ``stride``-th)
     q_feat: torch.Tensor  # (B, Hkv, n, D) lagged pooled queries of those tiles
     k_feat: torch.Tensor  # (B, Hkv, n_k, 3 D)
-    mass: torch.Tensor  # (B, Hkv, n, n_k) true block attention mass of those tiles
+    mass: torch.Tensor  # (B, Hkv, n, n_k) true attention mass the static part leaves in each tile (the gain)
     competing: torch.Tensor  # (B, 1, n, n_k)
     qk: tuple[torch.Tensor, torch.Tensor, float | None] | None = None  # (q, k, scale), eval windows only
 
 
 def block_mass_rows(q: torch.Tensor, k: torch.Tensor, block: int, scale: float | None, tiles: torch.Tensor,
-                    tiles_per_chunk: int = 8) -> torch.Tensor:
+                    tiles_per_chunk: int = 8, sink_tokens: int = 0, window: int | None = None) -> torch.Tensor:
     """(B, Hkv, len(tiles), n_k) float32: the exact causal block attention mass of the listed query tiles of a
     prefill (queries = keys, from position 0), as ``eval.selection_recall.block_attention_mass`` defines it (per
-    query tile, summed over its rows and the group's heads, each query tile summing to 1)."""
+    query tile, summed over its rows and the group's heads, each query tile summing to 1).
+
+    With ``sink_tokens`` / ``window``, only the mass of the pairs that static part does not attend: what selecting
+    a tile adds (its gain; zero for the tiles the static part keeps whole)."""
     batch, hq, length, dim = q.shape
     hkv = k.shape[1]
     group = hq // hkv
@@ -82,7 +86,13 @@ def block_mass_rows(q: torch.Tensor, k: torch.Tensor, block: int, scale: float |
         rows = rows.clamp(max=length - 1)
         scores = torch.matmul(q[:, :, rows].float(), keys) * scale
         scores.masked_fill_(key_pos.view(1, -1) > rows.view(-1, 1), float("-inf"))
-        probs = torch.nn.functional.pad(scores.softmax(-1), (0, n_k * block - length))
+        probs = scores.softmax(-1)
+        if sink_tokens or window is not None:
+            kept = key_pos.view(1, -1) < sink_tokens
+            if window is not None:
+                kept = kept | (rows.view(-1, 1) - key_pos.view(1, -1) < window)
+            probs = probs.masked_fill(kept, 0.0)
+        probs = torch.nn.functional.pad(probs, (0, n_k * block - length))
         probs = probs.view(batch, hkv, group, len(chunk), block, n_k, block) * real.view(1, 1, 1, len(chunk), block,
                                                                                        1, 1)
         out.append(probs.sum((2, 4, 6)) / (real.view(len(chunk), block).sum(-1).view(1, 1, -1, 1) * group))
@@ -112,7 +122,8 @@ def _capture_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
                 qb=qb,
                 q_feat=lagged_query_features(sums, counts, None)[:, :, qb],
                 k_feat=key_tile_features(key, None, 0, block),
-                mass=block_mass_rows(query, key, block, kwargs.get("scaling"), qb),
+                mass=block_mass_rows(query, key, block, kwargs.get("scaling"), qb,
+                                     sink_tokens=pattern.sink_tokens, window=pattern.window),
                 competing=competing[:, :, qb],
                 qk=(query.detach().float(), key.detach().float(), kwargs.get("scaling")) if _capture["keep_qk"]
                 else None,
@@ -207,8 +218,8 @@ def heldout_recall(selector: LearnedSelector, initial: LearnedSelector, records:
     """The attention mass each selector covers at the same budget, mean over windows, layers and KV heads.
 
     ``static``: the pattern's sink and window alone, token-exact (``eval.selection_recall.coverage``). The budgeted
-    selectors choose ``topk_blocks`` whole competing tiles, which the static part never touches, so their coverage
-    is the static one plus the exact mass of the chosen tiles: ``oracle`` (by true mass), ``learned``,
+    selectors choose ``topk_blocks`` whole competing tiles, so their coverage is the static one plus the exact mass
+    the static part leaves in the chosen tiles (their gain): ``oracle`` (the best by true gain), ``learned``,
     ``untrained`` (the initial scorer). ``library`` names the package's training-free selectors, measured
     token-exact on the index the op builds for them (they may spend budget on tiles the window already visits).
     Densities: attended pairs over causal pairs, mean.

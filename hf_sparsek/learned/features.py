@@ -10,9 +10,12 @@ sequence cut into calls (prefill, chunked prefill, decode) would select differen
 the lagged rule reads exists when tile m's first row arrives, so every way of cutting a sequence selects the same
 tiles (the property the block index already has for static patterns).
 
-Competing tiles of query tile m (absolute tile ``qb``): causal key tiles with a real key, before the window's
-first tile ``floor((qb B - window + 1) / B)`` (without a window: before the diagonal tile), that hold no sink key.
-The window, sink and diagonal tiles are always visited by the pattern itself and never spend budget.
+Competing tiles of query tile m (absolute tile ``qb``): causal key tiles before the diagonal with a real key that
+the pattern's sink and window do not already keep whole: not every real key a sink token, and before the first tile
+the window keeps whole for the tile's last row, ``floor((qb B + B - 1 - window) / B) + 1``. So the window's edge
+tile, which the window covers only in part, competes (selecting it keeps the rest of it), like the package's
+training-free selectors' competition (``hf_sparsek.selection.tiles``). All rules use the absolute tile, never the
+call's rows: every way of cutting a sequence into calls lets the same tiles compete.
 """
 
 from __future__ import annotations
@@ -94,7 +97,8 @@ def competing_tiles(
     n_q, n_k = tile_count(q_offset, q_len, block), tile_count(kv_offset, kv_len, block)
     qb = (q_offset // block + torch.arange(n_q, device=device)).view(-1, 1)
     kb = (kv_offset // block + torch.arange(n_k, device=device)).view(1, -1)
-    limit = qb if window is None else torch.div(qb * block - window + 1, block, rounding_mode="floor")
+    limit = qb if window is None else torch.minimum(
+        qb, torch.div(qb * block + block - 1 - window, block, rounding_mode="floor") + 1)
     before = kb < limit  # (n_q, n_k)
     ok = torch.ones(batch, kv_len, dtype=torch.bool, device=device) if valid is None else valid.bool()
     rank = key_ranks(valid, batch, kv_len, kv_offset, device)
@@ -106,6 +110,6 @@ def competing_tiles(
     complete = torch.ones_like(has_key)
     if shift:  # the first tile is cut by the call: its keys before kv_offset are unknown here
         complete[:, 0] = False
-    sink = (okp & (rankp < sink_tokens)).any(-1) if sink_tokens else torch.zeros_like(has_key)
+    sink = (~okp | (rankp < sink_tokens)).all(-1) if sink_tokens else torch.zeros_like(has_key)  # all sink
     per_key = has_key & ~sink & complete
     return (before.view(1, 1, n_q, n_k) & per_key.view(batch, 1, 1, n_k))
