@@ -11,7 +11,7 @@ Query-independent ("key", the SparseK paper's score of pooled keys)::
 ``qbar_{m-1}``: the mean query of the previous tile (see :mod:`hf_sparsek.learned.features`); ``kfeat_n``:
 [mean, max, min] of key tile n; ``bucket``: log2 of the tile distance. Initialisation: Wq = I, Wk = [I, 0, 0],
 s = 1 / sqrt(D), u = 0, bias = 0, so an untrained "query" scorer ranks tiles exactly as the training-free mean-pool
-selector does (mean query . mean key), not at random. Parameters per layer: Hkv (D^2 + 4 D^2 + 3 D + 1 + buckets).
+selector does (mean query . mean key), not at random. Parameters per layer: Hkv (4 D^2 + 3 D + 1 + buckets).
 """
 
 from __future__ import annotations
