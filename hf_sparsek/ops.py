@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import OrderedDict
 from functools import lru_cache
 from typing import Literal
 
@@ -288,6 +289,31 @@ def _sdpa_applies(q_len: int, kv_len: int, q_offset: int, kv_offset: int) -> boo
     return (q_len == kv_len and q_offset == kv_offset) or (q_len == 1 and q_offset + 1 == kv_offset + kv_len)
 
 
+_STATIC_INDEXES: OrderedDict[tuple, BlockIndex] = OrderedDict()
+STATIC_INDEX_CAPACITY = 64  # shape classes kept (an index is O(query tiles x listed tiles) int32: KBs to a few MBs)
+
+
+def _static_index(q: torch.Tensor, k: torch.Tensor, pattern: SparsePattern, q_offset: int, kv_offset: int
+                  ) -> BlockIndex:
+    """The index of a call without padding, packing or selection depends only on the pattern, the KV heads, the
+    lengths, the offsets and the device: built once per such shape class and reused across calls and forwards
+    (least recently used dropped past ``STATIC_INDEX_CAPACITY``), with its transposed lists for the backward."""
+    key = (pattern, k.shape[1], q.shape[2], k.shape[2], q_offset, kv_offset, q.device)
+    index = _STATIC_INDEXES.get(key)
+    if index is not None:
+        _STATIC_INDEXES.move_to_end(key)
+        return index
+    index = _STATIC_INDEXES[key] = build_index_for(q[:1], k[:1], pattern, q_offset, kv_offset)
+    while len(_STATIC_INDEXES) > STATIC_INDEX_CAPACITY:
+        _STATIC_INDEXES.popitem(last=False)
+    return index
+
+
+def clear_index_cache() -> None:
+    """Drop the block indexes kept across calls (they are rebuilt on demand)."""
+    _STATIC_INDEXES.clear()
+
+
 def _index_for_call(
     cache: dict | None, q: torch.Tensor, k: torch.Tensor, pattern: SparsePattern, q_offset: int, kv_offset: int,
     attention_mask: torch.Tensor | None, segment_ids: torch.Tensor | None, query_segment_ids: torch.Tensor | None,
@@ -295,9 +321,13 @@ def _index_for_call(
 ) -> BlockIndex:
     """Build the index, or reuse one of ``cache`` built for the same pattern, shapes and kind of layout. A top-k
     selection depends on q and k, so it is rebuilt per call."""
-    if cache is None or pattern.topk_blocks is not None or selected_tiles is not None:
+    if pattern.topk_blocks is not None or selected_tiles is not None:
         return build_index_for(q, k, pattern, q_offset, kv_offset, attention_mask, segment_ids, query_segment_ids,
                                selected_tiles)
+    if attention_mask is None and segment_ids is None and query_segment_ids is None:
+        return _static_index(q, k, pattern, q_offset, kv_offset)
+    if cache is None:
+        return build_index_for(q, k, pattern, q_offset, kv_offset, attention_mask, segment_ids, query_segment_ids)
     key = (pattern, k.shape[1], q.shape[2], k.shape[2], q_offset, kv_offset, attention_mask is not None,
            segment_ids is not None, query_segment_ids is not None, q.device)
     index = cache.get(key)
@@ -372,11 +402,104 @@ def sparse_attention(
     q_offset, kv_offset = _resolve_offsets(q.shape[2], k.shape[2], q_offset, kv_offset)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if index is None:
+        out = _decode_without_index(q, k, v, pattern, q_offset, kv_offset, attention_mask, segment_ids,
+                                    query_segment_ids, selected_tiles, index_cache, scale, softcap, backend,
+                                    dense_via_sdpa)
+        if out is not None:
+            return out
         index = _prepare_index(q, k, pattern, q_offset, kv_offset, attention_mask, segment_ids, query_segment_ids,
                                index_cache, softcap, dense_via_sdpa, selected_tiles)
     else:
         _check_index(index, q, k, pattern, q_offset, kv_offset, attention_mask, segment_ids)
     return _attend(q, k, v, index, scale, softcap, backend)
+
+
+DECODE_MAX_Q_LEN = 16  # the split-KV kernel's longest query run (kernels/decode.py MAX_Q_LEN)
+
+
+def _decode_without_index(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: SparsePattern, q_offset: int, kv_offset: int,
+    attention_mask: torch.Tensor | None, segment_ids: torch.Tensor | None, query_segment_ids: torch.Tensor | None,
+    selected_tiles: torch.Tensor | None, index_cache: dict | None, scale: float, softcap: float | None,
+    backend: Backend, dense_via_sdpa: bool,
+) -> torch.Tensor | None:
+    """A short query run (decode, small chunks) of a pattern made of sink, window and selected tiles runs the
+    split-KV kernel straight from the pattern's parameters: no block index is built. None where that does not apply
+    (static layouts, dense heads, packed sequences, gradients, rows split by ``min_sparse_len``, the reference
+    backend, SDPA's dense shortcut): the caller builds an index."""
+    q_len, kv_len, block = q.shape[2], k.shape[2], pattern.block_size
+    if q_len > DECODE_MAX_Q_LEN or segment_ids is not None or query_segment_ids is not None:
+        return None
+    if pattern.layout is not None or pattern.dense_heads:
+        return None
+    if q_offset + q_len <= pattern.min_sparse_len:  # every row dense
+        pattern, selected_tiles = SparsePattern(block_size=block), None
+    elif q_offset < pattern.min_sparse_len:
+        return None
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return None
+    plain = attention_mask is None and not softcap and selected_tiles is None
+    if dense_via_sdpa and pattern.is_dense and plain and _sdpa_applies(q_len, kv_len, q_offset, kv_offset):
+        return None
+    if not _uses_triton(q, k, v, softcap, backend):
+        return None
+    from .kernels.dispatch import use_split_kv
+    from .runtime import kernel_options
+
+    if not use_split_kv(q_len, False, kernel_options()):
+        return None
+    k_seg = k_rank = sink_ranges = None
+    if attention_mask is not None:
+        k_seg, k_rank, sink_ranges = _decode_layout(q, k, attention_mask, pattern, kv_offset, index_cache)
+    selected = None
+    if selected_tiles is not None:
+        selected = _checked_selected_tiles(selected_tiles, q.shape[0], k.shape[1], q_len, q_offset, block, q.device)
+    elif pattern.topk_blocks is not None:
+        selected = select_tiles(q, k, pattern, q_offset, kv_offset, k_seg)
+    kb0 = kv_offset // block
+    last_tile = (q_offset + q_len - 1) // block - kb0 + 1
+    sink, window = pattern.sink_tokens, pattern.window or 0
+    if pattern.is_dense:  # every causal key, as whole blocks
+        ranges, range_selected, sink = (0, 0, 0, last_tile), True, 0
+    else:
+        sink_hi = max(0, (sink - 1) // block - kb0 + 1) if sink else 0
+        if window:
+            first = max(kv_offset, q_offset - window + 1) // block - kb0
+            ranges = (0, sink_hi, first, last_tile)
+        else:
+            ranges = (0, sink_hi, 0, 0)
+        range_selected = False
+    from .triton_ops import triton_decode_without_index
+
+    return triton_decode_without_index(
+        q, k, v, block=block, q_offset=q_offset, kv_offset=kv_offset, sink=sink, window=window, scale=scale,
+        softcap=softcap, ranges=ranges, sink_ranges=sink_ranges if sink else None, selected=selected,
+        range_selected=range_selected, k_seg=k_seg, k_rank=k_rank)
+
+
+def _decode_layout(q: torch.Tensor, k: torch.Tensor, attention_mask: torch.Tensor, pattern: SparsePattern,
+                   kv_offset: int, cache: dict | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Padding of a decode call: key segments and ranks (as the index has them) and, per batch row, the key tiles
+    holding its sink (its first ``sink_tokens`` real keys), relative to the call's first tile; device ops only, made
+    once per mask when ``cache`` (the layers of one forward) is given."""
+    key = ("decode-layout", k.shape[2], kv_offset, pattern.block_size, pattern.sink_tokens, q.device)
+    if cache is not None and key in cache:
+        return cache[key]
+    batch, kv_len, block = q.shape[0], k.shape[2], pattern.block_size
+    k_seg, _, k_rank = sequence_layout(batch, q.shape[2], kv_len, attention_mask, None, q.device)
+    pos = torch.arange(kv_len, device=q.device)
+    in_sink = (k_seg >= 0) & (k_rank < pattern.sink_tokens)
+    lo = torch.where(in_sink, pos, kv_len).amin(-1)
+    hi = torch.where(in_sink, pos, -1).amax(-1)
+    kb0 = kv_offset // block
+    lo_tile = torch.div(lo + kv_offset, block, rounding_mode="floor") - kb0
+    hi_tile = torch.div(hi + kv_offset, block, rounding_mode="floor") - kb0 + 1
+    any_sink = hi >= 0
+    sink_ranges = torch.stack([torch.where(any_sink, lo_tile, 0), torch.where(any_sink, hi_tile, 0)], -1)
+    result = (k_seg, k_rank, sink_ranges.to(torch.int32).contiguous())
+    if cache is not None:
+        cache[key] = result
+    return result
 
 
 def _prepare_index(

@@ -80,6 +80,10 @@ def bench_ms(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> floa
 
 
 def _commit() -> str:
+    """The commit of the code that ran: ``HF_SPARSEK_COMMIT`` when set (a device copy or an archive has no history of
+    its own), else ``git rev-parse HEAD``."""
+    if os.environ.get("HF_SPARSEK_COMMIT"):
+        return os.environ["HF_SPARSEK_COMMIT"]
     try:
         done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
