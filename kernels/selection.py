@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-NEG = -1.0e30  # "no candidate" score: finite, so that exp() of differences never makes NaN
+NEG: tl.constexpr = tl.constexpr(-1.0e30)  # "no candidate" score: finite, so that exp() of differences never makes NaN
+FILLED: tl.constexpr = tl.constexpr(3.0)  # a top-k slot value above any tile mass (masses are <= 1)
 ROWS_MIN = 16  # tl.dot needs >= 16 rows: query tiles of a program x padded group size
 POOL_ROWS = 32  # rows of a tile loaded at once by the pooling kernel
 FEATURE_CHUNK = 64  # feature columns per dot product (bounds registers at head dim 256)
@@ -134,7 +135,8 @@ def _select_kernel(
     qb = qb0 + m
     q_last = tl.minimum((qb + 1) * BLOCK - 1, q_end - 1)
     kk = tl.arange(0, KP)
-    best_v = tl.full([BM, KP], -1.0, tl.float32)
+    # the running top-k, unsorted: -1 = empty slot, FILLED (> any mass) = a slot past TOPK that is never replaced
+    best_v = tl.where(kk[None, :] < TOPK, tl.full([BM, KP], -1.0, tl.float32), FILLED)
     best_i = tl.full([BM, KP], -1, tl.int32)
     static_mass = tl.zeros([BM], dtype=tl.float32)
     for n0 in range(0, n_hi, CN):
@@ -153,31 +155,35 @@ def _select_kernel(
             static = static | (cand & ((q_last[:, None] - k_first[None, :]) < window))
         static_mass += tl.sum(tl.where(static, mass, 0.0), 1)
         cv = tl.where(cand & ~static, mass, -1.0)
-        kth = tl.sum(tl.where(kk[None, :] == TOPK - 1, best_v, 0.0), 1)
-        if tl.max(tl.max(cv, 1) - kth, 0) > 0:  # some row has a tile better than its k-th: merge this chunk
-            new_v = tl.full([BM, KP], -1.0, tl.float32)
-            new_i = tl.full([BM, KP], -1, tl.int32)
-            for t in range(TOPK):
-                mb = tl.max(best_v, 1)
-                mc = tl.max(cv, 1)
-                ab = tl.argmax(best_v, 1)
-                ac = tl.argmax(cv, 1)
-                take_c = mc > mb  # equal values keep the earlier (lower) tile
-                from_b = tl.sum(tl.where(kk[None, :] == ab[:, None], best_i, 0), 1)
-                idx = tl.where(take_c, n0 + ac, from_b)
-                new_v = tl.where(kk[None, :] == t, tl.where(take_c, mc, mb)[:, None], new_v)
-                new_i = tl.where(kk[None, :] == t, idx[:, None], new_i)
-                cv = tl.where(take_c[:, None] & (cn[None, :] == ac[:, None]), -2.0, cv)
-                best_v = tl.where((~take_c)[:, None] & (kk[None, :] == ab[:, None]), -2.0, best_v)
-            best_v = new_v
-            best_i = new_i
+        kth = tl.min(best_v, 1)
+        # insert the chunk's best tile in place of the smallest kept one while some row has a better tile; the
+        # number of insertions over a whole row is about k * log(key tiles / k), far fewer than k per chunk
+        while tl.max((tl.max(cv, 1) > kth).to(tl.int32), 0) > 0:
+            mc = tl.max(cv, 1)
+            ac = tl.argmax(cv, 1)
+            slot = tl.argmin(best_v, 1)
+            put = (mc > kth)[:, None] & (kk[None, :] == slot[:, None])  # strict: an equal tile keeps the earlier
+            best_v = tl.where(put, mc[:, None], best_v)
+            best_i = tl.where(put, (n0 + ac)[:, None], best_i)
+            cv = tl.where(cn[None, :] == ac[:, None], -1.0, cv)  # rows that did not insert had nothing above kth
+            kth = tl.min(best_v, 1)
 
-    keep = best_v >= 0
+    # sort the kept tiles by mass, descending (ties: lower slot first), for the threshold's cumulative mass
+    best_v = tl.where(kk[None, :] < TOPK, best_v, -2.0)
+    out_v = tl.full([BM, KP], -1.0, tl.float32)
+    out_i = tl.full([BM, KP], -1, tl.int32)
+    for t in range(TOPK):
+        top = tl.argmax(best_v, 1)
+        here = kk[None, :] == top[:, None]
+        out_v = tl.where(kk[None, :] == t, tl.max(best_v, 1)[:, None], out_v)
+        out_i = tl.where(kk[None, :] == t, tl.sum(tl.where(here, best_i, 0), 1)[:, None], out_i)
+        best_v = tl.where(here, -2.0, best_v)
+    keep = out_v >= 0
     if HAS_THRESHOLD:
-        v = tl.maximum(best_v, 0.0)
+        v = tl.maximum(out_v, 0.0)
         before = static_mass[:, None] + tl.cumsum(v, 1) - v
         keep = keep & (before < threshold)
-    out = tl.where(keep, best_i, -1)
+    out = tl.where(keep, out_i, -1)
     ptr = OUT + b.to(tl.int64) * s_ob + g.to(tl.int64) * s_oh + m.to(tl.int64)[:, None] * s_om + kk[None, :]
     tl.store(ptr, out, mask=m_ok[:, None] & (kk[None, :] < TOPK))
 

@@ -112,6 +112,7 @@ def main() -> None:
         '{"block_size": 64, "sink_tokens": 64, "window": 128, "topk_blocks": 8}',
     ])
     ap.add_argument("--combine", default="sum")
+    ap.add_argument("--tag", default="run", help="suffix of the results file name")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     cache = os.path.join(args.out, f"qk_{args.seq_len}.pt")
@@ -131,29 +132,35 @@ def main() -> None:
     for text in args.patterns:
         pattern = SparsePattern.from_dict(json.loads(text))
         block = pattern.block_size
-        for name in args.candidates.split(","):
-            start = time.perf_counter()
-            cov, ora, tiles, per_layer = [], [], [], []
-            for layer, (q, k, scale) in sorted(captured.items()):
+        names = args.candidates.split(",")
+        sums = {name: {"cov": [], "ora": [], "tiles": [], "per_layer": [], "seconds": 0.0} for name in names}
+        for layer, (q, k, scale) in sorted(captured.items()):
+            mass = block_attention_mass(q, k, block, scale, dtype=torch.float32)  # once per layer, all candidates
+            floor = oracle_index(q, k, 0, block, sink_tokens=block, local_blocks=2, scale=scale, mass=mass)
+            for name in names:
+                start = time.perf_counter()
                 sel = candidate_tiles(name, q, k, pattern, args.combine)
                 index = build_index_for(q, k, pattern, selected_tiles=sel)
-                mass = block_attention_mass(q, k, block, scale, dtype=torch.float32)
-                floor = oracle_index(q, k, 0, block, sink_tokens=block, local_blocks=2, scale=scale, mass=mass)
                 budget = (tiles_per_query_tile(index) - tiles_per_query_tile(floor)).clamp(min=0)
                 oracle = oracle_index(q, k, budget, block, sink_tokens=block, local_blocks=2, scale=scale, mass=mass)
                 c = float(coverage(q, k, index, scale, dtype=torch.float32).mean())
                 o = float(coverage(q, k, oracle, scale, dtype=torch.float32).mean())
-                cov.append(c)
-                ora.append(o)
-                per_layer.append((layer, round(c, 4), round(o, 4)))
-                tiles.append(float(tiles_per_query_tile(index).double().mean()))
-            row = {"pattern": text, "candidate": name, "combine": args.combine, "coverage": sum(cov) / len(cov),
-                   "oracle": sum(ora) / len(ora), "tiles": sum(tiles) / len(tiles), "per_layer": per_layer,
-                   "seconds": time.perf_counter() - start}
+                acc = sums[name]
+                acc["cov"].append(c)
+                acc["ora"].append(o)
+                acc["per_layer"].append((layer, round(c, 4), round(o, 4)))
+                acc["tiles"].append(float(tiles_per_query_tile(index).double().mean()))
+                acc["seconds"] += time.perf_counter() - start
+        for name in names:
+            acc = sums[name]
+            row = {"pattern": text, "candidate": name, "combine": args.combine,
+                   "coverage": sum(acc["cov"]) / len(acc["cov"]), "oracle": sum(acc["ora"]) / len(acc["ora"]),
+                   "tiles": sum(acc["tiles"]) / len(acc["tiles"]), "per_layer": acc["per_layer"],
+                   "seconds": acc["seconds"]}
             results.append(row)
             print(f"{name:10s} {args.combine} {text}: coverage {row['coverage']:.4f} oracle {row['oracle']:.4f} "
                   f"tiles {row['tiles']:.2f} ({row['seconds']:.0f}s)", flush=True)
-    with open(os.path.join(args.out, f"candidates_{args.combine}.json"), "w") as f:
+    with open(os.path.join(args.out, f"candidates_{args.combine}_{args.tag}.json"), "w") as f:
         json.dump(results, f, indent=1)
 
 

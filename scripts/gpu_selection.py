@@ -1,0 +1,141 @@
+"""Cost of dynamic selection beside the attention it feeds (issue 22): the mass selector's Triton kernel at 16K / 64K.
+
+    python -m scripts.gpu_selection --out $OUT            # H200: B=1, 32/8 heads, D=128, bf16 (about a minute)
+    python -m scripts.gpu_selection --out DIR --cpu-smoke  # tiny sizes on CPU, kernels in the Triton interpreter
+
+Pattern: top-24 blocks of 64 tokens + sink 64 + window 256 (selector "mass"; "meanpool" timed beside it). Per
+length, medians of ``triton.testing.do_bench``:
+
+* ``selection_ms``: ``select_mass`` alone (pooling kernels + the fused score / softmax / top-k kernel);
+* ``attention_ms``: the Triton forward alone on an index built beforehand (no grad);
+* ``call_ms``: the whole ``sparse_attention`` call (selection + index + attention), as a model layer runs it;
+* ``meanpool_selection_ms``: today's mean-pool selector (PyTorch ops) for comparison.
+
+Target: ``selection_ms <= 0.15 * attention_ms``. A check at the first length compares the kernel's tiles with the
+PyTorch definition on the same bf16 inputs (tf32 dot products on the GPU: near-ties may differ; the mass the
+kernel's tiles capture, under the definition's estimate, is reported beside the definition's own).
+Writes ``selection_bench.json`` through ``scripts/common.write_json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+if "--cpu-smoke" in sys.argv:  # before triton is imported: @triton.jit picks interpreted mode at decoration
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+
+from hf_sparsek import SparsePattern  # noqa: E402
+from hf_sparsek.ops import build_index_for, sparse_attention  # noqa: E402
+from hf_sparsek.selection import select_meanpool  # noqa: E402
+from hf_sparsek.selection.mass import select_mass, tile_mass  # noqa: E402
+from hf_sparsek.selection.tiles import tile_grid  # noqa: E402
+from scripts.common import write_json  # noqa: E402
+
+TARGET_SHARE = 0.15
+
+
+def _inputs(seq: int, heads: int, kv_heads: int, dim: int, dtype: torch.dtype, device: str):
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(1, heads, seq, dim, generator=gen, device=device).to(dtype)
+    k = torch.randn(1, kv_heads, seq, dim, generator=gen, device=device).to(dtype)
+    v = torch.randn(1, kv_heads, seq, dim, generator=gen, device=device).to(dtype)
+    return q, k, v
+
+
+def _timer(smoke: bool):
+    if smoke:
+        def run(fn) -> float:
+            fn()
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - start) * 1e3)
+            return statistics.median(times)
+        return run
+    import triton.testing
+
+    return lambda fn: float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def _check(q, k, pattern) -> dict:
+    """Kernel tiles vs the PyTorch definition: identical rows, and the estimated mass each set captures."""
+    kernel = select_mass(q, k, pattern, 0, 0, None, backend="triton")
+    torch_tiles = select_mass(q, k, pattern, 0, 0, None, backend="torch")
+    grid = tile_grid(q.shape[2], k.shape[2], 0, 0, None, pattern, 1, q.device)
+    mass = tile_mass(q, k, grid, pattern.block_size, 0, 0, None)
+
+    def captured(tiles: torch.Tensor) -> float:
+        picked = torch.gather(mass, -1, tiles.clamp(min=0).long()) * (tiles >= 0)
+        return float(picked.sum(-1).mean())
+
+    same = (kernel.sort(-1).values == torch_tiles.sort(-1).values).all(-1).float().mean()
+    return {"rows_identical": float(same), "mass_kernel_tiles": captured(kernel),
+            "mass_definition_tiles": captured(torch_tiles)}
+
+
+@torch.no_grad()
+def _bench_length(seq: int, heads: int, kv_heads: int, dim: int, dtype: torch.dtype, device: str,
+                  pattern: SparsePattern, bench) -> dict:
+    """The four timings of one length (see the module docstring)."""
+    from hf_sparsek.triton_ops import triton_block_sparse_attention
+
+    q, k, v = _inputs(seq, heads, kv_heads, dim, dtype, device)
+    index = build_index_for(q, k, pattern)
+    meanpool = pattern.replace(selector="meanpool")
+    scale = dim ** -0.5
+    row = {"seq": seq, "batch": 1, "heads": heads, "kv_heads": kv_heads, "head_dim": dim,
+           "dtype": str(dtype).replace("torch.", ""), "pattern": pattern.to_dict()}
+    row["selection_ms"] = bench(lambda: select_mass(q, k, pattern, 0, 0, None, backend="triton"))
+    row["meanpool_selection_ms"] = bench(lambda: select_meanpool(q, k, meanpool, 0, 0, None))
+    row["attention_ms"] = bench(lambda: triton_block_sparse_attention(q, k, v, index, scale))
+    row["call_ms"] = bench(lambda: sparse_attention(q, k, v, pattern, backend="triton"))
+    row["selection_share_of_attention"] = row["selection_ms"] / row["attention_ms"]
+    row["meets_target"] = row["selection_share_of_attention"] <= TARGET_SHARE
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on CPU, Triton interpreter")
+    ap.add_argument("--seqs", default=None, help="comma-separated lengths (default 16384,65536; smoke 400)")
+    ap.add_argument("--topk", type=int, default=24)
+    args = ap.parse_args()
+    smoke = args.cpu_smoke
+    if not smoke and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --cpu-smoke for the CPU check")
+    device = "cpu" if smoke else "cuda"
+    heads, kv_heads, dim, dtype = (4, 2, 64, torch.float32) if smoke else (32, 8, 128, torch.bfloat16)
+    seqs = [int(s) for s in (args.seqs or ("400" if smoke else "16384,65536")).split(",")]
+    pattern = SparsePattern(block_size=64, sink_tokens=64, window=256, topk_blocks=args.topk, selector="mass")
+    bench = _timer(smoke)
+    results = []
+    for i, seq in enumerate(seqs):
+        row = _bench_length(seq, heads, kv_heads, dim, dtype, device, pattern, bench)
+        if i == 0:
+            row["check"] = _check(*_inputs(seq, heads, kv_heads, dim, dtype, device)[:2], pattern)
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    env = {"device": torch.cuda.get_device_name() if not smoke else "cpu (Triton interpreter)",
+           "torch": torch.__version__, "smoke": smoke}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    write_json(os.path.join(args.out, "selection_bench.json"),
+               {"env": env, "target_share": TARGET_SHARE, "results": results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
