@@ -95,8 +95,9 @@ class BlockIndex:
         """
         if self._transposed is None:
             w_full, w_part = self.t_widths or (self.n_q_tiles, self.n_q_tiles)
-            f_cnt, f_idx = _transpose_lists(self.full_count, self.full_tiles, self.n_k_tiles, False, w_full)
-            p_cnt, p_idx = _transpose_lists(self.part_count, self.part_tiles, self.n_k_tiles, True, w_part)
+            (f_cnt, f_idx), (p_cnt, p_idx) = _transpose(
+                [(self.full_count, self.full_tiles, False, w_full), (self.part_count, self.part_tiles, True, w_part)],
+                self.n_k_tiles)
             self._transposed = (f_cnt, f_idx, p_cnt, p_idx)
         return self._transposed
 
@@ -116,13 +117,14 @@ def _n_tiles(offset: int, length: int, block: int) -> int:
     return (offset % block + length + block - 1) // block
 
 
-def _tile_ranges(offset: int, length: int, block: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Absolute first/last position inside the call's range of each tile (int64), and whether the tile is whole."""
+def _tile_ranges(offset: int, length: int, block: int, device: torch.device, whole: bool = False):
+    """Absolute first/last position inside the call's range of each tile (int64) and, if asked, whether the tile
+    is whole (not clipped by the range)."""
     first = offset // block * block
     starts = torch.arange(first, first + _n_tiles(offset, length, block) * block, block, device=device)
     lo = starts.clamp(min=offset)
     hi = (starts + (block - 1)).clamp(max=offset + length - 1)
-    return lo, hi, (lo == starts) & (hi - lo == block - 1)
+    return (lo, hi, (lo == starts) & (hi - lo == block - 1)) if whole else (lo, hi)
 
 
 def _tile_reduce(values: torch.Tensor, valid: torch.Tensor, shift: int, n_tiles: int, block: int):
@@ -220,7 +222,7 @@ def build_block_index(
             f"got shape {tuple(topk_tiles.shape)}"
         )
     plan = _plan(pattern, batch, kv_heads, q_offset, q_len, kv_offset, k_seg, q_seg, k_rank, topk_tiles, n_q, n_k)
-    q_lo, q_hi, _ = _tile_ranges(q_offset, q_len, block, device)
+    q_lo, q_hi = _tile_ranges(q_offset, q_len, block, device)
     table, has_sink = _key_tile_table(plan, kv_offset, kv_len, k_seg, q_seg, k_rank, device)
     q_segs = None
     if q_seg is not None:
@@ -355,7 +357,7 @@ def _key_tile_table(plan: _Plan, kv_offset: int, kv_len: int, k_seg, q_seg, k_ra
     holds a sink key (batch, n_k)."""
     block = plan.block
     big = torch.iinfo(torch.int64).max
-    k_lo, k_hi, whole = _tile_ranges(kv_offset, kv_len, block, device)
+    k_lo, k_hi, whole = _tile_ranges(kv_offset, kv_len, block, device, whole=True)
     if not plan.padded:
         return torch.stack([k_lo, k_hi, torch.where(whole, k_hi, big)], -1), None
     n_b, n_k = plan.n_b, plan.n_k
@@ -418,8 +420,9 @@ def _build_lists(plan: _Plan, q_lo, q_hi, table, q_segs, sink_row, topk_tiles, d
     if plan.strided is not None:
         first, stride, count = plan.strided
         strided_row = torch.arange(first, first + stride * count, stride, **i32)
-    all_n = torch.arange(max(plan.random_width, plan.dense_width), **i32)
-    heads = torch.arange(n_h, device=device)
+    all_n = torch.arange(max(plan.random_width, plan.dense_width), **i32) if plan.random_width or plan.dense_width \
+        else None
+    heads = torch.arange(n_h, device=device) if plan.random_width or plan.dense_heads else None
     head_dense = None
     for h in plan.dense_heads:
         head_dense = (heads == h) if head_dense is None else head_dense | (heads == h)
@@ -513,30 +516,43 @@ def _build_lists(plan: _Plan, q_lo, q_hi, table, q_segs, sink_row, topk_tiles, d
 def _transpose_lists(count: torch.Tensor, tiles: torch.Tensor, n_k: int, encoded: bool, width: int | None = None):
     """Invert per-query-tile lists into per-key-tile lists of query tiles (same encoding), deterministically and
     without a device read: ``width`` is a host-known bound on the query tiles listing one key tile (default: all)."""
-    n_b, n_h, n_q, w = tiles.shape
-    width = n_q if width is None else width
-    device = tiles.device
-    raw = tiles.long()
-    present = torch.arange(w, device=device) < count.unsqueeze(-1)
-    m = torch.arange(n_q, device=device).view(n_q, 1)
-    if encoded:
-        selected = raw < 0
-        key = (torch.where(selected, ~raw, raw) * n_q + m) * 2 + selected
-    else:
-        key = (raw * n_q + m) * 2
-    big = torch.iinfo(torch.int64).max
-    # Sorted by key tile, then query tile: lists come out ascending and the result is deterministic.
-    flat = torch.where(present, key, big).view(n_b, n_h, n_q * w).sort(-1).values
-    bounds = (torch.arange(n_k + 1, device=device) * (2 * n_q)).expand(n_b, n_h, n_k + 1).contiguous()
+    return _transpose([(count, tiles, encoded, tiles.shape[2] if width is None else width)], n_k)[0]
+
+
+def _transpose(lists: list[tuple[torch.Tensor, torch.Tensor, bool, int]], n_k: int):
+    """:func:`_transpose_lists` of several (count, tiles, encoded, width) lists of one index in one pass: one sort
+    of (key tile, list, query tile) keys, list starts by a binary search, one gather."""
+    n_b, n_h, n_q = lists[0][0].shape
+    device = lists[0][0].device
+    n_lists = len(lists)
+    m2 = torch.arange(0, 2 * n_q, 2, device=device).view(n_q, 1)
+    keys = []
+    for i, (count, tiles, encoded, _) in enumerate(lists):
+        # key = ((key tile * n_lists + i) * n_q + query tile) * 2 + block-selected
+        raw = tiles.long()
+        present = torch.arange(raw.shape[-1], device=device) < count.unsqueeze(-1)
+        if encoded:
+            selected = raw < 0
+            key = torch.where(selected, ~raw, raw) * (2 * n_lists * n_q) + (m2 + 2 * i * n_q) + selected
+        else:
+            key = raw * (2 * n_lists * n_q) + (m2 + 2 * i * n_q)
+        keys.append(torch.where(present, key, torch.iinfo(torch.int64).max).view(n_b, n_h, n_q * raw.shape[-1]))
+    # Sorted by key tile, list, then query tile: lists come out ascending and the result is deterministic.
+    flat = (torch.cat(keys, -1) if n_lists > 1 else keys[0]).sort(-1).values
+    n_rows = n_k * n_lists
+    bounds = (torch.arange(n_rows + 1, device=device) * (2 * n_q)).expand(n_b, n_h, n_rows + 1).contiguous()
     starts = torch.searchsorted(flat, bounds)
-    counts = starts[..., 1:] - starts[..., :-1]
-    at = (starts[..., :-1, None] + torch.arange(width, device=device)).clamp(max=n_q * w - 1)
-    entry = flat.gather(-1, at.view(n_b, n_h, n_k * width)).view(n_b, n_h, n_k, width)
+    counts = starts[..., 1:] - starts[..., :-1]  # (n_b, n_h, n_k * n_lists)
+    width = max(w for *_, w in lists)
+    at = (starts[..., :-1, None] + torch.arange(width, device=device)).clamp(max=flat.shape[-1] - 1)
+    entry = flat.gather(-1, at.view(n_b, n_h, n_rows * width)).view(n_b, n_h, n_rows, width)
     q_tile = (entry >> 1) % n_q
-    if encoded:
-        q_tile = q_tile ^ -(entry & 1)  # block-selected: -(m + 1) == ~m
-    out = torch.where(torch.arange(width, device=device) < counts.unsqueeze(-1), q_tile, 0)
-    return counts.to(torch.int32), out.to(torch.int32)
+    if any(encoded for _, _, encoded, _ in lists):
+        q_tile = q_tile ^ -(entry & 1)  # block-selected: -(m + 1) == ~m (never set on a plain list)
+    q_tile = torch.where(torch.arange(width, device=device) < counts.unsqueeze(-1), q_tile, 0).to(torch.int32)
+    q_tile = q_tile.view(n_b, n_h, n_k, n_lists, width)
+    counts = counts.to(torch.int32).view(n_b, n_h, n_k, n_lists)
+    return [(counts[..., i].contiguous(), q_tile[..., i, :w].contiguous()) for i, (*_, w) in enumerate(lists)]
 
 
 def element_mask(

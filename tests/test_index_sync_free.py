@@ -210,3 +210,14 @@ def test_packed_sequences_still_build(monkeypatch):
     with _no_sync(monkeypatch), pytest.raises(AssertionError, match="host synchronisation"):
         build_block_index(pattern, batch=2, kv_heads=1, q_len=260, kv_len=260, k_seg=k_seg, q_seg=q_seg,
                           k_rank=k_rank)
+
+
+def test_batch_zero_builds_without_sync(monkeypatch):
+    """A padded batch of 0 rows: empty lists of the host widths (sizes spelled out, nothing inferred from data)."""
+    pattern = PATTERNS["sink4-win64-denseh1"]
+    k_seg = torch.zeros(0, 300, dtype=torch.int32)
+    with _no_sync(monkeypatch):
+        index = build_block_index(pattern, batch=0, kv_heads=2, q_len=300, kv_len=300, k_seg=k_seg, k_rank=k_seg)
+        f_cnt, f_idx, p_cnt, p_idx = index.transposed()
+    assert index.full_tiles.shape == (0, 2, 5, 5) and index.part_tiles.shape == (0, 2, 5, 5)
+    assert f_idx.shape == (0, 2, 5, 5) and p_cnt.shape == (0, 2, 5)
