@@ -86,13 +86,27 @@ def _scores(qf_ptr, kf_ptr, n, n_ok, rows_ok, s_kn,
 
 
 @triton.jit
+def _key_tiles(c_ptr, s_ptr, n, n_ok, kb0, kv_offset, kv_end, sink, BLOCK: tl.constexpr, HAS_TILE_INFO: tl.constexpr):
+    """Real keys per key tile ``n`` and whether all are sink tokens: read (padding) or from positions (none)."""
+    if HAS_TILE_INFO:
+        cnt = tl.load(c_ptr + n, mask=n_ok, other=0)
+        sink_only = tl.load(s_ptr + n, mask=n_ok, other=0) != 0
+    else:  # without padding a key's rank is its absolute position
+        lo = tl.maximum((kb0 + n) * BLOCK, kv_offset)
+        hi = tl.minimum((kb0 + n + 1) * BLOCK, kv_end)
+        cnt = tl.where(n_ok, tl.maximum(hi - lo, 0), 0)
+        sink_only = (cnt > 0) & (hi - 1 < sink)
+    return cnt, sink_only
+
+
+@triton.jit
 def _select_kernel(
     QF, KF, CNT, SINK_ONLY, OUT,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_cb, s_ob, s_oh, s_om,
-    n_q, n_k, qb0, kb0, q_end, kv_offset, window, scale, threshold,
+    n_q, n_k, qb0, kb0, q_end, kv_offset, kv_end, sink, window, scale, threshold,
     HKV: tl.constexpr, GROUP: tl.constexpr, HG_P: tl.constexpr, BM: tl.constexpr, CN: tl.constexpr,
     F: tl.constexpr, FC: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_THRESHOLD: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_THRESHOLD: tl.constexpr, HAS_TILE_INFO: tl.constexpr,
 ):
     ROWS: tl.constexpr = BM * HG_P
     pid_m = tl.program_id(0)
@@ -119,7 +133,7 @@ def _select_kernel(
     for n0 in range(0, n_hi, CN):
         n = n0 + cn
         n_ok = n < n_k
-        cnt = tl.load(c_ptr + n, mask=n_ok, other=0)
+        cnt, _ = _key_tiles(c_ptr, s_ptr, n, n_ok, kb0, kv_offset, kv_end, sink, BLOCK, HAS_TILE_INFO)
         s = _scores(qf_ptr, kf_ptr, n, n_ok, rows_ok, s_kn, ROWS, CN, F, FC) * scale
         cand = rows_ok[:, None] & ((kb0 + n)[None, :] <= qb_r[:, None]) & (cnt > 0)[None, :]
         s = tl.where(cand, s, NEG)
@@ -142,8 +156,7 @@ def _select_kernel(
     for n0 in range(0, n_hi, CN):
         n = n0 + cn
         n_ok = n < n_k
-        cnt = tl.load(c_ptr + n, mask=n_ok, other=0)
-        sink_only = tl.load(s_ptr + n, mask=n_ok, other=0) != 0
+        cnt, sink_only = _key_tiles(c_ptr, s_ptr, n, n_ok, kb0, kv_offset, kv_end, sink, BLOCK, HAS_TILE_INFO)
         s = _scores(qf_ptr, kf_ptr, n, n_ok, rows_ok, s_kn, ROWS, CN, F, FC) * scale
         cand_r = rows_ok[:, None] & ((kb0 + n)[None, :] <= qb_r[:, None]) & (cnt > 0)[None, :]
         p = tl.where(cand_r, tl.exp(s - lse[:, None]), 0.0)
@@ -217,12 +230,13 @@ def select_by_mass(
     q: torch.Tensor,
     k: torch.Tensor,
     k_seg: torch.Tensor | None,
-    key_count: torch.Tensor,
-    sink_only: torch.Tensor,
+    key_count: torch.Tensor | None,
+    sink_only: torch.Tensor | None,
     *,
     block: int,
     q_offset: int,
     kv_offset: int,
+    sink: int,
     topk: int,
     window: int | None,
     threshold: float | None,
@@ -231,8 +245,9 @@ def select_by_mass(
     """(B, Hkv, n_q_tiles, topk) int32 key tiles (relative to ``kv_offset // block``, -1 = none) per query tile.
 
     q (B, Hq, q_len, D), k (B, Hkv, kv_len, D), any float dtype and strides; ``k_seg`` (B, kv_len) int32 with -1 for
-    padding keys, or None; ``key_count`` (B, n_k) real keys per key tile; ``sink_only`` (B, n_k) bool, tiles whose
-    real keys are all sink tokens. ``window`` None: no window term; ``threshold`` None: fixed k.
+    padding keys, or None; ``key_count`` (B, n_k) real keys per key tile and ``sink_only`` (B, n_k) bool, tiles
+    whose real keys are all sink tokens (rank < ``sink``), both None without padding (then computed in the kernel
+    from positions). ``window`` None: no window term; ``threshold`` None: fixed k.
     """
     batch, hq, q_len, dim = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
@@ -241,9 +256,12 @@ def select_by_mass(
                          "heads a multiple of KV heads")
     n_q = (q_offset % block + q_len + block - 1) // block
     n_k = (kv_offset % block + kv_len + block - 1) // block
-    if tuple(key_count.shape) != (batch, n_k) or tuple(sink_only.shape) != (batch, n_k):
-        raise ValueError(f"key_count and sink_only must be (batch={batch}, key tiles={n_k}), got "
-                         f"{tuple(key_count.shape)} and {tuple(sink_only.shape)}")
+    has_info = key_count is not None
+    if has_info and (sink_only is None or tuple(key_count.shape) != (batch, n_k)
+                     or tuple(sink_only.shape) != (batch, n_k)):
+        raise ValueError(f"key_count and sink_only must both be (batch={batch}, key tiles={n_k}) or both None, got "
+                         f"{None if key_count is None else tuple(key_count.shape)} and "
+                         f"{None if sink_only is None else tuple(sink_only.shape)}")
     out = torch.empty(batch, hkv, n_q, topk, dtype=torch.int32, device=q.device)
     if out.numel() == 0:
         return out
@@ -251,18 +269,20 @@ def select_by_mass(
     q_seg = k_seg if (k_seg is not None and q_start >= 0) else None
     qf = pool_features(q, q_offset, block, q_seg, max(q_start, 0), True)
     kf = pool_features(k, kv_offset, block, k_seg, 0, False)
-    count = key_count.to(torch.int32).contiguous()
-    sink = sink_only.to(torch.int32).contiguous()
+    count = key_count.to(torch.int32).contiguous() if has_info else out
+    sink_flag = sink_only.to(torch.int32).contiguous() if has_info else out
     group = hq // hkv
     hg_p = _next_pow2(group)
     bm = max(1, ROWS_MIN // hg_p)
     feats = qf.shape[-1]
     cn = 16 if feats > 256 else 32
     _select_kernel[(triton.cdiv(n_q, bm), batch * hkv)](
-        qf, kf, count, sink, out, *qf.stride()[:3], *kf.stride()[:3], count.stride(0), *out.stride()[:3],
-        n_q, n_k, q_offset // block, kv_offset // block, q_offset + q_len, kv_offset, window or 0, scale,
+        qf, kf, count, sink_flag, out, *qf.stride()[:3], *kf.stride()[:3], count.stride(0) if has_info else 0,
+        *out.stride()[:3], n_q, n_k, q_offset // block, kv_offset // block, q_offset + q_len, kv_offset,
+        kv_offset + kv_len, sink, window or 0, scale,
         threshold if threshold is not None else 0.0,
         HKV=hkv, GROUP=group, HG_P=hg_p, BM=bm, CN=cn, F=feats, FC=min(FEATURE_CHUNK, feats), TOPK=topk,
         KP=max(2, _next_pow2(topk)), BLOCK=block, HAS_WINDOW=window is not None, HAS_THRESHOLD=threshold is not None,
+        HAS_TILE_INFO=has_info,
     )
     return out

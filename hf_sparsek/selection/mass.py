@@ -100,9 +100,12 @@ def select_mass(q: torch.Tensor, k: torch.Tensor, pattern: SparsePattern, q_offs
     if backend == "triton" or (backend == "auto" and q.is_cuda):
         from ..kernels.selection import select_by_mass
 
-        count, sink_only = key_tile_info(k.shape[2], kv_offset, k_seg, pattern, q.shape[0], q.device)
+        count = sink_only = None  # without padding the kernel derives both from positions (fewer launches)
+        if k_seg is not None:
+            count, sink_only = key_tile_info(k.shape[2], kv_offset, k_seg, pattern, q.shape[0], q.device)
         return select_by_mass(q, k, k_seg, count, sink_only, block=pattern.block_size, q_offset=q_offset,
-                              kv_offset=kv_offset, topk=pattern.topk_blocks, window=pattern.window,
+                              kv_offset=kv_offset, sink=pattern.sink_tokens, topk=pattern.topk_blocks,
+                              window=pattern.window,
                               threshold=pattern.mass_threshold, scale=1.0 / math.sqrt(q.shape[-1]))
     grid = tile_grid(q.shape[2], k.shape[2], q_offset, kv_offset, k_seg, pattern, q.shape[0], q.device)
     mass = tile_mass(q, k, grid, pattern.block_size, q_offset, kv_offset, k_seg)
