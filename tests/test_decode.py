@@ -114,3 +114,37 @@ def test_decode_fully_masked_row_is_zero(kernels):
         out = sparse_attention(q, k, v, SparsePattern(block_size=64, sink_tokens=4, window=64), attention_mask=mask,
                                backend="triton")
     assert torch.isfinite(out).all() and out[1].abs().max() == 0 and out[0].abs().max() > 0
+
+
+@pytest.mark.parametrize("cache,pattern", [
+    ("dynamic", SparsePattern(block_size=64, sink_tokens=3, window=48)),
+    ("static", SparsePattern(block_size=64, sink_tokens=3, window=48, topk_blocks=1)),
+], ids=["dynamic-sink-window", "static-topk-mass"])
+def test_generate_through_the_decode_kernel_equals_the_reference(cache, pattern, kernels, monkeypatch):
+    """generate() with left padding: the Triton path (decode steps through the split-KV kernel, no index) gives the
+    reference backend's tokens and logits, with a dynamic and a static cache."""
+    from test_generate import GEN, _prompt
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import hf_sparsek
+
+    torch.manual_seed(0)  # head dim 64: the kernels' smallest
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=97, max_position_embeddings=256)
+    model = LlamaForCausalLM(config).eval()
+    hf_sparsek.set_pattern(model, pattern)
+    ids, mask = _prompt(length=70)
+    kwargs = {} if cache == "dynamic" else {"cache_implementation": "static"}
+    import hf_sparsek.triton_ops as triton_ops
+
+    calls = []
+    real = triton_ops.triton_decode_without_index
+    monkeypatch.setattr(triton_ops, "triton_decode_without_index", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    results = {}
+    for backend in ("reference", "triton"):
+        with hf_sparsek.settings(backend=backend):
+            out = model.generate(ids, attention_mask=mask, **{**GEN, "max_new_tokens": 8}, **kwargs)
+        results[backend] = (out.sequences, torch.stack(out.logits, 1))
+    assert len(calls) == 2 * 7  # every decode step of both layers ran the split-KV kernel without an index
+    assert torch.equal(results["triton"][0], results["reference"][0])
+    torch.testing.assert_close(results["triton"][1], results["reference"][1], rtol=1e-4, atol=1e-4)
