@@ -241,13 +241,16 @@ def select_by_mass(
     window: int | None,
     threshold: float | None,
     scale: float,
+    key_features: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B, Hkv, n_q_tiles, topk) int32 key tiles (relative to ``kv_offset // block``, -1 = none) per query tile.
 
     q (B, Hq, q_len, D), k (B, Hkv, kv_len, D), any float dtype and strides; ``k_seg`` (B, kv_len) int32 with -1 for
     padding keys, or None; ``key_count`` (B, n_k) real keys per key tile and ``sink_only`` (B, n_k) bool, tiles
     whose real keys are all sink tokens (rank < ``sink``), both None without padding (then computed in the kernel
-    from positions). ``window`` None: no window term; ``threshold`` None: fixed k.
+    from positions). ``window`` None: no window term; ``threshold`` None: fixed k. ``key_features``: the key tiles'
+    features kept from earlier calls (``hf_sparsek.selection.store``; (B, Hkv, n_k, 2 * D_pad) float32, valid up to
+    the last causal tile) instead of pooling every key of k here.
     """
     batch, hq, q_len, dim = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
@@ -268,7 +271,13 @@ def select_by_mass(
     q_start = q_offset - kv_offset
     q_seg = k_seg if (k_seg is not None and q_start >= 0) else None
     qf = pool_features(q, q_offset, block, q_seg, max(q_start, 0), True)
-    kf = pool_features(k, kv_offset, block, k_seg, 0, False)
+    if key_features is None:
+        kf = pool_features(k, kv_offset, block, k_seg, 0, False)
+    elif key_features.dtype != torch.float32 or tuple(key_features.shape) != (batch, hkv, n_k, qf.shape[-1]):
+        raise ValueError(f"key_features must be float32 (batch={batch}, kv_heads={hkv}, key tiles={n_k}, "
+                         f"{qf.shape[-1]}), got {tuple(key_features.shape)} {key_features.dtype}")
+    else:
+        kf = key_features
     count = key_count.to(torch.int32).contiguous() if has_info else out
     sink_flag = sink_only.to(torch.int32).contiguous() if has_info else out
     group = hq // hkv

@@ -14,8 +14,9 @@ import torch
 from ..patterns import SparsePattern
 from .mass import select_mass
 from .meanpool import select_meanpool
+from .store import SelectionState
 
-__all__ = ["select_mass", "select_meanpool", "select_tiles"]
+__all__ = ["SelectionState", "select_mass", "select_meanpool", "select_tiles"]
 
 
 @torch.no_grad()
@@ -26,11 +27,14 @@ def select_tiles(
     q_offset: int,
     kv_offset: int,
     k_seg: torch.Tensor | None,
+    selection_state: SelectionState | None = None,
 ) -> torch.Tensor:
     """(B, Hkv, n_q_tiles, topk_blocks) int32 key tiles per query tile chosen by ``pattern``'s selector (-1 = none).
 
     q (B, Hq, q_len, D) at absolute positions ``q_offset + t``; k (B, Hkv, kv_len, D) at ``kv_offset + s``;
-    ``k_seg`` (B, kv_len) int32 with -1 for padding keys, or None.
+    ``k_seg`` (B, kv_len) int32 with -1 for padding keys, or None. ``selection_state``: the layer's kept key tile
+    features (:mod:`.store`), used by selector ``"mass"`` (a decode step then pools only the tile being filled);
+    ``"meanpool"`` ignores it and pools every key; None: no reuse.
     """
     selector = pattern.resolved_selector
     if selector is None:
@@ -38,6 +42,6 @@ def select_tiles(
     if selector == "meanpool":
         return select_meanpool(q, k, pattern, q_offset, kv_offset, k_seg)
     if selector == "mass":
-        return select_mass(q, k, pattern, q_offset, kv_offset, k_seg)
+        return select_mass(q, k, pattern, q_offset, kv_offset, k_seg, selection_state=selection_state)
     raise ValueError(f"selector {selector!r} cannot choose tiles inside the op: the tiles must come from the model's "
                      "trained scorer (pass them as selected_tiles); selectors 'mass' and 'meanpool' select here")

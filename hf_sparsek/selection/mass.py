@@ -24,6 +24,7 @@ import math
 import torch
 
 from ..patterns import SparsePattern
+from .store import SelectionState
 from .tiles import TileGrid, choose_tiles, key_tile_info, tile_grid
 
 _CHUNK_ELEMENTS = 1 << 24  # query tiles x key tiles x query heads x batch per chunk of the PyTorch path
@@ -61,14 +62,21 @@ def pool_tiles(x: torch.Tensor, offset: int, block: int, valid: torch.Tensor | N
 
 
 def tile_mass(q: torch.Tensor, k: torch.Tensor, grid: TileGrid, block: int, q_offset: int, kv_offset: int,
-              k_seg: torch.Tensor | None, scale: float | None = None) -> torch.Tensor:
-    """(B, Hkv, n_q, n_k) float32: estimated attention mass of each key tile per query tile (rows sum to 1)."""
+              k_seg: torch.Tensor | None, scale: float | None = None, key_features: torch.Tensor | None = None
+              ) -> torch.Tensor:
+    """(B, Hkv, n_q, n_k) float32: estimated attention mass of each key tile per query tile (rows sum to 1).
+
+    ``key_features``: kept ``[kmax, kmin]`` per key tile (the ``hf_sparsek.selection.store`` layout), not pooled."""
     batch, hq, q_len, dim = q.shape
     hkv = k.shape[1]
     group = hq // hkv
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
     qbar, _, _ = pool_tiles(q, q_offset, block, query_valid(q_len, q_offset, kv_offset, k_seg))
-    _, kmax, kmin = pool_tiles(k, kv_offset, block, None if k_seg is None else k_seg >= 0)
+    if key_features is None:
+        _, kmax, kmin = pool_tiles(k, kv_offset, block, None if k_seg is None else k_seg >= 0)
+    else:
+        d_pad = key_features.shape[-1] // 2
+        kmax, kmin = key_features[..., :dim], key_features[..., d_pad: d_pad + dim]
     qbar = qbar.view(batch, hkv, group, grid.n_q, dim)
     keys = torch.cat([kmax, kmin], -1)  # (B, Hkv, n_k, 2D)
     out = []
@@ -85,19 +93,27 @@ def tile_mass(q: torch.Tensor, k: torch.Tensor, grid: TileGrid, block: int, q_of
 
 @torch.no_grad()
 def select_mass(q: torch.Tensor, k: torch.Tensor, pattern: SparsePattern, q_offset: int, kv_offset: int,
-                k_seg: torch.Tensor | None, backend: str = "auto") -> torch.Tensor:
+                k_seg: torch.Tensor | None, backend: str = "auto", selection_state: SelectionState | None = None
+                ) -> torch.Tensor:
     """(B, Hkv, n_q_tiles, topk_blocks) int32 key tiles with the most estimated mass (-1 = none).
 
     q (B, Hq, q_len, D), k (B, Hkv, kv_len, D), queries at absolute ``q_offset + t``, keys at ``kv_offset + s``;
     ``k_seg`` (B, kv_len) marks padding keys with -1. ``backend``: ``"auto"`` runs the Triton kernel
     (``hf_sparsek.kernels.selection``) on CUDA and this PyTorch definition elsewhere; ``"torch"`` / ``"triton"``
-    force one (the latter also on CPU under ``TRITON_INTERPRET=1``, for tests).
+    force one (the latter also on CPU under ``TRITON_INTERPRET=1``, for tests). ``selection_state``: the layer's
+    :class:`~hf_sparsek.selection.store.SelectionState`: key tile features come from it (kept tiles reused, new ones
+    pooled and kept) instead of from every key; None pools all keys.
     """
     if pattern.topk_blocks is None:
         raise ValueError("select_mass needs a pattern with topk_blocks set")
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    if backend == "triton" or (backend == "auto" and q.is_cuda):
+    use_triton = backend == "triton" or (backend == "auto" and q.is_cuda)
+    key_features = None
+    if selection_state is not None:
+        key_features = selection_state.key_features(k, k_seg, q_offset, q.shape[2], kv_offset, pattern.block_size,
+                                                    use_triton)
+    if use_triton:
         from ..kernels.selection import select_by_mass
 
         count = sink_only = None  # without padding the kernel derives both from positions (fewer launches)
@@ -106,7 +122,8 @@ def select_mass(q: torch.Tensor, k: torch.Tensor, pattern: SparsePattern, q_offs
         return select_by_mass(q, k, k_seg, count, sink_only, block=pattern.block_size, q_offset=q_offset,
                               kv_offset=kv_offset, sink=pattern.sink_tokens, topk=pattern.topk_blocks,
                               window=pattern.window,
-                              threshold=pattern.mass_threshold, scale=1.0 / math.sqrt(q.shape[-1]))
+                              threshold=pattern.mass_threshold, scale=1.0 / math.sqrt(q.shape[-1]),
+                              key_features=key_features)
     grid = tile_grid(q.shape[2], k.shape[2], q_offset, kv_offset, k_seg, pattern, q.shape[0], q.device)
-    mass = tile_mass(q, k, grid, pattern.block_size, q_offset, kv_offset, k_seg)
+    mass = tile_mass(q, k, grid, pattern.block_size, q_offset, kv_offset, k_seg, key_features=key_features)
     return choose_tiles(mass, grid, pattern.topk_blocks, pattern.mass_threshold)

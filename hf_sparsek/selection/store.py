@@ -1,0 +1,171 @@
+"""Key tile features of the ``"mass"`` selector kept across calls, so a decode step reads features, not all keys.
+
+The mass selector scores query tiles against per key tile ``[kmax, kmin]`` features (:mod:`.mass`). Pooled from all
+keys on every call, a decode step at 512K keys reads as much as dense attention. A :class:`SelectionState` (one per
+layer, kept by the caller) holds them instead:
+
+* tiles whose keys are all written (every position below the call's query end and inside its keys) are *final*:
+  computed once, when they fill, and kept;
+* the tiles after them up to the last causal tile (the one being filled; in a static cache also holding unwritten
+  slots) are recomputed on every call, never kept;
+* kept tiles are reused only when the call continues the same sequence: same batch, KV heads, head dim, dtype,
+  device, block size, ``kv_offset`` and padding kind, a call with cached keys (``q_offset > kv_offset``: a prefill
+  recomputes), no fewer final tiles than kept (a cropped cache recomputes), and the *fingerprint*, the key at the
+  last position of the last kept tile, unchanged per (batch row, KV head) (a new prompt or a reordered batch).
+
+The fingerprint is compared on the device: the Triton path (:mod:`hf_sparsek.kernels.selection_store`) decides per
+(row, KV head) inside its kernel whether to start from the kept tiles or from tile 0, without a host read, so it
+runs in one launch and no synchronisation. The PyTorch path (CPU) reads the comparison on the host (free on CPU).
+Its limit: a cache edited inside the kept prefix with the same key at the fingerprint position goes unnoticed (call
+:meth:`SelectionState.reset` after editing a cache by hand); generate(), crops, beam reorders and new prompts are
+caught.
+
+The features are laid out as the Triton selection kernel reads them: (B, Hkv, tiles, 2 * D_pad) float32,
+``[kmax, 0.., kmin, 0..]`` with ``D_pad = max(16, next power of two >= D)``; tiles after the last causal one are
+zeros or stale values that no selection reads (they are not causal).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from ..patterns import SparsePattern
+
+
+def feature_width(dim: int) -> int:
+    """``D_pad``: the padded head dim of the feature layout (half the feature columns)."""
+    return max(16, 1 << max(0, (dim - 1).bit_length()))
+
+
+class SelectionState:
+    """One layer's kept key tile features (see the module docstring); empty until a call fills it.
+
+    Pass it as ``selection_state=`` to :func:`hf_sparsek.sparse_attention` / ``select_tiles`` on every call of the
+    layer; ``None`` there means no reuse (features pooled from all keys)."""
+
+    def __init__(self) -> None:
+        self.fresh_starts = 0  # calls the host knew had to start from tile 0 (tests, diagnostics)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every kept tile (the next call computes from its keys)."""
+        self.signature: tuple | None = None
+        self.features: torch.Tensor | None = None  # (B, Hkv, capacity, 2 * D_pad) float32
+        self.tiles = 0  # final tiles kept, host-known from shapes only
+        self.fingerprint: torch.Tensor | None = None  # (B, Hkv, D) in k's dtype: last key of tile tiles - 1
+        self._spare: torch.Tensor | None = None  # the other fingerprint buffer (the kernel reads one, writes one)
+        self.reused: torch.Tensor | None = None  # (B, Hkv) bool, on the device: the last call reused kept tiles
+
+    def key_features(self, k: torch.Tensor, k_seg: torch.Tensor | None, q_offset: int, q_len: int, kv_offset: int,
+                     block: int, use_triton: bool) -> torch.Tensor:
+        """(B, Hkv, n_k, 2 * D_pad) float32 features of this call's key tiles (``n_k`` tiles of the absolute grid from
+        ``kv_offset``), valid up to the last causal tile; updates the kept tiles for the next call.
+
+        k (B, Hkv, kv_len, D) at absolute positions ``kv_offset + s``; ``k_seg`` (B, kv_len) with -1 for padding
+        keys, or None; queries at ``q_offset .. q_offset + q_len - 1``; ``use_triton``: refresh with the Triton
+        kernel (no host read) instead of PyTorch ops."""
+        if k.dim() != 4 or (k_seg is not None and tuple(k_seg.shape) != (k.shape[0], k.shape[2])):
+            raise ValueError(f"k must be (batch, kv_heads, kv_len, dim) and k_seg (batch, kv_len) or None, got "
+                             f"{tuple(k.shape)} and {None if k_seg is None else tuple(k_seg.shape)}")
+        if block < 1 or q_len < 1 or kv_offset < 0 or q_offset < 0:
+            raise ValueError(f"need block >= 1, q_len >= 1 and offsets >= 0, got block={block}, q_len={q_len}, "
+                             f"q_offset={q_offset}, kv_offset={kv_offset}")
+        batch, heads, kv_len, dim = k.shape
+        kb0, shift = divmod(kv_offset, block)
+        n_k = (shift + kv_len + block - 1) // block
+        q_end = q_offset + q_len
+        hi = min(n_k, max(0, (q_end - 1) // block - kb0 + 1))  # tiles up to the last causal one
+        final = min(hi, max(0, min(q_end, kv_offset + kv_len) // block - kb0))  # every key written
+        signature = (batch, heads, dim, k.dtype, k.device, block, kv_offset, k_seg is not None)
+        fresh = (signature != self.signature or self.features is None or q_offset <= kv_offset
+                 or final < self.tiles)
+        if fresh:
+            if self.features is not None:
+                self.fresh_starts += 1
+            self.reset()
+            self.signature = signature
+        self._reserve(batch, heads, n_k, feature_width(dim), k.device)
+        if use_triton:
+            self._refresh_triton(k, k_seg, kv_offset, block, hi, final)
+        else:
+            self._refresh_torch(k, k_seg, kv_offset, block, hi, final)
+        self.tiles = final
+        return self.features[:, :, :n_k]
+
+    def _reserve(self, batch: int, heads: int, n_k: int, d_pad: int, device: torch.device) -> None:
+        """Room for ``n_k`` tiles, grown by doubling (kept tiles copied; a decode step allocates nothing)."""
+        have = 0 if self.features is None else self.features.shape[2]
+        if have >= n_k:
+            return
+        grown = torch.zeros(batch, heads, max(n_k, 2 * have), 2 * d_pad, device=device, dtype=torch.float32)
+        if self.tiles:
+            grown[:, :, : self.tiles] = self.features[:, :, : self.tiles]
+        self.features = grown
+
+    def _fingerprint_positions(self, kv_offset: int, block: int, final: int) -> tuple[int, int]:
+        """Local key indices of the last key of the kept tiles and of the final tiles after this call (-1: none)."""
+        kb0 = kv_offset // block
+        old = (kb0 + self.tiles) * block - 1 - kv_offset if self.tiles else -1
+        new = (kb0 + final) * block - 1 - kv_offset if final else -1
+        return old, new
+
+    def _refresh_torch(self, k: torch.Tensor, k_seg: torch.Tensor | None, kv_offset: int, block: int, hi: int,
+                       final: int) -> None:
+        from .mass import pool_tiles
+
+        old_pos, new_pos = self._fingerprint_positions(kv_offset, block, final)
+        lo = 0
+        if self.tiles and self.fingerprint is not None:
+            same = (k[:, :, old_pos] == self.fingerprint).all(-1)
+            if bool(same.all()):  # a host read: this path runs on CPU
+                lo = self.tiles
+            self.reused = same if lo else torch.zeros_like(same)
+        else:
+            self.reused = torch.zeros(k.shape[0], k.shape[1], dtype=torch.bool, device=k.device)
+        if hi > lo:
+            kb0 = kv_offset // block
+            a = max(0, (kb0 + lo) * block - kv_offset)
+            b = min(k.shape[2], (kb0 + hi) * block - kv_offset)
+            valid = None if k_seg is None else k_seg[:, a:b] >= 0
+            _, kmax, kmin = pool_tiles(k[:, :, a:b], kv_offset + a, block, valid)
+            dim, d_pad = k.shape[-1], self.features.shape[-1] // 2
+            self.features[:, :, lo:hi, :dim] = kmax
+            self.features[:, :, lo:hi, d_pad: d_pad + dim] = kmin
+        self.fingerprint = k[:, :, new_pos].clone() if final else None
+
+    def _refresh_triton(self, k: torch.Tensor, k_seg: torch.Tensor | None, kv_offset: int, block: int, hi: int,
+                        final: int) -> None:
+        from ..kernels.selection_store import refresh_key_features
+
+        batch, heads, _, dim = k.shape
+        old_pos, new_pos = self._fingerprint_positions(kv_offset, block, final)
+        check = bool(self.tiles) and self.fingerprint is not None
+        if self._spare is None or self._spare.shape != (batch, heads, dim):
+            self._spare = torch.empty(batch, heads, dim, device=k.device, dtype=k.dtype)
+        if self.reused is None or self.reused.shape != (batch, heads):
+            self.reused = torch.zeros(batch, heads, device=k.device, dtype=torch.bool)
+        old = self.fingerprint if check else self._spare
+        refresh_key_features(k, k_seg, self.features, old, self._spare, self.reused, kv_offset=kv_offset,
+                             block=block, stored=self.tiles if check else 0, hi=hi, old_pos=old_pos,
+                             new_pos=new_pos, check=check)
+        if final:
+            self.fingerprint, self._spare = self._spare, (self.fingerprint if check else None)
+        else:
+            self.fingerprint = None
+
+
+_STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def selection_state_for(module: torch.nn.Module, pattern: SparsePattern | None) -> SelectionState | None:
+    """The :class:`SelectionState` kept for one attention module (one layer of one model) whose pattern selects
+    with ``"mass"``, else None. Kept in a weak dictionary keyed by the module: it goes with the model, and two
+    models never share one."""
+    if pattern is None or pattern.topk_blocks is None or pattern.resolved_selector != "mass":
+        return None
+    state = _STATES.get(module)
+    if state is None:
+        state = _STATES[module] = SelectionState()
+    return state
