@@ -520,8 +520,9 @@ def _transpose_lists(count: torch.Tensor, tiles: torch.Tensor, n_k: int, encoded
 
 
 def _transpose(lists: list[tuple[torch.Tensor, torch.Tensor, bool, int]], n_k: int):
-    """:func:`_transpose_lists` of several (count, tiles, encoded, width) lists of one index in one pass: one sort
-    of (key tile, list, query tile) keys, list starts by a binary search, one gather."""
+    """:func:`_transpose_lists` of several (count, tiles, encoded, width) lists of one index: one sort of
+    (key tile, list, query tile) keys and one binary search for where each key tile's list starts, then a gather
+    per list at its own width."""
     n_b, n_h, n_q = lists[0][0].shape
     device = lists[0][0].device
     n_lists = len(lists)
@@ -542,17 +543,18 @@ def _transpose(lists: list[tuple[torch.Tensor, torch.Tensor, bool, int]], n_k: i
     n_rows = n_k * n_lists
     bounds = (torch.arange(n_rows + 1, device=device) * (2 * n_q)).expand(n_b, n_h, n_rows + 1).contiguous()
     starts = torch.searchsorted(flat, bounds)
-    counts = starts[..., 1:] - starts[..., :-1]  # (n_b, n_h, n_k * n_lists)
-    width = max(w for *_, w in lists)
-    at = (starts[..., :-1, None] + torch.arange(width, device=device)).clamp(max=flat.shape[-1] - 1)
-    entry = flat.gather(-1, at.view(n_b, n_h, n_rows * width)).view(n_b, n_h, n_rows, width)
-    q_tile = (entry >> 1) % n_q
-    if any(encoded for _, _, encoded, _ in lists):
-        q_tile = q_tile ^ -(entry & 1)  # block-selected: -(m + 1) == ~m (never set on a plain list)
-    q_tile = torch.where(torch.arange(width, device=device) < counts.unsqueeze(-1), q_tile, 0).to(torch.int32)
-    q_tile = q_tile.view(n_b, n_h, n_k, n_lists, width)
-    counts = counts.to(torch.int32).view(n_b, n_h, n_k, n_lists)
-    return [(counts[..., i].contiguous(), q_tile[..., i, :w].contiguous()) for i, (*_, w) in enumerate(lists)]
+    counts = starts[..., 1:] - starts[..., :-1]  # (n_b, n_h, n_k * n_lists): row = key tile * n_lists + list
+    out = []
+    for i, (_, _, encoded, width) in enumerate(lists):
+        count = counts[..., i::n_lists]
+        at = (starts[..., i:-1:n_lists, None] + torch.arange(width, device=device)).clamp(max=flat.shape[-1] - 1)
+        entry = flat.gather(-1, at.view(n_b, n_h, n_k * width)).view(n_b, n_h, n_k, width)
+        q_tile = (entry >> 1) % n_q
+        if encoded:
+            q_tile = q_tile ^ -(entry & 1)  # block-selected: -(m + 1) == ~m
+        q_tile = torch.where(torch.arange(width, device=device) < count.unsqueeze(-1), q_tile, 0)
+        out.append((count.to(torch.int32), q_tile.to(torch.int32)))
+    return out
 
 
 def element_mask(

@@ -39,6 +39,15 @@ MASKS = ["none", "left", "holes"]
 SYNC_EVENTS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero", "aten::item"}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Many tiny ops: one intra-op thread keeps them from waiting on a busy pool (the checks are the same)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _refuse(name: str):
     def raiser(*args, **kwargs):
         raise AssertionError(f"host synchronisation in the index build: {name}")
@@ -97,7 +106,7 @@ def _check_lists(index: BlockIndex, transposed: tuple[torch.Tensor, ...]) -> Non
     """Counts within the widths, zeros past them, each key tile once per row; transposed lists invert the forward."""
     for count, tiles in ((index.full_count, index.full_tiles), (index.part_count, index.part_tiles)) + (
             (transposed[0], transposed[1]), (transposed[2], transposed[3])):
-        assert count.dtype == tiles.dtype == torch.int32 and tiles.is_contiguous()
+        assert count.dtype == tiles.dtype == torch.int32 and tiles.is_contiguous() and count.is_contiguous()
         assert int(count.min()) >= 0 and int(count.max()) <= tiles.shape[-1]
         past = torch.arange(tiles.shape[-1]) >= count.unsqueeze(-1).long()
         assert not bool(tiles[past].any())
@@ -221,3 +230,95 @@ def test_batch_zero_builds_without_sync(monkeypatch):
         f_cnt, f_idx, p_cnt, p_idx = index.transposed()
     assert index.full_tiles.shape == (0, 2, 5, 5) and index.part_tiles.shape == (0, 2, 5, 5)
     assert f_idx.shape == (0, 2, 5, 5) and p_cnt.shape == (0, 2, 5)
+
+
+def issue_cases(build=build_block_index) -> dict[str, tuple]:
+    """Issue 24's build cases (block 128, sink 128 + window 4096, 8 KV heads): name -> (build call, transposed too)."""
+    pattern = SparsePattern(block_size=128, sink_tokens=128, window=4096)
+    mask = torch.ones(4, 4096, dtype=torch.bool)
+    for b, pad in enumerate((0, 100, 1000, 2500)):
+        mask[b, :pad] = False
+    k_seg, _, k_rank = sequence_layout(4, 4096, 4096, mask, None, torch.device("cpu"))
+    topk = torch.randint(0, 1024, (8, 8, 1, 56), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    decode = dict(batch=8, kv_heads=8, q_len=1, kv_len=1 << 17, q_offset=(1 << 17) - 1)
+    return {
+        "prefill 16K": (lambda: build(pattern, batch=1, kv_heads=8, q_len=16384, kv_len=16384), True),
+        "decode 128K, batch 8": (lambda: build(pattern, **decode), False),
+        "decode 128K, batch 8, top-56 tiles": (
+            lambda: build(pattern.replace(topk_blocks=56), topk_tiles=topk, **decode), False),
+        "4K, batch 4, left padding": (
+            lambda: build(pattern, batch=4, kv_heads=8, q_len=4096, kv_len=4096, k_seg=k_seg, k_rank=k_rank), True),
+    }
+
+
+def op_count(fn) -> tuple[int, int]:
+    """(top-level ATen ops, device reads) of one call, from the profiler."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = [e for e in prof.events() if e.name.startswith("aten::")]
+    top = [e for e in events if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
+    return len(top), sum(e.name in ("aten::_local_scalar_dense", "aten::nonzero") for e in events)
+
+
+# Top-level ATen ops of build / transposed() (the build before issue 24: 202-217 ops and 5 reads, transposed() 102
+# ops and 2 reads); a bound with some room, so a change that adds many small launches fails here.
+OP_LIMITS = {"prefill 16K": (80, 80), "decode 128K, batch 8": (80, None),
+             "decode 128K, batch 8, top-56 tiles": (105, None), "4K, batch 4, left padding": (130, 80)}
+
+
+@pytest.mark.parametrize("case", list(OP_LIMITS))
+def test_issue_cases_build_in_few_ops_without_sync(monkeypatch, case):
+    build, with_transposed = issue_cases()[case]
+    with _no_sync(monkeypatch):
+        index = build()
+        if with_transposed:
+            index.transposed()
+    ops, reads = op_count(build)
+    assert reads == 0 and ops <= OP_LIMITS[case][0]
+    if with_transposed:
+        index._transposed = None
+        ops, reads = op_count(index.transposed)
+        assert reads == 0 and ops <= OP_LIMITS[case][1]
+
+
+if __name__ == "__main__":
+    # Op counts and CPU wall time (1 thread, min / median of 30) of issue 24's cases, for this tree's build or for
+    # another block_index.py (e.g. the build before: git show 556be3c:hf_sparsek/block_index.py > /tmp/before.py):
+    #     python tests/test_index_sync_free.py [/tmp/before.py]
+    import importlib.util
+    import statistics
+    import sys
+    import time
+
+    build = build_block_index
+    if len(sys.argv) > 1:
+        spec = importlib.util.spec_from_file_location("hf_sparsek._block_index_under_test", sys.argv[1])
+        module = importlib.util.module_from_spec(spec)
+        module.__package__ = "hf_sparsek"
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        build = module.build_block_index
+    torch.set_num_threads(1)
+
+    def wall(fn, reps=30) -> str:
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return f"{min(times):.2f} / {statistics.median(times):.2f} ms"
+
+    print(f"torch {torch.__version__}, 1 thread; ops = top-level ATen ops, reads = device reads")
+    for name, (fn, with_transposed) in issue_cases(build).items():
+        ops, reads = op_count(fn)
+        line = f"{name:36s} build {ops:4d} ops {reads} reads {wall(fn):>18s}"
+        index = fn()
+        if with_transposed:
+            def fresh_transposed(index=index):
+                index._transposed = None
+                return index.transposed()
+            t_ops, t_reads = op_count(fresh_transposed)
+            line += f" | transposed {t_ops:4d} ops {t_reads} reads {wall(fresh_transposed, 10):>18s}"
+        print(line + f" | widths {index.full_tiles.shape[-1]} + {index.part_tiles.shape[-1]}")
