@@ -46,6 +46,10 @@ FWD_CONFIGS: dict[int, FwdConfig] = {
     128: FwdConfig(128, 128, 8, 2),
     256: FwdConfig(128, 64, 8, 2),
 }
+# Short sequences (at most SHORT_Q_LEN queries) at head dim 64: half-height programs, twice as many of them (the brief's
+# B16 H96 S512 fp16 shape: 0.275 ms against 0.347 ms with the default, H200; docs/kernel-decisions.md).
+SHORT_Q_LEN = 1024
+SHORT_FWD_CONFIGS: dict[int, FwdConfig] = {64: FwdConfig(64, 64, 4, 2)}
 # What opt-in runtime tuning (kernels/autotune.py) and scripts/gpu_kernels.py --tune try, per head dim.
 FWD_CANDIDATES: dict[int, list[FwdConfig]] = {
     64: [FwdConfig(128, 64, 4, 3), FwdConfig(128, 128, 8, 3), FwdConfig(128, 64, 8, 3), FwdConfig(128, 128, 4, 3)],
@@ -188,6 +192,8 @@ def seg_args(k_seg, q_seg, k_rank, dummy: torch.Tensor) -> tuple:
 def pick_fwd_config(head_dim: int, block: int, group: int, q_len: int,
                     config: FwdConfig | None = None) -> tuple[int, int, int, int, int]:
     """(SUB_M, HPP, BLOCK_N, num_warps, num_stages) for these shapes."""
+    if config is None and q_len <= SHORT_Q_LEN:
+        config = SHORT_FWD_CONFIGS.get(head_dim)
     cfg = config or FWD_CONFIGS[head_dim]
     block_m = min(cfg.block_m, block * _next_pow2(group))
     sub_m = min(block, block_m, max(16, _next_pow2(q_len)))

@@ -199,6 +199,16 @@ def _decode_combine_kernel(
     tl.store(Out + b * s_ob + hq * s_oh + t * s_ot + d, out.to(Out.dtype.element_ty))
 
 
+_DUMMIES: dict[torch.device, torch.Tensor] = {}
+
+
+def _dummy(device: torch.device) -> torch.Tensor:
+    """A small int32 tensor standing for absent pointer arguments, made once per device (not a fill per call)."""
+    if device not in _DUMMIES:
+        _DUMMIES[device] = torch.zeros(2, dtype=torch.int32, device=device)
+    return _DUMMIES[device]
+
+
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
@@ -239,7 +249,7 @@ def decode_forward(
     n_hc = -(-group // hpp)
     out = torch.empty_like(q)
     qk_mul, cap2 = score_constants(scale, softcap)
-    dummy = torch.zeros(2, dtype=torch.int32, device=q.device)
+    dummy = _dummy(q.device)
     if lists is not None:
         fc, ft, pc, pt = lists
         s_ib, s_ih = index_strides(fc)
@@ -267,11 +277,11 @@ def decode_forward(
     n_splits = max(1, min(int(n_splits), max_entries))
     single = n_splits == 1
     if single:
-        op = mp = lp = torch.empty(1, device=q.device, dtype=torch.float32)
-    else:
-        op = torch.empty(n_splits, batch, hq, q_len, dim, device=q.device, dtype=torch.float32)
-        mp = torch.empty(n_splits, batch, hq, q_len, device=q.device, dtype=torch.float32)
-        lp = torch.empty_like(mp)
+        op = mp = lp = dummy
+    else:  # one allocation for the partials: (acc, max, sum) per split and row
+        rows_all = n_splits * batch * hq * q_len
+        work = torch.empty(rows_all * (dim + 2), device=q.device, dtype=torch.float32)
+        op, mp, lp = work[: rows_all * dim], work[rows_all * dim: rows_all * (dim + 1)], work[rows_all * (dim + 1):]
     sinkr = dummy if sink_ranges is None else sink_ranges.to(torch.int32).contiguous()
     kseg = dummy if k_seg is None else k_seg
     krank = dummy if k_rank is None else k_rank

@@ -85,6 +85,8 @@ def decode_case(name: str, batch: int, kv_len: int, pattern: SparsePattern, q_le
                 ref_fwd = triton_block_sparse_attention(q, k, v, index, scale)
             got = whole()
             row["max_abs_diff_vs_forward_kernel"] = float((got.float() - ref_fwd.float()).abs().max().item())
+            if DEVICE == "cuda":
+                row.update(_graph_replay(whole, got))
             row["max_abs_diff_split_vs_forward"] = float((ref.float() - ref_fwd.float()).abs().max().item())
         tokens = _visited_tokens(index)
         row["visited_tokens_per_head"] = tokens
@@ -100,6 +102,26 @@ def decode_case(name: str, batch: int, kv_len: int, pattern: SparsePattern, q_le
         RESULTS["errors"].append({"case": name, "trace": traceback.format_exc()[-2000:]})
     RESULTS["cases"].append(row)
     print(json.dumps({k: (round(x, 4) if isinstance(x, float) else x) for k, x in row.items() if k != "pattern"}))
+
+
+def _graph_replay(call, expected: torch.Tensor) -> dict:
+    """Capture the whole call in a CUDA graph (possible only when it reads nothing on the host) and time a replay:
+    the call's GPU time without the Python around it."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            call()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = call()
+        graph.replay()
+        torch.cuda.synchronize()
+        return {"graph_replay_ms": bench_ms(graph.replay),
+                "graph_max_abs_diff": float((out.float() - expected.float()).abs().max().item())}
+    except Exception as exc:
+        return {"graph_error": f"{type(exc).__name__}: {str(exc)[:200]}"}
 
 
 def prefill_case(name: str, batch: int, hq: int, hkv: int, seq: int, dim: int, dtype, pattern: SparsePattern) -> None:
@@ -155,29 +177,47 @@ def small_config_sweep(batch: int, heads: int, seq: int, dim: int, dtype, patter
         print("sweep", entry)
 
 
-def generate_case(length: int, impl: str, model, pattern_name: str) -> None:
-    """Prefill seconds and decode milliseconds per token of ``generate()`` (greedy, batch 1)."""
+def generate_case(length: int, impl: str, model) -> None:
+    """Prefill seconds and decode milliseconds per token of ``generate()`` (greedy, batch 1). Each step is stamped by
+    a logits processor after a device synchronisation: decode time is the median gap between steps (prefill noise
+    does not leak into it)."""
     if _left() < 40:
         return
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Stamps(LogitsProcessor):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def __call__(self, input_ids, scores):
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter())
+            return scores
+
     row: dict = {"prompt": length, "impl": impl, "new_tokens": ARGS.new_tokens}
     try:
         model.set_attn_implementation(impl)
         ids = torch.randint(0, model.config.vocab_size, (1, length), device=DEVICE)
 
-        def run(new: int) -> float:
-            torch.cuda.synchronize() if DEVICE == "cuda" else None
+        def run(new: int) -> tuple[float, list[float]]:
+            stamps = Stamps()
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
             start = time.perf_counter()
             with torch.no_grad():
-                out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
-            torch.cuda.synchronize() if DEVICE == "cuda" else None
+                out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                     logits_processor=LogitsProcessorList([stamps]))
             assert out.shape[1] == length + new
-            return time.perf_counter() - start
+            times = stamps.times
+            return times[0] - start, [times[i + 1] - times[i] for i in range(len(times) - 1)]
 
-        run(2)  # warm-up: compiles, allocator
-        one = min(run(1) for _ in range(2))
-        many = run(ARGS.new_tokens + 1)
-        row["prefill_s"] = one
-        row["decode_ms_per_token"] = (many - one) / ARGS.new_tokens * 1e3
+        run(3)  # warm-up: compiles, allocator
+        prefill, gaps = run(ARGS.new_tokens + 1)
+        gaps.sort()
+        row["prefill_s"] = prefill
+        row["decode_ms_per_token"] = gaps[len(gaps) // 2] * 1e3
+        row["decode_ms_p10_p90"] = [gaps[len(gaps) // 10] * 1e3, gaps[(9 * len(gaps)) // 10] * 1e3]
         row["tokens_per_s"] = 1e3 / row["decode_ms_per_token"]
     except Exception as exc:
         row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
@@ -204,22 +244,24 @@ def run_generate(lengths: list[int], pattern: SparsePattern, layers: int, hidden
                                  "pattern": pattern.to_dict()}
     for length in lengths:
         for impl in ("sdpa", "sparsek"):
-            generate_case(length, impl, model, "")
+            generate_case(length, impl, model)
 
 
 def table() -> str:
     lines = ["| case | SDPA ms | whole call ms | old path ms | index build ms | split-KV kernel ms | "
-             "forward kernel ms | x SDPA | TB/s (whole) |", "|---|---|---|---|---|---|---|---|---|"]
+             "forward kernel ms | whole call as CUDA graph ms | x SDPA | TB/s (whole) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda r, k, p="%.3f": (p % r[k]) if isinstance(r.get(k), float) else ""  # noqa: E731
     for r in RESULTS["cases"]:
         if "q_len" in r:
             lines.append(f"| {r['case']} | {f(r, 'sdpa_ms')} | {f(r, 'whole_call_ms')} | {f(r, 'old_path_ms')} | "
                          f"{f(r, 'index_build_ms')} | {f(r, 'split_kv_kernel_ms')} | {f(r, 'forward_kernel_ms')} | "
-                         f"{f(r, 'speedup_vs_sdpa', '%.2f')} | {f(r, 'sparse_tb_s_whole', '%.2f')} |"
+                         f"{f(r, 'graph_replay_ms')} | {f(r, 'speedup_vs_sdpa', '%.2f')} | "
+                         f"{f(r, 'sparse_tb_s_whole', '%.2f')} |"
                          + (f" {r['error'][:60]}" if "error" in r else ""))
         else:
             lines.append(f"| {r['case']} | {f(r, 'sdpa_ms')} | {f(r, 'whole_call_ms')} | | {f(r, 'index_build_ms')}"
-                         f" | | {f(r, 'kernel_ms')} | {f(r, 'whole_over_sdpa', '%.2f')} (time / SDPA) | |")
+                         f" | | {f(r, 'kernel_ms')} | | {f(r, 'whole_over_sdpa', '%.2f')} (time / SDPA) | |")
     lines += ["", "| prompt | impl | prefill s | decode ms/token | tokens/s |", "|---|---|---|---|---|"]
     for r in RESULTS["generate"]:
         lines.append(f"| {r['prompt']} | {r['impl']} | {f(r, 'prefill_s')} | {f(r, 'decode_ms_per_token')} | "
@@ -252,6 +294,7 @@ def main() -> int:
         prefill_case("brief B16 H96 S512 D64 fp16 dense", 16, 96, 96, 512, 64, torch.float16, orig_dense)
         prefill_case("brief B16 H96 S512 D64 fp16 sink64+win128", 16, 96, 96, 512, 64, torch.float16, orig_sw)
         small_config_sweep(16, 96, 512, 64, torch.float16, orig_dense)
+        small_config_sweep(16, 96, 512, 64, torch.float16, orig_sw)
         if not ARGS.skip_generate:
             lengths = [int(x) for x in ARGS.generate_lengths.split(",") if x]
             run_generate(lengths, SparsePattern(block_size=128, sink_tokens=128, window=4096), 16, 2048, 32, 8)
