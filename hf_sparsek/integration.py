@@ -330,11 +330,16 @@ def sparsek_attention_forward(
             query_segments, segments = mask._chunks[0]
     settings = get_settings()
     selected = _learned_tiles(module, query, key, pattern, mask, segments)
+    state = None  # selector "mass": the layer's key tile features kept across the calls of a generation
+    if selected is None and not module.training and not _compiling():
+        from .selection.store import selection_state_for
+
+        state = selection_state_for(module, pattern)
     out = sparse_attention(
         query, key, value, pattern, scale=scaling, softcap=softcap, q_offset=mask.q_offset, kv_offset=mask.kv_offset,
         attention_mask=mask.padding, segment_ids=segments, query_segment_ids=query_segments,
         index_cache=mask._indexes, backend=settings.backend, dense_via_sdpa=settings.dense_via_sdpa,
-        selected_tiles=selected,
+        selected_tiles=selected, selection_state=state,
     )
     return out.transpose(1, 2).contiguous(), None
 

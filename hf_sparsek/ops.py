@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from .block_index import BlockIndex, absolute_position, build_block_index
 from .patterns import BlockLayout, SparsePattern
 from .reference import reference_attention
-from .selection import select_tiles
+from .selection import SelectionState, select_tiles
 
 Backend = Literal["auto", "triton", "reference"]
 BACKENDS = ("auto", "triton", "reference")
@@ -222,6 +222,7 @@ def build_index_for(
     segment_ids: torch.Tensor | None = None,
     query_segment_ids: torch.Tensor | None = None,
     selected_tiles: torch.Tensor | None = None,
+    selection_state: SelectionState | None = None,
 ) -> BlockIndex:
     """The block index ``sparse_attention`` would use for these inputs (exposed for kernels, tests, benchmarks)."""
     batch, q_len, kv_len = q.shape[0], q.shape[2], k.shape[2]
@@ -233,7 +234,7 @@ def build_index_for(
         topk = _checked_selected_tiles(selected_tiles, batch, k.shape[1], q_len, q_offset, pattern.block_size,
                                        q.device)
     elif pattern.topk_blocks is not None:
-        topk = select_tiles(q, k, pattern, q_offset, kv_offset, k_seg)
+        topk = select_tiles(q, k, pattern, q_offset, kv_offset, k_seg, selection_state=selection_state)
     return build_block_index(
         pattern, batch=batch, kv_heads=k.shape[1], q_len=q_len, kv_len=kv_len, q_offset=q_offset,
         kv_offset=kv_offset, k_seg=k_seg, q_seg=q_seg, k_rank=k_rank, topk_tiles=topk, device=q.device,
@@ -317,13 +318,13 @@ def clear_index_cache() -> None:
 def _index_for_call(
     cache: dict | None, q: torch.Tensor, k: torch.Tensor, pattern: SparsePattern, q_offset: int, kv_offset: int,
     attention_mask: torch.Tensor | None, segment_ids: torch.Tensor | None, query_segment_ids: torch.Tensor | None,
-    selected_tiles: torch.Tensor | None = None,
+    selected_tiles: torch.Tensor | None = None, selection_state: SelectionState | None = None,
 ) -> BlockIndex:
     """Build the index, or reuse one of ``cache`` built for the same pattern, shapes and kind of layout. A top-k
     selection depends on q and k, so it is rebuilt per call."""
     if pattern.topk_blocks is not None or selected_tiles is not None:
         return build_index_for(q, k, pattern, q_offset, kv_offset, attention_mask, segment_ids, query_segment_ids,
-                               selected_tiles)
+                               selected_tiles, selection_state)
     if attention_mask is None and segment_ids is None and query_segment_ids is None:
         return _static_index(q, k, pattern, q_offset, kv_offset)
     if cache is None:
@@ -355,6 +356,7 @@ def sparse_attention(
     backend: Backend = "auto",
     dense_via_sdpa: bool = False,
     selected_tiles: torch.Tensor | None = None,
+    selection_state: SelectionState | None = None,
 ) -> torch.Tensor:
     """Causal block-sparse attention. Differentiable.
 
@@ -383,6 +385,10 @@ def sparse_attention(
         selected_tiles: key tiles chosen outside the op (a learned scorer), (1 or batch, 1 or kv_heads, query tiles,
             k) integers on the absolute ``block_size`` grid, -1 = none: attended as whole blocks (causal, valid,
             same sequence) beside the pattern's sink and window; the pattern's own selector does not run.
+        selection_state: a :class:`hf_sparsek.selection.SelectionState` the caller keeps per layer: selector
+            ``"mass"`` keeps its key tile features there across calls, so a decode step pools only the tile being
+            filled instead of every key (reused only while the calls continue one sequence; see
+            ``hf_sparsek.selection.store``). None: no reuse. Not supported under torch.compile.
 
     Returns:
         (batch, q_heads, q_len, head_dim) in q's dtype. Rows with nothing to attend are zeros. A batch of 0 gives
@@ -396,6 +402,9 @@ def sparse_attention(
         pattern = SparsePattern()
     if index is not None and selected_tiles is not None:
         raise ValueError("pass either a prebuilt index or selected_tiles, not both (the index already holds tiles)")
+    if torch.compiler.is_compiling() and selection_state is not None:
+        raise ValueError("selection_state is not supported under torch.compile (it keeps Python state across "
+                         "calls); pass None there")
     if torch.compiler.is_compiling() and index is None:
         return _traced_call(q, k, v, attention_mask, segment_ids, query_segment_ids, q_offset, kv_offset, pattern,
                             scale, softcap, backend, dense_via_sdpa, selected_tiles)
@@ -404,11 +413,11 @@ def sparse_attention(
     if index is None:
         out = _decode_without_index(q, k, v, pattern, q_offset, kv_offset, attention_mask, segment_ids,
                                     query_segment_ids, selected_tiles, index_cache, scale, softcap, backend,
-                                    dense_via_sdpa)
+                                    dense_via_sdpa, selection_state)
         if out is not None:
             return out
         index = _prepare_index(q, k, pattern, q_offset, kv_offset, attention_mask, segment_ids, query_segment_ids,
-                               index_cache, softcap, dense_via_sdpa, selected_tiles)
+                               index_cache, softcap, dense_via_sdpa, selected_tiles, selection_state)
     else:
         _check_index(index, q, k, pattern, q_offset, kv_offset, attention_mask, segment_ids)
     return _attend(q, k, v, index, scale, softcap, backend)
@@ -421,7 +430,7 @@ def _decode_without_index(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: SparsePattern, q_offset: int, kv_offset: int,
     attention_mask: torch.Tensor | None, segment_ids: torch.Tensor | None, query_segment_ids: torch.Tensor | None,
     selected_tiles: torch.Tensor | None, index_cache: dict | None, scale: float, softcap: float | None,
-    backend: Backend, dense_via_sdpa: bool,
+    backend: Backend, dense_via_sdpa: bool, selection_state: SelectionState | None = None,
 ) -> torch.Tensor | None:
     """A short query run (decode, small chunks) of a pattern made of sink, window and selected tiles runs the
     split-KV kernel straight from the pattern's parameters: no block index is built. None where that does not apply
@@ -455,7 +464,7 @@ def _decode_without_index(
     if selected_tiles is not None:
         selected = _checked_selected_tiles(selected_tiles, q.shape[0], k.shape[1], q_len, q_offset, block, q.device)
     elif pattern.topk_blocks is not None:
-        selected = select_tiles(q, k, pattern, q_offset, kv_offset, k_seg)
+        selected = select_tiles(q, k, pattern, q_offset, kv_offset, k_seg, selection_state=selection_state)
     kb0 = kv_offset // block
     last_tile = (q_offset + q_len - 1) // block - kb0 + 1
     sink, window = pattern.sink_tokens, pattern.window or 0
@@ -506,7 +515,7 @@ def _prepare_index(
     q: torch.Tensor, k: torch.Tensor, pattern: SparsePattern, q_offset: int, kv_offset: int,
     attention_mask: torch.Tensor | None, segment_ids: torch.Tensor | None, query_segment_ids: torch.Tensor | None,
     index_cache: dict | None, softcap: float | None, dense_via_sdpa: bool,
-    selected_tiles: torch.Tensor | None = None,
+    selected_tiles: torch.Tensor | None = None, selection_state: SelectionState | None = None,
 ) -> BlockIndex | None:
     """The call's block index; None where torch SDPA runs it (all rows dense, nothing masked, asked for)."""
     if q_offset + q.shape[2] <= pattern.min_sparse_len:  # every row dense
@@ -515,7 +524,7 @@ def _prepare_index(
     if dense_via_sdpa and pattern.is_dense and plain and _sdpa_applies(q.shape[2], k.shape[2], q_offset, kv_offset):
         return None
     return _index_for_call(index_cache, q, k, pattern, q_offset, kv_offset, attention_mask, segment_ids,
-                           query_segment_ids, selected_tiles)
+                           query_segment_ids, selected_tiles, selection_state)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: BlockIndex | None, scale: float,

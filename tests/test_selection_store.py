@@ -1,0 +1,260 @@
+"""The mass selector's kept key tile features (hf_sparsek.selection.store): incremental = from scratch across tile
+edges (padding, GQA, odd head dim, keys past 0, static-cache buffers), same tiles with and without the store, a
+changed prefix (new prompt, reordered batch, edited keys, crop) recomputed, PyTorch and Triton (interpreter) paths,
+the attention call and generate() through the face."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+import hf_sparsek
+from hf_sparsek import SparsePattern
+from hf_sparsek.ops import sparse_attention
+from hf_sparsek.selection import SelectionState, select_mass
+from hf_sparsek.selection import store as store_module
+from hf_sparsek.selection.mass import pool_tiles
+from hf_sparsek.selection.store import feature_width
+
+BACKENDS = ["torch", "triton"]
+
+
+@pytest.fixture
+def backend(request):
+    """The refresh path under test; "triton" runs the kernels in Triton's CPU interpreter."""
+    name = request.param
+    if name == "torch":
+        yield name
+        return
+    triton = pytest.importorskip("triton")
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7) and int(
+            __import__("numpy").__version__[0]) >= 2:
+        pytest.skip(f"Triton {triton.__version__}'s interpreter needs numpy<2")
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    _interpreted_kernels()
+    try:
+        yield name
+    finally:
+        if previous is None:
+            os.environ.pop("TRITON_INTERPRET")
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+def _interpreted_kernels() -> None:
+    """``@triton.jit`` picks compiled or interpreted at import: re-import in interpreter mode where needed."""
+    import triton.language.standard as tl_standard
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(tl_standard.cdiv, InterpretedFunction):
+        importlib.reload(tl_standard)
+        importlib.reload(sys.modules["triton.language"])
+    for name, kernel in (("selection", "_select_kernel"), ("selection_store", "_refresh_kernel")):
+        module = importlib.import_module(f"hf_sparsek.kernels.{name}")
+        if not isinstance(getattr(module, kernel), InterpretedFunction):
+            importlib.reload(module)
+
+
+def _scratch(k: torch.Tensor, k_seg: torch.Tensor | None, kv_offset: int, block: int) -> torch.Tensor:
+    """Features of every key tile pooled from all keys, in the store's layout (the definition's pool_tiles)."""
+    _, kmax, kmin = pool_tiles(k, kv_offset, block, None if k_seg is None else k_seg >= 0)
+    dim, d_pad = k.shape[-1], feature_width(k.shape[-1])
+    out = torch.zeros(*kmax.shape[:3], 2 * d_pad)
+    out[..., :dim], out[..., d_pad: d_pad + dim] = kmax, kmin
+    return out
+
+
+def _causal_tiles(q_end: int, kv_offset: int, kv_len: int, block: int) -> int:
+    n_k = (kv_offset % block + kv_len + block - 1) // block
+    return min(n_k, (q_end - 1) // block - kv_offset // block + 1)
+
+
+def _padded_seg(batch: int, length: int, pad: int) -> torch.Tensor:
+    """(batch, length) int32 segments, row 0 left-padded by ``pad`` keys (-1)."""
+    seg = torch.zeros(batch, length, dtype=torch.int32)
+    seg[0, :pad] = -1
+    return seg
+
+
+# prefill length, then decode steps (query rows per call), crossing several 16-key tile edges
+STEPS = [37, 1, 1, 3, 1, 5, 1, 1, 4, 2, 1, 16, 1, 1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("kv_offset", [0, 21])
+def test_incremental_features_equal_scratch(backend, kv_offset):
+    """Batch 2, row 0 left-padded, head dim 40 (padded to 64): after the prefill and every decode step the features
+    equal those pooled from all keys, and every step after the prefill reused the kept tiles."""
+    block, total = 16, sum(STEPS)
+    k_all = torch.randn(2, 2, total, 40)
+    seg_all = _padded_seg(2, total, 9)
+    state, length = SelectionState(), 0
+    for i, q_len in enumerate(STEPS):
+        length += q_len
+        k, seg = k_all[:, :, :length], seg_all[:, :length]
+        q_offset = kv_offset + length - q_len
+        before = state.tiles
+        got = state.key_features(k, seg, q_offset, q_len, kv_offset, block, backend == "triton")
+        hi = _causal_tiles(q_offset + q_len, kv_offset, length, block)
+        assert got.shape[2] == hi
+        assert torch.equal(got, _scratch(k, seg, kv_offset, block)), f"step {i}"
+        assert bool(state.reused.all()) == (before > 0)
+    assert state.fresh_starts == 0 and state.tiles == (kv_offset % block + total) // block
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_static_cache_buffer(backend):
+    """A static cache: the keys are a fixed buffer, its unwritten slots real but causally hidden. Tiles up to the
+    last causal one equal the scratch features (the one being filled includes the unwritten slots, as from scratch);
+    later tiles are never read."""
+    block, size = 16, 96
+    k = torch.randn(1, 2, size, 24)
+    state = SelectionState()
+    for q_offset, q_len in [(0, 30), (30, 1), (31, 1), (32, 1), (33, 4), (37, 11), (48, 1)]:
+        got = state.key_features(k, None, q_offset, q_len, 0, block, backend == "triton")
+        hi = _causal_tiles(q_offset + q_len, 0, size, block)
+        assert torch.equal(got[:, :, :hi], _scratch(k, None, 0, block)[:, :, :hi])
+    assert state.tiles == 3 and bool(state.reused.all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_changed_prefix_is_recomputed(backend):
+    """A new prompt of the same length, edited kept keys, a reordered batch and a cropped cache all give the
+    scratch features; keys edited inside the kept prefix with the fingerprint key unchanged are the documented
+    limit (the kept tiles are reused: shows the store really reads them)."""
+    block, use_triton = 16, backend == "triton"
+    k = torch.randn(2, 2, 50, 32)
+    seg = _padded_seg(2, 50, 5)
+    state = SelectionState()
+    state.key_features(k[:, :, :49], seg[:, :49], 0, 49, 0, block, use_triton)
+    state.key_features(k, seg, 49, 1, 0, block, use_triton)
+    assert bool(state.reused.all())
+
+    # a new prompt of the same length (prefill): starts from scratch
+    k2 = torch.randn(2, 2, 50, 32)
+    got = state.key_features(k2, seg, 0, 50, 0, block, use_triton)
+    assert torch.equal(got, _scratch(k2, seg, 0, block)) and state.fresh_starts == 1
+
+    # a decode step whose kept keys changed (the cache now holds another sequence): detected per (row, head)
+    k3 = torch.cat([torch.randn(2, 2, 50, 32), torch.randn(2, 2, 1, 32)], 2)
+    seg3 = _padded_seg(2, 51, 5)
+    got = state.key_features(k3, seg3, 50, 1, 0, block, use_triton)
+    assert not state.reused.any()
+    assert torch.equal(got, _scratch(k3, seg3, 0, block))
+
+    # a reordered batch (beam search): rows swapped, the padding with them
+    k4 = torch.cat([k3.flip(0), torch.randn(2, 2, 1, 32)], 2)
+    seg4 = torch.cat([seg3.flip(0), torch.zeros(2, 1, dtype=torch.int32)], 1)
+    got = state.key_features(k4, seg4, 51, 1, 0, block, use_triton)
+    assert not state.reused.any()
+    assert torch.equal(got, _scratch(k4, seg4, 0, block))
+
+    # a cropped cache: fewer complete tiles than kept
+    fresh = state.fresh_starts
+    got = state.key_features(k4[:, :, :40], seg4[:, :40], 39, 1, 0, block, use_triton)
+    assert state.fresh_starts == fresh + 1 and torch.equal(got, _scratch(k4[:, :, :40], seg4[:, :40], 0, block))
+
+    # the limit: keys inside the kept prefix edited, the fingerprint key (position 31) kept
+    k5 = k4[:, :, :41].clone()
+    k5[:, :, 3] += 1.0
+    got = state.key_features(k5, seg4[:, :41], 40, 1, 0, block, use_triton)
+    assert bool(state.reused.all())
+    assert not torch.equal(got, _scratch(k5, seg4[:, :41], 0, block))
+    state.reset()
+    got = state.key_features(k5, seg4[:, :41], 40, 1, 0, block, use_triton)
+    assert torch.equal(got, _scratch(k5, seg4[:, :41], 0, block))
+
+
+PATTERNS = {
+    "sink-win-top2": SparsePattern(block_size=64, sink_tokens=4, window=70, topk_blocks=2),
+    "win-top3-mass0.7": SparsePattern(block_size=64, window=64, topk_blocks=3, mass_threshold=0.7),
+}
+# a prefill of 100, then decode runs of 1 to 16 rows across the 128- and 192-key tile edges
+PATTERN_STEPS = [100, 1, 3, 16, 9, 16, 2, 15, 16, 16, 1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_tiles_with_store_equal_without(backend, name):
+    """GQA 6/2 heads, padded batch 2: the tiles chosen with the store equal those chosen from all keys, each step
+    (the same features give the same scores, so the same tiles exactly)."""
+    pattern = PATTERNS[name]
+    total = sum(PATTERN_STEPS)
+    q_all = torch.randn(2, 6, total, 32)
+    k_all = torch.randn(2, 2, total, 32)
+    seg_all = _padded_seg(2, total, 11)
+    state, length, chosen = SelectionState(), 0, 0
+    for q_len in PATTERN_STEPS:
+        length += q_len
+        q = q_all[:, :, length - q_len: length]
+        k, seg = k_all[:, :, :length], seg_all[:, :length]
+        want = select_mass(q, k, pattern, length - q_len, 0, seg, backend=backend)
+        got = select_mass(q, k, pattern, length - q_len, 0, seg, backend=backend, selection_state=state)
+        assert torch.equal(got, want)
+        chosen += int((got >= 0).sum())
+    assert chosen > 0 and state.tiles == 3 and bool(state.reused.all())
+
+
+def test_decode_call_with_store_equals_without():
+    """sparse_attention(selection_state=...) over a prefill and decode steps: the same outputs as without."""
+    pattern = SparsePattern(block_size=64, sink_tokens=4, window=64, topk_blocks=1)
+    total = 200
+    q_all, k_all, v_all = (torch.randn(2, 4, total, 16), torch.randn(2, 2, total, 16), torch.randn(2, 2, total, 16))
+    mask = torch.ones(2, total, dtype=torch.bool)
+    mask[1, :6] = False
+    state = SelectionState()
+    for end in [120] + list(range(121, total + 1, 7)):
+        q_len = 120 if end == 120 else 1
+        args = (q_all[:, :, end - q_len: end], k_all[:, :, :end], v_all[:, :, :end], pattern)
+        want = sparse_attention(*args, attention_mask=mask[:, :end])
+        got = sparse_attention(*args, attention_mask=mask[:, :end], selection_state=state)
+        assert torch.equal(got, want)
+    assert bool(state.reused.all()) and state.tiles == 197 // 64
+
+
+def test_bad_inputs_raise():
+    state = SelectionState()
+    with pytest.raises(ValueError, match="k_seg"):
+        state.key_features(torch.randn(1, 2, 20, 8), torch.zeros(1, 19, dtype=torch.int32), 0, 20, 0, 16, False)
+    with pytest.raises(ValueError, match="q_len"):
+        state.key_features(torch.randn(1, 2, 20, 8), None, 0, 0, 0, 16, False)
+
+
+def _build_llama():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(1234)
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         attention_dropout=0.0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
+
+
+def test_generate_with_store_equals_recomputing(monkeypatch):
+    """generate() of 24 tokens (its default DynamicCache, left padding, top-1 "mass" tiles of 64 keys) through the
+    face keeps one state per layer and gives the same tokens and logits as recomputing the features from all keys
+    each step."""
+    model = _build_llama()
+    pattern = SparsePattern(block_size=64, sink_tokens=4, window=64, topk_blocks=1)
+    hf_sparsek.set_pattern(model, pattern)
+    ids = torch.randint(1, 97, (2, 120))  # tile 1 fills at step 8, then competes with tile 0
+    mask = torch.ones_like(ids)
+    mask[0, :7], ids[0, :7] = 0, 0
+    gen = dict(attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0, output_logits=True,
+               return_dict_in_generate=True)
+    out = model.generate(ids, **gen)
+    layers = [layer.self_attn for layer in model.model.layers]
+    states = [store_module._STATES.get(m) for m in layers]
+    assert all(s is not None and s.tiles == (120 + 23) // 64 and bool(s.reused.all()) for s in states)
+    assert len({id(s) for s in states}) == len(layers)
+
+    monkeypatch.setattr(store_module, "selection_state_for", lambda module, pattern: None)
+    ref = model.generate(ids, **gen)
+    assert torch.equal(out.sequences, ref.sequences)
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), rtol=0, atol=0)
+    assert out.sequences.shape[1] == 144
