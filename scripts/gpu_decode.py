@@ -124,6 +124,57 @@ def _graph_replay(call, expected: torch.Tensor) -> dict:
         return {"graph_error": f"{type(exc).__name__}: {str(exc)[:200]}"}
 
 
+def decode_store_case(batch: int, kv_len: int, pattern: SparsePattern, hq: int = 32, hkv: int = 8, dim: int = 128,
+                      dtype=torch.bfloat16) -> None:
+    """Top-k decode with the selection store (issue 24: per-block key metadata kept with the cache): the state is
+    filled by one call at the previous position, then a decode call reusing it is timed (its last tile holds
+    ``block - 1`` keys, so every call refreshes that tile and checks the fingerprint) beside the same call pooling
+    every key, SDPA, the selection alone with / without the store and the refresh alone."""
+    from hf_sparsek.selection import SelectionState, select_tiles
+
+    if _left() < 20:
+        return
+    n = kv_len - 1  # the keys of the timed call: the last tile is still filling
+    q = _rand((batch, hq, 1, dim), dtype)
+    k, v = _rand((batch, hkv, n, dim), dtype), _rand((batch, hkv, n, dim), dtype)
+    size = f"{kv_len // 1024}K" if kv_len >= 1024 else str(kv_len)
+    row: dict = {"case": f"decode B{batch} {size} top-{pattern.topk_blocks} of {pattern.block_size} "
+                 "(mass, store)", "batch": batch, "kv_len": n, "q_len": 1, "hq": hq, "hkv": hkv, "dim": dim,
+                 "dtype": str(dtype).replace("torch.", ""), "pattern": pattern.to_dict()}
+    try:
+        with torch.no_grad():
+            state = SelectionState()
+            sparse_attention(q, k[:, :, :-1], v[:, :, :-1], pattern, selection_state=state)  # the step before
+            stored = state.tiles
+            with_store = lambda: sparse_attention(q, k, v, pattern, selection_state=state)  # noqa: E731
+            got = with_store()
+            row["reused_all"] = bool(state.reused.all().item()) and state.tiles == stored
+            row["sdpa_ms"] = bench_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=hq != hkv))
+            row["whole_call_ms"] = bench_ms(with_store)
+            row["whole_call_no_store_ms"] = bench_ms(lambda: sparse_attention(q, k, v, pattern))
+            want = sparse_attention(q, k, v, pattern)
+            row["max_abs_diff_vs_no_store"] = float((got.float() - want.float()).abs().max().item())
+            select = lambda st=None: select_tiles(q, k, pattern, n - 1, 0, None, selection_state=st)  # noqa: E731
+            row["selection_store_ms"] = bench_ms(lambda: select(state))
+            row["selection_no_store_ms"] = bench_ms(select)
+            row["same_tiles"] = bool(torch.equal(select(state), select()))
+            row["refresh_ms"] = bench_ms(lambda: state.key_features(k, None, n - 1, 1, 0, pattern.block_size,
+                                                                    q.is_cuda))
+            if DEVICE == "cuda":
+                row.update(_graph_replay(with_store, got))
+            tokens = _visited_tokens(build_index_for(q, k, pattern))
+        row["visited_tokens_per_head"] = tokens
+        bytes_read = batch * hkv * tokens * dim * 2 * q.element_size()
+        row["sparse_tb_s_whole"] = bytes_read / row["whole_call_ms"] / 1e9
+        row["speedup_vs_sdpa"] = row["sdpa_ms"] / row["whole_call_ms"]
+        row["speedup_vs_no_store"] = row["whole_call_no_store_ms"] / row["whole_call_ms"]
+    except Exception as exc:  # a case that fails is recorded, the run goes on
+        row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        RESULTS["errors"].append({"case": row["case"], "trace": traceback.format_exc()[-2000:]})
+    RESULTS["cases"].append(row)
+    print(json.dumps({k: (round(x, 4) if isinstance(x, float) else x) for k, x in row.items() if k != "pattern"}))
+
+
 def prefill_case(name: str, batch: int, hq: int, hkv: int, seq: int, dim: int, dtype, pattern: SparsePattern) -> None:
     if _left() < 20:
         return
@@ -277,6 +328,7 @@ def main() -> int:
         decode_case("smoke decode B2", 2, 700, small, hq=4, hkv=2, dim=64, dtype=torch.float32)
         decode_case("smoke decode topk", 1, 700, SparsePattern(block_size=64, sink_tokens=8, window=64, topk_blocks=3),
                     hq=4, hkv=2, dim=64, dtype=torch.float32)
+        decode_store_case(2, 700, small.replace(topk_blocks=3), hq=4, hkv=2, dim=64, dtype=torch.float32)
         prefill_case("smoke prefill", 1, 4, 2, 256, 64, torch.float32, small)
         if not ARGS.skip_generate:
             run_generate([300], SparsePattern(block_size=64, sink_tokens=8, window=128), 2, 64, 4, 2)
@@ -286,6 +338,8 @@ def main() -> int:
         decode_case("decode B1 512K top-56 of 128 (mass)", 1, 524288, topk56)
         decode_case("decode B1 512K top-56 of 128 (meanpool)", 1, 524288, topk56.replace(selector="meanpool"))
         decode_case("decode B8 128K top-56 of 128 (mass)", 8, 131072, topk56)
+        decode_store_case(1, 524288, topk56)
+        decode_store_case(8, 131072, topk56)
         decode_case("decode B8 128K sink128+win8192 q_len 4", 8, 131072, window8k, q_len=4)
         prefill_case("prefill 16K sink128+win4096", 1, 32, 8, 16384, 128, torch.bfloat16,
                      SparsePattern(block_size=128, sink_tokens=128, window=4096))
