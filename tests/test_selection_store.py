@@ -235,10 +235,11 @@ def _build_llama():
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
 
 
-def test_generate_with_store_equals_recomputing(monkeypatch):
-    """generate() of 24 tokens (its default DynamicCache, left padding, top-1 "mass" tiles of 64 keys) through the
-    face keeps one state per layer and gives the same tokens and logits as recomputing the features from all keys
-    each step."""
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_generate_with_store_equals_recomputing(monkeypatch, cache):
+    """generate() of 24 tokens (DynamicCache, or StaticCache whose unwritten slots sit in the keys; left padding,
+    top-1 "mass" tiles of 64 keys) through the face keeps one state per layer and gives the same tokens and logits
+    as recomputing the features from all keys each step."""
     model = _build_llama()
     pattern = SparsePattern(block_size=64, sink_tokens=4, window=64, topk_blocks=1)
     hf_sparsek.set_pattern(model, pattern)
@@ -247,6 +248,8 @@ def test_generate_with_store_equals_recomputing(monkeypatch):
     mask[0, :7], ids[0, :7] = 0, 0
     gen = dict(attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0, output_logits=True,
                return_dict_in_generate=True)
+    if cache == "static":
+        gen["cache_implementation"] = "static"
     out = model.generate(ids, **gen)
     layers = [layer.self_attn for layer in model.model.layers]
     states = [store_module._STATES.get(m) for m in layers]
