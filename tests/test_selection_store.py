@@ -108,6 +108,19 @@ def test_incremental_features_equal_scratch(backend, kv_offset):
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_features_grow_past_capacity(backend):
+    """The kept features outgrow their first allocation (2 tiles + headroom) and are copied on: still equal."""
+    block, k = 16, torch.randn(1, 2, 420, 16)
+    state = SelectionState()
+    state.key_features(k[:, :, :20], None, 0, 20, 0, block, backend == "triton")
+    first = state.features.shape[2]
+    for end in range(33, 421, 13):
+        got = state.key_features(k[:, :, :end], None, end - 13, 13, 0, block, backend == "triton")
+        assert torch.equal(got, _scratch(k[:, :, :end], None, 0, block)) and bool(state.reused.all())
+    assert state.features.shape[2] > first and state.tiles == end // block
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_static_cache_buffer(backend):
     """A static cache: the keys are a fixed buffer, its unwritten slots real but causally hidden. Tiles up to the
     last causal one equal the scratch features (the one being filled includes the unwritten slots, as from scratch);

@@ -95,11 +95,13 @@ class SelectionState:
         return self.features[:, :, :n_k]
 
     def _reserve(self, batch: int, heads: int, n_k: int, d_pad: int, device: torch.device) -> None:
-        """Room for ``n_k`` tiles, grown by doubling (kept tiles copied; a decode step allocates nothing)."""
+        """Room for ``n_k`` tiles and 1/8 more (kept tiles copied): a decode step allocates nothing until its keys
+        grew by an eighth (at 512K keys: every 64K steps), and the headroom costs 1/8 of the features' memory."""
         have = 0 if self.features is None else self.features.shape[2]
         if have >= n_k:
             return
-        grown = torch.zeros(batch, heads, max(n_k, 2 * have), 2 * d_pad, device=device, dtype=torch.float32)
+        size = n_k + n_k // 8 + 16
+        grown = torch.zeros(batch, heads, size, 2 * d_pad, device=device, dtype=torch.float32)
         if self.tiles:
             grown[:, :, : self.tiles] = self.features[:, :, : self.tiles]
         self.features = grown
