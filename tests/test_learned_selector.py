@@ -249,6 +249,7 @@ def test_distil_save_reload_and_missing_scorer(tmp_path):
         attach_selector(trained, LearnedSelector.for_model(trained, BLOCK, layers=[0, 1]))
         assert not torch.equal(reloaded(ids).logits, trained(ids).logits)
     assert torch.equal(load_selector(final).scorer(0).wq, result.selector.scorer(0).wq)
+    assert reloaded.generate(ids[:, :255], max_new_tokens=3, do_sample=False).shape == (1, 258)
 
     # Resume: a second call continues from the checkpoint's step.
     more = distill(DistillConfig(**{**config.__dict__, "steps": 45, "resume": True, "eval_windows": 0,
@@ -302,3 +303,18 @@ def test_block_mass_rows_equals_eval_definition(length):
     torch.testing.assert_close(gain.sum(-1), 1 - covered[:, :, tiles], rtol=1e-4, atol=1e-5)
     assert (gain[:, :, 1, 2] == 0).all()  # the window keeps all of tile 2 for query tile 2 (its diagonal)
     assert (gain[:, :, 2, 2] > 0).all()  # but not for query tile 3
+
+
+def test_distill_command_options_make_the_config():
+    import argparse
+
+    from hf_sparsek.learned import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--model", "m", "--output-dir", "o", "--mode", "key", "--steps", "7",
+                              "--query-tile-stride", "2", "--no-save-model", "--resume"])
+    config = cli.config_from_args(args)
+    assert (config.mode, config.steps, config.query_tile_stride, config.save_model, config.resume) == (
+        "key", 7, 2, False, True)
+    assert config.seq_len == DistillConfig(model="m", output_dir="o").seq_len
