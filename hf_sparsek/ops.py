@@ -580,11 +580,73 @@ def _offset_tensor(value: int | torch.Tensor | None, device: torch.device) -> to
 
 def _traced_call(q, k, v, attention_mask, segment_ids, query_segment_ids, q_offset, kv_offset, pattern, scale,
                  softcap, backend, dense_via_sdpa, selected_tiles=None) -> torch.Tensor:
-    offsets = torch.cat([_offset_tensor(q_offset, q.device), _offset_tensor(kv_offset, q.device)])
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if _compiled_decode_applies(q, k, v, pattern, segment_ids, query_segment_ids, kv_offset, softcap, backend,
+                                selected_tiles):
+        return sparse_decode_op(q, k, v, attention_mask, _offset_tensor(q_offset, q.device), kv_offset,
+                                _pattern_text(pattern), scale, float(softcap or 0.0))
+    offsets = torch.cat([_offset_tensor(q_offset, q.device), _offset_tensor(kv_offset, q.device)])
     return sparse_attention_op(q, k, v, attention_mask, segment_ids, query_segment_ids, offsets,
                                _pattern_text(pattern), scale, float(softcap or 0.0), backend, dense_via_sdpa,
                                selected_tiles)
+
+
+def _compiled_decode_applies(q, k, v, pattern: SparsePattern, segment_ids, query_segment_ids, kv_offset, softcap,
+                             backend, selected_tiles) -> bool:
+    """Whether a traced call is a decode step the split-KV kernel runs with its query offset left on the device
+    (decided from shapes and the pattern only): then it is the CUDA-graph-safe op :func:`sparse_decode_op`."""
+    if q.shape[2] > DECODE_MAX_Q_LEN or segment_ids is not None or query_segment_ids is not None:
+        return False
+    if selected_tiles is not None or not isinstance(kv_offset, int):
+        return False
+    if pattern.layout is not None or pattern.dense_heads or pattern.topk_blocks is not None:
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    if not _uses_triton(q, k, v, softcap, backend):
+        return False
+    from .kernels.dispatch import use_split_kv
+    from .runtime import kernel_options
+
+    return use_split_kv(q.shape[2], False, kernel_options())
+
+
+@torch.library.custom_op("hf_sparsek::sparse_decode", mutates_args=())
+def sparse_decode_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None, q_offset: torch.Tensor,
+    kv_offset: int, pattern: str, scale: float, softcap: float,
+) -> torch.Tensor:
+    """A decode step of a sink / window / dense pattern under torch.compile, reading nothing on the host: the query
+    offset (-1: the last q_len key positions) stays a device tensor the kernel reads, padding becomes key segments
+    and per-row sink tiles by device ops. Not tagged cudagraph_unsafe: a compiled decode step can be one CUDA graph.
+    Inference only (no autograd formula: the compiled path sends calls that need gradients to the other op)."""
+    pat = _pattern_of_text(pattern)
+    q_len, kv_len, block = q.shape[2], k.shape[2], pat.block_size
+    default = torch.full_like(q_offset, kv_offset + kv_len - q_len)
+    position = torch.where(q_offset < 0, default, q_offset).reshape(1).to(torch.int32)
+    k_seg = k_rank = sink_ranges = None
+    if attention_mask is not None:
+        _check_layout(q.shape[0], q_len, kv_len, attention_mask, None)
+        k_seg, k_rank, sink_ranges = _decode_layout(q, k, attention_mask, pat, kv_offset, None)
+    kb0 = kv_offset // block
+    sink, window = pat.sink_tokens, pat.window or 0
+    sink_hi = max(0, (sink - 1) // block - kb0 + 1) if sink else 0
+    n_k = (kv_offset % block + kv_len + block - 1) // block
+    window_tiles = min(n_k, (window + block - 2) // block + 2) if window else 0
+    dense = pat.is_dense
+    from .triton_ops import triton_decode_without_index
+
+    return triton_decode_without_index(
+        q, k, v, block=block, q_offset=position, kv_offset=kv_offset, sink=0 if dense else sink,
+        window=0 if dense else window, scale=scale, softcap=softcap or None,
+        ranges=(0, 0 if dense else sink_hi, 0, n_k if dense else window_tiles),
+        sink_ranges=sink_ranges if (sink and not dense) else None, range_selected=dense, k_seg=k_seg, k_rank=k_rank,
+        min_sparse_len=pat.min_sparse_len).contiguous()
+
+
+@sparse_decode_op.register_fake
+def _(q, k, v, attention_mask, q_offset, kv_offset, pattern, scale, softcap):
+    return q.new_empty(q.shape[:3] + v.shape[3:])
 
 
 def _offsets_of(offsets: torch.Tensor) -> tuple[int | None, int]:

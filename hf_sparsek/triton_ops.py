@@ -179,13 +179,14 @@ def triton_block_sparse_attention(
 
 
 def triton_decode_without_index(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: int, q_offset: int, kv_offset: int, sink: int,
-    window: int, scale: float, softcap: float | None, ranges: tuple[int, int, int, int],
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: int, q_offset: int | torch.Tensor, kv_offset: int,
+    sink: int, window: int, scale: float, softcap: float | None, ranges: tuple[int, int, int, int],
     sink_ranges: torch.Tensor | None = None, selected: torch.Tensor | None = None, range_selected: bool = False,
-    k_seg: torch.Tensor | None = None, k_rank: torch.Tensor | None = None,
+    k_seg: torch.Tensor | None = None, k_rank: torch.Tensor | None = None, min_sparse_len: int = 0,
 ) -> torch.Tensor:
     """A decode step without a block index: key tiles from the pattern's sink and window ranges (and selected
-    tiles) through the split-KV kernel. No gradients."""
+    tiles) through the split-KV kernel. No gradients. A tensor ``q_offset`` stays on the device (the kernel reads
+    it, with ``min_sparse_len``), so the call can be captured in a CUDA graph."""
     reason = unsupported_reason(q, k, v, softcap)
     if reason is not None:
         raise ValueError(f"Triton block-sparse attention cannot run: {reason}")
@@ -193,7 +194,8 @@ def triton_decode_without_index(
         return dispatch.decode_forward(
             q, k, v, block=block, q_offset=q_offset, kv_offset=kv_offset, sink=sink, window=window, scale=scale,
             softcap=float(softcap or 0.0), options=kernel_options(), ranges=ranges, sink_ranges=sink_ranges,
-            selected=selected, range_selected=range_selected, k_seg=_i32(k_seg), k_rank=_i32(k_rank))
+            selected=selected, range_selected=range_selected, k_seg=_i32(k_seg), k_rank=_i32(k_rank),
+            min_sparse_len=min_sparse_len)
 
 
 def _index_args(index: BlockIndex, scale: float, softcap: float | None) -> tuple[tuple, tuple, tuple]:

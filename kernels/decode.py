@@ -34,16 +34,16 @@ MAX_ROWS = 64  # query rows x heads per program (register budget of the fp32 acc
 @triton.jit
 def _decode_split_kernel(
     Q, K, V, Out, OP, MP, LP,
-    FC, FT, PC, PT, SEL, SINKR, KSEG, KRANK,
+    FC, FT, PC, PT, SEL, SINKR, KSEG, KRANK, QOFF,
     s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_ob, s_oh, s_ot,
     s_ib, s_ih, f_width, p_width, s_sel_b, s_sel_h, sel_width, s_kseg_b, s_krank_b,
     Hkv, G, Hq, q_len, kv_len, q_offset, kv_offset, sink, window,
-    sink_lo, sink_hi, win_lo, win_hi, n_hc, n_splits,
+    sink_lo, sink_hi, win_lo, win_hi, n_hc, n_splits, min_sparse,
     qk_mul, cap2,
     BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, HPP: tl.constexpr, HEAD_DIM: tl.constexpr,
     SEL_PAD: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr, USE_LISTS: tl.constexpr,
     HAS_SEL: tl.constexpr, HAS_SINKR: tl.constexpr, RANGE_SELECTED: tl.constexpr,
-    HAS_KSEG: tl.constexpr, HAS_KRANK: tl.constexpr, SINGLE: tl.constexpr,
+    HAS_KSEG: tl.constexpr, HAS_KRANK: tl.constexpr, SINGLE: tl.constexpr, OFFSET_ON_DEVICE: tl.constexpr,
 ):
     N_SUB: tl.constexpr = BLOCK // BLOCK_N
     M: tl.constexpr = ROWS * HPP
@@ -54,6 +54,8 @@ def _decode_split_kernel(
     hc = mh % n_hc
     b = (bh // Hkv).to(tl.int64)
     hkv = (bh % Hkv).to(tl.int64)
+    if OFFSET_ON_DEVICE:  # a static cache's position, read here: the launch reads nothing on the host
+        q_offset = tl.load(QOFF).to(tl.int32)
     qb0 = q_offset // BLOCK
     kb0 = kv_offset // BLOCK
     r = tl.arange(0, M)
@@ -84,6 +86,20 @@ def _decode_split_kernel(
         else:
             s_lo = sink_lo
             s_hi = sink_hi
+        range_sel = RANGE_SELECTED
+        if OFFSET_ON_DEVICE:  # the window's tiles and the dense rows (min_sparse_len) from the offset read above
+            win_hi = (q_offset + q_len - 1) // BLOCK - kb0 + 1
+            if window > 0:
+                win_lo = tl.maximum(kv_offset, q_offset - window + 1) // BLOCK - kb0
+            elif RANGE_SELECTED:
+                win_lo = 0
+            else:
+                win_lo = win_hi
+            tile_dense = (qb0 + m + 1) * BLOCK <= min_sparse
+            s_lo = tl.where(tile_dense, 0, s_lo)
+            s_hi = tl.where(tile_dense, 0, s_hi)
+            win_lo = tl.where(tile_dense, 0, win_lo)
+            range_sel = tile_dense | RANGE_SELECTED
         w_lo = tl.maximum(win_lo, s_hi)
         n_win = tl.maximum(win_hi - w_lo, 0)
         total = (s_hi - s_lo) + n_win
@@ -93,6 +109,7 @@ def _decode_split_kernel(
             slot = tl.arange(0, SEL_PAD)
             sel_vec = tl.load(SEL + sel_row + slot, mask=slot < sel_width, other=-1)
         f_cnt = 0
+    total = tl.where(t_first < t_end, total, 0)  # a query tile this call has no row of
     per_split = tl.cdiv(total, n_splits)  # from the device-side count: no host bound can drop an entry
     j0 = split * per_split
     j1 = tl.minimum(j0 + per_split, total)
@@ -126,9 +143,9 @@ def _decode_split_kernel(
                 fresh = (n >= 0) & ((n < s_lo) | (n >= s_hi)) & ((n < w_lo) | (n >= win_hi))
                 use = kk < tl.where(fresh, BLOCK_N, 0)  # a comparison: a clean boolean in the interpreter too
             if HAS_SEL:
-                selected = (tl.max((sel_vec == n).to(tl.int32), 0) > 0) | RANGE_SELECTED
+                selected = (tl.max((sel_vec == n).to(tl.int32), 0) > 0) | range_sel
             else:
-                selected = RANGE_SELECTED
+                selected = range_sel
         t0 = (kb0 + n) * BLOCK + (it % N_SUB) * BLOCK_N - kv_offset
         k_t = t0 + kk
         k_in = (k_t >= 0) & (k_t < kv_len) & use
@@ -215,8 +232,9 @@ def _next_pow2(x: int) -> int:
 
 def decode_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-    block: int, q_offset: int, kv_offset: int, sink: int, window: int, scale: float, softcap: float,
+    block: int, q_offset: int | torch.Tensor, kv_offset: int, sink: int, window: int, scale: float, softcap: float,
     n_splits: int,
+    min_sparse_len: int = 0,
     lists: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ranges: tuple[int, int, int, int] | None = None,
     sink_ranges: torch.Tensor | None = None,
@@ -233,7 +251,12 @@ def decode_forward(
     relative to the call's first key tile (``sink_ranges`` (B, 2) int32 replaces the sink pair per batch row;
     ``selected`` (1|B, 1|Hkv, query tiles, k) int32 adds selected tiles; ``range_selected`` attends range tiles as
     whole causal blocks: a dense pattern). Inputs need a unit stride on the head dim; ``n_splits`` >= 1 shares of
-    each query tile's entries (the caller, ``kernels/dispatch.py``, picks it)."""
+    each query tile's entries (the caller, ``kernels/dispatch.py``, picks it).
+
+    ``q_offset`` may be a one-element integer tensor on the inputs' device (a static cache's position under
+    torch.compile; ranges mode only): the kernel reads it and derives the window's tiles and the rows dense under
+    ``min_sparse_len`` itself, so the launch reads nothing on the host and a CUDA graph can hold it (``ranges`` then
+    gives the sink tiles and, as its window pair, only a bound on the window's tile count)."""
     batch, hq, q_len, dim = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     if q_len > MAX_Q_LEN:
@@ -241,7 +264,15 @@ def decode_forward(
     if (lists is None) == (ranges is None):
         raise ValueError("pass exactly one of lists (a block index) or ranges")
     group = hq // hkv
-    n_q = (q_offset % block + q_len + block - 1) // block
+    offset_on_device = isinstance(q_offset, torch.Tensor)
+    if offset_on_device:
+        if lists is not None or selected is not None:
+            raise ValueError("a device-side q_offset works with ranges only (no index lists, no selected tiles)")
+        q_offset_ptr, q_offset = q_offset, 0
+        n_q = 1 if q_len == 1 else 2  # a run of <= 16 rows spans at most two tiles; an empty one does nothing
+    else:
+        q_offset_ptr = None
+        n_q = (q_offset % block + q_len + block - 1) // block
     rows = max(1, _next_pow2(min(q_len, block)))
     hpp = max(1, min(_next_pow2(group), max(1, MAX_ROWS // rows)))
     if rows * hpp < 16:  # tl.dot needs M >= 16
@@ -288,19 +319,19 @@ def decode_forward(
     grid = (n_splits, n_q * n_hc, batch * hkv)
     _decode_split_kernel[grid](
         q, k, v, out, op, mp, lp,
-        fc, ft, pc, pt, sel, sinkr, kseg, krank,
+        fc, ft, pc, pt, sel, sinkr, kseg, krank, dummy if q_offset_ptr is None else q_offset_ptr,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         s_ib, s_ih, f_width, p_width, s_sel_b, s_sel_h, sel_width,
         0 if k_seg is None else k_seg.stride(0), 0 if k_rank is None else k_rank.stride(0),
         hkv, group, hq, q_len, kv_len, q_offset, kv_offset, sink, window,
-        sink_lo, sink_hi, win_lo, win_hi, n_hc, n_splits,
+        sink_lo, sink_hi, win_lo, win_hi, n_hc, n_splits, min_sparse_len,
         qk_mul, cap2,
         BLOCK=block, BLOCK_N=min(block_n, block), ROWS=rows, HPP=hpp, HEAD_DIM=dim, SEL_PAD=sel_pad,
         SOFTCAP=bool(softcap), IEEE=q.dtype == torch.float32, USE_LISTS=lists is not None,
         HAS_SEL=lists is None and selected is not None, HAS_SINKR=sink_ranges is not None,
         RANGE_SELECTED=bool(range_selected), HAS_KSEG=k_seg is not None, HAS_KRANK=k_rank is not None,
-        SINGLE=single, num_warps=num_warps, num_stages=num_stages,
+        SINGLE=single, OFFSET_ON_DEVICE=offset_on_device, num_warps=num_warps, num_stages=num_stages,
     )
     if not single:
         _decode_combine_kernel[(batch * hq * q_len,)](

@@ -252,16 +252,21 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNTS[index]
 
 
-def decode_splits(q: torch.Tensor, k: torch.Tensor, block: int, q_offset: int, options: KernelOptions) -> int:
+def decode_splits(q: torch.Tensor, k: torch.Tensor, block: int, q_offset: int | torch.Tensor,
+                  options: KernelOptions) -> int:
     """Shares per query tile: enough programs for ``decode_programs_per_sm`` per SM (the kernel caps it by the
-    entries a tile lists, so each program keeps at least one key tile)."""
-    n_q = (q_offset % block + q.shape[2] + block - 1) // block
+    entries a tile lists, so each program keeps at least one key tile). A device-side offset counts two tiles."""
+    if isinstance(q_offset, torch.Tensor):
+        n_q = 1 if q.shape[2] == 1 else 2
+    else:
+        n_q = (q_offset % block + q.shape[2] + block - 1) // block
     programs = q.shape[0] * k.shape[1] * n_q
     return max(1, -(-options.decode_programs_per_sm * _sm_count(q.device) // programs))
 
 
 def decode_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: int, q_offset: int, kv_offset: int, sink: int,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: int, q_offset: int | torch.Tensor, kv_offset: int,
+    sink: int,
     window: int, scale: float, softcap: float, options: KernelOptions, **source,
 ) -> torch.Tensor:
     """The split-KV decode forward (``source``: ``lists=`` a block index's four lists, or ``ranges=`` with its

@@ -148,3 +148,39 @@ def test_generate_through_the_decode_kernel_equals_the_reference(cache, pattern,
     assert len(calls) == 2 * 7  # every decode step of both layers ran the split-KV kernel without an index
     assert torch.equal(results["triton"][0], results["reference"][0])
     torch.testing.assert_close(results["triton"][1], results["reference"][1], rtol=1e-4, atol=1e-4)
+
+
+COMPILED_CASES = [
+    # pattern, q_len, kv_len, q_offset, padded
+    (SparsePattern(block_size=64, sink_tokens=5, window=100), 1, 400, 300, False),
+    (SparsePattern(block_size=64, sink_tokens=5, window=100), 3, 400, 190, True),  # run crosses a tile edge
+    (SparsePattern(block_size=64), 1, 300, 250, True),  # dense
+    (SparsePattern(block_size=64, sink_tokens=5, window=70, min_sparse_len=256), 2, 400, 100, False),  # dense rows
+    (SparsePattern(block_size=64, sink_tokens=5, window=70, min_sparse_len=256), 1, 400, 350, False),
+]
+
+
+@pytest.mark.parametrize("case", COMPILED_CASES, ids=lambda c: f"q{c[1]}-at{c[3]}-{c[0].describe()}"[:60]
+                         + ("-pad" if c[4] else ""))
+def test_compiled_decode_reads_its_offset_on_the_device(case, kernels):
+    """Under torch.compile a decode step with a tensor query offset (a static cache) becomes the graph-safe op
+    ``hf_sparsek::sparse_decode``, which reads the offset in the kernel; it equals the eager call. The keys past the
+    queries (a static cache's unwritten slots) are masked by causality."""
+    pattern, q_len, kv_len, q_offset, padded = case
+    q, k, v = torch.randn(2, 4, q_len, 64), torch.randn(2, 2, kv_len, 64), torch.randn(2, 2, kv_len, 64)
+    mask = _left_padding(2, kv_len) if padded else None
+    torch._dynamo.reset()  # each case a fresh compile (the cases share fn's code object)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    def fn(q, k, v, position, mask):
+        return sparse_attention(q, k, v, pattern, q_offset=position, attention_mask=mask, backend="triton")
+
+    with torch.no_grad():
+        compiled = torch.compile(fn, fullgraph=True, backend=backend)(q, k, v, torch.tensor(q_offset), mask)
+        eager = sparse_attention(q, k, v, pattern, q_offset=q_offset, attention_mask=mask, backend="reference")
+    assert any("sparse_decode" in g for g in graphs)
+    assert _rel(compiled, eager) < 2e-5
