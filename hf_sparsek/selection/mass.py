@@ -5,7 +5,8 @@ The definition (chosen by measured recall, docs/evaluation.md "Choosing the mass
 * query tile feature, per query head h (no averaging over the KV group): ``qbar`` = mean of the tile's real rows;
 * key tile features, per KV head: ``kmax`` / ``kmin`` = per-dimension max / min over the tile's real keys;
 * block logit (Quest's bound on the tile's largest score): ``L[h, m, n] = scale * sum_d max(qbar_d * kmax_d,
-  qbar_d * kmin_d) = scale * (relu(qbar) . kmax + min(qbar, 0) . kmin)``, so one strong key keeps its tile visible;
+  qbar_d * kmin_d) = scale * (relu(qbar) . kmax + min(qbar, 0) . kmin)``, so one strong key keeps its tile visible
+  (``scale`` = 1/sqrt(head dim): the selector does not see a model's own softmax scale);
 * per head, a softmax over the causal key tiles holding a real key turns logits into estimated mass per tile
   (``p_h``, summing to 1 per query tile, so budgets compare across rows and heads); the KV group's estimate is the
   mean of its heads' ``p_h``;

@@ -1,4 +1,4 @@
-"""What every selector shares: the tile grid of one call, which key tiles may compete, and budget -> tile list.
+"""The competition of one call (which key tiles may be selected per query tile) and budget -> tile list.
 
 Tiles are on the absolute grid of ``hf_sparsek.block_index``: query tile ``m`` holds absolute positions
 ``[(q_offset // B + m) * B, ...)`` and key tile ``n`` likewise from ``kv_offset // B``; tile numbers in the output are
