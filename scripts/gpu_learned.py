@@ -136,6 +136,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--eval-windows", type=int, default=2, help="held-out windows for the recall measurement")
     ap.add_argument("--ppl-tokens", type=int, default=131072, help="held-out tokens scored per pattern")
+    ap.add_argument("--modes", default="query", help="scorer modes to distil and compare: query, key or query,key")
     ap.add_argument("--cpu-smoke", action="store_true")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -149,7 +150,7 @@ def main() -> int:
     from transformers import AutoModelForCausalLM
 
     import hf_sparsek
-    from hf_sparsek.learned import DistillConfig, distill
+    from hf_sparsek.learned import DistillConfig, attach_selector, distill, load_selector
     from hf_sparsek.patterns import as_model_sparsity
 
     os.makedirs(args.out, exist_ok=True)
@@ -179,39 +180,52 @@ def main() -> int:
     pattern = json.loads(args.pattern)
     if args.cpu_smoke:  # 512-token windows: a pattern that leaves tiles to choose
         pattern = {"block_size": 64, "sink_tokens": 8, "window": 64, "topk_blocks": 2}
-    config = DistillConfig(model=folder, output_dir=os.path.join(workdir, "run"), pattern=pattern,
-                           train_data=token_file, heldout_docs=heldout, seq_len=seq_len, train_windows=train_windows,
-                           eval_windows=args.eval_windows, steps=steps, dtype="fp32" if args.cpu_smoke else "bf16",
-                           cpu=args.cpu_smoke, save_every=max(steps // 2, 1))
-    t1 = time.perf_counter()
-    metrics = distill(config).metrics
-    results["distill"] = {k: v for k, v in metrics.items() if k != "losses"}
-    results["distill"]["loss_first_last"] = [metrics["losses"][0], metrics["losses"][-1]]
-    results["distill_wall_seconds"] = time.perf_counter() - t1
-    for name in ("metrics.json", "distill_log.jsonl", "sparsek_scorer.safetensors"):
-        src = os.path.join(config.output_dir, name)
-        if os.path.isfile(src):
-            with open(src, "rb") as a, open(os.path.join(args.out, name), "wb") as b:
-                b.write(a.read())
-    tables = ["## Held-out recall (attention mass covered, same budget)",
-              "\n".join(f"- {k}: {v:.4f} (density {metrics['heldout']['density'].get(k, float('nan')):.3f})"
-                        for k, v in metrics["heldout"]["coverage"].items())]
-    save(tables)
-    print(tables[-1], flush=True)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    tables: list[str] = []
+    finals: dict[str, str] = {}
+    for mode in modes:  # one distillation per scorer mode (query-aware gate, query-independent score)
+        config = DistillConfig(model=folder, output_dir=os.path.join(workdir, f"run_{mode}"), pattern=pattern,
+                               train_data=token_file, heldout_docs=heldout, seq_len=seq_len,
+                               train_windows=train_windows, eval_windows=args.eval_windows, steps=steps, mode=mode,
+                               dtype="fp32" if args.cpu_smoke else "bf16", cpu=args.cpu_smoke,
+                               save_every=max(steps // 2, 1), compare_library=mode == modes[0])
+        t1 = time.perf_counter()
+        metrics = distill(config).metrics
+        results[f"distill_{mode}"] = {k: v for k, v in metrics.items() if k != "losses"}
+        results[f"distill_{mode}"]["loss_first_last"] = [metrics["losses"][0], metrics["losses"][-1]]
+        results[f"distill_{mode}"]["wall_seconds"] = time.perf_counter() - t1
+        for name in ("metrics.json", "distill_log.jsonl", "sparsek_scorer.safetensors"):
+            src = os.path.join(config.output_dir, name)
+            if os.path.isfile(src):
+                with open(src, "rb") as a, open(os.path.join(args.out, f"{mode}_{name}"), "wb") as b:
+                    b.write(a.read())
+        tables += [f"## Held-out recall, scorer mode {mode} (attention mass covered, same budget)",
+                   "\n".join(f"- {k}: {v:.4f} (density {metrics['heldout']['density'].get(k, float('nan')):.3f})"
+                             for k, v in metrics["heldout"]["coverage"].items())]
+        finals[mode] = os.path.join(config.output_dir, "final")
+        save(tables)
+        print(tables[-1], flush=True)
 
-    final = os.path.join(config.output_dir, "final")
-    model = AutoModelForCausalLM.from_pretrained(final, attn_implementation="sparsek", dtype=dtype).to(device).eval()
+    # from_pretrained loads the first mode's scorer from its folder; the others are attached before their rows
+    model = AutoModelForCausalLM.from_pretrained(finals[modes[0]], attn_implementation="sparsek", dtype=dtype)
+    model = model.to(device).eval()
     block, window, topk = pattern["block_size"], pattern["window"], pattern["topk_blocks"]
     static = {"block_size": block, "sink_tokens": pattern.get("sink_tokens", 0),
               "window": args.static_window or window + topk * block}
     specs = [PatternSpec("dense", None)] + [
         PatternSpec(label, as_model_sparsity(p)) for label, p in (
             (f"static sink {static['sink_tokens']} + window {static['window']}", static),
-            (f"training-free mass top-{topk}", {**pattern, "selector": "mass"}),
-            (f"learned top-{topk}", {**pattern, "selector": "learned"}))]
+            (f"training-free mass top-{topk}", {**pattern, "selector": "mass"}))] + [
+        PatternSpec(f"learned ({mode}) top-{topk}", as_model_sparsity({**pattern, "selector": "learned"}))
+        for mode in modes]
     held_docs = docs[len(docs) - heldout :]
     rows = []
     for spec in specs:  # one call per pattern: a pattern that fails is recorded and the others still run
+        mode = next((m for m in modes if spec.label.startswith(f"learned ({m})")), None)
+        if mode is not None and mode != modes[0]:  # the first mode's scorer loads lazily from its folder
+            attach_selector(model, load_selector(finals[mode], device=device))
+        elif mode is not None:
+            attach_selector(model, None)
         try:
             rows += run_ppl(model, held_docs, [seq_len], [spec], device, None, ppl_tokens)
         except Exception as err:
