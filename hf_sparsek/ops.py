@@ -575,7 +575,9 @@ def _offset_tensor(value: int | torch.Tensor | None, device: torch.device) -> to
     cache's tensor offset stays a tensor, so tracing reads no value from it (the op body reads it once)."""
     if value is None:
         return torch.full((1,), -1, dtype=torch.int64, device=device)
-    return torch.as_tensor(value, dtype=torch.int64, device=device).reshape(1)
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=torch.int64).reshape(1)
+    return torch.full((1,), value, dtype=torch.int64, device=device)
 
 
 def _traced_call(q, k, v, attention_mask, segment_ids, query_segment_ids, q_offset, kv_offset, pattern, scale,
