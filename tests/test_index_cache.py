@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from hf_sparsek import SparsePattern, sparse_attention
-from hf_sparsek import ops
+from hf_sparsek import SparsePattern, ops, sparse_attention
 
 
 def test_static_index_is_built_once_per_shape_class(monkeypatch):

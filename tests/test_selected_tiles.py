@@ -73,5 +73,5 @@ def test_selected_tiles_compiled_equals_eager():
     torch.testing.assert_close(compiled, eager)
     grads = torch.autograd.grad(compiled.sum(), (q, k, v))
     expected = torch.autograd.grad(eager.sum(), (q, k, v))
-    for got, want in zip(grads, expected):
+    for got, want in zip(grads, expected, strict=True):
         torch.testing.assert_close(got, want)
