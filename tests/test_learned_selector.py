@@ -154,13 +154,17 @@ def test_store_incremental_equals_scratch():
         return selector.select(0, q_all[:, :, lo:hi], k_all[:, :, :hi], q_offset=lo, kv_offset=0,
                                valid=valid[:, :hi], **args)
 
+    # One long call over every row: the tiles each query tile gets when nothing is cut.
+    whole = selector.select(0, q_all, k_all, q_offset=0, kv_offset=0, valid=valid, use_store=False, **args)
     step(0, 120)  # prefill
     store = selector.stores[0]
     for end in range(121, total + 1):
         tiles = step(end - 1, end)
         scratch = selector.select(0, q_all[:, :, :end], k_all[:, :, :end], q_offset=0, kv_offset=0,
                                   valid=valid[:, :end], use_store=False, **args)
-        assert torch.equal(tiles[:, :, -1], scratch[:, :, -1]), end  # a decode step selects as one long call
+        assert torch.equal(tiles[:, :, -1], scratch[:, :, -1]), end  # the store = recomputing from scratch
+        # ... and the row decoded now gets the tiles the long call gives its tile (rows after it do not matter)
+        assert torch.equal(tiles[:, :, -1], whole[:, :, (end - 1) // BLOCK]), end
         complete = end // BLOCK
         want = key_tile_features(k_all[:, :, : complete * BLOCK], valid[:, : complete * BLOCK], 0, BLOCK)
         torch.testing.assert_close(store.key_features, want, rtol=0, atol=0)
