@@ -2,7 +2,8 @@
 
 ``select_tiles`` dispatches on ``pattern.selector`` (``resolved_selector``): ``"mass"`` (the default) estimates each
 key tile's attention mass per query head (:mod:`.mass`), ``"meanpool"`` is the pooled dot product of before
-(:mod:`.meanpool`), ``"learned"`` tiles come from a trained scorer outside the op. Every selector returns
+(:mod:`.meanpool`), ``"oracle"`` keeps the tiles with the most true attention mass (:mod:`.oracle`: dense scores,
+evaluation only), ``"learned"`` tiles come from a trained scorer outside the op. Every selector returns
 (B, Hkv, n_q_tiles, topk_blocks) int32 key tile numbers on the absolute grid (-1 = none) without reading a tensor on
 the host, so it runs inside CUDA graphs and torch.compile.
 """
@@ -14,9 +15,10 @@ import torch
 from ..patterns import SparsePattern
 from .mass import select_mass
 from .meanpool import select_meanpool
+from .oracle import select_oracle
 from .store import SelectionState
 
-__all__ = ["SelectionState", "select_mass", "select_meanpool", "select_tiles"]
+__all__ = ["SelectionState", "select_mass", "select_meanpool", "select_oracle", "select_tiles"]
 
 
 @torch.no_grad()
@@ -43,5 +45,8 @@ def select_tiles(
         return select_meanpool(q, k, pattern, q_offset, kv_offset, k_seg)
     if selector == "mass":
         return select_mass(q, k, pattern, q_offset, kv_offset, k_seg, selection_state=selection_state)
+    if selector == "oracle":
+        return select_oracle(q, k, pattern, q_offset, kv_offset, k_seg)
     raise ValueError(f"selector {selector!r} cannot choose tiles inside the op: the tiles must come from the model's "
-                     "trained scorer (pass them as selected_tiles); selectors 'mass' and 'meanpool' select here")
+                     "trained scorer (pass them as selected_tiles); selectors 'mass', 'meanpool' and 'oracle' "
+                     "select here")

@@ -1,0 +1,76 @@
+"""Selector ``"oracle"`` (evaluation only): per query tile, the key tiles with the most TRUE attention mass.
+
+The ceiling the other selectors are measured against (issue 22's block oracle), usable as a pattern's selector so
+that perplexity and retrieval can be read at the oracle's choice, not only its recall:
+
+* per query head h and real query row t, the exact softmax ``p_h(t, s)`` over the causal real keys (scale
+  1/sqrt(head dim), as the other selectors);
+* the mass of key tile n for query tile m: the mean over the tile's real rows of ``sum_{s in n} p_h(t, s)``, then
+  the mean over the heads of a KV group (the kernel's index is per KV head), so each query tile's row sums to 1;
+* the competition and the budget are the other selectors' (:func:`hf_sparsek.selection.tiles.choose_tiles`):
+  tiles the sink / window keep whole do not compete; fixed ``topk_blocks`` or ``mass_threshold``.
+
+It computes the dense scores (in chunks of query rows, float32): as slow as dense attention and never meant for
+speed. It reads the keys themselves, so a decode step costs a dense pass over the cache.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..patterns import SparsePattern
+from .mass import query_valid
+from .tiles import TileGrid, choose_tiles, tile_grid
+
+_CHUNK_ELEMENTS = 1 << 25  # batch x query heads x query rows x keys of one chunk's scores
+
+
+def exact_tile_mass(q: torch.Tensor, k: torch.Tensor, grid: TileGrid, block: int, q_offset: int, kv_offset: int,
+                    k_seg: torch.Tensor | None, scale: float | None = None) -> torch.Tensor:
+    """(B, Hkv, n_q, n_k) float32: true attention mass of each key tile per query tile (rows with a real query sum
+    to 1; a tile without a real query row is all zero)."""
+    batch, hq, q_len, dim = q.shape
+    hkv, kv_len = k.shape[1], k.shape[2]
+    group = hq // hkv
+    scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    device = q.device
+    q_pos = q_offset + torch.arange(q_len, device=device)
+    k_pos = kv_offset + torch.arange(kv_len, device=device)
+    k_shift, q_shift = kv_offset % block, q_offset % block
+    back = grid.n_k * block - k_shift - kv_len
+    q_tile = (q_shift + torch.arange(q_len, device=device)) // block
+    row_ok = query_valid(q_len, q_offset, kv_offset, k_seg)
+    row_ok = torch.ones(batch, q_len, dtype=torch.bool, device=device) if row_ok is None else row_ok
+    key_ok = None if k_seg is None else (k_seg >= 0).view(batch, 1, 1, 1, kv_len)
+    kf = k.float()
+    out = torch.zeros(batch, hkv, grid.n_q, grid.n_k, dtype=torch.float32, device=device)
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, batch * hq * kv_len))
+    for t0 in range(0, q_len, chunk):
+        t1 = min(q_len, t0 + chunk)
+        qc = q[:, :, t0:t1].float().view(batch, hkv, group, t1 - t0, dim)
+        scores = torch.einsum("bhgtd,bhsd->bhgts", qc, kf) * scale
+        allowed = (k_pos.view(1, -1) <= q_pos[t0:t1].view(-1, 1)).view(1, 1, 1, t1 - t0, kv_len)
+        if key_ok is not None:
+            allowed = allowed & key_ok
+        probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
+        per_tile = torch.nn.functional.pad(probs, (k_shift, back)).view(batch, hkv, group, t1 - t0, grid.n_k, block)
+        per_tile = per_tile.sum(-1).mean(2) * row_ok[:, t0:t1].view(batch, 1, t1 - t0, 1)
+        out.index_add_(2, q_tile[t0:t1], per_tile)
+    rows = torch.zeros(batch, grid.n_q, dtype=torch.float32, device=device)
+    rows.index_add_(1, q_tile, row_ok.float())
+    return out / rows.clamp(min=1).view(batch, 1, grid.n_q, 1)
+
+
+@torch.no_grad()
+def select_oracle(q: torch.Tensor, k: torch.Tensor, pattern: SparsePattern, q_offset: int, kv_offset: int,
+                  k_seg: torch.Tensor | None) -> torch.Tensor:
+    """(B, Hkv, n_q_tiles, topk_blocks) int32 key tiles with the most true attention mass (-1 = none).
+
+    Shapes and positions as :func:`hf_sparsek.selection.select_tiles`."""
+    if pattern.topk_blocks is None:
+        raise ValueError("select_oracle needs a pattern with topk_blocks set")
+    grid = tile_grid(q.shape[2], k.shape[2], q_offset, kv_offset, k_seg, pattern, q.shape[0], q.device)
+    mass = exact_tile_mass(q, k, grid, pattern.block_size, q_offset, kv_offset, k_seg)
+    return choose_tiles(mass, grid, pattern.topk_blocks, pattern.mass_threshold)
