@@ -1,5 +1,6 @@
 """The learned selector on a real model, on one GPU: distil SmolLM2-135M's scorer at 8K, then held-out perplexity of
-dense / static window / training-free selector / learned selector at equal density (issue 23's GPU evidence).
+dense / static window / training-free "mass" selector / "oracle" selector (true attention mass) / learned selector at
+equal density, at two budgets (about 25% and 12.5% of the causal pairs at 8K): issues 22 and 23's SmolLM2 evidence.
 
 Everything the GPU machine needs is carried in (it has no hub and no internet): the SmolLM2 GGUF (98 MB: two parts,
 since a device call carries at most 64 MiB, as in docs/fine-tuning.md), the pure-Python ``gguf`` wheel, and the token
@@ -130,6 +131,9 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=8192)
     ap.add_argument("--pattern", default='{"block_size": 64, "sink_tokens": 64, "window": 512, "topk_blocks": 6}',
                     help="the learned selector's pattern (JSON with topk_blocks)")
+    ap.add_argument("--second-pattern", default='{"block_size": 64, "sink_tokens": 64, "window": 256, "topk_blocks": 3}',
+                    help="a second, smaller budget measured beside the first (JSON; '' for none): static, mass, oracle "
+                         "and the learned scorer at that budget")
     ap.add_argument("--static-window", type=int, default=None,
                     help="window of the static comparison (default: window + topk_blocks x block_size, same density)")
     ap.add_argument("--train-windows", type=int, default=32)
@@ -209,15 +213,21 @@ def main() -> int:
     # from_pretrained loads the first mode's scorer from its folder; the others are attached before their rows
     model = AutoModelForCausalLM.from_pretrained(finals[modes[0]], attn_implementation="sparsek", dtype=dtype)
     model = model.to(device).eval()
-    block, window, topk = pattern["block_size"], pattern["window"], pattern["topk_blocks"]
-    static = {"block_size": block, "sink_tokens": pattern.get("sink_tokens", 0),
-              "window": args.static_window or window + topk * block}
-    specs = [PatternSpec("dense", None)] + [
-        PatternSpec(label, as_model_sparsity(p)) for label, p in (
+    specs = [PatternSpec("dense", None)]
+    budgets = [pattern] + ([json.loads(args.second_pattern)] if args.second_pattern else [])
+    if args.cpu_smoke and args.second_pattern:
+        budgets[1] = {"block_size": 64, "sink_tokens": 8, "window": 64, "topk_blocks": 1}
+    for budget in budgets:  # per budget: static window of the same density, mass, oracle, learned
+        block, window, topk = budget["block_size"], budget["window"], budget["topk_blocks"]
+        static = {"block_size": block, "sink_tokens": budget.get("sink_tokens", 0),
+                  "window": (args.static_window if budget is pattern and args.static_window else window + topk * block)}
+        tag = f"sink {budget.get('sink_tokens', 0)} + window {window} + top-{topk}"
+        specs += [PatternSpec(label, as_model_sparsity(p)) for label, p in (
             (f"static sink {static['sink_tokens']} + window {static['window']}", static),
-            (f"training-free mass top-{topk}", {**pattern, "selector": "mass"}))] + [
-        PatternSpec(f"learned ({mode}) top-{topk}", as_model_sparsity({**pattern, "selector": "learned"}))
-        for mode in modes]
+            (f"mass: {tag}", {**budget, "selector": "mass"}),
+            (f"oracle: {tag}", {**budget, "selector": "oracle"}))]
+        specs += [PatternSpec(f"learned ({mode}): {tag}", as_model_sparsity({**budget, "selector": "learned"}))
+                  for mode in modes]
     held_docs = docs[len(docs) - heldout :]
     rows = []
     for spec in specs:  # one call per pattern: a pattern that fails is recorded and the others still run
