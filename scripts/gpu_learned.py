@@ -131,7 +131,8 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=8192)
     ap.add_argument("--pattern", default='{"block_size": 64, "sink_tokens": 64, "window": 512, "topk_blocks": 6}',
                     help="the learned selector's pattern (JSON with topk_blocks)")
-    ap.add_argument("--second-pattern", default='{"block_size": 64, "sink_tokens": 64, "window": 256, "topk_blocks": 3}',
+    ap.add_argument("--second-pattern",
+                    default='{"block_size": 64, "sink_tokens": 64, "window": 256, "topk_blocks": 3}',
                     help="a second, smaller budget measured beside the first (JSON; '' for none): static, mass, oracle "
                          "and the learned scorer at that budget")
     ap.add_argument("--static-window", type=int, default=None,
@@ -156,6 +157,7 @@ def main() -> int:
     import hf_sparsek
     from hf_sparsek.learned import DistillConfig, attach_selector, distill, load_selector
     from hf_sparsek.patterns import as_model_sparsity
+    from scripts.common import write_json
 
     os.makedirs(args.out, exist_ok=True)
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
@@ -174,8 +176,7 @@ def main() -> int:
                                "seq_len": seq_len, "load_seconds": time.perf_counter() - t0}
 
     def save(tables: list[str]) -> None:
-        with open(os.path.join(args.out, "learned_gpu.json"), "w") as f:
-            json.dump(results, f, indent=2, default=str)
+        write_json(os.path.join(args.out, "learned_gpu.json"), results)  # command, commit, date, device, versions
         with open(os.path.join(args.out, "learned_gpu.md"), "w") as f:
             f.write("\n\n".join(tables) + "\n")
 
