@@ -153,6 +153,20 @@ def is_offline_model(name: str) -> bool:
     return name in OFFLINE_MODELS
 
 
+def save_dequantized(model: Any, folder: str) -> None:
+    """Save a model loaded from a GGUF file as a plain float32 safetensors checkpoint.
+
+    Its weights are already dequantized floats: the GGUF "quantizer" is dropped so that ``save_pretrained`` writes
+    them (newer transformers refuse to serialize a model that still carries it)."""
+    import torch
+
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+    model.config.dtype = torch.float32
+    model.save_pretrained(folder, safe_serialization=True)
+
+
 def resolve_model(name: str, cache_dir: str | None = None) -> str:
     """A path or id for ``from_pretrained``: offline names become a cached safetensors checkpoint (converted once).
 
@@ -173,14 +187,8 @@ def resolve_model(name: str, cache_dir: str | None = None) -> str:
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
                                                  dtype=torch.float32)
-    # The weights are already dequantized floats: drop the GGUF "quantizer" so that save_pretrained writes them.
-    model.hf_quantizer = None
-    for attr in ("quantization_config",):
-        if hasattr(model.config, attr):
-            delattr(model.config, attr)
-    model.config.dtype = torch.float32
     tmp = out.with_name(out.name + ".partial")
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    save_dequantized(model, str(tmp))
     tokenizer.save_pretrained(str(tmp))
     (tmp / "hf_sparsek_conversion.json").write_text(json.dumps(
         {"source": spec.requirements, "gguf": spec.gguf_name, "conversion_version": CONVERSION_VERSION,

@@ -88,6 +88,7 @@ def _assemble(parts: list[str], workdir: str) -> str:
 
 def _real_model(args: argparse.Namespace, workdir: str) -> tuple[str, list[list[int]], int]:
     """(plain checkpoint folder, documents with the held-out plays last, number held out)."""
+    from hf_sparsek.eval.offline import save_dequantized
     from transformers import AutoModelForCausalLM
 
     parts = [p for pattern in args.gguf_parts for p in sorted(glob.glob(pattern))]  # in the order of the arguments
@@ -97,7 +98,7 @@ def _real_model(args: argparse.Namespace, workdir: str) -> tuple[str, list[list[
     model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
                                                  dtype=torch.float32)
     folder = os.path.join(workdir, "smollm2-135m")
-    model.save_pretrained(folder)
+    save_dequantized(model, folder)
     data = torch.load(args.tokens)
     docs = [d.tolist() for d in data["docs"].values()]
     return folder, docs, int(data.get("heldout", HELDOUT_PLAYS))
