@@ -1,5 +1,5 @@
-"""``hf-sparsek eval {ppl,needle,layers,selection}``: long-context evaluation, sparse vs dense, with JSON, markdown
-and plots.
+"""``hf-sparsek eval {ppl,needle,layers,selection,calibrate}``: long-context evaluation, sparse vs dense, with JSON,
+markdown and plots.
 
 The defaults need no model hub: SmolLM2-135M (GGUF from PyPI, converted once) on the Shakespeare plays, short
 contexts, so ``hf-sparsek eval ppl`` finishes in a few minutes on a 2-core CPU. At 1K-2K tokens the shipped default
@@ -88,8 +88,8 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: Any) -> None:
-    """Add ``eval`` with sub-subcommands ``ppl``, ``needle``, ``layers`` and ``selection`` to the ``hf-sparsek``
-    parser."""
+    """Add ``eval`` with sub-subcommands ``ppl``, ``needle``, ``layers``, ``selection`` and ``calibrate`` to the
+    ``hf-sparsek`` parser."""
     ev = subparsers.add_parser("eval", help="long-context evaluation: perplexity, needle retrieval, per-layer error")
     sub = ev.add_subparsers(dest="eval_command", required=True)
 
@@ -128,6 +128,21 @@ def register(subparsers: Any) -> None:
     selection.add_argument("--local-blocks", type=non_negative_int, default=2,
                            help="most recent blocks the oracle always keeps, besides the sink block (default 2)")
     selection.set_defaults(func=cmd_selection)
+
+    calib = sub.add_parser("calibrate", help="per-layer top-k budgets: move a uniform budget to the layers where a "
+                           "tile buys the most attention mass; writes a pattern file (ModelSparsity)")
+    _common(calib)
+    _data_args(calib)
+    calib.add_argument("--pattern", required=True,
+                       help="the uniform pattern (JSON or file, with topk_blocks): its selector ranks the tiles and "
+                            "its density is the target unless --density is given")
+    calib.add_argument("--seq-len", type=positive_int, default=2048)
+    calib.add_argument("--windows", type=positive_int, default=2, help="windows of --seq-len tokens (default 2)")
+    calib.add_argument("--max-topk", type=positive_int, default=None,
+                       help="largest budget a layer may get (default: 4x the pattern's topk_blocks)")
+    calib.add_argument("--density", type=float, default=None,
+                       help="mean density over the layers to reach (default: the uniform pattern's)")
+    calib.set_defaults(func=cmd_calibrate)
 
 
 def _setup(args: argparse.Namespace) -> tuple[Any, Any, torch.device, torch.dtype, str]:
@@ -254,19 +269,7 @@ def cmd_needle(args: argparse.Namespace) -> int:
 
 def _first_window(args: argparse.Namespace, tok: Any, device: torch.device) -> torch.Tensor:
     """(1, seq_len) token ids: the start of the first document with at least ``--seq-len`` tokens."""
-    import torch
-
-    from .offline import load_documents
-
-    docs = load_documents(args.data, args.text_column, args.split, args.dataset_config, args.max_documents,
-                          args.cache_dir)
-    encode = _encode(tok)
-    bos = bos_id(tok)
-    for text in docs:
-        tokens = ([bos] if bos is not None else []) + encode(text)
-        if len(tokens) >= args.seq_len:
-            return torch.tensor([tokens[: args.seq_len]], device=device)
-    raise ValueError(f"no document has {args.seq_len} tokens; lower --seq-len")
+    return _windows(args, tok, device, 1)
 
 
 def cmd_selection(args: argparse.Namespace) -> int:
@@ -286,6 +289,50 @@ def cmd_selection(args: argparse.Namespace) -> int:
     if not args.no_plots:
         recall_plot(rows, os.path.join(args.out, tag + ".png"), f"{args.model}: attention mass covered, "
                     f"{args.seq_len} tokens")
+    return 0
+
+
+def _windows(args: argparse.Namespace, tok: Any, device: torch.device, count: int) -> torch.Tensor:
+    """(count, seq_len) token ids: the first ``seq_len`` tokens of the first documents long enough."""
+    import torch
+
+    from .offline import load_documents
+
+    docs = load_documents(args.data, args.text_column, args.split, args.dataset_config, args.max_documents,
+                          args.cache_dir)
+    encode, bos, rows = _encode(tok), bos_id(tok), []
+    for text in docs:
+        tokens = ([bos] if bos is not None else []) + encode(text)
+        if len(tokens) >= args.seq_len:
+            rows.append(tokens[: args.seq_len])
+        if len(rows) == count:
+            return torch.tensor(rows, device=device)
+    raise ValueError(f"only {len(rows)} document(s) have {args.seq_len} tokens, {count} window(s) asked; lower "
+                     "--seq-len or --windows")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from hf_sparsek.patterns import as_model_sparsity
+
+    from .calibrate import calibrate, calibration_table
+
+    base = as_model_sparsity(args.pattern).default
+    if base.topk_blocks is None:
+        raise ValueError(f"--pattern needs topk_blocks (the uniform budget to redistribute), got {args.pattern!r}")
+    if args.density is not None and not 0.0 < args.density <= 1.0:
+        raise ValueError(f"--density must be in (0, 1], got {args.density}")
+    model, tok, device, dtype, path = _setup(args)
+    ids = _windows(args, tok, device, args.windows)
+    start = time.perf_counter()
+    result = calibrate(model, ids, base, args.max_topk or 4 * base.topk_blocks, args.density)
+    tag = f"calibrate_{_tag(args)}_{args.seq_len}"
+    data = {**_meta(args, model, path, device, dtype, []), "seq_len": args.seq_len, "windows": args.windows,
+            "seconds": time.perf_counter() - start, **result}
+    _write(args, tag, data, calibration_table(result))
+    pattern_file = os.path.join(args.out, tag + "_pattern.json")
+    with open(pattern_file, "w", encoding="utf-8") as f:
+        f.write(as_model_sparsity(result["sparsity"]).to_json() + "\n")
+    print(f"[hf-sparsek] pattern file (use with --patterns, or as a per-model file): {pattern_file}")
     return 0
 
 

@@ -31,6 +31,14 @@ def exact_tile_mass(q: torch.Tensor, k: torch.Tensor, grid: TileGrid, block: int
                     k_seg: torch.Tensor | None, scale: float | None = None) -> torch.Tensor:
     """(B, Hkv, n_q, n_k) float32: true attention mass of each key tile per query tile (rows with a real query sum
     to 1; a tile without a real query row is all zero)."""
+    return tile_mass_within(q, k, grid, block, q_offset, kv_offset, k_seg, scale)[0]
+
+
+def tile_mass_within(q: torch.Tensor, k: torch.Tensor, grid: TileGrid, block: int, q_offset: int, kv_offset: int,
+                     k_seg: torch.Tensor | None, scale: float | None = None, keep: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`exact_tile_mass`, and with ``keep`` ((q_len, kv_len) bool, token-exact) also the part of each tile's
+    mass on the kept pairs (None without ``keep``), from one pass over the dense scores."""
     batch, hq, q_len, dim = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     group = hq // hkv
@@ -45,7 +53,15 @@ def exact_tile_mass(q: torch.Tensor, k: torch.Tensor, grid: TileGrid, block: int
     row_ok = torch.ones(batch, q_len, dtype=torch.bool, device=device) if row_ok is None else row_ok
     key_ok = None if k_seg is None else (k_seg >= 0).view(batch, 1, 1, 1, kv_len)
     kf = k.float()
-    out = torch.zeros(batch, hkv, grid.n_q, grid.n_k, dtype=torch.float32, device=device)
+    shape = (batch, hkv, grid.n_q, grid.n_k)
+    out = torch.zeros(shape, dtype=torch.float32, device=device)
+    inside = None if keep is None else torch.zeros(shape, dtype=torch.float32, device=device)
+
+    def per_tile(probs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """(B, Hkv, G, c, kv_len) -> (B, Hkv, c, n_k): summed over each key tile, mean over the group, real rows."""
+        tiles = torch.nn.functional.pad(probs, (k_shift, back)).view(*probs.shape[:4], grid.n_k, block).sum(-1)
+        return tiles.mean(2) * rows.view(batch, 1, -1, 1)
+
     chunk = max(1, _CHUNK_ELEMENTS // max(1, batch * hq * kv_len))
     for t0 in range(0, q_len, chunk):
         t1 = min(q_len, t0 + chunk)
@@ -55,12 +71,15 @@ def exact_tile_mass(q: torch.Tensor, k: torch.Tensor, grid: TileGrid, block: int
         if key_ok is not None:
             allowed = allowed & key_ok
         probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
-        per_tile = torch.nn.functional.pad(probs, (k_shift, back)).view(batch, hkv, group, t1 - t0, grid.n_k, block)
-        per_tile = per_tile.sum(-1).mean(2) * row_ok[:, t0:t1].view(batch, 1, t1 - t0, 1)
-        out.index_add_(2, q_tile[t0:t1], per_tile)
-    rows = torch.zeros(batch, grid.n_q, dtype=torch.float32, device=device)
-    rows.index_add_(1, q_tile, row_ok.float())
-    return out / rows.clamp(min=1).view(batch, 1, grid.n_q, 1)
+        rows = row_ok[:, t0:t1].float()
+        out.index_add_(2, q_tile[t0:t1], per_tile(probs, rows))
+        if inside is not None:
+            kept = probs * keep[t0:t1].view(1, 1, 1, t1 - t0, kv_len)
+            inside.index_add_(2, q_tile[t0:t1], per_tile(kept, rows))
+    counts = torch.zeros(batch, grid.n_q, dtype=torch.float32, device=device)
+    counts.index_add_(1, q_tile, row_ok.float())
+    norm = counts.clamp(min=1).view(batch, 1, grid.n_q, 1)
+    return out / norm, None if inside is None else inside / norm
 
 
 @torch.no_grad()
