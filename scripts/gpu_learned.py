@@ -142,7 +142,10 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--eval-windows", type=int, default=2, help="held-out windows for the recall measurement")
     ap.add_argument("--ppl-tokens", type=int, default=131072, help="held-out tokens scored per pattern")
-    ap.add_argument("--modes", default="query", help="scorer modes to distil and compare: query, key or query,key")
+    ap.add_argument("--modes", default="query",
+                    help="scorer modes to distil and compare: query, key or query,key ('' for none: no distillation)")
+    ap.add_argument("--extra-patterns", nargs="*", default=[],
+                    help="pattern files (e.g. from hf-sparsek eval calibrate) measured beside the others")
     ap.add_argument("--cpu-smoke", action="store_true")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -213,7 +216,8 @@ def main() -> int:
         print(tables[-1], flush=True)
 
     # from_pretrained loads the first mode's scorer from its folder; the others are attached before their rows
-    model = AutoModelForCausalLM.from_pretrained(finals[modes[0]], attn_implementation="sparsek", dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(finals[modes[0]] if modes else folder, attn_implementation="sparsek",
+                                                 dtype=dtype)
     model = model.to(device).eval()
     specs = [PatternSpec("dense", None)]
     budgets = [pattern] + ([json.loads(args.second_pattern)] if args.second_pattern else [])
@@ -230,6 +234,8 @@ def main() -> int:
             (f"oracle: {tag}", {**budget, "selector": "oracle"}))]
         specs += [PatternSpec(f"learned ({mode}): {tag}", as_model_sparsity({**budget, "selector": "learned"}))
                   for mode in modes]
+    specs += [PatternSpec(os.path.basename(path)[: -len(".json")] if path.endswith(".json") else path,
+                          as_model_sparsity(path)) for path in args.extra_patterns]
     held_docs = docs[len(docs) - heldout :]
     rows = []
     for spec in specs:  # one call per pattern: a pattern that fails is recorded and the others still run
