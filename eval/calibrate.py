@@ -162,7 +162,7 @@ def calibrate(model: Any, windows: torch.Tensor, base: SparsePattern, max_topk: 
     kinds = layer_kinds(text_config(model))
     sums: dict[int, dict[str, list[float]]] = {}
     for w in tqdm(range(windows.shape[0]), desc="calibrate windows", disable=not progress):
-        captured = capture_qk(model, windows[w: w + 1])
+        captured = capture_qk(model, windows[w: w + 1], device=windows.device)  # the GPU's speed where there is one
         for layer, (q, k, _) in tqdm(sorted(captured.items()), desc="layers", leave=False, disable=not progress):
             if layer < len(kinds) and kinds[layer] == "sliding_attention":
                 continue  # the model's own sliding layers keep their window; no budget goes there

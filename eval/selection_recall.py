@@ -281,8 +281,8 @@ def _probe_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
 
     if _recording is not None:
         layer = getattr(module, "layer_idx", None)
-        _recording.append((len(_recording) if layer is None else int(layer), query.detach().float().cpu(),
-                           key.detach().float().cpu(), kwargs.get("scaling")))
+        _recording.append((len(_recording) if layer is None else int(layer), query.detach().float(),
+                           key.detach().float(), kwargs.get("scaling")))
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -296,8 +296,10 @@ def register_probe() -> None:
 
 
 @torch.inference_mode()
-def capture_qk(model: Any, ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor, float | None]]:
-    """{layer: (q, k, scaling)} of one forward of ``ids`` (float32 on CPU); the model's attention is restored."""
+def capture_qk(model: Any, ids: torch.Tensor, device: torch.device | str = "cpu"
+               ) -> dict[int, tuple[torch.Tensor, torch.Tensor, float | None]]:
+    """{layer: (q, k, scaling)} of one forward of ``ids`` (float32 on ``device``, the CPU by default); the model's
+    attention is restored."""
     global _recording
     register_probe()
     previous = model.config._attn_implementation
@@ -311,7 +313,7 @@ def capture_qk(model: Any, ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, t
         model.set_attn_implementation(previous)
     if not records:
         raise ValueError(f"{type(model).__name__} never called its attention function; cannot capture q and k")
-    return {layer: (q, k, scale) for layer, q, k, scale in records}
+    return {layer: (q.to(device), k.to(device), scale) for layer, q, k, scale in records}
 
 
 def _mean(x: torch.Tensor) -> float:

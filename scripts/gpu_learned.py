@@ -1,6 +1,8 @@
 """The learned selector on a real model, on one GPU: distil SmolLM2-135M's scorer at 8K, then held-out perplexity of
 dense / static window / training-free "mass" selector / "oracle" selector (true attention mass) / learned selector at
 equal density, at two budgets (about 25% and 12.5% of the causal pairs at 8K): issues 22 and 23's SmolLM2 evidence.
+With ``--calibrate N`` also the mass selector with per-layer budgets calibrated on N training windows at each
+budget's density (``hf-sparsek eval calibrate``'s method).
 
 Everything the GPU machine needs is carried in (it has no hub and no internet): the SmolLM2 GGUF (98 MB: two parts,
 since a device call carries at most 64 MiB, as in docs/fine-tuning.md), the pure-Python ``gguf`` wheel, and the token
@@ -144,6 +146,10 @@ def main() -> int:
     ap.add_argument("--ppl-tokens", type=int, default=131072, help="held-out tokens scored per pattern")
     ap.add_argument("--modes", default="query",
                     help="scorer modes to distil and compare: query, key or query,key ('' for none: no distillation)")
+    ap.add_argument("--calibrate", type=int, default=0, metavar="WINDOWS",
+                    help="per budget, also calibrate per-layer top-k (hf_sparsek.eval.calibrate, mass selector) on "
+                         "this many training windows and measure the calibrated pattern (0: no calibration)")
+    ap.add_argument("--max-topk", type=int, default=4, help="calibration: largest budget, as a multiple of top-k")
     ap.add_argument("--extra-patterns", nargs="*", default=[],
                     help="pattern files (e.g. from hf-sparsek eval calibrate) measured beside the others")
     ap.add_argument("--cpu-smoke", action="store_true")
@@ -234,6 +240,24 @@ def main() -> int:
             (f"oracle: {tag}", {**budget, "selector": "oracle"}))]
         specs += [PatternSpec(f"learned ({mode}): {tag}", as_model_sparsity({**budget, "selector": "learned"}))
                   for mode in modes]
+        if args.calibrate:  # per-layer budgets at this budget's density, from the training plays (never held out)
+            from hf_sparsek.eval.calibrate import calibrate
+
+            from hf_sparsek.patterns import SparsePattern
+
+            train = [d for d in docs[: len(docs) - heldout] if len(d) >= seq_len][: args.calibrate]
+            ids = torch.tensor([d[:seq_len] for d in train], device=device)
+            t2 = time.perf_counter()
+            cal = calibrate(model, ids, SparsePattern.from_dict({**budget, "selector": "mass"}),
+                            args.max_topk * topk)
+            results.setdefault("calibration", {})[tag] = {
+                **{k: cal[k] for k in ("budgets", "target_density", "uniform", "calibrated", "sparsity")},
+                "windows": len(train), "seconds": time.perf_counter() - t2}
+            tables.append(f"## Calibrated budgets, {tag}: {json.dumps(cal['budgets'])}; uniform {cal['uniform']}, "
+                          f"calibrated {cal['calibrated']}")
+            save(tables)
+            print(tables[-1], flush=True)
+            specs.append(PatternSpec(f"mass calibrated per layer: {tag}", as_model_sparsity(cal["sparsity"])))
     specs += [PatternSpec(os.path.basename(path)[: -len(".json")] if path.endswith(".json") else path,
                           as_model_sparsity(path)) for path in args.extra_patterns]
     held_docs = docs[len(docs) - heldout :]
