@@ -153,6 +153,7 @@ def main() -> int:
     ap.add_argument("--extra-patterns", nargs="*", default=[],
                     help="pattern files (e.g. from hf-sparsek eval calibrate) measured beside the others")
     ap.add_argument("--cpu-smoke", action="store_true")
+    ap.add_argument("--cpu", action="store_true", help="the real model on the CPU (float32; slow: short contexts)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     if args.make_tokens:
@@ -170,8 +171,9 @@ def main() -> int:
     from scripts.common import write_json
 
     os.makedirs(args.out, exist_ok=True)
-    device = torch.device("cpu" if args.cpu_smoke else "cuda")
-    dtype = torch.float32 if args.cpu_smoke else torch.bfloat16
+    on_cpu = args.cpu_smoke or args.cpu
+    device = torch.device("cpu" if on_cpu else "cuda")
+    dtype = torch.float32 if on_cpu else torch.bfloat16
     workdir = "/tmp/gpu_learned"
     t0 = time.perf_counter()
     if args.cpu_smoke:
@@ -202,7 +204,7 @@ def main() -> int:
         config = DistillConfig(model=folder, output_dir=os.path.join(workdir, f"run_{mode}"), pattern=pattern,
                                train_data=token_file, heldout_docs=heldout, seq_len=seq_len,
                                train_windows=train_windows, eval_windows=args.eval_windows, steps=steps, mode=mode,
-                               dtype="fp32" if args.cpu_smoke else "bf16", cpu=args.cpu_smoke,
+                               dtype="fp32" if on_cpu else "bf16", cpu=on_cpu,
                                save_every=max(steps // 2, 1), compare_library=mode == modes[0])
         t1 = time.perf_counter()
         metrics = distill(config).metrics
