@@ -47,7 +47,7 @@ def layer_curve(q: torch.Tensor, k: torch.Tensor, pattern: SparsePattern, max_to
     grid = tile_grid(length, length, 0, 0, None, pattern, batch, q.device)
     static_mask = exact_token_mask(pattern.replace(topk_blocks=None), length, length, q_offset=0,
                                    device=q.device)[0, 0]  # (L, L): sink / window, causal
-    mass, static_mass = tile_mass_within(q, k, grid, block, 0, 0, None, keep=static_mask)  # (B, Hkv, n_q, n_k)
+    mass, static_mass = tile_mass_within(q, k, block, 0, 0, None, keep=static_mask)  # (B, Hkv, n_q, n_k)
     pairs = _causal_pairs_per_tile(length, block, grid.n_q, grid.n_k, q.device)  # (n_q, n_k)
     static_pairs = _pairs_per_tile(static_mask, block, grid.n_q, grid.n_k)
     causal = float(pairs.sum())

@@ -25,6 +25,7 @@ import torch
 from hf_sparsek.block_index import BlockIndex, attended_pairs, build_block_index, causal_pairs, element_mask
 from hf_sparsek.ops import build_index_for
 from hf_sparsek.patterns import SparsePattern
+from hf_sparsek.selection.oracle import exact_tile_mass
 
 PROBE_NAME = "sparsek_probe"
 _ROWS_PER_CHUNK = 1 << 21  # query rows x kv_len x heads per chunk (bounds the float probabilities held at once)
@@ -110,16 +111,7 @@ def block_attention_mass(
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     _, hq, hkv, q_len, kv_len = _check_qk(q, k)
     q_offset, kv_offset = _offsets(q_len, kv_len, q_offset, kv_offset)
-    k_shift, q_shift = kv_offset % block_size, q_offset % block_size
-    n_k = (k_shift + kv_len + block_size - 1) // block_size
-    out = []
-    for m0, m1, r0, r1, probs in _group_probs(q, k, block_size, scale, q_offset, kv_offset, dtype):
-        probs = torch.nn.functional.pad(probs, (k_shift, n_k * block_size - k_shift - kv_len))
-        per_key_tile = probs.view(*probs.shape[:3], n_k, block_size).sum(-1)
-        pooled = _pool_rows(per_key_tile, m0, m1, r0, block_size, q_shift)
-        rows = _rows_per_tile(m0, m1, r0, r1, block_size, q_shift, q.device)
-        out.append(pooled / (rows.to(dtype).view(1, 1, -1, 1) * (hq // hkv)))
-    return torch.cat(out, dim=2)
+    return exact_tile_mass(q, k, block_size, q_offset, kv_offset, None, scale, dtype=dtype)
 
 
 def _tile_state(index: BlockIndex, m0: int, m1: int) -> torch.Tensor:

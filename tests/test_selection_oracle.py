@@ -70,11 +70,11 @@ def test_exact_mass_rows_sum_to_one_and_chunking_is_invisible(monkeypatch):
     q, k, q_offset, kv_offset, k_seg = _inputs(CASES[3], seed=2)
     pattern = PATTERNS["sink64-win64-top3"]
     grid = tile_grid(q.shape[2], k.shape[2], q_offset, kv_offset, k_seg, pattern, q.shape[0], q.device)
-    whole = exact_tile_mass(q, k, grid, 64, q_offset, kv_offset, k_seg)
+    whole = exact_tile_mass(q, k, 64, q_offset, kv_offset, k_seg)
     torch.testing.assert_close(whole.sum(-1), torch.ones(whole.shape[:3]))
     assert not (whole * ~grid.candidate).any()
     monkeypatch.setattr("hf_sparsek.selection.oracle._CHUNK_ELEMENTS", 7 * k.shape[2])  # a few rows per chunk
-    torch.testing.assert_close(exact_tile_mass(q, k, grid, 64, q_offset, kv_offset, k_seg), whole)
+    torch.testing.assert_close(exact_tile_mass(q, k, 64, q_offset, kv_offset, k_seg), whole)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
@@ -83,8 +83,7 @@ def test_oracle_covers_at_least_the_mass_selector(case):
     the ceiling); on random keys the mass selector misses some, so the test sees a strict gain somewhere."""
     pattern = SparsePattern(block_size=64, sink_tokens=8, window=64, topk_blocks=2)
     q, k, q_offset, kv_offset, k_seg = _inputs(case, seed=9)
-    grid = tile_grid(q.shape[2], k.shape[2], q_offset, kv_offset, k_seg, pattern, q.shape[0], q.device)
-    true = exact_tile_mass(q, k, grid, 64, q_offset, kv_offset, k_seg)
+    true = exact_tile_mass(q, k, 64, q_offset, kv_offset, k_seg)
 
     def covered(tiles):
         picked = torch.zeros_like(true).scatter_(-1, tiles.clamp(min=0).long(), 1.0) * 0

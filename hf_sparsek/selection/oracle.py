@@ -22,63 +22,67 @@ import torch
 
 from ..patterns import SparsePattern
 from .mass import query_valid
-from .tiles import TileGrid, choose_tiles, tile_grid
+from .tiles import choose_tiles, tile_grid
 
 _CHUNK_ELEMENTS = 1 << 25  # batch x query heads x query rows x keys of one chunk's scores
 
 
-def exact_tile_mass(q: torch.Tensor, k: torch.Tensor, grid: TileGrid, block: int, q_offset: int, kv_offset: int,
-                    k_seg: torch.Tensor | None, scale: float | None = None) -> torch.Tensor:
-    """(B, Hkv, n_q, n_k) float32: true attention mass of each key tile per query tile (rows with a real query sum
-    to 1; a tile without a real query row is all zero)."""
-    return tile_mass_within(q, k, grid, block, q_offset, kv_offset, k_seg, scale)[0]
+def exact_tile_mass(q: torch.Tensor, k: torch.Tensor, block: int, q_offset: int, kv_offset: int,
+                    k_seg: torch.Tensor | None, scale: float | None = None, dtype: torch.dtype = torch.float32
+                    ) -> torch.Tensor:
+    """(B, Hkv, n_q, n_k): true attention mass of each key tile per query tile, tiles on the absolute grid (rows
+    with a real query sum to 1; a tile without a real query row is all zero). The one exact definition: the oracle
+    selector, ``hf-sparsek eval selection`` and ``eval calibrate`` read it."""
+    return tile_mass_within(q, k, block, q_offset, kv_offset, k_seg, scale, dtype=dtype)[0]
 
 
-def tile_mass_within(q: torch.Tensor, k: torch.Tensor, grid: TileGrid, block: int, q_offset: int, kv_offset: int,
-                     k_seg: torch.Tensor | None, scale: float | None = None, keep: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def tile_mass_within(q: torch.Tensor, k: torch.Tensor, block: int, q_offset: int, kv_offset: int,
+                     k_seg: torch.Tensor | None, scale: float | None = None, keep: torch.Tensor | None = None,
+                     dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`exact_tile_mass`, and with ``keep`` ((q_len, kv_len) bool, token-exact) also the part of each tile's
-    mass on the kept pairs (None without ``keep``), from one pass over the dense scores."""
+    mass on the kept pairs (None without ``keep``), from one pass over the dense scores (in ``dtype``)."""
     batch, hq, q_len, dim = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
+    n_q = (q_offset % block + q_len + block - 1) // block
+    n_k = (kv_offset % block + kv_len + block - 1) // block
     group = hq // hkv
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
     device = q.device
     q_pos = q_offset + torch.arange(q_len, device=device)
     k_pos = kv_offset + torch.arange(kv_len, device=device)
     k_shift, q_shift = kv_offset % block, q_offset % block
-    back = grid.n_k * block - k_shift - kv_len
+    back = n_k * block - k_shift - kv_len
     q_tile = (q_shift + torch.arange(q_len, device=device)) // block
     row_ok = query_valid(q_len, q_offset, kv_offset, k_seg)
     row_ok = torch.ones(batch, q_len, dtype=torch.bool, device=device) if row_ok is None else row_ok
     key_ok = None if k_seg is None else (k_seg >= 0).view(batch, 1, 1, 1, kv_len)
-    kf = k.float()
-    shape = (batch, hkv, grid.n_q, grid.n_k)
-    out = torch.zeros(shape, dtype=torch.float32, device=device)
-    inside = None if keep is None else torch.zeros(shape, dtype=torch.float32, device=device)
+    kf = k.to(dtype)
+    shape = (batch, hkv, n_q, n_k)
+    out = torch.zeros(shape, dtype=dtype, device=device)
+    inside = None if keep is None else torch.zeros(shape, dtype=dtype, device=device)
 
     def per_tile(probs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """(B, Hkv, G, c, kv_len) -> (B, Hkv, c, n_k): summed over each key tile, mean over the group, real rows."""
-        tiles = torch.nn.functional.pad(probs, (k_shift, back)).view(*probs.shape[:4], grid.n_k, block).sum(-1)
+        tiles = torch.nn.functional.pad(probs, (k_shift, back)).view(*probs.shape[:4], n_k, block).sum(-1)
         return tiles.mean(2) * rows.view(batch, 1, -1, 1)
 
     chunk = max(1, _CHUNK_ELEMENTS // max(1, batch * hq * kv_len))
     for t0 in range(0, q_len, chunk):
         t1 = min(q_len, t0 + chunk)
-        qc = q[:, :, t0:t1].float().view(batch, hkv, group, t1 - t0, dim)
+        qc = q[:, :, t0:t1].to(dtype).view(batch, hkv, group, t1 - t0, dim)
         scores = torch.einsum("bhgtd,bhsd->bhgts", qc, kf) * scale
         allowed = (k_pos.view(1, -1) <= q_pos[t0:t1].view(-1, 1)).view(1, 1, 1, t1 - t0, kv_len)
         if key_ok is not None:
             allowed = allowed & key_ok
         probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
-        rows = row_ok[:, t0:t1].float()
+        rows = row_ok[:, t0:t1].to(dtype)
         out.index_add_(2, q_tile[t0:t1], per_tile(probs, rows))
         if inside is not None:
-            kept = probs * keep[t0:t1].view(1, 1, 1, t1 - t0, kv_len)
+            kept = probs * keep[t0:t1].view(1, 1, 1, t1 - t0, kv_len).to(dtype)
             inside.index_add_(2, q_tile[t0:t1], per_tile(kept, rows))
-    counts = torch.zeros(batch, grid.n_q, dtype=torch.float32, device=device)
-    counts.index_add_(1, q_tile, row_ok.float())
-    norm = counts.clamp(min=1).view(batch, 1, grid.n_q, 1)
+    counts = torch.zeros(batch, n_q, dtype=dtype, device=device)
+    counts.index_add_(1, q_tile, row_ok.to(dtype))
+    norm = counts.clamp(min=1).view(batch, 1, n_q, 1)
     return out / norm, None if inside is None else inside / norm
 
 
@@ -91,5 +95,5 @@ def select_oracle(q: torch.Tensor, k: torch.Tensor, pattern: SparsePattern, q_of
     if pattern.topk_blocks is None:
         raise ValueError("select_oracle needs a pattern with topk_blocks set")
     grid = tile_grid(q.shape[2], k.shape[2], q_offset, kv_offset, k_seg, pattern, q.shape[0], q.device)
-    mass = exact_tile_mass(q, k, grid, pattern.block_size, q_offset, kv_offset, k_seg)
+    mass = exact_tile_mass(q, k, pattern.block_size, q_offset, kv_offset, k_seg)
     return choose_tiles(mass, grid, pattern.topk_blocks, pattern.mass_threshold)
