@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -35,6 +36,8 @@ from .patterns import SparsePattern
 # Upper bound on elements of one candidate chunk (query tiles x candidates x heads x batch), to bound memory.
 _CHUNK_ELEMENTS = 1 << 24
 _HASH_BITS = 24
+ListBuilder = Literal["auto", "torch", "triton"]
+LIST_BUILDERS = ("auto", "torch", "triton")
 
 
 @dataclass
@@ -184,6 +187,7 @@ def build_block_index(
     k_rank: torch.Tensor | None = None,
     topk_tiles: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
+    builder: ListBuilder = "auto",
 ) -> BlockIndex:
     """Build the block index of ``pattern`` for one attention call.
 
@@ -196,6 +200,11 @@ def build_block_index(
     each segment has its own sink tiles, so the sink list is sized by one device read of the longest one.
     Without ``q_seg``, the valid keys of a row must have distinct ranks (``k_rank``: their position in the row's
     sequence, as a padding mask gives): the first ``sink`` of them then lie in at most ``sink`` tiles.
+
+    ``builder`` makes the forward lists: ``"auto"`` one Triton launch (``hf_sparsek.kernels.block_index``) on CUDA
+    where it applies (sink / window / dense rows / selected tiles, no block layout, dense heads or packing), else
+    the PyTorch ops; ``"torch"`` / ``"triton"`` force one (the latter raises where it does not apply; on CPU it needs
+    ``TRITON_INTERPRET=1``). Both give the same index, bit for bit.
     """
     if q_len < 1 or kv_len < 1:
         raise ValueError(f"q_len and kv_len must be >= 1, got q_len={q_len}, kv_len={kv_len}")
@@ -222,17 +231,18 @@ def build_block_index(
             f"got shape {tuple(topk_tiles.shape)}"
         )
     plan = _plan(pattern, batch, kv_heads, q_offset, q_len, kv_offset, k_seg, q_seg, k_rank, topk_tiles, n_q, n_k)
-    q_lo, q_hi = _tile_ranges(q_offset, q_len, block, device)
-    table, has_sink = _key_tile_table(plan, kv_offset, kv_len, k_seg, q_seg, k_rank, device)
-    q_segs = None
-    if q_seg is not None:
-        q_ok = torch.ones_like(q_seg, dtype=torch.bool)
-        qs_min, qs_max, _, _ = _tile_reduce(q_seg.unsqueeze(-1), q_ok, q_offset % block, n_q, block)
-        q_segs = (qs_min[..., 0], qs_max[..., 0])
-    sink_row = _sink_candidates(plan, has_sink, device)
+    by_kernel = _lists_by_kernel(plan, builder, device)
+    table = has_sink = None
+    if by_kernel and plan.padded:
+        table, has_sink = _kernel_tile_table(plan, kv_offset, kv_len, k_seg, k_rank)
+    elif not by_kernel:  # without padding the kernel takes the key tiles' statistics from positions
+        table, has_sink = _key_tile_table(plan, kv_offset, kv_len, k_seg, q_seg, k_rank, device)
+    sink_row = None if by_kernel and plan.sink_fixed else _sink_candidates(plan, has_sink, device)
     _finish_widths(plan)
-
-    lists = _build_lists(plan, q_lo, q_hi, table, q_segs, sink_row, topk_tiles, device)
+    if by_kernel:
+        lists = _kernel_lists(plan, q_offset, q_len, kv_offset, kv_len, table, sink_row, topk_tiles, device)
+    else:
+        lists = _torch_lists(plan, q_offset, q_len, q_seg, table, sink_row, topk_tiles, device)
     return BlockIndex(
         block_size=block,
         q_len=q_len,
@@ -392,6 +402,78 @@ def _sink_candidates(plan: _Plan, has_sink: torch.Tensor | None, device) -> torc
             return None
     order = torch.sort((~has_sink).to(torch.int8), dim=-1, stable=True).indices[:, : plan.sink_width]
     return torch.where(torch.gather(has_sink, 1, order), order, -1).to(torch.int32)
+
+
+def _list_kernel_reason(plan: _Plan, slots: int, max_slots: int) -> str | None:
+    """None when the Triton list kernel builds this plan's forward lists (``slots`` candidates per query tile, at
+    most ``max_slots``), else why not: host-known facts only."""
+    if plan.packed:
+        return "packed sequences (q_seg) have per-segment sink lists"
+    if plan.strided is not None or plan.random_width:
+        return "block layouts (strided / random) are built by the PyTorch ops"
+    if plan.dense_heads:
+        return "dense heads are built by the PyTorch ops"
+    if slots > max_slots:
+        return f"{slots} candidate slots per query tile (the kernel holds at most {max_slots})"
+    return None
+
+
+def _lists_by_kernel(plan: _Plan, builder: ListBuilder, device: torch.device) -> bool:
+    """Whether the forward lists come from the Triton kernel: ``builder``'s choice, "auto" on CUDA where the kernel
+    applies and imports. Decided before any device work, from the plan (shapes and pattern) alone."""
+    if builder not in LIST_BUILDERS:
+        raise ValueError(f"builder={builder!r}; supported: {LIST_BUILDERS}")
+    if builder == "torch" or (builder == "auto" and device.type != "cuda"):
+        return False
+    try:
+        from .kernels.block_index import MAX_CANDIDATES, candidate_slots
+    except ImportError as exc:  # triton missing, or the kernels package not built for this platform
+        if builder == "triton":
+            raise ValueError(f"builder='triton' cannot run: the Triton kernels cannot be imported ({exc})") from exc
+        return False
+    slots = candidate_slots(plan.sink_width, plan.window_span, plan.dense_width, plan.topk_width)
+    reason = _list_kernel_reason(plan, slots, MAX_CANDIDATES)
+    if builder == "triton" and reason is not None:
+        raise ValueError(f"builder='triton' cannot build this index: {reason}")
+    return reason is None
+
+
+def _kernel_lists(plan: _Plan, q_offset: int, q_len: int, kv_offset: int, kv_len: int, table, sink_row, topk_tiles,
+                  device):
+    """The forward lists in one Triton launch (``hf_sparsek.kernels.block_index``); ``table`` only with padding."""
+    from .kernels.block_index import build_row_lists
+
+    return build_row_lists(
+        n_b=plan.n_b, n_h=plan.n_h, n_q=plan.n_q, n_k=plan.n_k, block=plan.block, q_offset=q_offset, q_len=q_len,
+        kv_offset=kv_offset, kv_len=kv_len, sink=plan.sink, window=plan.window, n_sink=plan.sink_width,
+        n_win=plan.window_span, n_dense=plan.dense_width, dense_rows=plan.dense_rows, full_width=plan.full_width,
+        part_width=plan.part_width, sink_row=sink_row, table=table if plan.padded else None, topk=topk_tiles,
+        device=device)
+
+
+def _kernel_tile_table(plan: _Plan, kv_offset: int, kv_len: int, k_seg, k_rank):
+    """:func:`_key_tile_table` of a padded, unpacked call in one Triton launch (same table and sink flags)."""
+    from .kernels.block_index import key_tile_table
+
+    if k_seg is None and k_rank is None:
+        raise ValueError("a padded plan needs k_seg or k_rank")
+    with_sink = plan.sink and not plan.sink_fixed
+    return key_tile_table(
+        None if k_seg is None else k_seg.contiguous(), None if k_rank is None else k_rank.contiguous(),
+        batch=plan.n_b, n_k=plan.n_k, block=plan.block, kv_offset=kv_offset, kv_len=kv_len, sink=plan.sink,
+        sink_tiles=plan.n_causal if with_sink else None)
+
+
+def _torch_lists(plan: _Plan, q_offset: int, q_len: int, q_seg, table, sink_row, topk_tiles, device):
+    """The forward lists by PyTorch ops (every plan; the definition the kernel is tested against)."""
+    block = plan.block
+    q_lo, q_hi = _tile_ranges(q_offset, q_len, block, device)
+    q_segs = None
+    if q_seg is not None:
+        q_ok = torch.ones_like(q_seg, dtype=torch.bool)
+        qs_min, qs_max, _, _ = _tile_reduce(q_seg.unsqueeze(-1), q_ok, q_offset % block, plan.n_q, block)
+        q_segs = (qs_min[..., 0], qs_max[..., 0])
+    return _build_lists(plan, q_lo, q_hi, table, q_segs, sink_row, topk_tiles, device)
 
 
 _BIG = (1 << 31) - 1  # sort key of an empty slot: past every entry (int32 lists)
