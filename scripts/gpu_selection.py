@@ -9,7 +9,9 @@ length, medians of ``triton.testing.do_bench``:
 * ``selection_ms``: ``select_mass`` alone (pooling kernels + the fused score / softmax / top-k kernel);
 * ``attention_ms``: the Triton forward alone on an index built beforehand (no grad);
 * ``call_ms``: the whole ``sparse_attention`` call (selection + index + attention), as a model layer runs it;
-* ``meanpool_selection_ms``: today's mean-pool selector (PyTorch ops) for comparison.
+* ``meanpool_selection_ms``: today's mean-pool selector (PyTorch ops) for comparison;
+* ``index_build_torch_ms`` / ``index_build_triton_ms``: the block index from the selected tiles, by the PyTorch
+  ops or by the Triton list kernel (``build_block_index(builder=...)``; the call uses the kernel on CUDA).
 
 Target: ``selection_ms <= 0.15 * attention_ms``. A check at the first length compares the kernel's tiles with the
 PyTorch definition on the same bf16 inputs (tf32 dot products on the GPU: near-ties may differ; the mass the
@@ -31,7 +33,7 @@ if "--cpu-smoke" in sys.argv:  # before triton is imported: @triton.jit picks in
 
 import torch  # noqa: E402
 
-from hf_sparsek import SparsePattern  # noqa: E402
+from hf_sparsek import SparsePattern, build_block_index  # noqa: E402
 from hf_sparsek.ops import build_index_for, sparse_attention  # noqa: E402
 from hf_sparsek.selection import select_meanpool  # noqa: E402
 from hf_sparsek.selection.mass import select_mass, tile_mass  # noqa: E402
@@ -84,7 +86,7 @@ def _check(q, k, pattern) -> dict:
 @torch.no_grad()
 def _bench_length(seq: int, heads: int, kv_heads: int, dim: int, dtype: torch.dtype, device: str,
                   pattern: SparsePattern, bench) -> dict:
-    """The four timings of one length (see the module docstring)."""
+    """The timings of one length (see the module docstring)."""
     from hf_sparsek.triton_ops import triton_block_sparse_attention
 
     q, k, v = _inputs(seq, heads, kv_heads, dim, dtype, device)
@@ -97,6 +99,10 @@ def _bench_length(seq: int, heads: int, kv_heads: int, dim: int, dtype: torch.dt
     row["meanpool_selection_ms"] = bench(lambda: select_meanpool(q, k, meanpool, 0, 0, None))
     row["attention_ms"] = bench(lambda: triton_block_sparse_attention(q, k, v, index, scale))
     row["call_ms"] = bench(lambda: sparse_attention(q, k, v, pattern, backend="triton"))
+    tiles = select_mass(q, k, pattern, 0, 0, None, backend="triton")
+    shape = dict(batch=1, kv_heads=kv_heads, q_len=seq, kv_len=seq, topk_tiles=tiles, device=q.device)
+    for builder in ("torch", "triton"):
+        row[f"index_build_{builder}_ms"] = bench(lambda b=builder: build_block_index(pattern, builder=b, **shape))
     row["selection_share_of_attention"] = row["selection_ms"] / row["attention_ms"]
     row["meets_target"] = row["selection_share_of_attention"] <= TARGET_SHARE
     return row
