@@ -258,6 +258,14 @@ def _checked_selected_tiles(tiles: torch.Tensor, batch: int, kv_heads: int, q_le
     return tiles
 
 
+def _without_repeats(tiles: torch.Tensor) -> torch.Tensor:
+    """Tile lists with each repeated tile number after its first replaced by -1 (sorted rows; no host read)."""
+    ordered = tiles.sort(-1).values
+    repeat = torch.zeros_like(ordered, dtype=torch.bool)
+    repeat[..., 1:] = ordered[..., 1:] == ordered[..., :-1]
+    return ordered.masked_fill(repeat, -1)
+
+
 def triton_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float | None = None
                               ) -> str | None:
     """None when the Triton kernels can run these inputs, else why not: the one question behind the backend choice
@@ -461,8 +469,9 @@ def _decode_without_index(
     if attention_mask is not None:
         k_seg, k_rank, sink_ranges = _decode_layout(q, k, attention_mask, pattern, kv_offset, index_cache)
     selected = None
-    if selected_tiles is not None:
-        selected = _checked_selected_tiles(selected_tiles, q.shape[0], k.shape[1], q_len, q_offset, block, q.device)
+    if selected_tiles is not None:  # from outside: a repeated tile is visited once, as the block index lists it
+        selected = _without_repeats(_checked_selected_tiles(selected_tiles, q.shape[0], k.shape[1], q_len, q_offset,
+                                                            block, q.device))
     elif pattern.topk_blocks is not None:
         selected = select_tiles(q, k, pattern, q_offset, kv_offset, k_seg, selection_state=selection_state)
     kb0 = kv_offset // block

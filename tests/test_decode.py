@@ -95,10 +95,15 @@ def test_decode_from_index_lists_matches_reference(case, n_splits, kernels):
     assert _rel(out, ref) < 2e-5
 
 
-def test_decode_with_selected_tiles_matches_reference(kernels):
+@pytest.mark.parametrize("repeats", [False, True], ids=["distinct", "repeated"])
+def test_decode_with_selected_tiles_matches_reference(kernels, repeats):
+    """Tiles from outside the op (a learned scorer): -1 entries, tiles the window keeps, and repeated tiles, which
+    are visited once (as the block index lists them)."""
     q, k, v = torch.randn(2, 4, 1, 64), torch.randn(2, 2, 640, 64), torch.randn(2, 2, 640, 64)
     pattern = SparsePattern(block_size=64, sink_tokens=4, window=100)
     tiles = torch.tensor([[[[3, 8, -1]], [[8, 9, 2]]], [[[-1, -1, 5]], [[0, 1, 4]]]], dtype=torch.int32)
+    if repeats:
+        tiles = torch.tensor([[[[2, 3, 3]], [[0, 2, 0]]], [[[2, 2, -1]], [[3, 1, 3]]]], dtype=torch.int32)
     with torch.no_grad():
         out = sparse_attention(q, k, v, pattern, selected_tiles=tiles, backend="triton")
         ref = sparse_attention(q, k, v, pattern, selected_tiles=tiles, backend="reference")
