@@ -160,6 +160,9 @@ def calibrate(model: Any, windows: torch.Tensor, base: SparsePattern, max_topk: 
     if base.resolved_selector not in CALIBRATED_SELECTORS:
         raise ValueError(f"calibrate ranks tiles with the pattern's selector; {base.resolved_selector!r} is not one "
                          f"of {CALIBRATED_SELECTORS} (a learned scorer's tiles come from the model)")
+    if base.dense_heads or base.layout is not None or base.min_sparse_len:
+        raise ValueError("calibrate takes a sink / window / top-k pattern; dense_heads, a block layout and "
+                         f"min_sparse_len are not supported, got {base.describe()}")
     if max_topk < base.topk_blocks:
         raise ValueError(f"max_topk ({max_topk}) must be at least the pattern's topk_blocks ({base.topk_blocks})")
     kinds = layer_kinds(text_config(model))

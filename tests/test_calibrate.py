@@ -81,6 +81,19 @@ def test_calibrated_sparsity_round_trips_and_drops_selection_at_zero():
     assert (layer2.topk_blocks, layer2.selector, layer2.mass_threshold) == (5, "mass", 0.9)
 
 
+def test_calibrate_refuses_what_it_cannot_measure():
+    from hf_sparsek.eval.calibrate import calibrate
+
+    model, ids = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64,
+                                              num_hidden_layers=1, num_attention_heads=2,
+                                              num_key_value_heads=1)), torch.zeros(1, 64, dtype=torch.long)
+    base = SparsePattern(block_size=64, window=64, topk_blocks=2)
+    for bad, message in ((base.replace(dense_heads=(0,)), "dense_heads"), (base.replace(topk_blocks=None), "topk"),
+                         (base.replace(selector="learned"), "learned"), (base, "max_topk")):
+        with pytest.raises(ValueError, match=message):
+            calibrate(model, ids, bad, max_topk=1, progress=False)
+
+
 def test_cli_calibrate(tmp_path, capsys) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
