@@ -1,0 +1,142 @@
+"""Does scoring each query row (not the tile's mean query) close the mass selector's perplexity gap to the oracle?
+
+The ``"mass"`` selector scores a query tile by its mean query against each key tile's max / min keys (Quest's bound)
+and keeps the same tiles for all 64 rows. Its recall is close to the oracle's in the late layers, yet perplexity is
+not (SmolLM2-135M 4K: mass +5.60%, oracle +3.30%): a row that copies a far token has its own far key, which the
+mean query washes out. Candidate ``perrow``: the bound per query row, a softmax per row over the key tiles causal for
+that row, then the mean over the tile's rows and the group's heads (``rows8``: every 8th row only, an eighth of the
+work); ``probe8``: exact scores of every 8th row (MInference-style probing). Everything else (competition, budget) is
+the mass selector's.
+
+Lab code: it swaps ``hf_sparsek.selection.mass.tile_mass`` for the candidate while its rows run (the CPU path of the
+selector calls it), then restores it. Same held-out tokens as ``scripts/gpu_learned.py --cpu --seq-len 4096``::
+
+    python -m scripts.experiments.selection_rows --tokens .carry/learned/tokens.pt --out /tmp/rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator
+
+import torch
+
+
+def row_tile_mass(stride: int):
+    """A ``tile_mass`` replacement scoring every ``stride``-th query row of each tile (see the module docstring)."""
+    from hf_sparsek.selection.mass import pool_tiles, query_valid
+
+    def tile_mass(q, k, grid, block, q_offset, kv_offset, k_seg, scale=None, key_features=None):
+        batch, hq, q_len, dim = q.shape
+        hkv = k.shape[1]
+        group = hq // hkv
+        scale = 1.0 / math.sqrt(dim) if scale is None else scale
+        if key_features is None:
+            _, kmax, kmin = pool_tiles(k, kv_offset, block, None if k_seg is None else k_seg >= 0)
+        else:
+            d_pad = key_features.shape[-1] // 2
+            kmax, kmin = key_features[..., :dim], key_features[..., d_pad: d_pad + dim]
+        valid = query_valid(q_len, q_offset, kv_offset, k_seg)
+        valid = torch.ones(batch, q_len, dtype=torch.bool, device=q.device) if valid is None else valid
+        pos = q_offset + torch.arange(q_len, device=q.device)
+        take = (pos % stride == stride - 1) | (pos == q_offset + q_len - 1)  # the last row of each run, and the last
+        rows = torch.nonzero(take).flatten()
+        qr = q[:, :, rows].float().view(batch, hkv, group, len(rows), dim)
+        feats = torch.cat([qr.clamp(min=0), qr.clamp(max=0)], -1)
+        keys = torch.cat([kmax, kmin], -1)  # (B, Hkv, n_k, 2D)
+        logits = torch.einsum("bhgtd,bhnd->bhgtn", feats, keys) * scale
+        kb = kv_offset // block + torch.arange(grid.n_k, device=q.device)
+        row_tile = (q_offset % block + rows - 0) // block  # relative query tile of each row
+        cand = grid.candidate[:, :, row_tile]  # (B, 1, t, n_k): the tile-level competition of the row's tile
+        causal = (kb.view(1, -1) * block <= pos[rows].view(-1, 1))  # the key tile starts at or before the row
+        allowed = (cand & causal.view(1, 1, len(rows), -1)).unsqueeze(2)
+        probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0).mean(2)  # (B, Hkv, t, n_k)
+        probs = probs * valid[:, rows].view(batch, 1, -1, 1)
+        out = torch.zeros(batch, hkv, grid.n_q, grid.n_k, device=q.device)
+        out.index_add_(2, row_tile, probs)
+        count = torch.zeros(batch, grid.n_q, device=q.device).index_add_(1, row_tile, valid[:, rows].float())
+        return out / count.clamp(min=1).view(batch, 1, grid.n_q, 1)
+
+    return tile_mass
+
+
+def probe_tile_mass(stride: int):
+    """A ``tile_mass`` replacement from exact scores: every ``stride``-th query row's true softmax over the causal
+    real keys, summed per key tile, mean over those rows and the group's heads (MInference-style probing; stride 1
+    is the oracle's own estimate)."""
+    from hf_sparsek.selection.oracle import exact_tile_mass
+
+    def tile_mass(q, k, grid, block, q_offset, kv_offset, k_seg, scale=None, key_features=None):
+        pos = q_offset + torch.arange(q.shape[2], device=q.device)
+        keep = ((pos % stride) == stride - 1) | (pos == pos[-1])
+        mass = torch.zeros(q.shape[0], k.shape[1], grid.n_q, grid.n_k, device=q.device)
+        rows = torch.nonzero(keep).flatten()
+        for r in rows.tolist():  # one row at a time: tiles of its own (small; lab code)
+            one = exact_tile_mass(q[:, :, r: r + 1], k, block, int(pos[r]), kv_offset, k_seg, scale)
+            mass[:, :, (int(pos[r]) // block) - q_offset // block] += one[:, :, 0]
+        count = torch.zeros(grid.n_q, device=q.device).index_add_(0, (pos[rows] // block) - q_offset // block,
+                                                                  torch.ones(len(rows), device=q.device))
+        return mass / count.clamp(min=1).view(1, 1, -1, 1)
+
+    return tile_mass
+
+
+@contextlib.contextmanager
+def swapped_tile_mass(fn) -> Iterator[None]:
+    import hf_sparsek.selection.mass as mass
+
+    original = mass.tile_mass
+    mass.tile_mass = fn
+    try:
+        yield
+    finally:
+        mass.tile_mass = original
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", required=True, help="tokens.pt of scripts/gpu_learned.py --make-tokens")
+    ap.add_argument("--seq-len", type=int, default=4096)
+    ap.add_argument("--ppl-tokens", type=int, default=16384)
+    ap.add_argument("--pattern", default='{"block_size": 64, "sink_tokens": 64, "window": 256, "topk_blocks": 3}')
+    ap.add_argument("--candidates", default="perrow,rows8,probe8",
+                    help="comma-separated: mass, perrow, rows8, probe8")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    from hf_sparsek.eval.modeling import PatternSpec
+    from hf_sparsek.eval.offline import resolve_model
+    from hf_sparsek.eval.ppl import run_ppl
+    from transformers import AutoModelForCausalLM
+
+    from hf_sparsek.patterns import as_model_sparsity
+    from scripts.common import write_json
+
+    torch.manual_seed(0)
+    data = torch.load(args.tokens)
+    docs = [d.tolist() for d in data["docs"].values()]
+    held = docs[len(docs) - int(data.get("heldout", 4)):]
+    model = AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m"), attn_implementation="sparsek",
+                                                 dtype=torch.float32).eval()
+    pattern = {**json.loads(args.pattern), "selector": "mass"}
+    fns = {"mass": None, "perrow": row_tile_mass(1), "rows8": row_tile_mass(8), "probe8": probe_tile_mass(8)}
+    rows = []
+    for name in [c.strip() for c in args.candidates.split(",") if c.strip()]:
+        spec = PatternSpec(f"{name}: {args.pattern}", as_model_sparsity(pattern))
+        start = time.perf_counter()
+        with swapped_tile_mass(fns[name]) if fns[name] else contextlib.nullcontext():
+            result = run_ppl(model, held, [args.seq_len], [spec], torch.device("cpu"), None, args.ppl_tokens)
+        rows += [{**r, "candidate": name, "seconds": time.perf_counter() - start} for r in result]
+        write_json(os.path.join(args.out, "selection_rows.json"), {"rows": rows})
+        print(json.dumps({k: rows[-1][k] for k in ("candidate", "ppl", "density")}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
