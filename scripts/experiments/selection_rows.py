@@ -5,8 +5,8 @@ and keeps the same tiles for all 64 rows. Its recall is close to the oracle's in
 not (SmolLM2-135M 4K: mass +5.60%, oracle +3.30%): a row that copies a far token has its own far key, which the
 mean query washes out. Candidate ``perrow``: the bound per query row, a softmax per row over the key tiles causal for
 that row, then the mean over the tile's rows and the group's heads (``rows8``: every 8th row only, an eighth of the
-work); ``probe8``: exact scores of every 8th row (MInference-style probing). Everything else (competition, budget) is
-the mass selector's.
+work); ``probeN``: exact scores of every N-th row (N = 8, 16, 64: the last row of each tile, MInference-style
+probing). Everything else (competition, budget) is the mass selector's.
 
 Lab code: it swaps ``hf_sparsek.selection.mass.tile_mass`` for the candidate while its rows run (the CPU path of the
 selector calls it), then restores it. Same held-out tokens as ``scripts/gpu_learned.py --cpu --seq-len 4096``::
@@ -105,8 +105,8 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--ppl-tokens", type=int, default=16384)
     ap.add_argument("--pattern", default='{"block_size": 64, "sink_tokens": 64, "window": 256, "topk_blocks": 3}')
-    ap.add_argument("--candidates", default="perrow,rows8,probe8",
-                    help="comma-separated: mass, perrow, rows8, probe8")
+    ap.add_argument("--candidates", default="mass,perrow,rows8,probe8,probe16,probe64",
+                    help="comma-separated: mass, perrow, rows8, probe8, probe16, probe64")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -125,7 +125,8 @@ def main() -> int:
     model = AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m"), attn_implementation="sparsek",
                                                  dtype=torch.float32).eval()
     pattern = {**json.loads(args.pattern), "selector": "mass"}
-    fns = {"mass": None, "perrow": row_tile_mass(1), "rows8": row_tile_mass(8), "probe8": probe_tile_mass(8)}
+    fns = {"mass": None, "perrow": row_tile_mass(1), "rows8": row_tile_mass(8)}
+    fns.update({f"probe{n}": probe_tile_mass(n) for n in (8, 16, 64)})
     rows = []
     for name in [c.strip() for c in args.candidates.split(",") if c.strip()]:
         spec = PatternSpec(f"{name}: {args.pattern}", as_model_sparsity(pattern))
