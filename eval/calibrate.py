@@ -35,7 +35,7 @@ from hf_sparsek.selection.tiles import choose_tiles, tile_grid
 
 from .selection_recall import capture_qk
 
-CALIBRATED_SELECTORS = ("mass", "meanpool", "oracle")
+CALIBRATED_SELECTORS = ("mass", "meanpool", "probe", "oracle")
 
 
 def layer_curve(q: torch.Tensor, k: torch.Tensor, pattern: SparsePattern, max_topk: int) -> dict[str, list[float]]:

@@ -8,7 +8,8 @@ block layouts, which select whole key blocks of ``block_size`` tokens on the abs
 * ``window`` w: keys with ``i - j < w``;
 * ``layout``: a static block layout (``strided`` or ``random``) selecting key blocks;
 * ``topk_blocks``: a dynamic budget of k key blocks per query block, chosen from the data by ``selector``
-  (``"mass"`` by default, ``"meanpool"``, ``"learned"``, or ``"oracle"``: the true attention mass, for evaluation);
+  (``"mass"`` by default, ``"meanpool"``, ``"learned"``, ``"probe"``: exact scores of sampled query rows, or
+  ``"oracle"``: the true attention mass, for evaluation);
   with ``mass_threshold`` t, the fewest blocks whose estimated attention mass reaches t, at most k;
 * ``dense_heads``: KV heads that stay dense; ``min_sparse_len``: queries at positions below it attend densely.
 
@@ -27,7 +28,7 @@ from typing import Any
 
 SUPPORTED_BLOCK_SIZES = (64, 128)
 LAYOUT_KINDS = ("strided", "random")
-SELECTORS = ("mass", "meanpool", "learned", "oracle")
+SELECTORS = ("mass", "meanpool", "learned", "oracle", "probe")
 DEFAULT_SELECTOR = "mass"
 
 
@@ -143,7 +144,7 @@ class SparsePattern:
             _fail("mass_threshold", threshold, "only with topk_blocks set (the threshold's hard cap)")
         if self.selector == "meanpool":
             _fail("mass_threshold", threshold,
-                  "only with selector 'mass', 'learned' or 'oracle' (meanpool scores are not mass)")
+                  "only with selector 'mass', 'learned', 'probe' or 'oracle' (meanpool scores are not mass)")
         object.__setattr__(self, "mass_threshold", float(threshold))
 
     @property

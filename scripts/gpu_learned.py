@@ -1,6 +1,7 @@
 """The learned selector on a real model, on one GPU: distil SmolLM2-135M's scorer at 8K, then held-out perplexity of
-dense / static window / training-free "mass" selector / "oracle" selector (true attention mass) / learned selector at
-equal density, at two budgets (about 25% and 12.5% of the causal pairs at 8K): issues 22 and 23's SmolLM2 evidence.
+dense / static window / training-free "mass" and "probe" selectors / "oracle" (true attention mass) / learned
+selector at equal density, at two budgets (about 25% and 12.5% of the causal pairs at 8K): issues 22 and 23's
+SmolLM2 evidence.
 With ``--calibrate N`` also the mass selector with per-layer budgets calibrated on N training windows at each
 budget's density (``hf-sparsek eval calibrate``'s method).
 
@@ -239,6 +240,7 @@ def main() -> int:
         specs += [PatternSpec(label, as_model_sparsity(p)) for label, p in (
             (f"static sink {static['sink_tokens']} + window {static['window']}", static),
             (f"mass: {tag}", {**budget, "selector": "mass"}),
+            (f"probe: {tag}", {**budget, "selector": "probe"}),
             (f"oracle: {tag}", {**budget, "selector": "oracle"}))]
         specs += [PatternSpec(f"learned ({mode}): {tag}", as_model_sparsity({**budget, "selector": "learned"}))
                   for mode in modes]

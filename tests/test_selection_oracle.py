@@ -1,5 +1,6 @@
-"""Selector "oracle" (hf_sparsek.selection.oracle): against a slow float64 loop of its own definition on awkward
-shapes, never worse than the mass selector in true mass covered, and through a model as a pattern's selector."""
+"""Selectors "oracle" and "probe" (hf_sparsek.selection.oracle / .probe): against a slow float64 loop of their own
+definition on awkward shapes, the oracle never worse than the mass selector in true mass covered, both through a
+model as a pattern's selector."""
 
 from __future__ import annotations
 
@@ -11,14 +12,16 @@ from test_selection import CASES, PATTERNS, _case_id, _check_same_selection, _in
 
 import hf_sparsek
 from hf_sparsek import SparsePattern
-from hf_sparsek.selection import select_mass, select_oracle, select_tiles
+from hf_sparsek.selection import select_mass, select_oracle, select_probe, select_tiles
 from hf_sparsek.selection.oracle import exact_tile_mass
+from hf_sparsek.selection.probe import PROBE_STRIDE
 from hf_sparsek.selection.tiles import tile_grid
 
 
-def _slow_oracle_selection(q, k, pattern, q_offset, kv_offset, k_seg):
+def _slow_oracle_selection(q, k, pattern, q_offset, kv_offset, k_seg, sampled=lambda t, q_len: True):
     """{(b, g, m): (chosen tile set, {tile: true mass})}: per real query row and head the exact causal softmax over
-    the real keys, summed per key tile, averaged over the tile's real rows, then over the group's heads."""
+    the real keys, summed per key tile, averaged over the tile's real rows, then over the group's heads.
+    ``sampled(t, q_len)``: which rows (index t of the call) count (the probe selector's sample; all for the oracle)."""
     block = pattern.block_size
     batch, hq, q_len, dim = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
@@ -37,7 +40,7 @@ def _slow_oracle_selection(q, k, pattern, q_offset, kv_offset, k_seg):
         for g in range(hkv):
             for m in range(n_q):
                 rows = q_pos // block == qb0 + m
-                real_rows = torch.nonzero(rows & q_real).flatten().tolist()
+                real_rows = [t for t in torch.nonzero(rows & q_real).flatten().tolist() if sampled(t, q_len)]
                 probs = {}
                 for h in range(g * group, (g + 1) * group):
                     for t in real_rows:
@@ -64,6 +67,31 @@ def test_oracle_follows_its_definition(name, case):
     tiles = select_oracle(q, k, pattern, q_offset, kv_offset, k_seg)
     assert tiles.shape[:2] == (q.shape[0], k.shape[1]) and tiles.shape[-1] == pattern.topk_blocks
     _check_same_selection(tiles, _slow_oracle_selection(q, k, pattern, q_offset, kv_offset, k_seg), tol=1e-5)
+
+
+def _probe_sample(q_offset):
+    """The probe selector's rows, from its docstring: absolute positions 15 mod 16, and the call's last row."""
+    return lambda t, q_len: (q_offset + t) % PROBE_STRIDE == PROBE_STRIDE - 1 or t == q_len - 1
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_probe_follows_its_definition(name, case):
+    pattern = PATTERNS[name].replace(selector="probe")
+    q, k, q_offset, kv_offset, k_seg = _inputs(case, seed=6)
+    tiles = select_tiles(q, k, pattern, q_offset, kv_offset, k_seg)
+    assert tiles.shape[:2] == (q.shape[0], k.shape[1]) and tiles.shape[-1] == pattern.topk_blocks
+    slow = _slow_oracle_selection(q, k, pattern, q_offset, kv_offset, k_seg, _probe_sample(q_offset))
+    _check_same_selection(tiles, slow, tol=1e-5)
+
+
+def test_probe_at_stride_one_is_the_oracle():
+    q, k, q_offset, kv_offset, k_seg = _inputs(CASES[3], seed=7)
+    pattern = PATTERNS["win100-top2-mass0.6"]
+    assert torch.equal(select_probe(q, k, pattern, q_offset, kv_offset, k_seg, stride=1),
+                       select_oracle(q, k, pattern, q_offset, kv_offset, k_seg))
+    with pytest.raises(ValueError, match="stride"):
+        select_probe(q, k, pattern, q_offset, kv_offset, k_seg, stride=0)
 
 
 def test_exact_mass_rows_sum_to_one_and_chunking_is_invisible(monkeypatch):
@@ -97,9 +125,10 @@ def test_oracle_covers_at_least_the_mass_selector(case):
         assert (oracle > mass + 1e-4).any()
 
 
-def test_model_with_the_oracle_selector():
-    """A tiny Llama with selector "oracle": every tile kept gives SDPA's logits; a small budget changes them; the
-    pattern survives a config round trip and generate() runs through the decode path."""
+@pytest.mark.parametrize("selector", ["oracle", "probe"])
+def test_model_with_the_exact_selectors(selector):
+    """A tiny Llama with selector "oracle" / "probe": every tile kept gives SDPA's logits; a small budget changes
+    them; the pattern survives a config round trip and generate() runs through the decode path."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
@@ -112,10 +141,10 @@ def test_model_with_the_oracle_selector():
     real = mask.bool()
     with torch.no_grad():
         dense = model(ids, attention_mask=mask).logits
-        hf_sparsek.set_pattern(model, SparsePattern(block_size=64, window=64, topk_blocks=5, selector="oracle"))
+        hf_sparsek.set_pattern(model, SparsePattern(block_size=64, window=64, topk_blocks=5, selector=selector))
         with hf_sparsek.settings(backend="reference"):
             every = model(ids, attention_mask=mask).logits
-        small_pattern = SparsePattern(block_size=64, window=64, topk_blocks=1, selector="oracle")
+        small_pattern = SparsePattern(block_size=64, window=64, topk_blocks=1, selector=selector)
         hf_sparsek.set_pattern(model, small_pattern)
         with hf_sparsek.settings(backend="reference"):
             small = model(ids, attention_mask=mask).logits

@@ -2,8 +2,9 @@
 
 ``select_tiles`` dispatches on ``pattern.selector`` (``resolved_selector``): ``"mass"`` (the default) estimates each
 key tile's attention mass per query head (:mod:`.mass`), ``"meanpool"`` is the pooled dot product of before
-(:mod:`.meanpool`), ``"oracle"`` keeps the tiles with the most true attention mass (:mod:`.oracle`: dense scores,
-evaluation only), ``"learned"`` tiles come from a trained scorer outside the op. Every selector returns
+(:mod:`.meanpool`), ``"probe"`` keeps the tiles with the most exact attention of sampled query rows (:mod:`.probe`),
+``"oracle"`` keeps the tiles with the most true attention mass (:mod:`.oracle`: dense scores, evaluation only),
+``"learned"`` tiles come from a trained scorer outside the op. Every selector returns
 (B, Hkv, n_q_tiles, topk_blocks) int32 key tile numbers on the absolute grid (-1 = none) without reading a tensor on
 the host, so it runs inside CUDA graphs and torch.compile.
 """
@@ -16,9 +17,10 @@ from ..patterns import SparsePattern
 from .mass import select_mass
 from .meanpool import select_meanpool
 from .oracle import select_oracle
+from .probe import select_probe
 from .store import SelectionState
 
-__all__ = ["SelectionState", "select_mass", "select_meanpool", "select_oracle", "select_tiles"]
+__all__ = ["SelectionState", "select_mass", "select_meanpool", "select_oracle", "select_probe", "select_tiles"]
 
 
 @torch.no_grad()
@@ -47,6 +49,8 @@ def select_tiles(
         return select_mass(q, k, pattern, q_offset, kv_offset, k_seg, selection_state=selection_state)
     if selector == "oracle":
         return select_oracle(q, k, pattern, q_offset, kv_offset, k_seg)
+    if selector == "probe":
+        return select_probe(q, k, pattern, q_offset, kv_offset, k_seg)
     raise ValueError(f"selector {selector!r} cannot choose tiles inside the op: the tiles must come from the model's "
-                     "trained scorer (pass them as selected_tiles); selectors 'mass', 'meanpool' and 'oracle' "
-                     "select here")
+                     "trained scorer (pass them as selected_tiles); selectors 'mass', 'meanpool', 'probe' and "
+                     "'oracle' select here")

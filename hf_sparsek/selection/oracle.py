@@ -28,19 +28,24 @@ _CHUNK_ELEMENTS = 1 << 25  # batch x query heads x query rows x keys of one chun
 
 
 def exact_tile_mass(q: torch.Tensor, k: torch.Tensor, block: int, q_offset: int, kv_offset: int,
-                    k_seg: torch.Tensor | None, scale: float | None = None, dtype: torch.dtype = torch.float32
-                    ) -> torch.Tensor:
+                    k_seg: torch.Tensor | None, scale: float | None = None, dtype: torch.dtype = torch.float32,
+                    rows: torch.Tensor | None = None) -> torch.Tensor:
     """(B, Hkv, n_q, n_k): true attention mass of each key tile per query tile, tiles on the absolute grid (rows
     with a real query sum to 1; a tile without a real query row is all zero). The one exact definition: the oracle
-    selector, ``hf-sparsek eval selection`` and ``eval calibrate`` read it."""
-    return tile_mass_within(q, k, block, q_offset, kv_offset, k_seg, scale, dtype=dtype)[0]
+    selector, ``hf-sparsek eval selection`` and ``eval calibrate`` read it; ``rows`` samples the query rows
+    (:func:`tile_mass_within`), as selector ``"probe"`` does."""
+    return tile_mass_within(q, k, block, q_offset, kv_offset, k_seg, scale, dtype=dtype, rows=rows)[0]
 
 
 def tile_mass_within(q: torch.Tensor, k: torch.Tensor, block: int, q_offset: int, kv_offset: int,
                      k_seg: torch.Tensor | None, scale: float | None = None, keep: torch.Tensor | None = None,
-                     dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     dtype: torch.dtype = torch.float32, rows: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`exact_tile_mass`, and with ``keep`` ((q_len, kv_len) bool, token-exact) also the part of each tile's
-    mass on the kept pairs (None without ``keep``), from one pass over the dense scores (in ``dtype``)."""
+    mass on the kept pairs (None without ``keep``), from one pass over the dense scores (in ``dtype``).
+
+    ``rows``: indices of the query rows to score (a sample; each query tile's mass is the mean over its sampled
+    real rows, a tile without one is all zero); None scores every row."""
     batch, hq, q_len, dim = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     n_q = (q_offset % block + q_len + block - 1) // block
@@ -48,13 +53,18 @@ def tile_mass_within(q: torch.Tensor, k: torch.Tensor, block: int, q_offset: int
     group = hq // hkv
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
     device = q.device
-    q_pos = q_offset + torch.arange(q_len, device=device)
+    row_ok = query_valid(q_len, q_offset, kv_offset, k_seg)
+    row_ok = torch.ones(batch, q_len, dtype=torch.bool, device=device) if row_ok is None else row_ok
+    index = torch.arange(q_len, device=device) if rows is None else rows.to(device)
+    if rows is not None:
+        q, row_ok = q[:, :, index], row_ok[:, index]
+        keep = None if keep is None else keep[index]
+        q_len = index.numel()
+    q_pos = q_offset + index
     k_pos = kv_offset + torch.arange(kv_len, device=device)
     k_shift, q_shift = kv_offset % block, q_offset % block
     back = n_k * block - k_shift - kv_len
-    q_tile = (q_shift + torch.arange(q_len, device=device)) // block
-    row_ok = query_valid(q_len, q_offset, kv_offset, k_seg)
-    row_ok = torch.ones(batch, q_len, dtype=torch.bool, device=device) if row_ok is None else row_ok
+    q_tile = (q_shift + index) // block
     key_ok = None if k_seg is None else (k_seg >= 0).view(batch, 1, 1, 1, kv_len)
     kf = k.to(dtype)
     shape = (batch, hkv, n_q, n_k)
