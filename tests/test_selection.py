@@ -23,48 +23,61 @@ from hf_sparsek.selection.tiles import tile_grid
 # --- the definition, slowly: loops over (batch, KV head, query tile, key tile), float64 --------------------------
 
 
-def _slow_mass_selection(q, k, pattern, q_offset, kv_offset, k_seg):
-    """{(b, g, m): (chosen tile set, {tile: estimated mass})} straight from the docstring of selection/mass.py."""
+def _slow_cells(q, k, pattern, q_offset, kv_offset, k_seg):
+    """The loops every slow selector definition shares: per (batch, KV head, query tile) of the call, yield
+    ``(b, g, m, cell)`` with the positions, real-key / real-row masks and key ranks a definition reads."""
     block = pattern.block_size
-    batch, hq, q_len, dim = q.shape
-    hkv, kv_len = k.shape[1], k.shape[2]
-    group = hq // hkv
-    scale = 1.0 / math.sqrt(dim)
+    q_len, kv_len = q.shape[2], k.shape[2]
     q_pos = q_offset + torch.arange(q_len)
     k_pos = kv_offset + torch.arange(kv_len)
     qb0, kb0 = q_offset // block, kv_offset // block
     n_q = (q_offset % block + q_len + block - 1) // block
-    n_k = (kv_offset % block + kv_len + block - 1) // block
-    result = {}
-    for b in range(batch):
+    for b in range(q.shape[0]):
         k_real = torch.ones(kv_len, dtype=torch.bool) if k_seg is None else k_seg[b] >= 0
         rank = kv_offset + torch.cumsum(k_real.long(), 0) - 1
         q_real = torch.ones(q_len, dtype=torch.bool)
         if k_seg is not None and q_offset >= kv_offset:
             q_real = k_real[q_offset - kv_offset: q_offset - kv_offset + q_len]
-        for g in range(hkv):
+        for g in range(k.shape[1]):
             for m in range(n_q):
-                rows = (q_pos // block == qb0 + m)
-                real_rows = rows & q_real
-                probs = {}
-                for h in range(g * group, (g + 1) * group):
-                    qbar = q[b, h, real_rows].double().mean(0) if real_rows.any() else torch.zeros(dim).double()
-                    logits = {}
-                    for n in range(n_k):
-                        keys = (k_pos // block == kb0 + n) & k_real
-                        if kb0 + n > qb0 + m or not keys.any():
-                            continue
-                        kk = k[b, g, keys].double()
-                        bound = torch.maximum(qbar * kk.amax(0), qbar * kk.amin(0)).sum()
-                        logits[n] = scale * float(bound)
-                    if not logits:
-                        continue
-                    top_logit = max(logits.values())
-                    total = sum(math.exp(v - top_logit) for v in logits.values())
-                    for n, v in logits.items():
-                        probs[n] = probs.get(n, 0.0) + math.exp(v - top_logit) / total / group
-                result[b, g, m] = (_slow_choose(pattern, probs, int(q_pos[rows].max()), k_pos, kb0, k_real, rank),
-                                   probs)
+                rows = q_pos // block == qb0 + m
+                yield b, g, m, dict(rows=rows, real_rows=rows & q_real, q_pos=q_pos, k_pos=k_pos, qb0=qb0, kb0=kb0,
+                                    n_k=(kv_offset % block + kv_len + block - 1) // block, k_real=k_real, rank=rank)
+
+
+def _slow_choice(pattern, probs, cell):
+    """:func:`_slow_choose` for one cell of :func:`_slow_cells`."""
+    return _slow_choose(pattern, probs, int(cell["q_pos"][cell["rows"]].max()), cell["k_pos"], cell["kb0"],
+                        cell["k_real"], cell["rank"])
+
+
+def _slow_mass_selection(q, k, pattern, q_offset, kv_offset, k_seg):
+    """{(b, g, m): (chosen tile set, {tile: estimated mass})} straight from the docstring of selection/mass.py."""
+    block = pattern.block_size
+    dim = q.shape[3]
+    group = q.shape[1] // k.shape[1]
+    scale = 1.0 / math.sqrt(dim)
+    result = {}
+    for b, g, m, c in _slow_cells(q, k, pattern, q_offset, kv_offset, k_seg):
+        real_rows, k_pos, k_real, kb0 = c["real_rows"], c["k_pos"], c["k_real"], c["kb0"]
+        probs = {}
+        for h in range(g * group, (g + 1) * group):
+            qbar = q[b, h, real_rows].double().mean(0) if real_rows.any() else torch.zeros(dim).double()
+            logits = {}
+            for n in range(c["n_k"]):
+                keys = (k_pos // block == kb0 + n) & k_real
+                if kb0 + n > c["qb0"] + m or not keys.any():
+                    continue
+                kk = k[b, g, keys].double()
+                bound = torch.maximum(qbar * kk.amax(0), qbar * kk.amin(0)).sum()
+                logits[n] = scale * float(bound)
+            if not logits:
+                continue
+            top_logit = max(logits.values())
+            total = sum(math.exp(v - top_logit) for v in logits.values())
+            for n, v in logits.items():
+                probs[n] = probs.get(n, 0.0) + math.exp(v - top_logit) / total / group
+        result[b, g, m] = (_slow_choice(pattern, probs, c), probs)
     return result
 
 

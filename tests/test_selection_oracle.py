@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from test_selection import CASES, PATTERNS, _case_id, _check_same_selection, _inputs, _slow_choose
+from test_selection import CASES, PATTERNS, _case_id, _check_same_selection, _inputs, _slow_cells, _slow_choice
 
 import hf_sparsek
 from hf_sparsek import SparsePattern
@@ -22,40 +22,26 @@ def _slow_oracle_selection(q, k, pattern, q_offset, kv_offset, k_seg, sampled=la
     """{(b, g, m): (chosen tile set, {tile: true mass})}: per real query row and head the exact causal softmax over
     the real keys, summed per key tile, averaged over the tile's real rows, then over the group's heads.
     ``sampled(t, q_len)``: which rows (index t of the call) count (the probe selector's sample; all for the oracle)."""
-    block = pattern.block_size
-    batch, hq, q_len, dim = q.shape
-    hkv, kv_len = k.shape[1], k.shape[2]
-    group = hq // hkv
-    q_pos = q_offset + torch.arange(q_len)
-    k_pos = kv_offset + torch.arange(kv_len)
-    qb0, kb0 = q_offset // block, kv_offset // block
-    n_q = (q_offset % block + q_len + block - 1) // block
+    block, q_len, dim = pattern.block_size, q.shape[2], q.shape[3]
+    group = q.shape[1] // k.shape[1]
     result = {}
-    for b in range(batch):
-        k_real = torch.ones(kv_len, dtype=torch.bool) if k_seg is None else k_seg[b] >= 0
-        rank = kv_offset + torch.cumsum(k_real.long(), 0) - 1
-        q_real = torch.ones(q_len, dtype=torch.bool)
-        if k_seg is not None and q_offset >= kv_offset:
-            q_real = k_real[q_offset - kv_offset: q_offset - kv_offset + q_len]
-        for g in range(hkv):
-            for m in range(n_q):
-                rows = q_pos // block == qb0 + m
-                real_rows = [t for t in torch.nonzero(rows & q_real).flatten().tolist() if sampled(t, q_len)]
-                probs = {}
-                for h in range(g * group, (g + 1) * group):
-                    for t in real_rows:
-                        keys = (k_pos <= q_pos[t]) & k_real
-                        if not keys.any():
-                            continue
-                        logits = k[b, g].double() @ q[b, h, t].double() / math.sqrt(dim)
-                        p = torch.softmax(logits.masked_fill(~keys, float("-inf")), 0)
-                        for n in set((k_pos[keys] // block - kb0).tolist()):
-                            mass = float(p[k_pos // block == kb0 + n].sum())
-                            probs[n] = probs.get(n, 0.0) + mass / len(real_rows) / group
-                if not real_rows:
+    for b, g, m, c in _slow_cells(q, k, pattern, q_offset, kv_offset, k_seg):
+        k_pos, k_real, kb0 = c["k_pos"], c["k_real"], c["kb0"]
+        real_rows = [t for t in torch.nonzero(c["real_rows"]).flatten().tolist() if sampled(t, q_len)]
+        if not real_rows:
+            continue
+        probs = {}
+        for h in range(g * group, (g + 1) * group):
+            for t in real_rows:
+                keys = (k_pos <= c["q_pos"][t]) & k_real
+                if not keys.any():
                     continue
-                chosen = _slow_choose(pattern, probs, int(q_pos[rows].max()), k_pos, kb0, k_real, rank)
-                result[b, g, m] = (chosen, probs)
+                logits = k[b, g].double() @ q[b, h, t].double() / math.sqrt(dim)
+                p = torch.softmax(logits.masked_fill(~keys, float("-inf")), 0)
+                for n in set((k_pos[keys] // block - kb0).tolist()):
+                    mass = float(p[k_pos // block == kb0 + n].sum())
+                    probs[n] = probs.get(n, 0.0) + mass / len(real_rows) / group
+        result[b, g, m] = (_slow_choice(pattern, probs, c), probs)
     return result
 
 

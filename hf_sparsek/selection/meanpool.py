@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 
 from ..patterns import SparsePattern
+from .mass import pool_tiles
+from .tiles import key_tile_info
 
 
 @torch.no_grad()
@@ -27,10 +29,11 @@ def select_meanpool(
     batch, hq, q_len, dim = q.shape
     hkv = k.shape[1]
     block = pattern.block_size
-    q_pool, _ = _pool(q.float(), q_offset, block, None)
+    q_pool = pool_tiles(q, q_offset, block, None)[0]
     n_q = q_pool.shape[2]
     q_pool = q_pool.view(batch, hkv, hq // hkv, n_q, dim).mean(2)  # (B, Hkv, n_q, D); sizes spelled out for batch 0
-    k_pool, k_has = _pool(k.float(), kv_offset, block, None if k_seg is None else k_seg >= 0)
+    k_pool = pool_tiles(k, kv_offset, block, None if k_seg is None else k_seg >= 0)[0]
+    k_has = key_tile_info(k.shape[2], kv_offset, k_seg, pattern, batch, q.device)[0] > 0  # tiles with a real key
     scores = torch.einsum("bhmd,bhnd->bhmn", q_pool, k_pool)
     qb = q_offset // block + torch.arange(q_pool.shape[2], device=q.device)
     kb = kv_offset // block + torch.arange(k_pool.shape[2], device=q.device)
@@ -41,16 +44,3 @@ def select_meanpool(
     out = torch.where(torch.isfinite(values), tiles, -1).to(torch.int32)
     return torch.nn.functional.pad(out, (0, pattern.topk_blocks - top), value=-1)  # always topk_blocks wide
 
-
-def _pool(x: torch.Tensor, offset: int, block: int, valid: torch.Tensor | None):
-    """Mean over each absolute-grid tile of x (B, H, L, D), counting only valid positions."""
-    batch, heads, length, dim = x.shape
-    shift = offset % block
-    n_tiles = (shift + length + block - 1) // block
-    back = n_tiles * block - shift - length
-    ok = torch.ones(batch, length, dtype=torch.bool, device=x.device) if valid is None else valid
-    okp = torch.nn.functional.pad(ok, (shift, back), value=False).view(batch, 1, n_tiles, block, 1)
-    xp = torch.nn.functional.pad(x, (0, 0, shift, back)).view(batch, heads, n_tiles, block, dim)
-    total = (xp * okp).sum(3)
-    count = okp.sum(3).clamp(min=1)
-    return total / count, okp.any(3).view(batch, n_tiles)
