@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import os
+import sys
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -24,3 +30,34 @@ def dense_masked_attention(q, k, v, mask, scale, softcap=None):
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, -1).nan_to_num(0.0)
     return probs @ v
+
+
+@contextlib.contextmanager
+def triton_interpreter(*kernel_modules: str) -> Iterator[None]:
+    """TRITON_INTERPRET=1, with Triton's standard library and the named ``hf_sparsek.kernels`` modules re-imported in
+    interpreter mode where an earlier import compiled them (``@triton.jit`` picks its mode at import). Skips where
+    Triton is missing or its interpreter cannot run here (Triton < 3.7 needs numpy < 2)."""
+    triton = pytest.importorskip("triton")
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7) and int(
+            __import__("numpy").__version__[0]) >= 2:
+        pytest.skip(f"Triton {triton.__version__}'s interpreter needs numpy<2")
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton.language.standard as tl_standard
+        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.jit import JITFunction
+
+        if not isinstance(tl_standard.cdiv, InterpretedFunction):
+            importlib.reload(tl_standard)
+            importlib.reload(sys.modules["triton.language"])
+        for name in kernel_modules:
+            module = importlib.import_module(f"hf_sparsek.kernels.{name}")
+            if any(isinstance(value, JITFunction) for value in vars(module).values()):  # compiled by an earlier import
+                importlib.reload(module)
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = previous

@@ -9,12 +9,12 @@ output on a kernel-built index equals its output on the PyTorch-built one.
 
 from __future__ import annotations
 
-import importlib
 import os
 import zlib
 
 import pytest
 import torch
+from conftest import triton_interpreter
 
 from hf_sparsek import BlockLayout, SparsePattern, build_block_index, sparse_attention
 from hf_sparsek.block_index import BlockIndex
@@ -48,17 +48,12 @@ LAYOUTS = [(1, 2, 1, 2, "none"), (3, 2, 3, 2, "left"), (2, 1, 2, 1, "none"), (3,
 
 
 @pytest.fixture(autouse=True)
-def interpret(monkeypatch):
-    """TRITON_INTERPRET=1, the attention kernels re-decorated in interpreter mode as tests/test_kernels_interpret.py
-    sets them up, and the list kernels too where an earlier import compiled them (``@triton.jit`` picks compiled or
-    interpreted when a module is imported)."""
+def interpret():
+    """The attention kernels re-decorated in interpreter mode as tests/test_kernels_interpret.py sets them up, and
+    the list kernels too (``conftest.triton_interpreter``)."""
     pytest.importorskip("test_kernels_interpret")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    from triton.runtime.interpreter import InterpretedFunction
-
-    module = importlib.import_module("hf_sparsek.kernels.block_index")
-    if not isinstance(module._row_lists_kernel, InterpretedFunction):
-        importlib.reload(module)
+    with triton_interpreter("block_index"):
+        yield
 
 
 def _padding(kind: str, batch: int, kv_len: int) -> torch.Tensor | None:

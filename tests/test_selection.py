@@ -4,14 +4,11 @@ path (sparse_attention and a model forward) on awkward shapes: padding, decode, 
 
 from __future__ import annotations
 
-import importlib
 import math
-import os
-import sys
 
 import pytest
 import torch
-from conftest import dense_masked_attention
+from conftest import dense_masked_attention, triton_interpreter
 
 import hf_sparsek
 from hf_sparsek import SparsePattern, exact_token_mask
@@ -210,34 +207,8 @@ def interpret(request):
     if "triton" not in request.node.name:
         yield
         return
-    triton = pytest.importorskip("triton")
-    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7) and int(
-            __import__("numpy").__version__[0]) >= 2:
-        pytest.skip(f"Triton {triton.__version__}'s interpreter needs numpy<2")
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    _interpreted_selection_kernels()
-    try:
+    with triton_interpreter("selection"):
         yield
-    finally:
-        if previous is None:
-            os.environ.pop("TRITON_INTERPRET")
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
-
-
-def _interpreted_selection_kernels() -> None:
-    """``@triton.jit`` chooses compiled or interpreted when a module is imported: re-import Triton's standard library
-    and our selection kernels in interpreter mode when an earlier import made them compiled."""
-    import triton.language.standard as tl_standard
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(tl_standard.cdiv, InterpretedFunction):
-        importlib.reload(tl_standard)
-        importlib.reload(sys.modules["triton.language"])
-    module = importlib.import_module("hf_sparsek.kernels.selection")
-    if not isinstance(module._select_kernel, InterpretedFunction):
-        importlib.reload(module)
 
 
 KERNEL_CASES = CASES + [(2, 8, 2, 129, 129, 64, None, 0, True)]

@@ -5,12 +5,9 @@ the attention call and generate() through the face."""
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
-
 import pytest
 import torch
+from conftest import triton_interpreter
 
 import hf_sparsek
 from hf_sparsek import SparsePattern
@@ -30,34 +27,8 @@ def backend(request):
     if name == "torch":
         yield name
         return
-    triton = pytest.importorskip("triton")
-    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7) and int(
-            __import__("numpy").__version__[0]) >= 2:
-        pytest.skip(f"Triton {triton.__version__}'s interpreter needs numpy<2")
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    _interpreted_kernels()
-    try:
+    with triton_interpreter("selection", "selection_store"):
         yield name
-    finally:
-        if previous is None:
-            os.environ.pop("TRITON_INTERPRET")
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
-
-
-def _interpreted_kernels() -> None:
-    """``@triton.jit`` picks compiled or interpreted at import: re-import in interpreter mode where needed."""
-    import triton.language.standard as tl_standard
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(tl_standard.cdiv, InterpretedFunction):
-        importlib.reload(tl_standard)
-        importlib.reload(sys.modules["triton.language"])
-    for name, kernel in (("selection", "_select_kernel"), ("selection_store", "_refresh_kernel")):
-        module = importlib.import_module(f"hf_sparsek.kernels.{name}")
-        if not isinstance(getattr(module, kernel), InterpretedFunction):
-            importlib.reload(module)
 
 
 def _scratch(k: torch.Tensor, k_seg: torch.Tensor | None, kv_offset: int, block: int) -> torch.Tensor:
