@@ -69,20 +69,13 @@ def row_tile_mass(stride: int):
 def probe_tile_mass(stride: int):
     """A ``tile_mass`` replacement from exact scores: every ``stride``-th query row's true softmax over the causal
     real keys, summed per key tile, mean over those rows and the group's heads (MInference-style probing; stride 1
-    is the oracle's own estimate)."""
+    is the oracle's own estimate). The library's selector ``"probe"`` is this at stride 16."""
     from hf_sparsek.selection.oracle import exact_tile_mass
+    from hf_sparsek.selection.probe import probe_rows
 
     def tile_mass(q, k, grid, block, q_offset, kv_offset, k_seg, scale=None, key_features=None):
-        pos = q_offset + torch.arange(q.shape[2], device=q.device)
-        keep = ((pos % stride) == stride - 1) | (pos == pos[-1])
-        mass = torch.zeros(q.shape[0], k.shape[1], grid.n_q, grid.n_k, device=q.device)
-        rows = torch.nonzero(keep).flatten()
-        for r in rows.tolist():  # one row at a time: tiles of its own (small; lab code)
-            one = exact_tile_mass(q[:, :, r: r + 1], k, block, int(pos[r]), kv_offset, k_seg, scale)
-            mass[:, :, (int(pos[r]) // block) - q_offset // block] += one[:, :, 0]
-        count = torch.zeros(grid.n_q, device=q.device).index_add_(0, (pos[rows] // block) - q_offset // block,
-                                                                  torch.ones(len(rows), device=q.device))
-        return mass / count.clamp(min=1).view(1, 1, -1, 1)
+        rows = probe_rows(q.shape[2], q_offset, stride, q.device)
+        return exact_tile_mass(q, k, block, q_offset, kv_offset, k_seg, scale, rows=rows)
 
     return tile_mass
 
