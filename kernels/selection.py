@@ -86,7 +86,7 @@ def _scores(qf_ptr, kf_ptr, n, n_ok, rows_ok, s_kn,
 
 
 @triton.jit
-def _key_tiles(c_ptr, s_ptr, n, n_ok, kb0, kv_offset, kv_end, sink, BLOCK: tl.constexpr, HAS_TILE_INFO: tl.constexpr):
+def key_tiles(c_ptr, s_ptr, n, n_ok, kb0, kv_offset, kv_end, sink, BLOCK: tl.constexpr, HAS_TILE_INFO: tl.constexpr):
     """Real keys per key tile ``n`` and whether all are sink tokens: read (padding) or from positions (none)."""
     if HAS_TILE_INFO:
         cnt = tl.load(c_ptr + n, mask=n_ok, other=0)
@@ -97,6 +97,48 @@ def _key_tiles(c_ptr, s_ptr, n, n_ok, kb0, kv_offset, kv_end, sink, BLOCK: tl.co
         cnt = tl.where(n_ok, tl.maximum(hi - lo, 0), 0)
         sink_only = (cnt > 0) & (hi - 1 < sink)
     return cnt, sink_only
+
+
+@triton.jit
+def topk_insert(best_v, best_i, cv, n0, cn, kk):
+    """Running top-k per row (BM, KP) updated with one chunk's competing masses ``cv`` (BM, CN; -1 = not competing)
+    of key tiles ``n0 + cn``. Unsorted slots: -1 = empty, FILLED = past TOPK (never replaced)."""
+    kth = tl.min(best_v, 1)
+    # insert the chunk's best tile in place of the smallest kept one while some row has a better tile; the
+    # number of insertions over a whole row is about k * log(key tiles / k), far fewer than k per chunk
+    while tl.max((tl.max(cv, 1) > kth).to(tl.int32), 0) > 0:
+        mc = tl.max(cv, 1)
+        ac = tl.argmax(cv, 1)
+        slot = tl.argmin(best_v, 1)
+        put = (mc > kth)[:, None] & (kk[None, :] == slot[:, None])  # strict: an equal tile keeps the earlier
+        best_v = tl.where(put, mc[:, None], best_v)
+        best_i = tl.where(put, (n0 + ac)[:, None], best_i)
+        cv = tl.where(cn[None, :] == ac[:, None], -1.0, cv)  # rows that did not insert had nothing above kth
+        kth = tl.min(best_v, 1)
+    return best_v, best_i
+
+
+@triton.jit
+def topk_result(best_v, best_i, static_mass, threshold, BM: tl.constexpr, KP: tl.constexpr, TOPK: tl.constexpr,
+                HAS_THRESHOLD: tl.constexpr):
+    """(BM, KP) int32 tile list: the kept tiles sorted by mass, descending (ties: lower slot first), cut by the
+    threshold's cumulative mass (static tiles' mass first) when HAS_THRESHOLD; -1 = none."""
+    kk = tl.arange(0, KP)
+    best_v = tl.where(kk[None, :] < TOPK, best_v, -2.0)
+    out_v = tl.full([BM, KP], -1.0, tl.float32)
+    out_i = tl.full([BM, KP], -1, tl.int32)
+    for t in range(TOPK):
+        top = tl.argmax(best_v, 1)
+        here = kk[None, :] == top[:, None]
+        out_v = tl.where(kk[None, :] == t, tl.max(best_v, 1)[:, None], out_v)
+        out_i = tl.where(kk[None, :] == t, tl.sum(tl.where(here, best_i, 0), 1)[:, None], out_i)
+        best_v = tl.where(here, -2.0, best_v)
+    keep = out_v >= 0
+    if HAS_THRESHOLD:
+        v = tl.maximum(out_v, 0.0)
+        before = static_mass[:, None] + tl.cumsum(v, 1) - v
+        keep = keep & (before < threshold)
+    return tl.where(keep, out_i, -1)
 
 
 @triton.jit
@@ -133,7 +175,7 @@ def _select_kernel(
     for n0 in range(0, n_hi, CN):
         n = n0 + cn
         n_ok = n < n_k
-        cnt, _ = _key_tiles(c_ptr, s_ptr, n, n_ok, kb0, kv_offset, kv_end, sink, BLOCK, HAS_TILE_INFO)
+        cnt, _ = key_tiles(c_ptr, s_ptr, n, n_ok, kb0, kv_offset, kv_end, sink, BLOCK, HAS_TILE_INFO)
         s = _scores(qf_ptr, kf_ptr, n, n_ok, rows_ok, s_kn, ROWS, CN, F, FC) * scale
         cand = rows_ok[:, None] & ((kb0 + n)[None, :] <= qb_r[:, None]) & (cnt > 0)[None, :]
         s = tl.where(cand, s, NEG)
@@ -156,7 +198,7 @@ def _select_kernel(
     for n0 in range(0, n_hi, CN):
         n = n0 + cn
         n_ok = n < n_k
-        cnt, sink_only = _key_tiles(c_ptr, s_ptr, n, n_ok, kb0, kv_offset, kv_end, sink, BLOCK, HAS_TILE_INFO)
+        cnt, sink_only = key_tiles(c_ptr, s_ptr, n, n_ok, kb0, kv_offset, kv_end, sink, BLOCK, HAS_TILE_INFO)
         s = _scores(qf_ptr, kf_ptr, n, n_ok, rows_ok, s_kn, ROWS, CN, F, FC) * scale
         cand_r = rows_ok[:, None] & ((kb0 + n)[None, :] <= qb_r[:, None]) & (cnt > 0)[None, :]
         p = tl.where(cand_r, tl.exp(s - lse[:, None]), 0.0)
@@ -167,36 +209,9 @@ def _select_kernel(
             k_first = tl.maximum((kb0 + n) * BLOCK, kv_offset)
             static = static | (cand & ((q_last[:, None] - k_first[None, :]) < window))
         static_mass += tl.sum(tl.where(static, mass, 0.0), 1)
-        cv = tl.where(cand & ~static, mass, -1.0)
-        kth = tl.min(best_v, 1)
-        # insert the chunk's best tile in place of the smallest kept one while some row has a better tile; the
-        # number of insertions over a whole row is about k * log(key tiles / k), far fewer than k per chunk
-        while tl.max((tl.max(cv, 1) > kth).to(tl.int32), 0) > 0:
-            mc = tl.max(cv, 1)
-            ac = tl.argmax(cv, 1)
-            slot = tl.argmin(best_v, 1)
-            put = (mc > kth)[:, None] & (kk[None, :] == slot[:, None])  # strict: an equal tile keeps the earlier
-            best_v = tl.where(put, mc[:, None], best_v)
-            best_i = tl.where(put, (n0 + ac)[:, None], best_i)
-            cv = tl.where(cn[None, :] == ac[:, None], -1.0, cv)  # rows that did not insert had nothing above kth
-            kth = tl.min(best_v, 1)
+        best_v, best_i = topk_insert(best_v, best_i, tl.where(cand & ~static, mass, -1.0), n0, cn, kk)
 
-    # sort the kept tiles by mass, descending (ties: lower slot first), for the threshold's cumulative mass
-    best_v = tl.where(kk[None, :] < TOPK, best_v, -2.0)
-    out_v = tl.full([BM, KP], -1.0, tl.float32)
-    out_i = tl.full([BM, KP], -1, tl.int32)
-    for t in range(TOPK):
-        top = tl.argmax(best_v, 1)
-        here = kk[None, :] == top[:, None]
-        out_v = tl.where(kk[None, :] == t, tl.max(best_v, 1)[:, None], out_v)
-        out_i = tl.where(kk[None, :] == t, tl.sum(tl.where(here, best_i, 0), 1)[:, None], out_i)
-        best_v = tl.where(here, -2.0, best_v)
-    keep = out_v >= 0
-    if HAS_THRESHOLD:
-        v = tl.maximum(out_v, 0.0)
-        before = static_mass[:, None] + tl.cumsum(v, 1) - v
-        keep = keep & (before < threshold)
-    out = tl.where(keep, out_i, -1)
+    out = topk_result(best_v, best_i, static_mass, threshold, BM, KP, TOPK, HAS_THRESHOLD)
     ptr = OUT + b.to(tl.int64) * s_ob + g.to(tl.int64) * s_oh + m.to(tl.int64)[:, None] * s_om + kk[None, :]
     tl.store(ptr, out, mask=m_ok[:, None] & (kk[None, :] < TOPK))
 

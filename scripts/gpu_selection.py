@@ -9,12 +9,16 @@ length, medians of ``triton.testing.do_bench``:
 * ``selection_ms``: ``select_mass`` alone (pooling kernels + the fused score / softmax / top-k kernel);
 * ``attention_ms``: the Triton forward alone on an index built beforehand (no grad);
 * ``call_ms``: the whole ``sparse_attention`` call (selection + index + attention), as a model layer runs it;
-* ``meanpool_selection_ms``: today's mean-pool selector (PyTorch ops) for comparison;
+* ``meanpool_selection_ms``: the mean-pool selector (PyTorch ops) for comparison;
+* ``probe_selection_ms`` / ``probe_call_ms``: selector ``"probe"`` (the fused kernel of ``hf_sparsek.kernels.probe``:
+  exact attention of every 16th query row; ``probe_stride32_selection_ms`` samples every 32nd) alone and as the
+  whole call; ``probe_rows{16,128}_selection_ms``: the kernel with fewer / more sampled rows sharing each key load
+  (default 64);
 * ``index_build_torch_ms`` / ``index_build_triton_ms``: the block index from the selected tiles, by the PyTorch
   ops or by the Triton list kernel (``build_block_index(builder=...)``; the call uses the kernel on CUDA).
 
-Target: ``selection_ms <= 0.15 * attention_ms``. A check at the first length compares the kernel's tiles with the
-PyTorch definition on the same bf16 inputs (tf32 dot products on the GPU: near-ties may differ; the mass the
+Target: ``selection_ms <= 0.15 * attention_ms``. A check at the first length compares the kernels' tiles with the
+PyTorch definitions on the same bf16 inputs (tf32 dot products on the GPU: near-ties may differ; the mass the
 kernel's tiles capture, under the definition's estimate, is reported beside the definition's own).
 Writes ``selection_bench.json`` through ``scripts/common.write_json``.
 """
@@ -37,6 +41,8 @@ from hf_sparsek import SparsePattern, build_block_index  # noqa: E402
 from hf_sparsek.ops import build_index_for, sparse_attention  # noqa: E402
 from hf_sparsek.selection import select_meanpool  # noqa: E402
 from hf_sparsek.selection.mass import select_mass, tile_mass  # noqa: E402
+from hf_sparsek.selection.oracle import exact_tile_mass  # noqa: E402
+from hf_sparsek.selection.probe import probe_rows, select_probe  # noqa: E402
 from hf_sparsek.selection.tiles import tile_grid  # noqa: E402
 from scripts.common import write_json  # noqa: E402
 
@@ -67,12 +73,8 @@ def _timer(smoke: bool):
     return lambda fn: float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
-def _check(q, k, pattern) -> dict:
-    """Kernel tiles vs the PyTorch definition: identical rows, and the estimated mass each set captures."""
-    kernel = select_mass(q, k, pattern, 0, 0, None, backend="triton")
-    torch_tiles = select_mass(q, k, pattern, 0, 0, None, backend="torch")
-    grid = tile_grid(q.shape[2], k.shape[2], 0, 0, None, pattern, 1, q.device)
-    mass = tile_mass(q, k, grid, pattern.block_size, 0, 0, None)
+def _agreement(kernel: torch.Tensor, torch_tiles: torch.Tensor, mass: torch.Tensor) -> dict:
+    """Share of identical tile rows, and the mass (under the definition's own estimate) each tile set captures."""
 
     def captured(tiles: torch.Tensor) -> float:
         picked = torch.gather(mass, -1, tiles.clamp(min=0).long()) * (tiles >= 0)
@@ -81,6 +83,19 @@ def _check(q, k, pattern) -> dict:
     same = (kernel.sort(-1).values == torch_tiles.sort(-1).values).all(-1).float().mean()
     return {"rows_identical": float(same), "mass_kernel_tiles": captured(kernel),
             "mass_definition_tiles": captured(torch_tiles)}
+
+
+def _check(q, k, pattern) -> dict:
+    """Kernel tiles vs the PyTorch definition, for the mass and the probe selectors."""
+    grid = tile_grid(q.shape[2], k.shape[2], 0, 0, None, pattern, 1, q.device)
+    mass = tile_mass(q, k, grid, pattern.block_size, 0, 0, None)
+    out = _agreement(select_mass(q, k, pattern, 0, 0, None, backend="triton"),
+                     select_mass(q, k, pattern, 0, 0, None, backend="torch"), mass)
+    probe = pattern.replace(selector="probe")
+    probed = exact_tile_mass(q, k, pattern.block_size, 0, 0, None, rows=probe_rows(q.shape[2], 0, 16, q.device))
+    out["probe"] = _agreement(select_probe(q, k, probe, 0, 0, None, backend="triton"),
+                              select_probe(q, k, probe, 0, 0, None, backend="torch"), probed)
+    return out
 
 
 @torch.no_grad()
@@ -97,6 +112,18 @@ def _bench_length(seq: int, heads: int, kv_heads: int, dim: int, dtype: torch.dt
            "dtype": str(dtype).replace("torch.", ""), "pattern": pattern.to_dict()}
     row["selection_ms"] = bench(lambda: select_mass(q, k, pattern, 0, 0, None, backend="triton"))
     row["meanpool_selection_ms"] = bench(lambda: select_meanpool(q, k, meanpool, 0, 0, None))
+    probe = pattern.replace(selector="probe")
+    row["probe_selection_ms"] = bench(lambda: select_probe(q, k, probe, 0, 0, None, backend="triton"))
+    row["probe_stride32_selection_ms"] = bench(lambda: select_probe(q, k, probe, 0, 0, None, stride=32,
+                                                                    backend="triton"))
+    from hf_sparsek.kernels.probe import select_by_probe
+
+    for rows in (16, 128):  # key reuse vs registers (the default shares each key load among 64 rows)
+        row[f"probe_rows{rows}_selection_ms"] = bench(lambda r=rows: select_by_probe(
+            q, k, None, None, None, block=pattern.block_size, q_offset=0, kv_offset=0, sink=pattern.sink_tokens,
+            topk=pattern.topk_blocks, window=pattern.window, threshold=None, scale=scale, stride=16,
+            rows_per_program=r))
+    row["probe_call_ms"] = bench(lambda: sparse_attention(q, k, v, probe, backend="triton"))
     row["attention_ms"] = bench(lambda: triton_block_sparse_attention(q, k, v, index, scale))
     row["call_ms"] = bench(lambda: sparse_attention(q, k, v, pattern, backend="triton"))
     tiles = select_mass(q, k, pattern, 0, 0, None, backend="triton")
@@ -104,6 +131,7 @@ def _bench_length(seq: int, heads: int, kv_heads: int, dim: int, dtype: torch.dt
     for builder in ("torch", "triton"):
         row[f"index_build_{builder}_ms"] = bench(lambda b=builder: build_block_index(pattern, builder=b, **shape))
     row["selection_share_of_attention"] = row["selection_ms"] / row["attention_ms"]
+    row["probe_share_of_attention"] = row["probe_selection_ms"] / row["attention_ms"]
     row["meets_target"] = row["selection_share_of_attention"] <= TARGET_SHARE
     return row
 

@@ -1,0 +1,208 @@
+"""Block selection by the exact attention of sampled query rows, on the GPU: scores, softmax, tile sums and top-k fused.
+
+The definition is ``hf_sparsek.selection.probe`` (PyTorch; this file must give the same tiles, ties aside): the rows
+at absolute positions ``stride - 1`` modulo ``stride`` and the call's last row score every causal real key exactly;
+a query tile's mass on a key tile is the mean over its sampled real rows, then over the KV group's heads, of the
+rows' softmax summed over the key tile; competition and budget as ``hf_sparsek.selection.tiles.choose_tiles``.
+
+``_probe_kernel``: one program per (batch, KV head, ``BM`` query tiles). Its rows are (query tile, sample slot,
+query head of the group): slot ``j`` of query tile ``m`` is the position ending the ``j``-th stride of the tile,
+or the call's last row when that stride holds it (so the last row costs no extra slot). Pass 1 streams over the
+causal keys, ``CN`` key tiles at a time, for each row's log-sum-exp; pass 2 streams again, sums each row's
+probabilities per key tile, averages over the tile's rows and heads and keeps a running top-k per query tile
+(shared with the mass selector: ``kernels.selection.topk_insert``). Work: two passes of ``1 / stride`` of the dense
+causal scores; nothing of size (query tiles x key tiles) is written.
+
+No host synchronisation: every size comes from the shapes and the pattern. No transformers or hf_sparsek imports.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .selection import FEATURE_CHUNK, FILLED, NEG, ROWS_MIN, _next_pow2, key_tiles, topk_insert, topk_result
+
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+KEYS_PER_STEP = 64  # keys scored per step (CN key tiles of BLOCK; at least one tile)
+NUM_WARPS = 8  # sm_90, Triton 3.6, D 128, group 4: 248 registers and no spills at 64 rows (4 warps spill)
+ROWS_PER_PROGRAM = 64  # sampled rows x heads sharing each key load (query tiles per program = this / rows per tile)
+
+
+@triton.jit
+def _row_scores(q_ptr, k_ptr, rows_ok, s, s_ok, s_qd, s_kl, s_kd, ROWS: tl.constexpr, KEYS: tl.constexpr,
+                D: tl.constexpr, D_PAD: tl.constexpr, FC: tl.constexpr):
+    """(ROWS, KEYS) dot products of the sampled query rows with keys ``s`` (stored index), FC columns at a time."""
+    acc = tl.zeros([ROWS, KEYS], dtype=tl.float32)
+    for d0 in tl.static_range(0, D_PAD, FC):
+        d = d0 + tl.arange(0, FC)
+        d_ok = d < D
+        q = tl.load(q_ptr + d[None, :] * s_qd, mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
+        k = tl.load(k_ptr + s.to(tl.int64)[:, None] * s_kl + d[None, :] * s_kd, mask=s_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+        acc += tl.dot(q, tl.trans(k))
+    return acc
+
+
+@triton.jit
+def _probe_kernel(
+    Q, K, SEG, CNT, SINK_ONLY, OUT,
+    s_qb, s_qh, s_ql, s_qd, s_kb, s_kh, s_kl, s_kd, s_sb, s_cb, s_ob, s_oh, s_om,
+    q_len, kv_len, n_q, n_k, qb0, kb0, q_offset, q_start, kv_offset, sink, window, scale, threshold,
+    HKV: tl.constexpr, GROUP: tl.constexpr, HG_P: tl.constexpr, BM: tl.constexpr, SLOTS: tl.constexpr,
+    STRIDE: tl.constexpr, CN: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, FC: tl.constexpr,
+    TOPK: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_THRESHOLD: tl.constexpr, HAS_TILE_INFO: tl.constexpr, HAS_SEG: tl.constexpr, QUERY_SEG: tl.constexpr,
+):
+    PER_TILE: tl.constexpr = SLOTS * HG_P
+    ROWS: tl.constexpr = BM * PER_TILE
+    KEYS: tl.constexpr = CN * BLOCK
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    g = pid_bh % HKV
+    q_end = q_offset + q_len
+
+    # the sampled rows: (query tile, slot, head)
+    r = tl.arange(0, ROWS)
+    m_r = pid_m * BM + r // PER_TILE
+    slot = (r // HG_P) % SLOTS
+    h_r = r % HG_P
+    first = (qb0 + m_r) * BLOCK + slot * STRIDE  # the slot's stride of absolute positions
+    pos = tl.minimum(first + STRIDE - 1, q_end - 1)  # its last position, or the call's last row inside it
+    rows_ok = (h_r < GROUP) & (m_r < n_q) & (first < q_end) & (pos >= q_offset)
+    t = pos - q_offset
+    if QUERY_SEG:
+        rows_ok = rows_ok & (tl.load(SEG + b.to(tl.int64) * s_sb + q_start + t, mask=rows_ok, other=-1) >= 0)
+    q_ptr = (Q + b.to(tl.int64) * s_qb + (g * GROUP + h_r).to(tl.int64)[:, None] * s_qh
+             + t.to(tl.int64)[:, None] * s_ql)
+    k_ptr = K + b.to(tl.int64) * s_kb + g.to(tl.int64) * s_kh
+    c_ptr = CNT + b.to(tl.int64) * s_cb
+    s_ptr = SINK_ONLY + b.to(tl.int64) * s_cb
+    m_last = tl.minimum(pid_m * BM + BM - 1, n_q - 1)
+    n_hi = tl.minimum(n_k, qb0 + m_last - kb0 + 1)  # key tiles past the program's last query tile are not causal
+    j = tl.arange(0, KEYS)
+
+    # pass 1: per sampled row, the log-sum-exp (base 2) of its exact scores over the causal real keys
+    m_i = tl.full([ROWS], NEG, tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    for n0 in range(0, n_hi, CN):
+        kpos = (kb0 + n0) * BLOCK + j
+        s = kpos - kv_offset
+        s_ok = (s >= 0) & (s < kv_len)
+        if HAS_SEG:
+            s_ok = s_ok & (tl.load(SEG + b.to(tl.int64) * s_sb + s, mask=s_ok, other=-1) >= 0)
+        x = _row_scores(q_ptr, k_ptr, rows_ok, s, s_ok, s_qd, s_kl, s_kd, ROWS, KEYS, D, D_PAD, FC) * (scale * LOG2E)
+        allowed = rows_ok[:, None] & s_ok[None, :] & (kpos[None, :] <= pos[:, None])
+        x = tl.where(allowed, x, NEG)
+        m_new = tl.maximum(m_i, tl.max(x, 1))
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.where(allowed, tl.exp2(x - m_new[:, None]), 0.0), 1)
+        m_i = m_new
+    lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), 0.0)  # rows without a key: no mass
+    # a tile's mass is the mean over its real sampled rows and the group's heads
+    per_tile_rows = tl.sum(tl.reshape(rows_ok.to(tl.float32), [BM, PER_TILE]), 1)
+    norm = 1.0 / tl.maximum(per_tile_rows, 1.0)
+
+    # pass 2: mass per (query tile, key tile), running top-k of the competing tiles
+    mi = tl.arange(0, BM)
+    m = pid_m * BM + mi
+    m_ok = m < n_q
+    qb = qb0 + m
+    q_last = tl.minimum((qb + 1) * BLOCK - 1, q_end - 1)
+    kk = tl.arange(0, KP)
+    cn = tl.arange(0, CN)
+    best_v = tl.where(kk[None, :] < TOPK, tl.full([BM, KP], -1.0, tl.float32), FILLED)
+    best_i = tl.full([BM, KP], -1, tl.int32)
+    static_mass = tl.zeros([BM], dtype=tl.float32)
+    for n0 in range(0, n_hi, CN):
+        kpos = (kb0 + n0) * BLOCK + j
+        s = kpos - kv_offset
+        s_ok = (s >= 0) & (s < kv_len)
+        if HAS_SEG:
+            s_ok = s_ok & (tl.load(SEG + b.to(tl.int64) * s_sb + s, mask=s_ok, other=-1) >= 0)
+        x = _row_scores(q_ptr, k_ptr, rows_ok, s, s_ok, s_qd, s_kl, s_kd, ROWS, KEYS, D, D_PAD, FC) * (scale * LOG2E)
+        allowed = rows_ok[:, None] & s_ok[None, :] & (kpos[None, :] <= pos[:, None])
+        p = tl.where(allowed, tl.exp2(x - lse[:, None]), 0.0)
+        row_tile = tl.sum(tl.reshape(p, [ROWS, CN, BLOCK]), 2)  # (ROWS, CN): each row's mass per key tile
+        mass = tl.sum(tl.reshape(row_tile, [BM, PER_TILE, CN]), 1) * norm[:, None]
+        n = n0 + cn
+        n_ok = n < n_k
+        cnt, sink_only = key_tiles(c_ptr, s_ptr, n, n_ok, kb0, kv_offset, kv_offset + kv_len, sink, BLOCK,
+                                   HAS_TILE_INFO)
+        cand = m_ok[:, None] & ((kb0 + n)[None, :] <= qb[:, None]) & (cnt > 0)[None, :]
+        static = sink_only[None, :] & cand
+        if HAS_WINDOW:
+            k_first = tl.maximum((kb0 + n) * BLOCK, kv_offset)
+            static = static | (cand & ((q_last[:, None] - k_first[None, :]) < window))
+        static_mass += tl.sum(tl.where(static, mass, 0.0), 1)
+        best_v, best_i = topk_insert(best_v, best_i, tl.where(cand & ~static, mass, -1.0), n0, cn, kk)
+
+    out = topk_result(best_v, best_i, static_mass, threshold, BM, KP, TOPK, HAS_THRESHOLD)
+    ptr = OUT + b.to(tl.int64) * s_ob + g.to(tl.int64) * s_oh + m.to(tl.int64)[:, None] * s_om + kk[None, :]
+    tl.store(ptr, out, mask=m_ok[:, None] & (kk[None, :] < TOPK))
+
+
+def select_by_probe(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    k_seg: torch.Tensor | None,
+    key_count: torch.Tensor | None,
+    sink_only: torch.Tensor | None,
+    *,
+    block: int,
+    q_offset: int,
+    kv_offset: int,
+    sink: int,
+    topk: int,
+    window: int | None,
+    threshold: float | None,
+    scale: float,
+    stride: int,
+    rows_per_program: int = ROWS_PER_PROGRAM,
+) -> torch.Tensor:
+    """(B, Hkv, n_q_tiles, topk) int32 key tiles (relative to ``kv_offset // block``, -1 = none) per query tile.
+
+    Arguments as ``kernels.selection.select_by_mass``; ``stride``: one sampled row per ``stride`` positions (a
+    power of two dividing ``block``). ``rows_per_program``: how many (sampled row, head) pairs of consecutive query
+    tiles share one pass over the keys (more: fewer key reads, more registers; at least 16 for ``tl.dot``)."""
+    batch, hq, q_len, dim = q.shape
+    hkv, kv_len = k.shape[1], k.shape[2]
+    if k.shape[0] != batch or k.shape[3] != dim or hkv < 1 or hq % hkv:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)}: need the same batch and head dim, and query "
+                         "heads a multiple of KV heads")
+    if stride < 1 or stride & (stride - 1) or block % stride:
+        raise ValueError(f"the probe kernel samples one row per stride: a power of two dividing block={block}, got "
+                         f"stride={stride}")
+    if rows_per_program < ROWS_MIN or rows_per_program & (rows_per_program - 1):
+        raise ValueError(f"rows_per_program must be a power of two >= {ROWS_MIN}, got {rows_per_program}")
+    n_q = (q_offset % block + q_len + block - 1) // block
+    n_k = (kv_offset % block + kv_len + block - 1) // block
+    has_info = key_count is not None
+    if has_info and (sink_only is None or tuple(key_count.shape) != (batch, n_k)
+                     or tuple(sink_only.shape) != (batch, n_k)):
+        raise ValueError(f"key_count and sink_only must both be (batch={batch}, key tiles={n_k}) or both None")
+    out = torch.empty(batch, hkv, n_q, topk, dtype=torch.int32, device=q.device)
+    if out.numel() == 0:
+        return out
+    q_start = q_offset - kv_offset
+    count = key_count.to(torch.int32).contiguous() if has_info else out
+    sink_flag = sink_only.to(torch.int32).contiguous() if has_info else out
+    seg = k_seg.to(torch.int32) if k_seg is not None else out
+    group = hq // hkv
+    hg_p = _next_pow2(group)
+    slots = block // stride
+    bm = max(1, rows_per_program // (slots * hg_p))
+    d_pad = max(16, _next_pow2(dim))
+    cn = max(1, KEYS_PER_STEP // block)
+    _probe_kernel[(triton.cdiv(n_q, bm), batch * hkv)](
+        q, k, seg, count, sink_flag, out, *q.stride(), *k.stride(), seg.stride(0) if k_seg is not None else 0,
+        count.stride(0) if has_info else 0, *out.stride()[:3],
+        q_len, kv_len, n_q, n_k, q_offset // block, kv_offset // block, q_offset, max(q_start, 0), kv_offset, sink,
+        window or 0, scale, threshold if threshold is not None else 0.0,
+        HKV=hkv, GROUP=group, HG_P=hg_p, BM=bm, SLOTS=slots, STRIDE=stride, CN=cn, D=dim, D_PAD=d_pad,
+        FC=min(FEATURE_CHUNK, d_pad), TOPK=topk, KP=max(2, _next_pow2(topk)), BLOCK=block,
+        HAS_WINDOW=window is not None, HAS_THRESHOLD=threshold is not None, HAS_TILE_INFO=has_info,
+        HAS_SEG=k_seg is not None, QUERY_SEG=k_seg is not None and q_start >= 0, num_warps=NUM_WARPS,
+    )
+    return out
