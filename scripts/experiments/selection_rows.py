@@ -80,6 +80,21 @@ def probe_tile_mass(stride: int):
     return tile_mass
 
 
+def mixed_tile_mass(stride: int, weight: float = 0.5):
+    """``weight`` x the probe estimate at ``stride`` + (1 - ``weight``) x the mass selector's Quest estimate: the
+    sampled rows' exact mass, with the bound's view of every row's mean for the rows the sample misses."""
+    import hf_sparsek.selection.mass as mass
+
+    quest = mass.tile_mass  # the original, taken before any swap
+    probe = probe_tile_mass(stride)
+
+    def tile_mass(q, k, grid, block, q_offset, kv_offset, k_seg, scale=None, key_features=None):
+        return (weight * probe(q, k, grid, block, q_offset, kv_offset, k_seg, scale)
+                + (1 - weight) * quest(q, k, grid, block, q_offset, kv_offset, k_seg, scale, key_features))
+
+    return tile_mass
+
+
 @contextlib.contextmanager
 def swapped_tile_mass(fn) -> Iterator[None]:
     import hf_sparsek.selection.mass as mass
@@ -99,7 +114,8 @@ def main() -> int:
     ap.add_argument("--ppl-tokens", type=int, default=16384)
     ap.add_argument("--pattern", default='{"block_size": 64, "sink_tokens": 64, "window": 256, "topk_blocks": 3}')
     ap.add_argument("--candidates", default="mass,perrow,rows8,probe8,probe16,probe64",
-                    help="comma-separated: mass, perrow, rows8, probe8, probe16, probe64")
+                    help="comma-separated: mass, perrow, rows8, probe4, probe8, probe16, probe64, oracle (probe1), "
+                         "mix16 (half probe16, half mass)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -119,7 +135,8 @@ def main() -> int:
                                                  dtype=torch.float32).eval()
     pattern = {**json.loads(args.pattern), "selector": "mass"}
     fns = {"mass": None, "perrow": row_tile_mass(1), "rows8": row_tile_mass(8)}
-    fns.update({f"probe{n}": probe_tile_mass(n) for n in (8, 16, 64)})
+    fns.update({f"probe{n}": probe_tile_mass(n) for n in (4, 8, 16, 64)})
+    fns.update({"oracle": probe_tile_mass(1), "mix16": mixed_tile_mass(16)})
     rows = []
     for name in [c.strip() for c in args.candidates.split(",") if c.strip()]:
         spec = PatternSpec(f"{name}: {args.pattern}", as_model_sparsity(pattern))
