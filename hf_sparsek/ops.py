@@ -558,12 +558,12 @@ def _pattern_text(pattern: SparsePattern) -> str:
     text = "" if layout is None else f"{layout.kind}:{layout.stride}:{layout.offset}:{layout.density}:{layout.seed}"
     heads = ",".join(str(h) for h in pattern.dense_heads)
     return (f"{pattern.block_size};{pattern.sink_tokens};{pattern.window};{text};{pattern.topk_blocks};{heads};"
-            f"{pattern.min_sparse_len};{pattern.selector};{pattern.mass_threshold}")
+            f"{pattern.min_sparse_len};{pattern.selector};{pattern.mass_threshold};{pattern.probe_stride}")
 
 
 @lru_cache(maxsize=256)
 def _pattern_of_text(text: str) -> SparsePattern:
-    block, sink, window, layout, topk, heads, min_sparse, selector, threshold = text.split(";")
+    block, sink, window, layout, topk, heads, min_sparse, selector, threshold, probe_stride = text.split(";")
 
     def number(value: str, kind: type = int) -> int | float | None:
         return None if value == "None" else kind(value)
@@ -576,7 +576,7 @@ def _pattern_of_text(text: str) -> SparsePattern:
     return SparsePattern(block_size=int(block), sink_tokens=int(sink), window=number(window), layout=block_layout,
                          topk_blocks=number(topk), dense_heads=tuple(int(h) for h in heads.split(",") if h),
                          min_sparse_len=int(min_sparse), selector=None if selector == "None" else selector,
-                         mass_threshold=number(threshold, float))
+                         mass_threshold=number(threshold, float), probe_stride=number(probe_stride))
 
 
 def _offset_tensor(value: int | torch.Tensor | None, device: torch.device) -> torch.Tensor:

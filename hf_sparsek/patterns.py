@@ -8,8 +8,8 @@ block layouts, which select whole key blocks of ``block_size`` tokens on the abs
 * ``window`` w: keys with ``i - j < w``;
 * ``layout``: a static block layout (``strided`` or ``random``) selecting key blocks;
 * ``topk_blocks``: a dynamic budget of k key blocks per query block, chosen from the data by ``selector``
-  (``"mass"`` by default, ``"meanpool"``, ``"learned"``, ``"probe"``: exact scores of sampled query rows, or
-  ``"oracle"``: the true attention mass, for evaluation);
+  (``"mass"`` by default, ``"meanpool"``, ``"learned"``, ``"probe"``: exact scores of one query row in every
+  ``probe_stride`` (default 16), or ``"oracle"``: the true attention mass, for evaluation);
   with ``mass_threshold`` t, the fewest blocks whose estimated attention mass reaches t, at most k;
 * ``dense_heads``: KV heads that stay dense; ``min_sparse_len``: queries at positions below it attend densely.
 
@@ -106,6 +106,7 @@ class SparsePattern:
     min_sparse_len: int = 0
     selector: str | None = None
     mass_threshold: float | None = None
+    probe_stride: int | None = None
 
     def __post_init__(self) -> None:
         if self.block_size not in SUPPORTED_BLOCK_SIZES:
@@ -127,6 +128,7 @@ class SparsePattern:
             _fail("dense_heads", self.dense_heads, "distinct KV head indices")
         object.__setattr__(self, "dense_heads", tuple(sorted(heads)))
         self._check_selection()
+        self._check_probe_stride()
 
     def _check_selection(self) -> None:
         """``selector`` and ``mass_threshold`` only mean something beside a ``topk_blocks`` budget."""
@@ -147,6 +149,17 @@ class SparsePattern:
                   "only with selector 'mass', 'learned', 'probe' or 'oracle' (meanpool scores are not mass)")
         object.__setattr__(self, "mass_threshold", float(threshold))
 
+    def _check_probe_stride(self) -> None:
+        """``probe_stride``: selector ``"probe"`` only, a power of two up to the block (the fused kernel's grid)."""
+        stride = self.probe_stride
+        if stride is None:
+            return
+        if self.selector != "probe":
+            _fail("probe_stride", stride, "only with selector 'probe' (it sets how many query rows the probe scores)")
+        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1 or stride & (stride - 1) \
+                or stride > self.block_size:
+            _fail("probe_stride", stride, f"null (16) or a power of two from 1 to block_size={self.block_size}")
+
     @property
     def resolved_selector(self) -> str | None:
         """The selector that fills ``topk_blocks``: ``selector``, or ``"mass"`` when unset; None without top-k."""
@@ -165,7 +178,7 @@ class SparsePattern:
         return dataclasses.replace(self, **_without_orphan_selection(changes))
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "block_size": self.block_size,
             "sink_tokens": self.sink_tokens,
             "window": self.window,
@@ -176,6 +189,9 @@ class SparsePattern:
             "selector": self.selector,
             "mass_threshold": self.mass_threshold,
         }
+        if self.probe_stride is not None:  # only where set: files without it stay as they were
+            out["probe_stride"] = self.probe_stride
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SparsePattern:
@@ -215,6 +231,8 @@ class SparsePattern:
                 parts.append(f"top-{self.topk_blocks} blocks")
             if self.selector is not None:
                 parts[-1] += f" by {self.selector}"
+            if self.probe_stride is not None:
+                parts[-1] += f" (one row in {self.probe_stride})"
         text = " + ".join(parts) + f", block {self.block_size}"
         if self.dense_heads:
             text += f", dense KV heads {list(self.dense_heads)}"
@@ -224,9 +242,12 @@ class SparsePattern:
 
 
 def _without_orphan_selection(changes: dict[str, Any]) -> dict[str, Any]:
-    """``changes`` setting ``topk_blocks`` to None also reset ``selector`` and ``mass_threshold`` unless given."""
+    """``changes`` setting ``topk_blocks`` to None also reset ``selector``, ``mass_threshold`` and ``probe_stride``
+    unless given; a selector other than ``"probe"`` resets ``probe_stride`` unless given."""
     if "topk_blocks" in changes and changes["topk_blocks"] is None:
-        return {"selector": None, "mass_threshold": None, **changes}
+        return {"selector": None, "mass_threshold": None, "probe_stride": None, **changes}
+    if "selector" in changes and changes["selector"] != "probe":
+        return {"probe_stride": None, **changes}
     return changes
 
 

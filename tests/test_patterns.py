@@ -35,6 +35,12 @@ BAD_PATTERNS = [
     ({"topk_blocks": 4, "mass_threshold": True}, "mass_threshold"),
     ({"mass_threshold": 0.9}, "mass_threshold"),
     ({"topk_blocks": 4, "selector": "meanpool", "mass_threshold": 0.9}, "mass_threshold"),
+    ({"topk_blocks": 4, "probe_stride": 8}, "probe_stride"),  # the default selector is not the probe
+    ({"topk_blocks": 4, "selector": "mass", "probe_stride": 8}, "probe_stride"),
+    ({"topk_blocks": 4, "selector": "probe", "probe_stride": 12}, "probe_stride"),
+    ({"topk_blocks": 4, "selector": "probe", "probe_stride": 0}, "probe_stride"),
+    ({"block_size": 64, "topk_blocks": 4, "selector": "probe", "probe_stride": 128}, "probe_stride"),
+    ({"topk_blocks": 4, "selector": "probe", "probe_stride": True}, "probe_stride"),
 ]
 
 
@@ -136,6 +142,8 @@ SELECTION_PATTERNS = [
     SparsePattern(block_size=64, window=256, topk_blocks=8, selector="meanpool"),
     SparsePattern(block_size=64, sink_tokens=64, topk_blocks=24, selector="mass", mass_threshold=0.95),
     SparsePattern(block_size=128, topk_blocks=3, selector="learned", mass_threshold=1),
+    SparsePattern(block_size=64, sink_tokens=64, window=128, topk_blocks=5, selector="probe", probe_stride=4),
+    SparsePattern(block_size=128, topk_blocks=5, selector="probe", probe_stride=128, mass_threshold=0.8),
 ]
 
 
@@ -165,3 +173,15 @@ def test_selector_defaults_and_old_configs():
                              layer_overrides={1: {"topk_blocks": None}})
     assert sparsity.for_layer(1) == SparsePattern(window=128)
     assert sparsity.for_layer(0).resolved_selector == "meanpool"
+
+
+def test_probe_stride_is_written_only_where_set_and_follows_its_selector():
+    probe = SparsePattern(block_size=64, window=128, topk_blocks=4, selector="probe", probe_stride=8)
+    assert probe.to_dict()["probe_stride"] == 8 and "one row in 8" in probe.describe()
+    assert "probe_stride" not in SparsePattern(topk_blocks=4, selector="probe").to_dict()  # old files unchanged
+    assert probe.replace(selector="mass") == SparsePattern(block_size=64, window=128, topk_blocks=4, selector="mass")
+    assert probe.replace(topk_blocks=None) == SparsePattern(block_size=64, window=128)
+    assert probe.replace(topk_blocks=6).probe_stride == 8
+    sparsity = ModelSparsity(default=probe, layer_overrides={2: {"probe_stride": 2}, 3: {"selector": "oracle"}})
+    assert sparsity.for_layer(2).probe_stride == 2 and sparsity.for_layer(3).probe_stride is None
+    assert ModelSparsity.from_json(sparsity.to_json()) == sparsity

@@ -80,6 +80,19 @@ def test_probe_at_stride_one_is_the_oracle():
         select_probe(q, k, pattern, q_offset, kv_offset, k_seg, stride=0)
 
 
+def test_pattern_probe_stride_reaches_the_selector():
+    """``probe_stride`` in the pattern is the selector's sample: 1 is the oracle, 8 follows its slow definition."""
+    q, k, q_offset, kv_offset, k_seg = _inputs(CASES[1], seed=8)
+    base = PATTERNS["sink64-win64-top3"]
+    every = base.replace(selector="probe", probe_stride=1)
+    assert torch.equal(select_tiles(q, k, every, q_offset, kv_offset, k_seg),
+                       select_oracle(q, k, base, q_offset, kv_offset, k_seg))
+    eighth = base.replace(selector="probe", probe_stride=8)
+    rows = lambda t, q_len: (q_offset + t) % 8 == 7 or t == q_len - 1  # noqa: E731
+    _check_same_selection(select_tiles(q, k, eighth, q_offset, kv_offset, k_seg),
+                          _slow_oracle_selection(q, k, eighth, q_offset, kv_offset, k_seg, rows), tol=1e-5)
+
+
 def test_exact_mass_rows_sum_to_one_and_chunking_is_invisible(monkeypatch):
     q, k, q_offset, kv_offset, k_seg = _inputs(CASES[3], seed=2)
     pattern = PATTERNS["sink64-win64-top3"]

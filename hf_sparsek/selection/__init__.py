@@ -17,7 +17,7 @@ from ..patterns import SparsePattern
 from .mass import select_mass
 from .meanpool import select_meanpool
 from .oracle import select_oracle
-from .probe import select_probe
+from .probe import PROBE_STRIDE, select_probe
 from .store import SelectionState
 
 __all__ = ["SelectionState", "select_mass", "select_meanpool", "select_oracle", "select_probe", "select_tiles"]
@@ -50,7 +50,7 @@ def select_tiles(
     if selector == "oracle":
         return select_oracle(q, k, pattern, q_offset, kv_offset, k_seg)
     if selector == "probe":
-        return select_probe(q, k, pattern, q_offset, kv_offset, k_seg)
+        return select_probe(q, k, pattern, q_offset, kv_offset, k_seg, stride=pattern.probe_stride or PROBE_STRIDE)
     raise ValueError(f"selector {selector!r} cannot choose tiles inside the op: the tiles must come from the model's "
                      "trained scorer (pass them as selected_tiles); selectors 'mass', 'meanpool', 'probe' and "
                      "'oracle' select here")
