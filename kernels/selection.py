@@ -216,6 +216,139 @@ def _select_kernel(
     tl.store(ptr, out, mask=m_ok[:, None] & (kk[None, :] < TOPK))
 
 
+@triton.jit
+def _short_logits_kernel(
+    QF, KF, CNT, SINK_ONLY, LOGITS, PM, PL,
+    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_cb,
+    n_q, n_k, n_k_pad, n_chunks, qb0, kb0, kv_offset, kv_end, sink, scale,
+    HKV: tl.constexpr, GROUP: tl.constexpr, HG_P: tl.constexpr, BM: tl.constexpr, CN: tl.constexpr,
+    F: tl.constexpr, FC: tl.constexpr, BLOCK: tl.constexpr, HAS_TILE_INFO: tl.constexpr,
+):
+    """Few query tiles (decode), stage 1: one program per (chunk of CN key tiles, batch x KV head) writes the
+    estimated logits of every (query tile, head) row on its tiles and the chunk's max / sum of exp per row."""
+    ROWS: tl.constexpr = BM * HG_P
+    c = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    g = pid_bh % HKV
+    r = tl.arange(0, ROWS)
+    m_r = r // HG_P
+    h_r = r % HG_P
+    rows_ok = (h_r < GROUP) & (m_r < n_q)
+    qf_ptr = (QF + b.to(tl.int64) * s_qb + (g * GROUP + h_r).to(tl.int64)[:, None] * s_qh
+              + m_r.to(tl.int64)[:, None] * s_qm)
+    kf_ptr = KF + b.to(tl.int64) * s_kb + g.to(tl.int64) * s_kh
+    n = c * CN + tl.arange(0, CN)
+    n_ok = n < n_k
+    cnt, _ = key_tiles(CNT + b.to(tl.int64) * s_cb, SINK_ONLY + b.to(tl.int64) * s_cb, n, n_ok, kb0, kv_offset,
+                       kv_end, sink, BLOCK, HAS_TILE_INFO)
+    s = _scores(qf_ptr, kf_ptr, n, n_ok, rows_ok, s_kn, ROWS, CN, F, FC) * scale
+    cand = rows_ok[:, None] & ((kb0 + n)[None, :] <= (qb0 + m_r)[:, None]) & (cnt > 0)[None, :]
+    s = tl.where(cand, s, NEG)
+    m_c = tl.max(s, 1)
+    l_c = tl.sum(tl.where(cand, tl.exp(s - m_c[:, None]), 0.0), 1)
+    row = pid_bh.to(tl.int64) * ROWS + r
+    tl.store(LOGITS + row[:, None] * n_k_pad + n[None, :], s)
+    tl.store(PM + row * n_chunks + c, m_c)
+    tl.store(PL + row * n_chunks + c, l_c)
+
+
+@triton.jit
+def _short_mass_kernel(
+    CNT, SINK_ONLY, LOGITS, PM, PL, MASS, STATIC,
+    s_cb, n_q, n_k, n_k_pad, n_chunks, qb0, kb0, q_end, kv_offset, kv_end, sink, window,
+    HKV: tl.constexpr, GROUP: tl.constexpr, HG_P: tl.constexpr, BM: tl.constexpr, CN: tl.constexpr,
+    CB: tl.constexpr, BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_TILE_INFO: tl.constexpr,
+):
+    """Few query tiles, stage 2: per (chunk, batch x KV head), each row's log-sum-exp from every chunk's max / sum,
+    then the group-mean mass of the chunk's tiles: competing tiles' mass (-1 for the others) and the static tiles'
+    summed mass per query tile."""
+    ROWS: tl.constexpr = BM * HG_P
+    c = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    r = tl.arange(0, ROWS)
+    row = pid_bh.to(tl.int64) * ROWS + r
+    m_i = tl.full([ROWS], NEG, tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    for c0 in range(0, n_chunks, CB):
+        cc = c0 + tl.arange(0, CB)
+        ok = cc < n_chunks
+        pm = tl.load(PM + row[:, None] * n_chunks + cc[None, :], mask=ok[None, :], other=NEG)
+        pl = tl.load(PL + row[:, None] * n_chunks + cc[None, :], mask=ok[None, :], other=0.0)
+        m_new = tl.maximum(m_i, tl.max(pm, 1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(pl * tl.exp(pm - m_new[:, None]), 1)
+        m_i = m_new
+    lse = tl.where(l_i > 0, m_i + tl.log(tl.maximum(l_i, 1e-30)), 0.0)
+    n = c * CN + tl.arange(0, CN)
+    n_ok = n < n_k
+    s = tl.load(LOGITS + row[:, None] * n_k_pad + n[None, :])
+    p = tl.where(s > NEG, tl.exp(s - lse[:, None]), 0.0)  # non-candidates were written as NEG
+    mass = tl.sum(tl.reshape(p, [BM, HG_P, CN]), 1) / GROUP
+    cnt, sink_only = key_tiles(CNT + b.to(tl.int64) * s_cb, SINK_ONLY + b.to(tl.int64) * s_cb, n, n_ok, kb0,
+                               kv_offset, kv_end, sink, BLOCK, HAS_TILE_INFO)
+    m = tl.arange(0, BM)
+    qb = qb0 + m
+    cand = (m < n_q)[:, None] & ((kb0 + n)[None, :] <= qb[:, None]) & (cnt > 0)[None, :]
+    static = sink_only[None, :] & cand
+    if HAS_WINDOW:
+        q_last = tl.minimum((qb + 1) * BLOCK - 1, q_end - 1)
+        k_first = tl.maximum((kb0 + n) * BLOCK, kv_offset)
+        static = static | (cand & ((q_last[:, None] - k_first[None, :]) < window))
+    out = pid_bh.to(tl.int64) * BM + m
+    tl.store(MASS + out[:, None] * n_k_pad + n[None, :], tl.where(cand & ~static, mass, -1.0))
+    tl.store(STATIC + out * n_chunks + c, tl.sum(tl.where(static, mass, 0.0), 1))
+
+
+SHORT_QUERY_TILES = 2  # at most this many query tiles (decode, q_len <= 16): the split path over key tiles
+SHORT_MIN_KEY_TILES = 256  # below this one program per (batch, KV head) reads all key tiles quickly enough
+
+
+def _select_short(qf, kf, count, sink_flag, has_info, *, batch, hkv, group, n_q, n_k, q_offset, q_len, kv_offset,
+                  kv_len, block, sink, topk, window, threshold, scale) -> torch.Tensor:
+    """Few query tiles: selection spread over key tiles (two launches and a ``torch.topk``), instead of one program
+    per (batch, KV head) streaming every key tile with a serial running top-k."""
+    hg_p = _next_pow2(group)
+    bm = max(_next_pow2(n_q), ROWS_MIN // hg_p)
+    rows = bm * hg_p
+    feats = qf.shape[-1]
+    cn = 16 if feats > 256 else 32
+    n_chunks = triton.cdiv(n_k, cn)
+    n_k_pad = n_chunks * cn
+    dev = qf.device
+    logits = torch.empty(batch * hkv, rows, n_k_pad, device=dev, dtype=torch.float32)
+    pm = torch.empty(batch * hkv, rows, n_chunks, device=dev, dtype=torch.float32)
+    pl = torch.empty_like(pm)
+    qb0, kb0 = q_offset // block, kv_offset // block
+    s_cb = count.stride(0) if has_info else 0
+    _short_logits_kernel[(n_chunks, batch * hkv)](
+        qf, kf, count, sink_flag, logits, pm, pl, *qf.stride()[:3], *kf.stride()[:3], s_cb,
+        n_q, n_k, n_k_pad, n_chunks, qb0, kb0, kv_offset, kv_offset + kv_len, sink, scale,
+        HKV=hkv, GROUP=group, HG_P=hg_p, BM=bm, CN=cn, F=feats, FC=min(FEATURE_CHUNK, feats), BLOCK=block,
+        HAS_TILE_INFO=has_info,
+    )
+    mass = torch.empty(batch * hkv, bm, n_k_pad, device=dev, dtype=torch.float32)
+    static = torch.empty(batch * hkv, bm, n_chunks, device=dev, dtype=torch.float32)
+    _short_mass_kernel[(n_chunks, batch * hkv)](
+        count, sink_flag, logits, pm, pl, mass, static, s_cb, n_q, n_k, n_k_pad, n_chunks, qb0, kb0,
+        q_offset + q_len, kv_offset, kv_offset + kv_len, sink, window or 0,
+        HKV=hkv, GROUP=group, HG_P=hg_p, BM=bm, CN=cn, CB=min(64, _next_pow2(n_chunks)), BLOCK=block,
+        HAS_WINDOW=window is not None, HAS_TILE_INFO=has_info,
+    )
+    mass = mass.view(batch, hkv, bm, n_k_pad)[:, :, :n_q, :n_k]
+    width = min(topk, n_k)
+    values, tiles = torch.topk(mass, width, dim=-1)
+    keep = values >= 0
+    if threshold is not None:  # as hf_sparsek.selection.tiles.choose_tiles
+        kept = values.clamp(min=0)
+        before = static.view(batch, hkv, bm, n_chunks)[:, :, :n_q].sum(-1, keepdim=True) + kept.cumsum(-1) - kept
+        keep = keep & (before < threshold)
+    out = torch.where(keep, tiles, -1).to(torch.int32)
+    if width < topk:
+        out = torch.nn.functional.pad(out, (0, topk - width), value=-1)
+    return out
+
+
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
@@ -296,6 +429,10 @@ def select_by_mass(
     count = key_count.to(torch.int32).contiguous() if has_info else out
     sink_flag = sink_only.to(torch.int32).contiguous() if has_info else out
     group = hq // hkv
+    if n_q <= SHORT_QUERY_TILES and n_k >= SHORT_MIN_KEY_TILES:
+        return _select_short(qf, kf, count, sink_flag, has_info, batch=batch, hkv=hkv, group=group, n_q=n_q, n_k=n_k,
+                             q_offset=q_offset, q_len=q_len, kv_offset=kv_offset, kv_len=kv_len, block=block,
+                             sink=sink, topk=topk, window=window, threshold=threshold, scale=scale)
     hg_p = _next_pow2(group)
     bm = max(1, ROWS_MIN // hg_p)
     feats = qf.shape[-1]

@@ -156,6 +156,16 @@ def decode_store_case(batch: int, kv_len: int, pattern: SparsePattern, hq: int =
             row["max_abs_diff_vs_no_store"] = float((got.float() - want.float()).abs().max().item())
             select = lambda st=None: select_tiles(q, k, pattern, n - 1, 0, None, selection_state=st)  # noqa: E731
             row["selection_store_ms"] = bench_ms(lambda: select(state))
+            if DEVICE == "cuda":  # the same selection by one program per (batch, KV head) (before the split path)
+                import hf_sparsek.kernels.selection as selection_kernel
+
+                threshold = selection_kernel.SHORT_MIN_KEY_TILES
+                selection_kernel.SHORT_MIN_KEY_TILES = 1 << 40
+                try:
+                    row["selection_store_one_program_ms"] = bench_ms(lambda: select(state))
+                    row["same_tiles_one_program"] = bool(torch.equal(select(state), select()))
+                finally:
+                    selection_kernel.SHORT_MIN_KEY_TILES = threshold
             row["selection_no_store_ms"] = bench_ms(select)
             row["same_tiles"] = bool(torch.equal(select(state), select()))
             row["refresh_ms"] = bench_ms(lambda: state.key_features(k, None, n - 1, 1, 0, pattern.block_size,

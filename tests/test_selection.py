@@ -344,3 +344,50 @@ def test_index_of_a_mass_pattern_lists_the_selected_tiles():
     index = build_index_for(q, k, pattern)
     with_tiles = build_index_for(q, k, pattern, selected_tiles=tiles)
     assert torch.equal(index.token_mask(), with_tiles.token_mask())
+
+
+# --- few query tiles (decode): the split path over key tiles (two launches and torch.topk) -------------------------
+
+SHORT_CASES = [
+    (1, 8, 1, 1, 233, 64, None, 0, False),  # MQA decode
+    (2, 4, 2, 1, 700, 64, None, 0, True),  # decode, left padding
+    (2, 6, 2, 4, 650, 128, 638, 0, True),  # q_len 4 across a tile boundary: two query tiles
+    (1, 4, 4, 3, 500, 64, None, 77, False),  # keys from offset 77
+]
+
+
+@pytest.mark.parametrize("case", SHORT_CASES, ids=[_case_id(c) for c in SHORT_CASES])
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_triton_short_query_path_matches_definition(name, case, interpret, monkeypatch):
+    import hf_sparsek.kernels.selection as kernel
+
+    monkeypatch.setattr(kernel, "SHORT_MIN_KEY_TILES", 1)  # small caches take the split path too
+    called = []
+    short = kernel._select_short
+    monkeypatch.setattr(kernel, "_select_short", lambda *a, **kw: called.append(1) or short(*a, **kw))
+    pattern = PATTERNS[name]
+    q, k, q_offset, kv_offset, k_seg = _inputs(case, seed=21)
+    want = select_mass(q, k, pattern, q_offset, kv_offset, k_seg, backend="torch")
+    got = select_mass(q, k, pattern, q_offset, kv_offset, k_seg, backend="triton")
+    assert called and got.shape == want.shape and got.dtype == want.dtype
+    if not torch.equal(got, want):
+        _check_same_selection(got, _slow_mass_selection(q, k, pattern, q_offset, kv_offset, k_seg), tol=1e-5)
+
+
+def test_triton_short_query_path_long_cache(interpret):
+    """A decode step over 300 key tiles takes the split path at its shipped threshold; the store's kept features
+    give the same tiles as pooling every key."""
+    import hf_sparsek.kernels.selection as kernel
+
+    from hf_sparsek.selection import SelectionState
+
+    pattern = SparsePattern(block_size=64, sink_tokens=64, window=256, topk_blocks=12)
+    q, k, q_offset, kv_offset, k_seg = _inputs((2, 4, 2, 1, 300 * 64 - 5, 64, None, 0, True), seed=22)
+    assert k.shape[2] // 64 >= kernel.SHORT_MIN_KEY_TILES
+    want = select_mass(q, k, pattern, q_offset, kv_offset, k_seg, backend="torch")
+    got = select_mass(q, k, pattern, q_offset, kv_offset, k_seg, backend="triton")
+    state = SelectionState()
+    stored = select_mass(q, k, pattern, q_offset, kv_offset, k_seg, backend="triton", selection_state=state)
+    for tiles in (got, stored):
+        if not torch.equal(tiles, want):
+            _check_same_selection(tiles, _slow_mass_selection(q, k, pattern, q_offset, kv_offset, k_seg), tol=1e-5)

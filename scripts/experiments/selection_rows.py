@@ -95,6 +95,53 @@ def mixed_tile_mass(stride: int, weight: float = 0.5):
     return tile_mass
 
 
+def rerank_tile_mass(stride: int, factor: int, topk: int):
+    """Two stages: the mass selector's Quest estimate keeps ``factor`` x ``topk`` candidate tiles per query tile
+    (beside the static ones); every ``stride``-th row's exact softmax over the keys of those tiles only (the
+    candidates and the static tiles: a restricted normaliser) ranks them. The probe's work shrinks from all causal
+    keys to about ``(factor x topk + static tiles) x block`` keys per row."""
+    import hf_sparsek.selection.mass as mass
+    from hf_sparsek.selection.mass import query_valid
+    from hf_sparsek.selection.probe import probe_rows
+
+    quest = mass.tile_mass
+
+    def tile_mass(q, k, grid, block, q_offset, kv_offset, k_seg, scale=None, key_features=None):
+        est = quest(q, k, grid, block, q_offset, kv_offset, k_seg, scale, key_features)
+        batch, hq, q_len, dim = q.shape
+        hkv, kv_len = k.shape[1], k.shape[2]
+        group = hq // hkv
+        scale = 1.0 / math.sqrt(dim) if scale is None else scale
+        compete = grid.candidate & ~grid.static_full
+        score = est.masked_fill(~compete, -1.0)
+        top = score.topk(min(factor * topk, grid.n_k), -1)
+        keep = torch.zeros_like(est, dtype=torch.bool).scatter_(-1, top.indices, top.values >= 0)
+        keep = keep | grid.static_full  # (B, Hkv, n_q, n_k)
+        rows = probe_rows(q_len, q_offset, stride, q.device)
+        row_tile = (q_offset % block + rows) // block
+        k_shift = kv_offset % block
+        key_tile = (k_shift + torch.arange(kv_len, device=q.device)) // block
+        allowed = keep[:, :, row_tile][..., key_tile]  # (B, Hkv, R, kv_len)
+        q_pos = q_offset + rows
+        k_pos = kv_offset + torch.arange(kv_len, device=q.device)
+        allowed = allowed & (k_pos.view(1, -1) <= q_pos.view(-1, 1)).view(1, 1, len(rows), kv_len)
+        if k_seg is not None:
+            allowed = allowed & (k_seg >= 0).view(batch, 1, 1, kv_len)
+        qr = q[:, :, rows].float().view(batch, hkv, group, len(rows), dim)
+        logits = torch.einsum("bhgtd,bhsd->bhgts", qr, k.float()) * scale
+        probs = logits.masked_fill(~allowed.unsqueeze(2), float("-inf")).softmax(-1).nan_to_num(0.0)
+        back = grid.n_k * block - k_shift - kv_len
+        per = torch.nn.functional.pad(probs, (k_shift, back)).view(*probs.shape[:4], grid.n_k, block).sum(-1).mean(2)
+        valid = query_valid(q_len, q_offset, kv_offset, k_seg)
+        valid = torch.ones(batch, q_len, dtype=torch.bool, device=q.device) if valid is None else valid
+        per = per * valid[:, rows].view(batch, 1, -1, 1)
+        out = torch.zeros_like(est).index_add_(2, row_tile, per)
+        count = torch.zeros(batch, grid.n_q, device=q.device).index_add_(1, row_tile, valid[:, rows].float())
+        return out / count.clamp(min=1).view(batch, 1, grid.n_q, 1)
+
+    return tile_mass
+
+
 @contextlib.contextmanager
 def swapped_tile_mass(fn) -> Iterator[None]:
     import hf_sparsek.selection.mass as mass
@@ -114,8 +161,9 @@ def main() -> int:
     ap.add_argument("--ppl-tokens", type=int, default=16384)
     ap.add_argument("--pattern", default='{"block_size": 64, "sink_tokens": 64, "window": 256, "topk_blocks": 3}')
     ap.add_argument("--candidates", default="mass,perrow,rows8,probe8,probe16,probe64",
-                    help="comma-separated: mass, perrow, rows8, probe4, probe8, probe16, probe64, oracle (probe1), "
-                         "mix16 (half probe16, half mass)")
+                    help="comma-separated: mass, perrow, rows8, probe4/8/16/32/64, oracle (probe1), mix16 (half "
+                         "probe16, half mass), rerankNxF (Quest keeps F x top-k candidates, every N-th row's exact "
+                         "softmax over them ranks; N 4 or 16, F 2 or 4)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -135,8 +183,10 @@ def main() -> int:
                                                  dtype=torch.float32).eval()
     pattern = {**json.loads(args.pattern), "selector": "mass"}
     fns = {"mass": None, "perrow": row_tile_mass(1), "rows8": row_tile_mass(8)}
-    fns.update({f"probe{n}": probe_tile_mass(n) for n in (4, 8, 16, 64)})
+    fns.update({f"probe{n}": probe_tile_mass(n) for n in (4, 8, 16, 32, 64)})
     fns.update({"oracle": probe_tile_mass(1), "mix16": mixed_tile_mass(16)})
+    topk = pattern["topk_blocks"]
+    fns.update({f"rerank{n}x{f}": rerank_tile_mass(n, f, topk) for n in (4, 16) for f in (2, 4)})
     rows = []
     for name in [c.strip() for c in args.candidates.split(",") if c.strip()]:
         spec = PatternSpec(f"{name}: {args.pattern}", as_model_sparsity(pattern))
