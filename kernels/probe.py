@@ -26,8 +26,9 @@ from .selection import FEATURE_CHUNK, FILLED, NEG, ROWS_MIN, _next_pow2, key_til
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 KEYS_PER_STEP = 64  # keys scored per step (CN key tiles of BLOCK; at least one tile)
-NUM_WARPS = 8  # sm_90, Triton 3.6, D 128, group 4: 248 registers and no spills at 64 rows (4 warps spill)
-ROWS_PER_PROGRAM = 64  # sampled rows x heads sharing each key load (query tiles per program = this / rows per tile)
+NUM_WARPS = 8  # 4 warps spill at 64 rows
+ROWS_PER_PROGRAM = 128  # sampled rows x heads sharing each key load (query tiles per program: this / rows per tile;
+# sm_90, Triton 3.6, D 128, group 4, 8 warps: no spills at 128, spills at 256)
 
 
 @triton.jit

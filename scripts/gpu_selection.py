@@ -12,8 +12,8 @@ length, medians of ``triton.testing.do_bench``:
 * ``meanpool_selection_ms``: the mean-pool selector (PyTorch ops) for comparison;
 * ``probe_selection_ms`` / ``probe_call_ms``: selector ``"probe"`` (the fused kernel of ``hf_sparsek.kernels.probe``:
   exact attention of every 16th query row; ``probe_stride32_selection_ms`` samples every 32nd) alone and as the
-  whole call; ``probe_rows{16,128}_selection_ms``: the kernel with fewer / more sampled rows sharing each key load
-  (default 64);
+  whole call; ``probe_rows{64,256}_selection_ms``: the kernel with fewer / more sampled rows sharing each key load
+  (default 128);
 * ``index_build_torch_ms`` / ``index_build_triton_ms``: the block index from the selected tiles, by the PyTorch
   ops or by the Triton list kernel (``build_block_index(builder=...)``; the call uses the kernel on CUDA).
 
@@ -118,7 +118,7 @@ def _bench_length(seq: int, heads: int, kv_heads: int, dim: int, dtype: torch.dt
                                                                     backend="triton"))
     from hf_sparsek.kernels.probe import select_by_probe
 
-    for rows in (16, 128):  # key reuse vs registers (the default shares each key load among 64 rows)
+    for rows in (64, 256):  # key reuse vs registers (the default shares each key load among 128 rows)
         row[f"probe_rows{rows}_selection_ms"] = bench(lambda r=rows: select_by_probe(
             q, k, None, None, None, block=pattern.block_size, q_offset=0, kv_offset=0, sink=pattern.sink_tokens,
             topk=pattern.topk_blocks, window=pattern.window, threshold=None, scale=scale, stride=16,
