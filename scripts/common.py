@@ -113,3 +113,30 @@ def write_json(path: str, data: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump({"meta": run_metadata(), **data}, f, indent=1, default=str)
+
+
+def save_token_file(data: dict, path: str) -> None:
+    """Token ids made on the CPU for a GPU run (``torch.save``; a path ending ``.xz`` is compressed: passkey prompts
+    repeat their filler, 18 MB -> 1.4 MB, so they fit beside a GGUF part in one 64 MiB device call)."""
+    import io
+    import lzma
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if path.endswith(".xz"):
+        buffer = io.BytesIO()
+        torch.save(data, buffer)
+        with lzma.open(path, "wb") as f:
+            f.write(buffer.getvalue())
+    else:
+        torch.save(data, path)
+
+
+def load_token_file(path: str) -> dict:
+    """What :func:`save_token_file` wrote."""
+    import io
+    import lzma
+
+    if path.endswith(".xz"):
+        with lzma.open(path, "rb") as f:
+            return torch.load(io.BytesIO(f.read()))
+    return torch.load(path)

@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import glob
-import io
 import json
-import lzma
 import os
 import sys
 import time
@@ -75,25 +73,12 @@ def make_tokens(model: str, path: str, lengths: list[int], depths: list[float], 
     docs = {title: torch.tensor(encode(text), dtype=torch.int32) for title, text in shakespeare_plays().items()}
     bos = tok.bos_token_id
     needle = needle_prompts(encode, lengths, depths, bos, trials)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    data = {"docs": docs, "bos": bos, "needle": needle, "tokenizer_transformers": transformers.__version__}
-    if path.endswith(".xz"):  # the prompts repeat their filler: 18 MB -> 1.4 MB, room beside a 61 MB GGUF part
-        buffer = io.BytesIO()
-        torch.save(data, buffer)
-        with lzma.open(path, "wb") as f:
-            f.write(buffer.getvalue())
-    else:
-        torch.save(data, path)
+    from scripts.common import save_token_file
+
+    save_token_file({"docs": docs, "bos": bos, "needle": needle, "tokenizer_transformers": transformers.__version__},
+                    path)
     print(f"wrote {len(docs)} plays ({sum(len(d) for d in docs.values())} tokens) and {len(needle)} x {trials} "
           f"passkey prompts to {path}")
-
-
-def load_tokens(path: str) -> dict:
-    """What :func:`make_tokens` wrote (``.xz``: compressed)."""
-    if path.endswith(".xz"):
-        with lzma.open(path, "rb") as f:
-            return torch.load(io.BytesIO(f.read()))
-    return torch.load(path)
 
 
 def _check_backend(model, specs, device: torch.device, bos: int | None) -> dict:
@@ -164,7 +149,9 @@ def main() -> int:
     model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path),
                                                  dtype=dtype, attn_implementation="sdpa").to(device).eval()
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s", flush=True)
-    data = load_tokens(args.tokens)
+    from scripts.common import load_token_file
+
+    data = load_token_file(args.tokens)
     docs = [d.tolist() for d in data["docs"].values()]
     bos = data["bos"]
     specs = parse_patterns(json.loads(args.patterns), model.config.model_type)

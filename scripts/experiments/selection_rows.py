@@ -173,10 +173,10 @@ def main() -> int:
     from transformers import AutoModelForCausalLM
 
     from hf_sparsek.patterns import as_model_sparsity
-    from scripts.common import write_json
+    from scripts.common import load_token_file, write_json
 
     torch.manual_seed(0)
-    data = torch.load(args.tokens)
+    data = load_token_file(args.tokens)
     docs = [d.tolist() for d in data["docs"].values()]
     held = docs[len(docs) - int(data.get("heldout", 4)):]
     model = AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m"), attn_implementation="sparsek",
