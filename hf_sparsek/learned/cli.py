@@ -56,6 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="write only the scorer file, not final/ with the model")
     p.add_argument("--cpu", action="store_true")
     p.add_argument("--seed", type=non_negative_int, default=d["seed"])
+    p.add_argument("--bos-token-id", type=non_negative_int, default=None,
+                   help="prepend this token id to every window (models trained with a BOS, e.g. Gemma)")
 
 
 def config_from_args(args: argparse.Namespace) -> DistillConfig:

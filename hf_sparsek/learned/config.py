@@ -51,6 +51,9 @@ class DistillConfig:
     """Write ``final/`` with the model (else only the scorer file in ``output_dir``)."""
     cpu: bool = False
     seed: int = 0
+    bos_token_id: int | None = None
+    """Prepended to every window (its first token; ``seq_len`` counts it), for models trained with a BOS such as
+    Gemma: their attention to it is what the sink keeps. None: windows are plain slices of the documents."""
     extra: dict = field(default_factory=dict)
     """Free-form notes recorded in metrics.json (scripts record their settings here)."""
 
@@ -70,5 +73,8 @@ class DistillConfig:
             raise ValueError(f"DistillConfig.coverage_weight={self.coverage_weight!r}: expected a number >= 0")
         if self.mode not in MODES:
             raise ValueError(f"DistillConfig.mode={self.mode!r}: expected one of {MODES}")
+        bos = self.bos_token_id
+        if bos is not None and (isinstance(bos, bool) or not isinstance(bos, int) or bos < 0):
+            raise ValueError(f"DistillConfig.bos_token_id={bos!r}: expected null or a token id >= 0")
         if self.dtype not in DTYPES:
             raise ValueError(f"DistillConfig.dtype={self.dtype!r}: expected one of {DTYPES}")

@@ -314,8 +314,13 @@ def _layer_patterns(model: Any, pattern: Any) -> tuple[dict[int, Any], Any]:
     return patterns, sparsity
 
 
-def _windows(docs: list[list[int]], seq_len: int) -> list[list[int]]:
-    return [d[i : i + seq_len] for d in docs for i in range(0, len(d) - seq_len + 1, seq_len)]
+def _windows(docs: list[list[int]], seq_len: int, bos: int | None = None) -> list[list[int]]:
+    """Consecutive windows of ``seq_len`` tokens from each document; with ``bos``, each is ``bos`` + the next
+    ``seq_len - 1`` tokens."""
+    if bos is None:
+        return [d[i : i + seq_len] for d in docs for i in range(0, len(d) - seq_len + 1, seq_len)]
+    n = seq_len - 1
+    return [[bos, *d[i : i + n]] for d in docs for i in range(0, len(d) - n + 1, n)]
 
 
 def _log(path: Path, entry: dict[str, Any]) -> None:
@@ -360,12 +365,12 @@ def distill(config: DistillConfig) -> DistillResult:
         raise ValueError(f"heldout_docs={config.heldout_docs} leaves no training documents (have {len(docs)})")
     train_docs = docs[: len(docs) - config.heldout_docs]
     eval_docs = docs[len(docs) - config.heldout_docs :] if config.heldout_docs else []
-    train_windows = _windows(train_docs, config.seq_len)
+    train_windows = _windows(train_docs, config.seq_len, config.bos_token_id)
     if not train_windows:
         raise ValueError(f"the training documents give no window of {config.seq_len} tokens")
     rng.shuffle(train_windows)
     train_windows = train_windows[: config.train_windows]
-    eval_windows = _windows(eval_docs, config.seq_len)[: config.eval_windows]
+    eval_windows = _windows(eval_docs, config.seq_len, config.bos_token_id)[: config.eval_windows]
 
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
