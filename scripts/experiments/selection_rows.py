@@ -1,17 +1,20 @@
-"""Does scoring each query row (not the tile's mean query) close the mass selector's perplexity gap to the oracle?
+"""What closes the mass selector's perplexity gap to the oracle? Tile-mass estimates compared by perplexity.
 
 The ``"mass"`` selector scores a query tile by its mean query against each key tile's max / min keys (Quest's bound)
-and keeps the same tiles for all 64 rows. Its recall is close to the oracle's in the late layers, yet perplexity is
-not (SmolLM2-135M 4K: mass +5.60%, oracle +3.30%): a row that copies a far token has its own far key, which the
-mean query washes out. Candidate ``perrow``: the bound per query row, a softmax per row over the key tiles causal for
-that row, then the mean over the tile's rows and the group's heads (``rows8``: every 8th row only, an eighth of the
-work); ``probeN``: exact scores of every N-th row (N = 8, 16, 64: the last row of each tile, MInference-style
-probing). Everything else (competition, budget) is the mass selector's.
+and keeps the same tiles for all 64 rows. Its recall is close to the oracle's, yet perplexity is not (SmolLM2-135M
+4K: mass +5.60%, oracle +3.30%). Candidates: ``perrow``: the bound per query row, a softmax per row, then the mean
+over the tile's rows and the group's heads (``rows8``: every 8th row); ``probeN``: exact scores of every N-th row
+(N = 64: the last row of each tile, MInference-style probing; the library's selector ``"probe"`` with
+``probe_stride`` N); ``oracle``: every row; ``mix16``: half probe16, half mass; ``rerankNxF``: Quest keeps F x top-k
+candidates and every N-th row's exact softmax over them ranks (the probe on a reduced key set); ``rowmaxN``: the max,
+not the mean, over the sampled rows of a tile (a tile one row needs strongly ranks high). Everything else
+(competition, budget) is the mass selector's.
 
 Lab code: it swaps ``hf_sparsek.selection.mass.tile_mass`` for the candidate while its rows run (the CPU path of the
-selector calls it), then restores it. Same held-out tokens as ``scripts/gpu_learned.py --cpu --seq-len 4096``::
+selector calls it), then restores it. Same held-out tokens as ``scripts/gpu_learned.py --cpu --seq-len 4096``; the
+whole study (22 rows, about 45 minutes on 2 CPU cores)::
 
-    python -m scripts.experiments.selection_rows --tokens .carry/learned/tokens.pt --out /tmp/rows
+    python -m scripts.experiments.selection_rows --tokens .carry/learned/tokens.pt.xz --study --out /tmp/rows
 """
 
 from __future__ import annotations
@@ -26,6 +29,14 @@ import time
 from collections.abc import Iterator
 
 import torch
+
+STUDY = [  # (pattern, candidates) of --study
+    ('{"block_size": 64, "sink_tokens": 64, "window": 256, "topk_blocks": 3}',
+     "mass,perrow,rows8,probe64,probe32,probe16,probe8,probe4,oracle,mix16,rerank16x2,rerank16x4,rerank4x4,"
+     "rowmax16,rowmax4,rowmax1"),
+    ('{"block_size": 64, "sink_tokens": 64, "window": 128, "topk_blocks": 5}', "mass,probe16,probe8,oracle"),
+    ('{"block_size": 64, "sink_tokens": 64, "window": 64, "topk_blocks": 6}', "probe16,oracle"),
+]
 
 
 def row_tile_mass(stride: int):
@@ -142,6 +153,43 @@ def rerank_tile_mass(stride: int, factor: int, topk: int):
     return tile_mass
 
 
+def rowmax_tile_mass(stride: int, chunk_rows: int = 256):
+    """Every ``stride``-th row's exact softmax (and the call's last row), summed per key tile and averaged over the
+    group's heads, as the probe; but a query tile's score for a key tile is the MAX over its sampled rows, not the
+    mean: a tile one row needs strongly (a copied far token, a retrieved passkey) ranks high even when the tile's
+    other rows ignore it. ``stride`` 1: the row-max oracle."""
+    from hf_sparsek.selection.mass import query_valid
+    from hf_sparsek.selection.probe import probe_rows
+
+    def tile_mass(q, k, grid, block, q_offset, kv_offset, k_seg, scale=None, key_features=None):
+        batch, hq, q_len, dim = q.shape
+        hkv, kv_len = k.shape[1], k.shape[2]
+        group = hq // hkv
+        scale = 1.0 / math.sqrt(dim) if scale is None else scale
+        rows = probe_rows(q_len, q_offset, stride, q.device)
+        valid = query_valid(q_len, q_offset, kv_offset, k_seg)
+        valid = torch.ones(batch, q_len, dtype=torch.bool, device=q.device) if valid is None else valid
+        k_shift = kv_offset % block
+        back = grid.n_k * block - k_shift - kv_len
+        k_pos = kv_offset + torch.arange(kv_len, device=q.device)
+        out = torch.zeros(batch, hkv, grid.n_q, grid.n_k, device=q.device)
+        for r0 in range(0, len(rows), chunk_rows):
+            r = rows[r0: r0 + chunk_rows]
+            qr = q[:, :, r].float().view(batch, hkv, group, len(r), dim)
+            logits = torch.einsum("bhgtd,bhsd->bhgts", qr, k.float()) * scale
+            allowed = (k_pos.view(1, -1) <= (q_offset + r).view(-1, 1)).view(1, 1, 1, len(r), kv_len)
+            if k_seg is not None:
+                allowed = allowed & (k_seg >= 0).view(batch, 1, 1, 1, kv_len)
+            probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
+            per = torch.nn.functional.pad(probs, (k_shift, back)).view(*probs.shape[:4], grid.n_k, block)
+            per = per.sum(-1).mean(2) * valid[:, r].view(batch, 1, -1, 1)  # (B, Hkv, t, n_k)
+            tile = (q_offset % block + r) // block
+            out.scatter_reduce_(2, tile.view(1, 1, -1, 1).expand_as(per), per, reduce="amax")
+        return out
+
+    return tile_mass
+
+
 @contextlib.contextmanager
 def swapped_tile_mass(fn) -> Iterator[None]:
     import hf_sparsek.selection.mass as mass
@@ -163,7 +211,11 @@ def main() -> int:
     ap.add_argument("--candidates", default="mass,perrow,rows8,probe8,probe16,probe64",
                     help="comma-separated: mass, perrow, rows8, probe4/8/16/32/64, oracle (probe1), mix16 (half "
                          "probe16, half mass), rerankNxF (Quest keeps F x top-k candidates, every N-th row's exact "
-                         "softmax over them ranks; N 4 or 16, F 2 or 4)")
+                         "softmax over them ranks; N 4 or 16, F 2 or 4), rowmaxN (the max over every N-th row's exact "
+                         "tile mass, N 1, 4 or 16)")
+    ap.add_argument("--study", action="store_true",
+                    help="the whole study in one run (overrides --pattern / --candidates): every candidate at "
+                         "window 256 + top-3, and oracle / probes / mass at window 128 + top-5 and 64 + top-6")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -181,21 +233,25 @@ def main() -> int:
     held = docs[len(docs) - int(data.get("heldout", 4)):]
     model = AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m"), attn_implementation="sparsek",
                                                  dtype=torch.float32).eval()
-    pattern = {**json.loads(args.pattern), "selector": "mass"}
-    fns = {"mass": None, "perrow": row_tile_mass(1), "rows8": row_tile_mass(8)}
-    fns.update({f"probe{n}": probe_tile_mass(n) for n in (4, 8, 16, 32, 64)})
-    fns.update({"oracle": probe_tile_mass(1), "mix16": mixed_tile_mass(16)})
-    topk = pattern["topk_blocks"]
-    fns.update({f"rerank{n}x{f}": rerank_tile_mass(n, f, topk) for n in (4, 16) for f in (2, 4)})
+    runs = STUDY if args.study else [(args.pattern, args.candidates)]
     rows = []
-    for name in [c.strip() for c in args.candidates.split(",") if c.strip()]:
-        spec = PatternSpec(f"{name}: {args.pattern}", as_model_sparsity(pattern))
-        start = time.perf_counter()
-        with swapped_tile_mass(fns[name]) if fns[name] else contextlib.nullcontext():
-            result = run_ppl(model, held, [args.seq_len], [spec], torch.device("cpu"), None, args.ppl_tokens)
-        rows += [{**r, "candidate": name, "seconds": time.perf_counter() - start} for r in result]
-        write_json(os.path.join(args.out, "selection_rows.json"), {"rows": rows})
-        print(json.dumps({k: rows[-1][k] for k in ("candidate", "ppl", "density")}), flush=True)
+    for text, candidates in runs:
+        pattern = {**json.loads(text), "selector": "mass"}
+        topk = pattern["topk_blocks"]
+        fns = {"mass": None, "perrow": row_tile_mass(1), "rows8": row_tile_mass(8)}
+        fns.update({f"probe{n}": probe_tile_mass(n) for n in (4, 8, 16, 32, 64)})
+        fns.update({"oracle": probe_tile_mass(1), "mix16": mixed_tile_mass(16)})
+        fns.update({f"rerank{n}x{f}": rerank_tile_mass(n, f, topk) for n in (4, 16) for f in (2, 4)})
+        fns.update({f"rowmax{n}": rowmax_tile_mass(n) for n in (1, 4, 16)})
+        for name in [c.strip() for c in candidates.split(",") if c.strip()]:
+            spec = PatternSpec(f"{name}: {text}", as_model_sparsity(pattern))
+            start = time.perf_counter()
+            with swapped_tile_mass(fns[name]) if fns[name] else contextlib.nullcontext():
+                result = run_ppl(model, held, [args.seq_len], [spec], torch.device("cpu"), None, args.ppl_tokens)
+            rows += [{**r, "candidate": name, "base_pattern": text, "seconds": time.perf_counter() - start}
+                     for r in result]
+            write_json(os.path.join(args.out, "selection_rows.json"), {"rows": rows})
+            print(json.dumps({k: rows[-1][k] for k in ("candidate", "base_pattern", "ppl", "density")}), flush=True)
     return 0
 
 
