@@ -17,7 +17,7 @@ import torch
 import hf_sparsek
 from hf_sparsek.describe import pattern_density
 from hf_sparsek.model_defaults import default_sparsity, layer_kinds, resolve_layer_pattern
-from hf_sparsek.patterns import ModelSparsity, SparsePattern, as_model_sparsity
+from hf_sparsek.patterns import DEFAULT_SELECTOR, ModelSparsity, SparsePattern, as_model_sparsity
 
 DENSE = "dense"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -84,6 +84,7 @@ def text_config(model_or_config: Any) -> Any:
 def parse_patterns(names: list[str], model_type: str | None) -> list[PatternSpec]:
     """Pattern arguments -> specs: "dense", "default" (the model type's shipped file), a preset, JSON or a file."""
     specs = []
+    auto: set[int] = set()  # specs labelled from their pattern (JSON text), not named
     for name in names:
         if name == DENSE:
             specs.append(PatternSpec(DENSE, None))
@@ -99,15 +100,25 @@ def parse_patterns(names: list[str], model_type: str | None) -> list[PatternSpec
                     f"pattern {name!r} is not 'dense', 'default', a preset ({sorted(hf_sparsek.PRESETS)}), a JSON "
                     f"pattern or a JSON file: {err}"
                 ) from err
-            label = os.path.basename(name)[:-5] if name.endswith(".json") else _short_label(sparsity)
-            specs.append(PatternSpec(label, sparsity))
+            if name.endswith(".json"):
+                specs.append(PatternSpec(os.path.basename(name)[:-5], sparsity))
+            else:
+                auto.add(len(specs))
+                specs.append(PatternSpec(_short_label(sparsity), sparsity))
     labels = [s.label for s in specs]
+    clash = {label for label in labels if labels.count(label) > 1}
+    if clash:  # JSON patterns differing only in selector / stride / threshold / block: the detailed label
+        specs = [PatternSpec(_short_label(s.sparsity, detailed=True), s.sparsity) if i in auto and s.label in clash
+                 else s for i, s in enumerate(specs)]
+        labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):
         raise ValueError(f"patterns must be distinct, got {labels}")
     return specs
 
 
-def _short_label(sparsity: ModelSparsity) -> str:
+def _short_label(sparsity: ModelSparsity, detailed: bool = False) -> str:
+    """``sink64-window1024-topk15``; ``detailed`` adds what else tells patterns apart (selector, probe stride, mass
+    threshold, block size), used where the short labels of one run would collide."""
     p = sparsity.default
     parts = []
     if p.sink_tokens:
@@ -118,6 +129,14 @@ def _short_label(sparsity: ModelSparsity) -> str:
         parts.append(f"strided{p.layout.stride}" if p.layout.kind == "strided" else f"random{p.layout.density:g}")
     if p.topk_blocks:
         parts.append(f"topk{p.topk_blocks}")
+        if detailed and p.resolved_selector != DEFAULT_SELECTOR:
+            parts.append(p.resolved_selector)
+        if detailed and p.probe_stride is not None:
+            parts.append(f"stride{p.probe_stride}")
+        if detailed and p.mass_threshold is not None:
+            parts.append(f"mass{p.mass_threshold:g}")
+    if detailed and parts and p.block_size != SparsePattern.block_size:
+        parts.append(f"b{p.block_size}")
     label = "-".join(parts) or "dense-pattern"
     if sparsity.dense_layers:
         label += f"+dense{len(sparsity.dense_layers)}L"

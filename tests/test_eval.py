@@ -184,3 +184,19 @@ def test_cli_clear_error_for_missing_model(tmp_path, capsys) -> None:
     code = main(["eval", "ppl", "--model", str(tmp_path / "nope"), "--device", "cpu", "--out", str(tmp_path)])
     assert code == 2
     assert "could not load model" in capsys.readouterr().err
+
+
+def test_pattern_labels_tell_selectors_strides_thresholds_and_blocks_apart() -> None:
+    """Patterns that differ only in how they select (or in block size) get distinct labels, so one eval run can
+    compare them; without a clash the short label stays."""
+    base = {"sink_tokens": 64, "window": 1024, "topk_blocks": 15}
+    names = [json.dumps(base), json.dumps({**base, "selector": "probe"}),
+             json.dumps({**base, "selector": "probe", "probe_stride": 4}), json.dumps({**base, "selector": "oracle"}),
+             json.dumps({**base, "mass_threshold": 0.9}), json.dumps({**base, "block_size": 64})]
+    labels = [s.label for s in parse_patterns(["dense", *names], "llama")]
+    assert labels == ["dense", "sink64-window1024-topk15", "sink64-window1024-topk15-probe",
+                      "sink64-window1024-topk15-probe-stride4", "sink64-window1024-topk15-oracle",
+                      "sink64-window1024-topk15-mass0.9", "sink64-window1024-topk15-b64"]
+    assert [s.label for s in parse_patterns([names[1]], "llama")] == ["sink64-window1024-topk15"]  # no clash
+    with pytest.raises(ValueError, match="distinct"):  # "mass" named or not is the same selection
+        parse_patterns([names[0], json.dumps({**base, "selector": "mass"})], "llama")
