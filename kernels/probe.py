@@ -22,7 +22,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .selection import FEATURE_CHUNK, FILLED, NEG, ROWS_MIN, _next_pow2, key_tiles, topk_insert, topk_result
+from .selection import (
+    FEATURE_CHUNK,
+    FILLED,
+    NEG,
+    ROWS_MIN,
+    _next_pow2,
+    competition,
+    key_tiles,
+    prepare_call,
+    topk_insert,
+    topk_result,
+)
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 KEYS_PER_STEP = 64  # keys scored per step (CN key tiles of BLOCK; at least one tile)
@@ -32,9 +43,15 @@ ROWS_PER_PROGRAM = 128  # sampled rows x heads sharing each key load (query tile
 
 
 @triton.jit
-def _row_scores(q_ptr, k_ptr, rows_ok, s, s_ok, s_qd, s_kl, s_kd, ROWS: tl.constexpr, KEYS: tl.constexpr,
-                D: tl.constexpr, D_PAD: tl.constexpr, FC: tl.constexpr):
-    """(ROWS, KEYS) dot products of the sampled query rows with keys ``s`` (stored index), FC columns at a time."""
+def _chunk_scores(q_ptr, k_ptr, seg_ptr, rows_ok, pos, kpos, kv_offset, kv_len, scale, s_qd, s_kl, s_kd,
+                  ROWS: tl.constexpr, KEYS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, FC: tl.constexpr,
+                  HAS_SEG: tl.constexpr):
+    """(ROWS, KEYS) base-2 logits of the sampled rows on the keys at absolute positions ``kpos`` (FC columns of the
+    head dim at a time), and which (row, key) pairs are allowed: real row, stored real key, causal."""
+    s = kpos - kv_offset  # stored index
+    s_ok = (s >= 0) & (s < kv_len)
+    if HAS_SEG:
+        s_ok = s_ok & (tl.load(seg_ptr + s, mask=s_ok, other=-1) >= 0)
     acc = tl.zeros([ROWS, KEYS], dtype=tl.float32)
     for d0 in tl.static_range(0, D_PAD, FC):
         d = d0 + tl.arange(0, FC)
@@ -43,7 +60,8 @@ def _row_scores(q_ptr, k_ptr, rows_ok, s, s_ok, s_qd, s_kl, s_kd, ROWS: tl.const
         k = tl.load(k_ptr + s.to(tl.int64)[:, None] * s_kl + d[None, :] * s_kd, mask=s_ok[:, None] & d_ok[None, :],
                     other=0.0)
         acc += tl.dot(q, tl.trans(k))
-    return acc
+    allowed = rows_ok[:, None] & s_ok[None, :] & (kpos[None, :] <= pos[:, None])
+    return acc * (scale * LOG2E), allowed
 
 
 @triton.jit
@@ -74,8 +92,9 @@ def _probe_kernel(
     pos = tl.minimum(first + STRIDE - 1, q_end - 1)  # its last position, or the call's last row inside it
     rows_ok = (h_r < GROUP) & (m_r < n_q) & (first < q_end) & (pos >= q_offset)
     t = pos - q_offset
+    seg_ptr = SEG + b.to(tl.int64) * s_sb
     if QUERY_SEG:
-        rows_ok = rows_ok & (tl.load(SEG + b.to(tl.int64) * s_sb + q_start + t, mask=rows_ok, other=-1) >= 0)
+        rows_ok = rows_ok & (tl.load(seg_ptr + q_start + t, mask=rows_ok, other=-1) >= 0)
     q_ptr = (Q + b.to(tl.int64) * s_qb + (g * GROUP + h_r).to(tl.int64)[:, None] * s_qh
              + t.to(tl.int64)[:, None] * s_ql)
     k_ptr = K + b.to(tl.int64) * s_kb + g.to(tl.int64) * s_kh
@@ -89,13 +108,8 @@ def _probe_kernel(
     m_i = tl.full([ROWS], NEG, tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
     for n0 in range(0, n_hi, CN):
-        kpos = (kb0 + n0) * BLOCK + j
-        s = kpos - kv_offset
-        s_ok = (s >= 0) & (s < kv_len)
-        if HAS_SEG:
-            s_ok = s_ok & (tl.load(SEG + b.to(tl.int64) * s_sb + s, mask=s_ok, other=-1) >= 0)
-        x = _row_scores(q_ptr, k_ptr, rows_ok, s, s_ok, s_qd, s_kl, s_kd, ROWS, KEYS, D, D_PAD, FC) * (scale * LOG2E)
-        allowed = rows_ok[:, None] & s_ok[None, :] & (kpos[None, :] <= pos[:, None])
+        x, allowed = _chunk_scores(q_ptr, k_ptr, seg_ptr, rows_ok, pos, (kb0 + n0) * BLOCK + j, kv_offset, kv_len,
+                                   scale, s_qd, s_kl, s_kd, ROWS, KEYS, D, D_PAD, FC, HAS_SEG)
         x = tl.where(allowed, x, NEG)
         m_new = tl.maximum(m_i, tl.max(x, 1))
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.where(allowed, tl.exp2(x - m_new[:, None]), 0.0), 1)
@@ -117,13 +131,8 @@ def _probe_kernel(
     best_i = tl.full([BM, KP], -1, tl.int32)
     static_mass = tl.zeros([BM], dtype=tl.float32)
     for n0 in range(0, n_hi, CN):
-        kpos = (kb0 + n0) * BLOCK + j
-        s = kpos - kv_offset
-        s_ok = (s >= 0) & (s < kv_len)
-        if HAS_SEG:
-            s_ok = s_ok & (tl.load(SEG + b.to(tl.int64) * s_sb + s, mask=s_ok, other=-1) >= 0)
-        x = _row_scores(q_ptr, k_ptr, rows_ok, s, s_ok, s_qd, s_kl, s_kd, ROWS, KEYS, D, D_PAD, FC) * (scale * LOG2E)
-        allowed = rows_ok[:, None] & s_ok[None, :] & (kpos[None, :] <= pos[:, None])
+        x, allowed = _chunk_scores(q_ptr, k_ptr, seg_ptr, rows_ok, pos, (kb0 + n0) * BLOCK + j, kv_offset, kv_len,
+                                   scale, s_qd, s_kl, s_kd, ROWS, KEYS, D, D_PAD, FC, HAS_SEG)
         p = tl.where(allowed, tl.exp2(x - lse[:, None]), 0.0)
         row_tile = tl.sum(tl.reshape(p, [ROWS, CN, BLOCK]), 2)  # (ROWS, CN): each row's mass per key tile
         mass = tl.sum(tl.reshape(row_tile, [BM, PER_TILE, CN]), 1) * norm[:, None]
@@ -131,11 +140,7 @@ def _probe_kernel(
         n_ok = n < n_k
         cnt, sink_only = key_tiles(c_ptr, s_ptr, n, n_ok, kb0, kv_offset, kv_offset + kv_len, sink, BLOCK,
                                    HAS_TILE_INFO)
-        cand = m_ok[:, None] & ((kb0 + n)[None, :] <= qb[:, None]) & (cnt > 0)[None, :]
-        static = sink_only[None, :] & cand
-        if HAS_WINDOW:
-            k_first = tl.maximum((kb0 + n) * BLOCK, kv_offset)
-            static = static | (cand & ((q_last[:, None] - k_first[None, :]) < window))
+        cand, static = competition(m_ok, qb, q_last, n, cnt, sink_only, kb0, kv_offset, window, BLOCK, HAS_WINDOW)
         static_mass += tl.sum(tl.where(static, mass, 0.0), 1)
         best_v, best_i = topk_insert(best_v, best_i, tl.where(cand & ~static, mass, -1.0), n0, cn, kk)
 
@@ -169,26 +174,16 @@ def select_by_probe(
     tiles share one pass over the keys (more: fewer key reads, more registers; at least 16 for ``tl.dot``)."""
     batch, hq, q_len, dim = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
-    if k.shape[0] != batch or k.shape[3] != dim or hkv < 1 or hq % hkv:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)}: need the same batch and head dim, and query "
-                         "heads a multiple of KV heads")
     if stride < 1 or stride & (stride - 1) or block % stride:
         raise ValueError(f"the probe kernel samples one row per stride: a power of two dividing block={block}, got "
                          f"stride={stride}")
     if rows_per_program < ROWS_MIN or rows_per_program & (rows_per_program - 1):
         raise ValueError(f"rows_per_program must be a power of two >= {ROWS_MIN}, got {rows_per_program}")
-    n_q = (q_offset % block + q_len + block - 1) // block
-    n_k = (kv_offset % block + kv_len + block - 1) // block
-    has_info = key_count is not None
-    if has_info and (sink_only is None or tuple(key_count.shape) != (batch, n_k)
-                     or tuple(sink_only.shape) != (batch, n_k)):
-        raise ValueError(f"key_count and sink_only must both be (batch={batch}, key tiles={n_k}) or both None")
-    out = torch.empty(batch, hkv, n_q, topk, dtype=torch.int32, device=q.device)
+    n_q, n_k, out, count, sink_flag, has_info = prepare_call(q, k, key_count, sink_only, block, q_offset, kv_offset,
+                                                             topk)
     if out.numel() == 0:
         return out
     q_start = q_offset - kv_offset
-    count = key_count.to(torch.int32).contiguous() if has_info else out
-    sink_flag = sink_only.to(torch.int32).contiguous() if has_info else out
     seg = k_seg.to(torch.int32) if k_seg is not None else out
     group = hq // hkv
     hg_p = _next_pow2(group)

@@ -16,6 +16,8 @@ No host synchronisation: every size comes from the shapes and the pattern. No tr
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -142,6 +144,34 @@ def topk_result(best_v, best_i, static_mass, threshold, BM: tl.constexpr, KP: tl
 
 
 @triton.jit
+def competition(m_ok, qb, q_last, n, cnt, sink_only, kb0, kv_offset, window, BLOCK: tl.constexpr,
+                HAS_WINDOW: tl.constexpr):
+    """(BM, CN) masks for query tiles ``qb`` x key tiles ``kb0 + n``: ``cand`` (causal, the key tile holds a real
+    key) and ``static`` (a candidate the sink or the window keeps whole: it does not compete for the budget)."""
+    cand = m_ok[:, None] & ((kb0 + n)[None, :] <= qb[:, None]) & (cnt > 0)[None, :]
+    static = sink_only[None, :] & cand
+    if HAS_WINDOW:
+        k_first = tl.maximum((kb0 + n) * BLOCK, kv_offset)
+        static = static | (cand & ((q_last[:, None] - k_first[None, :]) < window))
+    return cand, static
+
+
+@triton.jit
+def group_rows(QF, KF, s_qb, s_qh, s_qm, s_kb, s_kh, b, g, m0, n_q, ROWS: tl.constexpr, GROUP: tl.constexpr,
+               HG_P: tl.constexpr):
+    """The (query tile, head of the KV group) rows of a program from query tile ``m0``: their tile numbers, which
+    are real, their query feature pointers (ROWS, 1) and the KV head's key feature base."""
+    r = tl.arange(0, ROWS)
+    m_r = m0 + r // HG_P
+    h_r = r % HG_P
+    rows_ok = (h_r < GROUP) & (m_r < n_q)
+    qf_ptr = (QF + b.to(tl.int64) * s_qb + (g * GROUP + h_r).to(tl.int64)[:, None] * s_qh
+              + m_r.to(tl.int64)[:, None] * s_qm)
+    kf_ptr = KF + b.to(tl.int64) * s_kb + g.to(tl.int64) * s_kh
+    return m_r, rows_ok, qf_ptr, kf_ptr
+
+
+@triton.jit
 def _select_kernel(
     QF, KF, CNT, SINK_ONLY, OUT,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_cb, s_ob, s_oh, s_om,
@@ -155,14 +185,9 @@ def _select_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
     g = pid_bh % HKV
-    r = tl.arange(0, ROWS)
-    m_r = pid_m * BM + r // HG_P
-    h_r = r % HG_P
-    rows_ok = (h_r < GROUP) & (m_r < n_q)
+    m_r, rows_ok, qf_ptr, kf_ptr = group_rows(QF, KF, s_qb, s_qh, s_qm, s_kb, s_kh, b, g, pid_m * BM, n_q, ROWS,
+                                              GROUP, HG_P)
     qb_r = qb0 + m_r
-    qf_ptr = (QF + b.to(tl.int64) * s_qb + (g * GROUP + h_r).to(tl.int64)[:, None] * s_qh
-              + m_r.to(tl.int64)[:, None] * s_qm)
-    kf_ptr = KF + b.to(tl.int64) * s_kb + g.to(tl.int64) * s_kh
     c_ptr = CNT + b.to(tl.int64) * s_cb
     s_ptr = SINK_ONLY + b.to(tl.int64) * s_cb
     m_last = tl.minimum(pid_m * BM + BM - 1, n_q - 1)
@@ -203,11 +228,7 @@ def _select_kernel(
         cand_r = rows_ok[:, None] & ((kb0 + n)[None, :] <= qb_r[:, None]) & (cnt > 0)[None, :]
         p = tl.where(cand_r, tl.exp(s - lse[:, None]), 0.0)
         mass = tl.sum(tl.reshape(p, [BM, HG_P, CN]), 1) / GROUP
-        cand = m_ok[:, None] & ((kb0 + n)[None, :] <= qb[:, None]) & (cnt > 0)[None, :]
-        static = sink_only[None, :] & cand
-        if HAS_WINDOW:
-            k_first = tl.maximum((kb0 + n) * BLOCK, kv_offset)
-            static = static | (cand & ((q_last[:, None] - k_first[None, :]) < window))
+        cand, static = competition(m_ok, qb, q_last, n, cnt, sink_only, kb0, kv_offset, window, BLOCK, HAS_WINDOW)
         static_mass += tl.sum(tl.where(static, mass, 0.0), 1)
         best_v, best_i = topk_insert(best_v, best_i, tl.where(cand & ~static, mass, -1.0), n0, cn, kk)
 
@@ -231,13 +252,7 @@ def _short_logits_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
     g = pid_bh % HKV
-    r = tl.arange(0, ROWS)
-    m_r = r // HG_P
-    h_r = r % HG_P
-    rows_ok = (h_r < GROUP) & (m_r < n_q)
-    qf_ptr = (QF + b.to(tl.int64) * s_qb + (g * GROUP + h_r).to(tl.int64)[:, None] * s_qh
-              + m_r.to(tl.int64)[:, None] * s_qm)
-    kf_ptr = KF + b.to(tl.int64) * s_kb + g.to(tl.int64) * s_kh
+    m_r, rows_ok, qf_ptr, kf_ptr = group_rows(QF, KF, s_qb, s_qh, s_qm, s_kb, s_kh, b, g, 0, n_q, ROWS, GROUP, HG_P)
     n = c * CN + tl.arange(0, CN)
     n_ok = n < n_k
     cnt, _ = key_tiles(CNT + b.to(tl.int64) * s_cb, SINK_ONLY + b.to(tl.int64) * s_cb, n, n_ok, kb0, kv_offset,
@@ -247,7 +262,7 @@ def _short_logits_kernel(
     s = tl.where(cand, s, NEG)
     m_c = tl.max(s, 1)
     l_c = tl.sum(tl.where(cand, tl.exp(s - m_c[:, None]), 0.0), 1)
-    row = pid_bh.to(tl.int64) * ROWS + r
+    row = pid_bh.to(tl.int64) * ROWS + tl.arange(0, ROWS)
     tl.store(LOGITS + row[:, None] * n_k_pad + n[None, :], s)
     tl.store(PM + row * n_chunks + c, m_c)
     tl.store(PL + row * n_chunks + c, l_c)
@@ -289,12 +304,8 @@ def _short_mass_kernel(
                                kv_offset, kv_end, sink, BLOCK, HAS_TILE_INFO)
     m = tl.arange(0, BM)
     qb = qb0 + m
-    cand = (m < n_q)[:, None] & ((kb0 + n)[None, :] <= qb[:, None]) & (cnt > 0)[None, :]
-    static = sink_only[None, :] & cand
-    if HAS_WINDOW:
-        q_last = tl.minimum((qb + 1) * BLOCK - 1, q_end - 1)
-        k_first = tl.maximum((kb0 + n) * BLOCK, kv_offset)
-        static = static | (cand & ((q_last[:, None] - k_first[None, :]) < window))
+    q_last = tl.minimum((qb + 1) * BLOCK - 1, q_end - 1)
+    cand, static = competition(m < n_q, qb, q_last, n, cnt, sink_only, kb0, kv_offset, window, BLOCK, HAS_WINDOW)
     out = pid_bh.to(tl.int64) * BM + m
     tl.store(MASS + out[:, None] * n_k_pad + n[None, :], tl.where(cand & ~static, mass, -1.0))
     tl.store(STATIC + out * n_chunks + c, tl.sum(tl.where(static, mass, 0.0), 1))
@@ -374,6 +385,39 @@ def pool_features(x: torch.Tensor, offset: int, block: int, seg: torch.Tensor | 
     return out
 
 
+class SelectionCall(NamedTuple):
+    """A checked selection call: tile counts, the output and the per-tile key info as the kernels read it."""
+
+    n_q: int
+    n_k: int
+    out: torch.Tensor  # (B, Hkv, n_q, topk) int32, to fill
+    count: torch.Tensor  # (B, n_k) int32 real keys per tile, or ``out`` as an unread placeholder
+    sink_flag: torch.Tensor  # (B, n_k) int32 "all sink tokens", or ``out``
+    has_info: bool  # count / sink_flag given (padding); else the kernels derive both from positions
+
+
+def prepare_call(q: torch.Tensor, k: torch.Tensor, key_count: torch.Tensor | None, sink_only: torch.Tensor | None,
+                 block: int, q_offset: int, kv_offset: int, topk: int) -> SelectionCall:
+    """Check q / k and the optional per-tile key info of a selection launch (mass or probe) and make its output."""
+    batch, hq, q_len, dim = q.shape
+    hkv, kv_len = k.shape[1], k.shape[2]
+    if k.shape[0] != batch or k.shape[3] != dim or hkv < 1 or hq % hkv:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)}: need the same batch and head dim, and query "
+                         "heads a multiple of KV heads")
+    n_q = (q_offset % block + q_len + block - 1) // block
+    n_k = (kv_offset % block + kv_len + block - 1) // block
+    has_info = key_count is not None
+    if has_info and (sink_only is None or tuple(key_count.shape) != (batch, n_k)
+                     or tuple(sink_only.shape) != (batch, n_k)):
+        raise ValueError(f"key_count and sink_only must both be (batch={batch}, key tiles={n_k}) or both None, got "
+                         f"{None if key_count is None else tuple(key_count.shape)} and "
+                         f"{None if sink_only is None else tuple(sink_only.shape)}")
+    out = torch.empty(batch, hkv, n_q, topk, dtype=torch.int32, device=q.device)
+    count = key_count.to(torch.int32).contiguous() if has_info else out
+    sink_flag = sink_only.to(torch.int32).contiguous() if has_info else out
+    return SelectionCall(n_q, n_k, out, count, sink_flag, has_info)
+
+
 def select_by_mass(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -402,18 +446,8 @@ def select_by_mass(
     """
     batch, hq, q_len, dim = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
-    if k.shape[0] != batch or k.shape[3] != dim or hkv < 1 or hq % hkv:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)}: need the same batch and head dim, and query "
-                         "heads a multiple of KV heads")
-    n_q = (q_offset % block + q_len + block - 1) // block
-    n_k = (kv_offset % block + kv_len + block - 1) // block
-    has_info = key_count is not None
-    if has_info and (sink_only is None or tuple(key_count.shape) != (batch, n_k)
-                     or tuple(sink_only.shape) != (batch, n_k)):
-        raise ValueError(f"key_count and sink_only must both be (batch={batch}, key tiles={n_k}) or both None, got "
-                         f"{None if key_count is None else tuple(key_count.shape)} and "
-                         f"{None if sink_only is None else tuple(sink_only.shape)}")
-    out = torch.empty(batch, hkv, n_q, topk, dtype=torch.int32, device=q.device)
+    n_q, n_k, out, count, sink_flag, has_info = prepare_call(q, k, key_count, sink_only, block, q_offset, kv_offset,
+                                                             topk)
     if out.numel() == 0:
         return out
     q_start = q_offset - kv_offset
@@ -426,8 +460,6 @@ def select_by_mass(
                          f"{qf.shape[-1]}), got {tuple(key_features.shape)} {key_features.dtype}")
     else:
         kf = key_features
-    count = key_count.to(torch.int32).contiguous() if has_info else out
-    sink_flag = sink_only.to(torch.int32).contiguous() if has_info else out
     group = hq // hkv
     if n_q <= SHORT_QUERY_TILES and n_k >= SHORT_MIN_KEY_TILES:
         return _select_short(qf, kf, count, sink_flag, has_info, batch=batch, hkv=hkv, group=group, n_q=n_q, n_k=n_k,
