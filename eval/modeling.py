@@ -81,11 +81,17 @@ def text_config(model_or_config: Any) -> Any:
     return getattr(config, "text_config", None) or config
 
 
-def parse_patterns(names: list[str], model_type: str | None) -> list[PatternSpec]:
-    """Pattern arguments -> specs: "dense", "default" (the model type's shipped file), a preset, JSON or a file."""
+def parse_patterns(names: list[str | dict], model_type: str | None) -> list[PatternSpec]:
+    """Pattern arguments -> specs: "dense", "default" (the model type's shipped file), a preset, JSON text, a pattern
+    dict (as in a JSON list of patterns) or a file."""
     specs = []
     auto: set[int] = set()  # specs labelled from their pattern (JSON text), not named
     for name in names:
+        if isinstance(name, dict):
+            name = json.dumps(name)
+        elif not isinstance(name, str):
+            raise ValueError(f"pattern {name!r}: expected 'dense', 'default', a preset name, JSON text, a pattern dict "
+                             "or a JSON file")
         if name == DENSE:
             specs.append(PatternSpec(DENSE, None))
         elif name == "default":

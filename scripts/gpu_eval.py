@@ -149,7 +149,7 @@ def main() -> int:
     model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path),
                                                  dtype=dtype, attn_implementation="sdpa").to(device).eval()
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s", flush=True)
-    from scripts.common import load_token_file
+    from scripts.common import load_token_file, write_json
 
     data = load_token_file(args.tokens)
     docs = [d.tolist() for d in data["docs"].values()]
@@ -163,9 +163,8 @@ def main() -> int:
     tag = args.model + (f"_{args.tag}" if args.tag else "")
     results: dict = {**meta}
 
-    def save() -> None:
-        with open(os.path.join(args.out, f"eval_gpu_{tag}.json"), "w") as f:
-            json.dump(results, f, indent=2, default=str)
+    def save() -> None:  # with the run's command, commit, date, device and versions under "meta"
+        write_json(os.path.join(args.out, f"eval_gpu_{tag}.json"), results)
 
     results["backend"] = _check_backend(model, specs, device, bos)
     rows, tables = [], []

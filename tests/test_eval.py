@@ -92,6 +92,16 @@ def test_parse_patterns_rejects_unknown() -> None:
     assert [s.sparsity is None for s in specs] == [True, False, False]
 
 
+def test_parse_patterns_takes_pattern_dicts_like_their_json_text() -> None:
+    pattern = {"block_size": 64, "sink_tokens": 64, "window": 128, "topk_blocks": 29, "selector": "probe"}
+    from_dict, from_text = parse_patterns([pattern], "llama"), parse_patterns([json.dumps(pattern)], "llama")
+    assert [s.label for s in from_dict] == [s.label for s in from_text]
+    assert from_dict[0].sparsity.default == from_text[0].sparsity.default
+    assert from_dict[0].sparsity.default.topk_blocks == 29
+    with pytest.raises(ValueError, match="expected 'dense', 'default'"):
+        parse_patterns([29], "llama")
+
+
 def test_density_summary_counts_only_full_layers_as_pattern_density() -> None:
     config = LlamaConfig(num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2,
                          sliding_window=128)
