@@ -1,0 +1,94 @@
+"""One plot of issue 23's comparison from committed results files: perplexity change against dense, and passkey
+accuracy, per selector (static window, "mass", "probe", learned, oracle) at equal density, per model and budget.
+
+    python -m scripts.plot_selectors --out scripts/results/selectors_h200.png
+
+Reads ``scripts/results/learned_smollm2-135m_8k_h200.json`` and ``learned_gemma3-270m_32k_h200.json`` (written by
+``scripts/gpu_learned.py``); no GPU, no model. Each file's rows are grouped by budget (the density of the row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import defaultdict
+
+FILES = {
+    "SmolLM2 8K": "scripts/results/learned_smollm2-135m_8k_h200.json",
+    "Gemma 3 32K": "scripts/results/learned_gemma3-270m_32k_h200.json",
+}
+ORDER = ("static", "mass", "probe (one row in 16)", "probe (one row in 4)", "learned", "oracle")
+
+
+def selector_of(label: str) -> str | None:
+    """The selector a ``gpu_learned`` row label names (None for dense)."""
+    for name in ORDER:
+        if label.startswith(name):
+            return name
+    return None
+
+
+def groups(path: str) -> tuple[list[tuple[float, dict[str, float]]], dict[str, float]]:
+    """[(budget density, {selector: PPL change %})] in file order (each budget's rows start with its static window)
+    and {selector: passkey accuracy (mean over the file's lengths and depths; the first budget)}."""
+    with open(path) as f:
+        data = json.load(f)
+    budgets: list[tuple[float, dict[str, float]]] = []
+    for row in data["ppl"]:
+        sel = selector_of(row["pattern"])
+        if sel == "static" or (sel is not None and not budgets):
+            budgets.append((row["density"], {}))
+        if sel is not None:
+            budgets[-1][1][sel] = row["delta_pct"]
+            if sel != "static":
+                budgets[-1] = (row["density"], budgets[-1][1])
+    needle: dict[str, list[float]] = defaultdict(list)
+    for row in data.get("needle", []):
+        sel = selector_of(row["pattern"]) or "dense"
+        needle[sel].append(row["accuracy"])
+    return budgets, {k: sum(v) / len(v) for k, v in needle.items()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="scripts/results/selectors_h200.png")
+    args = ap.parse_args()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.patches
+    import matplotlib.pyplot as plt
+
+    panels = [(name, *groups(path)) for name, path in FILES.items() if os.path.isfile(path)]
+    if not panels:
+        raise SystemExit(f"none of {list(FILES.values())} exists")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    labels, x0 = [], 0
+    for name, budgets, _ in panels:
+        for density, row in budgets:
+            for i, sel in enumerate(ORDER):
+                if sel in row:
+                    axes[0].bar(x0 + i * 0.13, row[sel], width=0.13, color=f"C{i}")
+            labels.append((x0 + 0.33, f"{name}\n{density:.1%}"))
+            x0 += 1
+    handles = [matplotlib.patches.Patch(color=f"C{i}", label=sel) for i, sel in enumerate(ORDER)]
+    axes[0].set_xticks([p for p, _ in labels], [t for _, t in labels], fontsize=8)
+    axes[0].set_ylabel("perplexity vs dense (%)")
+    axes[0].set_title("Perplexity at equal density (every sparse layer)")
+    axes[0].legend(handles=handles, fontsize=8)
+    for j, (_, _, needle) in enumerate(panels):
+        names = ["dense", *[s for s in ORDER if s in needle]]
+        axes[1].bar([j + i * 0.12 for i in range(len(names))], [needle[s] for s in names], width=0.12,
+                    color=["k", *[f"C{ORDER.index(s)}" for s in names[1:]]])
+    axes[1].set_xticks([j + 0.3 for j in range(len(panels))], [p[0] for p in panels])
+    axes[1].set_ylabel("passkey accuracy (mean over lengths x depths)")
+    axes[1].set_title("Passkey, first budget (black: dense; missing bar: 0)")
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
