@@ -11,19 +11,19 @@
 #   4     .carry/g2                       stage Gemma part 2                                         -
 #   5     .carry/g3                       stage Gemma part 3                                         -
 #   6     .carry/g4                       gpu_learned Gemma 3 32K (12.5% and 6.2% budgets, passkey)  5 min
-#   7     .carry/g4                       gpu_eval Gemma 3 16K + 32K perplexity, passkey              6 min
-#   8     .carry/g4                       gpu_eval Gemma 3 32K: sink / window / top-k composition     3 min
+#   7     .carry/g4                       gpu_eval Gemma 3 16K + 32K perplexity by selector and       9 min
+#                                         budget composition, passkey
 #
 # Results land under $OUT/<step name>/; commit them under scripts/results/ (one file per benchmark).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-step="${1:?usage: bash scripts/gpu_lease.sh STEP (1-8)}"
+step="${1:?usage: bash scripts/gpu_lease.sh STEP (1-7)}"
 out="${OUT:?OUT must name the output folder}"
 export PYTHONUNBUFFERED=1
 
 gemma_site=".carry/g4/gguf-0.19.0-py3-none-any.whl"
 budget_a='{"block_size": 64, "sink_tokens": 64, "window": 1024, "topk_blocks": 15}'
-# 32K budgets with a short window (step 8 measured them best): 12.5% and 6.2% of the full layers' causal pairs
+# 32K budgets with a short window (step 7's compositions measured them best): 12.5% and 6.2% of the full layers' causal pairs
 budget_32k='{"block_size": 64, "sink_tokens": 64, "window": 128, "topk_blocks": 29}'
 budget_32k_small='{"block_size": 64, "sink_tokens": 64, "window": 128, "topk_blocks": 13}'
 
@@ -48,37 +48,31 @@ case "$step" in
       --probe-strides 4 --pattern "$budget_32k" --second-pattern "$budget_32k_small" --out "$out/learned_gemma"
     ;;
   7)
-    static='{"block_size": 64, "sink_tokens": 64, "window": 2048}'
-    patterns=$(python3 - "$budget_a" "$static" <<'EOF'
+    # one call, one results file: the selectors at sink 64 + window 1024 + top-15 (16K and 32K), then the 32K
+    # budget compositions (window 128 / 512 at 12.5%, window 128 at 6.2%); passkey on the first set + window 128
+    python3 - "$budget_a" <<'EOF'
 import json, sys
-budget, static = json.loads(sys.argv[1]), sys.argv[2]
-rows = ["dense", "default", static, json.dumps(budget)]
+budget = json.loads(sys.argv[1])
+b = lambda w, k, **kw: json.dumps({"block_size": 64, "sink_tokens": 64, "window": w, "topk_blocks": k, **kw})
+rows = ["dense", "default", json.dumps({"block_size": 64, "sink_tokens": 64, "window": 2048}), json.dumps(budget)]
 rows += [json.dumps({**budget, "selector": s}) for s in ("probe", "oracle")]
 rows.append(json.dumps({**budget, "selector": "probe", "probe_stride": 4}))
-print(json.dumps(rows))
+needle = rows + [b(128, 29, selector="probe", probe_stride=4)]
+rows += [b(128, 29, selector="oracle"), needle[-1], b(128, 29, selector="probe"),
+         b(512, 23, selector="probe", probe_stride=4), b(512, 23, selector="oracle"), b(128, 13, selector="oracle"),
+         b(128, 13, selector="probe", probe_stride=4)]
+with open("/tmp/gemma_patterns.json", "w") as f:
+    json.dump(rows, f)
+with open("/tmp/gemma_needle.json", "w") as f:
+    json.dump(needle, f)
 EOF
-)
     PYTHONPATH="$gemma_site:$PWD" python3 -m scripts.gpu_eval --model gemma3-270m --stage /tmp/stage .carry/g4 \
-      --tokens .carry/g4/tokens.pt.xz --contexts 16384,32768 --max-tokens 65536 --patterns "$patterns" \
+      --tokens .carry/g4/tokens.pt.xz --contexts 16384,32768 --max-tokens 65536 \
+      --patterns "$(cat /tmp/gemma_patterns.json)" --needle-patterns "$(cat /tmp/gemma_needle.json)" \
       --out "$out/eval_gemma"
     ;;
-  8)
-    patterns=$(python3 - <<'EOF'
-import json
-b = lambda w, k, **kw: json.dumps({"block_size": 64, "sink_tokens": 64, "window": w, "topk_blocks": k, **kw})
-print(json.dumps(["dense", b(128, 29, selector="oracle"), b(128, 29, selector="probe", probe_stride=4),
-                  b(128, 29, selector="probe"), b(512, 23, selector="probe", probe_stride=4),
-                  b(512, 23, selector="oracle"), b(128, 13, selector="oracle"),
-                  b(128, 13, selector="probe", probe_stride=4)]))
-EOF
-)
-    needle=$(python3 -c 'import json, sys; print(json.dumps([json.loads(sys.argv[1])[2]]))' "$patterns")
-    PYTHONPATH="$gemma_site:$PWD" python3 -m scripts.gpu_eval --model gemma3-270m --stage /tmp/stage .carry/g4 \
-      --tokens .carry/g4/tokens.pt.xz --contexts 32768 --max-tokens 65536 --patterns "$patterns" \
-      --needle-patterns "$needle" --tag composition32k --out "$out/eval_gemma_composition"
-    ;;
   *)
-    echo "unknown step $step (1-8)" >&2
+    echo "unknown step $step (1-7)" >&2
     exit 2
     ;;
 esac
