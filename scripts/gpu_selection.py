@@ -15,7 +15,13 @@ length, medians of ``triton.testing.do_bench``:
   whole call; ``probe_rows{64,256}_selection_ms``: the kernel with fewer / more sampled rows sharing each key load
   (default 128);
 * ``index_build_torch_ms`` / ``index_build_triton_ms``: the block index from the selected tiles, by the PyTorch
-  ops or by the Triton list kernel (``build_block_index(builder=...)``; the call uses the kernel on CUDA).
+  ops or by the Triton list kernel (``build_block_index(builder=...)``; the call uses the kernel on CUDA);
+* with ``--minference-file``: ``minference_call_ms``, MInference's block-sparse top-k attention
+  (``block_sparse_attention`` of ``minference/ops/block_sparse_flash_attention.py``: mean-pooled q/k scores, its
+  ``torch.topk`` index and its Triton kernel, all timed) with ``top_k`` = the tiles our pattern's longest row visits
+  (equal budget); its kernel takes one KV head per query head, so K/V are repeated to the query heads beforehand
+  (outside the timing). The file is not part of this repository: fetch github.com/microsoft/MInference (MIT) and
+  pass the path.
 
 Target: ``selection_ms <= 0.15 * attention_ms``. A check at the first length compares the kernels' tiles with the
 PyTorch definitions on the same bf16 inputs (tf32 dot products on the GPU: near-ties may differ; the mass the
@@ -100,7 +106,7 @@ def _check(q, k, pattern) -> dict:
 
 @torch.no_grad()
 def _bench_length(seq: int, heads: int, kv_heads: int, dim: int, dtype: torch.dtype, device: str,
-                  pattern: SparsePattern, bench) -> dict:
+                  pattern: SparsePattern, bench, minference=None) -> dict:
     """The timings of one length (see the module docstring)."""
     from hf_sparsek.triton_ops import triton_block_sparse_attention
 
@@ -133,7 +139,31 @@ def _bench_length(seq: int, heads: int, kv_heads: int, dim: int, dtype: torch.dt
     row["selection_share_of_attention"] = row["selection_ms"] / row["attention_ms"]
     row["probe_share_of_attention"] = row["probe_selection_ms"] / row["attention_ms"]
     row["meets_target"] = row["selection_share_of_attention"] <= TARGET_SHARE
+    if minference is not None:
+        visited = int((index.full_count + index.part_count).max().item())
+        group = heads // kv_heads
+        half = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16  # its kernel: 16-bit only
+        q_m, k_rep, v_rep = q.to(half), k.repeat_interleave(group, 1).to(half), v.repeat_interleave(group, 1).to(half)
+        call = lambda: minference.block_sparse_attention(q_m, k_rep, v_rep, visited)  # noqa: E731
+        out = call()
+        row["minference_top_k"] = visited
+        row["minference_finite"] = bool(torch.isfinite(out).all().item())
+        row["minference_call_ms"] = bench(call)
+        row["call_over_minference"] = row["call_ms"] / row["minference_call_ms"]
+        row["probe_call_over_minference"] = row["probe_call_ms"] / row["minference_call_ms"]
     return row
+
+
+def _load_minference(path: str | None):
+    """MInference's block-sparse module from a file (it imports only numpy, torch and triton), or None."""
+    if path is None:
+        return None
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("minference_block_sparse", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def main() -> int:
@@ -142,6 +172,8 @@ def main() -> int:
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on CPU, Triton interpreter")
     ap.add_argument("--seqs", default=None, help="comma-separated lengths (default 16384,65536; smoke 400)")
     ap.add_argument("--topk", type=int, default=24)
+    ap.add_argument("--minference-file", default=None,
+                    help="path of MInference's minference/ops/block_sparse_flash_attention.py to time beside ours")
     args = ap.parse_args()
     smoke = args.cpu_smoke
     if not smoke and not torch.cuda.is_available():
@@ -151,9 +183,10 @@ def main() -> int:
     seqs = [int(s) for s in (args.seqs or ("400" if smoke else "16384,65536")).split(",")]
     pattern = SparsePattern(block_size=64, sink_tokens=64, window=256, topk_blocks=args.topk, selector="mass")
     bench = _timer(smoke)
+    minference = _load_minference(args.minference_file)
     results = []
     for i, seq in enumerate(seqs):
-        row = _bench_length(seq, heads, kv_heads, dim, dtype, device, pattern, bench)
+        row = _bench_length(seq, heads, kv_heads, dim, dtype, device, pattern, bench, minference)
         if i == 0:
             row["check"] = _check(*_inputs(seq, heads, kv_heads, dim, dtype, device)[:2], pattern)
         results.append(row)

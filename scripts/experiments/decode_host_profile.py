@@ -9,7 +9,7 @@ with the selection store): per piece of the call, the host time per call (``perf
 calls, then one synchronisation: the GPU work of a call is shorter than its host work, so the queue never fills)
 beside the GPU time (``do_bench``, CUDA events), and a cProfile of 200 whole calls (top functions by own time).
 Part 2 (B=16, H=96, S=512, D=64, fp16, causal, sink 64 + window 128, block 64): forward configs x TMA on / off,
-kernel alone with a prebuilt index, beside SDPA. Writes ``decode_host_profile.json`` and ``cprofile.txt``.
+kernel alone with a prebuilt index, beside SDPA. Writes ``decode_host_profile.json`` (the cProfile text in it).
 """
 
 from __future__ import annotations
@@ -119,8 +119,7 @@ def decode_pieces() -> None:
             stats = pstats.Stats(prof, stream=text)
             stats.sort_stats("tottime").print_stats(45)
             stats.sort_stats("cumulative").print_stats(45)
-            with open(os.path.join(ARGS.out, "cprofile.txt"), "w") as f:
-                f.write(text.getvalue())
+            RESULTS["cprofile_whole_call_x200"] = text.getvalue().splitlines()
 
 
 def _decode_with(q, k, v, pattern, selected):
