@@ -5,19 +5,21 @@
 # travel in parts over consecutive calls and each step must follow the previous one at once.
 #
 #   step  carry                           does                                                      about
-#   1     .carry/sm1                      stage SmolLM2 part 1 + gguf; gpu_selection                 2 min
+#   1     .carry/sm1 .carry/minference    stage SmolLM2 part 1 + gguf; gpu_selection (with MInference's 2 min
+#                                         block_sparse_flash_attention.py where carried, not in git)
 #   2     .carry/sm2 .carry/learned       gpu_learned SmolLM2 8K (probe, oracle, learned, passkey)   4 min
-#   3     .carry/g1                       stage Gemma part 1; gpu_decode                             3 min
+#   3     .carry/g1                       stage Gemma part 1; gpu_decode (SKIP_DECODE=1: not)          3 min
 #   4     .carry/g2                       stage Gemma part 2                                         -
 #   5     .carry/g3                       stage Gemma part 3                                         -
 #   6     .carry/g4                       gpu_learned Gemma 3 32K (12.5% and 6.2% budgets, passkey)  5 min
 #   7     .carry/g4                       gpu_eval Gemma 3 16K + 32K perplexity by selector and       9 min
 #                                         budget composition, passkey
+#   8     .carry/g4                       gpu_learned Gemma 3 16K (24.6% and 12.5% budgets, passkey)  4 min
 #
 # Results land under $OUT/<step name>/; commit them under scripts/results/ (one file per benchmark).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-step="${1:?usage: bash scripts/gpu_lease.sh STEP (1-7)}"
+step="${1:?usage: bash scripts/gpu_lease.sh STEP (1-8)}"
 out="${OUT:?OUT must name the output folder}"
 export PYTHONUNBUFFERED=1
 
@@ -26,12 +28,17 @@ budget_a='{"block_size": 64, "sink_tokens": 64, "window": 1024, "topk_blocks": 1
 # 32K budgets with a short window (step 7's compositions measured them best): 12.5% and 6.2% of the full layers' causal pairs
 budget_32k='{"block_size": 64, "sink_tokens": 64, "window": 128, "topk_blocks": 29}'
 budget_32k_small='{"block_size": 64, "sink_tokens": 64, "window": 128, "topk_blocks": 13}'
+# 16K: the selection issue's 24.6% budget (budget_a) and about 12.5% with the short window
+budget_16k_small='{"block_size": 64, "sink_tokens": 64, "window": 128, "topk_blocks": 12}'
 
 case "$step" in
   1)
     mkdir -p /tmp/hfs && cp .carry/sm1/part_aa /tmp/hfs/part_aa
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/sm1/gguf-0.19.0-py3-none-any.whl
-    python3 -m scripts.gpu_selection --out "$out/selection"
+    minference=.carry/minference/block_sparse_flash_attention.py
+    extra=()
+    if [ -f "$minference" ]; then extra=(--minference-file "$minference"); fi
+    python3 -m scripts.gpu_selection --out "$out/selection" "${extra[@]}"
     ;;
   2)
     PYTHONPATH="/tmp/site:$PWD" python3 -m scripts.gpu_learned --gguf-parts /tmp/hfs/part_aa .carry/sm2/part_ab \
@@ -40,7 +47,7 @@ case "$step" in
   3 | 4 | 5)
     part=$((step - 2))
     mkdir -p /tmp/stage && cp ".carry/g$part/"*.whl /tmp/stage/
-    if [ "$step" = 3 ]; then python3 -m scripts.gpu_decode --out "$out/decode"; fi
+    if [ "$step" = 3 ] && [ "${SKIP_DECODE:-0}" != 1 ]; then python3 -m scripts.gpu_decode --out "$out/decode"; fi
     ;;
   6)
     PYTHONPATH="$gemma_site:$PWD" python3 -m scripts.gpu_learned --model gemma3-270m --stage /tmp/stage .carry/g4 \
@@ -71,8 +78,13 @@ EOF
       --patterns "$(cat /tmp/gemma_patterns.json)" --needle-patterns "$(cat /tmp/gemma_needle.json)" \
       --out "$out/eval_gemma"
     ;;
+  8)
+    PYTHONPATH="$gemma_site:$PWD" python3 -m scripts.gpu_learned --model gemma3-270m --stage /tmp/stage .carry/g4 \
+      --tokens .carry/g4/tokens.pt.xz --seq-len 16384 --train-windows 8 --steps 150 --ppl-tokens 65536 \
+      --probe-strides 4 --pattern "$budget_a" --second-pattern "$budget_16k_small" --out "$out/learned_gemma_16k"
+    ;;
   *)
-    echo "unknown step $step (1-7)" >&2
+    echo "unknown step $step (1-8)" >&2
     exit 2
     ;;
 esac
