@@ -25,6 +25,7 @@ import triton.language as tl
 NEG: tl.constexpr = tl.constexpr(-1.0e30)  # "no candidate" score: finite, so that exp() of differences never makes NaN
 FILLED: tl.constexpr = tl.constexpr(3.0)  # a top-k slot value above any tile mass (masses are <= 1)
 ROWS_MIN = 16  # tl.dot needs >= 16 rows: query tiles of a program x padded group size
+MASS_ROWS = 16  # rows (query tiles x padded group) of a _select_kernel program
 POOL_ROWS = 32  # rows of a tile loaded at once by the pooling kernel
 FEATURE_CHUNK = 64  # feature columns per dot product (bounds registers at head dim 256)
 
@@ -434,6 +435,8 @@ def select_by_mass(
     threshold: float | None,
     scale: float,
     key_features: torch.Tensor | None = None,
+    rows_per_program: int = MASS_ROWS,
+    num_warps: int = 4,
 ) -> torch.Tensor:
     """(B, Hkv, n_q_tiles, topk) int32 key tiles (relative to ``kv_offset // block``, -1 = none) per query tile.
 
@@ -442,8 +445,12 @@ def select_by_mass(
     whose real keys are all sink tokens (rank < ``sink``), both None without padding (then computed in the kernel
     from positions). ``window`` None: no window term; ``threshold`` None: fixed k. ``key_features``: the key tiles'
     features kept from earlier calls (``hf_sparsek.selection.store``; (B, Hkv, n_k, 2 * D_pad) float32, valid up to
-    the last causal tile) instead of pooling every key of k here.
+    the last causal tile) instead of pooling every key of k here. ``rows_per_program``: (query tile, query head)
+    rows of one ``_select_kernel`` program (a power of two >= 16; more rows share each key feature load among more
+    query tiles, fewer programs); ``num_warps`` of that launch. Neither changes the tiles.
     """
+    if rows_per_program < ROWS_MIN or rows_per_program & (rows_per_program - 1):
+        raise ValueError(f"rows_per_program must be a power of two >= {ROWS_MIN}, got {rows_per_program}")
     batch, hq, q_len, dim = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     n_q, n_k, out, count, sink_flag, has_info = prepare_call(q, k, key_count, sink_only, block, q_offset, kv_offset,
@@ -466,7 +473,7 @@ def select_by_mass(
                              q_offset=q_offset, q_len=q_len, kv_offset=kv_offset, kv_len=kv_len, block=block,
                              sink=sink, topk=topk, window=window, threshold=threshold, scale=scale)
     hg_p = _next_pow2(group)
-    bm = max(1, ROWS_MIN // hg_p)
+    bm = max(1, rows_per_program // hg_p)
     feats = qf.shape[-1]
     cn = 16 if feats > 256 else 32
     _select_kernel[(triton.cdiv(n_q, bm), batch * hkv)](
@@ -476,6 +483,6 @@ def select_by_mass(
         threshold if threshold is not None else 0.0,
         HKV=hkv, GROUP=group, HG_P=hg_p, BM=bm, CN=cn, F=feats, FC=min(FEATURE_CHUNK, feats), TOPK=topk,
         KP=max(2, _next_pow2(topk)), BLOCK=block, HAS_WINDOW=window is not None, HAS_THRESHOLD=threshold is not None,
-        HAS_TILE_INFO=has_info,
+        HAS_TILE_INFO=has_info, num_warps=num_warps,
     )
     return out

@@ -7,6 +7,8 @@ Pattern: top-24 blocks of 64 tokens + sink 64 + window 256 (selector "mass"; "me
 length, medians of ``triton.testing.do_bench``:
 
 * ``selection_ms``: ``select_mass`` alone (pooling kernels + the fused score / softmax / top-k kernel);
+  ``mass_rows{R}_w{W}_selection_ms``: the same with R (query tile, head) rows per program (default 16) and W warps
+  (default 4), and whether its tiles equal the default launch's;
 * ``attention_ms``: the Triton forward alone on an index built beforehand (no grad);
 * ``call_ms``: the whole ``sparse_attention`` call (selection + index + attention), as a model layer runs it;
 * ``meanpool_selection_ms``: the mean-pool selector (PyTorch ops) for comparison;
@@ -129,6 +131,16 @@ def _bench_length(seq: int, heads: int, kv_heads: int, dim: int, dtype: torch.dt
             q, k, None, None, None, block=pattern.block_size, q_offset=0, kv_offset=0, sink=pattern.sink_tokens,
             topk=pattern.topk_blocks, window=pattern.window, threshold=None, scale=scale, stride=16,
             rows_per_program=r))
+    from hf_sparsek.kernels.selection import select_by_mass
+
+    mass_tiles = select_mass(q, k, pattern, 0, 0, None, backend="triton")
+    for rows, warps in ((16, 8), (32, 4), (32, 8), (64, 4), (64, 8), (128, 8)):  # the mass kernel's launch shape
+        mass_call = lambda r=rows, w=warps: select_by_mass(  # noqa: E731
+            q, k, None, None, None, block=pattern.block_size, q_offset=0, kv_offset=0, sink=pattern.sink_tokens,
+            topk=pattern.topk_blocks, window=pattern.window, threshold=None, scale=scale, rows_per_program=r,
+            num_warps=w)
+        row[f"mass_rows{rows}_w{warps}_selection_ms"] = bench(mass_call)
+        row[f"mass_rows{rows}_w{warps}_same_tiles"] = bool(torch.equal(mass_call(), mass_tiles))
     row["probe_call_ms"] = bench(lambda: sparse_attention(q, k, v, probe, backend="triton"))
     row["attention_ms"] = bench(lambda: triton_block_sparse_attention(q, k, v, index, scale))
     row["call_ms"] = bench(lambda: sparse_attention(q, k, v, pattern, backend="triton"))

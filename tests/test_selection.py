@@ -226,6 +226,29 @@ def test_triton_kernel_matches_definition(name, case, interpret):
         _check_same_selection(got, _slow_mass_selection(q, k, pattern, q_offset, kv_offset, k_seg), tol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [32, 64])
+def test_triton_kernel_rows_per_program_keeps_the_tiles(rows, interpret):
+    """More (query tile, head) rows per program (fewer programs, each key feature load shared wider): the same
+    tiles as the default launch, on a case with padding, a group of 3 and a partial last program."""
+    from hf_sparsek.kernels.selection import select_by_mass
+
+    from hf_sparsek.selection.tiles import key_tile_info
+
+    pattern = PATTERNS["win100-top2-mass0.6"]
+    q, k, q_offset, kv_offset, k_seg = _inputs((2, 3, 1, 700, 700, 64, None, 0, True), seed=3)
+    count, sink_only = key_tile_info(k.shape[2], kv_offset, k_seg, pattern, q.shape[0], q.device)
+    args = dict(block=pattern.block_size, q_offset=q_offset, kv_offset=kv_offset, sink=pattern.sink_tokens,
+                topk=pattern.topk_blocks, window=pattern.window, threshold=pattern.mass_threshold,
+                scale=q.shape[-1] ** -0.5)
+    want = select_by_mass(q, k, k_seg, count, sink_only, **args)
+    got = select_by_mass(q, k, k_seg, count, sink_only, rows_per_program=rows, **args)
+    assert torch.equal(got, want)
+    if not torch.equal(got, select_mass(q, k, pattern, q_offset, kv_offset, k_seg, backend="torch")):
+        _check_same_selection(got, _slow_mass_selection(q, k, pattern, q_offset, kv_offset, k_seg), tol=1e-5)
+    with pytest.raises(ValueError, match="power of two"):
+        select_by_mass(q, k, k_seg, count, sink_only, rows_per_program=24, **args)
+
+
 def test_triton_kernel_block128_head_dim_256(interpret):
     pattern = SparsePattern(block_size=128, window=128, topk_blocks=2, selector="mass")
     q, k, q_offset, kv_offset, k_seg = _inputs((1, 2, 1, 300, 300, 256, None, 0, False), seed=2)
