@@ -12,6 +12,8 @@ length, medians of ``triton.testing.do_bench``:
 * ``attention_ms``: the Triton forward alone on an index built beforehand (no grad);
 * ``call_ms``: the whole ``sparse_attention`` call (selection + index + attention), as a model layer runs it;
 * ``meanpool_selection_ms``: the mean-pool selector (PyTorch ops) for comparison;
+* ``learned_selection_ms`` / ``learned_call_ms``: the learned selector (a fresh per-layer scorer: the same PyTorch
+  ops and shapes as a trained one) alone and with the attention over its tiles;
 * ``probe_selection_ms`` / ``probe_call_ms``: selector ``"probe"`` (the fused kernel of ``hf_sparsek.kernels.probe``:
   exact attention of every 16th query row; ``probe_stride32_selection_ms`` samples every 32nd) alone and as the
   whole call; ``probe_rows{64,256}_selection_ms``: the kernel with fewer / more sampled rows sharing each key load
@@ -141,6 +143,7 @@ def _bench_length(seq: int, heads: int, kv_heads: int, dim: int, dtype: torch.dt
             num_warps=w)
         row[f"mass_rows{rows}_w{warps}_selection_ms"] = bench(mass_call)
         row[f"mass_rows{rows}_w{warps}_same_tiles"] = bool(torch.equal(mass_call(), mass_tiles))
+    row.update(_learned_cost(q, k, v, pattern, bench))
     row["probe_call_ms"] = bench(lambda: sparse_attention(q, k, v, probe, backend="triton"))
     row["attention_ms"] = bench(lambda: triton_block_sparse_attention(q, k, v, index, scale))
     row["call_ms"] = bench(lambda: sparse_attention(q, k, v, pattern, backend="triton"))
@@ -164,6 +167,25 @@ def _bench_length(seq: int, heads: int, kv_heads: int, dim: int, dtype: torch.dt
         row["call_over_minference"] = row["call_ms"] / row["minference_call_ms"]
         row["probe_call_over_minference"] = row["probe_call_ms"] / row["minference_call_ms"]
     return row
+
+
+def _learned_cost(q, k, v, pattern: SparsePattern, bench) -> dict:
+    """The learned selector's cost at inference (issue 23: no more than the training-free selector's): a fresh
+    per-layer scorer (the same ops and shapes as a trained one) choosing the pattern's budget, alone and with the
+    attention over its tiles (``selected_tiles``), as a model layer runs it (no decode store: a prefill)."""
+    from hf_sparsek.learned.selector import LearnedSelector
+
+    selector = LearnedSelector([0], k.shape[1], q.shape[-1], pattern.block_size).to(q.device)
+    learned = pattern.replace(selector="learned")
+
+    def select() -> torch.Tensor:
+        return selector.select(0, q, k, pattern.topk_blocks, pattern.sink_tokens, pattern.window, 0, 0, None,
+                               use_store=False)
+
+    def call() -> torch.Tensor:
+        return sparse_attention(q, k, v, learned, backend="triton", selected_tiles=select())
+
+    return {"learned_selection_ms": bench(select), "learned_call_ms": bench(call)}
 
 
 def _load_minference(path: str | None):
