@@ -16,6 +16,7 @@ No host synchronisation: every size comes from the shapes and the pattern. No tr
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -25,7 +26,8 @@ import triton.language as tl
 NEG: tl.constexpr = tl.constexpr(-1.0e30)  # "no candidate" score: finite, so that exp() of differences never makes NaN
 FILLED: tl.constexpr = tl.constexpr(3.0)  # a top-k slot value above any tile mass (masses are <= 1)
 ROWS_MIN = 16  # tl.dot needs >= 16 rows: query tiles of a program x padded group size
-MASS_ROWS = 16  # rows (query tiles x padded group) of a _select_kernel program
+MASS_ROWS = (64, 32, 16)  # rows (query tiles x padded group) per _select_kernel program, widest first
+MASS_MIN_PROGRAMS_PER_SM = 0.75  # the widest rows that still give this many programs per SM (else 16)
 POOL_ROWS = 32  # rows of a tile loaded at once by the pooling kernel
 FEATURE_CHUNK = 64  # feature columns per dot product (bounds registers at head dim 256)
 
@@ -386,6 +388,31 @@ def pool_features(x: torch.Tensor, offset: int, block: int, seg: torch.Tensor | 
     return out
 
 
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def mass_rows_per_program(n_q: int, group: int, programs_per_row: int, sms: int) -> int:
+    """Rows per ``_select_kernel`` program for ``n_q`` query tiles, a KV group of ``group`` query heads and
+    ``programs_per_row`` = batch x KV heads on ``sms`` SMs: the widest of ``MASS_ROWS`` whose grid still gives
+    ``MASS_MIN_PROGRAMS_PER_SM`` programs per SM. Wider programs share each key tile's features among more query tiles
+    (H200, 32 / 8 heads, D 128, 16K / 64K: 64 rows took 0.230 / 1.149 ms against 0.361 / 1.926 for 16,
+    ``selection_cost_h200.json``); short calls keep more, narrower programs so that every SM has work."""
+    hg_p = _next_pow2(group)
+    for rows in MASS_ROWS:
+        if -(-n_q // max(1, rows // hg_p)) * programs_per_row >= MASS_MIN_PROGRAMS_PER_SM * sms:
+            return rows
+    return ROWS_MIN
+
+
+def _sm_count_of(device: torch.device) -> int:
+    """SMs of a CUDA device (1 elsewhere: the interpreter)."""
+    if device.type != "cuda":
+        return 1
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 class SelectionCall(NamedTuple):
     """A checked selection call: tile counts, the output and the per-tile key info as the kernels read it."""
 
@@ -435,7 +462,7 @@ def select_by_mass(
     threshold: float | None,
     scale: float,
     key_features: torch.Tensor | None = None,
-    rows_per_program: int = MASS_ROWS,
+    rows_per_program: int | None = None,
     num_warps: int = 4,
 ) -> torch.Tensor:
     """(B, Hkv, n_q_tiles, topk) int32 key tiles (relative to ``kv_offset // block``, -1 = none) per query tile.
@@ -447,8 +474,13 @@ def select_by_mass(
     features kept from earlier calls (``hf_sparsek.selection.store``; (B, Hkv, n_k, 2 * D_pad) float32, valid up to
     the last causal tile) instead of pooling every key of k here. ``rows_per_program``: (query tile, query head)
     rows of one ``_select_kernel`` program (a power of two >= 16; more rows share each key feature load among more
-    query tiles, fewer programs); ``num_warps`` of that launch. Neither changes the tiles.
+    query tiles, fewer programs; None: :func:`mass_rows_per_program`); ``num_warps`` of that launch. Neither
+    changes the tiles.
     """
+    if rows_per_program is None:
+        n_q = (q_offset % block + q.shape[2] + block - 1) // block
+        rows_per_program = mass_rows_per_program(n_q, q.shape[1] // k.shape[1], q.shape[0] * k.shape[1],
+                                                 _sm_count_of(q.device))
     if rows_per_program < ROWS_MIN or rows_per_program & (rows_per_program - 1):
         raise ValueError(f"rows_per_program must be a power of two >= {ROWS_MIN}, got {rows_per_program}")
     batch, hq, q_len, dim = q.shape
