@@ -16,11 +16,14 @@
 #                                         budget composition, passkey
 #   8     .carry/g4                       gpu_learned Gemma 3 16K (24.6% and 12.5% budgets, passkey)  4 min
 #
-# Results land under $OUT/<step name>/; commit them under scripts/results/ (one file per benchmark).
+# Results land under $OUT/<step name>/; commit them under scripts/results/ (one file per benchmark). Run each step as
+# `HF_SPARSEK_COMMIT=<git rev-parse HEAD here> OUT=$OUT bash scripts/gpu_lease.sh STEP`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 step="${1:?usage: bash scripts/gpu_lease.sh STEP (1-8)}"
 out="${OUT:?OUT must name the output folder}"
+# the device copy's git history is not this tree's: results files take the commit from here
+export HF_SPARSEK_COMMIT="${HF_SPARSEK_COMMIT:?set HF_SPARSEK_COMMIT to the commit of the carried tree}"
 export PYTHONUNBUFFERED=1
 
 gemma_site=".carry/g4/gguf-0.19.0-py3-none-any.whl"
