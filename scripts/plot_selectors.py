@@ -3,7 +3,8 @@ accuracy, per selector (static window, "mass", "probe", learned, oracle) at equa
 
     python -m scripts.plot_selectors --out scripts/results/selectors_h200.png
 
-Reads ``scripts/results/learned_smollm2-135m_8k_h200.json`` and ``learned_gemma3-270m_32k_h200.json`` (written by
+Reads ``scripts/results/learned_smollm2-135m_8k_h200.json``, ``learned_gemma3-270m_16k_h200.json`` and
+``learned_gemma3-270m_32k_h200.json`` (written by
 ``scripts/gpu_learned.py``); no GPU, no model. Each file's rows are grouped by budget (the density of the row).
 """
 
@@ -16,6 +17,7 @@ from collections import defaultdict
 
 FILES = {
     "SmolLM2 8K": "scripts/results/learned_smollm2-135m_8k_h200.json",
+    "Gemma 3 16K": "scripts/results/learned_gemma3-270m_16k_h200.json",
     "Gemma 3 32K": "scripts/results/learned_gemma3-270m_32k_h200.json",
 }
 ORDER = ("static", "mass", "probe (one row in 16)", "probe (one row in 4)", "learned", "oracle")
