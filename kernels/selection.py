@@ -28,6 +28,7 @@ FILLED: tl.constexpr = tl.constexpr(3.0)  # a top-k slot value above any tile ma
 ROWS_MIN = 16  # tl.dot needs >= 16 rows: query tiles of a program x padded group size
 MASS_ROWS = (64, 32, 16)  # rows (query tiles x padded group) per _select_kernel program, widest first
 MASS_MIN_PROGRAMS_PER_SM = 0.75  # the widest rows that still give this many programs per SM (else 16)
+MASS_MAX_TOPK_SLOTS = 1024  # query tiles x padded top-k slots a program may keep (the 16-row program's at top-64)
 POOL_ROWS = 32  # rows of a tile loaded at once by the pooling kernel
 FEATURE_CHUNK = 64  # feature columns per dot product (bounds registers at head dim 256)
 
@@ -393,15 +394,22 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def mass_rows_per_program(n_q: int, group: int, programs_per_row: int, sms: int) -> int:
+def mass_rows_per_program(n_q: int, group: int, programs_per_row: int, sms: int, topk: int = 1) -> int:
     """Rows per ``_select_kernel`` program for ``n_q`` query tiles, a KV group of ``group`` query heads and
     ``programs_per_row`` = batch x KV heads on ``sms`` SMs: the widest of ``MASS_ROWS`` whose grid still gives
-    ``MASS_MIN_PROGRAMS_PER_SM`` programs per SM. Wider programs share each key tile's features among more query tiles
-    (H200, 32 / 8 heads, D 128, 16K / 64K: 64 rows took 0.230 / 1.149 ms against 0.361 / 1.926 for 16,
-    ``selection_cost_h200.json``); short calls keep more, narrower programs so that every SM has work."""
+    ``MASS_MIN_PROGRAMS_PER_SM`` programs per SM and whose running top-k (query tiles x ``topk`` slots, padded) is no
+    larger than ``MASS_MAX_TOPK_SLOTS`` or the 16-row program's. Wider programs share each key tile's features among
+    more query tiles (H200, 32 / 8 heads, D 128, 16K / 64K: 64 rows took 0.230 / 1.149 ms against 0.361 / 1.926 for
+    16, ``selection_cost_h200.json``); short calls keep more, narrower programs so that every SM has work, and large
+    budgets keep the register-resident top-k of the 16-row program."""
     hg_p = _next_pow2(group)
+    slots = max(2, _next_pow2(topk))
+    limit = max(MASS_MAX_TOPK_SLOTS, max(1, ROWS_MIN // hg_p) * slots)
     for rows in MASS_ROWS:
-        if -(-n_q // max(1, rows // hg_p)) * programs_per_row >= MASS_MIN_PROGRAMS_PER_SM * sms:
+        tiles = max(1, rows // hg_p)
+        if tiles * slots > limit:
+            continue
+        if -(-n_q // tiles) * programs_per_row >= MASS_MIN_PROGRAMS_PER_SM * sms:
             return rows
     return ROWS_MIN
 
@@ -480,7 +488,7 @@ def select_by_mass(
     if rows_per_program is None:
         n_q = (q_offset % block + q.shape[2] + block - 1) // block
         rows_per_program = mass_rows_per_program(n_q, q.shape[1] // k.shape[1], q.shape[0] * k.shape[1],
-                                                 _sm_count_of(q.device))
+                                                 _sm_count_of(q.device), topk)
     if rows_per_program < ROWS_MIN or rows_per_program & (rows_per_program - 1):
         raise ValueError(f"rows_per_program must be a power of two >= {ROWS_MIN}, got {rows_per_program}")
     batch, hq, q_len, dim = q.shape

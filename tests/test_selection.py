@@ -8,9 +8,12 @@ import math
 
 import pytest
 import torch
-from conftest import triton_interpreter
+from conftest import dense_masked_attention, triton_interpreter
 
-from hf_sparsek import SparsePattern
+import hf_sparsek
+from hf_sparsek import SparsePattern, exact_token_mask
+from hf_sparsek.ops import build_index_for, sparse_attention
+from hf_sparsek.selection import select_tiles
 from hf_sparsek.selection.mass import select_mass, tile_mass
 from hf_sparsek.selection.tiles import tile_grid
 
@@ -256,3 +259,176 @@ def test_mass_rows_per_program_keeps_every_sm_busy():
     assert mass_rows_per_program(2048 // 64, 4, 64, 132) == 64
     assert mass_rows_per_program(1, 8, 1, 132) == 16  # a decode step of one sequence
     assert mass_rows_per_program(5, 3, 2, 1) == 64
+    # the running top-k stays within 1024 slots or the 16-row program's: MHA at top-24 takes 32 rows (32 tiles x 32
+    # slots), at top-200 16 rows (as before); the measured case (group 4, top-24) keeps 64, at top-100 32 (8 x 128)
+    assert mass_rows_per_program(1024, 1, 8, 132, topk=24) == 32
+    assert mass_rows_per_program(1024, 1, 8, 132, topk=200) == 16
+    assert mass_rows_per_program(1024, 4, 8, 132, topk=24) == 64
+    assert mass_rows_per_program(1024, 4, 8, 132, topk=100) == 32
+
+
+def test_triton_kernel_block128_head_dim_256(interpret):
+    pattern = SparsePattern(block_size=128, window=128, topk_blocks=2, selector="mass")
+    q, k, q_offset, kv_offset, k_seg = _inputs((1, 2, 1, 300, 300, 256, None, 0, False), seed=2)
+    want = select_mass(q, k, pattern, q_offset, kv_offset, k_seg, backend="torch")
+    got = select_mass(q, k, pattern, q_offset, kv_offset, k_seg, backend="triton")
+    if not torch.equal(got, want):
+        _check_same_selection(got, _slow_mass_selection(q, k, pattern, q_offset, kv_offset, k_seg), tol=1e-5)
+
+
+# --- the public path: sparse_attention and a model forward ----------------------------------------------------------
+
+
+def _expected_mask(pattern, tiles, q_len, kv_len, q_offset, kv_offset, hkv, attention_mask):
+    """Token-exact mask (B, Hkv, q_len, kv_len): the static part's token rules, or a causal real key in a tile
+    the selector chose for the query's tile."""
+    block = pattern.block_size
+    batch = tiles.shape[0]
+    shape = (batch, hkv, q_len, kv_len)
+    kw = dict(q_offset=q_offset, kv_offset=kv_offset, kv_heads=hkv, attention_mask=attention_mask)
+    causal = exact_token_mask(SparsePattern(block_size=block), q_len, kv_len, **kw).expand(shape)
+    static = exact_token_mask(pattern.replace(topk_blocks=None), q_len, kv_len, **kw).expand(shape)
+    q_tile = (q_offset + torch.arange(q_len)) // block - q_offset // block
+    k_tile = (kv_offset + torch.arange(kv_len)) // block - kv_offset // block
+    chosen = torch.zeros(batch, hkv, tiles.shape[2], k_tile.max() + 2, dtype=torch.bool)
+    chosen.scatter_(-1, torch.where(tiles >= 0, tiles, chosen.shape[-1] - 1).long(), True)
+    picked = chosen[:, :, q_tile][..., k_tile]
+    return static | (causal & picked)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+@pytest.mark.parametrize("selector", ["mass", "meanpool", "oracle", "probe"])
+def test_sparse_attention_with_selection_equals_masked_softmax(selector, case):
+    """What sparse_attention computes for a top-k pattern is dense attention on the static rules plus the tiles
+    ``select_tiles`` chooses: padding, decode, chunked prefill, batch > 1, GQA / MQA, forward and gradients."""
+    pattern = SparsePattern(block_size=64, sink_tokens=64, window=64, topk_blocks=2, selector=selector)
+    q, k, q_offset, kv_offset, k_seg = _inputs(case)
+    v = torch.randn(k.shape[:3] + (k.shape[3],), dtype=torch.float64)
+    q, k = q.double().requires_grad_(), k.double().requires_grad_()
+    v.requires_grad_()
+    mask = None if k_seg is None else k_seg >= 0
+    tiles = select_tiles(q.detach(), k.detach(), pattern, q_offset, kv_offset, k_seg)
+    expected = _expected_mask(pattern, tiles, q.shape[2], k.shape[2], q_offset, kv_offset, k.shape[1], mask)
+    out = sparse_attention(q, k, v, pattern, q_offset=q_offset, kv_offset=kv_offset, attention_mask=mask,
+                           backend="reference")
+    ref = dense_masked_attention(q, k, v, expected, q.shape[-1] ** -0.5)
+    rows = expected.any(-1).repeat_interleave(q.shape[1] // k.shape[1], 1)  # rows with a key (padding rows: zeros)
+    torch.testing.assert_close(out[rows], ref[rows], rtol=1e-9, atol=1e-9)
+    grad = torch.randn_like(out) * rows.unsqueeze(-1)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (q, k, v), grad)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-8)
+    if selector != "meanpool" and k_seg is None and q.shape[2] > 64:  # the selection changed what is attended
+        assert tiles.ge(0).any()
+
+
+def test_learned_selector_cannot_select_inside_the_op():
+    q, k = torch.randn(1, 2, 70, 16), torch.randn(1, 2, 70, 16)
+    pattern = SparsePattern(block_size=64, window=64, topk_blocks=1, selector="learned")
+    with pytest.raises(ValueError, match="trained scorer"):
+        sparse_attention(q, k, k, pattern)
+    with pytest.raises(ValueError, match="topk_blocks"):
+        select_mass(q, k, SparsePattern(window=64), 0, 0, None)
+    with pytest.raises(ValueError, match="backend"):
+        select_mass(q, k, pattern, 0, 0, None, backend="cuda")
+
+
+def test_selection_reads_nothing_on_the_host(monkeypatch):
+    """No .item() / .tolist() / bool(tensor) in selection: it must run inside CUDA graphs and torch.compile."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("host synchronisation in selection")
+
+    q, k, q_offset, kv_offset, k_seg = _inputs(CASES[3])
+    for name in ("item", "tolist", "__bool__", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    for selector in ("mass", "meanpool", "oracle", "probe"):
+        for threshold in (None, 0.7):
+            if threshold is not None and selector == "meanpool":
+                continue
+            pattern = SparsePattern(block_size=64, sink_tokens=64, window=64, topk_blocks=3, selector=selector,
+                                    mass_threshold=threshold)
+            select_tiles(q, k, pattern, q_offset, kv_offset, k_seg)
+
+
+def test_model_forward_with_selection():
+    """A tiny Llama through attn_implementation="sparsek": with a budget that selects every competing tile the
+    logits equal SDPA's; with a small budget they follow the selection (finite, and not the dense logits)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
+    ids = torch.randint(1, 97, (2, 300))
+    mask = torch.ones_like(ids)
+    mask[1, :21] = 0
+    with torch.no_grad():
+        dense = model(ids, attention_mask=mask).logits
+        hf_sparsek.set_pattern(model, SparsePattern(block_size=64, sink_tokens=4, window=64, topk_blocks=5))
+        with hf_sparsek.settings(backend="reference"):
+            every = model(ids, attention_mask=mask).logits
+        hf_sparsek.set_pattern(model, SparsePattern(block_size=64, window=64, topk_blocks=1))
+        with hf_sparsek.settings(backend="reference"):
+            small = model(ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(every[real], dense[real], rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(small[real]).all()
+    assert (small[real] - dense[real]).abs().max() > 1e-3
+
+
+def test_index_of_a_mass_pattern_lists_the_selected_tiles():
+    """build_index_for with a top-k pattern adds exactly the selected tiles to the static part."""
+    q, k, q_offset, kv_offset, k_seg = _inputs(CASES[0])
+    pattern = PATTERNS["sink64-win64-top3"]
+    tiles = select_tiles(q, k, pattern, q_offset, kv_offset, k_seg)
+    index = build_index_for(q, k, pattern)
+    with_tiles = build_index_for(q, k, pattern, selected_tiles=tiles)
+    assert torch.equal(index.token_mask(), with_tiles.token_mask())
+
+
+# --- few query tiles (decode): the split path over key tiles (two launches and torch.topk) -------------------------
+
+SHORT_CASES = [
+    (1, 8, 1, 1, 233, 64, None, 0, False),  # MQA decode
+    (2, 4, 2, 1, 700, 64, None, 0, True),  # decode, left padding
+    (2, 6, 2, 4, 650, 128, 638, 0, True),  # q_len 4 across a tile boundary: two query tiles
+    (1, 4, 4, 3, 500, 64, None, 77, False),  # keys from offset 77
+]
+
+
+@pytest.mark.parametrize("case", SHORT_CASES, ids=[_case_id(c) for c in SHORT_CASES])
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_triton_short_query_path_matches_definition(name, case, interpret, monkeypatch):
+    import hf_sparsek.kernels.selection as kernel
+
+    monkeypatch.setattr(kernel, "SHORT_MIN_KEY_TILES", 1)  # small caches take the split path too
+    called = []
+    short = kernel._select_short
+    monkeypatch.setattr(kernel, "_select_short", lambda *a, **kw: called.append(1) or short(*a, **kw))
+    pattern = PATTERNS[name]
+    q, k, q_offset, kv_offset, k_seg = _inputs(case, seed=21)
+    want = select_mass(q, k, pattern, q_offset, kv_offset, k_seg, backend="torch")
+    got = select_mass(q, k, pattern, q_offset, kv_offset, k_seg, backend="triton")
+    assert called and got.shape == want.shape and got.dtype == want.dtype
+    if not torch.equal(got, want):
+        _check_same_selection(got, _slow_mass_selection(q, k, pattern, q_offset, kv_offset, k_seg), tol=1e-5)
+
+
+def test_triton_short_query_path_long_cache(interpret):
+    """A decode step over 300 key tiles takes the split path at its shipped threshold; the store's kept features
+    give the same tiles as pooling every key."""
+    import hf_sparsek.kernels.selection as kernel
+
+    from hf_sparsek.selection import SelectionState
+
+    pattern = SparsePattern(block_size=64, sink_tokens=64, window=256, topk_blocks=12)
+    q, k, q_offset, kv_offset, k_seg = _inputs((2, 4, 2, 1, 300 * 64 - 5, 64, None, 0, True), seed=22)
+    assert k.shape[2] // 64 >= kernel.SHORT_MIN_KEY_TILES
+    want = select_mass(q, k, pattern, q_offset, kv_offset, k_seg, backend="torch")
+    got = select_mass(q, k, pattern, q_offset, kv_offset, k_seg, backend="triton")
+    state = SelectionState()
+    stored = select_mass(q, k, pattern, q_offset, kv_offset, k_seg, backend="triton", selection_state=state)
+    for tiles in (got, stored):
+        if not torch.equal(tiles, want):
+            _check_same_selection(tiles, _slow_mass_selection(q, k, pattern, q_offset, kv_offset, k_seg), tol=1e-5)
