@@ -485,16 +485,14 @@ def select_by_mass(
     query tiles, fewer programs; None: :func:`mass_rows_per_program`); ``num_warps`` of that launch. Neither
     changes the tiles.
     """
-    if rows_per_program is None:
-        n_q = (q_offset % block + q.shape[2] + block - 1) // block
-        rows_per_program = mass_rows_per_program(n_q, q.shape[1] // k.shape[1], q.shape[0] * k.shape[1],
-                                                 _sm_count_of(q.device), topk)
-    if rows_per_program < ROWS_MIN or rows_per_program & (rows_per_program - 1):
+    if rows_per_program is not None and (rows_per_program < ROWS_MIN or rows_per_program & (rows_per_program - 1)):
         raise ValueError(f"rows_per_program must be a power of two >= {ROWS_MIN}, got {rows_per_program}")
     batch, hq, q_len, dim = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     n_q, n_k, out, count, sink_flag, has_info = prepare_call(q, k, key_count, sink_only, block, q_offset, kv_offset,
                                                              topk)
+    if rows_per_program is None:
+        rows_per_program = mass_rows_per_program(n_q, hq // hkv, batch * hkv, _sm_count_of(q.device), topk)
     if out.numel() == 0:
         return out
     q_start = q_offset - kv_offset
