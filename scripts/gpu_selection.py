@@ -7,8 +7,8 @@ Pattern: top-24 blocks of 64 tokens + sink 64 + window 256 (selector "mass"; "me
 length, medians of ``triton.testing.do_bench``:
 
 * ``selection_ms``: ``select_mass`` alone (pooling kernels + the fused score / softmax / top-k kernel);
-  ``mass_rows{R}_w{W}_selection_ms``: the same with R (query tile, head) rows per program (default 16) and W warps
-  (default 4), and whether its tiles equal the default launch's;
+  ``mass_rows{R}_w{W}_selection_ms``: the same with R (query tile, head) rows per program and W warps (the default
+  launch: ``mass_rows_per_program``, 4 warps), and whether its tiles equal the default launch's;
 * ``attention_ms``: the Triton forward alone on an index built beforehand (no grad);
 * ``call_ms``: the whole ``sparse_attention`` call (selection + index + attention), as a model layer runs it;
 * ``meanpool_selection_ms``: the mean-pool selector (PyTorch ops) for comparison;
@@ -22,7 +22,8 @@ length, medians of ``triton.testing.do_bench``:
   ops or by the Triton list kernel (``build_block_index(builder=...)``; the call uses the kernel on CUDA);
 * with ``--minference-file``: ``minference_call_ms``, MInference's block-sparse top-k attention
   (``block_sparse_attention`` of ``minference/ops/block_sparse_flash_attention.py``: mean-pooled q/k scores, its
-  ``torch.topk`` index and its Triton kernel, all timed) with ``top_k`` = the tiles our pattern's longest row visits
+  ``torch.topk`` index, its padding copies and its Triton kernel, all timed) with ``top_k`` = the tiles our
+  pattern's longest row visits
   (equal budget); its kernel takes one KV head per query head, so K/V are repeated to the query heads beforehand
   (outside the timing). The file is not part of this repository: fetch github.com/microsoft/MInference (MIT) and
   pass the path.
