@@ -38,9 +38,8 @@ from .attention_fwd_gluon import (  # AVAILABLE: Gluon (Triton >= 3.5)
     AVAILABLE,
     LONG_ROW_TILES,
     SHARED_MEMORY_BYTES,
-    _sm_count,
 )
-from .common import index_strides, score_constants
+from .common import index_strides, score_constants, sm_count
 from .tma import ensure_allocator
 
 if AVAILABLE:
@@ -535,7 +534,7 @@ def attention_dq_gluon(
     s_ib, s_ih = index_strides(full_count)
     ensure_allocator()
     n_work = batch * hkv * group * n_q
-    grid = (dq_grid_size(n_work, full_tiles.shape[-1] + part_tiles.shape[-1], _sm_count(q.device), persistent),)
+    grid = (dq_grid_size(n_work, full_tiles.shape[-1] + part_tiles.shape[-1], sm_count(q.device), persistent),)
     _attn_bwd_dq_ws_kernel[grid](
         q, k, v, do, lse_bwd, delta, dq, full_count, full_tiles, part_count, part_tiles,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

@@ -28,8 +28,6 @@ scripts/gpu_kernels.py check them against the reference on the GPU.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 try:  # Gluon ships with Triton >= 3.5; without it the Triton kernel runs every case.
@@ -57,7 +55,7 @@ try:  # Gluon ships with Triton >= 3.5; without it the Triton kernel runs every 
 except ImportError:  # pragma: no cover - depends on the installed Triton
     AVAILABLE = False
 
-from .common import index_strides, score_constants
+from .common import index_strides, score_constants, sm_count
 from .tma import ensure_allocator
 
 # What the kernel takes (kernels/dispatch.py holds the whole rule: dtype, soft-capping, segments, device, release).
@@ -460,16 +458,6 @@ def _shared_bytes(stages: int, q_slots: int, block: int, dim: int) -> int:
     return (stages * 2 * 128 + q_slots * block) * dim * 2
 
 
-@functools.cache
-def _sm_count_of(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (the persistent grid's size; one 3-warpgroup program fits per SM)."""
-    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
-
-
 def attention_forward_gluon(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     full_count: torch.Tensor, full_tiles: torch.Tensor, part_count: torch.Tensor, part_tiles: torch.Tensor,
@@ -490,7 +478,7 @@ def attention_forward_gluon(
     ensure_allocator()
     stages, q_slots = slots_for(dim, block, full_tiles.shape[-1] + part_tiles.shape[-1], stages, q_slots)
     n_work = batch * hkv * group * n_q
-    grid = (min(n_work, _sm_count(q.device)) if persistent else n_work,)
+    grid = (min(n_work, sm_count(q.device)) if persistent else n_work,)  # one 3-warpgroup program per SM
     _attn_fwd_ws_kernel[grid](
         q, k, v, out, lse, full_count, full_tiles, part_count, part_tiles,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

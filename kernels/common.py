@@ -1,5 +1,5 @@
 """Shared helpers for the block-sparse attention kernels (Triton and Gluon): the element mask of partial tiles,
-softcap, and the host-side score constants and index strides every launcher passes.
+softcap, and the host-side score constants, index strides and SM count every launcher uses.
 
 The element predicate mirrors ``hf_sparsek.block_index.element_mask`` exactly; it is written with broadcasting so
 the forward (query rows x keys) and the key-major backward (keys x query rows) share one definition.
@@ -7,12 +7,27 @@ the forward (query rows x keys) and the key-major backward (keys x query rows) s
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+
+
+@functools.cache
+def _sm_count_of_index(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device, read once per device (1 elsewhere: the Triton interpreter's
+    grids stay small)."""
+    if device.type != "cuda":
+        return 1
+    return _sm_count_of_index(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def score_constants(scale: float, softcap: float) -> tuple[float, float]:

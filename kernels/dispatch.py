@@ -19,6 +19,7 @@ from . import attention_fwd_gluon as gluon_fwd
 from .attention_bwd import BWD_CANDIDATES, BWD_CONFIGS, BackwardPlan, BwdConfig
 from .attention_fwd import FWD_CANDIDATES, FWD_CONFIGS, FwdConfig
 from .bwd_split import split_key_lists
+from .common import sm_count
 from .options import KernelOptions
 from .tma import aligned, compute_major, use_tma
 
@@ -28,7 +29,6 @@ _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 __all__ = ["KernelOptions", "backward", "decode_forward", "forward", "gluon_dkdv_reason", "gluon_forward_reason",
            "unsupported_reason", "use_gluon_dkdv", "use_gluon_dq", "use_gluon_forward", "use_split_kv"]
-_SM_COUNTS: dict[int, int] = {}
 
 
 def interpreter_mode() -> bool:
@@ -243,15 +243,6 @@ def use_split_kv(q_len: int, needs_lse: bool, options: KernelOptions) -> bool:
     return options.split_kv_decode and not needs_lse and q_len <= decode.MAX_Q_LEN
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1  # the interpreter: small grids
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNTS:
-        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNTS[index]
-
-
 def decode_splits(q: torch.Tensor, k: torch.Tensor, block: int, q_offset: int | torch.Tensor,
                   options: KernelOptions) -> int:
     """Shares per query tile: enough programs for ``decode_programs_per_sm`` per SM (the kernel caps it by the
@@ -261,7 +252,7 @@ def decode_splits(q: torch.Tensor, k: torch.Tensor, block: int, q_offset: int | 
     else:
         n_q = (q_offset % block + q.shape[2] + block - 1) // block
     programs = q.shape[0] * k.shape[1] * n_q
-    return max(1, -(-options.decode_programs_per_sm * _sm_count(q.device) // programs))
+    return max(1, -(-options.decode_programs_per_sm * sm_count(q.device) // programs))
 
 
 def decode_forward(

@@ -16,12 +16,13 @@ No host synchronisation: every size comes from the shapes and the pattern. No tr
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+from .common import sm_count
 
 NEG: tl.constexpr = tl.constexpr(-1.0e30)  # "no candidate" score: finite, so that exp() of differences never makes NaN
 FILLED: tl.constexpr = tl.constexpr(3.0)  # a top-k slot value above any tile mass (masses are <= 1)
@@ -389,11 +390,6 @@ def pool_features(x: torch.Tensor, offset: int, block: int, seg: torch.Tensor | 
     return out
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def mass_rows_per_program(n_q: int, group: int, programs_per_row: int, sms: int, topk: int = 1) -> int:
     """Rows per ``_select_kernel`` program for ``n_q`` query tiles, a KV group of ``group`` query heads and
     ``programs_per_row`` = batch x KV heads on ``sms`` SMs: the widest of ``MASS_ROWS`` whose grid still gives
@@ -412,13 +408,6 @@ def mass_rows_per_program(n_q: int, group: int, programs_per_row: int, sms: int,
         if -(-n_q // tiles) * programs_per_row >= MASS_MIN_PROGRAMS_PER_SM * sms:
             return rows
     return ROWS_MIN
-
-
-def _sm_count_of(device: torch.device) -> int:
-    """SMs of a CUDA device (1 elsewhere: the interpreter)."""
-    if device.type != "cuda":
-        return 1
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 class SelectionCall(NamedTuple):
@@ -492,7 +481,7 @@ def select_by_mass(
     n_q, n_k, out, count, sink_flag, has_info = prepare_call(q, k, key_count, sink_only, block, q_offset, kv_offset,
                                                              topk)
     if rows_per_program is None:
-        rows_per_program = mass_rows_per_program(n_q, hq // hkv, batch * hkv, _sm_count_of(q.device), topk)
+        rows_per_program = mass_rows_per_program(n_q, hq // hkv, batch * hkv, sm_count(q.device), topk)
     if out.numel() == 0:
         return out
     q_start = q_offset - kv_offset
