@@ -128,6 +128,117 @@ def test_tiles_equal_slow_reference(case):
     assert (fast >= 0).any()  # something was chosen
 
 
+# ------------------------------------------------------------------------------------------- the Triton path
+@pytest.fixture
+def interpret():
+    """TRITON_INTERPRET=1 for the learned selector's kernels (CPU)."""
+    from conftest import triton_interpreter
+
+    with triton_interpreter("learned_selection"):
+        yield
+
+
+FUSED_CASES = [  # batch, q heads, kv heads, q_len, kv_len, q_offset, kv_offset, padded, sink, window, topk, mode
+    ("chunk250-at77", 1, 4, 2, 250, 327, 77, 0, 0, 4, 64, 2, "query"),
+    ("sliding-kv100-q250", 1, 2, 1, 150, 300, 250, 100, 0, 8, 100, 3, "query"),
+    ("pad-group3-sink70", 2, 6, 2, 300, 300, 0, 0, 1, 70, 100, 3, "query"),
+    ("key-untrained-ties-topk9", 1, 2, 2, 400, 400, 0, 0, 0, 4, 64, 9, "key-untrained"),
+    ("nowindow-MQA", 2, 4, 1, 260, 260, 0, 0, 1, 0, None, 2, "query"),
+    ("key-mode-chunk", 1, 4, 2, 190, 390, 200, 0, 0, 4, 64, 2, "key"),
+]
+
+
+@pytest.mark.parametrize("case", FUSED_CASES, ids=[c[0] for c in FUSED_CASES])
+def test_triton_path_equals_slow_reference(case, interpret):
+    """The pooling and fused top-k kernels (interpreter) choose the definition's tiles on awkward shapes: chunks at
+    unaligned offsets, a cache whose first tile the call cuts, padding, group 3, a sink over a whole tile, all-equal
+    scores (the lower tiles win), a budget above the competing tiles, no window."""
+    _, batch, hq, hkv, q_len, kv_len, q_offset, kv_offset, padded, sink, window, topk, mode = case
+    gen = torch.Generator().manual_seed(len(case[0]) + 7)
+    dim = 8
+    q = torch.randn(batch, hq, q_len, dim, generator=gen)
+    k = torch.randn(batch, hkv, kv_len, dim, generator=gen)
+    k[..., 0] += torch.linspace(-2, 2, kv_len)
+    valid = None
+    if padded:
+        valid = torch.ones(batch, kv_len, dtype=torch.bool)
+        valid[1, :75] = False
+    selector = LearnedSelector([0], hkv, dim, BLOCK, mode.split("-")[0])
+    if not mode.endswith("untrained"):
+        _perturbed(selector, seed=len(case[0]))
+    fast = selector.select(0, q, k, topk, sink, window, q_offset, kv_offset, valid, use_store=False,
+                           backend="triton")
+    with torch.no_grad():
+        slow = _reference_tiles(selector, 0, q, k, topk, sink, window, q_offset, kv_offset, valid)
+    assert torch.equal(fast, slow)
+    assert (fast >= 0).any()
+    if mode == "key-untrained":  # every score equal: each query tile keeps its earliest competing tiles, in order
+        row = fast[0, 0, -1].tolist()  # last query tile (6): tiles 0-5 compete (the window keeps 5's successor)
+        assert row == [0, 1, 2, 3, 4, 5, -1]  # width: min(budget, key tiles)
+
+
+def test_triton_decode_shapes_through_the_fused_kernel(interpret, monkeypatch):
+    """Decode calls (one query tile) score in PyTorch by default; forced through the fused kernel, a decode step
+    with padding and a longer cache chooses what the PyTorch path chooses, and the decode store keeps the same key
+    features with either backend."""
+    import hf_sparsek.learned.selector as selector_module
+
+    gen = torch.Generator().manual_seed(11)
+    batch, hq, hkv, dim, total = 2, 6, 2, 8, 700
+    q = torch.randn(batch, hq, total, dim, generator=gen)
+    k = torch.randn(batch, hkv, total, dim, generator=gen)
+    valid = torch.ones(batch, total, dtype=torch.bool)
+    valid[0, :90] = False
+    selector = _perturbed(LearnedSelector([0], hkv, dim, BLOCK), seed=3)
+    args = dict(topk=3, sink_tokens=4, window=64, kv_offset=0)
+    monkeypatch.setattr(selector_module, "SHORT_QUERY_TILES", 0)
+    for end in (641, 700):
+        qs, ks, vs = q[:, :, end - 1:end], k[:, :, :end], valid[:, :end]
+        fused = selector.select(0, qs, ks, q_offset=end - 1, valid=vs, use_store=False, backend="triton", **args)
+        torch_path = selector.select(0, qs, ks, q_offset=end - 1, valid=vs, use_store=False, backend="torch",
+                                     **args)
+        assert torch.equal(fused, torch_path), end
+        assert (fused >= 0).all()
+    selector.select(0, q[:, :, :640], k[:, :, :640], q_offset=0, valid=valid[:, :640], backend="triton", **args)
+    stored = selector.stores[0].key_features
+    torch.testing.assert_close(stored, key_tile_features(k[:, :, :640], valid[:, :640], 0, BLOCK))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dim", [64, 80, 128])
+def test_triton_pooling_and_gate_widths(dtype, dim, interpret):
+    """Pooling reads q / k in their own dtype (bf16: no float copy) and equals the float PyTorch features; head dims
+    64 / 80 / 128 (80 is zero-padded to the gate's width) choose the PyTorch path's tiles."""
+    from hf_sparsek.learned.features import query_tile_sums
+
+    gen = torch.Generator().manual_seed(dim)
+    batch, hq, hkv, length, offset = 2, 8, 2, 200, 30
+    q = torch.randn(batch, hq, length, dim, generator=gen).to(dtype)
+    k = torch.randn(batch, hkv, length + offset, dim, generator=gen).to(dtype)
+    valid = torch.ones(batch, length + offset, dtype=torch.bool)
+    valid[1, :100] = False
+    q_valid = valid[:, offset:]
+    for use_triton in (False, True):
+        feats = key_tile_features(k, valid, 0, BLOCK, use_triton)
+        sums, counts = query_tile_sums(q, q_valid, offset, BLOCK, hkv, use_triton)
+        if not use_triton:
+            want_feats, want_sums, want_counts = feats, sums, counts
+    torch.testing.assert_close(feats, want_feats, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sums, want_sums, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(counts, want_counts, rtol=0, atol=0)
+    selector = _perturbed(LearnedSelector([0], hkv, dim, BLOCK), seed=dim)
+    got = selector.select(0, q, k, 4, 4, 64, offset, 0, valid, use_store=False, backend="triton")
+    want = selector.select(0, q, k, 4, 4, 64, offset, 0, valid, use_store=False, backend="torch")
+    assert torch.equal(got, want)
+
+
+def test_bad_backend_is_refused():
+    selector = LearnedSelector([0], 1, 8, BLOCK)
+    q, k = torch.randn(1, 1, 70, 8), torch.randn(1, 1, 70, 8)
+    with pytest.raises(ValueError, match="backend must be"):
+        selector.select(0, q, k, 2, 0, 64, 0, 0, None, backend="cuda")
+
+
 def test_untrained_query_scorer_ranks_like_mean_pool():
     """Identity initialisation: the untrained query scorer's logits are (previous tile's mean query) . (mean key) /
     sqrt(D), the training-free mean-pool score, with no bias."""

@@ -41,9 +41,22 @@ def _tiles(x: torch.Tensor, valid: torch.Tensor, offset: int, block: int) -> tup
     return xp, ok
 
 
-def key_tile_features(k: torch.Tensor, valid: torch.Tensor | None, offset: int, block: int) -> torch.Tensor:
-    """(B, Hkv, n_tiles, 3 D) float32: [mean, max, min] of the real keys of each tile (zeros for a tile without)."""
+def _segments(valid: torch.Tensor | None) -> torch.Tensor | None:
+    """The pooling kernel's row marks: -1 for padding, 0 for a real row (None: every row real)."""
+    return None if valid is None else valid.to(torch.int32) - 1
+
+
+def key_tile_features(k: torch.Tensor, valid: torch.Tensor | None, offset: int, block: int, use_triton: bool = False
+                      ) -> torch.Tensor:
+    """(B, Hkv, n_tiles, 3 D) float32: [mean, max, min] of the real keys of each tile (zeros for a tile without).
+
+    ``use_triton``: one pass of ``hf_sparsek.kernels.learned_selection`` over k in its own dtype (GPU, or the
+    interpreter), instead of these PyTorch ops on a float copy."""
     batch, _, length, _ = k.shape
+    if use_triton:
+        from ..kernels.learned_selection import pool_tiles
+
+        return pool_tiles(k, offset, block, _segments(valid), 0, key_stats=True, out_heads=k.shape[1])[0]
     if valid is None:
         valid = torch.ones(batch, length, dtype=torch.bool, device=k.device)
     kp, ok = _tiles(k.float(), valid, offset, block)
@@ -56,11 +69,16 @@ def key_tile_features(k: torch.Tensor, valid: torch.Tensor | None, offset: int, 
     return torch.cat([mean, torch.where(has, top, 0.0), torch.where(has, low, 0.0)], dim=-1)
 
 
-def query_tile_sums(q: torch.Tensor, valid: torch.Tensor | None, offset: int, block: int, kv_heads: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def query_tile_sums(q: torch.Tensor, valid: torch.Tensor | None, offset: int, block: int, kv_heads: int,
+                    use_triton: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per tile: the sum of the real query rows over the group's heads (B, Hkv, n, D) and their count (B, 1, n, 1)
-    (rows x group heads), float32."""
+    (rows x group heads), float32. ``use_triton``: as :func:`key_tile_features`."""
     batch, hq, length, dim = q.shape
+    if use_triton:
+        from ..kernels.learned_selection import pool_tiles
+
+        sums, counts = pool_tiles(q, offset, block, _segments(valid), 0, key_stats=False, out_heads=kv_heads)
+        return sums, counts[:, :1, :, None]
     if valid is None:
         valid = torch.ones(batch, length, dtype=torch.bool, device=q.device)
     grouped = q.float().view(batch, kv_heads, hq // kv_heads, length, dim).sum(2)
@@ -100,6 +118,15 @@ def competing_tiles(
     limit = qb if window is None else torch.minimum(
         qb, torch.div(qb * block + block - 1 - window, block, rounding_mode="floor") + 1)
     before = kb < limit  # (n_q, n_k)
+    per_key = key_tiles_that_compete(kv_offset, kv_len, block, sink_tokens, valid, batch, device)
+    return (before.view(1, 1, n_q, n_k) & per_key.view(batch, 1, 1, n_k))
+
+
+def key_tiles_that_compete(kv_offset: int, kv_len: int, block: int, sink_tokens: int, valid: torch.Tensor | None,
+                           batch: int, device: torch.device) -> torch.Tensor:
+    """(B, n_k_tiles) boolean: key tiles that hold a real key, are complete in this call and are not all sink
+    tokens (the key side of :func:`competing_tiles`)."""
+    n_k = tile_count(kv_offset, kv_len, block)
     ok = torch.ones(batch, kv_len, dtype=torch.bool, device=device) if valid is None else valid.bool()
     rank = key_ranks(valid, batch, kv_len, kv_offset, device)
     shift = kv_offset % block
@@ -111,5 +138,4 @@ def competing_tiles(
     if shift:  # the first tile is cut by the call: its keys before kv_offset are unknown here
         complete[:, 0] = False
     sink = (~okp | (rankp < sink_tokens)).all(-1) if sink_tokens else torch.zeros_like(has_key)  # all sink
-    per_key = has_key & ~sink & complete
-    return (before.view(1, 1, n_q, n_k) & per_key.view(batch, 1, 1, n_k))
+    return has_key & ~sink & complete

@@ -53,6 +53,19 @@ class LayerScorer(nn.Module):
             self.wk = nn.Parameter(wk)
             self.log_scale = nn.Parameter(torch.full((kv_heads,), -0.5 * math.log(head_dim)))
 
+    def projections(self, q_feat: torch.Tensor, k_feat: torch.Tensor
+                    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        """The per-tile factors of :meth:`forward`'s logits without the distance bias: ``s_h Wq qbar``
+        (B, Hkv, n_q, D), ``Wk kfeat`` (B, Hkv, n_k, D) (both None in mode "key") and ``u . kfeat`` (B, Hkv, n_k),
+        so that logit(m, n) = qp[m] . kp[n] + c[n] + bias (the fused kernel's inputs)."""
+        k_feat = k_feat.float()
+        const = torch.einsum("bhnf,hf->bhn", k_feat, self.u)
+        if self.mode != "query":
+            return None, None, const
+        qp = torch.einsum("bhmd,hed->bhme", q_feat.float(), self.wq) * self.log_scale.exp().view(1, -1, 1, 1)
+        kp = torch.einsum("bhnf,hef->bhne", k_feat, self.wk)
+        return qp, kp, const
+
     def forward(self, q_feat: torch.Tensor, k_feat: torch.Tensor, qb: torch.Tensor, kb: torch.Tensor) -> torch.Tensor:
         """q_feat (B, Hkv, n_q, D), k_feat (B, Hkv, n_k, 3 D), qb (n_q,) / kb (n_k,) absolute tile numbers."""
         k_feat = k_feat.float()

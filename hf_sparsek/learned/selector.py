@@ -7,9 +7,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from .features import competing_tiles, key_tile_features, lagged_query_features, query_tile_sums, tile_count
+from .features import (
+    competing_tiles,
+    key_tile_features,
+    key_tiles_that_compete,
+    lagged_query_features,
+    query_tile_sums,
+    tile_count,
+)
 from .scorer import DISTANCE_BUCKETS, LayerScorer, hard_topk_tiles
 from .store import LayerStore
+
+SHORT_QUERY_TILES = 2  # calls with at most this many query tiles (decode) score in PyTorch
 
 
 class LearnedSelector(nn.Module):
@@ -63,13 +72,21 @@ class LearnedSelector(nn.Module):
     def select(
         self, layer_idx: int | None, q: torch.Tensor, k: torch.Tensor, topk: int, sink_tokens: int,
         window: int | None, q_offset: int, kv_offset: int, valid: torch.Tensor | None, use_store: bool = True,
+        backend: str = "auto",
     ) -> torch.Tensor:
         """(B, Hkv, n_q_tiles, width) int32 absolute key tiles to visit beyond the pattern's sink and window, -1 =
         none; q (B, Hq, q_len, D) and k (B, Hkv, kv_len, D) after RoPE, ``valid`` (B, kv_len) real keys or None.
 
         The ``topk`` best competing tiles per query tile (an exact budget, ``sparsek_topk``'s hard forward); without
-        a window the diagonal tile is added, so every row sees its own key.
+        a window the diagonal tile is added, so every row sees its own key. ``backend``: ``"auto"`` runs the Triton
+        kernels (``hf_sparsek.kernels.learned_selection``: pooling, then logits and top-k fused) on CUDA and the
+        PyTorch definition elsewhere; ``"torch"`` / ``"triton"`` force one (the latter also on CPU under
+        ``TRITON_INTERPRET=1``). Calls with at most ``SHORT_QUERY_TILES`` query tiles (decode) score in PyTorch on
+        either: one program per KV head would stream every key tile alone.
         """
+        if backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+        use_triton = backend == "triton" or (backend == "auto" and q.is_cuda)
         block = self.block_size
         batch, _, q_len, _ = q.shape
         kv_heads, kv_len = k.shape[1], k.shape[2]
@@ -83,11 +100,11 @@ class LearnedSelector(nn.Module):
         with torch.no_grad():
             store = self.stores.setdefault(-1 if layer_idx is None else layer_idx, LayerStore()) if use_store else None
             if store is not None and kv_offset == 0:
-                k_feat = store.key_features_for(k, valid, kv_offset, block)
-                sums, counts, previous = store.query_sums_for(q, q_valid, q_offset, block, kv_heads)
+                k_feat = store.key_features_for(k, valid, kv_offset, block, use_triton)
+                sums, counts, previous = store.query_sums_for(q, q_valid, q_offset, block, kv_heads, use_triton)
             else:
-                k_feat = key_tile_features(k, valid, kv_offset, block)
-                sums, counts = query_tile_sums(q, q_valid, q_offset, block, kv_heads)
+                k_feat = key_tile_features(k, valid, kv_offset, block, use_triton)
+                sums, counts = query_tile_sums(q, q_valid, q_offset, block, kv_heads, use_triton)
                 previous = None
             q_feat = lagged_query_features(sums, counts, previous)
             n_q, n_k = tile_count(q_offset, q_len, block), tile_count(kv_offset, kv_len, block)
@@ -95,11 +112,37 @@ class LearnedSelector(nn.Module):
                 k_feat = torch.nn.functional.pad(k_feat, (0, 0, 0, n_k - k_feat.shape[2]))
             qb = q_offset // block + torch.arange(n_q, device=q.device)
             kb = kv_offset // block + torch.arange(n_k, device=q.device)
-            competing = competing_tiles(q_offset, q_len, kv_offset, kv_len, block, sink_tokens, window, valid,
-                                        batch, q.device)
-            logits = self.scorer(layer_idx)(q_feat, k_feat, qb, kb)
-            tiles = hard_topk_tiles(logits, competing, topk, kb)
+            scorer = self.scorer(layer_idx)
+            if use_triton and n_q > SHORT_QUERY_TILES:
+                tiles = _fused_tiles(scorer, q_feat, k_feat, n_q, block, q_offset, kv_offset, kv_len, sink_tokens,
+                                     window, topk, valid)
+            else:
+                competing = competing_tiles(q_offset, q_len, kv_offset, kv_len, block, sink_tokens, window, valid,
+                                            batch, q.device)
+                tiles = hard_topk_tiles(scorer(q_feat, k_feat, qb, kb), competing, topk, kb)
             if window is None:
                 diagonal = qb.view(1, 1, -1, 1).expand(batch, kv_heads, n_q, 1).to(torch.int32)
                 tiles = torch.cat([tiles, diagonal], dim=-1)
         return tiles
+
+
+def _fused_tiles(scorer: LayerScorer, q_feat: torch.Tensor, k_feat: torch.Tensor, n_q: int, block: int,
+                 q_offset: int, kv_offset: int, kv_len: int, sink_tokens: int, window: int | None, topk: int,
+                 valid: torch.Tensor | None) -> torch.Tensor:
+    """The scorer's hard top-k through the fused kernel: its projections in PyTorch (per tile: small), then the
+    logits, the competition and the top-k in one launch, nothing of size (query tiles x key tiles) written."""
+    from ..kernels.learned_selection import gate_width, learned_topk
+
+    qp, kp, const = scorer.projections(q_feat, k_feat)
+    if qp is not None:
+        pad = gate_width(qp.shape[-1]) - qp.shape[-1]
+        qp = torch.nn.functional.pad(qp, (0, pad)).contiguous()
+        kp = torch.nn.functional.pad(kp, (0, pad)).contiguous()
+    flag = None
+    if valid is not None:
+        flag = key_tiles_that_compete(kv_offset, kv_len, block, sink_tokens, valid, const.shape[0], const.device)
+        flag = flag.to(torch.int32)
+    tiles = learned_topk(qp, kp, const.contiguous(), scorer.bias.detach().float(), flag, n_q=n_q, block=block,
+                         q_offset=q_offset, kv_offset=kv_offset, kv_len=kv_len, sink=sink_tokens, window=window,
+                         topk=topk)
+    return tiles[..., : min(topk, const.shape[-1])]

@@ -41,8 +41,8 @@ class LayerStore:
         self.__init__()  # type: ignore[misc]
         self.recomputed = recomputed
 
-    def key_features_for(self, k: torch.Tensor, valid: torch.Tensor | None, kv_offset: int, block: int
-                         ) -> torch.Tensor:
+    def key_features_for(self, k: torch.Tensor, valid: torch.Tensor | None, kv_offset: int, block: int,
+                         use_triton: bool = False) -> torch.Tensor:
         """Features of this call's complete key tiles (B, Hkv, n_complete, 3 D), from the store where it still
         describes these keys; new complete tiles are computed from their keys alone and kept."""
         batch, _, kv_len, _ = k.shape
@@ -60,20 +60,20 @@ class LayerStore:
         if complete > self.key_tiles:
             lo, hi = self.key_tiles * block, complete * block
             part_valid = None if valid is None else valid[:, lo:hi]
-            new = key_tile_features(k[:, :, lo:hi], part_valid, 0, block)
+            new = key_tile_features(k[:, :, lo:hi], part_valid, 0, block, use_triton)
             old = self.key_features if self.key_tiles else new[:, :, :0]
             self.key_features = torch.cat([old, new], dim=2)
             self.key_tiles = complete
             self.fingerprint = k[:, :, hi - 1].float().clone()
         return self.key_features
 
-    def query_sums_for(self, q: torch.Tensor, valid: torch.Tensor | None, q_offset: int, block: int, kv_heads: int
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def query_sums_for(self, q: torch.Tensor, valid: torch.Tensor | None, q_offset: int, block: int, kv_heads: int,
+                       use_triton: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """This call's per-tile query sums and counts, its first tile completed with the rows of earlier calls, and
         the mean of the tile before it (None where the store does not know them); then keeps the state for the
         next call."""
         batch, _, q_len, _ = q.shape
-        sums, counts = query_tile_sums(q, valid, q_offset, block, kv_heads)
+        sums, counts = query_tile_sums(q, valid, q_offset, block, kv_heads, use_triton)
         continues = self.q_next == q_offset and self.batch == batch and self.q_sum is not None
         previous = None
         if continues:
