@@ -12,8 +12,9 @@ length, medians of ``triton.testing.do_bench``:
 * ``attention_ms``: the Triton forward alone on an index built beforehand (no grad);
 * ``call_ms``: the whole ``sparse_attention`` call (selection + index + attention), as a model layer runs it;
 * ``meanpool_selection_ms``: the mean-pool selector (PyTorch ops) for comparison;
-* ``learned_selection_ms`` / ``learned_call_ms``: the learned selector (a fresh per-layer scorer: the same PyTorch
-  ops and shapes as a trained one) alone and with the attention over its tiles;
+* ``learned_selection_ms`` / ``learned_call_ms``: the learned selector (a per-layer scorer with random weights: the
+  same ops and shapes as a trained one) through its Triton kernels alone and with the attention over its tiles;
+  ``learned_torch_selection_ms``: its PyTorch definition; ``learned_rows_identical``: rows on which both agree;
 * ``probe_selection_ms`` / ``probe_call_ms``: selector ``"probe"`` (the fused kernel of ``hf_sparsek.kernels.probe``:
   exact attention of every 16th query row; ``probe_stride32_selection_ms`` samples every 32nd) alone and as the
   whole call; ``probe_rows{64,256}_selection_ms``: the kernel with fewer / more sampled rows sharing each key load
@@ -172,21 +173,29 @@ def _bench_length(seq: int, heads: int, kv_heads: int, dim: int, dtype: torch.dt
 
 def _learned_cost(q, k, v, pattern: SparsePattern, bench) -> dict:
     """The learned selector's cost at inference (issue 23: no more than the training-free selector's): a fresh
-    per-layer scorer (the same ops and shapes as a trained one) choosing the pattern's budget, alone and with the
-    attention over its tiles (``selected_tiles``), as a model layer runs it (no decode store: a prefill)."""
+    per-layer scorer with perturbed weights (the same ops and shapes as a trained one) choosing the pattern's budget,
+    alone through the Triton kernels (the default on CUDA) and through the PyTorch definition, and with the attention
+    over its tiles (``selected_tiles``), as a model layer runs it (no decode store: a prefill).
+    ``learned_rows_identical``: the share of (query tile, KV head) rows whose tiles the two backends agree on."""
     from hf_sparsek.learned.selector import LearnedSelector
 
     selector = LearnedSelector([0], k.shape[1], q.shape[-1], pattern.block_size).to(q.device)
+    gen = torch.Generator(device=q.device).manual_seed(0)
+    with torch.no_grad():  # off the identity initialisation, so every term of the scorer does work
+        for p in selector.parameters():
+            p.add_(torch.randn(p.shape, generator=gen, device=q.device) * 0.05)
     learned = pattern.replace(selector="learned")
 
-    def select() -> torch.Tensor:
+    def select(backend: str = "auto") -> torch.Tensor:
         return selector.select(0, q, k, pattern.topk_blocks, pattern.sink_tokens, pattern.window, 0, 0, None,
-                               use_store=False)
+                               use_store=False, backend=backend)
 
     def call() -> torch.Tensor:
         return sparse_attention(q, k, v, learned, backend="triton", selected_tiles=select())
 
-    return {"learned_selection_ms": bench(select), "learned_call_ms": bench(call)}
+    same = (select("triton") == select("torch")).all(-1).float().mean().item()
+    return {"learned_selection_ms": bench(select), "learned_torch_selection_ms": bench(lambda: select("torch")),
+            "learned_call_ms": bench(call), "learned_rows_identical": same}
 
 
 def _load_minference(path: str | None):
