@@ -332,6 +332,34 @@ def test_generate_with_cache_equals_uncached_forward():
     torch.testing.assert_close(steps, full[:, prompt - 1 : -1], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("model_type", ["falcon", "deepseek_v3", "gemma3_text", "qwen3"])
+def test_generate_across_architectures(model_type):
+    """A fresh selector sized from the config (Falcon's single KV head, DeepSeek's latent attention with its own
+    query / key head dim, Gemma 3's sliding layers, Qwen 3's q/k norms): cached generate() with left padding equals
+    one uncached forward per step."""
+    from scripts.arch_sweep import tiny_config
+
+    config = tiny_config(model_type)
+    config.vocab_size = 100
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sparsek").eval()
+    hf_sparsek.set_pattern(model, {"block_size": BLOCK, "sink_tokens": 4, "window": 64, "topk_blocks": 2,
+                                   "selector": "learned"})
+    attach_selector(model, _perturbed(LearnedSelector.for_model(model, BLOCK), seed=2))
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(3, 100, (2, 200), generator=gen)
+    mask = torch.ones_like(ids)
+    ids[1, :70], mask[1, :70] = 0, 0
+    new = 8
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                         do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    full_mask = torch.cat([mask, torch.ones(2, new, dtype=mask.dtype)], 1)
+    with torch.no_grad():
+        full = model(input_ids=out.sequences, attention_mask=full_mask,
+                     position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0), use_cache=False).logits
+    torch.testing.assert_close(torch.stack(out.logits, 1), full[:, 199:-1], rtol=1e-4, atol=1e-4)
+
+
 def test_distil_save_reload_and_missing_scorer(tmp_path):
     model = _tiny(2, sharpen=4.0)
     model.save_pretrained(tmp_path / "base")

@@ -21,6 +21,20 @@ from .store import LayerStore
 SHORT_QUERY_TILES = 2  # calls with at most this many query tiles (decode) score in PyTorch
 
 
+def attention_shape(config: Any) -> tuple[int, int]:
+    """(KV heads, query / key head dim) of the tensors a layer hands the attention interface, from its config:
+    multi-head latent attention (DeepSeek V2 / V3: ``kv_lora_rank``) expands keys to every head with head dim
+    ``qk_head_dim``; Falcon's multi-query layers keep one KV head unless ``new_decoder_architecture``."""
+    heads = config.num_attention_heads
+    if getattr(config, "kv_lora_rank", None):
+        dim = getattr(config, "qk_head_dim", None) or config.qk_nope_head_dim + config.qk_rope_head_dim
+        return heads, dim
+    kv_heads = getattr(config, "num_key_value_heads", None) or getattr(config, "num_kv_heads", None) or heads
+    if getattr(config, "multi_query", False) and not getattr(config, "new_decoder_architecture", False):
+        kv_heads = 1
+    return kv_heads, getattr(config, "head_dim", None) or config.hidden_size // heads
+
+
 class LearnedSelector(nn.Module):
     """One :class:`LayerScorer` per attention layer that selects (``layers``), the block size they score, and the
     per-layer decode stores (kept outside the parameters; see :mod:`hf_sparsek.learned.store`).
@@ -52,9 +66,7 @@ class LearnedSelector(nn.Module):
                   ) -> LearnedSelector:
         """A fresh (training-free-equivalent) selector for every layer of ``model`` (or ``layers``)."""
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_heads, head_dim = attention_shape(config)
         layers = list(range(config.num_hidden_layers)) if layers is None else list(layers)
         return cls(layers, kv_heads, head_dim, block_size, mode)
 
