@@ -27,7 +27,7 @@ def _refresh_kernel(
     s_kb, s_kh, s_kl, s_kd, s_sb, s_fb, s_fh, s_fn, s_pb, s_ph,
     length, shift, stored, hi, old_pos, new_pos, H, D,
     BLOCK: tl.constexpr, ROWS: tl.constexpr, D_PAD: tl.constexpr, HAS_SEG: tl.constexpr, CHECK: tl.constexpr,
-    WRITE_FP: tl.constexpr,
+    WRITE_FP: tl.constexpr, LEARNED: tl.constexpr,
 ):
     p = tl.program_id(0)
     n_prog = tl.num_programs(0)
@@ -53,6 +53,7 @@ def _refresh_kernel(
     for t in range(lo + p, hi, n_prog):
         top = tl.full([D_PAD], float("-inf"), tl.float32)
         bottom = tl.full([D_PAD], float("inf"), tl.float32)
+        total = tl.zeros([D_PAD], dtype=tl.float32)
         count = tl.zeros([ROWS], dtype=tl.float32)
         for r0 in tl.static_range(0, BLOCK, ROWS):
             rows = t * BLOCK - shift + r0 + tl.arange(0, ROWS)
@@ -63,14 +64,21 @@ def _refresh_kernel(
             x = tl.load(kbase + rows.to(tl.int64)[:, None] * s_kl + d[None, :] * s_kd,
                         mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
             count += ok.to(tl.float32)
+            if LEARNED:
+                total += tl.sum(x, 0)
             top = tl.maximum(top, tl.max(tl.where(ok[:, None], x, float("-inf")), 0))
             bottom = tl.minimum(bottom, tl.min(tl.where(ok[:, None], x, float("inf")), 0))
         n = tl.sum(count, 0)
         out = fbase + t * s_fn  # < 2^31: tiles x feature columns of one (row, head)
         top = tl.where(n > 0, top, 0.0)
         bottom = tl.where(n > 0, bottom, 0.0)
-        tl.store(out + d, tl.where(d_ok, top, 0.0))
-        tl.store(out + D_PAD + d, tl.where(d_ok, bottom, 0.0))
+        if LEARNED:
+            tl.store(out + d, total / tl.maximum(n, 1.0), mask=d_ok)
+            tl.store(out + D + d, top, mask=d_ok)
+            tl.store(out + 2 * D + d, bottom, mask=d_ok)
+        else:
+            tl.store(out + d, tl.where(d_ok, top, 0.0))
+            tl.store(out + D_PAD + d, tl.where(d_ok, bottom, 0.0))
     if WRITE_FP:
         if p == 0:
             row = tl.load(kbase + new_pos * s_kl + d * s_kd, mask=d_ok, other=0.0)
@@ -92,18 +100,22 @@ def refresh_key_features(
     old_pos: int,
     new_pos: int,
     check: bool,
+    learned: bool = False,
 ) -> None:
     """Write tiles ``[start, hi)`` of ``features`` (B, Hkv, >= hi, 2 * D_pad) float32 from k (B, Hkv, kv_len, D),
     ``start`` = ``stored`` where the key at local index ``old_pos`` equals ``fp_old`` (B, Hkv, D) (only with
     ``check``), else 0, per (row, head); ``reused`` (B, Hkv) bool gets which started at ``stored``; ``fp_new``
     (B, Hkv, D), k's dtype, gets the key at ``new_pos`` (skipped when ``new_pos`` < 0). ``k_seg`` (B, kv_len): -1
-    marks padding keys (left out), or None."""
+    marks padding keys (left out), or None. ``learned``: ``features`` is (B, Hkv, >= hi, 3 D), ``[mean, max, min]``
+    per tile (the learned selector's store), not the mass layout."""
     batch, heads, length, dim = k.shape
-    d_pad = features.shape[-1] // 2
+    d_pad = max(16, 1 << max(0, (dim - 1).bit_length())) if learned else features.shape[-1] // 2
+    width_ok = features.shape[-1] == 3 * dim if learned else d_pad >= dim
     if (features.dim() != 4 or features.dtype != torch.float32 or tuple(features.shape[:2]) != (batch, heads)
-            or features.shape[2] < hi or d_pad < dim):
-        raise ValueError(f"features must be float32 (batch={batch}, kv_heads={heads}, >= {hi} tiles, 2 * D_pad >= "
-                         f"{2 * dim}), got {tuple(features.shape)} {features.dtype}")
+            or features.shape[2] < hi or not width_ok):
+        width = f"3 D = {3 * dim}" if learned else f"2 * D_pad >= {2 * dim}"
+        raise ValueError(f"features must be float32 (batch={batch}, kv_heads={heads}, >= {hi} tiles, {width}), got "
+                         f"{tuple(features.shape)} {features.dtype}")
     for name, fp in (("fp_old", fp_old), ("fp_new", fp_new)):
         if tuple(fp.shape) != (batch, heads, dim) or fp.dtype != k.dtype or not fp.is_contiguous():
             raise ValueError(f"{name} must be contiguous (batch, kv_heads, dim) {k.dtype}, got "
@@ -123,5 +135,5 @@ def refresh_key_features(
         *k.stride(), s_sb, *features.stride()[:3], fp_old.stride(0), fp_old.stride(1),
         length, kv_offset % block, stored, hi, max(old_pos, 0), max(new_pos, 0), heads, dim,
         BLOCK=block, ROWS=min(POOL_ROWS, block), D_PAD=d_pad, HAS_SEG=k_seg is not None, CHECK=check,
-        WRITE_FP=new_pos >= 0,
+        WRITE_FP=new_pos >= 0, LEARNED=learned,
     )

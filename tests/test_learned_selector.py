@@ -292,6 +292,46 @@ def test_store_incremental_equals_scratch():
     torch.testing.assert_close(store.key_features, key_tile_features(k_all[:, :, :128], valid[:, :128], 0, BLOCK))
 
 
+def test_store_on_the_device_equals_scratch(interpret):
+    """The Triton store (reuse decided on the device, no host read) keeps what recomputing from the keys gives,
+    through prefill, decode steps across tile boundaries, a cache swapped for other keys of the same shape (the
+    fingerprint catches it on the device) and a batch row whose fingerprint alone changed."""
+    gen = torch.Generator().manual_seed(6)
+    batch, hq, hkv, dim, total = 2, 4, 2, 8, 200
+    q_all = torch.randn(batch, hq, total, dim, generator=gen).to(torch.bfloat16)
+    k_all = torch.randn(batch, hkv, total, dim, generator=gen).to(torch.bfloat16)
+    valid = torch.ones(batch, total, dtype=torch.bool)
+    valid[0, :9] = False
+    selector = _perturbed(LearnedSelector([0], hkv, dim, BLOCK))
+    args = dict(topk=2, sink_tokens=4, window=64, kv_offset=0, backend="triton")
+
+    def step(k: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        return selector.select(0, q_all[:, :, lo:hi], k[:, :, :hi], q_offset=lo, valid=valid[:, :hi], **args)
+
+    def scratch(k: torch.Tensor, end: int) -> torch.Tensor:
+        return selector.select(0, q_all[:, :, :end], k[:, :, :end], q_offset=0, valid=valid[:, :end],
+                               use_store=False, **args)
+
+    step(k_all, 0, 120)
+    store = selector.stores[0]
+    for end in [*range(121, 132), *range(190, total)]:
+        if end == 190:
+            step(k_all, 131, 189)  # a chunk brings the cache to 189
+        tiles = step(k_all, end - 1, end)
+        assert torch.equal(tiles[:, :, -1], scratch(k_all, end)[:, :, -1]), end
+        complete = end // BLOCK
+        want = key_tile_features(k_all[:, :, : complete * BLOCK], valid[:, : complete * BLOCK], 0, BLOCK)
+        torch.testing.assert_close(store.key_features, want, rtol=1e-6, atol=1e-6)
+        assert bool(store.reused.all())
+    other = k_all.clone()
+    other[1] = torch.randn(hkv, total, dim, generator=gen).to(torch.bfloat16)  # row 1 now holds other keys
+    step(other, total - 1, total)  # the next decode step, over the swapped cache
+    assert store.reused.tolist() == [[True, True], [False, False]]
+    torch.testing.assert_close(store.key_features, key_tile_features(other[:, :, :192], valid[:, :192], 0, BLOCK),
+                               rtol=1e-6, atol=1e-6)
+    assert store.recomputed == 0  # the host never had to know
+
+
 # ------------------------------------------------------------------------------------------- the model paths
 PATTERN = {"block_size": BLOCK, "sink_tokens": 0, "window": 64, "topk_blocks": 2}
 

@@ -11,6 +11,12 @@ least as long as the stored tiles and the fingerprint matches (the stored tiles'
 position). Anything else (a new prompt, a cropped or reordered cache, a different batch) recomputes the key
 features from this call's keys; query state is kept only for a call that starts where the last one ended.
 Calls at kv_offset > 0 (sliding caches) never use the store.
+
+On the GPU (``use_triton``) the fingerprint is compared on the device, as the ``"mass"`` selector's store does
+(``hf_sparsek.kernels.selection_store`` with ``learned=True``): per (batch row, KV head) the kernel pools only the
+tiles that filled since the last call when the fingerprint matches, every complete tile when it does not, so a decode
+step reads no tensor on the host. What the host can tell from shapes (batch, heads, dtype, fewer complete tiles than
+kept) still restarts the store there; ``reused`` (B, Hkv) says on the device which rows the kernel continued.
 """
 
 from __future__ import annotations
@@ -35,6 +41,10 @@ class LayerStore:
     q_sum: torch.Tensor | None = None  # (B, Hkv, D): running sum of q_next's tile so far
     q_count: torch.Tensor | None = None  # (B, 1, 1) rows x heads so far
     recomputed: int = 0  # how many calls found the store unusable and recomputed (tests, diagnostics)
+    reused: torch.Tensor | None = None  # (B, Hkv) bool on the device (Triton path): rows the last call continued
+    _buffer: torch.Tensor | None = None  # Triton path: (B, Hkv, capacity, 3 D), key_features is its first tiles
+    _spare: torch.Tensor | None = None  # Triton path: the fingerprint buffer the next call writes
+    _signature: tuple | None = None  # Triton path: what the kept tiles were made for
 
     def reset(self) -> None:
         recomputed = self.recomputed
@@ -45,6 +55,8 @@ class LayerStore:
                          use_triton: bool = False) -> torch.Tensor:
         """Features of this call's complete key tiles (B, Hkv, n_complete, 3 D), from the store where it still
         describes these keys; new complete tiles are computed from their keys alone and kept."""
+        if use_triton and kv_offset == 0:
+            return self._key_features_triton(k, valid, block)
         batch, _, kv_len, _ = k.shape
         complete = kv_len // block
         usable = (kv_offset == 0 and self.batch == batch and self.key_features is not None
@@ -65,6 +77,43 @@ class LayerStore:
             self.key_features = torch.cat([old, new], dim=2)
             self.key_tiles = complete
             self.fingerprint = k[:, :, hi - 1].float().clone()
+        return self.key_features
+
+    def _key_features_triton(self, k: torch.Tensor, valid: torch.Tensor | None, block: int) -> torch.Tensor:
+        """:meth:`key_features_for` with the reuse decided on the device (module docstring): one launch, no host
+        read. Kept tiles live in a buffer with 1/8 headroom, so a decode step allocates nothing."""
+        from ..kernels.selection_store import refresh_key_features
+
+        batch, heads, kv_len, dim = k.shape
+        complete = kv_len // block
+        signature = (batch, heads, dim, k.dtype, k.device, block, valid is not None)
+        if signature != self._signature or self._buffer is None or self.key_tiles > complete:
+            if self._buffer is not None:
+                self.recomputed += 1
+            self._buffer, self.key_tiles, self.fingerprint, self._signature = None, 0, None, signature
+        self.batch = batch
+        if self._buffer is None or self._buffer.shape[2] < complete:
+            grown = torch.zeros(batch, heads, complete + complete // 8 + 16, 3 * dim, device=k.device,
+                                dtype=torch.float32)
+            if self.key_tiles:
+                grown[:, :, : self.key_tiles] = self._buffer[:, :, : self.key_tiles]
+            self._buffer = grown
+        if self._spare is None or self._spare.shape != (batch, heads, dim) or self._spare.dtype != k.dtype:
+            self._spare = torch.empty(batch, heads, dim, device=k.device, dtype=k.dtype)
+        if self.reused is None or self.reused.shape != (batch, heads) or self.reused.device != k.device:
+            self.reused = torch.zeros(batch, heads, device=k.device, dtype=torch.bool)
+        check = self.key_tiles > 0 and self.fingerprint is not None
+        seg = None if valid is None else (valid.to(torch.int32) - 1).contiguous()
+        refresh_key_features(k, seg, self._buffer, self.fingerprint if check else self._spare, self._spare,
+                             self.reused, kv_offset=0, block=block, stored=self.key_tiles if check else 0,
+                             hi=complete, old_pos=self.key_tiles * block - 1 if check else 0,
+                             new_pos=complete * block - 1 if complete else -1, check=check, learned=True)
+        if complete:
+            self.fingerprint, self._spare = self._spare, (self.fingerprint if check else None)
+        else:
+            self.fingerprint = None
+        self.key_tiles = complete
+        self.key_features = self._buffer[:, :, :complete]
         return self.key_features
 
     def query_sums_for(self, q: torch.Tensor, valid: torch.Tensor | None, q_offset: int, block: int, kv_heads: int,
