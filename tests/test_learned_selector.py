@@ -383,7 +383,11 @@ def test_generate_across_architectures(model_type):
     config.vocab_size = 100
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
-    model.set_attn_implementation("sparsek")  # transformers 5.17's Falcon looks its attention class up at init
+    try:
+        model.set_attn_implementation("sparsek")
+    except ValueError as err:  # transformers 5.17's Falcon computes attention in its own code: refused, by name
+        assert "attention interface" in str(err)
+        pytest.skip(f"{model_type} on this transformers: {err}")
     hf_sparsek.set_pattern(model, {"block_size": BLOCK, "sink_tokens": 4, "window": 64, "topk_blocks": 2,
                                    "selector": "learned"})
     attach_selector(model, _perturbed(LearnedSelector.for_model(model, BLOCK), seed=2))
