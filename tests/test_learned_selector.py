@@ -178,9 +178,9 @@ def test_triton_path_equals_slow_reference(case, interpret):
 
 
 def test_triton_decode_shapes_through_the_fused_kernel(interpret, monkeypatch):
-    """Decode calls (one query tile) score in PyTorch by default; forced through the fused kernel, a decode step
-    with padding and a longer cache chooses what the PyTorch path chooses, and the decode store keeps the same key
-    features with either backend."""
+    """Decode calls (one query tile) go through the fused kernel below ``SHORT_MIN_KEY_TILES`` key tiles and score
+    in PyTorch above it; both choose what the PyTorch backend chooses, with padding and a longer cache, and the
+    decode store keeps the same key features with either backend."""
     import hf_sparsek.learned.selector as selector_module
 
     gen = torch.Generator().manual_seed(11)
@@ -191,14 +191,16 @@ def test_triton_decode_shapes_through_the_fused_kernel(interpret, monkeypatch):
     valid[0, :90] = False
     selector = _perturbed(LearnedSelector([0], hkv, dim, BLOCK), seed=3)
     args = dict(topk=3, sink_tokens=4, window=64, kv_offset=0)
-    monkeypatch.setattr(selector_module, "SHORT_QUERY_TILES", 0)
-    for end in (641, 700):
-        qs, ks, vs = q[:, :, end - 1:end], k[:, :, :end], valid[:, :end]
-        fused = selector.select(0, qs, ks, q_offset=end - 1, valid=vs, use_store=False, backend="triton", **args)
-        torch_path = selector.select(0, qs, ks, q_offset=end - 1, valid=vs, use_store=False, backend="torch",
-                                     **args)
-        assert torch.equal(fused, torch_path), end
-        assert (fused >= 0).all()
+    for long_from in (256, 5):  # 11 key tiles: the fused kernel; then the PyTorch scoring from 5 key tiles on
+        monkeypatch.setattr(selector_module, "SHORT_MIN_KEY_TILES", long_from)
+        for end in (641, 700):
+            qs, ks, vs = q[:, :, end - 1:end], k[:, :, :end], valid[:, :end]
+            fused = selector.select(0, qs, ks, q_offset=end - 1, valid=vs, use_store=False, backend="triton",
+                                    **args)
+            torch_path = selector.select(0, qs, ks, q_offset=end - 1, valid=vs, use_store=False, backend="torch",
+                                         **args)
+            assert torch.equal(fused, torch_path), end
+            assert (fused >= 0).all()
     selector.select(0, q[:, :, :640], k[:, :, :640], q_offset=0, valid=valid[:, :640], backend="triton", **args)
     stored = selector.stores[0].key_features
     torch.testing.assert_close(stored, key_tile_features(k[:, :, :640], valid[:, :640], 0, BLOCK))

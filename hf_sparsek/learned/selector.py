@@ -18,7 +18,8 @@ from .features import (
 from .scorer import DISTANCE_BUCKETS, LayerScorer, hard_topk_tiles
 from .store import LayerStore
 
-SHORT_QUERY_TILES = 2  # calls with at most this many query tiles (decode) score in PyTorch
+SHORT_QUERY_TILES = 2  # calls with at most this many query tiles (decode) ...
+SHORT_MIN_KEY_TILES = 256  # ... and at least this many key tiles score in PyTorch (one program per KV head is slow)
 
 
 def attention_shape(config: Any) -> tuple[int, int]:
@@ -93,8 +94,9 @@ class LearnedSelector(nn.Module):
         a window the diagonal tile is added, so every row sees its own key. ``backend``: ``"auto"`` runs the Triton
         kernels (``hf_sparsek.kernels.learned_selection``: pooling, then logits and top-k fused) on CUDA and the
         PyTorch definition elsewhere; ``"torch"`` / ``"triton"`` force one (the latter also on CPU under
-        ``TRITON_INTERPRET=1``). Calls with at most ``SHORT_QUERY_TILES`` query tiles (decode) score in PyTorch on
-        either: one program per KV head would stream every key tile alone.
+        ``TRITON_INTERPRET=1``). Calls with at most ``SHORT_QUERY_TILES`` query tiles (decode) and at least
+        ``SHORT_MIN_KEY_TILES`` key tiles score in PyTorch on either: one program per KV head would stream every key
+        tile alone.
         """
         if backend not in ("auto", "torch", "triton"):
             raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
@@ -125,7 +127,7 @@ class LearnedSelector(nn.Module):
             qb = q_offset // block + torch.arange(n_q, device=q.device)
             kb = kv_offset // block + torch.arange(n_k, device=q.device)
             scorer = self.scorer(layer_idx)
-            if use_triton and n_q > SHORT_QUERY_TILES:
+            if use_triton and (n_q > SHORT_QUERY_TILES or n_k < SHORT_MIN_KEY_TILES):
                 tiles = _fused_tiles(scorer, q_feat, k_feat, n_q, block, q_offset, kv_offset, kv_len, sink_tokens,
                                      window, topk, valid)
             else:
