@@ -1,0 +1,109 @@
+"""Would a two-stage selector reach the oracle? Mass pre-selects candidates, an exact pass picks among them.
+
+    python -m scripts.experiments.candidate_recall --seq-len 4096 --topk 7 --out /tmp/candidate_recall.json
+
+On one window of a held-out play (SmolLM2-135M by default, float32, CPU), per layer: q and k of a dense forward
+(``eval.selection_recall.capture_qk``), the true attention mass of every (query tile, key tile) per KV head
+(``exact_tile_mass``, group mean), and for the pattern sink 64 + window 256 + ``--topk`` tiles of 64:
+
+* ``gain``: the true mass of the competing tiles a selector keeps, summed per query tile, relative to the oracle's
+  (the best ``topk`` by true mass; 1.0 = the oracle's);
+* ``mass``: today's ``"mass"`` selector; candidates ``c{c}``: the ``c x topk`` tiles it ranks first;
+  ``oracle_within_mass_c{c}``: the oracle restricted to those candidates, the ceiling of a second, exact
+  stage over them (what exact probing of the candidates could reach at most);
+* ``hit_mass_c{c}``: the share of the oracle's tiles among those candidates; ``probe``: selector ``"probe"``
+  (exact scores of every 16th row over every causal key) at ``topk``; ``_p10``: the 10th percentile over
+  (query tile, KV head) rows of the ratio (the rows that lose most).
+
+The question it answers: how many candidates must the cheap estimate pass on so that an exact second stage, whose
+cost then scales with the budget instead of the length, chooses about as well as the oracle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from eval.modeling import load_model
+from eval.offline import load_documents
+from eval.selection_recall import capture_qk
+from hf_sparsek.patterns import SparsePattern
+from hf_sparsek.selection import select_mass, select_probe
+from hf_sparsek.selection.oracle import exact_tile_mass
+from hf_sparsek.selection.tiles import choose_tiles, tile_grid
+from scripts.common import write_json
+
+
+def _gain(mass: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
+    """(B, Hkv, n_q) true mass of the chosen tiles (-1 = none; duplicates counted once)."""
+    chosen = torch.zeros_like(mass, dtype=torch.bool)
+    ok = tiles >= 0
+    chosen.scatter_(-1, tiles.clamp(min=0).long(), ok)
+    return (mass * chosen).sum(-1)
+
+
+def _within(tiles: torch.Tensor, n_k: int) -> torch.Tensor:
+    """(B, Hkv, n_q, n_k) bool: the tiles listed."""
+    member = torch.zeros(*tiles.shape[:3], n_k, dtype=torch.bool)
+    member.scatter_(-1, tiles.clamp(min=0).long(), tiles >= 0)
+    return member
+
+
+def layer_row(q: torch.Tensor, k: torch.Tensor, topk: int, factors: list[int]) -> dict:
+    pattern = SparsePattern(block_size=64, sink_tokens=64, window=256, topk_blocks=topk)
+    mass = exact_tile_mass(q, k, 64, 0, 0, None)
+    grid = tile_grid(q.shape[2], k.shape[2], 0, 0, None, pattern, q.shape[0], q.device)
+    oracle = choose_tiles(mass, grid, topk, None)
+    best = _gain(mass, oracle)
+    rows = best > 1e-6  # query tiles with something to choose
+    row: dict = {"oracle_gain": float(best[rows].mean())}
+
+    def rel(tiles: torch.Tensor, name: str) -> None:
+        ratio = _gain(mass, tiles)[rows] / best[rows]
+        row[name] = float(ratio.mean())
+        row[f"{name}_p10"] = float(ratio.quantile(0.1))  # the worst tenth of (query tile, KV head) rows
+
+    oracle_member = _within(oracle, mass.shape[-1])
+    for c in factors:
+        cand = select_mass(q, k, pattern.replace(topk_blocks=c * topk), 0, 0, None, backend="torch")
+        member = _within(cand, mass.shape[-1])
+        if c == 1:
+            rel(cand, "mass")
+        row[f"hit_mass_c{c}"] = float((oracle_member & member).sum() / oracle_member.sum().clamp(min=1))
+        rel(choose_tiles(mass.masked_fill(~member, -1.0), grid, topk, None), f"oracle_within_mass_c{c}")
+    rel(select_probe(q, k, pattern, 0, 0, None, stride=16), "probe")
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--seq-len", type=int, default=4096)
+    ap.add_argument("--topk", type=int, default=7)
+    ap.add_argument("--factors", default="1,2,4")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    factors = [int(x) for x in args.factors.split(",")]
+    torch.manual_seed(0)
+    model, tok, _ = load_model(args.model, torch.device("cpu"), torch.float32)
+    doc = load_documents("shakespeare")[-1]  # a held-out play (the learned selector's split keeps the last plays out)
+    ids = torch.tensor([tok(doc)["input_ids"][: args.seq_len]])
+    start = time.perf_counter()
+    captured = capture_qk(model, ids)
+    layers = []
+    for layer, (q, k, _) in sorted(captured.items()):
+        layers.append({"layer": layer, **layer_row(q, k, args.topk, factors)})
+        print(layers[-1], flush=True)
+    keys = [key for key in layers[0] if key != "layer"]
+    mean = {key: sum(r[key] for r in layers) / len(layers) for key in keys}
+    write_json(args.out, {"model": args.model, "seq_len": args.seq_len, "topk": args.topk,
+                          "seconds": round(time.perf_counter() - start, 1), "mean": mean, "layers": layers})
+    print("| measure | mean over layers |\n|---|---:|")
+    for key, value in mean.items():
+        print(f"| {key} | {value:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
