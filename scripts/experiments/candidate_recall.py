@@ -11,6 +11,9 @@ On one window of a held-out play (SmolLM2-135M by default, float32, CPU), per la
 * ``mass``: today's ``"mass"`` selector; candidates ``c{c}``: the ``c x topk`` tiles it ranks first;
   ``oracle_within_mass_c{c}``: the oracle restricted to those candidates, the ceiling of a second, exact
   stage over them (what exact probing of the candidates could reach at most);
+* ``probe_within_mass_c{c}``: probe's estimate (every 16th row, exact full-row softmax) ranks the candidates;
+  ``refine_c{c}``: the same with each sampled row's softmax over the candidates, the static tiles and the diagonal
+  only (what a second stage reading only those keys can compute);
 * ``hit_mass_c{c}``: the share of the oracle's tiles among those candidates; ``probe``: selector ``"probe"``
   (exact scores of every 16th row over every causal key) at ``topk``; ``_p10``: the 10th percentile over
   (query tile, KV head) rows of the ratio (the rows that lose most).
@@ -32,6 +35,7 @@ from eval.selection_recall import capture_qk
 from hf_sparsek.patterns import SparsePattern
 from hf_sparsek.selection import select_mass, select_probe
 from hf_sparsek.selection.oracle import exact_tile_mass
+from hf_sparsek.selection.probe import probe_rows
 from hf_sparsek.selection.tiles import choose_tiles, tile_grid
 from scripts.common import write_json
 
@@ -51,6 +55,26 @@ def _within(tiles: torch.Tensor, n_k: int) -> torch.Tensor:
     return member
 
 
+def restricted_probe_mass(q: torch.Tensor, k: torch.Tensor, allowed_tiles: torch.Tensor, stride: int,
+                          block: int = 64) -> torch.Tensor:
+    """(B, Hkv, n_q, n_k): probe's estimate (sampled rows, group mean) with each row's softmax over the keys of
+    ``allowed_tiles`` (B, Hkv, n_q, n_k) only, causal: what a second stage that reads only the candidates and the
+    static tiles can compute (no full-row normaliser)."""
+    batch, hq, length, dim = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    rows = probe_rows(length, 0, stride, q.device)
+    q_tile = rows // block
+    key_tile = torch.arange(length) // block
+    scores = torch.einsum("bhgrd,bhsd->bhgrs", q[:, :, rows].view(batch, hkv, group, -1, dim), k) / dim ** 0.5
+    allowed = allowed_tiles[:, :, q_tile][..., key_tile] & (torch.arange(length).view(1, -1) <= rows.view(-1, 1))
+    probs = scores.masked_fill(~allowed.unsqueeze(2), float("-inf")).softmax(-1).nan_to_num(0.0).mean(2)
+    per_tile = probs.view(batch, hkv, -1, length // block, block).sum(-1)  # (B, Hkv, R, n_k)
+    out = torch.zeros(batch, hkv, allowed_tiles.shape[2], allowed_tiles.shape[3])
+    out.index_add_(2, q_tile, per_tile)
+    return out / torch.bincount(q_tile, minlength=out.shape[2]).clamp(min=1).view(1, 1, -1, 1)
+
+
 def layer_row(q: torch.Tensor, k: torch.Tensor, topk: int, factors: list[int]) -> dict:
     pattern = SparsePattern(block_size=64, sink_tokens=64, window=256, topk_blocks=topk)
     mass = exact_tile_mass(q, k, 64, 0, 0, None)
@@ -66,6 +90,7 @@ def layer_row(q: torch.Tensor, k: torch.Tensor, topk: int, factors: list[int]) -
         row[f"{name}_p10"] = float(ratio.quantile(0.1))  # the worst tenth of (query tile, KV head) rows
 
     oracle_member = _within(oracle, mass.shape[-1])
+    probe = exact_tile_mass(q, k, 64, 0, 0, None, rows=probe_rows(q.shape[2], 0, 16, q.device))
     for c in factors:
         cand = select_mass(q, k, pattern.replace(topk_blocks=c * topk), 0, 0, None, backend="torch")
         member = _within(cand, mass.shape[-1])
@@ -73,6 +98,11 @@ def layer_row(q: torch.Tensor, k: torch.Tensor, topk: int, factors: list[int]) -
             rel(cand, "mass")
         row[f"hit_mass_c{c}"] = float((oracle_member & member).sum() / oracle_member.sum().clamp(min=1))
         rel(choose_tiles(mass.masked_fill(~member, -1.0), grid, topk, None), f"oracle_within_mass_c{c}")
+        rel(choose_tiles(probe.masked_fill(~member, -1.0), grid, topk, None), f"probe_within_mass_c{c}")
+        diagonal = torch.eye(mass.shape[2], mass.shape[3], dtype=torch.bool).view(1, 1, *mass.shape[2:])
+        allowed = member | grid.static_full | diagonal
+        refined = restricted_probe_mass(q, k, allowed, 16)
+        rel(choose_tiles(refined.masked_fill(~member, -1.0), grid, topk, None), f"refine_c{c}")
     rel(select_probe(q, k, pattern, 0, 0, None, stride=16), "probe")
     return row
 
