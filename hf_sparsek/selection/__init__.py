@@ -3,8 +3,9 @@
 ``select_tiles`` dispatches on ``pattern.selector`` (``resolved_selector``): ``"mass"`` (the default) estimates each
 key tile's attention mass per query head (:mod:`.mass`), ``"meanpool"`` is the pooled dot product of before
 (:mod:`.meanpool`), ``"probe"`` keeps the tiles with the most exact attention of sampled query rows (:mod:`.probe`),
-``"oracle"`` keeps the tiles with the most true attention mass (:mod:`.oracle`: dense scores, evaluation only),
-``"learned"`` tiles come from a trained scorer outside the op. Every selector returns
+``"refine"`` lets ``"mass"`` pass on 4x the budget and chooses among those by the exact attention of sampled rows
+(:mod:`.refine`), ``"oracle"`` keeps the tiles with the most true attention mass (:mod:`.oracle`: dense scores,
+evaluation only), ``"learned"`` tiles come from a trained scorer outside the op. Every selector returns
 (B, Hkv, n_q_tiles, topk_blocks) int32 key tile numbers on the absolute grid (-1 = none) without reading a tensor on
 the host, so it runs inside CUDA graphs and torch.compile.
 """
@@ -18,9 +19,11 @@ from .mass import select_mass
 from .meanpool import select_meanpool
 from .oracle import select_oracle
 from .probe import PROBE_STRIDE, select_probe
+from .refine import select_refine
 from .store import SelectionState
 
-__all__ = ["SelectionState", "select_mass", "select_meanpool", "select_oracle", "select_probe", "select_tiles"]
+__all__ = ["SelectionState", "select_mass", "select_meanpool", "select_oracle", "select_probe", "select_refine",
+           "select_tiles"]
 
 
 @torch.no_grad()
@@ -37,8 +40,8 @@ def select_tiles(
 
     q (B, Hq, q_len, D) at absolute positions ``q_offset + t``; k (B, Hkv, kv_len, D) at ``kv_offset + s``;
     ``k_seg`` (B, kv_len) int32 with -1 for padding keys, or None. ``selection_state``: the layer's kept key tile
-    features (:mod:`.store`), used by selector ``"mass"`` (a decode step then pools only the tile being filled);
-    ``"meanpool"`` ignores it and pools every key; None: no reuse.
+    features (:mod:`.store`), used by selectors ``"mass"`` and ``"refine"`` (a decode step then pools only the tile
+    being filled); the others ignore it; None: no reuse.
     """
     selector = pattern.resolved_selector
     if selector is None:
@@ -51,6 +54,8 @@ def select_tiles(
         return select_oracle(q, k, pattern, q_offset, kv_offset, k_seg)
     if selector == "probe":
         return select_probe(q, k, pattern, q_offset, kv_offset, k_seg, stride=pattern.probe_stride or PROBE_STRIDE)
+    if selector == "refine":
+        return select_refine(q, k, pattern, q_offset, kv_offset, k_seg, selection_state=selection_state)
     raise ValueError(f"selector {selector!r} cannot choose tiles inside the op: the tiles must come from the model's "
-                     "trained scorer (pass them as selected_tiles); selectors 'mass', 'meanpool', 'probe' and "
-                     "'oracle' select here")
+                     "trained scorer (pass them as selected_tiles); selectors 'mass', 'meanpool', 'probe', "
+                     "'refine' and 'oracle' select here")

@@ -39,13 +39,15 @@ def exact_tile_mass(q: torch.Tensor, k: torch.Tensor, block: int, q_offset: int,
 
 def tile_mass_within(q: torch.Tensor, k: torch.Tensor, block: int, q_offset: int, kv_offset: int,
                      k_seg: torch.Tensor | None, scale: float | None = None, keep: torch.Tensor | None = None,
-                     dtype: torch.dtype = torch.float32, rows: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     dtype: torch.dtype = torch.float32, rows: torch.Tensor | None = None,
+                     tiles: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`exact_tile_mass`, and with ``keep`` ((q_len, kv_len) bool, token-exact) also the part of each tile's
     mass on the kept pairs (None without ``keep``), from one pass over the dense scores (in ``dtype``).
 
     ``rows``: indices of the query rows to score (a sample; each query tile's mass is the mean over its sampled
-    real rows, a tile without one is all zero); None scores every row."""
+    real rows, a tile without one is all zero); None scores every row. ``tiles``: (B, Hkv, n_q, n_k) bool, the key
+    tiles each query tile's rows normalise over (their softmax runs over the causal real keys of those tiles only:
+    selector ``"refine"``'s second stage); None: every key tile."""
     batch, hq, q_len, dim = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     n_q = (q_offset % block + q_len + block - 1) // block
@@ -84,6 +86,9 @@ def tile_mass_within(q: torch.Tensor, k: torch.Tensor, block: int, q_offset: int
         allowed = (k_pos.view(1, -1) <= q_pos[t0:t1].view(-1, 1)).view(1, 1, 1, t1 - t0, kv_len)
         if key_ok is not None:
             allowed = allowed & key_ok
+        if tiles is not None:  # (B, Hkv, c, n_k) -> (B, Hkv, 1, c, kv_len) over the stored keys
+            per_key = tiles[:, :, q_tile[t0:t1]].repeat_interleave(block, -1)[..., k_shift: k_shift + kv_len]
+            allowed = allowed & per_key.unsqueeze(2)
         probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
         rows = row_ok[:, t0:t1].to(dtype)
         out.index_add_(2, q_tile[t0:t1], per_tile(probs, rows))

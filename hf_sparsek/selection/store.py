@@ -164,8 +164,8 @@ _STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def selection_state_for(module: torch.nn.Module, pattern: SparsePattern | None) -> SelectionState | None:
     """The :class:`SelectionState` kept for one attention module (one layer of one model) whose pattern selects
     with ``"mass"``, else None. Kept in a weak dictionary keyed by the module: it goes with the model, and two
-    models never share one."""
-    if pattern is None or pattern.topk_blocks is None or pattern.resolved_selector != "mass":
+    models never share one. Selector ``"refine"`` keeps one too: its first stage is ``"mass"``."""
+    if pattern is None or pattern.topk_blocks is None or pattern.resolved_selector not in ("mass", "refine"):
         return None
     state = _STATES.get(module)
     if state is None:

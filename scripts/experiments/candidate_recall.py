@@ -42,17 +42,12 @@ from scripts.common import write_json
 
 def _gain(mass: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
     """(B, Hkv, n_q) true mass of the chosen tiles (-1 = none; duplicates counted once)."""
-    chosen = torch.zeros_like(mass, dtype=torch.bool)
-    ok = tiles >= 0
-    chosen.scatter_(-1, tiles.clamp(min=0).long(), ok)
-    return (mass * chosen).sum(-1)
+    return (mass * _within(tiles, mass.shape[-1])).sum(-1)
 
 
 def _within(tiles: torch.Tensor, n_k: int) -> torch.Tensor:
     """(B, Hkv, n_q, n_k) bool: the tiles listed."""
-    member = torch.zeros(*tiles.shape[:3], n_k, dtype=torch.bool)
-    member.scatter_(-1, tiles.clamp(min=0).long(), tiles >= 0)
-    return member
+    return (tiles.unsqueeze(-1) == torch.arange(n_k)).any(-2)  # -1 matches no tile
 
 
 def restricted_probe_mass(q: torch.Tensor, k: torch.Tensor, allowed_tiles: torch.Tensor, stride: int,
