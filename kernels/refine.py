@@ -105,8 +105,9 @@ def _refine_kernel(
                           s_qd, s_kl, s_kd, ROWS, BLOCK, D, D_PAD, FC, HAS_SEG)
     for j in range(C):
         n = tl.load(c_ptr + j)
-        m_i, l_i = _visit(m_i, l_i, q_ptr, k_ptr, seg_ptr, rows_ok, pos, tl.maximum(n, 0), n >= 0, kb0, kv_offset,
-                          kv_len, scale, s_qd, s_kl, s_kd, ROWS, BLOCK, D, D_PAD, FC, HAS_SEG)
+        if n >= 0:  # empty slots (-1) cost nothing
+            m_i, l_i = _visit(m_i, l_i, q_ptr, k_ptr, seg_ptr, rows_ok, pos, n, True, kb0, kv_offset, kv_len, scale,
+                              s_qd, s_kl, s_kd, ROWS, BLOCK, D, D_PAD, FC, HAS_SEG)
     lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), 0.0)
     n_rows = tl.maximum(tl.sum(rows_ok.to(tl.float32), 0), 1.0)  # (sampled real row, head) pairs
 
@@ -116,13 +117,13 @@ def _refine_kernel(
     tiles = tl.full([CP], -1, tl.int32)
     for j in range(C):
         n = tl.load(c_ptr + j)
-        ok = n >= 0
-        x, allowed = _chunk_scores(q_ptr, k_ptr, seg_ptr, rows_ok & ((tl.full([ROWS], 1, tl.int32) * ok) != 0), pos,
-                                   (kb0 + tl.maximum(n, 0)) * BLOCK + tl.arange(0, BLOCK), kv_offset, kv_len, scale,
-                                   s_qd, s_kl, s_kd, ROWS, BLOCK, D, D_PAD, FC, HAS_SEG)
-        p = tl.sum(tl.sum(tl.where(allowed, tl.exp2(x - lse[:, None]), 0.0), 1), 0) / n_rows
-        mass = tl.where((jj == j) & ok, p, mass)
-        tiles = tl.where((jj == j) & ok, n, tiles)
+        if n >= 0:
+            x, allowed = _chunk_scores(q_ptr, k_ptr, seg_ptr, rows_ok, pos, (kb0 + n) * BLOCK + tl.arange(0, BLOCK),
+                                       kv_offset, kv_len, scale, s_qd, s_kl, s_kd, ROWS, BLOCK, D, D_PAD, FC,
+                                       HAS_SEG)
+            p = tl.sum(tl.sum(tl.where(allowed, tl.exp2(x - lse[:, None]), 0.0), 1), 0) / n_rows
+            mass = tl.where(jj == j, p, mass)
+            tiles = tl.where(jj == j, n, tiles)
 
     # top-k: the largest mass, equal masses the lower tile, TOPK times
     kk = tl.arange(0, KP)

@@ -19,6 +19,9 @@ length, medians of ``triton.testing.do_bench``:
   exact attention of every 16th query row; ``probe_stride32_selection_ms`` samples every 32nd) alone and as the
   whole call; ``probe_rows{64,256}_selection_ms``: the kernel with fewer / more sampled rows sharing each key load
   (default 128);
+* ``refine_selection_ms`` / ``refine_call_ms``: selector ``"refine"`` (``hf_sparsek.selection.refine``: the mass
+  kernel with 4x the budget, then the fused exact stage over those candidates) alone and as the whole call;
+  ``refine_stage2_ms``: its second stage alone on candidates made beforehand;
 * ``index_build_torch_ms`` / ``index_build_triton_ms``: the block index from the selected tiles, by the PyTorch
   ops or by the Triton list kernel (``build_block_index(builder=...)``; the call uses the kernel on CUDA);
 * with ``--minference-file``: ``minference_call_ms``, MInference's block-sparse top-k attention
@@ -55,6 +58,7 @@ from hf_sparsek.selection import select_meanpool  # noqa: E402
 from hf_sparsek.selection.mass import select_mass, tile_mass  # noqa: E402
 from hf_sparsek.selection.oracle import exact_tile_mass  # noqa: E402
 from hf_sparsek.selection.probe import probe_rows, select_probe  # noqa: E402
+from hf_sparsek.selection.refine import candidate_pattern, select_refine  # noqa: E402
 from hf_sparsek.selection.tiles import tile_grid  # noqa: E402
 from scripts.common import write_json  # noqa: E402
 
@@ -107,6 +111,9 @@ def _check(q, k, pattern) -> dict:
     probed = exact_tile_mass(q, k, pattern.block_size, 0, 0, None, rows=probe_rows(q.shape[2], 0, 16, q.device))
     out["probe"] = _agreement(select_probe(q, k, probe, 0, 0, None, backend="triton"),
                               select_probe(q, k, probe, 0, 0, None, backend="torch"), probed)
+    refine = pattern.replace(selector="refine")
+    out["refine"] = _agreement(select_refine(q, k, refine, 0, 0, None, backend="triton"),
+                               select_refine(q, k, refine, 0, 0, None, backend="torch"), probed)
     return out
 
 
@@ -146,6 +153,15 @@ def _bench_length(seq: int, heads: int, kv_heads: int, dim: int, dtype: torch.dt
         row[f"mass_rows{rows}_w{warps}_selection_ms"] = bench(mass_call)
         row[f"mass_rows{rows}_w{warps}_same_tiles"] = bool(torch.equal(mass_call(), mass_tiles))
     row.update(_learned_cost(q, k, v, pattern, bench))
+    refine = pattern.replace(selector="refine")
+    row["refine_selection_ms"] = bench(lambda: select_refine(q, k, refine, 0, 0, None, backend="triton"))
+    from hf_sparsek.kernels.refine import refine_candidates
+
+    candidates = select_mass(q, k, candidate_pattern(refine), 0, 0, None, backend="triton")
+    row["refine_stage2_ms"] = bench(lambda: refine_candidates(
+        q, k, None, None, None, candidates, block=pattern.block_size, q_offset=0, kv_offset=0,
+        sink=pattern.sink_tokens, topk=pattern.topk_blocks, window=pattern.window, scale=scale, stride=16))
+    row["refine_call_ms"] = bench(lambda: sparse_attention(q, k, v, refine, backend="triton"))
     row["probe_call_ms"] = bench(lambda: sparse_attention(q, k, v, probe, backend="triton"))
     row["attention_ms"] = bench(lambda: triton_block_sparse_attention(q, k, v, index, scale))
     row["call_ms"] = bench(lambda: sparse_attention(q, k, v, pattern, backend="triton"))
@@ -155,6 +171,7 @@ def _bench_length(seq: int, heads: int, kv_heads: int, dim: int, dtype: torch.dt
         row[f"index_build_{builder}_ms"] = bench(lambda b=builder: build_block_index(pattern, builder=b, **shape))
     row["selection_share_of_attention"] = row["selection_ms"] / row["attention_ms"]
     row["probe_share_of_attention"] = row["probe_selection_ms"] / row["attention_ms"]
+    row["refine_share_of_attention"] = row["refine_selection_ms"] / row["attention_ms"]
     row["meets_target"] = row["selection_share_of_attention"] <= TARGET_SHARE
     if minference is not None:
         visited = int((index.full_count + index.part_count).max().item())
