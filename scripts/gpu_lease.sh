@@ -7,14 +7,16 @@
 #   step  carry                           does                                                      about
 #   1     .carry/sm1 .carry/minference    stage SmolLM2 part 1 + gguf; gpu_selection (with MInference's 2 min
 #                                         block_sparse_flash_attention.py where carried, not in git)
-#   2     .carry/sm2 .carry/learned       gpu_learned SmolLM2 8K (probe, oracle, learned, passkey)   4 min
+#   2     .carry/sm2 .carry/learned       gpu_learned SmolLM2 8K (probe, refine, oracle, learned,    5 min
+#                                         passkey)
 #   3     .carry/g1                       stage Gemma part 1; gpu_decode (SKIP_DECODE=1: not)          3 min
 #   4     .carry/g2                       stage Gemma part 2                                         -
 #   5     .carry/g3                       stage Gemma part 3                                         -
-#   6     .carry/g4                       gpu_learned Gemma 3 32K (12.5% and 6.2% budgets, passkey)  5 min
+#   6     .carry/g4                       gpu_learned Gemma 3 32K (12.5% and 6.2% budgets, passkey)  6 min
 #   7     .carry/g4                       gpu_eval Gemma 3 16K + 32K perplexity by selector and       9 min
 #                                         budget composition, passkey
-#   8     .carry/g4                       gpu_learned Gemma 3 16K (24.6% and 12.5% budgets, passkey)  4 min
+#   8     .carry/g4                       gpu_learned Gemma 3 16K (24.6% and 12.5% budgets, passkey)  5 min
+#   (gpu_learned's rows: static, mass, probe, refine with strides 16 and 4, oracle, learned, per budget)
 #
 # Results land under $OUT/<step name>/; commit them under scripts/results/ (one file per benchmark). Run each step as
 # `HF_SPARSEK_COMMIT=<git rev-parse HEAD here> OUT=$OUT bash scripts/gpu_lease.sh STEP`.
