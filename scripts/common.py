@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import subprocess
@@ -79,16 +80,25 @@ def bench_ms(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> floa
     return sorted(times)[1]
 
 
+@functools.lru_cache(maxsize=1)
 def _commit() -> str:
     """The commit of the code that ran: ``HF_SPARSEK_COMMIT`` when set (a device copy or an archive has no history of
-    its own), else ``git rev-parse HEAD``."""
+    its own), else ``git rev-parse HEAD`` with ``-dirty`` when tracked files differ from it. Read once, when this
+    module is imported (the start of a run): a long run must not take the commit the tree has when it ends."""
     if os.environ.get("HF_SPARSEK_COMMIT"):
         return os.environ["HF_SPARSEK_COMMIT"]
     try:
         done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else "unknown"
+    if done.returncode != 0 or not done.stdout.strip():
+        return "unknown"
+    return done.stdout.strip() + ("-dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+
+
+_commit()  # pinned at the start of the run
 
 
 def run_metadata() -> dict:
