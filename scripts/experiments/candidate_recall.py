@@ -4,7 +4,7 @@
 
 On one window of a held-out play (SmolLM2-135M by default, float32, CPU), per layer: q and k of a dense forward
 (``eval.selection_recall.capture_qk``), the true attention mass of every (query tile, key tile) per KV head
-(``exact_tile_mass``, group mean), and for the pattern sink 64 + window 256 + ``--topk`` tiles of 64:
+(``exact_tile_mass``, group mean), and for the pattern sink 64 + ``--window`` (256) + ``--topk`` tiles of 64:
 
 * ``gain``: the true mass of the competing tiles a selector keeps, summed per query tile, relative to the oracle's
   (the best ``topk`` by true mass; 1.0 = the oracle's);
@@ -70,8 +70,8 @@ def restricted_probe_mass(q: torch.Tensor, k: torch.Tensor, allowed_tiles: torch
     return out / torch.bincount(q_tile, minlength=out.shape[2]).clamp(min=1).view(1, 1, -1, 1)
 
 
-def layer_row(q: torch.Tensor, k: torch.Tensor, topk: int, factors: list[int]) -> dict:
-    pattern = SparsePattern(block_size=64, sink_tokens=64, window=256, topk_blocks=topk)
+def layer_row(q: torch.Tensor, k: torch.Tensor, topk: int, factors: list[int], window: int = 256) -> dict:
+    pattern = SparsePattern(block_size=64, sink_tokens=64, window=window, topk_blocks=topk)
     mass = exact_tile_mass(q, k, 64, 0, 0, None)
     grid = tile_grid(q.shape[2], k.shape[2], 0, 0, None, pattern, q.shape[0], q.device)
     oracle = choose_tiles(mass, grid, topk, None)
@@ -107,6 +107,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--topk", type=int, default=7)
+    ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--factors", default="1,2,4")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -119,11 +120,11 @@ def main() -> None:
     captured = capture_qk(model, ids)
     layers = []
     for layer, (q, k, _) in sorted(captured.items()):
-        layers.append({"layer": layer, **layer_row(q, k, args.topk, factors)})
+        layers.append({"layer": layer, **layer_row(q, k, args.topk, factors, args.window)})
         print(layers[-1], flush=True)
     keys = [key for key in layers[0] if key != "layer"]
     mean = {key: sum(r[key] for r in layers) / len(layers) for key in keys}
-    write_json(args.out, {"model": args.model, "seq_len": args.seq_len, "topk": args.topk,
+    write_json(args.out, {"model": args.model, "seq_len": args.seq_len, "topk": args.topk, "window": args.window,
                           "seconds": round(time.perf_counter() - start, 1), "mean": mean, "layers": layers})
     print("| measure | mean over layers |\n|---|---:|")
     for key, value in mean.items():
