@@ -158,16 +158,19 @@ def test_pattern_rules():
         SparsePattern(block_size=BLOCK, window=64, topk_blocks=3, selector="mass", probe_stride=8)
 
 
-def test_select_tiles_dispatches_and_prefers_the_heavier_tile():
-    """A key tile that one sampled row attends strongly wins over tiles the mass bound ranks higher."""
+def test_select_tiles_dispatches_and_the_exact_stage_overrules_the_bound():
+    """Tile 2 holds a key the last tile's sampled last row attends strongly; tile 4 a key along the tile's mean
+    query, which the mass bound (mean query) ranks first. Refine, choosing among mass's candidates by the sampled
+    rows' exact scores, keeps tile 2, as the probe does; "mass" keeps tile 4."""
     q, k, _ = _inputs(1, 2, 1, 512, 512, 16, 0, 3)
     pattern = SparsePattern(block_size=BLOCK, sink_tokens=0, window=64, topk_blocks=1, selector="refine")
     tiles = select_tiles(q, k, pattern, 0, 0, None)
     assert tiles.shape == (1, 1, 8, 1) and torch.equal(tiles, select_refine(q, k, pattern, 0, 0, None))
     k2 = k.clone()
-    k2[0, 0, 130] = q[0, 0, 511] * 4  # a far key the last row of the last tile attends almost alone
-    chosen = select_refine(q, k2, pattern, 0, 0, None)
-    assert chosen[0, 0, -1, 0] == 2
+    k2[0, 0, 130] = q[0, 0, 511] * 4
+    k2[0, 0, 270] = q[0, :, 448:512].mean((0, 1)) * 10
+    assert select_mass(q, k2, pattern.replace(selector="mass"), 0, 0, None, backend="torch")[0, 0, -1, 0] == 4
+    assert select_refine(q, k2, pattern, 0, 0, None)[0, 0, -1, 0] == 2
 
 
 def test_generate_runs_with_refine_and_matches_the_reference_kernels(interpret):
