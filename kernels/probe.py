@@ -65,6 +65,23 @@ def _chunk_scores(q_ptr, k_ptr, seg_ptr, rows_ok, pos, kpos, kv_offset, kv_len, 
 
 
 @triton.jit
+def sampled_rows(Q, seg_ptr, s_qb, s_qh, s_ql, b, g, qb_r, slot, h_r, row_ok, q_offset, q_end, q_start,
+                 GROUP: tl.constexpr, STRIDE: tl.constexpr, BLOCK: tl.constexpr, QUERY_SEG: tl.constexpr):
+    """Per (query tile ``qb_r``, sample slot, head ``h_r``) row: its absolute position (the slot's stride's last
+    position, or the call's last row inside it), whether it is a real sampled row, and its query pointers (ROWS, 1).
+    Shared by selectors "probe" and "refine" (``kernels.refine``)."""
+    first = qb_r * BLOCK + slot * STRIDE
+    pos = tl.minimum(first + STRIDE - 1, q_end - 1)
+    rows_ok = row_ok & (h_r < GROUP) & (first < q_end) & (pos >= q_offset)
+    t = pos - q_offset
+    if QUERY_SEG:
+        rows_ok = rows_ok & (tl.load(seg_ptr + q_start + t, mask=rows_ok, other=-1) >= 0)
+    q_ptr = (Q + b.to(tl.int64) * s_qb + (g * GROUP + h_r).to(tl.int64)[:, None] * s_qh
+             + t.to(tl.int64)[:, None] * s_ql)
+    return pos, rows_ok, q_ptr
+
+
+@triton.jit
 def _probe_kernel(
     Q, K, SEG, CNT, SINK_ONLY, OUT,
     s_qb, s_qh, s_ql, s_qd, s_kb, s_kh, s_kl, s_kd, s_sb, s_cb, s_ob, s_oh, s_om,
@@ -88,15 +105,9 @@ def _probe_kernel(
     m_r = pid_m * BM + r // PER_TILE
     slot = (r // HG_P) % SLOTS
     h_r = r % HG_P
-    first = (qb0 + m_r) * BLOCK + slot * STRIDE  # the slot's stride of absolute positions
-    pos = tl.minimum(first + STRIDE - 1, q_end - 1)  # its last position, or the call's last row inside it
-    rows_ok = (h_r < GROUP) & (m_r < n_q) & (first < q_end) & (pos >= q_offset)
-    t = pos - q_offset
     seg_ptr = SEG + b.to(tl.int64) * s_sb
-    if QUERY_SEG:
-        rows_ok = rows_ok & (tl.load(seg_ptr + q_start + t, mask=rows_ok, other=-1) >= 0)
-    q_ptr = (Q + b.to(tl.int64) * s_qb + (g * GROUP + h_r).to(tl.int64)[:, None] * s_qh
-             + t.to(tl.int64)[:, None] * s_ql)
+    pos, rows_ok, q_ptr = sampled_rows(Q, seg_ptr, s_qb, s_qh, s_ql, b, g, qb0 + m_r, slot, h_r, m_r < n_q,
+                                       q_offset, q_end, q_start, GROUP, STRIDE, BLOCK, QUERY_SEG)
     k_ptr = K + b.to(tl.int64) * s_kb + g.to(tl.int64) * s_kh
     c_ptr = CNT + b.to(tl.int64) * s_cb
     s_ptr = SINK_ONLY + b.to(tl.int64) * s_cb

@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .probe import _chunk_scores
-from .selection import FEATURE_CHUNK, NEG, ROWS_MIN, _next_pow2
+from .probe import _chunk_scores, sampled_rows
+from .selection import FEATURE_CHUNK, NEG, ROWS_MIN, _next_pow2, prepare_call
 
 
 @triton.jit
@@ -62,15 +62,9 @@ def _refine_kernel(
     r = tl.arange(0, ROWS)
     slot = r // HG_P
     h_r = r % HG_P
-    first = qb * BLOCK + slot * STRIDE
-    pos = tl.minimum(first + STRIDE - 1, q_end - 1)
-    rows_ok = (slot < SLOTS) & (h_r < GROUP) & (first < q_end) & (pos >= q_offset)
-    t = pos - q_offset
     seg_ptr = SEG + b.to(tl.int64) * s_sb
-    if QUERY_SEG:
-        rows_ok = rows_ok & (tl.load(seg_ptr + q_start + t, mask=rows_ok, other=-1) >= 0)
-    q_ptr = (Q + b.to(tl.int64) * s_qb + (g * GROUP + h_r).to(tl.int64)[:, None] * s_qh
-             + t.to(tl.int64)[:, None] * s_ql)
+    pos, rows_ok, q_ptr = sampled_rows(Q, seg_ptr, s_qb, s_qh, s_ql, b, g, qb, slot, h_r, slot < SLOTS, q_offset,
+                                       q_end, q_start, GROUP, STRIDE, BLOCK, QUERY_SEG)
     k_ptr = K + b.to(tl.int64) * s_kb + g.to(tl.int64) * s_kh
     diag = qb - kb0  # the query tile's own key tile (relative); later tiles are not causal
 
@@ -167,18 +161,10 @@ def refine_candidates(
     if stride < 1 or stride & (stride - 1) or block % stride:
         raise ValueError(f"the refine kernel samples one row per stride: a power of two dividing block={block}, got "
                          f"stride={stride}")
-    if k.shape[0] != batch or k.shape[3] != dim or hkv < 1 or hq % hkv:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)}: need the same batch and head dim, and query "
-                         "heads a multiple of KV heads")
-    n_q = (q_offset % block + q_len + block - 1) // block
-    n_k = (kv_offset % block + kv_len + block - 1) // block
+    n_q, n_k, out, _, _, has_info = prepare_call(q, k, key_count, sink_only, block, q_offset, kv_offset, topk)
     if candidates.dim() != 4 or tuple(candidates.shape[:3]) != (batch, hkv, n_q):
         raise ValueError(f"candidates must be (batch={batch}, kv_heads={hkv}, query tiles={n_q}, C), got "
                          f"{tuple(candidates.shape)}")
-    has_info = key_count is not None
-    if has_info != (sink_only is not None):
-        raise ValueError("key_count and sink_only come together (padding) or not at all")
-    out = torch.empty(batch, hkv, n_q, topk, dtype=torch.int32, device=q.device)
     if out.numel() == 0:
         return out
     candidates = candidates.to(torch.int32)
