@@ -1,9 +1,9 @@
 """Selector ``"refine"``: the ``"mass"`` estimate passes candidates on, exact scores of sampled rows choose among them.
 
-Why (``scripts/experiments/candidate_recall.py``, SmolLM2-135M at 4K, top-7 of 64-token tiles, CPU, the file
-``scripts/results/candidate_recall_smollm2-135m_4k_cpu.json``): ``"mass"`` keeps 0.897 of the oracle's true tile
-mass (its worst tenth of rows 0.740), ``"probe"`` 0.978 (0.932); the oracle's own choice is found among mass's top
-4k tiles 99.3% of the time, and probe's estimate restricted to them keeps 0.977 (0.930). So the exact stage need
+Why (``scripts/experiments/candidate_recall.py``, SmolLM2-135M at 4K, top-7 of 64-token tiles, CPU; its output ``git
+show 9d20d58:scripts/results/candidate_recall_smollm2-135m_4k_cpu.json``): ``"mass"`` keeps 0.897 of the oracle's true
+tile mass (its worst tenth of rows 0.740), ``"probe"`` 0.978 (0.932); the oracle's own choice is found among mass's
+top 4k tiles 99.3% of the time, and probe's estimate restricted to them keeps 0.977 (0.930). So the exact stage need
 not read every causal key, only the candidates: its work scales with the budget, not with the length.
 
 Definition:
