@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .selection import load_rows, tile_rows
+
 NONE: tl.constexpr = tl.constexpr(-1.0e30)  # not competing / empty slot: below any real logit
 FULL: tl.constexpr = tl.constexpr(1.0e30)  # a slot past TOPK: never the smallest, never replaced
 POOL_ROWS = 32  # rows of a tile loaded at once by the pooling kernel
@@ -48,16 +50,11 @@ def _tile_pool_kernel(
     lo = tl.full([D_PAD], float("inf"), tl.float32)
     count = tl.zeros([ROWS], dtype=tl.float32)
     for r0 in tl.static_range(0, BLOCK, ROWS):
-        rows = t * BLOCK - shift + r0 + tl.arange(0, ROWS)
-        ok = (rows >= 0) & (rows < length)
-        if HAS_SEG:
-            seg = tl.load(SEG + b.to(tl.int64) * s_sb + seg_start + rows, mask=ok, other=-1)
-            ok = ok & (seg >= 0)
+        rows, ok = tile_rows(SEG + b.to(tl.int64) * s_sb + seg_start, t, r0, shift, length, BLOCK, ROWS, HAS_SEG)
         count += ok.to(tl.float32)
         for j in tl.static_range(GROUP):
-            base = X + b.to(tl.int64) * s_xb + (g * GROUP + j).to(tl.int64) * s_xh
-            x = tl.load(base + rows.to(tl.int64)[:, None] * s_xl + d[None, :] * s_xd,
-                        mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            x = load_rows(X + b.to(tl.int64) * s_xb + (g * GROUP + j).to(tl.int64) * s_xh, rows, ok, d, d_ok, s_xl,
+                          s_xd)
             total += tl.sum(x, 0)
             if KEY_STATS:
                 hi = tl.maximum(hi, tl.max(tl.where(ok[:, None], x, float("-inf")), 0))

@@ -35,6 +35,24 @@ FEATURE_CHUNK = 64  # feature columns per dot product (bounds registers at head 
 
 
 @triton.jit
+def tile_rows(seg_ptr, t, r0, shift, length, BLOCK: tl.constexpr, ROWS: tl.constexpr, HAS_SEG: tl.constexpr):
+    """Storage rows ``r0 .. r0 + ROWS - 1`` of absolute-grid tile ``t`` (``shift`` grid rows before storage row 0)
+    and which are real: stored, and not padding (``seg_ptr[row] < 0``). Shared by every tile-pooling kernel."""
+    rows = t * BLOCK - shift + r0 + tl.arange(0, ROWS)
+    ok = (rows >= 0) & (rows < length)
+    if HAS_SEG:
+        ok = ok & (tl.load(seg_ptr + rows, mask=ok, other=-1) >= 0)
+    return rows, ok
+
+
+@triton.jit
+def load_rows(base, rows, ok, d, d_ok, s_l, s_d):
+    """(ROWS, D_PAD) float32 of ``rows`` (zeros where not ``ok`` or past the head dim)."""
+    return tl.load(base + rows.to(tl.int64)[:, None] * s_l + d[None, :] * s_d, mask=ok[:, None] & d_ok[None, :],
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _pool_kernel(
     X, SEG, OUT,
     s_xb, s_xh, s_xl, s_xd, s_sb, s_ob, s_oh, s_on,
@@ -53,13 +71,8 @@ def _pool_kernel(
     count = tl.zeros([ROWS], dtype=tl.float32)
     base = X + b.to(tl.int64) * s_xb + h.to(tl.int64) * s_xh
     for r0 in tl.static_range(0, BLOCK, ROWS):
-        rows = t * BLOCK - shift + r0 + tl.arange(0, ROWS)
-        ok = (rows >= 0) & (rows < length)
-        if HAS_SEG:
-            seg = tl.load(SEG + b.to(tl.int64) * s_sb + seg_start + rows, mask=ok, other=-1)
-            ok = ok & (seg >= 0)
-        x = tl.load(base + rows.to(tl.int64)[:, None] * s_xl + d[None, :] * s_xd, mask=ok[:, None] & d_ok[None, :],
-                    other=0.0).to(tl.float32)
+        rows, ok = tile_rows(SEG + b.to(tl.int64) * s_sb + seg_start, t, r0, shift, length, BLOCK, ROWS, HAS_SEG)
+        x = load_rows(base, rows, ok, d, d_ok, s_xl, s_xd)
         count += ok.to(tl.float32)
         if IS_QUERY:
             total += tl.sum(x, 0)

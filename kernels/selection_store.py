@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .selection import load_rows, tile_rows
+
 POOL_ROWS = 32  # rows of a tile loaded at once
 CHECK_PROGRAMS = 64  # programs per (row, head) when reuse is decided on the device: the recompute's parallelism
 
@@ -56,13 +58,8 @@ def _refresh_kernel(
         total = tl.zeros([D_PAD], dtype=tl.float32)
         count = tl.zeros([ROWS], dtype=tl.float32)
         for r0 in tl.static_range(0, BLOCK, ROWS):
-            rows = t * BLOCK - shift + r0 + tl.arange(0, ROWS)
-            ok = (rows >= 0) & (rows < length)
-            if HAS_SEG:
-                seg = tl.load(SEG + b.to(tl.int64) * s_sb + rows, mask=ok, other=-1)
-                ok = ok & (seg >= 0)
-            x = tl.load(kbase + rows.to(tl.int64)[:, None] * s_kl + d[None, :] * s_kd,
-                        mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            rows, ok = tile_rows(SEG + b.to(tl.int64) * s_sb, t, r0, shift, length, BLOCK, ROWS, HAS_SEG)
+            x = load_rows(kbase, rows, ok, d, d_ok, s_kl, s_kd)
             count += ok.to(tl.float32)
             if LEARNED:
                 total += tl.sum(x, 0)
