@@ -207,10 +207,10 @@ def test_triton_decode_shapes_through_the_fused_kernel(interpret, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("dim", [64, 80, 128])
+@pytest.mark.parametrize("dim", [64, 80, 128, 256])
 def test_triton_pooling_and_gate_widths(dtype, dim, interpret):
     """Pooling reads q / k in their own dtype (bf16: no float copy) and equals the float PyTorch features; head dims
-    64 / 80 / 128 (80 is zero-padded to the gate's width) choose the PyTorch path's tiles."""
+    64 / 80 / 128 / 256 (80 is zero-padded to the gate's width) choose the PyTorch path's tiles."""
     from hf_sparsek.learned.features import query_tile_sums
 
     gen = torch.Generator().manual_seed(dim)

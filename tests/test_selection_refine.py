@@ -124,6 +124,7 @@ KERNEL_CASES = [  # batch, hq, hkv, q_len, kv_len, q_offset, padded, sink, windo
     ("sliding-kv100", 1, 2, 2, 150, 300, 250, 0, 8, 100, 3, 16, 8),
     ("headdim128-stride32", 1, 4, 2, 260, 260, 0, 0, 4, 64, 2, 128, 32),
     ("all-sink", 1, 2, 1, 140, 140, 0, 0, 200, None, 2, 16, 16),
+    ("headdim256-MQA", 1, 4, 1, 300, 300, 0, 0, 64, 128, 3, 256, 16),  # Gemma 3's shape
 ]
 
 
