@@ -68,7 +68,7 @@ class LayerStore:
             if self.key_features is not None:
                 self.recomputed += 1
             self.batch, self.key_tiles = batch, 0
-            self.key_features = k.new_zeros(batch, k.shape[1], 0, 0, dtype=torch.float32)
+            self.key_features = k.new_zeros(batch, k.shape[1], 0, 3 * k.shape[-1], dtype=torch.float32)
         if complete > self.key_tiles:
             lo, hi = self.key_tiles * block, complete * block
             part_valid = None if valid is None else valid[:, lo:hi]
