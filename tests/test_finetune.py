@@ -16,7 +16,14 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 import hf_sparsek
 from hf_sparsek.finetune import PATTERN_FILE, FinetuneConfig, checks, finetune, load_finetuned, load_model
 from hf_sparsek.finetune import cli as ft_cli
-from hf_sparsek.finetune.packing import IGNORE_INDEX, PackedDataset, collate_packed, pack_documents, segment_ids
+from hf_sparsek.finetune.packing import (
+    IGNORE_INDEX,
+    PackedDataset,
+    collate_packed,
+    document_rows,
+    pack_documents,
+    segment_ids,
+)
 
 PATTERN = hf_sparsek.SparsePattern(block_size=64, sink_tokens=4, window=64)
 SEQ = 192
@@ -211,6 +218,52 @@ def test_clear_errors(tiny_dir, tmp_path):
     LlamaConfig(**{**_tiny_config().to_dict(), "attention_dropout": 0.1}).save_pretrained(tmp_path / "drop")
     with pytest.raises(ValueError, match="attention_dropout"):
         load_model(str(tmp_path / "drop"))
+
+
+def test_lora_under_the_learned_selector(tiny_dir, tmp_path):
+    """A model whose pattern uses selector "learned" (a scorer beside its weights, as ``hf-sparsek distill``
+    writes): LoRA trains under it on rows cut from single documents (the selector refuses segment ids), and the
+    merged model in final/ carries the scorer: from_pretrained(final) selects as the trained model did. Without a
+    scorer the run stops before training, saying how to get one."""
+    from hf_sparsek.learned import SCORER_FILE, LearnedSelector, load_selector, save_selector
+
+    learned = {"block_size": 64, "sink_tokens": 4, "window": 64, "topk_blocks": 1, "selector": "learned"}
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    hf_sparsek.set_pattern(base, learned)
+    base.save_pretrained(tmp_path / "base")
+    selector = LearnedSelector.for_model(base, 64)
+    with torch.no_grad():
+        for p in selector.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    save_selector(selector, tmp_path / "base")
+
+    gen = torch.Generator().manual_seed(3)
+    docs = [torch.randint(3, 48, (n,), generator=gen).tolist() for n in (450, 200, 390, 300)]
+    (tmp_path / "docs.json").write_text(json.dumps(docs))
+    data = ["--train-data", str(tmp_path / "docs.json"), "--heldout-docs", "1", "--pattern", json.dumps(learned)]
+    result = finetune(_cli_config(str(tmp_path / "base"), tmp_path / "run", *data, "--lora-r", "4",
+                                  "--max-steps", "2"))
+    assert result.metrics["rows"] == "documents"
+    assert result.metrics["train_rows"] == len(document_rows(docs[:-1], SEQ)) == 5  # 2 + 1 + 2 rows of 192
+    assert result.metrics["eval_after"]["windows"] == 2
+    assert (tmp_path / "run" / "final" / SCORER_FILE).is_file()
+    assert torch.equal(load_selector(tmp_path / "run" / "final").scorer(0).wq, selector.scorer(0).wq)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final", attn_implementation="sparsek")
+    probe = _probe()
+    torch.testing.assert_close(_logits(merged, probe), _logits(result.model, probe), rtol=1e-5, atol=1e-5)
+
+    (tmp_path / "base" / SCORER_FILE).unlink()
+    with pytest.raises(ValueError, match="no learned scorer was found"):
+        finetune(_cli_config(str(tmp_path / "base"), tmp_path / "run2", *data))
+    assert not (tmp_path / "run2").exists()
+
+
+def test_document_rows_never_cross_a_document():
+    docs = [list(range(10)), list(range(100, 103)), list(range(200, 216))]
+    rows = document_rows(docs, 5)
+    assert [r.input_ids for r in rows] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [200, 201, 202, 203, 204],
+                                           [205, 206, 207, 208, 209], [210, 211, 212, 213, 214]]
+    assert all(r.position_ids == list(range(5)) and r.labels[0] == IGNORE_INDEX for r in rows)
 
 
 def test_bf16_on_a_gpu_without_bf16_is_refused(monkeypatch):

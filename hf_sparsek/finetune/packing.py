@@ -81,6 +81,22 @@ def pack_documents(
     return rows
 
 
+def document_rows(docs: Sequence[Sequence[int]], seq_len: int) -> list[PackedRow]:
+    """Rows of ``seq_len`` tokens, each cut from one document (positions 0..seq_len-1, no boundary inside a row);
+    a document's last piece shorter than ``seq_len`` is dropped. For patterns whose selector scores a row as one
+    sequence and refuses segment ids (selector "learned"): what :func:`pack_documents` would pack across
+    documents is left out instead."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+    rows = []
+    for doc in docs:
+        doc = list(doc)
+        for start in range(0, len(doc) - seq_len + 1, seq_len):
+            piece = doc[start : start + seq_len]
+            rows.append(PackedRow(piece, list(range(seq_len)), [IGNORE_INDEX] + piece[1:]))
+    return rows
+
+
 def _pad_row(ids: list[int], pos: list[int], labels: list[int], seq_len: int, pad_token_id: int) -> None:
     """Fill a row with a padding segment (positions from 0, labels -100): it attends only to itself."""
     n = seq_len - len(ids)

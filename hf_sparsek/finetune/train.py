@@ -17,7 +17,7 @@ from .checks import check_kernel
 from .config import FinetuneConfig
 from .data import training_documents
 from .evaluation import attention, heldout_nll
-from .model import add_lora, base_model, load_model, pattern_parameters, resolve_model_path
+from .model import add_lora, base_model, load_model, pattern_parameters, resolve_model_path, uses_learned_selector
 
 # torch and transformers are imported inside the functions: building the command line stays light.
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     import torch
     from transformers import set_seed
 
-    from .packing import PackedDataset, collate_packed, pack_documents
+    from .packing import PackedDataset, collate_packed, document_rows, pack_documents
 
     if not isinstance(config, FinetuneConfig):
         raise TypeError(f"finetune() takes a FinetuneConfig, got {type(config).__name__}; from parsed command-line "
@@ -60,15 +60,22 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         dtype=config.dtype, attention_dropout_zero=config.attention_dropout_zero,
         allow_reference=config.allow_reference,
     )
+    learned = config.attn == "sparsek" and uses_learned_selector(model.config)
+    if learned:  # fails here, before training, when the model has no scorer
+        from hf_sparsek.learned import selector_for
+
+        selector_for(model.config)
     if config.train_only_pattern:
         _freeze_all_but_pattern(model)
     if config.lora_r:
         model = add_lora(model, config.lora_r, config.lora_alpha, config.lora_targets)
 
     docs, eval_docs = training_documents(config, base_model(model).config.vocab_size, model_path)
-    rows = pack_documents(docs, config.seq_len)
+    # the learned selector scores a row as one sequence: rows cut from single documents, no packing
+    rows = document_rows(docs, config.seq_len) if learned else pack_documents(docs, config.seq_len)
     if not rows:
-        raise ValueError(f"the training data gives no full row of {config.seq_len} tokens")
+        raise ValueError(f"the training data gives no full row of {config.seq_len} tokens"
+                         + (" from a single document (selector 'learned' does not pack documents)" if learned else ""))
     dataset = PackedDataset(rows)
 
     from transformers import Trainer
@@ -86,7 +93,8 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     base_config = base_model(model).config
     metrics: dict[str, Any] = {
         "model": config.model, "attn": config.attn, "seq_len": config.seq_len, "dtype": config.dtype,
-        "lora_r": config.lora_r, "train_rows": len(rows), "world_size": targs.world_size,
+        "lora_r": config.lora_r, "train_rows": len(rows), "rows": "documents" if learned else "packed",
+        "world_size": targs.world_size,
         "sparsek": getattr(base_config, "sparsek", None) if config.attn == "sparsek" else None,
         "eval_seq_len": eval_len if eval_docs else None,
         "backend": check_kernel(base_config, config.dtype, device, True) if config.attn == "sparsek" else None,
@@ -121,6 +129,10 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     save_final(trainer, out / FINAL_DIR, merge_lora=config.merge_lora)
     if trainer.is_world_process_zero():
         copy_tokenizer(model_path, out / FINAL_DIR)
+        if learned:  # the scorer (frozen here) goes with the weights: from_pretrained(final) selects as trained
+            from hf_sparsek.learned import save_selector, selector_for
+
+            save_selector(selector_for(base_config), out / FINAL_DIR)
         (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     trainer.accelerator.wait_for_everyone()
     return FinetuneResult(metrics, trainer.model)
@@ -131,9 +143,10 @@ def _freeze_all_but_pattern(model: torch.nn.Module) -> None:
     params = pattern_parameters(model)
     if not params:
         raise ValueError(
-            "--train-only-pattern: this model's sparsity pattern has no trainable parameters (the shipped "
-            "patterns — sink, window, block layouts, top-k by score — are all parameter-free), so training "
-            "only the pattern would change nothing. Use full fine-tuning or --lora-r"
+            "--train-only-pattern: this model's sparsity pattern has no trainable parameters among the model's (the "
+            "shipped patterns are parameter-free; a learned selector's scorer lives outside the model and trains "
+            "with `hf-sparsek distill`), so training only the pattern would change nothing. Use full fine-tuning "
+            "or --lora-r"
         )
     for p in model.parameters():
         p.requires_grad_(False)
