@@ -16,13 +16,15 @@
 #   7     .carry/g4                       gpu_eval Gemma 3 16K + 32K perplexity by selector and       9 min
 #                                         budget composition, passkey
 #   8     .carry/g4                       gpu_learned Gemma 3 16K (24.6% and 12.5% budgets, passkey)  5 min
+#   9     -                               gpu_adapt_learned: LoRA under the learned selector vs dense  5 min
+#                                         LoRA, on step 2's SmolLM2 model and scorer (right after 2)
 #   (gpu_learned's rows: static, mass, probe, refine with strides 16 and 4, oracle, learned, per budget)
 #
 # Results land under $OUT/<step name>/; commit them under scripts/results/ (one file per benchmark). Run each step as
 # `HF_SPARSEK_COMMIT=<git rev-parse HEAD here> OUT=$OUT bash scripts/gpu_lease.sh STEP`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-step="${1:?usage: bash scripts/gpu_lease.sh STEP (1-8)}"
+step="${1:?usage: bash scripts/gpu_lease.sh STEP (1-9)}"
 out="${OUT:?OUT must name the output folder}"
 # the device copy's git history is not this tree's: results files take the commit from here
 export HF_SPARSEK_COMMIT="${HF_SPARSEK_COMMIT:?set HF_SPARSEK_COMMIT to the commit of the carried tree}"
@@ -88,8 +90,12 @@ EOF
       --tokens .carry/g4/tokens.pt.xz --seq-len 16384 --train-windows 8 --steps 150 --ppl-tokens 65536 \
       --probe-strides 4 --pattern "$budget_a" --second-pattern "$budget_16k_small" --out "$out/learned_gemma_16k"
     ;;
+  9)
+    python3 -m scripts.gpu_adapt_learned --work /tmp/gpu_learned --model smollm2-135m --seq-len 8192 --steps 120 \
+      --ppl-tokens 65536 --out "$out/adapt"
+    ;;
   *)
-    echo "unknown step $step (1-8)" >&2
+    echo "unknown step $step (1-9)" >&2
     exit 2
     ;;
 esac

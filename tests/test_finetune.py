@@ -252,6 +252,11 @@ def test_lora_under_the_learned_selector(tiny_dir, tmp_path):
     probe = _probe()
     torch.testing.assert_close(_logits(merged, probe), _logits(result.model, probe), rtol=1e-5, atol=1e-5)
 
+    # the dense reference of the same rows: --single-documents
+    dense = finetune(_cli_config(tiny_dir, tmp_path / "dense", *data[:4], "--attn", "sdpa", "--single-documents",
+                                 "--max-steps", "1", "--no-eval-before"))
+    assert (dense.metrics["rows"], dense.metrics["train_rows"]) == ("documents", 5)
+
     (tmp_path / "base" / SCORER_FILE).unlink()
     with pytest.raises(ValueError, match="no learned scorer was found"):
         finetune(_cli_config(str(tmp_path / "base"), tmp_path / "run2", *data))

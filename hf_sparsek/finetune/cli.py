@@ -74,6 +74,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-only-pattern", action="store_true",
                    help="freeze the model and train only the pattern's own parameters (errors: none are the model's; "
                    "a learned selector's scorer trains with hf-sparsek distill)")
+    p.add_argument("--single-documents", action="store_true",
+                   help="rows cut from single documents, not packed across them (always so under selector 'learned')")
     p.add_argument("--attention-dropout-zero", action="store_true", help="set the config's attention_dropout to 0")
     p.add_argument("--logging-steps", type=positive_int, default=DEFAULTS["logging_steps"])
     p.add_argument("--save-steps", type=non_negative_int, default=DEFAULTS["save_steps"],

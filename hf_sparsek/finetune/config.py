@@ -77,6 +77,9 @@ class FinetuneConfig:
     merge_lora: bool = True
     """LoRA: also save the merged model in ``final/`` (the adapter is always saved in ``final/adapter``)."""
     train_only_pattern: bool = False
+    single_documents: bool = False
+    """Rows cut from single documents instead of packed across them (always so under selector "learned", which
+    scores a row as one sequence); to give a dense run the same rows as a learned-selector run."""
     attention_dropout_zero: bool = False
     logging_steps: int = 1
     save_steps: int = 50
@@ -120,7 +123,7 @@ class FinetuneConfig:
         _number("lr", self.lr, positive=True)
         _number("weight_decay", self.weight_decay, positive=False)
         for name in ("eval_before", "gradient_checkpointing", "merge_lora", "train_only_pattern",
-                     "attention_dropout_zero", "allow_reference", "cpu"):
+                     "single_documents", "attention_dropout_zero", "allow_reference", "cpu"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "True or False")
 

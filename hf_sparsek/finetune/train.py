@@ -72,10 +72,11 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
 
     docs, eval_docs = training_documents(config, base_model(model).config.vocab_size, model_path)
     # the learned selector scores a row as one sequence: rows cut from single documents, no packing
-    rows = document_rows(docs, config.seq_len) if learned else pack_documents(docs, config.seq_len)
+    single = learned or config.single_documents
+    rows = document_rows(docs, config.seq_len) if single else pack_documents(docs, config.seq_len)
     if not rows:
         raise ValueError(f"the training data gives no full row of {config.seq_len} tokens"
-                         + (" from a single document (selector 'learned' does not pack documents)" if learned else ""))
+                         + (" from a single document (rows are not packed across documents)" if single else ""))
     dataset = PackedDataset(rows)
 
     from transformers import Trainer
@@ -93,7 +94,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     base_config = base_model(model).config
     metrics: dict[str, Any] = {
         "model": config.model, "attn": config.attn, "seq_len": config.seq_len, "dtype": config.dtype,
-        "lora_r": config.lora_r, "train_rows": len(rows), "rows": "documents" if learned else "packed",
+        "lora_r": config.lora_r, "train_rows": len(rows), "rows": "documents" if single else "packed",
         "world_size": targs.world_size,
         "sparsek": getattr(base_config, "sparsek", None) if config.attn == "sparsek" else None,
         "eval_seq_len": eval_len if eval_docs else None,
