@@ -111,7 +111,8 @@ class LearnedSelector(nn.Module):
         if valid is not None:
             start = q_offset - kv_offset
             q_valid = valid[:, start : start + q_len]
-        with torch.no_grad():
+        # float32 scoring under a training run's autocast too: the fused kernel takes fp32 projections
+        with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
             store = self.stores.setdefault(-1 if layer_idx is None else layer_idx, LayerStore()) if use_store else None
             if store is not None and kv_offset == 0:
                 k_feat = store.key_features_for(k, valid, kv_offset, block, use_triton)
