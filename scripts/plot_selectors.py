@@ -1,11 +1,12 @@
 """One plot of issue 23's comparison from committed results files: perplexity change against dense, and passkey
-accuracy, per selector (static window, "mass", "probe", learned, oracle) at equal density, per model and budget.
+accuracy, per selector (static window, "mass", "probe", "refine", learned, oracle) at equal density, per model and
+budget.
 
-    python -m scripts.plot_selectors --out scripts/results/selectors_h200.png
+    python -m scripts.plot_selectors --out scripts/results/selectors.png
 
-Reads ``scripts/results/learned_smollm2-135m_8k_h200.json``, ``learned_gemma3-270m_16k_h200.json`` and
-``learned_gemma3-270m_32k_h200.json`` (written by
-``scripts/gpu_learned.py``); no GPU, no model. Each file's rows are grouped by budget (the density of the row).
+Reads ``scripts/results/learned_smollm2-135m_8k_h100.json``, ``learned_gemma3-270m_16k_h100.json`` and
+``learned_gemma3-270m_32k_h200.json`` (written by ``scripts/gpu_learned.py``; perplexity and passkey do not depend
+on which of the two GPUs ran them); no GPU, no model. Each file's rows are grouped by budget (the density of the row).
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import os
 from collections import defaultdict
 
 FILES = {
-    "SmolLM2 8K": "scripts/results/learned_smollm2-135m_8k_h200.json",
-    "Gemma 3 16K": "scripts/results/learned_gemma3-270m_16k_h200.json",
+    "SmolLM2 8K": "scripts/results/learned_smollm2-135m_8k_h100.json",
+    "Gemma 3 16K": "scripts/results/learned_gemma3-270m_16k_h100.json",
     "Gemma 3 32K": "scripts/results/learned_gemma3-270m_32k_h200.json",
 }
-ORDER = ("static", "mass", "probe (one row in 16)", "probe (one row in 4)", "learned", "oracle")
+ORDER = ("static", "mass", "probe (one row in 16)", "probe (one row in 4)", "refine (one row in 16)",
+         "refine (one row in 4)", "learned", "oracle")
 
 
 def selector_of(label: str) -> str | None:
@@ -54,7 +56,7 @@ def groups(path: str) -> tuple[list[tuple[float, dict[str, float]]], dict[str, f
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="scripts/results/selectors_h200.png")
+    ap.add_argument("--out", default="scripts/results/selectors.png")
     args = ap.parse_args()
     import matplotlib
 
@@ -71,8 +73,8 @@ def main() -> int:
         for density, row in budgets:
             for i, sel in enumerate(ORDER):
                 if sel in row:
-                    axes[0].bar(x0 + i * 0.13, row[sel], width=0.13, color=f"C{i}")
-            labels.append((x0 + 0.33, f"{name}\n{density:.1%}"))
+                    axes[0].bar(x0 + i * 0.1, row[sel], width=0.1, color=f"C{i}")
+            labels.append((x0 + 0.35, f"{name}\n{density:.1%}"))
             x0 += 1
     handles = [matplotlib.patches.Patch(color=f"C{i}", label=sel) for i, sel in enumerate(ORDER)]
     axes[0].set_xticks([p for p, _ in labels], [t for _, t in labels], fontsize=8)
@@ -81,9 +83,9 @@ def main() -> int:
     axes[0].legend(handles=handles, fontsize=8)
     for j, (_, _, needle) in enumerate(panels):
         names = ["dense", *[s for s in ORDER if s in needle]]
-        axes[1].bar([j + i * 0.12 for i in range(len(names))], [needle[s] for s in names], width=0.12,
+        axes[1].bar([j + i * 0.1 for i in range(len(names))], [needle[s] for s in names], width=0.1,
                     color=["k", *[f"C{ORDER.index(s)}" for s in names[1:]]])
-    axes[1].set_xticks([j + 0.3 for j in range(len(panels))], [p[0] for p in panels])
+    axes[1].set_xticks([j + 0.4 for j in range(len(panels))], [p[0] for p in panels])
     axes[1].set_ylabel("passkey accuracy (mean over lengths x depths)")
     axes[1].set_title("Passkey, first budget (black: dense; missing bar: 0)")
     fig.tight_layout()
