@@ -207,6 +207,22 @@ def test_triton_decode_shapes_through_the_fused_kernel(interpret, monkeypatch):
     torch.testing.assert_close(stored, key_tile_features(k[:, :, :640], valid[:, :640], 0, BLOCK))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_autocast_does_not_change_the_choice(backend, interpret):
+    """A training run's bf16 autocast around the model: the selector still scores in float32 (the fused kernel takes
+    float32 projections; under autocast they came out bf16 and the GPU compile failed) and chooses the same tiles."""
+    gen = torch.Generator().manual_seed(12)
+    q = torch.randn(1, 4, 300, 16, generator=gen)
+    k = torch.randn(1, 2, 300, 16, generator=gen)
+    selector = _perturbed(LearnedSelector([0], 2, 16, BLOCK), seed=4)
+    args = dict(topk=2, sink_tokens=4, window=64, q_offset=0, kv_offset=0, valid=None, use_store=False,
+                backend=backend)
+    plain = selector.select(0, q, k, **args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = selector.select(0, q, k, **args)
+    assert torch.equal(plain, mixed)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("dim", [64, 80, 128, 256])
 def test_triton_pooling_and_gate_widths(dtype, dim, interpret):
