@@ -392,28 +392,31 @@ def test_generate_with_cache_equals_uncached_forward():
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_prompt_shorter_than_a_tile_then_generate(backend, monkeypatch):
-    """A prompt of fewer tokens than one tile (no complete key tile yet: the store holds none), then decode steps
-    that complete the first tiles: cached generate() equals one uncached forward per step, on the PyTorch store
-    and the device-side (Triton, interpreter) store."""
+@pytest.mark.parametrize("prompt,new,window,cache", [(20, 120, 32, "dynamic"), (63, 140, 64, "static")],
+                         ids=["short-prompt", "static-cache"])
+def test_generate_across_tiles_equals_uncached_forward(backend, prompt, new, window, cache, monkeypatch):
+    """Cached generate() equals one uncached forward per step, on the PyTorch store and the device-side (Triton,
+    interpreter) store: a prompt of fewer tokens than one tile (no complete key tile yet: the store holds none),
+    and a static cache, whose every slot the layers see from the prefill on (a tile counts as complete only once
+    written; kept from unwritten slots, tile 1 scored stale until the fingerprint moved)."""
     from conftest import triton_interpreter
 
     model = _tiny(3, sharpen=3.0)
     model.set_attn_implementation("sparsek")
-    hf_sparsek.set_pattern(model, {**PATTERN, "window": 32, "topk_blocks": 1, "selector": "learned"})
+    hf_sparsek.set_pattern(model, {**PATTERN, "window": window, "topk_blocks": 1, "selector": "learned"})
     selector = _perturbed(LearnedSelector.for_model(model, BLOCK), seed=5)
     if backend == "triton":  # the GPU's path on the CPU: the selector's "auto" picks Triton as on CUDA
         original = selector.select
         monkeypatch.setattr(selector, "select", lambda *a, **kw: original(*a, **{**kw, "backend": "triton"}))
     attach_selector(model, selector)
-    ids = torch.randint(3, 48, (1, 20), generator=torch.Generator().manual_seed(8))
-    new = 120  # past two tile boundaries (64, 128)
+    ids = torch.randint(3, 48, (1, prompt), generator=torch.Generator().manual_seed(8))
+    kwargs = {"cache_implementation": "static"} if cache == "static" else {}
     with triton_interpreter("learned_selection", "selection_store") if backend == "triton" else nullcontext():
         out = model.generate(input_ids=ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                             output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+                             output_logits=True, return_dict_in_generate=True, pad_token_id=0, **kwargs)
         with torch.no_grad():
             full = model(input_ids=out.sequences, use_cache=False).logits
-    torch.testing.assert_close(torch.stack(out.logits, 1), full[:, 19:-1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.stack(out.logits, 1), full[:, prompt - 1 : -1], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("model_type", ["falcon", "deepseek_v3", "gemma3_text", "qwen3"])

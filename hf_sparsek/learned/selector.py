@@ -115,7 +115,7 @@ class LearnedSelector(nn.Module):
         with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
             store = self.stores.setdefault(-1 if layer_idx is None else layer_idx, LayerStore()) if use_store else None
             if store is not None and kv_offset == 0:
-                k_feat = store.key_features_for(k, valid, kv_offset, block, use_triton)
+                k_feat = store.key_features_for(k, valid, kv_offset, block, use_triton, written=q_offset + q_len)
                 sums, counts, previous = store.query_sums_for(q, q_valid, q_offset, block, kv_heads, use_triton)
             else:
                 k_feat = key_tile_features(k, valid, kv_offset, block, use_triton)

@@ -2,7 +2,8 @@
 
 What one layer keeps (:class:`LayerStore`):
 
-* the key features of every complete key tile, computed once when the tile fills (``[mean, max, min]``, see
+* the key features of every complete key tile (all its slots written: below the call's query end, so a static
+  cache's unwritten slots never fill one), computed once when the tile fills (``[mean, max, min]``, see
   :mod:`hf_sparsek.learned.features`), with the last key of the last stored tile as a fingerprint;
 * the mean query of the last complete query tile and the running sum of the current one.
 
@@ -52,12 +53,17 @@ class LayerStore:
         self.recomputed = recomputed
 
     def key_features_for(self, k: torch.Tensor, valid: torch.Tensor | None, kv_offset: int, block: int,
-                         use_triton: bool = False) -> torch.Tensor:
+                         use_triton: bool = False, written: int | None = None) -> torch.Tensor:
         """Features of this call's complete key tiles (B, Hkv, n_complete, 3 D), from the store where it still
-        describes these keys; new complete tiles are computed from their keys alone and kept."""
+        describes these keys; new complete tiles are computed from their keys alone and kept.
+
+        ``written``: how many of k's positions hold keys (the call's query end; None: all). A static cache hands
+        over every slot up to its size: a tile is complete only once all its slots are written, never earlier
+        (its features would be kept from unwritten slots)."""
+        kv_len = k.shape[2] if written is None else max(0, min(k.shape[2], written))
         if use_triton and kv_offset == 0:
-            return self._key_features_triton(k, valid, block)
-        batch, _, kv_len, _ = k.shape
+            return self._key_features_triton(k, valid, block, kv_len // block)
+        batch = k.shape[0]
         complete = kv_len // block
         usable = (kv_offset == 0 and self.batch == batch and self.key_features is not None
                   and self.key_tiles <= complete)
@@ -79,13 +85,13 @@ class LayerStore:
             self.fingerprint = k[:, :, hi - 1].float().clone()
         return self.key_features
 
-    def _key_features_triton(self, k: torch.Tensor, valid: torch.Tensor | None, block: int) -> torch.Tensor:
+    def _key_features_triton(self, k: torch.Tensor, valid: torch.Tensor | None, block: int, complete: int
+                             ) -> torch.Tensor:
         """:meth:`key_features_for` with the reuse decided on the device (module docstring): one launch, no host
         read. Kept tiles live in a buffer with 1/8 headroom, so a decode step allocates nothing."""
         from ..kernels.selection_store import refresh_key_features
 
-        batch, heads, kv_len, dim = k.shape
-        complete = kv_len // block
+        batch, heads, _, dim = k.shape
         signature = (batch, heads, dim, k.dtype, k.device, block, valid is not None)
         if signature != self._signature or self._buffer is None or self.key_tiles > complete:
             if self._buffer is not None:
