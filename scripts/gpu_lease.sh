@@ -16,7 +16,7 @@
 #   7     .carry/g4                       gpu_eval Gemma 3 16K + 32K perplexity by selector and       9 min
 #                                         budget composition, passkey
 #   8     .carry/g4                       gpu_learned Gemma 3 16K (24.6% and 12.5% budgets, passkey)  5 min
-#   9     -                               gpu_adapt_learned: LoRA under the learned selector vs dense  5 min
+#   9     -                               gpu_adapt_learned: LoRA under the learned selector vs dense  3 min
 #                                         LoRA, on step 2's SmolLM2 model and scorer (right after 2)
 #   (gpu_learned's rows: static, mass, probe, refine with strides 16 and 4, oracle, learned, per budget)
 #
