@@ -9,7 +9,9 @@ same rows). Then held-out perplexity on the held-out plays, the same windows for
 - the base model, dense (gpu_learned's reference) and under the learned selector (its scorer, no LoRA);
 - the dense-trained LoRA, dense (the fair reference after training: the plays' domain fit alone) and under the
   learned selector;
-- the LoRA trained under the learned selector, under it (the result) and dense.
+- the LoRA trained under the learned selector, under it (the result) and dense;
+- the same LoRA under its scorer re-fitted to the adapted model (``hf-sparsek distill --init-scorer``: the distilled
+  scorer as the start, ``--refit-steps`` steps against the adapted model's dense attention; 0: not run).
 
 Run on the GPU machine right after ``gpu_learned`` (lease step 9; its files stay in /tmp/gpu_learned)::
 
@@ -57,6 +59,8 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--ppl-tokens", type=int, default=65536)
+    ap.add_argument("--refit-steps", type=int, default=100, help="re-fit the scorer to the adapted model (0: no)")
+    ap.add_argument("--refit-windows", type=int, default=16)
     ap.add_argument("--bos", type=int, default=None, help="BOS id prepended to every window (Gemma: 2)")
     ap.add_argument("--cpu-smoke", action="store_true")
     ap.add_argument("--out", required=True)
@@ -102,15 +106,33 @@ def main() -> int:
                                   token_file, heldout)
         save()
     scorer = load_selector(distilled)
+    adapted = os.path.join(args.work, "adapt_learned_lora", "final")
+    refit = None
+    if args.refit_steps:  # the distilled scorer, re-fitted to the adapted model's own dense attention
+        from hf_sparsek.learned import DistillConfig, distill
+
+        refit_dir = os.path.join(args.work, "adapt_refit")
+        metrics = distill(DistillConfig(
+            model=adapted, output_dir=refit_dir, pattern=learned.default.to_dict(), train_data=token_file,
+            heldout_docs=heldout, seq_len=seq_len, train_windows=2 if on_cpu else args.refit_windows, eval_windows=0,
+            steps=2 if on_cpu else args.refit_steps, dtype="fp32" if on_cpu else "bf16", cpu=on_cpu,
+            compare_library=False, save_model=False, init_scorer=distilled, bos_token_id=args.bos)).metrics
+        results["refit"] = {k: metrics[k] for k in ("capture_seconds", "train_seconds")}
+        results["refit"]["loss_first_last"] = [metrics["losses"][0], metrics["losses"][-1]]
+        refit = load_selector(refit_dir)
+        save()
     rows = []
-    evaluated = {"base": base, "dense LoRA": os.path.join(args.work, "adapt_dense_lora", "final"),
-                 "learned LoRA": os.path.join(args.work, "adapt_learned_lora", "final")}
-    for name, folder in evaluated.items():
+    evaluated = {"base": (base, scorer), "dense LoRA": (os.path.join(args.work, "adapt_dense_lora", "final"), scorer),
+                 "learned LoRA": (adapted, scorer)}
+    if refit is not None:
+        evaluated["learned LoRA, re-fitted scorer"] = (adapted, refit)
+    for name, (folder, selector) in evaluated.items():
         model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sparsek", dtype=dtype).to(device)
-        attach_selector(model, scorer)  # the distilled scorer: the learned LoRA's final/ carries the same one
-        specs = [PatternSpec(f"{name}: dense", None), PatternSpec(f"{name}: learned selector", learned)]
-        got = run_ppl(model.eval(), held, [seq_len], specs, device, args.bos, ppl_tokens)
-        rows += got
+        attach_selector(model, selector)  # the distilled scorer (the learned LoRA's final/ carries it) or re-fitted
+        specs = [PatternSpec(f"{name}: learned selector", learned)]
+        if selector is scorer:
+            specs.insert(0, PatternSpec(f"{name}: dense", None))
+        rows += run_ppl(model.eval(), held, [seq_len], specs, device, args.bos, ppl_tokens)
         del model
     reference = next(r["ppl"] for r in rows if r["pattern"] == "dense LoRA: dense")
     for r in rows:  # against the dense-trained LoRA, dense: what training on the plays alone gives

@@ -500,6 +500,26 @@ def test_distil_save_reload_and_missing_scorer(tmp_path):
         broken(ids)
 
 
+def test_distil_from_a_given_scorer(tmp_path):
+    """``init_scorer`` starts from a trained scorer (re-fitting it after a LoRA fine-tune): its first loss is the
+    trained one's, not the untrained one's; a scorer of another mode or shape is refused, naming both."""
+    model = _tiny(4, sharpen=4.0)
+    model.save_pretrained(tmp_path / "base")
+    gen = torch.Generator().manual_seed(9)
+    docs = [torch.randint(3, 48, (450,), generator=gen).tolist() for _ in range(3)]
+    (tmp_path / "docs.json").write_text(json.dumps(docs))
+    base = dict(model=str(tmp_path / "base"), train_data=str(tmp_path / "docs.json"), heldout_docs=1, seq_len=448,
+                train_windows=2, eval_windows=0, lr=2e-2, log_every=5, save_every=100, cpu=True,
+                compare_library=False, save_model=False, pattern={**PATTERN, "window": 128})
+    first = distill(DistillConfig(output_dir=str(tmp_path / "a"), steps=40, **base)).metrics["losses"]
+    warm = distill(DistillConfig(output_dir=str(tmp_path / "b"), steps=5, init_scorer=str(tmp_path / "a"),
+                                 **base)).metrics["losses"]
+    assert warm[0] < 0.7 * first[0] and abs(warm[0] - first[-1]) < 0.5 * (first[0] - first[-1])
+    with pytest.raises(ValueError, match="was made for"):
+        distill(DistillConfig(output_dir=str(tmp_path / "c"), steps=1, mode="key", init_scorer=str(tmp_path / "a"),
+                              **base))
+
+
 def test_save_load_roundtrip_and_bad_file(tmp_path):
     selector = _perturbed(LearnedSelector([0, 3], 2, 8, 128, "key"))
     save_selector(selector, tmp_path)

@@ -52,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-every", type=positive_int, default=d["log_every"])
     p.add_argument("--save-every", type=positive_int, default=d["save_every"])
     p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint")
+    p.add_argument("--init-scorer", default=None, metavar="PATH",
+                   help="start from this scorer (file or folder, e.g. a LoRA fine-tune's final/): re-fit it to the "
+                   "adapted model")
     p.add_argument("--no-save-model", dest="save_model", action="store_false",
                    help="write only the scorer file, not final/ with the model")
     p.add_argument("--cpu", action="store_true")

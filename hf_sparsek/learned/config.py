@@ -47,6 +47,9 @@ class DistillConfig:
     log_every: int = 10
     save_every: int = 100
     resume: bool = False
+    init_scorer: str | None = None
+    """Start from this scorer (a file or the folder holding it, e.g. a fine-tuned model's ``final/``) instead of the
+    untrained one: re-fits a scorer to a model LoRA adapted under it. Its layers, shape and mode must match."""
     save_model: bool = True
     """Write ``final/`` with the model (else only the scorer file in ``output_dir``)."""
     cpu: bool = False
@@ -76,5 +79,7 @@ class DistillConfig:
         bos = self.bos_token_id
         if bos is not None and (isinstance(bos, bool) or not isinstance(bos, int) or bos < 0):
             raise ValueError(f"DistillConfig.bos_token_id={bos!r}: expected null or a token id >= 0")
+        if self.init_scorer is not None and (not isinstance(self.init_scorer, str) or not self.init_scorer.strip()):
+            raise ValueError(f"DistillConfig.init_scorer={self.init_scorer!r}: expected null or a path")
         if self.dtype not in DTYPES:
             raise ValueError(f"DistillConfig.dtype={self.dtype!r}: expected one of {DTYPES}")

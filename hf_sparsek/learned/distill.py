@@ -338,6 +338,15 @@ class DistillResult:
     model: Any
 
 
+def _start_from(selector: LearnedSelector, path: str) -> None:
+    """Load the scorer at ``path`` into ``selector`` (warm start); ValueError, naming both, when they differ."""
+    start = load_selector(path)
+    if start.meta() != selector.meta():
+        raise ValueError(f"--init-scorer {path!r} was made for {start.meta()}, this run's scorer is "
+                         f"{selector.meta()}: give the same pattern (layers, block_size) and --mode")
+    selector.load_state_dict(start.state_dict())
+
+
 def distill(config: DistillConfig) -> DistillResult:
     """Run one distillation (module docstring); the metrics are also written to ``<output_dir>/metrics.json``."""
     from tqdm.auto import tqdm
@@ -377,6 +386,8 @@ def distill(config: DistillConfig) -> DistillResult:
     ckpt = out / CHECKPOINT_DIR
     selector = LearnedSelector.for_model(model, block, config.mode, sorted(patterns)).to(device)
     initial = LearnedSelector.for_model(model, block, config.mode, sorted(patterns)).to(device)
+    if config.init_scorer is not None:
+        _start_from(selector, config.init_scorer)
     optimizer = torch.optim.AdamW(selector.parameters(), lr=config.lr, weight_decay=0.0)
     start_step = 0
     if config.resume and (ckpt / "state.json").is_file():
