@@ -511,9 +511,13 @@ def test_distil_from_a_given_scorer(tmp_path):
     base = dict(model=str(tmp_path / "base"), train_data=str(tmp_path / "docs.json"), heldout_docs=1, seq_len=448,
                 train_windows=2, eval_windows=0, lr=2e-2, log_every=5, save_every=100, cpu=True,
                 compare_library=False, save_model=False, pattern={**PATTERN, "window": 128})
-    first = distill(DistillConfig(output_dir=str(tmp_path / "a"), steps=40, **base)).metrics["losses"]
-    warm = distill(DistillConfig(output_dir=str(tmp_path / "b"), steps=5, init_scorer=str(tmp_path / "a"),
-                                 **base)).metrics["losses"]
+    first = distill(DistillConfig(output_dir=str(tmp_path / "a"), steps=40, **{**base, "save_model": True}))
+    first = first.metrics["losses"]
+    # from the distilled model's final/ with no pattern given: its own (window 128), its scorer as the start
+    warm = distill(DistillConfig(output_dir=str(tmp_path / "b"), steps=5, init_scorer=str(tmp_path / "a" / "final"),
+                                 **{**base, "model": str(tmp_path / "a" / "final"), "pattern": None})).metrics
+    assert warm["pattern"]["default"]["window"] == 128 and warm["pattern"]["default"]["selector"] == "learned"
+    warm = warm["losses"]
     assert warm[0] < 0.7 * first[0] and abs(warm[0] - first[-1]) < 0.5 * (first[0] - first[-1])
     with pytest.raises(ValueError, match="was made for"):
         distill(DistillConfig(output_dir=str(tmp_path / "c"), steps=1, mode="key", init_scorer=str(tmp_path / "a"),

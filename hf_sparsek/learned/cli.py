@@ -28,7 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = {f.name: f.default for f in fields(DistillConfig)}
     p.add_argument("--model", required=True, help="local checkpoint dir, offline name (smollm2-135m) or hub id")
     p.add_argument("--output-dir", required=True)
-    p.add_argument("--pattern", default=None, help="JSON object / file or preset with topk_blocks (default: "
+    p.add_argument("--pattern", default=None, help="JSON object / file or preset with topk_blocks (default: the "
+                   "model's own where it already selects with a learned scorer, else "
                    f"{json.dumps(DEFAULT_PATTERN)})")
     p.add_argument("--train-data", default=d["train_data"], help="token file or text source (shakespeare)")
     p.add_argument("--heldout-docs", type=non_negative_int, default=d["heldout_docs"],

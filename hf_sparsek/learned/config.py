@@ -23,8 +23,9 @@ class DistillConfig:
     """Local checkpoint folder, offline name (smollm2-135m, gemma3-270m) or hub id."""
     output_dir: str
     pattern: str | dict | None = None
-    """The pattern the scorer fills (a JSON object / file or preset with ``topk_blocks``); default
-    sink 64 + window 256 + 4 blocks of 64. Its selector becomes "learned"."""
+    """The pattern the scorer fills (a JSON object / file or preset with ``topk_blocks``); default: the model's own
+    when it already selects with a learned scorer (a distilled or fine-tuned model's ``final/``), else sink 64 +
+    window 256 + 4 blocks of 64. Its selector becomes "learned"."""
     train_data: str = "shakespeare"
     """Token file (.pt/.json list of token-id lists) or a text source (``shakespeare``: one document per play)."""
     heldout_docs: int = 4

@@ -284,7 +284,13 @@ def _layer_patterns(model: Any, pattern: Any) -> tuple[dict[int, Any], Any]:
     selector "learned" on every budgeted pattern."""
     from hf_sparsek.model_defaults import layer_kinds, resolve_layer_pattern, resolve_pattern
 
-    sparsity = resolve_pattern(DEFAULT_PATTERN if pattern is None else pattern)
+    if pattern is None:  # a model whose own pattern already selects with a learned scorer keeps it (a re-fit)
+        import hf_sparsek
+        from hf_sparsek.finetune.model import uses_learned_selector
+
+        own = uses_learned_selector(model.config)
+        pattern = hf_sparsek.model_sparsity(model.config) if own else DEFAULT_PATTERN
+    sparsity = resolve_pattern(pattern)
     if sparsity.default.topk_blocks is None and not any("topk_blocks" in o for o in sparsity.layer_overrides.values()):
         raise ValueError(f"the learned selector fills a top-k budget, but pattern {pattern!r} has no topk_blocks; "
                          "give one, e.g. '{\"sink_tokens\": 64, \"window\": 256, \"topk_blocks\": 4, "
