@@ -409,8 +409,8 @@ def mass_rows_per_program(n_q: int, group: int, programs_per_row: int, sms: int,
     ``MASS_MIN_PROGRAMS_PER_SM`` programs per SM and whose running top-k (query tiles x ``topk`` slots, padded) is no
     larger than ``MASS_MAX_TOPK_SLOTS`` or the 16-row program's. Wider programs share each key tile's features among
     more query tiles (H200, 32 / 8 heads, D 128, 16K / 64K: 64 rows took 0.230 / 1.149 ms against 0.361 / 1.926 for
-    16, ``selection_cost_h200.json``); short calls keep more, narrower programs so that every SM has work, and large
-    budgets keep the register-resident top-k of the 16-row program."""
+    16, ``git show e1b9bef:scripts/results/selection_cost_h200.json``); short calls keep more, narrower programs so
+    that every SM has work, and large budgets keep the register-resident top-k of the 16-row program."""
     hg_p = _next_pow2(group)
     slots = max(2, _next_pow2(topk))
     limit = max(MASS_MAX_TOPK_SLOTS, max(1, ROWS_MIN // hg_p) * slots)

@@ -99,19 +99,6 @@ def add_lora(model: torch.nn.Module, r: int, alpha: int, targets: str, dropout: 
     return get_peft_model(model, config)
 
 
-def uses_learned_selector(config: Any) -> bool:
-    """True when a layer of the model holding ``config`` takes its tiles from a learned scorer (selector
-    "learned"): its rows must not be packed across documents, and its scorer travels with the saved model."""
-    import hf_sparsek
-    from hf_sparsek.model_defaults import CONFIG_ATTRIBUTE
-
-    if getattr(config, CONFIG_ATTRIBUTE, None) is None:
-        return False
-    sparsity = hf_sparsek.model_sparsity(config)
-    layers = [sparsity.default, *(sparsity.for_layer(i) for i in sparsity.layer_overrides)]
-    return any(p.resolved_selector == "learned" for p in layers)
-
-
 def pattern_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """Trainable parameters of the model that belong to the sparsity pattern itself. None exist: a learned
     selector's scorer lives outside the model's modules and trains with ``hf-sparsek distill``."""

@@ -17,7 +17,7 @@ from .checks import check_kernel
 from .config import FinetuneConfig
 from .data import training_documents
 from .evaluation import attention, heldout_nll
-from .model import add_lora, base_model, load_model, pattern_parameters, resolve_model_path, uses_learned_selector
+from .model import add_lora, base_model, load_model, pattern_parameters, resolve_model_path
 
 # torch and transformers are imported inside the functions: building the command line stays light.
 if TYPE_CHECKING:
@@ -60,10 +60,10 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         dtype=config.dtype, attention_dropout_zero=config.attention_dropout_zero,
         allow_reference=config.allow_reference,
     )
+    from hf_sparsek.learned import selector_for, uses_learned_selector
+
     learned = config.attn == "sparsek" and uses_learned_selector(model.config)
     if learned:  # fails here, before training, when the model has no scorer
-        from hf_sparsek.learned import selector_for
-
         selector_for(model.config)
     if config.train_only_pattern:
         _freeze_all_but_pattern(model)
@@ -131,7 +131,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     if trainer.is_world_process_zero():
         copy_tokenizer(model_path, out / FINAL_DIR)
         if learned:  # the scorer (frozen here) goes with the weights: from_pretrained(final) selects as trained
-            from hf_sparsek.learned import save_selector, selector_for
+            from hf_sparsek.learned import save_selector
 
             save_selector(selector_for(base_config), out / FINAL_DIR)
         (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))

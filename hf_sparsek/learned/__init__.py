@@ -23,7 +23,7 @@ from typing import Any
 _LAZY = {
     "DistillConfig": "config", "DistillResult": "distill", "distill": "distill",
     "SCORER_FILE": "io", "attach_selector": "io", "attached_selector": "io", "load_selector": "io",
-    "save_selector": "io", "selector_for": "io",
+    "save_selector": "io", "selector_for": "io", "uses_learned_selector": "io",
     "MODES": "config", "LayerScorer": "scorer", "hard_topk_tiles": "scorer",
     "LearnedSelector": "selector", "LayerStore": "store",
 }

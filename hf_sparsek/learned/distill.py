@@ -36,7 +36,7 @@ import torch
 
 from .config import DEFAULT_PATTERN, DistillConfig
 from .features import competing_tiles, key_tile_features, lagged_query_features, query_tile_sums
-from .io import SCORER_FILE, attach_selector, load_selector, save_selector
+from .io import SCORER_FILE, attach_selector, load_selector, save_selector, uses_learned_selector
 from .scorer import hard_topk_tiles
 from .selector import LearnedSelector
 
@@ -286,7 +286,6 @@ def _layer_patterns(model: Any, pattern: Any) -> tuple[dict[int, Any], Any]:
 
     if pattern is None:  # a model whose own pattern already selects with a learned scorer keeps it (a re-fit)
         import hf_sparsek
-        from hf_sparsek.finetune.model import uses_learned_selector
 
         own = uses_learned_selector(model.config)
         pattern = hf_sparsek.model_sparsity(model.config) if own else DEFAULT_PATTERN

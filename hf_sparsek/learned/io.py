@@ -90,6 +90,19 @@ def load_selector(path: str | os.PathLike, device: torch.device | str | None = N
     return selector
 
 
+def uses_learned_selector(config: Any) -> bool:
+    """True when a layer of the model holding ``config`` takes its tiles from a learned scorer (selector
+    "learned"): its rows must not be packed across documents, and its scorer travels with the saved model."""
+    import hf_sparsek
+    from hf_sparsek.model_defaults import CONFIG_ATTRIBUTE
+
+    if getattr(config, CONFIG_ATTRIBUTE, None) is None:
+        return False
+    sparsity = hf_sparsek.model_sparsity(config)
+    layers = [sparsity.default, *(sparsity.for_layer(i) for i in sparsity.layer_overrides)]
+    return any(p.resolved_selector == "learned" for p in layers)
+
+
 def selector_for(config: Any) -> LearnedSelector:
     """The selector of the model whose attention layers hold ``config``: attached, else loaded once from
     ``config._name_or_path``; ValueError when neither exists."""
