@@ -9,7 +9,9 @@ The definition is ``hf_sparsek.selection.mass`` (PyTorch; this file must give th
   of the group). Pass 1 streams over the causal key tiles for each row's log-sum-exp; pass 2 streams again, turns
   the scores into probabilities, averages them over the group's heads and keeps a running top-k per query tile of
   the tiles that compete (causal, real, not kept whole by sink / window), plus the mass of the static tiles for the
-  threshold mode. Nothing of size (query tiles x key tiles) is written; the tile list is written directly.
+  threshold mode. The running top-k is sorted merges (``topk_merge``): (mass, tile) packed into int64 keys, one
+  bitonic merge per ``KP`` key tiles (an insertion per tile cost one serial pass over the kept slots per insert).
+  Nothing of size (query tiles x key tiles) is written; the tile list is written directly.
 
 No host synchronisation: every size comes from the shapes and the pattern. No transformers or hf_sparsek imports.
 """
@@ -138,6 +140,106 @@ def topk_insert(best_v, best_i, cv, n0, cn, kk):
     return best_v, best_i
 
 
+TILE_BIAS: tl.constexpr = tl.constexpr(1 << 30)  # a sort key's low half: TILE_BIAS - tile (tiles -1 .. 2**30 - 1)
+
+
+@triton.jit
+def desc_key(v, tile):
+    """int64 sort keys of float32 values ``v`` at int32 tiles ``tile``: in descending key order the larger value
+    comes first and, among equal values, the lower tile (the float's bits made monotone, the tile below them)."""
+    bits = (v + 0.0).to(tl.int32, bitcast=True)  # + 0.0: -0.0 becomes +0.0, equal values compare equal
+    mono = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return (mono.to(tl.int64) << 32) | (TILE_BIAS + tile.to(tl.int64) * -1)
+
+
+@triton.jit
+def key_value(key):
+    """The float32 value of :func:`desc_key` keys."""
+    mono = (key >> 32).to(tl.int32)
+    return tl.where(mono < 0, mono ^ 0x7FFFFFFF, mono).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def key_tile(key):
+    """The int32 tile of :func:`desc_key` keys."""
+    return ((key & 0x7FFFFFFF) * -1 + TILE_BIAS).to(tl.int32)
+
+
+@triton.jit
+def stage(staged, chunk, j, BM: tl.constexpr, KP: tl.constexpr, CN: tl.constexpr):
+    """``staged`` (BM, KP) with columns ``j * CN .. j * CN + CN - 1`` replaced by ``chunk`` (BM, CN)."""
+    if KP == CN:
+        return chunk
+    r = tl.arange(0, KP // CN)
+    parts = tl.where(r[None, :, None] == j, chunk[:, None, :], tl.reshape(staged, [BM, KP // CN, CN]))
+    return tl.reshape(parts, [BM, KP])
+
+
+@triton.jit
+def _axis_bit(R: tl.constexpr, AX: tl.constexpr):
+    """int32 ``[0, 1]`` on axis ``AX`` of a rank-``R`` shape (size 1 elsewhere)."""
+    y = tl.arange(0, 2)
+    for n in tl.static_range(R):
+        if n != AX:
+            y = tl.expand_dims(y, n)
+    return y
+
+
+@triton.jit
+def _swap(h, AX: tl.constexpr, desc, R: tl.constexpr):
+    """Compare-and-swap of the pairs along axis ``AX`` (size 2) of ``h``: the smaller first where ``desc`` is 0,
+    the larger first where it is 1 (min / max over the pair: no gather, and cheap in the interpreter too)."""
+    lo = tl.min(h, axis=AX, keep_dims=True)
+    hi = tl.max(h, axis=AX, keep_dims=True)
+    return tl.where((_axis_bit(R, AX) ^ desc) != 0, hi, lo)
+
+
+@triton.jit
+def _sort_ascending(x, BM: tl.constexpr, KP: tl.constexpr, LOG: tl.constexpr):
+    """(BM, KP = 2**LOG) sorted ascending per row: a bitonic network on the row as a hypercube, axis ``1 + j``
+    holding bit ``LOG - 1 - j`` of the position."""
+    h = tl.reshape(x, [BM] + [2] * LOG)
+    for s in tl.static_range(1, LOG + 1):  # sorted runs of 2**s, ascending where bit s of the position is 0
+        if s < LOG:
+            desc = _axis_bit(LOG + 1, LOG - s)
+        else:
+            desc = 0
+        for j in tl.static_range(s):
+            h = _swap(h, LOG - (s - 1 - j), desc, LOG + 1)
+    return tl.reshape(h, [BM, KP])
+
+
+@triton.jit
+def topk_merge(best, chunk, BM: tl.constexpr, KP: tl.constexpr, LOG: tl.constexpr):
+    """The ``KP`` largest keys per row of ``best`` (sorted descending) and ``chunk`` (any order), sorted descending:
+    ``chunk`` sorted ascending, so that ``best`` then ``chunk`` is bitonic; the elementwise max holds the ``KP``
+    largest (a bitonic half-cleaner) and ``LOG`` compare-and-swap steps sort it. A running top-k that takes a whole
+    chunk in one network, where an insertion takes one serial pass over the kept slots per new tile."""
+    kth = tl.min(best, 1)
+    if tl.max((tl.max(chunk, 1) > kth).to(tl.int32), 0) > 0:  # some row gains a tile
+        top = tl.maximum(best, _sort_ascending(chunk, BM, KP, LOG))
+        h = tl.reshape(top, [BM] + [2] * LOG)
+        for j in tl.static_range(LOG):
+            h = _swap(h, 1 + j, 1, LOG + 1)
+        best = tl.reshape(h, [BM, KP])
+    return best
+
+
+@triton.jit
+def sorted_result(best, static_mass, threshold, KP: tl.constexpr, TOPK: tl.constexpr, HAS_THRESHOLD: tl.constexpr):
+    """(BM, KP) int32 tile list from :func:`topk_merge`'s sorted keys of tile masses: the first ``TOPK`` competing
+    tiles (mass >= 0), cut by the threshold's cumulative mass (static tiles' mass first) when HAS_THRESHOLD; -1 =
+    none."""
+    kk = tl.arange(0, KP)
+    v = key_value(best)
+    keep = (v >= 0) & (kk[None, :] < TOPK)
+    if HAS_THRESHOLD:
+        v = tl.where(keep, v, 0.0)
+        before = static_mass[:, None] + tl.cumsum(v, 1) - v
+        keep = keep & (before < threshold)
+    return tl.where(keep, key_tile(best), -1)
+
+
 @triton.jit
 def topk_result(best_v, best_i, static_mass, threshold, BM: tl.constexpr, KP: tl.constexpr, TOPK: tl.constexpr,
                 HAS_THRESHOLD: tl.constexpr):
@@ -195,8 +297,8 @@ def _select_kernel(
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_cb, s_ob, s_oh, s_om,
     n_q, n_k, qb0, kb0, q_end, kv_offset, kv_end, sink, window, scale, threshold,
     HKV: tl.constexpr, GROUP: tl.constexpr, HG_P: tl.constexpr, BM: tl.constexpr, CN: tl.constexpr,
-    F: tl.constexpr, FC: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_THRESHOLD: tl.constexpr, HAS_TILE_INFO: tl.constexpr,
+    F: tl.constexpr, FC: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, KP_LOG: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_THRESHOLD: tl.constexpr, HAS_TILE_INFO: tl.constexpr,
 ):
     ROWS: tl.constexpr = BM * HG_P
     pid_m = tl.program_id(0)
@@ -234,23 +336,30 @@ def _select_kernel(
     qb = qb0 + m
     q_last = tl.minimum((qb + 1) * BLOCK - 1, q_end - 1)
     kk = tl.arange(0, KP)
-    # the running top-k, unsorted: -1 = empty slot, FILLED (> any mass) = a slot past TOPK that is never replaced
-    best_v = tl.where(kk[None, :] < TOPK, tl.full([BM, KP], -1.0, tl.float32), FILLED)
-    best_i = tl.full([BM, KP], -1, tl.int32)
+    # the running top-k: KP (>= TOPK) sorted keys of (mass, tile); -1 = no competing tile
+    best = desc_key(tl.full([BM, KP], -1.0, tl.float32), tl.full([BM, KP], -1, tl.int32))
     static_mass = tl.zeros([BM], dtype=tl.float32)
-    for n0 in range(0, n_hi, CN):
-        n = n0 + cn
-        n_ok = n < n_k
-        cnt, sink_only = key_tiles(c_ptr, s_ptr, n, n_ok, kb0, kv_offset, kv_end, sink, BLOCK, HAS_TILE_INFO)
-        s = _scores(qf_ptr, kf_ptr, n, n_ok, rows_ok, s_kn, ROWS, CN, F, FC) * scale
-        cand_r = rows_ok[:, None] & ((kb0 + n)[None, :] <= qb_r[:, None]) & (cnt > 0)[None, :]
-        p = tl.where(cand_r, tl.exp(s - lse[:, None]), 0.0)
-        mass = tl.sum(tl.reshape(p, [BM, HG_P, CN]), 1) / GROUP
-        cand, static = competition(m_ok, qb, q_last, n, cnt, sink_only, kb0, kv_offset, window, BLOCK, HAS_WINDOW)
-        static_mass += tl.sum(tl.where(static, mass, 0.0), 1)
-        best_v, best_i = topk_insert(best_v, best_i, tl.where(cand & ~static, mass, -1.0), n0, cn, kk)
+    # KP key tiles per merge: CN at a time scored and staged, then one sort merges the staged keys into the kept
+    empty = desc_key(tl.full([BM, KP], -1.0, tl.float32), tl.full([BM, KP], -1, tl.int32))
+    for n00 in range(0, n_hi, KP):
+        staged = empty
+        for j in tl.static_range(KP // CN):
+            n0 = n00 + j * CN
+            n = n0 + cn
+            n_ok = n < n_k
+            cnt, sink_only = key_tiles(c_ptr, s_ptr, n, n_ok, kb0, kv_offset, kv_end, sink, BLOCK, HAS_TILE_INFO)
+            s = _scores(qf_ptr, kf_ptr, n, n_ok, rows_ok, s_kn, ROWS, CN, F, FC) * scale
+            cand_r = rows_ok[:, None] & ((kb0 + n)[None, :] <= qb_r[:, None]) & (cnt > 0)[None, :]
+            p = tl.where(cand_r, tl.exp(s - lse[:, None]), 0.0)
+            mass = tl.sum(tl.reshape(p, [BM, HG_P, CN]), 1) / GROUP
+            cand, static = competition(m_ok, qb, q_last, n, cnt, sink_only, kb0, kv_offset, window, BLOCK,
+                                       HAS_WINDOW)
+            static_mass += tl.sum(tl.where(static, mass, 0.0), 1)
+            chunk = desc_key(tl.where(cand & ~static, mass, -1.0), tl.broadcast_to(n[None, :], [BM, CN]))
+            staged = stage(staged, chunk, j, BM, KP, CN)
+        best = topk_merge(best, staged, BM, KP, KP_LOG)
 
-    out = topk_result(best_v, best_i, static_mass, threshold, BM, KP, TOPK, HAS_THRESHOLD)
+    out = sorted_result(best, static_mass, threshold, KP, TOPK, HAS_THRESHOLD)
     ptr = OUT + b.to(tl.int64) * s_ob + g.to(tl.int64) * s_oh + m.to(tl.int64)[:, None] * s_om + kk[None, :]
     tl.store(ptr, out, mask=m_ok[:, None] & (kk[None, :] < TOPK))
 
@@ -382,6 +491,16 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+def _chunk_tiles(feats: int) -> int:
+    """Key tiles scored per step by ``_select_kernel`` (fewer at wide features to bound registers)."""
+    return 16 if feats > 256 else 32
+
+
+def mass_slots(topk: int, feats: int) -> int:
+    """Kept slots of ``_select_kernel``'s running top-k: ``topk`` padded to a power of two, at least one chunk."""
+    return max(_chunk_tiles(feats), _next_pow2(topk))
+
+
 def pool_features(x: torch.Tensor, offset: int, block: int, seg: torch.Tensor | None, seg_start: int,
                   is_query: bool) -> torch.Tensor:
     """(B, H, n_tiles, 2 * D_pad) float32 tile features of x (B, H, L, D) on the absolute grid from ``offset``.
@@ -412,7 +531,7 @@ def mass_rows_per_program(n_q: int, group: int, programs_per_row: int, sms: int,
     16, ``git show e1b9bef:scripts/results/selection_cost_h200.json``); short calls keep more, narrower programs so
     that every SM has work, and large budgets keep the register-resident top-k of the 16-row program."""
     hg_p = _next_pow2(group)
-    slots = max(2, _next_pow2(topk))
+    slots = mass_slots(topk, 0)
     limit = max(MASS_MAX_TOPK_SLOTS, max(1, ROWS_MIN // hg_p) * slots)
     for rows in MASS_ROWS:
         tiles = max(1, rows // hg_p)
@@ -515,14 +634,15 @@ def select_by_mass(
     hg_p = _next_pow2(group)
     bm = max(1, rows_per_program // hg_p)
     feats = qf.shape[-1]
-    cn = 16 if feats > 256 else 32
+    cn = _chunk_tiles(feats)
+    slots = mass_slots(topk, feats)
     _select_kernel[(triton.cdiv(n_q, bm), batch * hkv)](
         qf, kf, count, sink_flag, out, *qf.stride()[:3], *kf.stride()[:3], count.stride(0) if has_info else 0,
         *out.stride()[:3], n_q, n_k, q_offset // block, kv_offset // block, q_offset + q_len, kv_offset,
         kv_offset + kv_len, sink, window or 0, scale,
         threshold if threshold is not None else 0.0,
         HKV=hkv, GROUP=group, HG_P=hg_p, BM=bm, CN=cn, F=feats, FC=min(FEATURE_CHUNK, feats), TOPK=topk,
-        KP=max(2, _next_pow2(topk)), BLOCK=block, HAS_WINDOW=window is not None, HAS_THRESHOLD=threshold is not None,
-        HAS_TILE_INFO=has_info, num_warps=num_warps,
+        KP=slots, KP_LOG=slots.bit_length() - 1, BLOCK=block, HAS_WINDOW=window is not None,
+        HAS_THRESHOLD=threshold is not None, HAS_TILE_INFO=has_info, num_warps=num_warps,
     )
     return out

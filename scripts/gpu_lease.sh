@@ -5,8 +5,9 @@
 # travel in parts over consecutive calls and each step must follow the previous one at once.
 #
 #   step  carry                           does                                                      about
-#   1     .carry/sm1 .carry/minference    stage SmolLM2 part 1 + gguf; gpu_selection (with MInference's 2 min
-#                                         block_sparse_flash_attention.py where carried, not in git)
+#   1     .carry/sm1 .carry/minference    stage SmolLM2 part 1 + gguf (where carried); gpu_selection     2 min
+#         (.carry/baseline)               (with MInference's block_sparse_flash_attention.py and an earlier
+#                                         kernels package as kernels_baseline where carried; not in git)
 #   2     .carry/sm2 .carry/learned       gpu_learned SmolLM2 8K (probe, refine, oracle, learned,    5 min
 #                                         passkey)
 #   3     .carry/g1                       stage Gemma part 1; gpu_decode (SKIP_DECODE=1: not)          3 min
@@ -40,11 +41,15 @@ budget_16k_small='{"block_size": 64, "sink_tokens": 64, "window": 128, "topk_blo
 
 case "$step" in
   1)
-    mkdir -p /tmp/hfs && cp .carry/sm1/part_aa /tmp/hfs/part_aa
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/sm1/gguf-0.19.0-py3-none-any.whl
+    if [ -d .carry/sm1 ]; then  # staging for step 2 (not needed by the selection benchmark itself)
+      mkdir -p /tmp/hfs && cp .carry/sm1/part_aa /tmp/hfs/part_aa
+      python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/sm1/gguf-0.19.0-py3-none-any.whl
+    fi
     minference=.carry/minference/block_sparse_flash_attention.py
     extra=()
     if [ -f "$minference" ]; then extra=(--minference-file "$minference"); fi
+    # an earlier kernels package timed beside ours (gpu_selection --baseline-kernels; made with git archive)
+    if [ -d .carry/baseline/kernels_baseline ]; then extra+=(--baseline-kernels .carry/baseline); fi
     python3 -m scripts.gpu_selection --out "$out/selection" "${extra[@]}"
     ;;
   2)

@@ -24,6 +24,11 @@ length, medians of ``triton.testing.do_bench``:
   ``refine_stage2_ms``: its second stage alone on candidates made beforehand;
 * ``index_build_torch_ms`` / ``index_build_triton_ms``: the block index from the selected tiles, by the PyTorch
   ops or by the Triton list kernel (``build_block_index(builder=...)``; the call uses the kernel on CUDA);
+* with ``--baseline-kernels DIR``: an earlier copy of the kernels package as ``DIR/kernels_baseline`` (for
+  example ``git archive <commit> kernels | tar -x -C DIR && mv DIR/kernels DIR/kernels_baseline``; not in git), timed
+  in the same run: ``baseline_mass_kernel_ms`` / ``mass_kernel_ms`` (``select_by_mass``, default launch: pooling and
+  the fused kernel), ``baseline_learned_selection_ms`` (the learned selector with the baseline's ``learned_topk``)
+  and whether both choose the same tile sets;
 * with ``--minference-file``: ``minference_call_ms``, MInference's block-sparse top-k attention
   (``block_sparse_attention`` of ``minference/ops/block_sparse_flash_attention.py``: mean-pooled q/k scores, its
   ``torch.topk`` index, its padding copies and its Triton kernel, all timed) with ``top_k`` = the tiles our
@@ -118,8 +123,13 @@ def _check(q, k, pattern) -> dict:
 
 
 @torch.no_grad()
+def _same_sets(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tile lists hold the same tiles per row (order aside)."""
+    return bool(torch.equal(a.sort(-1).values, b.sort(-1).values))
+
+
 def _bench_length(seq: int, heads: int, kv_heads: int, dim: int, dtype: torch.dtype, device: str,
-                  pattern: SparsePattern, bench, minference=None) -> dict:
+                  pattern: SparsePattern, bench, minference=None, baseline=None) -> dict:
     """The timings of one length (see the module docstring)."""
     from hf_sparsek.triton_ops import triton_block_sparse_attention
 
@@ -152,7 +162,15 @@ def _bench_length(seq: int, heads: int, kv_heads: int, dim: int, dtype: torch.dt
             num_warps=w)
         row[f"mass_rows{rows}_w{warps}_selection_ms"] = bench(mass_call)
         row[f"mass_rows{rows}_w{warps}_same_tiles"] = bool(torch.equal(mass_call(), mass_tiles))
-    row.update(_learned_cost(q, k, v, pattern, bench))
+    row.update(_learned_cost(q, k, v, pattern, bench, baseline))
+    if baseline is not None:
+        args = dict(block=pattern.block_size, q_offset=0, kv_offset=0, sink=pattern.sink_tokens,
+                    topk=pattern.topk_blocks, window=pattern.window, threshold=None, scale=scale)
+        row["mass_kernel_ms"] = bench(lambda: select_by_mass(q, k, None, None, None, **args))
+        row["baseline_mass_kernel_ms"] = bench(lambda: baseline.selection.select_by_mass(q, k, None, None, None,
+                                                                                          **args))
+        row["baseline_mass_same_tile_sets"] = _same_sets(baseline.selection.select_by_mass(
+            q, k, None, None, None, **args), select_by_mass(q, k, None, None, None, **args))
     refine = pattern.replace(selector="refine")
     row["refine_selection_ms"] = bench(lambda: select_refine(q, k, refine, 0, 0, None, backend="triton"))
     from hf_sparsek.kernels.refine import refine_candidates
@@ -188,7 +206,7 @@ def _bench_length(seq: int, heads: int, kv_heads: int, dim: int, dtype: torch.dt
     return row
 
 
-def _learned_cost(q, k, v, pattern: SparsePattern, bench) -> dict:
+def _learned_cost(q, k, v, pattern: SparsePattern, bench, baseline=None) -> dict:
     """The learned selector's cost at inference (issue 23: no more than the training-free selector's): a fresh
     per-layer scorer with perturbed weights (the same ops and shapes as a trained one) choosing the pattern's budget,
     alone through the Triton kernels (the default on CUDA) and through the PyTorch definition, and with the attention
@@ -211,8 +229,20 @@ def _learned_cost(q, k, v, pattern: SparsePattern, bench) -> dict:
         return sparse_attention(q, k, v, learned, backend="triton", selected_tiles=select())
 
     same = (select("triton") == select("torch")).all(-1).float().mean().item()
-    return {"learned_selection_ms": bench(select), "learned_torch_selection_ms": bench(lambda: select("torch")),
-            "learned_call_ms": bench(call), "learned_rows_identical": same}
+    row = {"learned_selection_ms": bench(select), "learned_torch_selection_ms": bench(lambda: select("torch")),
+           "learned_call_ms": bench(call), "learned_rows_identical": same}
+    if baseline is not None:  # the same selector with the baseline's fused top-k (the lab may swap it; ops may not)
+        import hf_sparsek.kernels.learned_selection as current
+
+        ours = current.learned_topk
+        tiles = select()
+        current.learned_topk = baseline.learned_selection.learned_topk
+        try:
+            row["baseline_learned_selection_ms"] = bench(select)
+            row["baseline_learned_same_tile_sets"] = _same_sets(select(), tiles)
+        finally:
+            current.learned_topk = ours
+    return row
 
 
 def _load_minference(path: str | None):
@@ -227,6 +257,19 @@ def _load_minference(path: str | None):
     return module
 
 
+def _load_baseline(folder: str | None):
+    """``kernels_baseline`` (an earlier copy of the kernels package) from ``folder``, or None."""
+    if folder is None:
+        return None
+    import importlib
+
+    sys.path.insert(0, os.path.abspath(folder))
+    package = importlib.import_module("kernels_baseline")
+    for name in ("selection", "learned_selection"):
+        importlib.import_module(f"kernels_baseline.{name}")
+    return package
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -235,6 +278,8 @@ def main() -> int:
     ap.add_argument("--topk", type=int, default=24)
     ap.add_argument("--minference-file", default=None,
                     help="path of MInference's minference/ops/block_sparse_flash_attention.py to time beside ours")
+    ap.add_argument("--baseline-kernels", default=None,
+                    help="folder holding an earlier copy of the kernels package as kernels_baseline, timed beside ours")
     args = ap.parse_args()
     smoke = args.cpu_smoke
     if not smoke and not torch.cuda.is_available():
@@ -245,9 +290,10 @@ def main() -> int:
     pattern = SparsePattern(block_size=64, sink_tokens=64, window=256, topk_blocks=args.topk, selector="mass")
     bench = _timer(smoke)
     minference = _load_minference(args.minference_file)
+    baseline = _load_baseline(args.baseline_kernels)
     results = []
     for i, seq in enumerate(seqs):
-        row = _bench_length(seq, heads, kv_heads, dim, dtype, device, pattern, bench, minference)
+        row = _bench_length(seq, heads, kv_heads, dim, dtype, device, pattern, bench, minference, baseline)
         if i == 0:
             row["check"] = _check(*_inputs(seq, heads, kv_heads, dim, dtype, device)[:2], pattern)
         results.append(row)

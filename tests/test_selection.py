@@ -276,6 +276,67 @@ def test_triton_kernel_block128_head_dim_256(interpret):
         _check_same_selection(got, _slow_mass_selection(q, k, pattern, q_offset, kv_offset, k_seg), tol=1e-5)
 
 
+@pytest.mark.parametrize("topk", [5, 33])
+def test_triton_kernel_many_key_tiles(topk, interpret):
+    """46 key tiles: the running top-k merges several chunks (top-5: 32 kept slots, a merge per 32 tiles; top-33: 64
+    slots staged from two chunks of 32 per merge), with padding, a window and a sink; the definition's tiles."""
+    pattern = SparsePattern(block_size=64, sink_tokens=64, window=100, topk_blocks=topk)
+    q, k, q_offset, kv_offset, k_seg = _inputs((2, 4, 2, 300, 2900, 64, None, 0, True), seed=5)
+    got = select_mass(q, k, pattern, q_offset, kv_offset, k_seg, backend="triton")
+    want = select_mass(q, k, pattern, q_offset, kv_offset, k_seg, backend="torch")
+    assert (got >= 0).sum(-1).max() == min(topk, 43)  # the budget is used: up to 43 tiles compete
+    if not torch.equal(got, want):
+        _check_same_selection(got, _slow_mass_selection(q, k, pattern, q_offset, kv_offset, k_seg), tol=1e-5)
+
+
+MERGE_KERNEL = """
+import triton
+import triton.language as tl
+
+from hf_sparsek.kernels.selection import desc_key, key_tile, key_value, topk_merge
+
+
+@triton.jit
+def merge_all(V, T, OV, OT, n_chunks, BM: tl.constexpr, KP: tl.constexpr, LOG: tl.constexpr):
+    r = tl.arange(0, BM)
+    c = tl.arange(0, KP)
+    best = desc_key(tl.full([BM, KP], -1.0e30, tl.float32), tl.full([BM, KP], -1, tl.int32))
+    for i in range(n_chunks):
+        at = r[:, None] * (n_chunks * KP) + i * KP + c[None, :]
+        best = topk_merge(best, desc_key(tl.load(V + at), tl.load(T + at)), BM, KP, LOG)
+    tl.store(OV + r[:, None] * KP + c[None, :], key_value(best))
+    tl.store(OT + r[:, None] * KP + c[None, :], key_tile(best))
+"""
+
+
+@pytest.mark.parametrize("width", [32, 64])
+def test_triton_topk_merge_keeps_the_largest_lower_tile_first(width, interpret, tmp_path):
+    """The running top-k's merge (``topk_merge`` of ``desc_key`` keys) over many chunks equals a sort by value
+    (descending), then tile (ascending): negative values, -0.0 beside +0.0, and ties across chunks."""
+    import importlib.util
+
+    path = tmp_path / "merge_kernel.py"  # a file: @triton.jit reads its source; imported now, in interpreter mode
+    path.write_text(MERGE_KERNEL)
+    spec = importlib.util.spec_from_file_location("merge_kernel", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    merge_all = module.merge_all
+    gen = torch.Generator().manual_seed(width)
+    rows, chunks = 16, 5
+    values = torch.randint(-6, 6, (rows, chunks * width), generator=gen).float() / 4  # many ties, negatives
+    values[0] = -1.0  # row 0: zeros of both signs at the top, equal
+    values[0, :3] = torch.tensor([-0.0, 0.0, -0.0])
+    tiles = torch.stack([torch.randperm(chunks * width, generator=gen) for _ in range(rows)]).int()
+    tiles[0, :3] = tiles[0, :3].sort().values  # -0.0 holds the lowest tile: it comes before +0.0
+    out_v = torch.empty(rows, width)
+    out_t = torch.empty(rows, width, dtype=torch.int32)
+    merge_all[(1,)](values, tiles, out_v, out_t, chunks, BM=rows, KP=width, LOG=width.bit_length() - 1)
+    rank = (8 - values * 4).long() * 10_000 + tiles.long()  # value descending (quarters), then tile ascending
+    order = torch.argsort(rank, dim=-1)[:, :width]
+    assert torch.equal(out_v, torch.gather(values, 1, order) + 0.0)
+    assert torch.equal(out_t, torch.gather(tiles, 1, order))
+
+
 # --- the public path: sparse_attention and a model forward ----------------------------------------------------------
 
 
