@@ -221,7 +221,9 @@ def small_config_sweep(batch: int, heads: int, seq: int, dim: int, dtype, patter
     q, k, v = (_rand((batch, heads, seq, dim), dtype) for _ in range(3))
     index = build_index_for(q, k, pattern)
     cands = list(FWD_CANDIDATES.get(dim, [])) + [FwdConfig(64, 64, 4, 2), FwdConfig(64, 32, 4, 2),
-                                                   FwdConfig(64, 64, 2, 2), FwdConfig(32, 64, 4, 2)]
+                                                   FwdConfig(64, 64, 2, 2), FwdConfig(32, 64, 4, 2),
+                                                   FwdConfig(64, 64, 4, 1), FwdConfig(64, 64, 4, 3),
+                                                   FwdConfig(64, 64, 8, 2), FwdConfig(64, 128, 4, 2)]
     for cfg in cands:
         if _left() < 15:
             break
