@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .selection import desc_key, key_tile, key_value, load_rows, stage, tile_rows, topk_merge
+from .selection import desc_key, key_tile, key_value, load_rows, merge_stages, stage, tile_rows, topk_merge
 
 NONE: tl.constexpr = tl.constexpr(-1.0e30)  # not competing / empty slot: below any real logit
 POOL_ROWS = 32  # rows of a tile loaded at once by the pooling kernel
@@ -234,6 +234,6 @@ def learned_topk(
         kv_offset % block,
         HKV=hkv, BM=TOPK_ROWS, CN=KEY_CHUNK, F=feats, FC=min(FEATURE_CHUNK, feats), TOPK=topk,
         KP_=slots, KP_LOG=slots.bit_length() - 1, BLOCK=block, BUCKETS=bias.shape[1], HAS_GATE=has_gate,
-        HAS_WINDOW=window is not None, HAS_FLAG=key_flag is not None,
+        HAS_WINDOW=window is not None, HAS_FLAG=key_flag is not None, num_stages=merge_stages(slots, KEY_CHUNK),
     )
     return out
