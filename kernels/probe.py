@@ -10,8 +10,8 @@ query head of the group): slot ``j`` of query tile ``m`` is the position ending 
 or the call's last row when that stride holds it (so the last row costs no extra slot). Pass 1 streams over the
 causal keys, ``CN`` key tiles at a time, for each row's log-sum-exp; pass 2 streams again, sums each row's
 probabilities per key tile, averages over the tile's rows and heads and keeps a running top-k per query tile
-(shared with the mass selector: ``kernels.selection.topk_insert``). Work: two passes of ``1 / stride`` of the dense
-causal scores; nothing of size (query tiles x key tiles) is written.
+(each step's tiles staged, merged ``KP`` at a time by the mass selector's ``kernels.selection.topk_merge``).
+Work: two passes of ``1 / stride`` of the dense causal scores; nothing of size (query tiles x key tiles) is written.
 
 No host synchronisation: every size comes from the shapes and the pattern. No transformers or hf_sparsek imports.
 """
@@ -24,15 +24,16 @@ import triton.language as tl
 
 from .selection import (
     FEATURE_CHUNK,
-    FILLED,
     NEG,
     ROWS_MIN,
     _next_pow2,
     competition,
+    desc_key,
     key_tiles,
     prepare_call,
-    topk_insert,
-    topk_result,
+    sorted_result,
+    stage,
+    topk_merge,
 )
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
@@ -88,7 +89,7 @@ def _probe_kernel(
     q_len, kv_len, n_q, n_k, qb0, kb0, q_offset, q_start, kv_offset, sink, window, scale, threshold,
     HKV: tl.constexpr, GROUP: tl.constexpr, HG_P: tl.constexpr, BM: tl.constexpr, SLOTS: tl.constexpr,
     STRIDE: tl.constexpr, CN: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, FC: tl.constexpr,
-    TOPK: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    TOPK: tl.constexpr, KP: tl.constexpr, KP_LOG: tl.constexpr, BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_THRESHOLD: tl.constexpr, HAS_TILE_INFO: tl.constexpr, HAS_SEG: tl.constexpr, QUERY_SEG: tl.constexpr,
 ):
     PER_TILE: tl.constexpr = SLOTS * HG_P
@@ -138,8 +139,11 @@ def _probe_kernel(
     q_last = tl.minimum((qb + 1) * BLOCK - 1, q_end - 1)
     kk = tl.arange(0, KP)
     cn = tl.arange(0, CN)
-    best_v = tl.where(kk[None, :] < TOPK, tl.full([BM, KP], -1.0, tl.float32), FILLED)
-    best_i = tl.full([BM, KP], -1, tl.int32)
+    # the running top-k: KP (>= TOPK) sorted keys of (mass, tile); each step's CN tiles are staged, and one merge
+    # takes KP // CN steps' worth (-1 = no competing tile)
+    empty = desc_key(tl.full([BM, KP], -1.0, tl.float32), tl.full([BM, KP], -1, tl.int32))
+    best = empty
+    staged = empty
     static_mass = tl.zeros([BM], dtype=tl.float32)
     for n0 in range(0, n_hi, CN):
         x, allowed = _chunk_scores(q_ptr, k_ptr, seg_ptr, rows_ok, pos, (kb0 + n0) * BLOCK + j, kv_offset, kv_len,
@@ -153,9 +157,15 @@ def _probe_kernel(
                                    HAS_TILE_INFO)
         cand, static = competition(m_ok, qb, q_last, n, cnt, sink_only, kb0, kv_offset, window, BLOCK, HAS_WINDOW)
         static_mass += tl.sum(tl.where(static, mass, 0.0), 1)
-        best_v, best_i = topk_insert(best_v, best_i, tl.where(cand & ~static, mass, -1.0), n0, cn, kk)
+        part = (n0 // CN) % (KP // CN)
+        chunk = desc_key(tl.where(cand & ~static, mass, -1.0), tl.broadcast_to(n[None, :], [BM, CN]))
+        staged = stage(staged, chunk, part, BM, KP, CN)
+        if part == KP // CN - 1:
+            best = topk_merge(best, staged, BM, KP, KP_LOG)
+            staged = empty
+    best = topk_merge(best, staged, BM, KP, KP_LOG)
 
-    out = topk_result(best_v, best_i, static_mass, threshold, BM, KP, TOPK, HAS_THRESHOLD)
+    out = sorted_result(best, static_mass, threshold, KP, TOPK, HAS_THRESHOLD)
     ptr = OUT + b.to(tl.int64) * s_ob + g.to(tl.int64) * s_oh + m.to(tl.int64)[:, None] * s_om + kk[None, :]
     tl.store(ptr, out, mask=m_ok[:, None] & (kk[None, :] < TOPK))
 
@@ -202,13 +212,14 @@ def select_by_probe(
     bm = max(1, rows_per_program // (slots * hg_p))
     d_pad = max(16, _next_pow2(dim))
     cn = max(1, KEYS_PER_STEP // block)
+    kept = max(cn, ROWS_MIN, _next_pow2(topk))  # keys of the running top-k: a power of two
     _probe_kernel[(triton.cdiv(n_q, bm), batch * hkv)](
         q, k, seg, count, sink_flag, out, *q.stride(), *k.stride(), seg.stride(0) if k_seg is not None else 0,
         count.stride(0) if has_info else 0, *out.stride()[:3],
         q_len, kv_len, n_q, n_k, q_offset // block, kv_offset // block, q_offset, max(q_start, 0), kv_offset, sink,
         window or 0, scale, threshold if threshold is not None else 0.0,
         HKV=hkv, GROUP=group, HG_P=hg_p, BM=bm, SLOTS=slots, STRIDE=stride, CN=cn, D=dim, D_PAD=d_pad,
-        FC=min(FEATURE_CHUNK, d_pad), TOPK=topk, KP=max(2, _next_pow2(topk)), BLOCK=block,
+        FC=min(FEATURE_CHUNK, d_pad), TOPK=topk, KP=kept, KP_LOG=kept.bit_length() - 1, BLOCK=block,
         HAS_WINDOW=window is not None, HAS_THRESHOLD=threshold is not None, HAS_TILE_INFO=has_info,
         HAS_SEG=k_seg is not None, QUERY_SEG=k_seg is not None and q_start >= 0, num_warps=NUM_WARPS,
     )

@@ -27,7 +27,6 @@ import triton.language as tl
 from .common import sm_count
 
 NEG: tl.constexpr = tl.constexpr(-1.0e30)  # "no candidate" score: finite, so that exp() of differences never makes NaN
-FILLED: tl.constexpr = tl.constexpr(3.0)  # a top-k slot value above any tile mass (masses are <= 1)
 ROWS_MIN = 16  # tl.dot needs >= 16 rows: query tiles of a program x padded group size
 MASS_ROWS = (64, 32, 16)  # rows (query tiles x padded group) per _select_kernel program, widest first
 MASS_MIN_PROGRAMS_PER_SM = 0.75  # the widest rows that still give this many programs per SM (else 16)
@@ -119,25 +118,6 @@ def key_tiles(c_ptr, s_ptr, n, n_ok, kb0, kv_offset, kv_end, sink, BLOCK: tl.con
         cnt = tl.where(n_ok, tl.maximum(hi - lo, 0), 0)
         sink_only = (cnt > 0) & (hi - 1 < sink)
     return cnt, sink_only
-
-
-@triton.jit
-def topk_insert(best_v, best_i, cv, n0, cn, kk):
-    """Running top-k per row (BM, KP) updated with one chunk's competing masses ``cv`` (BM, CN; -1 = not competing)
-    of key tiles ``n0 + cn``. Unsorted slots: -1 = empty, FILLED = past TOPK (never replaced)."""
-    kth = tl.min(best_v, 1)
-    # insert the chunk's best tile in place of the smallest kept one while some row has a better tile; the
-    # number of insertions over a whole row is about k * log(key tiles / k), far fewer than k per chunk
-    while tl.max((tl.max(cv, 1) > kth).to(tl.int32), 0) > 0:
-        mc = tl.max(cv, 1)
-        ac = tl.argmax(cv, 1)
-        slot = tl.argmin(best_v, 1)
-        put = (mc > kth)[:, None] & (kk[None, :] == slot[:, None])  # strict: an equal tile keeps the earlier
-        best_v = tl.where(put, mc[:, None], best_v)
-        best_i = tl.where(put, (n0 + ac)[:, None], best_i)
-        cv = tl.where(cn[None, :] == ac[:, None], -1.0, cv)  # rows that did not insert had nothing above kth
-        kth = tl.min(best_v, 1)
-    return best_v, best_i
 
 
 TILE_BIAS: tl.constexpr = tl.constexpr(1 << 30)  # a sort key's low half: TILE_BIAS - tile (tiles -1 .. 2**30 - 1)
@@ -240,29 +220,6 @@ def sorted_result(best, static_mass, threshold, KP: tl.constexpr, TOPK: tl.const
         before = static_mass[:, None] + tl.cumsum(v, 1) - v
         keep = keep & (before < threshold)
     return tl.where(keep, key_tile(best), -1)
-
-
-@triton.jit
-def topk_result(best_v, best_i, static_mass, threshold, BM: tl.constexpr, KP: tl.constexpr, TOPK: tl.constexpr,
-                HAS_THRESHOLD: tl.constexpr):
-    """(BM, KP) int32 tile list: the kept tiles sorted by mass, descending (ties: lower slot first), cut by the
-    threshold's cumulative mass (static tiles' mass first) when HAS_THRESHOLD; -1 = none."""
-    kk = tl.arange(0, KP)
-    best_v = tl.where(kk[None, :] < TOPK, best_v, -2.0)
-    out_v = tl.full([BM, KP], -1.0, tl.float32)
-    out_i = tl.full([BM, KP], -1, tl.int32)
-    for t in range(TOPK):
-        top = tl.argmax(best_v, 1)
-        here = kk[None, :] == top[:, None]
-        out_v = tl.where(kk[None, :] == t, tl.max(best_v, 1)[:, None], out_v)
-        out_i = tl.where(kk[None, :] == t, tl.sum(tl.where(here, best_i, 0), 1)[:, None], out_i)
-        best_v = tl.where(here, -2.0, best_v)
-    keep = out_v >= 0
-    if HAS_THRESHOLD:
-        v = tl.maximum(out_v, 0.0)
-        before = static_mass[:, None] + tl.cumsum(v, 1) - v
-        keep = keep & (before < threshold)
-    return tl.where(keep, out_i, -1)
 
 
 @triton.jit

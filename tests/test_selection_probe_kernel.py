@@ -51,6 +51,16 @@ def test_probe_kernel_other_strides(stride):
     _same(q, k, PATTERNS["sink64-win64-top3"], q_offset, kv_offset, k_seg, stride=stride)
 
 
+@pytest.mark.parametrize("topk", [5, 20])
+def test_probe_kernel_many_key_tiles(topk):
+    """46 key tiles, one per step: the running top-k stages 16 (top-5) or 32 (top-20) steps' tiles per merge, so
+    several merges and a partial last one; padding, a sink and a window."""
+    pattern = SparsePattern(block_size=64, sink_tokens=64, window=100, topk_blocks=topk, selector="probe")
+    q, k, q_offset, kv_offset, k_seg = _inputs((2, 4, 2, 130, 2900, 64, None, 0, True), seed=15)
+    tiles = _same(q, k, pattern, q_offset, kv_offset, k_seg)
+    assert (tiles >= 0).sum(-1).max() == topk
+
+
 def test_probe_kernel_block128_head_dim_256_peaked():
     """Scaled inputs: peaked softmax rows, so the masses differ widely and a wrong row or tile shows."""
     pattern = SparsePattern(block_size=128, window=128, topk_blocks=2, selector="probe")
