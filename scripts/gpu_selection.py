@@ -27,7 +27,8 @@ length, medians of ``triton.testing.do_bench``:
 * with ``--baseline-kernels DIR``: an earlier copy of the kernels package as ``DIR/kernels_baseline`` (for
   example ``git archive <commit> kernels | tar -x -C DIR && mv DIR/kernels DIR/kernels_baseline``; not in git), timed
   in the same run: ``baseline_mass_kernel_ms`` / ``mass_kernel_ms`` (``select_by_mass``, default launch: pooling and
-  the fused kernel), ``baseline_learned_selection_ms`` (the learned selector with the baseline's ``learned_topk``)
+  the fused kernel), ``baseline_probe_kernel_ms`` / ``probe_kernel_ms`` (``select_by_probe``, stride 16),
+  ``baseline_learned_selection_ms`` (the learned selector with the baseline's ``learned_topk``)
   and whether both choose the same tile sets;
 * with ``--minference-file``: ``minference_call_ms``, MInference's block-sparse top-k attention
   (``block_sparse_attention`` of ``minference/ops/block_sparse_flash_attention.py``: mean-pooled q/k scores, its
@@ -171,6 +172,11 @@ def _bench_length(seq: int, heads: int, kv_heads: int, dim: int, dtype: torch.dt
                                                                                           **args))
         row["baseline_mass_same_tile_sets"] = _same_sets(baseline.selection.select_by_mass(
             q, k, None, None, None, **args), select_by_mass(q, k, None, None, None, **args))
+        row["probe_kernel_ms"] = bench(lambda: select_by_probe(q, k, None, None, None, stride=16, **args))
+        row["baseline_probe_kernel_ms"] = bench(lambda: baseline.probe.select_by_probe(q, k, None, None, None,
+                                                                                        stride=16, **args))
+        row["baseline_probe_same_tile_sets"] = _same_sets(baseline.probe.select_by_probe(
+            q, k, None, None, None, stride=16, **args), select_by_probe(q, k, None, None, None, stride=16, **args))
     refine = pattern.replace(selector="refine")
     row["refine_selection_ms"] = bench(lambda: select_refine(q, k, refine, 0, 0, None, backend="triton"))
     from hf_sparsek.kernels.refine import refine_candidates
@@ -265,7 +271,7 @@ def _load_baseline(folder: str | None):
 
     sys.path.insert(0, os.path.abspath(folder))
     package = importlib.import_module("kernels_baseline")
-    for name in ("selection", "learned_selection"):
+    for name in ("selection", "learned_selection", "probe"):
         importlib.import_module(f"kernels_baseline.{name}")
     return package
 
