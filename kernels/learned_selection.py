@@ -8,10 +8,10 @@ near-ties aside):
   (row, head) pairs; read in the input's dtype, accumulated in float32 (no float copy of q or k);
 * ``_learned_topk_kernel``: one program per (batch, KV head, ``BM`` query tiles) streams the causal key tiles, scores
   ``qp . kp + c + bias[bucket(distance)]`` (the scorer's projections come in: ``qp`` = scale * Wq qbar,
-  ``kp`` = Wk kfeat, ``c`` = u . kfeat), masks the tiles that do not compete and keeps a running top-k (sorted
-  merges: ``kernels.selection.topk_merge``); the result is the ``topk`` best per query tile, sorted by logit (among
-  equal logits the lower tile, as the definition's stable sort). Nothing of size (query tiles x key tiles) is
-  written.
+  ``kp`` = Wk kfeat, ``c`` = u . kfeat), masks the tiles that do not compete and keeps a running top-k (insertions,
+  or sorted merges for budgets above a chunk: ``kernels.selection.uses_merge``); the result is the ``topk`` best
+  per query tile, sorted by logit (among equal logits the lower tile, as the definition's stable sort). Nothing of
+  size (query tiles x key tiles) is written.
 
 No host synchronisation; no transformers or hf_sparsek imports.
 """
@@ -22,9 +22,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .selection import desc_key, key_tile, key_value, load_rows, merge_stages, stage, tile_rows, topk_merge
+from .selection import (
+    desc_key,
+    key_tile,
+    key_value,
+    load_rows,
+    merge_stages,
+    stage,
+    tile_rows,
+    topk_merge,
+    uses_merge,
+)
 
 NONE: tl.constexpr = tl.constexpr(-1.0e30)  # not competing / empty slot: below any real logit
+FULL: tl.constexpr = tl.constexpr(1.0e30)  # a slot past TOPK: never the smallest, never replaced
 POOL_ROWS = 32  # rows of a tile loaded at once by the pooling kernel
 FEATURE_CHUNK = 64  # feature columns per dot product (bounds registers at head dim 256)
 TOPK_ROWS = 16  # query tiles per top-k program (tl.dot needs >= 16 rows)
@@ -84,13 +95,74 @@ def _gate(qp_ptr, kp_ptr, n, n_ok, m_ok, s_kn, BM: tl.constexpr, CN: tl.constexp
 
 
 @triton.jit
+def _chunk_logits(qp_ptr, kp_ptr, kc_ptr, BIAS, FLAG, n, n_k, kb0, qb, limit, m_ok, b, h, s_kn, s_bh, s_fb, kv_offset,
+                  kv_end, sink, shift, BM: tl.constexpr, CN: tl.constexpr, F: tl.constexpr, FC: tl.constexpr,
+                  BLOCK: tl.constexpr, BUCKETS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_FLAG: tl.constexpr):
+    """(BM, CN) logits of the query tiles on key tiles ``n`` and whether each pair competes."""
+    n_ok = n < n_k
+    kb = kb0 + n
+    if HAS_FLAG:  # padding: whether a tile may compete was worked out from its real keys
+        may = tl.load(FLAG + b.to(tl.int64) * s_fb + n, mask=n_ok, other=0) != 0
+    else:  # every key real: a tile holds keys, is complete in this call, and is not all sink tokens
+        hi = tl.minimum((kb + 1) * BLOCK, kv_end)
+        may = n_ok & (hi > tl.maximum(kb * BLOCK, kv_offset)) & ((n > 0) | (shift == 0)) & (hi - 1 >= sink)
+    compete = m_ok[:, None] & may[None, :] & (kb[None, :] < limit[:, None])
+    logit = tl.zeros([BM, CN], dtype=tl.float32)
+    if HAS_GATE:
+        logit = _gate(qp_ptr, kp_ptr, n, n_ok, m_ok, s_kn, BM, CN, F, FC)
+    logit += tl.load(kc_ptr + n, mask=n_ok, other=0.0)[None, :]
+    dist = tl.maximum(qb[:, None] - kb[None, :], 1)
+    bucket = tl.zeros([BM, CN], dtype=tl.int32)
+    for i in tl.static_range(1, BUCKETS):
+        bucket += (dist >= (1 << i)).to(tl.int32)
+    logit += tl.load(BIAS + h * s_bh + bucket)
+    return logit, compete
+
+
+@triton.jit
+def _insert(best_v, best_i, cv, n0, cn, kk):
+    """Running top-k per row (BM, KP) updated with one chunk's logits ``cv`` (BM, CN; NONE = not competing) of key
+    tiles ``n0 + cn``, which come after every kept tile: a tile equal to the k-th kept one stays out (the lower tile
+    wins a tie), and among kept tiles equal to the smallest the highest tile leaves first."""
+    kth = tl.min(best_v, 1)
+    while tl.max((tl.max(cv, 1) > kth).to(tl.int32), 0) > 0:
+        mc = tl.max(cv, 1)
+        ac = tl.argmax(cv, 1)  # the lowest tile among the chunk's best
+        at_min = best_v == kth[:, None]
+        slot = tl.argmax(tl.where(at_min, best_i, -2), 1)  # the highest tile among the smallest kept
+        put = (mc > kth)[:, None] & (kk[None, :] == slot[:, None])
+        best_v = tl.where(put, mc[:, None], best_v)
+        best_i = tl.where(put, (n0 + ac)[:, None], best_i)
+        cv = tl.where(cn[None, :] == ac[:, None], NONE, cv)
+        kth = tl.min(best_v, 1)
+    return best_v, best_i
+
+
+@triton.jit
+def _sorted(best_v, best_i, BM: tl.constexpr, KP: tl.constexpr, TOPK: tl.constexpr):
+    """(BM, KP) int32 kept tiles sorted by logit, descending (among equal logits the lower tile); -1 = none."""
+    kk = tl.arange(0, KP)
+    big: tl.constexpr = 1 << 30
+    live = (kk[None, :] < TOPK) & (best_v > NONE)
+    v = tl.where(live, best_v, -FULL)
+    out = tl.full([BM, KP], -1, tl.int32)
+    for t in range(TOPK):
+        top = tl.max(v, 1)
+        here = (v == top[:, None]) & (top[:, None] > -FULL)
+        tile = tl.min(tl.where(here, best_i, big), 1)
+        out = tl.where(kk[None, :] == t, tl.where(top > -FULL, tile, -1)[:, None], out)
+        v = tl.where(here & (best_i == tile[:, None]), -FULL, v)
+    return out
+
+
+@triton.jit
 def _learned_topk_kernel(
     QP, KP, KC, BIAS, FLAG, OUT,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_cb, s_ch, s_bh, s_fb, s_ob, s_oh, s_om,
     n_q, n_k, qb0, kb0, kv_offset, kv_end, sink, window, shift,
     HKV: tl.constexpr, BM: tl.constexpr, CN: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, TOPK: tl.constexpr,
-    KP_: tl.constexpr, KP_LOG: tl.constexpr, BLOCK: tl.constexpr, BUCKETS: tl.constexpr, HAS_GATE: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_FLAG: tl.constexpr,
+    KP_: tl.constexpr, KP_LOG: tl.constexpr, MERGE: tl.constexpr, BLOCK: tl.constexpr, BUCKETS: tl.constexpr,
+    HAS_GATE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_FLAG: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -110,35 +182,30 @@ def _learned_topk_kernel(
     kc_ptr = KC + b.to(tl.int64) * s_cb + h.to(tl.int64) * s_ch
     cn = tl.arange(0, CN)
     kk = tl.arange(0, KP_)
-    # the running top-k: KP_ (>= TOPK) sorted keys of (logit, tile), KP_ key tiles per merge (CN per step)
-    best = desc_key(tl.full([BM, KP_], NONE, tl.float32), tl.full([BM, KP_], -1, tl.int32))
-    empty = best
-    for n00 in range(0, n_hi, KP_):
-        staged = empty
-        for j in tl.static_range(KP_ // CN):
-            n = n00 + j * CN + cn
-            n_ok = n < n_k
-            kb = kb0 + n
-            if HAS_FLAG:  # padding: whether a tile may compete was worked out from its real keys
-                may = tl.load(FLAG + b.to(tl.int64) * s_fb + n, mask=n_ok, other=0) != 0
-            else:  # every key real: a tile holds keys, is complete in this call, and is not all sink tokens
-                hi = tl.minimum((kb + 1) * BLOCK, kv_end)
-                may = n_ok & (hi > tl.maximum(kb * BLOCK, kv_offset)) & ((n > 0) | (shift == 0)) & (hi - 1 >= sink)
-            compete = m_ok[:, None] & may[None, :] & (kb[None, :] < limit[:, None])
-            logit = tl.zeros([BM, CN], dtype=tl.float32)
-            if HAS_GATE:
-                logit = _gate(qp_ptr, kp_ptr, n, n_ok, m_ok, s_kn, BM, CN, F, FC)
-            logit += tl.load(kc_ptr + n, mask=n_ok, other=0.0)[None, :]
-            dist = tl.maximum(qb[:, None] - kb[None, :], 1)
-            bucket = tl.zeros([BM, CN], dtype=tl.int32)
-            for i in tl.static_range(1, BUCKETS):
-                bucket += (dist >= (1 << i)).to(tl.int32)
-            logit += tl.load(BIAS + h * s_bh + bucket)
-            chunk = desc_key(tl.where(compete, logit, NONE), tl.broadcast_to(n[None, :], [BM, CN]))
-            staged = stage(staged, chunk, j, BM, KP_, CN)
-        best = topk_merge(best, staged, BM, KP_, KP_LOG)
-    live = (key_value(best) > NONE) & (kk[None, :] < TOPK)
-    out = tl.where(live, key_tile(best), -1)
+    if MERGE:  # large budgets: KP_ (>= TOPK) sorted keys of (logit, tile), KP_ key tiles staged per merge
+        best = desc_key(tl.full([BM, KP_], NONE, tl.float32), tl.full([BM, KP_], -1, tl.int32))
+        empty = best
+        for n00 in range(0, n_hi, KP_):
+            staged = empty
+            for j in tl.static_range(KP_ // CN):
+                n = n00 + j * CN + cn
+                logit, compete = _chunk_logits(qp_ptr, kp_ptr, kc_ptr, BIAS, FLAG, n, n_k, kb0, qb, limit, m_ok, b, h,
+                                               s_kn, s_bh, s_fb, kv_offset, kv_end, sink, shift, BM, CN, F, FC, BLOCK,
+                                               BUCKETS, HAS_GATE, HAS_FLAG)
+                chunk = desc_key(tl.where(compete, logit, NONE), tl.broadcast_to(n[None, :], [BM, CN]))
+                staged = stage(staged, chunk, j, BM, KP_, CN)
+            best = topk_merge(best, staged, BM, KP_, KP_LOG)
+        out = tl.where((key_value(best) > NONE) & (kk[None, :] < TOPK), key_tile(best), -1)
+    else:  # budgets within a chunk: a running top-k, unsorted (NONE = empty, FULL = a slot past TOPK)
+        best_v = tl.where(kk[None, :] < TOPK, tl.full([BM, KP_], NONE, tl.float32), FULL)
+        best_i = tl.full([BM, KP_], -1, tl.int32)
+        for n0 in range(0, n_hi, CN):
+            n = n0 + cn
+            logit, compete = _chunk_logits(qp_ptr, kp_ptr, kc_ptr, BIAS, FLAG, n, n_k, kb0, qb, limit, m_ok, b, h, s_kn,
+                                           s_bh, s_fb, kv_offset, kv_end, sink, shift, BM, CN, F, FC, BLOCK, BUCKETS,
+                                           HAS_GATE, HAS_FLAG)
+            best_v, best_i = _insert(best_v, best_i, tl.where(compete, logit, NONE), n0, cn, kk)
+        out = _sorted(best_v, best_i, BM, KP_, TOPK)
     tiles = tl.where(out >= 0, kb0 + out, -1)
     ptr = OUT + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh + m.to(tl.int64)[:, None] * s_om + kk[None, :]
     tl.store(ptr, tiles, mask=m_ok[:, None] & (kk[None, :] < TOPK))
@@ -225,7 +292,8 @@ def learned_topk(
         feats = 16
     flag = key_flag if key_flag is not None else out
     bias = bias.contiguous()
-    slots = max(KEY_CHUNK, _next_pow2(topk))  # kept keys of the running top-k: a power of two, >= one chunk
+    merge = uses_merge(topk, KEY_CHUNK)
+    slots = max(KEY_CHUNK, _next_pow2(topk)) if merge else max(2, _next_pow2(topk))  # the running top-k's width
     _learned_topk_kernel[(triton.cdiv(n_q, TOPK_ROWS), batch * hkv)](
         qp, kp, kc, bias, flag, out,
         *qp.stride()[:3], *kp.stride()[:3], *kc.stride()[:2], bias.stride(0),
@@ -233,7 +301,8 @@ def learned_topk(
         n_q, n_k, q_offset // block, kv_offset // block, kv_offset, kv_offset + kv_len, sink, window or 0,
         kv_offset % block,
         HKV=hkv, BM=TOPK_ROWS, CN=KEY_CHUNK, F=feats, FC=min(FEATURE_CHUNK, feats), TOPK=topk,
-        KP_=slots, KP_LOG=slots.bit_length() - 1, BLOCK=block, BUCKETS=bias.shape[1], HAS_GATE=has_gate,
-        HAS_WINDOW=window is not None, HAS_FLAG=key_flag is not None, num_stages=merge_stages(slots, KEY_CHUNK),
+        KP_=slots, KP_LOG=slots.bit_length() - 1, MERGE=merge, BLOCK=block, BUCKETS=bias.shape[1], HAS_GATE=has_gate,
+        HAS_WINDOW=window is not None, HAS_FLAG=key_flag is not None,
+        num_stages=merge_stages(slots, KEY_CHUNK) if merge else 3,
     )
     return out

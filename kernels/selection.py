@@ -9,8 +9,9 @@ The definition is ``hf_sparsek.selection.mass`` (PyTorch; this file must give th
   of the group). Pass 1 streams over the causal key tiles for each row's log-sum-exp; pass 2 streams again, turns
   the scores into probabilities, averages them over the group's heads and keeps a running top-k per query tile of
   the tiles that compete (causal, real, not kept whole by sink / window), plus the mass of the static tiles for the
-  threshold mode. The running top-k is sorted merges (``topk_merge``): (mass, tile) packed into int64 keys, one
-  bitonic merge per ``KP`` key tiles (an insertion per tile cost one serial pass over the kept slots per insert).
+  threshold mode. The running top-k inserts a chunk's better tiles one by one (``topk_insert``) while the budget
+  fits one chunk, and above that takes sorted merges (``topk_merge``: (mass, tile) packed into int64 keys, one
+  bitonic merge per ``KP`` key tiles); ``uses_merge`` decides.
   Nothing of size (query tiles x key tiles) is written; the tile list is written directly.
 
 No host synchronisation: every size comes from the shapes and the pattern. No transformers or hf_sparsek imports.
@@ -27,6 +28,7 @@ import triton.language as tl
 from .common import sm_count
 
 NEG: tl.constexpr = tl.constexpr(-1.0e30)  # "no candidate" score: finite, so that exp() of differences never makes NaN
+FILLED: tl.constexpr = tl.constexpr(3.0)  # a top-k slot value above any tile mass (masses are <= 1)
 ROWS_MIN = 16  # tl.dot needs >= 16 rows: query tiles of a program x padded group size
 MASS_ROWS = (64, 32, 16)  # rows (query tiles x padded group) per _select_kernel program, widest first
 MASS_MIN_PROGRAMS_PER_SM = 0.75  # the widest rows that still give this many programs per SM (else 16)
@@ -118,6 +120,25 @@ def key_tiles(c_ptr, s_ptr, n, n_ok, kb0, kv_offset, kv_end, sink, BLOCK: tl.con
         cnt = tl.where(n_ok, tl.maximum(hi - lo, 0), 0)
         sink_only = (cnt > 0) & (hi - 1 < sink)
     return cnt, sink_only
+
+
+@triton.jit
+def topk_insert(best_v, best_i, cv, n0, cn, kk):
+    """Running top-k per row (BM, KP) updated with one chunk's competing masses ``cv`` (BM, CN; -1 = not competing)
+    of key tiles ``n0 + cn``. Unsorted slots: -1 = empty, FILLED = past TOPK (never replaced)."""
+    kth = tl.min(best_v, 1)
+    # insert the chunk's best tile in place of the smallest kept one while some row has a better tile; the
+    # number of insertions over a whole row is about k * log(key tiles / k), far fewer than k per chunk
+    while tl.max((tl.max(cv, 1) > kth).to(tl.int32), 0) > 0:
+        mc = tl.max(cv, 1)
+        ac = tl.argmax(cv, 1)
+        slot = tl.argmin(best_v, 1)
+        put = (mc > kth)[:, None] & (kk[None, :] == slot[:, None])  # strict: an equal tile keeps the earlier
+        best_v = tl.where(put, mc[:, None], best_v)
+        best_i = tl.where(put, (n0 + ac)[:, None], best_i)
+        cv = tl.where(cn[None, :] == ac[:, None], -1.0, cv)  # rows that did not insert had nothing above kth
+        kth = tl.min(best_v, 1)
+    return best_v, best_i
 
 
 TILE_BIAS: tl.constexpr = tl.constexpr(1 << 30)  # a sort key's low half: TILE_BIAS - tile (tiles -1 .. 2**30 - 1)
@@ -223,6 +244,29 @@ def sorted_result(best, static_mass, threshold, KP: tl.constexpr, TOPK: tl.const
 
 
 @triton.jit
+def topk_result(best_v, best_i, static_mass, threshold, BM: tl.constexpr, KP: tl.constexpr, TOPK: tl.constexpr,
+                HAS_THRESHOLD: tl.constexpr):
+    """(BM, KP) int32 tile list: the kept tiles sorted by mass, descending (ties: lower slot first), cut by the
+    threshold's cumulative mass (static tiles' mass first) when HAS_THRESHOLD; -1 = none."""
+    kk = tl.arange(0, KP)
+    best_v = tl.where(kk[None, :] < TOPK, best_v, -2.0)
+    out_v = tl.full([BM, KP], -1.0, tl.float32)
+    out_i = tl.full([BM, KP], -1, tl.int32)
+    for t in range(TOPK):
+        top = tl.argmax(best_v, 1)
+        here = kk[None, :] == top[:, None]
+        out_v = tl.where(kk[None, :] == t, tl.max(best_v, 1)[:, None], out_v)
+        out_i = tl.where(kk[None, :] == t, tl.sum(tl.where(here, best_i, 0), 1)[:, None], out_i)
+        best_v = tl.where(here, -2.0, best_v)
+    keep = out_v >= 0
+    if HAS_THRESHOLD:
+        v = tl.maximum(out_v, 0.0)
+        before = static_mass[:, None] + tl.cumsum(v, 1) - v
+        keep = keep & (before < threshold)
+    return tl.where(keep, out_i, -1)
+
+
+@triton.jit
 def competition(m_ok, qb, q_last, n, cnt, sink_only, kb0, kv_offset, window, BLOCK: tl.constexpr,
                 HAS_WINDOW: tl.constexpr):
     """(BM, CN) masks for query tiles ``qb`` x key tiles ``kb0 + n``: ``cand`` (causal, the key tile holds a real
@@ -251,13 +295,31 @@ def group_rows(QF, KF, s_qb, s_qh, s_qm, s_kb, s_kh, b, g, m0, n_q, ROWS: tl.con
 
 
 @triton.jit
+def _chunk_mass(qf_ptr, kf_ptr, c_ptr, s_ptr, n, n_k, rows_ok, qb_r, lse, m_ok, qb, q_last, kb0, kv_offset, kv_end,
+                sink, window, scale, s_kn, ROWS: tl.constexpr, BM: tl.constexpr, HG_P: tl.constexpr,
+                GROUP: tl.constexpr, CN: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, BLOCK: tl.constexpr,
+                HAS_WINDOW: tl.constexpr, HAS_TILE_INFO: tl.constexpr):
+    """Pass 2 on key tiles ``n``: the group-mean probability mass (BM, CN) of each query tile on each, and the
+    ``cand`` / ``static`` masks of :func:`competition`."""
+    n_ok = n < n_k
+    cnt, sink_only = key_tiles(c_ptr, s_ptr, n, n_ok, kb0, kv_offset, kv_end, sink, BLOCK, HAS_TILE_INFO)
+    s = _scores(qf_ptr, kf_ptr, n, n_ok, rows_ok, s_kn, ROWS, CN, F, FC) * scale
+    cand_r = rows_ok[:, None] & ((kb0 + n)[None, :] <= qb_r[:, None]) & (cnt > 0)[None, :]
+    p = tl.where(cand_r, tl.exp(s - lse[:, None]), 0.0)
+    mass = tl.sum(tl.reshape(p, [BM, HG_P, CN]), 1) / GROUP
+    cand, static = competition(m_ok, qb, q_last, n, cnt, sink_only, kb0, kv_offset, window, BLOCK, HAS_WINDOW)
+    return mass, cand, static
+
+
+@triton.jit
 def _select_kernel(
     QF, KF, CNT, SINK_ONLY, OUT,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_cb, s_ob, s_oh, s_om,
     n_q, n_k, qb0, kb0, q_end, kv_offset, kv_end, sink, window, scale, threshold,
     HKV: tl.constexpr, GROUP: tl.constexpr, HG_P: tl.constexpr, BM: tl.constexpr, CN: tl.constexpr,
     F: tl.constexpr, FC: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, KP_LOG: tl.constexpr,
-    BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_THRESHOLD: tl.constexpr, HAS_TILE_INFO: tl.constexpr,
+    MERGE: tl.constexpr, BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_THRESHOLD: tl.constexpr,
+    HAS_TILE_INFO: tl.constexpr,
 ):
     ROWS: tl.constexpr = BM * HG_P
     pid_m = tl.program_id(0)
@@ -295,30 +357,34 @@ def _select_kernel(
     qb = qb0 + m
     q_last = tl.minimum((qb + 1) * BLOCK - 1, q_end - 1)
     kk = tl.arange(0, KP)
-    # the running top-k: KP (>= TOPK) sorted keys of (mass, tile); -1 = no competing tile
-    best = desc_key(tl.full([BM, KP], -1.0, tl.float32), tl.full([BM, KP], -1, tl.int32))
     static_mass = tl.zeros([BM], dtype=tl.float32)
-    # KP key tiles per merge: CN at a time scored and staged, then one sort merges the staged keys into the kept
-    empty = desc_key(tl.full([BM, KP], -1.0, tl.float32), tl.full([BM, KP], -1, tl.int32))
-    for n00 in range(0, n_hi, KP):
-        staged = empty
-        for j in tl.static_range(KP // CN):
-            n0 = n00 + j * CN
+    if MERGE:  # large budgets: KP (>= TOPK) sorted keys of (mass, tile), KP key tiles staged per merge
+        best = desc_key(tl.full([BM, KP], -1.0, tl.float32), tl.full([BM, KP], -1, tl.int32))
+        empty = best
+        for n00 in range(0, n_hi, KP):
+            staged = empty
+            for j in tl.static_range(KP // CN):
+                n0 = n00 + j * CN
+                n = n0 + cn
+                mass, cand, static = _chunk_mass(qf_ptr, kf_ptr, c_ptr, s_ptr, n, n_k, rows_ok, qb_r, lse, m_ok, qb,
+                                                 q_last, kb0, kv_offset, kv_end, sink, window, scale, s_kn, ROWS, BM,
+                                                 HG_P, GROUP, CN, F, FC, BLOCK, HAS_WINDOW, HAS_TILE_INFO)
+                static_mass += tl.sum(tl.where(static, mass, 0.0), 1)
+                chunk = desc_key(tl.where(cand & ~static, mass, -1.0), tl.broadcast_to(n[None, :], [BM, CN]))
+                staged = stage(staged, chunk, j, BM, KP, CN)
+            best = topk_merge(best, staged, BM, KP, KP_LOG)
+        out = sorted_result(best, static_mass, threshold, KP, TOPK, HAS_THRESHOLD)
+    else:  # budgets within a chunk: a running top-k, unsorted (-1 = empty, FILLED = a slot past TOPK)
+        best_v = tl.where(kk[None, :] < TOPK, tl.full([BM, KP], -1.0, tl.float32), FILLED)
+        best_i = tl.full([BM, KP], -1, tl.int32)
+        for n0 in range(0, n_hi, CN):
             n = n0 + cn
-            n_ok = n < n_k
-            cnt, sink_only = key_tiles(c_ptr, s_ptr, n, n_ok, kb0, kv_offset, kv_end, sink, BLOCK, HAS_TILE_INFO)
-            s = _scores(qf_ptr, kf_ptr, n, n_ok, rows_ok, s_kn, ROWS, CN, F, FC) * scale
-            cand_r = rows_ok[:, None] & ((kb0 + n)[None, :] <= qb_r[:, None]) & (cnt > 0)[None, :]
-            p = tl.where(cand_r, tl.exp(s - lse[:, None]), 0.0)
-            mass = tl.sum(tl.reshape(p, [BM, HG_P, CN]), 1) / GROUP
-            cand, static = competition(m_ok, qb, q_last, n, cnt, sink_only, kb0, kv_offset, window, BLOCK,
-                                       HAS_WINDOW)
+            mass, cand, static = _chunk_mass(qf_ptr, kf_ptr, c_ptr, s_ptr, n, n_k, rows_ok, qb_r, lse, m_ok, qb, q_last,
+                                             kb0, kv_offset, kv_end, sink, window, scale, s_kn, ROWS, BM, HG_P, GROUP,
+                                             CN, F, FC, BLOCK, HAS_WINDOW, HAS_TILE_INFO)
             static_mass += tl.sum(tl.where(static, mass, 0.0), 1)
-            chunk = desc_key(tl.where(cand & ~static, mass, -1.0), tl.broadcast_to(n[None, :], [BM, CN]))
-            staged = stage(staged, chunk, j, BM, KP, CN)
-        best = topk_merge(best, staged, BM, KP, KP_LOG)
-
-    out = sorted_result(best, static_mass, threshold, KP, TOPK, HAS_THRESHOLD)
+            best_v, best_i = topk_insert(best_v, best_i, tl.where(cand & ~static, mass, -1.0), n0, cn, kk)
+        out = topk_result(best_v, best_i, static_mass, threshold, BM, KP, TOPK, HAS_THRESHOLD)
     ptr = OUT + b.to(tl.int64) * s_ob + g.to(tl.int64) * s_oh + m.to(tl.int64)[:, None] * s_om + kk[None, :]
     tl.store(ptr, out, mask=m_ok[:, None] & (kk[None, :] < TOPK))
 
@@ -460,6 +526,17 @@ def mass_slots(topk: int, feats: int) -> int:
     return max(_chunk_tiles(feats), _next_pow2(topk))
 
 
+def uses_merge(topk: int, chunk: int) -> bool:
+    """Whether a running top-k of ``topk`` over steps of ``chunk`` key tiles takes sorted merges (``topk_merge``)
+    rather than insertions (``topk_insert``): merges where the budget outgrows one chunk. Insertion costs one serial
+    pass per tile that enters, about k log(n / k) of them; a merge costs one sorting network per chunk. H100,
+    Triton 3.6, 32/8 heads, D 128 (scripts/results/selection_cost_h100.json): at top-24 of 32-tile chunks the two
+    were within 7% for the mass kernel (merge faster at 16K, slower at 64K) and insertion 1.3-1.5x faster for the
+    learned kernel; at top-96 merges took the mass kernel from 0.77 to 0.24 ms at 16K; with one-tile steps (the
+    probe) merges every 32 steps were 1.4x faster."""
+    return _next_pow2(topk) > chunk
+
+
 def merge_stages(slots: int, chunk: int) -> int:
     """Software-pipeline stages of a kernel whose running top-k merges ``slots`` keys, ``chunk`` key tiles a step:
     Triton's default (3) when one chunk fills the slots; 1 when several chunks are staged per merge, whose loads the
@@ -498,7 +575,7 @@ def mass_rows_per_program(n_q: int, group: int, programs_per_row: int, sms: int,
     16, ``git show e1b9bef:scripts/results/selection_cost_h200.json``); short calls keep more, narrower programs so
     that every SM has work, and large budgets keep the register-resident top-k of the 16-row program."""
     hg_p = _next_pow2(group)
-    slots = mass_slots(topk, 0)
+    slots = max(2, _next_pow2(topk))
     limit = max(MASS_MAX_TOPK_SLOTS, max(1, ROWS_MIN // hg_p) * slots)
     for rows in MASS_ROWS:
         tiles = max(1, rows // hg_p)
@@ -602,15 +679,16 @@ def select_by_mass(
     bm = max(1, rows_per_program // hg_p)
     feats = qf.shape[-1]
     cn = _chunk_tiles(feats)
-    slots = mass_slots(topk, feats)
+    merge = uses_merge(topk, cn)
+    slots = mass_slots(topk, feats) if merge else max(2, _next_pow2(topk))
     _select_kernel[(triton.cdiv(n_q, bm), batch * hkv)](
         qf, kf, count, sink_flag, out, *qf.stride()[:3], *kf.stride()[:3], count.stride(0) if has_info else 0,
         *out.stride()[:3], n_q, n_k, q_offset // block, kv_offset // block, q_offset + q_len, kv_offset,
         kv_offset + kv_len, sink, window or 0, scale,
         threshold if threshold is not None else 0.0,
         HKV=hkv, GROUP=group, HG_P=hg_p, BM=bm, CN=cn, F=feats, FC=min(FEATURE_CHUNK, feats), TOPK=topk,
-        KP=slots, KP_LOG=slots.bit_length() - 1, BLOCK=block, HAS_WINDOW=window is not None,
+        KP=slots, KP_LOG=slots.bit_length() - 1, MERGE=merge, BLOCK=block, HAS_WINDOW=window is not None,
         HAS_THRESHOLD=threshold is not None, HAS_TILE_INFO=has_info, num_warps=num_warps,
-        num_stages=merge_stages(slots, cn),
+        num_stages=merge_stages(slots, cn) if merge else 3,
     )
     return out
