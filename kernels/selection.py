@@ -529,11 +529,10 @@ def mass_slots(topk: int, feats: int) -> int:
 def uses_merge(topk: int, chunk: int) -> bool:
     """Whether a running top-k of ``topk`` over steps of ``chunk`` key tiles takes sorted merges (``topk_merge``)
     rather than insertions (``topk_insert``): merges where the budget outgrows one chunk. Insertion costs one serial
-    pass per tile that enters, about k log(n / k) of them; a merge costs one sorting network per chunk. H100,
-    Triton 3.6, 32/8 heads, D 128 (scripts/results/selection_cost_h100.json): at top-24 of 32-tile chunks the two
-    were within 7% for the mass kernel (merge faster at 16K, slower at 64K) and insertion 1.3-1.5x faster for the
-    learned kernel; at top-96 merges took the mass kernel from 0.77 to 0.24 ms at 16K; with one-tile steps (the
-    probe) merges every 32 steps were 1.4x faster."""
+    pass per tile that enters, about k log(n / k) of them; a merge one sorting network per chunk. Measured on the
+    H100 (docs/kernel-decisions.md, "Running top-k"): at top-24 of 32-tile chunks insertion was as fast (mass
+    kernel, within 7%) or faster (learned kernel, 1.3-1.5x); at top-96 merges took the mass kernel from 0.77 to
+    0.24 ms at 16K."""
     return _next_pow2(topk) > chunk
 
 
