@@ -146,7 +146,7 @@ FUSED_CASES = [  # batch, q heads, kv heads, q_len, kv_len, q_offset, kv_offset,
     ("key-untrained-ties-topk9", 1, 2, 2, 400, 400, 0, 0, 0, 4, 64, 9, "key-untrained"),
     ("nowindow-MQA", 2, 4, 1, 260, 260, 0, 0, 1, 0, None, 2, "query"),
     ("key-mode-chunk", 1, 4, 2, 190, 390, 200, 0, 0, 4, 64, 2, "key"),
-    # 46 key tiles: the running top-k merges several chunks (top-5: 32 slots; top-40: 64 slots from two chunks)
+    # 46 key tiles: top-5 inserts into the running top-k chunk by chunk; top-40 merges 64 slots from two chunks
     ("many-tiles-topk5", 2, 4, 2, 300, 2900, 2600, 0, 1, 4, 64, 5, "query"),
     ("many-tiles-topk40", 1, 2, 1, 300, 2900, 2600, 0, 0, 4, 64, 40, "key"),
 ]

@@ -276,12 +276,13 @@ def test_triton_kernel_block128_head_dim_256(interpret):
         _check_same_selection(got, _slow_mass_selection(q, k, pattern, q_offset, kv_offset, k_seg), tol=1e-5)
 
 
-@pytest.mark.parametrize("topk", [5, 33])
-def test_triton_kernel_many_key_tiles(topk, interpret):
-    """46 key tiles: the running top-k merges several chunks (top-5: 32 kept slots, a merge per 32 tiles; top-33: 64
-    slots staged from two chunks of 32 per merge), with padding, a window and a sink; the definition's tiles."""
+@pytest.mark.parametrize("topk,dim", [(5, 64), (33, 64), (20, 256)], ids=["top5-D64", "top33-D64", "top20-D256"])
+def test_triton_kernel_many_key_tiles(topk, dim, interpret):
+    """46 key tiles, with padding, a window and a sink; the definition's tiles: top-5 inserts into its running top-k
+    (the budget fits a chunk of 32 tiles); top-33 merges 64 slots staged from two chunks of 32; head dim 256 (chunks
+    of 16) merges from top-17 on."""
     pattern = SparsePattern(block_size=64, sink_tokens=64, window=100, topk_blocks=topk)
-    q, k, q_offset, kv_offset, k_seg = _inputs((2, 4, 2, 300, 2900, 64, None, 0, True), seed=5)
+    q, k, q_offset, kv_offset, k_seg = _inputs((2, 4, 2, 300, 2900, dim, None, 0, True), seed=5)
     got = select_mass(q, k, pattern, q_offset, kv_offset, k_seg, backend="triton")
     want = select_mass(q, k, pattern, q_offset, kv_offset, k_seg, backend="torch")
     assert (got >= 0).sum(-1).max() == min(topk, 43)  # the budget is used: up to 43 tiles compete
