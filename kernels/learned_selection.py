@@ -303,6 +303,6 @@ def learned_topk(
         HKV=hkv, BM=TOPK_ROWS, CN=KEY_CHUNK, F=feats, FC=min(FEATURE_CHUNK, feats), TOPK=topk,
         KP_=slots, KP_LOG=slots.bit_length() - 1, MERGE=merge, BLOCK=block, BUCKETS=bias.shape[1], HAS_GATE=has_gate,
         HAS_WINDOW=window is not None, HAS_FLAG=key_flag is not None,
-        num_stages=merge_stages(slots, KEY_CHUNK) if merge else 3,
+        num_stages=merge_stages(merge),
     )
     return out

@@ -536,12 +536,11 @@ def uses_merge(topk: int, chunk: int) -> bool:
     return _next_pow2(topk) > chunk
 
 
-def merge_stages(slots: int, chunk: int) -> int:
-    """Software-pipeline stages of a kernel whose running top-k merges ``slots`` keys, ``chunk`` key tiles a step:
-    Triton's default (3) when one chunk fills the slots; 1 when several chunks are staged per merge, whose loads the
-    pipeline would otherwise multi-buffer past shared memory (sm_90, Triton 3.6, D 128: top-96 needed 288 KB at 3
-    stages, 40 KB at 1)."""
-    return 3 if slots == chunk else 1
+def merge_stages(merge: bool) -> int:
+    """Software-pipeline stages of a selection kernel: Triton's default (3) with insertion; 1 with merges, whose
+    staged chunks' loads the pipeline would otherwise multi-buffer past shared memory (sm_90, Triton 3.6, D 128:
+    top-96 needed 288 KB at 3 stages, 40 KB at 1)."""
+    return 1 if merge else 3
 
 
 def pool_features(x: torch.Tensor, offset: int, block: int, seg: torch.Tensor | None, seg_start: int,
@@ -688,6 +687,6 @@ def select_by_mass(
         HKV=hkv, GROUP=group, HG_P=hg_p, BM=bm, CN=cn, F=feats, FC=min(FEATURE_CHUNK, feats), TOPK=topk,
         KP=slots, KP_LOG=slots.bit_length() - 1, MERGE=merge, BLOCK=block, HAS_WINDOW=window is not None,
         HAS_THRESHOLD=threshold is not None, HAS_TILE_INFO=has_info, num_warps=num_warps,
-        num_stages=merge_stages(slots, cn) if merge else 3,
+        num_stages=merge_stages(merge),
     )
     return out
