@@ -83,21 +83,22 @@ def _tile_pool_kernel(
 
 @triton.jit
 def _gate(qp_ptr, kp_ptr, n, n_ok, m_ok, s_kn, BM: tl.constexpr, CN: tl.constexpr, F: tl.constexpr,
-          FC: tl.constexpr):
+          FC: tl.constexpr, PRECISION: tl.constexpr):
     """(BM, CN) dot products of the query tiles' projected features with key tiles ``n``'s, in float32."""
     acc = tl.zeros([BM, CN], dtype=tl.float32)
     for f0 in tl.static_range(0, F, FC):
         f = f0 + tl.arange(0, FC)
         qf = tl.load(qp_ptr + f[None, :], mask=m_ok[:, None], other=0.0)
         kf = tl.load(kp_ptr + n.to(tl.int64)[:, None] * s_kn + f[None, :], mask=n_ok[:, None], other=0.0)
-        acc += tl.dot(qf, tl.trans(kf), input_precision="ieee")
+        acc += tl.dot(qf, tl.trans(kf), input_precision=PRECISION)
     return acc
 
 
 @triton.jit
 def _chunk_logits(qp_ptr, kp_ptr, kc_ptr, BIAS, FLAG, n, n_k, kb0, qb, limit, m_ok, b, h, s_kn, s_bh, s_fb, kv_offset,
                   kv_end, sink, shift, BM: tl.constexpr, CN: tl.constexpr, F: tl.constexpr, FC: tl.constexpr,
-                  BLOCK: tl.constexpr, BUCKETS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_FLAG: tl.constexpr):
+                  BLOCK: tl.constexpr, BUCKETS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_FLAG: tl.constexpr,
+                  PRECISION: tl.constexpr):
     """(BM, CN) logits of the query tiles on key tiles ``n`` and whether each pair competes."""
     n_ok = n < n_k
     kb = kb0 + n
@@ -109,7 +110,7 @@ def _chunk_logits(qp_ptr, kp_ptr, kc_ptr, BIAS, FLAG, n, n_k, kb0, qb, limit, m_
     compete = m_ok[:, None] & may[None, :] & (kb[None, :] < limit[:, None])
     logit = tl.zeros([BM, CN], dtype=tl.float32)
     if HAS_GATE:
-        logit = _gate(qp_ptr, kp_ptr, n, n_ok, m_ok, s_kn, BM, CN, F, FC)
+        logit = _gate(qp_ptr, kp_ptr, n, n_ok, m_ok, s_kn, BM, CN, F, FC, PRECISION)
     logit += tl.load(kc_ptr + n, mask=n_ok, other=0.0)[None, :]
     dist = tl.maximum(qb[:, None] - kb[None, :], 1)
     bucket = tl.zeros([BM, CN], dtype=tl.int32)
@@ -162,7 +163,7 @@ def _learned_topk_kernel(
     n_q, n_k, qb0, kb0, kv_offset, kv_end, sink, window, shift,
     HKV: tl.constexpr, BM: tl.constexpr, CN: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, TOPK: tl.constexpr,
     KP_: tl.constexpr, KP_LOG: tl.constexpr, MERGE: tl.constexpr, BLOCK: tl.constexpr, BUCKETS: tl.constexpr,
-    HAS_GATE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_FLAG: tl.constexpr,
+    HAS_GATE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_FLAG: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -191,7 +192,7 @@ def _learned_topk_kernel(
                 n = n00 + j * CN + cn
                 logit, compete = _chunk_logits(qp_ptr, kp_ptr, kc_ptr, BIAS, FLAG, n, n_k, kb0, qb, limit, m_ok, b, h,
                                                s_kn, s_bh, s_fb, kv_offset, kv_end, sink, shift, BM, CN, F, FC, BLOCK,
-                                               BUCKETS, HAS_GATE, HAS_FLAG)
+                                               BUCKETS, HAS_GATE, HAS_FLAG, PRECISION)
                 chunk = desc_key(tl.where(compete, logit, NONE), tl.broadcast_to(n[None, :], [BM, CN]))
                 staged = stage(staged, chunk, j, BM, KP_, CN)
             best = topk_merge(best, staged, BM, KP_, KP_LOG)
@@ -203,7 +204,7 @@ def _learned_topk_kernel(
             n = n0 + cn
             logit, compete = _chunk_logits(qp_ptr, kp_ptr, kc_ptr, BIAS, FLAG, n, n_k, kb0, qb, limit, m_ok, b, h, s_kn,
                                            s_bh, s_fb, kv_offset, kv_end, sink, shift, BM, CN, F, FC, BLOCK, BUCKETS,
-                                           HAS_GATE, HAS_FLAG)
+                                           HAS_GATE, HAS_FLAG, PRECISION)
             best_v, best_i = _insert(best_v, best_i, tl.where(compete, logit, NONE), n0, cn, kk)
         out = _sorted(best_v, best_i, BM, KP_, TOPK)
     tiles = tl.where(out >= 0, kb0 + out, -1)
@@ -269,6 +270,7 @@ def learned_topk(
     sink: int,
     window: int | None,
     topk: int,
+    gate_precision: str = "ieee",
 ) -> torch.Tensor:
     """(B, Hkv, n_q, topk) int32 absolute key tiles: per query tile the ``topk`` competing key tiles with the largest
     ``qp . kp + kc + bias[bucket]``, sorted (ties: lower tile first), -1 where fewer compete.
@@ -302,7 +304,7 @@ def learned_topk(
         kv_offset % block,
         HKV=hkv, BM=TOPK_ROWS, CN=KEY_CHUNK, F=feats, FC=min(FEATURE_CHUNK, feats), TOPK=topk,
         KP_=slots, KP_LOG=slots.bit_length() - 1, MERGE=merge, BLOCK=block, BUCKETS=bias.shape[1], HAS_GATE=has_gate,
-        HAS_WINDOW=window is not None, HAS_FLAG=key_flag is not None,
+        HAS_WINDOW=window is not None, HAS_FLAG=key_flag is not None, PRECISION=gate_precision,
         num_stages=merge_stages(merge),
     )
     return out

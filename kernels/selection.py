@@ -96,15 +96,30 @@ def _pool_kernel(
 
 
 @triton.jit
-def _scores(qf_ptr, kf_ptr, n, n_ok, rows_ok, s_kn,
-            ROWS: tl.constexpr, CN: tl.constexpr, F: tl.constexpr, FC: tl.constexpr):
-    """(ROWS, CN) dot products of the rows' features with the features of key tiles ``n``, FC columns at a time."""
-    acc = tl.zeros([ROWS, CN], dtype=tl.float32)
-    for f0 in tl.static_range(0, F, FC):
-        f = f0 + tl.arange(0, FC)
-        qf = tl.load(qf_ptr + f[None, :], mask=rows_ok[:, None], other=0.0)
+def _operand(x, F16: tl.constexpr):
+    """A dot operand: float32 as loaded, or float16 (the same 10-bit mantissa as tf32, saturated at +-65504)."""
+    if F16:
+        x = tl.minimum(tl.maximum(x, -65504.0), 65504.0).to(tl.float16)
+    return x
+
+
+@triton.jit
+def _scores(qf_ptr, qf_all, kf_ptr, n, n_ok, rows_ok, s_kn,
+            ROWS: tl.constexpr, CN: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, HOIST: tl.constexpr,
+            F16: tl.constexpr):
+    """(ROWS, CN) dot products of the rows' features with the features of key tiles ``n``: with ``HOIST`` the rows'
+    features ``qf_all`` (ROWS, F) loaded once per program, else loaded here FC columns at a time."""
+    if HOIST:
+        f = tl.arange(0, F)
         kf = tl.load(kf_ptr + n.to(tl.int64)[:, None] * s_kn + f[None, :], mask=n_ok[:, None], other=0.0)
-        acc += tl.dot(qf, tl.trans(kf))
+        acc = tl.dot(qf_all, tl.trans(_operand(kf, F16)))
+    else:
+        acc = tl.zeros([ROWS, CN], dtype=tl.float32)
+        for f0 in tl.static_range(0, F, FC):
+            f = f0 + tl.arange(0, FC)
+            qf = tl.load(qf_ptr + f[None, :], mask=rows_ok[:, None], other=0.0)
+            kf = tl.load(kf_ptr + n.to(tl.int64)[:, None] * s_kn + f[None, :], mask=n_ok[:, None], other=0.0)
+            acc += tl.dot(_operand(qf, F16), tl.trans(_operand(kf, F16)))
     return acc
 
 
@@ -295,15 +310,15 @@ def group_rows(QF, KF, s_qb, s_qh, s_qm, s_kb, s_kh, b, g, m0, n_q, ROWS: tl.con
 
 
 @triton.jit
-def _chunk_mass(qf_ptr, kf_ptr, c_ptr, s_ptr, n, n_k, rows_ok, qb_r, lse, m_ok, qb, q_last, kb0, kv_offset, kv_end,
-                sink, window, scale, s_kn, ROWS: tl.constexpr, BM: tl.constexpr, HG_P: tl.constexpr,
+def _chunk_mass(qf_ptr, qf_all, kf_ptr, c_ptr, s_ptr, n, n_k, rows_ok, qb_r, lse, m_ok, qb, q_last, kb0, kv_offset,
+                kv_end, sink, window, scale, s_kn, ROWS: tl.constexpr, BM: tl.constexpr, HG_P: tl.constexpr,
                 GROUP: tl.constexpr, CN: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, BLOCK: tl.constexpr,
-                HAS_WINDOW: tl.constexpr, HAS_TILE_INFO: tl.constexpr):
+                HAS_WINDOW: tl.constexpr, HAS_TILE_INFO: tl.constexpr, HOIST: tl.constexpr, F16: tl.constexpr):
     """Pass 2 on key tiles ``n``: the group-mean probability mass (BM, CN) of each query tile on each, and the
     ``cand`` / ``static`` masks of :func:`competition`."""
     n_ok = n < n_k
     cnt, sink_only = key_tiles(c_ptr, s_ptr, n, n_ok, kb0, kv_offset, kv_end, sink, BLOCK, HAS_TILE_INFO)
-    s = _scores(qf_ptr, kf_ptr, n, n_ok, rows_ok, s_kn, ROWS, CN, F, FC) * scale
+    s = _scores(qf_ptr, qf_all, kf_ptr, n, n_ok, rows_ok, s_kn, ROWS, CN, F, FC, HOIST, F16) * scale
     cand_r = rows_ok[:, None] & ((kb0 + n)[None, :] <= qb_r[:, None]) & (cnt > 0)[None, :]
     p = tl.where(cand_r, tl.exp(s - lse[:, None]), 0.0)
     mass = tl.sum(tl.reshape(p, [BM, HG_P, CN]), 1) / GROUP
@@ -319,7 +334,7 @@ def _select_kernel(
     HKV: tl.constexpr, GROUP: tl.constexpr, HG_P: tl.constexpr, BM: tl.constexpr, CN: tl.constexpr,
     F: tl.constexpr, FC: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, KP_LOG: tl.constexpr,
     MERGE: tl.constexpr, BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_THRESHOLD: tl.constexpr,
-    HAS_TILE_INFO: tl.constexpr,
+    HAS_TILE_INFO: tl.constexpr, HOIST: tl.constexpr, F16: tl.constexpr,
 ):
     ROWS: tl.constexpr = BM * HG_P
     pid_m = tl.program_id(0)
@@ -334,6 +349,9 @@ def _select_kernel(
     m_last = tl.minimum(pid_m * BM + BM - 1, n_q - 1)
     n_hi = tl.minimum(n_k, qb0 + m_last - kb0 + 1)  # key tiles past the program's last query tile are not causal
     cn = tl.arange(0, CN)
+    qf_all = 0.0
+    if HOIST:  # the rows' features, loaded once for both passes
+        qf_all = _operand(tl.load(qf_ptr + tl.arange(0, F)[None, :], mask=rows_ok[:, None], other=0.0), F16)
 
     # pass 1: per row (query tile, head), the log-sum-exp of the estimated logits over its candidate tiles
     m_i = tl.full([ROWS], NEG, tl.float32)
@@ -342,7 +360,7 @@ def _select_kernel(
         n = n0 + cn
         n_ok = n < n_k
         cnt, _ = key_tiles(c_ptr, s_ptr, n, n_ok, kb0, kv_offset, kv_end, sink, BLOCK, HAS_TILE_INFO)
-        s = _scores(qf_ptr, kf_ptr, n, n_ok, rows_ok, s_kn, ROWS, CN, F, FC) * scale
+        s = _scores(qf_ptr, qf_all, kf_ptr, n, n_ok, rows_ok, s_kn, ROWS, CN, F, FC, HOIST, F16) * scale
         cand = rows_ok[:, None] & ((kb0 + n)[None, :] <= qb_r[:, None]) & (cnt > 0)[None, :]
         s = tl.where(cand, s, NEG)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -366,9 +384,10 @@ def _select_kernel(
             for j in tl.static_range(KP // CN):
                 n0 = n00 + j * CN
                 n = n0 + cn
-                mass, cand, static = _chunk_mass(qf_ptr, kf_ptr, c_ptr, s_ptr, n, n_k, rows_ok, qb_r, lse, m_ok, qb,
-                                                 q_last, kb0, kv_offset, kv_end, sink, window, scale, s_kn, ROWS, BM,
-                                                 HG_P, GROUP, CN, F, FC, BLOCK, HAS_WINDOW, HAS_TILE_INFO)
+                mass, cand, static = _chunk_mass(qf_ptr, qf_all, kf_ptr, c_ptr, s_ptr, n, n_k, rows_ok, qb_r, lse,
+                                                 m_ok, qb, q_last, kb0, kv_offset, kv_end, sink, window, scale,
+                                                 s_kn, ROWS, BM, HG_P, GROUP, CN, F, FC, BLOCK, HAS_WINDOW,
+                                                 HAS_TILE_INFO, HOIST, F16)
                 static_mass += tl.sum(tl.where(static, mass, 0.0), 1)
                 chunk = desc_key(tl.where(cand & ~static, mass, -1.0), tl.broadcast_to(n[None, :], [BM, CN]))
                 staged = stage(staged, chunk, j, BM, KP, CN)
@@ -379,9 +398,9 @@ def _select_kernel(
         best_i = tl.full([BM, KP], -1, tl.int32)
         for n0 in range(0, n_hi, CN):
             n = n0 + cn
-            mass, cand, static = _chunk_mass(qf_ptr, kf_ptr, c_ptr, s_ptr, n, n_k, rows_ok, qb_r, lse, m_ok, qb, q_last,
-                                             kb0, kv_offset, kv_end, sink, window, scale, s_kn, ROWS, BM, HG_P, GROUP,
-                                             CN, F, FC, BLOCK, HAS_WINDOW, HAS_TILE_INFO)
+            mass, cand, static = _chunk_mass(qf_ptr, qf_all, kf_ptr, c_ptr, s_ptr, n, n_k, rows_ok, qb_r, lse, m_ok,
+                                             qb, q_last, kb0, kv_offset, kv_end, sink, window, scale, s_kn, ROWS, BM,
+                                             HG_P, GROUP, CN, F, FC, BLOCK, HAS_WINDOW, HAS_TILE_INFO, HOIST, F16)
             static_mass += tl.sum(tl.where(static, mass, 0.0), 1)
             best_v, best_i = topk_insert(best_v, best_i, tl.where(cand & ~static, mass, -1.0), n0, cn, kk)
         out = topk_result(best_v, best_i, static_mass, threshold, BM, KP, TOPK, HAS_THRESHOLD)
@@ -409,7 +428,7 @@ def _short_logits_kernel(
     n_ok = n < n_k
     cnt, _ = key_tiles(CNT + b.to(tl.int64) * s_cb, SINK_ONLY + b.to(tl.int64) * s_cb, n, n_ok, kb0, kv_offset,
                        kv_end, sink, BLOCK, HAS_TILE_INFO)
-    s = _scores(qf_ptr, kf_ptr, n, n_ok, rows_ok, s_kn, ROWS, CN, F, FC) * scale
+    s = _scores(qf_ptr, 0.0, kf_ptr, n, n_ok, rows_ok, s_kn, ROWS, CN, F, FC, False, False) * scale
     cand = rows_ok[:, None] & ((kb0 + n)[None, :] <= (qb0 + m_r)[:, None]) & (cnt > 0)[None, :]
     s = tl.where(cand, s, NEG)
     m_c = tl.max(s, 1)
@@ -544,7 +563,7 @@ def merge_stages(merge: bool) -> int:
 
 
 def pool_features(x: torch.Tensor, offset: int, block: int, seg: torch.Tensor | None, seg_start: int,
-                  is_query: bool) -> torch.Tensor:
+                  is_query: bool, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(B, H, n_tiles, 2 * D_pad) float32 tile features of x (B, H, L, D) on the absolute grid from ``offset``.
 
     Rows t with ``seg[:, seg_start + t] < 0`` are padding and left out (``seg`` None: all rows real)."""
@@ -552,7 +571,7 @@ def pool_features(x: torch.Tensor, offset: int, block: int, seg: torch.Tensor | 
     shift = offset % block
     n_tiles = (shift + length + block - 1) // block
     d_pad = max(16, _next_pow2(dim))
-    out = torch.empty(batch, heads, n_tiles, 2 * d_pad, device=x.device, dtype=torch.float32)
+    out = torch.empty(batch, heads, n_tiles, 2 * d_pad, device=x.device, dtype=dtype)
     if out.numel() == 0:
         return out
     seg_arg = seg if seg is not None else out
@@ -635,6 +654,9 @@ def select_by_mass(
     key_features: torch.Tensor | None = None,
     rows_per_program: int | None = None,
     num_warps: int = 4,
+    hoist: bool = False,
+    half_operands: bool = False,
+    half_features: bool = False,
 ) -> torch.Tensor:
     """(B, Hkv, n_q_tiles, topk) int32 key tiles (relative to ``kv_offset // block``, -1 = none) per query tile.
 
@@ -660,9 +682,10 @@ def select_by_mass(
         return out
     q_start = q_offset - kv_offset
     q_seg = k_seg if (k_seg is not None and q_start >= 0) else None
-    qf = pool_features(q, q_offset, block, q_seg, max(q_start, 0), True)
+    fdt = torch.float16 if half_features else torch.float32
+    qf = pool_features(q, q_offset, block, q_seg, max(q_start, 0), True, fdt)
     if key_features is None:
-        kf = pool_features(k, kv_offset, block, k_seg, 0, False)
+        kf = pool_features(k, kv_offset, block, k_seg, 0, False, fdt)
     elif key_features.dtype != torch.float32 or tuple(key_features.shape) != (batch, hkv, n_k, qf.shape[-1]):
         raise ValueError(f"key_features must be float32 (batch={batch}, kv_heads={hkv}, key tiles={n_k}, "
                          f"{qf.shape[-1]}), got {tuple(key_features.shape)} {key_features.dtype}")
@@ -686,7 +709,7 @@ def select_by_mass(
         threshold if threshold is not None else 0.0,
         HKV=hkv, GROUP=group, HG_P=hg_p, BM=bm, CN=cn, F=feats, FC=min(FEATURE_CHUNK, feats), TOPK=topk,
         KP=slots, KP_LOG=slots.bit_length() - 1, MERGE=merge, BLOCK=block, HAS_WINDOW=window is not None,
-        HAS_THRESHOLD=threshold is not None, HAS_TILE_INFO=has_info, num_warps=num_warps,
-        num_stages=merge_stages(merge),
+        HAS_THRESHOLD=threshold is not None, HAS_TILE_INFO=has_info, HOIST=hoist, F16=half_operands,
+        num_warps=num_warps, num_stages=merge_stages(merge),
     )
     return out
