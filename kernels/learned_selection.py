@@ -56,9 +56,10 @@ def _tile_pool_kernel(
     g = bh % HOUT
     d = tl.arange(0, D_PAD)
     d_ok = d < D
-    total = tl.zeros([D_PAD], dtype=tl.float32)
-    hi = tl.full([D_PAD], float("-inf"), tl.float32)
-    lo = tl.full([D_PAD], float("inf"), tl.float32)
+    # elementwise over the row steps and heads, reduced over rows once at the end
+    total = tl.zeros([ROWS, D_PAD], dtype=tl.float32)
+    hi = tl.full([ROWS, D_PAD], float("-inf"), tl.float32)
+    lo = tl.full([ROWS, D_PAD], float("inf"), tl.float32)
     count = tl.zeros([ROWS], dtype=tl.float32)
     for r0 in tl.static_range(0, BLOCK, ROWS):
         rows, ok = tile_rows(SEG + b.to(tl.int64) * s_sb + seg_start, t, r0, shift, length, BLOCK, ROWS, HAS_SEG)
@@ -66,18 +67,18 @@ def _tile_pool_kernel(
         for j in tl.static_range(GROUP):
             x = load_rows(X + b.to(tl.int64) * s_xb + (g * GROUP + j).to(tl.int64) * s_xh, rows, ok, d, d_ok, s_xl,
                           s_xd)
-            total += tl.sum(x, 0)
+            total += x
             if KEY_STATS:
-                hi = tl.maximum(hi, tl.max(tl.where(ok[:, None], x, float("-inf")), 0))
-                lo = tl.minimum(lo, tl.min(tl.where(ok[:, None], x, float("inf")), 0))
+                hi = tl.maximum(hi, tl.where(ok[:, None], x, float("-inf")))
+                lo = tl.minimum(lo, tl.where(ok[:, None], x, float("inf")))
     n = tl.sum(count, 0)
     out = OUT + b.to(tl.int64) * s_ob + g.to(tl.int64) * s_oh + t.to(tl.int64) * s_on
     if KEY_STATS:
-        tl.store(out + d, total / tl.maximum(n, 1.0), mask=d_ok)
-        tl.store(out + D + d, tl.where(n > 0, hi, 0.0), mask=d_ok)
-        tl.store(out + 2 * D + d, tl.where(n > 0, lo, 0.0), mask=d_ok)
+        tl.store(out + d, tl.sum(total, 0) / tl.maximum(n, 1.0), mask=d_ok)
+        tl.store(out + D + d, tl.where(n > 0, tl.max(hi, 0), 0.0), mask=d_ok)
+        tl.store(out + 2 * D + d, tl.where(n > 0, tl.min(lo, 0), 0.0), mask=d_ok)
     else:
-        tl.store(out + d, total, mask=d_ok)
+        tl.store(out + d, tl.sum(total, 0), mask=d_ok)
         tl.store(CNT + b.to(tl.int64) * s_cb + g.to(tl.int64) * s_ch + t, n * GROUP)
 
 
@@ -225,7 +226,8 @@ def gate_width(dim: int) -> int:
 
 
 def pool_tiles(x: torch.Tensor, offset: int, block: int, seg: torch.Tensor | None, seg_start: int, *,
-               key_stats: bool, out_heads: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+               key_stats: bool, out_heads: int, rows: int = POOL_ROWS, num_warps: int = 4
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per absolute-grid tile of x (B, H, L, D) from position ``offset``; rows t with ``seg[:, seg_start + t] < 0``
     left out (``seg`` None: every row real).
 
@@ -249,8 +251,8 @@ def pool_tiles(x: torch.Tensor, offset: int, block: int, seg: torch.Tensor | Non
     _tile_pool_kernel[(n_tiles, batch * out_heads)](
         x, seg_arg, out, cnt_arg, *x.stride(), seg.stride(0) if seg is not None else 0, *out.stride()[:3],
         *(cnt_arg.stride()[:2]), length, shift, seg_start, out_heads, dim,
-        GROUP=group, BLOCK=block, ROWS=min(POOL_ROWS, block), D_PAD=max(16, _next_pow2(dim)), KEY_STATS=key_stats,
-        HAS_SEG=seg is not None,
+        GROUP=group, BLOCK=block, ROWS=min(rows, block), D_PAD=max(16, _next_pow2(dim)), KEY_STATS=key_stats,
+        HAS_SEG=seg is not None, num_warps=num_warps,
     )
     return out, count
 
@@ -270,7 +272,7 @@ def learned_topk(
     sink: int,
     window: int | None,
     topk: int,
-    gate_precision: str = "ieee",
+    gate_precision: str | None = None,
 ) -> torch.Tensor:
     """(B, Hkv, n_q, topk) int32 absolute key tiles: per query tile the ``topk`` competing key tiles with the largest
     ``qp . kp + kc + bias[bucket]``, sorted (ties: lower tile first), -1 where fewer compete.
@@ -278,6 +280,8 @@ def learned_topk(
     ``qp`` (B, Hkv, n_q, F) / ``kp`` (B, Hkv, n_k, F) float32 projected features (both None: no gate, the
     query-independent score); ``kc`` (B, Hkv, n_k) float32; ``bias`` (Hkv, buckets) float32 per log2 tile distance;
     ``key_flag`` (B, n_k) int32, whether each key tile may compete (padding), or None: derived from positions.
+    ``gate_precision``: the gate's dot products, ``tl.dot``'s ``input_precision`` (None: "tf32x3" where tensor cores
+    take tf32, sm_80 on, else "ieee").
     """
     batch, hkv, n_k = kc.shape
     out = torch.empty(batch, hkv, n_q, topk, dtype=torch.int32, device=kc.device)
@@ -294,6 +298,9 @@ def learned_topk(
         feats = 16
     flag = key_flag if key_flag is not None else out
     bias = bias.contiguous()
+    if gate_precision is None:
+        tf32 = kc.is_cuda and torch.cuda.get_device_capability(kc.device)[0] >= 8
+        gate_precision = "tf32x3" if tf32 else "ieee"
     merge = uses_merge(topk, KEY_CHUNK)
     slots = max(KEY_CHUNK, _next_pow2(topk)) if merge else max(2, _next_pow2(topk))  # the running top-k's width
     _learned_topk_kernel[(triton.cdiv(n_q, TOPK_ROWS), batch * hkv)](

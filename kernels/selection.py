@@ -56,11 +56,20 @@ def load_rows(base, rows, ok, d, d_ok, s_l, s_d):
 
 
 @triton.jit
+def _operand(x, F16: tl.constexpr):
+    """A dot operand: float32 as loaded, or float16 (the same 10-bit mantissa as tf32, saturated at +-65504)."""
+    if F16:
+        x = tl.minimum(tl.maximum(x, -65504.0), 65504.0).to(tl.float16)
+    return x
+
+
+@triton.jit
 def _pool_kernel(
     X, SEG, OUT,
     s_xb, s_xh, s_xl, s_xd, s_sb, s_ob, s_oh, s_on,
     length, shift, seg_start, H, D,
     BLOCK: tl.constexpr, ROWS: tl.constexpr, D_PAD: tl.constexpr, IS_QUERY: tl.constexpr, HAS_SEG: tl.constexpr,
+    HALF_OUT: tl.constexpr,
 ):
     t = tl.program_id(0)
     bh = tl.program_id(1)
@@ -68,9 +77,10 @@ def _pool_kernel(
     h = bh % H
     d = tl.arange(0, D_PAD)
     d_ok = d < D
-    total = tl.zeros([D_PAD], dtype=tl.float32)
-    hi = tl.full([D_PAD], float("-inf"), tl.float32)
-    lo = tl.full([D_PAD], float("inf"), tl.float32)
+    # elementwise over the tile's row steps, reduced over rows once at the end
+    total = tl.zeros([ROWS, D_PAD], dtype=tl.float32)
+    hi = tl.full([ROWS, D_PAD], float("-inf"), tl.float32)
+    lo = tl.full([ROWS, D_PAD], float("inf"), tl.float32)
     count = tl.zeros([ROWS], dtype=tl.float32)
     base = X + b.to(tl.int64) * s_xb + h.to(tl.int64) * s_xh
     for r0 in tl.static_range(0, BLOCK, ROWS):
@@ -78,29 +88,21 @@ def _pool_kernel(
         x = load_rows(base, rows, ok, d, d_ok, s_xl, s_xd)
         count += ok.to(tl.float32)
         if IS_QUERY:
-            total += tl.sum(x, 0)
+            total += x
         else:
-            hi = tl.maximum(hi, tl.max(tl.where(ok[:, None], x, float("-inf")), 0))
-            lo = tl.minimum(lo, tl.min(tl.where(ok[:, None], x, float("inf")), 0))
+            hi = tl.maximum(hi, tl.where(ok[:, None], x, float("-inf")))
+            lo = tl.minimum(lo, tl.where(ok[:, None], x, float("inf")))
     n = tl.sum(count, 0)
     if IS_QUERY:
-        mean = total / tl.maximum(n, 1.0)
+        mean = tl.sum(total, 0) / tl.maximum(n, 1.0)
         first = tl.maximum(mean, 0.0)
         second = tl.minimum(mean, 0.0)
     else:
-        first = tl.where(n > 0, hi, 0.0)
-        second = tl.where(n > 0, lo, 0.0)
+        first = tl.where(n > 0, tl.max(hi, 0), 0.0)
+        second = tl.where(n > 0, tl.min(lo, 0), 0.0)
     out = OUT + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh + t.to(tl.int64) * s_on
-    tl.store(out + d, tl.where(d_ok, first, 0.0))
-    tl.store(out + D_PAD + d, tl.where(d_ok, second, 0.0))
-
-
-@triton.jit
-def _operand(x, F16: tl.constexpr):
-    """A dot operand: float32 as loaded, or float16 (the same 10-bit mantissa as tf32, saturated at +-65504)."""
-    if F16:
-        x = tl.minimum(tl.maximum(x, -65504.0), 65504.0).to(tl.float16)
-    return x
+    tl.store(out + d, _operand(tl.where(d_ok, first, 0.0), HALF_OUT))
+    tl.store(out + D_PAD + d, _operand(tl.where(d_ok, second, 0.0), HALF_OUT))
 
 
 @triton.jit
@@ -563,7 +565,8 @@ def merge_stages(merge: bool) -> int:
 
 
 def pool_features(x: torch.Tensor, offset: int, block: int, seg: torch.Tensor | None, seg_start: int,
-                  is_query: bool, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                  is_query: bool, dtype: torch.dtype = torch.float32, rows: int = POOL_ROWS, num_warps: int = 4
+                  ) -> torch.Tensor:
     """(B, H, n_tiles, 2 * D_pad) float32 tile features of x (B, H, L, D) on the absolute grid from ``offset``.
 
     Rows t with ``seg[:, seg_start + t] < 0`` are padding and left out (``seg`` None: all rows real)."""
@@ -578,7 +581,8 @@ def pool_features(x: torch.Tensor, offset: int, block: int, seg: torch.Tensor | 
     s_sb = seg.stride(0) if seg is not None else 0
     _pool_kernel[(n_tiles, batch * heads)](
         x, seg_arg, out, *x.stride(), s_sb, *out.stride()[:3], length, shift, seg_start, heads, dim,
-        BLOCK=block, ROWS=min(POOL_ROWS, block), D_PAD=d_pad, IS_QUERY=is_query, HAS_SEG=seg is not None,
+        BLOCK=block, ROWS=min(rows, block), D_PAD=d_pad, IS_QUERY=is_query, HAS_SEG=seg is not None,
+        HALF_OUT=dtype == torch.float16, num_warps=num_warps,
     )
     return out
 
@@ -657,6 +661,8 @@ def select_by_mass(
     hoist: bool = False,
     half_operands: bool = False,
     half_features: bool = False,
+    pool_rows: int = POOL_ROWS,
+    pool_warps: int = 4,
 ) -> torch.Tensor:
     """(B, Hkv, n_q_tiles, topk) int32 key tiles (relative to ``kv_offset // block``, -1 = none) per query tile.
 
@@ -683,9 +689,9 @@ def select_by_mass(
     q_start = q_offset - kv_offset
     q_seg = k_seg if (k_seg is not None and q_start >= 0) else None
     fdt = torch.float16 if half_features else torch.float32
-    qf = pool_features(q, q_offset, block, q_seg, max(q_start, 0), True, fdt)
+    qf = pool_features(q, q_offset, block, q_seg, max(q_start, 0), True, fdt, pool_rows, pool_warps)
     if key_features is None:
-        kf = pool_features(k, kv_offset, block, k_seg, 0, False, fdt)
+        kf = pool_features(k, kv_offset, block, k_seg, 0, False, fdt, pool_rows, pool_warps)
     elif key_features.dtype != torch.float32 or tuple(key_features.shape) != (batch, hkv, n_k, qf.shape[-1]):
         raise ValueError(f"key_features must be float32 (batch={batch}, kv_heads={hkv}, key tiles={n_k}, "
                          f"{qf.shape[-1]}), got {tuple(key_features.shape)} {key_features.dtype}")

@@ -32,20 +32,18 @@ from hf_sparsek.learned.features import lagged_query_features  # noqa: E402
 from hf_sparsek.learned.selector import LearnedSelector  # noqa: E402
 from scripts.common import write_json  # noqa: E402
 
+F16 = {"half_operands": True, "half_features": True}
 MASS_VARIANTS = {
     "base": {},
-    "w8": {"num_warps": 8},
-    "hoist": {"hoist": True},
-    "hoist_w8": {"hoist": True, "num_warps": 8},
-    "f16ops": {"half_operands": True},
-    "f16ops_f16feat": {"half_operands": True, "half_features": True},
-    "hoist_f16ops": {"hoist": True, "half_operands": True},
-    "hoist_f16ops_f16feat": {"hoist": True, "half_operands": True, "half_features": True},
-    "hoist_f16ops_f16feat_w8": {"hoist": True, "half_operands": True, "half_features": True, "num_warps": 8},
-    "hoist_f16ops_f16feat_rows128_w8": {"hoist": True, "half_operands": True, "half_features": True,
-                                        "num_warps": 8, "rows_per_program": 128},
+    "f16": F16,
+    "hoist_f16": {"hoist": True, **F16},
+    "f16_pool64": {**F16, "pool_rows": 64},
+    "f16_pool64_w8": {**F16, "pool_rows": 64, "pool_warps": 8},
+    "hoist_f16_pool64": {"hoist": True, **F16, "pool_rows": 64},
+    "f16_pool16": {**F16, "pool_rows": 16},
     "base_top1": {"topk": 1},
 }
+POOL_SHAPES = [(32, 4), (32, 8), (64, 4), (64, 8), (16, 4), (16, 2), (64, 16)]  # (rows per step, warps)
 
 
 def _timer(smoke: bool):
@@ -86,9 +84,22 @@ def _length(seq: int, device: str, smoke: bool, bench, out_dir: str) -> dict:
     row: dict = {"seq": seq, "heads": heads, "kv_heads": kv_heads, "dim": dim, "pattern": pattern.to_dict()}
     args = dict(block=block, q_offset=0, kv_offset=0, sink=pattern.sink_tokens, window=pattern.window,
                 threshold=None, scale=dim ** -0.5)
-    row["mass_pool_q_ms"] = bench(lambda: ks.pool_features(q, 0, block, None, 0, True))
-    row["mass_pool_k_ms"] = bench(lambda: ks.pool_features(k, 0, block, None, 0, False))
-    row["mass_pool_q_f16_ms"] = bench(lambda: ks.pool_features(q, 0, block, None, 0, True, torch.float16))
+    n_t = seq // block
+    q_t = q.transpose(1, 2).contiguous().transpose(1, 2)  # the (B, L, H, D) storage models hand over
+    for rows, warps in POOL_SHAPES:
+        for name, x, is_q in (("q", q, True), ("k", k, False), ("qT", q_t, True)):
+            row[f"pool_{name}_r{rows}_w{warps}_ms"] = bench(
+                lambda x=x, is_q=is_q, r=rows, w=warps: ks.pool_features(x, 0, block, None, 0, is_q, torch.float16,
+                                                                         r, w))
+        for name, x, stats in (("learned_k", k, True), ("learned_q", q, False)):
+            row[f"pool_{name}_r{rows}_w{warps}_ms"] = bench(
+                lambda x=x, s=stats, r=rows, w=warps: ls.pool_tiles(x, 0, block, None, 0, key_stats=s,
+                                                                    out_heads=kv_heads, rows=r, num_warps=w))
+    if not smoke:
+        row["torch_q_tile_sum_ms"] = bench(lambda: q.unflatten(2, (n_t, block)).sum(3, dtype=torch.float32))
+        row["torch_k_tile_aminmax_ms"] = bench(lambda: torch.aminmax(k.unflatten(2, (n_t, block)), dim=3))
+        row["torch_q_copy_ms"] = bench(lambda: q.clone())
+        row["q_bytes"] = q.numel() * q.element_size()
     base = ks.select_by_mass(q, k, None, None, None, topk=pattern.topk_blocks, **args)
     for name, knobs in MASS_VARIANTS.items():
         kw = dict(knobs)
@@ -130,7 +141,7 @@ def _length(seq: int, device: str, smoke: bool, bench, out_dir: str) -> dict:
     n_q = q_feat.shape[2]
     bias = scorer.bias.detach().float().contiguous()
     ref = None
-    for precision in ("ieee", "tf32x3", "tf32"):
+    for precision in ("ieee", "tf32x3"):
         call = lambda pr=precision: ls.learned_topk(  # noqa: E731
             qp, kp, const.contiguous(), bias, None, n_q=n_q, block=block, q_offset=0, kv_offset=0, kv_len=seq,
             sink=pattern.sink_tokens, window=pattern.window, topk=pattern.topk_blocks, gate_precision=pr)
@@ -142,6 +153,21 @@ def _length(seq: int, device: str, smoke: bool, bench, out_dir: str) -> dict:
         except Exception as error:
             row[f"learned_topk_{precision}_error"] = f"{type(error).__name__}: {str(error)[:300]}"
 
+    if not smoke:
+        import cProfile
+        import io
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(20):
+            select()
+        torch.cuda.synchronize()
+        prof.disable()
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
+        with open(os.path.join(out_dir, f"learned_host_{seq}.txt"), "w") as handle:
+            handle.write(text.getvalue())
     if torch.cuda.is_available() and not smoke:
         from torch.profiler import ProfilerActivity, profile
 
