@@ -36,7 +36,8 @@ from .selection import (
 
 NONE: tl.constexpr = tl.constexpr(-1.0e30)  # not competing / empty slot: below any real logit
 FULL: tl.constexpr = tl.constexpr(1.0e30)  # a slot past TOPK: never the smallest, never replaced
-POOL_ROWS = 32  # rows of a tile loaded at once by the pooling kernel
+POOL_ROWS = 16  # rows of a tile loaded per step by the pooling kernel, with POOL_WARPS (kernels.selection's launch)
+POOL_WARPS = 2
 FEATURE_CHUNK = 64  # feature columns per dot product (bounds registers at head dim 256)
 TOPK_ROWS = 16  # query tiles per top-k program (tl.dot needs >= 16 rows)
 KEY_CHUNK = 32  # key tiles scored per step
@@ -226,8 +227,8 @@ def gate_width(dim: int) -> int:
 
 
 def pool_tiles(x: torch.Tensor, offset: int, block: int, seg: torch.Tensor | None, seg_start: int, *,
-               key_stats: bool, out_heads: int, rows: int = POOL_ROWS, num_warps: int = 4
-               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+               key_stats: bool, out_heads: int, rows: int = POOL_ROWS,
+               num_warps: int = POOL_WARPS) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per absolute-grid tile of x (B, H, L, D) from position ``offset``; rows t with ``seg[:, seg_start + t] < 0``
     left out (``seg`` None: every row real).
 

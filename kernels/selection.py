@@ -4,14 +4,16 @@ The definition is ``hf_sparsek.selection.mass`` (PyTorch; this file must give th
 
 * ``_pool_kernel`` writes per tile the features of the Quest bound: query tiles ``[relu(qbar), min(qbar, 0)]``
   (``qbar``: mean of the tile's real rows), key tiles ``[kmax, kmin]`` (over its real keys), so that
-  ``scale * qfeat . kfeat = scale * sum_d max(qbar_d * kmax_d, qbar_d * kmin_d)`` is one dot product;
-* ``_select_kernel``: one program per (batch, KV head, ``BM`` query tiles), the rows being (query tile, query head
-  of the group). Pass 1 streams over the causal key tiles for each row's log-sum-exp; pass 2 streams again, turns
-  the scores into probabilities, averages them over the group's heads and keeps a running top-k per query tile of
-  the tiles that compete (causal, real, not kept whole by sink / window), plus the mass of the static tiles for the
-  threshold mode. The running top-k inserts a chunk's better tiles one by one (``topk_insert``) while the budget
-  fits one chunk, and above that takes sorted merges (``topk_merge``: (mass, tile) packed into int64 keys, one
-  bitonic merge per ``KP`` key tiles); ``uses_merge`` decides.
+  ``scale * qfeat . kfeat = scale * sum_d max(qbar_d * kmax_d, qbar_d * kmin_d)`` is one dot product (float16
+  on CUDA: the mantissa tf32 keeps, half the bytes; float32 in the interpreter);
+* ``_select_kernel``: one program per (batch, KV head, ``BM`` query tiles), the rows being (query tile, query head of
+  the group), whose features it loads once (up to ``HOIST_MAX_FEATURES``). Pass 1 streams over the causal key tiles
+  for each row's log-sum-exp; pass 2 streams again, turns the scores into probabilities, averages them over the
+  group's heads and keeps a running top-k per query tile of the tiles that compete (causal, real, not kept whole by
+  sink / window), plus the mass of the static tiles for the threshold mode. The running top-k inserts a chunk's better
+  tiles one by one (``topk_insert``) while the budget fits one chunk, and above that takes sorted merges
+  (``topk_merge``: (mass, tile) packed into int64 keys, one bitonic merge per ``KP`` key tiles); ``uses_merge``
+  decides.
   Nothing of size (query tiles x key tiles) is written; the tile list is written directly.
 
 No host synchronisation: every size comes from the shapes and the pattern. No transformers or hf_sparsek imports.
@@ -33,8 +35,10 @@ ROWS_MIN = 16  # tl.dot needs >= 16 rows: query tiles of a program x padded grou
 MASS_ROWS = (64, 32, 16)  # rows (query tiles x padded group) per _select_kernel program, widest first
 MASS_MIN_PROGRAMS_PER_SM = 0.75  # the widest rows that still give this many programs per SM (else 16)
 MASS_MAX_TOPK_SLOTS = 1024  # query tiles x padded top-k slots a program may keep (the 16-row program's at top-64)
-POOL_ROWS = 32  # rows of a tile loaded at once by the pooling kernel
+POOL_ROWS = 16  # rows of a tile loaded per step by the pooling kernel (with POOL_WARPS: docs/kernel-decisions.md)
+POOL_WARPS = 2
 FEATURE_CHUNK = 64  # feature columns per dot product (bounds registers at head dim 256)
+HOIST_MAX_FEATURES = 256  # up to this many, a program keeps its rows' features for both passes (head dim <= 128)
 
 
 @triton.jit
@@ -416,7 +420,7 @@ def _short_logits_kernel(
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_cb,
     n_q, n_k, n_k_pad, n_chunks, qb0, kb0, kv_offset, kv_end, sink, scale,
     HKV: tl.constexpr, GROUP: tl.constexpr, HG_P: tl.constexpr, BM: tl.constexpr, CN: tl.constexpr,
-    F: tl.constexpr, FC: tl.constexpr, BLOCK: tl.constexpr, HAS_TILE_INFO: tl.constexpr,
+    F: tl.constexpr, FC: tl.constexpr, BLOCK: tl.constexpr, HAS_TILE_INFO: tl.constexpr, F16: tl.constexpr,
 ):
     """Few query tiles (decode), stage 1: one program per (chunk of CN key tiles, batch x KV head) writes the
     estimated logits of every (query tile, head) row on its tiles and the chunk's max / sum of exp per row."""
@@ -430,7 +434,7 @@ def _short_logits_kernel(
     n_ok = n < n_k
     cnt, _ = key_tiles(CNT + b.to(tl.int64) * s_cb, SINK_ONLY + b.to(tl.int64) * s_cb, n, n_ok, kb0, kv_offset,
                        kv_end, sink, BLOCK, HAS_TILE_INFO)
-    s = _scores(qf_ptr, 0.0, kf_ptr, n, n_ok, rows_ok, s_kn, ROWS, CN, F, FC, False, False) * scale
+    s = _scores(qf_ptr, 0.0, kf_ptr, n, n_ok, rows_ok, s_kn, ROWS, CN, F, FC, False, F16) * scale
     cand = rows_ok[:, None] & ((kb0 + n)[None, :] <= (qb0 + m_r)[:, None]) & (cnt > 0)[None, :]
     s = tl.where(cand, s, NEG)
     m_c = tl.max(s, 1)
@@ -488,7 +492,7 @@ SHORT_QUERY_TILES = 2  # at most this many query tiles (decode, q_len <= 16): th
 SHORT_MIN_KEY_TILES = 256  # below this one program per (batch, KV head) reads all key tiles quickly enough
 
 
-def _select_short(qf, kf, count, sink_flag, has_info, *, batch, hkv, group, n_q, n_k, q_offset, q_len, kv_offset,
+def _select_short(qf, kf, count, sink_flag, has_info, *, half, batch, hkv, group, n_q, n_k, q_offset, q_len, kv_offset,
                   kv_len, block, sink, topk, window, threshold, scale) -> torch.Tensor:
     """Few query tiles: selection spread over key tiles (two launches and a ``torch.topk``), instead of one program
     per (batch, KV head) streaming every key tile with a serial running top-k."""
@@ -509,7 +513,7 @@ def _select_short(qf, kf, count, sink_flag, has_info, *, batch, hkv, group, n_q,
         qf, kf, count, sink_flag, logits, pm, pl, *qf.stride()[:3], *kf.stride()[:3], s_cb,
         n_q, n_k, n_k_pad, n_chunks, qb0, kb0, kv_offset, kv_offset + kv_len, sink, scale,
         HKV=hkv, GROUP=group, HG_P=hg_p, BM=bm, CN=cn, F=feats, FC=min(FEATURE_CHUNK, feats), BLOCK=block,
-        HAS_TILE_INFO=has_info,
+        HAS_TILE_INFO=has_info, F16=half,
     )
     mass = torch.empty(batch * hkv, bm, n_k_pad, device=dev, dtype=torch.float32)
     static = torch.empty(batch * hkv, bm, n_chunks, device=dev, dtype=torch.float32)
@@ -565,11 +569,13 @@ def merge_stages(merge: bool) -> int:
 
 
 def pool_features(x: torch.Tensor, offset: int, block: int, seg: torch.Tensor | None, seg_start: int,
-                  is_query: bool, dtype: torch.dtype = torch.float32, rows: int = POOL_ROWS, num_warps: int = 4
-                  ) -> torch.Tensor:
-    """(B, H, n_tiles, 2 * D_pad) float32 tile features of x (B, H, L, D) on the absolute grid from ``offset``.
+                  is_query: bool, dtype: torch.dtype = torch.float32, rows: int = POOL_ROWS,
+                  num_warps: int = POOL_WARPS) -> torch.Tensor:
+    """(B, H, n_tiles, 2 * D_pad) tile features of x (B, H, L, D) on the absolute grid from ``offset``, float32 or
+    ``dtype`` float16 (saturated at +-65504).
 
-    Rows t with ``seg[:, seg_start + t] < 0`` are padding and left out (``seg`` None: all rows real)."""
+    Rows t with ``seg[:, seg_start + t] < 0`` are padding and left out (``seg`` None: all rows real). ``rows`` /
+    ``num_warps``: the launch (rows loaded per step), which does not change the values."""
     batch, heads, length, dim = x.shape
     shift = offset % block
     n_tiles = (shift + length + block - 1) // block
@@ -658,11 +664,7 @@ def select_by_mass(
     key_features: torch.Tensor | None = None,
     rows_per_program: int | None = None,
     num_warps: int = 4,
-    hoist: bool = False,
-    half_operands: bool = False,
-    half_features: bool = False,
-    pool_rows: int = POOL_ROWS,
-    pool_warps: int = 4,
+    half: bool | None = None,
 ) -> torch.Tensor:
     """(B, Hkv, n_q_tiles, topk) int32 key tiles (relative to ``kv_offset // block``, -1 = none) per query tile.
 
@@ -674,7 +676,10 @@ def select_by_mass(
     the last causal tile) instead of pooling every key of k here. ``rows_per_program``: (query tile, query head)
     rows of one ``_select_kernel`` program (a power of two >= 16; more rows share each key feature load among more
     query tiles, fewer programs; None: :func:`mass_rows_per_program`); ``num_warps`` of that launch. Neither
-    changes the tiles.
+    changes the tiles. ``half``: the pooled features stored and multiplied as float16, which keeps the 10-bit
+    mantissa that tf32 dot products keep of float32 (near-ties may differ from the float32 definition, as with tf32),
+    halves the feature reads and doubles the tensor-core rate; values past +-65504 saturate. None: on CUDA (the
+    interpreter's float32 dot products are exact, and the tests compare them with the definition).
     """
     if rows_per_program is not None and (rows_per_program < ROWS_MIN or rows_per_program & (rows_per_program - 1)):
         raise ValueError(f"rows_per_program must be a power of two >= {ROWS_MIN}, got {rows_per_program}")
@@ -688,10 +693,12 @@ def select_by_mass(
         return out
     q_start = q_offset - kv_offset
     q_seg = k_seg if (k_seg is not None and q_start >= 0) else None
-    fdt = torch.float16 if half_features else torch.float32
-    qf = pool_features(q, q_offset, block, q_seg, max(q_start, 0), True, fdt, pool_rows, pool_warps)
+    if half is None:
+        half = q.is_cuda
+    fdt = torch.float16 if half else torch.float32
+    qf = pool_features(q, q_offset, block, q_seg, max(q_start, 0), True, fdt)
     if key_features is None:
-        kf = pool_features(k, kv_offset, block, k_seg, 0, False, fdt, pool_rows, pool_warps)
+        kf = pool_features(k, kv_offset, block, k_seg, 0, False, fdt)
     elif key_features.dtype != torch.float32 or tuple(key_features.shape) != (batch, hkv, n_k, qf.shape[-1]):
         raise ValueError(f"key_features must be float32 (batch={batch}, kv_heads={hkv}, key tiles={n_k}, "
                          f"{qf.shape[-1]}), got {tuple(key_features.shape)} {key_features.dtype}")
@@ -699,9 +706,9 @@ def select_by_mass(
         kf = key_features
     group = hq // hkv
     if n_q <= SHORT_QUERY_TILES and n_k >= SHORT_MIN_KEY_TILES:
-        return _select_short(qf, kf, count, sink_flag, has_info, batch=batch, hkv=hkv, group=group, n_q=n_q, n_k=n_k,
-                             q_offset=q_offset, q_len=q_len, kv_offset=kv_offset, kv_len=kv_len, block=block,
-                             sink=sink, topk=topk, window=window, threshold=threshold, scale=scale)
+        return _select_short(qf, kf, count, sink_flag, has_info, half=half, batch=batch, hkv=hkv, group=group,
+                             n_q=n_q, n_k=n_k, q_offset=q_offset, q_len=q_len, kv_offset=kv_offset, kv_len=kv_len,
+                             block=block, sink=sink, topk=topk, window=window, threshold=threshold, scale=scale)
     hg_p = _next_pow2(group)
     bm = max(1, rows_per_program // hg_p)
     feats = qf.shape[-1]
@@ -715,7 +722,7 @@ def select_by_mass(
         threshold if threshold is not None else 0.0,
         HKV=hkv, GROUP=group, HG_P=hg_p, BM=bm, CN=cn, F=feats, FC=min(FEATURE_CHUNK, feats), TOPK=topk,
         KP=slots, KP_LOG=slots.bit_length() - 1, MERGE=merge, BLOCK=block, HAS_WINDOW=window is not None,
-        HAS_THRESHOLD=threshold is not None, HAS_TILE_INFO=has_info, HOIST=hoist, F16=half_operands,
+        HAS_THRESHOLD=threshold is not None, HAS_TILE_INFO=has_info, HOIST=feats <= HOIST_MAX_FEATURES, F16=half,
         num_warps=num_warps, num_stages=merge_stages(merge),
     )
     return out

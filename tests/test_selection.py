@@ -226,6 +226,43 @@ def test_triton_kernel_matches_definition(name, case, interpret):
         _check_same_selection(got, _slow_mass_selection(q, k, pattern, q_offset, kv_offset, k_seg), tol=1e-5)
 
 
+@pytest.mark.parametrize("case", KERNEL_CASES[1:4] + KERNEL_CASES[-1:], ids=[_case_id(c) for c in KERNEL_CASES[1:4]
+                                                                           + KERNEL_CASES[-1:]])
+def test_triton_kernel_half_features_match_definition(case, interpret):
+    """The CUDA launch (``half``: pooled features stored and multiplied as float16, query features loaded once per
+    program), run here in the interpreter: the masses of the chosen tiles equal the definition's to float16
+    rounding (padding, a group of 3, MQA decode, chunked prefill, threshold mode)."""
+    from hf_sparsek.kernels.selection import select_by_mass
+
+    from hf_sparsek.selection.tiles import key_tile_info
+
+    for name in ("sink64-win64-top3", "win100-top2-mass0.6"):
+        pattern = PATTERNS[name]
+        q, k, q_offset, kv_offset, k_seg = _inputs(case, seed=4)
+        count = sink_only = None
+        if k_seg is not None:
+            count, sink_only = key_tile_info(k.shape[2], kv_offset, k_seg, pattern, q.shape[0], q.device)
+        got = select_by_mass(q, k, k_seg, count, sink_only, block=pattern.block_size, q_offset=q_offset,
+                             kv_offset=kv_offset, sink=pattern.sink_tokens, topk=pattern.topk_blocks,
+                             window=pattern.window, threshold=pattern.mass_threshold, scale=q.shape[-1] ** -0.5,
+                             half=True)
+        _check_same_selection(got, _slow_mass_selection(q, k, pattern, q_offset, kv_offset, k_seg), tol=2e-3)
+
+
+def test_triton_kernel_half_features_saturate(interpret):
+    """Features past float16's range saturate instead of becoming inf (which would make NaN scores): every query
+    tile still gets its full budget of causal, competing tiles."""
+    from hf_sparsek.kernels.selection import select_by_mass
+
+    q, k, q_offset, kv_offset, _ = _inputs((1, 4, 2, 640, 640, 64, None, 0, False), seed=6)
+    q, k = q * 1e5, k * 1e5
+    got = select_by_mass(q, k, None, None, None, block=64, q_offset=q_offset, kv_offset=kv_offset, sink=0, topk=3,
+                         window=None, threshold=None, scale=0.125, half=True)
+    qb = torch.arange(got.shape[2]).view(1, 1, -1, 1)
+    assert bool(((got >= 0) == (torch.arange(3).view(1, 1, 1, -1) <= qb)).all())  # tiles 0 .. qb compete
+    assert bool((got <= qb).all())
+
+
 @pytest.mark.parametrize("rows", [16, 32, 64])
 def test_triton_kernel_rows_per_program_keeps_the_tiles(rows, interpret):
     """More (query tile, head) rows per program (fewer programs, each key feature load shared wider): the same

@@ -59,11 +59,11 @@ class LayerScorer(nn.Module):
         (B, Hkv, n_q, D), ``Wk kfeat`` (B, Hkv, n_k, D) (both None in mode "key") and ``u . kfeat`` (B, Hkv, n_k),
         so that logit(m, n) = qp[m] . kp[n] + c[n] + bias (the fused kernel's inputs)."""
         k_feat = k_feat.float()
-        const = torch.einsum("bhnf,hf->bhn", k_feat, self.u)
+        const = (k_feat @ self.u.unsqueeze(-1)).squeeze(-1)  # batched matmuls: one launch each, little host work
         if self.mode != "query":
             return None, None, const
-        qp = torch.einsum("bhmd,hed->bhme", q_feat.float(), self.wq) * self.log_scale.exp().view(1, -1, 1, 1)
-        kp = torch.einsum("bhnf,hef->bhne", k_feat, self.wk)
+        qp = q_feat.float() @ (self.wq * self.log_scale.exp().view(-1, 1, 1)).transpose(-1, -2)
+        kp = k_feat @ self.wk.transpose(-1, -2)
         return qp, kp, const
 
     def forward(self, q_feat: torch.Tensor, k_feat: torch.Tensor, qb: torch.Tensor, kb: torch.Tensor) -> torch.Tensor:

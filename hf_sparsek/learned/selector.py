@@ -151,8 +151,9 @@ def _fused_tiles(scorer: LayerScorer, q_feat: torch.Tensor, k_feat: torch.Tensor
     qp, kp, const = scorer.projections(q_feat, k_feat)
     if qp is not None:
         pad = gate_width(qp.shape[-1]) - qp.shape[-1]
-        qp = torch.nn.functional.pad(qp, (0, pad)).contiguous()
-        kp = torch.nn.functional.pad(kp, (0, pad)).contiguous()
+        if pad:
+            qp, kp = torch.nn.functional.pad(qp, (0, pad)), torch.nn.functional.pad(kp, (0, pad))
+        qp, kp = qp.contiguous(), kp.contiguous()
     flag = None
     if valid is not None:
         flag = key_tiles_that_compete(kv_offset, kv_len, block, sink_tokens, valid, const.shape[0], const.device)

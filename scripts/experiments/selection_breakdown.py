@@ -3,13 +3,13 @@
     python -m scripts.experiments.selection_breakdown --out DIR [--seqs 16384,65536]
     python -m scripts.experiments.selection_breakdown --out DIR --cpu-smoke   # tiny, Triton interpreter
 
-B=1, 32 / 8 heads, D 128, bf16, sink 64 + window 256 + top-24 of 64-token tiles (the issue 22 / 23 cost case).
-Per length (``triton.testing.do_bench`` medians, ms): the pooling launches alone, ``select_by_mass`` whole with
-each variant of ``_select_kernel`` (``hoist``: the rows' features loaded once per program; ``half_operands``: dot
-operands in float16; ``half_features``: pooled features stored as float16; warps) and the share of rows whose
-tiles equal the default's; the learned selector's pieces (key / query pooling, the scorer's projections, the fused
-top-k at each gate precision) and whole; host enqueue time per call (50 calls, one synchronisation); a
-``torch.profiler`` table of both selectors' kernels. Writes ``selection_breakdown.json`` and ``profile_<seq>.txt``.
+B=1, 32 / 8 heads, D 128, bf16, sink 64 + window 256 + top-24 of 64-token tiles (the issue 22 / 23 cost case). Per
+length (``triton.testing.do_bench`` medians, ms): the pooling launches alone, ``select_by_mass`` whole with the
+default launch, float32 features (``half=False``) and top-1 (the running top-k's share), with the share of rows
+whose tiles equal the default's; pooling launches by (rows per step, warps); the learned selector's pieces (key /
+query pooling, the scorer's projections, the fused top-k at each gate precision) and whole; host enqueue time per
+call (50 calls, one synchronisation); a ``torch.profiler`` table of both selectors' kernels. Writes
+``selection_breakdown.json`` and ``profile_<seq>.txt``.
 """
 
 from __future__ import annotations
@@ -32,18 +32,12 @@ from hf_sparsek.learned.features import lagged_query_features  # noqa: E402
 from hf_sparsek.learned.selector import LearnedSelector  # noqa: E402
 from scripts.common import write_json  # noqa: E402
 
-F16 = {"half_operands": True, "half_features": True}
-MASS_VARIANTS = {
+MASS_VARIANTS = {  # select_by_mass launches: the default (float16 features on CUDA), float32 features, top-1
     "base": {},
-    "f16": F16,
-    "hoist_f16": {"hoist": True, **F16},
-    "f16_pool64": {**F16, "pool_rows": 64},
-    "f16_pool64_w8": {**F16, "pool_rows": 64, "pool_warps": 8},
-    "hoist_f16_pool64": {"hoist": True, **F16, "pool_rows": 64},
-    "f16_pool16": {**F16, "pool_rows": 16},
+    "fp32": {"half": False},
     "base_top1": {"topk": 1},
 }
-POOL_SHAPES = [(32, 4), (32, 8), (64, 4), (64, 8), (16, 4), (16, 2), (64, 16)]  # (rows per step, warps)
+POOL_SHAPES = [(16, 2), (32, 4), (64, 4), (16, 4)]  # (rows per step, warps)
 
 
 def _timer(smoke: bool):
