@@ -24,6 +24,7 @@ import triton.language as tl
 
 from .selection import (
     desc_key,
+    fill_from_chunk,
     key_tile,
     key_value,
     load_rows,
@@ -146,7 +147,7 @@ def _sorted(best_v, best_i, BM: tl.constexpr, KP: tl.constexpr, TOPK: tl.constex
     """(BM, KP) int32 kept tiles sorted by logit, descending (among equal logits the lower tile); -1 = none."""
     kk = tl.arange(0, KP)
     big: tl.constexpr = 1 << 30
-    live = (kk[None, :] < TOPK) & (best_v > NONE)
+    live = (best_v < FULL) & (best_v > NONE)
     v = tl.where(live, best_v, -FULL)
     out = tl.full([BM, KP], -1, tl.int32)
     for t in range(TOPK):
@@ -164,8 +165,9 @@ def _learned_topk_kernel(
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_cb, s_ch, s_bh, s_fb, s_ob, s_oh, s_om,
     n_q, n_k, qb0, kb0, kv_offset, kv_end, sink, window, shift,
     HKV: tl.constexpr, BM: tl.constexpr, CN: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, TOPK: tl.constexpr,
-    KP_: tl.constexpr, KP_LOG: tl.constexpr, MERGE: tl.constexpr, BLOCK: tl.constexpr, BUCKETS: tl.constexpr,
-    HAS_GATE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_FLAG: tl.constexpr, PRECISION: tl.constexpr,
+    KP_: tl.constexpr, KP_LOG: tl.constexpr, CN_LOG: tl.constexpr, MERGE: tl.constexpr, BLOCK: tl.constexpr,
+    BUCKETS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_FLAG: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -199,10 +201,14 @@ def _learned_topk_kernel(
                 staged = stage(staged, chunk, j, BM, KP_, CN)
             best = topk_merge(best, staged, BM, KP_, KP_LOG)
         out = tl.where((key_value(best) > NONE) & (kk[None, :] < TOPK), key_tile(best), -1)
-    else:  # budgets within a chunk: a running top-k, unsorted (NONE = empty, FULL = a slot past TOPK)
-        best_v = tl.where(kk[None, :] < TOPK, tl.full([BM, KP_], NONE, tl.float32), FULL)
-        best_i = tl.full([BM, KP_], -1, tl.int32)
-        for n0 in range(0, n_hi, CN):
+    else:  # budgets within a chunk: a running top-k, unsorted (NONE = empty, FULL = a slot past TOPK), filled from
+        # the first chunk by one sort, then insertions
+        logit, compete = _chunk_logits(qp_ptr, kp_ptr, kc_ptr, BIAS, FLAG, cn, n_k, kb0, qb, limit, m_ok, b, h, s_kn,
+                                       s_bh, s_fb, kv_offset, kv_end, sink, shift, BM, CN, F, FC, BLOCK, BUCKETS,
+                                       HAS_GATE, HAS_FLAG, PRECISION)
+        best_v, best_i = fill_from_chunk(tl.where(compete, logit, NONE), tl.broadcast_to(cn[None, :], [BM, CN]), FULL,
+                                         BM, CN, CN_LOG, KP_, TOPK)
+        for n0 in range(CN, n_hi, CN):
             n = n0 + cn
             logit, compete = _chunk_logits(qp_ptr, kp_ptr, kc_ptr, BIAS, FLAG, n, n_k, kb0, qb, limit, m_ok, b, h, s_kn,
                                            s_bh, s_fb, kv_offset, kv_end, sink, shift, BM, CN, F, FC, BLOCK, BUCKETS,
@@ -311,7 +317,8 @@ def learned_topk(
         n_q, n_k, q_offset // block, kv_offset // block, kv_offset, kv_offset + kv_len, sink, window or 0,
         kv_offset % block,
         HKV=hkv, BM=TOPK_ROWS, CN=KEY_CHUNK, F=feats, FC=min(FEATURE_CHUNK, feats), TOPK=topk,
-        KP_=slots, KP_LOG=slots.bit_length() - 1, MERGE=merge, BLOCK=block, BUCKETS=bias.shape[1], HAS_GATE=has_gate,
+        KP_=slots, KP_LOG=slots.bit_length() - 1, CN_LOG=KEY_CHUNK.bit_length() - 1, MERGE=merge, BLOCK=block,
+        BUCKETS=bias.shape[1], HAS_GATE=has_gate,
         HAS_WINDOW=window is not None, HAS_FLAG=key_flag is not None, PRECISION=gate_precision,
         num_stages=merge_stages(merge),
     )

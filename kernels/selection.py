@@ -250,6 +250,20 @@ def topk_merge(best, chunk, BM: tl.constexpr, KP: tl.constexpr, LOG: tl.constexp
 
 
 @triton.jit
+def fill_from_chunk(values, tiles, past, BM: tl.constexpr, CN: tl.constexpr, CN_LOG: tl.constexpr, KP: tl.constexpr,
+                    TOPK: tl.constexpr):
+    """The insertion path's first step: slots (values, tiles) (BM, KP <= CN) holding the ``TOPK`` largest of a first
+    chunk's ``values`` (BM, CN) at ``tiles`` (larger value, then lower tile), in the last ``TOPK`` slots, ``past``
+    (never replaced) in the others. One sort of the chunk where inserting would take up to ``TOPK`` serial passes."""
+    keys = _sort_ascending(desc_key(values, tiles), BM, CN, CN_LOG)
+    if KP < CN:  # the KP largest: the last group of KP in ascending order
+        g = tl.arange(0, CN // KP)
+        keys = tl.sum(tl.where(g[None, :, None] == CN // KP - 1, tl.reshape(keys, [BM, CN // KP, KP]), 0), 1)
+    live = tl.arange(0, KP)[None, :] >= KP - TOPK
+    return tl.where(live, key_value(keys), past), tl.where(live, key_tile(keys), -1)
+
+
+@triton.jit
 def sorted_result(best, static_mass, threshold, KP: tl.constexpr, TOPK: tl.constexpr, HAS_THRESHOLD: tl.constexpr):
     """(BM, KP) int32 tile list from :func:`topk_merge`'s sorted keys of tile masses: the first ``TOPK`` competing
     tiles (mass >= 0), cut by the threshold's cumulative mass (static tiles' mass first) when HAS_THRESHOLD; -1 =
@@ -270,7 +284,7 @@ def topk_result(best_v, best_i, static_mass, threshold, BM: tl.constexpr, KP: tl
     """(BM, KP) int32 tile list: the kept tiles sorted by mass, descending (ties: lower slot first), cut by the
     threshold's cumulative mass (static tiles' mass first) when HAS_THRESHOLD; -1 = none."""
     kk = tl.arange(0, KP)
-    best_v = tl.where(kk[None, :] < TOPK, best_v, -2.0)
+    best_v = tl.where(best_v < FILLED, best_v, -2.0)
     out_v = tl.full([BM, KP], -1.0, tl.float32)
     out_i = tl.full([BM, KP], -1, tl.int32)
     for t in range(TOPK):
@@ -339,7 +353,8 @@ def _select_kernel(
     n_q, n_k, qb0, kb0, q_end, kv_offset, kv_end, sink, window, scale, threshold,
     HKV: tl.constexpr, GROUP: tl.constexpr, HG_P: tl.constexpr, BM: tl.constexpr, CN: tl.constexpr,
     F: tl.constexpr, FC: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, KP_LOG: tl.constexpr,
-    MERGE: tl.constexpr, BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_THRESHOLD: tl.constexpr,
+    CN_LOG: tl.constexpr, MERGE: tl.constexpr, BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_THRESHOLD: tl.constexpr,
     HAS_TILE_INFO: tl.constexpr, HOIST: tl.constexpr, F16: tl.constexpr,
 ):
     ROWS: tl.constexpr = BM * HG_P
@@ -399,10 +414,15 @@ def _select_kernel(
                 staged = stage(staged, chunk, j, BM, KP, CN)
             best = topk_merge(best, staged, BM, KP, KP_LOG)
         out = sorted_result(best, static_mass, threshold, KP, TOPK, HAS_THRESHOLD)
-    else:  # budgets within a chunk: a running top-k, unsorted (-1 = empty, FILLED = a slot past TOPK)
-        best_v = tl.where(kk[None, :] < TOPK, tl.full([BM, KP], -1.0, tl.float32), FILLED)
-        best_i = tl.full([BM, KP], -1, tl.int32)
-        for n0 in range(0, n_hi, CN):
+    else:  # budgets within a chunk: a running top-k, unsorted (-1 = empty, FILLED = a slot past TOPK), filled
+        # from the first chunk by one sort, then insertions
+        mass, cand, static = _chunk_mass(qf_ptr, qf_all, kf_ptr, c_ptr, s_ptr, cn, n_k, rows_ok, qb_r, lse, m_ok, qb,
+                                         q_last, kb0, kv_offset, kv_end, sink, window, scale, s_kn, ROWS, BM, HG_P,
+                                         GROUP, CN, F, FC, BLOCK, HAS_WINDOW, HAS_TILE_INFO, HOIST, F16)
+        static_mass += tl.sum(tl.where(static, mass, 0.0), 1)
+        best_v, best_i = fill_from_chunk(tl.where(cand & ~static, mass, -1.0), tl.broadcast_to(cn[None, :], [BM, CN]),
+                                         FILLED, BM, CN, CN_LOG, KP, TOPK)
+        for n0 in range(CN, n_hi, CN):
             n = n0 + cn
             mass, cand, static = _chunk_mass(qf_ptr, qf_all, kf_ptr, c_ptr, s_ptr, n, n_k, rows_ok, qb_r, lse, m_ok,
                                              qb, q_last, kb0, kv_offset, kv_end, sink, window, scale, s_kn, ROWS, BM,
@@ -721,7 +741,8 @@ def select_by_mass(
         kv_offset + kv_len, sink, window or 0, scale,
         threshold if threshold is not None else 0.0,
         HKV=hkv, GROUP=group, HG_P=hg_p, BM=bm, CN=cn, F=feats, FC=min(FEATURE_CHUNK, feats), TOPK=topk,
-        KP=slots, KP_LOG=slots.bit_length() - 1, MERGE=merge, BLOCK=block, HAS_WINDOW=window is not None,
+        KP=slots, KP_LOG=slots.bit_length() - 1, CN_LOG=cn.bit_length() - 1, MERGE=merge, BLOCK=block,
+        HAS_WINDOW=window is not None,
         HAS_THRESHOLD=threshold is not None, HAS_TILE_INFO=has_info, HOIST=feats <= HOIST_MAX_FEATURES, F16=half,
         num_warps=num_warps, num_stages=merge_stages(merge),
     )

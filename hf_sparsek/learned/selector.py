@@ -126,12 +126,12 @@ class LearnedSelector(nn.Module):
             if k_feat.shape[2] < n_k:  # tiles not yet complete never compete: zero features
                 k_feat = torch.nn.functional.pad(k_feat, (0, 0, 0, n_k - k_feat.shape[2]))
             qb = q_offset // block + torch.arange(n_q, device=q.device)
-            kb = kv_offset // block + torch.arange(n_k, device=q.device)
             scorer = self.scorer(layer_idx)
             if use_triton and (n_q > SHORT_QUERY_TILES or n_k < SHORT_MIN_KEY_TILES):
                 tiles = _fused_tiles(scorer, q_feat, k_feat, n_q, block, q_offset, kv_offset, kv_len, sink_tokens,
                                      window, topk, valid)
             else:
+                kb = kv_offset // block + torch.arange(n_k, device=q.device)
                 competing = competing_tiles(q_offset, q_len, kv_offset, kv_len, block, sink_tokens, window, valid,
                                             batch, q.device)
                 tiles = hard_topk_tiles(scorer(q_feat, k_feat, qb, kb), competing, topk, kb)
