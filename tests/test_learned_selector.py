@@ -254,6 +254,26 @@ def test_triton_pooling_and_gate_widths(dtype, dim, interpret):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dim", [80, 128])
+def test_triton_pooling_split_over_the_head_dim(dim, interpret):
+    """The CUDA launch pools each (tile, head) with several programs, each a share of the head dim: the same features
+    and counts as one program per tile (padding, an offset, a group of 4); a split that leaves shares under 16
+    columns is refused."""
+    from hf_sparsek.kernels.learned_selection import pool_tiles
+
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 8, 230, dim, generator=gen).to(torch.bfloat16)
+    seg = torch.zeros(2, 230, dtype=torch.int32)
+    seg[1, :90] = -1
+    for stats, heads in ((True, 8), (False, 2)):
+        want = pool_tiles(x, 40, BLOCK, seg, 0, key_stats=stats, out_heads=heads, d_split=1)
+        for split in (2, 4):
+            got = pool_tiles(x, 40, BLOCK, seg, 0, key_stats=stats, out_heads=heads, d_split=split)
+            assert torch.equal(got[0], want[0]) and (stats or torch.equal(got[1], want[1]))
+    with pytest.raises(ValueError, match="d_split"):
+        pool_tiles(x, 0, BLOCK, None, 0, key_stats=True, out_heads=8, d_split=16)
+
+
 def test_bad_backend_is_refused():
     selector = LearnedSelector([0], 1, 8, BLOCK)
     q, k = torch.randn(1, 1, 70, 8), torch.randn(1, 1, 70, 8)
