@@ -25,7 +25,6 @@ import triton.language as tl
 from .selection import (
     desc_key,
     fill_from_keys,
-    fill_width,
     key_tile,
     key_value,
     load_rows,
@@ -167,7 +166,7 @@ def _learned_topk_kernel(
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_cb, s_ch, s_bh, s_fb, s_ob, s_oh, s_om,
     n_q, n_k, qb0, kb0, kv_offset, kv_end, sink, window, shift,
     HKV: tl.constexpr, BM: tl.constexpr, CN: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, TOPK: tl.constexpr,
-    KP_: tl.constexpr, KP_LOG: tl.constexpr, FILL: tl.constexpr, FILL_LOG: tl.constexpr, MERGE: tl.constexpr,
+    KP_: tl.constexpr, KP_LOG: tl.constexpr, CN_LOG: tl.constexpr, MERGE: tl.constexpr,
     BLOCK: tl.constexpr,
     BUCKETS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_FLAG: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -205,17 +204,13 @@ def _learned_topk_kernel(
             best = topk_merge(best, staged, BM, KP_, KP_LOG)
         out = tl.where((key_value(best) > NONE) & (kk[None, :] < TOPK), key_tile(best), -1)
     else:  # budgets within a chunk: a running top-k, unsorted (NONE = empty, FULL = a slot past TOPK), filled from
-        # the first FILL key tiles by one sort, then insertions
-        staged = desc_key(tl.full([BM, FILL], NONE, tl.float32), tl.full([BM, FILL], -1, tl.int32))
-        for j in tl.static_range(FILL // CN):
-            n = j * CN + cn
-            logit, compete = _chunk_logits(qp_ptr, kp_ptr, kc_ptr, BIAS, FLAG, n, n_k, kb0, qb, limit, m_ok, b, h,
-                                           s_kn, s_bh, s_fb, kv_offset, kv_end, sink, shift, BM, CN, F, FC, BLOCK,
-                                           BUCKETS, HAS_GATE, HAS_FLAG, PRECISION)
-            chunk = desc_key(tl.where(compete, logit, NONE), tl.broadcast_to(n[None, :], [BM, CN]))
-            staged = stage(staged, chunk, j, BM, FILL, CN)
-        best_v, best_i = fill_from_keys(staged, FULL, BM, FILL, FILL_LOG, KP_, TOPK)
-        for n0 in range(FILL, n_hi, CN):
+        # the first chunk by one sort, then insertions
+        logit, compete = _chunk_logits(qp_ptr, kp_ptr, kc_ptr, BIAS, FLAG, cn, n_k, kb0, qb, limit, m_ok, b, h, s_kn,
+                                       s_bh, s_fb, kv_offset, kv_end, sink, shift, BM, CN, F, FC, BLOCK, BUCKETS,
+                                       HAS_GATE, HAS_FLAG, PRECISION)
+        first = desc_key(tl.where(compete, logit, NONE), tl.broadcast_to(cn[None, :], [BM, CN]))
+        best_v, best_i = fill_from_keys(first, FULL, BM, CN, CN_LOG, KP_, TOPK)
+        for n0 in range(CN, n_hi, CN):
             n = n0 + cn
             logit, compete = _chunk_logits(qp_ptr, kp_ptr, kc_ptr, BIAS, FLAG, n, n_k, kb0, qb, limit, m_ok, b, h, s_kn,
                                            s_bh, s_fb, kv_offset, kv_end, sink, shift, BM, CN, F, FC, BLOCK, BUCKETS,
@@ -248,8 +243,8 @@ def pool_tiles(x: torch.Tensor, offset: int, block: int, seg: torch.Tensor | Non
     ``key_stats``: (B, H, n, 3 D) float32 ``[mean, max, min]`` (zeros for a tile without a real row), and None.
     Else the sums over each tile's real rows and the ``H // out_heads`` heads of each group, (B, out_heads, n, D)
     float32, and the count of (row, head) pairs summed, (B, out_heads, n) float32. ``rows`` / ``num_warps`` /
-    ``d_split`` (programs per tile and head, each a share of the head dim; None: ``POOL_D_SPLIT`` on CUDA where the
-    padded head dim has at least 64 columns): the launch, which does not change the values.
+    ``d_split`` (programs per tile and head, each a share of the head dim; None: ``POOL_D_SPLIT`` for key stats on
+    CUDA where the padded head dim has at least 64 columns, else 1): the launch, which does not change the values.
     """
     batch, heads, length, dim = x.shape
     group = 1 if key_stats else heads // out_heads
@@ -266,7 +261,9 @@ def pool_tiles(x: torch.Tensor, offset: int, block: int, seg: torch.Tensor | Non
     cnt_arg = count if count is not None else out
     d_pad = max(16, _next_pow2(dim))
     if d_split is None:
-        d_split = POOL_D_SPLIT if d_pad >= 64 and x.is_cuda else 1  # the interpreter gains nothing from more programs
+        # keys: one head per program, too few programs at 16K (H100: 0.027 -> 0.021 ms split in 2); queries already
+        # read a whole KV group per program (split: 0.061 -> 0.063); the interpreter gains nothing from more programs
+        d_split = POOL_D_SPLIT if key_stats and d_pad >= 64 and x.is_cuda else 1
     if d_split < 1 or d_pad % d_split or d_pad // d_split < 16:
         raise ValueError(f"d_split must divide the padded head dim {d_pad} into shares of >= 16, got {d_split}")
     _tile_pool_kernel[(n_tiles, batch * out_heads, d_split)](
@@ -294,7 +291,6 @@ def learned_topk(
     window: int | None,
     topk: int,
     gate_precision: str | None = None,
-    fill_tiles: int | None = None,
 ) -> torch.Tensor:
     """(B, Hkv, n_q, topk) int32 absolute key tiles: per query tile the ``topk`` competing key tiles with the largest
     ``qp . kp + kc + bias[bucket]``, sorted (ties: lower tile first), -1 where fewer compete.
@@ -303,7 +299,7 @@ def learned_topk(
     query-independent score); ``kc`` (B, Hkv, n_k) float32; ``bias`` (Hkv, buckets) float32 per log2 tile distance;
     ``key_flag`` (B, n_k) int32, whether each key tile may compete (padding), or None: derived from positions.
     ``gate_precision``: the gate's dot products, ``tl.dot``'s ``input_precision`` (None: "tf32x3" where tensor cores
-    take tf32, sm_80 on, else "ieee"). ``fill_tiles``: as ``kernels.selection.select_by_mass``'s.
+    take tf32, sm_80 on, else "ieee").
     """
     batch, hkv, n_k = kc.shape
     out = torch.empty(batch, hkv, n_q, topk, dtype=torch.int32, device=kc.device)
@@ -324,7 +320,6 @@ def learned_topk(
         tf32 = kc.is_cuda and torch.cuda.get_device_capability(kc.device)[0] >= 8
         gate_precision = "tf32x3" if tf32 else "ieee"
     merge = uses_merge(topk, KEY_CHUNK)
-    fill = fill_width(fill_tiles, KEY_CHUNK)
     slots = max(KEY_CHUNK, _next_pow2(topk)) if merge else max(2, _next_pow2(topk))  # the running top-k's width
     _learned_topk_kernel[(triton.cdiv(n_q, TOPK_ROWS), batch * hkv)](
         qp, kp, kc, bias, flag, out,
@@ -333,7 +328,7 @@ def learned_topk(
         n_q, n_k, q_offset // block, kv_offset // block, kv_offset, kv_offset + kv_len, sink, window or 0,
         kv_offset % block,
         HKV=hkv, BM=TOPK_ROWS, CN=KEY_CHUNK, F=feats, FC=min(FEATURE_CHUNK, feats), TOPK=topk,
-        KP_=slots, KP_LOG=slots.bit_length() - 1, FILL=fill, FILL_LOG=fill.bit_length() - 1, MERGE=merge,
+        KP_=slots, KP_LOG=slots.bit_length() - 1, CN_LOG=KEY_CHUNK.bit_length() - 1, MERGE=merge,
         BLOCK=block,
         BUCKETS=bias.shape[1], HAS_GATE=has_gate,
         HAS_WINDOW=window is not None, HAS_FLAG=key_flag is not None, PRECISION=gate_precision,

@@ -38,7 +38,6 @@ MASS_MAX_TOPK_SLOTS = 1024  # query tiles x padded top-k slots a program may kee
 POOL_ROWS = 16  # rows of a tile loaded per step by the pooling kernel (with POOL_WARPS: docs/kernel-decisions.md)
 POOL_WARPS = 2
 FEATURE_CHUNK = 64  # feature columns per dot product (bounds registers at head dim 256)
-FILL_TILES = 32  # key tiles that fill an insertion path's slots by one sort (fill_from_keys)
 HOIST_MAX_FEATURES = 256  # up to this many, a program keeps its rows' features for both passes (head dim <= 128)
 
 
@@ -254,9 +253,9 @@ def topk_merge(best, chunk, BM: tl.constexpr, KP: tl.constexpr, LOG: tl.constexp
 def fill_from_keys(keys, past, BM: tl.constexpr, W: tl.constexpr, W_LOG: tl.constexpr, KP: tl.constexpr,
                    TOPK: tl.constexpr):
     """The insertion path's first step: slots (values, tiles) (BM, KP <= W) holding the ``TOPK`` largest of the
-    first ``W`` key tiles' :func:`desc_key` keys (BM, W) (larger value, then lower tile), in the last ``TOPK`` slots,
-    ``past`` (never replaced) in the others. One sort where inserting would take up to ``TOPK`` serial passes, and
-    the more tiles it covers the fewer enter later (about ``TOPK * ln(n / W)`` of ``n``)."""
+    first chunk's :func:`desc_key` keys (BM, W) (larger value, then lower tile), in the last ``TOPK`` slots,
+    ``past`` (never replaced) in the others. One sort where inserting would take up to ``TOPK`` serial passes
+    (H100, 16K: the learned kernel 0.097 -> 0.079 ms; sorting 64 or 128 tiles first was slower, 0.085 / 0.094)."""
     keys = _sort_ascending(keys, BM, W, W_LOG)
     if KP < W:  # the KP largest: the last group of KP in ascending order
         g = tl.arange(0, W // KP)
@@ -355,7 +354,7 @@ def _select_kernel(
     n_q, n_k, qb0, kb0, q_end, kv_offset, kv_end, sink, window, scale, threshold,
     HKV: tl.constexpr, GROUP: tl.constexpr, HG_P: tl.constexpr, BM: tl.constexpr, CN: tl.constexpr,
     F: tl.constexpr, FC: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, KP_LOG: tl.constexpr,
-    FILL: tl.constexpr, FILL_LOG: tl.constexpr, MERGE: tl.constexpr, BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    CN_LOG: tl.constexpr, MERGE: tl.constexpr, BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_THRESHOLD: tl.constexpr,
     HAS_TILE_INFO: tl.constexpr, HOIST: tl.constexpr, F16: tl.constexpr,
 ):
@@ -417,18 +416,14 @@ def _select_kernel(
             best = topk_merge(best, staged, BM, KP, KP_LOG)
         out = sorted_result(best, static_mass, threshold, KP, TOPK, HAS_THRESHOLD)
     else:  # budgets within a chunk: a running top-k, unsorted (-1 = empty, FILLED = a slot past TOPK), filled
-        # from the first FILL key tiles by one sort, then insertions
-        staged = desc_key(tl.full([BM, FILL], -1.0, tl.float32), tl.full([BM, FILL], -1, tl.int32))
-        for j in tl.static_range(FILL // CN):
-            n = j * CN + cn
-            mass, cand, static = _chunk_mass(qf_ptr, qf_all, kf_ptr, c_ptr, s_ptr, n, n_k, rows_ok, qb_r, lse, m_ok,
-                                             qb, q_last, kb0, kv_offset, kv_end, sink, window, scale, s_kn, ROWS, BM,
-                                             HG_P, GROUP, CN, F, FC, BLOCK, HAS_WINDOW, HAS_TILE_INFO, HOIST, F16)
-            static_mass += tl.sum(tl.where(static, mass, 0.0), 1)
-            chunk = desc_key(tl.where(cand & ~static, mass, -1.0), tl.broadcast_to(n[None, :], [BM, CN]))
-            staged = stage(staged, chunk, j, BM, FILL, CN)
-        best_v, best_i = fill_from_keys(staged, FILLED, BM, FILL, FILL_LOG, KP, TOPK)
-        for n0 in range(FILL, n_hi, CN):
+        # from the first chunk by one sort, then insertions
+        mass, cand, static = _chunk_mass(qf_ptr, qf_all, kf_ptr, c_ptr, s_ptr, cn, n_k, rows_ok, qb_r, lse, m_ok, qb,
+                                         q_last, kb0, kv_offset, kv_end, sink, window, scale, s_kn, ROWS, BM, HG_P,
+                                         GROUP, CN, F, FC, BLOCK, HAS_WINDOW, HAS_TILE_INFO, HOIST, F16)
+        static_mass += tl.sum(tl.where(static, mass, 0.0), 1)
+        first = desc_key(tl.where(cand & ~static, mass, -1.0), tl.broadcast_to(cn[None, :], [BM, CN]))
+        best_v, best_i = fill_from_keys(first, FILLED, BM, CN, CN_LOG, KP, TOPK)
+        for n0 in range(CN, n_hi, CN):
             n = n0 + cn
             mass, cand, static = _chunk_mass(qf_ptr, qf_all, kf_ptr, c_ptr, s_ptr, n, n_k, rows_ok, qb_r, lse, m_ok,
                                              qb, q_last, kb0, kv_offset, kv_end, sink, window, scale, s_kn, ROWS, BM,
@@ -577,15 +572,6 @@ def mass_slots(topk: int, feats: int) -> int:
     return max(_chunk_tiles(feats), _next_pow2(topk))
 
 
-def fill_width(fill_tiles: int | None, chunk: int) -> int:
-    """Key tiles sorted into an insertion path's first slots (``fill_from_keys``): ``fill_tiles`` (None:
-    ``FILL_TILES``), checked to be a power of two and a multiple of the kernel's ``chunk`` of key tiles per step."""
-    fill = max(chunk, FILL_TILES) if fill_tiles is None else fill_tiles
-    if fill < chunk or fill % chunk or fill & (fill - 1):
-        raise ValueError(f"fill_tiles must be a power of two and a multiple of {chunk} key tiles, got {fill_tiles}")
-    return fill
-
-
 def uses_merge(topk: int, chunk: int) -> bool:
     """Whether a running top-k of ``topk`` over steps of ``chunk`` key tiles takes sorted merges (``topk_merge``)
     rather than insertions (``topk_insert``): merges where the budget outgrows one chunk. Insertion costs one serial
@@ -700,7 +686,6 @@ def select_by_mass(
     rows_per_program: int | None = None,
     num_warps: int = 4,
     half: bool | None = None,
-    fill_tiles: int | None = None,
 ) -> torch.Tensor:
     """(B, Hkv, n_q_tiles, topk) int32 key tiles (relative to ``kv_offset // block``, -1 = none) per query tile.
 
@@ -716,8 +701,6 @@ def select_by_mass(
     mantissa that tf32 dot products keep of float32 (near-ties may differ from the float32 definition, as with tf32),
     halves the feature reads and doubles the tensor-core rate; values past +-65504 saturate. None: on CUDA (the
     interpreter's float32 dot products are exact, and the tests compare them with the definition).
-    ``fill_tiles``: key tiles whose masses fill the running top-k by one sort before insertions take over (a power of
-    two, a multiple of the step's 32 key tiles; None: ``FILL_TILES``); it does not change the tiles.
     """
     if rows_per_program is not None and (rows_per_program < ROWS_MIN or rows_per_program & (rows_per_program - 1)):
         raise ValueError(f"rows_per_program must be a power of two >= {ROWS_MIN}, got {rows_per_program}")
@@ -753,14 +736,13 @@ def select_by_mass(
     cn = _chunk_tiles(feats)
     merge = uses_merge(topk, cn)
     slots = mass_slots(topk, feats) if merge else max(2, _next_pow2(topk))
-    fill = fill_width(fill_tiles, cn)
     _select_kernel[(triton.cdiv(n_q, bm), batch * hkv)](
         qf, kf, count, sink_flag, out, *qf.stride()[:3], *kf.stride()[:3], count.stride(0) if has_info else 0,
         *out.stride()[:3], n_q, n_k, q_offset // block, kv_offset // block, q_offset + q_len, kv_offset,
         kv_offset + kv_len, sink, window or 0, scale,
         threshold if threshold is not None else 0.0,
         HKV=hkv, GROUP=group, HG_P=hg_p, BM=bm, CN=cn, F=feats, FC=min(FEATURE_CHUNK, feats), TOPK=topk,
-        KP=slots, KP_LOG=slots.bit_length() - 1, FILL=fill, FILL_LOG=fill.bit_length() - 1, MERGE=merge, BLOCK=block,
+        KP=slots, KP_LOG=slots.bit_length() - 1, CN_LOG=cn.bit_length() - 1, MERGE=merge, BLOCK=block,
         HAS_WINDOW=window is not None,
         HAS_THRESHOLD=threshold is not None, HAS_TILE_INFO=has_info, HOIST=feats <= HOIST_MAX_FEATURES, F16=half,
         num_warps=num_warps, num_stages=merge_stages(merge),

@@ -36,8 +36,6 @@ MASS_VARIANTS = {  # select_by_mass launches: the default (float16 features on C
     "base": {},
     "fp32": {"half": False},
     "base_top1": {"topk": 1},
-    "fill64": {"fill_tiles": 64},
-    "fill128": {"fill_tiles": 128},
 }
 POOL_SHAPES = [(16, 2), (32, 4), (64, 4), (16, 4)]  # (rows per step, warps)
 
@@ -142,12 +140,6 @@ def _length(seq: int, device: str, smoke: bool, bench, out_dir: str) -> dict:
             row[f"learned_pool_{name}_split{split}_ms"] = bench(
                 lambda x=x, s=stats, sp=split: ls.pool_tiles(x, 0, block, None, 0, key_stats=s, out_heads=kv_heads,
                                                              d_split=sp))
-    for fill in (32, 64, 128):
-        call = lambda f=fill: ls.learned_topk(  # noqa: E731
-            qp, kp, const.contiguous(), bias, None, n_q=n_q, block=block, q_offset=0, kv_offset=0, kv_len=seq,
-            sink=pattern.sink_tokens, window=pattern.window, topk=pattern.topk_blocks, fill_tiles=f)
-        row[f"learned_topk_fill{fill}_ms"] = bench(call)
-        row[f"learned_topk_fill{fill}_same"] = bool(torch.equal(call(), call(32)))
     for precision in ("ieee", "tf32x3"):
         call = lambda pr=precision: ls.learned_topk(  # noqa: E731
             qp, kp, const.contiguous(), bias, None, n_q=n_q, block=block, q_offset=0, kv_offset=0, kv_len=seq,
