@@ -298,8 +298,8 @@ def learned_topk(
     ``qp`` (B, Hkv, n_q, F) / ``kp`` (B, Hkv, n_k, F) float32 projected features (both None: no gate, the
     query-independent score); ``kc`` (B, Hkv, n_k) float32; ``bias`` (Hkv, buckets) float32 per log2 tile distance;
     ``key_flag`` (B, n_k) int32, whether each key tile may compete (padding), or None: derived from positions.
-    ``gate_precision``: the gate's dot products, ``tl.dot``'s ``input_precision`` (None: "tf32x3" where tensor cores
-    take tf32, sm_80 on, else "ieee").
+    ``gate_precision``: the gate's dot products, ``tl.dot``'s ``input_precision`` (None: "tf32x3" where NVIDIA
+    tensor cores take tf32, sm_80 on, else "ieee").
     """
     batch, hkv, n_k = kc.shape
     out = torch.empty(batch, hkv, n_q, topk, dtype=torch.int32, device=kc.device)
@@ -317,7 +317,7 @@ def learned_topk(
     flag = key_flag if key_flag is not None else out
     bias = bias.contiguous()
     if gate_precision is None:
-        tf32 = kc.is_cuda and torch.cuda.get_device_capability(kc.device)[0] >= 8
+        tf32 = kc.is_cuda and torch.version.hip is None and torch.cuda.get_device_capability(kc.device)[0] >= 8
         gate_precision = "tf32x3" if tf32 else "ieee"
     merge = uses_merge(topk, KEY_CHUNK)
     slots = max(KEY_CHUNK, _next_pow2(topk)) if merge else max(2, _next_pow2(topk))  # the running top-k's width
