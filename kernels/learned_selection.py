@@ -42,7 +42,6 @@ POOL_WARPS = 2
 POOL_D_SPLIT = 2  # programs per (tile, head), each pooling a share of the head dim: more loads in flight
 FEATURE_CHUNK = 64  # feature columns per dot product (bounds registers at head dim 256)
 TOPK_ROWS = 16  # query tiles per top-k program (tl.dot needs >= 16 rows)
-HOIST_MAX_FEATURES = 128  # up to this many gate features a program keeps its query tiles' (16 x 128 float32)
 KEY_CHUNK = 32  # key tiles scored per step
 
 
@@ -87,29 +86,23 @@ def _tile_pool_kernel(
 
 
 @triton.jit
-def _gate(qp_ptr, qp_all, kp_ptr, n, n_ok, m_ok, s_kn, BM: tl.constexpr, CN: tl.constexpr, F: tl.constexpr,
-          FC: tl.constexpr, PRECISION: tl.constexpr, HOIST: tl.constexpr):
-    """(BM, CN) dot products of the query tiles' projected features with key tiles ``n``'s, in float32: with
-    ``HOIST`` the query tiles' features ``qp_all`` (BM, F) loaded once per program, else FC columns at a time."""
-    if HOIST:
-        f = tl.arange(0, F)
+def _gate(qp_ptr, kp_ptr, n, n_ok, m_ok, s_kn, BM: tl.constexpr, CN: tl.constexpr, F: tl.constexpr,
+          FC: tl.constexpr, PRECISION: tl.constexpr):
+    """(BM, CN) dot products of the query tiles' projected features with key tiles ``n``'s, in float32."""
+    acc = tl.zeros([BM, CN], dtype=tl.float32)
+    for f0 in tl.static_range(0, F, FC):
+        f = f0 + tl.arange(0, FC)
+        qf = tl.load(qp_ptr + f[None, :], mask=m_ok[:, None], other=0.0)
         kf = tl.load(kp_ptr + n.to(tl.int64)[:, None] * s_kn + f[None, :], mask=n_ok[:, None], other=0.0)
-        acc = tl.dot(qp_all, tl.trans(kf), input_precision=PRECISION)
-    else:
-        acc = tl.zeros([BM, CN], dtype=tl.float32)
-        for f0 in tl.static_range(0, F, FC):
-            f = f0 + tl.arange(0, FC)
-            qf = tl.load(qp_ptr + f[None, :], mask=m_ok[:, None], other=0.0)
-            kf = tl.load(kp_ptr + n.to(tl.int64)[:, None] * s_kn + f[None, :], mask=n_ok[:, None], other=0.0)
-            acc += tl.dot(qf, tl.trans(kf), input_precision=PRECISION)
+        acc += tl.dot(qf, tl.trans(kf), input_precision=PRECISION)
     return acc
 
 
 @triton.jit
-def _chunk_logits(qp_ptr, qp_all, kp_ptr, kc_ptr, BIAS, FLAG, n, n_k, kb0, qb, limit, m_ok, b, h, s_kn, s_bh, s_fb,
-                  kv_offset, kv_end, sink, shift, BM: tl.constexpr, CN: tl.constexpr, F: tl.constexpr, FC: tl.constexpr,
+def _chunk_logits(qp_ptr, kp_ptr, kc_ptr, BIAS, FLAG, n, n_k, kb0, qb, limit, m_ok, b, h, s_kn, s_bh, s_fb, kv_offset,
+                  kv_end, sink, shift, BM: tl.constexpr, CN: tl.constexpr, F: tl.constexpr, FC: tl.constexpr,
                   BLOCK: tl.constexpr, BUCKETS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_FLAG: tl.constexpr,
-                  PRECISION: tl.constexpr, HOIST: tl.constexpr):
+                  PRECISION: tl.constexpr):
     """(BM, CN) logits of the query tiles on key tiles ``n`` and whether each pair competes."""
     n_ok = n < n_k
     kb = kb0 + n
@@ -121,7 +114,7 @@ def _chunk_logits(qp_ptr, qp_all, kp_ptr, kc_ptr, BIAS, FLAG, n, n_k, kb0, qb, l
     compete = m_ok[:, None] & may[None, :] & (kb[None, :] < limit[:, None])
     logit = tl.zeros([BM, CN], dtype=tl.float32)
     if HAS_GATE:
-        logit = _gate(qp_ptr, qp_all, kp_ptr, n, n_ok, m_ok, s_kn, BM, CN, F, FC, PRECISION, HOIST)
+        logit = _gate(qp_ptr, kp_ptr, n, n_ok, m_ok, s_kn, BM, CN, F, FC, PRECISION)
     logit += tl.load(kc_ptr + n, mask=n_ok, other=0.0)[None, :]
     dist = tl.maximum(qb[:, None] - kb[None, :], 1)
     bucket = tl.zeros([BM, CN], dtype=tl.int32)
@@ -176,7 +169,7 @@ def _learned_topk_kernel(
     KP_: tl.constexpr, KP_LOG: tl.constexpr, CN_LOG: tl.constexpr, MERGE: tl.constexpr,
     BLOCK: tl.constexpr,
     BUCKETS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_FLAG: tl.constexpr,
-    PRECISION: tl.constexpr, HOIST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -196,9 +189,6 @@ def _learned_topk_kernel(
     kc_ptr = KC + b.to(tl.int64) * s_cb + h.to(tl.int64) * s_ch
     cn = tl.arange(0, CN)
     kk = tl.arange(0, KP_)
-    qp_all = 0.0
-    if HOIST:  # the query tiles' features, loaded once
-        qp_all = tl.load(qp_ptr + tl.arange(0, F)[None, :], mask=m_ok[:, None], other=0.0)
     if MERGE:  # large budgets: KP_ (>= TOPK) sorted keys of (logit, tile), KP_ key tiles staged per merge
         best = desc_key(tl.full([BM, KP_], NONE, tl.float32), tl.full([BM, KP_], -1, tl.int32))
         empty = best
@@ -206,25 +196,25 @@ def _learned_topk_kernel(
             staged = empty
             for j in tl.static_range(KP_ // CN):
                 n = n00 + j * CN + cn
-                logit, compete = _chunk_logits(qp_ptr, qp_all, kp_ptr, kc_ptr, BIAS, FLAG, n, n_k, kb0, qb, limit,
-                                               m_ok, b, h, s_kn, s_bh, s_fb, kv_offset, kv_end, sink, shift, BM, CN, F,
-                                               FC, BLOCK, BUCKETS, HAS_GATE, HAS_FLAG, PRECISION, HOIST)
+                logit, compete = _chunk_logits(qp_ptr, kp_ptr, kc_ptr, BIAS, FLAG, n, n_k, kb0, qb, limit, m_ok, b, h,
+                                               s_kn, s_bh, s_fb, kv_offset, kv_end, sink, shift, BM, CN, F, FC, BLOCK,
+                                               BUCKETS, HAS_GATE, HAS_FLAG, PRECISION)
                 chunk = desc_key(tl.where(compete, logit, NONE), tl.broadcast_to(n[None, :], [BM, CN]))
                 staged = stage(staged, chunk, j, BM, KP_, CN)
             best = topk_merge(best, staged, BM, KP_, KP_LOG)
         out = tl.where((key_value(best) > NONE) & (kk[None, :] < TOPK), key_tile(best), -1)
     else:  # budgets within a chunk: a running top-k, unsorted (NONE = empty, FULL = a slot past TOPK), filled from
         # the first chunk by one sort, then insertions
-        logit, compete = _chunk_logits(qp_ptr, qp_all, kp_ptr, kc_ptr, BIAS, FLAG, cn, n_k, kb0, qb, limit, m_ok, b, h,
-                                       s_kn, s_bh, s_fb, kv_offset, kv_end, sink, shift, BM, CN, F, FC, BLOCK, BUCKETS,
-                                       HAS_GATE, HAS_FLAG, PRECISION, HOIST)
+        logit, compete = _chunk_logits(qp_ptr, kp_ptr, kc_ptr, BIAS, FLAG, cn, n_k, kb0, qb, limit, m_ok, b, h, s_kn,
+                                       s_bh, s_fb, kv_offset, kv_end, sink, shift, BM, CN, F, FC, BLOCK, BUCKETS,
+                                       HAS_GATE, HAS_FLAG, PRECISION)
         first = desc_key(tl.where(compete, logit, NONE), tl.broadcast_to(cn[None, :], [BM, CN]))
         best_v, best_i = fill_from_keys(first, FULL, BM, CN, CN_LOG, KP_, TOPK)
         for n0 in range(CN, n_hi, CN):
             n = n0 + cn
-            logit, compete = _chunk_logits(qp_ptr, qp_all, kp_ptr, kc_ptr, BIAS, FLAG, n, n_k, kb0, qb, limit, m_ok, b,
-                                           h, s_kn, s_bh, s_fb, kv_offset, kv_end, sink, shift, BM, CN, F, FC, BLOCK,
-                                           BUCKETS, HAS_GATE, HAS_FLAG, PRECISION, HOIST)
+            logit, compete = _chunk_logits(qp_ptr, kp_ptr, kc_ptr, BIAS, FLAG, n, n_k, kb0, qb, limit, m_ok, b, h, s_kn,
+                                           s_bh, s_fb, kv_offset, kv_end, sink, shift, BM, CN, F, FC, BLOCK, BUCKETS,
+                                           HAS_GATE, HAS_FLAG, PRECISION)
             best_v, best_i = _insert(best_v, best_i, tl.where(compete, logit, NONE), n0, cn, kk)
         out = _sorted(best_v, best_i, BM, KP_, TOPK)
     tiles = tl.where(out >= 0, kb0 + out, -1)
@@ -301,7 +291,6 @@ def learned_topk(
     window: int | None,
     topk: int,
     gate_precision: str | None = None,
-    hoist: bool | None = None,
 ) -> torch.Tensor:
     """(B, Hkv, n_q, topk) int32 absolute key tiles: per query tile the ``topk`` competing key tiles with the largest
     ``qp . kp + kc + bias[bucket]``, sorted (ties: lower tile first), -1 where fewer compete.
@@ -310,8 +299,7 @@ def learned_topk(
     query-independent score); ``kc`` (B, Hkv, n_k) float32; ``bias`` (Hkv, buckets) float32 per log2 tile distance;
     ``key_flag`` (B, n_k) int32, whether each key tile may compete (padding), or None: derived from positions.
     ``gate_precision``: the gate's dot products, ``tl.dot``'s ``input_precision`` (None: "tf32x3" where NVIDIA
-    tensor cores take tf32, sm_80 on, else "ieee"). ``hoist``: each program loads its query tiles' features once
-    (None: up to ``HOIST_MAX_FEATURES`` columns); neither changes the tiles.
+    tensor cores take tf32, sm_80 on, else "ieee").
     """
     batch, hkv, n_k = kc.shape
     out = torch.empty(batch, hkv, n_q, topk, dtype=torch.int32, device=kc.device)
@@ -344,7 +332,6 @@ def learned_topk(
         BLOCK=block,
         BUCKETS=bias.shape[1], HAS_GATE=has_gate,
         HAS_WINDOW=window is not None, HAS_FLAG=key_flag is not None, PRECISION=gate_precision,
-        HOIST=(feats <= HOIST_MAX_FEATURES) if hoist is None else hoist,
         num_stages=merge_stages(merge),
     )
     return out

@@ -140,12 +140,6 @@ def _length(seq: int, device: str, smoke: bool, bench, out_dir: str) -> dict:
             row[f"learned_pool_{name}_split{split}_ms"] = bench(
                 lambda x=x, s=stats, sp=split: ls.pool_tiles(x, 0, block, None, 0, key_stats=s, out_heads=kv_heads,
                                                              d_split=sp))
-    for hoist in (False, True):
-        call = lambda h=hoist: ls.learned_topk(  # noqa: E731
-            qp, kp, const.contiguous(), bias, None, n_q=n_q, block=block, q_offset=0, kv_offset=0, kv_len=seq,
-            sink=pattern.sink_tokens, window=pattern.window, topk=pattern.topk_blocks, hoist=h)
-        row[f"learned_topk_hoist{int(hoist)}_ms"] = bench(call)
-        row[f"learned_topk_hoist{int(hoist)}_same"] = bool(torch.equal(call(), call(False)))
     for precision in ("ieee", "tf32x3"):
         call = lambda pr=precision: ls.learned_topk(  # noqa: E731
             qp, kp, const.contiguous(), bias, None, n_q=n_q, block=block, q_offset=0, kv_offset=0, kv_len=seq,
