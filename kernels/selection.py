@@ -68,20 +68,15 @@ def _operand(x, F16: tl.constexpr):
 
 
 @triton.jit
-def _pool_kernel(
-    X, SEG, OUT,
-    s_xb, s_xh, s_xl, s_xd, s_sb, s_ob, s_oh, s_on,
-    length, shift, seg_start, H, D,
-    BLOCK: tl.constexpr, ROWS: tl.constexpr, D_PAD: tl.constexpr, IS_QUERY: tl.constexpr, HAS_SEG: tl.constexpr,
-    HALF_OUT: tl.constexpr,
-):
-    t = tl.program_id(0)
-    bh = tl.program_id(1)
+def _pool_tile(X, SEG, OUT, t, bh, s_xb, s_xh, s_xl, s_xd, s_sb, s_ob, s_oh, s_on, length, shift, seg_start, H, D,
+               BLOCK: tl.constexpr, ROWS: tl.constexpr, D_PAD: tl.constexpr, IS_QUERY: tl.constexpr,
+               HAS_SEG: tl.constexpr, HALF_OUT: tl.constexpr):
+    """The features of tile ``t`` of row ``bh`` (batch x head) of X: query ``[relu(mean), min(mean, 0)]``, key
+    ``[max, min]`` over the real rows, elementwise over the row steps and reduced over rows once at the end."""
     b = bh // H
     h = bh % H
     d = tl.arange(0, D_PAD)
     d_ok = d < D
-    # elementwise over the tile's row steps, reduced over rows once at the end
     total = tl.zeros([ROWS, D_PAD], dtype=tl.float32)
     hi = tl.full([ROWS, D_PAD], float("-inf"), tl.float32)
     lo = tl.full([ROWS, D_PAD], float("inf"), tl.float32)
@@ -107,6 +102,41 @@ def _pool_kernel(
     out = OUT + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh + t.to(tl.int64) * s_on
     tl.store(out + d, _operand(tl.where(d_ok, first, 0.0), HALF_OUT))
     tl.store(out + D_PAD + d, _operand(tl.where(d_ok, second, 0.0), HALF_OUT))
+
+
+@triton.jit
+def _pool_kernel(
+    X, SEG, OUT,
+    s_xb, s_xh, s_xl, s_xd, s_sb, s_ob, s_oh, s_on,
+    length, shift, seg_start, H, D,
+    BLOCK: tl.constexpr, ROWS: tl.constexpr, D_PAD: tl.constexpr, IS_QUERY: tl.constexpr, HAS_SEG: tl.constexpr,
+    HALF_OUT: tl.constexpr,
+):
+    _pool_tile(X, SEG, OUT, tl.program_id(0), tl.program_id(1), s_xb, s_xh, s_xl, s_xd, s_sb, s_ob, s_oh, s_on,
+               length, shift, seg_start, H, D, BLOCK, ROWS, D_PAD, IS_QUERY, HAS_SEG, HALF_OUT)
+
+
+@triton.jit
+def _pool_pair_kernel(
+    Q, QSEG, QOUT, K, KSEG, KOUT,
+    s_qb, s_qh, s_ql, s_qd, s_qsb, s_qob, s_qoh, s_qon,
+    s_kb, s_kh, s_kl, s_kd, s_ksb, s_kob, s_koh, s_kon,
+    q_len, q_shift, q_seg_start, n_q, HQ, k_len, k_shift, n_k, HK, q_rows, D,
+    BLOCK: tl.constexpr, ROWS: tl.constexpr, D_PAD: tl.constexpr, HAS_QSEG: tl.constexpr, HAS_KSEG: tl.constexpr,
+    HALF_OUT: tl.constexpr,
+):
+    """Query and key tiles' features in one launch (one launch less per call: host time): program rows
+    ``0 .. q_rows - 1`` pool the queries (batch x query heads), the others the keys."""
+    t = tl.program_id(0)
+    r = tl.program_id(1)
+    if r < q_rows:
+        if t < n_q:
+            _pool_tile(Q, QSEG, QOUT, t, r, s_qb, s_qh, s_ql, s_qd, s_qsb, s_qob, s_qoh, s_qon, q_len, q_shift,
+                       q_seg_start, HQ, D, BLOCK, ROWS, D_PAD, True, HAS_QSEG, HALF_OUT)
+    else:
+        if t < n_k:
+            _pool_tile(K, KSEG, KOUT, t, r - q_rows, s_kb, s_kh, s_kl, s_kd, s_ksb, s_kob, s_koh, s_kon, k_len,
+                       k_shift, 0, HK, D, BLOCK, ROWS, D_PAD, False, HAS_KSEG, HALF_OUT)
 
 
 @triton.jit
@@ -614,6 +644,31 @@ def pool_features(x: torch.Tensor, offset: int, block: int, seg: torch.Tensor | 
     return out
 
 
+def pool_feature_pair(q: torch.Tensor, q_offset: int, q_seg: torch.Tensor | None, q_seg_start: int, k: torch.Tensor,
+                      kv_offset: int, k_seg: torch.Tensor | None, block: int, dtype: torch.dtype = torch.float32
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`pool_features` of q (queries) and k (keys) in one launch: the same values."""
+    batch, hq, q_len, dim = q.shape
+    hk, k_len = k.shape[1], k.shape[2]
+    n_q = (q_offset % block + q_len + block - 1) // block
+    n_k = (kv_offset % block + k_len + block - 1) // block
+    d_pad = max(16, _next_pow2(dim))
+    qf = torch.empty(batch, hq, n_q, 2 * d_pad, device=q.device, dtype=dtype)
+    kf = torch.empty(batch, hk, n_k, 2 * d_pad, device=q.device, dtype=dtype)
+    if qf.numel() == 0 or kf.numel() == 0:
+        return qf, kf
+    qs = q_seg if q_seg is not None else qf
+    ks = k_seg if k_seg is not None else kf
+    _pool_pair_kernel[(max(n_q, n_k), batch * (hq + hk))](
+        q, qs, qf, k, ks, kf, *q.stride(), q_seg.stride(0) if q_seg is not None else 0, *qf.stride()[:3],
+        *k.stride(), k_seg.stride(0) if k_seg is not None else 0, *kf.stride()[:3],
+        q_len, q_offset % block, q_seg_start, n_q, hq, k_len, kv_offset % block, n_k, hk, batch * hq, dim,
+        BLOCK=block, ROWS=min(POOL_ROWS, block), D_PAD=d_pad, HAS_QSEG=q_seg is not None,
+        HAS_KSEG=k_seg is not None, HALF_OUT=dtype == torch.float16, num_warps=POOL_WARPS,
+    )
+    return qf, kf
+
+
 def mass_rows_per_program(n_q: int, group: int, programs_per_row: int, sms: int, topk: int = 1) -> int:
     """Rows per ``_select_kernel`` program for ``n_q`` query tiles, a KV group of ``group`` query heads and
     ``programs_per_row`` = batch x KV heads on ``sms`` SMs: the widest of ``MASS_ROWS`` whose grid still gives
@@ -717,13 +772,13 @@ def select_by_mass(
     if half is None:
         half = q.is_cuda
     fdt = torch.float16 if half else torch.float32
-    qf = pool_features(q, q_offset, block, q_seg, max(q_start, 0), True, fdt)
-    if key_features is None:
-        kf = pool_features(k, kv_offset, block, k_seg, 0, False, fdt)
-    elif key_features.dtype != torch.float32 or tuple(key_features.shape) != (batch, hkv, n_k, qf.shape[-1]):
-        raise ValueError(f"key_features must be float32 (batch={batch}, kv_heads={hkv}, key tiles={n_k}, "
-                         f"{qf.shape[-1]}), got {tuple(key_features.shape)} {key_features.dtype}")
+    if key_features is None:  # both sides in one launch
+        qf, kf = pool_feature_pair(q, q_offset, q_seg, max(q_start, 0), k, kv_offset, k_seg, block, fdt)
     else:
+        qf = pool_features(q, q_offset, block, q_seg, max(q_start, 0), True, fdt)
+        if key_features.dtype != torch.float32 or tuple(key_features.shape) != (batch, hkv, n_k, qf.shape[-1]):
+            raise ValueError(f"key_features must be float32 (batch={batch}, kv_heads={hkv}, key tiles={n_k}, "
+                             f"{qf.shape[-1]}), got {tuple(key_features.shape)} {key_features.dtype}")
         kf = key_features
     group = hq // hkv
     if n_q <= SHORT_QUERY_TILES and n_k >= SHORT_MIN_KEY_TILES:

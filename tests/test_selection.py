@@ -249,6 +249,23 @@ def test_triton_kernel_half_features_match_definition(case, interpret):
         _check_same_selection(got, _slow_mass_selection(q, k, pattern, q_offset, kv_offset, k_seg), tol=2e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_pooling_pair_equals_separate_launches(dtype, interpret):
+    """Query and key features pooled in one launch (``pool_feature_pair``, what ``select_by_mass`` runs) equal the
+    two separate launches: padding, a chunk of queries inside the keys, keys from an unaligned offset, head dim 80."""
+    from hf_sparsek.kernels.selection import pool_feature_pair, pool_features
+
+    gen = torch.Generator().manual_seed(11)
+    q, k = torch.randn(2, 6, 150, 80, generator=gen), torch.randn(2, 2, 260, 80, generator=gen)
+    seg = torch.zeros(2, 260, dtype=torch.int32)
+    seg[1, :70] = -1
+    for q_offset, kv_offset, q_seg, k_seg, start in ((110, 0, seg, seg, 110), (5, 0, None, None, 0),
+                                                     (200, 77, None, seg, 0)):
+        qf, kf = pool_feature_pair(q, q_offset, q_seg, start, k, kv_offset, k_seg, 64, dtype)
+        assert torch.equal(qf, pool_features(q, q_offset, 64, q_seg, start, True, dtype))
+        assert torch.equal(kf, pool_features(k, kv_offset, 64, k_seg, 0, False, dtype))
+
+
 def test_triton_kernel_half_features_saturate(interpret):
     """Features past float16's range saturate instead of becoming inf (which would make NaN scores): every query
     tile still gets its full budget of causal, competing tiles."""
