@@ -655,7 +655,7 @@ def pool_feature_pair(q: torch.Tensor, q_offset: int, q_seg: torch.Tensor | None
     d_pad = max(16, _next_pow2(dim))
     qf = torch.empty(batch, hq, n_q, 2 * d_pad, device=q.device, dtype=dtype)
     kf = torch.empty(batch, hk, n_k, 2 * d_pad, device=q.device, dtype=dtype)
-    if qf.numel() == 0 or kf.numel() == 0:
+    if qf.numel() == 0 and kf.numel() == 0:
         return qf, kf
     qs = q_seg if q_seg is not None else qf
     ks = k_seg if k_seg is not None else kf

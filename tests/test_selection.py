@@ -264,6 +264,8 @@ def test_triton_pooling_pair_equals_separate_launches(dtype, interpret):
         qf, kf = pool_feature_pair(q, q_offset, q_seg, start, k, kv_offset, k_seg, 64, dtype)
         assert torch.equal(qf, pool_features(q, q_offset, 64, q_seg, start, True, dtype))
         assert torch.equal(kf, pool_features(k, kv_offset, 64, k_seg, 0, False, dtype))
+    qf, kf = pool_feature_pair(q, 300, None, 0, k[:, :, :0], 256, None, 64, dtype)  # no keys: the queries still pool
+    assert kf.numel() == 0 and torch.equal(qf, pool_features(q, 300, 64, None, 0, True, dtype))
 
 
 def test_triton_kernel_half_features_saturate(interpret):
