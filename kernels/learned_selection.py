@@ -88,7 +88,8 @@ def _tile_pool_kernel(
 @triton.jit
 def _gate(qp_ptr, kp_ptr, n, n_ok, m_ok, s_kn, BM: tl.constexpr, CN: tl.constexpr, F: tl.constexpr,
           FC: tl.constexpr, PRECISION: tl.constexpr):
-    """(BM, CN) dot products of the query tiles' projected features with key tiles ``n``'s, in float32."""
+    """(BM, CN) dot products of the query tiles' projected features with key tiles ``n``'s (float32 inputs, products
+    at ``PRECISION``: tf32x3 keeps float32's accuracy on tensor cores)."""
     acc = tl.zeros([BM, CN], dtype=tl.float32)
     for f0 in tl.static_range(0, F, FC):
         f = f0 + tl.arange(0, FC)
@@ -166,8 +167,7 @@ def _learned_topk_kernel(
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_cb, s_ch, s_bh, s_fb, s_ob, s_oh, s_om,
     n_q, n_k, qb0, kb0, kv_offset, kv_end, sink, window, shift,
     HKV: tl.constexpr, BM: tl.constexpr, CN: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, TOPK: tl.constexpr,
-    KP_: tl.constexpr, KP_LOG: tl.constexpr, CN_LOG: tl.constexpr, MERGE: tl.constexpr,
-    BLOCK: tl.constexpr,
+    KP_: tl.constexpr, KP_LOG: tl.constexpr, CN_LOG: tl.constexpr, MERGE: tl.constexpr, BLOCK: tl.constexpr,
     BUCKETS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_FLAG: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -328,10 +328,9 @@ def learned_topk(
         n_q, n_k, q_offset // block, kv_offset // block, kv_offset, kv_offset + kv_len, sink, window or 0,
         kv_offset % block,
         HKV=hkv, BM=TOPK_ROWS, CN=KEY_CHUNK, F=feats, FC=min(FEATURE_CHUNK, feats), TOPK=topk,
-        KP_=slots, KP_LOG=slots.bit_length() - 1, CN_LOG=KEY_CHUNK.bit_length() - 1, MERGE=merge,
-        BLOCK=block,
-        BUCKETS=bias.shape[1], HAS_GATE=has_gate,
-        HAS_WINDOW=window is not None, HAS_FLAG=key_flag is not None, PRECISION=gate_precision,
+        KP_=slots, KP_LOG=slots.bit_length() - 1, CN_LOG=KEY_CHUNK.bit_length() - 1, MERGE=merge, BLOCK=block,
+        BUCKETS=bias.shape[1], HAS_GATE=has_gate, HAS_WINDOW=window is not None, HAS_FLAG=key_flag is not None,
+        PRECISION=gate_precision,
         num_stages=merge_stages(merge),
     )
     return out

@@ -385,8 +385,7 @@ def _select_kernel(
     HKV: tl.constexpr, GROUP: tl.constexpr, HG_P: tl.constexpr, BM: tl.constexpr, CN: tl.constexpr,
     F: tl.constexpr, FC: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, KP_LOG: tl.constexpr,
     CN_LOG: tl.constexpr, MERGE: tl.constexpr, BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_THRESHOLD: tl.constexpr,
-    HAS_TILE_INFO: tl.constexpr, HOIST: tl.constexpr, F16: tl.constexpr,
+    HAS_THRESHOLD: tl.constexpr, HAS_TILE_INFO: tl.constexpr, HOIST: tl.constexpr, F16: tl.constexpr,
 ):
     ROWS: tl.constexpr = BM * HG_P
     pid_m = tl.program_id(0)
@@ -798,8 +797,8 @@ def select_by_mass(
         threshold if threshold is not None else 0.0,
         HKV=hkv, GROUP=group, HG_P=hg_p, BM=bm, CN=cn, F=feats, FC=min(FEATURE_CHUNK, feats), TOPK=topk,
         KP=slots, KP_LOG=slots.bit_length() - 1, CN_LOG=cn.bit_length() - 1, MERGE=merge, BLOCK=block,
-        HAS_WINDOW=window is not None,
-        HAS_THRESHOLD=threshold is not None, HAS_TILE_INFO=has_info, HOIST=feats <= HOIST_MAX_FEATURES, F16=half,
+        HAS_WINDOW=window is not None, HAS_THRESHOLD=threshold is not None, HAS_TILE_INFO=has_info,
+        HOIST=feats <= HOIST_MAX_FEATURES, F16=half,
         num_warps=num_warps, num_stages=merge_stages(merge),
     )
     return out
