@@ -61,9 +61,11 @@ def load_rows(base, rows, ok, d, d_ok, s_l, s_d):
 
 @triton.jit
 def _operand(x, F16: tl.constexpr):
-    """A dot operand: float32 as loaded, or float16 (the same 10-bit mantissa as tf32, saturated at +-65504)."""
+    """A dot operand: float32 as loaded, or float16 (the same 10-bit mantissa as tf32, saturated at +-65504);
+    features already stored as float16 pass through (the dtype test is resolved at compile time)."""
     if F16:
-        x = tl.minimum(tl.maximum(x, -65504.0), 65504.0).to(tl.float16)
+        if x.dtype != tl.float16:
+            x = tl.minimum(tl.maximum(x, -65504.0), 65504.0).to(tl.float16)
     return x
 
 
