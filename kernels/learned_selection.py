@@ -320,7 +320,7 @@ def learned_topk(
         tf32 = kc.is_cuda and torch.version.hip is None and torch.cuda.get_device_capability(kc.device)[0] >= 8
         gate_precision = "tf32x3" if tf32 else "ieee"
     merge = uses_merge(topk, KEY_CHUNK)
-    slots = max(KEY_CHUNK, _next_pow2(topk)) if merge else max(2, _next_pow2(topk))  # the running top-k's width
+    slots = max(2, _next_pow2(topk))  # the running top-k's width (with merges a multiple of the chunk: uses_merge)
     _learned_topk_kernel[(triton.cdiv(n_q, TOPK_ROWS), batch * hkv)](
         qp, kp, kc, bias, flag, out,
         *qp.stride()[:3], *kp.stride()[:3], *kc.stride()[:2], bias.stride(0),

@@ -598,11 +598,6 @@ def _chunk_tiles(feats: int) -> int:
     return 16 if feats > 256 else 32
 
 
-def mass_slots(topk: int, feats: int) -> int:
-    """Kept slots of ``_select_kernel``'s running top-k: ``topk`` padded to a power of two, at least one chunk."""
-    return max(_chunk_tiles(feats), _next_pow2(topk))
-
-
 def uses_merge(topk: int, chunk: int) -> bool:
     """Whether a running top-k of ``topk`` over steps of ``chunk`` key tiles takes sorted merges (``topk_merge``)
     rather than insertions (``topk_insert``): merges where the budget outgrows one chunk. Insertion costs one serial
@@ -791,7 +786,7 @@ def select_by_mass(
     feats = qf.shape[-1]
     cn = _chunk_tiles(feats)
     merge = uses_merge(topk, cn)
-    slots = mass_slots(topk, feats) if merge else max(2, _next_pow2(topk))
+    slots = max(2, _next_pow2(topk))  # the running top-k's width (with merges a multiple of the chunk: uses_merge)
     _select_kernel[(triton.cdiv(n_q, bm), batch * hkv)](
         qf, kf, count, sink_flag, out, *qf.stride()[:3], *kf.stride()[:3], count.stride(0) if has_info else 0,
         *out.stride()[:3], n_q, n_k, q_offset // block, kv_offset // block, q_offset + q_len, kv_offset,
