@@ -7,8 +7,8 @@ near-ties aside):
   (B, Hkv, n, 3 D), or query tiles' sum over their real rows and the KV group's heads with the count of
   (row, head) pairs; read in the input's dtype, accumulated in float32 (no float copy of q or k);
 * ``_learned_topk_kernel``: one program per (batch, KV head, ``BM`` query tiles) streams the causal key tiles, scores
-  ``qp . kp + c + bias[bucket(distance)]`` (the scorer's projections come in: ``qp`` = scale * Wq qbar,
-  ``kp`` = Wk kfeat, ``c`` = u . kfeat), masks the tiles that do not compete and keeps a running top-k (insertions,
+  ``qp . kp + c + bias[bucket(distance)]`` (the scorer's factors come in: ``qp`` = qbar, ``kp`` = s Wq^T Wk kfeat,
+  ``c`` = u . kfeat), masks the tiles that do not compete and keeps a running top-k (insertions,
   or sorted merges for budgets above a chunk: ``kernels.selection.uses_merge``); the result is the ``topk`` best
   per query tile, sorted by logit (among equal logits the lower tile, as the definition's stable sort). Nothing of
   size (query tiles x key tiles) is written.
@@ -100,7 +100,8 @@ def _gate(qp_ptr, kp_ptr, n, n_ok, m_ok, s_kn, BM: tl.constexpr, CN: tl.constexp
 
 
 @triton.jit
-def _chunk_logits(qp_ptr, kp_ptr, kc_ptr, BIAS, FLAG, n, n_k, kb0, qb, limit, m_ok, b, h, s_kn, s_bh, s_fb, kv_offset,
+def _chunk_logits(qp_ptr, kp_ptr, kc_ptr, BIAS, FLAG, n, n_k, kb0, qb, limit, m_ok, b, h, s_kn, s_cn, s_bh, s_fb,
+                  kv_offset,
                   kv_end, sink, shift, BM: tl.constexpr, CN: tl.constexpr, F: tl.constexpr, FC: tl.constexpr,
                   BLOCK: tl.constexpr, BUCKETS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_FLAG: tl.constexpr,
                   PRECISION: tl.constexpr):
@@ -116,7 +117,7 @@ def _chunk_logits(qp_ptr, kp_ptr, kc_ptr, BIAS, FLAG, n, n_k, kb0, qb, limit, m_
     logit = tl.zeros([BM, CN], dtype=tl.float32)
     if HAS_GATE:
         logit = _gate(qp_ptr, kp_ptr, n, n_ok, m_ok, s_kn, BM, CN, F, FC, PRECISION)
-    logit += tl.load(kc_ptr + n, mask=n_ok, other=0.0)[None, :]
+    logit += tl.load(kc_ptr + n.to(tl.int64) * s_cn, mask=n_ok, other=0.0)[None, :]
     dist = tl.maximum(qb[:, None] - kb[None, :], 1)
     bucket = tl.zeros([BM, CN], dtype=tl.int32)
     for i in tl.static_range(1, BUCKETS):
@@ -164,7 +165,7 @@ def _sorted(best_v, best_i, BM: tl.constexpr, KP: tl.constexpr, TOPK: tl.constex
 @triton.jit
 def _learned_topk_kernel(
     QP, KP, KC, BIAS, FLAG, OUT,
-    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_cb, s_ch, s_bh, s_fb, s_ob, s_oh, s_om,
+    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_cb, s_ch, s_cn, s_bh, s_fb, s_ob, s_oh, s_om,
     n_q, n_k, qb0, kb0, kv_offset, kv_end, sink, window, shift,
     HKV: tl.constexpr, BM: tl.constexpr, CN: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, TOPK: tl.constexpr,
     KP_: tl.constexpr, KP_LOG: tl.constexpr, CN_LOG: tl.constexpr, MERGE: tl.constexpr, BLOCK: tl.constexpr,
@@ -197,8 +198,8 @@ def _learned_topk_kernel(
             for j in tl.static_range(KP_ // CN):
                 n = n00 + j * CN + cn
                 logit, compete = _chunk_logits(qp_ptr, kp_ptr, kc_ptr, BIAS, FLAG, n, n_k, kb0, qb, limit, m_ok, b, h,
-                                               s_kn, s_bh, s_fb, kv_offset, kv_end, sink, shift, BM, CN, F, FC, BLOCK,
-                                               BUCKETS, HAS_GATE, HAS_FLAG, PRECISION)
+                                               s_kn, s_cn, s_bh, s_fb, kv_offset, kv_end, sink, shift, BM, CN, F, FC,
+                                               BLOCK, BUCKETS, HAS_GATE, HAS_FLAG, PRECISION)
                 chunk = desc_key(tl.where(compete, logit, NONE), tl.broadcast_to(n[None, :], [BM, CN]))
                 staged = stage(staged, chunk, j, BM, KP_, CN)
             best = topk_merge(best, staged, BM, KP_, KP_LOG)
@@ -206,15 +207,15 @@ def _learned_topk_kernel(
     else:  # budgets within a chunk: a running top-k, unsorted (NONE = empty, FULL = a slot past TOPK), filled from
         # the first chunk by one sort, then insertions
         logit, compete = _chunk_logits(qp_ptr, kp_ptr, kc_ptr, BIAS, FLAG, cn, n_k, kb0, qb, limit, m_ok, b, h, s_kn,
-                                       s_bh, s_fb, kv_offset, kv_end, sink, shift, BM, CN, F, FC, BLOCK, BUCKETS,
+                                       s_cn, s_bh, s_fb, kv_offset, kv_end, sink, shift, BM, CN, F, FC, BLOCK, BUCKETS,
                                        HAS_GATE, HAS_FLAG, PRECISION)
         first = desc_key(tl.where(compete, logit, NONE), tl.broadcast_to(cn[None, :], [BM, CN]))
         best_v, best_i = fill_from_keys(first, FULL, BM, CN, CN_LOG, KP_, TOPK)
         for n0 in range(CN, n_hi, CN):
             n = n0 + cn
             logit, compete = _chunk_logits(qp_ptr, kp_ptr, kc_ptr, BIAS, FLAG, n, n_k, kb0, qb, limit, m_ok, b, h, s_kn,
-                                           s_bh, s_fb, kv_offset, kv_end, sink, shift, BM, CN, F, FC, BLOCK, BUCKETS,
-                                           HAS_GATE, HAS_FLAG, PRECISION)
+                                           s_cn, s_bh, s_fb, kv_offset, kv_end, sink, shift, BM, CN, F, FC, BLOCK,
+                                           BUCKETS, HAS_GATE, HAS_FLAG, PRECISION)
             best_v, best_i = _insert(best_v, best_i, tl.where(compete, logit, NONE), n0, cn, kk)
         out = _sorted(best_v, best_i, BM, KP_, TOPK)
     tiles = tl.where(out >= 0, kb0 + out, -1)
@@ -295,9 +296,10 @@ def learned_topk(
     """(B, Hkv, n_q, topk) int32 absolute key tiles: per query tile the ``topk`` competing key tiles with the largest
     ``qp . kp + kc + bias[bucket]``, sorted (ties: lower tile first), -1 where fewer compete.
 
-    ``qp`` (B, Hkv, n_q, F) / ``kp`` (B, Hkv, n_k, F) float32 projected features (both None: no gate, the
-    query-independent score); ``kc`` (B, Hkv, n_k) float32; ``bias`` (Hkv, buckets) float32 per log2 tile distance;
-    ``key_flag`` (B, n_k) int32, whether each key tile may compete (padding), or None: derived from positions.
+    ``qp`` (B, Hkv, n_q, F) / ``kp`` (B, Hkv, n_k, F) float32 features, unit stride along F (both None: no gate,
+    the query-independent score); ``kc`` (B, Hkv, n_k) float32, any strides; ``bias`` (Hkv, buckets) float32 per log2
+    tile distance; ``key_flag`` (B, n_k) int32, whether each key tile may compete (padding), or None: derived from
+    positions.
     ``gate_precision``: the gate's dot products, ``tl.dot``'s ``input_precision`` (None: "tf32x3" where NVIDIA
     tensor cores take tf32, sm_80 on, else "ieee").
     """
@@ -311,6 +313,8 @@ def learned_topk(
         if kp is None or kp.shape[-1] != feats or feats != gate_width(feats):
             raise ValueError(f"qp and kp need the same feature width, padded to gate_width(), got {tuple(qp.shape)} "
                              f"and {None if kp is None else tuple(kp.shape)}")
+        if qp.stride(-1) != 1 or kp.stride(-1) != 1:
+            raise ValueError("qp and kp need unit stride along their features (any other strides are taken)")
     else:
         qp = kp = kc
         feats = 16
@@ -323,7 +327,7 @@ def learned_topk(
     slots = max(2, _next_pow2(topk))  # the running top-k's width (with merges a multiple of the chunk: uses_merge)
     _learned_topk_kernel[(triton.cdiv(n_q, TOPK_ROWS), batch * hkv)](
         qp, kp, kc, bias, flag, out,
-        *qp.stride()[:3], *kp.stride()[:3], *kc.stride()[:2], bias.stride(0),
+        *qp.stride()[:3], *kp.stride()[:3], *kc.stride(), bias.stride(0),
         flag.stride(0) if key_flag is not None else 0, *out.stride()[:3],
         n_q, n_k, q_offset // block, kv_offset // block, kv_offset, kv_offset + kv_len, sink, window or 0,
         kv_offset % block,

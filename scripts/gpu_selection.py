@@ -243,7 +243,8 @@ def _learned_cost(q, k, v, pattern: SparsePattern, bench, baseline=None) -> dict
 
         ours = current.learned_topk
         tiles = select()
-        current.learned_topk = baseline.learned_selection.learned_topk
+        base = baseline.learned_selection.learned_topk  # takes its key constants contiguous
+        current.learned_topk = lambda qp, kp, kc, *a, **kw: base(qp, kp, kc.contiguous(), *a, **kw)
         try:
             row["baseline_learned_selection_ms"] = bench(select)
             row["baseline_learned_same_tile_sets"] = _same_sets(select(), tiles)

@@ -274,6 +274,42 @@ def test_triton_pooling_split_over_the_head_dim(dim, interpret):
         pool_tiles(x, 0, BLOCK, None, 0, key_stats=True, out_heads=8, d_split=16)
 
 
+@pytest.mark.parametrize("mode", ["query", "key"])
+def test_kernel_inputs_equal_the_scorer_and_follow_its_parameters(mode):
+    """The fused kernel's factors (the gate folded onto the keys: qbar . (s Wq^T Wk kfeat) + u . kfeat) give the
+    scorer's logits without the bias, at a padded gate width (head dim 80 -> 128), and the cached folded weights
+    follow every change of the parameters: an in-place step, ``load_state_dict``."""
+    from hf_sparsek.kernels.learned_selection import gate_width
+
+    gen = torch.Generator().manual_seed(21)
+    dim, width = 80, gate_width(80)
+    scorer = _perturbed(LearnedSelector([0], 2, dim, BLOCK, mode), seed=6).scorer(0)
+    q_feat = torch.randn(2, 2, 5, dim, generator=gen)
+    k_feat = torch.randn(2, 2, 7, 3 * dim, generator=gen)
+    qb, kb = torch.arange(5) + 3, torch.arange(7)
+
+    def check():
+        with torch.no_grad():
+            qp, kp, const = scorer.kernel_inputs(q_feat, k_feat, width)
+            want = scorer(q_feat, k_feat, qb, kb) - scorer.bias[:, distance_buckets(qb, kb)].unsqueeze(0)
+        got = const.unsqueeze(2).expand_as(want)
+        if mode == "query":
+            assert qp.shape[-1] == kp.shape[-1] == width and qp.stride(-1) == kp.stride(-1) == 1
+            got = got + qp @ kp.transpose(-1, -2)
+        else:
+            assert qp is None and kp is None
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+    check()
+    with torch.no_grad():
+        for p in scorer.parameters():
+            p.mul_(-0.5)  # an optimizer's in-place step
+    check()
+    other = _perturbed(LearnedSelector([0], 2, dim, BLOCK, mode), seed=8).scorer(0)
+    scorer.load_state_dict(other.state_dict())
+    check()
+
+
 def test_bad_backend_is_refused():
     selector = LearnedSelector([0], 1, 8, BLOCK)
     q, k = torch.randn(1, 1, 70, 8), torch.randn(1, 1, 70, 8)

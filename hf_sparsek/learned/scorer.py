@@ -25,6 +25,7 @@ from .config import MODES
 from .features import KEY_FEATURES
 
 DISTANCE_BUCKETS = 16
+CONST_COLUMNS = 16  # the folded key weights' columns past the gate: u . kfeat, then zeros (16-float aligned rows)
 
 
 def distance_buckets(qb: torch.Tensor, kb: torch.Tensor, buckets: int = DISTANCE_BUCKETS) -> torch.Tensor:
@@ -53,18 +54,46 @@ class LayerScorer(nn.Module):
             self.wk = nn.Parameter(wk)
             self.log_scale = nn.Parameter(torch.full((kv_heads,), -0.5 * math.log(head_dim)))
 
-    def projections(self, q_feat: torch.Tensor, k_feat: torch.Tensor
-                    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-        """The per-tile factors of :meth:`forward`'s logits without the distance bias: ``s_h Wq qbar``
-        (B, Hkv, n_q, D), ``Wk kfeat`` (B, Hkv, n_k, D) (both None in mode "key") and ``u . kfeat`` (B, Hkv, n_k),
-        so that logit(m, n) = qp[m] . kp[n] + c[n] + bias (the fused kernel's inputs)."""
+    def kernel_inputs(self, q_feat: torch.Tensor, k_feat: torch.Tensor, width: int
+                      ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        """The fused kernel's factors of :meth:`forward`'s logits without the distance bias: ``qp`` (B, Hkv, n_q,
+        width), ``kp`` (B, Hkv, n_k, width) (both None in mode "key") and ``c`` (B, Hkv, n_k), float32, so that
+        logit(m, n) = qp[m] . kp[n] + c[n] + bias.
+
+        The gate is folded onto the keys: s (Wq qbar) . (Wk kfeat) = qbar . (A kfeat) with A = s Wq^T Wk, so ``qp``
+        is qbar itself (zero-padded to ``width``) and ``kp`` and ``c`` come out of one matmul of the key features
+        with :meth:`folded_key_weights` (one launch instead of five; the same function of the parameters, float32
+        rounding aside). ``kp`` and ``c`` are views of that product (row stride ``width + CONST_COLUMNS``)."""
         k_feat = k_feat.float()
-        const = (k_feat @ self.u.unsqueeze(-1)).squeeze(-1)  # batched matmuls: one launch each, little host work
         if self.mode != "query":
-            return None, None, const
-        qp = q_feat.float() @ (self.wq * self.log_scale.exp().view(-1, 1, 1)).transpose(-1, -2)
-        kp = k_feat @ self.wk.transpose(-1, -2)
-        return qp, kp, const
+            return None, None, (k_feat @ self.u.detach().unsqueeze(-1)).squeeze(-1)
+        both = k_feat @ self.folded_key_weights(width, k_feat.device)
+        qp = q_feat.float()
+        if width != qp.shape[-1]:
+            qp = torch.nn.functional.pad(qp, (0, width - qp.shape[-1]))
+        return qp.contiguous(), both[..., :width], both[..., width]
+
+    def folded_key_weights(self, width: int, device: torch.device) -> torch.Tensor:
+        """(Hkv, 3 D, width + CONST_COLUMNS) float32 ``W`` with kfeat @ W = [A kfeat, zeros to ``width``, u . kfeat,
+        zeros], A = s Wq^T Wk (computed in float64). Cached until a parameter changes (their version counters: an
+        optimizer step or ``load_state_dict`` bumps them) or the device does."""
+        params = (self.wq, self.wk, self.u, self.log_scale)
+        key = (width, str(device), tuple(p._version for p in params), tuple(p.data_ptr() for p in params))
+        cached = self.__dict__.get("_folded")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        dim = self.head_dim
+        if width < dim:
+            raise ValueError(f"the gate's width {width} is below the head dim {dim}")
+        with torch.no_grad():
+            a = self.wq.double().transpose(-1, -2) @ self.wk.double() * self.log_scale.double().exp().view(-1, 1, 1)
+            w = torch.zeros(self.kv_heads, KEY_FEATURES * dim, width + CONST_COLUMNS, dtype=torch.float64,
+                            device=self.wq.device)
+            w[:, :, :dim] = a.transpose(-1, -2)
+            w[:, :, width] = self.u.double()
+            w = w.float().to(device)
+        self.__dict__["_folded"] = (key, w)
+        return w
 
     def forward(self, q_feat: torch.Tensor, k_feat: torch.Tensor, qb: torch.Tensor, kb: torch.Tensor) -> torch.Tensor:
         """q_feat (B, Hkv, n_q, D), k_feat (B, Hkv, n_k, 3 D), qb (n_q,) / kb (n_k,) absolute tile numbers."""

@@ -144,21 +144,17 @@ class LearnedSelector(nn.Module):
 def _fused_tiles(scorer: LayerScorer, q_feat: torch.Tensor, k_feat: torch.Tensor, n_q: int, block: int,
                  q_offset: int, kv_offset: int, kv_len: int, sink_tokens: int, window: int | None, topk: int,
                  valid: torch.Tensor | None) -> torch.Tensor:
-    """The scorer's hard top-k through the fused kernel: its projections in PyTorch (per tile: small), then the
-    logits, the competition and the top-k in one launch, nothing of size (query tiles x key tiles) written."""
+    """The scorer's hard top-k through the fused kernel: its key-side factors in PyTorch (one matmul per call:
+    ``LayerScorer.kernel_inputs``), then the logits, the competition and the top-k in one launch, nothing of size
+    (query tiles x key tiles) written."""
     from ..kernels.learned_selection import gate_width, learned_topk
 
-    qp, kp, const = scorer.projections(q_feat, k_feat)
-    if qp is not None:
-        pad = gate_width(qp.shape[-1]) - qp.shape[-1]
-        if pad:
-            qp, kp = torch.nn.functional.pad(qp, (0, pad)), torch.nn.functional.pad(kp, (0, pad))
-        qp, kp = qp.contiguous(), kp.contiguous()
+    qp, kp, const = scorer.kernel_inputs(q_feat, k_feat, gate_width(q_feat.shape[-1]))
     flag = None
     if valid is not None:
         flag = key_tiles_that_compete(kv_offset, kv_len, block, sink_tokens, valid, const.shape[0], const.device)
         flag = flag.to(torch.int32)
-    tiles = learned_topk(qp, kp, const.contiguous(), scorer.bias.detach().float(), flag, n_q=n_q, block=block,
+    tiles = learned_topk(qp, kp, const, scorer.bias.detach().float(), flag, n_q=n_q, block=block,
                          q_offset=q_offset, kv_offset=kv_offset, kv_len=kv_len, sink=sink_tokens, window=window,
                          topk=topk)
     return tiles[..., : min(topk, const.shape[-1])]

@@ -129,9 +129,9 @@ def _length(seq: int, device: str, smoke: bool, bench, out_dir: str) -> dict:
     sums, counts = ls.pool_tiles(q, 0, block, None, 0, key_stats=False, out_heads=kv_heads)
     q_feat = lagged_query_features(sums, counts[:, :1, :, None], None)
     with torch.no_grad():
-        row["learned_projections_ms"] = bench(lambda: scorer.projections(q_feat, k_feat))
-        qp, kp, const = scorer.projections(q_feat, k_feat)
-    qp, kp = qp.contiguous(), kp.contiguous()
+        width = ls.gate_width(q_feat.shape[-1])
+        row["learned_projections_ms"] = bench(lambda: scorer.kernel_inputs(q_feat, k_feat, width))
+        qp, kp, const = scorer.kernel_inputs(q_feat, k_feat, width)
     n_q = q_feat.shape[2]
     bias = scorer.bias.detach().float().contiguous()
     ref = None
@@ -142,7 +142,7 @@ def _length(seq: int, device: str, smoke: bool, bench, out_dir: str) -> dict:
                                                              d_split=sp))
     for precision in ("ieee", "tf32x3"):
         call = lambda pr=precision: ls.learned_topk(  # noqa: E731
-            qp, kp, const.contiguous(), bias, None, n_q=n_q, block=block, q_offset=0, kv_offset=0, kv_len=seq,
+            qp, kp, const, bias, None, n_q=n_q, block=block, q_offset=0, kv_offset=0, kv_len=seq,
             sink=pattern.sink_tokens, window=pattern.window, topk=pattern.topk_blocks, gate_precision=pr)
         try:
             row[f"learned_topk_{precision}_ms"] = bench(call)
