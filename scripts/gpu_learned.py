@@ -203,7 +203,8 @@ def main() -> int:
     ap.add_argument("--eval-windows", type=int, default=2, help="held-out windows for the recall measurement")
     ap.add_argument("--ppl-tokens", type=int, default=131072, help="held-out tokens scored per pattern")
     ap.add_argument("--modes", default="query",
-                    help="scorer modes to distil and compare: query, key or query,key ('' for none: no distillation)")
+                    help="scorer modes to distil and compare: query, key, query:own (the query tile's own rows, "
+                    "not the previous tile's), comma-separated ('' for none: no distillation)")
     ap.add_argument("--calibrate", type=int, default=0, metavar="WINDOWS",
                     help="per budget, also calibrate per-layer top-k (hf_sparsek.eval.calibrate, mass selector) on "
                          "this many training windows and measure the calibrated pattern (0: no calibration)")
@@ -260,9 +261,12 @@ def main() -> int:
     tables: list[str] = []
     finals: dict[str, str] = {}
     for mode in modes:  # one distillation per scorer mode (query-aware gate, query-independent score)
-        config = DistillConfig(model=folder, output_dir=os.path.join(workdir, f"run_{mode}"), pattern=pattern,
+        scorer_mode, _, query_rows = mode.partition(":")  # "query:own": the query tile's own rows
+        tag_mode = mode.replace(":", "_")
+        config = DistillConfig(model=folder, output_dir=os.path.join(workdir, f"run_{tag_mode}"), pattern=pattern,
                                train_data=token_file, heldout_docs=heldout, seq_len=seq_len,
-                               train_windows=train_windows, eval_windows=args.eval_windows, steps=steps, mode=mode,
+                               train_windows=train_windows, eval_windows=args.eval_windows, steps=steps,
+                               mode=scorer_mode, query_rows=query_rows or "previous",
                                dtype="fp32" if on_cpu else "bf16", cpu=on_cpu,
                                save_every=max(steps // 2, 1), compare_library=mode == modes[0], bos_token_id=bos)
         t1 = time.perf_counter()
@@ -273,7 +277,7 @@ def main() -> int:
         for name in ("metrics.json", "distill_log.jsonl", "sparsek_scorer.safetensors"):
             src = os.path.join(config.output_dir, name)
             if os.path.isfile(src):
-                with open(src, "rb") as a, open(os.path.join(args.out, f"{mode}_{name}"), "wb") as b:
+                with open(src, "rb") as a, open(os.path.join(args.out, f"{tag_mode}_{name}"), "wb") as b:
                     b.write(a.read())
         tables += [f"## Held-out recall, scorer mode {mode} (attention mass covered, same budget)",
                    "\n".join(f"- {k}: {v:.4f} (density {metrics['heldout']['density'].get(k, float('nan')):.3f})"

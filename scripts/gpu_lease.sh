@@ -8,7 +8,7 @@
 #   1     .carry/sm1 .carry/minference    stage SmolLM2 part 1 + gguf (where carried); gpu_selection     2 min
 #         (.carry/baseline)               (with MInference's block_sparse_flash_attention.py and an earlier
 #                                         kernels package as kernels_baseline where carried; not in git)
-#   2     .carry/sm2 .carry/learned       gpu_learned SmolLM2 8K (probe, refine, oracle, learned,    5 min
+#   2     .carry/sm2 .carry/learned       gpu_learned SmolLM2 8K (probe, refine, oracle, learned     6 min
 #                                         passkey)
 #   3     .carry/g1                       stage Gemma part 1; gpu_decode (SKIP_DECODE=1: not)          3 min
 #   4     .carry/g2                       stage Gemma part 2                                         -
@@ -54,7 +54,8 @@ case "$step" in
     ;;
   2)
     PYTHONPATH="/tmp/site:$PWD" python3 -m scripts.gpu_learned --gguf-parts /tmp/hfs/part_aa .carry/sm2/part_ab \
-      --tokens .carry/learned/tokens.pt.xz --train-windows 16 --steps 200 --ppl-tokens 65536 --out "$out/learned"
+      --tokens .carry/learned/tokens.pt.xz --train-windows 16 --steps 200 --ppl-tokens 65536 --modes query,query:own \
+      --out "$out/learned"
     ;;
   3 | 4 | 5)
     part=$((step - 2))

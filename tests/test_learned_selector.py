@@ -74,7 +74,7 @@ def _reference_tiles(selector, layer, q, k, topk, sink, window, q_offset, kv_off
                 return torch.cat([x.mean(0), x.amax(0), x.amin(0)])
 
             for m, qb in enumerate(qb_list):
-                qf = qmean(qb if m == 0 else qb - 1)
+                qf = qmean(qb if m == 0 or selector.query_rows == "own" else qb - 1)
                 # tiles the window keeps whole for the tile's last row do not compete; its edge tile does
                 limit = qb if window is None else min(qb, math.floor((qb * BLOCK + BLOCK - 1 - window) / BLOCK) + 1)
                 scored = []
@@ -370,6 +370,78 @@ def test_store_incremental_equals_scratch():
     torch.testing.assert_close(store.key_features, key_tile_features(k_all[:, :, :128], valid[:, :128], 0, BLOCK))
 
 
+OWN_CASES = [  # (case from CASES or FUSED_CASES, backend, whether the previous tile's rows choose other tiles there)
+    (CASES[0], "torch", True), (CASES[2], "torch", False), (CASES[4], "torch", True), (CASES[5], "torch", False),
+    (FUSED_CASES[0], "triton", True), (FUSED_CASES[2], "triton", False), (FUSED_CASES[4], "triton", False),
+    (FUSED_CASES[6], "triton", True),
+]
+
+
+@pytest.mark.parametrize("case,backend,differs", OWN_CASES, ids=[f"{c[0]}-{b}" for c, b, _ in OWN_CASES])
+def test_own_query_rows_equal_slow_reference(case, backend, differs, request):
+    """``query_rows="own"``: each query tile's feature is the mean of its own rows in the call (both backends, the
+    definition's loops): chunks at unaligned offsets, padding, group 3, MQA without a window, decode."""
+    if backend == "triton":
+        request.getfixturevalue("interpret")
+        _, batch, hq, hkv, q_len, kv_len, q_offset, kv_offset, padded, sink, window, topk, mode = case
+    else:
+        _, batch, hq, hkv, q_len, kv_len, q_offset, padded, sink, window, topk, mode = case
+        kv_offset = 0
+    gen = torch.Generator().manual_seed(len(case[0]) + 3)
+    dim = 8
+    q = torch.randn(batch, hq, q_len, dim, generator=gen)
+    k = torch.randn(batch, hkv, kv_len, dim, generator=gen)
+    k[..., 0] += torch.linspace(-2, 2, kv_len)
+    valid = None
+    if padded:
+        valid = torch.ones(batch, kv_len, dtype=torch.bool)
+        valid[1, :75] = False
+    selector = _perturbed(LearnedSelector([0], hkv, dim, BLOCK, mode.split("-")[0], query_rows="own"), seed=9)
+    fast = selector.select(0, q, k, topk, sink, window, q_offset, kv_offset, valid, use_store=False, backend=backend)
+    with torch.no_grad():
+        slow = _reference_tiles(selector, 0, q, k, topk, sink, window, q_offset, kv_offset, valid)
+        lagged = LearnedSelector([0], hkv, dim, BLOCK, mode.split("-")[0])
+        lagged.load_state_dict(selector.state_dict())
+        previous = lagged.select(0, q, k, topk, sink, window, q_offset, kv_offset, valid, use_store=False,
+                                 backend=backend)
+    assert torch.equal(fast, slow)
+    assert (fast >= 0).any()
+    assert torch.equal(fast, previous) != differs  # the option is not ignored (where the rows matter)
+
+
+def test_own_query_rows_decode_reads_the_tile_so_far():
+    """With the store, a decode step under ``query_rows="own"`` pools every row of its tile up to itself (rows of
+    earlier calls included): its tiles equal those a call over exactly those rows gives its last tile, and the
+    option survives saving and loading; a file without it loads as ``previous``."""
+    gen = torch.Generator().manual_seed(15)
+    batch, hq, hkv, dim, total = 2, 4, 2, 8, 230
+    q_all = torch.randn(batch, hq, total, dim, generator=gen)
+    k_all = torch.randn(batch, hkv, total, dim, generator=gen)
+    valid = torch.ones(batch, total, dtype=torch.bool)
+    valid[0, :9] = False
+    selector = _perturbed(LearnedSelector([0], hkv, dim, BLOCK, query_rows="own"), seed=2)
+    args = dict(topk=2, sink_tokens=4, window=64, kv_offset=0)
+    selector.select(0, q_all[:, :, :150], k_all[:, :, :150], q_offset=0, valid=valid[:, :150], **args)
+    for end in range(151, total + 1):
+        tiles = selector.select(0, q_all[:, :, end - 1:end], k_all[:, :, :end], q_offset=end - 1,
+                                valid=valid[:, :end], **args)
+        start = (end - 1) // BLOCK * BLOCK
+        so_far = selector.select(0, q_all[:, :, start:end], k_all[:, :, :end], q_offset=start,
+                                 valid=valid[:, :end], use_store=False, **args)
+        assert torch.equal(tiles[:, :, -1], so_far[:, :, -1]), end
+    assert selector.stores[0].recomputed == 0
+
+
+def test_query_rows_saved_and_checked(tmp_path):
+    selector = _perturbed(LearnedSelector([0, 2], 2, 8, 64, query_rows="own"))
+    save_selector(selector, tmp_path)
+    assert load_selector(tmp_path).query_rows == "own"
+    with pytest.raises(ValueError, match="query_rows"):
+        LearnedSelector([0], 2, 8, 64, query_rows="next")
+    with pytest.raises(ValueError, match="query_rows"):
+        DistillConfig(model="x", output_dir="y", query_rows="both")
+
+
 def test_store_on_the_device_equals_scratch(interpret):
     """The Triton store (reuse decided on the device, no host read) keeps what recomputing from the keys gives,
     through prefill, decode steps across tile boundaries, a cache swapped for other keys of the same shape (the
@@ -557,6 +629,32 @@ def test_distil_save_reload_and_missing_scorer(tmp_path):
     broken = AutoModelForCausalLM.from_pretrained(bare, attn_implementation="sparsek")
     with pytest.raises(ValueError, match="no learned scorer was found"):
         broken(ids)
+
+
+def test_distil_own_query_rows_reloads_and_generates(tmp_path):
+    """``hf-sparsek distill --query-rows own``: the scorer trains on each tile's own rows, is saved with the option,
+    and the reloaded model selects as the trained one and generates with its cache."""
+    model = _tiny(3, sharpen=4.0)
+    model.save_pretrained(tmp_path / "base")
+    gen = torch.Generator().manual_seed(7)
+    docs = [torch.randint(3, 48, (450,), generator=gen).tolist() for _ in range(3)]
+    (tmp_path / "docs.json").write_text(json.dumps(docs))
+    result = distill(DistillConfig(model=str(tmp_path / "base"), output_dir=str(tmp_path / "run"),
+                                   train_data=str(tmp_path / "docs.json"), heldout_docs=1, seq_len=448,
+                                   train_windows=2, eval_windows=1, steps=20, lr=2e-2, cpu=True,
+                                   compare_library=False, query_rows="own", pattern={**PATTERN, "window": 128}))
+    losses = result.metrics["losses"]
+    assert sum(losses[-5:]) < sum(losses[:5])
+    final = tmp_path / "run" / "final"
+    assert load_selector(final).query_rows == "own"
+    reloaded = AutoModelForCausalLM.from_pretrained(final, attn_implementation="sparsek").eval()
+    trained = result.model
+    trained.set_attn_implementation("sparsek")
+    hf_sparsek.set_pattern(trained, reloaded.config.sparsek)
+    ids = torch.tensor([docs[-1][:400]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, trained(ids).logits, rtol=0, atol=0)
+    assert reloaded.generate(ids[:, :255], max_new_tokens=3, do_sample=False).shape == (1, 258)
 
 
 def test_distil_from_a_given_scorer(tmp_path):

@@ -46,6 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=positive_float, default=d["lr"])
     p.add_argument("--mode", choices=("query", "key"), default=d["mode"],
                    help="query: query-aware gate (default); key: query-independent score of pooled keys")
+    p.add_argument("--query-rows", choices=("previous", "own"), default=d["query_rows"],
+                   help="rows a query tile's feature pools: previous (the tile before it; every cut of a sequence "
+                   "into calls selects alike; default) or own (its own rows so far: retrieval rows can point at "
+                   "their far tile)")
     p.add_argument("--coverage-weight", type=non_negative_float, default=d["coverage_weight"],
                    help="weight of the soft SPARSEK coverage term beside the KL")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=d["dtype"],

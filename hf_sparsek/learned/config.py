@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 
 MODES = ("query", "key")  # the scorer's modes (hf_sparsek.learned.scorer)
+QUERY_ROWS = ("previous", "own")  # which rows a query tile's feature pools (hf_sparsek.learned.selector)
 DTYPES = ("fp32", "bf16", "fp16")
 DEFAULT_PATTERN = {"block_size": 64, "sink_tokens": 64, "window": 256, "topk_blocks": 4}
 
@@ -37,6 +38,9 @@ class DistillConfig:
     lr: float = 3e-3
     mode: str = "query"
     """``query`` (query-aware gate) or ``key`` (query-independent score of pooled keys)."""
+    query_rows: str = "previous"
+    """The rows a query tile's feature pools: ``previous`` (the tile before it: every way of cutting a sequence into
+    calls selects the same tiles) or ``own`` (the tile's own rows so far: retrieval rows point at their far tile)."""
     query_tile_stride: int = 1
     """Record the targets of every N-th query tile only (their exact softmax is a CPU run's main cost)."""
     compare_library: bool = True
@@ -77,6 +81,8 @@ class DistillConfig:
             raise ValueError(f"DistillConfig.coverage_weight={self.coverage_weight!r}: expected a number >= 0")
         if self.mode not in MODES:
             raise ValueError(f"DistillConfig.mode={self.mode!r}: expected one of {MODES}")
+        if self.query_rows not in QUERY_ROWS:
+            raise ValueError(f"DistillConfig.query_rows={self.query_rows!r}: expected one of {QUERY_ROWS}")
         bos = self.bos_token_id
         if bos is not None and (isinstance(bos, bool) or not isinstance(bos, int) or bos < 0):
             raise ValueError(f"DistillConfig.bos_token_id={bos!r}: expected null or a token id >= 0")

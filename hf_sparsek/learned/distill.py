@@ -35,7 +35,13 @@ from typing import Any
 import torch
 
 from .config import DEFAULT_PATTERN, DistillConfig
-from .features import competing_tiles, key_tile_features, lagged_query_features, query_tile_sums
+from .features import (
+    competing_tiles,
+    key_tile_features,
+    lagged_query_features,
+    own_query_features,
+    query_tile_sums,
+)
 from .io import SCORER_FILE, attach_selector, load_selector, save_selector, uses_learned_selector
 from .scorer import hard_topk_tiles
 from .selector import LearnedSelector
@@ -56,7 +62,7 @@ class LayerRecord:
     """What one layer of one window gives the distillation (tensors on the model's device, float32)."""
 
     qb: torch.Tensor  # (n,) the query tiles recorded (all, or every ``stride``-th)
-    q_feat: torch.Tensor  # (B, Hkv, n, D) lagged pooled queries of those tiles
+    q_feat: torch.Tensor  # (B, Hkv, n, D) pooled queries of those tiles (the previous tile's or their own rows)
     k_feat: torch.Tensor  # (B, Hkv, n_k, 3 D)
     mass: torch.Tensor  # (B, Hkv, n, n_k) true attention mass the static part leaves in each tile (the gain)
     competing: torch.Tensor  # (B, 1, n, n_k)
@@ -120,7 +126,8 @@ def _capture_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
                                         batch, query.device)
             record = LayerRecord(
                 qb=qb,
-                q_feat=lagged_query_features(sums, counts, None)[:, :, qb],
+                q_feat=(lagged_query_features(sums, counts, None) if _capture["query_rows"] == "previous"
+                        else own_query_features(sums, counts))[:, :, qb],
                 k_feat=key_tile_features(key, None, 0, block),
                 mass=block_mass_rows(query, key, block, kwargs.get("scaling"), qb,
                                      sink_tokens=pattern.sink_tokens, window=pattern.window),
@@ -143,17 +150,19 @@ def register_capture() -> None:
 
 @torch.no_grad()
 def capture_layers(model: Any, ids: torch.Tensor, patterns: dict[int, Any], keep_qk: bool = False,
-                   stride: int = 1, step: int = 0) -> dict[int, LayerRecord]:
+                   stride: int = 1, step: int = 0, query_rows: str = "previous") -> dict[int, LayerRecord]:
     """{layer: LayerRecord} of one dense forward of ``ids``; the model's attention implementation is restored.
 
     ``stride`` > 1 records the targets of every stride-th query tile only (the exact softmax of those rows: the
-    cost of a CPU run), starting at an offset that varies with the layer and ``step``.
+    cost of a CPU run), starting at an offset that varies with the layer and ``step``. ``query_rows``: the rows
+    each query tile's feature pools (``LearnedSelector``'s option of that name).
     """
     global _capture
     register_capture()
     previous = model.config._attn_implementation
     model.set_attn_implementation(CAPTURE_NAME)
-    _capture = {"patterns": patterns, "records": {}, "keep_qk": keep_qk, "stride": stride, "step": step}
+    _capture = {"patterns": patterns, "records": {}, "keep_qk": keep_qk, "stride": stride, "step": step,
+                "query_rows": query_rows}
     body = getattr(model, getattr(model, "base_model_prefix", ""), None)
     try:
         (body if isinstance(body, torch.nn.Module) else model)(input_ids=ids, use_cache=False)  # no LM head
@@ -348,7 +357,7 @@ def _start_from(selector: LearnedSelector, path: str) -> None:
     start = load_selector(path)
     if start.meta() != selector.meta():
         raise ValueError(f"--init-scorer {path!r} was made for {start.meta()}, this run's scorer is "
-                         f"{selector.meta()}: give the same pattern (layers, block_size) and --mode")
+                         f"{selector.meta()}: give the same pattern (layers, block_size), --mode and --query-rows")
     selector.load_state_dict(start.state_dict())
 
 
@@ -389,8 +398,8 @@ def distill(config: DistillConfig) -> DistillResult:
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / CHECKPOINT_DIR
-    selector = LearnedSelector.for_model(model, block, config.mode, sorted(patterns)).to(device)
-    initial = LearnedSelector.for_model(model, block, config.mode, sorted(patterns)).to(device)
+    selector = LearnedSelector.for_model(model, block, config.mode, sorted(patterns), config.query_rows).to(device)
+    initial = LearnedSelector.for_model(model, block, config.mode, sorted(patterns), config.query_rows).to(device)
     if config.init_scorer is not None:
         _start_from(selector, config.init_scorer)
     optimizer = torch.optim.AdamW(selector.parameters(), lr=config.lr, weight_decay=0.0)
@@ -405,7 +414,7 @@ def distill(config: DistillConfig) -> DistillResult:
 
     t0 = time.time()
     records = [capture_layers(model, torch.tensor([w], device=device), patterns, stride=config.query_tile_stride,
-                              step=i)
+                              step=i, query_rows=config.query_rows)
                for i, w in enumerate(tqdm(train_windows, desc="dense passes (targets)", file=sys.stderr))]
     capture_seconds = time.time() - t0
     metrics: dict[str, Any] = {
@@ -442,7 +451,8 @@ def distill(config: DistillConfig) -> DistillResult:
 
     if eval_windows:
         t2 = time.time()
-        held = [capture_layers(model, torch.tensor([w], device=device), patterns, keep_qk=True)
+        held = [capture_layers(model, torch.tensor([w], device=device), patterns, keep_qk=True,
+                               query_rows=config.query_rows)
                 for w in tqdm(eval_windows, desc="held-out recall", file=sys.stderr)]
         library = ("mass", "meanpool") if config.compare_library else ()
         metrics["heldout"] = heldout_recall(selector, initial, held, patterns, library)

@@ -86,6 +86,15 @@ def query_tile_sums(q: torch.Tensor, valid: torch.Tensor | None, offset: int, bl
     return (qp * ok).sum(3), ok.sum(3).float() * (hq // kv_heads)
 
 
+def own_query_features(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Query features of each tile of a call from its own rows (selector option ``query_rows="own"``): the mean of
+    the tile's rows so far (B, Hkv, n, D). ``sums``/``counts`` as for :func:`lagged_query_features`: a decode step's
+    tile includes the rows of earlier calls where the store knows them, so a step reads every row of its tile up to
+    itself; a prefill's tile reads all its rows, later ones included (so cutting a sequence into calls differently
+    can change a selection, as with the training-free selectors)."""
+    return sums / counts.clamp(min=1)
+
+
 def lagged_query_features(sums: torch.Tensor, counts: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
     """Query features of each tile of a call: the mean of the tile before it (B, Hkv, n, D).
 

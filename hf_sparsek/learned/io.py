@@ -83,7 +83,7 @@ def load_selector(path: str | os.PathLike, device: torch.device | str | None = N
         shape = json.loads(meta["selector"])
         tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
     selector = LearnedSelector(shape["layers"], shape["kv_heads"], shape["head_dim"], shape["block_size"],
-                               shape["mode"], shape["buckets"])
+                               shape["mode"], shape["buckets"], shape.get("query_rows", "previous"))
     selector.load_state_dict(tensors)
     if device is not None:
         selector.to(device)

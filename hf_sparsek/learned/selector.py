@@ -7,11 +7,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import QUERY_ROWS
 from .features import (
     competing_tiles,
     key_tile_features,
     key_tiles_that_compete,
     lagged_query_features,
+    own_query_features,
     query_tile_sums,
     tile_count,
 )
@@ -44,11 +46,14 @@ class LearnedSelector(nn.Module):
     """
 
     def __init__(self, layers: list[int], kv_heads: int, head_dim: int, block_size: int, mode: str = "query",
-                 buckets: int = DISTANCE_BUCKETS) -> None:
+                 buckets: int = DISTANCE_BUCKETS, query_rows: str = "previous") -> None:
         super().__init__()
         if not layers:
             raise ValueError("a LearnedSelector needs at least one layer")
+        if query_rows not in QUERY_ROWS:
+            raise ValueError(f"query_rows must be one of {QUERY_ROWS}, got {query_rows!r}")
         self.block_size, self.mode, self.kv_heads, self.head_dim = block_size, mode, kv_heads, head_dim
+        self.query_rows = query_rows
         self.scorers = nn.ModuleDict({str(i): LayerScorer(kv_heads, head_dim, mode, buckets) for i in layers})
         self.stores: dict[int, LayerStore] = {}
 
@@ -60,16 +65,17 @@ class LearnedSelector(nn.Module):
         """What rebuilding this selector needs (saved beside its weights)."""
         any_scorer = next(iter(self.scorers.values()))
         return {"layers": self.layers, "kv_heads": self.kv_heads, "head_dim": self.head_dim,
-                "block_size": self.block_size, "mode": self.mode, "buckets": any_scorer.buckets}
+                "block_size": self.block_size, "mode": self.mode, "buckets": any_scorer.buckets,
+                "query_rows": self.query_rows}
 
     @classmethod
-    def for_model(cls, model: Any, block_size: int, mode: str = "query", layers: list[int] | None = None
-                  ) -> LearnedSelector:
+    def for_model(cls, model: Any, block_size: int, mode: str = "query", layers: list[int] | None = None,
+                  query_rows: str = "previous") -> LearnedSelector:
         """A fresh (training-free-equivalent) selector for every layer of ``model`` (or ``layers``)."""
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         kv_heads, head_dim = attention_shape(config)
         layers = list(range(config.num_hidden_layers)) if layers is None else list(layers)
-        return cls(layers, kv_heads, head_dim, block_size, mode)
+        return cls(layers, kv_heads, head_dim, block_size, mode, query_rows=query_rows)
 
     def scorer(self, layer_idx: int | None) -> LayerScorer:
         key = str(0 if layer_idx is None else layer_idx)
@@ -121,7 +127,8 @@ class LearnedSelector(nn.Module):
                 k_feat = key_tile_features(k, valid, kv_offset, block, use_triton)
                 sums, counts = query_tile_sums(q, q_valid, q_offset, block, kv_heads, use_triton)
                 previous = None
-            q_feat = lagged_query_features(sums, counts, previous)
+            q_feat = (lagged_query_features(sums, counts, previous) if self.query_rows == "previous"
+                      else own_query_features(sums, counts))
             n_q, n_k = tile_count(q_offset, q_len, block), tile_count(kv_offset, kv_len, block)
             if k_feat.shape[2] < n_k:  # tiles not yet complete never compete: zero features
                 k_feat = torch.nn.functional.pad(k_feat, (0, 0, 0, n_k - k_feat.shape[2]))
