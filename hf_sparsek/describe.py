@@ -25,7 +25,7 @@ def pattern_density(pattern: SparsePattern, seq_len: int) -> float:
         static = pattern.replace(topk_blocks=None)
         extra = pattern.topk_blocks * pattern.block_size * seq_len
         return min(1.0, pattern_density(static, seq_len) + extra / causal_pairs(seq_len, seq_len, 0, 0))
-    index = build_block_index(pattern, batch=1, kv_heads=1 + max(pattern.dense_heads, default=-1),
+    index = build_block_index(pattern, batch=1, kv_heads=max(1, 1 + max(pattern.dense_heads, default=-1)),
                               q_len=seq_len, kv_len=seq_len)
     heads = index.full_count.shape[1]
     pairs = sum(attended_pairs(index, 0, h) for h in range(heads)) / heads

@@ -111,7 +111,8 @@ class SparsePattern:
     probe_stride: int | None = None
 
     def __post_init__(self) -> None:
-        if self.block_size not in SUPPORTED_BLOCK_SIZES:
+        if (isinstance(self.block_size, bool) or not isinstance(self.block_size, int)
+                or self.block_size not in SUPPORTED_BLOCK_SIZES):
             _fail("block_size", self.block_size, f"one of {SUPPORTED_BLOCK_SIZES}")
         _check_int("sink_tokens", self.sink_tokens, 0)
         _check_int("window", self.window, 1, allow_none=True)

@@ -135,7 +135,7 @@ def interpret():
     """TRITON_INTERPRET=1 for the learned selector's kernels (CPU)."""
     from conftest import triton_interpreter
 
-    with triton_interpreter("learned_selection"):
+    with triton_interpreter("selection", "learned_selection"):  # the learned kernels call selection's helpers
         yield
 
 
@@ -308,6 +308,24 @@ def test_kernel_inputs_equal_the_scorer_and_follow_its_parameters(mode):
     other = _perturbed(LearnedSelector([0], 2, dim, BLOCK, mode), seed=8).scorer(0)
     scorer.load_state_dict(other.state_dict())
     check()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_selector_made_under_inference_mode(backend, interpret):
+    """A scorer loaded inside ``torch.inference_mode`` (a model's first call there loads it lazily) has inference
+    tensors without version counters: the fused path still runs (its folded weights are not cached then) and
+    chooses the PyTorch path's tiles, also after its parameters change in place."""
+    gen = torch.Generator().manual_seed(23)
+    q = torch.randn(1, 4, 300, 16, generator=gen)
+    k = torch.randn(1, 2, 300, 16, generator=gen)
+    args = dict(topk=2, sink_tokens=4, window=64, q_offset=0, kv_offset=0, valid=None, use_store=False)
+    with torch.inference_mode():
+        selector = _perturbed(LearnedSelector([0], 2, 16, BLOCK), seed=4)
+        assert selector.scorer(0).wq.is_inference()
+        for _ in range(2):
+            got = selector.select(0, q, k, backend=backend, **args)
+            assert torch.equal(got, selector.select(0, q, k, backend="torch", **args))
+            _perturbed(selector, seed=5)
 
 
 def test_bad_backend_is_refused():
@@ -542,7 +560,8 @@ def test_generate_across_tiles_equals_uncached_forward(backend, prompt, new, win
     attach_selector(model, selector)
     ids = torch.randint(3, 48, (1, prompt), generator=torch.Generator().manual_seed(8))
     kwargs = {"cache_implementation": "static"} if cache == "static" else {}
-    with triton_interpreter("learned_selection", "selection_store") if backend == "triton" else nullcontext():
+    modules = ("selection", "learned_selection", "selection_store")
+    with triton_interpreter(*modules) if backend == "triton" else nullcontext():
         out = model.generate(input_ids=ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                              output_logits=True, return_dict_in_generate=True, pad_token_id=0, **kwargs)
         with torch.no_grad():

@@ -93,6 +93,18 @@ def test_dense_pattern_and_describe():
     assert not SparsePattern(topk_blocks=4).is_dense
 
 
+def test_random_layout_density_and_float_block_size():
+    """``pattern_density`` of a random layout without dense heads (the ``random10`` preset) is a number in (0, 1),
+    not a ZeroDivisionError; a float block size is refused when the pattern is made, naming the field."""
+    from hf_sparsek.describe import pattern_density
+
+    density = pattern_density(as_model_sparsity(PRESETS["random10"]).default, 4096)
+    assert 0.0 < density < 1.0
+    for bad in (64.0, True, "64"):
+        with pytest.raises(ValueError, match="block_size"):
+            SparsePattern(block_size=bad, window=32)
+
+
 def test_as_model_sparsity_accepts_forms(tmp_path):
     pattern = SparsePattern(window=512)
     assert as_model_sparsity(pattern).default == pattern

@@ -76,12 +76,20 @@ class LayerScorer(nn.Module):
     def folded_key_weights(self, width: int, device: torch.device) -> torch.Tensor:
         """(Hkv, 3 D, width + CONST_COLUMNS) float32 ``W`` with kfeat @ W = [A kfeat, zeros to ``width``, u . kfeat,
         zeros], A = s Wq^T Wk (computed in float64). Cached until a parameter changes (their version counters: an
-        optimizer step or ``load_state_dict`` bumps them) or the device does."""
+        optimizer step or ``load_state_dict`` bumps them) or the device does; parameters made under
+        ``torch.inference_mode`` have no version counter, so nothing could tell a change: computed on every call."""
         params = (self.wq, self.wk, self.u, self.log_scale)
+        if any(p.is_inference() for p in params):
+            return self._fold(width, device)
         key = (width, str(device), tuple(p._version for p in params), tuple(p.data_ptr() for p in params))
         cached = self.__dict__.get("_folded")
         if cached is not None and cached[0] == key:
             return cached[1]
+        w = self._fold(width, device)
+        self.__dict__["_folded"] = (key, w)
+        return w
+
+    def _fold(self, width: int, device: torch.device) -> torch.Tensor:
         dim = self.head_dim
         if width < dim:
             raise ValueError(f"the gate's width {width} is below the head dim {dim}")
@@ -91,9 +99,7 @@ class LayerScorer(nn.Module):
                             device=self.wq.device)
             w[:, :, :dim] = a.transpose(-1, -2)
             w[:, :, width] = self.u.double()
-            w = w.float().to(device)
-        self.__dict__["_folded"] = (key, w)
-        return w
+            return w.float().to(device)
 
     def forward(self, q_feat: torch.Tensor, k_feat: torch.Tensor, qb: torch.Tensor, kb: torch.Tensor) -> torch.Tensor:
         """q_feat (B, Hkv, n_q, D), k_feat (B, Hkv, n_k, 3 D), qb (n_q,) / kb (n_k,) absolute tile numbers."""
