@@ -68,3 +68,35 @@ def test_quantized_cache_equals_sdpa():
         seq_sparse, logits_sparse = _generate(model, ids, mask, **fp8)
     assert torch.equal(seq_sparse, seq_sdpa)
     torch.testing.assert_close(logits_sparse, logits_sdpa, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("selector", ["meanpool", "mass", "probe", "refine", "oracle"])
+def test_static_cache_selects_as_the_dynamic_cache(selector):
+    """A static cache hands the op keys past the call's last query (unwritten zero slots); selection must not see
+    them: the op's output equals the one on the written keys alone, and generate() with
+    ``cache_implementation="static"`` gives the dynamic cache's logits (top-k selectors, a partial last tile)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hf_sparsek import SparsePattern
+
+    torch.manual_seed(0)
+    pattern = SparsePattern(block_size=64, sink_tokens=64, window=64, topk_blocks=1, selector=selector)
+    q = torch.randn(1, 4, 200, 16) + 1
+    k = torch.randn(1, 2, 200, 16) + 1
+    v = torch.randn(1, 2, 200, 16)
+    kz = torch.cat([k, torch.zeros(1, 2, 20, 16)], 2)
+    vz = torch.cat([v, torch.zeros(1, 2, 20, 16)], 2)
+    torch.testing.assert_close(hf_sparsek.sparse_attention(q, kz, vz, pattern, q_offset=0),
+                               hf_sparsek.sparse_attention(q, k, v, pattern, q_offset=0), rtol=0, atol=0)
+    config = AutoConfig.for_model("llama", hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                  intermediate_size=128, num_hidden_layers=2, vocab_size=128)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sparsek").eval()
+    hf_sparsek.set_pattern(model, pattern)
+    ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(200))
+    args = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+                attention_mask=torch.ones_like(ids))
+    dynamic = model.generate(ids, **args)
+    static = model.generate(ids, cache_implementation="static", **args)
+    assert torch.equal(dynamic.sequences, static.sequences)
+    for a, b in zip(dynamic.logits, static.logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

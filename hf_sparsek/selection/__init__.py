@@ -46,6 +46,12 @@ def select_tiles(
     selector = pattern.resolved_selector
     if selector is None:
         raise ValueError("select_tiles needs a pattern with topk_blocks set (the budget a selector fills)")
+    # keys at or after the call's last query no query can attend (a static cache's unwritten slots): they must not
+    # enter the features, or a static cache would choose other tiles than a dynamic one holding only written keys
+    end = q_offset + q.shape[2] - kv_offset
+    if 0 < end < k.shape[2]:
+        k = k[:, :, :end]
+        k_seg = None if k_seg is None else k_seg[:, :end]
     if selector == "meanpool":
         return select_meanpool(q, k, pattern, q_offset, kv_offset, k_seg)
     if selector == "mass":
