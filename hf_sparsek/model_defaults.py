@@ -121,6 +121,8 @@ def model_sparsity(config: Any) -> ModelSparsity:
     preset-qualified name replaces a different stored pattern (it is the explicit request) and says so once in the
     log.
     """
+    if not hasattr(config, "model_type") and hasattr(getattr(config, "config", None), "model_type"):
+        config = config.config  # a model was given: its config holds the choice
     key = _config_key(config)
     _write_choice(config, *key)
     return _resolve(*key[1:])

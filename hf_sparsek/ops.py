@@ -17,6 +17,7 @@ Mask picture of ``SparsePattern(sink_tokens=2, window=3)`` on 8 tokens (rows are
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections import OrderedDict
@@ -346,6 +347,24 @@ def _index_for_call(
     return index
 
 
+def _pattern_from(value: object) -> SparsePattern:
+    """A SparsePattern from an object of its fields, a JSON object or a preset name (ValueError otherwise)."""
+    from .presets import PRESETS
+
+    if isinstance(value, str):
+        if value in PRESETS:
+            return PRESETS[value]
+        if value.lstrip().startswith("{"):
+            value = json.loads(value)
+        else:
+            raise ValueError(f"pattern {value!r} is not a preset ({sorted(PRESETS)}) nor a JSON object of "
+                             "SparsePattern fields")
+    if isinstance(value, dict):
+        return SparsePattern.from_dict(value)
+    raise ValueError(f"pattern must be a SparsePattern, an object of its fields or a preset name, got "
+                     f"{type(value).__name__}")
+
+
 def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -408,6 +427,8 @@ def sparse_attention(
     _check_layout(q.shape[0], q.shape[2], k.shape[2], attention_mask, segment_ids, query_segment_ids)
     if index is None and pattern is None:
         pattern = SparsePattern()
+    if pattern is not None and not isinstance(pattern, SparsePattern):
+        pattern = _pattern_from(pattern)
     if index is not None and selected_tiles is not None:
         raise ValueError("pass either a prebuilt index or selected_tiles, not both (the index already holds tiles)")
     if torch.compiler.is_compiling() and selection_state is not None:

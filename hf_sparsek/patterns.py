@@ -71,6 +71,8 @@ class BlockLayout:
                 _fail("layout.offset", self.offset, f"an integer in [0, stride={self.stride})")
             if self.density is not None:
                 _fail("layout.density", self.density, "only for kind 'random'")
+            if self.seed != 0:
+                _fail("layout.seed", self.seed, "only for kind 'random' (a strided layout has no randomness)")
         else:
             if isinstance(self.density, bool) or not isinstance(self.density, (int, float)):
                 _fail("layout.density", self.density, "a number in (0, 1]")
@@ -124,6 +126,8 @@ class SparsePattern:
             object.__setattr__(self, "layout", BlockLayout.from_dict(self.layout))
         if self.layout is not None and not isinstance(self.layout, BlockLayout):
             _fail("layout", self.layout, "null or a BlockLayout / layout object")
+        if not isinstance(self.dense_heads, (list, tuple)):
+            _fail("dense_heads", self.dense_heads, "a list of KV head indices")
         heads = tuple(self.dense_heads)
         for h in heads:
             _check_int("dense_heads", h, 0)
@@ -258,6 +262,9 @@ def _without_orphan_selection(changes: dict[str, Any]) -> dict[str, Any]:
 
 
 def _parse_layer_key(key: Any) -> int:
+    """A layer index from an int or its decimal string (JSON object keys); floats and bools are refused."""
+    if isinstance(key, bool) or not isinstance(key, (int, str)):
+        _fail("layer_overrides", key, "keys must be layer indices (integers)")
     try:
         layer = int(key)
     except (TypeError, ValueError):
@@ -285,6 +292,8 @@ class ModelSparsity:
             object.__setattr__(self, "default", SparsePattern.from_dict(self.default))
         if not isinstance(self.default, SparsePattern):
             _fail("default", self.default, "a SparsePattern or an object of its fields")
+        if not isinstance(self.dense_layers, (list, tuple)):
+            _fail("dense_layers", self.dense_layers, "a list of layer indices")
         dense = tuple(self.dense_layers)
         for layer in dense:
             _check_int("dense_layers", layer, 0)

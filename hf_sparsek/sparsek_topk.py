@@ -38,15 +38,18 @@ def _check(scores: torch.Tensor, k: int) -> int:
 
 
 @torch.no_grad()
-def sparsek_threshold(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """tau per row of ``scores`` (..., n) such that sum(clip(scores - tau, 0, 1)) = min(k, n); shape (...)."""
-    k = _check(scores, k)
+def sparsek_threshold(scores: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
+    """tau per row of ``scores`` (..., n) such that sum(clip(scores - tau, 0, 1)) = min(k, n); shape (...).
+
+    ``k``: an int, or a tensor of per-row budgets broadcastable to (..., 1). Finite scores (``sparsek_topk`` handles
+    infinities before it calls this)."""
+    if not isinstance(k, torch.Tensor):
+        k = _check(scores, k)
     n = scores.shape[-1]
     u = scores.double()
-    if n == 0 or k == 0:
-        return u.amax(-1) if n else u.sum(-1)  # tau >= max(u): every entry 0 (an empty row has no threshold to set)
-    if k >= n:
-        return u.amin(-1) - 1.0  # tau <= min(u) - 1: every entry 1
+    if n == 0:
+        return u.sum(-1)  # an empty row has no threshold to set
+    budget = torch.as_tensor(k, dtype=torch.float64, device=u.device).expand(*u.shape[:-1], 1).clamp(0, n)
     ordered = u.sort(-1, descending=True).values  # (..., n)
     prefix = torch.nn.functional.pad(ordered.cumsum(-1), (1, 0))  # prefix[j] = sum of the j largest
     kinks = torch.cat([ordered - 1.0, ordered], -1).sort(-1).values  # candidate taus, ascending (..., 2n)
@@ -59,30 +62,52 @@ def sparsek_threshold(scores: torch.Tensor, k: int) -> torch.Tensor:
     live = ranks(kinks)  # entries above 0
     total = ones + prefix.gather(-1, live) - prefix.gather(-1, ones) - (live - ones) * kinks  # sum(m) at each kink
     # The first kink (ascending tau) where the sum falls to k or below ends the piece that reaches k.
-    j = (total <= k).to(torch.int8).argmax(-1, keepdim=True)
+    j = (total <= budget).to(torch.int8).argmax(-1, keepdim=True)
     lo = kinks.gather(-1, (j - 1).clamp(min=0))
     hi = kinks.gather(-1, j)
     f_lo, f_hi = total.gather(-1, (j - 1).clamp(min=0)), total.gather(-1, j)
     slope = (f_lo - f_hi) / (hi - lo).clamp(min=torch.finfo(torch.float64).tiny)
-    tau = torch.where((j > 0) & (f_lo > f_hi), lo + (f_lo - k) / slope, hi)
+    tau = torch.where((j > 0) & (f_lo > f_hi), lo + (f_lo - budget) / slope, hi)
+    tau = torch.where(budget >= n, ordered[..., -1:] - 1.0, tau)  # every entry 1
+    tau = torch.where(budget <= 0, ordered[..., :1], tau)  # every entry 0
     return tau.squeeze(-1)
+
+
+def _soft_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The projection (float64), with infinite scores taken as limits: a -inf entry is never kept (a masked
+    candidate: a row of them gives zeros), +inf entries are kept whole ahead of every finite one (k / their count
+    each when there are more of them than k), and the finite entries share what budget is left."""
+    u = scores.double()
+    pos, neg = u == float("inf"), u == float("-inf")
+    if not (pos.any() or neg.any()):
+        return (u - sparsek_threshold(u, k).unsqueeze(-1)).clamp(0.0, 1.0)
+    finite = ~(pos | neg)
+    n_pos = pos.sum(-1, keepdim=True).double()
+    low = torch.where(finite, u, float("inf")).amin(-1, keepdim=True)
+    low = torch.where(torch.isfinite(low), low, 0.0)
+    # the others sit 2 below every finite entry: never above a threshold that keeps at most the finite entries
+    stand_in = torch.where(finite, u, low - 2.0)
+    left = (k - n_pos).clamp(min=0).minimum(finite.sum(-1, keepdim=True).double())
+    soft = (stand_in - sparsek_threshold(stand_in, left).unsqueeze(-1)).clamp(0.0, 1.0)
+    soft = torch.where(finite, soft, 0.0)
+    return torch.where(pos, (k / n_pos.clamp(min=1)).clamp(max=1.0), soft)
 
 
 class _SparseK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scores: torch.Tensor, k: int, hard: bool) -> torch.Tensor:
-        tau = sparsek_threshold(scores, k).unsqueeze(-1)
-        soft = (scores.double() - tau).clamp(0.0, 1.0)
-        inside = (soft > 0) & (soft < 1)
+        soft = _soft_mask(scores, k)
+        inside = (soft > 0) & (soft < 1) & torch.isfinite(scores)
         ctx.save_for_backward(inside)
         if not hard:
             return soft.to(scores.dtype)
         keep = min(k, scores.shape[-1])
         mask = torch.zeros_like(scores)
         if keep:
-            # stable descending sort: among equal scores the lower index wins
+            # stable descending sort: among equal scores the lower index wins; -inf (masked) entries are never kept
             top = scores.sort(dim=-1, descending=True, stable=True).indices[..., :keep]
             mask.scatter_(-1, top, 1.0)
+            mask = mask.masked_fill(scores == float("-inf"), 0.0)
         return mask
 
     @staticmethod
@@ -97,10 +122,15 @@ class _SparseK(torch.autograd.Function):
 def sparsek_topk(scores: torch.Tensor, k: int, dim: int = -1, hard: bool = False) -> torch.Tensor:
     """SPARSEK mask of ``scores`` along ``dim``: values in [0, 1] summing to min(k, n) (soft), or the k-hot mask of
     the k largest scores with the soft mask's gradients (``hard=True``). Same shape and dtype as ``scores``; any
-    leading shape. Differentiable with respect to ``scores``."""
+    leading shape. Differentiable with respect to ``scores``.
+
+    ``-inf`` marks an entry that may not be kept (the sum is then min(k, finite entries); a row of them gives
+    zeros); ``+inf`` entries are kept first (each k / their count where more than k); NaN is refused."""
     k = _check(scores, k)
     if scores.dim() == 0:
         raise ValueError("scores must have at least one dimension")
+    if torch.isnan(scores).any():
+        raise ValueError("scores hold NaN: SPARSEK needs ordered scores (mask candidates with -inf)")
     moved = scores.movedim(dim, -1)
     out = _SparseK.apply(moved, k, bool(hard))
     return out.movedim(-1, dim)

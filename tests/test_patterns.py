@@ -197,3 +197,49 @@ def test_probe_stride_is_written_only_where_set_and_follows_its_selector():
     sparsity = ModelSparsity(default=probe, layer_overrides={2: {"probe_stride": 2}, 3: {"selector": "oracle"}})
     assert sparsity.for_layer(2).probe_stride == 2 and sparsity.for_layer(3).probe_stride is None
     assert ModelSparsity.from_json(sparsity.to_json()) == sparsity
+
+
+def test_field_types_are_checked_by_name():
+    """Wrong container types and layer keys get a ValueError naming the field, never a bare TypeError or a silent
+    conversion; a strided layout refuses a seed it would ignore."""
+    for bad in (3, None, "0"):
+        with pytest.raises(ValueError, match="dense_heads"):
+            SparsePattern(window=64, dense_heads=bad)
+    with pytest.raises(ValueError, match="dense_layers"):
+        ModelSparsity(default=SparsePattern(window=64), dense_layers=5)
+    for key in (1.5, True):
+        with pytest.raises(ValueError, match="layer_overrides"):
+            ModelSparsity(default=SparsePattern(window=64), layer_overrides={key: {"window": 32}})
+    assert ModelSparsity(layer_overrides={"2": {"window": 32}}).for_layer(2).window == 32  # JSON keys
+    with pytest.raises(ValueError, match="seed"):
+        BlockLayout("strided", stride=2, seed=5)
+
+
+def test_sparse_attention_takes_a_preset_name_or_fields():
+    import torch
+
+    import hf_sparsek
+
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 150, 16, generator=gen) for _ in range(3))
+    want = hf_sparsek.sparse_attention(q, k, v, PRESETS["sink128-window1024"])
+    torch.testing.assert_close(hf_sparsek.sparse_attention(q, k, v, "sink128-window1024"), want, rtol=0, atol=0)
+    fields = PRESETS["sink128-window1024"].to_dict()
+    torch.testing.assert_close(hf_sparsek.sparse_attention(q, k, v, fields), want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="preset"):
+        hf_sparsek.sparse_attention(q, k, v, "no-such-preset")
+    with pytest.raises(ValueError, match="pattern must be"):
+        hf_sparsek.sparse_attention(q, k, v, 42)
+
+
+def test_model_sparsity_of_a_model_reads_its_config():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import hf_sparsek
+
+    config = LlamaConfig(hidden_size=32, num_attention_heads=2, num_hidden_layers=2, intermediate_size=64,
+                         vocab_size=64)
+    model = LlamaForCausalLM(config)
+    model.config.sparsek = {"default": {"window": 96}}
+    assert hf_sparsek.model_sparsity(model).default.window == 96
+    assert not hasattr(model, "sparsek")

@@ -114,3 +114,27 @@ def test_dim_argument_and_dtypes():
 def test_bad_input(scores, k, match):
     with pytest.raises(ValueError, match=match):
         sparsek_topk(scores, k)
+
+
+def test_infinite_scores_are_limits_and_nan_is_refused():
+    """-inf marks an entry that may not be kept (a row of them gives zeros, never NaN; the sum is min(k, finite
+    entries)); +inf entries are kept first and the finite ones share the rest; NaN is refused. Gradients stay
+    finite and flow only through entries strictly inside (0, 1)."""
+    inf = float("inf")
+    u = torch.tensor([[1.0, inf, 0.5, 0.2], [inf, inf, 0.0, 1.0], [-inf, -inf, -inf, -inf], [3.0, -inf, 1.0, 2.0],
+                      [1.0, -inf, -inf, -inf]], dtype=torch.float64, requires_grad=True)
+    m = sparsek_topk(u, 2)
+    want = torch.tensor([[0.75, 1, 0.25, 0], [1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 0, 1], [1, 0, 0, 0]],
+                        dtype=torch.float64)
+    torch.testing.assert_close(m.detach(), want)
+    assert torch.equal(sparsek_topk(u.detach(), 2, hard=True), torch.tensor(
+        [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 0, 1], [1, 0, 0, 0]], dtype=torch.float64))
+    torch.testing.assert_close(sparsek_topk(torch.tensor([inf, inf, inf, 0.0]), 2),
+                               torch.tensor([2 / 3, 2 / 3, 2 / 3, 0.0]))
+    (m * torch.arange(4.0, dtype=torch.float64)).sum().backward()
+    assert torch.isfinite(u.grad).all()
+    assert u.grad[0].tolist() == [-1.0, 0.0, 1.0, 0.0]  # entries 0 and 2 inside (0, 1): g - mean over them
+    mixed = torch.tensor([0.3, -inf, 1.2, 0.7], dtype=torch.float64)
+    torch.testing.assert_close(sparsek_topk(mixed, 2), torch.tensor([0.3, 0.0, 1.0, 0.7], dtype=torch.float64))
+    with pytest.raises(ValueError, match="NaN"):
+        sparsek_topk(torch.tensor([1.0, float("nan"), 0.5]), 1)
