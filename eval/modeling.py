@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 import hf_sparsek
-from hf_sparsek.describe import pattern_density
+from hf_sparsek.describe import kv_head_count, pattern_density
 from hf_sparsek.model_defaults import default_sparsity, layer_kinds, resolve_layer_pattern
 from hf_sparsek.patterns import DEFAULT_SELECTOR, ModelSparsity, SparsePattern, as_model_sparsity
 
@@ -117,9 +117,31 @@ def parse_patterns(names: list[str | dict], model_type: str | None) -> list[Patt
         specs = [PatternSpec(_short_label(s.sparsity, detailed=True), s.sparsity) if i in auto and s.label in clash
                  else s for i, s in enumerate(specs)]
         labels = [s.label for s in specs]
+    clash = {label for label in labels if labels.count(label) > 1}
+    if clash:  # still equal labels (dense heads, min_sparse_len, layouts' offsets, overrides, files of one name):
+        # each pattern's own fields, or the file's path
+        specs = [PatternSpec(_full_label(str(names[i]), s.sparsity), s.sparsity) if s.label in clash and s.sparsity
+                 else s for i, s in enumerate(specs)]
+        labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):
         raise ValueError(f"patterns must be distinct, got {labels}")
     return specs
+
+
+def _full_label(name: str, sparsity: ModelSparsity) -> str:
+    """A label that tells any two different patterns apart: a file's path, else the pattern's compact JSON."""
+    if name.endswith(".json"):
+        return name
+    base = SparsePattern().to_dict()
+    own = sparsity.default.to_dict()
+    if sparsity.default.topk_blocks is not None:  # the selector named or left to the default is the same pattern
+        own["selector"] = sparsity.default.resolved_selector
+    fields = {k: v for k, v in own.items() if v != base.get(k)}
+    if sparsity.dense_layers:
+        fields["dense_layers"] = list(sparsity.dense_layers)
+    if sparsity.layer_overrides:
+        fields["layer_overrides"] = {str(k): v for k, v in sorted(sparsity.layer_overrides.items())}
+    return json.dumps(fields, separators=(",", ":"))
 
 
 def _short_label(sparsity: ModelSparsity, detailed: bool = False) -> str:
@@ -171,7 +193,7 @@ def layer_densities(config: Any, sparsity: ModelSparsity | None, seq_len: int) -
             pattern = SparsePattern()
         key = repr(pattern)
         if key not in cache:
-            cache[key] = pattern_density(pattern, seq_len)
+            cache[key] = pattern_density(pattern, seq_len, kv_head_count(config))
         out.append(cache[key])
     return out
 

@@ -14,19 +14,29 @@ if TYPE_CHECKING:
     import torch
 
 
-def pattern_density(pattern: SparsePattern, seq_len: int) -> float:
-    """Attended pairs over causal pairs for one unpadded sequence of ``seq_len`` tokens (exact, O(S/B x k))."""
+def kv_head_count(config: Any) -> int:
+    """KV heads of the attention layers a config describes (its query heads where it names none)."""
+    return int(getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", 1) or 1)
+
+
+def pattern_density(pattern: SparsePattern, seq_len: int, kv_heads: int | None = None) -> float:
+    """Attended pairs over causal pairs for one unpadded sequence of ``seq_len`` tokens (exact, O(S/B x k)), the mean
+    over ``kv_heads`` KV heads (the layer's count: a pattern with ``dense_heads`` needs it, and a dense head beyond it
+    is a ValueError, as at the forward; None: one past the highest dense head, or 1)."""
     from .block_index import attended_pairs, build_block_index, causal_pairs
 
+    if kv_heads is None:
+        kv_heads = max(1, 1 + max(pattern.dense_heads, default=-1))
+    elif pattern.dense_heads and max(pattern.dense_heads) >= kv_heads:
+        raise ValueError(f"dense_heads {list(pattern.dense_heads)} out of range for {kv_heads} KV heads")
     if pattern.is_dense:
         return 1.0
     if pattern.topk_blocks is not None:
         # Data dependent: count the static part plus k blocks per query block (an upper bound).
         static = pattern.replace(topk_blocks=None)
         extra = pattern.topk_blocks * pattern.block_size * seq_len
-        return min(1.0, pattern_density(static, seq_len) + extra / causal_pairs(seq_len, seq_len, 0, 0))
-    index = build_block_index(pattern, batch=1, kv_heads=max(1, 1 + max(pattern.dense_heads, default=-1)),
-                              q_len=seq_len, kv_len=seq_len)
+        return min(1.0, pattern_density(static, seq_len, kv_heads) + extra / causal_pairs(seq_len, seq_len, 0, 0))
+    index = build_block_index(pattern, batch=1, kv_heads=kv_heads, q_len=seq_len, kv_len=seq_len)
     heads = index.full_count.shape[1]
     pairs = sum(attended_pairs(index, 0, h) for h in range(heads)) / heads
     return pairs / causal_pairs(seq_len, seq_len, 0, 0)
@@ -73,6 +83,7 @@ def describe(model_or_config: Any, seq_len: int = 8192) -> str:
     config = getattr(config, "text_config", None) or config
     rows = resolved_layers(config)
     cache: dict[str, float] = {}
+    refused: dict[str, str] = {}
     lines = [f"model_type={getattr(config, 'model_type', '?')}  seq_len={seq_len}",
              f"{'layer':>5}  {'kind':<20} {'density':>8}  pattern"]
     total = 0.0
@@ -84,10 +95,16 @@ def describe(model_or_config: Any, seq_len: int = 8192) -> str:
             elif kind.startswith("unsupported"):
                 cache[key] = float("nan")
             else:
-                cache[key] = pattern_density(pattern, seq_len)
+                try:
+                    cache[key] = pattern_density(pattern, seq_len, kv_head_count(config))
+                except ValueError as error:  # dense_heads beyond the layer's KV heads: the forward refuses it too
+                    cache[key] = float("nan")
+                    refused[key] = str(error)
         total += cache[key]
         text = pattern.describe()
-        if kind.startswith("unsupported"):
+        if key in refused:
+            text = f"refused at the first forward: {refused[key]}"
+        elif kind.startswith("unsupported"):
             text = "refused at the first forward"
         elif kind.startswith("chunked"):
             text = "dense within each chunk"

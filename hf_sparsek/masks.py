@@ -36,10 +36,10 @@ def exact_token_mask(
         # # . . . . . .
         # # # . . . . .
         # # # # . . . .
-        # # . # # . . .
-        # # . . # # . .
-        # # . . . # # .
-        # # . . . . # #
+        # # # # # . . .
+        # # . # # # . .
+        # # . . # # # .
+        # # . . . # # #
     """
     if pattern.topk_blocks is not None:
         raise ValueError("exact_token_mask cannot draw a dynamic top-k pattern: its blocks depend on the data")

@@ -274,6 +274,13 @@ def set_pattern(model_or_config: Any, pattern: ModelSparsity | SparsePattern | d
     sub_config = getattr(config, "text_config", None)
     if sub_config is not None and sub_config is not config:
         configs.append(sub_config)
+    layers = getattr(sub_config or config, "num_hidden_layers", None)
+    if isinstance(layers, int):  # a layer the model does not have would silently do nothing
+        named = sorted({*sparsity.dense_layers, *sparsity.layer_overrides})
+        beyond = [i for i in named if i >= layers]
+        if beyond:
+            raise ValueError(f"dense_layers / layer_overrides name layers {beyond}, but the model has {layers} "
+                             f"layers (0-{layers - 1})")
     for cfg in configs:
         setattr(cfg, CONFIG_ATTRIBUTE, sparsity.to_dict())
     if hasattr(model_or_config, "set_attn_implementation"):

@@ -210,3 +210,15 @@ def test_pattern_labels_tell_selectors_strides_thresholds_and_blocks_apart() -> 
     assert [s.label for s in parse_patterns([names[1]], "llama")] == ["sink64-window1024-topk15"]  # no clash
     with pytest.raises(ValueError, match="distinct"):  # "mass" named or not is the same selection
         parse_patterns([names[0], json.dumps({**base, "selector": "mass"})], "llama")
+
+
+def test_pattern_labels_tell_any_two_different_patterns_apart() -> None:
+    """Patterns whose short and detailed labels still agree (dense heads, min_sparse_len) get their own fields as
+    labels; the same pattern twice is still refused."""
+    a = json.dumps({"block_size": 64, "window": 8})
+    b = json.dumps({"block_size": 64, "window": 8, "dense_heads": [0]})
+    c = json.dumps({"block_size": 64, "window": 8, "min_sparse_len": 128})
+    labels = [s.label for s in parse_patterns(["dense", a, b, c], "llama")]
+    assert len(set(labels)) == 4 and "dense_heads" in labels[2] and "min_sparse_len" in labels[3]
+    with pytest.raises(ValueError, match="distinct"):
+        parse_patterns([a, a], "llama")

@@ -435,3 +435,22 @@ def test_adapt_runs_pairs_and_skips_half_pairs_for_time(tiny_dir, tmp_path, monk
     assert launched == ["sparse_P1", "dense_P1", "sparse_P2", "dense_P2"]
     assert "skipped" in result["runs"]["sparse_P3"] and "skipped" in result["runs"]["dense_P3"]
     assert "P1" in result["summary"] and "P2" not in result["summary"]
+
+
+def test_token_files_are_checked(tmp_path):
+    """A token file that does not exist, float ids and ids beyond the vocabulary are refused by name before any
+    training (they were an IndexError after the first evaluation, or silently truncated)."""
+
+    from hf_sparsek.finetune.data import load_token_documents
+
+    with pytest.raises(ValueError, match="does not exist"):
+        load_token_documents(str(tmp_path / "missing.pt"))
+    floats = tmp_path / "floats.json"
+    floats.write_text(json.dumps([[1.5, 2, 3]]))
+    with pytest.raises(ValueError, match="1.5"):
+        load_token_documents(str(floats))
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps([[5, 6, 7], [300, 2]]))
+    with pytest.raises(ValueError, match=r"document 1 holds token id 300.*\[0, 256\)"):
+        load_token_documents(str(big), vocab_size=256)
+    assert load_token_documents(str(big)) == [[5, 6, 7], [300, 2]]

@@ -4,6 +4,7 @@ tokenizer, or synthetic motifs (tests and throughput)."""
 from __future__ import annotations
 
 import json
+import numbers
 from pathlib import Path
 
 from .config import FinetuneConfig
@@ -11,15 +12,19 @@ from .config import FinetuneConfig
 SYNTHETIC = "synthetic"
 
 
-def load_token_documents(source: str, tokenizer_path: str | None = None) -> list[list[int]]:
+def load_token_documents(source: str, tokenizer_path: str | None = None, vocab_size: int | None = None
+                         ) -> list[list[int]]:
     """Token-id documents from a ``.pt``/``.json`` file (a list of lists of ints) or a text source name.
 
     A text source (``shakespeare``) goes through ``hf_sparsek.eval.offline.load_documents`` and the model's
-    tokenizer (no BOS/EOS added: each play is one document).
+    tokenizer (no BOS/EOS added: each play is one document). Token ids must be whole numbers in
+    [0, ``vocab_size``) (ValueError naming the first bad one; ``vocab_size`` None: only >= 0 is checked).
     """
     import torch
 
     path = Path(source)
+    if path.suffix in (".pt", ".json") and not path.is_file():
+        raise ValueError(f"token file {source!r} does not exist")
     if path.suffix == ".pt" and path.is_file():
         docs = torch.load(path)
     elif path.suffix == ".json" and path.is_file():
@@ -37,9 +42,21 @@ def load_token_documents(source: str, tokenizer_path: str | None = None) -> list
 
         tok = AutoTokenizer.from_pretrained(tokenizer_path)
         docs = [tok(text, add_special_tokens=False)["input_ids"] for text in load_documents(source)]
-    if not isinstance(docs, list) or not docs or not all(isinstance(d, (list, tuple)) for d in docs):
+    if isinstance(docs, torch.Tensor) and docs.dim() == 2:
+        docs = docs.tolist()
+    if not isinstance(docs, list) or not docs or not all(isinstance(d, (list, tuple, torch.Tensor)) for d in docs):
         raise ValueError(f"data {source!r} must hold a non-empty list of token-id lists")
-    return [list(map(int, d)) for d in docs]
+    out = []
+    for i, doc in enumerate(docs):
+        ids = doc.tolist() if isinstance(doc, torch.Tensor) else list(doc)
+        for t in ids:
+            if (isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0
+                    or (vocab_size is not None and t >= vocab_size)):
+                allowed = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
+                raise ValueError(f"data {source!r}: document {i} holds token id {t!r}; token ids must be whole "
+                                 f"numbers {allowed} (the model's vocabulary)")
+        out.append([int(t) for t in ids])
+    return out
 
 
 def synthetic_documents(n_docs: int, vocab: int, min_len: int, max_len: int, seed: int = 0) -> list[list[int]]:
@@ -64,8 +81,8 @@ def training_documents(
         docs = synthetic_documents(config.synthetic_docs, vocab_size, config.seq_len // 4, config.seq_len,
                                    seed=config.seed)
     else:
-        docs = load_token_documents(config.train_data, model_path)
-    eval_docs = load_token_documents(config.eval_data, model_path) if config.eval_data else None
+        docs = load_token_documents(config.train_data, model_path, vocab_size)
+    eval_docs = load_token_documents(config.eval_data, model_path, vocab_size) if config.eval_data else None
     if config.eval_data is None and config.heldout_docs:
         if config.heldout_docs >= len(docs):
             raise ValueError(f"--heldout-docs {config.heldout_docs} leaves no training documents (have {len(docs)})")

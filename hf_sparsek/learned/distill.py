@@ -383,7 +383,7 @@ def distill(config: DistillConfig) -> DistillResult:
     patterns, sparsity = _layer_patterns(model, config.pattern)
     block = next(iter(patterns.values())).block_size
 
-    docs = load_token_documents(config.train_data, model_path)
+    docs = load_token_documents(config.train_data, model_path, model.get_input_embeddings().num_embeddings)
     if config.heldout_docs >= len(docs):
         raise ValueError(f"heldout_docs={config.heldout_docs} leaves no training documents (have {len(docs)})")
     train_docs = docs[: len(docs) - config.heldout_docs]
