@@ -161,6 +161,15 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, torch.device, torch.dtyp
     start = time.perf_counter()
     model, tok, path = load_model(args.model, device, dtype, args.cache_dir)
     print(f"[hf-sparsek] loaded {args.model} ({path}) on {device} in {time.perf_counter() - start:.1f}s", flush=True)
+    if args.backend == "triton":  # refuse now, not after the dense pass
+        from hf_sparsek.ops import triton_unsupported_reason
+
+        config = getattr(model.config, "text_config", None) or model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        probe = torch.zeros(1, 1, 16, head_dim, device=device, dtype=dtype)
+        reason = triton_unsupported_reason(probe, probe, probe)
+        if reason is not None:
+            raise ValueError(f"--backend triton cannot run here: {reason}")
     os.makedirs(args.out, exist_ok=True)
     return model, tok, device, dtype, path
 

@@ -222,3 +222,20 @@ def test_pattern_labels_tell_any_two_different_patterns_apart() -> None:
     assert len(set(labels)) == 4 and "dense_heads" in labels[2] and "min_sparse_len" in labels[3]
     with pytest.raises(ValueError, match="distinct"):
         parse_patterns([a, a], "llama")
+
+
+def test_cli_triton_backend_that_cannot_run_is_refused_before_any_pass(tiny_checkpoint, tmp_path, capsys,
+                                                                       monkeypatch) -> None:
+    """``--backend triton`` where the kernels cannot run (CPU without the interpreter) is one error line right
+    after loading, before the dense pass (it failed only at the first sparse pattern)."""
+    from hf_sparsek.cli import main
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("HF_SPARSEK_DEBUG", raising=False)
+    model, text = tiny_checkpoint
+    code = main(["eval", "ppl", "--model", model, "--data", text, "--contexts", "128", "--max-tokens", "128",
+                 "--device", "cpu", "--out", str(tmp_path), "--backend", "triton", "--patterns", "dense",
+                 '{"block_size": 64, "window": 64}'])
+    err = capsys.readouterr().err
+    assert code == 2 and "--backend triton cannot run here" in err
+    assert not (tmp_path / "ppl_model.json").exists()
