@@ -379,7 +379,10 @@ def main() -> int:
             lengths = [int(x) for x in ARGS.generate_lengths.split(",") if x]
             run_generate(lengths, SparsePattern(block_size=128, sink_tokens=128, window=4096), 16, 2048, 32, 8)
     RESULTS["elapsed_s"] = time.time() - START
-    name = "decode_" + ("cpu-smoke" if ARGS.cpu_smoke else "h200") + ".json"
+    board = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    board = next((b for b in ("h200", "h100", "a100", "b200") if b in board.lower()),
+                 "".join(c for c in board.lower() if c.isalnum())[:16] or "gpu")
+    name = "decode_" + ("cpu-smoke" if ARGS.cpu_smoke else board) + ".json"
     RESULTS["table"] = table()
     write_json(os.path.join(ARGS.out, name), RESULTS)
     print(RESULTS["table"])
