@@ -275,12 +275,13 @@ def set_pattern(model_or_config: Any, pattern: ModelSparsity | SparsePattern | d
     if sub_config is not None and sub_config is not config:
         configs.append(sub_config)
     layers = getattr(sub_config or config, "num_hidden_layers", None)
-    if isinstance(layers, int):  # a layer the model does not have would silently do nothing
+    if isinstance(layers, int):  # a layer the model does not have does nothing: say so (a model type's shipped
+        # default names the layers of the model it was tuned on, so this is a warning, not an error)
         named = sorted({*sparsity.dense_layers, *sparsity.layer_overrides})
         beyond = [i for i in named if i >= layers]
         if beyond:
-            raise ValueError(f"dense_layers / layer_overrides name layers {beyond}, but the model has {layers} "
-                             f"layers (0-{layers - 1})")
+            _log_once(f"hf_sparsek: dense_layers / layer_overrides name layers {beyond}, but the model has {layers} "
+                      f"layers (0-{layers - 1}): they have no effect")
     for cfg in configs:
         setattr(cfg, CONFIG_ATTRIBUTE, sparsity.to_dict())
     if hasattr(model_or_config, "set_attn_implementation"):

@@ -246,9 +246,10 @@ def test_model_sparsity_of_a_model_reads_its_config():
     assert not hasattr(model, "sparsek")
 
 
-def test_density_counts_the_layers_kv_heads_and_layers_must_exist():
+def test_density_counts_the_layers_kv_heads_and_missing_layers_are_named(caplog):
     """A dense head is one of the layer's KV heads: the density is the mean over all of them (not over the heads
-    up to the highest dense one); a dense head or a layer the model does not have is refused by name."""
+    up to the highest dense one); a dense head the layer does not have is refused by name, a layer the model does not
+    have is named in a warning (a model type's shipped default names the layers of the model it was tuned on)."""
     from transformers import LlamaConfig
 
     import hf_sparsek
@@ -267,8 +268,9 @@ def test_density_counts_the_layers_kv_heads_and_layers_must_exist():
     assert f"{(1.0 + 7 * sparse_only) / 8:.3f}" in text and "1.000" not in text
     hf_sparsek.set_pattern(config, SparsePattern(block_size=64, window=8, dense_heads=(9,)))
     assert "refused at the first forward: dense_heads [9] out of range" in hf_sparsek.describe(config, seq_len=1024)
-    with pytest.raises(ValueError, match=r"layers \[5\].*2 layers"):
-        hf_sparsek.set_pattern(config, ModelSparsity(default=SparsePattern(window=64), dense_layers=(1, 5)))
-    with pytest.raises(ValueError, match=r"layers \[2\]"):
-        hf_sparsek.set_pattern(config, ModelSparsity(default=SparsePattern(window=64),
-                                                     layer_overrides={2: {"window": 32}}))
+    for sparsity, named in ((ModelSparsity(default=SparsePattern(window=64), dense_layers=(1, 5)), "[5]"),
+                            (ModelSparsity(default=SparsePattern(window=64), layer_overrides={2: {"window": 32}}),
+                             "[2]")):
+        with caplog.at_level("WARNING", logger="hf_sparsek.model_defaults"):
+            hf_sparsek.set_pattern(config, sparsity)
+        assert f"name layers {named}, but the model has 2 layers" in caplog.text
