@@ -369,7 +369,7 @@ def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    pattern: SparsePattern | None = None,
+    pattern: SparsePattern | dict | str | None = None,
     *,
     scale: float | None = None,
     softcap: float | None = None,
@@ -390,7 +390,8 @@ def sparse_attention(
     Args:
         q: (batch, q_heads, q_len, head_dim); k, v: (batch, kv_heads, kv_len, head_dim). q_heads must be a multiple
             of kv_heads (GQA / MQA read each KV head once per group, no copies).
-        pattern: which keys each query sees (default: dense causal). See :class:`SparsePattern`.
+        pattern: which keys each query sees (default: dense causal): a :class:`SparsePattern`, an object of its
+            fields (dict or JSON text) or a preset name.
         scale: softmax scale (default 1/sqrt(head_dim)); softcap: tanh logit soft-capping (Gemma 2 style).
         q_offset, kv_offset: absolute positions (integers >= 0, or one-element integer tensors) of the first query /
             key (default: queries are the last q_len positions of the keys, as in prefill, chunked prefill and
