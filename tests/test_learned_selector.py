@@ -676,6 +676,28 @@ def test_distil_own_query_rows_reloads_and_generates(tmp_path):
     assert reloaded.generate(ids[:, :255], max_new_tokens=3, do_sample=False).shape == (1, 258)
 
 
+def test_distil_heldout_oracle_bounds_every_selector_and_resume_checks_the_config(tmp_path):
+    """The held-out coverage counts every chosen tile (query tiles with fewer competing tiles than the budget pad
+    with -1, which once overwrote tile 0's pick): the oracle covers at least what the learned scorer and the
+    training-free selectors cover; a target stride beyond the query tiles runs; resuming with another scorer shape
+    or query-row option is refused by name."""
+    model = _tiny(4, sharpen=4.0)
+    model.save_pretrained(tmp_path / "base")
+    gen = torch.Generator().manual_seed(9)
+    docs = [torch.randint(3, 48, (450,), generator=gen).tolist() for _ in range(3)]
+    (tmp_path / "docs.json").write_text(json.dumps(docs))
+    config = DistillConfig(model=str(tmp_path / "base"), output_dir=str(tmp_path / "run"),
+                           train_data=str(tmp_path / "docs.json"), heldout_docs=1, seq_len=448, train_windows=2,
+                           eval_windows=1, steps=4, lr=2e-2, cpu=True, save_every=2, save_model=False,
+                           query_tile_stride=50, pattern={**PATTERN, "window": 64, "topk_blocks": 3})
+    cov = distill(config).metrics["heldout"]["coverage"]
+    for name in ("learned", "untrained", "mass", "meanpool"):
+        assert cov[name] <= cov["oracle"] + 1e-6, (name, cov)
+    with pytest.raises(ValueError, match="--resume"):
+        distill(DistillConfig(**{**config.__dict__, "steps": 6, "resume": True, "query_rows": "own",
+                                 "eval_windows": 0}))
+
+
 def test_distil_from_a_given_scorer(tmp_path):
     """``init_scorer`` starts from a trained scorer (re-fitting it after a LoRA fine-tune): its first loss is the
     trained one's, not the untrained one's; a scorer of another mode or shape is refused, naming both."""

@@ -121,7 +121,7 @@ def _capture_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
         with torch.no_grad():
             sums, counts = query_tile_sums(query, None, 0, block, kv_heads)
             stride, n_q = _capture["stride"], sums.shape[2]
-            qb = torch.arange((layer * 7 + _capture["step"]) % stride, n_q, stride, device=query.device)
+            qb = torch.arange((layer * 7 + _capture["step"]) % min(stride, n_q), n_q, stride, device=query.device)
             competing = competing_tiles(0, q_len, 0, kv_len, block, pattern.sink_tokens, pattern.window, None,
                                         batch, query.device)
             record = LayerRecord(
@@ -261,7 +261,10 @@ def heldout_recall(selector: LearnedSelector, initial: LearnedSelector, records:
                 logits = chosen.scorer(layer)(record.q_feat, record.k_feat, record.qb, kb)
                 choices[name] = hard_topk_tiles(logits, record.competing, pattern.topk_blocks, kb)
             for name, tiles in choices.items():
-                picked = torch.zeros_like(record.mass).scatter_(-1, tiles.long().clamp(min=0), (tiles >= 0).float())
+                # -1 (no tile) goes to a spare last column, dropped: clamped to 0 it overwrote tile 0's pick
+                spare = torch.nn.functional.pad(torch.zeros_like(record.mass), (0, 1))
+                slot = torch.where(tiles >= 0, tiles.long(), record.mass.shape[-1])
+                picked = spare.scatter_(-1, slot, 1.0)[..., :-1]
                 gain = float((record.mass * picked * weight).sum((-1, -2)).mean())
                 index = build_index_for(q, k, pattern.replace(selector="learned"), selected_tiles=tiles)
                 add(name, layer, static + gain, float(attended_fraction(index).mean()))
@@ -405,7 +408,12 @@ def distill(config: DistillConfig) -> DistillResult:
     optimizer = torch.optim.AdamW(selector.parameters(), lr=config.lr, weight_decay=0.0)
     start_step = 0
     if config.resume and (ckpt / "state.json").is_file():
-        selector.load_state_dict(load_selector(ckpt).state_dict())
+        saved = load_selector(ckpt)
+        if saved.meta() != selector.meta():
+            raise ValueError(f"--resume: the checkpoint in {str(ckpt)!r} was made for {saved.meta()}, this run's "
+                             f"scorer is {selector.meta()}: resume with the same pattern, --mode and --query-rows, "
+                             "or start a new --output-dir")
+        selector.load_state_dict(saved.state_dict())
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
         start_step = json.loads((ckpt / "state.json").read_text())["step"]
         print(f"resuming from step {start_step}", file=sys.stderr)
