@@ -516,6 +516,50 @@ def _tiny(seed: int = 0, sharpen: float = 1.0) -> LlamaForCausalLM:
     return model.eval()
 
 
+def _learned_model(pattern: dict) -> LlamaForCausalLM:
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # peaked attention: selections that differ between rows
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(3.0)
+            layer.self_attn.k_proj.weight.mul_(3.0)
+    model.set_attn_implementation("sparsek")
+    hf_sparsek.set_pattern(model, {**pattern, "selector": "learned"})
+    attach_selector(model, _perturbed(LearnedSelector.for_model(model, BLOCK), seed=2))
+    return model
+
+
+def test_beam_search_and_alternating_caches_equal_uncached_forwards():
+    """The decode store's query state follows the cache's rows: a beam search (which reorders them every step) scores
+    each step as one uncached forward does, and so does a generation continued from its cache after another
+    conversation ran on the same model (the store once continued from the other one's rows), or after a scoring
+    call without a cache."""
+    model = _learned_model({"block_size": BLOCK, "sink_tokens": 16, "window": 64, "topk_blocks": 2})
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randint(3, 120, (1, 240), generator=gen)
+    out = model.generate(input_ids=a, max_new_tokens=100, min_new_tokens=100, do_sample=False, num_beams=3,
+                         num_return_sequences=3, output_scores=True, return_dict_in_generate=True, pad_token_id=0,
+                         length_penalty=0.0)
+    scores = model.compute_transition_scores(out.sequences, out.scores, out.beam_indices, normalize_logits=False)
+    with torch.no_grad():
+        full = model(input_ids=out.sequences, use_cache=False).logits[:, 239:-1].log_softmax(-1)
+    torch.testing.assert_close(scores, full.gather(-1, out.sequences[:, 240:, None])[..., 0], rtol=1e-4, atol=1e-4)
+    model = _learned_model({"block_size": BLOCK, "sink_tokens": 0, "window": 64, "topk_blocks": 1})
+    a, b = (torch.randint(3, 120, (1, 230), generator=gen) for _ in range(2))
+    args = dict(do_sample=False, return_dict_in_generate=True, pad_token_id=0)
+    first = model.generate(input_ids=a, max_new_tokens=20, min_new_tokens=20, **args)
+    model.generate(input_ids=b, max_new_tokens=20, min_new_tokens=20, **args)  # the same lengths as a's
+    with torch.no_grad():
+        model(input_ids=first.sequences, use_cache=False)  # scoring the text so far
+    more = model.generate(input_ids=first.sequences, past_key_values=first.past_key_values, max_new_tokens=40,
+                          min_new_tokens=40, output_logits=True, **args)
+    with torch.no_grad():
+        full = model(input_ids=more.sequences, use_cache=False).logits[:, 249:-1]
+    torch.testing.assert_close(torch.stack(more.logits, 1), full, rtol=1e-4, atol=1e-4)
+
+
 def test_generate_with_cache_equals_uncached_forward():
     """Batch 2, the second row left padded: every decode step's logits equal one uncached forward's."""
     padded = True

@@ -122,7 +122,7 @@ class LearnedSelector(nn.Module):
             store = self.stores.setdefault(-1 if layer_idx is None else layer_idx, LayerStore()) if use_store else None
             if store is not None and kv_offset == 0:
                 k_feat = store.key_features_for(k, valid, kv_offset, block, use_triton, written=q_offset + q_len)
-                sums, counts, previous = store.query_sums_for(q, q_valid, q_offset, block, kv_heads, use_triton)
+                sums, counts, previous = store.query_sums_for(q, q_valid, q_offset, block, kv_heads, use_triton, k)
             else:
                 k_feat = key_tile_features(k, valid, kv_offset, block, use_triton)
                 sums, counts = query_tile_sums(q, q_valid, q_offset, block, kv_heads, use_triton)

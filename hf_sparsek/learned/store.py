@@ -5,12 +5,15 @@ What one layer keeps (:class:`LayerStore`):
 * the key features of every complete key tile (all its slots written: below the call's query end, so a static
   cache's unwritten slots never fill one), computed once when the tile fills (``[mean, max, min]``, see
   :mod:`hf_sparsek.learned.features`), with the last key of the last stored tile as a fingerprint;
-* the mean query of the last complete query tile and the running sum of the current one.
+* the mean query of the last complete query tile and the running sum of the current one, with the keys of those
+  rows (which sequence they belong to).
 
 A call reuses them when it continues the same sequence: the batch and kv_offset are unchanged, the keys are at
 least as long as the stored tiles and the fingerprint matches (the stored tiles' last key is still the key at that
 position). Anything else (a new prompt, a cropped or reordered cache, a different batch) recomputes the key
-features from this call's keys; query state is kept only for a call that starts where the last one ended.
+features from this call's keys. Query state (the last few, one per sequence batch the model alternates between)
+continues a call that starts where one ended, per row, for rows whose keys at the pooled positions are the kept
+ones (a beam search's reorder, another cache); other rows read their own rows.
 Calls at kv_offset > 0 (sliding caches) never use the store.
 
 On the GPU (``use_triton``) the fingerprint is compared on the device, as the ``"mass"`` selector's store does
@@ -22,11 +25,26 @@ kept) still restarts the store there; ``reused`` (B, Hkv) says on the device whi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .features import key_tile_features, query_tile_sums
+
+QUERY_STATES = 4  # query states kept per layer: conversations (caches) that one model can alternate between
+
+
+@dataclass
+class QueryState:
+    """Where one sequence batch's query pooling stopped: what the call starting at ``next`` continues from."""
+
+    next: int  # the position the next call's first query must have to continue
+    batch: int
+    keys_from: int  # the first position of ``keys``
+    keys: torch.Tensor | None  # (B, Hkv, rows, D): the keys at the rows the state pooled (which rows it belongs to)
+    sum: torch.Tensor  # (B, Hkv, D): running sum of next's tile so far
+    count: torch.Tensor  # (B, 1, 1): rows x heads so far
+    previous: torch.Tensor | None  # (B, Hkv, D): mean query of the tile before next's tile
 
 
 @dataclass
@@ -37,10 +55,7 @@ class LayerStore:
     key_tiles: int = 0
     key_features: torch.Tensor | None = None  # (B, Hkv, key_tiles, 3 D)
     fingerprint: torch.Tensor | None = None  # (B, Hkv, D): the last key of tile key_tiles - 1
-    q_next: int = -1  # the position the next call's first query must have to continue
-    q_previous: torch.Tensor | None = None  # (B, Hkv, D): mean query of the tile before q_next's tile
-    q_sum: torch.Tensor | None = None  # (B, Hkv, D): running sum of q_next's tile so far
-    q_count: torch.Tensor | None = None  # (B, 1, 1) rows x heads so far
+    q_states: list[QueryState] = field(default_factory=list)  # the last QUERY_STATES query states, oldest first
     recomputed: int = 0  # how many calls found the store unusable and recomputed (tests, diagnostics)
     reused: torch.Tensor | None = None  # (B, Hkv) bool on the device (Triton path): rows the last call continued
     _buffer: torch.Tensor | None = None  # Triton path: (B, Hkv, capacity, 3 D), key_features is its first tiles
@@ -123,30 +138,68 @@ class LayerStore:
         return self.key_features
 
     def query_sums_for(self, q: torch.Tensor, valid: torch.Tensor | None, q_offset: int, block: int, kv_heads: int,
-                       use_triton: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                       use_triton: bool = False, k: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """This call's per-tile query sums and counts, its first tile completed with the rows of earlier calls, and
         the mean of the tile before it (None where the store does not know them); then keeps the state for the
-        next call."""
+        next call.
+
+        ``k``: the call's keys from position 0 (the cache). A kept state belongs to the rows whose keys it kept (the
+        positions it pooled, at most two tiles), and the store keeps the last ``QUERY_STATES`` of them: each row of
+        this call takes the state of a kept row with the same keys there, on the device (a beam search reorders the
+        cache's rows between calls; two caches on one model alternate). A row that matches none reads its own rows,
+        as a call the store knows nothing about. ``k`` None: the last state that ends where this call starts."""
         batch, _, q_len, _ = q.shape
         sums, counts = query_tile_sums(q, valid, q_offset, block, kv_heads, use_triton)
-        continues = self.q_next == q_offset and self.batch == batch and self.q_sum is not None
+        candidates = [st for st in reversed(self.q_states) if st.next == q_offset and st.batch == batch]
         previous = None
-        if continues:
-            previous = self.q_previous
+        if candidates:
+            used: list[QueryState] = []
+            if k is None:
+                st = candidates[0]
+                used.append(st)
+                q_sum, q_count, previous, found = st.sum, st.count, st.previous, None
+            else:
+                q_sum = torch.zeros_like(candidates[0].sum)
+                q_count = torch.zeros_like(candidates[0].count)
+                found = torch.zeros(batch, 1, 1, dtype=torch.bool, device=q.device)
+                known = torch.zeros_like(found)
+                last = torch.zeros_like(q_sum)
+                for st in candidates:
+                    if st.keys is None or k.shape[2] < q_offset:
+                        continue
+                    now = k[:, :, st.keys_from: q_offset]
+                    match = (now.unsqueeze(1) == st.keys.unsqueeze(0)).flatten(2).all(-1)  # (B now, B kept)
+                    hit = match.any(1).view(batch, 1, 1) & ~found
+                    source = match.to(torch.int8).argmax(1)
+                    q_sum = torch.where(hit, st.sum[source], q_sum)
+                    q_count = torch.where(hit, st.count[source], q_count)
+                    if st.previous is not None:
+                        last = torch.where(hit, st.previous[source], last)
+                        known = known | hit
+                    found = found | hit
+                    used.append(st)
+                previous = last
             if q_offset % block:
-                sums = torch.cat([sums[:, :, :1] + self.q_sum.unsqueeze(2), sums[:, :, 1:]], dim=2)
-                counts = torch.cat([counts[:, :, :1] + self.q_count.unsqueeze(2), counts[:, :, 1:]], dim=2)
+                sums = torch.cat([sums[:, :, :1] + q_sum.unsqueeze(2), sums[:, :, 1:]], dim=2)
+                counts = torch.cat([counts[:, :, :1] + q_count.unsqueeze(2), counts[:, :, 1:]], dim=2)
+            if found is not None:  # rows without a kept previous tile: their first tile's own rows
+                previous = torch.where(known, previous, sums[:, :, 0] / counts[:, :, 0].clamp(min=1))
+            self.q_states = [st for st in self.q_states if all(st is not u for u in used)]
         elif q_offset >= block:
             self.recomputed += 1
         means = sums / counts.clamp(min=1)
         end = q_offset + q_len
         n = sums.shape[2]
         if end % block:  # the last tile is still filling: keep its sum; the tile before it is complete
-            self.q_sum, self.q_count = sums[:, :, -1].clone(), counts[:, :, -1].clone()
-            self.q_previous = means[:, :, -2].clone() if n > 1 else previous
+            state_sum, state_count = sums[:, :, -1].clone(), counts[:, :, -1].clone()
+            state_previous = means[:, :, -2].clone() if n > 1 else previous
         else:
-            self.q_sum = torch.zeros_like(sums[:, :, -1])
-            self.q_count = torch.zeros_like(counts[:, :, -1])
-            self.q_previous = means[:, :, -1].clone()
-        self.q_next, self.batch = end, batch
+            state_sum, state_count = torch.zeros_like(sums[:, :, -1]), torch.zeros_like(counts[:, :, -1])
+            state_previous = means[:, :, -1].clone()
+        keys_from = max(0, (end // block - 1) * block)  # the rows the kept state pooled: this tile and the last
+        keys = None if k is None or k.shape[2] < end else k[:, :, keys_from: end].clone()
+        self.q_states = [*self.q_states, QueryState(end, batch, keys_from, keys, state_sum, state_count,
+                                                    state_previous)][-QUERY_STATES:]
+        self.batch = batch
         return sums, counts, previous
