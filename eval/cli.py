@@ -157,7 +157,6 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, torch.device, torch.dtyp
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     dtype = parse_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    hf_sparsek.set_settings(backend=args.backend)
     start = time.perf_counter()
     model, tok, path = load_model(args.model, device, dtype, args.cache_dir)
     print(f"[hf-sparsek] loaded {args.model} ({path}) on {device} in {time.perf_counter() - start:.1f}s", flush=True)
@@ -170,6 +169,7 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, torch.device, torch.dtyp
         reason = triton_unsupported_reason(probe, probe, probe)
         if reason is not None:
             raise ValueError(f"--backend triton cannot run here: {reason}")
+    hf_sparsek.set_settings(backend=args.backend)  # process-wide: only once the choice is known to run
     os.makedirs(args.out, exist_ok=True)
     return model, tok, device, dtype, path
 

@@ -228,6 +228,7 @@ def test_cli_triton_backend_that_cannot_run_is_refused_before_any_pass(tiny_chec
                                                                        monkeypatch) -> None:
     """``--backend triton`` where the kernels cannot run (CPU without the interpreter) is one error line right
     after loading, before the dense pass (it failed only at the first sparse pattern)."""
+    import hf_sparsek
     from hf_sparsek.cli import main
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -239,3 +240,4 @@ def test_cli_triton_backend_that_cannot_run_is_refused_before_any_pass(tiny_chec
     err = capsys.readouterr().err
     assert code == 2 and "--backend triton cannot run here" in err
     assert not (tmp_path / "ppl_model.json").exists()
+    assert hf_sparsek.get_settings().backend == "auto"  # the refused choice did not become the process's
