@@ -41,7 +41,7 @@ class QueryState:
     next: int  # the position the next call's first query must have to continue
     batch: int
     keys_from: int  # the first position of ``keys``
-    keys: torch.Tensor | None  # (B, Hkv, rows, D): the keys at the rows the state pooled (which rows it belongs to)
+    keys: torch.Tensor | None  # (B, Hkv) int64: a hash of the keys at the rows the state pooled (whose rows they are)
     sum: torch.Tensor  # (B, Hkv, D): running sum of next's tile so far
     count: torch.Tensor  # (B, 1, 1): rows x heads so far
     previous: torch.Tensor | None  # (B, Hkv, D): mean query of the tile before next's tile
@@ -166,10 +166,12 @@ class LayerStore:
                 known = torch.zeros_like(found)
                 last = torch.zeros_like(q_sum)
                 for st in candidates:
-                    if st.keys is None or k.shape[2] < q_offset:
+                    if st.keys is None or k.shape[2] < q_offset or st.keys.device != k.device:
                         continue
-                    now = k[:, :, st.keys_from: q_offset]
-                    match = (now.unsqueeze(1) == st.keys.unsqueeze(0)).flatten(2).all(-1)  # (B now, B kept)
+                    now = _rows_hash(k[:, :, st.keys_from: q_offset])
+                    if now.shape != st.keys.shape:
+                        continue
+                    match = (now.unsqueeze(1) == st.keys.unsqueeze(0)).all(-1)  # (B now, B kept)
                     hit = match.any(1).view(batch, 1, 1) & ~found
                     source = match.to(torch.int8).argmax(1)
                     q_sum = torch.where(hit, st.sum[source], q_sum)
@@ -198,8 +200,21 @@ class LayerStore:
             state_sum, state_count = torch.zeros_like(sums[:, :, -1]), torch.zeros_like(counts[:, :, -1])
             state_previous = means[:, :, -1].clone()
         keys_from = max(0, (end // block - 1) * block)  # the rows the kept state pooled: this tile and the last
-        keys = None if k is None or k.shape[2] < end else k[:, :, keys_from: end].clone()
+        keys = None if k is None or k.shape[2] < end else _rows_hash(k[:, :, keys_from: end])
         self.q_states = [*self.q_states, QueryState(end, batch, keys_from, keys, state_sum, state_count,
                                                     state_previous)][-QUERY_STATES:]
         self.batch = batch
         return sums, counts, previous
+
+
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _rows_hash(x: torch.Tensor) -> torch.Tensor:
+    """(B, H) int64 hash of x (B, H, rows, D): its bits times fixed odd weights, summed in int64 (exact and
+    independent of the order of the sum, so the same keys always give the same hash, whatever their strides)."""
+    bits = x.view(_INT_OF_SIZE[x.element_size()]).long()
+    rows, dim = x.shape[2], x.shape[3]
+    weights = torch.arange(rows * dim, device=x.device, dtype=torch.int64).view(rows, dim)
+    weights = weights * -7046029254386353131 + 0x2545F4914F6CDD1D  # odd multipliers: wrap-around, deterministic
+    return (bits * (weights | 1)).sum((2, 3))
