@@ -109,18 +109,26 @@ CASES = [  # batch, q heads, kv heads, q_len, kv_len, q_offset, padded rows, sin
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_tiles_equal_slow_reference(case):
-    _, batch, hq, hkv, q_len, kv_len, q_offset, padded, sink, window, topk, mode = case
-    gen = torch.Generator().manual_seed(len(case[0]))
-    dim = 8
+def _case_inputs(batch: int, hq: int, hkv: int, q_len: int, kv_len: int, padded: int, seed: int, dim: int = 8
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """q, k (keys drifting along the sequence, so tiles differ in a way scores can see) and the valid mask (the
+    second row left padded past a whole tile) of one awkward-shape case."""
+    gen = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, hq, q_len, dim, generator=gen)
     k = torch.randn(batch, hkv, kv_len, dim, generator=gen)
-    k[..., 0] += torch.linspace(-2, 2, kv_len)  # keys drift: tiles differ in a way scores can see
+    k[..., 0] += torch.linspace(-2, 2, kv_len)
     valid = None
     if padded:
         valid = torch.ones(batch, kv_len, dtype=torch.bool)
-        valid[1, :75] = False  # the second row is left padded past a whole tile
+        valid[1, :75] = False
+    return q, k, valid
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_tiles_equal_slow_reference(case):
+    _, batch, hq, hkv, q_len, kv_len, q_offset, padded, sink, window, topk, mode = case
+    dim = 8
+    q, k, valid = _case_inputs(batch, hq, hkv, q_len, kv_len, padded, len(case[0]))
     selector = _perturbed(LearnedSelector([0], hkv, dim, BLOCK, mode), seed=len(case[0]))
     fast = selector.select(0, q, k, topk, sink, window, q_offset, 0, valid, use_store=False)
     with torch.no_grad():
@@ -158,15 +166,8 @@ def test_triton_path_equals_slow_reference(case, interpret):
     unaligned offsets, a cache whose first tile the call cuts, padding, group 3, a sink over a whole tile, all-equal
     scores (the lower tiles win), a budget above the competing tiles, no window."""
     _, batch, hq, hkv, q_len, kv_len, q_offset, kv_offset, padded, sink, window, topk, mode = case
-    gen = torch.Generator().manual_seed(len(case[0]) + 7)
     dim = 8
-    q = torch.randn(batch, hq, q_len, dim, generator=gen)
-    k = torch.randn(batch, hkv, kv_len, dim, generator=gen)
-    k[..., 0] += torch.linspace(-2, 2, kv_len)
-    valid = None
-    if padded:
-        valid = torch.ones(batch, kv_len, dtype=torch.bool)
-        valid[1, :75] = False
+    q, k, valid = _case_inputs(batch, hq, hkv, q_len, kv_len, padded, len(case[0]) + 7)
     selector = LearnedSelector([0], hkv, dim, BLOCK, mode.split("-")[0])
     if not mode.endswith("untrained"):
         _perturbed(selector, seed=len(case[0]))
@@ -405,15 +406,8 @@ def test_own_query_rows_equal_slow_reference(case, backend, differs, request):
     else:
         _, batch, hq, hkv, q_len, kv_len, q_offset, padded, sink, window, topk, mode = case
         kv_offset = 0
-    gen = torch.Generator().manual_seed(len(case[0]) + 3)
     dim = 8
-    q = torch.randn(batch, hq, q_len, dim, generator=gen)
-    k = torch.randn(batch, hkv, kv_len, dim, generator=gen)
-    k[..., 0] += torch.linspace(-2, 2, kv_len)
-    valid = None
-    if padded:
-        valid = torch.ones(batch, kv_len, dtype=torch.bool)
-        valid[1, :75] = False
+    q, k, valid = _case_inputs(batch, hq, hkv, q_len, kv_len, padded, len(case[0]) + 3)
     selector = _perturbed(LearnedSelector([0], hkv, dim, BLOCK, mode.split("-")[0], query_rows="own"), seed=9)
     fast = selector.select(0, q, k, topk, sink, window, q_offset, kv_offset, valid, use_store=False, backend=backend)
     with torch.no_grad():
