@@ -190,6 +190,127 @@ def rowmax_tile_mass(stride: int, chunk_rows: int = 256):
     return tile_mass
 
 
+def moment_row_tile_mass(stride: int, variance: float = 0.5):
+    """The second-order estimate of :func:`moment_tile_mass` per query row (every ``stride``-th row and the call's
+    last), a softmax per row over the row's tile competition, then the mean over those rows and the group's heads
+    (the probe's averaging with the moment estimate in place of exact scores)."""
+    from hf_sparsek.selection.mass import pool_tiles, query_valid
+    from hf_sparsek.selection.probe import probe_rows
+
+    def tile_mass(q, k, grid, block, q_offset, kv_offset, k_seg, scale=None, key_features=None):
+        batch, hq, q_len, dim = q.shape
+        hkv, kv_len = k.shape[1], k.shape[2]
+        group = hq // hkv
+        scale = 1.0 / math.sqrt(dim) if scale is None else scale
+        valid_k = None if k_seg is None else k_seg >= 0
+        ok = torch.ones(batch, kv_len, dtype=torch.bool) if valid_k is None else valid_k
+        k_shift = kv_offset % block
+        back = grid.n_k * block - k_shift - kv_len
+        okp = torch.nn.functional.pad(ok, (k_shift, back), value=False).view(batch, 1, grid.n_k, block)
+        log_n = okp.sum(-1).float().clamp(min=1).log()  # (B, 1, n_k)
+        mean, _, _ = pool_tiles(k, kv_offset, block, valid_k)
+        square, _, _ = pool_tiles(k.float() ** 2, kv_offset, block, valid_k)
+        var = (square - mean**2).clamp(min=0)
+        rows = probe_rows(q_len, q_offset, stride, q.device)
+        qr = q[:, :, rows].float().view(batch, hkv, group, len(rows), dim)
+        logits = (torch.einsum("bhgtd,bhnd->bhgtn", qr, mean) * scale
+                  + variance * 0.5 * scale**2 * torch.einsum("bhgtd,bhnd->bhgtn", qr**2, var)
+                  + log_n.view(batch, 1, 1, 1, grid.n_k))
+        pos = q_offset + rows
+        kb = kv_offset // block + torch.arange(grid.n_k, device=q.device)
+        row_tile = (q_offset % block + rows) // block
+        cand = grid.candidate[:, :, row_tile]
+        causal = kb.view(1, -1) * block <= pos.view(-1, 1)
+        allowed = (cand & causal.view(1, 1, len(rows), -1)).unsqueeze(2)
+        probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0).mean(2)
+        valid = query_valid(q_len, q_offset, kv_offset, k_seg)
+        valid = torch.ones(batch, q_len, dtype=torch.bool, device=q.device) if valid is None else valid
+        probs = probs * valid[:, rows].view(batch, 1, -1, 1)
+        out = torch.zeros(batch, hkv, grid.n_q, grid.n_k, device=q.device).index_add_(2, row_tile, probs)
+        count = torch.zeros(batch, grid.n_q, device=q.device).index_add_(1, row_tile, valid[:, rows].float())
+        return out / count.clamp(min=1).view(batch, 1, grid.n_q, 1)
+
+    return tile_mass
+
+
+def moment2_tile_mass(variance: float = 0.5):
+    """Both sides' second moments, one estimate per query tile: with the tile's queries spread as a diagonal Gaussian
+    (mean ``qbar``, variance ``tau^2`` over its real rows) and the key tile's as ``mu`` / ``sigma^2``,
+    ``log E exp(s q . k) ~ s qbar . mu + variance * s^2 / 2 * (qbar^2 . sigma^2 + tau^2 . (mu^2 + sigma^2))`` (plus
+    ``log n``); a softmax per query tile and head, then the group mean. The query spread stands in for the rows
+    that the tile's mean hides, at the cost of one row per tile."""
+    from hf_sparsek.selection.mass import pool_tiles, query_valid
+
+    def tile_mass(q, k, grid, block, q_offset, kv_offset, k_seg, scale=None, key_features=None):
+        batch, hq, q_len, dim = q.shape
+        hkv, kv_len = k.shape[1], k.shape[2]
+        group = hq // hkv
+        scale = 1.0 / math.sqrt(dim) if scale is None else scale
+        q_ok = query_valid(q_len, q_offset, kv_offset, k_seg)
+        qbar, _, _ = pool_tiles(q, q_offset, block, q_ok)
+        qsq, _, _ = pool_tiles(q.float() ** 2, q_offset, block, q_ok)
+        tau = (qsq - qbar**2).clamp(min=0)
+        qbar = qbar.view(batch, hkv, group, grid.n_q, dim)
+        tau = tau.view(batch, hkv, group, grid.n_q, dim)
+        valid = None if k_seg is None else k_seg >= 0
+        ok = torch.ones(batch, kv_len, dtype=torch.bool) if valid is None else valid
+        k_shift = kv_offset % block
+        back = grid.n_k * block - k_shift - kv_len
+        okp = torch.nn.functional.pad(ok, (k_shift, back), value=False).view(batch, 1, grid.n_k, block)
+        log_n = okp.sum(-1).float().clamp(min=1).log()
+        mean, _, _ = pool_tiles(k, kv_offset, block, valid)
+        square, _, _ = pool_tiles(k.float() ** 2, kv_offset, block, valid)
+        var = (square - mean**2).clamp(min=0)
+        logits = (torch.einsum("bhgmd,bhnd->bhgmn", qbar, mean) * scale
+                  + variance * 0.5 * scale**2 * (torch.einsum("bhgmd,bhnd->bhgmn", qbar**2, var)
+                                                 + torch.einsum("bhgmd,bhnd->bhgmn", tau, square))
+                  + log_n.view(batch, 1, 1, 1, grid.n_k))
+        cand = grid.candidate.unsqueeze(2)
+        return logits.masked_fill(~cand, float("-inf")).softmax(-1).nan_to_num(0.0).mean(2)
+
+    return tile_mass
+
+
+def moment_tile_mass(variance: float = 1.0, exact_keys: bool = False):
+    """A ``tile_mass`` replacement from the tile's mean query ``qbar`` and a second-order estimate of each key tile's
+    log-sum-exp: ``log sum_j exp(s qbar . k_j) ~ log n + s qbar . mu + variance * s^2 / 2 * qbar^2 . sigma^2`` (the
+    Gaussian moment-generating function with a diagonal covariance: mean ``mu`` and per-dimension variance
+    ``sigma^2`` of the tile's keys, ``n`` real keys), then a softmax per query tile and head over the candidate
+    tiles (the mass selector's competition). ``variance`` 0: mean keys only. ``exact_keys``: the exact log-sum-exp
+    of ``qbar`` against every key (the ceiling of any key feature scored with the tile's mean query)."""
+    from hf_sparsek.selection.mass import pool_tiles, query_valid
+
+    def tile_mass(q, k, grid, block, q_offset, kv_offset, k_seg, scale=None, key_features=None):
+        batch, hq, q_len, dim = q.shape
+        hkv, kv_len = k.shape[1], k.shape[2]
+        group = hq // hkv
+        scale = 1.0 / math.sqrt(dim) if scale is None else scale
+        qbar, _, _ = pool_tiles(q, q_offset, block, query_valid(q_len, q_offset, kv_offset, k_seg))
+        qbar = qbar.view(batch, hkv, group, grid.n_q, dim)
+        valid = None if k_seg is None else k_seg >= 0
+        ok = torch.ones(batch, kv_len, dtype=torch.bool) if valid is None else valid
+        k_shift = kv_offset % block
+        back = grid.n_k * block - k_shift - kv_len
+        okp = torch.nn.functional.pad(ok, (k_shift, back), value=False).view(batch, 1, grid.n_k, block)
+        count = okp.sum(-1).float()  # (B, 1, n_k)
+        if exact_keys:
+            s = torch.einsum("bhgmd,bhsd->bhgms", qbar, k.float()) * scale
+            s = s.masked_fill(~ok.view(batch, 1, 1, 1, kv_len), float("-inf"))
+            s = torch.nn.functional.pad(s, (k_shift, back), value=float("-inf"))
+            logits = s.view(*s.shape[:4], grid.n_k, block).logsumexp(-1)
+        else:
+            mean, _, _ = pool_tiles(k, kv_offset, block, valid)
+            square, _, _ = pool_tiles(k.float() ** 2, kv_offset, block, valid)
+            var = (square - mean**2).clamp(min=0)
+            logits = (torch.einsum("bhgmd,bhnd->bhgmn", qbar, mean) * scale
+                      + variance * 0.5 * scale**2 * torch.einsum("bhgmd,bhnd->bhgmn", qbar**2, var)
+                      + count.clamp(min=1).log().view(batch, 1, 1, 1, grid.n_k))
+        cand = grid.candidate.unsqueeze(2)
+        return logits.masked_fill(~cand, float("-inf")).softmax(-1).nan_to_num(0.0).mean(2)
+
+    return tile_mass
+
+
 @contextlib.contextmanager
 def swapped_tile_mass(fn) -> Iterator[None]:
     import hf_sparsek.selection.mass as mass
@@ -212,7 +333,11 @@ def main() -> int:
                     help="comma-separated: mass, perrow, rows8, probe4/8/16/32/64, oracle (probe1), mix16 (half "
                          "probe16, half mass), rerankNxF (Quest keeps F x top-k candidates, every N-th row's exact "
                          "softmax over them ranks; N 4 or 16, F 2 or 4), rowmaxN (the max over every N-th row's exact "
-                         "tile mass, N 1, 4 or 16)")
+                         "tile mass, N 1, 4 or 16), moment / moment_half / "
+                         "moment0 (the tile mean query against the key tiles' mean and variance: a second-order "
+                         "log-sum-exp; variance weight 1, 0.5, 0), meanq_exact (the mean query's exact log-sum-exp), "
+                         "momentrowsN (the moment estimate per row, every N-th row, N 1 or 8), moment2 / "
+                         "moment2_quarter (both sides' second moments, one estimate per query tile)")
     ap.add_argument("--study", action="store_true",
                     help="the whole study in one run (overrides --pattern / --candidates): every candidate at "
                          "window 256 + top-3, and oracle / probes / mass at window 128 + top-5 and 64 + top-6")
@@ -243,6 +368,10 @@ def main() -> int:
         fns.update({"oracle": probe_tile_mass(1), "mix16": mixed_tile_mass(16)})
         fns.update({f"rerank{n}x{f}": rerank_tile_mass(n, f, topk) for n in (4, 16) for f in (2, 4)})
         fns.update({f"rowmax{n}": rowmax_tile_mass(n) for n in (1, 4, 16)})
+        fns.update({"moment": moment_tile_mass(), "moment0": moment_tile_mass(0.0),
+                    "moment_half": moment_tile_mass(0.5), "meanq_exact": moment_tile_mass(exact_keys=True)})
+        fns.update({f"momentrows{n}": moment_row_tile_mass(n) for n in (1, 8)})
+        fns.update({"moment2": moment2_tile_mass(), "moment2_quarter": moment2_tile_mass(0.25)})
         for name in [c.strip() for c in candidates.split(",") if c.strip()]:
             spec = PatternSpec(f"{name}: {text}", as_model_sparsity(pattern))
             start = time.perf_counter()
