@@ -15,8 +15,10 @@ if TYPE_CHECKING:
 
 
 def kv_head_count(config: Any) -> int:
-    """KV heads of the attention layers a config describes (its query heads where it names none)."""
-    return int(getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", 1) or 1)
+    """KV heads of the attention layers a config describes (``model_support.kv_heads_of``)."""
+    from .model_support import kv_heads_of
+
+    return kv_heads_of(config)
 
 
 def pattern_density(pattern: SparsePattern, seq_len: int, kv_heads: int | None = None) -> float:

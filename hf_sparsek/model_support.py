@@ -31,6 +31,29 @@ def calls_attention_interface(model: Any) -> bool:
     return any(_class_calls_interface(type(module)) for module in modules)
 
 
+def kv_heads_of(config: Any) -> int:
+    """KV heads of the tensors a layer hands the attention interface, from its config: multi-head latent attention
+    (DeepSeek V2 / V3: ``kv_lora_rank``) expands keys to every query head; Falcon's multi-query layers keep one
+    unless ``new_decoder_architecture``; a config naming no KV heads has one per query head. The one place the
+    package reads this from a config."""
+    heads = getattr(config, "num_attention_heads", None) or 1
+    if getattr(config, "kv_lora_rank", None):
+        return int(heads)
+    if getattr(config, "multi_query", False) and not getattr(config, "new_decoder_architecture", False):
+        return 1
+    return int(getattr(config, "num_key_value_heads", None) or getattr(config, "num_kv_heads", None) or heads)
+
+
+def attention_shape(config: Any) -> tuple[int, int]:
+    """(KV heads, query / key head dim) of the tensors a layer hands the attention interface (:func:`kv_heads_of`;
+    MLA's keys have head dim ``qk_head_dim``)."""
+    if getattr(config, "kv_lora_rank", None):
+        dim = getattr(config, "qk_head_dim", None) or config.qk_nope_head_dim + config.qk_rope_head_dim
+    else:
+        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return kv_heads_of(config), int(dim)
+
+
 def check_model(model: Any) -> None:
     """Raise ValueError for a model whose attention never reaches "sparsek" (it would silently stay dense)."""
     if hasattr(model, "modules") and not calls_attention_interface(model):

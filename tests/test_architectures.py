@@ -105,3 +105,22 @@ def test_compare_reports_size_and_first_bad_token() -> None:
     assert outcome.status == "FAIL"
     assert "max abs diff 2.5e-01" in outcome.detail and "first bad token 6" in outcome.detail
     assert sweep.compare(expected.clone(), expected, 1e-5).status == "pass"
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda: transformers.LlamaConfig(num_attention_heads=8, num_key_value_heads=2, hidden_size=256), (2, 32)),
+    (lambda: transformers.LlamaConfig(num_attention_heads=8, num_key_value_heads=None, hidden_size=256), (8, 32)),
+    (lambda: transformers.FalconConfig(num_attention_heads=8, hidden_size=256), (1, 32)),  # multi-query
+    (lambda: transformers.FalconConfig(num_attention_heads=8, hidden_size=256, new_decoder_architecture=True,
+                                       num_kv_heads=4), (4, 32)),
+    (lambda: transformers.DeepseekV3Config(num_attention_heads=8, num_key_value_heads=8, hidden_size=256,
+                                           kv_lora_rank=16, qk_nope_head_dim=24, qk_rope_head_dim=8), (8, 32)),
+])
+def test_attention_shape_reads_kv_heads_and_head_dim_as_the_layer_hands_them(make, expected) -> None:
+    """One place reads (KV heads, head dim) from a config; describe's density and the learned selector both use it."""
+    from hf_sparsek.describe import kv_head_count
+    from hf_sparsek.model_support import attention_shape
+
+    config = make()
+    assert attention_shape(config) == expected
+    assert kv_head_count(config) == expected[0]

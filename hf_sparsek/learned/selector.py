@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..model_support import attention_shape
 from .config import QUERY_ROWS
 from .features import (
     competing_tiles,
@@ -22,20 +23,6 @@ from .store import LayerStore
 
 SHORT_QUERY_TILES = 2  # calls with at most this many query tiles (decode) ...
 SHORT_MIN_KEY_TILES = 256  # ... and at least this many key tiles score in PyTorch (one program per KV head is slow)
-
-
-def attention_shape(config: Any) -> tuple[int, int]:
-    """(KV heads, query / key head dim) of the tensors a layer hands the attention interface, from its config:
-    multi-head latent attention (DeepSeek V2 / V3: ``kv_lora_rank``) expands keys to every head with head dim
-    ``qk_head_dim``; Falcon's multi-query layers keep one KV head unless ``new_decoder_architecture``."""
-    heads = config.num_attention_heads
-    if getattr(config, "kv_lora_rank", None):
-        dim = getattr(config, "qk_head_dim", None) or config.qk_nope_head_dim + config.qk_rope_head_dim
-        return heads, dim
-    kv_heads = getattr(config, "num_key_value_heads", None) or getattr(config, "num_kv_heads", None) or heads
-    if getattr(config, "multi_query", False) and not getattr(config, "new_decoder_architecture", False):
-        kv_heads = 1
-    return kv_heads, getattr(config, "head_dim", None) or config.hidden_size // heads
 
 
 class LearnedSelector(nn.Module):

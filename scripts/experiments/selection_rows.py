@@ -336,7 +336,7 @@ def main() -> int:
                          "tile mass, N 1, 4 or 16), moment / moment_half / "
                          "moment0 (the tile mean query against the key tiles' mean and variance: a second-order "
                          "log-sum-exp; variance weight 1, 0.5, 0), meanq_exact (the mean query's exact log-sum-exp), "
-                         "momentrowsN (the moment estimate per row, every N-th row, N 1 or 8), moment2 / "
+                         "momentrowsN (the moment estimate per row, every N-th row, N 1, 8, 16 or 32), moment2 / "
                          "moment2_quarter (both sides' second moments, one estimate per query tile)")
     ap.add_argument("--study", action="store_true",
                     help="the whole study in one run (overrides --pattern / --candidates): every candidate at "
@@ -370,7 +370,7 @@ def main() -> int:
         fns.update({f"rowmax{n}": rowmax_tile_mass(n) for n in (1, 4, 16)})
         fns.update({"moment": moment_tile_mass(), "moment0": moment_tile_mass(0.0),
                     "moment_half": moment_tile_mass(0.5), "meanq_exact": moment_tile_mass(exact_keys=True)})
-        fns.update({f"momentrows{n}": moment_row_tile_mass(n) for n in (1, 8)})
+        fns.update({f"momentrows{n}": moment_row_tile_mass(n) for n in (1, 8, 16, 32)})
         fns.update({"moment2": moment2_tile_mass(), "moment2_quarter": moment2_tile_mass(0.25)})
         for name in [c.strip() for c in candidates.split(",") if c.strip()]:
             spec = PatternSpec(f"{name}: {text}", as_model_sparsity(pattern))
