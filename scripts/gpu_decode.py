@@ -26,6 +26,12 @@ ap.add_argument("--skip-generate", action="store_true")
 ap.add_argument("--generate-lengths", default="4096,32768,131072")
 ap.add_argument("--new-tokens", type=int, default=32)
 ap.add_argument("--max-seconds", type=float, default=480.0)
+ap.add_argument("--generate-only", action="store_true", help="only generate(): no per-call cases")
+ap.add_argument("--generate-pattern", default=None,
+                help="pattern JSON for generate() (default: sink 128 + window 4096, block 128)")
+ap.add_argument("--generate-shape", default="16,2048,32,8",
+                help="layers,hidden,heads,kv_heads of the random Llama generate() runs (default: 1.1B)")
+ap.add_argument("--tag", default="", help="suffix of the results file name (decode_<board><tag>.json)")
 ARGS = ap.parse_args()
 if ARGS.cpu_smoke:
     os.environ["TRITON_INTERPRET"] = "1"
@@ -345,10 +351,26 @@ def table() -> str:
     return "\n".join(lines)
 
 
+def _generate_pattern() -> SparsePattern:
+    if ARGS.generate_pattern is None:
+        return SparsePattern(block_size=128, sink_tokens=128, window=4096)
+    return SparsePattern.from_dict(json.loads(ARGS.generate_pattern))
+
+
+def _generate_shape() -> tuple[int, int, int, int]:
+    layers, hidden, heads, kv_heads = (int(x) for x in ARGS.generate_shape.split(","))
+    return layers, hidden, heads, kv_heads
+
+
 def main() -> int:
     window8k = SparsePattern(block_size=128, sink_tokens=128, window=8192)
     topk56 = SparsePattern(block_size=128, sink_tokens=128, window=1024, topk_blocks=56)
-    if ARGS.cpu_smoke:
+    if ARGS.generate_only:  # e.g. a top-k pattern or another model shape: generate() alone
+        if not ARGS.cpu_smoke:
+            _warm_up()
+        lengths = [int(x) for x in ARGS.generate_lengths.split(",") if x]
+        run_generate(lengths, _generate_pattern(), *_generate_shape())
+    elif ARGS.cpu_smoke:
         small = SparsePattern(block_size=64, sink_tokens=8, window=128)
         decode_case("smoke decode B2", 2, 700, small, hq=4, hkv=2, dim=64, dtype=torch.float32)
         decode_case("smoke decode topk", 1, 700, SparsePattern(block_size=64, sink_tokens=8, window=64, topk_blocks=3),
@@ -377,12 +399,12 @@ def main() -> int:
         small_config_sweep(16, 96, 512, 64, torch.float16, orig_sw)
         if not ARGS.skip_generate:
             lengths = [int(x) for x in ARGS.generate_lengths.split(",") if x]
-            run_generate(lengths, SparsePattern(block_size=128, sink_tokens=128, window=4096), 16, 2048, 32, 8)
+            run_generate(lengths, _generate_pattern(), *_generate_shape())
     RESULTS["elapsed_s"] = time.time() - START
     board = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
     board = next((b for b in ("h200", "h100", "a100", "b200") if b in board.lower()),
                  "".join(c for c in board.lower() if c.isalnum())[:16] or "gpu")
-    name = "decode_" + ("cpu-smoke" if ARGS.cpu_smoke else board) + ".json"
+    name = "decode_" + ("cpu-smoke" if ARGS.cpu_smoke else board) + ARGS.tag + ".json"
     RESULTS["table"] = table()
     write_json(os.path.join(ARGS.out, name), RESULTS)
     print(RESULTS["table"])
