@@ -354,6 +354,30 @@ def test_torch_compile_fullgraph_static_cache_generate_matches_eager():
     torch.testing.assert_close(torch.stack(compiled.logits), torch.stack(eager.logits), rtol=1e-5, atol=1e-5)
 
 
+def test_torch_compile_fullgraph_topk_pattern_matches_eager():
+    """A top-k pattern (the llama default's kind: "mass" selection per call) under torch.compile(fullgraph=True):
+    left-padded prefill and a static-cache generate() equal eager (the selection runs inside the custom op)."""
+    torch._dynamo.reset()
+    model = build_any("llama")
+    hf_sparsek.set_pattern(model, hf_sparsek.SparsePattern(block_size=64, sink_tokens=16, window=64, topk_blocks=2))
+    ids = torch.randint(1, 97, (2, 300))
+    mask = torch.ones_like(ids)
+    mask[0, :11] = 0
+    with torch.no_grad(), hf_sparsek.settings(backend="reference"):
+        eager = model(ids, attention_mask=mask, use_cache=False).logits
+        compiled = torch.compile(model, fullgraph=True, backend="eager")(ids, attention_mask=mask, use_cache=False)
+    torch.testing.assert_close(compiled.logits, eager, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+    kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True,
+                  return_dict_in_generate=True, cache_implementation="static")
+    with hf_sparsek.settings(backend="reference"):
+        eager_gen = model.generate(ids, **kwargs)
+        model.forward = torch.compile(model.forward, fullgraph=True, backend="eager")
+        compiled_gen = model.generate(ids, **kwargs)
+    assert torch.equal(compiled_gen.sequences, eager_gen.sequences)
+    torch.testing.assert_close(torch.stack(compiled_gen.logits), torch.stack(eager_gen.logits), rtol=1e-5, atol=1e-5)
+
+
 def test_torch_compile_fullgraph_gradients_match_eager():
     """Gradients through the compiled op (its backward rebuilds the index and recomputes) equal eager's."""
     torch._dynamo.reset()
