@@ -7,8 +7,11 @@ over the tile's rows and the group's heads (``rows8``: every 8th row); ``probeN`
 (N = 64: the last row of each tile, MInference-style probing; the library's selector ``"probe"`` with
 ``probe_stride`` N); ``oracle``: every row; ``mix16``: half probe16, half mass; ``rerankNxF``: Quest keeps F x top-k
 candidates and every N-th row's exact softmax over them ranks (the probe on a reduced key set); ``rowmaxN``: the max,
-not the mean, over the sampled rows of a tile (a tile one row needs strongly ranks high). Everything else
-(competition, budget) is the mass selector's.
+not the mean, over the sampled rows of a tile (a tile one row needs strongly ranks high); ``moment*`` /
+``meanq_exact`` / ``momentrowsN`` / ``moment2``: second-order (Gaussian) estimates of each key tile's log-sum-exp
+from its keys' mean and variance, with the tile's mean query, its exact ceiling, per sampled row, or with the
+queries' spread (docs/evaluation.md, "Second-order estimates"). Everything else (competition, budget) is the mass
+selector's.
 
 Lab code: it swaps ``hf_sparsek.selection.mass.tile_mass`` for the candidate while its rows run (the CPU path of the
 selector calls it), then restores it. Same held-out tokens as ``scripts/gpu_learned.py --cpu --seq-len 4096``; the
