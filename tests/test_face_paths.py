@@ -315,16 +315,21 @@ def test_mask_function_and_pattern_resolution_trace_with_fullgraph():
     assert padding.tolist() == [[float(SPARSE.sink_tokens)] * 50]  # kept (no host read of "all ones") when tracing
 
 
-@pytest.mark.parametrize("case", ["plain", "padded", "packed"])
+# a top-k pattern (the llama default's kind: "mass" selection per call, inside the custom op)
+TOPK = hf_sparsek.SparsePattern(block_size=64, sink_tokens=16, window=64, topk_blocks=2)
+
+
+@pytest.mark.parametrize("case", ["plain", "padded", "packed", "padded top-k"])
 def test_torch_compile_fullgraph_matches_eager(case):
     """torch.compile(model, fullgraph=True) of a sparsek model (reference backend): the face traces, the op with its
-    index build is one custom op, and prefill (plain, left-padded, packed) equals eager."""
+    index build is one custom op, and prefill (plain, left-padded, packed; a top-k pattern) equals eager."""
     torch._dynamo.reset()
     model = build_any("llama")
-    hf_sparsek.set_pattern(model, SPARSE)
-    ids = torch.randint(1, 97, (1 if case == "packed" else 2, 150))
+    topk = case.endswith("top-k")
+    hf_sparsek.set_pattern(model, TOPK if topk else SPARSE)
+    ids = torch.randint(1, 97, (1 if case == "packed" else 2, 300 if topk else 150))
     kwargs: dict = {"use_cache": False}
-    if case == "padded":
+    if case.startswith("padded"):
         kwargs["attention_mask"] = torch.ones_like(ids)
         kwargs["attention_mask"][0, :11] = 0
     elif case == "packed":
@@ -335,47 +340,24 @@ def test_torch_compile_fullgraph_matches_eager(case):
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
-def test_torch_compile_fullgraph_static_cache_generate_matches_eager():
+@pytest.mark.parametrize("topk", [False, True], ids=["sink-window", "top-k"])
+def test_torch_compile_fullgraph_static_cache_generate_matches_eager(topk):
     """A static cache gives the query offset as a tensor: the compiled forward keeps it a tensor (no host read while
     tracing) and generate() through the compiled model gives eager's tokens and logits, left padding included."""
     torch._dynamo.reset()
     model = build_any("llama")
-    hf_sparsek.set_pattern(model, SPARSE)
-    ids = torch.randint(1, 97, (2, 70))
+    hf_sparsek.set_pattern(model, TOPK if topk else SPARSE)
+    ids = torch.randint(1, 97, (2, 300 if topk else 70))
     mask = torch.ones_like(ids)
     mask[0, :9] = 0
-    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True,
-                  return_dict_in_generate=True, cache_implementation="static")
+    kwargs = dict(attention_mask=mask, max_new_tokens=4 if topk else 6, do_sample=False, pad_token_id=0,
+                  output_logits=True, return_dict_in_generate=True, cache_implementation="static")
     with hf_sparsek.settings(backend="reference"):
         eager = model.generate(ids, **kwargs)
         model.forward = torch.compile(model.forward, fullgraph=True, backend="eager")
         compiled = model.generate(ids, **kwargs)
     assert torch.equal(compiled.sequences, eager.sequences)
     torch.testing.assert_close(torch.stack(compiled.logits), torch.stack(eager.logits), rtol=1e-5, atol=1e-5)
-
-
-def test_torch_compile_fullgraph_topk_pattern_matches_eager():
-    """A top-k pattern (the llama default's kind: "mass" selection per call) under torch.compile(fullgraph=True):
-    left-padded prefill and a static-cache generate() equal eager (the selection runs inside the custom op)."""
-    torch._dynamo.reset()
-    model = build_any("llama")
-    hf_sparsek.set_pattern(model, hf_sparsek.SparsePattern(block_size=64, sink_tokens=16, window=64, topk_blocks=2))
-    ids = torch.randint(1, 97, (2, 300))
-    mask = torch.ones_like(ids)
-    mask[0, :11] = 0
-    with torch.no_grad(), hf_sparsek.settings(backend="reference"):
-        eager = model(ids, attention_mask=mask, use_cache=False).logits
-        compiled = torch.compile(model, fullgraph=True, backend="eager")(ids, attention_mask=mask, use_cache=False)
-    torch.testing.assert_close(compiled.logits, eager, rtol=1e-5, atol=1e-5)
-    torch._dynamo.reset()
-    kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True,
-                  return_dict_in_generate=True, cache_implementation="static")
-    with hf_sparsek.settings(backend="reference"):
-        eager_gen = model.generate(ids, **kwargs)
-        model.forward = torch.compile(model.forward, fullgraph=True, backend="eager")
-        compiled_gen = model.generate(ids, **kwargs)
-    assert torch.equal(compiled_gen.sequences, eager_gen.sequences)
-    torch.testing.assert_close(torch.stack(compiled_gen.logits), torch.stack(eager_gen.logits), rtol=1e-5, atol=1e-5)
 
 
 def test_torch_compile_fullgraph_gradients_match_eager():

@@ -510,6 +510,17 @@ def _tiny(seed: int = 0, sharpen: float = 1.0) -> LlamaForCausalLM:
     return model.eval()
 
 
+def _distil_inputs(tmp_path, seed: int, docs_seed: int) -> list[list[int]]:
+    """A sharpened tiny model saved as ``tmp_path / "base"`` and three random 450-token documents written to
+    ``tmp_path / "docs.json"`` (distillation's inputs); returns the documents."""
+    model = _tiny(seed, sharpen=4.0)
+    model.save_pretrained(tmp_path / "base")
+    gen = torch.Generator().manual_seed(docs_seed)
+    docs = [torch.randint(3, 48, (450,), generator=gen).tolist() for _ in range(3)]
+    (tmp_path / "docs.json").write_text(json.dumps(docs))
+    return docs
+
+
 def _learned_model(pattern: dict) -> LlamaForCausalLM:
     torch.manual_seed(1)
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -641,11 +652,7 @@ def test_generate_across_architectures(model_type):
 
 
 def test_distil_save_reload_and_missing_scorer(tmp_path):
-    model = _tiny(2, sharpen=4.0)
-    model.save_pretrained(tmp_path / "base")
-    gen = torch.Generator().manual_seed(6)
-    docs = [torch.randint(3, 48, (450,), generator=gen).tolist() for _ in range(3)]
-    (tmp_path / "docs.json").write_text(json.dumps(docs))
+    docs = _distil_inputs(tmp_path, 2, 6)
     config = DistillConfig(model=str(tmp_path / "base"), output_dir=str(tmp_path / "run"),
                            train_data=str(tmp_path / "docs.json"), heldout_docs=1, seq_len=448, train_windows=2,
                            eval_windows=1, steps=40, lr=2e-2, log_every=5, save_every=20, cpu=True,
@@ -691,11 +698,7 @@ def test_distil_save_reload_and_missing_scorer(tmp_path):
 def test_distil_own_query_rows_reloads_and_generates(tmp_path):
     """``hf-sparsek distill --query-rows own``: the scorer trains on each tile's own rows, is saved with the option,
     and the reloaded model selects as the trained one and generates with its cache."""
-    model = _tiny(3, sharpen=4.0)
-    model.save_pretrained(tmp_path / "base")
-    gen = torch.Generator().manual_seed(7)
-    docs = [torch.randint(3, 48, (450,), generator=gen).tolist() for _ in range(3)]
-    (tmp_path / "docs.json").write_text(json.dumps(docs))
+    docs = _distil_inputs(tmp_path, 3, 7)
     result = distill(DistillConfig(model=str(tmp_path / "base"), output_dir=str(tmp_path / "run"),
                                    train_data=str(tmp_path / "docs.json"), heldout_docs=1, seq_len=448,
                                    train_windows=2, eval_windows=1, steps=20, lr=2e-2, cpu=True,
@@ -719,11 +722,7 @@ def test_distil_heldout_oracle_bounds_every_selector_and_resume_checks_the_confi
     with -1, which once overwrote tile 0's pick): the oracle covers at least what the learned scorer and the
     training-free selectors cover; a target stride beyond the query tiles runs; resuming with another scorer shape
     or query-row option is refused by name."""
-    model = _tiny(4, sharpen=4.0)
-    model.save_pretrained(tmp_path / "base")
-    gen = torch.Generator().manual_seed(9)
-    docs = [torch.randint(3, 48, (450,), generator=gen).tolist() for _ in range(3)]
-    (tmp_path / "docs.json").write_text(json.dumps(docs))
+    _distil_inputs(tmp_path, 4, 9)
     config = DistillConfig(model=str(tmp_path / "base"), output_dir=str(tmp_path / "run"),
                            train_data=str(tmp_path / "docs.json"), heldout_docs=1, seq_len=448, train_windows=2,
                            eval_windows=1, steps=4, lr=2e-2, cpu=True, save_every=2, save_model=False,
@@ -739,11 +738,7 @@ def test_distil_heldout_oracle_bounds_every_selector_and_resume_checks_the_confi
 def test_distil_from_a_given_scorer(tmp_path):
     """``init_scorer`` starts from a trained scorer (re-fitting it after a LoRA fine-tune): its first loss is the
     trained one's, not the untrained one's; a scorer of another mode or shape is refused, naming both."""
-    model = _tiny(4, sharpen=4.0)
-    model.save_pretrained(tmp_path / "base")
-    gen = torch.Generator().manual_seed(9)
-    docs = [torch.randint(3, 48, (450,), generator=gen).tolist() for _ in range(3)]
-    (tmp_path / "docs.json").write_text(json.dumps(docs))
+    _distil_inputs(tmp_path, 4, 9)
     base = dict(model=str(tmp_path / "base"), train_data=str(tmp_path / "docs.json"), heldout_docs=1, seq_len=448,
                 train_windows=2, eval_windows=0, lr=2e-2, log_every=5, save_every=100, cpu=True,
                 compare_library=False, save_model=False, pattern={**PATTERN, "window": 128})

@@ -193,27 +193,36 @@ def rowmax_tile_mass(stride: int, chunk_rows: int = 256):
     return tile_mass
 
 
+def _key_moments(k, kv_offset: int, block: int, k_seg, n_k: int):
+    """Per key tile of k (B, Hkv, L, D) over its real keys: mean ``mu``, variance ``sigma^2``, second moment
+    ``mu^2 + sigma^2`` (B, Hkv, n_k, D) and ``log n`` (B, 1, n_k; n real keys, at least 1), as the moment candidates
+    read them."""
+    from hf_sparsek.selection.mass import pool_tiles
+
+    valid = None if k_seg is None else k_seg >= 0
+    batch, kv_len = k.shape[0], k.shape[2]
+    ok = torch.ones(batch, kv_len, dtype=torch.bool) if valid is None else valid
+    k_shift = kv_offset % block
+    okp = torch.nn.functional.pad(ok, (k_shift, n_k * block - k_shift - kv_len), value=False)
+    log_n = okp.view(batch, 1, n_k, block).sum(-1).float().clamp(min=1).log()
+    mean, _, _ = pool_tiles(k, kv_offset, block, valid)
+    square, _, _ = pool_tiles(k.float() ** 2, kv_offset, block, valid)
+    return mean, (square - mean**2).clamp(min=0), square, log_n
+
+
 def moment_row_tile_mass(stride: int, variance: float = 0.5):
     """The second-order estimate of :func:`moment_tile_mass` per query row (every ``stride``-th row and the call's
     last), a softmax per row over the row's tile competition, then the mean over those rows and the group's heads
     (the probe's averaging with the moment estimate in place of exact scores)."""
-    from hf_sparsek.selection.mass import pool_tiles, query_valid
+    from hf_sparsek.selection.mass import query_valid
     from hf_sparsek.selection.probe import probe_rows
 
     def tile_mass(q, k, grid, block, q_offset, kv_offset, k_seg, scale=None, key_features=None):
         batch, hq, q_len, dim = q.shape
-        hkv, kv_len = k.shape[1], k.shape[2]
+        hkv = k.shape[1]
         group = hq // hkv
         scale = 1.0 / math.sqrt(dim) if scale is None else scale
-        valid_k = None if k_seg is None else k_seg >= 0
-        ok = torch.ones(batch, kv_len, dtype=torch.bool) if valid_k is None else valid_k
-        k_shift = kv_offset % block
-        back = grid.n_k * block - k_shift - kv_len
-        okp = torch.nn.functional.pad(ok, (k_shift, back), value=False).view(batch, 1, grid.n_k, block)
-        log_n = okp.sum(-1).float().clamp(min=1).log()  # (B, 1, n_k)
-        mean, _, _ = pool_tiles(k, kv_offset, block, valid_k)
-        square, _, _ = pool_tiles(k.float() ** 2, kv_offset, block, valid_k)
-        var = (square - mean**2).clamp(min=0)
+        mean, var, _, log_n = _key_moments(k, kv_offset, block, k_seg, grid.n_k)
         rows = probe_rows(q_len, q_offset, stride, q.device)
         qr = q[:, :, rows].float().view(batch, hkv, group, len(rows), dim)
         logits = (torch.einsum("bhgtd,bhnd->bhgtn", qr, mean) * scale
@@ -246,7 +255,7 @@ def moment2_tile_mass(variance: float = 0.5):
 
     def tile_mass(q, k, grid, block, q_offset, kv_offset, k_seg, scale=None, key_features=None):
         batch, hq, q_len, dim = q.shape
-        hkv, kv_len = k.shape[1], k.shape[2]
+        hkv = k.shape[1]
         group = hq // hkv
         scale = 1.0 / math.sqrt(dim) if scale is None else scale
         q_ok = query_valid(q_len, q_offset, kv_offset, k_seg)
@@ -255,15 +264,7 @@ def moment2_tile_mass(variance: float = 0.5):
         tau = (qsq - qbar**2).clamp(min=0)
         qbar = qbar.view(batch, hkv, group, grid.n_q, dim)
         tau = tau.view(batch, hkv, group, grid.n_q, dim)
-        valid = None if k_seg is None else k_seg >= 0
-        ok = torch.ones(batch, kv_len, dtype=torch.bool) if valid is None else valid
-        k_shift = kv_offset % block
-        back = grid.n_k * block - k_shift - kv_len
-        okp = torch.nn.functional.pad(ok, (k_shift, back), value=False).view(batch, 1, grid.n_k, block)
-        log_n = okp.sum(-1).float().clamp(min=1).log()
-        mean, _, _ = pool_tiles(k, kv_offset, block, valid)
-        square, _, _ = pool_tiles(k.float() ** 2, kv_offset, block, valid)
-        var = (square - mean**2).clamp(min=0)
+        mean, var, square, log_n = _key_moments(k, kv_offset, block, k_seg, grid.n_k)
         logits = (torch.einsum("bhgmd,bhnd->bhgmn", qbar, mean) * scale
                   + variance * 0.5 * scale**2 * (torch.einsum("bhgmd,bhnd->bhgmn", qbar**2, var)
                                                  + torch.einsum("bhgmd,bhnd->bhgmn", tau, square))
@@ -290,24 +291,18 @@ def moment_tile_mass(variance: float = 1.0, exact_keys: bool = False):
         scale = 1.0 / math.sqrt(dim) if scale is None else scale
         qbar, _, _ = pool_tiles(q, q_offset, block, query_valid(q_len, q_offset, kv_offset, k_seg))
         qbar = qbar.view(batch, hkv, group, grid.n_q, dim)
-        valid = None if k_seg is None else k_seg >= 0
-        ok = torch.ones(batch, kv_len, dtype=torch.bool) if valid is None else valid
-        k_shift = kv_offset % block
-        back = grid.n_k * block - k_shift - kv_len
-        okp = torch.nn.functional.pad(ok, (k_shift, back), value=False).view(batch, 1, grid.n_k, block)
-        count = okp.sum(-1).float()  # (B, 1, n_k)
         if exact_keys:
+            k_shift = kv_offset % block
             s = torch.einsum("bhgmd,bhsd->bhgms", qbar, k.float()) * scale
-            s = s.masked_fill(~ok.view(batch, 1, 1, 1, kv_len), float("-inf"))
-            s = torch.nn.functional.pad(s, (k_shift, back), value=float("-inf"))
+            if k_seg is not None:
+                s = s.masked_fill((k_seg < 0).view(batch, 1, 1, 1, kv_len), float("-inf"))
+            s = torch.nn.functional.pad(s, (k_shift, grid.n_k * block - k_shift - kv_len), value=float("-inf"))
             logits = s.view(*s.shape[:4], grid.n_k, block).logsumexp(-1)
         else:
-            mean, _, _ = pool_tiles(k, kv_offset, block, valid)
-            square, _, _ = pool_tiles(k.float() ** 2, kv_offset, block, valid)
-            var = (square - mean**2).clamp(min=0)
+            mean, var, _, log_n = _key_moments(k, kv_offset, block, k_seg, grid.n_k)
             logits = (torch.einsum("bhgmd,bhnd->bhgmn", qbar, mean) * scale
                       + variance * 0.5 * scale**2 * torch.einsum("bhgmd,bhnd->bhgmn", qbar**2, var)
-                      + count.clamp(min=1).log().view(batch, 1, 1, 1, grid.n_k))
+                      + log_n.view(batch, 1, 1, 1, grid.n_k))
         cand = grid.candidate.unsqueeze(2)
         return logits.masked_fill(~cand, float("-inf")).softmax(-1).nan_to_num(0.0).mean(2)
 
