@@ -9,7 +9,8 @@ block layouts, which select whole key blocks of ``block_size`` tokens on the abs
 * ``layout``: a static block layout (``strided`` or ``random``) selecting key blocks;
 * ``topk_blocks``: a dynamic budget of k key blocks per query block, chosen from the data by ``selector``
   (``"mass"`` by default, ``"meanpool"``, ``"learned"``, ``"probe"``: exact scores of one query row in every
-  ``probe_stride`` (default 16), ``"refine"``: those exact scores over the candidates ``"mass"`` passes on, or
+  ``probe_stride`` (default 16), ``"refine"``: those exact scores over the candidates ``"mass"`` passes on,
+  ``"moment"``: a second-order estimate from key tiles' mean and variance per sampled row (default one in 8), or
   ``"oracle"``: the true attention mass, for evaluation);
   with ``mass_threshold`` t, the fewest blocks whose estimated attention mass reaches t, at most k;
 * ``dense_heads``: KV heads that stay dense; ``min_sparse_len``: queries at positions below it attend densely.
@@ -29,8 +30,8 @@ from typing import Any
 
 SUPPORTED_BLOCK_SIZES = (64, 128)
 LAYOUT_KINDS = ("strided", "random")
-SELECTORS = ("mass", "meanpool", "learned", "oracle", "probe", "refine")
-PROBING_SELECTORS = ("probe", "refine")  # selectors that score sampled query rows exactly (``probe_stride``)
+SELECTORS = ("mass", "meanpool", "learned", "oracle", "probe", "refine", "moment")
+PROBING_SELECTORS = ("probe", "refine", "moment")  # selectors that score sampled query rows (``probe_stride``)
 DEFAULT_SELECTOR = "mass"
 
 
@@ -153,22 +154,23 @@ class SparsePattern:
             _fail("mass_threshold", threshold, "only with topk_blocks set (the threshold's hard cap)")
         if self.selector in ("meanpool", "refine"):
             _fail("mass_threshold", threshold,
-                  "only with selector 'mass', 'learned', 'probe' or 'oracle' (meanpool scores are not mass; refine's "
-                  "restricted softmax is not the row's true mass)")
+                  "only with selector 'mass', 'learned', 'probe', 'moment' or 'oracle' (meanpool scores are not mass; "
+                  "refine's restricted softmax is not the row's true mass)")
         object.__setattr__(self, "mass_threshold", float(threshold))
 
     def _check_probe_stride(self) -> None:
-        """``probe_stride``: selectors ``"probe"`` / ``"refine"`` only, a power of two up to the block (the fused
-        kernels' grid)."""
+        """``probe_stride``: selectors ``"probe"`` / ``"refine"`` / ``"moment"`` only, a power of two up to the block
+        (the fused kernels' grid)."""
         stride = self.probe_stride
         if stride is None:
             return
         if self.selector not in PROBING_SELECTORS:
-            _fail("probe_stride", stride, "only with selector 'probe' or 'refine' (it sets how many query rows they "
-                  "score exactly)")
+            _fail("probe_stride", stride, "only with selector 'probe', 'refine' or 'moment' (it sets how many query "
+                  "rows they score)")
         if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1 or stride & (stride - 1) \
                 or stride > self.block_size:
-            _fail("probe_stride", stride, f"null (16) or a power of two from 1 to block_size={self.block_size}")
+            _fail("probe_stride", stride, f"null (the selector's default) or a power of two from 1 to "
+                  f"block_size={self.block_size}")
 
     @property
     def resolved_selector(self) -> str | None:
@@ -253,7 +255,8 @@ class SparsePattern:
 
 def _without_orphan_selection(changes: dict[str, Any]) -> dict[str, Any]:
     """``changes`` setting ``topk_blocks`` to None also reset ``selector``, ``mass_threshold`` and ``probe_stride``
-    unless given; a selector other than ``"probe"`` / ``"refine"`` resets ``probe_stride`` unless given."""
+    unless given; a selector other than ``"probe"`` / ``"refine"`` / ``"moment"`` resets ``probe_stride`` unless
+    given."""
     if "topk_blocks" in changes and changes["topk_blocks"] is None:
         return {"selector": None, "mass_threshold": None, "probe_stride": None, **changes}
     if "selector" in changes and changes["selector"] not in PROBING_SELECTORS:

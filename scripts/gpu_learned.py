@@ -1,5 +1,5 @@
 """The learned selector on a real model, on one GPU: distil SmolLM2-135M's scorer at 8K, then held-out perplexity of
-dense / static window / training-free "mass", "probe" and "refine" selectors / "oracle" (true attention mass) / learned
+dense / static window / training-free "mass", "probe", "refine" and "moment" selectors / "oracle" (true attention mass) / learned
 selector at equal density, at two budgets (about 25% and 12.5% of the causal pairs at 8K): issues 22 and 23's
 SmolLM2 evidence.
 With ``--calibrate N`` also the mass selector with per-layer budgets calibrated on N training windows at each
@@ -193,6 +193,9 @@ def main() -> int:
                          "and the learned scorer at that budget")
     ap.add_argument("--probe-strides", default="16,4",
                     help="comma-separated probe_stride values: one 'probe' row per value and budget")
+    ap.add_argument("--moment-strides", default="",
+                    help="comma-separated probe_stride values of selector 'moment' (per-row second-order estimate): "
+                         "one row per value and budget ('' for none)")
     ap.add_argument("--refine-strides", default="16,4",
                     help="comma-separated probe_stride values of selector 'refine' (mass candidates, exact second "
                          "stage): one row per value and budget ('' for none)")
@@ -296,6 +299,7 @@ def main() -> int:
         budgets[1] = {"block_size": 64, "sink_tokens": 8, "window": 64, "topk_blocks": 1}
     strides = [int(n) for n in args.probe_strides.split(",") if n.strip()]
     refine_strides = [int(n) for n in args.refine_strides.split(",") if n.strip()]
+    moment_strides = [int(n) for n in args.moment_strides.split(",") if n.strip()]
     first_of_budget: list[int] = []  # where each budget's rows start in specs
     for budget in budgets:  # per budget: static window of the same density, mass, probe, oracle, learned
         block, window, topk = budget["block_size"], budget["window"], budget["topk_blocks"]
@@ -310,6 +314,8 @@ def main() -> int:
               for n in strides),
             *((f"refine (one row in {n}): {tag}", {**budget, "selector": "refine", "probe_stride": n})
               for n in refine_strides),
+            *((f"moment (one row in {n}): {tag}", {**budget, "selector": "moment", "probe_stride": n})
+              for n in moment_strides),
             (f"oracle: {tag}", {**budget, "selector": "oracle"}))]
         specs += [PatternSpec(f"learned ({mode}): {tag}", as_model_sparsity({**budget, "selector": "learned"}))
                   for mode in modes]

@@ -415,7 +415,7 @@ def _expected_mask(pattern, tiles, q_len, kv_len, q_offset, kv_offset, hkv, atte
 
 
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
-@pytest.mark.parametrize("selector", ["mass", "meanpool", "oracle", "probe"])
+@pytest.mark.parametrize("selector", ["mass", "meanpool", "oracle", "probe", "moment"])
 def test_sparse_attention_with_selection_equals_masked_softmax(selector, case):
     """What sparse_attention computes for a top-k pattern is dense attention on the static rules plus the tiles
     ``select_tiles`` chooses: padding, decode, chunked prefill, batch > 1, GQA / MQA, forward and gradients."""
@@ -460,7 +460,7 @@ def test_selection_reads_nothing_on_the_host(monkeypatch):
     q, k, q_offset, kv_offset, k_seg = _inputs(CASES[3])
     for name in ("item", "tolist", "__bool__", "nonzero"):
         monkeypatch.setattr(torch.Tensor, name, refuse)
-    for selector in ("mass", "meanpool", "oracle", "probe"):
+    for selector in ("mass", "meanpool", "oracle", "probe", "moment"):
         for threshold in (None, 0.7):
             if threshold is not None and selector == "meanpool":
                 continue

@@ -4,7 +4,8 @@
 key tile's attention mass per query head (:mod:`.mass`), ``"meanpool"`` is the pooled dot product of before
 (:mod:`.meanpool`), ``"probe"`` keeps the tiles with the most exact attention of sampled query rows (:mod:`.probe`),
 ``"refine"`` lets ``"mass"`` pass on 4x the budget and chooses among those by the exact attention of sampled rows
-(:mod:`.refine`), ``"oracle"`` keeps the tiles with the most true attention mass (:mod:`.oracle`: dense scores,
+(:mod:`.refine`), ``"moment"`` estimates each key tile's mass per sampled query row from the tile's key mean and
+variance (:mod:`.moment`), ``"oracle"`` keeps the tiles with the most true attention mass (:mod:`.oracle`: dense scores,
 evaluation only), ``"learned"`` tiles come from a trained scorer outside the op. Every selector returns
 (B, Hkv, n_q_tiles, topk_blocks) int32 key tile numbers on the absolute grid (-1 = none) without reading a tensor on
 the host, so it runs inside CUDA graphs and torch.compile.
@@ -17,13 +18,14 @@ import torch
 from ..patterns import SparsePattern
 from .mass import select_mass
 from .meanpool import select_meanpool
+from .moment import MOMENT_STRIDE, select_moment
 from .oracle import select_oracle
 from .probe import PROBE_STRIDE, select_probe
 from .refine import select_refine
 from .store import SelectionState
 
-__all__ = ["SelectionState", "select_mass", "select_meanpool", "select_oracle", "select_probe", "select_refine",
-           "select_tiles"]
+__all__ = ["SelectionState", "select_mass", "select_meanpool", "select_moment", "select_oracle", "select_probe",
+           "select_refine", "select_tiles"]
 
 
 @torch.no_grad()
@@ -60,8 +62,10 @@ def select_tiles(
         return select_oracle(q, k, pattern, q_offset, kv_offset, k_seg)
     if selector == "probe":
         return select_probe(q, k, pattern, q_offset, kv_offset, k_seg, stride=pattern.probe_stride or PROBE_STRIDE)
+    if selector == "moment":
+        return select_moment(q, k, pattern, q_offset, kv_offset, k_seg, stride=pattern.probe_stride or MOMENT_STRIDE)
     if selector == "refine":
         return select_refine(q, k, pattern, q_offset, kv_offset, k_seg, selection_state=selection_state)
     raise ValueError(f"selector {selector!r} cannot choose tiles inside the op: the tiles must come from the model's "
                      "trained scorer (pass them as selected_tiles); selectors 'mass', 'meanpool', 'probe', "
-                     "'refine' and 'oracle' select here")
+                     "'refine', 'moment' and 'oracle' select here")
