@@ -72,15 +72,18 @@ def _operand(x, F16: tl.constexpr):
 @triton.jit
 def _pool_tile(X, SEG, OUT, t, bh, s_xb, s_xh, s_xl, s_xd, s_sb, s_ob, s_oh, s_on, length, shift, seg_start, H, D,
                BLOCK: tl.constexpr, ROWS: tl.constexpr, D_PAD: tl.constexpr, IS_QUERY: tl.constexpr,
-               HAS_SEG: tl.constexpr, HALF_OUT: tl.constexpr):
+               HAS_SEG: tl.constexpr, HALF_OUT: tl.constexpr, MOMENTS: tl.constexpr = False):
     """The features of tile ``t`` of row ``bh`` (batch x head) of X: query ``[relu(mean), min(mean, 0)]``, key
-    ``[max, min]`` over the real rows, elementwise over the row steps and reduced over rows once at the end."""
+    ``[max, min]`` (``MOMENTS``: ``[mean, variance]``) over the real rows, elementwise over the row steps and reduced
+    over rows once at the end."""
     b = bh // H
     h = bh % H
     d = tl.arange(0, D_PAD)
     d_ok = d < D
     total = tl.zeros([ROWS, D_PAD], dtype=tl.float32)
     hi = tl.full([ROWS, D_PAD], float("-inf"), tl.float32)
+    if MOMENTS:
+        hi = tl.zeros([ROWS, D_PAD], dtype=tl.float32)
     lo = tl.full([ROWS, D_PAD], float("inf"), tl.float32)
     count = tl.zeros([ROWS], dtype=tl.float32)
     base = X + b.to(tl.int64) * s_xb + h.to(tl.int64) * s_xh
@@ -88,13 +91,18 @@ def _pool_tile(X, SEG, OUT, t, bh, s_xb, s_xh, s_xl, s_xd, s_sb, s_ob, s_oh, s_o
         rows, ok = tile_rows(SEG + b.to(tl.int64) * s_sb + seg_start, t, r0, shift, length, BLOCK, ROWS, HAS_SEG)
         x = load_rows(base, rows, ok, d, d_ok, s_xl, s_xd)
         count += ok.to(tl.float32)
-        if IS_QUERY:
+        if IS_QUERY or MOMENTS:
             total += x
+            if MOMENTS:
+                hi += x * x  # the sum of squares
         else:
             hi = tl.maximum(hi, tl.where(ok[:, None], x, float("-inf")))
             lo = tl.minimum(lo, tl.where(ok[:, None], x, float("inf")))
     n = tl.sum(count, 0)
-    if IS_QUERY:
+    if MOMENTS:
+        first = tl.sum(total, 0) / tl.maximum(n, 1.0)
+        second = tl.maximum(tl.sum(hi, 0) / tl.maximum(n, 1.0) - first * first, 0.0)
+    elif IS_QUERY:
         mean = tl.sum(total, 0) / tl.maximum(n, 1.0)
         first = tl.maximum(mean, 0.0)
         second = tl.minimum(mean, 0.0)
@@ -112,10 +120,10 @@ def _pool_kernel(
     s_xb, s_xh, s_xl, s_xd, s_sb, s_ob, s_oh, s_on,
     length, shift, seg_start, H, D,
     BLOCK: tl.constexpr, ROWS: tl.constexpr, D_PAD: tl.constexpr, IS_QUERY: tl.constexpr, HAS_SEG: tl.constexpr,
-    HALF_OUT: tl.constexpr,
+    HALF_OUT: tl.constexpr, MOMENTS: tl.constexpr,
 ):
     _pool_tile(X, SEG, OUT, tl.program_id(0), tl.program_id(1), s_xb, s_xh, s_xl, s_xd, s_sb, s_ob, s_oh, s_on,
-               length, shift, seg_start, H, D, BLOCK, ROWS, D_PAD, IS_QUERY, HAS_SEG, HALF_OUT)
+               length, shift, seg_start, H, D, BLOCK, ROWS, D_PAD, IS_QUERY, HAS_SEG, HALF_OUT, MOMENTS)
 
 
 @triton.jit
@@ -139,6 +147,42 @@ def _pool_pair_kernel(
         if t < n_k:
             _pool_tile(K, KSEG, KOUT, t, r - q_rows, s_kb, s_kh, s_kl, s_kd, s_ksb, s_kob, s_koh, s_kon, k_len,
                        k_shift, 0, HK, D, BLOCK, ROWS, D_PAD, False, HAS_KSEG, HALF_OUT)
+
+
+@triton.jit
+def _sample_rows_kernel(
+    Q, SEG, QF, ROW_OK,
+    s_qb, s_qh, s_ql, s_qd, s_sb, s_fb, s_fh, s_fm, s_rb, s_rm,
+    q_len, q_offset, seg_start, qb0, H, D, coef,
+    BLOCK: tl.constexpr, STRIDE: tl.constexpr, SAMPLES: tl.constexpr, D_PAD: tl.constexpr, HAS_SEG: tl.constexpr,
+    HALF_OUT: tl.constexpr,
+):
+    """Selector "moment"'s query side: per (query tile, batch x head), its ``SAMPLES`` sampled rows' features
+    ``[q, coef * q * q]`` into rows ``h * SAMPLES + j`` of QF, and (head 0) which slots hold a real row. Slot ``j``
+    covers absolute positions ``[base + j STRIDE, base + (j + 1) STRIDE)``; it holds its last position when that is a
+    query of the call, else the call's last row when that falls inside it (the rows of ``select_moment``)."""
+    t = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    j = tl.arange(0, SAMPLES)
+    d = tl.arange(0, D_PAD)
+    d_ok = d < D
+    q_end = q_offset + q_len
+    grid_pos = (qb0 + t) * BLOCK + j * STRIDE + STRIDE - 1
+    pos = tl.minimum(grid_pos, q_end - 1)
+    ok = (grid_pos - STRIDE + 1 <= q_end - 1) & (pos >= q_offset)
+    row = pos - q_offset
+    if HAS_SEG:
+        ok = ok & (tl.load(SEG + b.to(tl.int64) * s_sb + seg_start + row, mask=ok, other=-1) >= 0)
+    x = tl.load(Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh + row.to(tl.int64)[:, None] * s_ql
+                + d[None, :] * s_qd, mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    out = (QF + b.to(tl.int64) * s_fb + (h * SAMPLES + j).to(tl.int64)[:, None] * s_fh + t.to(tl.int64) * s_fm
+           + d[None, :])
+    tl.store(out, _operand(x, HALF_OUT))
+    tl.store(out + D_PAD, _operand(coef * x * x, HALF_OUT))
+    if h == 0:
+        tl.store(ROW_OK + b.to(tl.int64) * s_rb + t.to(tl.int64) * s_rm + j, ok.to(tl.int8))
 
 
 @triton.jit
@@ -348,14 +392,45 @@ def competition(m_ok, qb, q_last, n, cnt, sink_only, kb0, kv_offset, window, BLO
 
 
 @triton.jit
+def sampled_rows_ok(ROW_OK, s_rb, s_rm, b, m_r, h_r, rows_ok, SAMPLES: tl.constexpr):
+    """Selector "moment": a row (query tile ``m_r``, group row ``h_r`` = head x ``SAMPLES`` + slot) counts only
+    where its slot holds a real sampled query row (``ROW_OK`` (B, n_q, SAMPLES) int8); others (``SAMPLES`` 0) pass."""
+    if SAMPLES > 0:
+        slot_ok = tl.load(ROW_OK + b.to(tl.int64) * s_rb + m_r.to(tl.int64) * s_rm + h_r % SAMPLES, mask=rows_ok,
+                          other=0)
+        rows_ok = rows_ok & (slot_ok != 0)
+    return rows_ok
+
+
+@triton.jit
+def group_denominator(rows_ok, BM: tl.constexpr, HG_P: tl.constexpr, GROUP: tl.constexpr, SAMPLES: tl.constexpr):
+    """(BM,) what a query tile's group-summed probabilities are divided by: the group's heads (mass), or its real
+    (head, sampled row) rows (moment; at least 1)."""
+    if SAMPLES > 0:
+        return tl.maximum(tl.sum(tl.reshape(rows_ok.to(tl.float32), [BM, HG_P]), 1), 1.0)
+    else:
+        return tl.full([BM], GROUP, tl.float32)
+
+
+@triton.jit
+def log_count(s, cnt, LOG_COUNT: tl.constexpr):
+    """Selector "moment"'s estimated logits add ``log n`` (n real keys of the key tile, at least 1)."""
+    if LOG_COUNT:
+        s = s + tl.log(tl.maximum(cnt, 1).to(tl.float32))[None, :]
+    return s
+
+
+@triton.jit
 def group_rows(QF, KF, s_qb, s_qh, s_qm, s_kb, s_kh, b, g, m0, n_q, ROWS: tl.constexpr, GROUP: tl.constexpr,
-               HG_P: tl.constexpr):
+               HG_P: tl.constexpr, ROW_OK=None, s_rb=0, s_rm=0, SAMPLES: tl.constexpr = 0):
     """The (query tile, head of the KV group) rows of a program from query tile ``m0``: their tile numbers, which
-    are real, their query feature pointers (ROWS, 1) and the KV head's key feature base."""
+    are real, their query feature pointers (ROWS, 1) and the KV head's key feature base. With ``SAMPLES`` (selector
+    "moment") a group row is (head, sampled row) and counts only where the slot holds a real row."""
     r = tl.arange(0, ROWS)
     m_r = m0 + r // HG_P
     h_r = r % HG_P
     rows_ok = (h_r < GROUP) & (m_r < n_q)
+    rows_ok = sampled_rows_ok(ROW_OK, s_rb, s_rm, b, m_r, h_r, rows_ok, SAMPLES)
     qf_ptr = (QF + b.to(tl.int64) * s_qb + (g * GROUP + h_r).to(tl.int64)[:, None] * s_qh
               + m_r.to(tl.int64)[:, None] * s_qm)
     kf_ptr = KF + b.to(tl.int64) * s_kb + g.to(tl.int64) * s_kh
@@ -364,30 +439,33 @@ def group_rows(QF, KF, s_qb, s_qh, s_qm, s_kb, s_kh, b, g, m0, n_q, ROWS: tl.con
 
 @triton.jit
 def _chunk_mass(qf_ptr, qf_all, kf_ptr, c_ptr, s_ptr, n, n_k, rows_ok, qb_r, lse, m_ok, qb, q_last, kb0, kv_offset,
-                kv_end, sink, window, scale, s_kn, ROWS: tl.constexpr, BM: tl.constexpr, HG_P: tl.constexpr,
-                GROUP: tl.constexpr, CN: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, BLOCK: tl.constexpr,
-                HAS_WINDOW: tl.constexpr, HAS_TILE_INFO: tl.constexpr, HOIST: tl.constexpr, F16: tl.constexpr):
-    """Pass 2 on key tiles ``n``: the group-mean probability mass (BM, CN) of each query tile on each, and the
-    ``cand`` / ``static`` masks of :func:`competition`."""
+                kv_end, sink, window, scale, s_kn, denom, ROWS: tl.constexpr, BM: tl.constexpr, HG_P: tl.constexpr,
+                CN: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, BLOCK: tl.constexpr,
+                HAS_WINDOW: tl.constexpr, HAS_TILE_INFO: tl.constexpr, HOIST: tl.constexpr, F16: tl.constexpr,
+                LOG_COUNT: tl.constexpr):
+    """Pass 2 on key tiles ``n``: the group-mean probability mass (BM, CN) of each query tile on each (the rows'
+    sum over ``denom``), and the ``cand`` / ``static`` masks of :func:`competition`."""
     n_ok = n < n_k
     cnt, sink_only = key_tiles(c_ptr, s_ptr, n, n_ok, kb0, kv_offset, kv_end, sink, BLOCK, HAS_TILE_INFO)
-    s = _scores(qf_ptr, qf_all, kf_ptr, n, n_ok, rows_ok, s_kn, ROWS, CN, F, FC, HOIST, F16) * scale
+    s = log_count(_scores(qf_ptr, qf_all, kf_ptr, n, n_ok, rows_ok, s_kn, ROWS, CN, F, FC, HOIST, F16) * scale, cnt,
+                  LOG_COUNT)
     cand_r = rows_ok[:, None] & ((kb0 + n)[None, :] <= qb_r[:, None]) & (cnt > 0)[None, :]
     p = tl.where(cand_r, tl.exp(s - lse[:, None]), 0.0)
-    mass = tl.sum(tl.reshape(p, [BM, HG_P, CN]), 1) / GROUP
+    mass = tl.sum(tl.reshape(p, [BM, HG_P, CN]), 1) / denom[:, None]
     cand, static = competition(m_ok, qb, q_last, n, cnt, sink_only, kb0, kv_offset, window, BLOCK, HAS_WINDOW)
     return mass, cand, static
 
 
 @triton.jit
 def _select_kernel(
-    QF, KF, CNT, SINK_ONLY, OUT,
-    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_cb, s_ob, s_oh, s_om,
+    QF, KF, CNT, SINK_ONLY, OUT, ROW_OK,
+    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_cb, s_ob, s_oh, s_om, s_rb, s_rm,
     n_q, n_k, qb0, kb0, q_end, kv_offset, kv_end, sink, window, scale, threshold,
     HKV: tl.constexpr, GROUP: tl.constexpr, HG_P: tl.constexpr, BM: tl.constexpr, CN: tl.constexpr,
     F: tl.constexpr, FC: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, KP_LOG: tl.constexpr,
     CN_LOG: tl.constexpr, MERGE: tl.constexpr, BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_THRESHOLD: tl.constexpr, HAS_TILE_INFO: tl.constexpr, HOIST: tl.constexpr, F16: tl.constexpr,
+    SAMPLES: tl.constexpr, LOG_COUNT: tl.constexpr,
 ):
     ROWS: tl.constexpr = BM * HG_P
     pid_m = tl.program_id(0)
@@ -395,7 +473,8 @@ def _select_kernel(
     b = pid_bh // HKV
     g = pid_bh % HKV
     m_r, rows_ok, qf_ptr, kf_ptr = group_rows(QF, KF, s_qb, s_qh, s_qm, s_kb, s_kh, b, g, pid_m * BM, n_q, ROWS,
-                                              GROUP, HG_P)
+                                              GROUP, HG_P, ROW_OK, s_rb, s_rm, SAMPLES)
+    denom = group_denominator(rows_ok, BM, HG_P, GROUP, SAMPLES)
     qb_r = qb0 + m_r
     c_ptr = CNT + b.to(tl.int64) * s_cb
     s_ptr = SINK_ONLY + b.to(tl.int64) * s_cb
@@ -413,7 +492,8 @@ def _select_kernel(
         n = n0 + cn
         n_ok = n < n_k
         cnt, _ = key_tiles(c_ptr, s_ptr, n, n_ok, kb0, kv_offset, kv_end, sink, BLOCK, HAS_TILE_INFO)
-        s = _scores(qf_ptr, qf_all, kf_ptr, n, n_ok, rows_ok, s_kn, ROWS, CN, F, FC, HOIST, F16) * scale
+        s = log_count(_scores(qf_ptr, qf_all, kf_ptr, n, n_ok, rows_ok, s_kn, ROWS, CN, F, FC, HOIST, F16) * scale,
+                      cnt, LOG_COUNT)
         cand = rows_ok[:, None] & ((kb0 + n)[None, :] <= qb_r[:, None]) & (cnt > 0)[None, :]
         s = tl.where(cand, s, NEG)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -439,8 +519,8 @@ def _select_kernel(
                 n = n0 + cn
                 mass, cand, static = _chunk_mass(qf_ptr, qf_all, kf_ptr, c_ptr, s_ptr, n, n_k, rows_ok, qb_r, lse,
                                                  m_ok, qb, q_last, kb0, kv_offset, kv_end, sink, window, scale,
-                                                 s_kn, ROWS, BM, HG_P, GROUP, CN, F, FC, BLOCK, HAS_WINDOW,
-                                                 HAS_TILE_INFO, HOIST, F16)
+                                                 s_kn, denom, ROWS, BM, HG_P, CN, F, FC, BLOCK, HAS_WINDOW,
+                                                 HAS_TILE_INFO, HOIST, F16, LOG_COUNT)
                 static_mass += tl.sum(tl.where(static, mass, 0.0), 1)
                 chunk = desc_key(tl.where(cand & ~static, mass, -1.0), tl.broadcast_to(n[None, :], [BM, CN]))
                 staged = stage(staged, chunk, j, BM, KP, CN)
@@ -449,16 +529,17 @@ def _select_kernel(
     else:  # budgets within a chunk: a running top-k, unsorted (-1 = empty, FILLED = a slot past TOPK), filled
         # from the first chunk by one sort, then insertions
         mass, cand, static = _chunk_mass(qf_ptr, qf_all, kf_ptr, c_ptr, s_ptr, cn, n_k, rows_ok, qb_r, lse, m_ok, qb,
-                                         q_last, kb0, kv_offset, kv_end, sink, window, scale, s_kn, ROWS, BM, HG_P,
-                                         GROUP, CN, F, FC, BLOCK, HAS_WINDOW, HAS_TILE_INFO, HOIST, F16)
+                                         q_last, kb0, kv_offset, kv_end, sink, window, scale, s_kn, denom, ROWS, BM,
+                                         HG_P, CN, F, FC, BLOCK, HAS_WINDOW, HAS_TILE_INFO, HOIST, F16, LOG_COUNT)
         static_mass += tl.sum(tl.where(static, mass, 0.0), 1)
         first = desc_key(tl.where(cand & ~static, mass, -1.0), tl.broadcast_to(cn[None, :], [BM, CN]))
         best_v, best_i = fill_from_keys(first, FILLED, BM, CN, CN_LOG, KP, TOPK)
         for n0 in range(CN, n_hi, CN):
             n = n0 + cn
             mass, cand, static = _chunk_mass(qf_ptr, qf_all, kf_ptr, c_ptr, s_ptr, n, n_k, rows_ok, qb_r, lse, m_ok,
-                                             qb, q_last, kb0, kv_offset, kv_end, sink, window, scale, s_kn, ROWS, BM,
-                                             HG_P, GROUP, CN, F, FC, BLOCK, HAS_WINDOW, HAS_TILE_INFO, HOIST, F16)
+                                             qb, q_last, kb0, kv_offset, kv_end, sink, window, scale, s_kn, denom,
+                                             ROWS, BM, HG_P, CN, F, FC, BLOCK, HAS_WINDOW, HAS_TILE_INFO, HOIST, F16,
+                                             LOG_COUNT)
             static_mass += tl.sum(tl.where(static, mass, 0.0), 1)
             best_v, best_i = topk_insert(best_v, best_i, tl.where(cand & ~static, mass, -1.0), n0, cn, kk)
         out = topk_result(best_v, best_i, static_mass, threshold, BM, KP, TOPK, HAS_THRESHOLD)
@@ -468,11 +549,12 @@ def _select_kernel(
 
 @triton.jit
 def _short_logits_kernel(
-    QF, KF, CNT, SINK_ONLY, LOGITS, PM, PL,
-    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_cb,
+    QF, KF, CNT, SINK_ONLY, LOGITS, PM, PL, ROW_OK,
+    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_cb, s_rb, s_rm,
     n_q, n_k, n_k_pad, n_chunks, qb0, kb0, kv_offset, kv_end, sink, scale,
     HKV: tl.constexpr, GROUP: tl.constexpr, HG_P: tl.constexpr, BM: tl.constexpr, CN: tl.constexpr,
     F: tl.constexpr, FC: tl.constexpr, BLOCK: tl.constexpr, HAS_TILE_INFO: tl.constexpr, F16: tl.constexpr,
+    SAMPLES: tl.constexpr, LOG_COUNT: tl.constexpr,
 ):
     """Few query tiles (decode), stage 1: one program per (chunk of CN key tiles, batch x KV head) writes the
     estimated logits of every (query tile, head) row on its tiles and the chunk's max / sum of exp per row."""
@@ -481,12 +563,14 @@ def _short_logits_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
     g = pid_bh % HKV
-    m_r, rows_ok, qf_ptr, kf_ptr = group_rows(QF, KF, s_qb, s_qh, s_qm, s_kb, s_kh, b, g, 0, n_q, ROWS, GROUP, HG_P)
+    m_r, rows_ok, qf_ptr, kf_ptr = group_rows(QF, KF, s_qb, s_qh, s_qm, s_kb, s_kh, b, g, 0, n_q, ROWS, GROUP, HG_P,
+                                              ROW_OK, s_rb, s_rm, SAMPLES)
     n = c * CN + tl.arange(0, CN)
     n_ok = n < n_k
     cnt, _ = key_tiles(CNT + b.to(tl.int64) * s_cb, SINK_ONLY + b.to(tl.int64) * s_cb, n, n_ok, kb0, kv_offset,
                        kv_end, sink, BLOCK, HAS_TILE_INFO)
-    s = _scores(qf_ptr, 0.0, kf_ptr, n, n_ok, rows_ok, s_kn, ROWS, CN, F, FC, False, F16) * scale
+    s = log_count(_scores(qf_ptr, 0.0, kf_ptr, n, n_ok, rows_ok, s_kn, ROWS, CN, F, FC, False, F16) * scale, cnt,
+                  LOG_COUNT)
     cand = rows_ok[:, None] & ((kb0 + n)[None, :] <= (qb0 + m_r)[:, None]) & (cnt > 0)[None, :]
     s = tl.where(cand, s, NEG)
     m_c = tl.max(s, 1)
@@ -499,10 +583,11 @@ def _short_logits_kernel(
 
 @triton.jit
 def _short_mass_kernel(
-    CNT, SINK_ONLY, LOGITS, PM, PL, MASS, STATIC,
-    s_cb, n_q, n_k, n_k_pad, n_chunks, qb0, kb0, q_end, kv_offset, kv_end, sink, window,
+    CNT, SINK_ONLY, LOGITS, PM, PL, MASS, STATIC, ROW_OK,
+    s_cb, s_rb, s_rm, n_q, n_k, n_k_pad, n_chunks, qb0, kb0, q_end, kv_offset, kv_end, sink, window,
     HKV: tl.constexpr, GROUP: tl.constexpr, HG_P: tl.constexpr, BM: tl.constexpr, CN: tl.constexpr,
     CB: tl.constexpr, BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_TILE_INFO: tl.constexpr,
+    SAMPLES: tl.constexpr,
 ):
     """Few query tiles, stage 2: per (chunk, batch x KV head), each row's log-sum-exp from every chunk's max / sum,
     then the group-mean mass of the chunk's tiles: competing tiles' mass (-1 for the others) and the static tiles'
@@ -528,7 +613,9 @@ def _short_mass_kernel(
     n_ok = n < n_k
     s = tl.load(LOGITS + row[:, None] * n_k_pad + n[None, :])
     p = tl.where(s > NEG, tl.exp(s - lse[:, None]), 0.0)  # non-candidates were written as NEG
-    mass = tl.sum(tl.reshape(p, [BM, HG_P, CN]), 1) / GROUP
+    rows_ok = ((r % HG_P) < GROUP) & ((r // HG_P) < n_q)
+    rows_ok = sampled_rows_ok(ROW_OK, s_rb, s_rm, b, r // HG_P, r % HG_P, rows_ok, SAMPLES)
+    mass = tl.sum(tl.reshape(p, [BM, HG_P, CN]), 1) / group_denominator(rows_ok, BM, HG_P, GROUP, SAMPLES)[:, None]
     cnt, sink_only = key_tiles(CNT + b.to(tl.int64) * s_cb, SINK_ONLY + b.to(tl.int64) * s_cb, n, n_ok, kb0,
                                kv_offset, kv_end, sink, BLOCK, HAS_TILE_INFO)
     m = tl.arange(0, BM)
@@ -545,7 +632,7 @@ SHORT_MIN_KEY_TILES = 256  # below this one program per (batch, KV head) reads a
 
 
 def _select_short(qf, kf, count, sink_flag, has_info, *, half, batch, hkv, group, n_q, n_k, q_offset, q_len, kv_offset,
-                  kv_len, block, sink, topk, window, threshold, scale) -> torch.Tensor:
+                  kv_len, block, sink, topk, window, threshold, scale, row_ok=None, samples=0) -> torch.Tensor:
     """Few query tiles: selection spread over key tiles (two launches and a ``torch.topk``), instead of one program
     per (batch, KV head) streaming every key tile with a serial running top-k."""
     hg_p = _next_pow2(group)
@@ -561,19 +648,21 @@ def _select_short(qf, kf, count, sink_flag, has_info, *, half, batch, hkv, group
     pl = torch.empty_like(pm)
     qb0, kb0 = q_offset // block, kv_offset // block
     s_cb = count.stride(0) if has_info else 0
+    rows_arg = row_ok if row_ok is not None else logits
+    s_rb, s_rm = (row_ok.stride(0), row_ok.stride(1)) if row_ok is not None else (0, 0)
     _short_logits_kernel[(n_chunks, batch * hkv)](
-        qf, kf, count, sink_flag, logits, pm, pl, *qf.stride()[:3], *kf.stride()[:3], s_cb,
+        qf, kf, count, sink_flag, logits, pm, pl, rows_arg, *qf.stride()[:3], *kf.stride()[:3], s_cb, s_rb, s_rm,
         n_q, n_k, n_k_pad, n_chunks, qb0, kb0, kv_offset, kv_offset + kv_len, sink, scale,
         HKV=hkv, GROUP=group, HG_P=hg_p, BM=bm, CN=cn, F=feats, FC=min(FEATURE_CHUNK, feats), BLOCK=block,
-        HAS_TILE_INFO=has_info, F16=half,
+        HAS_TILE_INFO=has_info, F16=half, SAMPLES=samples, LOG_COUNT=samples > 0,
     )
     mass = torch.empty(batch * hkv, bm, n_k_pad, device=dev, dtype=torch.float32)
     static = torch.empty(batch * hkv, bm, n_chunks, device=dev, dtype=torch.float32)
     _short_mass_kernel[(n_chunks, batch * hkv)](
-        count, sink_flag, logits, pm, pl, mass, static, s_cb, n_q, n_k, n_k_pad, n_chunks, qb0, kb0,
-        q_offset + q_len, kv_offset, kv_offset + kv_len, sink, window or 0,
+        count, sink_flag, logits, pm, pl, mass, static, rows_arg, s_cb, s_rb, s_rm, n_q, n_k, n_k_pad, n_chunks, qb0,
+        kb0, q_offset + q_len, kv_offset, kv_offset + kv_len, sink, window or 0,
         HKV=hkv, GROUP=group, HG_P=hg_p, BM=bm, CN=cn, CB=min(64, _next_pow2(n_chunks)), BLOCK=block,
-        HAS_WINDOW=window is not None, HAS_TILE_INFO=has_info,
+        HAS_WINDOW=window is not None, HAS_TILE_INFO=has_info, SAMPLES=samples,
     )
     mass = mass.view(batch, hkv, bm, n_k_pad)[:, :, :n_q, :n_k]
     width = min(topk, n_k)
@@ -617,9 +706,9 @@ def merge_stages(merge: bool) -> int:
 
 def pool_features(x: torch.Tensor, offset: int, block: int, seg: torch.Tensor | None, seg_start: int,
                   is_query: bool, dtype: torch.dtype = torch.float32, rows: int = POOL_ROWS,
-                  num_warps: int = POOL_WARPS) -> torch.Tensor:
+                  num_warps: int = POOL_WARPS, moments: bool = False) -> torch.Tensor:
     """(B, H, n_tiles, 2 * D_pad) tile features of x (B, H, L, D) on the absolute grid from ``offset``, float32 or
-    ``dtype`` float16 (saturated at +-65504).
+    ``dtype`` float16 (saturated at +-65504); ``moments`` (keys): ``[mean, variance]`` instead of ``[max, min]``.
 
     Rows t with ``seg[:, seg_start + t] < 0`` are padding and left out (``seg`` None: all rows real). ``rows`` /
     ``num_warps``: the launch (rows loaded per step), which does not change the values."""
@@ -635,7 +724,7 @@ def pool_features(x: torch.Tensor, offset: int, block: int, seg: torch.Tensor | 
     _pool_kernel[(n_tiles, batch * heads)](
         x, seg_arg, out, *x.stride(), s_sb, *out.stride()[:3], length, shift, seg_start, heads, dim,
         BLOCK=block, ROWS=min(rows, block), D_PAD=d_pad, IS_QUERY=is_query, HAS_SEG=seg is not None,
-        HALF_OUT=dtype == torch.float16, num_warps=num_warps,
+        HALF_OUT=dtype == torch.float16, MOMENTS=moments and not is_query, num_warps=num_warps,
     )
     return out
 
@@ -776,26 +865,111 @@ def select_by_mass(
             raise ValueError(f"key_features must be float32 (batch={batch}, kv_heads={hkv}, key tiles={n_k}, "
                              f"{qf.shape[-1]}), got {tuple(key_features.shape)} {key_features.dtype}")
         kf = key_features
-    group = hq // hkv
+    return _launch_select(qf, kf, count, sink_flag, out, has_info, half=half, group=hq // hkv, n_q=n_q, n_k=n_k,
+                          q_offset=q_offset, q_len=q_len, kv_offset=kv_offset, kv_len=kv_len, block=block, sink=sink,
+                          topk=topk, window=window, threshold=threshold, scale=scale,
+                          rows_per_program=rows_per_program, num_warps=num_warps)
+
+
+def _launch_select(qf, kf, count, sink_flag, out, has_info, *, half, group, n_q, n_k, q_offset, q_len, kv_offset,
+                   kv_len, block, sink, topk, window, threshold, scale, rows_per_program, num_warps,
+                   row_ok=None, samples=0) -> torch.Tensor:
+    """The selection launch shared by "mass" and "moment": ``qf`` (B, Hkv x ``group``, n_q, F) rows scored against
+    ``kf`` (B, Hkv, n_k, F), ``group`` rows per KV head averaged (with ``row_ok`` (B, n_q, ``samples``) int8: the
+    real ones, and ``log n`` added to every logit). Fills and returns ``out``."""
+    batch, hkv = kf.shape[0], kf.shape[1]
     if n_q <= SHORT_QUERY_TILES and n_k >= SHORT_MIN_KEY_TILES:
         return _select_short(qf, kf, count, sink_flag, has_info, half=half, batch=batch, hkv=hkv, group=group,
                              n_q=n_q, n_k=n_k, q_offset=q_offset, q_len=q_len, kv_offset=kv_offset, kv_len=kv_len,
-                             block=block, sink=sink, topk=topk, window=window, threshold=threshold, scale=scale)
+                             block=block, sink=sink, topk=topk, window=window, threshold=threshold, scale=scale,
+                             row_ok=row_ok, samples=samples)
     hg_p = _next_pow2(group)
     bm = max(1, rows_per_program // hg_p)
     feats = qf.shape[-1]
     cn = _chunk_tiles(feats)
     merge = uses_merge(topk, cn)
     slots = max(2, _next_pow2(topk))  # the running top-k's width (with merges a multiple of the chunk: uses_merge)
+    rows_arg = row_ok if row_ok is not None else out
+    s_rb, s_rm = (row_ok.stride(0), row_ok.stride(1)) if row_ok is not None else (0, 0)
     _select_kernel[(triton.cdiv(n_q, bm), batch * hkv)](
-        qf, kf, count, sink_flag, out, *qf.stride()[:3], *kf.stride()[:3], count.stride(0) if has_info else 0,
-        *out.stride()[:3], n_q, n_k, q_offset // block, kv_offset // block, q_offset + q_len, kv_offset,
-        kv_offset + kv_len, sink, window or 0, scale,
+        qf, kf, count, sink_flag, out, rows_arg, *qf.stride()[:3], *kf.stride()[:3],
+        count.stride(0) if has_info else 0, *out.stride()[:3], s_rb, s_rm, n_q, n_k, q_offset // block,
+        kv_offset // block, q_offset + q_len, kv_offset, kv_offset + kv_len, sink, window or 0, scale,
         threshold if threshold is not None else 0.0,
         HKV=hkv, GROUP=group, HG_P=hg_p, BM=bm, CN=cn, F=feats, FC=min(FEATURE_CHUNK, feats), TOPK=topk,
         KP=slots, KP_LOG=slots.bit_length() - 1, CN_LOG=cn.bit_length() - 1, MERGE=merge, BLOCK=block,
         HAS_WINDOW=window is not None, HAS_THRESHOLD=threshold is not None, HAS_TILE_INFO=has_info,
-        HOIST=feats <= HOIST_MAX_FEATURES, F16=half,
+        HOIST=feats <= HOIST_MAX_FEATURES and bm * hg_p <= 128, F16=half, SAMPLES=samples, LOG_COUNT=samples > 0,
         num_warps=num_warps, num_stages=merge_stages(merge),
     )
     return out
+
+
+def select_by_moment(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    k_seg: torch.Tensor | None,
+    key_count: torch.Tensor | None,
+    sink_only: torch.Tensor | None,
+    *,
+    block: int,
+    q_offset: int,
+    kv_offset: int,
+    sink: int,
+    topk: int,
+    window: int | None,
+    threshold: float | None,
+    scale: float,
+    stride: int,
+    variance: float,
+    key_features: torch.Tensor | None = None,
+    rows_per_program: int | None = None,
+    num_warps: int = 4,
+    half: bool | None = None,
+) -> torch.Tensor:
+    """Selector "moment" (``hf_sparsek.selection.moment``) on the GPU: (B, Hkv, n_q_tiles, topk) int32 key tiles.
+
+    Arguments as :func:`select_by_mass`; ``stride`` (a power of two dividing ``block``): one sampled query row per
+    ``stride`` positions (and the call's last); ``variance``: the weight of the variance term; ``key_features``:
+    kept ``[mean, variance]`` per key tile (the store's moment layout) instead of pooling every key. Two launches
+    before the selection's: the key tiles' mean / variance, the sampled rows' ``[q, variance * scale / 2 * q * q]``
+    (each (head, sampled row) is one row of the KV group's average)."""
+    if stride < 1 or stride & (stride - 1) or block % stride:
+        raise ValueError(f"stride must be a power of two dividing the block ({block}), got {stride}")
+    if rows_per_program is not None and (rows_per_program < ROWS_MIN or rows_per_program & (rows_per_program - 1)):
+        raise ValueError(f"rows_per_program must be a power of two >= {ROWS_MIN}, got {rows_per_program}")
+    batch, hq, q_len, dim = q.shape
+    hkv, kv_len = k.shape[1], k.shape[2]
+    n_q, n_k, out, count, sink_flag, has_info = prepare_call(q, k, key_count, sink_only, block, q_offset, kv_offset,
+                                                             topk)
+    samples = block // stride
+    group = (hq // hkv) * samples
+    if rows_per_program is None:
+        rows_per_program = mass_rows_per_program(n_q, group, batch * hkv, sm_count(q.device), topk)
+    if out.numel() == 0:
+        return out
+    q_start = q_offset - kv_offset
+    q_seg = k_seg if (k_seg is not None and q_start >= 0) else None
+    if half is None:
+        half = q.is_cuda
+    fdt = torch.float16 if half else torch.float32
+    d_pad = max(16, _next_pow2(dim))
+    if key_features is None:
+        kf = pool_features(k, kv_offset, block, k_seg, 0, False, fdt, moments=True)
+    else:
+        if key_features.dtype != torch.float32 or tuple(key_features.shape) != (batch, hkv, n_k, 2 * d_pad):
+            raise ValueError(f"key_features must be float32 (batch={batch}, kv_heads={hkv}, key tiles={n_k}, "
+                             f"{2 * d_pad}), got {tuple(key_features.shape)} {key_features.dtype}")
+        kf = key_features
+    qf = torch.empty(batch, hq * samples, n_q, 2 * d_pad, device=q.device, dtype=fdt)
+    row_ok = torch.empty(batch, n_q, samples, device=q.device, dtype=torch.int8)
+    _sample_rows_kernel[(n_q, batch * hq)](
+        q, q_seg if q_seg is not None else row_ok, qf, row_ok, *q.stride(),
+        q_seg.stride(0) if q_seg is not None else 0, *qf.stride()[:3], *row_ok.stride()[:2],
+        q_len, q_offset, max(q_start, 0), q_offset // block, hq, dim, variance * scale / 2,
+        BLOCK=block, STRIDE=stride, SAMPLES=samples, D_PAD=d_pad, HAS_SEG=q_seg is not None, HALF_OUT=half,
+    )
+    return _launch_select(qf, kf, count, sink_flag, out, has_info, half=half, group=group, n_q=n_q, n_k=n_k,
+                          q_offset=q_offset, q_len=q_len, kv_offset=kv_offset, kv_len=kv_len, block=block, sink=sink,
+                          topk=topk, window=window, threshold=threshold, scale=scale,
+                          rows_per_program=rows_per_program, num_warps=num_warps, row_ok=row_ok, samples=samples)

@@ -1,4 +1,5 @@
-"""Refresh kept key tile features of the mass selector in one launch, deciding reuse on the device (no host read).
+"""Refresh kept key tile features of the mass / moment selectors in one launch, deciding reuse on the device (no host
+read).
 
 ``hf_sparsek.selection.store.SelectionState`` keeps per key tile ``[kmax, kmin]`` (the layout ``select_by_mass``
 reads). Each call, per (batch row, KV head), ``_refresh_kernel`` compares the key at the last position of the kept
@@ -29,7 +30,7 @@ def _refresh_kernel(
     s_kb, s_kh, s_kl, s_kd, s_sb, s_fb, s_fh, s_fn, s_pb, s_ph,
     length, shift, stored, hi, old_pos, new_pos, H, D,
     BLOCK: tl.constexpr, ROWS: tl.constexpr, D_PAD: tl.constexpr, HAS_SEG: tl.constexpr, CHECK: tl.constexpr,
-    WRITE_FP: tl.constexpr, LEARNED: tl.constexpr,
+    WRITE_FP: tl.constexpr, LEARNED: tl.constexpr, MOMENTS: tl.constexpr,
 ):
     p = tl.program_id(0)
     n_prog = tl.num_programs(0)
@@ -56,20 +57,29 @@ def _refresh_kernel(
         top = tl.full([D_PAD], float("-inf"), tl.float32)
         bottom = tl.full([D_PAD], float("inf"), tl.float32)
         total = tl.zeros([D_PAD], dtype=tl.float32)
+        squares = tl.zeros([D_PAD], dtype=tl.float32)
         count = tl.zeros([ROWS], dtype=tl.float32)
         for r0 in tl.static_range(0, BLOCK, ROWS):
             rows, ok = tile_rows(SEG + b.to(tl.int64) * s_sb, t, r0, shift, length, BLOCK, ROWS, HAS_SEG)
             x = load_rows(kbase, rows, ok, d, d_ok, s_kl, s_kd)
             count += ok.to(tl.float32)
-            if LEARNED:
+            if LEARNED or MOMENTS:
                 total += tl.sum(x, 0)
-            top = tl.maximum(top, tl.max(tl.where(ok[:, None], x, float("-inf")), 0))
-            bottom = tl.minimum(bottom, tl.min(tl.where(ok[:, None], x, float("inf")), 0))
+            if MOMENTS:
+                squares += tl.sum(x * x, 0)
+            else:
+                top = tl.maximum(top, tl.max(tl.where(ok[:, None], x, float("-inf")), 0))
+                bottom = tl.minimum(bottom, tl.min(tl.where(ok[:, None], x, float("inf")), 0))
         n = tl.sum(count, 0)
         out = fbase + t * s_fn  # < 2^31: tiles x feature columns of one (row, head)
         top = tl.where(n > 0, top, 0.0)
         bottom = tl.where(n > 0, bottom, 0.0)
-        if LEARNED:
+        if MOMENTS:  # selector "moment": [mean, variance] (zeros for a tile without a real key)
+            mean = total / tl.maximum(n, 1.0)
+            tl.store(out + d, tl.where(d_ok, mean, 0.0))
+            tl.store(out + D_PAD + d, tl.where(d_ok, tl.maximum(squares / tl.maximum(n, 1.0) - mean * mean, 0.0),
+                                               0.0))
+        elif LEARNED:
             tl.store(out + d, total / tl.maximum(n, 1.0), mask=d_ok)
             tl.store(out + D + d, top, mask=d_ok)
             tl.store(out + 2 * D + d, bottom, mask=d_ok)
@@ -98,13 +108,15 @@ def refresh_key_features(
     new_pos: int,
     check: bool,
     learned: bool = False,
+    moments: bool = False,
 ) -> None:
     """Write tiles ``[start, hi)`` of ``features`` (B, Hkv, >= hi, 2 * D_pad) float32 from k (B, Hkv, kv_len, D),
     ``start`` = ``stored`` where the key at local index ``old_pos`` equals ``fp_old`` (B, Hkv, D) (only with
     ``check``), else 0, per (row, head); ``reused`` (B, Hkv) bool gets which started at ``stored``; ``fp_new``
     (B, Hkv, D), k's dtype, gets the key at ``new_pos`` (skipped when ``new_pos`` < 0). ``k_seg`` (B, kv_len): -1
     marks padding keys (left out), or None. ``learned``: ``features`` is (B, Hkv, >= hi, 3 D), ``[mean, max, min]``
-    per tile (the learned selector's store), not the mass layout."""
+    per tile (the learned selector's store), not the mass layout; ``moments``: ``[mean, variance]`` in the mass
+    layout's two halves (selector "moment")."""
     batch, heads, length, dim = k.shape
     d_pad = max(16, 1 << max(0, (dim - 1).bit_length())) if learned else features.shape[-1] // 2
     width_ok = features.shape[-1] == 3 * dim if learned else d_pad >= dim
@@ -132,5 +144,5 @@ def refresh_key_features(
         *k.stride(), s_sb, *features.stride()[:3], fp_old.stride(0), fp_old.stride(1),
         length, kv_offset % block, stored, hi, max(old_pos, 0), max(new_pos, 0), heads, dim,
         BLOCK=block, ROWS=min(POOL_ROWS, block), D_PAD=d_pad, HAS_SEG=k_seg is not None, CHECK=check,
-        WRITE_FP=new_pos >= 0, LEARNED=learned,
+        WRITE_FP=new_pos >= 0, LEARNED=learned, MOMENTS=moments,
     )

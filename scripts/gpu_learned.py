@@ -1,7 +1,7 @@
 """The learned selector on a real model, on one GPU: distil SmolLM2-135M's scorer at 8K, then held-out perplexity of
-dense / static window / training-free "mass", "probe", "refine" and "moment" selectors / "oracle" (true attention mass) / learned
-selector at equal density, at two budgets (about 25% and 12.5% of the causal pairs at 8K): issues 22 and 23's
-SmolLM2 evidence.
+dense / static window / training-free "mass", "probe", "refine" and "moment" selectors / "oracle" (true attention
+mass) / learned selector at equal density, at two budgets (about 25% and 12.5% of the causal pairs at 8K): issues 22
+and 23's SmolLM2 evidence.
 With ``--calibrate N`` also the mass selector with per-layer budgets calibrated on N training windows at each
 budget's density (``hf-sparsek eval calibrate``'s method). With passkey prompts in the token file, passkey retrieval
 of dense and the first budget's patterns follows.

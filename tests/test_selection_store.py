@@ -1,4 +1,4 @@
-"""The mass selector's kept key tile features (hf_sparsek.selection.store): incremental = from scratch across tile
+"""The mass / moment selectors' kept key tile features (hf_sparsek.selection.store): incremental = from scratch across tile
 edges (padding, GQA, odd head dim, keys past 0, static-cache buffers), same tiles with and without the store, a
 changed prefix (new prompt, reordered batch, edited keys, crop) recomputed, PyTorch and Triton (interpreter) paths,
 the attention call and generate() through the face."""
@@ -8,13 +8,16 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import triton_interpreter
+from test_selection import _check_same_selection
+from test_selection_moment import _slow_moment_selection
 
 import hf_sparsek
 from hf_sparsek import SparsePattern
 from hf_sparsek.ops import sparse_attention
-from hf_sparsek.selection import SelectionState, select_mass
+from hf_sparsek.selection import SelectionState, select_mass, select_moment
 from hf_sparsek.selection import store as store_module
 from hf_sparsek.selection.mass import pool_tiles
+from hf_sparsek.selection.moment import key_moments
 from hf_sparsek.selection.store import feature_width
 
 BACKENDS = ["torch", "triton"]
@@ -76,6 +79,50 @@ def test_incremental_features_equal_scratch(backend, kv_offset):
         assert torch.equal(got, _scratch(k, seg, kv_offset, block)), f"step {i}"
         assert bool(state.reused.all()) == (before > 0)
     assert state.fresh_starts == 0 and state.tiles == (kv_offset % block + total) // block
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_incremental_moments_equal_scratch(backend):
+    """Selector "moment"'s layout ([mean, variance] per tile): after the prefill and every decode step equal to
+    key_moments over all keys (padding left out), reusing the kept tiles; switching kinds starts afresh."""
+    block, total, kv_offset = 16, sum(STEPS), 5
+    k_all = torch.randn(2, 2, total, 40)
+    seg_all = _padded_seg(2, total, 9)
+    state, length = SelectionState(), 0
+    for q_len in STEPS:
+        length += q_len
+        k, seg = k_all[:, :, :length], seg_all[:, :length]
+        q_offset = kv_offset + length - q_len
+        before = state.tiles
+        got = state.key_features(k, seg, q_offset, q_len, kv_offset, block, backend == "triton", moments=True)
+        mean, var, _ = key_moments(k, kv_offset, block, seg >= 0)
+        hi = got.shape[2]
+        assert hi == _causal_tiles(q_offset + q_len, kv_offset, length, block)
+        torch.testing.assert_close(got[..., :40], mean[:, :, :hi], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[..., 64:104], var[:, :, :hi], rtol=1e-5, atol=1e-5)
+        assert bool(state.reused.all()) == (before > 0)
+    state.key_features(k, seg, q_offset, q_len, kv_offset, block, backend == "triton")  # the mass layout now
+    assert state.fresh_starts == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_moment_tiles_with_store_follow_the_definition(backend):
+    """Selector "moment" with the store over a prefill and decode steps (GQA 6/2, padded batch 2): the tiles of its
+    definition (the same as without the store, near-ties aside)."""
+    pattern = SparsePattern(block_size=64, sink_tokens=4, window=70, topk_blocks=2, selector="moment")
+    total = sum(PATTERN_STEPS)
+    q_all, k_all = torch.randn(2, 6, total, 32), torch.randn(2, 2, total, 32)
+    seg_all = _padded_seg(2, total, 11)
+    state, length = SelectionState(), 0
+    for q_len in PATTERN_STEPS:
+        length += q_len
+        q = q_all[:, :, length - q_len: length]
+        k, seg = k_all[:, :, :length], seg_all[:, :length]
+        want = select_moment(q, k, pattern, length - q_len, 0, seg, backend=backend)
+        got = select_moment(q, k, pattern, length - q_len, 0, seg, backend=backend, selection_state=state)
+        if not torch.equal(got, want):
+            _check_same_selection(got, _slow_moment_selection(q, k, pattern, length - q_len, 0, seg), tol=1e-5)
+    assert state.tiles == 3 and bool(state.reused.all())
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
@@ -219,13 +266,14 @@ def _build_llama():
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
 
 
-@pytest.mark.parametrize("cache", ["dynamic", "static"])
-def test_generate_with_store_equals_recomputing(monkeypatch, cache):
+@pytest.mark.parametrize("cache,selector", [("dynamic", "mass"), ("static", "mass"), ("dynamic", "moment"),
+                                            ("static", "moment")])
+def test_generate_with_store_equals_recomputing(monkeypatch, cache, selector):
     """generate() of 24 tokens (DynamicCache, or StaticCache whose unwritten slots sit in the keys; left padding,
-    top-1 "mass" tiles of 64 keys) through the face keeps one state per layer and gives the same tokens and logits
-    as recomputing the features from all keys each step."""
+    top-1 "mass" / "moment" tiles of 64 keys) through the face keeps one state per layer and gives the same tokens
+    and logits as recomputing the features from all keys each step."""
     model = _build_llama()
-    pattern = SparsePattern(block_size=64, sink_tokens=4, window=64, topk_blocks=1)
+    pattern = SparsePattern(block_size=64, sink_tokens=4, window=64, topk_blocks=1, selector=selector)
     hf_sparsek.set_pattern(model, pattern)
     ids = torch.randint(1, 97, (2, 120))  # tile 1 fills at step 8, then competes with tile 0
     mask = torch.ones_like(ids)

@@ -42,8 +42,8 @@ def select_tiles(
 
     q (B, Hq, q_len, D) at absolute positions ``q_offset + t``; k (B, Hkv, kv_len, D) at ``kv_offset + s``;
     ``k_seg`` (B, kv_len) int32 with -1 for padding keys, or None. ``selection_state``: the layer's kept key tile
-    features (:mod:`.store`), used by selectors ``"mass"`` and ``"refine"`` (a decode step then pools only the tile
-    being filled); the others ignore it; None: no reuse.
+    features (:mod:`.store`), used by selectors ``"mass"``, ``"moment"`` and ``"refine"`` (a decode step then pools
+    only the tile being filled); the others ignore it; None: no reuse.
     """
     selector = pattern.resolved_selector
     if selector is None:
@@ -63,7 +63,8 @@ def select_tiles(
     if selector == "probe":
         return select_probe(q, k, pattern, q_offset, kv_offset, k_seg, stride=pattern.probe_stride or PROBE_STRIDE)
     if selector == "moment":
-        return select_moment(q, k, pattern, q_offset, kv_offset, k_seg, stride=pattern.probe_stride or MOMENT_STRIDE)
+        return select_moment(q, k, pattern, q_offset, kv_offset, k_seg, stride=pattern.probe_stride or MOMENT_STRIDE,
+                             selection_state=selection_state)
     if selector == "refine":
         return select_refine(q, k, pattern, q_offset, kv_offset, k_seg, selection_state=selection_state)
     raise ValueError(f"selector {selector!r} cannot choose tiles inside the op: the tiles must come from the model's "

@@ -18,8 +18,8 @@ Definition:
   the tile's sampled real rows and the KV group's heads (each query tile's row sums to 1);
 * competition and budget are the other selectors' (:func:`hf_sparsek.selection.tiles.choose_tiles`).
 
-This module is the PyTorch definition (CPU, and the reference of the Triton path in
-``hf_sparsek.kernels.selection``).
+This module is the PyTorch definition (CPU, and the reference of the Triton path: ``select_by_moment`` in
+``hf_sparsek.kernels.selection``, the mass selector's fused launch with (head x sampled row) rows per KV group).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import torch
 from ..patterns import SparsePattern
 from .mass import query_valid
 from .probe import probe_rows
+from .store import SelectionState
 from .tiles import TileGrid, choose_tiles, key_tile_info, tile_grid
 
 MOMENT_STRIDE = 8  # one sampled row in 8 per 64-token tile (SmolLM2-135M 4K: docs/evaluation.md)
@@ -57,15 +58,22 @@ def key_moments(k: torch.Tensor, kv_offset: int, block: int, valid: torch.Tensor
 
 
 def moment_tile_mass(q: torch.Tensor, k: torch.Tensor, grid: TileGrid, block: int, q_offset: int, kv_offset: int,
-                     k_seg: torch.Tensor | None, stride: int = MOMENT_STRIDE,
-                     variance: float = MOMENT_VARIANCE) -> torch.Tensor:
+                     k_seg: torch.Tensor | None, stride: int = MOMENT_STRIDE, variance: float = MOMENT_VARIANCE,
+                     key_features: torch.Tensor | None = None) -> torch.Tensor:
     """(B, Hkv, n_q, n_k) float32: the moment estimate of each key tile's mass per query tile (see the module
-    docstring; rows of query tiles with a sampled real row sum to 1, others are zero)."""
+    docstring; rows of query tiles with a sampled real row sum to 1, others are zero). ``key_features``: kept
+    ``[mean, variance]`` per key tile (the :mod:`.store` layout), not pooled here."""
     batch, hq, q_len, dim = q.shape
     hkv = k.shape[1]
     group = hq // hkv
     scale = 1.0 / math.sqrt(dim)
-    mean, var, count = key_moments(k, kv_offset, block, None if k_seg is None else k_seg >= 0)
+    valid = None if k_seg is None else k_seg >= 0
+    if key_features is None:
+        mean, var, _ = key_moments(k, kv_offset, block, valid)
+    else:
+        d_pad = key_features.shape[-1] // 2
+        mean, var = key_features[..., :dim], key_features[..., d_pad: d_pad + dim]
+    count, _ = key_tile_info(k.shape[2], kv_offset, k_seg, SparsePattern(block_size=block), batch, q.device)
     log_n = count.float().clamp(min=1).log().view(batch, 1, 1, 1, grid.n_k)
     rows = probe_rows(q_len, q_offset, stride, q.device)
     row_tile = (q_offset % block + rows) // block
@@ -89,20 +97,26 @@ def moment_tile_mass(q: torch.Tensor, k: torch.Tensor, grid: TileGrid, block: in
 
 @torch.no_grad()
 def select_moment(q: torch.Tensor, k: torch.Tensor, pattern: SparsePattern, q_offset: int, kv_offset: int,
-                  k_seg: torch.Tensor | None, stride: int = MOMENT_STRIDE, backend: str = "auto") -> torch.Tensor:
+                  k_seg: torch.Tensor | None, stride: int = MOMENT_STRIDE, backend: str = "auto",
+                  selection_state: SelectionState | None = None) -> torch.Tensor:
     """(B, Hkv, n_q_tiles, topk_blocks) int32 key tiles with the most estimated mass (-1 = none).
 
     Shapes and positions as :func:`hf_sparsek.selection.select_tiles`. ``backend``: ``"auto"`` runs the Triton
     kernels on CUDA and this PyTorch definition elsewhere; ``"torch"`` / ``"triton"`` force one (the latter also on
-    CPU under ``TRITON_INTERPRET=1``, for tests)."""
-    # TODO(kernel): "auto" takes the PyTorch path until the Triton path lands
+    CPU under ``TRITON_INTERPRET=1``, for tests). ``selection_state``: the layer's kept key tile moments
+    (:mod:`.store`: a decode step pools only the tile being filled); None pools all keys."""
     if pattern.topk_blocks is None:
         raise ValueError("select_moment needs a pattern with topk_blocks set")
     if stride < 1:
         raise ValueError(f"stride must be >= 1, got {stride}")
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    if backend == "triton":
+    use_triton = backend == "triton" or (backend == "auto" and q.is_cuda)
+    key_features = None
+    if selection_state is not None:
+        key_features = selection_state.key_features(k, k_seg, q_offset, q.shape[2], kv_offset, pattern.block_size,
+                                                    use_triton, moments=True)
+    if use_triton:
         from ..kernels.selection import select_by_moment
 
         count = sink_only = None  # without padding the kernel derives both from positions
@@ -111,7 +125,9 @@ def select_moment(q: torch.Tensor, k: torch.Tensor, pattern: SparsePattern, q_of
         return select_by_moment(q, k, k_seg, count, sink_only, block=pattern.block_size, q_offset=q_offset,
                                 kv_offset=kv_offset, sink=pattern.sink_tokens, topk=pattern.topk_blocks,
                                 window=pattern.window, threshold=pattern.mass_threshold,
-                                scale=1.0 / math.sqrt(q.shape[-1]), stride=stride, variance=MOMENT_VARIANCE)
+                                scale=1.0 / math.sqrt(q.shape[-1]), stride=stride, variance=MOMENT_VARIANCE,
+                                key_features=key_features)
     grid = tile_grid(q.shape[2], k.shape[2], q_offset, kv_offset, k_seg, pattern, q.shape[0], q.device)
-    mass = moment_tile_mass(q, k, grid, pattern.block_size, q_offset, kv_offset, k_seg, stride)
+    mass = moment_tile_mass(q, k, grid, pattern.block_size, q_offset, kv_offset, k_seg, stride,
+                            key_features=key_features)
     return choose_tiles(mass, grid, pattern.topk_blocks, pattern.mass_threshold)

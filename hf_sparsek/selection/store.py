@@ -1,4 +1,5 @@
-"""Key tile features of the ``"mass"`` selector kept across calls, so a decode step reads features, not all keys.
+"""Key tile features of the ``"mass"`` / ``"moment"`` selectors kept across calls, so a decode step reads features,
+not all keys.
 
 The mass selector scores query tiles against per key tile ``[kmax, kmin]`` features (:mod:`.mass`). Pooled from all
 keys on every call, a decode step at 512K keys reads as much as dense attention. A :class:`SelectionState` (one per
@@ -21,7 +22,8 @@ Its limit: a cache edited inside the kept prefix with the same key at the finger
 caught.
 
 The features are laid out as the Triton selection kernel reads them: (B, Hkv, tiles, 2 * D_pad) float32,
-``[kmax, 0.., kmin, 0..]`` with ``D_pad = max(16, next power of two >= D)``; tiles after the last causal one are
+``[kmax, 0.., kmin, 0..]`` (selector ``"moment"``: ``[mean, 0.., variance, 0..]``) with ``D_pad = max(16, next
+power of two >= D)``; tiles after the last causal one are
 zeros or stale values that no selection reads (they are not causal).
 """
 
@@ -59,13 +61,14 @@ class SelectionState:
         self.reused: torch.Tensor | None = None  # (B, Hkv) bool, on the device: the last call reused kept tiles
 
     def key_features(self, k: torch.Tensor, k_seg: torch.Tensor | None, q_offset: int, q_len: int, kv_offset: int,
-                     block: int, use_triton: bool) -> torch.Tensor:
+                     block: int, use_triton: bool, moments: bool = False) -> torch.Tensor:
         """(B, Hkv, n_k, 2 * D_pad) float32 features of this call's key tiles (``n_k`` tiles of the absolute grid from
         ``kv_offset``), valid up to the last causal tile; updates the kept tiles for the next call.
 
         k (B, Hkv, kv_len, D) at absolute positions ``kv_offset + s``; ``k_seg`` (B, kv_len) with -1 for padding
         keys, or None; queries at ``q_offset .. q_offset + q_len - 1``; ``use_triton``: refresh with the Triton
-        kernel (no host read) instead of PyTorch ops."""
+        kernel (no host read) instead of PyTorch ops; ``moments``: selector ``"moment"``'s ``[mean, variance]`` per
+        tile instead of ``[kmax, kmin]`` (switching kinds starts afresh)."""
         if k.dim() != 4 or (k_seg is not None and tuple(k_seg.shape) != (k.shape[0], k.shape[2])):
             raise ValueError(f"k must be (batch, kv_heads, kv_len, dim) and k_seg (batch, kv_len) or None, got "
                              f"{tuple(k.shape)} and {None if k_seg is None else tuple(k_seg.shape)}")
@@ -78,7 +81,7 @@ class SelectionState:
         q_end = q_offset + q_len
         hi = min(n_k, max(0, (q_end - 1) // block - kb0 + 1))  # tiles up to the last causal one
         final = min(hi, max(0, min(q_end, kv_offset + kv_len) // block - kb0))  # every key written
-        signature = (batch, heads, dim, k.dtype, k.device, block, kv_offset, k_seg is not None)
+        signature = (batch, heads, dim, k.dtype, k.device, block, kv_offset, k_seg is not None, moments)
         fresh = (signature != self.signature or self.features is None or q_offset <= kv_offset
                  or final < self.tiles)
         if fresh:
@@ -88,9 +91,9 @@ class SelectionState:
             self.signature = signature
         self._reserve(batch, heads, n_k, feature_width(dim), k.device)
         if use_triton:
-            self._refresh_triton(k, k_seg, kv_offset, block, hi, final)
+            self._refresh_triton(k, k_seg, kv_offset, block, hi, final, moments)
         else:
-            self._refresh_torch(k, k_seg, kv_offset, block, hi, final)
+            self._refresh_torch(k, k_seg, kv_offset, block, hi, final, moments)
         self.tiles = final
         return self.features[:, :, :n_k]
 
@@ -114,8 +117,9 @@ class SelectionState:
         return old, new
 
     def _refresh_torch(self, k: torch.Tensor, k_seg: torch.Tensor | None, kv_offset: int, block: int, hi: int,
-                       final: int) -> None:
+                       final: int, moments: bool) -> None:
         from .mass import pool_tiles
+        from .moment import key_moments
 
         old_pos, new_pos = self._fingerprint_positions(kv_offset, block, final)
         lo = 0
@@ -131,14 +135,17 @@ class SelectionState:
             a = max(0, (kb0 + lo) * block - kv_offset)
             b = min(k.shape[2], (kb0 + hi) * block - kv_offset)
             valid = None if k_seg is None else k_seg[:, a:b] >= 0
-            _, kmax, kmin = pool_tiles(k[:, :, a:b], kv_offset + a, block, valid)
+            if moments:
+                first, second, _ = key_moments(k[:, :, a:b], kv_offset + a, block, valid)
+            else:
+                _, first, second = pool_tiles(k[:, :, a:b], kv_offset + a, block, valid)
             dim, d_pad = k.shape[-1], self.features.shape[-1] // 2
-            self.features[:, :, lo:hi, :dim] = kmax
-            self.features[:, :, lo:hi, d_pad: d_pad + dim] = kmin
+            self.features[:, :, lo:hi, :dim] = first
+            self.features[:, :, lo:hi, d_pad: d_pad + dim] = second
         self.fingerprint = k[:, :, new_pos].clone() if final else None
 
     def _refresh_triton(self, k: torch.Tensor, k_seg: torch.Tensor | None, kv_offset: int, block: int, hi: int,
-                        final: int) -> None:
+                        final: int, moments: bool) -> None:
         from ..kernels.selection_store import refresh_key_features
 
         batch, heads, _, dim = k.shape
@@ -151,7 +158,7 @@ class SelectionState:
         old = self.fingerprint if check else self._spare
         refresh_key_features(k, k_seg, self.features, old, self._spare, self.reused, kv_offset=kv_offset,
                              block=block, stored=self.tiles if check else 0, hi=hi, old_pos=old_pos,
-                             new_pos=new_pos, check=check)
+                             new_pos=new_pos, check=check, moments=moments)
         if final:
             self.fingerprint, self._spare = self._spare, (self.fingerprint if check else None)
         else:
@@ -164,8 +171,10 @@ _STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def selection_state_for(module: torch.nn.Module, pattern: SparsePattern | None) -> SelectionState | None:
     """The :class:`SelectionState` kept for one attention module (one layer of one model) whose pattern selects
     with ``"mass"``, else None. Kept in a weak dictionary keyed by the module: it goes with the model, and two
-    models never share one. Selector ``"refine"`` keeps one too: its first stage is ``"mass"``."""
-    if pattern is None or pattern.topk_blocks is None or pattern.resolved_selector not in ("mass", "refine"):
+    models never share one. Selector ``"refine"`` keeps one too (its first stage is ``"mass"``), and ``"moment"``
+    (its key features in the moment layout)."""
+    if pattern is None or pattern.topk_blocks is None or pattern.resolved_selector not in ("mass", "refine",
+                                                                                            "moment"):
         return None
     state = _STATES.get(module)
     if state is None:
