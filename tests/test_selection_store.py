@@ -1,7 +1,7 @@
 """The mass / moment selectors' kept key tile features (hf_sparsek.selection.store): incremental = from scratch
 across tile edges (padding, GQA, odd head dim, keys past 0, static-cache buffers), same tiles with and without the
-store, a changed prefix (new prompt, reordered batch, edited keys, crop) recomputed, PyTorch and Triton (interpreter) paths,
-the attention call and generate() through the face."""
+store, a changed prefix (new prompt, reordered batch, edited keys, crop) recomputed, PyTorch and Triton
+(interpreter) paths, the attention call and generate() through the face."""
 
 from __future__ import annotations
 
