@@ -19,6 +19,10 @@ length, medians of ``triton.testing.do_bench``:
   exact attention of every 16th query row; ``probe_stride32_selection_ms`` samples every 32nd) alone and as the
   whole call; ``probe_rows{64,256}_selection_ms``: the kernel with fewer / more sampled rows sharing each key load
   (default 128);
+* ``moment_selection_ms`` / ``moment_call_ms``: selector ``"moment"`` (``select_by_moment``: the key tiles' mean /
+  variance, every 8th query row's features, the mass kernel's fused launch over (head x sampled row) rows) alone and
+  as the whole call; ``moment_stride16_selection_ms`` samples every 16th row; ``moment_rows{R}_w{W}_selection_ms``
+  its launch shapes;
 * ``refine_selection_ms`` / ``refine_call_ms``: selector ``"refine"`` (``hf_sparsek.selection.refine``: the mass
   kernel with 4x the budget, then the fused exact stage over those candidates) alone and as the whole call;
   ``refine_stage2_ms``: its second stage alone on candidates made beforehand;
@@ -62,6 +66,12 @@ from hf_sparsek import SparsePattern, build_block_index  # noqa: E402
 from hf_sparsek.ops import build_index_for, sparse_attention  # noqa: E402
 from hf_sparsek.selection import select_meanpool  # noqa: E402
 from hf_sparsek.selection.mass import select_mass, tile_mass  # noqa: E402
+from hf_sparsek.selection.moment import (  # noqa: E402
+    MOMENT_STRIDE,
+    MOMENT_VARIANCE,
+    moment_tile_mass,
+    select_moment,
+)
 from hf_sparsek.selection.oracle import exact_tile_mass  # noqa: E402
 from hf_sparsek.selection.probe import probe_rows, select_probe  # noqa: E402
 from hf_sparsek.selection.refine import candidate_pattern, select_refine  # noqa: E402
@@ -108,7 +118,7 @@ def _agreement(kernel: torch.Tensor, torch_tiles: torch.Tensor, mass: torch.Tens
 
 
 def _check(q, k, pattern) -> dict:
-    """Kernel tiles vs the PyTorch definition, for the mass and the probe selectors."""
+    """Kernel tiles vs the PyTorch definition, for the mass, probe, moment and refine selectors."""
     grid = tile_grid(q.shape[2], k.shape[2], 0, 0, None, pattern, 1, q.device)
     mass = tile_mass(q, k, grid, pattern.block_size, 0, 0, None)
     out = _agreement(select_mass(q, k, pattern, 0, 0, None, backend="triton"),
@@ -117,6 +127,10 @@ def _check(q, k, pattern) -> dict:
     probed = exact_tile_mass(q, k, pattern.block_size, 0, 0, None, rows=probe_rows(q.shape[2], 0, 16, q.device))
     out["probe"] = _agreement(select_probe(q, k, probe, 0, 0, None, backend="triton"),
                               select_probe(q, k, probe, 0, 0, None, backend="torch"), probed)
+    moment = pattern.replace(selector="moment")
+    estimate = moment_tile_mass(q, k, grid, pattern.block_size, 0, 0, None)
+    out["moment"] = _agreement(select_moment(q, k, moment, 0, 0, None, backend="triton"),
+                               select_moment(q, k, moment, 0, 0, None, backend="torch"), estimate)
     refine = pattern.replace(selector="refine")
     out["refine"] = _agreement(select_refine(q, k, refine, 0, 0, None, backend="triton"),
                                select_refine(q, k, refine, 0, 0, None, backend="torch"), probed)
@@ -179,6 +193,7 @@ def _bench_length(seq: int, heads: int, kv_heads: int, dim: int, dtype: torch.dt
                                                                                         stride=16, **args))
         row["baseline_probe_same_tile_sets"] = _same_sets(baseline.probe.select_by_probe(
             q, k, None, None, None, stride=16, **args), select_by_probe(q, k, None, None, None, stride=16, **args))
+    row.update(_moment_cost(q, k, v, pattern, bench))
     refine = pattern.replace(selector="refine")
     row["refine_selection_ms"] = bench(lambda: select_refine(q, k, refine, 0, 0, None, backend="triton"))
     from hf_sparsek.kernels.refine import refine_candidates
@@ -199,6 +214,7 @@ def _bench_length(seq: int, heads: int, kv_heads: int, dim: int, dtype: torch.dt
     row["learned_call_over_call"] = row["learned_call_ms"] / row["call_ms"]  # issue 23: <= 1
     row["probe_share_of_attention"] = row["probe_selection_ms"] / row["attention_ms"]
     row["refine_share_of_attention"] = row["refine_selection_ms"] / row["attention_ms"]
+    row["moment_share_of_attention"] = row["moment_selection_ms"] / row["attention_ms"]
     row["meets_target"] = row["selection_share_of_attention"] <= TARGET_SHARE
     if minference is not None:
         visited = int((index.full_count + index.part_count).max().item())
@@ -212,6 +228,26 @@ def _bench_length(seq: int, heads: int, kv_heads: int, dim: int, dtype: torch.dt
         row["minference_call_ms"] = bench(call)
         row["call_over_minference"] = row["call_ms"] / row["minference_call_ms"]
         row["probe_call_over_minference"] = row["probe_call_ms"] / row["minference_call_ms"]
+    return row
+
+
+def _moment_cost(q, k, v, pattern: SparsePattern, bench) -> dict:
+    """Selector "moment" (stride 8 and 16): alone, as the whole call, and its launch shapes."""
+    from hf_sparsek.kernels.selection import select_by_moment
+
+    moment = pattern.replace(selector="moment")
+    row = {"moment_selection_ms": bench(lambda: select_moment(q, k, moment, 0, 0, None, backend="triton")),
+           "moment_stride16_selection_ms": bench(lambda: select_moment(q, k, moment, 0, 0, None, stride=16,
+                                                                       backend="triton"))}
+    default = select_moment(q, k, moment, 0, 0, None, backend="triton")
+    for rows, warps in ((32, 4), (64, 4), (128, 4), (128, 8), (256, 8)):
+        call = lambda r=rows, w=warps: select_by_moment(  # noqa: E731
+            q, k, None, None, None, block=pattern.block_size, q_offset=0, kv_offset=0, sink=pattern.sink_tokens,
+            topk=pattern.topk_blocks, window=pattern.window, threshold=None, scale=q.shape[-1] ** -0.5,
+            stride=MOMENT_STRIDE, variance=MOMENT_VARIANCE, rows_per_program=r, num_warps=w)
+        row[f"moment_rows{rows}_w{warps}_selection_ms"] = bench(call)
+        row[f"moment_rows{rows}_w{warps}_same_tiles"] = _same_sets(call(), default)
+    row["moment_call_ms"] = bench(lambda: sparse_attention(q, k, v, moment, backend="triton"))
     return row
 
 
