@@ -335,7 +335,8 @@ def main() -> int:
                          "moment0 (the tile mean query against the key tiles' mean and variance: a second-order "
                          "log-sum-exp; variance weight 1, 0.5, 0), meanq_exact (the mean query's exact log-sum-exp), "
                          "momentrowsN (the moment estimate per row, every N-th row, N 1, 8, 16 or 32), moment2 / "
-                         "moment2_quarter (both sides' second moments, one estimate per query tile)")
+                         "moment2_quarter (both sides' second moments, one estimate per query tile), "
+                         "selector_moment (the library's selector \"moment\", stride 8: momentrows8 as built)")
     ap.add_argument("--study", action="store_true",
                     help="the whole study in one run (overrides --pattern / --candidates): every candidate at "
                          "window 256 + top-3, and oracle / probes / mass at window 128 + top-5 and 64 + top-6")
@@ -371,9 +372,10 @@ def main() -> int:
         fns.update({f"momentrows{n}": moment_row_tile_mass(n) for n in (1, 8, 16, 32)})
         fns.update({"moment2": moment2_tile_mass(), "moment2_quarter": moment2_tile_mass(0.25)})
         for name in [c.strip() for c in candidates.split(",") if c.strip()]:
-            spec = PatternSpec(f"{name}: {text}", as_model_sparsity(pattern))
+            chosen = {**pattern, "selector": "moment"} if name == "selector_moment" else pattern
+            spec = PatternSpec(f"{name}: {text}", as_model_sparsity(chosen))
             start = time.perf_counter()
-            with swapped_tile_mass(fns[name]) if fns[name] else contextlib.nullcontext():
+            with swapped_tile_mass(fns[name]) if fns.get(name) else contextlib.nullcontext():
                 result = run_ppl(model, held, [args.seq_len], [spec], torch.device("cpu"), None, args.ppl_tokens)
             rows += [{**r, "candidate": name, "base_pattern": text, "seconds": time.perf_counter() - start}
                      for r in result]
