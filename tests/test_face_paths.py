@@ -319,14 +319,14 @@ def test_mask_function_and_pattern_resolution_trace_with_fullgraph():
 TOPK = hf_sparsek.SparsePattern(block_size=64, sink_tokens=16, window=64, topk_blocks=2)
 
 
-@pytest.mark.parametrize("case", ["plain", "padded", "packed", "padded top-k"])
+@pytest.mark.parametrize("case", ["plain", "padded", "packed", "padded top-k", "padded top-k moment"])
 def test_torch_compile_fullgraph_matches_eager(case):
     """torch.compile(model, fullgraph=True) of a sparsek model (reference backend): the face traces, the op with its
     index build is one custom op, and prefill (plain, left-padded, packed; a top-k pattern) equals eager."""
     torch._dynamo.reset()
     model = build_any("llama")
-    topk = case.endswith("top-k")
-    hf_sparsek.set_pattern(model, TOPK if topk else SPARSE)
+    topk = "top-k" in case
+    hf_sparsek.set_pattern(model, (TOPK.replace(selector="moment") if "moment" in case else TOPK) if topk else SPARSE)
     ids = torch.randint(1, 97, (1 if case == "packed" else 2, 300 if topk else 150))
     kwargs: dict = {"use_cache": False}
     if case.startswith("padded"):
@@ -340,13 +340,13 @@ def test_torch_compile_fullgraph_matches_eager(case):
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("topk", [False, True], ids=["sink-window", "top-k"])
+@pytest.mark.parametrize("topk", [False, True, "moment"], ids=["sink-window", "top-k", "top-k moment"])
 def test_torch_compile_fullgraph_static_cache_generate_matches_eager(topk):
     """A static cache gives the query offset as a tensor: the compiled forward keeps it a tensor (no host read while
     tracing) and generate() through the compiled model gives eager's tokens and logits, left padding included."""
     torch._dynamo.reset()
     model = build_any("llama")
-    hf_sparsek.set_pattern(model, TOPK if topk else SPARSE)
+    hf_sparsek.set_pattern(model, (TOPK.replace(selector="moment") if topk == "moment" else TOPK) if topk else SPARSE)
     ids = torch.randint(1, 97, (2, 300 if topk else 70))
     mask = torch.ones_like(ids)
     mask[0, :9] = 0
