@@ -336,7 +336,8 @@ def main() -> int:
                          "log-sum-exp; variance weight 1, 0.5, 0), meanq_exact (the mean query's exact log-sum-exp), "
                          "momentrowsN (the moment estimate per row, every N-th row, N 1, 8, 16 or 32), moment2 / "
                          "moment2_quarter (both sides' second moments, one estimate per query tile), "
-                         "selector_moment (the library's selector \"moment\", stride 8: momentrows8 as built)")
+                         "selector_moment (the library's selector \"moment\", stride 8: momentrows8 as built), "
+                         "dense")
     ap.add_argument("--study", action="store_true",
                     help="the whole study in one run (overrides --pattern / --candidates): every candidate at "
                          "window 256 + top-3, and oracle / probes / mass at window 128 + top-5 and 64 + top-6")
@@ -373,7 +374,8 @@ def main() -> int:
         fns.update({"moment2": moment2_tile_mass(), "moment2_quarter": moment2_tile_mass(0.25)})
         for name in [c.strip() for c in candidates.split(",") if c.strip()]:
             chosen = {**pattern, "selector": "moment"} if name == "selector_moment" else pattern
-            spec = PatternSpec(f"{name}: {text}", as_model_sparsity(chosen))
+            spec = PatternSpec("dense", None) if name == "dense" else PatternSpec(f"{name}: {text}",
+                                                                                  as_model_sparsity(chosen))
             start = time.perf_counter()
             with swapped_tile_mass(fns[name]) if fns.get(name) else contextlib.nullcontext():
                 result = run_ppl(model, held, [args.seq_len], [spec], torch.device("cpu"), None, args.ppl_tokens)
