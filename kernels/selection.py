@@ -16,6 +16,11 @@ The definition is ``hf_sparsek.selection.mass`` (PyTorch; this file must give th
   decides.
   Nothing of size (query tiles x key tiles) is written; the tile list is written directly.
 
+Selector "moment" (``hf_sparsek.selection.moment``; ``select_by_moment``) reuses the fused launch: its key tiles'
+features are ``[mean, variance]`` (``_pool_kernel`` with ``MOMENTS``), its rows are (query head, sampled row) pairs
+(``_sample_rows_kernel`` writes ``[q, c * q * q]`` per sampled row and which slots hold a real row), every logit adds
+``log n`` of its key tile, and a query tile's mass is the mean over its real rows (``SAMPLES`` > 0).
+
 No host synchronisation: every size comes from the shapes and the pattern. No transformers or hf_sparsek imports.
 """
 
