@@ -72,7 +72,7 @@ def test_pattern_probe_stride_reaches_the_moment_selector(stride):
     assert pattern.describe().endswith(f"by moment (one row in {stride}), block 64")
 
 
-def test_key_moments_and_mass_rows():
+def test_key_moments_and_mass_rows(monkeypatch):
     """Tile mean / variance / count over real keys only; estimated masses sum to 1 on causal real tiles; chunking
     the sampled rows changes nothing."""
     q, k, q_offset, kv_offset, k_seg = _inputs(CASES[1], seed=13)
@@ -86,14 +86,8 @@ def test_key_moments_and_mass_rows():
     mass = moment_tile_mass(q, k, grid, 64, q_offset, kv_offset, k_seg)
     torch.testing.assert_close(mass.sum(-1), torch.ones(mass.shape[:3]))
     assert not (mass * ~grid.candidate).any()
-    import hf_sparsek.selection.moment as moment
-
-    old = moment._CHUNK_ELEMENTS
-    moment._CHUNK_ELEMENTS = 3 * grid.n_k * q.shape[1] * q.shape[0]  # three sampled rows per chunk
-    try:
-        torch.testing.assert_close(moment_tile_mass(q, k, grid, 64, q_offset, kv_offset, k_seg), mass)
-    finally:
-        moment._CHUNK_ELEMENTS = old
+    monkeypatch.setattr("hf_sparsek.selection.moment._CHUNK_ELEMENTS", 3 * grid.n_k * q.shape[1] * q.shape[0])
+    torch.testing.assert_close(moment_tile_mass(q, k, grid, 64, q_offset, kv_offset, k_seg), mass)  # 3 rows a chunk
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
