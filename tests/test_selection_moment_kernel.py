@@ -10,6 +10,7 @@ import torch
 from conftest import triton_interpreter
 from test_selection import CASES, PATTERNS, _case_id, _check_same_selection, _inputs
 from test_selection_moment import _slow_moment_selection
+from test_selection_probe_kernel import KERNEL_CASES  # the probe kernel's awkward shapes
 
 from hf_sparsek import SparsePattern
 from hf_sparsek.selection import select_moment
@@ -30,13 +31,6 @@ def _same(q, k, pattern, q_offset, kv_offset, k_seg, stride=8):
         _check_same_selection(got, _slow_moment_selection(q, k, pattern, q_offset, kv_offset, k_seg, stride),
                               tol=1e-5)
     return got
-
-
-KERNEL_CASES = CASES + [
-    (2, 8, 2, 129, 129, 64, None, 0, True),  # group of 4, padding, one row past a tile
-    (3, 6, 3, 77, 300, 128, 223, 0, True),  # chunked prefill at an odd offset, three padded rows
-    (1, 16, 1, 4, 400, 64, None, 0, False),  # MQA, q_len 4 (speculative decode)
-]
 
 
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=[_case_id(c) for c in KERNEL_CASES])
