@@ -1,6 +1,6 @@
 """Selector "moment" (hf_sparsek.selection.moment): against a slow float64 loop of its own definition on awkward
-shapes (offsets, padding, GQA / MQA, decode, chunked prefill, sliding keys), and through a model as a pattern's
-selector."""
+shapes (offsets, padding, GQA / MQA, decode, chunked prefill, sliding keys); through a model as a pattern's selector in
+test_selection_oracle.test_model_with_the_exact_selectors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import pytest
 import torch
 from test_selection import CASES, PATTERNS, _case_id, _check_same_selection, _inputs, _slow_cells, _slow_choice
 
-import hf_sparsek
 from hf_sparsek import SparsePattern
 from hf_sparsek.selection import select_mass, select_moment, select_tiles
 from hf_sparsek.selection.moment import MOMENT_STRIDE, MOMENT_VARIANCE, key_moments, moment_tile_mass
@@ -76,11 +75,10 @@ def test_key_moments_and_mass_rows(monkeypatch):
     """Tile mean / variance / count over real keys only; estimated masses sum to 1 on causal real tiles; chunking
     the sampled rows changes nothing."""
     q, k, q_offset, kv_offset, k_seg = _inputs(CASES[1], seed=13)
-    mean, var, count = key_moments(k, kv_offset, 64, k_seg >= 0)
+    mean, var = key_moments(k, kv_offset, 64, k_seg >= 0)
     real = k[1, 0, k_seg[1] >= 0][:64 - 37]  # row 1: 37 padding keys, so its first tile holds 27 real keys
     torch.testing.assert_close(mean[1, 0, 0], real.mean(0))
     torch.testing.assert_close(var[1, 0, 0], real.var(0, unbiased=False))
-    assert count[1, 0] == 27 and count[0, 0] == 64
     pattern = PATTERNS["sink64-win64-top3"].replace(selector="moment")
     grid = tile_grid(q.shape[2], k.shape[2], q_offset, kv_offset, k_seg, pattern, q.shape[0], q.device)
     mass = moment_tile_mass(q, k, grid, 64, q_offset, kv_offset, k_seg)
@@ -120,30 +118,3 @@ def test_moment_rejects_bad_input():
         select_moment(q, q, pattern, 0, 0, None, backend="cuda")
     with pytest.raises(ValueError, match="probe_stride"):
         SparsePattern(block_size=64, window=64, topk_blocks=1, selector="moment", probe_stride=3)
-
-
-def test_model_with_the_moment_selector():
-    """A tiny Llama with selector "moment": every tile kept gives SDPA's logits; a small budget changes them;
-    generate() runs through the decode path with the cache."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
-    ids = torch.randint(1, 97, (2, 300))
-    mask = torch.ones_like(ids)
-    mask[1, :21] = 0
-    real = mask.bool()
-    with torch.no_grad():
-        dense = model(ids, attention_mask=mask).logits
-        hf_sparsek.set_pattern(model, SparsePattern(block_size=64, window=64, topk_blocks=5, selector="moment"))
-        with hf_sparsek.settings(backend="reference"):
-            every = model(ids, attention_mask=mask).logits
-        hf_sparsek.set_pattern(model, SparsePattern(block_size=64, window=64, topk_blocks=1, selector="moment"))
-        with hf_sparsek.settings(backend="reference"):
-            small = model(ids, attention_mask=mask).logits
-            out = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
-    torch.testing.assert_close(every[real], dense[real], rtol=1e-4, atol=1e-4)
-    assert (small[real] - dense[real]).abs().max() > 1e-3
-    assert out.shape == (2, 305)

@@ -124,10 +124,10 @@ def test_oracle_covers_at_least_the_mass_selector(case):
         assert (oracle > mass + 1e-4).any()
 
 
-@pytest.mark.parametrize("selector", ["oracle", "probe"])
+@pytest.mark.parametrize("selector", ["oracle", "probe", "moment"])
 def test_model_with_the_exact_selectors(selector):
-    """A tiny Llama with selector "oracle" / "probe": every tile kept gives SDPA's logits; a small budget changes
-    them; the pattern survives a config round trip and generate() runs through the decode path."""
+    """A tiny Llama with selector "oracle" / "probe" / "moment": every tile kept gives SDPA's logits; a small budget
+    changes them; the pattern survives a config round trip and generate() runs through the decode path."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)

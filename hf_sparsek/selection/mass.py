@@ -41,11 +41,10 @@ def query_valid(q_len: int, q_offset: int, kv_offset: int, k_seg: torch.Tensor |
     return k_seg[:, start: start + q_len] >= 0
 
 
-def pool_tiles(x: torch.Tensor, offset: int, block: int, valid: torch.Tensor | None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean, max and min over each absolute-grid tile of x (B, H, L, D), real positions only (float32).
-
-    Tiles without a real position get mean 0, max 0 and min 0 (they never compete)."""
+def tile_view(x: torch.Tensor, offset: int, block: int, valid: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B, H, L, D) on the absolute tile grid from ``offset``: (B, H, n_tiles, block, D) float32, zero-padded, and
+    (B, 1, n_tiles, block, 1) bool, which positions are real (``valid`` (B, L), or None: all stored ones)."""
     batch, heads, length, dim = x.shape
     shift = offset % block
     n_tiles = (shift + length + block - 1) // block
@@ -53,6 +52,15 @@ def pool_tiles(x: torch.Tensor, offset: int, block: int, valid: torch.Tensor | N
     ok = torch.ones(batch, length, dtype=torch.bool, device=x.device) if valid is None else valid
     okp = torch.nn.functional.pad(ok, (shift, back), value=False).view(batch, 1, n_tiles, block, 1)
     xp = torch.nn.functional.pad(x.float(), (0, 0, shift, back)).view(batch, heads, n_tiles, block, dim)
+    return xp, okp
+
+
+def pool_tiles(x: torch.Tensor, offset: int, block: int, valid: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean, max and min over each absolute-grid tile of x (B, H, L, D), real positions only (float32).
+
+    Tiles without a real position get mean 0, max 0 and min 0 (they never compete)."""
+    xp, okp = tile_view(x, offset, block, valid)
     count = okp.sum(3)
     mean = (xp * okp).sum(3) / count.clamp(min=1)
     has = count > 0

@@ -29,7 +29,7 @@ import math
 import torch
 
 from ..patterns import SparsePattern
-from .mass import query_valid
+from .mass import query_valid, tile_view
 from .probe import probe_rows
 from .store import SelectionState
 from .tiles import TileGrid, choose_tiles, key_tile_info, tile_grid
@@ -40,21 +40,14 @@ _CHUNK_ELEMENTS = 1 << 24  # sampled rows x key tiles x query heads x batch per 
 
 
 def key_moments(k: torch.Tensor, kv_offset: int, block: int, valid: torch.Tensor | None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per absolute-grid key tile of k (B, Hkv, L, D), over its real keys (``valid`` (B, L) or None: all): mean and
-    population variance (B, Hkv, n_k, D) float32 and the count of real keys (B, n_k) int32 (tiles without one:
-    mean 0, variance 0, count 0)."""
-    batch, heads, length, dim = k.shape
-    shift = kv_offset % block
-    n_k = (shift + length + block - 1) // block
-    back = n_k * block - shift - length
-    ok = torch.ones(batch, length, dtype=torch.bool, device=k.device) if valid is None else valid
-    okp = torch.nn.functional.pad(ok, (shift, back), value=False).view(batch, 1, n_k, block, 1)
-    kp = torch.nn.functional.pad(k.float(), (0, 0, shift, back)).view(batch, heads, n_k, block, dim) * okp
-    count = okp.sum(3)  # (B, 1, n_k, 1)
-    mean = kp.sum(3) / count.clamp(min=1)
-    var = ((kp - mean.unsqueeze(3)) ** 2 * okp).sum(3) / count.clamp(min=1)
-    return mean, var, count.view(batch, n_k).to(torch.int32)
+    population variance (B, Hkv, n_k, D) float32 (tiles without one: 0 and 0)."""
+    kp, okp = tile_view(k, kv_offset, block, valid)
+    kp = kp * okp
+    count = okp.sum(3).clamp(min=1)
+    mean = kp.sum(3) / count
+    return mean, ((kp - mean.unsqueeze(3)) ** 2 * okp).sum(3) / count
 
 
 def moment_tile_mass(q: torch.Tensor, k: torch.Tensor, grid: TileGrid, block: int, q_offset: int, kv_offset: int,
@@ -69,7 +62,7 @@ def moment_tile_mass(q: torch.Tensor, k: torch.Tensor, grid: TileGrid, block: in
     scale = 1.0 / math.sqrt(dim)
     valid = None if k_seg is None else k_seg >= 0
     if key_features is None:
-        mean, var, _ = key_moments(k, kv_offset, block, valid)
+        mean, var = key_moments(k, kv_offset, block, valid)
     else:
         d_pad = key_features.shape[-1] // 2
         mean, var = key_features[..., :dim], key_features[..., d_pad: d_pad + dim]

@@ -136,7 +136,7 @@ class SelectionState:
             b = min(k.shape[2], (kb0 + hi) * block - kv_offset)
             valid = None if k_seg is None else k_seg[:, a:b] >= 0
             if moments:
-                first, second, _ = key_moments(k[:, :, a:b], kv_offset + a, block, valid)
+                first, second = key_moments(k[:, :, a:b], kv_offset + a, block, valid)
             else:
                 _, first, second = pool_tiles(k[:, :, a:b], kv_offset + a, block, valid)
             dim, d_pad = k.shape[-1], self.features.shape[-1] // 2
