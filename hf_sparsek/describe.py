@@ -34,9 +34,11 @@ def pattern_density(pattern: SparsePattern, seq_len: int, kv_heads: int | None =
     if pattern.is_dense:
         return 1.0
     if pattern.topk_blocks is not None:
-        # Data dependent: count the static part plus k blocks per query block (an upper bound).
-        static = pattern.replace(topk_blocks=None)
-        extra = pattern.topk_blocks * pattern.block_size * seq_len
+        # Data dependent: count the static part plus k blocks per query block (an upper bound) on the heads that
+        # select (a dense head has every pair already).
+        static = pattern.replace(topk_blocks=None, selector=None, mass_threshold=None, probe_stride=None)
+        selecting = (kv_heads - len(pattern.dense_heads)) / kv_heads
+        extra = pattern.topk_blocks * pattern.block_size * seq_len * selecting
         return min(1.0, pattern_density(static, seq_len, kv_heads) + extra / causal_pairs(seq_len, seq_len, 0, 0))
     index = build_block_index(pattern, batch=1, kv_heads=kv_heads, q_len=seq_len, kv_len=seq_len)
     heads = index.full_count.shape[1]

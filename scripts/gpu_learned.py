@@ -212,6 +212,15 @@ def main() -> int:
                     help="per budget, also calibrate per-layer top-k (hf_sparsek.eval.calibrate, mass selector) on "
                          "this many training windows and measure the calibrated pattern (0: no calibration)")
     ap.add_argument("--max-topk", type=int, default=4, help="calibration: largest budget, as a multiple of top-k")
+    ap.add_argument("--sensitivity", type=int, default=0, metavar="WINDOWS",
+                    help="per budget, also choose per-layer patterns by measured sensitivity (hf_sparsek.eval."
+                         "sensitivity: each layer's isolated final-logit KL per candidate, least sum under the "
+                         "density) on this many training windows, and measure them (0: none)")
+    ap.add_argument("--sensitivity-topks", default="0,3,7,11,15", help="sensitivity: candidate top-k budgets")
+    ap.add_argument("--sensitivity-windows", default="",
+                    help="sensitivity: candidate windows, comma-separated (default: the budget's own)")
+    ap.add_argument("--sensitivity-targets", default="",
+                    help="sensitivity: mean densities to allocate, comma-separated (default: the budget's own)")
     ap.add_argument("--extra-patterns", nargs="*", default=[],
                     help="pattern files (e.g. from hf-sparsek eval calibrate) measured beside the others")
     ap.add_argument("--cpu-smoke", action="store_true")
@@ -337,6 +346,31 @@ def main() -> int:
             save(tables)
             print(tables[-1], flush=True)
             specs.append(PatternSpec(f"mass calibrated per layer: {tag}", as_model_sparsity(cal["sparsity"])))
+        if args.sensitivity:  # per-layer choices by isolated KL, from the training plays (never held out)
+            from hf_sparsek.eval.sensitivity import calibrate_by_sensitivity, candidate_choices, sensitivity_table
+
+            from hf_sparsek.describe import kv_head_count, pattern_density
+            from hf_sparsek.patterns import SparsePattern
+
+            base = SparsePattern.from_dict({**budget, "selector": "mass"})
+            train = [d for d in docs[: len(docs) - heldout] if len(d) >= seq_len][: args.sensitivity]
+            ids = torch.tensor([d[:seq_len] for d in train], device=device)
+            sens_windows = [int(x) for x in args.sensitivity_windows.split(",") if x.strip()] or [base.window]
+            choices = candidate_choices(base, [int(x) for x in args.sensitivity_topks.split(",") if x.strip()],
+                                        sens_windows, kv_heads=kv_head_count(model.config))
+            targets = [float(x) for x in args.sensitivity_targets.split(",") if x.strip()] or [
+                pattern_density(base, seq_len, kv_head_count(model.config))]
+            t2 = time.perf_counter()
+            sens = calibrate_by_sensitivity(model, ids, choices, targets)
+            results.setdefault("sensitivity", {})[tag] = {**sens, "windows": len(train),
+                                                          "seconds": time.perf_counter() - t2}
+            for alloc in sens["allocations"]:
+                tables.append(f"## Chosen by sensitivity, {tag}, target density {alloc['target_density']:.4f}\n\n"
+                              + sensitivity_table(sens, alloc))
+                specs.append(PatternSpec(f"mass, layers chosen by sensitivity at {alloc['target_density']:.3f}: {tag}",
+                                         as_model_sparsity(alloc["sparsity"])))
+            save(tables)
+            print("\n\n".join(tables[-len(targets):]), flush=True)
     specs += [PatternSpec(os.path.basename(path)[: -len(".json")] if path.endswith(".json") else path,
                           as_model_sparsity(path)) for path in args.extra_patterns]
     held_docs = docs[len(docs) - heldout :]
