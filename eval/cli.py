@@ -1,5 +1,5 @@
-"""``hf-sparsek eval {ppl,needle,layers,selection,calibrate}``: long-context evaluation, sparse vs dense, with JSON,
-markdown and plots.
+"""``hf-sparsek eval {ppl,needle,layers,selection,calibrate,sensitivity}``: long-context evaluation, sparse vs dense,
+with JSON, markdown and plots.
 
 The defaults need no model hub: SmolLM2-135M (GGUF from PyPI, converted once) on the Shakespeare plays, short
 contexts, so ``hf-sparsek eval ppl`` finishes in a few minutes on a 2-core CPU. At 1K-2K tokens the shipped default
@@ -50,6 +50,17 @@ def _ints(text: str) -> list[int]:
     return out
 
 
+def _counts(text: str) -> list[int]:
+    """argparse type: comma-separated counts >= 0 such as ``0,3,7``."""
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated counts >= 0 such as 0,3,7; got {text!r}")
+    return values
+
+
 def _fractions(text: str) -> list[float]:
     """argparse type: comma-separated depths in [0, 1] such as ``0.1,0.5,0.9``."""
     try:
@@ -88,7 +99,8 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: Any) -> None:
-    """Add ``eval`` with sub-subcommands ``ppl``, ``needle``, ``layers``, ``selection`` and ``calibrate`` to the
+    """Add ``eval`` with sub-subcommands ``ppl``, ``needle``, ``layers``, ``selection``, ``calibrate`` and
+    ``sensitivity`` to the
     ``hf-sparsek`` parser."""
     ev = subparsers.add_parser("eval", help="long-context evaluation: perplexity, needle retrieval, per-layer error")
     sub = ev.add_subparsers(dest="eval_command", required=True)
@@ -144,6 +156,25 @@ def register(subparsers: Any) -> None:
     calib.add_argument("--density", type=float, default=None,
                        help="mean density over the layers to reach (default: the uniform pattern's)")
     calib.set_defaults(func=cmd_calibrate)
+
+    sens = sub.add_parser("sensitivity", help="per-layer patterns by measured sensitivity: each candidate's final-"
+                          "logit KL with only that layer changed, then the least summed KL under a mean density; "
+                          "writes one pattern file (ModelSparsity) per density")
+    _common(sens)
+    _data_args(sens)
+    sens.add_argument("--pattern", required=True,
+                      help="the base pattern (JSON or file): its sink, block, selector; its density is the target "
+                           "unless --densities is given")
+    sens.add_argument("--topks", type=_counts, default=None,
+                      help="candidate top-k budgets, e.g. 0,3,7 (default: 0 and the pattern's own)")
+    sens.add_argument("--windows-tokens", type=_ints, default=None,
+                      help="candidate windows, e.g. 256,512 (default: the pattern's own)")
+    sens.add_argument("--no-dense-heads", action="store_true", help="no candidates with one KV head dense")
+    sens.add_argument("--densities", type=_fractions, default=None,
+                      help="mean densities over the full-attention layers to allocate, e.g. 0.25,0.125")
+    sens.add_argument("--seq-len", type=positive_int, default=2048)
+    sens.add_argument("--windows", type=positive_int, default=1, help="windows of --seq-len tokens (default 1)")
+    sens.set_defaults(func=cmd_sensitivity)
 
 
 def _setup(args: argparse.Namespace) -> tuple[Any, Any, torch.device, torch.dtype, str]:
@@ -343,6 +374,39 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     with open(pattern_file, "w", encoding="utf-8") as f:
         f.write(as_model_sparsity(result["sparsity"]).to_json() + "\n")
     print(f"[hf-sparsek] pattern file (use with --patterns, or as a per-model file): {pattern_file}")
+    return 0
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from hf_sparsek.describe import kv_head_count, pattern_density
+    from hf_sparsek.patterns import as_model_sparsity
+
+    from .modeling import text_config
+    from .sensitivity import calibrate_by_sensitivity, candidate_choices, sensitivity_table
+
+    base = as_model_sparsity(args.pattern).default
+    if base.is_dense:
+        raise ValueError(f"--pattern must be sparse (sink, window or top-k), got {args.pattern!r}")
+    topks = args.topks if args.topks is not None else sorted({0, base.topk_blocks or 0})
+    model, tok, device, dtype, path = _setup(args)
+    heads = kv_head_count(text_config(model))
+    choices = candidate_choices(base, topks, args.windows_tokens, kv_heads=heads,
+                                dense_head_choices=not args.no_dense_heads)
+    densities = args.densities or [pattern_density(base, args.seq_len, heads)]
+    ids = _windows(args, tok, device, args.windows)
+    start = time.perf_counter()
+    result = calibrate_by_sensitivity(model, ids, choices, densities)
+    tag = f"sensitivity_{_tag(args)}_{args.seq_len}"
+    data = {**_meta(args, model, path, device, dtype, []), "seq_len": args.seq_len, "windows": args.windows,
+            "seconds": time.perf_counter() - start, **result}
+    tables = [f"## Target density {a['target_density']:.4f}\n\n{sensitivity_table(result, a)}"
+              for a in result["allocations"]]
+    _write(args, tag, data, "\n\n".join(tables))
+    for alloc in result["allocations"]:
+        pattern_file = os.path.join(args.out, f"{tag}_pattern_{alloc['target_density']:.4f}.json")
+        with open(pattern_file, "w", encoding="utf-8") as f:
+            f.write(as_model_sparsity(alloc["sparsity"]).to_json() + "\n")
+        print(f"[hf-sparsek] pattern file (use with --patterns, or as a per-model file): {pattern_file}")
     return 0
 
 

@@ -61,3 +61,30 @@ def triton_interpreter(*kernel_modules: str) -> Iterator[None]:
             os.environ.pop("TRITON_INTERPRET", None)
         else:
             os.environ["TRITON_INTERPRET"] = previous
+
+
+def tiny_llama_with_docs(root, documents: int = 2, words_per_document: int = 1500, layers: int = 3):
+    """(model folder, documents folder) under ``root``: a random 4 / 2-head Llama with a byte-level BPE tokenizer
+    trained on ``documents`` random-word texts, which the folder holds (what the ``eval`` commands read)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = "the king queen sword crown night day love death honour blood fair foul rose thorn".split()
+    g = torch.Generator().manual_seed(0)
+    texts = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (words_per_document,), generator=g))
+             for _ in range(documents)]
+    (root / "docs").mkdir()
+    for i, text in enumerate(texts):
+        (root / "docs" / f"{i}.txt").write_text(text)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    model_dir = root / "model"
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>").save_pretrained(model_dir)
+    return model_dir, root / "docs"

@@ -95,31 +95,14 @@ def test_calibrate_refuses_what_it_cannot_measure():
 
 
 def test_cli_calibrate(tmp_path, capsys) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from conftest import tiny_llama_with_docs
 
     from hf_sparsek.cli import main
 
-    words = "the king queen sword crown night day love death honour blood fair foul rose thorn".split()
-    g = torch.Generator().manual_seed(0)
-    texts = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (1500,), generator=g)) for _ in range(2)]
-    (tmp_path / "docs").mkdir()
-    for i, text in enumerate(texts):
-        (tmp_path / "docs" / f"{i}.txt").write_text(text)
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
-    model_dir = tmp_path / "model"
-    LlamaForCausalLM(config).save_pretrained(model_dir)
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>").save_pretrained(model_dir)
+    model_dir, docs = tiny_llama_with_docs(tmp_path)
     out = tmp_path / "out"
     pattern = '{"block_size": 64, "sink_tokens": 8, "window": 64, "topk_blocks": 1, "selector": "oracle"}'
-    args = ["eval", "calibrate", "--model", str(model_dir), "--data", str(tmp_path / "docs"), "--seq-len", "384",
+    args = ["eval", "calibrate", "--model", str(model_dir), "--data", str(docs), "--seq-len", "384",
             "--windows", "2", "--device", "cpu", "--out", str(out), "--pattern", pattern, "--max-topk", "3"]
     assert main(args) == 0
     data = json.loads((out / "calibrate_model_384.json").read_text())

@@ -135,3 +135,33 @@ def test_calibrate_by_sensitivity_measures_what_it_allocates():
     assert result["allocations"][0]["predicted_kl"] <= result["allocations"][1]["predicted_kl"]
     with pytest.raises(ValueError, match="target"):
         calibrate_by_sensitivity(model, ids, choices, [], progress=False)
+
+
+def test_cli_sensitivity(tmp_path, capsys) -> None:
+    from conftest import tiny_llama_with_docs
+
+    from hf_sparsek.cli import main
+
+    model_dir, docs = tiny_llama_with_docs(tmp_path)
+    out = tmp_path / "out"
+    pattern = '{"block_size": 64, "sink_tokens": 8, "window": 64, "topk_blocks": 1}'
+    args = ["eval", "sensitivity", "--model", str(model_dir), "--data", str(docs), "--seq-len", "384",
+            "--device", "cpu", "--out", str(out), "--pattern", pattern, "--topks", "0,2", "--windows-tokens",
+            "32,64", "--densities", "0.5,0.3"]
+    assert main(args) == 0
+    data = json.loads((out / "sensitivity_model_384.json").read_text())
+    assert sorted(data["table"]) == ["0", "1", "2"]
+    assert len(data["choices"]) == 2 * 2 * 3 + 1  # windows x budgets x (no / head 0 / head 1 dense) + dense
+    for alloc in data["allocations"]:
+        assert alloc["density"] <= alloc["target_density"] + 1e-9
+        sparsity = as_model_sparsity(str(out / f"sensitivity_model_384_pattern_{alloc['target_density']:.4f}.json"))
+        for layer, label in alloc["chosen"].items():
+            assert (label == "dense") == (int(layer) in sparsity.dense_layers)
+    assert "measured on the mixed pattern" in (out / "sensitivity_model_384.md").read_text()
+    for bad, message in ((args[:-2] + ["--densities", "0.01"], "no choice fits"),
+                         (args[:-8] + ["--pattern", '{"block_size": 64}'], "must be sparse")):
+        assert main(bad) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(args + ["--topks", "0,-1"])
+    assert "counts >= 0" in capsys.readouterr().err
