@@ -221,6 +221,9 @@ def main() -> int:
                     help="sensitivity: candidate windows, comma-separated (default: the budget's own)")
     ap.add_argument("--sensitivity-targets", default="",
                     help="sensitivity: mean densities to allocate, comma-separated (default: the budget's own)")
+    ap.add_argument("--sensitivity-save", default=None, metavar="DIR",
+                    help="sensitivity: also write each chosen pattern as a file here (for --extra-patterns later)")
+    ap.add_argument("--no-needle", action="store_true", help="skip the passkey rows")
     ap.add_argument("--extra-patterns", nargs="*", default=[],
                     help="pattern files (e.g. from hf-sparsek eval calibrate) measured beside the others")
     ap.add_argument("--cpu-smoke", action="store_true")
@@ -369,6 +372,11 @@ def main() -> int:
                               + sensitivity_table(sens, alloc))
                 specs.append(PatternSpec(f"mass, layers chosen by sensitivity at {alloc['target_density']:.3f}: {tag}",
                                          as_model_sparsity(alloc["sparsity"])))
+                if args.sensitivity_save:
+                    os.makedirs(args.sensitivity_save, exist_ok=True)
+                    name = f"sensitivity_{alloc['target_density']:.3f}.json"
+                    with open(os.path.join(args.sensitivity_save, name), "w") as f:
+                        f.write(as_model_sparsity(alloc["sparsity"]).to_json() + "\n")
             save(tables)
             print("\n\n".join(tables[-len(targets):]), flush=True)
     specs += [PatternSpec(os.path.basename(path)[: -len(".json")] if path.endswith(".json") else path,
@@ -400,7 +408,7 @@ def main() -> int:
     save(tables)
     print(tables[-1], flush=True)
 
-    if needle:  # passkey retrieval: dense and every pattern of the first budget, the same prompts for each
+    if needle and not args.no_needle:  # passkey: dense and every pattern of the first budget, the same prompts
         from hf_sparsek.eval.needle import run_needle_prompts
 
         end = first_of_budget[1] if len(first_of_budget) > 1 else len(specs)
