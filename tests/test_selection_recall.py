@@ -148,27 +148,15 @@ def test_capture_qk_is_transparent_and_restores_attention():
 
 
 def test_cli_selection(tmp_path) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from conftest import tiny_llama_with_docs
 
     from hf_sparsek.cli import main
 
-    words = "the king queen sword crown night day love death honour blood fair foul rose thorn".split()
-    g = torch.Generator().manual_seed(0)
-    text = " ".join(words[int(i)] for i in torch.randint(0, len(words), (3000,), generator=g))
-    (tmp_path / "text.txt").write_text(text)
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    model_dir = tmp_path / "model"
-    _tiny_llama().save_pretrained(model_dir)
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>").save_pretrained(model_dir)
+    model_dir, docs = tiny_llama_with_docs(tmp_path, documents=1, words_per_document=3000, layers=2)
     out = tmp_path / "out"
     patterns = ['{"block_size": 64, "window": 64}', '{"block_size": 64, "sink_tokens": 64, "window": 64, '
                 '"topk_blocks": 1}']
-    assert main(["eval", "selection", "--model", str(model_dir), "--data", str(tmp_path / "text.txt"),
+    assert main(["eval", "selection", "--model", str(model_dir), "--data", str(docs),
                  "--seq-len", "320", "--device", "cpu", "--out", str(out), "--patterns", *patterns]) == 0
     data = json.loads((out / "selection_model.json").read_text())
     rows = data["results"]
