@@ -129,67 +129,105 @@ def _isolated(layer: int, pattern: SparsePattern, n_layers: int) -> ModelSparsit
     return ModelSparsity(default=pattern, dense_layers=tuple(i for i in range(n_layers) if i != layer))
 
 
+def _answer_kl(model: Any, dense: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor) -> float:
+    """KL(dense || sparse) of the next-token distributions at ``positions`` only (a probe's answer)."""
+    return logit_kl(model, dense[:, positions], hidden[:, positions])
+
+
 @torch.inference_mode()
 def calibrate_by_sensitivity(model: Any, windows: torch.Tensor, choices: list[Choice], targets: list[float],
+                             probes: list[tuple[list[int], list[int]]] | None = None,
+                             probe_weights: list[float] | None = None, uniform: SparsePattern | None = None,
                              progress: bool = True) -> dict[str, Any]:
     """Measure every (layer, choice)'s isolated final-logit KL on ``windows`` (W, L) token ids; for each target mean
     density (over the full-attention layers, a dense layer counted as 1) allocate and measure the mixed pattern's
-    own KL. Returns {"choices", "table": per layer per choice {kl, density}, "allocations": one per target
-    {"chosen": {layer: label}, "predicted_kl", "measured_kl", "density", "target_density", "sparsity"}}."""
+    own KL.
+
+    ``probes``: retrieval prompts (prompt ids, answer ids), e.g. passkeys: each choice's KL is also measured at the
+    positions that predict the answer (mean over probes), and each allocation minimises text KL + w x answer KL for
+    every w of ``probe_weights`` (default [0]: text only). Returns {"choices", "table": per layer per choice {kl,
+    answer_kl, density}, "uniform_kl" / "uniform_answer_kl" (``uniform`` in every layer, when given), "allocations":
+    one per (weight, target) {"chosen": {layer: label}, "predicted_kl", "measured_kl", "predicted_answer_kl",
+    "measured_answer_kl", "density", "target_density", "probe_weight", "sparsity"}}."""
     from tqdm.auto import tqdm
 
     if not targets:
         raise ValueError("give at least one target density")
+    weights = probe_weights or [0.0]
+    if any(w < 0 for w in weights) or (any(weights) and not probes):
+        raise ValueError(f"probe_weights must be >= 0, and a non-zero weight needs probes; got {weights}")
     config = text_config(model)
     kinds = layer_kinds(config)
     n = len(kinds)
     layers = [i for i, kind in enumerate(kinds) if kind != "sliding_attention"]
     kv_heads = kv_head_count(config)
     density = [choice_density(c, windows.shape[1], kv_heads) for c in choices]
+    device = windows.device
+    probe_ids = [torch.tensor([p + a], device=device) for p, a in probes or []]
+    probe_pos = [torch.arange(len(p) - 1, len(p) + len(a) - 1, device=device) for p, a in probes or []]
     apply_pattern(model, PatternSpec("dense", None))
     dense_hidden = [_forward_capture(model, windows[w: w + 1])[1] for w in range(windows.shape[0])]
+    dense_probe = [_forward_capture(model, ids)[1] for ids in probe_ids]
 
-    def kl_of(sparsity: ModelSparsity) -> float:
+    def kl_of(sparsity: ModelSparsity) -> tuple[float, float]:
         apply_pattern(model, PatternSpec("sensitivity", sparsity))
-        return sum(logit_kl(model, dense_hidden[w], _forward_capture(model, windows[w: w + 1])[1])
+        text = sum(logit_kl(model, dense_hidden[w], _forward_capture(model, windows[w: w + 1])[1])
                    for w in range(windows.shape[0])) / windows.shape[0]
+        answer = sum(_answer_kl(model, dense_probe[i], _forward_capture(model, ids)[1], probe_pos[i])
+                     for i, ids in enumerate(probe_ids)) / max(len(probe_ids), 1)
+        return text, answer
 
-    costs: list[list[float]] = []
+    costs: list[list[tuple[float, float]]] = []
     bar = tqdm(total=len(layers) * len(choices), desc="sensitivity (layer x choice)", disable=not progress)
     for layer in layers:
         row = []
         for choice in choices:
-            row.append(0.0 if choice.pattern is None else kl_of(_isolated(layer, choice.pattern, n)))
+            row.append((0.0, 0.0) if choice.pattern is None else kl_of(_isolated(layer, choice.pattern, n)))
             bar.update(1)
         costs.append(row)
     bar.close()
+    uniform_kl = kl_of(ModelSparsity(default=uniform)) if uniform is not None else (None, None)
     allocations = []
-    for target in targets:
-        picks = allocate(costs, [density] * len(layers), target)
-        chosen = {layer: choices[j] for layer, j in zip(layers, picks, strict=True)}
-        source = (f"hf-sparsek eval sensitivity: least summed isolated final-logit KL at mean density <= "
-                  f"{target:.4f} over {len(layers)} full-attention layers, {windows.shape[0]} x {windows.shape[1]} "
-                  "tokens")
-        sparsity = sparsity_from_choices(chosen, source)
-        allocations.append({
-            "target_density": target, "density": sum(density[j] for j in picks) / len(layers),
-            "chosen": {str(layer): c.label for layer, c in chosen.items()},
-            "predicted_kl": sum(costs[i][j] for i, j in enumerate(picks)), "measured_kl": kl_of(sparsity),
-            "sparsity": sparsity.to_dict()})
+    for weight in weights:
+        combined = [[t + weight * a for t, a in row] for row in costs]
+        for target in targets:
+            picks = allocate(combined, [density] * len(layers), target)
+            chosen = {layer: choices[j] for layer, j in zip(layers, picks, strict=True)}
+            source = ("hf-sparsek eval sensitivity: least summed isolated final-logit KL"
+                      + (f" (+ {weight:g} x answer KL of {len(probe_ids)} retrieval probes)" if weight else "")
+                      + f" at mean density <= {target:.4f} over {len(layers)} full-attention layers, "
+                      f"{windows.shape[0]} x {windows.shape[1]} tokens")
+            sparsity = sparsity_from_choices(chosen, source)
+            text, answer = kl_of(sparsity)
+            allocations.append({
+                "target_density": target, "probe_weight": weight,
+                "density": sum(density[j] for j in picks) / len(layers),
+                "chosen": {str(layer): c.label for layer, c in chosen.items()},
+                "predicted_kl": sum(costs[i][j][0] for i, j in enumerate(picks)), "measured_kl": text,
+                "predicted_answer_kl": sum(costs[i][j][1] for i, j in enumerate(picks)),
+                "measured_answer_kl": answer, "sparsity": sparsity.to_dict()})
     apply_pattern(model, PatternSpec("dense", None))
-    return {"choices": [c.label for c in choices],
-            "table": {str(layer): {c.label: {"kl": costs[i][j], "density": density[j]} for j, c in enumerate(choices)}
+    return {"choices": [c.label for c in choices], "probes": len(probe_ids),
+            "table": {str(layer): {c.label: {"kl": costs[i][j][0], "answer_kl": costs[i][j][1],
+                                             "density": density[j]} for j, c in enumerate(choices)}
                       for i, layer in enumerate(layers)},
+            "uniform": None if uniform is None else uniform.describe(), "uniform_kl": uniform_kl[0],
+            "uniform_answer_kl": uniform_kl[1],
             "allocations": allocations}
 
 
 def sensitivity_table(result: dict[str, Any], allocation: dict[str, Any]) -> str:
     """Markdown: per layer the chosen pattern, its isolated KL and density; the summed and the measured KL below."""
-    lines = ["| layer | chosen | isolated KL | density |", "|---:|---|---:|---:|"]
+    lines = ["| layer | chosen | isolated KL | answer KL | density |", "|---:|---|---:|---:|---:|"]
     for layer, label in allocation["chosen"].items():
         cell = result["table"][layer][label]
-        lines.append(f"| {layer} | {label} | {cell['kl']:.5f} | {cell['density']:.3f} |")
-    lines.append(f"\nmean density {allocation['density']:.4f} (target {allocation['target_density']:.4f}); "
-                 f"final-logit KL: sum of isolated {allocation['predicted_kl']:.5f}, measured on the mixed pattern "
-                 f"{allocation['measured_kl']:.5f}")
+        lines.append(f"| {layer} | {label} | {cell['kl']:.5f} | {cell['answer_kl']:.4f} | {cell['density']:.3f} |")
+    a = allocation
+    lines.append(f"\nmean density {a['density']:.4f} (target {a['target_density']:.4f}), answer weight "
+                 f"{a['probe_weight']:g}; final-logit KL: sum of isolated {a['predicted_kl']:.5f}, measured on the "
+                 f"mixed pattern {a['measured_kl']:.5f}; answer KL: sum {a['predicted_answer_kl']:.4f}, measured "
+                 f"{a['measured_answer_kl']:.4f}")
+    if result.get("uniform") is not None:
+        lines.append(f"(the uniform {result['uniform']} in every layer: KL {result['uniform_kl']:.5f}, answer KL "
+                     f"{result['uniform_answer_kl']:.4f})")
     return "\n".join(lines)

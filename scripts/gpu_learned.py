@@ -57,6 +57,7 @@ import torch
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 HELDOUT_PLAYS = 4  # the last plays in the sdist's order are held out (as hf-sparsek distill --heldout-docs 4)
+CALIBRATION_DEPTHS = [0.3, 0.7]  # passkey depths of the calibration probes (the evaluation uses 0.1 / 0.5 / 0.9)
 
 
 def make_tokens(path: str, needle_lengths: list[int], needle_depths: list[float], needle_trials: int) -> None:
@@ -76,7 +77,11 @@ def make_tokens(path: str, needle_lengths: list[int], needle_depths: list[float]
     plays = shakespeare_plays()
     docs = {title: torch.tensor(encode(text), dtype=torch.int32) for title, text in plays.items()}
     needle = needle_prompts(encode, needle_lengths, needle_depths, None, needle_trials) if needle_trials else {}
-    save_token_file({"docs": docs, "bos": None, "heldout": HELDOUT_PLAYS, "needle": needle}, path)
+    # retrieval probes for calibration (eval.sensitivity): other passkeys (seed 1) at depths the evaluation never uses
+    probes = [p for rows in needle_prompts(encode, [max(needle_lengths)], CALIBRATION_DEPTHS, None, 1,
+                                           seed=1).values() for p in rows]
+    save_token_file({"docs": docs, "bos": None, "heldout": HELDOUT_PLAYS, "needle": needle,
+                     "calibration_probes": probes}, path)
     print(f"wrote {len(docs)} plays, {sum(len(d) for d in docs.values())} tokens and {len(needle)} x "
           f"{needle_trials} passkey prompts to {path}")
 
@@ -110,13 +115,15 @@ def _assemble(parts: list[str], workdir: str) -> str:
 
 class Inputs(NamedTuple):
     """What a run evaluates: a plain checkpoint folder, documents (held-out plays last), how many are held out,
-    passkey prompts {(length, depth): [(prompt, answer)]} and the BOS id prepended to every window (None: none)."""
+    passkey prompts {(length, depth): [(prompt, answer)]}, the BOS id prepended to every window (None: none) and
+    the calibration probes [(prompt, answer)] (other passkeys, for eval.sensitivity)."""
 
     folder: str
     docs: list[list[int]]
     heldout: int
     needle: dict
     bos: int | None
+    probes: list
 
 
 def _real_model(args: argparse.Namespace, workdir: str) -> Inputs:
@@ -144,7 +151,8 @@ def _real_model(args: argparse.Namespace, workdir: str) -> Inputs:
     save_dequantized(model, folder)
     data = load_token_file(args.tokens)
     docs = [d.tolist() for d in data["docs"].values()]
-    return Inputs(folder, docs, int(data.get("heldout", HELDOUT_PLAYS)), data.get("needle") or {}, data.get("bos"))
+    return Inputs(folder, docs, int(data.get("heldout", HELDOUT_PLAYS)), data.get("needle") or {}, data.get("bos"),
+                  data.get("calibration_probes") or [])
 
 
 def _smoke_model(workdir: str) -> Inputs:
@@ -166,7 +174,8 @@ def _smoke_model(workdir: str) -> Inputs:
     gen = torch.Generator().manual_seed(1)
     docs = [torch.randint(0, 256, (1400,), generator=gen).tolist() for _ in range(6)]
     needle = {(512, 0.5): [(torch.randint(0, 256, (510,), generator=gen).tolist(), [7, 9]) for _ in range(2)]}
-    return Inputs(folder, docs, 2, needle, None)
+    probes = [(torch.randint(0, 256, (510,), generator=gen).tolist(), [5, 3])]
+    return Inputs(folder, docs, 2, needle, None, probes)
 
 
 def main() -> int:
@@ -221,6 +230,9 @@ def main() -> int:
                     help="sensitivity: candidate windows, comma-separated (default: the budget's own)")
     ap.add_argument("--sensitivity-targets", default="",
                     help="sensitivity: mean densities to allocate, comma-separated (default: the budget's own)")
+    ap.add_argument("--sensitivity-probe-weights", default="0",
+                    help="sensitivity: weights of the retrieval probes' answer KL beside the text KL, comma-separated "
+                         "(one allocation per weight and target; the probes come from --make-tokens)")
     ap.add_argument("--sensitivity-save", default=None, metavar="DIR",
                     help="sensitivity: also write each chosen pattern as a file here (for --extra-patterns later)")
     ap.add_argument("--no-needle", action="store_true", help="skip the passkey rows")
@@ -252,12 +264,12 @@ def main() -> int:
     workdir = "/tmp/gpu_learned"
     t0 = time.perf_counter()
     if args.cpu_smoke:
-        folder, docs, heldout, needle, bos = _smoke_model(workdir)
+        folder, docs, heldout, needle, bos, probes = _smoke_model(workdir)
         seq_len, train_windows, steps, ppl_tokens = 512, 4, 20, 1024
     else:
         if not args.tokens:
             raise SystemExit("--tokens is required (make it with --make-tokens on a machine with the tokenizer)")
-        folder, docs, heldout, needle, bos = _real_model(args, workdir)
+        folder, docs, heldout, needle, bos, probes = _real_model(args, workdir)
         seq_len, train_windows, steps, ppl_tokens = args.seq_len, args.train_windows, args.steps, args.ppl_tokens
     results: dict[str, Any] = {"command": " ".join(sys.argv), "environment": environment(device, dtype),
                                "seq_len": seq_len, "load_seconds": time.perf_counter() - t0}
@@ -364,21 +376,27 @@ def main() -> int:
             targets = [float(x) for x in args.sensitivity_targets.split(",") if x.strip()] or [
                 pattern_density(base, seq_len, kv_head_count(model.config))]
             t2 = time.perf_counter()
-            sens = calibrate_by_sensitivity(model, ids, choices, targets)
+            weights = [float(x) for x in args.sensitivity_probe_weights.split(",") if x.strip()]
+            if any(weights) and not probes:
+                raise SystemExit("--sensitivity-probe-weights needs calibration probes: remake --tokens")
+            sens = calibrate_by_sensitivity(model, ids, choices, targets, probes=probes, probe_weights=weights,
+                                            uniform=base)
             results.setdefault("sensitivity", {})[tag] = {**sens, "windows": len(train),
                                                           "seconds": time.perf_counter() - t2}
             for alloc in sens["allocations"]:
-                tables.append(f"## Chosen by sensitivity, {tag}, target density {alloc['target_density']:.4f}\n\n"
+                at = f"{alloc['target_density']:.3f}" + (f", answer weight {alloc['probe_weight']:g}"
+                                                         if alloc["probe_weight"] else "")
+                tables.append(f"## Chosen by sensitivity, {tag}, target density {at}\n\n"
                               + sensitivity_table(sens, alloc))
-                specs.append(PatternSpec(f"mass, layers chosen by sensitivity at {alloc['target_density']:.3f}: {tag}",
+                specs.append(PatternSpec(f"mass, layers chosen by sensitivity at {at}: {tag}",
                                          as_model_sparsity(alloc["sparsity"])))
                 if args.sensitivity_save:
                     os.makedirs(args.sensitivity_save, exist_ok=True)
-                    name = f"sensitivity_{alloc['target_density']:.3f}.json"
+                    name = f"sensitivity_{alloc['target_density']:.3f}_w{alloc['probe_weight']:g}.json"
                     with open(os.path.join(args.sensitivity_save, name), "w") as f:
                         f.write(as_model_sparsity(alloc["sparsity"]).to_json() + "\n")
             save(tables)
-            print("\n\n".join(tables[-len(targets):]), flush=True)
+            print("\n\n".join(tables[-len(sens["allocations"]):]), flush=True)
     specs += [PatternSpec(os.path.basename(path)[: -len(".json")] if path.endswith(".json") else path,
                           as_model_sparsity(path)) for path in args.extra_patterns]
     held_docs = docs[len(docs) - heldout :]
