@@ -165,3 +165,34 @@ def test_cli_sensitivity(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit):
         main(args + ["--topks", "0,-1"])
     assert "counts >= 0" in capsys.readouterr().err
+
+
+def test_probes_add_the_answer_kl_and_weigh_into_the_choice():
+    """A retrieval probe's answer KL is the KL at the positions that predict the answer (checked by hand for one
+    cell); with a large weight the allocation follows the answer KL, and a weight without probes is refused."""
+    from hf_sparsek.eval.layers import _forward_capture, logit_kl
+    from hf_sparsek.eval.modeling import PatternSpec, apply_pattern
+
+    model = _model()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 97, (1, 320), generator=g)
+    probe = (torch.randint(0, 97, (300,), generator=g).tolist(), [5, 7, 11])
+    base = SparsePattern(block_size=64, sink_tokens=8, window=32, topk_blocks=1, selector="mass")
+    choices = candidate_choices(base, [0, 2], kv_heads=2)
+    uniform = base.replace(topk_blocks=2)
+    result = calibrate_by_sensitivity(model, ids, choices, [0.6], probes=[probe], probe_weights=[0.0, 1000.0],
+                                      uniform=uniform, progress=False)
+    pattern = next(c.pattern for c in choices if c.label == "window 32 + top-0")
+    full = torch.tensor([probe[0] + probe[1]])
+    apply_pattern(model, PatternSpec("dense", None))
+    dense = _forward_capture(model, full)[1][:, 299:302]
+    apply_pattern(model, PatternSpec("one", ModelSparsity(default=pattern, dense_layers=(0, 1))))
+    direct = logit_kl(model, dense, _forward_capture(model, full)[1][:, 299:302])
+    assert result["table"]["2"]["window 32 + top-0"]["answer_kl"] == pytest.approx(direct, rel=1e-5)
+    assert result["uniform"] == uniform.describe() and result["uniform_kl"] > 0
+    text_only, answer_heavy = result["allocations"]
+    assert (text_only["probe_weight"], answer_heavy["probe_weight"]) == (0.0, 1000.0)
+    assert answer_heavy["predicted_answer_kl"] <= text_only["predicted_answer_kl"] + 1e-12
+    assert text_only["predicted_kl"] <= answer_heavy["predicted_kl"] + 1e-12
+    with pytest.raises(ValueError, match="needs probes"):
+        calibrate_by_sensitivity(model, ids, choices, [0.6], probe_weights=[1.0], progress=False)
