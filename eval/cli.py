@@ -218,12 +218,14 @@ def _encode(tok: Any):
 
 
 def _specs(args: argparse.Namespace, model: Any, default: list[str]) -> list:
+    from hf_sparsek.model_defaults import default_key
+
     from .modeling import parse_patterns, text_config
 
     names = args.patterns or default
     if "dense" not in names:
         names = ["dense", *names]
-    return parse_patterns(names, getattr(text_config(model), "model_type", None))
+    return parse_patterns(names, default_key(text_config(model)))
 
 
 def _meta(args: argparse.Namespace, model: Any, path: str, device: torch.device, dtype: torch.dtype,

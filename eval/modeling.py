@@ -81,8 +81,9 @@ def text_config(model_or_config: Any) -> Any:
     return getattr(config, "text_config", None) or config
 
 
-def parse_patterns(names: list[str | dict], model_type: str | None) -> list[PatternSpec]:
-    """Pattern arguments -> specs: "dense", "default" (the model type's shipped file), a preset, JSON text, a pattern
+def parse_patterns(names: list[str | dict], default: str | None) -> list[PatternSpec]:
+    """Pattern arguments -> specs: "dense", "default" (the shipped default of ``default``: a model type, or
+    ``model_defaults.default_key(config)`` so a checkpoint's calibrated entry counts), a preset, JSON text, a pattern
     dict (as in a JSON list of patterns) or a file."""
     specs = []
     auto: set[int] = set()  # specs labelled from their pattern (JSON text), not named
@@ -95,7 +96,7 @@ def parse_patterns(names: list[str | dict], model_type: str | None) -> list[Patt
         if name == DENSE:
             specs.append(PatternSpec(DENSE, None))
         elif name == "default":
-            specs.append(PatternSpec(f"default({model_type})", default_sparsity(model_type)))
+            specs.append(PatternSpec(f"default({(default or 'generic').partition('@')[0]})", default_sparsity(default)))
         elif name in hf_sparsek.PRESETS:
             specs.append(PatternSpec(name, ModelSparsity(default=hf_sparsek.PRESETS[name], source=f"preset {name}")))
         else:

@@ -2,8 +2,10 @@
 
 The choice lives in ``config.sparsek`` (a plain dict, so ``save_pretrained`` writes it to config.json and
 ``from_pretrained`` reads it back). A model without one gets the default file of its ``model_type``, or
-``generic.json`` for other model types. A preset-qualified attention name, ``attn_implementation=
-"sparsek:<preset>"``, picks the preset wherever only an attention name can be given (lm-eval ``--model_args``).
+``generic.json`` for other model types; a file may hold per-layer patterns calibrated for one checkpoint shape
+(``"checkpoints"``, matched on ``CHECKPOINT_FIELDS``), which models of that shape get instead. A preset-qualified
+attention name, ``attn_implementation="sparsek:<preset>"``, picks the preset wherever only an attention name can be
+given (lm-eval ``--model_args``).
 """
 
 from __future__ import annotations
@@ -56,19 +58,48 @@ def available_model_types() -> list[str]:
     return sorted(f.name[:-5] for f in files if f.name.endswith(".json") and f.name[:-5] != GENERIC)
 
 
+CHECKPOINT_FIELDS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size")
+SHAPE_SEPARATOR = "@"
+
+
+def default_key(config: Any) -> str | None:
+    """What picks a config's shipped default: its ``model_type``, with its shape (``CHECKPOINT_FIELDS``) appended as
+    ``llama@30-9-3-576``, so a model type's file can hold patterns calibrated per layer for one checkpoint shape
+    (its ``"checkpoints"`` list) beside the default every other shape gets."""
+    model_type = getattr(config, "model_type", None)
+    shape = [getattr(config, name, None) for name in CHECKPOINT_FIELDS]
+    if model_type is None or not all(isinstance(v, int) and not isinstance(v, bool) for v in shape):
+        return model_type
+    return model_type + SHAPE_SEPARATOR + "-".join(str(v) for v in shape)
+
+
+def _shape_of(match: dict[str, Any]) -> str:
+    missing = [name for name in CHECKPOINT_FIELDS if name not in match]
+    if missing:
+        raise ValueError(f"a checkpoint entry's 'match' needs {list(CHECKPOINT_FIELDS)}; missing {missing}")
+    return "-".join(str(int(match[name])) for name in CHECKPOINT_FIELDS)
+
+
 @cache
-def _load_default(model_type: str) -> ModelSparsity:
+def _load_default(key: str) -> ModelSparsity:
+    model_type, _, shape = key.partition(SHAPE_SEPARATOR)
     folder = resources.files("hf_sparsek").joinpath("model_patterns")
     path = folder.joinpath(f"{model_type}.json")
     if not path.is_file():
         path = folder.joinpath(f"{GENERIC}.json")
     data = json.loads(path.read_text(encoding="utf-8"))
+    checkpoints = data.pop("checkpoints", [])
+    for entry in checkpoints:  # a pattern calibrated per layer for one checkpoint shape wins over the type's default
+        if shape and _shape_of(entry.get("match", {})) == shape:
+            data = {k: v for k, v in entry.items() if k != "match"}
+            break
     data.pop("how_chosen", None)  # provenance for people; not a pattern field
     return ModelSparsity.from_dict(data)
 
 
 def default_sparsity(model_type: str | None) -> ModelSparsity:
-    """The shipped default of ``model_type`` (generic when it has none)."""
+    """The shipped default of ``model_type`` (generic when it has none); a :func:`default_key` (type and shape)
+    selects a checkpoint's calibrated entry where the type's file has one for that shape."""
     return _load_default(model_type or GENERIC)
 
 
@@ -105,7 +136,7 @@ def _config_key(config: Any) -> tuple[Any, Any, str | None, str | None]:
     frozen = None
     if preset is None and stored is not None:
         frozen = _freeze(stored.to_dict() if isinstance(stored, ModelSparsity) else stored)
-    return stored, frozen, preset, getattr(config, "model_type", None)
+    return stored, frozen, preset, default_key(config)
 
 
 @lru_cache(maxsize=256)

@@ -149,12 +149,13 @@ def main() -> int:
     model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path),
                                                  dtype=dtype, attn_implementation="sdpa").to(device).eval()
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s", flush=True)
+    from hf_sparsek.model_defaults import default_key
     from scripts.common import load_token_file, write_json
 
     data = load_token_file(args.tokens)
     docs = [d.tolist() for d in data["docs"].values()]
     bos = data["bos"]
-    specs = parse_patterns(json.loads(args.patterns), model.config.model_type)
+    specs = parse_patterns(json.loads(args.patterns), default_key(model.config))
     contexts = [int(c) for c in args.contexts.split(",")]
     meta = {"model": args.model, "environment": environment(device, dtype), "patterns": [s.to_dict() for s in specs],
             "tokenized_with_transformers": data.get("tokenizer_transformers"),
@@ -177,7 +178,7 @@ def main() -> int:
         tables = ["## Perplexity", report.ppl_table(rows)]
         print(tables[-1], flush=True)
 
-    nspecs = parse_patterns(json.loads(args.needle_patterns), model.config.model_type) if args.needle_patterns \
+    nspecs = parse_patterns(json.loads(args.needle_patterns), default_key(model.config)) if args.needle_patterns \
         else specs
     start = time.perf_counter()
     prompts = {k: [([int(x) for x in p], [int(x) for x in a]) for p, a in v] for k, v in data["needle"].items()}

@@ -388,6 +388,8 @@ def adapt(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
         common += ["--eval-max-windows", str(args.eval_max_windows)]
     if args.cpu:
         common += ["--cpu", "--no-gradient-checkpointing"]
+    from hf_sparsek.model_defaults import default_key
+
     config = AutoConfig.from_pretrained(model)
     deadline = start + args.budget_s
     durations: dict[str, float] = {}
@@ -396,7 +398,7 @@ def adapt(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
         pattern = _pattern_spec(spec)
         # The choice the finetune command will make: set_pattern parses presets/JSON like --pattern does.
         sparsity = (hf_sparsek.set_pattern(copy.deepcopy(config), pattern) if pattern else
-                    hf_sparsek.default_sparsity(config.model_type))
+                    hf_sparsek.default_sparsity(default_key(config)))
         result["patterns"][name] = {"spec": spec, "sparsity": sparsity.to_dict(),
                                     "describe": sparsity.default.describe(),
                                     **density_summary(config, sparsity, args.seq_len)}

@@ -35,9 +35,11 @@ def run(args: argparse.Namespace) -> dict:
     from lm_eval.evaluator import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
+    from hf_sparsek.model_defaults import default_key
+
     device = resolve_device(args.device)
     model, tok, path = load_model(args.model, device, parse_dtype(args.dtype))
-    specs = parse_patterns(args.patterns, model.config.model_type)
+    specs = parse_patterns(args.patterns, default_key(model.config))
     results = []
     for spec in specs:
         apply_pattern(model, spec)

@@ -126,6 +126,44 @@ def test_default_files_for_required_model_types():
     assert generic == default_sparsity(None)
 
 
+def test_checkpoint_shape_picks_its_calibrated_entry():
+    """A model type's file may hold per-layer patterns calibrated for one checkpoint shape: a config of that shape
+    gets them (at most 25% density at 8K over its layers, dense heads within its KV heads), every other shape the
+    type's default."""
+    from importlib import resources
+
+    from transformers import LlamaConfig
+
+    from hf_sparsek.describe import pattern_density
+    from hf_sparsek.model_defaults import CHECKPOINT_FIELDS, default_key, model_sparsity
+
+    smollm2 = LlamaConfig(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576,
+                          intermediate_size=1536, vocab_size=49152)
+    other = LlamaConfig(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=648,
+                        intermediate_size=1536)
+    assert default_key(smollm2) == "llama@30-9-3-576" and default_key(other) == "llama@30-9-3-648"
+    assert default_key(type("C", (), {"model_type": "llama"})()) == "llama"  # no shape: the type alone
+    calibrated, plain = model_sparsity(smollm2), model_sparsity(other)
+    assert plain == default_sparsity("llama") and not plain.layer_overrides
+    assert calibrated == default_sparsity(default_key(smollm2)) != plain
+    assert calibrated.layer_overrides and any(calibrated.for_layer(i).dense_heads for i in range(30))
+    assert smollm2.sparsek == calibrated.to_dict()  # written into the config, so save_pretrained keeps it
+    for model_type in available_model_types():
+        data = json.loads(resources.files("hf_sparsek").joinpath("model_patterns", f"{model_type}.json").read_text())
+        for entry in data.get("checkpoints", []):
+            match = entry["match"]
+            assert sorted(match) == sorted(CHECKPOINT_FIELDS), model_type
+            key = f"{model_type}@" + "-".join(str(match[f]) for f in CHECKPOINT_FIELDS)
+            sparsity = default_sparsity(key)
+            assert sparsity != default_sparsity(model_type) and entry["how_chosen"]
+            layers = [sparsity.for_layer(i) for i in range(match["num_hidden_layers"])]
+            kv = match["num_key_value_heads"]
+            assert all(h < kv for p in layers for h in p.dense_heads)
+            density = [1.0 if i in sparsity.dense_layers else pattern_density(p, 8192, kv)
+                       for i, p in enumerate(layers)]
+            assert sum(density) / len(density) <= 0.25, model_type
+
+
 def test_presets_are_valid():
     for name, pattern in PRESETS.items():
         assert SparsePattern.from_dict(pattern.to_dict()) == pattern, name

@@ -85,6 +85,7 @@ def main() -> int:
     from hf_sparsek.eval.needle import greedy_matches
     from transformers import AutoModelForCausalLM
 
+    from hf_sparsek.model_defaults import default_key
     from scripts.common import load_token_file, write_json
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -108,7 +109,7 @@ def main() -> int:
     for spec in args.dense_layers.split(","):
         dense = [] if spec == "none" else [i for part in spec.split("+") for i in range(*map(int, part.split("-")))]
         pattern = json.dumps({"default": {**base, "selector": "probe", "probe_stride": 4}, "dense_layers": dense})
-        apply_pattern(model, parse_patterns([pattern], model.config.model_type)[0])
+        apply_pattern(model, parse_patterns([pattern], default_key(model.config))[0])
         with torch.no_grad():
             found = greedy_matches(model, prompt, answer, torch.device("cpu"))
         rows.append({"dense_layers": spec, "sparse_layers": model.config.num_hidden_layers - len(dense),
