@@ -233,6 +233,9 @@ def main() -> int:
     ap.add_argument("--sensitivity-probe-weights", default="0",
                     help="sensitivity: weights of the retrieval probes' answer KL beside the text KL, comma-separated "
                          "(one allocation per weight and target; the probes come from --make-tokens)")
+    ap.add_argument("--sensitivity-bases", default='[{"selector": "mass"}]',
+                    help="sensitivity: JSON list of fields added to the budget, one calibration each (e.g. "
+                         "'[{\"selector\": \"mass\"}, {\"selector\": \"probe\", \"probe_stride\": 4}]')")
     ap.add_argument("--sensitivity-save", default=None, metavar="DIR",
                     help="sensitivity: also write each chosen pattern as a file here (for --extra-patterns later)")
     ap.add_argument("--no-needle", action="store_true", help="skip the passkey rows")
@@ -367,36 +370,39 @@ def main() -> int:
             from hf_sparsek.describe import kv_head_count, pattern_density
             from hf_sparsek.patterns import SparsePattern
 
-            base = SparsePattern.from_dict({**budget, "selector": "mass"})
             train = [d for d in docs[: len(docs) - heldout] if len(d) >= seq_len][: args.sensitivity]
             ids = torch.tensor([d[:seq_len] for d in train], device=device)
-            sens_windows = [int(x) for x in args.sensitivity_windows.split(",") if x.strip()] or [base.window]
-            choices = candidate_choices(base, [int(x) for x in args.sensitivity_topks.split(",") if x.strip()],
-                                        sens_windows, kv_heads=kv_head_count(model.config))
-            targets = [float(x) for x in args.sensitivity_targets.split(",") if x.strip()] or [
-                pattern_density(base, seq_len, kv_head_count(model.config))]
-            t2 = time.perf_counter()
-            weights = [float(x) for x in args.sensitivity_probe_weights.split(",") if x.strip()]
-            if any(weights) and not probes:
-                raise SystemExit("--sensitivity-probe-weights needs calibration probes: remake --tokens")
-            sens = calibrate_by_sensitivity(model, ids, choices, targets, probes=probes, probe_weights=weights,
-                                            uniform=base)
-            results.setdefault("sensitivity", {})[tag] = {**sens, "windows": len(train),
-                                                          "seconds": time.perf_counter() - t2}
-            for alloc in sens["allocations"]:
-                at = f"{alloc['target_density']:.3f}" + (f", answer weight {alloc['probe_weight']:g}"
-                                                         if alloc["probe_weight"] else "")
-                tables.append(f"## Chosen by sensitivity, {tag}, target density {at}\n\n"
-                              + sensitivity_table(sens, alloc))
-                specs.append(PatternSpec(f"mass, layers chosen by sensitivity at {at}: {tag}",
-                                         as_model_sparsity(alloc["sparsity"])))
-                if args.sensitivity_save:
-                    os.makedirs(args.sensitivity_save, exist_ok=True)
-                    name = f"sensitivity_{alloc['target_density']:.3f}_w{alloc['probe_weight']:g}.json"
-                    with open(os.path.join(args.sensitivity_save, name), "w") as f:
-                        f.write(as_model_sparsity(alloc["sparsity"]).to_json() + "\n")
-            save(tables)
-            print("\n\n".join(tables[-len(sens["allocations"]):]), flush=True)
+            for fields in json.loads(args.sensitivity_bases):
+                base = SparsePattern.from_dict({**budget, **fields})
+                name = base.resolved_selector + (f" stride {base.probe_stride}" if base.probe_stride else "")
+                sens_windows = [int(x) for x in args.sensitivity_windows.split(",") if x.strip()] or [base.window]
+                choices = candidate_choices(base, [int(x) for x in args.sensitivity_topks.split(",") if x.strip()],
+                                            sens_windows, kv_heads=kv_head_count(model.config))
+                targets = [float(x) for x in args.sensitivity_targets.split(",") if x.strip()] or [
+                    pattern_density(base, seq_len, kv_head_count(model.config))]
+                t2 = time.perf_counter()
+                weights = [float(x) for x in args.sensitivity_probe_weights.split(",") if x.strip()]
+                if any(weights) and not probes:
+                    raise SystemExit("--sensitivity-probe-weights needs calibration probes: remake --tokens")
+                sens = calibrate_by_sensitivity(model, ids, choices, targets, probes=probes, probe_weights=weights,
+                                                uniform=base)
+                results.setdefault("sensitivity", {})[f"{name}: {tag}"] = {**sens, "windows": len(train),
+                                                              "seconds": time.perf_counter() - t2}
+                for alloc in sens["allocations"]:
+                    at = f"{alloc['target_density']:.3f}" + (f", answer weight {alloc['probe_weight']:g}"
+                                                             if alloc["probe_weight"] else "")
+                    tables.append(f"## Chosen by sensitivity, {name}: {tag}, target density {at}\n\n"
+                                  + sensitivity_table(sens, alloc))
+                    specs.append(PatternSpec(f"{name}, layers chosen by sensitivity at {at}: {tag}",
+                                             as_model_sparsity(alloc["sparsity"])))
+                    if args.sensitivity_save:
+                        os.makedirs(args.sensitivity_save, exist_ok=True)
+                        out_name = (f"sensitivity_{base.resolved_selector}_{alloc['target_density']:.3f}_w"
+                                    f"{alloc['probe_weight']:g}.json")
+                        with open(os.path.join(args.sensitivity_save, out_name), "w") as f:
+                            f.write(as_model_sparsity(alloc["sparsity"]).to_json() + "\n")
+                save(tables)
+                print("\n\n".join(tables[-len(sens["allocations"]):]), flush=True)
     specs += [PatternSpec(os.path.basename(path)[: -len(".json")] if path.endswith(".json") else path,
                           as_model_sparsity(path)) for path in args.extra_patterns]
     held_docs = docs[len(docs) - heldout :]
