@@ -397,7 +397,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     densities = args.densities or [pattern_density(base, args.seq_len, heads)]
     ids = _windows(args, tok, device, args.windows)
     start = time.perf_counter()
-    result = calibrate_by_sensitivity(model, ids, choices, densities)
+    result = calibrate_by_sensitivity(model, ids, choices, densities, uniform=base)
     tag = f"sensitivity_{_tag(args)}_{args.seq_len}"
     data = {**_meta(args, model, path, device, dtype, []), "seq_len": args.seq_len, "windows": args.windows,
             "seconds": time.perf_counter() - start, **result}
