@@ -59,7 +59,8 @@ def candidate_choices(base: SparsePattern, topks: list[int], windows: list[int] 
             if not k:
                 pattern = pattern.replace(selector=None, mass_threshold=None, probe_stride=None)
             for dense in heads:
-                label = f"window {window} + top-{k}" + (f" + dense head {dense[0]}" if dense else "")
+                label = (f"window {window}" if window else "no window") + f" + top-{k}" + (
+                    f" + dense head {dense[0]}" if dense else "")
                 out.append(Choice(label, pattern.replace(dense_heads=dense)))
     out.append(Choice(DENSE_CHOICE, None))
     return out
