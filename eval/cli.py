@@ -100,8 +100,7 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers: Any) -> None:
     """Add ``eval`` with sub-subcommands ``ppl``, ``needle``, ``layers``, ``selection``, ``calibrate`` and
-    ``sensitivity`` to the
-    ``hf-sparsek`` parser."""
+    ``sensitivity`` to the ``hf-sparsek`` parser."""
     ev = subparsers.add_parser("eval", help="long-context evaluation: perplexity, needle retrieval, per-layer error")
     sub = ev.add_subparsers(dest="eval_command", required=True)
 
@@ -167,8 +166,8 @@ def register(subparsers: Any) -> None:
                            "unless --densities is given")
     sens.add_argument("--topks", type=_counts, default=None,
                       help="candidate top-k budgets, e.g. 0,3,7 (default: 0 and the pattern's own)")
-    sens.add_argument("--windows-tokens", type=_ints, default=None,
-                      help="candidate windows, e.g. 256,512 (default: the pattern's own)")
+    sens.add_argument("--window-sizes", type=_ints, default=None,
+                      help="candidate windows in tokens, e.g. 256,512 (default: the pattern's own)")
     sens.add_argument("--no-dense-heads", action="store_true", help="no candidates with one KV head dense")
     sens.add_argument("--densities", type=_fractions, default=None,
                       help="mean densities over the full-attention layers to allocate, e.g. 0.25,0.125")
@@ -392,7 +391,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     topks = args.topks if args.topks is not None else sorted({0, base.topk_blocks or 0})
     model, tok, device, dtype, path = _setup(args)
     heads = kv_head_count(text_config(model))
-    choices = candidate_choices(base, topks, args.windows_tokens, kv_heads=heads,
+    choices = candidate_choices(base, topks, args.window_sizes, kv_heads=heads,
                                 dense_head_choices=not args.no_dense_heads)
     densities = args.densities or [pattern_density(base, args.seq_len, heads)]
     ids = _windows(args, tok, device, args.windows)

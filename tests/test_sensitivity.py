@@ -146,7 +146,7 @@ def test_cli_sensitivity(tmp_path, capsys) -> None:
     out = tmp_path / "out"
     pattern = '{"block_size": 64, "sink_tokens": 8, "window": 64, "topk_blocks": 1}'
     args = ["eval", "sensitivity", "--model", str(model_dir), "--data", str(docs), "--seq-len", "384",
-            "--device", "cpu", "--out", str(out), "--pattern", pattern, "--topks", "0,2", "--windows-tokens",
+            "--device", "cpu", "--out", str(out), "--pattern", pattern, "--topks", "0,2", "--window-sizes",
             "32,64", "--densities", "0.5,0.3"]
     assert main(args) == 0
     data = json.loads((out / "sensitivity_model_384.json").read_text())
