@@ -27,6 +27,7 @@ from .selection import (
     NEG,
     ROWS_MIN,
     _next_pow2,
+    check_rows_per_program,
     competition,
     desc_key,
     key_tiles,
@@ -198,8 +199,7 @@ def select_by_probe(
     if stride < 1 or stride & (stride - 1) or block % stride:
         raise ValueError(f"the probe kernel samples one row per stride: a power of two dividing block={block}, got "
                          f"stride={stride}")
-    if rows_per_program < ROWS_MIN or rows_per_program & (rows_per_program - 1):
-        raise ValueError(f"rows_per_program must be a power of two >= {ROWS_MIN}, got {rows_per_program}")
+    check_rows_per_program(rows_per_program)
     n_q, n_k, out, count, sink_flag, has_info = prepare_call(q, k, key_count, sink_only, block, q_offset, kv_offset,
                                                              topk)
     if out.numel() == 0:

@@ -812,6 +812,30 @@ def prepare_call(q: torch.Tensor, k: torch.Tensor, key_count: torch.Tensor | Non
     return SelectionCall(n_q, n_k, out, count, sink_flag, has_info)
 
 
+def check_rows_per_program(rows: int | None) -> None:
+    """ValueError unless ``rows`` (one program's rows of a selection launch) is None or a power of two >= 16."""
+    if rows is not None and (rows < ROWS_MIN or rows & (rows - 1)):
+        raise ValueError(f"rows_per_program must be a power of two >= {ROWS_MIN}, got {rows}")
+
+
+def query_side(q: torch.Tensor, k_seg: torch.Tensor | None, q_offset: int, kv_offset: int,
+               half: bool | None) -> tuple[int, torch.Tensor | None, bool, torch.dtype]:
+    """What the selectors' launches share about the queries: (their start among the keys, their segment ids (the
+    keys' where the queries lie among them, else None), ``half`` resolved (None: on CUDA), the feature dtype)."""
+    q_start = q_offset - kv_offset
+    q_seg = k_seg if (k_seg is not None and q_start >= 0) else None
+    half = q.is_cuda if half is None else half
+    return q_start, q_seg, half, torch.float16 if half else torch.float32
+
+
+def checked_key_features(key_features: torch.Tensor, batch: int, hkv: int, n_k: int, width: int) -> torch.Tensor:
+    """Key-tile features kept by the selection store, checked against the call: float32 (B, Hkv, n_k, width)."""
+    if key_features.dtype != torch.float32 or tuple(key_features.shape) != (batch, hkv, n_k, width):
+        raise ValueError(f"key_features must be float32 (batch={batch}, kv_heads={hkv}, key tiles={n_k}, {width}), "
+                         f"got {tuple(key_features.shape)} {key_features.dtype}")
+    return key_features
+
+
 def select_by_mass(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -847,8 +871,7 @@ def select_by_mass(
     halves the feature reads and doubles the tensor-core rate; values past +-65504 saturate. None: on CUDA (the
     interpreter's float32 dot products are exact, and the tests compare them with the definition).
     """
-    if rows_per_program is not None and (rows_per_program < ROWS_MIN or rows_per_program & (rows_per_program - 1)):
-        raise ValueError(f"rows_per_program must be a power of two >= {ROWS_MIN}, got {rows_per_program}")
+    check_rows_per_program(rows_per_program)
     batch, hq, q_len, dim = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     n_q, n_k, out, count, sink_flag, has_info = prepare_call(q, k, key_count, sink_only, block, q_offset, kv_offset,
@@ -857,19 +880,12 @@ def select_by_mass(
         rows_per_program = mass_rows_per_program(n_q, hq // hkv, batch * hkv, sm_count(q.device), topk)
     if out.numel() == 0:
         return out
-    q_start = q_offset - kv_offset
-    q_seg = k_seg if (k_seg is not None and q_start >= 0) else None
-    if half is None:
-        half = q.is_cuda
-    fdt = torch.float16 if half else torch.float32
+    q_start, q_seg, half, fdt = query_side(q, k_seg, q_offset, kv_offset, half)
     if key_features is None:  # both sides in one launch
         qf, kf = pool_feature_pair(q, q_offset, q_seg, max(q_start, 0), k, kv_offset, k_seg, block, fdt)
     else:
         qf = pool_features(q, q_offset, block, q_seg, max(q_start, 0), True, fdt)
-        if key_features.dtype != torch.float32 or tuple(key_features.shape) != (batch, hkv, n_k, qf.shape[-1]):
-            raise ValueError(f"key_features must be float32 (batch={batch}, kv_heads={hkv}, key tiles={n_k}, "
-                             f"{qf.shape[-1]}), got {tuple(key_features.shape)} {key_features.dtype}")
-        kf = key_features
+        kf = checked_key_features(key_features, batch, hkv, n_k, qf.shape[-1])
     return _launch_select(qf, kf, count, sink_flag, out, has_info, half=half, group=hq // hkv, n_q=n_q, n_k=n_k,
                           q_offset=q_offset, q_len=q_len, kv_offset=kv_offset, kv_len=kv_len, block=block, sink=sink,
                           topk=topk, window=window, threshold=threshold, scale=scale,
@@ -941,8 +957,7 @@ def select_by_moment(
     (each (head, sampled row) is one row of the KV group's average)."""
     if stride < 1 or stride & (stride - 1) or block % stride:
         raise ValueError(f"stride must be a power of two dividing the block ({block}), got {stride}")
-    if rows_per_program is not None and (rows_per_program < ROWS_MIN or rows_per_program & (rows_per_program - 1)):
-        raise ValueError(f"rows_per_program must be a power of two >= {ROWS_MIN}, got {rows_per_program}")
+    check_rows_per_program(rows_per_program)
     batch, hq, q_len, dim = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     n_q, n_k, out, count, sink_flag, has_info = prepare_call(q, k, key_count, sink_only, block, q_offset, kv_offset,
@@ -953,19 +968,12 @@ def select_by_moment(
         rows_per_program = mass_rows_per_program(n_q, group, batch * hkv, sm_count(q.device), topk)
     if out.numel() == 0:
         return out
-    q_start = q_offset - kv_offset
-    q_seg = k_seg if (k_seg is not None and q_start >= 0) else None
-    if half is None:
-        half = q.is_cuda
-    fdt = torch.float16 if half else torch.float32
+    q_start, q_seg, half, fdt = query_side(q, k_seg, q_offset, kv_offset, half)
     d_pad = max(16, _next_pow2(dim))
     if key_features is None:
         kf = pool_features(k, kv_offset, block, k_seg, 0, False, fdt, moments=True)
     else:
-        if key_features.dtype != torch.float32 or tuple(key_features.shape) != (batch, hkv, n_k, 2 * d_pad):
-            raise ValueError(f"key_features must be float32 (batch={batch}, kv_heads={hkv}, key tiles={n_k}, "
-                             f"{2 * d_pad}), got {tuple(key_features.shape)} {key_features.dtype}")
-        kf = key_features
+        kf = checked_key_features(key_features, batch, hkv, n_k, 2 * d_pad)
     qf = torch.empty(batch, hq * samples, n_q, 2 * d_pad, device=q.device, dtype=fdt)
     row_ok = torch.empty(batch, n_q, samples, device=q.device, dtype=torch.int8)
     _sample_rows_kernel[(n_q, batch * hq)](

@@ -78,3 +78,20 @@ def test_moment_kernel_refuses_a_stride_it_cannot_sample():
     q, k, q_offset, kv_offset, k_seg = _inputs(CASES[0], seed=26)
     with pytest.raises(ValueError, match="power of two dividing the block"):
         select_moment(q, k, PATTERNS["sink64-win64-top3"], q_offset, kv_offset, k_seg, stride=12, backend="triton")
+
+
+def test_selection_launches_refuse_bad_arguments():
+    """The mass and moment launches share their argument checks: rows per program a power of two >= 16, kept key
+    features float32 of the call's (batch, KV heads, key tiles, width)."""
+    from hf_sparsek.kernels.selection import select_by_mass, select_by_moment
+
+    q, k, q_offset, kv_offset, _ = _inputs((1, 4, 2, 128, 128, 32, None, 0, False), seed=24)
+    common = dict(block=64, q_offset=q_offset, kv_offset=kv_offset, sink=0, topk=1, window=64, threshold=None,
+                  scale=32 ** -0.5)
+    for select, extra, width in ((select_by_mass, {}, 64), (select_by_moment, {"stride": 8, "variance": 0.5}, 64)):
+        with pytest.raises(ValueError, match="rows_per_program must be a power of two"):
+            select(q, k, None, None, None, rows_per_program=24, **common, **extra)
+        good = torch.randn(1, 2, 2, width)
+        for bad in (good.double(), good[:, :1]):
+            with pytest.raises(ValueError, match="key_features must be float32"):
+                select(q, k, None, None, None, key_features=bad, **common, **extra)
