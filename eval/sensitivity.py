@@ -218,17 +218,23 @@ def calibrate_by_sensitivity(model: Any, windows: torch.Tensor, choices: list[Ch
 
 
 def sensitivity_table(result: dict[str, Any], allocation: dict[str, Any]) -> str:
-    """Markdown: per layer the chosen pattern, its isolated KL and density; the summed and the measured KL below."""
-    lines = ["| layer | chosen | isolated KL | answer KL | density |", "|---:|---|---:|---:|---:|"]
+    """Markdown: per layer the chosen pattern, its isolated KL (and answer KL, with probes) and density; the summed
+    and the measured KL below, beside the uniform pattern's."""
+    probes = bool(result.get("probes"))
+    lines = ["| layer | chosen | isolated KL |" + (" answer KL |" if probes else "") + " density |",
+             "|---:|---|---:|" + ("---:|" if probes else "") + "---:|"]
     for layer, label in allocation["chosen"].items():
         cell = result["table"][layer][label]
-        lines.append(f"| {layer} | {label} | {cell['kl']:.5f} | {cell['answer_kl']:.4f} | {cell['density']:.3f} |")
+        answer = f" {cell['answer_kl']:.4f} |" if probes else ""
+        lines.append(f"| {layer} | {label} | {cell['kl']:.5f} |{answer} {cell['density']:.3f} |")
     a = allocation
-    lines.append(f"\nmean density {a['density']:.4f} (target {a['target_density']:.4f}), answer weight "
-                 f"{a['probe_weight']:g}; final-logit KL: sum of isolated {a['predicted_kl']:.5f}, measured on the "
-                 f"mixed pattern {a['measured_kl']:.5f}; answer KL: sum {a['predicted_answer_kl']:.4f}, measured "
+    text = (f"\nmean density {a['density']:.4f} (target {a['target_density']:.4f}); final-logit KL: sum of isolated "
+            f"{a['predicted_kl']:.5f}, measured on the mixed pattern {a['measured_kl']:.5f}")
+    if probes:
+        text += (f"; answer weight {a['probe_weight']:g}, answer KL: sum {a['predicted_answer_kl']:.4f}, measured "
                  f"{a['measured_answer_kl']:.4f}")
+    lines.append(text)
     if result.get("uniform") is not None:
-        lines.append(f"(the uniform {result['uniform']} in every layer: KL {result['uniform_kl']:.5f}, answer KL "
-                     f"{result['uniform_answer_kl']:.4f})")
+        lines.append(f"(the uniform {result['uniform']} in every layer: KL {result['uniform_kl']:.5f}"
+                     + (f", answer KL {result['uniform_answer_kl']:.4f})" if probes else ")"))
     return "\n".join(lines)
