@@ -386,8 +386,8 @@ def main() -> int:
                     raise SystemExit("--sensitivity-probe-weights needs calibration probes: remake --tokens")
                 sens = calibrate_by_sensitivity(model, ids, choices, targets, probes=probes, probe_weights=weights,
                                                 uniform=base)
-                results.setdefault("sensitivity", {})[f"{name}: {tag}"] = {**sens, "windows": len(train),
-                                                              "seconds": time.perf_counter() - t2}
+                results.setdefault("sensitivity", {})[f"{name}: {tag}"] = {
+                    **sens, "windows": len(train), "seconds": time.perf_counter() - t2}
                 for alloc in sens["allocations"]:
                     at = f"{alloc['target_density']:.3f}" + (f", answer weight {alloc['probe_weight']:g}"
                                                              if alloc["probe_weight"] else "")

@@ -7,6 +7,7 @@ import importlib
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,7 +64,8 @@ def triton_interpreter(*kernel_modules: str) -> Iterator[None]:
             os.environ["TRITON_INTERPRET"] = previous
 
 
-def tiny_llama_with_docs(root, documents: int = 2, words_per_document: int = 1500, layers: int = 3):
+def tiny_llama_with_docs(root: Path, documents: int = 2, words_per_document: int = 1500,
+                         layers: int = 3) -> tuple[Path, Path]:
     """(model folder, documents folder) under ``root``: a random 4 / 2-head Llama with a byte-level BPE tokenizer
     trained on ``documents`` random-word texts, which the folder holds (what the ``eval`` commands read)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
