@@ -143,13 +143,8 @@ def register(subparsers: Any) -> None:
     calib = sub.add_parser("calibrate", help="per-layer top-k budgets: move a uniform budget to the layers where a "
                            "tile buys the most attention mass; writes a pattern file (ModelSparsity). Maximises mass "
                            "covered, which on SmolLM2 raised perplexity (docs/evaluation.md): measure before use")
-    _common(calib)
-    _data_args(calib)
-    calib.add_argument("--pattern", required=True,
-                       help="the uniform pattern (JSON or file, with topk_blocks): its selector ranks the tiles and "
-                            "its density is the target unless --density is given")
-    calib.add_argument("--seq-len", type=positive_int, default=2048)
-    calib.add_argument("--windows", type=positive_int, default=2, help="windows of --seq-len tokens (default 2)")
+    _calibration_args(calib, "the uniform pattern (JSON or file, with topk_blocks): its selector ranks the tiles and "
+                      "its density is the target unless --density is given", windows=2)
     calib.add_argument("--max-topk", type=positive_int, default=None,
                        help="largest budget a layer may get (default: 4x the pattern's topk_blocks)")
     calib.add_argument("--density", type=float, default=None,
@@ -159,11 +154,8 @@ def register(subparsers: Any) -> None:
     sens = sub.add_parser("sensitivity", help="per-layer patterns by measured sensitivity: each candidate's final-"
                           "logit KL with only that layer changed, then the least summed KL under a mean density; "
                           "writes one pattern file (ModelSparsity) per density")
-    _common(sens)
-    _data_args(sens)
-    sens.add_argument("--pattern", required=True,
-                      help="the base pattern (JSON or file): its sink, block, selector; its density is the target "
-                           "unless --densities is given")
+    _calibration_args(sens, "the base pattern (JSON or file): its sink, block, selector; its density is the target "
+                      "unless --densities is given", windows=1)
     sens.add_argument("--topks", type=_counts, default=None,
                       help="candidate top-k budgets, e.g. 0,3,7 (default: 0 and the pattern's own)")
     sens.add_argument("--window-sizes", type=_ints, default=None,
@@ -171,9 +163,26 @@ def register(subparsers: Any) -> None:
     sens.add_argument("--no-dense-heads", action="store_true", help="no candidates with one KV head dense")
     sens.add_argument("--densities", type=_fractions, default=None,
                       help="mean densities over the full-attention layers to allocate, e.g. 0.25,0.125")
-    sens.add_argument("--seq-len", type=positive_int, default=2048)
-    sens.add_argument("--windows", type=positive_int, default=1, help="windows of --seq-len tokens (default 1)")
     sens.set_defaults(func=cmd_sensitivity)
+
+
+def _calibration_args(p: argparse.ArgumentParser, pattern_help: str, windows: int) -> None:
+    """What the offline calibrations share: model and data, the pattern they start from, how much text they read."""
+    _common(p)
+    _data_args(p)
+    p.add_argument("--pattern", required=True, help=pattern_help)
+    p.add_argument("--seq-len", type=positive_int, default=2048)
+    p.add_argument("--windows", type=positive_int, default=windows,
+                   help=f"windows of --seq-len tokens (default {windows})")
+
+
+def _write_pattern_file(path: str, sparsity: Any) -> None:
+    """A chosen ModelSparsity as a pattern file (for --patterns, set_pattern or a per-model file)."""
+    from hf_sparsek.patterns import as_model_sparsity
+
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(as_model_sparsity(sparsity).to_json() + "\n")
+    print(f"[hf-sparsek] pattern file (use with --patterns, or as a per-model file): {path}")
 
 
 def _setup(args: argparse.Namespace) -> tuple[Any, Any, torch.device, torch.dtype, str]:
@@ -371,10 +380,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     data = {**_meta(args, model, path, device, dtype, []), "seq_len": args.seq_len, "windows": args.windows,
             "seconds": time.perf_counter() - start, **result}
     _write(args, tag, data, calibration_table(result))
-    pattern_file = os.path.join(args.out, tag + "_pattern.json")
-    with open(pattern_file, "w", encoding="utf-8") as f:
-        f.write(as_model_sparsity(result["sparsity"]).to_json() + "\n")
-    print(f"[hf-sparsek] pattern file (use with --patterns, or as a per-model file): {pattern_file}")
+    _write_pattern_file(os.path.join(args.out, tag + "_pattern.json"), result["sparsity"])
     return 0
 
 
@@ -404,10 +410,8 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
               for a in result["allocations"]]
     _write(args, tag, data, "\n\n".join(tables))
     for alloc in result["allocations"]:
-        pattern_file = os.path.join(args.out, f"{tag}_pattern_{alloc['target_density']:.4f}.json")
-        with open(pattern_file, "w", encoding="utf-8") as f:
-            f.write(as_model_sparsity(alloc["sparsity"]).to_json() + "\n")
-        print(f"[hf-sparsek] pattern file (use with --patterns, or as a per-model file): {pattern_file}")
+        _write_pattern_file(os.path.join(args.out, f"{tag}_pattern_{alloc['target_density']:.4f}.json"),
+                            alloc["sparsity"])
     return 0
 
 
