@@ -16,7 +16,7 @@ import torch
 
 import hf_sparsek
 from hf_sparsek.describe import kv_head_count, pattern_density
-from hf_sparsek.model_defaults import default_sparsity, layer_kinds, resolve_layer_pattern
+from hf_sparsek.model_defaults import SHAPE_SEPARATOR, default_sparsity, layer_kinds, resolve_layer_pattern
 from hf_sparsek.patterns import DEFAULT_SELECTOR, ModelSparsity, SparsePattern, as_model_sparsity
 
 DENSE = "dense"
@@ -96,7 +96,8 @@ def parse_patterns(names: list[str | dict], default: str | None) -> list[Pattern
         if name == DENSE:
             specs.append(PatternSpec(DENSE, None))
         elif name == "default":
-            specs.append(PatternSpec(f"default({(default or 'generic').partition('@')[0]})", default_sparsity(default)))
+            model_type = (default or "generic").partition(SHAPE_SEPARATOR)[0]
+            specs.append(PatternSpec(f"default({model_type})", default_sparsity(default)))
         elif name in hf_sparsek.PRESETS:
             specs.append(PatternSpec(name, ModelSparsity(default=hf_sparsek.PRESETS[name], source=f"preset {name}")))
         else:

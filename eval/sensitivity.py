@@ -130,11 +130,6 @@ def _isolated(layer: int, pattern: SparsePattern, n_layers: int) -> ModelSparsit
     return ModelSparsity(default=pattern, dense_layers=tuple(i for i in range(n_layers) if i != layer))
 
 
-def _answer_kl(model: Any, dense: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor) -> float:
-    """KL(dense || sparse) of the next-token distributions at ``positions`` only (a probe's answer)."""
-    return logit_kl(model, dense[:, positions], hidden[:, positions])
-
-
 @torch.inference_mode()
 def calibrate_by_sensitivity(model: Any, windows: torch.Tensor, choices: list[Choice], targets: list[float],
                              probes: list[tuple[list[int], list[int]]] | None = None,
@@ -168,13 +163,15 @@ def calibrate_by_sensitivity(model: Any, windows: torch.Tensor, choices: list[Ch
     probe_pos = [torch.arange(len(p) - 1, len(p) + len(a) - 1, device=device) for p, a in probes or []]
     apply_pattern(model, PatternSpec("dense", None))
     dense_hidden = [_forward_capture(model, windows[w: w + 1])[1] for w in range(windows.shape[0])]
-    dense_probe = [_forward_capture(model, ids)[1] for ids in probe_ids]
+    dense_probe = [_forward_capture(model, ids)[1][:, pos] for ids, pos in zip(probe_ids, probe_pos, strict=True)]
 
+    # The dense side keeps final hidden states, not log-probabilities: (L x vocab) floats per window would not fit
+    # at 32K with a 262K vocabulary, so ``logit_kl`` recomputes them per candidate (a head matmul beside a forward).
     def kl_of(sparsity: ModelSparsity) -> tuple[float, float]:
         apply_pattern(model, PatternSpec("sensitivity", sparsity))
         text = sum(logit_kl(model, dense_hidden[w], _forward_capture(model, windows[w: w + 1])[1])
                    for w in range(windows.shape[0])) / windows.shape[0]
-        answer = sum(_answer_kl(model, dense_probe[i], _forward_capture(model, ids)[1], probe_pos[i])
+        answer = sum(logit_kl(model, dense_probe[i], _forward_capture(model, ids)[1][:, probe_pos[i]])
                      for i, ids in enumerate(probe_ids)) / max(len(probe_ids), 1)
         return text, answer
 
