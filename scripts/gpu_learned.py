@@ -239,6 +239,9 @@ def main() -> int:
     ap.add_argument("--sensitivity-save", default=None, metavar="DIR",
                     help="sensitivity: also write each chosen pattern as a file here (for --extra-patterns later)")
     ap.add_argument("--no-needle", action="store_true", help="skip the passkey rows")
+    ap.add_argument("--per-query-head", action="store_true",
+                    help="also the first budget's selectors with tiles chosen per query head (K / V repeated per "
+                         "query head: scripts/experiments/per_query_head.py; an accuracy experiment)")
     ap.add_argument("--extra-patterns", nargs="*", default=[],
                     help="pattern files (e.g. from hf-sparsek eval calibrate) measured beside the others")
     ap.add_argument("--cpu-smoke", action="store_true")
@@ -259,6 +262,8 @@ def main() -> int:
     from hf_sparsek.learned import DistillConfig, attach_selector, distill, load_selector
     from hf_sparsek.patterns import as_model_sparsity
     from scripts.common import write_json
+    from scripts.experiments.per_query_head import LABEL_SUFFIX as PER_HEAD
+    from scripts.experiments.per_query_head import per_query_head_selection
 
     os.makedirs(args.out, exist_ok=True)
     on_cpu = args.cpu_smoke or args.cpu
@@ -346,6 +351,9 @@ def main() -> int:
             (f"oracle: {tag}", {**budget, "selector": "oracle"}))]
         specs += [PatternSpec(f"learned ({mode}): {tag}", as_model_sparsity({**budget, "selector": "learned"}))
                   for mode in modes]
+        if args.per_query_head and budget is pattern:  # the same selectors, one tile list per query head
+            specs += [PatternSpec(s.label + PER_HEAD, s.sparsity) for s in specs[first_of_budget[-1] + 1:]
+                      if s.sparsity is not None and not s.label.startswith("learned")]
         if args.calibrate:  # per-layer budgets at this budget's density, from the training plays (never held out)
             from hf_sparsek.eval.calibrate import calibrate
 
@@ -419,7 +427,8 @@ def main() -> int:
     for spec in specs:  # one call per pattern: a pattern that fails is recorded and the others still run
         use_scorer(spec)
         try:
-            rows += run_ppl(model, held_docs, [seq_len], [spec], device, bos, ppl_tokens)
+            with per_query_head_selection(spec.label.endswith(PER_HEAD)):
+                rows += run_ppl(model, held_docs, [seq_len], [spec], device, bos, ppl_tokens)
         except Exception as err:
             results.setdefault("ppl_errors", {})[spec.label] = repr(err)
             print(f"ppl {spec.label} failed: {err!r}", flush=True)
@@ -442,7 +451,8 @@ def main() -> int:
         for spec in [specs[0], *first]:
             use_scorer(spec)
             try:
-                nrows += run_needle_prompts(model, needle, [spec], device)
+                with per_query_head_selection(spec.label.endswith(PER_HEAD)):
+                    nrows += run_needle_prompts(model, needle, [spec], device)
             except Exception as err:
                 results.setdefault("needle_errors", {})[spec.label] = repr(err)
                 print(f"needle {spec.label} failed: {err!r}", flush=True)
