@@ -165,6 +165,8 @@ def _short_label(sparsity: ModelSparsity, detailed: bool = False) -> str:
             parts.append(f"stride{p.probe_stride}")
         if detailed and p.mass_threshold is not None:
             parts.append(f"mass{p.mass_threshold:g}")
+        if detailed and p.per_query_head:
+            parts.append("perhead")
     if detailed and parts and p.block_size != SparsePattern.block_size:
         parts.append(f"b{p.block_size}")
     label = "-".join(parts) or "dense-pattern"

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from hf_sparsek.block_index import BlockIndex, attended_pairs, build_block_index, causal_pairs, element_mask
-from hf_sparsek.ops import build_index_for
+from hf_sparsek.ops import build_index_for, per_query_head_kv
 from hf_sparsek.patterns import SparsePattern
 from hf_sparsek.selection.oracle import exact_tile_mass
 
@@ -318,7 +318,9 @@ def selection_recall(model: Any, ids: torch.Tensor, specs: list, local_blocks: i
 
     The oracle keeps the sink block, the ``local_blocks`` most recent blocks and, per query tile, as many further
     tiles (chosen by true mass) as the pattern visits beyond those, so both visit the same number of tiles. The
-    model's own sliding-window layers are skipped (their true attention is not the full causal softmax).
+    model's own sliding-window layers are skipped (their true attention is not the full causal softmax). A
+    ``per_query_head`` pattern is measured as the op runs it, one key head per query head (its rows list one value
+    per query head), with its oracle choosing per query head too.
     """
     from hf_sparsek.model_defaults import layer_kinds, resolve_layer_pattern
 
@@ -332,7 +334,7 @@ def selection_recall(model: Any, ids: torch.Tensor, specs: list, local_blocks: i
         kind = kinds[layer] if layer < len(kinds) else None
         if kind == "sliding_attention":
             continue
-        masses: dict[int, torch.Tensor] = {}
+        masses: dict[tuple[int, int], torch.Tensor] = {}
         for spec in specs:
             if spec.sparsity is None:
                 continue
@@ -340,17 +342,21 @@ def selection_recall(model: Any, ids: torch.Tensor, specs: list, local_blocks: i
             if q.shape[2] <= pattern.min_sparse_len:
                 pattern = SparsePattern(block_size=pattern.block_size)
             block = pattern.block_size
-            index = build_index_for(q, k, pattern)  # what sparsek runs, top-k selector included
-            if block not in masses:
-                masses[block] = block_attention_mass(q, k, block, scale, dtype=torch.float32)
-            floor = oracle_index(q, k, 0, block, sink_tokens=block, local_blocks=local_blocks, scale=scale,
-                                 mass=masses[block])
+            keys = k  # per_query_head: one key head per query head, as the op runs it (and the oracle likewise)
+            if pattern.per_query_head:
+                keys, _, pattern = per_query_head_kv(q, k, k, pattern)
+            index = build_index_for(q, keys, pattern)  # what sparsek runs, top-k selector included
+            if (block, keys.shape[1]) not in masses:
+                masses[block, keys.shape[1]] = block_attention_mass(q, keys, block, scale, dtype=torch.float32)
+            mass = masses[block, keys.shape[1]]
+            floor = oracle_index(q, keys, 0, block, sink_tokens=block, local_blocks=local_blocks, scale=scale,
+                                 mass=mass)
             budget = (tiles_per_query_tile(index) - tiles_per_query_tile(floor)).clamp(min=0)
-            oracle = oracle_index(q, k, budget, block, sink_tokens=block, local_blocks=local_blocks, scale=scale,
-                                  mass=masses[block])
-            cov = coverage(q, k, index, scale, dtype=torch.float32)[0]
-            ora = coverage(q, k, oracle, scale, dtype=torch.float32)[0]
-            hkv = k.shape[1]
+            oracle = oracle_index(q, keys, budget, block, sink_tokens=block, local_blocks=local_blocks, scale=scale,
+                                  mass=mass)
+            cov = coverage(q, keys, index, scale, dtype=torch.float32)[0]
+            ora = coverage(q, keys, oracle, scale, dtype=torch.float32)[0]
+            hkv = keys.shape[1]
             dens = attended_fraction(index)[0].expand(hkv)
             ora_dens = attended_fraction(oracle)[0].expand(hkv)
             rows.append({

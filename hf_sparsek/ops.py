@@ -389,7 +389,8 @@ def sparse_attention(
 
     Args:
         q: (batch, q_heads, q_len, head_dim); k, v: (batch, kv_heads, kv_len, head_dim). q_heads must be a multiple
-            of kv_heads (GQA / MQA read each KV head once per group, no copies).
+            of kv_heads (GQA / MQA read each KV head once per group, no copies; a pattern with ``per_query_head``
+            repeats K / V per query head, see :func:`per_query_head_kv`).
         pattern: which keys each query sees (default: dense causal): a :class:`SparsePattern`, an object of its
             fields (dict or JSON text) or a preset name.
         scale: softmax scale (default 1/sqrt(head_dim)); softcap: tanh logit soft-capping (Gemma 2 style).
@@ -432,6 +433,8 @@ def sparse_attention(
         pattern = _pattern_from(pattern)
     if index is not None and selected_tiles is not None:
         raise ValueError("pass either a prebuilt index or selected_tiles, not both (the index already holds tiles)")
+    if pattern is not None and pattern.per_query_head:
+        k, v, pattern = per_query_head_kv(q, k, v, pattern, selected_tiles, index)
     if torch.compiler.is_compiling() and selection_state is not None:
         raise ValueError("selection_state is not supported under torch.compile (it keeps Python state across "
                          "calls); pass None there")
@@ -451,6 +454,26 @@ def sparse_attention(
     else:
         _check_index(index, q, k, pattern, q_offset, kv_offset, attention_mask, segment_ids)
     return _attend(q, k, v, index, scale, softcap, backend)
+
+
+def per_query_head_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: SparsePattern,
+                      selected_tiles: torch.Tensor | None = None, index: BlockIndex | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor, SparsePattern]:
+    """``per_query_head``: K and V repeated to one KV head per query head, so the selector (which chooses one tile
+    list per KV head) chooses per query head; a dense KV head becomes its group's query heads. The attention is
+    the same function of Q, K, V (autograd sums the repeats' gradients); the kernels read group-size times the K /
+    V bytes. A call whose query heads equal its KV heads is unchanged."""
+    group = q.shape[1] // k.shape[1]
+    if group == 1:
+        return k, v, pattern
+    if selected_tiles is not None or index is not None:
+        raise ValueError("per_query_head: the op selects per query head itself; selected_tiles and a prebuilt index "
+                         "are per KV head (drop per_query_head, or pass neither)")
+    bad = [h for h in pattern.dense_heads if h >= k.shape[1]]
+    if bad:
+        raise ValueError(f"dense_heads {bad} out of range: the layer has {k.shape[1]} KV heads")
+    heads = tuple(h * group + j for h in pattern.dense_heads for j in range(group))
+    return k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), pattern.replace(dense_heads=heads)
 
 
 DECODE_MAX_Q_LEN = 16  # the split-KV kernel's longest query run (kernels/decode.py MAX_Q_LEN)
@@ -580,12 +603,13 @@ def _pattern_text(pattern: SparsePattern) -> str:
     text = "" if layout is None else f"{layout.kind}:{layout.stride}:{layout.offset}:{layout.density}:{layout.seed}"
     heads = ",".join(str(h) for h in pattern.dense_heads)
     return (f"{pattern.block_size};{pattern.sink_tokens};{pattern.window};{text};{pattern.topk_blocks};{heads};"
-            f"{pattern.min_sparse_len};{pattern.selector};{pattern.mass_threshold};{pattern.probe_stride}")
+            f"{pattern.min_sparse_len};{pattern.selector};{pattern.mass_threshold};{pattern.probe_stride};"
+            f"{int(pattern.per_query_head)}")
 
 
 @lru_cache(maxsize=256)
 def _pattern_of_text(text: str) -> SparsePattern:
-    block, sink, window, layout, topk, heads, min_sparse, selector, threshold, probe_stride = text.split(";")
+    block, sink, window, layout, topk, heads, min_sparse, selector, threshold, probe_stride, per_head = text.split(";")
 
     def number(value: str, kind: type = int) -> int | float | None:
         return None if value == "None" else kind(value)
@@ -598,7 +622,8 @@ def _pattern_of_text(text: str) -> SparsePattern:
     return SparsePattern(block_size=int(block), sink_tokens=int(sink), window=number(window), layout=block_layout,
                          topk_blocks=number(topk), dense_heads=tuple(int(h) for h in heads.split(",") if h),
                          min_sparse_len=int(min_sparse), selector=None if selector == "None" else selector,
-                         mass_threshold=number(threshold, float), probe_stride=number(probe_stride))
+                         mass_threshold=number(threshold, float), probe_stride=number(probe_stride),
+                         per_query_head=per_head == "1")
 
 
 def _offset_tensor(value: int | torch.Tensor | None, device: torch.device) -> torch.Tensor:

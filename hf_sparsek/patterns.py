@@ -12,7 +12,9 @@ block layouts, which select whole key blocks of ``block_size`` tokens on the abs
   ``probe_stride`` (default 16), ``"refine"``: those exact scores over the candidates ``"mass"`` passes on,
   ``"moment"``: a second-order estimate from key tiles' mean and variance per sampled row (default one in 8), or
   ``"oracle"``: the true attention mass, for evaluation);
-  with ``mass_threshold`` t, the fewest blocks whose estimated attention mass reaches t, at most k;
+  with ``mass_threshold`` t, the fewest blocks whose estimated attention mass reaches t, at most k; by default
+  one list per KV group (the group's query heads share it), with ``per_query_head`` one per query head (the op
+  then reads K / V once per query head: group-size times the K / V bytes);
 * ``dense_heads``: KV heads that stay dense; ``min_sparse_len``: queries at positions below it attend densely.
 
 A pattern with no selection term (no sink, window, layout or top-k) is dense causal.
@@ -112,6 +114,7 @@ class SparsePattern:
     selector: str | None = None
     mass_threshold: float | None = None
     probe_stride: int | None = None
+    per_query_head: bool = False
 
     def __post_init__(self) -> None:
         if (isinstance(self.block_size, bool) or not isinstance(self.block_size, int)
@@ -137,6 +140,7 @@ class SparsePattern:
         object.__setattr__(self, "dense_heads", tuple(sorted(heads)))
         self._check_selection()
         self._check_probe_stride()
+        self._check_per_query_head()
 
     def _check_selection(self) -> None:
         """``selector`` and ``mass_threshold`` only mean something beside a ``topk_blocks`` budget."""
@@ -172,6 +176,17 @@ class SparsePattern:
             _fail("probe_stride", stride, f"null (the selector's default) or a power of two from 1 to "
                   f"block_size={self.block_size}")
 
+    def _check_per_query_head(self) -> None:
+        """``per_query_head``: a bool, only beside a ``topk_blocks`` budget the op's own selector fills."""
+        if not isinstance(self.per_query_head, bool):
+            _fail("per_query_head", self.per_query_head, "true or false")
+        if not self.per_query_head:
+            return
+        if self.topk_blocks is None:
+            _fail("per_query_head", True, "only with topk_blocks set (it makes each query head choose its own tiles)")
+        if self.selector == "learned":
+            _fail("per_query_head", True, "not with selector 'learned' (its scorer chooses one list per KV head)")
+
     @property
     def resolved_selector(self) -> str | None:
         """The selector that fills ``topk_blocks``: ``selector``, or ``"mass"`` when unset; None without top-k."""
@@ -203,6 +218,8 @@ class SparsePattern:
         }
         if self.probe_stride is not None:  # only where set: files without it stay as they were
             out["probe_stride"] = self.probe_stride
+        if self.per_query_head:
+            out["per_query_head"] = True
         return out
 
     @classmethod
@@ -245,6 +262,8 @@ class SparsePattern:
                 parts[-1] += f" by {self.selector}"
             if self.probe_stride is not None:
                 parts[-1] += f" (one row in {self.probe_stride})"
+            if self.per_query_head:
+                parts[-1] += " per query head"
         text = " + ".join(parts) + f", block {self.block_size}"
         if self.dense_heads:
             text += f", dense KV heads {list(self.dense_heads)}"
@@ -258,7 +277,7 @@ def _without_orphan_selection(changes: dict[str, Any]) -> dict[str, Any]:
     unless given; a selector other than ``"probe"`` / ``"refine"`` / ``"moment"`` resets ``probe_stride`` unless
     given."""
     if "topk_blocks" in changes and changes["topk_blocks"] is None:
-        return {"selector": None, "mass_threshold": None, "probe_stride": None, **changes}
+        return {"selector": None, "mass_threshold": None, "probe_stride": None, "per_query_head": False, **changes}
     if "selector" in changes and changes["selector"] not in PROBING_SELECTORS:
         return {"probe_stride": None, **changes}
     return changes

@@ -240,8 +240,7 @@ def main() -> int:
                     help="sensitivity: also write each chosen pattern as a file here (for --extra-patterns later)")
     ap.add_argument("--no-needle", action="store_true", help="skip the passkey rows")
     ap.add_argument("--per-query-head", action="store_true",
-                    help="also the first budget's selectors with tiles chosen per query head (K / V repeated per "
-                         "query head: scripts/experiments/per_query_head.py; an accuracy experiment)")
+                    help="also the first budget's selectors with per_query_head (one tile list per query head)")
     ap.add_argument("--extra-patterns", nargs="*", default=[],
                     help="pattern files (e.g. from hf-sparsek eval calibrate) measured beside the others")
     ap.add_argument("--cpu-smoke", action="store_true")
@@ -262,8 +261,6 @@ def main() -> int:
     from hf_sparsek.learned import DistillConfig, attach_selector, distill, load_selector
     from hf_sparsek.patterns import as_model_sparsity
     from scripts.common import write_json
-    from scripts.experiments.per_query_head import LABEL_SUFFIX as PER_HEAD
-    from scripts.experiments.per_query_head import per_query_head_selection
 
     os.makedirs(args.out, exist_ok=True)
     on_cpu = args.cpu_smoke or args.cpu
@@ -352,8 +349,9 @@ def main() -> int:
         specs += [PatternSpec(f"learned ({mode}): {tag}", as_model_sparsity({**budget, "selector": "learned"}))
                   for mode in modes]
         if args.per_query_head and budget is pattern:  # the same selectors, one tile list per query head
-            specs += [PatternSpec(s.label + PER_HEAD, s.sparsity) for s in specs[first_of_budget[-1] + 1:]
-                      if s.sparsity is not None and not s.label.startswith("learned")]
+            specs += [PatternSpec(s.label + ", per query head",
+                                  as_model_sparsity(s.sparsity.default.replace(per_query_head=True)))
+                      for s in specs[first_of_budget[-1] + 1:] if not s.label.startswith("learned")]
         if args.calibrate:  # per-layer budgets at this budget's density, from the training plays (never held out)
             from hf_sparsek.eval.calibrate import calibrate
 
@@ -382,7 +380,8 @@ def main() -> int:
             ids = torch.tensor([d[:seq_len] for d in train], device=device)
             for fields in json.loads(args.sensitivity_bases):
                 base = SparsePattern.from_dict({**budget, **fields})
-                name = base.resolved_selector + (f" stride {base.probe_stride}" if base.probe_stride else "")
+                name = base.resolved_selector + (f" stride {base.probe_stride}" if base.probe_stride else "") + (
+                    " per query head" if base.per_query_head else "")
                 sens_windows = [int(x) for x in args.sensitivity_windows.split(",") if x.strip()] or [base.window]
                 choices = candidate_choices(base, [int(x) for x in args.sensitivity_topks.split(",") if x.strip()],
                                             sens_windows, kv_heads=kv_head_count(model.config))
@@ -405,7 +404,8 @@ def main() -> int:
                                              as_model_sparsity(alloc["sparsity"])))
                     if args.sensitivity_save:
                         os.makedirs(args.sensitivity_save, exist_ok=True)
-                        out_name = (f"sensitivity_{base.resolved_selector}_{alloc['target_density']:.3f}_w"
+                        out_name = (f"sensitivity_{base.resolved_selector}{'_perhead' * base.per_query_head}_"
+                                    f"{alloc['target_density']:.3f}_w"
                                     f"{alloc['probe_weight']:g}.json")
                         with open(os.path.join(args.sensitivity_save, out_name), "w") as f:
                             f.write(as_model_sparsity(alloc["sparsity"]).to_json() + "\n")
@@ -427,8 +427,7 @@ def main() -> int:
     for spec in specs:  # one call per pattern: a pattern that fails is recorded and the others still run
         use_scorer(spec)
         try:
-            with per_query_head_selection(spec.label.endswith(PER_HEAD)):
-                rows += run_ppl(model, held_docs, [seq_len], [spec], device, bos, ppl_tokens)
+            rows += run_ppl(model, held_docs, [seq_len], [spec], device, bos, ppl_tokens)
         except Exception as err:
             results.setdefault("ppl_errors", {})[spec.label] = repr(err)
             print(f"ppl {spec.label} failed: {err!r}", flush=True)
@@ -451,8 +450,7 @@ def main() -> int:
         for spec in [specs[0], *first]:
             use_scorer(spec)
             try:
-                with per_query_head_selection(spec.label.endswith(PER_HEAD)):
-                    nrows += run_needle_prompts(model, needle, [spec], device)
+                nrows += run_needle_prompts(model, needle, [spec], device)
             except Exception as err:
                 results.setdefault("needle_errors", {})[spec.label] = repr(err)
                 print(f"needle {spec.label} failed: {err!r}", flush=True)

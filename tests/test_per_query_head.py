@@ -1,6 +1,6 @@
-"""The per-query-head selection experiment (scripts/experiments/per_query_head.py) is what it claims: a GQA model
-inside it computes what the same model with K / V projections repeated to one KV head per query head computes
-with the library's grouped selection, and it changes nothing outside the block or for patterns without top-k."""
+"""``per_query_head``: each query head chooses its own key tiles. A GQA model with it computes what its multi-head
+twin (K / V projections repeated per query head) computes with the grouped selection; the op's gradients are the
+twin's summed over each group; dense KV heads map to their query heads; bad combinations are refused."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import pytest
 import torch
 
 import hf_sparsek
-from scripts.experiments.per_query_head import per_query_head_selection
+from hf_sparsek.ops import per_query_head_kv, sparse_attention
+from hf_sparsek.patterns import SparsePattern
 
 HEADS, KV_HEADS, HEAD_DIM = 6, 2, 16
+GROUP = HEADS // KV_HEADS
 
 
 def _models() -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -25,43 +27,113 @@ def _models() -> tuple[torch.nn.Module, torch.nn.Module]:
     state = gqa.state_dict()
     for name, weight in list(state.items()):
         if name.endswith(("k_proj.weight", "v_proj.weight")):  # (kv_heads * dim, hidden) -> (heads * dim, hidden)
-            rows = weight.view(KV_HEADS, HEAD_DIM, -1).repeat_interleave(HEADS // KV_HEADS, dim=0)
+            rows = weight.view(KV_HEADS, HEAD_DIM, -1).repeat_interleave(GROUP, dim=0)
             state[name] = rows.reshape(HEADS * HEAD_DIM, -1)
     mha.load_state_dict(state)
     return gqa, mha
 
 
-def _logits(model: torch.nn.Module, ids: torch.Tensor, pattern: dict) -> torch.Tensor:
+def _logits(model: torch.nn.Module, ids: torch.Tensor, pattern: dict, mask: torch.Tensor | None = None
+            ) -> torch.Tensor:
     hf_sparsek.set_pattern(model, pattern)
     with torch.no_grad():
-        return model(ids).logits
+        return model(ids, attention_mask=mask).logits
 
 
-@pytest.mark.parametrize("selector", ["oracle", "mass"])
-def test_per_query_head_equals_the_repeated_kv_model(selector: str) -> None:
+@pytest.mark.parametrize("selector", ["oracle", "mass", "probe", "meanpool"])
+def test_model_equals_its_repeated_kv_twin(selector: str) -> None:
     gqa, mha = _models()
     ids = torch.randint(0, 97, (2, 389), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :37] = 0  # left padding in the second row
     pattern = {"block_size": 64, "sink_tokens": 16, "window": 64, "topk_blocks": 1, "selector": selector}
-    grouped = _logits(gqa, ids, pattern)
-    with per_query_head_selection():
-        per_head = _logits(gqa, ids, pattern)
-    twin = _logits(mha, ids, pattern)
+    grouped = _logits(gqa, ids, pattern, mask)
+    per_head = _logits(gqa, ids, {**pattern, "per_query_head": True}, mask)
+    twin = _logits(mha, ids, pattern, mask)
     torch.testing.assert_close(per_head, twin, atol=2e-5, rtol=1e-4)
     assert (per_head - grouped).abs().max() > 1e-3  # the choice differs from the grouped one on this input
-    torch.testing.assert_close(_logits(gqa, ids, pattern), grouped)  # restored after the block
+    # the twin is multi-head already: the flag changes nothing there
+    torch.testing.assert_close(_logits(mha, ids, {**pattern, "per_query_head": True}, mask), twin)
 
 
-def test_patterns_without_topk_are_unchanged() -> None:
-    gqa, _ = _models()
-    ids = torch.randint(0, 97, (1, 300), generator=torch.Generator().manual_seed(2))
-    pattern = {"block_size": 64, "sink_tokens": 16, "window": 96}
-    outside = _logits(gqa, ids, pattern)
-    with per_query_head_selection():
-        torch.testing.assert_close(_logits(gqa, ids, pattern), outside)
+@pytest.mark.parametrize("cache", [None, "static"])
+def test_generate_equals_the_twins(cache: str | None) -> None:
+    """Decode steps (the selection store, the split-KV path's layout) choose per query head as the twin does."""
+    gqa, mha = _models()
+    pattern = {"block_size": 64, "sink_tokens": 16, "window": 64, "topk_blocks": 1}
+    ids = torch.randint(0, 97, (2, 200), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[0, :21] = 0
+    args = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+                attention_mask=mask, cache_implementation=cache)
+    hf_sparsek.set_pattern(gqa, {**pattern, "per_query_head": True})
+    hf_sparsek.set_pattern(mha, pattern)
+    with torch.no_grad():
+        ours, twin = gqa.generate(ids, **args), mha.generate(ids, **args)
+    assert torch.equal(ours.sequences, twin.sequences)
+    torch.testing.assert_close(torch.stack(ours.logits), torch.stack(twin.logits), atol=2e-5, rtol=1e-4)
 
 
-def test_dense_heads_are_refused() -> None:
-    gqa, _ = _models()
-    ids = torch.randint(0, 97, (1, 300), generator=torch.Generator().manual_seed(3))
-    with per_query_head_selection(), pytest.raises(ValueError, match="dense_heads name KV heads"):
-        _logits(gqa, ids, {"block_size": 64, "sink_tokens": 16, "window": 64, "topk_blocks": 1, "dense_heads": [1]})
+def _qkv(seed: int, q_len: int = 200, kv_len: int = 200) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, HEADS, q_len, 32, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, KV_HEADS, kv_len, 32, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, KV_HEADS, kv_len, 32, generator=g, dtype=torch.float64, requires_grad=True)
+    return q, k, v
+
+
+def test_gradients_are_the_twins_summed_per_group() -> None:
+    q, k, v = _qkv(5)
+    pattern = SparsePattern(block_size=64, sink_tokens=8, window=40, topk_blocks=1, selector="oracle",
+                            per_query_head=True)
+    out = sparse_attention(q, k, v, pattern, backend="reference")
+    k2 = k.detach().repeat_interleave(GROUP, 1).requires_grad_()
+    v2 = v.detach().repeat_interleave(GROUP, 1).requires_grad_()
+    q2 = q.detach().clone().requires_grad_()
+    twin = sparse_attention(q2, k2, v2, pattern.replace(per_query_head=False), backend="reference")
+    torch.testing.assert_close(out, twin)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    twin.backward(grad)
+    torch.testing.assert_close(q.grad, q2.grad)
+    torch.testing.assert_close(k.grad, k2.grad.view(2, KV_HEADS, GROUP, 200, 32).sum(2))
+    torch.testing.assert_close(v.grad, v2.grad.view(2, KV_HEADS, GROUP, 200, 32).sum(2))
+
+
+def test_dense_kv_head_becomes_its_query_heads() -> None:
+    q, k, v = (t.detach() for t in _qkv(6))
+    pattern = SparsePattern(block_size=64, sink_tokens=8, window=40, topk_blocks=1, dense_heads=(1,),
+                            per_query_head=True)
+    k2, v2, expanded = per_query_head_kv(q, k, v, pattern)
+    assert expanded.dense_heads == (3, 4, 5) and k2.shape[1] == HEADS
+    out = sparse_attention(q, k, v, pattern, backend="reference")
+    dense = sparse_attention(q, k, v, SparsePattern(block_size=64), backend="reference")
+    torch.testing.assert_close(out[:, GROUP:], dense[:, GROUP:])  # KV head 1's query heads attend densely
+    assert (out[:, :GROUP] - dense[:, :GROUP]).abs().max() > 1e-3
+
+
+def test_refusals() -> None:
+    for fields, match in (({"per_query_head": True}, "only with topk_blocks"),
+                          ({"topk_blocks": 2, "selector": "learned", "per_query_head": True}, "selector 'learned'"),
+                          ({"topk_blocks": 2, "per_query_head": 1}, "true or false")):
+        with pytest.raises(ValueError, match=match):
+            SparsePattern.from_dict({"block_size": 64, "window": 64, **fields})
+    q, k, v = (t.detach() for t in _qkv(7))
+    pattern = SparsePattern(block_size=64, window=64, topk_blocks=1, per_query_head=True)
+    tiles = torch.zeros(2, KV_HEADS, 4, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="selected_tiles and a prebuilt index are per KV head"):
+        sparse_attention(q, k, v, pattern, selected_tiles=tiles, backend="reference")
+    with pytest.raises(ValueError, match=r"dense_heads \[2\] out of range"):
+        sparse_attention(q, k, v, pattern.replace(dense_heads=(2,)), backend="reference")
+
+
+def test_round_trip_and_description() -> None:
+    pattern = SparsePattern(block_size=64, window=64, topk_blocks=3, selector="probe", probe_stride=4,
+                            per_query_head=True)
+    assert SparsePattern.from_dict(pattern.to_dict()) == pattern
+    assert "per_query_head" not in pattern.replace(per_query_head=False).to_dict()  # files without it unchanged
+    assert pattern.describe().endswith("(one row in 4) per query head, block 64")
+    assert not pattern.replace(topk_blocks=None).per_query_head  # the static part drops it with the budget
+    from hf_sparsek.ops import _pattern_of_text, _pattern_text
+
+    assert _pattern_of_text(_pattern_text(pattern)) == pattern
