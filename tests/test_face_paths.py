@@ -319,14 +319,16 @@ def test_mask_function_and_pattern_resolution_trace_with_fullgraph():
 TOPK = hf_sparsek.SparsePattern(block_size=64, sink_tokens=16, window=64, topk_blocks=2)
 
 
-@pytest.mark.parametrize("case", ["plain", "padded", "packed", "padded top-k", "padded top-k moment"])
+@pytest.mark.parametrize("case", ["plain", "padded", "packed", "padded top-k", "padded top-k moment",
+                                  "padded top-k per query head"])
 def test_torch_compile_fullgraph_matches_eager(case):
     """torch.compile(model, fullgraph=True) of a sparsek model (reference backend): the face traces, the op with its
     index build is one custom op, and prefill (plain, left-padded, packed; a top-k pattern) equals eager."""
     torch._dynamo.reset()
     model = build_any("llama")
     topk = "top-k" in case
-    hf_sparsek.set_pattern(model, (TOPK.replace(selector="moment") if "moment" in case else TOPK) if topk else SPARSE)
+    pattern = TOPK.replace(selector="moment") if "moment" in case else TOPK
+    hf_sparsek.set_pattern(model, pattern.replace(per_query_head="per query head" in case) if topk else SPARSE)
     ids = torch.randint(1, 97, (1 if case == "packed" else 2, 300 if topk else 150))
     kwargs: dict = {"use_cache": False}
     if case.startswith("padded"):

@@ -11,24 +11,29 @@ import hf_sparsek
 from hf_sparsek.ops import per_query_head_kv, sparse_attention
 from hf_sparsek.patterns import SparsePattern
 
-HEADS, KV_HEADS, HEAD_DIM = 6, 2, 16
+HEADS, KV_HEADS = 6, 2  # the op-level tests' shapes
 GROUP = HEADS // KV_HEADS
 
 
-def _models() -> tuple[torch.nn.Module, torch.nn.Module]:
-    """A random 6 / 2-head Llama and its multi-head twin (K / V weights repeated per query head)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _models(model_type: str = "llama") -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A random GQA / MQA model of test_models' configs and its multi-head twin (K / V weights repeated per query
+    head; everything else shared)."""
+    from test_models import make_config
+    from transformers import AutoModelForCausalLM
 
+    config = make_config(model_type)
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     torch.manual_seed(0)
-    kw = dict(vocab_size=97, hidden_size=HEADS * HEAD_DIM, intermediate_size=64, num_hidden_layers=2,
-              num_attention_heads=HEADS, max_position_embeddings=1024)
-    gqa = LlamaForCausalLM(LlamaConfig(num_key_value_heads=KV_HEADS, **kw)).eval()
-    mha = LlamaForCausalLM(LlamaConfig(num_key_value_heads=HEADS, **kw)).eval()
+    gqa = AutoModelForCausalLM.from_config(config).eval()
+    twin_config = make_config(model_type)
+    twin_config.num_key_value_heads = heads
+    mha = AutoModelForCausalLM.from_config(twin_config).eval()
     state = gqa.state_dict()
     for name, weight in list(state.items()):
         if name.endswith(("k_proj.weight", "v_proj.weight")):  # (kv_heads * dim, hidden) -> (heads * dim, hidden)
-            rows = weight.view(KV_HEADS, HEAD_DIM, -1).repeat_interleave(GROUP, dim=0)
-            state[name] = rows.reshape(HEADS * HEAD_DIM, -1)
+            rows = weight.view(kv_heads, head_dim, -1).repeat_interleave(heads // kv_heads, dim=0)
+            state[name] = rows.reshape(heads * head_dim, -1)
     mha.load_state_dict(state)
     return gqa, mha
 
@@ -40,9 +45,12 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor, pattern: dict, mask: torc
         return model(ids, attention_mask=mask).logits
 
 
-@pytest.mark.parametrize("selector", ["oracle", "mass", "probe", "meanpool"])
-def test_model_equals_its_repeated_kv_twin(selector: str) -> None:
-    gqa, mha = _models()
+@pytest.mark.parametrize(("model_type", "selector"), [
+    ("llama", "oracle"), ("llama", "mass"), ("llama", "probe"), ("llama", "meanpool"), ("llama", "moment"),
+    ("gemma3_text", "probe"), ("qwen3", "mass")])
+def test_model_equals_its_repeated_kv_twin(model_type: str, selector: str) -> None:
+    """Prefill with left padding; Gemma 3: MQA, its sliding layers keep their window (nothing to repeat there)."""
+    gqa, mha = _models(model_type)
     ids = torch.randint(0, 97, (2, 389), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[1, :37] = 0  # left padding in the second row
@@ -137,3 +145,44 @@ def test_round_trip_and_description() -> None:
     from hf_sparsek.ops import _pattern_of_text, _pattern_text
 
     assert _pattern_of_text(_pattern_text(pattern)) == pattern
+
+
+def test_training_gradients_are_the_twins_summed_per_group() -> None:
+    """A training step through the face: parameter gradients equal the twin's, K / V projections summed per group."""
+    gqa, mha = _models("llama")
+    heads, kv_heads = gqa.config.num_attention_heads, gqa.config.num_key_value_heads
+    pattern = {"block_size": 64, "sink_tokens": 16, "window": 64, "topk_blocks": 1, "selector": "oracle"}
+    hf_sparsek.set_pattern(gqa, {**pattern, "per_query_head": True})
+    hf_sparsek.set_pattern(mha, pattern)
+    ids = torch.randint(0, 97, (2, 300), generator=torch.Generator().manual_seed(8))
+    for model in (gqa, mha):
+        model.train()
+        model(ids, labels=ids).loss.backward()
+    twin = dict(mha.named_parameters())
+    for name, param in gqa.named_parameters():
+        expected = twin[name].grad
+        if name.endswith(("k_proj.weight", "v_proj.weight")):
+            expected = expected.view(kv_heads, heads // kv_heads, -1, expected.shape[-1]).sum(1).flatten(0, 1)
+        torch.testing.assert_close(param.grad, expected, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_selection_recall_measures_per_query_head() -> None:
+    """The recall tool runs a per_query_head pattern per query head, as the op does: its rows (one value per query
+    head, the oracle at each head's own budget) equal the grouped rows of the multi-head twin."""
+    from eval.modeling import PatternSpec
+    from eval.selection_recall import selection_recall
+    from hf_sparsek.patterns import as_model_sparsity
+
+    gqa, mha = _models("llama")
+    ids = torch.randint(0, 97, (1, 450), generator=torch.Generator().manual_seed(9))
+    pattern = {"block_size": 64, "sink_tokens": 16, "window": 64, "topk_blocks": 2, "selector": "mass"}
+    ours = selection_recall(gqa, ids, [PatternSpec("p", as_model_sparsity({**pattern, "per_query_head": True}))])
+    twin = selection_recall(mha, ids, [PatternSpec("p", as_model_sparsity(pattern))])
+    grouped = selection_recall(gqa, ids, [PatternSpec("p", as_model_sparsity(pattern))])
+    assert len(ours) == len(twin) == 2
+    for a, b, c in zip(ours, twin, grouped, strict=True):
+        assert len(a["coverage"]) == gqa.config.num_attention_heads
+        assert len(c["coverage"]) == gqa.config.num_key_value_heads
+        for key in ("coverage", "oracle_coverage", "density", "oracle_density"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+        assert a["mean_tiles"] == b["mean_tiles"]
