@@ -273,9 +273,9 @@ class SparsePattern:
 
 
 def _without_orphan_selection(changes: dict[str, Any]) -> dict[str, Any]:
-    """``changes`` setting ``topk_blocks`` to None also reset ``selector``, ``mass_threshold`` and ``probe_stride``
-    unless given; a selector other than ``"probe"`` / ``"refine"`` / ``"moment"`` resets ``probe_stride`` unless
-    given."""
+    """``changes`` setting ``topk_blocks`` to None also reset ``selector``, ``mass_threshold``, ``probe_stride`` and
+    ``per_query_head`` unless given; a selector other than ``"probe"`` / ``"refine"`` / ``"moment"`` resets
+    ``probe_stride`` unless given."""
     if "topk_blocks" in changes and changes["topk_blocks"] is None:
         return {"selector": None, "mass_threshold": None, "probe_stride": None, "per_query_head": False, **changes}
     if "selector" in changes and changes["selector"] not in PROBING_SELECTORS:
