@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from hf_sparsek.block_index import BlockIndex, attended_pairs, build_block_index, causal_pairs, element_mask
-from hf_sparsek.ops import build_index_for, per_query_head_kv
+from hf_sparsek.ops import build_index_for, per_query_head_pattern
 from hf_sparsek.patterns import SparsePattern
 from hf_sparsek.selection.oracle import exact_tile_mass
 
@@ -343,8 +343,10 @@ def selection_recall(model: Any, ids: torch.Tensor, specs: list, local_blocks: i
                 pattern = SparsePattern(block_size=pattern.block_size)
             block = pattern.block_size
             keys = k  # per_query_head: one key head per query head, as the op runs it (and the oracle likewise)
-            if pattern.per_query_head:
-                keys, _, pattern = per_query_head_kv(q, k, k, pattern)
+            group = q.shape[1] // k.shape[1]
+            if pattern.per_query_head and group > 1:
+                keys = k.repeat_interleave(group, dim=1)
+                pattern = per_query_head_pattern(pattern, k.shape[1], group)
             index = build_index_for(q, keys, pattern)  # what sparsek runs, top-k selector included
             if (block, keys.shape[1]) not in masses:
                 masses[block, keys.shape[1]] = block_attention_mass(q, keys, block, scale, dtype=torch.float32)

@@ -456,6 +456,15 @@ def sparse_attention(
     return _attend(q, k, v, index, scale, softcap, backend)
 
 
+def per_query_head_pattern(pattern: SparsePattern, kv_heads: int, group: int) -> SparsePattern:
+    """The pattern for K / V repeated ``group`` times per KV head: dense KV head ``h`` becomes query heads
+    ``h * group .. h * group + group - 1`` (range-checked against ``kv_heads`` first)."""
+    bad = [h for h in pattern.dense_heads if h >= kv_heads]
+    if bad:
+        raise ValueError(f"dense_heads {bad} out of range: the layer has {kv_heads} KV heads")
+    return pattern.replace(dense_heads=tuple(h * group + j for h in pattern.dense_heads for j in range(group)))
+
+
 def per_query_head_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: SparsePattern,
                       selected_tiles: torch.Tensor | None = None, index: BlockIndex | None = None,
                       ) -> tuple[torch.Tensor, torch.Tensor, SparsePattern]:
@@ -469,11 +478,8 @@ def per_query_head_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern
     if selected_tiles is not None or index is not None:
         raise ValueError("per_query_head: the op selects per query head itself; selected_tiles and a prebuilt index "
                          "are per KV head (drop per_query_head, or pass neither)")
-    bad = [h for h in pattern.dense_heads if h >= k.shape[1]]
-    if bad:
-        raise ValueError(f"dense_heads {bad} out of range: the layer has {k.shape[1]} KV heads")
-    heads = tuple(h * group + j for h in pattern.dense_heads for j in range(group))
-    return k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), pattern.replace(dense_heads=heads)
+    pattern = per_query_head_pattern(pattern, k.shape[1], group)
+    return k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), pattern
 
 
 DECODE_MAX_Q_LEN = 16  # the split-KV kernel's longest query run (kernels/decode.py MAX_Q_LEN)

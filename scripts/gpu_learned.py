@@ -404,8 +404,8 @@ def main() -> int:
                                              as_model_sparsity(alloc["sparsity"])))
                     if args.sensitivity_save:
                         os.makedirs(args.sensitivity_save, exist_ok=True)
-                        out_name = (f"sensitivity_{base.resolved_selector}{'_perhead' * base.per_query_head}_"
-                                    f"{alloc['target_density']:.3f}_w"
+                        per_head = "_perhead" if base.per_query_head else ""
+                        out_name = (f"sensitivity_{base.resolved_selector}{per_head}_{alloc['target_density']:.3f}_w"
                                     f"{alloc['probe_weight']:g}.json")
                         with open(os.path.join(args.sensitivity_save, out_name), "w") as f:
                             f.write(as_model_sparsity(alloc["sparsity"]).to_json() + "\n")

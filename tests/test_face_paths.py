@@ -323,7 +323,8 @@ TOPK = hf_sparsek.SparsePattern(block_size=64, sink_tokens=16, window=64, topk_b
                                   "padded top-k per query head"])
 def test_torch_compile_fullgraph_matches_eager(case):
     """torch.compile(model, fullgraph=True) of a sparsek model (reference backend): the face traces, the op with its
-    index build is one custom op, and prefill (plain, left-padded, packed; a top-k pattern) equals eager."""
+    index build is one custom op, and prefill (plain, left-padded, packed; a top-k pattern, also per query head)
+    equals eager."""
     torch._dynamo.reset()
     model = build_any("llama")
     topk = "top-k" in case
