@@ -121,6 +121,10 @@ def register(subparsers: Any) -> None:
     needle.add_argument("--depths", type=_fractions, default=[0.1, 0.5, 0.9])
     needle.add_argument("--trials", type=positive_int, default=1, help="passkeys per (length, depth) (default 1)")
     needle.add_argument("--seed", type=int, default=0)
+    needle.add_argument("--answer-check", choices=["generate", "forward"], default="generate",
+                        help="generate: model.generate() with its cache, as a user runs it (default); forward: one "
+                             "teacher-forced forward (cheaper; equal for dense and static patterns, not for dynamic "
+                             "selection, whose decode steps choose tiles per query row)")
     needle.set_defaults(func=cmd_needle)
 
     layers = sub.add_parser("layers", help="per-layer attention-output error and logit KL, pattern vs dense")
@@ -306,7 +310,7 @@ def cmd_needle(args: argparse.Namespace) -> int:
     specs = _specs(args, model, NEEDLE_PATTERNS)
     start = time.perf_counter()
     rows = run_needle(model, _encode(tok), args.lengths, args.depths, specs, device, bos_id(tok), args.trials,
-                      args.seed)
+                      args.seed, args.answer_check)
     data = {**_meta(args, model, path, device, dtype, specs), "seconds": time.perf_counter() - start,
             "results": rows}
     tag = f"needle_{_tag(args)}"

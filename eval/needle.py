@@ -1,8 +1,15 @@
 """Passkey (needle-in-a-haystack) retrieval at several lengths and depths, dense vs sparse patterns.
 
 A random 5-digit passkey sentence is hidden at a relative depth of a filler haystack; the prompt ends with a
-question. A trial passes when greedy decoding reproduces the passkey: checked in one teacher-forced forward (the
-argmax at every answer position equals the answer token, which is exactly what greedy generation would emit).
+question. A trial passes when greedy decoding reproduces the passkey. Two checks (``ANSWER_CHECKS``):
+
+* ``"generate"`` (default): ``model.generate`` with its cache, greedy, as a user runs it: the prompt is prefilled in
+  one call and each answer token after the first comes from a decode step. This is the check that counts for
+  dynamic selection, whose decode steps choose key tiles for their own single query row, while a prefill chooses
+  them once per 64-query tile.
+* ``"forward"``: one teacher-forced forward over prompt + answer (the argmax at every answer position equals the
+  answer token). Identical to greedy generation for dense attention and static (token-position) patterns, cheaper,
+  but with dynamic selection the answer rows share their query tile's choice with the question rows.
 """
 
 from __future__ import annotations
@@ -45,6 +52,30 @@ def build_prompt(encode: Callable[[str], list[int]], length: int, depth: float, 
     return prompt, answer
 
 
+ANSWER_CHECKS = ("generate", "forward")
+
+
+@torch.inference_mode()
+def greedy_generates(model: Any, prompt: list[int], answer: list[int], device: torch.device) -> bool:
+    """True when ``model.generate`` (greedy, with its default cache) emits ``answer`` right after ``prompt``."""
+    ids = torch.tensor([prompt], dtype=torch.long, device=device)
+    n = len(answer)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                         top_p=None, top_k=None, temperature=None, pad_token_id=_pad_id(model))
+    return out[0, len(prompt):].cpu().tolist() == list(answer)
+
+
+def _pad_id(model: Any) -> int:
+    """A pad id for generate() (the model's, else its first end-of-sequence id, else 0): batch 1 never pads."""
+    cfg = model.generation_config
+    for cand in (cfg.pad_token_id, cfg.eos_token_id):
+        if isinstance(cand, list):
+            cand = cand[0] if cand else None
+        if cand is not None:
+            return int(cand)
+    return 0
+
+
 @torch.inference_mode()
 def greedy_matches(model: Any, prompt: list[int], answer: list[int], device: torch.device) -> bool:
     """True when greedy decoding after ``prompt`` emits ``answer`` (one teacher-forced forward, last logits only)."""
@@ -67,16 +98,30 @@ def needle_prompts(encode: Callable[[str], list[int]], lengths: list[int], depth
     return prompts
 
 
+def check_answer(model: Any, prompt: list[int], answer: list[int], device: torch.device,
+                 answer_check: str = "generate") -> bool:
+    """One trial by ``answer_check`` (one of ``ANSWER_CHECKS``; see the module docstring)."""
+    if answer_check == "generate":
+        return greedy_generates(model, prompt, answer, device)
+    if answer_check == "forward":
+        return greedy_matches(model, prompt, answer, device)
+    raise ValueError(f"answer_check must be one of {ANSWER_CHECKS}, got {answer_check!r}")
+
+
 def run_needle_prompts(model: Any, prompts: dict[tuple[int, float], list[tuple[list[int], list[int]]]],
-                       specs: list[PatternSpec], device: torch.device) -> list[dict[str, Any]]:
+                       specs: list[PatternSpec], device: torch.device,
+                       answer_check: str = "generate") -> list[dict[str, Any]]:
     """One row per (pattern, length, depth): accuracy over the prompts (the same prompts for each pattern)."""
+    if answer_check not in ANSWER_CHECKS:
+        raise ValueError(f"answer_check must be one of {ANSWER_CHECKS}, got {answer_check!r}")
     rows = []
     for spec in specs:
         apply_pattern(model, spec)
         for (length, depth), cases in tqdm(prompts.items(), desc=f"needle {spec.label}", leave=False):
-            hits = sum(greedy_matches(model, p, a, device) for p, a in cases)
+            hits = sum(check_answer(model, p, a, device, answer_check) for p, a in cases)
             rows.append({"pattern": spec.label, "length": length, "depth": depth, "accuracy": hits / len(cases),
-                         "trials": len(cases), "tokens": len(cases[0][0]) + len(cases[0][1]),
+                         "trials": len(cases), "answer_check": answer_check,
+                         "tokens": len(cases[0][0]) + len(cases[0][1]),
                          **density_summary(model.config, spec.sparsity, length)})
         done = [r for r in rows if r["pattern"] == spec.label]
         print(f"  needle {spec.label:<28} mean accuracy {sum(r['accuracy'] for r in done) / len(done):.2f}",
@@ -86,7 +131,7 @@ def run_needle_prompts(model: Any, prompts: dict[tuple[int, float], list[tuple[l
 
 def run_needle(model: Any, encode: Callable[[str], list[int]], lengths: list[int], depths: list[float],
                specs: list[PatternSpec], device: torch.device, bos: int | None, trials: int = 3,
-               seed: int = 0) -> list[dict[str, Any]]:
+               seed: int = 0, answer_check: str = "generate") -> list[dict[str, Any]]:
     """Build the prompts and score them for every pattern (see :func:`run_needle_prompts`)."""
     prompts = needle_prompts(encode, lengths, depths, bos, trials, seed)
-    return run_needle_prompts(model, prompts, specs, device)
+    return run_needle_prompts(model, prompts, specs, device, answer_check)

@@ -21,19 +21,21 @@ def ppl_table(rows: list[dict[str, Any]]) -> str:
 
 
 def needle_table(rows: list[dict[str, Any]]) -> str:
-    """One row per (pattern, length), one column per depth: accuracy."""
+    """One row per (pattern, answer check, length), one column per depth: accuracy."""
     depths = sorted({r["depth"] for r in rows})
-    head = "| pattern | length | density | " + " | ".join(f"depth {d:g}" for d in depths) + " |"
-    lines = [head, "|---|---:|---:|" + "---:|" * len(depths)]
+    head = "| pattern | check | length | density | " + " | ".join(f"depth {d:g}" for d in depths) + " |"
+    lines = [head, "|---|---|---:|---:|" + "---:|" * len(depths)]
     keys = []
     for r in rows:
-        if (r["pattern"], r["length"]) not in keys:
-            keys.append((r["pattern"], r["length"]))
-    for pattern, length in keys:
-        cells = {r["depth"]: r for r in rows if r["pattern"] == pattern and r["length"] == length}
+        key = (r["pattern"], r.get("answer_check", "forward"), r["length"])
+        if key not in keys:
+            keys.append(key)
+    for pattern, check, length in keys:
+        cells = {r["depth"]: r for r in rows if (r["pattern"], r.get("answer_check", "forward"), r["length"])
+                 == (pattern, check, length)}
         first = next(iter(cells.values()))
         vals = " | ".join(_fmt(cells[d]["accuracy"] if d in cells else None, ".2f") for d in depths)
-        lines.append(f"| {pattern} | {length} | {first['density']:.3f} | {vals} |")
+        lines.append(f"| {pattern} | {check} | {length} | {first['density']:.3f} | {vals} |")
     return "\n".join(lines)
 
 

@@ -120,9 +120,16 @@ def main() -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--skip-ppl", action="store_true", help="only the needle (and isolation) stages")
+    ap.add_argument("--answer-check", default="generate",
+                    help="comma list of passkey checks, each 'generate' (model.generate with its cache) or "
+                         "'forward' (one teacher-forced forward); see hf_sparsek.eval.needle")
     ap.add_argument("--tag", default=None, help="suffix of the output file names")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    from hf_sparsek.eval.needle import ANSWER_CHECKS
+
+    if bad := [c for c in args.answer_check.split(",") if c not in ANSWER_CHECKS]:
+        ap.error(f"--answer-check: unknown {bad}; choose from {list(ANSWER_CHECKS)}")
     if args.make_tokens:
         make_tokens(args.model, args.make_tokens, [int(x) for x in args.needle_lengths.split(",")],
                     [float(x) for x in args.needle_depths.split(",")], args.needle_trials)
@@ -182,7 +189,8 @@ def main() -> int:
         else specs
     start = time.perf_counter()
     prompts = {k: [([int(x) for x in p], [int(x) for x in a]) for p, a in v] for k, v in data["needle"].items()}
-    nrows = run_needle_prompts(model, prompts, nspecs, device)
+    nrows = [r for check in args.answer_check.split(",")
+             for r in run_needle_prompts(model, prompts, nspecs, device, check)]
     results["needle"] = nrows
     results["needle_seconds"] = time.perf_counter() - start
     save()

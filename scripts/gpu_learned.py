@@ -239,14 +239,23 @@ def main() -> int:
     ap.add_argument("--sensitivity-save", default=None, metavar="DIR",
                     help="sensitivity: also write each chosen pattern as a file here (for --extra-patterns later)")
     ap.add_argument("--no-needle", action="store_true", help="skip the passkey rows")
+    ap.add_argument("--no-ppl", action="store_true", help="skip the held-out perplexity rows (passkey only)")
+    ap.add_argument("--answer-check", default="generate",
+                    help="comma list of passkey checks, each 'generate' (model.generate with its cache) or "
+                         "'forward' (one teacher-forced forward); see hf_sparsek.eval.needle")
     ap.add_argument("--per-query-head", action="store_true",
                     help="also the first budget's selectors with per_query_head (one tile list per query head)")
     ap.add_argument("--extra-patterns", nargs="*", default=[],
-                    help="pattern files (e.g. from hf-sparsek eval calibrate) measured beside the others")
+                    help="patterns measured beside the others: files (e.g. from hf-sparsek eval calibrate), JSON text, "
+                         "presets, or 'default' (the shipped default for the model)")
     ap.add_argument("--cpu-smoke", action="store_true")
     ap.add_argument("--cpu", action="store_true", help="the real model on the CPU (float32; slow: short contexts)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    from hf_sparsek.eval.needle import ANSWER_CHECKS
+
+    if bad := [c for c in args.answer_check.split(",") if c not in ANSWER_CHECKS]:
+        ap.error(f"--answer-check: unknown {bad}; choose from {list(ANSWER_CHECKS)}")
     if args.make_tokens:
         make_tokens(args.make_tokens, [int(x) for x in args.needle_lengths.split(",")],
                     [float(x) for x in args.needle_depths.split(",")], args.needle_trials)
@@ -411,8 +420,12 @@ def main() -> int:
                             f.write(as_model_sparsity(alloc["sparsity"]).to_json() + "\n")
                 save(tables)
                 print("\n\n".join(tables[-len(sens["allocations"]):]), flush=True)
-    specs += [PatternSpec(os.path.basename(path)[: -len(".json")] if path.endswith(".json") else path,
-                          as_model_sparsity(path)) for path in args.extra_patterns]
+    if args.extra_patterns:  # files, JSON text, presets or "default" (the shipped default for this model)
+        from hf_sparsek.eval.modeling import parse_patterns
+
+        from hf_sparsek.model_defaults import default_key
+
+        specs += parse_patterns(args.extra_patterns, default_key(model.config))
     held_docs = docs[len(docs) - heldout :]
     rows = []
 
@@ -424,7 +437,7 @@ def main() -> int:
         elif mode is not None:
             attach_selector(model, None)
 
-    for spec in specs:  # one call per pattern: a pattern that fails is recorded and the others still run
+    for spec in specs if not args.no_ppl else []:  # one call per pattern: a failure is recorded, the others run
         use_scorer(spec)
         try:
             rows += run_ppl(model, held_docs, [seq_len], [spec], device, bos, ppl_tokens)
@@ -436,9 +449,10 @@ def main() -> int:
         r["delta_pct"] = None if dense is None else 100.0 * (r["ppl"] / dense - 1.0)
     results["ppl"] = rows
     results["learned_backend"] = hf_sparsek.get_settings().backend
-    tables += ["## Held-out perplexity", report.ppl_table(rows)]
-    save(tables)
-    print(tables[-1], flush=True)
+    if rows:
+        tables += ["## Held-out perplexity", report.ppl_table(rows)]
+        save(tables)
+        print(tables[-1], flush=True)
 
     if needle and not args.no_needle:  # passkey: dense and every pattern of the first budget, the same prompts
         from hf_sparsek.eval.needle import run_needle_prompts
@@ -450,13 +464,14 @@ def main() -> int:
         for spec in [specs[0], *first]:
             use_scorer(spec)
             try:
-                nrows += run_needle_prompts(model, needle, [spec], device)
+                for check in args.answer_check.split(","):
+                    nrows += run_needle_prompts(model, needle, [spec], device, check)
             except Exception as err:
                 results.setdefault("needle_errors", {})[spec.label] = repr(err)
                 print(f"needle {spec.label} failed: {err!r}", flush=True)
         results["needle"] = nrows
         results["needle_seconds"] = time.perf_counter() - t3
-        tables += ["## Passkey retrieval (greedy, teacher-forced)", report.needle_table(nrows)]
+        tables += ["## Passkey retrieval (greedy)", report.needle_table(nrows)]
         save(tables)
         print(tables[-1], flush=True)
     results["total_seconds"] = time.perf_counter() - t0

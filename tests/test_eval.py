@@ -171,7 +171,7 @@ def test_cli_needle(tiny_checkpoint: tuple[str, str], tmp_path) -> None:
     data = json.loads((tmp_path / "needle_model.json").read_text())
     rows = data["results"]
     assert {r["pattern"] for r in rows} == {"dense", "window64"}
-    assert all(0.0 <= r["accuracy"] <= 1.0 and r["trials"] == 1 for r in rows)
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["trials"] == 1 and r["answer_check"] == "generate" for r in rows)
     assert all(abs(r["tokens"] - 384) <= 2 for r in rows)
     assert (tmp_path / "needle_model.png").stat().st_size > 1000
 

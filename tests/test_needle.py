@@ -1,0 +1,93 @@
+"""The passkey checks: ``generate`` is greedy ``model.generate`` with its cache, ``forward`` one teacher-forced pass."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from hf_sparsek.eval.modeling import PatternSpec, apply_pattern
+from hf_sparsek.eval.needle import ANSWER_CHECKS, check_answer, greedy_generates, greedy_matches, run_needle_prompts
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from hf_sparsek.patterns import ModelSparsity, SparsePattern
+
+CPU = torch.device("cpu")
+TOPK = SparsePattern(block_size=64, sink_tokens=64, window=64, topk_blocks=1, min_sparse_len=0)
+WINDOW = SparsePattern(block_size=64, sink_tokens=64, window=64, min_sparse_len=0)
+
+
+def tiny_model(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+    return LlamaForCausalLM(config).eval()
+
+
+def _prompt(n: int, seed: int) -> list[int]:
+    return torch.randint(3, 61, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@torch.inference_mode()
+def greedy_by_recompute(model, prompt: list[int], n: int) -> list[int]:
+    """Greedy tokens, each from a full forward over everything so far (no cache)."""
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@torch.inference_mode()
+def greedy_by_cache_loop(model, prompt: list[int], n: int) -> list[int]:
+    """Greedy tokens from one prefill and single-token decode steps through a DynamicCache, written out by hand."""
+    cache = DynamicCache(config=model.config)
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # 5.25 renamed
+    out = model(torch.tensor([prompt]), use_cache=True, **{name: cache})
+    toks = [int(out.logits[0, -1].argmax())]
+    for _ in range(n - 1):
+        out = model(torch.tensor([[toks[-1]]]), use_cache=True, **{name: cache})
+        toks.append(int(out.logits[0, -1].argmax()))
+    return toks
+
+
+@pytest.mark.parametrize("pattern", [None, WINDOW], ids=["dense", "window"])
+def test_both_checks_accept_the_greedy_answer_and_reject_a_changed_one(pattern: SparsePattern | None) -> None:
+    model = tiny_model()
+    apply_pattern(model, PatternSpec("p", None if pattern is None else ModelSparsity(default=pattern)))
+    for seed in range(3):
+        prompt = _prompt(301 + 17 * seed, seed)
+        answer = greedy_by_recompute(model, prompt, 4)
+        wrong = answer[:-1] + [(answer[-1] + 1) % 61]
+        for check in ANSWER_CHECKS:
+            assert check_answer(model, prompt, answer, CPU, check), (check, seed)
+            assert not check_answer(model, prompt, wrong, CPU, check), (check, seed)
+
+
+def test_generate_check_follows_decode_steps_with_dynamic_selection() -> None:
+    """With top-k selection a decode step chooses tiles for its own row, a prefill per 64-query tile: the generate
+    check must follow the decode steps, and on some prompts it then differs from the teacher-forced check."""
+    differ = 0
+    for model_seed in range(4):
+        model = tiny_model(model_seed)
+        apply_pattern(model, PatternSpec("topk", ModelSparsity(default=TOPK)))
+        for seed in range(6):
+            prompt = _prompt(333 + 29 * seed, 10 + seed)
+            answer = greedy_by_cache_loop(model, prompt, 5)
+            assert greedy_generates(model, prompt, answer, CPU), (model_seed, seed)
+            assert not greedy_generates(model, prompt, answer[:2] + [(answer[2] + 1) % 61] + answer[3:], CPU)
+            differ += not greedy_matches(model, prompt, answer, CPU)
+    assert differ > 0
+
+
+def test_rows_record_the_check_and_bad_checks_are_refused() -> None:
+    model = tiny_model()
+    prompts = {(320, 0.5): [(_prompt(318, 3), [5, 7])]}
+    spec = PatternSpec("window", ModelSparsity(default=WINDOW))
+    rows = run_needle_prompts(model, prompts, [spec], CPU, "forward")
+    rows += run_needle_prompts(model, prompts, [spec], CPU, "generate")
+    assert [r["answer_check"] for r in rows] == ["forward", "generate"]
+    assert rows[0]["accuracy"] == rows[1]["accuracy"]
+    with pytest.raises(ValueError, match="answer_check must be one of"):
+        run_needle_prompts(model, prompts, [spec], CPU, "sample")
+    with pytest.raises(ValueError, match="answer_check must be one of"):
+        check_answer(model, prompts[(320, 0.5)][0][0], [5], CPU, "beam")
