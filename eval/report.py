@@ -10,13 +10,17 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def ppl_table(rows: list[dict[str, Any]]) -> str:
-    """| context | pattern | PPL | vs dense | density | model density | tokens | tok/s |"""
-    lines = ["| context | pattern | PPL | vs dense | density (full layers) | density (all layers) | scored tokens "
-             "| tokens/s |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    """| context | pattern | PPL | vs dense | vs dense, tile-final rows | density | model density | tokens | tok/s |"""
+    lines = ["| context | pattern | PPL | vs dense | vs dense, tile-final rows (no lookahead) | density (full layers) "
+             "| density (all layers) | scored tokens | tokens/s |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         delta = "n/a" if r.get("delta_pct") is None else f"{r['delta_pct']:+.2f}%"
-        lines.append(f"| {r['context']} | {r['pattern']} | {r['ppl']:.3f} | {delta} | {r['density']:.3f} | "
-                     f"{r['model_density']:.3f} | {r['tokens']} | {_fmt(r.get('tokens_per_s'), '.0f')} |")
+        final = r.get("tile_final") or {}
+        final_text = "n/a" if final.get("delta_pct") is None else (
+            f"{final['delta_pct']:+.2f}% ± {final['se_pct']:.2f} ({final['tokens']})")
+        lines.append(f"| {r['context']} | {r['pattern']} | {r['ppl']:.3f} | {delta} | {final_text} | "
+                     f"{r['density']:.3f} | {r['model_density']:.3f} | {r['tokens']} | "
+                     f"{_fmt(r.get('tokens_per_s'), '.0f')} |")
     return "\n".join(lines)
 
 

@@ -263,7 +263,7 @@ def main() -> int:
 
     from hf_sparsek.eval import report
     from hf_sparsek.eval.modeling import PatternSpec, environment
-    from hf_sparsek.eval.ppl import run_ppl
+    from hf_sparsek.eval.ppl import run_ppl, tile_final_changes
     from transformers import AutoModelForCausalLM
 
     import hf_sparsek
@@ -440,13 +440,14 @@ def main() -> int:
     for spec in specs if not args.no_ppl else []:  # one call per pattern: a failure is recorded, the others run
         use_scorer(spec)
         try:
-            rows += run_ppl(model, held_docs, [seq_len], [spec], device, bos, ppl_tokens)
+            rows += run_ppl(model, held_docs, [seq_len], [spec], device, bos, ppl_tokens, keep_tile_final=True)
         except Exception as err:
             results.setdefault("ppl_errors", {})[spec.label] = repr(err)
             print(f"ppl {spec.label} failed: {err!r}", flush=True)
     dense = next((r["ppl"] for r in rows if r["pattern"] == "dense"), None)
     for r in rows:
         r["delta_pct"] = None if dense is None else 100.0 * (r["ppl"] / dense - 1.0)
+    tile_final_changes(rows)
     results["ppl"] = rows
     results["learned_backend"] = hf_sparsek.get_settings().backend
     if rows:

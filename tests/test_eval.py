@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 from hf_sparsek.eval.modeling import PatternSpec, density_summary, parse_patterns
-from hf_sparsek.eval.ppl import evaluate_windows, make_windows, run_ppl
+from hf_sparsek.eval.ppl import TILE_ROWS, evaluate_windows, make_windows, paired_change, run_ppl
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_sparsek.patterns import ModelSparsity, SparsePattern
@@ -31,8 +31,8 @@ def random_docs(lengths: list[int], vocab: int = 97) -> list[list[int]]:
 @pytest.mark.parametrize("bos", [None, 1])
 def test_ppl_is_exp_of_mean_nll_by_hand(bos: int | None) -> None:
     model = tiny_model()
-    docs = random_docs([150, 70])
-    windows = make_windows([len(d) for d in docs], window=64, has_bos=bos is not None)
+    docs = random_docs([330, 70])
+    windows = make_windows([len(d) for d in docs], window=160, has_bos=bos is not None)
     got = evaluate_windows(model, docs, windows, bos, torch.device("cpu"))
     # By hand: every window through the full model, full logits, log-softmax, gather, skip what is not scored.
     nll, count = 0.0, 0
@@ -47,6 +47,55 @@ def test_ppl_is_exp_of_mean_nll_by_hand(bos: int | None) -> None:
     expected_tokens = sum(len(d) for d in docs) - (0 if bos is not None else len(docs))
     assert count == got["tokens"] == expected_tokens
     assert got["ppl"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+    # Tile-final rows by hand: input position t with t % 64 == 63, scored.
+    final = []
+    for w in windows:
+        ids = ([bos] if bos is not None else []) + docs[w.doc][w.begin : w.end]
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+        first_target = w.begin if bos is not None else w.begin + 1
+        final += [-float(logp[t, ids[t + 1]].detach()) for t in range(len(ids) - 1)
+                  if first_target + t >= w.score_from and t % TILE_ROWS == TILE_ROWS - 1]
+    assert len(final) > 0
+    assert got["tile_final_nll"] == pytest.approx(final, rel=1e-5)
+
+
+def test_paired_change_of_a_constant_shift_and_its_error() -> None:
+    base = [random.Random(i).uniform(0.5, 4.0) for i in range(50)]
+    assert paired_change(base, base) == {"delta_pct": 0.0, "se_pct": 0.0}
+    shifted = paired_change([b + 0.01 for b in base], base)
+    assert shifted["delta_pct"] == pytest.approx(100 * (math.exp(0.01) - 1))
+    assert shifted["se_pct"] == pytest.approx(0.0, abs=1e-9)
+    noisy = paired_change([b + (0.02 if i % 2 else 0.0) for i, b in enumerate(base)], base)
+    assert noisy["se_pct"] > 0
+    with pytest.raises(ValueError, match="equal, non-empty"):
+        paired_change(base[:3], base)
+
+
+@pytest.mark.parametrize("block", [64, 128])
+def test_tile_final_rows_are_free_of_lookahead_and_earlier_rows_are_not(block: int) -> None:
+    """Dynamic selection pools a tile's rows: an earlier row's prediction can depend on later tokens of its tile
+    (what the tile-final measure avoids); the last row of a 128-row tile never does, on either grid."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    from hf_sparsek.eval.modeling import apply_pattern
+
+    pattern = SparsePattern(block_size=block, sink_tokens=block, window=block, topk_blocks=1, selector="mass")
+    apply_pattern(model, PatternSpec("topk", ModelSparsity(default=pattern)))
+    changed_early = 0
+    for trial in range(6):
+        gen = torch.Generator().manual_seed(trial)
+        ids = torch.randint(3, 97, (1, 640), generator=gen)
+        with torch.no_grad():
+            logits = model(ids).logits[0]
+            for t in (383, 511, 460 + trial):  # tile-final rows (t % 128 == 127), then an earlier row
+                other = ids.clone()
+                other[0, t + 1 :] = torch.randint(3, 97, (ids.shape[1] - t - 1,), generator=gen)
+                diff = float((model(other).logits[0, t] - logits[t]).abs().max())
+                if t % TILE_ROWS == TILE_ROWS - 1:
+                    assert diff < 1e-5, (trial, t, diff)
+                else:
+                    changed_early += diff > 1e-4
+    assert changed_early > 0
 
 
 @pytest.mark.parametrize("has_bos", [False, True])
