@@ -115,7 +115,7 @@ def main() -> int:
     ap.add_argument("--contexts", default="16384,32768")
     ap.add_argument("--max-tokens", type=int, default=131072)
     ap.add_argument("--patterns", default=None, help="JSON list of pattern arguments (see eval --patterns)")
-    ap.add_argument("--needle-patterns", default=None, help="JSON list; default: --patterns")
+    ap.add_argument("--needle-patterns", default=None, help="JSON list; default: --patterns ('[]': no passkey)")
     ap.add_argument("--isolate", default=None, help="pattern label to isolate per layer at the first context")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="cuda")
@@ -187,15 +187,16 @@ def main() -> int:
 
     nspecs = parse_patterns(json.loads(args.needle_patterns), default_key(model.config)) if args.needle_patterns \
         else specs
-    start = time.perf_counter()
-    prompts = {k: [([int(x) for x in p], [int(x) for x in a]) for p, a in v] for k, v in data["needle"].items()}
-    nrows = [r for check in args.answer_check.split(",")
-             for r in run_needle_prompts(model, prompts, nspecs, device, check)]
-    results["needle"] = nrows
-    results["needle_seconds"] = time.perf_counter() - start
-    save()
-    tables += ["## Passkey retrieval", report.needle_table(nrows)]
-    print(tables[-1], flush=True)
+    if nspecs:  # --needle-patterns '[]': perplexity only
+        start = time.perf_counter()
+        prompts = {k: [([int(x) for x in p], [int(x) for x in a]) for p, a in v] for k, v in data["needle"].items()}
+        nrows = [r for check in args.answer_check.split(",")
+                 for r in run_needle_prompts(model, prompts, nspecs, device, check)]
+        results["needle"] = nrows
+        results["needle_seconds"] = time.perf_counter() - start
+        save()
+        tables += ["## Passkey retrieval", report.needle_table(nrows)]
+        print(tables[-1], flush=True)
 
     if args.isolate:
         spec = next(s for s in specs if s.label == args.isolate)
