@@ -116,15 +116,15 @@ def evaluate_windows(model: Any, docs: list[list[int]], windows: list[Window], b
             "tile_final_nll": tile_final}
 
 
-def paired_change(nll: list[float], base: list[float]) -> dict[str, float]:
+def paired_change(nll: list[float], base: list[float]) -> dict[str, float | None]:
     """PPL change (%) of ``nll`` against ``base`` on the same tokens, and its standard error (%, from the per-token
-    differences; delta method)."""
+    differences; delta method; None from a single token)."""
     if len(nll) != len(base) or not nll:
         raise ValueError(f"paired_change needs equal, non-empty token lists, got {len(nll)} and {len(base)}")
     diff = torch.tensor(nll, dtype=torch.float64) - torch.tensor(base, dtype=torch.float64)
     mean = float(diff.mean())
-    se = float(diff.std() / math.sqrt(diff.numel())) if diff.numel() > 1 else float("nan")
-    return {"delta_pct": 100.0 * (math.exp(mean) - 1.0), "se_pct": 100.0 * math.exp(mean) * se}
+    se = float(diff.std() / math.sqrt(diff.numel())) if diff.numel() > 1 else None
+    return {"delta_pct": 100.0 * (math.exp(mean) - 1.0), "se_pct": None if se is None else 100.0 * math.exp(mean) * se}
 
 
 def _sync(device: torch.device) -> None:

@@ -17,7 +17,7 @@ def ppl_table(rows: list[dict[str, Any]]) -> str:
         delta = "n/a" if r.get("delta_pct") is None else f"{r['delta_pct']:+.2f}%"
         final = r.get("tile_final") or {}
         final_text = "n/a" if final.get("delta_pct") is None else (
-            f"{final['delta_pct']:+.2f}% ± {final['se_pct']:.2f} ({final['tokens']})")
+            f"{final['delta_pct']:+.2f}% ± {_fmt(final['se_pct'], '.2f')} ({final['tokens']})")
         lines.append(f"| {r['context']} | {r['pattern']} | {r['ppl']:.3f} | {delta} | {final_text} | "
                      f"{r['density']:.3f} | {r['model_density']:.3f} | {r['tokens']} | "
                      f"{_fmt(r.get('tokens_per_s'), '.0f')} |")

@@ -67,6 +67,7 @@ def test_paired_change_of_a_constant_shift_and_its_error() -> None:
     assert shifted["se_pct"] == pytest.approx(0.0, abs=1e-9)
     noisy = paired_change([b + (0.02 if i % 2 else 0.0) for i, b in enumerate(base)], base)
     assert noisy["se_pct"] > 0
+    assert paired_change([2.0], [1.5])["se_pct"] is None  # one token: no spread to estimate
     with pytest.raises(ValueError, match="equal, non-empty"):
         paired_change(base[:3], base)
 
