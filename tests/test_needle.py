@@ -91,3 +91,15 @@ def test_rows_record_the_check_and_bad_checks_are_refused() -> None:
         run_needle_prompts(model, prompts, [spec], CPU, "sample")
     with pytest.raises(ValueError, match="answer_check must be one of"):
         check_answer(model, prompts[(320, 0.5)][0][0], [5], CPU, "beam")
+
+
+def test_the_cli_offers_exactly_the_answer_checks() -> None:
+    from hf_sparsek.cli import build_parser
+
+    args = build_parser().parse_args(["eval", "needle", "--answer-check", "forward"])
+    assert args.answer_check == "forward"
+    assert build_parser().parse_args(["eval", "needle"]).answer_check == ANSWER_CHECKS[0] == "generate"
+    for check in ANSWER_CHECKS:
+        assert build_parser().parse_args(["eval", "needle", "--answer-check", check]).answer_check == check
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "needle", "--answer-check", "sample"])
