@@ -55,6 +55,15 @@ def build_prompt(encode: Callable[[str], list[int]], length: int, depth: float, 
 ANSWER_CHECKS = ("generate", "forward")
 
 
+def parse_answer_checks(text: str) -> list[str]:
+    """A comma list of answer checks (scripts' ``--answer-check``) -> the checks, each one of ``ANSWER_CHECKS``."""
+    checks = [c.strip() for c in text.split(",") if c.strip()]
+    bad = [c for c in checks if c not in ANSWER_CHECKS]
+    if bad or not checks:
+        raise ValueError(f"answer checks {bad or text!r}: choose one or more of {list(ANSWER_CHECKS)}")
+    return checks
+
+
 @torch.inference_mode()
 def greedy_generates(model: Any, prompt: list[int], answer: list[int], device: torch.device) -> bool:
     """True when ``model.generate`` (greedy, with its default cache) emits ``answer`` right after ``prompt``."""

@@ -126,10 +126,12 @@ def main() -> int:
     ap.add_argument("--tag", default=None, help="suffix of the output file names")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    from hf_sparsek.eval.needle import ANSWER_CHECKS
+    from hf_sparsek.eval.needle import parse_answer_checks
 
-    if bad := [c for c in args.answer_check.split(",") if c not in ANSWER_CHECKS]:
-        ap.error(f"--answer-check: unknown {bad}; choose from {list(ANSWER_CHECKS)}")
+    try:
+        answer_checks = parse_answer_checks(args.answer_check)
+    except ValueError as err:
+        ap.error(f"--answer-check: {err}")
     if args.make_tokens:
         make_tokens(args.model, args.make_tokens, [int(x) for x in args.needle_lengths.split(",")],
                     [float(x) for x in args.needle_depths.split(",")], args.needle_trials)
@@ -190,7 +192,7 @@ def main() -> int:
     if nspecs:  # --needle-patterns '[]': perplexity only
         start = time.perf_counter()
         prompts = {k: [([int(x) for x in p], [int(x) for x in a]) for p, a in v] for k, v in data["needle"].items()}
-        nrows = [r for check in args.answer_check.split(",")
+        nrows = [r for check in answer_checks
                  for r in run_needle_prompts(model, prompts, nspecs, device, check)]
         results["needle"] = nrows
         results["needle_seconds"] = time.perf_counter() - start

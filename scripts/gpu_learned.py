@@ -252,10 +252,12 @@ def main() -> int:
     ap.add_argument("--cpu", action="store_true", help="the real model on the CPU (float32; slow: short contexts)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    from hf_sparsek.eval.needle import ANSWER_CHECKS
+    from hf_sparsek.eval.needle import parse_answer_checks
 
-    if bad := [c for c in args.answer_check.split(",") if c not in ANSWER_CHECKS]:
-        ap.error(f"--answer-check: unknown {bad}; choose from {list(ANSWER_CHECKS)}")
+    try:
+        answer_checks = parse_answer_checks(args.answer_check)
+    except ValueError as err:
+        ap.error(f"--answer-check: {err}")
     if args.make_tokens:
         make_tokens(args.make_tokens, [int(x) for x in args.needle_lengths.split(",")],
                     [float(x) for x in args.needle_depths.split(",")], args.needle_trials)
@@ -437,7 +439,8 @@ def main() -> int:
         elif mode is not None:
             attach_selector(model, None)
 
-    for spec in specs if not args.no_ppl else []:  # one call per pattern: a failure is recorded, the others run
+    ppl_specs = [] if args.no_ppl else specs
+    for spec in ppl_specs:  # one call per pattern: a pattern that fails is recorded and the others still run
         use_scorer(spec)
         try:
             rows += run_ppl(model, held_docs, [seq_len], [spec], device, bos, ppl_tokens, keep_tile_final=True)
@@ -465,7 +468,7 @@ def main() -> int:
         for spec in [specs[0], *first]:
             use_scorer(spec)
             try:
-                for check in args.answer_check.split(","):
+                for check in answer_checks:
                     nrows += run_needle_prompts(model, needle, [spec], device, check)
             except Exception as err:
                 results.setdefault("needle_errors", {})[spec.label] = repr(err)

@@ -7,7 +7,14 @@ import inspect
 import pytest
 import torch
 from hf_sparsek.eval.modeling import PatternSpec, apply_pattern
-from hf_sparsek.eval.needle import ANSWER_CHECKS, check_answer, greedy_generates, greedy_matches, run_needle_prompts
+from hf_sparsek.eval.needle import (
+    ANSWER_CHECKS,
+    check_answer,
+    greedy_generates,
+    greedy_matches,
+    parse_answer_checks,
+    run_needle_prompts,
+)
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from hf_sparsek.patterns import ModelSparsity, SparsePattern
@@ -103,3 +110,10 @@ def test_the_cli_offers_exactly_the_answer_checks() -> None:
         assert build_parser().parse_args(["eval", "needle", "--answer-check", check]).answer_check == check
     with pytest.raises(SystemExit):
         build_parser().parse_args(["eval", "needle", "--answer-check", "sample"])
+
+
+def test_scripts_parse_a_comma_list_of_checks() -> None:
+    assert parse_answer_checks("generate, forward") == ["generate", "forward"]
+    for bad in ("sample", "generate,beam", ""):
+        with pytest.raises(ValueError, match="choose one or more of"):
+            parse_answer_checks(bad)
