@@ -125,6 +125,9 @@ def register(subparsers: Any) -> None:
                         help="generate: model.generate() with its cache, as a user runs it (default); forward: one "
                              "teacher-forced forward (cheaper; equal for dense and static patterns, not for dynamic "
                              "selection, whose decode steps choose tiles per query row)")
+    needle.add_argument("--recall", action="store_true",
+                        help="also measure, per layer and query head, the share of the last prompt row's dense "
+                             "attention on the needle that each pattern's selection keeps (where a miss is lost)")
     needle.set_defaults(func=cmd_needle)
 
     layers = sub.add_parser("layers", help="per-layer attention-output error and logit KL, pattern vs dense")
@@ -303,18 +306,25 @@ def _safe(label: str) -> str:
 
 
 def cmd_needle(args: argparse.Namespace) -> int:
-    from .needle import run_needle
+    from .needle import needle_cases, run_needle_prompts
     from .report import needle_table
 
     model, tok, device, dtype, path = _setup(args)
     specs = _specs(args, model, NEEDLE_PATTERNS)
     start = time.perf_counter()
-    rows = run_needle(model, _encode(tok), args.lengths, args.depths, specs, device, bos_id(tok), args.trials,
-                      args.seed, args.answer_check)
+    cases = needle_cases(_encode(tok), args.lengths, args.depths, bos_id(tok), args.trials, args.seed)
+    rows = run_needle_prompts(model, cases, specs, device, args.answer_check)
     data = {**_meta(args, model, path, device, dtype, specs), "seconds": time.perf_counter() - start,
             "results": rows}
+    markdown = needle_table(rows)
+    if args.recall:
+        from .needle_recall import needle_recall, needle_recall_table
+
+        data["recall"] = needle_recall(model, cases, specs)
+        markdown += ("\n\nNeedle recall: the share of the prompt's last row's dense attention on the needle that "
+                     "each pattern's prefill selection keeps\n\n" + needle_recall_table(data["recall"], rows))
     tag = f"needle_{_tag(args)}"
-    _write(args, tag, data, needle_table(rows))
+    _write(args, tag, data, markdown)
     if not args.no_plots:
         from .plots import needle_heatmap
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -30,9 +30,18 @@ NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "\nWhat is the pass key? The pass key is"
 
 
-def build_prompt(encode: Callable[[str], list[int]], length: int, depth: float, key: str, bos: int | None,
-                 filler_ids: list[int] | None = None) -> tuple[list[int], list[int]]:
-    """(prompt ids of about ``length`` tokens with the needle at relative ``depth``, answer ids)."""
+class NeedleCase(NamedTuple):
+    """One passkey trial: the prompt ids, the answer ids, and where the needle sentence sits in the prompt
+    (``prompt[needle[0]:needle[1]]`` is the encoded needle)."""
+
+    prompt: list[int]
+    answer: list[int]
+    needle: tuple[int, int]
+
+
+def build_needle_case(encode: Callable[[str], list[int]], length: int, depth: float, key: str, bos: int | None,
+                      filler_ids: list[int] | None = None) -> NeedleCase:
+    """A prompt of about ``length`` tokens with the needle at relative ``depth``, its answer and the needle's span."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
     head = ([bos] if bos is not None else []) + encode(INTRO)
@@ -49,7 +58,15 @@ def build_prompt(encode: Callable[[str], list[int]], length: int, depth: float, 
     at = int(round(depth * room / len(filler_ids))) * len(filler_ids)
     at = min(at, room)
     prompt = head + hay[:at] + needle + hay[at:] + question
-    return prompt, answer
+    start = len(head) + at
+    return NeedleCase(prompt, answer, (start, start + len(needle)))
+
+
+def build_prompt(encode: Callable[[str], list[int]], length: int, depth: float, key: str, bos: int | None,
+                 filler_ids: list[int] | None = None) -> tuple[list[int], list[int]]:
+    """(prompt ids of about ``length`` tokens with the needle at relative ``depth``, answer ids)."""
+    case = build_needle_case(encode, length, depth, key, bos, filler_ids)
+    return case.prompt, case.answer
 
 
 ANSWER_CHECKS = ("generate", "forward")
@@ -94,17 +111,24 @@ def greedy_matches(model: Any, prompt: list[int], answer: list[int], device: tor
     return bool((logits.argmax(-1).cpu() == torch.tensor(answer)).all())
 
 
-def needle_prompts(encode: Callable[[str], list[int]], lengths: list[int], depths: list[float], bos: int | None,
-                   trials: int = 3, seed: int = 0) -> dict[tuple[int, float], list[tuple[list[int], list[int]]]]:
-    """{(length, depth): [(prompt ids, answer ids)] * trials}, random passkeys from ``seed``."""
+def needle_cases(encode: Callable[[str], list[int]], lengths: list[int], depths: list[float], bos: int | None,
+                 trials: int = 3, seed: int = 0) -> dict[tuple[int, float], list[NeedleCase]]:
+    """{(length, depth): [NeedleCase] * trials}, random passkeys from ``seed``."""
     rng = random.Random(seed)
     filler_ids = encode(FILLER)
-    prompts = {}
+    cases = {}
     for length in lengths:
         for depth in depths:
             keys = [str(rng.randint(10000, 99999)) for _ in range(trials)]
-            prompts[(length, depth)] = [build_prompt(encode, length, depth, k, bos, filler_ids) for k in keys]
-    return prompts
+            cases[(length, depth)] = [build_needle_case(encode, length, depth, k, bos, filler_ids) for k in keys]
+    return cases
+
+
+def needle_prompts(encode: Callable[[str], list[int]], lengths: list[int], depths: list[float], bos: int | None,
+                   trials: int = 3, seed: int = 0) -> dict[tuple[int, float], list[tuple[list[int], list[int]]]]:
+    """{(length, depth): [(prompt ids, answer ids)] * trials}: :func:`needle_cases` without the needle spans."""
+    return {cell: [(c.prompt, c.answer) for c in cases]
+            for cell, cases in needle_cases(encode, lengths, depths, bos, trials, seed).items()}
 
 
 def check_answer(model: Any, prompt: list[int], answer: list[int], device: torch.device,
@@ -120,16 +144,18 @@ def check_answer(model: Any, prompt: list[int], answer: list[int], device: torch
 def run_needle_prompts(model: Any, prompts: dict[tuple[int, float], list[tuple[list[int], list[int]]]],
                        specs: list[PatternSpec], device: torch.device,
                        answer_check: str = "generate") -> list[dict[str, Any]]:
-    """One row per (pattern, length, depth): accuracy over the prompts (the same prompts for each pattern)."""
+    """One row per (pattern, length, depth): accuracy over the prompts (the same prompts for each pattern) and
+    which trials passed. ``prompts`` holds (prompt, answer) pairs or NeedleCase tuples."""
     if answer_check not in ANSWER_CHECKS:
         raise ValueError(f"answer_check must be one of {ANSWER_CHECKS}, got {answer_check!r}")
     rows = []
     for spec in specs:
         apply_pattern(model, spec)
         for (length, depth), cases in tqdm(prompts.items(), desc=f"needle {spec.label}", leave=False):
-            hits = sum(check_answer(model, p, a, device, answer_check) for p, a in cases)
-            rows.append({"pattern": spec.label, "length": length, "depth": depth, "accuracy": hits / len(cases),
-                         "trials": len(cases), "answer_check": answer_check,
+            passed = [check_answer(model, case[0], case[1], device, answer_check) for case in cases]
+            rows.append({"pattern": spec.label, "length": length, "depth": depth,
+                         "accuracy": sum(passed) / len(cases), "trials": len(cases), "passed": passed,
+                         "answer_check": answer_check,
                          "tokens": len(cases[0][0]) + len(cases[0][1]),
                          **density_summary(model.config, spec.sparsity, length)})
         done = [r for r in rows if r["pattern"] == spec.label]

@@ -273,8 +273,8 @@ def _probe_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
 
     if _recording is not None:
         layer = getattr(module, "layer_idx", None)
-        _recording.append((len(_recording) if layer is None else int(layer), query.detach().float(),
-                           key.detach().float(), kwargs.get("scaling")))
+        _recording.append((len(_recording) if layer is None else int(layer), query.detach(), key.detach(),
+                           kwargs.get("scaling")))
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -288,10 +288,10 @@ def register_probe() -> None:
 
 
 @torch.inference_mode()
-def capture_qk(model: Any, ids: torch.Tensor, device: torch.device | str = "cpu"
-               ) -> dict[int, tuple[torch.Tensor, torch.Tensor, float | None]]:
-    """{layer: (q, k, scaling)} of one forward of ``ids`` (float32 on ``device``, the CPU by default); the model's
-    attention is restored."""
+def capture_qk(model: Any, ids: torch.Tensor, device: torch.device | str = "cpu",
+               dtype: torch.dtype | None = torch.float32) -> dict[int, tuple[torch.Tensor, torch.Tensor, float | None]]:
+    """{layer: (q, k, scaling)} of one forward of ``ids`` on ``device`` (the CPU by default) in ``dtype`` (float32
+    by default; None: the model's); the model's attention is restored."""
     global _recording
     register_probe()
     previous = model.config._attn_implementation
@@ -305,7 +305,8 @@ def capture_qk(model: Any, ids: torch.Tensor, device: torch.device | str = "cpu"
         model.set_attn_implementation(previous)
     if not records:
         raise ValueError(f"{type(model).__name__} never called its attention function; cannot capture q and k")
-    return {layer: (q.to(device), k.to(device), scale) for layer, q, k, scale in records}
+    return {layer: (q.to(device, dtype or q.dtype), k.to(device, dtype or k.dtype), scale)
+            for layer, q, k, scale in records}
 
 
 def _mean(x: torch.Tensor) -> float:

@@ -62,8 +62,9 @@ CALIBRATION_DEPTHS = [0.3, 0.7]  # passkey depths of the calibration probes (the
 
 def make_tokens(path: str, needle_lengths: list[int], needle_depths: list[float], needle_trials: int) -> None:
     """The Shakespeare plays as SmolLM2 token ids: {"docs": {title: int32 tensor}, "bos": None, "heldout": N,
-    "needle": {(length, depth): [(prompt ids, answer ids)] * trials}} (``.xz``: compressed)."""
-    from hf_sparsek.eval.needle import needle_prompts
+    "needle": {(length, depth): [(prompt ids, answer ids)] * trials}, "needle_spans": {(length, depth): [(start,
+    end)] * trials}} (``.xz``: compressed)."""
+    from hf_sparsek.eval.needle import needle_cases, needle_prompts
     from hf_sparsek.eval.offline import resolve_model, shakespeare_plays
     from transformers import AutoTokenizer
 
@@ -76,11 +77,13 @@ def make_tokens(path: str, needle_lengths: list[int], needle_depths: list[float]
 
     plays = shakespeare_plays()
     docs = {title: torch.tensor(encode(text), dtype=torch.int32) for title, text in plays.items()}
-    needle = needle_prompts(encode, needle_lengths, needle_depths, None, needle_trials) if needle_trials else {}
+    cases = needle_cases(encode, needle_lengths, needle_depths, None, needle_trials) if needle_trials else {}
+    needle = {cell: [(c.prompt, c.answer) for c in rows] for cell, rows in cases.items()}
+    spans = {cell: [c.needle for c in rows] for cell, rows in cases.items()}  # for --needle-recall
     # retrieval probes for calibration (eval.sensitivity): other passkeys (seed 1) at depths the evaluation never uses
     probes = [p for rows in needle_prompts(encode, [max(needle_lengths)], CALIBRATION_DEPTHS, None, 1,
                                            seed=1).values() for p in rows]
-    save_token_file({"docs": docs, "bos": None, "heldout": HELDOUT_PLAYS, "needle": needle,
+    save_token_file({"docs": docs, "bos": None, "heldout": HELDOUT_PLAYS, "needle": needle, "needle_spans": spans,
                      "calibration_probes": probes}, path)
     print(f"wrote {len(docs)} plays, {sum(len(d) for d in docs.values())} tokens and {len(needle)} x "
           f"{needle_trials} passkey prompts to {path}")
@@ -115,8 +118,9 @@ def _assemble(parts: list[str], workdir: str) -> str:
 
 class Inputs(NamedTuple):
     """What a run evaluates: a plain checkpoint folder, documents (held-out plays last), how many are held out,
-    passkey prompts {(length, depth): [(prompt, answer)]}, the BOS id prepended to every window (None: none) and
-    the calibration probes [(prompt, answer)] (other passkeys, for eval.sensitivity)."""
+    passkey prompts {(length, depth): [(prompt, answer)]}, the BOS id prepended to every window (None: none),
+    the calibration probes [(prompt, answer)] (other passkeys, for eval.sensitivity) and the needles' spans in the
+    passkey prompts {(length, depth): [(start, end)]} (token files made before them have none)."""
 
     folder: str
     docs: list[list[int]]
@@ -124,6 +128,7 @@ class Inputs(NamedTuple):
     needle: dict
     bos: int | None
     probes: list
+    needle_spans: dict
 
 
 def _real_model(args: argparse.Namespace, workdir: str) -> Inputs:
@@ -152,7 +157,7 @@ def _real_model(args: argparse.Namespace, workdir: str) -> Inputs:
     data = load_token_file(args.tokens)
     docs = [d.tolist() for d in data["docs"].values()]
     return Inputs(folder, docs, int(data.get("heldout", HELDOUT_PLAYS)), data.get("needle") or {}, data.get("bos"),
-                  data.get("calibration_probes") or [])
+                  data.get("calibration_probes") or [], data.get("needle_spans") or {})
 
 
 def _smoke_model(workdir: str) -> Inputs:
@@ -175,7 +180,7 @@ def _smoke_model(workdir: str) -> Inputs:
     docs = [torch.randint(0, 256, (1400,), generator=gen).tolist() for _ in range(6)]
     needle = {(512, 0.5): [(torch.randint(0, 256, (510,), generator=gen).tolist(), [7, 9]) for _ in range(2)]}
     probes = [(torch.randint(0, 256, (510,), generator=gen).tolist(), [5, 3])]
-    return Inputs(folder, docs, 2, needle, None, probes)
+    return Inputs(folder, docs, 2, needle, None, probes, {(512, 0.5): [(240, 260), (100, 120)]})
 
 
 def main() -> int:
@@ -240,6 +245,12 @@ def main() -> int:
                     help="sensitivity: also write each chosen pattern as a file here (for --extra-patterns later)")
     ap.add_argument("--no-needle", action="store_true", help="skip the passkey rows")
     ap.add_argument("--no-ppl", action="store_true", help="skip the held-out perplexity rows (passkey only)")
+    ap.add_argument("--needle-length", type=int, default=None,
+                    help="run the passkey (and --needle-recall) on the token file's prompts of this length only")
+    ap.add_argument("--needle-recall", action="store_true",
+                    help="after the passkey: per layer and query head, the share of the last prompt row's dense "
+                         "attention on the needle that each pattern's prefill selection keeps (hf_sparsek.eval."
+                         "needle_recall; needs a token file with needle spans)")
     ap.add_argument("--answer-check", default="generate",
                     help="comma list of passkey checks, each 'generate' (model.generate with its cache) or "
                          "'forward' (one teacher-forced forward); see hf_sparsek.eval.needle")
@@ -280,12 +291,12 @@ def main() -> int:
     workdir = "/tmp/gpu_learned"
     t0 = time.perf_counter()
     if args.cpu_smoke:
-        folder, docs, heldout, needle, bos, probes = _smoke_model(workdir)
+        folder, docs, heldout, needle, bos, probes, needle_spans = _smoke_model(workdir)
         seq_len, train_windows, steps, ppl_tokens = 512, 4, 20, 1024
     else:
         if not args.tokens:
             raise SystemExit("--tokens is required (make it with --make-tokens on a machine with the tokenizer)")
-        folder, docs, heldout, needle, bos, probes = _real_model(args, workdir)
+        folder, docs, heldout, needle, bos, probes, needle_spans = _real_model(args, workdir)
         seq_len, train_windows, steps, ppl_tokens = args.seq_len, args.train_windows, args.steps, args.ppl_tokens
     results: dict[str, Any] = {"command": " ".join(sys.argv), "environment": environment(device, dtype),
                                "seq_len": seq_len, "load_seconds": time.perf_counter() - t0}
@@ -458,6 +469,13 @@ def main() -> int:
         save(tables)
         print(tables[-1], flush=True)
 
+    if args.needle_length is not None:
+        needle = {cell: v for cell, v in needle.items() if cell[0] == args.needle_length}
+        if not needle:
+            raise SystemExit(f"--needle-length {args.needle_length}: the token file has no passkey prompts of that "
+                             "length")
+    if args.needle_recall and any(cell not in needle_spans for cell in needle):
+        raise SystemExit("--needle-recall needs the needles' spans: remake the token file with --make-tokens")
     if needle and not args.no_needle:  # passkey: dense and every pattern of the first budget, the same prompts
         from hf_sparsek.eval.needle import run_needle_prompts
 
@@ -478,6 +496,20 @@ def main() -> int:
         tables += ["## Passkey retrieval (greedy)", report.needle_table(nrows)]
         save(tables)
         print(tables[-1], flush=True)
+        if args.needle_recall:  # where the needle is lost: the prefill selection's share of the needle's attention
+            from hf_sparsek.eval.needle_recall import needle_recall, needle_recall_table
+
+            t4 = time.perf_counter()
+            cases = {cell: [(p, a, span) for (p, a), span in zip(v, needle_spans[cell], strict=True)]
+                     for cell, v in needle.items()}
+            rspecs = [s for s in [specs[0], *first] if s.sparsity is not None
+                      and s.sparsity.default.resolved_selector != "learned"]  # a learned scorer is the model's
+            results["needle_recall"] = needle_recall(model, cases, rspecs)
+            results["needle_recall_seconds"] = time.perf_counter() - t4
+            tables += ["## Needle recall (share of the last prompt row's dense attention on the needle that the "
+                       "prefill selection keeps)", needle_recall_table(results["needle_recall"], nrows)]
+            save(tables)
+            print(tables[-1], flush=True)
     results["total_seconds"] = time.perf_counter() - t0
     save(tables)
     print(f"total {results['total_seconds']:.1f}s", flush=True)
