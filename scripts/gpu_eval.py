@@ -59,9 +59,9 @@ def _assemble(model: str, stage: list[str], workdir: str) -> str:
 def make_tokens(model: str, path: str, lengths: list[int], depths: list[float], trials: int) -> None:
     """The plays and the passkey prompts as the model's token ids (CPU, newest transformers):
     {"docs": {title: int32 tensor}, "bos": id or None, "needle": {(length, depth): [(prompt, answer)]},
-    "tokenizer_transformers": version}."""
+    "needle_spans": {(length, depth): [(start, end)]}, "tokenizer_transformers": version}."""
     import transformers
-    from hf_sparsek.eval.needle import needle_prompts
+    from hf_sparsek.eval.needle import needle_cases
     from hf_sparsek.eval.offline import resolve_model, shakespeare_plays
     from transformers import AutoTokenizer
 
@@ -72,11 +72,13 @@ def make_tokens(model: str, path: str, lengths: list[int], depths: list[float], 
 
     docs = {title: torch.tensor(encode(text), dtype=torch.int32) for title, text in shakespeare_plays().items()}
     bos = tok.bos_token_id
-    needle = needle_prompts(encode, lengths, depths, bos, trials)
+    cases = needle_cases(encode, lengths, depths, bos, trials)
+    needle = {cell: [(c.prompt, c.answer) for c in rows] for cell, rows in cases.items()}
+    spans = {cell: [c.needle for c in rows] for cell, rows in cases.items()}  # for --needle-recall
     from scripts.common import save_token_file
 
-    save_token_file({"docs": docs, "bos": bos, "needle": needle, "tokenizer_transformers": transformers.__version__},
-                    path)
+    save_token_file({"docs": docs, "bos": bos, "needle": needle, "needle_spans": spans,
+                     "tokenizer_transformers": transformers.__version__}, path)
     print(f"wrote {len(docs)} plays ({sum(len(d) for d in docs.values())} tokens) and {len(needle)} x {trials} "
           f"passkey prompts to {path}")
 
@@ -116,6 +118,12 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=131072)
     ap.add_argument("--patterns", default=None, help="JSON list of pattern arguments (see eval --patterns)")
     ap.add_argument("--needle-patterns", default=None, help="JSON list; default: --patterns ('[]': no passkey)")
+    ap.add_argument("--needle-length", type=int, default=None,
+                    help="run the passkey (and --needle-recall) on the token file's prompts of this length only")
+    ap.add_argument("--needle-recall", action="store_true",
+                    help="after the passkey: per layer and query head, the share of the last prompt row's dense "
+                         "attention on the needle that each pattern's prefill selection keeps (hf_sparsek.eval."
+                         "needle_recall; needs a token file with needle spans)")
     ap.add_argument("--isolate", default=None, help="pattern label to isolate per layer at the first context")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="cuda")
@@ -191,7 +199,14 @@ def main() -> int:
         else specs
     if nspecs:  # --needle-patterns '[]': perplexity only
         start = time.perf_counter()
-        prompts = {k: [([int(x) for x in p], [int(x) for x in a]) for p, a in v] for k, v in data["needle"].items()}
+        prompts = {k: [([int(x) for x in p], [int(x) for x in a]) for p, a in v] for k, v in data["needle"].items()
+                   if args.needle_length is None or k[0] == args.needle_length}
+        if not prompts:
+            raise SystemExit(f"--needle-length {args.needle_length}: the token file has no passkey prompts of that "
+                             "length")
+        spans = data.get("needle_spans") or {}
+        if args.needle_recall and any(cell not in spans for cell in prompts):
+            raise SystemExit("--needle-recall needs the needles' spans: remake the token file with --make-tokens")
         nrows = [r for check in answer_checks
                  for r in run_needle_prompts(model, prompts, nspecs, device, check)]
         results["needle"] = nrows
@@ -199,6 +214,18 @@ def main() -> int:
         save()
         tables += ["## Passkey retrieval", report.needle_table(nrows)]
         print(tables[-1], flush=True)
+        if args.needle_recall:  # where the needle is lost: the prefill selection's share of the needle's attention
+            from hf_sparsek.eval.needle_recall import needle_recall, needle_recall_table
+
+            start = time.perf_counter()
+            cases = {cell: [(p, a, span) for (p, a), span in zip(v, spans[cell], strict=True)]
+                     for cell, v in prompts.items()}
+            results["needle_recall"] = needle_recall(model, cases, nspecs)
+            results["needle_recall_seconds"] = time.perf_counter() - start
+            save()
+            tables += ["## Needle recall (share of the last prompt row's dense attention on the needle that the "
+                       "prefill selection keeps)", needle_recall_table(results["needle_recall"], nrows)]
+            print(tables[-1], flush=True)
 
     if args.isolate:
         spec = next(s for s in specs if s.label == args.isolate)
