@@ -1,13 +1,16 @@
-"""Refresh kept key tile features of the mass / moment selectors in one launch, deciding reuse on the device (no host
-read).
+"""Refresh kept key tile features of the mass / moment selectors, deciding reuse on the device (no host read).
 
 ``hf_sparsek.selection.store.SelectionState`` keeps per key tile ``[kmax, kmin]`` (the layout ``select_by_mass``
-reads). Each call, per (batch row, KV head), ``_refresh_kernel`` compares the key at the last position of the kept
-tiles with the kept fingerprint: equal, it pools only the tiles from the kept count on (the tile being filled, and
-any that filled since); different (a new prompt, a reordered batch), it pools every tile from 0. ``P`` programs per
-(row, head) stride over the tiles, so the common case costs a few tiles' reads, and the rare recompute still
-spreads over ``P`` programs. Then it writes the new fingerprint (into the other buffer: programs of the same row
-still read the old one). The pooling is ``kernels.selection._pool_kernel``'s for keys: same values, bit for bit.
+reads) and, as the tiles' *fingerprints*, the key at the last position of every kept tile. Each call, per (batch
+row, KV head): ``_check_kernel`` compares every kept tile's last key with its fingerprint (programs spread over
+chunks of tiles, one mismatch count per chunk; no atomics, nothing to zero); ``_refresh_kernel`` sums its row's
+counts: none, it pools only the tiles from the kept count on (the tile being filled, and any that filled since);
+some (a new prompt, a reordered batch, another conversation through the same layer), it pools every tile from 0.
+It writes the fingerprints of the final tiles it pools. ``P`` programs per (row, head) stride over the tiles, so the
+common case costs a few tiles' reads, and the rare recompute still spreads over ``P`` programs. One key per kept
+tile is compared, not one per sequence: in a model's first layer a key depends on its token and position only, so
+one equal key says little about the others. The pooling is ``kernels.selection._pool_kernel``'s for keys: same
+values, bit for bit.
 
 No transformers or hf_sparsek imports.
 """
@@ -22,15 +25,41 @@ from .selection import load_rows, tile_rows
 
 POOL_ROWS = 32  # rows of a tile loaded at once
 CHECK_PROGRAMS = 64  # programs per (row, head) when reuse is decided on the device: the recompute's parallelism
+CHECK_TILES = 64  # kept tiles' fingerprints compared per program of the check
+
+
+@triton.jit
+def _check_kernel(
+    K, FP, MISS, s_kb, s_kh, s_kl, s_kd, s_pb, s_ph, s_pn, stored, shift, length, H, D, n_chunks,
+    BLOCK: tl.constexpr, TILES: tl.constexpr, D_PAD: tl.constexpr,
+):
+    """MISS[bh, c]: how many kept tiles of chunk ``c`` have a last key other than their fingerprint."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    d = tl.arange(0, D_PAD)
+    t = c * TILES + tl.arange(0, TILES)
+    pos = (t + 1) * BLOCK - 1 - shift  # the tile's last key, local index
+    kept_tile = t < stored
+    gone = kept_tile & (pos >= length)  # a kept tile past the keys (a cropped cache): a miss
+    ok = (kept_tile & (pos < length))[:, None] & (d < D)[None, :]
+    cur = tl.load(K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh + pos.to(tl.int64)[:, None] * s_kl
+                  + d[None, :] * s_kd, mask=ok, other=0.0)
+    kept = tl.load(FP + b.to(tl.int64) * s_pb + h.to(tl.int64) * s_ph + t.to(tl.int64)[:, None] * s_pn
+                   + d[None, :], mask=ok, other=0.0)
+    miss = tl.sum(tl.sum((ok & (cur != kept)).to(tl.int32), 1), 0)  # NaN never equals: recompute
+    miss += tl.sum(gone.to(tl.int32), 0)
+    tl.store(MISS + bh.to(tl.int64) * n_chunks + c, miss)
 
 
 @triton.jit
 def _refresh_kernel(
-    K, SEG, FEAT, FP_OLD, FP_NEW, REUSED,
-    s_kb, s_kh, s_kl, s_kd, s_sb, s_fb, s_fh, s_fn, s_pb, s_ph,
-    length, shift, stored, hi, old_pos, new_pos, H, D,
+    K, SEG, FEAT, FP, MISS, REUSED,
+    s_kb, s_kh, s_kl, s_kd, s_sb, s_fb, s_fh, s_fn, s_pb, s_ph, s_pn,
+    length, shift, stored, hi, final, n_chunks, H, D,
     BLOCK: tl.constexpr, ROWS: tl.constexpr, D_PAD: tl.constexpr, HAS_SEG: tl.constexpr, CHECK: tl.constexpr,
-    WRITE_FP: tl.constexpr, LEARNED: tl.constexpr, MOMENTS: tl.constexpr,
+    LEARNED: tl.constexpr, MOMENTS: tl.constexpr, CHUNKS: tl.constexpr,
 ):
     p = tl.program_id(0)
     n_prog = tl.num_programs(0)
@@ -40,12 +69,14 @@ def _refresh_kernel(
     d = tl.arange(0, D_PAD)
     d_ok = d < D
     kbase = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
-    fp_off = b.to(tl.int64) * s_pb + h.to(tl.int64) * s_ph
+    fp_base = FP + b.to(tl.int64) * s_pb + h.to(tl.int64) * s_ph
     lo = 0
     if CHECK:
-        cur = tl.load(kbase + old_pos * s_kl + d * s_kd, mask=d_ok, other=0.0)
-        kept = tl.load(FP_OLD + fp_off + d, mask=d_ok, other=0.0)
-        same = tl.sum((cur != kept).to(tl.int32), 0) == 0  # NaN never equals: recompute
+        miss = 0
+        for c0 in range(0, n_chunks, CHUNKS):
+            cs = c0 + tl.arange(0, CHUNKS)
+            miss += tl.sum(tl.load(MISS + bh.to(tl.int64) * n_chunks + cs, mask=cs < n_chunks, other=0), 0)
+        same = miss == 0
         lo = tl.where(same, stored, 0)
         if p == 0:
             tl.store(REUSED + bh, same.to(tl.int8))
@@ -86,37 +117,38 @@ def _refresh_kernel(
         else:
             tl.store(out + d, tl.where(d_ok, top, 0.0))
             tl.store(out + D_PAD + d, tl.where(d_ok, bottom, 0.0))
-    if WRITE_FP:
-        if p == 0:
-            row = tl.load(kbase + new_pos * s_kl + d * s_kd, mask=d_ok, other=0.0)
-            tl.store(FP_NEW + fp_off + d, row, mask=d_ok)
+        if t < final:  # a kept tile: its last key is its fingerprint for the next call's check
+            last = tl.load(kbase + tl.cast((t + 1) * BLOCK - 1 - shift, tl.int64) * s_kl + d * s_kd, mask=d_ok,
+                           other=0.0)
+            tl.store(fp_base + tl.cast(t, tl.int64) * s_pn + d, last, mask=d_ok)
 
 
 def refresh_key_features(
     k: torch.Tensor,
     k_seg: torch.Tensor | None,
     features: torch.Tensor,
-    fp_old: torch.Tensor,
-    fp_new: torch.Tensor,
+    fingerprints: torch.Tensor,
     reused: torch.Tensor,
     *,
     kv_offset: int,
     block: int,
     stored: int,
     hi: int,
-    old_pos: int,
-    new_pos: int,
+    final: int,
     check: bool,
     learned: bool = False,
     moments: bool = False,
+    miss: torch.Tensor | None = None,
 ) -> None:
-    """Write tiles ``[start, hi)`` of ``features`` (B, Hkv, >= hi, 2 * D_pad) float32 from k (B, Hkv, kv_len, D),
-    ``start`` = ``stored`` where the key at local index ``old_pos`` equals ``fp_old`` (B, Hkv, D) (only with
-    ``check``), else 0, per (row, head); ``reused`` (B, Hkv) bool gets which started at ``stored``; ``fp_new``
-    (B, Hkv, D), k's dtype, gets the key at ``new_pos`` (skipped when ``new_pos`` < 0). ``k_seg`` (B, kv_len): -1
+    """Write tiles ``[start, hi)`` of ``features`` (B, Hkv, >= hi, 2 * D_pad) float32 from k (B, Hkv, kv_len, D):
+    ``start`` = ``stored`` where every kept tile's last key equals its fingerprint (``fingerprints`` (B, Hkv, >=
+    max(stored, final), D), k's dtype; only with ``check``), else 0, per (row, head); ``reused`` (B, Hkv) bool gets
+    which started at ``stored``; the fingerprints of the tiles ``[start, final)`` are written. Tiles sit on the
+    absolute grid from ``kv_offset``; tiles below ``final`` must have every key written. ``k_seg`` (B, kv_len): -1
     marks padding keys (left out), or None. ``learned``: ``features`` is (B, Hkv, >= hi, 3 D), ``[mean, max, min]``
     per tile (the learned selector's store), not the mass layout; ``moments``: ``[mean, variance]`` in the mass
-    layout's two halves (selector "moment")."""
+    layout's two halves (selector "moment"). ``miss``: int32 scratch of at least B x Hkv x ceil(stored /
+    CHECK_TILES) (allocated when None)."""
     batch, heads, length, dim = k.shape
     d_pad = max(16, 1 << max(0, (dim - 1).bit_length())) if learned else features.shape[-1] // 2
     width_ok = features.shape[-1] == 3 * dim if learned else d_pad >= dim
@@ -125,14 +157,28 @@ def refresh_key_features(
         width = f"3 D = {3 * dim}" if learned else f"2 * D_pad >= {2 * dim}"
         raise ValueError(f"features must be float32 (batch={batch}, kv_heads={heads}, >= {hi} tiles, {width}), got "
                          f"{tuple(features.shape)} {features.dtype}")
-    for name, fp in (("fp_old", fp_old), ("fp_new", fp_new)):
-        if tuple(fp.shape) != (batch, heads, dim) or fp.dtype != k.dtype or not fp.is_contiguous():
-            raise ValueError(f"{name} must be contiguous (batch, kv_heads, dim) {k.dtype}, got "
-                             f"{tuple(fp.shape)} {fp.dtype}")
+    shift = kv_offset % block
+    if not 0 <= final <= hi or (final and final * block - shift > length) or (check and stored < 1):
+        raise ValueError(f"need 0 <= final <= hi with every key of the final tiles in k, and stored >= 1 with check; "
+                         f"got final={final}, hi={hi}, stored={stored}, {length} keys from offset {kv_offset}")
+    need = max(stored if check else 0, final)
+    if (fingerprints.dim() != 4 or tuple(fingerprints.shape[:2]) != (batch, heads) or fingerprints.shape[2] < need
+            or fingerprints.shape[3] != dim or fingerprints.dtype != k.dtype or fingerprints.stride(3) != 1):
+        raise ValueError(f"fingerprints must be (batch={batch}, kv_heads={heads}, >= {need} tiles, dim={dim}) "
+                         f"{k.dtype} with a contiguous last dim, got {tuple(fingerprints.shape)} {fingerprints.dtype}")
     if tuple(reused.shape) != (batch, heads) or reused.dtype != torch.bool or not reused.is_contiguous():
         raise ValueError(f"reused must be contiguous bool (batch, kv_heads), got {tuple(reused.shape)} {reused.dtype}")
     if batch * heads == 0:
         return
+    n_chunks = triton.cdiv(stored, CHECK_TILES) if check else 1
+    if miss is None or miss.numel() < batch * heads * n_chunks or miss.dtype != torch.int32:
+        miss = torch.empty(batch * heads * n_chunks, device=k.device, dtype=torch.int32)
+    fp_strides = (fingerprints.stride(0), fingerprints.stride(1), fingerprints.stride(2))
+    if check:
+        _check_kernel[(n_chunks, batch * heads)](
+            k, fingerprints, miss, *k.stride(), *fp_strides, stored, shift, length, heads, dim, n_chunks,
+            BLOCK=block, TILES=CHECK_TILES, D_PAD=max(16, 1 << max(0, (dim - 1).bit_length())),
+        )
     start_max = hi if not check else hi - stored
     programs = max(1, hi if not check else min(hi, max(start_max, CHECK_PROGRAMS)))
     seg_arg = k_seg if k_seg is not None else features
@@ -140,9 +186,9 @@ def refresh_key_features(
     if k_seg is not None and k_seg.stride(1) != 1:
         raise ValueError("k_seg must have a contiguous sequence dimension")
     _refresh_kernel[(programs, batch * heads)](
-        k, seg_arg, features, fp_old, fp_new, reused.view(torch.int8),
-        *k.stride(), s_sb, *features.stride()[:3], fp_old.stride(0), fp_old.stride(1),
-        length, kv_offset % block, stored, hi, max(old_pos, 0), max(new_pos, 0), heads, dim,
+        k, seg_arg, features, fingerprints, miss, reused.view(torch.int8),
+        *k.stride(), s_sb, *features.stride()[:3], *fp_strides,
+        length, shift, stored, hi, final, n_chunks, heads, dim,
         BLOCK=block, ROWS=min(POOL_ROWS, block), D_PAD=d_pad, HAS_SEG=k_seg is not None, CHECK=check,
-        WRITE_FP=new_pos >= 0, LEARNED=learned, MOMENTS=moments,
+        LEARNED=learned, MOMENTS=moments, CHUNKS=64,
     )

@@ -247,6 +247,8 @@ def main() -> int:
     ap.add_argument("--no-ppl", action="store_true", help="skip the held-out perplexity rows (passkey only)")
     ap.add_argument("--needle-length", type=int, default=None,
                     help="run the passkey (and --needle-recall) on the token file's prompts of this length only")
+    ap.add_argument("--needle-depth", default=None,
+                    help="comma list: run the passkey (and --needle-recall) on the prompts of these depths only")
     ap.add_argument("--needle-recall", action="store_true",
                     help="after the passkey: per layer and query head, the share of the last prompt row's dense "
                          "attention on the needle that each pattern's prefill selection keeps (hf_sparsek.eval."
@@ -469,11 +471,13 @@ def main() -> int:
         save(tables)
         print(tables[-1], flush=True)
 
-    if args.needle_length is not None:
-        needle = {cell: v for cell, v in needle.items() if cell[0] == args.needle_length}
+    if args.needle_length is not None or args.needle_depth:
+        depths = None if not args.needle_depth else {float(x) for x in args.needle_depth.split(",")}
+        needle = {cell: v for cell, v in needle.items() if (args.needle_length is None or cell[0] == args.needle_length)
+                  and (depths is None or cell[1] in depths)}
         if not needle:
-            raise SystemExit(f"--needle-length {args.needle_length}: the token file has no passkey prompts of that "
-                             "length")
+            raise SystemExit(f"--needle-length {args.needle_length} / --needle-depth {args.needle_depth}: the token "
+                             "file has no passkey prompts there")
     if args.needle_recall and any(cell not in needle_spans for cell in needle):
         raise SystemExit("--needle-recall needs the needles' spans: remake the token file with --make-tokens")
     if needle and not args.no_needle:  # passkey: dense and every pattern of the first budget, the same prompts

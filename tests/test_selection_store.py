@@ -201,6 +201,49 @@ def test_changed_prefix_is_recomputed(backend):
     assert torch.equal(got, _scratch(k5, seg4[:, :41], 0, block))
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_another_sequence_sharing_one_tile_end_key_is_recomputed(backend):
+    """A first layer's key depends on its token and position only, so two sequences can share the key at one kept
+    tile's last position and differ elsewhere: every kept tile's last key is compared, so a decode step on another
+    sequence of the same length (another conversation through the same layer) is recomputed."""
+    block, use_triton = 16, backend == "triton"
+    k = torch.randn(2, 2, 50, 32)
+    state = SelectionState()
+    state.key_features(k[:, :, :49], None, 0, 49, 0, block, use_triton)  # 3 kept tiles: last keys at 15, 31, 47
+    other = torch.randn(2, 2, 50, 32)
+    other[:, :, 47] = k[:, :, 47]  # the last kept tile's last key shared (a single-key check would reuse)
+    other[:, :, 31] = k[:, :, 31]
+    got = state.key_features(other, None, 49, 1, 0, block, use_triton)
+    assert not state.reused.any()
+    assert torch.equal(got, _scratch(other, None, 0, block))
+    # one row shares every tile end: that row (and head) continues, the other recomputes
+    mixed = k.clone()
+    mixed[1] = torch.randn(2, 50, 32)
+    state = SelectionState()
+    state.key_features(k[:, :, :49], None, 0, 49, 0, block, use_triton)
+    got = state.key_features(mixed, None, 49, 1, 0, block, use_triton)
+    if use_triton:  # decided per (row, head) on the device
+        assert state.reused[0].all() and not state.reused[1].any()
+    assert torch.equal(got, _scratch(mixed, None, 0, block))
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_crop_then_refill_is_recomputed(backend):
+    """A cache cropped into a kept tile and refilled to the same length or longer (regenerate an answer): the call's
+    queries start inside a kept tile, so it recomputes, even when every tile's last key is unchanged."""
+    block, use_triton = 16, backend == "triton"
+    k = torch.randn(1, 2, 50, 32)
+    state = SelectionState()
+    state.key_features(k, None, 0, 50, 0, block, use_triton)  # tiles 0..2 kept
+    refilled = k.clone()
+    refilled[:, :, 40:] = torch.randn(1, 2, 10, 32)
+    refilled[:, :, 47] = k[:, :, 47]  # the tile ends unchanged
+    fresh = state.fresh_starts
+    got = state.key_features(refilled, None, 40, 10, 0, block, use_triton)
+    assert state.fresh_starts == fresh + 1
+    assert torch.equal(got, _scratch(refilled, None, 0, block))
+
+
 PATTERNS = {
     "sink-win-top2": SparsePattern(block_size=64, sink_tokens=4, window=70, topk_blocks=2),
     "win-top3-mass0.7": SparsePattern(block_size=64, window=64, topk_blocks=3, mass_threshold=0.7),
@@ -264,6 +307,62 @@ def _build_llama():
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                          attention_dropout=0.0)
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
+
+
+@torch.inference_mode()
+def test_two_conversations_through_one_model_match_each_alone():
+    """Two caches served by one model (the states are per layer, not per cache): conversation B shares A's tokens
+    only at positions 191-199, so layer 0's key at the last kept tile's end (191) is the same. A's next step after
+    B's prefill (and after B's own decode step) equals A's step run alone, and a crop-and-regenerate of A equals the
+    same cache with the states reset."""
+    import inspect
+
+    from transformers import DynamicCache
+
+    model = _build_llama()
+    hf_sparsek.set_pattern(model, SparsePattern(block_size=64, window=64, topk_blocks=1))
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # 5.25 renamed
+
+    def run(ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+        return model(ids, **{name: cache}).logits[0, -1]
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(1, 97, (1, 200), generator=gen)
+    b = torch.cat([torch.randint(1, 97, (1, 191), generator=gen), a[:, 191:]], 1)
+    nxt = torch.tensor([[5]])
+
+    def reset() -> None:
+        for state in store_module._STATES.values():
+            state.reset()
+
+    def step_on_a(interleave: str) -> torch.Tensor:
+        reset()
+        ca = DynamicCache(config=model.config)
+        run(a, ca)
+        if interleave:
+            cb = DynamicCache(config=model.config)
+            run(b, cb)
+            if interleave == "prefill+step":
+                run(nxt, cb)
+        return run(nxt, ca)
+
+    alone = step_on_a("")
+    for interleave in ("prefill", "prefill+step"):
+        torch.testing.assert_close(step_on_a(interleave), alone, rtol=0, atol=0)
+
+    def regenerate(reset_before: bool) -> torch.Tensor:
+        reset()
+        cache = DynamicCache(config=model.config)
+        run(a, cache)
+        cache.crop(-50)
+        if reset_before:
+            reset()
+        new = torch.randint(1, 97, (1, 50), generator=torch.Generator().manual_seed(1))
+        new[0, 191 - 150] = a[0, 191]  # the kept tile's last token repeated
+        run(new, cache)
+        return run(nxt, cache)
+
+    torch.testing.assert_close(regenerate(False), regenerate(True), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("cache,selector", [("dynamic", "mass"), ("static", "mass"), ("dynamic", "moment"),

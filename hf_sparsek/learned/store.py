@@ -4,21 +4,22 @@ What one layer keeps (:class:`LayerStore`):
 
 * the key features of every complete key tile (all its slots written: below the call's query end, so a static
   cache's unwritten slots never fill one), computed once when the tile fills (``[mean, max, min]``, see
-  :mod:`hf_sparsek.learned.features`), with the last key of the last stored tile as a fingerprint;
+  :mod:`hf_sparsek.learned.features`), with the last key of every stored tile as its fingerprint;
 * the mean query of the last complete query tile and the running sum of the current one, with the keys of those
   rows (which sequence they belong to).
 
 A call reuses them when it continues the same sequence: the batch and kv_offset are unchanged, the keys are at
-least as long as the stored tiles and the fingerprint matches (the stored tiles' last key is still the key at that
-position). Anything else (a new prompt, a cropped or reordered cache, a different batch) recomputes the key
-features from this call's keys. Query state (the last few, one per sequence batch the model alternates between)
+least as long as the stored tiles and the fingerprints match (every stored tile's last key is still the key at that
+position: one key per tile, since in a first layer a key depends on its token and position only). Anything else
+(a new prompt, a cropped or reordered cache, a different batch) recomputes the key features from this call's
+keys. Query state (the last few, one per sequence batch the model alternates between)
 continues a call that starts where one ended, per row, for rows whose keys at the pooled positions are the kept
 ones (a beam search's reorder, another cache); other rows read their own rows.
 Calls at kv_offset > 0 (sliding caches) never use the store.
 
-On the GPU (``use_triton``) the fingerprint is compared on the device, as the ``"mass"`` selector's store does
+On the GPU (``use_triton``) the fingerprints are compared on the device, as the ``"mass"`` selector's store does
 (``hf_sparsek.kernels.selection_store`` with ``learned=True``): per (batch row, KV head) the kernel pools only the
-tiles that filled since the last call when the fingerprint matches, every complete tile when it does not, so a decode
+tiles that filled since the last call when the fingerprints match, every complete tile when they do not, so a decode
 step reads no tensor on the host. What the host can tell from shapes (batch, heads, dtype, fewer complete tiles than
 kept) still restarts the store there; ``reused`` (B, Hkv) says on the device which rows the kernel continued.
 """
@@ -54,12 +55,13 @@ class LayerStore:
     batch: int = -1
     key_tiles: int = 0
     key_features: torch.Tensor | None = None  # (B, Hkv, key_tiles, 3 D)
-    fingerprint: torch.Tensor | None = None  # (B, Hkv, D): the last key of tile key_tiles - 1
+    fingerprint: torch.Tensor | None = None  # (B, Hkv, key_tiles, D): the last key of every stored tile
     q_states: list[QueryState] = field(default_factory=list)  # the last QUERY_STATES query states, oldest first
     recomputed: int = 0  # how many calls found the store unusable and recomputed (tests, diagnostics)
     reused: torch.Tensor | None = None  # (B, Hkv) bool on the device (Triton path): rows the last call continued
     _buffer: torch.Tensor | None = None  # Triton path: (B, Hkv, capacity, 3 D), key_features is its first tiles
-    _spare: torch.Tensor | None = None  # Triton path: the fingerprint buffer the next call writes
+    _prints: torch.Tensor | None = None  # Triton path: (B, Hkv, capacity, D), fingerprint is its first tiles
+    _miss: torch.Tensor | None = None  # Triton path: the fingerprint check's mismatch counts (scratch)
     _signature: tuple | None = None  # Triton path: what the kept tiles were made for
 
     def reset(self) -> None:
@@ -83,8 +85,8 @@ class LayerStore:
         usable = (kv_offset == 0 and self.batch == batch and self.key_features is not None
                   and self.key_tiles <= complete)
         if usable and self.key_tiles:
-            last = k[:, :, self.key_tiles * block - 1].float()
-            usable = bool(torch.equal(last, self.fingerprint))
+            ends = torch.arange(1, self.key_tiles + 1, device=k.device) * block - 1
+            usable = bool(torch.equal(k[:, :, ends].float(), self.fingerprint))
         if not usable:
             if self.key_features is not None:
                 self.recomputed += 1
@@ -96,43 +98,44 @@ class LayerStore:
             new = key_tile_features(k[:, :, lo:hi], part_valid, 0, block, use_triton)
             old = self.key_features if self.key_tiles else new[:, :, :0]
             self.key_features = torch.cat([old, new], dim=2)
+            ends = torch.arange(self.key_tiles + 1, complete + 1, device=k.device) * block - 1
+            prints = k[:, :, ends].float()
+            self.fingerprint = torch.cat([self.fingerprint, prints], dim=2) if self.key_tiles else prints
             self.key_tiles = complete
-            self.fingerprint = k[:, :, hi - 1].float().clone()
         return self.key_features
 
     def _key_features_triton(self, k: torch.Tensor, valid: torch.Tensor | None, block: int, complete: int
                              ) -> torch.Tensor:
-        """:meth:`key_features_for` with the reuse decided on the device (module docstring): one launch, no host
+        """:meth:`key_features_for` with the reuse decided on the device (module docstring): two launches, no host
         read. Kept tiles live in a buffer with 1/8 headroom, so a decode step allocates nothing."""
-        from ..kernels.selection_store import refresh_key_features
+        from ..kernels.selection_store import CHECK_TILES, refresh_key_features
 
         batch, heads, _, dim = k.shape
         signature = (batch, heads, dim, k.dtype, k.device, block, valid is not None)
         if signature != self._signature or self._buffer is None or self.key_tiles > complete:
             if self._buffer is not None:
                 self.recomputed += 1
-            self._buffer, self.key_tiles, self.fingerprint, self._signature = None, 0, None, signature
+            self._buffer, self._prints, self.key_tiles, self.fingerprint = None, None, 0, None
+            self._signature = signature
         self.batch = batch
         if self._buffer is None or self._buffer.shape[2] < complete:
-            grown = torch.zeros(batch, heads, complete + complete // 8 + 16, 3 * dim, device=k.device,
-                                dtype=torch.float32)
+            size = complete + complete // 8 + 16
+            grown = torch.zeros(batch, heads, size, 3 * dim, device=k.device, dtype=torch.float32)
+            prints = torch.zeros(batch, heads, size, dim, device=k.device, dtype=k.dtype)
             if self.key_tiles:
                 grown[:, :, : self.key_tiles] = self._buffer[:, :, : self.key_tiles]
-            self._buffer = grown
-        if self._spare is None or self._spare.shape != (batch, heads, dim) or self._spare.dtype != k.dtype:
-            self._spare = torch.empty(batch, heads, dim, device=k.device, dtype=k.dtype)
+                prints[:, :, : self.key_tiles] = self._prints[:, :, : self.key_tiles]
+            self._buffer, self._prints = grown, prints
         if self.reused is None or self.reused.shape != (batch, heads) or self.reused.device != k.device:
             self.reused = torch.zeros(batch, heads, device=k.device, dtype=torch.bool)
-        check = self.key_tiles > 0 and self.fingerprint is not None
+        chunks = max(1, -(-self.key_tiles // CHECK_TILES))
+        if self._miss is None or self._miss.numel() < batch * heads * chunks or self._miss.device != k.device:
+            self._miss = torch.empty(batch * heads * (chunks + chunks // 8 + 1), device=k.device, dtype=torch.int32)
         seg = None if valid is None else (valid.to(torch.int32) - 1).contiguous()
-        refresh_key_features(k, seg, self._buffer, self.fingerprint if check else self._spare, self._spare,
-                             self.reused, kv_offset=0, block=block, stored=self.key_tiles if check else 0,
-                             hi=complete, old_pos=self.key_tiles * block - 1 if check else 0,
-                             new_pos=complete * block - 1 if complete else -1, check=check, learned=True)
-        if complete:
-            self.fingerprint, self._spare = self._spare, (self.fingerprint if check else None)
-        else:
-            self.fingerprint = None
+        refresh_key_features(k, seg, self._buffer, self._prints, self.reused, kv_offset=0, block=block,
+                             stored=self.key_tiles, hi=complete, final=complete, check=self.key_tiles > 0,
+                             learned=True, miss=self._miss)
+        self.fingerprint = self._prints[:, :, :complete]
         self.key_tiles = complete
         self.key_features = self._buffer[:, :, :complete]
         return self.key_features

@@ -11,15 +11,17 @@ layer, kept by the caller) holds them instead:
   slots) are recomputed on every call, never kept;
 * kept tiles are reused only when the call continues the same sequence: same batch, KV heads, head dim, dtype,
   device, block size, ``kv_offset`` and padding kind, a call with cached keys (``q_offset > kv_offset``: a prefill
-  recomputes), no fewer final tiles than kept (a cropped cache recomputes), and the *fingerprint*, the key at the
-  last position of the last kept tile, unchanged per (batch row, KV head) (a new prompt or a reordered batch).
+  recomputes), no fewer final tiles than kept and no query inside a kept tile (a cropped cache, refilled or not,
+  recomputes), and the *fingerprints*, the key at the last position of every kept tile, unchanged per (batch row,
+  KV head) (a new prompt, a reordered batch, another conversation through the same layer).
 
-The fingerprint is compared on the device: the Triton path (:mod:`hf_sparsek.kernels.selection_store`) decides per
-(row, KV head) inside its kernel whether to start from the kept tiles or from tile 0, without a host read, so it
-runs in one launch and no synchronisation. The PyTorch path (CPU) reads the comparison on the host (free on CPU).
-Its limit: a cache edited inside the kept prefix with the same key at the fingerprint position goes unnoticed (call
-:meth:`SelectionState.reset` after editing a cache by hand); generate(), crops, beam reorders and new prompts are
-caught.
+One key per kept tile, not one per sequence: in a model's first layer a key depends on its token and position
+only, so another sequence with the same token at one position would pass a single-key check there. The
+fingerprints are compared on the device: the Triton path (:mod:`hf_sparsek.kernels.selection_store`) checks them
+(programs spread over the kept tiles) and then decides per (row, KV head) whether to start from the kept tiles or
+from tile 0, in two launches and without a host read. The PyTorch path (CPU) reads the comparison on the host
+(free on CPU). Its limit: a cache edited by hand inside a kept tile, leaving every tile's last key as it was, goes
+unnoticed (call :meth:`SelectionState.reset` after editing a cache by hand).
 
 The features are laid out as the Triton selection kernel reads them: (B, Hkv, tiles, 2 * D_pad) float32,
 ``[kmax, 0.., kmin, 0..]`` (selector ``"moment"``: ``[mean, 0.., variance, 0..]``) with ``D_pad = max(16, next
@@ -56,8 +58,8 @@ class SelectionState:
         self.signature: tuple | None = None
         self.features: torch.Tensor | None = None  # (B, Hkv, capacity, 2 * D_pad) float32
         self.tiles = 0  # final tiles kept, host-known from shapes only
-        self.fingerprint: torch.Tensor | None = None  # (B, Hkv, D) in k's dtype: last key of tile tiles - 1
-        self._spare: torch.Tensor | None = None  # the other fingerprint buffer (the kernel reads one, writes one)
+        self.fingerprints: torch.Tensor | None = None  # (B, Hkv, capacity, D) in k's dtype: each tile's last key
+        self._miss: torch.Tensor | None = None  # Triton path: the check's mismatch counts (scratch)
         self.reused: torch.Tensor | None = None  # (B, Hkv) bool, on the device: the last call reused kept tiles
 
     def key_features(self, k: torch.Tensor, k_seg: torch.Tensor | None, q_offset: int, q_len: int, kv_offset: int,
@@ -83,13 +85,13 @@ class SelectionState:
         final = min(hi, max(0, min(q_end, kv_offset + kv_len) // block - kb0))  # every key written
         signature = (batch, heads, dim, k.dtype, k.device, block, kv_offset, k_seg is not None, moments)
         fresh = (signature != self.signature or self.features is None or q_offset <= kv_offset
-                 or final < self.tiles)
+                 or final < self.tiles or q_offset < (kb0 + self.tiles) * block)
         if fresh:
             if self.features is not None:
                 self.fresh_starts += 1
             self.reset()
             self.signature = signature
-        self._reserve(batch, heads, n_k, feature_width(dim), k.device)
+        self._reserve(batch, heads, n_k, dim, k.dtype, k.device)
         if use_triton:
             self._refresh_triton(k, k_seg, kv_offset, block, hi, final, moments)
         else:
@@ -97,34 +99,35 @@ class SelectionState:
         self.tiles = final
         return self.features[:, :, :n_k]
 
-    def _reserve(self, batch: int, heads: int, n_k: int, d_pad: int, device: torch.device) -> None:
+    def _reserve(self, batch: int, heads: int, n_k: int, dim: int, dtype: torch.dtype, device: torch.device) -> None:
         """Room for ``n_k`` tiles and 1/8 more (kept tiles copied): a decode step allocates nothing until its keys
         grew by an eighth (at 512K keys: every 64K steps), and the headroom costs 1/8 of the features' memory."""
         have = 0 if self.features is None else self.features.shape[2]
         if have >= n_k:
             return
         size = n_k + n_k // 8 + 16
-        grown = torch.zeros(batch, heads, size, 2 * d_pad, device=device, dtype=torch.float32)
+        grown = torch.zeros(batch, heads, size, 2 * feature_width(dim), device=device, dtype=torch.float32)
+        prints = torch.zeros(batch, heads, size, dim, device=device, dtype=dtype)
         if self.tiles:
             grown[:, :, : self.tiles] = self.features[:, :, : self.tiles]
-        self.features = grown
+            prints[:, :, : self.tiles] = self.fingerprints[:, :, : self.tiles]
+        self.features, self.fingerprints = grown, prints
 
-    def _fingerprint_positions(self, kv_offset: int, block: int, final: int) -> tuple[int, int]:
-        """Local key indices of the last key of the kept tiles and of the final tiles after this call (-1: none)."""
+    @staticmethod
+    def _tile_ends(kv_offset: int, block: int, lo: int, hi: int, device: torch.device) -> torch.Tensor:
+        """Local key indices of the last key of tiles ``lo .. hi - 1`` (tiles on the absolute grid from kv_offset)."""
         kb0 = kv_offset // block
-        old = (kb0 + self.tiles) * block - 1 - kv_offset if self.tiles else -1
-        new = (kb0 + final) * block - 1 - kv_offset if final else -1
-        return old, new
+        return (kb0 + torch.arange(lo, hi, device=device) + 1) * block - 1 - kv_offset
 
     def _refresh_torch(self, k: torch.Tensor, k_seg: torch.Tensor | None, kv_offset: int, block: int, hi: int,
                        final: int, moments: bool) -> None:
         from .mass import pool_tiles
         from .moment import key_moments
 
-        old_pos, new_pos = self._fingerprint_positions(kv_offset, block, final)
         lo = 0
-        if self.tiles and self.fingerprint is not None:
-            same = (k[:, :, old_pos] == self.fingerprint).all(-1)
+        if self.tiles:
+            ends = self._tile_ends(kv_offset, block, 0, self.tiles, k.device)
+            same = (k[:, :, ends] == self.fingerprints[:, :, : self.tiles]).all(-1).all(-1)
             if bool(same.all()):  # a host read: this path runs on CPU
                 lo = self.tiles
             self.reused = same if lo else torch.zeros_like(same)
@@ -142,27 +145,22 @@ class SelectionState:
             dim, d_pad = k.shape[-1], self.features.shape[-1] // 2
             self.features[:, :, lo:hi, :dim] = first
             self.features[:, :, lo:hi, d_pad: d_pad + dim] = second
-        self.fingerprint = k[:, :, new_pos].clone() if final else None
+        if final > lo:
+            self.fingerprints[:, :, lo:final] = k[:, :, self._tile_ends(kv_offset, block, lo, final, k.device)]
 
     def _refresh_triton(self, k: torch.Tensor, k_seg: torch.Tensor | None, kv_offset: int, block: int, hi: int,
                         final: int, moments: bool) -> None:
-        from ..kernels.selection_store import refresh_key_features
+        from ..kernels.selection_store import CHECK_TILES, refresh_key_features
 
-        batch, heads, _, dim = k.shape
-        old_pos, new_pos = self._fingerprint_positions(kv_offset, block, final)
-        check = bool(self.tiles) and self.fingerprint is not None
-        if self._spare is None or self._spare.shape != (batch, heads, dim):
-            self._spare = torch.empty(batch, heads, dim, device=k.device, dtype=k.dtype)
+        batch, heads = k.shape[:2]
         if self.reused is None or self.reused.shape != (batch, heads):
             self.reused = torch.zeros(batch, heads, device=k.device, dtype=torch.bool)
-        old = self.fingerprint if check else self._spare
-        refresh_key_features(k, k_seg, self.features, old, self._spare, self.reused, kv_offset=kv_offset,
-                             block=block, stored=self.tiles if check else 0, hi=hi, old_pos=old_pos,
-                             new_pos=new_pos, check=check, moments=moments)
-        if final:
-            self.fingerprint, self._spare = self._spare, (self.fingerprint if check else None)
-        else:
-            self.fingerprint = None
+        chunks = max(1, -(-self.tiles // CHECK_TILES))
+        if self._miss is None or self._miss.numel() < batch * heads * chunks or self._miss.device != k.device:
+            self._miss = torch.empty(batch * heads * (chunks + chunks // 8 + 1), device=k.device, dtype=torch.int32)
+        refresh_key_features(k, k_seg, self.features, self.fingerprints, self.reused, kv_offset=kv_offset,
+                             block=block, stored=self.tiles, hi=hi, final=final, check=self.tiles > 0,
+                             moments=moments, miss=self._miss)
 
 
 _STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
