@@ -16,6 +16,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from hf_sparsek.cli import non_negative_int, positive_int
+from hf_sparsek.model_support import check_positions
 
 if TYPE_CHECKING:
     import torch
@@ -279,9 +280,7 @@ def cmd_ppl(args: argparse.Namespace) -> int:
                                args.cache_dir)
     encode = _encode(tok)
     docs = [encode(d) for d in docs_text]
-    max_ctx = getattr(model.config, "max_position_embeddings", None)
-    if max_ctx and max(args.contexts) > max_ctx:
-        raise ValueError(f"--contexts {max(args.contexts)} exceeds the model's maximum {max_ctx}")
+    check_positions(model.config, max(args.contexts), "--contexts")
     start = time.perf_counter()
     rows = run_ppl(model, docs, args.contexts, specs, device, bos_id(tok), args.max_tokens or None, args.stride)
     data = {**_meta(args, model, path, device, dtype, specs), "documents": len(docs),
@@ -310,6 +309,7 @@ def cmd_needle(args: argparse.Namespace) -> int:
     from .report import needle_table
 
     model, tok, device, dtype, path = _setup(args)
+    check_positions(model.config, max(args.lengths), "--lengths")
     specs = _specs(args, model, NEEDLE_PATTERNS)
     start = time.perf_counter()
     cases = needle_cases(_encode(tok), args.lengths, args.depths, bos_id(tok), args.trials, args.seed)
@@ -341,6 +341,7 @@ def cmd_selection(args: argparse.Namespace) -> int:
     from .selection_recall import recall_plot, recall_table, selection_recall
 
     model, tok, device, dtype, path = _setup(args)
+    check_positions(model.config, args.seq_len, "--seq-len")
     specs = [s for s in _specs(args, model, ["default"]) if s.sparsity is not None]
     if not specs:
         raise ValueError("selection compares sparse patterns with the oracle: pass a pattern other than 'dense'")
@@ -387,6 +388,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.density is not None and not 0.0 < args.density <= 1.0:
         raise ValueError(f"--density must be in (0, 1], got {args.density}")
     model, tok, device, dtype, path = _setup(args)
+    check_positions(model.config, args.seq_len, "--seq-len")
     ids = _windows(args, tok, device, args.windows)
     start = time.perf_counter()
     result = calibrate(model, ids, base, args.max_topk or 4 * base.topk_blocks, args.density)
@@ -410,6 +412,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         raise ValueError(f"--pattern must be sparse (sink, window or top-k), got {args.pattern!r}")
     topks = args.topks if args.topks is not None else sorted({0, base.topk_blocks or 0})
     model, tok, device, dtype, path = _setup(args)
+    check_positions(model.config, args.seq_len, "--seq-len")
     heads = kv_head_count(text_config(model))
     choices = candidate_choices(base, topks, args.window_sizes, kv_heads=heads,
                                 dense_head_choices=not args.no_dense_heads)
@@ -435,6 +438,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
     from .report import layers_table
 
     model, tok, device, dtype, path = _setup(args)
+    check_positions(model.config, args.seq_len, "--seq-len")
     specs = [s for s in _specs(args, model, ["default"]) if s.sparsity is not None]
     ids = _first_window(args, tok, device)
     results, tables = [], []

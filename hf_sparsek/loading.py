@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from .model_defaults import ATTN_IMPLEMENTATION, is_sparsek_implementation, preset_of_implementation, set_pattern
+from .model_defaults import (
+    ATTN_IMPLEMENTATION,
+    is_sparsek_implementation,
+    model_sparsity,
+    preset_of_implementation,
+    set_pattern,
+)
 from .model_support import check_model
 from .patterns import ModelSparsity, SparsePattern
 
@@ -31,11 +37,13 @@ def from_pretrained(
                          "pass one of them")
     kwargs["attn_implementation"] = implementation
     if pattern is not None and "config" not in kwargs:
-        config_kwargs = {k: kwargs[k] for k in ("revision", "trust_remote_code", "gguf_file", "cache_dir")
+        config_kwargs = {k: kwargs[k] for k in ("revision", "trust_remote_code", "gguf_file", "cache_dir", "subfolder",
+                                                "token", "local_files_only", "force_download", "proxies")
                          if k in kwargs}
         kwargs["config"] = AutoConfig.from_pretrained(name_or_path, **config_kwargs)
     if pattern is not None:
         set_pattern(kwargs["config"], pattern)
     model = model_class.from_pretrained(name_or_path, **kwargs)
     check_model(model)  # a model whose attention never reaches "sparsek" would silently stay dense
+    model_sparsity(model.config)  # the choice written into the config now: a save before any forward keeps it
     return model

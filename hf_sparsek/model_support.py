@@ -62,3 +62,21 @@ def check_model(model: Any) -> None:
             "interface, so attn_implementation='sparsek' would never run and the model would stay dense; this "
             "model type is not supported (docs/architectures.md)"
         )
+
+
+def max_positions(config: Any) -> int | None:
+    """The longest sequence the model's positions cover: ``max_position_embeddings`` of its text config (GPT-2's
+    ``n_positions`` maps to it), or None where the config names none."""
+    text = getattr(config, "get_text_config", None)
+    config = text() if callable(text) else config
+    limit = getattr(config, "max_position_embeddings", None)
+    return int(limit) if limit else None
+
+
+def check_positions(config: Any, length: int, what: str) -> None:
+    """ValueError when ``length`` tokens (named ``what`` in the message: the option that set it) exceed the model's
+    position range: learned positions fail with an index error, rotary ones run untrained positions silently."""
+    limit = max_positions(config)
+    if limit is not None and length > limit:
+        raise ValueError(f"{what}={length} is longer than the model's max_position_embeddings={limit}; use {what} <= "
+                         f"{limit} or a model (or RoPE scaling in its config) that covers the length")

@@ -169,3 +169,26 @@ def test_help_imports_neither_torch_nor_transformers():
     assert result.returncode == 0, result.stderr
     assert "usage: hf-sparsek finetune" in result.stdout and "usage: hf-sparsek eval ppl" in result.stdout
     assert result.stdout.strip().splitlines()[-1] == "HEAVY []"
+
+
+def test_eval_commands_refuse_lengths_past_the_models_positions(tmp_path, capsys, monkeypatch):
+    """Every eval command checks its length against max_position_embeddings (1024 here) before running: learned
+    positions would fail with an index error, rotary ones run untrained positions silently."""
+    from conftest import tiny_llama_with_docs
+
+    monkeypatch.delenv("HF_SPARSEK_DEBUG", raising=False)
+    model_dir, docs = tiny_llama_with_docs(tmp_path, documents=1, layers=2)
+    common = ["--model", str(model_dir), "--device", "cpu", "--no-plots", "--out", str(tmp_path / "out")]
+    base = '{"block_size": 64, "sink_tokens": 64, "window": 64, "topk_blocks": 2}'
+    for argv, flag in ((["eval", "ppl", "--data", str(docs), "--contexts", "2048"], "--contexts"),
+                       (["eval", "needle", "--lengths", "512,2048", "--patterns", "dense"], "--lengths"),
+                       (["eval", "layers", "--data", str(docs), "--seq-len", "1500"], "--seq-len"),
+                       (["eval", "selection", "--data", str(docs), "--seq-len", "1500"], "--seq-len"),
+                       (["eval", "calibrate", "--data", str(docs), "--seq-len", "1500", "--pattern", base],
+                        "--seq-len"),
+                       (["eval", "sensitivity", "--data", str(docs), "--seq-len", "1500", "--pattern", base],
+                        "--seq-len")):
+        assert main([*argv, *common]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"{flag}=" in err and "max_position_embeddings=1024" in err, (argv, err)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())

@@ -227,6 +227,24 @@ def test_one_line_loader_takes_preset_names(tmp_path):
         hf_sparsek.from_pretrained(str(tmp_path), pattern="dense", attn_implementation=f"sparsek:{PRESET}")
 
 
+def test_one_line_loader_stores_the_choice_before_any_forward(tmp_path):
+    """A save right after hf_sparsek.from_pretrained keeps the name's preset (written at load, not at the first
+    forward); a subfolder's config is the one read (not the folder root's)."""
+    build_any("llama").save_pretrained(tmp_path / "base")
+    hf_sparsek.from_pretrained(str(tmp_path / "base"), attn_implementation=f"sparsek:{PRESET}").save_pretrained(
+        tmp_path / "saved")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", attn_implementation="sparsek")
+    assert hf_sparsek.model_sparsity(reloaded.config).default == hf_sparsek.PRESETS[PRESET]
+
+    root = tmp_path / "repo"
+    build_any("llama").save_pretrained(root / "sub")
+    other = build_any("llama").config
+    other.rope_theta, other.vocab_size = 10.0, 5  # a different config at the root: must not be used
+    other.save_pretrained(root)
+    model = hf_sparsek.from_pretrained(str(root), pattern="dense", subfolder="sub")
+    assert model.config.vocab_size == build_any("llama").config.vocab_size
+
+
 # --- 6. switching and pipelines --------------------------------------------------------------------------------
 
 

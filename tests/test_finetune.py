@@ -169,11 +169,22 @@ def test_finetune_from_python_with_a_config(tiny_dir, tmp_path):
     ("lr", 0.0), ("lr", float("nan")), ("weight_decay", -0.1), ("attn", "flash"), ("dtype", "int8"),
     ("eval_also_attn", "flash"), ("data_order", "shuffled"), ("cpu", "yes"), ("merge_lora", 1), ("model", ""),
     ("pattern", 42), ("eval_pattern", ["window"]), ("lora_targets", " , "), ("resume", ""),
+    ("pattern", "no-such-preset"), ("pattern", '{"window": -1}'), ("pattern", '{"windw": 64}'),
+    ("eval_pattern", "random10"),  # without eval_also_attn="sparsek" it would apply to nothing
 ])
 def test_bad_config_field_is_a_value_error_naming_it(field, value):
     kwargs = {"model": "m", "output_dir": "o", field: value}
     with pytest.raises(ValueError, match=rf"^FinetuneConfig\.{field}=.*: expected "):
         FinetuneConfig(**kwargs)
+
+
+def test_a_pattern_for_dense_attention_is_refused_and_eval_pattern_needs_a_sparse_evaluation():
+    with pytest.raises(ValueError, match=r"^FinetuneConfig\.pattern=.*expected None with attn='sdpa'"):
+        FinetuneConfig(model="m", output_dir="o", attn="sdpa", pattern="random10")
+    with pytest.raises(ValueError, match=r"^FinetuneConfig\.eval_pattern=.*eval_also_attn is 'sdpa'"):
+        FinetuneConfig(model="m", output_dir="o", eval_also_attn="sdpa", eval_pattern="random10")
+    ok = FinetuneConfig(model="m", output_dir="o", attn="sdpa", eval_also_attn="sparsek", eval_pattern="random10")
+    assert ok.eval_pattern == "random10"
 
 
 def test_finetune_takes_only_a_config(tmp_path):
@@ -209,6 +220,9 @@ def test_clear_errors(tiny_dir, tmp_path):
         finetune(_cli_config(tiny_dir, tmp_path, "--train-only-pattern"))
     with pytest.raises(ValueError, match="longer than the model"):
         finetune(_cli_config(tiny_dir, tmp_path, "--seq-len", "4096"))
+    with pytest.raises(ValueError, match="eval_seq_len=4096 is longer than the model's max_position_embeddings"):
+        finetune(_cli_config(tiny_dir, tmp_path / "e", "--eval-seq-len", "4096"))
+    assert not (tmp_path / "e" / "metrics.json").exists()
     from transformers import ViTConfig
 
     ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(

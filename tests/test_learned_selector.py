@@ -826,3 +826,22 @@ def test_windows_start_with_the_bos_when_given():
     assert cli.config_from_args(args).bos_token_id == 2
     with pytest.raises(ValueError, match="bos_token_id"):
         DistillConfig(model="m", output_dir="o", bos_token_id=-1)
+
+
+def test_distill_command_reports_a_resumed_finished_run(monkeypatch, capsys):
+    """``distill --resume`` on a run that already reached its steps trains nothing: the summary says so (no loss)
+    instead of failing on the empty loss list."""
+    import importlib
+    import types
+
+    from hf_sparsek.cli import build_parser
+    from hf_sparsek.learned import cli as learned_cli
+
+    distill_module = importlib.import_module("hf_sparsek.learned.distill")  # the package exports the function
+
+    done = {"losses": [], "train_seconds": 0.0, "capture_seconds": 0.0}
+    monkeypatch.setattr(distill_module, "distill", lambda config: types.SimpleNamespace(metrics=done))
+    args = build_parser().parse_args(["distill", "--model", "m", "--train-data", "t.json", "--output-dir", "o",
+                                      "--resume"])
+    assert learned_cli.run(args) == 0
+    assert json.loads(capsys.readouterr().out)["final_loss"] is None

@@ -36,14 +36,11 @@ def check_model_type(config: Any) -> type:
     return cls
 
 
-def check_seq_len(config: Any, seq_len: int) -> None:
-    """ValueError when the training length exceeds the model's position range."""
-    limit = getattr(config, "max_position_embeddings", None)
-    if limit is not None and seq_len > int(limit):
-        raise ValueError(
-            f"seq_len={seq_len} is longer than the model's max_position_embeddings={limit}; use seq_len <= {limit} "
-            "or a model (or RoPE scaling in its config) that covers the length"
-        )
+def check_seq_len(config: Any, seq_len: int, what: str = "seq_len") -> None:
+    """ValueError when a training (or evaluation) length exceeds the model's position range."""
+    from ..model_support import check_positions
+
+    check_positions(config, seq_len, what)
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
 

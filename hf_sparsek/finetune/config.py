@@ -112,6 +112,12 @@ class FinetuneConfig:
             _choice("eval_also_attn", self.eval_also_attn, ATTN_CHOICES, allow_none=True)
         for name in ("pattern", "eval_pattern"):
             _pattern(name, getattr(self, name))
+        if self.pattern is not None and self.attn != "sparsek":
+            _fail("pattern", self.pattern, f"None with attn={self.attn!r} (a pattern applies to attn='sparsek' only; "
+                  "to evaluate the dense-trained weights under it, pass eval_also_attn='sparsek' and eval_pattern)")
+        if self.eval_pattern is not None and self.eval_also_attn != "sparsek":
+            _fail("eval_pattern", self.eval_pattern, "None unless eval_also_attn='sparsek' (the only evaluation it "
+                  f"applies to; eval_also_attn is {self.eval_also_attn!r})")
         for name, minimum in (("seq_len", 2), ("synthetic_docs", 1), ("max_steps", 1), ("batch_size", 1),
                               ("grad_accum", 1), ("lora_alpha", 1), ("logging_steps", 1), ("save_total_limit", 1),
                               ("heldout_docs", 0), ("eval_steps", 0), ("warmup_steps", 0), ("lora_r", 0),
@@ -161,3 +167,10 @@ def _pattern(name: str, value: Any) -> None:
 
     if value is not None and not isinstance(value, (str, dict, SparsePattern, ModelSparsity)):
         _fail(name, value, "None, a preset name, a JSON string or file, a dict, a SparsePattern or a ModelSparsity")
+    if value is not None:  # parsed now, so a typo fails before any model is loaded or step is trained
+        from hf_sparsek.model_defaults import resolve_pattern
+
+        try:
+            resolve_pattern(value)
+        except (ValueError, TypeError, OSError) as err:  # json's decode error is a ValueError
+            _fail(name, value, f"a valid pattern ({err})")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .checkpoint import copy_tokenizer, save_final, write_adapter_pattern
-from .checks import check_kernel
+from .checks import check_kernel, check_seq_len
 from .config import FinetuneConfig
 from .data import training_documents
 from .evaluation import attention, heldout_nll
@@ -60,6 +60,8 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         dtype=config.dtype, attention_dropout_zero=config.attention_dropout_zero,
         allow_reference=config.allow_reference,
     )
+    if config.eval_seq_len:
+        check_seq_len(model.config, config.eval_seq_len, "eval_seq_len")
     from hf_sparsek.learned import selector_for, uses_learned_selector
 
     learned = config.attn == "sparsek" and uses_learned_selector(model.config)

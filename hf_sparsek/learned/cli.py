@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     from .distill import distill
 
     metrics = distill(config_from_args(args)).metrics
-    summary = {"final_loss": metrics["losses"][-1], "train_seconds": metrics["train_seconds"],
+    losses = metrics["losses"]  # empty when --resume finds the run already finished
+    summary = {"final_loss": losses[-1] if losses else None, "train_seconds": metrics["train_seconds"],
                "capture_seconds": metrics["capture_seconds"]}
     if "heldout" in metrics:
         summary["heldout_coverage"] = metrics["heldout"]["coverage"]

@@ -373,6 +373,7 @@ def distill(config: DistillConfig) -> DistillResult:
     from hf_sparsek.finetune.checkpoint import copy_tokenizer
     from hf_sparsek.finetune.data import load_token_documents
     from hf_sparsek.finetune.model import resolve_model_path
+    from hf_sparsek.model_support import check_positions
 
     if not isinstance(config, DistillConfig):
         raise TypeError(f"distill() takes a DistillConfig, got {type(config).__name__}")
@@ -382,6 +383,7 @@ def distill(config: DistillConfig) -> DistillResult:
     model_path = resolve_model_path(config.model)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=TORCH_DTYPES[config.dtype],
                                                  attn_implementation="sdpa")
+    check_positions(model.config, config.seq_len, "seq_len")
     model.to(device).eval().requires_grad_(False)
     patterns, sparsity = _layer_patterns(model, config.pattern)
     block = next(iter(patterns.values())).block_size
