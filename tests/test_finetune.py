@@ -44,14 +44,15 @@ def tiny_dir(tmp_path_factory) -> str:
     return str(path)
 
 
-def _cli_config(tiny_dir: str, out: Path, *extra: str) -> FinetuneConfig:
-    """The FinetuneConfig of `hf-sparsek finetune` options: a small synthetic run on CPU, plus ``extra``."""
+def _cli_config(tiny_dir: str, out: Path, *extra: str, pattern: bool = True) -> FinetuneConfig:
+    """The FinetuneConfig of `hf-sparsek finetune` options: a small synthetic run on CPU (under ``PATTERN`` unless
+    ``pattern`` is False: a dense run), plus ``extra``."""
     parser = argparse.ArgumentParser()
     ft_cli.add_arguments(parser)
     base = ["--model", tiny_dir, "--output-dir", str(out), "--train-data", "synthetic", "--synthetic-docs", "24",
             "--heldout-docs", "3", "--seq-len", str(SEQ), "--batch-size", "2", "--lr", "5e-3", "--dtype", "fp32",
-            "--pattern", json.dumps(PATTERN.to_dict()), "--scheduler", "constant", "--max-steps", "6",
-            "--save-steps", "3", "--eval-max-windows", "6", "--cpu"]
+            *(["--pattern", json.dumps(PATTERN.to_dict())] if pattern else []), "--scheduler", "constant",
+            "--max-steps", "6", "--save-steps", "3", "--eval-max-windows", "6", "--cpu"]
     return ft_cli.config_from_args(parser.parse_args(base + list(extra)))
 
 
@@ -268,7 +269,7 @@ def test_lora_under_the_learned_selector(tiny_dir, tmp_path):
 
     # the dense reference of the same rows: --single-documents
     dense = finetune(_cli_config(tiny_dir, tmp_path / "dense", *data[:4], "--attn", "sdpa", "--single-documents",
-                                 "--max-steps", "1", "--no-eval-before"))
+                                 "--max-steps", "1", "--no-eval-before", pattern=False))
     assert (dense.metrics["rows"], dense.metrics["train_rows"]) == ("documents", 5)
 
     (tmp_path / "base" / SCORER_FILE).unlink()

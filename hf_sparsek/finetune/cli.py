@@ -89,8 +89,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
-    """The :class:`FinetuneConfig` of parsed ``finetune`` options (other attributes, such as ``func``, are ignored)."""
-    return FinetuneConfig(**{name: getattr(args, name) for name in FIELD_NAMES})
+    """The :class:`FinetuneConfig` of parsed ``finetune`` options (other attributes, such as ``func``, are ignored);
+    a field's ValueError names its option (``--eval-pattern`` for ``FinetuneConfig.eval_pattern``)."""
+    try:
+        return FinetuneConfig(**{name: getattr(args, name) for name in FIELD_NAMES})
+    except ValueError as err:
+        text = str(err)
+        for name in FIELD_NAMES:
+            prefix = f"FinetuneConfig.{name}="
+            if text.startswith(prefix):
+                raise ValueError(f"--{name.replace('_', '-')} {text[len(prefix):]}") from err
+        raise
 
 
 def run(args: argparse.Namespace) -> int:
