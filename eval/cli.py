@@ -129,6 +129,9 @@ def register(subparsers: Any) -> None:
     needle.add_argument("--recall", action="store_true",
                         help="also measure, per layer and query head, the share of the last prompt row's dense "
                              "attention on the needle that each pattern's selection keeps (where a miss is lost)")
+    needle.add_argument("--recall-activations", choices=["dense", "sparse"], default="dense",
+                        help="--recall: score each pattern on one dense forward's q and k (default), or on its own "
+                             "sparse forward's (what the sparse layers below a layer make of the prompt)")
     needle.set_defaults(func=cmd_needle)
 
     layers = sub.add_parser("layers", help="per-layer attention-output error and logit KL, pattern vs dense")
@@ -320,9 +323,10 @@ def cmd_needle(args: argparse.Namespace) -> int:
     if args.recall:
         from .needle_recall import needle_recall, needle_recall_table
 
-        data["recall"] = needle_recall(model, cases, specs)
-        markdown += ("\n\nNeedle recall: the share of the prompt's last row's dense attention on the needle that "
-                     "each pattern's prefill selection keeps\n\n" + needle_recall_table(data["recall"], rows))
+        data["recall"] = needle_recall(model, cases, specs, activations=args.recall_activations)
+        markdown += (f"\n\nNeedle recall ({args.recall_activations} activations): the share of the prompt's last "
+                     "row's attention on the needle that each pattern's prefill selection keeps\n\n"
+                     + needle_recall_table(data["recall"], rows))
     tag = f"needle_{_tag(args)}"
     _write(args, tag, data, markdown)
     if not args.no_plots:

@@ -31,6 +31,7 @@ from .modeling import PatternSpec
 from .selection_recall import _allowed_rows, capture_qk
 
 TOP_HEADS = 10  # the (layer, query head) pairs that read the needle most, summarised on their own
+ACTIVATIONS = ("dense", "sparse")  # whose q and k each pattern is scored on
 
 
 def last_row_recall(q: torch.Tensor, k: torch.Tensor, pattern: SparsePattern, needle: tuple[int, int],
@@ -73,7 +74,7 @@ def last_row_recall(q: torch.Tensor, k: torch.Tensor, pattern: SparsePattern, ne
 
 @torch.inference_mode()
 def needle_recall(model: Any, cases: Mapping[tuple[int, float], Sequence[Any]], specs: list[PatternSpec],
-                  device: torch.device | str | None = None) -> list[dict[str, Any]]:
+                  device: torch.device | str | None = None, activations: str = "dense") -> list[dict[str, Any]]:
     """One row per (pattern, length, depth, layer): per query head, the mean over trials of the dense needle mass,
     the share of it the pattern keeps (summed over trials, then divided) and the row's kept share; one summary row
     per (pattern, length, depth) with ``layer`` None: the needle mass kept over all layers and heads, over the
@@ -82,12 +83,17 @@ def needle_recall(model: Any, cases: Mapping[tuple[int, float], Sequence[Any]], 
     ``cases``: {(length, depth): [NeedleCase or (prompt, answer, (start, end))]}. Dense specs are skipped (they
     keep everything). The model's own sliding-window layers are skipped (their attention is not the causal softmax
     the pattern replaces). q and k are held on ``device`` (default: the model's) in the model's dtype, so top-k
-    selectors choose as they do in the model.
+    selectors choose as they do in the model. ``activations``: ``"dense"`` scores every pattern on one dense
+    forward's q and k (and needle mass); ``"sparse"`` on each pattern's own forward (the pattern applied to the
+    model, which keeps the last one), so a layer's choice is the one the sparse model makes from what the sparse
+    layers below it computed; the needle mass is then that row's full softmax over the same q and k.
     """
     from hf_sparsek.model_defaults import layer_kinds, resolve_layer_pattern
 
-    from .modeling import density_summary, text_config
+    from .modeling import apply_pattern, density_summary, text_config
 
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
     specs = [s for s in specs if s.sparsity is not None]
     if not specs:
         raise ValueError("needle recall measures sparse patterns: pass at least one pattern other than 'dense'")
@@ -101,13 +107,16 @@ def needle_recall(model: Any, cases: Mapping[tuple[int, float], Sequence[Any]], 
         for case in trials:
             prompt, needle = case[0], tuple(case[2])
             ids = torch.tensor([prompt], dtype=torch.long, device=param.device)
-            captured = capture_qk(model, ids, device, dtype=None)
+            dense = capture_qk(model, ids, device, dtype=None) if activations == "dense" else None
             trial = {spec.label: [0.0, 0.0] for spec in specs}
-            for layer, (q, k, scale) in sorted(captured.items()):
-                kind = kinds[layer] if layer < len(kinds) else None
-                if kind == "sliding_attention":
-                    continue
-                for spec in specs:
+            for spec in specs:
+                if dense is None:
+                    apply_pattern(model, spec)
+                captured = dense if dense is not None else capture_qk(model, ids, device, dtype=None, sparse=True)
+                for layer, (q, k, scale) in sorted(captured.items()):
+                    kind = kinds[layer] if layer < len(kinds) else None
+                    if kind == "sliding_attention":
+                        continue
                     pattern = resolve_layer_pattern(spec.sparsity, layer, kind, None)
                     got = last_row_recall(q, k, pattern, needle, scale)
                     acc = sums.setdefault((spec.label, length, depth, layer), {})
@@ -128,7 +137,7 @@ def needle_recall(model: Any, cases: Mapping[tuple[int, float], Sequence[Any]], 
                 n = acc["trials"]
                 mass, covered = acc["needle_mass"], acc["needle_covered"]
                 layer_rows.append({
-                    "pattern": spec.label, "length": length, "depth": depth, "layer": layer,
+                    "pattern": spec.label, "length": length, "depth": depth, "layer": layer, "activations": activations,
                     "kind": kinds[layer] if layer < len(kinds) else "full_attention", "trials": n,
                     "needle_mass": [float(x) for x in mass / n],
                     "needle_kept": [float(c / m) if m > 0 else 1.0 for c, m in zip(covered, mass, strict=True)],
@@ -150,6 +159,7 @@ def _summary(spec: PatternSpec, length: int, depth: float, layer_rows: list[dict
     top_mass = sum(m for m, *_ in top)
     return {
         "pattern": spec.label, "length": length, "depth": depth, "layer": None, "trials": len(trials),
+        "activations": layer_rows[0]["activations"] if layer_rows else None,
         "needle_kept": sum(m * k for m, k, *_ in heads) / total if total > 0 else 1.0,
         "top_heads": [{"layer": layer, "head": h, "needle_mass": m, "needle_kept": k} for m, k, layer, h in top],
         "top_heads_kept": sum(m * k for m, k, *_ in top) / top_mass if top_mass > 0 else 1.0,

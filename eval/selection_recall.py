@@ -28,6 +28,7 @@ from hf_sparsek.patterns import SparsePattern
 from hf_sparsek.selection.oracle import exact_tile_mass
 
 PROBE_NAME = "sparsek_probe"
+PROBE_SPARSE_NAME = "sparsek_probe_sparse"
 _ROWS_PER_CHUNK = 1 << 21  # query rows x kv_len x heads per chunk (bounds the float probabilities held at once)
 
 
@@ -266,36 +267,58 @@ def tiles_per_query_tile(index: BlockIndex) -> torch.Tensor:
 _recording: list[tuple[int, torch.Tensor, torch.Tensor, float | None]] | None = None
 
 
-def _probe_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
-    """transformers' sdpa, recording (layer, q, k, scaling) first: q and k arrive after RoPE, k with KV heads."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+def _record(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, kwargs: dict) -> None:
+    """Append (layer, q, k, scaling) to the recording in progress: q and k arrive after RoPE, k with KV heads."""
     if _recording is not None:
         layer = getattr(module, "layer_idx", None)
         _recording.append((len(_recording) if layer is None else int(layer), query.detach(), key.detach(),
                            kwargs.get("scaling")))
+
+
+def _probe_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """transformers' sdpa, recording (layer, q, k, scaling) first."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    _record(module, query, key, kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
+def _probe_sparse_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """hf_sparsek's attention (the model's stored pattern), recording (layer, q, k, scaling) first."""
+    from hf_sparsek.integration import sparsek_attention_forward
+
+    _record(module, query, key, kwargs)
+    return sparsek_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
 def register_probe() -> None:
-    """Register "sparsek_probe" (attention and mask) with transformers' public interfaces; idempotent."""
+    """Register "sparsek_probe" (sdpa) and "sparsek_probe_sparse" (hf_sparsek's attention and mask) with
+    transformers' public interfaces; idempotent."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+    from hf_sparsek.integration import sparsek_mask
+
     AttentionInterface.register(PROBE_NAME, _probe_attention)
     AttentionMaskInterface.register(PROBE_NAME, sdpa_mask)
+    AttentionInterface.register(PROBE_SPARSE_NAME, _probe_sparse_attention)
+    AttentionMaskInterface.register(PROBE_SPARSE_NAME, sparsek_mask)
 
 
 @torch.inference_mode()
 def capture_qk(model: Any, ids: torch.Tensor, device: torch.device | str = "cpu",
-               dtype: torch.dtype | None = torch.float32) -> dict[int, tuple[torch.Tensor, torch.Tensor, float | None]]:
+               dtype: torch.dtype | None = torch.float32, sparse: bool = False
+               ) -> dict[int, tuple[torch.Tensor, torch.Tensor, float | None]]:
     """{layer: (q, k, scaling)} of one forward of ``ids`` on ``device`` (the CPU by default) in ``dtype`` (float32
-    by default; None: the model's); the model's attention is restored."""
+    by default; None: the model's); the model's attention is restored. ``sparse``: the forward runs hf_sparsek's
+    attention with the model's stored pattern (``config.sparsek``), so each layer's q and k are those the sparse
+    model computes; else dense sdpa."""
     global _recording
     register_probe()
     previous = model.config._attn_implementation
-    model.set_attn_implementation(PROBE_NAME)
+    model.set_attn_implementation(PROBE_SPARSE_NAME if sparse else PROBE_NAME)
     _recording = []
     try:
         model(input_ids=ids, use_cache=False)

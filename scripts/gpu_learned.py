@@ -249,6 +249,9 @@ def main() -> int:
                     help="run the passkey (and --needle-recall) on the token file's prompts of this length only")
     ap.add_argument("--needle-depth", default=None,
                     help="comma list: run the passkey (and --needle-recall) on the prompts of these depths only")
+    ap.add_argument("--needle-recall-activations", choices=("dense", "sparse"), default="dense",
+                    help="--needle-recall: score each pattern on the dense forward's q and k, or on its own sparse "
+                         "forward's")
     ap.add_argument("--needle-recall", action="store_true",
                     help="after the passkey: per layer and query head, the share of the last prompt row's dense "
                          "attention on the needle that each pattern's prefill selection keeps (hf_sparsek.eval."
@@ -500,20 +503,23 @@ def main() -> int:
         tables += ["## Passkey retrieval (greedy)", report.needle_table(nrows)]
         save(tables)
         print(tables[-1], flush=True)
-        if args.needle_recall:  # where the needle is lost: the prefill selection's share of the needle's attention
-            from hf_sparsek.eval.needle_recall import needle_recall, needle_recall_table
+    if needle and args.needle_recall:  # where the needle is lost: the prefill selection's share of its attention
+        from hf_sparsek.eval.needle_recall import needle_recall, needle_recall_table
 
-            t4 = time.perf_counter()
-            cases = {cell: [(p, a, span) for (p, a), span in zip(v, needle_spans[cell], strict=True)]
-                     for cell, v in needle.items()}
-            rspecs = [s for s in [specs[0], *first] if s.sparsity is not None
-                      and s.sparsity.default.resolved_selector != "learned"]  # a learned scorer is the model's
-            results["needle_recall"] = needle_recall(model, cases, rspecs)
-            results["needle_recall_seconds"] = time.perf_counter() - t4
-            tables += ["## Needle recall (share of the last prompt row's dense attention on the needle that the "
-                       "prefill selection keeps)", needle_recall_table(results["needle_recall"], nrows)]
-            save(tables)
-            print(tables[-1], flush=True)
+        end = first_of_budget[1] if len(first_of_budget) > 1 else len(specs)
+        first = specs[first_of_budget[0]: end] if first_of_budget else []
+        t4 = time.perf_counter()
+        cases = {cell: [(p, a, span) for (p, a), span in zip(v, needle_spans[cell], strict=True)]
+                 for cell, v in needle.items()}
+        rspecs = [s for s in first if s.sparsity is not None
+                  and s.sparsity.default.resolved_selector != "learned"]  # a learned scorer is the model's
+        results["needle_recall"] = needle_recall(model, cases, rspecs, activations=args.needle_recall_activations)
+        results["needle_recall_seconds"] = time.perf_counter() - t4
+        tables += [f"## Needle recall (share of the last prompt row's attention on the needle that the prefill "
+                   f"selection keeps; {args.needle_recall_activations} activations)",
+                   needle_recall_table(results["needle_recall"], results.get("needle"))]
+        save(tables)
+        print(tables[-1], flush=True)
     results["total_seconds"] = time.perf_counter() - t0
     save(tables)
     print(f"total {results['total_seconds']:.1f}s", flush=True)

@@ -147,3 +147,25 @@ def test_needle_recall_on_a_model() -> None:
     assert "0.000 (1) / 0.000 (1)" in table and "| wide | 400 | 0.9 |" in table
     with pytest.raises(ValueError, match="other than 'dense'"):
         needle_recall(model, cases, specs[:1])
+
+
+def test_needle_recall_on_the_sparse_models_own_activations() -> None:
+    """activations="sparse": each pattern is scored on the q and k its own sparse forward computes. Layer 0's q and
+    k come before any attention (equal to the dense forward's); later layers' follow the sparse layers below; a
+    pattern that keeps every pair gives the dense figures everywhere."""
+    model = _tiny_llama()
+    cases = needle_cases(encode, [400], [0.2], bos=1, trials=2, seed=0)
+    window = SparsePattern(block_size=64, sink_tokens=64, window=64, min_sparse_len=0)
+    wide = SparsePattern(block_size=64, sink_tokens=0, window=512, min_sparse_len=0)
+    specs = [PatternSpec("window", ModelSparsity(default=window)), PatternSpec("wide", ModelSparsity(default=wide))]
+    dense = {(r["pattern"], r["layer"]): r for r in needle_recall(model, cases, specs)}
+    own = {(r["pattern"], r["layer"]): r for r in needle_recall(model, cases, specs, activations="sparse")}
+    assert own[("window", 1)]["activations"] == "sparse" and dense[("window", 1)]["activations"] == "dense"
+    for name in ("needle_mass", "needle_kept", "row_kept"):
+        assert own[("window", 0)][name] == pytest.approx(dense[("window", 0)][name], rel=1e-5)
+        assert own[("wide", 1)][name] == pytest.approx(dense[("wide", 1)][name], rel=1e-5)
+    moved = max(abs(a - b) for a, b in zip(own[("window", 1)]["needle_mass"], dense[("window", 1)]["needle_mass"],
+                                           strict=True))
+    assert moved > 1e-5  # layer 1 reads layer 0's sparse output (a random model: small, far above rounding)
+    with pytest.raises(ValueError, match="activations must be one of"):
+        needle_recall(model, cases, specs, activations="mixed")
