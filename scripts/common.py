@@ -80,6 +80,20 @@ def bench_ms(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> floa
     return sorted(times)[1]
 
 
+def capture_cuda_graph(call: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object]:
+    """(graph, output) of ``call`` captured in a CUDA graph after one warm-up run on a side stream; raises where the
+    call cannot be captured (it reads something on the host)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    return graph, out
+
+
 @functools.lru_cache(maxsize=1)
 def _commit() -> str:
     """The commit of the code that ran: ``HF_SPARSEK_COMMIT`` when set (a device copy or an archive has no history of

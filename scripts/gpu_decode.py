@@ -43,7 +43,7 @@ import hf_sparsek  # noqa: E402
 from hf_sparsek import SparsePattern  # noqa: E402
 from hf_sparsek.ops import build_index_for, sparse_attention  # noqa: E402
 from hf_sparsek.triton_ops import triton_block_sparse_attention  # noqa: E402
-from scripts.common import bench_ms, options, write_json  # noqa: E402
+from scripts.common import bench_ms, capture_cuda_graph, options, write_json  # noqa: E402
 
 DEVICE = "cpu" if ARGS.cpu_smoke else "cuda"
 START = time.time()
@@ -114,14 +114,7 @@ def _graph_replay(call, expected: torch.Tensor) -> dict:
     """Capture the whole call in a CUDA graph (possible only when it reads nothing on the host) and time a replay:
     the call's GPU time without the Python around it."""
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            call()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = call()
+        graph, out = capture_cuda_graph(call)
         graph.replay()
         torch.cuda.synchronize()
         return {"graph_replay_ms": bench_ms(graph.replay),

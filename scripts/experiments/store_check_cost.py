@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from hf_sparsek import SparsePattern  # noqa: E402
 from hf_sparsek.ops import sparse_attention  # noqa: E402
 from hf_sparsek.selection import SelectionState  # noqa: E402
-from scripts.common import bench_ms, write_json  # noqa: E402
+from scripts.common import bench_ms, capture_cuda_graph, write_json  # noqa: E402
 
 
 def _load(name: str, path: str, package: str, replace: tuple[str, str] | None = None) -> types.ModuleType:
@@ -68,14 +68,7 @@ def baseline_state_class() -> type:
 def graph_ms(call) -> float | str:
     """A CUDA-graph replay of ``call`` (it reads nothing on the host), in ms; the error text where capture fails."""
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            call()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            call()
+        graph, _ = capture_cuda_graph(call)
         return bench_ms(graph.replay)
     except Exception as exc:  # recorded, never silent
         return f"{type(exc).__name__}: {str(exc)[:200]}"
