@@ -481,13 +481,13 @@ def main() -> int:
         if not needle:
             raise SystemExit(f"--needle-length {args.needle_length} / --needle-depth {args.needle_depth}: the token "
                              "file has no passkey prompts there")
+    end = first_of_budget[1] if len(first_of_budget) > 1 else len(specs)
+    first = specs[first_of_budget[0]: end] if first_of_budget else []  # the first budget's rows (and extras)
     if args.needle_recall and any(cell not in needle_spans for cell in needle):
         raise SystemExit("--needle-recall needs the needles' spans: remake the token file with --make-tokens")
     if needle and not args.no_needle:  # passkey: dense and every pattern of the first budget, the same prompts
         from hf_sparsek.eval.needle import run_needle_prompts
 
-        end = first_of_budget[1] if len(first_of_budget) > 1 else len(specs)
-        first = specs[first_of_budget[0]: end] if first_of_budget else []
         nrows = []
         t3 = time.perf_counter()
         for spec in [specs[0], *first]:
@@ -506,8 +506,6 @@ def main() -> int:
     if needle and args.needle_recall:  # where the needle is lost: the prefill selection's share of its attention
         from hf_sparsek.eval.needle_recall import needle_recall, needle_recall_table
 
-        end = first_of_budget[1] if len(first_of_budget) > 1 else len(specs)
-        first = specs[first_of_budget[0]: end] if first_of_budget else []
         t4 = time.perf_counter()
         cases = {cell: [(p, a, span) for (p, a), span in zip(v, needle_spans[cell], strict=True)]
                  for cell, v in needle.items()}
