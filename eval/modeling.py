@@ -147,8 +147,9 @@ def _full_label(name: str, sparsity: ModelSparsity) -> str:
 
 
 def _short_label(sparsity: ModelSparsity, detailed: bool = False) -> str:
-    """``sink64-window1024-topk15``; ``detailed`` adds what else tells patterns apart (selector, probe stride, mass
-    threshold, block size), used where the short labels of one run would collide."""
+    """``sink64-window1024-topk15``, with the selector, probe stride, mass threshold and per-query-head choice where
+    they are not the defaults (they change what a row measures); ``detailed`` adds the block size, used where the
+    short labels of one run would collide."""
     p = sparsity.default
     parts = []
     if p.sink_tokens:
@@ -159,13 +160,13 @@ def _short_label(sparsity: ModelSparsity, detailed: bool = False) -> str:
         parts.append(f"strided{p.layout.stride}" if p.layout.kind == "strided" else f"random{p.layout.density:g}")
     if p.topk_blocks:
         parts.append(f"topk{p.topk_blocks}")
-        if detailed and p.resolved_selector != DEFAULT_SELECTOR:
+        if p.resolved_selector != DEFAULT_SELECTOR:
             parts.append(p.resolved_selector)
-        if detailed and p.probe_stride is not None:
+        if p.probe_stride is not None:
             parts.append(f"stride{p.probe_stride}")
-        if detailed and p.mass_threshold is not None:
+        if p.mass_threshold is not None:
             parts.append(f"mass{p.mass_threshold:g}")
-        if detailed and p.per_query_head:
+        if p.per_query_head:
             parts.append("perhead")
     if detailed and parts and p.block_size != SparsePattern.block_size:
         parts.append(f"b{p.block_size}")

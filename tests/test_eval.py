@@ -248,7 +248,8 @@ def test_cli_clear_error_for_missing_model(tmp_path, capsys) -> None:
 
 def test_pattern_labels_tell_selectors_strides_thresholds_and_blocks_apart() -> None:
     """Patterns that differ only in how they select (or in block size) get distinct labels, so one eval run can
-    compare them; without a clash the short label stays."""
+    compare them; a label always names a selector other than the default (a probe row never reads as a mass row),
+    the block size only where labels would clash."""
     base = {"sink_tokens": 64, "window": 1024, "topk_blocks": 15}
     names = [json.dumps(base), json.dumps({**base, "selector": "probe"}),
              json.dumps({**base, "selector": "probe", "probe_stride": 4}), json.dumps({**base, "selector": "oracle"}),
@@ -257,7 +258,10 @@ def test_pattern_labels_tell_selectors_strides_thresholds_and_blocks_apart() -> 
     assert labels == ["dense", "sink64-window1024-topk15", "sink64-window1024-topk15-probe",
                       "sink64-window1024-topk15-probe-stride4", "sink64-window1024-topk15-oracle",
                       "sink64-window1024-topk15-mass0.9", "sink64-window1024-topk15-b64"]
-    assert [s.label for s in parse_patterns([names[1]], "llama")] == ["sink64-window1024-topk15"]  # no clash
+    assert [s.label for s in parse_patterns([names[1]], "llama")] == ["sink64-window1024-topk15-probe"]  # no clash
+    assert [s.label for s in parse_patterns([names[5]], "llama")] == ["sink64-window1024-topk15"]
+    per_head = json.dumps({**base, "selector": "probe", "probe_stride": 4, "per_query_head": True})
+    assert [s.label for s in parse_patterns([per_head], "llama")] == ["sink64-window1024-topk15-probe-stride4-perhead"]
     with pytest.raises(ValueError, match="distinct"):  # "mass" named or not is the same selection
         parse_patterns([names[0], json.dumps({**base, "selector": "mass"})], "llama")
 
