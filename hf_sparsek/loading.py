@@ -45,5 +45,7 @@ def from_pretrained(
         set_pattern(kwargs["config"], pattern)
     model = model_class.from_pretrained(name_or_path, **kwargs)
     check_model(model)  # a model whose attention never reaches "sparsek" would silently stay dense
-    model_sparsity(model.config)  # the choice written into the config now: a save before any forward keeps it
+    # the choice written into the config the layers read now (a multimodal model's text config), so that a save
+    # before any forward keeps it
+    model_sparsity(getattr(model.config, "text_config", None) or model.config)
     return model
