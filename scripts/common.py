@@ -155,6 +155,22 @@ def save_token_file(data: dict, path: str) -> None:
         torch.save(data, path)
 
 
+def needle_token_entries(cases: dict) -> tuple[dict, dict]:
+    """A token file's ``"needle"`` ({(length, depth): [(prompt, answer)]}) and ``"needle_spans"`` ({(length,
+    depth): [(start, end)]}) from ``hf_sparsek.eval.needle.needle_cases``."""
+    needle = {cell: [(c.prompt, c.answer) for c in rows] for cell, rows in cases.items()}
+    spans = {cell: [c.needle for c in rows] for cell, rows in cases.items()}
+    return needle, spans
+
+
+def with_needle_spans(needle: dict, spans: dict) -> dict:
+    """{(length, depth): [(prompt, answer, (start, end))]} (``needle_recall``'s cases) from a token file's passkey
+    prompts and their spans; SystemExit where a cell has no spans (a token file made before they were kept)."""
+    if any(cell not in spans for cell in needle):
+        raise SystemExit("--needle-recall needs the needles' spans: remake the token file with --make-tokens")
+    return {cell: [(p, a, span) for (p, a), span in zip(v, spans[cell], strict=True)] for cell, v in needle.items()}
+
+
 def load_token_file(path: str) -> dict:
     """What :func:`save_token_file` wrote."""
     import io

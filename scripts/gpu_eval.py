@@ -73,9 +73,9 @@ def make_tokens(model: str, path: str, lengths: list[int], depths: list[float], 
     docs = {title: torch.tensor(encode(text), dtype=torch.int32) for title, text in shakespeare_plays().items()}
     bos = tok.bos_token_id
     cases = needle_cases(encode, lengths, depths, bos, trials)
-    needle = {cell: [(c.prompt, c.answer) for c in rows] for cell, rows in cases.items()}
-    spans = {cell: [c.needle for c in rows] for cell, rows in cases.items()}  # for --needle-recall
-    from scripts.common import save_token_file
+    from scripts.common import needle_token_entries, save_token_file
+
+    needle, spans = needle_token_entries(cases)  # spans: for --needle-recall
 
     save_token_file({"docs": docs, "bos": bos, "needle": needle, "needle_spans": spans,
                      "tokenizer_transformers": transformers.__version__}, path)
@@ -167,7 +167,7 @@ def main() -> int:
                                                  dtype=dtype, attn_implementation="sdpa").to(device).eval()
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s", flush=True)
     from hf_sparsek.model_defaults import default_key
-    from scripts.common import load_token_file, write_json
+    from scripts.common import load_token_file, with_needle_spans, write_json
 
     data = load_token_file(args.tokens)
     docs = [d.tolist() for d in data["docs"].values()]
@@ -204,9 +204,7 @@ def main() -> int:
         if not prompts:
             raise SystemExit(f"--needle-length {args.needle_length}: the token file has no passkey prompts of that "
                              "length")
-        spans = data.get("needle_spans") or {}
-        if args.needle_recall and any(cell not in spans for cell in prompts):
-            raise SystemExit("--needle-recall needs the needles' spans: remake the token file with --make-tokens")
+        cases = with_needle_spans(prompts, data.get("needle_spans") or {}) if args.needle_recall else None
         nrows = [r for check in answer_checks
                  for r in run_needle_prompts(model, prompts, nspecs, device, check)]
         results["needle"] = nrows
@@ -218,8 +216,6 @@ def main() -> int:
             from hf_sparsek.eval.needle_recall import needle_recall, needle_recall_table
 
             start = time.perf_counter()
-            cases = {cell: [(p, a, span) for (p, a), span in zip(v, spans[cell], strict=True)]
-                     for cell, v in prompts.items()}
             results["needle_recall"] = needle_recall(model, cases, nspecs)
             results["needle_recall_seconds"] = time.perf_counter() - start
             save()

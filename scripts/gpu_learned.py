@@ -68,7 +68,7 @@ def make_tokens(path: str, needle_lengths: list[int], needle_depths: list[float]
     from hf_sparsek.eval.offline import resolve_model, shakespeare_plays
     from transformers import AutoTokenizer
 
-    from scripts.common import save_token_file
+    from scripts.common import needle_token_entries, save_token_file
 
     tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
 
@@ -78,8 +78,7 @@ def make_tokens(path: str, needle_lengths: list[int], needle_depths: list[float]
     plays = shakespeare_plays()
     docs = {title: torch.tensor(encode(text), dtype=torch.int32) for title, text in plays.items()}
     cases = needle_cases(encode, needle_lengths, needle_depths, None, needle_trials) if needle_trials else {}
-    needle = {cell: [(c.prompt, c.answer) for c in rows] for cell, rows in cases.items()}
-    spans = {cell: [c.needle for c in rows] for cell, rows in cases.items()}  # for --needle-recall
+    needle, spans = needle_token_entries(cases)  # spans: for --needle-recall
     # retrieval probes for calibration (eval.sensitivity): other passkeys (seed 1) at depths the evaluation never uses
     probes = [p for rows in needle_prompts(encode, [max(needle_lengths)], CALIBRATION_DEPTHS, None, 1,
                                            seed=1).values() for p in rows]
@@ -253,9 +252,9 @@ def main() -> int:
                     help="--needle-recall: score each pattern on the dense forward's q and k, or on its own sparse "
                          "forward's")
     ap.add_argument("--needle-recall", action="store_true",
-                    help="after the passkey: per layer and query head, the share of the last prompt row's dense "
-                         "attention on the needle that each pattern's prefill selection keeps (hf_sparsek.eval."
-                         "needle_recall; needs a token file with needle spans)")
+                    help="per layer and query head, the share of the last prompt row's attention on the needle that "
+                         "each pattern's prefill selection keeps, beside the passkey (or alone with --no-needle; "
+                         "hf_sparsek.eval.needle_recall; needs a token file with needle spans)")
     ap.add_argument("--answer-check", default="generate",
                     help="comma list of passkey checks, each 'generate' (model.generate with its cache) or "
                          "'forward' (one teacher-forced forward); see hf_sparsek.eval.needle")
@@ -287,7 +286,7 @@ def main() -> int:
     import hf_sparsek
     from hf_sparsek.learned import DistillConfig, attach_selector, distill, load_selector
     from hf_sparsek.patterns import as_model_sparsity
-    from scripts.common import write_json
+    from scripts.common import with_needle_spans, write_json
 
     os.makedirs(args.out, exist_ok=True)
     on_cpu = args.cpu_smoke or args.cpu
@@ -483,8 +482,7 @@ def main() -> int:
                              "file has no passkey prompts there")
     end = first_of_budget[1] if len(first_of_budget) > 1 else len(specs)
     first = specs[first_of_budget[0]: end] if first_of_budget else []  # the first budget's rows (and extras)
-    if args.needle_recall and any(cell not in needle_spans for cell in needle):
-        raise SystemExit("--needle-recall needs the needles' spans: remake the token file with --make-tokens")
+    recall_cases = with_needle_spans(needle, needle_spans) if args.needle_recall else None
     if needle and not args.no_needle:  # passkey: dense and every pattern of the first budget, the same prompts
         from hf_sparsek.eval.needle import run_needle_prompts
 
@@ -507,11 +505,10 @@ def main() -> int:
         from hf_sparsek.eval.needle_recall import needle_recall, needle_recall_table
 
         t4 = time.perf_counter()
-        cases = {cell: [(p, a, span) for (p, a), span in zip(v, needle_spans[cell], strict=True)]
-                 for cell, v in needle.items()}
         rspecs = [s for s in first if s.sparsity is not None
                   and s.sparsity.default.resolved_selector != "learned"]  # a learned scorer is the model's
-        results["needle_recall"] = needle_recall(model, cases, rspecs, activations=args.needle_recall_activations)
+        results["needle_recall"] = needle_recall(model, recall_cases, rspecs,
+                                                 activations=args.needle_recall_activations)
         results["needle_recall_seconds"] = time.perf_counter() - t4
         tables += [f"## Needle recall (share of the last prompt row's attention on the needle that the prefill "
                    f"selection keeps; {args.needle_recall_activations} activations)",
