@@ -13,6 +13,13 @@ probabilities per key tile, averages over the tile's rows and heads and keeps a 
 (each step's tiles staged, merged ``KP`` at a time by the mass selector's ``kernels.selection.topk_merge``).
 Work: two passes of ``1 / stride`` of the dense causal scores; nothing of size (query tiles x key tiles) is written.
 
+Split over the keys: when the (query tiles, KV head) programs are too few to fill the GPU (few heads, a short call,
+a decode step) each also takes one slice of the key tiles (:func:`probe_splits`), in three launches: pass 1 per
+slice writes each row's partial (max, sum); pass 2 per slice combines them into the row's log-sum-exp, scores its
+slice and writes its top-k keys and static mass; ``_probe_merge_kernel`` merges the slices' top-k lists (a tile lies
+in one slice, so the union holds the whole call's top-k) and writes the result. Scratch: (slices x programs' rows),
+only below the fill threshold. Programs take the query tiles last to first (the causal heavy ones start first).
+
 No host synchronisation: every size comes from the shapes and the pattern. No transformers or hf_sparsek imports.
 """
 
@@ -22,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import sm_count
 from .selection import (
     FEATURE_CHUNK,
     NEG,
@@ -42,6 +50,9 @@ KEYS_PER_STEP = 64  # keys scored per step (CN key tiles of BLOCK; at least one 
 NUM_WARPS = 8  # 4 warps spill at 64 rows
 ROWS_PER_PROGRAM = 128  # sampled rows x heads sharing each key load (query tiles per program: this / rows per tile;
 # sm_90, Triton 3.6, D 128, group 4, 8 warps: no spills at 128, spills at 256)
+PROBE_PROGRAMS_PER_SM = 2  # below this many (query tiles, KV head) programs per SM the keys are split too
+MIN_TILES_PER_SPLIT = 8  # key tiles of one slice at least (each slice costs a partial per row and a merge)
+MAX_SPLITS = 64
 
 
 @triton.jit
@@ -85,10 +96,12 @@ def sampled_rows(Q, seg_ptr, s_qb, s_qh, s_ql, b, g, qb_r, slot, h_r, row_ok, q_
 
 @triton.jit
 def _probe_kernel(
-    Q, K, SEG, CNT, SINK_ONLY, OUT,
+    Q, K, SEG, CNT, SINK_ONLY, OUT, ML, PB, PS,
     s_qb, s_qh, s_ql, s_qd, s_kb, s_kh, s_kl, s_kd, s_sb, s_cb, s_ob, s_oh, s_om,
     q_len, kv_len, n_q, n_k, qb0, kb0, q_offset, q_start, kv_offset, sink, window, scale, threshold,
-    HKV: tl.constexpr, GROUP: tl.constexpr, HG_P: tl.constexpr, BM: tl.constexpr, SLOTS: tl.constexpr,
+    n_split, tiles_per_split,
+    PHASE: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, HG_P: tl.constexpr, BM: tl.constexpr,
+    SLOTS: tl.constexpr,
     STRIDE: tl.constexpr, CN: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, FC: tl.constexpr,
     TOPK: tl.constexpr, KP: tl.constexpr, KP_LOG: tl.constexpr, BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_THRESHOLD: tl.constexpr, HAS_TILE_INFO: tl.constexpr, HAS_SEG: tl.constexpr, QUERY_SEG: tl.constexpr,
@@ -96,7 +109,9 @@ def _probe_kernel(
     PER_TILE: tl.constexpr = SLOTS * HG_P
     ROWS: tl.constexpr = BM * PER_TILE
     KEYS: tl.constexpr = CN * BLOCK
-    pid_m = tl.program_id(0)
+    n_pm = tl.cdiv(n_q, BM)
+    pid_m = n_pm - 1 - tl.program_id(0) // n_split  # last query tiles first: the causal heavy programs start early
+    split = tl.program_id(0) % n_split
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
     g = pid_bh % HKV
@@ -115,18 +130,37 @@ def _probe_kernel(
     s_ptr = SINK_ONLY + b.to(tl.int64) * s_cb
     m_last = tl.minimum(pid_m * BM + BM - 1, n_q - 1)
     n_hi = tl.minimum(n_k, qb0 + m_last - kb0 + 1)  # key tiles past the program's last query tile are not causal
+    n_lo = 0
+    if PHASE != 0:  # this program's slice of the key tiles (a multiple of CN long)
+        n_lo = split * tiles_per_split
+        n_hi = tl.minimum(n_hi, n_lo + tiles_per_split)
     j = tl.arange(0, KEYS)
+    ml_ptr = ML + pid_bh.to(tl.int64) * (2 * n_split * n_pm * ROWS) + pid_m * ROWS + r  # (2, n_split, n_pm * ROWS)
 
     # pass 1: per sampled row, the log-sum-exp (base 2) of its exact scores over the causal real keys
-    m_i = tl.full([ROWS], NEG, tl.float32)
-    l_i = tl.zeros([ROWS], dtype=tl.float32)
-    for n0 in range(0, n_hi, CN):
-        x, allowed = _chunk_scores(q_ptr, k_ptr, seg_ptr, rows_ok, pos, (kb0 + n0) * BLOCK + j, kv_offset, kv_len,
-                                   scale, s_qd, s_kl, s_kd, ROWS, KEYS, D, D_PAD, FC, HAS_SEG)
-        x = tl.where(allowed, x, NEG)
-        m_new = tl.maximum(m_i, tl.max(x, 1))
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.where(allowed, tl.exp2(x - m_new[:, None]), 0.0), 1)
-        m_i = m_new
+    if PHASE != 2:
+        m_i = tl.full([ROWS], NEG, tl.float32)
+        l_i = tl.zeros([ROWS], dtype=tl.float32)
+        for n0 in range(n_lo, n_hi, CN):
+            x, allowed = _chunk_scores(q_ptr, k_ptr, seg_ptr, rows_ok, pos, (kb0 + n0) * BLOCK + j, kv_offset,
+                                       kv_len, scale, s_qd, s_kl, s_kd, ROWS, KEYS, D, D_PAD, FC, HAS_SEG)
+            x = tl.where(allowed, x, NEG)
+            m_new = tl.maximum(m_i, tl.max(x, 1))
+            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.where(allowed, tl.exp2(x - m_new[:, None]), 0.0), 1)
+            m_i = m_new
+        if PHASE == 1:  # this slice's partial (max, sum) per row; pass 2 combines the slices
+            tl.store(ml_ptr + split * (n_pm * ROWS), m_i)
+            tl.store(ml_ptr + (n_split + split) * (n_pm * ROWS), l_i)
+            return
+    else:
+        m_i = tl.full([ROWS], NEG, tl.float32)
+        l_i = tl.zeros([ROWS], dtype=tl.float32)
+        for sp in range(0, n_split):
+            m_s = tl.load(ml_ptr + sp * (n_pm * ROWS))
+            l_s = tl.load(ml_ptr + (n_split + sp) * (n_pm * ROWS))
+            m_new = tl.maximum(m_i, m_s)
+            l_i = l_i * tl.exp2(m_i - m_new) + l_s * tl.exp2(m_s - m_new)
+            m_i = m_new
     lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), 0.0)  # rows without a key: no mass
     # a tile's mass is the mean over its real sampled rows and the group's heads
     per_tile_rows = tl.sum(tl.reshape(rows_ok.to(tl.float32), [BM, PER_TILE]), 1)
@@ -146,7 +180,7 @@ def _probe_kernel(
     best = empty
     staged = empty
     static_mass = tl.zeros([BM], dtype=tl.float32)
-    for n0 in range(0, n_hi, CN):
+    for n0 in range(n_lo, n_hi, CN):
         x, allowed = _chunk_scores(q_ptr, k_ptr, seg_ptr, rows_ok, pos, (kb0 + n0) * BLOCK + j, kv_offset, kv_len,
                                    scale, s_qd, s_kl, s_kd, ROWS, KEYS, D, D_PAD, FC, HAS_SEG)
         p = tl.where(allowed, tl.exp2(x - lse[:, None]), 0.0)
@@ -166,9 +200,51 @@ def _probe_kernel(
             staged = empty
     best = topk_merge(best, staged, BM, KP, KP_LOG)
 
+    if PHASE == 2:  # this slice's sorted top-k keys and static mass; _probe_merge_kernel takes them from here
+        slot_row = (pid_bh.to(tl.int64) * n_split + split) * (n_pm * BM) + pid_m * BM + mi
+        tl.store(PB + slot_row[:, None] * KP + kk[None, :], best)
+        tl.store(PS + slot_row, static_mass)
+    else:
+        out = sorted_result(best, static_mass, threshold, KP, TOPK, HAS_THRESHOLD)
+        ptr = OUT + b.to(tl.int64) * s_ob + g.to(tl.int64) * s_oh + m.to(tl.int64)[:, None] * s_om + kk[None, :]
+        tl.store(ptr, out, mask=m_ok[:, None] & (kk[None, :] < TOPK))
+
+
+@triton.jit
+def _probe_merge_kernel(
+    PB, PS, OUT, s_ob, s_oh, s_om, n_q, n_split, threshold,
+    HKV: tl.constexpr, BM: tl.constexpr, KP: tl.constexpr, KP_LOG: tl.constexpr, TOPK: tl.constexpr,
+    HAS_THRESHOLD: tl.constexpr,
+):
+    """The slices' top-k keys (sorted) and static masses of ``BM`` query tiles merged into their tile lists."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    n_pm = tl.cdiv(n_q, BM)
+    mi = tl.arange(0, BM)
+    kk = tl.arange(0, KP)
+    best = desc_key(tl.full([BM, KP], -1.0, tl.float32), tl.full([BM, KP], -1, tl.int32))
+    static_mass = tl.zeros([BM], dtype=tl.float32)
+    for sp in range(0, n_split):
+        part = (pid_bh.to(tl.int64) * n_split + sp) * (n_pm * BM) + pid_m * BM + mi
+        best = topk_merge(best, tl.load(PB + part[:, None] * KP + kk[None, :]), BM, KP, KP_LOG)
+        static_mass += tl.load(PS + part)
     out = sorted_result(best, static_mass, threshold, KP, TOPK, HAS_THRESHOLD)
+    m = pid_m * BM + mi
+    b = pid_bh // HKV
+    g = pid_bh % HKV
     ptr = OUT + b.to(tl.int64) * s_ob + g.to(tl.int64) * s_oh + m.to(tl.int64)[:, None] * s_om + kk[None, :]
-    tl.store(ptr, out, mask=m_ok[:, None] & (kk[None, :] < TOPK))
+    tl.store(ptr, out, mask=(m < n_q)[:, None] & (kk[None, :] < TOPK))
+
+
+def probe_splits(programs: int, n_k: int, cn: int, sms: int) -> int:
+    """Key slices per (query tiles, KV head) program: 1 when ``programs`` already give ``PROBE_PROGRAMS_PER_SM``
+    per SM, else enough slices for that many (at least ``MIN_TILES_PER_SPLIT`` key tiles each, at most
+    ``MAX_SPLITS``). ``n_k`` key tiles, scored ``cn`` per step."""
+    target = PROBE_PROGRAMS_PER_SM * sms
+    if programs >= target:
+        return 1
+    want = -(-target // programs)
+    return max(1, min(want, MAX_SPLITS, n_k // max(MIN_TILES_PER_SPLIT, cn)))
 
 
 def select_by_probe(
@@ -188,18 +264,23 @@ def select_by_probe(
     scale: float,
     stride: int,
     rows_per_program: int = ROWS_PER_PROGRAM,
+    splits: int | None = None,
 ) -> torch.Tensor:
     """(B, Hkv, n_q_tiles, topk) int32 key tiles (relative to ``kv_offset // block``, -1 = none) per query tile.
 
     Arguments as ``kernels.selection.select_by_mass``; ``stride``: one sampled row per ``stride`` positions (a
     power of two dividing ``block``). ``rows_per_program``: how many (sampled row, head) pairs of consecutive query
-    tiles share one pass over the keys (more: fewer key reads, more registers; at least 16 for ``tl.dot``)."""
+    tiles share one pass over the keys at most (more: fewer key reads, more registers; at least 16 for ``tl.dot``;
+    a call with fewer query tiles takes fewer). ``splits``: key slices per program (None: :func:`probe_splits` from
+    the device's SMs; 1: one fused launch); the tiles do not depend on it, ties aside."""
     batch, hq, q_len, dim = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     if stride < 1 or stride & (stride - 1) or block % stride:
         raise ValueError(f"the probe kernel samples one row per stride: a power of two dividing block={block}, got "
                          f"stride={stride}")
     check_rows_per_program(rows_per_program)
+    if splits is not None and (not isinstance(splits, int) or splits < 1):
+        raise ValueError(f"splits must be a positive int or None, got {splits!r}")
     n_q, n_k, out, count, sink_flag, has_info = prepare_call(q, k, key_count, sink_only, block, q_offset, kv_offset,
                                                              topk)
     if out.numel() == 0:
@@ -209,18 +290,40 @@ def select_by_probe(
     group = hq // hkv
     hg_p = _next_pow2(group)
     slots = block // stride
-    bm = max(1, rows_per_program // (slots * hg_p))
+    per_tile = slots * hg_p
+    bm = max(1, rows_per_program // per_tile)
+    bm = max(min(bm, _next_pow2(n_q)), _next_pow2(-(-ROWS_MIN // per_tile)))  # short calls: fewer, >= 16 rows
     d_pad = max(16, _next_pow2(dim))
     cn = max(1, KEYS_PER_STEP // block)
     kept = max(cn, ROWS_MIN, _next_pow2(topk))  # keys of the running top-k: a power of two
-    _probe_kernel[(triton.cdiv(n_q, bm), batch * hkv)](
-        q, k, seg, count, sink_flag, out, *q.stride(), *k.stride(), seg.stride(0) if k_seg is not None else 0,
-        count.stride(0) if has_info else 0, *out.stride()[:3],
-        q_len, kv_len, n_q, n_k, q_offset // block, kv_offset // block, q_offset, max(q_start, 0), kv_offset, sink,
-        window or 0, scale, threshold if threshold is not None else 0.0,
-        HKV=hkv, GROUP=group, HG_P=hg_p, BM=bm, SLOTS=slots, STRIDE=stride, CN=cn, D=dim, D_PAD=d_pad,
-        FC=min(FEATURE_CHUNK, d_pad), TOPK=topk, KP=kept, KP_LOG=kept.bit_length() - 1, BLOCK=block,
-        HAS_WINDOW=window is not None, HAS_THRESHOLD=threshold is not None, HAS_TILE_INFO=has_info,
-        HAS_SEG=k_seg is not None, QUERY_SEG=k_seg is not None and q_start >= 0, num_warps=NUM_WARPS,
-    )
+    n_pm = triton.cdiv(n_q, bm)
+    if splits is None:
+        splits = probe_splits(n_pm * batch * hkv, n_k, cn, sm_count(q.device))
+    per_split = cn * triton.cdiv(triton.cdiv(n_k, min(splits, n_k)), cn)  # key tiles per slice, whole steps
+    splits = triton.cdiv(n_k, per_split)
+    if splits > 1:
+        rows = n_pm * bm * per_tile
+        ml = torch.empty(batch * hkv, 2, splits, rows, device=q.device, dtype=torch.float32)
+        pb = torch.empty(batch * hkv, splits, n_pm * bm, kept, device=q.device, dtype=torch.int64)
+        ps = torch.empty(batch * hkv, splits, n_pm * bm, device=q.device, dtype=torch.float32)
+    else:
+        ml = pb = ps = out  # unread
+    args = (q, k, seg, count, sink_flag, out, ml, pb, ps, *q.stride(), *k.stride(),
+            seg.stride(0) if k_seg is not None else 0, count.stride(0) if has_info else 0, *out.stride()[:3],
+            q_len, kv_len, n_q, n_k, q_offset // block, kv_offset // block, q_offset, max(q_start, 0), kv_offset,
+            sink, window or 0, scale, threshold if threshold is not None else 0.0, splits, per_split)
+    meta = dict(HKV=hkv, GROUP=group, HG_P=hg_p, BM=bm, SLOTS=slots, STRIDE=stride, CN=cn, D=dim, D_PAD=d_pad,
+                FC=min(FEATURE_CHUNK, d_pad), TOPK=topk, KP=kept, KP_LOG=kept.bit_length() - 1, BLOCK=block,
+                HAS_WINDOW=window is not None, HAS_THRESHOLD=threshold is not None, HAS_TILE_INFO=has_info,
+                HAS_SEG=k_seg is not None, QUERY_SEG=k_seg is not None and q_start >= 0, num_warps=NUM_WARPS)
+    grid = (n_pm * splits, batch * hkv)
+    if splits == 1:
+        _probe_kernel[grid](*args, PHASE=0, **meta)
+        return out
+    _probe_kernel[grid](*args, PHASE=1, **meta)
+    _probe_kernel[grid](*args, PHASE=2, **meta)
+    _probe_merge_kernel[(n_pm, batch * hkv)](
+        pb, ps, out, *out.stride()[:3], n_q, splits, threshold if threshold is not None else 0.0,
+        HKV=hkv, BM=bm, KP=kept, KP_LOG=kept.bit_length() - 1, TOPK=topk, HAS_THRESHOLD=threshold is not None,
+        num_warps=4)
     return out

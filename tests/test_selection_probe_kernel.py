@@ -4,14 +4,18 @@ and flat attention, and a planted key."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import triton_interpreter
+from hf_sparsek.kernels.probe import probe_splits, select_by_probe
 from test_selection import CASES, PATTERNS, _case_id, _check_same_selection, _inputs
 from test_selection_oracle import _slow_oracle_selection
 
 from hf_sparsek import SparsePattern
 from hf_sparsek.selection import select_probe
+from hf_sparsek.selection.tiles import key_tile_info
 
 
 @pytest.fixture(autouse=True)
@@ -20,15 +24,30 @@ def interpret():
         yield
 
 
-def _same(q, k, pattern, q_offset, kv_offset, k_seg, stride=16):
+def _same_as_definition(got, q, k, pattern, q_offset, kv_offset, k_seg, stride):
     want = select_probe(q, k, pattern, q_offset, kv_offset, k_seg, stride=stride, backend="torch")
-    got = select_probe(q, k, pattern, q_offset, kv_offset, k_seg, stride=stride, backend="triton")
     assert got.shape == want.shape and got.dtype == want.dtype
     if not torch.equal(got, want):  # ties may order or pick differently: compare the masses chosen
         rows = lambda t, q_len: (q_offset + t) % stride == stride - 1 or t == q_len - 1  # noqa: E731
         _check_same_selection(got, _slow_oracle_selection(q, k, pattern, q_offset, kv_offset, k_seg, rows),
                               tol=1e-5)
     return got
+
+
+def _same(q, k, pattern, q_offset, kv_offset, k_seg, stride=16):
+    got = select_probe(q, k, pattern, q_offset, kv_offset, k_seg, stride=stride, backend="triton")
+    return _same_as_definition(got, q, k, pattern, q_offset, kv_offset, k_seg, stride)
+
+
+def _kernel(q, k, pattern, q_offset, kv_offset, k_seg, stride, **kw):
+    """``select_by_probe`` called directly (splits / rows per program forced), as ``select_probe`` calls it."""
+    count = sink_only = None
+    if k_seg is not None:
+        count, sink_only = key_tile_info(k.shape[2], kv_offset, k_seg, pattern, q.shape[0], q.device)
+    return select_by_probe(q, k, k_seg, count, sink_only, block=pattern.block_size, q_offset=q_offset,
+                           kv_offset=kv_offset, sink=pattern.sink_tokens, topk=pattern.topk_blocks,
+                           window=pattern.window, threshold=pattern.mass_threshold,
+                           scale=1.0 / math.sqrt(q.shape[-1]), stride=stride, **kw)
 
 
 KERNEL_CASES = CASES + [
@@ -91,3 +110,49 @@ def test_probe_kernel_refuses_a_stride_it_cannot_sample():
         select_probe(q, k, pattern, q_offset, kv_offset, k_seg, backend="cuda")
     # auto on a CPU tensor: the PyTorch definition, any stride
     assert select_probe(q, k, pattern, q_offset, kv_offset, k_seg, stride=12).shape[-1] == 3
+
+
+SPLIT_CASES = [
+    ((2, 8, 2, 129, 900, 64, 771, 0, True), "sink64-win64-top3", 4, 3),  # chunked prefill, padding, group 4
+    ((1, 4, 1, 1, 1500, 128, None, 0, False), "win100-top2-mass0.6", 16, 5),  # decode, MQA, the threshold mode
+    ((2, 6, 2, 4, 700, 64, 696, 0, True), "sink5-top4-block128", 16, 2),  # q_len 4, group 3, padding
+    ((1, 2, 2, 300, 1100, 256, None, 37, False), "sink64-win64-top3", 8, 7),  # offset keys, D 256, uneven slices
+]
+
+
+@pytest.mark.parametrize("case,name,stride,splits", SPLIT_CASES,
+                         ids=[f"{_case_id(c)}-{n}-s{st}-x{sp}" for c, n, st, sp in SPLIT_CASES])
+def test_probe_kernel_split_over_keys_matches_definition(case, name, stride, splits):
+    """Key slices (pass 1 partials, pass 2 per slice, merged top-k) give the definition's tiles, and the fused
+    launch's, whatever the slice count; fewer query tiles per program too."""
+    q, k, q_offset, kv_offset, k_seg = _inputs(case, seed=21)
+    pattern = PATTERNS[name]
+    fused = _kernel(q, k, pattern, q_offset, kv_offset, k_seg, stride, splits=1)
+    split = _kernel(q, k, pattern, q_offset, kv_offset, k_seg, stride, splits=splits, rows_per_program=16)
+    _same_as_definition(split, q, k, pattern, q_offset, kv_offset, k_seg, stride)
+    _same_as_definition(fused, q, k, pattern, q_offset, kv_offset, k_seg, stride)
+    assert (split >= 0).any()
+
+
+def test_probe_kernel_split_keeps_a_planted_key_in_a_late_slice():
+    """The planted key's tile lies in the last of 5 slices; the other slices' lists are full of weaker tiles."""
+    gen = torch.Generator().manual_seed(22)
+    q = 0.1 * torch.randn(1, 4, 64, 64, generator=gen)
+    k = 0.1 * torch.randn(1, 2, 1280, 64, generator=gen)
+    u = torch.randn(64, generator=gen)
+    q[:, :, :] += 6.0 * u / u.norm()
+    k[:, :, 1100] += 6.0 * u / u.norm()
+    pattern = SparsePattern(block_size=64, sink_tokens=64, window=64, topk_blocks=2, selector="probe")
+    tiles = _kernel(q, k, pattern, 1216, 0, None, 16, splits=5)
+    assert tiles[0, :, -1, 0].tolist() == [17, 17]
+
+
+def test_probe_splits_rule():
+    assert probe_splits(programs=300, n_k=512, cn=1, sms=132) == 1  # enough programs already
+    assert probe_splits(programs=32, n_k=256, cn=1, sms=132) == 9  # Gemma 3 per query head at 16K: 288 programs
+    assert probe_splits(programs=1, n_k=128, cn=1, sms=132) == 16  # a decode step: slices of 8 key tiles at least
+    assert probe_splits(programs=1, n_k=4096, cn=1, sms=132) == 64  # at most 64 slices
+    assert probe_splits(programs=1, n_k=3, cn=1, sms=132) == 1
+    with pytest.raises(ValueError, match="splits"):
+        q, k, q_offset, kv_offset, k_seg = _inputs(CASES[0], seed=23)
+        _kernel(q, k, PATTERNS["sink64-win64-top3"], q_offset, kv_offset, k_seg, 16, splits=0)
