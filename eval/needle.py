@@ -81,14 +81,30 @@ def parse_answer_checks(text: str) -> list[str]:
     return checks
 
 
+def _leading_matches(got: list[int], answer: list[int]) -> int:
+    """How many of ``answer``'s tokens ``got`` reproduces before the first wrong one."""
+    n = 0
+    for a, b in zip(got, answer, strict=False):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
 @torch.inference_mode()
-def greedy_generates(model: Any, prompt: list[int], answer: list[int], device: torch.device) -> bool:
-    """True when ``model.generate`` (greedy, with its default cache) emits ``answer`` right after ``prompt``."""
+def generated_prefix(model: Any, prompt: list[int], answer: list[int], device: torch.device) -> int:
+    """How many leading tokens of ``answer`` ``model.generate`` (greedy, with its default cache) emits right after
+    ``prompt``: 0 = the first answer token (the prompt's last row) is already wrong; ``len(answer)`` = a pass."""
     ids = torch.tensor([prompt], dtype=torch.long, device=device)
     n = len(answer)
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
                          top_p=None, top_k=None, temperature=None, pad_token_id=_pad_id(model))
-    return out[0, len(prompt):].cpu().tolist() == list(answer)
+    return _leading_matches(out[0, len(prompt):].cpu().tolist(), list(answer))
+
+
+def greedy_generates(model: Any, prompt: list[int], answer: list[int], device: torch.device) -> bool:
+    """True when ``model.generate`` (greedy, with its default cache) emits ``answer`` right after ``prompt``."""
+    return generated_prefix(model, prompt, answer, device) == len(answer)
 
 
 def _pad_id(model: Any) -> int:
@@ -103,12 +119,18 @@ def _pad_id(model: Any) -> int:
 
 
 @torch.inference_mode()
-def greedy_matches(model: Any, prompt: list[int], answer: list[int], device: torch.device) -> bool:
-    """True when greedy decoding after ``prompt`` emits ``answer`` (one teacher-forced forward, last logits only)."""
+def matched_prefix(model: Any, prompt: list[int], answer: list[int], device: torch.device) -> int:
+    """How many leading tokens of ``answer`` greedy decoding after ``prompt`` gets right, teacher-forced (one forward
+    over prompt + answer, last logits only)."""
     ids = torch.tensor([prompt + answer], dtype=torch.long, device=device)
     n = len(answer)
     logits = model(input_ids=ids, use_cache=False, logits_to_keep=n + 1).logits[0, :n]
-    return bool((logits.argmax(-1).cpu() == torch.tensor(answer)).all())
+    return _leading_matches(logits.argmax(-1).cpu().tolist(), list(answer))
+
+
+def greedy_matches(model: Any, prompt: list[int], answer: list[int], device: torch.device) -> bool:
+    """True when greedy decoding after ``prompt`` emits ``answer`` (one teacher-forced forward, last logits only)."""
+    return matched_prefix(model, prompt, answer, device) == len(answer)
 
 
 def needle_cases(encode: Callable[[str], list[int]], lengths: list[int], depths: list[float], bos: int | None,
@@ -131,30 +153,41 @@ def needle_prompts(encode: Callable[[str], list[int]], lengths: list[int], depth
             for cell, cases in needle_cases(encode, lengths, depths, bos, trials, seed).items()}
 
 
+def answer_prefix(model: Any, prompt: list[int], answer: list[int], device: torch.device,
+                  answer_check: str = "generate") -> int:
+    """One trial by ``answer_check`` (one of ``ANSWER_CHECKS``; see the module docstring): how many leading answer
+    tokens come out right (all of them: a pass)."""
+    if answer_check == "generate":
+        return generated_prefix(model, prompt, answer, device)
+    if answer_check == "forward":
+        return matched_prefix(model, prompt, answer, device)
+    raise ValueError(f"answer_check must be one of {ANSWER_CHECKS}, got {answer_check!r}")
+
+
 def check_answer(model: Any, prompt: list[int], answer: list[int], device: torch.device,
                  answer_check: str = "generate") -> bool:
-    """One trial by ``answer_check`` (one of ``ANSWER_CHECKS``; see the module docstring)."""
-    if answer_check == "generate":
-        return greedy_generates(model, prompt, answer, device)
-    if answer_check == "forward":
-        return greedy_matches(model, prompt, answer, device)
-    raise ValueError(f"answer_check must be one of {ANSWER_CHECKS}, got {answer_check!r}")
+    """One trial by ``answer_check``: True when every answer token comes out right."""
+    return answer_prefix(model, prompt, answer, device, answer_check) == len(answer)
 
 
 def run_needle_prompts(model: Any, prompts: dict[tuple[int, float], list[tuple[list[int], list[int]]]],
                        specs: list[PatternSpec], device: torch.device,
                        answer_check: str = "generate") -> list[dict[str, Any]]:
-    """One row per (pattern, length, depth): accuracy over the prompts (the same prompts for each pattern) and
-    which trials passed. ``prompts`` holds (prompt, answer) pairs or NeedleCase tuples."""
+    """One row per (pattern, length, depth): accuracy over the prompts (the same prompts for each pattern), which
+    trials passed and, per trial, how many leading answer tokens came out right (``correct_prefix``: 0 = the
+    prompt's last row already chose wrong; more = a later step lost it). ``prompts`` holds (prompt, answer) pairs
+    or NeedleCase tuples."""
     if answer_check not in ANSWER_CHECKS:
         raise ValueError(f"answer_check must be one of {ANSWER_CHECKS}, got {answer_check!r}")
     rows = []
     for spec in specs:
         apply_pattern(model, spec)
         for (length, depth), cases in tqdm(prompts.items(), desc=f"needle {spec.label}", leave=False):
-            passed = [check_answer(model, case[0], case[1], device, answer_check) for case in cases]
+            prefix = [answer_prefix(model, case[0], case[1], device, answer_check) for case in cases]
+            passed = [p == len(case[1]) for p, case in zip(prefix, cases, strict=True)]
             rows.append({"pattern": spec.label, "length": length, "depth": depth,
                          "accuracy": sum(passed) / len(cases), "trials": len(cases), "passed": passed,
+                         "correct_prefix": prefix, "answer_tokens": len(cases[0][1]),
                          "answer_check": answer_check,
                          "tokens": len(cases[0][0]) + len(cases[0][1]),
                          **density_summary(model.config, spec.sparsity, length)})

@@ -24,8 +24,20 @@ def ppl_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _needle_cell(row: dict[str, Any] | None) -> str:
+    """A depth's accuracy and, where the row records it, the share of trials whose first answer token was right."""
+    if row is None:
+        return "n/a"
+    text = f"{row['accuracy']:.2f}"
+    prefix = row.get("correct_prefix")
+    if prefix:
+        text += f" (first {sum(p >= 1 for p in prefix) / len(prefix):.2f})"
+    return text
+
+
 def needle_table(rows: list[dict[str, Any]]) -> str:
-    """One row per (pattern, answer check, length), one column per depth: accuracy."""
+    """One row per (pattern, answer check, length), one column per depth: accuracy (and, in brackets, the share of
+    trials whose first answer token, chosen by the prompt's last row, was right)."""
     depths = sorted({r["depth"] for r in rows})
     head = "| pattern | check | length | density | " + " | ".join(f"depth {d:g}" for d in depths) + " |"
     lines = [head, "|---|---|---:|---:|" + "---:|" * len(depths)]
@@ -38,7 +50,7 @@ def needle_table(rows: list[dict[str, Any]]) -> str:
         cells = {r["depth"]: r for r in rows if (r["pattern"], r.get("answer_check", "forward"), r["length"])
                  == (pattern, check, length)}
         first = next(iter(cells.values()))
-        vals = " | ".join(_fmt(cells[d]["accuracy"] if d in cells else None, ".2f") for d in depths)
+        vals = " | ".join(_needle_cell(cells.get(d)) for d in depths)
         lines.append(f"| {pattern} | {check} | {length} | {first['density']:.3f} | {vals} |")
     return "\n".join(lines)
 

@@ -9,6 +9,7 @@ import torch
 from hf_sparsek.eval.modeling import PatternSpec, apply_pattern
 from hf_sparsek.eval.needle import (
     ANSWER_CHECKS,
+    answer_prefix,
     check_answer,
     greedy_generates,
     greedy_matches,
@@ -86,6 +87,25 @@ def test_generate_check_follows_decode_steps_with_dynamic_selection() -> None:
     assert differ > 0
 
 
+@pytest.mark.parametrize("check", ANSWER_CHECKS)
+def test_answer_prefix_counts_the_leading_right_tokens(check: str) -> None:
+    """The right answer gives its length; a wrong token at position i gives i (the tokens after it are not
+    counted); the needle rows record it per trial."""
+    model = tiny_model()
+    apply_pattern(model, PatternSpec("window", ModelSparsity(default=WINDOW)))
+    prompt = _prompt(301, 4)
+    answer = greedy_by_recompute(model, prompt, 4)
+    assert answer_prefix(model, prompt, answer, CPU, check) == 4
+    for i in range(4):
+        wrong = answer[:i] + [(answer[i] + 1) % 61] + answer[i + 1:]
+        assert answer_prefix(model, prompt, wrong, CPU, check) == i
+    rows = run_needle_prompts(model, {(301, 0.5): [(prompt, answer), (prompt, answer[:2] + [(answer[2] + 1) % 61]
+                                                                          + answer[3:])]},
+                              [PatternSpec("window", ModelSparsity(default=WINDOW))], CPU, check)
+    assert rows[0]["correct_prefix"] == [4, 2] and rows[0]["passed"] == [True, False]
+    assert rows[0]["answer_tokens"] == 4
+
+
 def test_rows_record_the_check_and_bad_checks_are_refused() -> None:
     model = tiny_model()
     prompts = {(320, 0.5): [(_prompt(318, 3), [5, 7])]}
@@ -117,3 +137,14 @@ def test_scripts_parse_a_comma_list_of_checks() -> None:
     for bad in ("sample", "generate,beam", ""):
         with pytest.raises(ValueError, match="choose one or more of"):
             parse_answer_checks(bad)
+
+
+def test_needle_table_shows_accuracy_and_first_token_share() -> None:
+    from hf_sparsek.eval.report import needle_table
+
+    rows = [{"pattern": "p", "answer_check": "generate", "length": 1024, "depth": 0.1, "accuracy": 0.5,
+             "density": 0.25, "correct_prefix": [5, 0, 5, 3]},
+            {"pattern": "p", "answer_check": "generate", "length": 1024, "depth": 0.9, "accuracy": 1.0,
+             "density": 0.25}]  # an older row without prefixes
+    table = needle_table(rows)
+    assert "| p | generate | 1024 | 0.250 | 0.50 (first 0.75) | 1.00 |" in table
