@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 from conftest import triton_interpreter
-from hf_sparsek.kernels.probe import probe_splits, select_by_probe
 from test_selection import CASES, PATTERNS, _case_id, _check_same_selection, _inputs
 from test_selection_oracle import _slow_oracle_selection
 
@@ -40,7 +39,10 @@ def _same(q, k, pattern, q_offset, kv_offset, k_seg, stride=16):
 
 
 def _kernel(q, k, pattern, q_offset, kv_offset, k_seg, stride, **kw):
-    """``select_by_probe`` called directly (splits / rows per program forced), as ``select_probe`` calls it."""
+    """``select_by_probe`` called directly (splits / rows per program forced), as ``select_probe`` calls it.
+    Imported here, under the interpreter: a module-level import would compile the kernels for every importer."""
+    from hf_sparsek.kernels.probe import select_by_probe
+
     count = sink_only = None
     if k_seg is not None:
         count, sink_only = key_tile_info(k.shape[2], kv_offset, k_seg, pattern, q.shape[0], q.device)
@@ -148,6 +150,8 @@ def test_probe_kernel_split_keeps_a_planted_key_in_a_late_slice():
 
 
 def test_probe_splits_rule():
+    from hf_sparsek.kernels.probe import probe_splits
+
     assert probe_splits(programs=300, n_k=512, cn=1, sms=132) == 1  # enough programs already
     assert probe_splits(programs=32, n_k=256, cn=1, sms=132) == 9  # Gemma 3 per query head at 16K: 288 programs
     assert probe_splits(programs=1, n_k=128, cn=1, sms=132) == 16  # a decode step: slices of 8 key tiles at least
