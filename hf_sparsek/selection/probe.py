@@ -11,8 +11,9 @@ the mean over the KV group's heads (:func:`hf_sparsek.selection.oracle.tile_mass
 the other selectors' (:func:`hf_sparsek.selection.tiles.choose_tiles`).
 
 Its work is two passes over 1/16 of the dense causal scores (about half of a 12.5%-density forward's matmuls). On
-CUDA it runs fused in one Triton launch (``hf_sparsek.kernels.probe``: no (query tiles x key tiles) tensor, no
-host synchronisation); this module is its PyTorch definition and reference.
+CUDA it runs fused in Triton (``hf_sparsek.kernels.probe``: one launch, or three with the keys split over more
+programs where the heads or query tiles are few; no (query tiles x key tiles) tensor, no host synchronisation);
+this module is its PyTorch definition and reference.
 """
 
 from __future__ import annotations
