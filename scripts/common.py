@@ -132,6 +132,25 @@ def run_metadata() -> dict:
     }
 
 
+def load_module_as(name: str, path: str, package: str, replace: tuple[str, str] | None = None):
+    """The module in file ``path`` registered as ``name`` inside ``package`` (its relative imports resolve there;
+    ``replace``: one (old, new) source edit first): an earlier version of a module, loaded beside the current one
+    for an A/B in one process."""
+    import importlib.util
+
+    with open(path) as f:
+        source = f.read()
+    if replace:
+        source = source.replace(*replace)
+    spec = importlib.util.spec_from_loader(name, loader=None, origin=path)
+    module = importlib.util.module_from_spec(spec)
+    module.__package__ = package
+    module.__file__ = path  # Triton's JIT reads the kernels' source from their file
+    sys.modules[name] = module
+    exec(compile(source, path, "exec"), module.__dict__)
+    return module
+
+
 def write_json(path: str, data: dict) -> None:
     """Write ``data`` to ``path`` with the run's metadata under ``"meta"`` (the folder is made if needed)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

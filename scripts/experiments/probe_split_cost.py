@@ -22,7 +22,6 @@ replaces it).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import os
 import sys
@@ -40,23 +39,11 @@ import torch.nn.functional as F  # noqa: E402
 from hf_sparsek.kernels import probe  # noqa: E402
 
 from hf_sparsek import SparsePattern, sparse_attention  # noqa: E402
-from scripts.common import bench_ms, write_json  # noqa: E402
+from scripts.common import bench_ms, load_module_as, write_json  # noqa: E402
 
 GEMMA = dict(block_size=64, sink_tokens=64, window=128, topk_blocks=29)  # the Gemma evaluation's budget
 ISSUE = dict(block_size=64, sink_tokens=64, window=256, topk_blocks=24)  # issue 22's selection-cost case
 SMOL = dict(block_size=64, sink_tokens=64, window=512, topk_blocks=7)  # the llama default's budget
-
-
-def _load_baseline(path: str):
-    with open(path) as f:
-        source = f.read()
-    spec = importlib.util.spec_from_loader("hf_sparsek.kernels.old_probe", loader=None, origin=path)
-    module = importlib.util.module_from_spec(spec)
-    module.__package__ = "hf_sparsek.kernels"
-    module.__file__ = path  # Triton's JIT reads the kernels' source from their file
-    sys.modules[spec.name] = module
-    exec(compile(source, path, "exec"), module.__dict__)
-    return module
 
 
 def _same_sets(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -109,7 +96,8 @@ def call_case(label: str, hq: int, hkv: int, dim: int, seq: int, pattern: dict, 
 
 
 def main() -> None:
-    old = _load_baseline(os.path.join(ARGS.baseline, "old_probe.py"))
+    old = load_module_as("hf_sparsek.kernels.old_probe", os.path.join(ARGS.baseline, "old_probe.py"),
+                         "hf_sparsek.kernels")
     device, dtype = ("cpu", torch.float32) if ARGS.cpu_smoke else ("cuda", torch.bfloat16)
     if ARGS.cpu_smoke:
         kernels = [("gemma per head", 1, 4, 4, 256, 300, 300, GEMMA, 16), ("decode", 2, 4, 2, 64, 1, 700, ISSUE, 16)]

@@ -18,10 +18,8 @@ both are timed in one process on one GPU: per case (32 / 8 heads, D 128, bf16, s
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
-import types
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("--baseline", required=True, help="folder with old_store.py and old_kernel.py")
@@ -36,33 +34,18 @@ import torch  # noqa: E402
 from hf_sparsek import SparsePattern  # noqa: E402
 from hf_sparsek.ops import sparse_attention  # noqa: E402
 from hf_sparsek.selection import SelectionState  # noqa: E402
-from scripts.common import bench_ms, capture_cuda_graph, write_json  # noqa: E402
-
-
-def _load(name: str, path: str, package: str, replace: tuple[str, str] | None = None) -> types.ModuleType:
-    """A module from ``path`` registered as ``name`` inside ``package`` (its relative imports resolve there)."""
-    with open(path) as f:
-        source = f.read()
-    if replace:
-        source = source.replace(*replace)
-    spec = importlib.util.spec_from_loader(name, loader=None, origin=path)
-    module = importlib.util.module_from_spec(spec)
-    module.__package__ = package
-    module.__file__ = path  # Triton's JIT reads the kernels' source from their file
-    sys.modules[name] = module
-    exec(compile(source, path, "exec"), module.__dict__)
-    return module
+from scripts.common import bench_ms, capture_cuda_graph, load_module_as, write_json  # noqa: E402
 
 
 def baseline_state_class() -> type:
     """The store before the change, its refresh calling the kernel before the change."""
     import hf_sparsek.kernels as kernels_pkg
 
-    old_kernel = _load("hf_sparsek.kernels.old_selection_store", os.path.join(ARGS.baseline, "old_kernel.py"),
-                       "hf_sparsek.kernels")
+    old_kernel = load_module_as("hf_sparsek.kernels.old_selection_store",
+                                os.path.join(ARGS.baseline, "old_kernel.py"), "hf_sparsek.kernels")
     kernels_pkg.old_selection_store = old_kernel
-    old = _load("hf_sparsek.selection.old_store", os.path.join(ARGS.baseline, "old_store.py"), "hf_sparsek.selection",
-                replace=("..kernels.selection_store", "..kernels.old_selection_store"))
+    old = load_module_as("hf_sparsek.selection.old_store", os.path.join(ARGS.baseline, "old_store.py"),
+                         "hf_sparsek.selection", replace=("..kernels.selection_store", "..kernels.old_selection_store"))
     return old.SelectionState
 
 
