@@ -168,6 +168,8 @@ def _short_label(sparsity: ModelSparsity, detailed: bool = False) -> str:
             parts.append(f"mass{p.mass_threshold:g}")
         if p.per_query_head:
             parts.append("perhead")
+    if p.dense_tail:
+        parts.append(f"tail{p.dense_tail}")
     if detailed and parts and p.block_size != SparsePattern.block_size:
         parts.append(f"b{p.block_size}")
     label = "-".join(parts) or "dense-pattern"

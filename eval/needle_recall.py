@@ -58,7 +58,7 @@ def last_row_recall(q: torch.Tensor, k: torch.Tensor, pattern: SparsePattern, ne
     if pattern.per_query_head and group > 1:
         keys = k.repeat_interleave(group, dim=1)
         pattern = per_query_head_pattern(pattern, hkv, group)
-    if n <= pattern.min_sparse_len:
+    if n <= pattern.min_sparse_len or (pattern.dense_tail and n > pattern.dense_tail):  # the last row dense
         pattern = SparsePattern(block_size=pattern.block_size)
     index = build_index_for(q, keys, pattern)
     last_tile = (n - 1 + index.q_shift) // index.block_size

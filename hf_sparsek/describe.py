@@ -22,7 +22,8 @@ def kv_head_count(config: Any) -> int:
 
 
 def pattern_density(pattern: SparsePattern, seq_len: int, kv_heads: int | None = None) -> float:
-    """Attended pairs over causal pairs for one unpadded sequence of ``seq_len`` tokens (exact, O(S/B x k)), the mean
+    """Attended pairs over causal pairs for one unpadded sequence of ``seq_len`` tokens, one call (exact, O(S/B x k);
+    a ``dense_tail``'s last rows count dense), the mean
     over ``kv_heads`` KV heads (the layer's count: a pattern with ``dense_heads`` needs it, and a dense head beyond it
     is a ValueError, as at the forward; None: one past the highest dense head, or 1)."""
     from .block_index import attended_pairs, build_block_index, causal_pairs
@@ -33,6 +34,15 @@ def pattern_density(pattern: SparsePattern, seq_len: int, kv_heads: int | None =
         raise ValueError(f"dense_heads {list(pattern.dense_heads)} out of range for {kv_heads} KV heads")
     if pattern.is_dense:
         return 1.0
+    tail = pattern.dense_tail
+    if tail:  # the first rows under the pattern (their keys end with them), the last ``tail`` rows dense
+        pattern = pattern.replace(dense_tail=0)
+        if seq_len <= tail:
+            return pattern_density(pattern, seq_len, kv_heads)
+        head = seq_len - tail
+        head_pairs = pattern_density(pattern, head, kv_heads) * causal_pairs(head, head, 0, 0)
+        tail_pairs = causal_pairs(seq_len, seq_len, 0, 0) - causal_pairs(head, head, 0, 0)
+        return (head_pairs + tail_pairs) / causal_pairs(seq_len, seq_len, 0, 0)
     if pattern.topk_blocks is not None:
         # Data dependent: count the static part plus k blocks per query block (an upper bound) on the heads that
         # select (a dense head has every pair already).

@@ -85,6 +85,8 @@ def exact_token_mask(
             chosen = chosen | random_layout_keep(qb, kb, heads, layout.seed, layout.density)
         if pattern.min_sparse_len:
             chosen = chosen | (i < pattern.min_sparse_len)
+        if pattern.dense_tail and q_len > pattern.dense_tail:  # the call's last rows (sparse_attention splits there)
+            chosen = chosen | (i >= i.max() - pattern.dense_tail + 1)
         if pattern.dense_heads:
             dense = torch.zeros(kv_heads, dtype=torch.bool, device=device)
             dense[list(pattern.dense_heads)] = True

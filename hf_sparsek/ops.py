@@ -433,6 +433,12 @@ def sparse_attention(
         pattern = _pattern_from(pattern)
     if index is not None and selected_tiles is not None:
         raise ValueError("pass either a prebuilt index or selected_tiles, not both (the index already holds tiles)")
+    if pattern is not None and pattern.dense_tail and q.shape[2] > pattern.dense_tail and not pattern.is_dense:
+        if index is not None or selected_tiles is not None:
+            raise ValueError("dense_tail splits the call in two (its last rows dense); a prebuilt index or "
+                             "selected_tiles describe the whole call: set dense_tail=0 in the pattern, or pass neither")
+        return _with_dense_tail(q, k, v, pattern, scale, softcap, q_offset, kv_offset, attention_mask, segment_ids,
+                                query_segment_ids, index_cache, backend, dense_via_sdpa, selection_state)
     if pattern is not None and pattern.per_query_head:
         k, v, pattern = per_query_head_kv(q, k, v, pattern, selected_tiles, index)
     if torch.compiler.is_compiling() and selection_state is not None:
@@ -454,6 +460,36 @@ def sparse_attention(
     else:
         _check_index(index, q, k, pattern, q_offset, kv_offset, attention_mask, segment_ids)
     return _attend(q, k, v, index, scale, softcap, backend)
+
+
+def _with_dense_tail(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: SparsePattern,
+                     scale: float | None, softcap: float | None, q_offset: object, kv_offset: object,
+                     attention_mask: torch.Tensor | None, segment_ids: torch.Tensor | None,
+                     query_segment_ids: torch.Tensor | None, index_cache: dict | None, backend: Backend,
+                     dense_via_sdpa: bool, selection_state: SelectionState | None) -> torch.Tensor:
+    """``dense_tail`` t: the call's first rows under the pattern, its last t rows dense, as two calls over the same
+    keys (causality hides the keys after a row; offsets stay tensors where given as tensors: nothing is read on the
+    host). Packed sequences pass each part's query segment ids."""
+    tail = pattern.dense_tail
+    head = q.shape[2] - tail
+    q_start = kv_offset + k.shape[2] - q.shape[2] if q_offset is None else q_offset
+    if query_segment_ids is None and segment_ids is not None:
+        query_segment_ids = segment_ids  # the queries are the keys
+    q_seg = (None, None) if query_segment_ids is None else (query_segment_ids[:, :head], query_segment_ids[:, head:])
+    common = dict(scale=scale, softcap=softcap, kv_offset=kv_offset, index_cache=index_cache, backend=backend,
+                  dense_via_sdpa=dense_via_sdpa)
+    keys, mask, seg = k.shape[2], attention_mask, segment_ids
+    if not isinstance(q_start, torch.Tensor) and not isinstance(kv_offset, torch.Tensor):
+        keys = max(1, min(keys, q_start + head - kv_offset))  # the first part's causal keys only
+        mask = None if mask is None else mask[:, :keys]
+        seg = None if seg is None else seg[:, :keys]
+    first = sparse_attention(q[:, :, :head], k[:, :, :keys], v[:, :, :keys], pattern.replace(dense_tail=0),
+                             q_offset=q_start, attention_mask=mask, segment_ids=seg, query_segment_ids=q_seg[0],
+                             selection_state=selection_state, **common)
+    last = sparse_attention(q[:, :, head:], k, v, SparsePattern(block_size=pattern.block_size),
+                            q_offset=q_start + head, attention_mask=attention_mask, segment_ids=segment_ids,
+                            query_segment_ids=q_seg[1], **common)
+    return torch.cat([first, last], dim=2)
 
 
 def per_query_head_pattern(pattern: SparsePattern, kv_heads: int, group: int) -> SparsePattern:

@@ -15,7 +15,9 @@ block layouts, which select whole key blocks of ``block_size`` tokens on the abs
   with ``mass_threshold`` t, the fewest blocks whose estimated attention mass reaches t, at most k; by default
   one list per KV group (the group's query heads share it), with ``per_query_head`` one per query head (the op
   then reads K / V once per query head: group-size times the K / V bytes);
-* ``dense_heads``: KV heads that stay dense; ``min_sparse_len``: queries at positions below it attend densely.
+* ``dense_heads``: KV heads that stay dense; ``min_sparse_len``: queries at positions below it attend densely;
+  ``dense_tail`` t: in a call of more than t query rows, its last t rows attend densely (a prefill's last row
+  predicts the first generated token; decode steps and short chunks keep the pattern).
 
 A pattern with no selection term (no sink, window, layout or top-k) is dense causal.
 
@@ -115,6 +117,7 @@ class SparsePattern:
     mass_threshold: float | None = None
     probe_stride: int | None = None
     per_query_head: bool = False
+    dense_tail: int = 0
 
     def __post_init__(self) -> None:
         if (isinstance(self.block_size, bool) or not isinstance(self.block_size, int)
@@ -124,6 +127,7 @@ class SparsePattern:
         _check_int("window", self.window, 1, allow_none=True)
         _check_int("topk_blocks", self.topk_blocks, 1, allow_none=True)
         _check_int("min_sparse_len", self.min_sparse_len, 0)
+        _check_int("dense_tail", self.dense_tail, 0)
         if self.min_sparse_len % self.block_size:
             _fail("min_sparse_len", self.min_sparse_len, f"a multiple of block_size={self.block_size}")
         if isinstance(self.layout, dict):
@@ -220,6 +224,8 @@ class SparsePattern:
             out["probe_stride"] = self.probe_stride
         if self.per_query_head:
             out["per_query_head"] = True
+        if self.dense_tail:
+            out["dense_tail"] = self.dense_tail
         return out
 
     @classmethod
