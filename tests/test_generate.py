@@ -100,3 +100,20 @@ def test_static_cache_selects_as_the_dynamic_cache(selector):
     assert torch.equal(dynamic.sequences, static.sequences)
     for a, b in zip(dynamic.logits, static.logits, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_dense_tail_static_cache_equals_dynamic_cache(model_type):
+    """A pattern with ``dense_tail`` (the prefill's last rows dense, split inside the op) under left padding: the
+    static cache (keys past the queries, tensor offsets) gives the dynamic cache's tokens and logits, and the prefill's
+    first token differs from the same pattern without the tail."""
+    model = build(model_type)
+    hf_sparsek.set_pattern(model, SPARSE.replace(dense_tail=16))
+    ids, mask = _prompt()
+    seq_dynamic, logits_dynamic = _generate(model, ids, mask)
+    seq_static, logits_static = _generate(model, ids, mask, cache_implementation="static")
+    assert torch.equal(seq_static, seq_dynamic)
+    torch.testing.assert_close(logits_static, logits_dynamic, rtol=1e-4, atol=1e-4)
+    hf_sparsek.set_pattern(model, SPARSE)
+    _, logits_plain = _generate(model, ids, mask)
+    assert (logits_plain[:, 0] - logits_dynamic[:, 0]).abs().max() > 1e-4
