@@ -21,18 +21,13 @@ replaces it).
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
 
-ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-ap.add_argument("--baseline", required=True, help="folder with old_probe.py")
-ap.add_argument("--out", default=os.environ.get("OUT", "probe_split_out"))
-ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes, Triton interpreter")
-ARGS = ap.parse_args()
-if ARGS.cpu_smoke:
-    os.environ["TRITON_INTERPRET"] = "1"
+from scripts.ab_args import baseline_args
+
+ARGS = baseline_args(__doc__.splitlines()[0], "folder with old_probe.py", "probe_split_out")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

@@ -17,17 +17,12 @@ both are timed in one process on one GPU: per case (32 / 8 heads, D 128, bf16, s
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-ap.add_argument("--baseline", required=True, help="folder with old_store.py and old_kernel.py")
-ap.add_argument("--out", default=os.environ.get("OUT", "store_check_out"))
-ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes, Triton interpreter")
-ARGS = ap.parse_args()
-if ARGS.cpu_smoke:
-    os.environ["TRITON_INTERPRET"] = "1"
+from scripts.ab_args import baseline_args
+
+ARGS = baseline_args(__doc__.splitlines()[0], "folder with old_store.py and old_kernel.py", "store_check_out")
 
 import torch  # noqa: E402
 
