@@ -275,6 +275,8 @@ class SparsePattern:
             text += f", dense KV heads {list(self.dense_heads)}"
         if self.min_sparse_len:
             text += f", dense below {self.min_sparse_len}"
+        if self.dense_tail:
+            text += f", last {self.dense_tail} rows of a call dense"
         return text
 
 

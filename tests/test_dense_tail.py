@@ -115,6 +115,8 @@ def test_density_and_token_mask_count_the_tail():
 def test_field_checks_and_what_it_refuses():
     assert SparsePattern.from_dict(STATIC.to_dict()) == STATIC
     assert "dense_tail" not in STATIC.replace(dense_tail=0).to_dict()  # files without it stay as they were
+    assert "last" not in STATIC.replace(dense_tail=0).describe()
+    assert STATIC.describe().endswith(f"last {STATIC.dense_tail} rows of a call dense")  # labels tell the tail apart
     with pytest.raises(ValueError, match="dense_tail"):
         SparsePattern(block_size=64, window=64, dense_tail=-1)
     q, k, v = _qkv(q_len=100, kv_len=100)
