@@ -308,7 +308,7 @@ def _safe(label: str) -> str:
 
 
 def cmd_needle(args: argparse.Namespace) -> int:
-    from .needle import needle_cases, run_needle_prompts
+    from .needle import needle_cases, paired_with_dense, run_needle_prompts
     from .report import needle_table
 
     model, tok, device, dtype, path = _setup(args)
@@ -318,7 +318,7 @@ def cmd_needle(args: argparse.Namespace) -> int:
     cases = needle_cases(_encode(tok), args.lengths, args.depths, bos_id(tok), args.trials, args.seed)
     rows = run_needle_prompts(model, cases, specs, device, args.answer_check)
     data = {**_meta(args, model, path, device, dtype, specs), "seconds": time.perf_counter() - start,
-            "results": rows}
+            "results": rows, "vs_dense": paired_with_dense(rows)}
     markdown = needle_table(rows)
     if args.recall:
         from .needle_recall import needle_recall, needle_recall_table

@@ -14,6 +14,7 @@ question. A trial passes when greedy decoding reproduces the passkey. Two checks
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -203,3 +204,35 @@ def run_needle(model: Any, encode: Callable[[str], list[int]], lengths: list[int
     """Build the prompts and score them for every pattern (see :func:`run_needle_prompts`)."""
     prompts = needle_prompts(encode, lengths, depths, bos, trials, seed)
     return run_needle_prompts(model, prompts, specs, device, answer_check)
+
+
+def mcnemar_exact_p(lost: int, gained: int) -> float:
+    """Two-sided exact McNemar p-value of paired pass / fail trials: ``lost`` trials the reference passed and the other
+    failed, ``gained`` the reverse (a binomial test of the discordant pairs at 1/2). 1.0 when none differ."""
+    if lost < 0 or gained < 0:
+        raise ValueError(f"lost and gained are counts >= 0, got {lost}, {gained}")
+    n = lost + gained
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(lost, gained) + 1))
+    return min(1.0, 2 * tail / 2**n)
+
+
+def paired_with_dense(rows: list[dict[str, Any]], reference: str = "dense") -> list[dict[str, Any]]:
+    """Each pattern's passkey trials beside the ``reference`` pattern's on the same prompts (same length, depth and
+    answer check): trials it lost and gained, and McNemar's exact p-value (small: the difference is unlikely to be
+    chance at this many trials; 20 trials detect only large losses, e.g. 6 lost and none gained gives 0.031).
+    Rows without per-trial results or without a reference row are left out."""
+    base = {(r["length"], r["depth"], r.get("answer_check")): r["passed"] for r in rows
+            if r["pattern"] == reference and r.get("passed")}
+    out = []
+    for r in rows:
+        ref = base.get((r["length"], r["depth"], r.get("answer_check")))
+        if r["pattern"] == reference or ref is None or len(r.get("passed") or []) != len(ref):
+            continue
+        lost = sum(d and not s for d, s in zip(ref, r["passed"], strict=True))
+        gained = sum(s and not d for d, s in zip(ref, r["passed"], strict=True))
+        out.append({"pattern": r["pattern"], "length": r["length"], "depth": r["depth"],
+                    "answer_check": r.get("answer_check"), "reference": reference, "lost": lost, "gained": gained,
+                    "p_value": mcnemar_exact_p(lost, gained)})
+    return out

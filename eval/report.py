@@ -24,20 +24,28 @@ def ppl_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _needle_cell(row: dict[str, Any] | None) -> str:
-    """A depth's accuracy and, where the row records it, the share of trials whose first answer token was right."""
+def _needle_cell(row: dict[str, Any] | None, paired: dict[str, Any] | None = None) -> str:
+    """A depth's accuracy and, where the row records it, the share of trials whose first answer token was right and
+    the trials lost / gained against dense with McNemar's p."""
     if row is None:
         return "n/a"
     text = f"{row['accuracy']:.2f}"
+    notes = []
     prefix = row.get("correct_prefix")
     if prefix:
-        text += f" (first {sum(p >= 1 for p in prefix) / len(prefix):.2f})"
-    return text
+        notes.append(f"first {sum(p >= 1 for p in prefix) / len(prefix):.2f}")
+    if paired is not None:
+        notes.append(f"-{paired['lost']} +{paired['gained']}, p {paired['p_value']:.2g}")
+    return text + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def needle_table(rows: list[dict[str, Any]]) -> str:
     """One row per (pattern, answer check, length), one column per depth: accuracy (and, in brackets, the share of
-    trials whose first answer token, chosen by the prompt's last row, was right)."""
+    trials whose first answer token, chosen by the prompt's last row, was right; against the dense pattern's trials
+    on the same prompts, where the rows hold them: trials lost and gained and McNemar's exact p)."""
+    from .needle import paired_with_dense
+
+    paired = {(p["pattern"], p["answer_check"], p["length"], p["depth"]): p for p in paired_with_dense(rows)}
     depths = sorted({r["depth"] for r in rows})
     head = "| pattern | check | length | density | " + " | ".join(f"depth {d:g}" for d in depths) + " |"
     lines = [head, "|---|---|---:|---:|" + "---:|" * len(depths)]
@@ -50,7 +58,8 @@ def needle_table(rows: list[dict[str, Any]]) -> str:
         cells = {r["depth"]: r for r in rows if (r["pattern"], r.get("answer_check", "forward"), r["length"])
                  == (pattern, check, length)}
         first = next(iter(cells.values()))
-        vals = " | ".join(_needle_cell(cells.get(d)) for d in depths)
+        vals = " | ".join(_needle_cell(cells.get(d), paired.get((pattern, cells[d].get("answer_check"), length, d))
+                                       if d in cells else None) for d in depths)
         lines.append(f"| {pattern} | {check} | {length} | {first['density']:.3f} | {vals} |")
     return "\n".join(lines)
 

@@ -152,7 +152,7 @@ def main() -> int:
     from hf_sparsek.eval import report
     from hf_sparsek.eval.layers import isolate_layers
     from hf_sparsek.eval.modeling import DTYPES, environment, parse_patterns
-    from hf_sparsek.eval.needle import run_needle_prompts
+    from hf_sparsek.eval.needle import paired_with_dense, run_needle_prompts
     from hf_sparsek.eval.ppl import run_ppl
     from transformers import AutoModelForCausalLM
 
@@ -208,6 +208,7 @@ def main() -> int:
         nrows = [r for check in answer_checks
                  for r in run_needle_prompts(model, prompts, nspecs, device, check)]
         results["needle"] = nrows
+        results["needle_vs_dense"] = paired_with_dense(nrows)
         results["needle_seconds"] = time.perf_counter() - start
         save()
         tables += ["## Passkey retrieval", report.needle_table(nrows)]

@@ -484,7 +484,7 @@ def main() -> int:
     first = specs[first_of_budget[0]: end] if first_of_budget else []  # the first budget's rows (and extras)
     recall_cases = with_needle_spans(needle, needle_spans) if args.needle_recall else None
     if needle and not args.no_needle:  # passkey: dense and every pattern of the first budget, the same prompts
-        from hf_sparsek.eval.needle import run_needle_prompts
+        from hf_sparsek.eval.needle import paired_with_dense, run_needle_prompts
 
         nrows = []
         t3 = time.perf_counter()
@@ -497,6 +497,7 @@ def main() -> int:
                 results.setdefault("needle_errors", {})[spec.label] = repr(err)
                 print(f"needle {spec.label} failed: {err!r}", flush=True)
         results["needle"] = nrows
+        results["needle_vs_dense"] = paired_with_dense(nrows)
         results["needle_seconds"] = time.perf_counter() - t3
         tables += ["## Passkey retrieval (greedy)", report.needle_table(nrows)]
         save(tables)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 
 import pytest
 import torch
@@ -13,9 +14,12 @@ from hf_sparsek.eval.needle import (
     check_answer,
     greedy_generates,
     greedy_matches,
+    mcnemar_exact_p,
+    paired_with_dense,
     parse_answer_checks,
     run_needle_prompts,
 )
+from hf_sparsek.eval.report import needle_table
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from hf_sparsek.patterns import ModelSparsity, SparsePattern
@@ -148,3 +152,36 @@ def test_needle_table_shows_accuracy_and_first_token_share() -> None:
              "density": 0.25}]  # an older row without prefixes
     table = needle_table(rows)
     assert "| p | generate | 1024 | 0.250 | 0.50 (first 0.75) | 1.00 |" in table
+
+
+def _binomial_two_sided(k: int, n: int) -> float:
+    """The exact two-sided binomial test at 1/2 by summing every outcome no likelier than k (the definition)."""
+    probs = [math.comb(n, i) / 2**n for i in range(n + 1)]
+    return min(1.0, sum(p for p in probs if p <= probs[k] * (1 + 1e-12)))
+
+
+@pytest.mark.parametrize("lost,gained", [(0, 0), (1, 0), (6, 0), (4, 1), (2, 7), (5, 5), (13, 2), (0, 9)])
+def test_mcnemar_p_is_the_binomial_test_of_the_discordant_pairs(lost: int, gained: int) -> None:
+    p = mcnemar_exact_p(lost, gained)
+    assert p == pytest.approx(_binomial_two_sided(lost, lost + gained) if lost + gained else 1.0)
+    assert p == mcnemar_exact_p(gained, lost)
+    with pytest.raises(ValueError, match="counts"):
+        mcnemar_exact_p(-1, 2)
+
+
+def test_paired_with_dense_pairs_trials_by_prompt_and_the_table_shows_it() -> None:
+    def row(pattern: str, passed: list[bool], depth: float = 0.5, check: str = "generate") -> dict:
+        return {"pattern": pattern, "length": 512, "depth": depth, "accuracy": sum(passed) / len(passed),
+                "trials": len(passed), "passed": passed, "correct_prefix": [5 * p for p in passed],
+                "answer_check": check, "density": 0.5}
+
+    dense = [True] * 8 + [False] * 2
+    sparse = [False] * 6 + [True] * 2 + [True, False]  # lost 6, gained 1 (the same accuracy would hide nothing)
+    rows = [row("dense", dense), row("sparse", sparse), row("sparse", dense, depth=0.9),
+            row("sparse", sparse, check="forward"), {**row("old", sparse), "passed": None}]
+    paired = paired_with_dense(rows)
+    assert [(p["pattern"], p["depth"], p["lost"], p["gained"]) for p in paired] == [("sparse", 0.5, 6, 1)]
+    assert paired[0]["p_value"] == pytest.approx(mcnemar_exact_p(6, 1)) and paired[0]["p_value"] < 0.13
+    table = needle_table(rows)
+    assert f"-6 +1, p {mcnemar_exact_p(6, 1):.2g}" in table
+    assert table.count(", p ") == 1  # no reference at depth 0.9 / the forward check / without per-trial results
