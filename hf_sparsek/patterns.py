@@ -145,6 +145,9 @@ class SparsePattern:
         self._check_selection()
         self._check_probe_stride()
         self._check_per_query_head()
+        if self.dense_tail and self.selector == "learned":
+            _fail("dense_tail", self.dense_tail, "0 with selector 'learned' (its scorer chooses tiles for the whole "
+                  "call; the op splits a call with a dense tail in two)")
 
     def _check_selection(self) -> None:
         """``selector`` and ``mass_threshold`` only mean something beside a ``topk_blocks`` budget."""

@@ -122,7 +122,10 @@ def test_field_checks_and_what_it_refuses():
     q, k, v = _qkv(q_len=100, kv_len=100)
     tiles = torch.zeros(1, 1, 2, 1, dtype=torch.int32)
     with pytest.raises(ValueError, match="dense_tail splits the call"):
-        sparse_attention(q, k, v, TOPK.replace(selector="learned"), selected_tiles=tiles)
+        sparse_attention(q, k, v, TOPK, selected_tiles=tiles)
+    with pytest.raises(ValueError, match="dense_tail.*'learned'"):  # its scorer's tiles cover the whole call
+        TOPK.replace(selector="learned")
+    assert TOPK.replace(selector="learned", dense_tail=0).selector == "learned"
 
 
 def test_one_layer_model_first_token_is_the_dense_models():
