@@ -486,10 +486,31 @@ def _with_dense_tail(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
     first = sparse_attention(q[:, :, :head], k[:, :, :keys], v[:, :, :keys], pattern.replace(dense_tail=0),
                              q_offset=q_start, attention_mask=mask, segment_ids=seg, query_segment_ids=q_seg[0],
                              selection_state=selection_state, **common)
-    last = sparse_attention(q[:, :, head:], k, v, SparsePattern(block_size=pattern.block_size),
-                            q_offset=q_start + head, attention_mask=attention_mask, segment_ids=segment_ids,
-                            query_segment_ids=q_seg[1], **common)
-    return torch.cat([first, last], dim=2)
+    dense = SparsePattern(block_size=pattern.block_size)
+    step = _tail_step(q, k, v, tail, softcap, backend, segment_ids)
+    last = [sparse_attention(q[:, :, head + s: head + s + step], k, v, dense, q_offset=q_start + head + s,
+                             attention_mask=attention_mask, segment_ids=segment_ids,
+                             query_segment_ids=None if q_seg[1] is None else q_seg[1][:, s: s + step], **common)
+            for s in range(0, tail, step)]
+    return torch.cat([first, *last], dim=2)
+
+
+def _tail_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tail: int, softcap: float | None,
+               backend: Backend, segment_ids: torch.Tensor | None) -> int:
+    """Rows per call of a dense tail: runs of at most ``DECODE_MAX_Q_LEN`` where the split-KV kernel takes them (no
+    gradients, no packing, Triton), since the prefill kernel gives a few rows only a program or two per KV head to walk
+    every key (a 64-row tail over 32K keys cost 1.4 ms on an H100, about as much as the rest of the call); else the
+    whole tail in one call. The rows' results are the same either way (each row attends on its own)."""
+    if segment_ids is not None or tail <= DECODE_MAX_Q_LEN:
+        return tail
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return tail
+    if not _uses_triton(q, k, v, softcap, backend):
+        return tail
+    from .kernels.dispatch import use_split_kv
+    from .runtime import kernel_options
+
+    return DECODE_MAX_Q_LEN if use_split_kv(DECODE_MAX_Q_LEN, False, kernel_options()) else tail
 
 
 def per_query_head_pattern(pattern: SparsePattern, kv_heads: int, group: int) -> SparsePattern:

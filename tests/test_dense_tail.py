@@ -72,6 +72,29 @@ def test_padding_offsets_and_the_triton_path():
     torch.testing.assert_close(tri, want, atol=2e-4, rtol=2e-4)
 
 
+def test_a_long_tail_runs_through_the_split_kv_kernel_in_short_runs(monkeypatch):
+    """Without gradients the tail goes through the split-KV kernel 16 rows at a time (the prefill kernel would give
+    its few rows a program or two per KV head to walk every key); with gradients it stays one call. Same rows."""
+    from hf_sparsek import triton_ops
+
+    runs = []
+    real = triton_ops.triton_decode_without_index
+    monkeypatch.setattr(triton_ops, "triton_decode_without_index",
+                        lambda q, *a, **kw: runs.append(q.shape[2]) or real(q, *a, **kw))
+    q, k, v = _qkv(q_len=120, kv_len=257, seed=8, dim=128)
+    mask = torch.ones(2, 257, dtype=torch.bool)
+    mask[0, :21] = False
+    want = _by_hand(q, k, v, STATIC, attention_mask=mask)
+    with triton_interpreter("attention_fwd", "block_index", "decode"):
+        got = sparse_attention(q, k, v, STATIC, attention_mask=mask, backend="triton")
+        assert runs == [16, 16, 8]
+        runs.clear()
+        q.requires_grad_()
+        sparse_attention(q, k, v, STATIC, attention_mask=mask, backend="triton")
+        assert runs == []
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+
+
 def test_packed_sequences_keep_their_segments():
     q, k, v = _qkv(batch=1, q_len=260, kv_len=260, seed=2)
     seg = torch.tensor([[0] * 100 + [1] * 160])
