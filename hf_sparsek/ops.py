@@ -498,9 +498,9 @@ def _with_dense_tail(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
 def _tail_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tail: int, softcap: float | None,
                backend: Backend, segment_ids: torch.Tensor | None) -> int:
     """Rows per call of a dense tail: runs of at most ``DECODE_MAX_Q_LEN`` where the split-KV kernel takes them (no
-    gradients, no packing, Triton), since the prefill kernel gives a few rows only a program or two per KV head to walk
-    every key (a 64-row tail over 32K keys cost 1.4 ms on an H100, about as much as the rest of the call); else the
-    whole tail in one call. The rows' results are the same either way (each row attends on its own)."""
+    gradients, no packing, Triton), which spreads every key over the GPU where the prefill kernel gives a few rows a
+    program or two per KV head to walk them all; else the whole tail in one call. The rows' results are the same
+    either way (each row attends on its own). What the tail costs: docs/kernel-decisions.md, "Dense tail rows"."""
     if segment_ids is not None or tail <= DECODE_MAX_Q_LEN:
         return tail
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
