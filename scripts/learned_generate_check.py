@@ -7,7 +7,9 @@ decode store), and each step's logits are compared with one uncached forward ove
 (with ``query_rows="previous"`` every cut of a sequence selects the same tiles, so they must agree), and with the
 in-memory model the distillation returned. CPU is enough (a few minutes)::
 
-    python -m scripts.learned_generate_check --out scripts/results/learned_generate_smollm2-135m_cpu.json
+    python -m scripts.learned_generate_check --out OUT.json
+
+(kept as the key ``smollm2-135m_generate_cpu`` of ``scripts/results/learned_selector.json``)
 """
 
 from __future__ import annotations

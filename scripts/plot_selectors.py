@@ -4,9 +4,9 @@ budget.
 
     python -m scripts.plot_selectors --out scripts/results/selectors.png
 
-Reads ``scripts/results/learned_smollm2-135m_8k_h100.json``, ``learned_gemma3-270m_16k_h100.json`` and
-``learned_gemma3-270m_32k_h200.json`` (written by ``scripts/gpu_learned.py``; perplexity and passkey do not depend
-on which of the two GPUs ran them); no GPU, no model. Each file's rows are grouped by budget (the density of the row).
+Reads the keys ``smollm2-135m_8k``, ``gemma3-270m_16k`` and ``gemma3-270m_32k`` of
+``scripts/results/learned_selector.json`` (each a ``scripts/gpu_learned.py`` run; perplexity and passkey do not depend
+on which of the two GPUs ran them); no GPU, no model. Each run's rows are grouped by budget (the density of the row).
 """
 
 from __future__ import annotations
@@ -16,11 +16,8 @@ import json
 import os
 from collections import defaultdict
 
-FILES = {
-    "SmolLM2 8K": "scripts/results/learned_smollm2-135m_8k_h100.json",
-    "Gemma 3 16K": "scripts/results/learned_gemma3-270m_16k_h100.json",
-    "Gemma 3 32K": "scripts/results/learned_gemma3-270m_32k_h200.json",
-}
+RESULTS = "scripts/results/learned_selector.json"
+RUNS = {"SmolLM2 8K": "smollm2-135m_8k", "Gemma 3 16K": "gemma3-270m_16k", "Gemma 3 32K": "gemma3-270m_32k"}
 ORDER = ("static", "mass", "probe (one row in 16)", "probe (one row in 4)", "refine (one row in 16)",
          "refine (one row in 4)", "learned", "oracle")
 
@@ -33,11 +30,9 @@ def selector_of(label: str) -> str | None:
     return None
 
 
-def groups(path: str) -> tuple[list[tuple[float, dict[str, float]]], dict[str, float]]:
-    """[(budget density, {selector: PPL change %})] in file order (each budget's rows start with its static window)
-    and {selector: passkey accuracy (mean over the file's lengths and depths; the first budget)}."""
-    with open(path) as f:
-        data = json.load(f)
+def groups(data: dict) -> tuple[list[tuple[float, dict[str, float]]], dict[str, float]]:
+    """[(budget density, {selector: PPL change %})] of one run in row order (each budget's rows start with its static
+    window) and {selector: passkey accuracy (mean over the run's lengths and depths; the first budget)}."""
     budgets: list[tuple[float, dict[str, float]]] = []
     for row in data["ppl"]:
         sel = selector_of(row["pattern"])
@@ -64,9 +59,13 @@ def main() -> int:
     import matplotlib.patches
     import matplotlib.pyplot as plt
 
-    panels = [(name, *groups(path)) for name, path in FILES.items() if os.path.isfile(path)]
+    if not os.path.isfile(RESULTS):
+        raise SystemExit(f"{RESULTS} does not exist")
+    with open(RESULTS) as f:
+        runs = json.load(f)
+    panels = [(name, *groups(runs[key])) for name, key in RUNS.items() if key in runs]
     if not panels:
-        raise SystemExit(f"none of {list(FILES.values())} exists")
+        raise SystemExit(f"{RESULTS} holds none of the runs {list(RUNS.values())}")
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     labels, x0 = [], 0
     for name, budgets, _ in panels:

@@ -2,7 +2,7 @@
 
     python -m scripts.ruler_niah --model smollm2-135m --seq-len 4096 --limit 20 \\
         --patterns dense default '{"block_size": 64, "sink_tokens": 64, "window": 256, "topk_blocks": 3}' \\
-        --out scripts/results/ruler_smollm2-135m_4k_cpu.json
+        --out scripts/results/ruler_smollm2-135m.json
 
 Needs ``pip install "lm-eval[ruler]>=0.4.13"`` (not a dependency of hf_sparsek: older lm-eval releases do not import
 under transformers 5). RULER makes its prompts with the model's own tokenizer (``metadata.tokenizer``: the resolved

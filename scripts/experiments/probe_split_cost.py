@@ -15,7 +15,7 @@ beside the current one and timed in one process on one GPU:
 - the whole ``sparse_attention`` forward (selection, index, attention) with the rule on and off
   (``PROBE_PROGRAMS_PER_SM = 0``: never split), beside torch SDPA dense.
 
-The curated result is the key ``probe_split_cost`` of ``scripts/results/selection_cost_h200.json`` (a new run
+The curated result is the key ``probe_split_cost`` of ``scripts/results/selection_cost.json`` (a new run
 replaces it).
 """
 

@@ -12,7 +12,7 @@ old_store.py``, ``git show e8b10d2:kernels/selection_store.py > old_kernel.py``)
 both are timed in one process on one GPU: per case (32 / 8 heads, D 128, bf16, sink 128 + window 1024 + top-56 of
 128, the last tile still filling), the refresh alone, the whole ``sparse_attention`` decode call with the store
 (eager) and its CUDA-graph replay; the two stores' outputs must be equal. The curated result is the key
-``store_check_cost`` of ``scripts/results/decode_h200.json`` (a new run replaces it).
+``store_check_cost`` of ``scripts/results/decode.json`` (a new run replaces it).
 """
 
 from __future__ import annotations
