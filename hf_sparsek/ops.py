@@ -503,14 +503,21 @@ def _tail_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tail: int, sof
     either way (each row attends on its own). What the tail costs: docs/kernel-decisions.md, "Dense tail rows"."""
     if segment_ids is not None or tail <= DECODE_MAX_Q_LEN:
         return tail
+    return DECODE_MAX_Q_LEN if _split_kv_takes(q, k, v, DECODE_MAX_Q_LEN, softcap, backend) else tail
+
+
+def _split_kv_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_len: int, softcap: float | None,
+                    backend: Backend) -> bool:
+    """Whether the split-KV kernel can run a run of ``q_len`` rows of these inputs: no gradients, the Triton
+    backend, and the kernel options' rule (``kernels/dispatch.py: use_split_kv``)."""
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return tail
+        return False
     if not _uses_triton(q, k, v, softcap, backend):
-        return tail
+        return False
     from .kernels.dispatch import use_split_kv
     from .runtime import kernel_options
 
-    return DECODE_MAX_Q_LEN if use_split_kv(DECODE_MAX_Q_LEN, False, kernel_options()) else tail
+    return use_split_kv(q_len, False, kernel_options())
 
 
 def per_query_head_pattern(pattern: SparsePattern, kv_heads: int, group: int) -> SparsePattern:
@@ -561,17 +568,10 @@ def _decode_without_index(
         pattern, selected_tiles = SparsePattern(block_size=block), None
     elif q_offset < pattern.min_sparse_len:
         return None
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return None
     plain = attention_mask is None and not softcap and selected_tiles is None
     if dense_via_sdpa and pattern.is_dense and plain and _sdpa_applies(q_len, kv_len, q_offset, kv_offset):
         return None
-    if not _uses_triton(q, k, v, softcap, backend):
-        return None
-    from .kernels.dispatch import use_split_kv
-    from .runtime import kernel_options
-
-    if not use_split_kv(q_len, False, kernel_options()):
+    if not _split_kv_takes(q, k, v, q_len, softcap, backend):
         return None
     k_seg = k_rank = sink_ranges = None
     if attention_mask is not None:
@@ -722,14 +722,7 @@ def _compiled_decode_applies(q, k, v, pattern: SparsePattern, segment_ids, query
         return False
     if pattern.layout is not None or pattern.dense_heads or pattern.topk_blocks is not None:
         return False
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return False
-    if not _uses_triton(q, k, v, softcap, backend):
-        return False
-    from .kernels.dispatch import use_split_kv
-    from .runtime import kernel_options
-
-    return use_split_kv(q.shape[2], False, kernel_options())
+    return _split_kv_takes(q, k, v, q.shape[2], softcap, backend)
 
 
 @torch.library.custom_op("hf_sparsek::sparse_decode", mutates_args=())
