@@ -40,6 +40,9 @@ def _time_parts(seq: int, pattern, device: str, dtype: torch.dtype, cpu: bool, r
                                                 for s in range(0, tail, 16)],
         "concatenation": lambda: torch.cat([qh, qt], 2),
     }
+    if not cpu:  # what one split-KV launch over all the tail's rows would cost (the kernel's row budget allows it)
+        parts["tail rows dense, split-KV one run of 64 (limit raised)"] = lambda: _raised_limit(
+            lambda: sparse_attention(qt, k, v, dense, q_offset=head))
     rows = []
     with torch.no_grad():
         for name, fn in parts.items():
@@ -50,7 +53,53 @@ def _time_parts(seq: int, pattern, device: str, dtype: torch.dtype, cpu: bool, r
         sparse_attention(q, k, v, pattern)
     rows.append({"seq_len": seq, "case": "split-KV runs in one whole call", "runs": list(runs)})
     print(f"{seq:6d} split-KV runs in one whole call: {runs}", flush=True)
+    if not cpu:
+        for name in ("whole call", "pattern without tail, whole call"):
+            rows.append({"seq_len": seq, "case": f"profile: {name}", "kernels": _profile(parts[name])})
     return rows
+
+
+def _raised_limit(fn):
+    """Run ``fn`` with the split-KV kernel's query-run limit raised to 64 rows (experiment only)."""
+    from hf_sparsek.kernels import decode
+
+    from hf_sparsek import ops
+
+    saved = decode.MAX_Q_LEN, ops.DECODE_MAX_Q_LEN
+    decode.MAX_Q_LEN = ops.DECODE_MAX_Q_LEN = 64
+    try:
+        return fn()
+    finally:
+        decode.MAX_Q_LEN, ops.DECODE_MAX_Q_LEN = saved
+
+
+def _profile(fn) -> list[dict]:
+    """GPU time per kernel over 10 calls (torch.profiler), and the host's wall time per call: says whether the
+    extra time is kernels or host work."""
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                fn()
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            fn()
+        host_ms = 1e3 * (time.perf_counter() - t0) / 10  # launch-bound if this is near the GPU total
+        torch.cuda.synchronize()
+    stats = [e for e in prof.key_averages() if getattr(e, "device_time_total", 0) > 0]
+    stats.sort(key=lambda e: -e.device_time_total)
+    out = [{"name": e.key[:90], "calls_per_iter": e.count / 10, "gpu_ms_per_iter": e.device_time_total / 1e4}
+           for e in stats[:14]]
+    out.append({"name": "host wall per call, no sync (ms)", "ms": host_ms})
+    for row in out:
+        print("   ", row, flush=True)
+    return out
 
 
 def main() -> None:
