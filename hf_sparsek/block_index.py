@@ -717,7 +717,12 @@ def _expand_index(index: BlockIndex) -> torch.Tensor:
 
 
 def attended_pairs(index: BlockIndex, batch_row: int = 0, head: int = 0) -> int:
-    """Exact number of (query, key) pairs the index attends for one batch row and KV head, without a dense mask.
+    """Exact number of (query, key) pairs the index attends for one batch row and KV head, without a dense mask."""
+    return int(attended_pairs_per_tile(index, batch_row, head).sum().item())
+
+
+def attended_pairs_per_tile(index: BlockIndex, batch_row: int = 0, head: int = 0) -> torch.Tensor:
+    """Exact (query, key) pairs the index attends per query tile (int64, (n_q_tiles,)) for one batch row and KV head.
 
     Full tiles count their in-range rows x block; partial tiles are evaluated element-wise, a chunk at a time.
     """
@@ -730,7 +735,7 @@ def attended_pairs(index: BlockIndex, batch_row: int = 0, head: int = 0) -> int:
     m_all = torch.arange(index.n_q_tiles, device=device)
     q_abs = (qb0 + m_all).view(-1, 1) * block + r  # (n_q, block)
     rows_in = ((q_abs >= index.q_offset) & (q_abs < index.q_offset + index.q_len)).sum(-1)  # (n_q,)
-    total = int((index.full_count[bi, hi].long() * rows_in).sum().item()) * block
+    total = index.full_count[bi, hi].long() * rows_in * block
     width = index.part_tiles.shape[-1]
     cnt = index.part_count[bi, hi].long()
     slots = torch.arange(width, device=device)
@@ -745,8 +750,18 @@ def attended_pairs(index: BlockIndex, batch_row: int = 0, head: int = 0) -> int:
         ka = ((kb0 + n).view(m1 - m0, width, 1, 1) * block + r.view(1, 1, 1, -1))
         mask = element_mask(index, qa, ka, rows_b, (raw < 0).view(m1 - m0, width, 1, 1))
         q_ok = (qa >= index.q_offset) & (qa < index.q_offset + index.q_len)
-        total += int((mask & q_ok & present.view(m1 - m0, width, 1, 1)).sum().item())
+        total[m0:m1] += (mask & q_ok & present.view(m1 - m0, width, 1, 1)).flatten(1).sum(-1)
     return total
+
+
+def causal_pairs_per_tile(index: BlockIndex) -> torch.Tensor:
+    """Causal (query, key) pairs of each query tile's in-range rows over the index's keys (int64, (n_q_tiles,))."""
+    block, device = index.block_size, index.full_count.device
+    tiles, r = torch.arange(index.n_q_tiles, device=device), torch.arange(block, device=device)
+    q_abs = (index.q_offset // block + tiles).view(-1, 1) * block + r
+    rows_in = (q_abs >= index.q_offset) & (q_abs < index.q_offset + index.q_len)
+    visible = (q_abs - index.kv_offset + 1).clamp(0, index.kv_len)
+    return (visible * rows_in).sum(-1)
 
 
 def causal_pairs(q_len: int, kv_len: int, q_offset: int, kv_offset: int) -> int:

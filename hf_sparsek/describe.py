@@ -44,16 +44,33 @@ def pattern_density(pattern: SparsePattern, seq_len: int, kv_heads: int | None =
         tail_pairs = causal_pairs(seq_len, seq_len, 0, 0) - causal_pairs(head, head, 0, 0)
         return (head_pairs + tail_pairs) / causal_pairs(seq_len, seq_len, 0, 0)
     if pattern.topk_blocks is not None:
-        # Data dependent: count the static part plus k blocks per query block (an upper bound) on the heads that
-        # select (a dense head has every pair already).
-        static = pattern.replace(topk_blocks=None, selector=None, mass_threshold=None, probe_stride=None)
-        selecting = (kv_heads - len(pattern.dense_heads)) / kv_heads
-        extra = pattern.topk_blocks * pattern.block_size * seq_len * selecting
-        return min(1.0, pattern_density(static, seq_len, kv_heads) + extra / causal_pairs(seq_len, seq_len, 0, 0))
+        return _topk_density_bound(pattern, seq_len, kv_heads)
     index = build_block_index(pattern, batch=1, kv_heads=kv_heads, q_len=seq_len, kv_len=seq_len)
     heads = index.full_count.shape[1]
     pairs = sum(attended_pairs(index, 0, h) for h in range(heads)) / heads
     return pairs / causal_pairs(seq_len, seq_len, 0, 0)
+
+
+def _topk_density_bound(pattern: SparsePattern, seq_len: int, kv_heads: int) -> float:
+    """A top-k pattern's density is data dependent: count an upper bound. Per query tile, the static part's exact
+    pairs plus k blocks a row, but never more than the tile's causal pairs the static part leaves (rows that are
+    already dense, e.g. below ``min_sparse_len``, or early tiles with fewer than k blocks to choose, add what is
+    left, not k blocks)."""
+    import torch
+
+    from .block_index import attended_pairs_per_tile, build_block_index, causal_pairs, causal_pairs_per_tile
+
+    static = pattern.replace(topk_blocks=None, selector=None, mass_threshold=None, probe_stride=None)
+    index = build_block_index(static, batch=1, kv_heads=kv_heads, q_len=seq_len, kv_len=seq_len)
+    causal = causal_pairs_per_tile(index)
+    block = pattern.block_size
+    q_abs = torch.arange(index.n_q_tiles).view(-1, 1) * block + torch.arange(block)
+    rows_in = (q_abs < seq_len).sum(-1)
+    pairs = 0
+    for h in range(kv_heads):  # a dense head's static pairs are its causal pairs: it adds nothing
+        have = attended_pairs_per_tile(index, 0, h)
+        pairs += int((have + torch.minimum(rows_in * pattern.topk_blocks * block, causal - have)).sum().item())
+    return pairs / kv_heads / causal_pairs(seq_len, seq_len, 0, 0)
 
 
 def resolved_layers(config: Any) -> list[tuple[int, str, SparsePattern]]:

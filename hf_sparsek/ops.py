@@ -433,6 +433,8 @@ def sparse_attention(
         pattern = _pattern_from(pattern)
     if index is not None and selected_tiles is not None:
         raise ValueError("pass either a prebuilt index or selected_tiles, not both (the index already holds tiles)")
+    if pattern is not None and index is None and _every_row_dense(pattern, q.shape[2], k.shape[2], q_offset, kv_offset):
+        pattern, selected_tiles = SparsePattern(block_size=pattern.block_size), None  # no selection, tail or repeat
     if pattern is not None and pattern.dense_tail and q.shape[2] > pattern.dense_tail and not pattern.is_dense:
         if index is not None or selected_tiles is not None:
             raise ValueError("dense_tail splits the call in two (its last rows dense); a prebuilt index or "
@@ -460,6 +462,17 @@ def sparse_attention(
     else:
         _check_index(index, q, k, pattern, q_offset, kv_offset, attention_mask, segment_ids)
     return _attend(q, k, v, index, scale, softcap, backend)
+
+
+def _every_row_dense(pattern: SparsePattern, q_len: int, kv_len: int, q_offset: object, kv_offset: object) -> bool:
+    """Whether every query of the call lies below ``min_sparse_len`` (known on the host: offsets that are tensors
+    say no), so that the call is dense attention and skips the pattern's per-call work."""
+    if not pattern.min_sparse_len or isinstance(q_offset, torch.Tensor) or isinstance(kv_offset, torch.Tensor):
+        return False
+    if not isinstance(kv_offset, int) or not (q_offset is None or isinstance(q_offset, int)):
+        return False  # left to the offsets' own checks
+    start = kv_offset + kv_len - q_len if q_offset is None else q_offset
+    return 0 <= start and start + q_len <= pattern.min_sparse_len
 
 
 def _with_dense_tail(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: SparsePattern,

@@ -52,7 +52,9 @@ def triton_interpreter(*kernel_modules: str) -> Iterator[None]:
         if not isinstance(tl_standard.cdiv, InterpretedFunction):
             importlib.reload(tl_standard)
             importlib.reload(sys.modules["triton.language"])
-        for name in kernel_modules:
+        # The shared @triton.jit helpers first: a kernel module reloaded over a compiled ``common`` would call
+        # compiled helpers from interpreted code.
+        for name in ["common", *(n for n in kernel_modules if n != "common")]:
             module = importlib.import_module(f"hf_sparsek.kernels.{name}")
             if any(isinstance(value, JITFunction) for value in vars(module).values()):  # compiled by an earlier import
                 importlib.reload(module)

@@ -374,3 +374,34 @@ def test_compiled_op_pattern_text_round_trips(pattern):
     from hf_sparsek.ops import _pattern_of_text, _pattern_text
 
     assert _pattern_of_text(_pattern_text(pattern)) == pattern
+
+
+@pytest.mark.parametrize("q_len,kv_len,q_offset,kv_offset", [(256, 256, None, 0), (7, 250, None, 0),
+                                                              (30, 90, 150, 100), (1, 256, None, 0)])
+def test_a_call_below_min_sparse_len_is_dense_attention_without_the_patterns_work(monkeypatch, q_len, kv_len,
+                                                                                 q_offset, kv_offset):
+    """Every query below ``min_sparse_len``: the call is plain causal attention (with the padding), and neither the
+    selector, the per-query-head K / V repeat nor the dense tail's split runs. One row past it, they do."""
+    from hf_sparsek import ops
+
+    calls = []
+    real = ops.per_query_head_kv
+    monkeypatch.setattr(ops, "per_query_head_kv", lambda *a, **kw: calls.append("repeat") or real(*a, **kw))
+    pattern = SparsePattern(block_size=64, sink_tokens=64, window=64, topk_blocks=1, selector="probe",
+                            probe_stride=8, per_query_head=True, dense_tail=16, min_sparse_len=256)
+    q = torch.randn(2, 4, q_len, 16)
+    k, v = torch.randn(2, 2, kv_len, 16), torch.randn(2, 2, kv_len, 16)
+    mask = torch.ones(2, kv_len, dtype=torch.bool)
+    mask[1, :5] = False
+    got = sparse_attention(q, k, v, pattern, q_offset=q_offset, kv_offset=kv_offset, attention_mask=mask,
+                           backend="reference")
+    start = kv_offset + kv_len - q_len if q_offset is None else q_offset
+    q_abs = start + torch.arange(q_len).view(-1, 1)
+    k_abs = kv_offset + torch.arange(kv_len).view(1, -1)
+    dense = (k_abs <= q_abs) & mask.view(2, 1, 1, kv_len)
+    want = dense_masked_attention(q, k, v, dense, q.shape[-1] ** -0.5)
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
+    assert calls == []
+    sparse_attention(q, k, v, pattern.replace(min_sparse_len=(start + q_len - 64) // 64 * 64),
+                     q_offset=q_offset, kv_offset=kv_offset, attention_mask=mask, backend="reference")
+    assert calls == ["repeat"]
