@@ -67,10 +67,10 @@ def _topk_density_bound(pattern: SparsePattern, seq_len: int, kv_heads: int) -> 
     q_abs = torch.arange(index.n_q_tiles).view(-1, 1) * block + torch.arange(block)
     rows_in = (q_abs < seq_len).sum(-1)
     pairs = 0
-    for h in range(kv_heads):  # a dense head's static pairs are its causal pairs: it adds nothing
+    for h in range(1 if index.head_broadcast else kv_heads):  # a dense head's static pairs are all its causal pairs
         have = attended_pairs_per_tile(index, 0, h)
         pairs += int((have + torch.minimum(rows_in * pattern.topk_blocks * block, causal - have)).sum().item())
-    return pairs / kv_heads / causal_pairs(seq_len, seq_len, 0, 0)
+    return pairs / (1 if index.head_broadcast else kv_heads) / causal_pairs(seq_len, seq_len, 0, 0)
 
 
 def resolved_layers(config: Any) -> list[tuple[int, str, SparsePattern]]:
