@@ -41,7 +41,9 @@ def _time_parts(seq: int, pattern, device: str, dtype: torch.dtype, cpu: bool, r
         "concatenation": lambda: torch.cat([qh, qt], 2),
     }
     if not cpu:  # what one split-KV launch over all the tail's rows would cost (the kernel's row budget allows it)
-        parts["tail rows dense, split-KV one run of 64 (limit raised)"] = lambda: _raised_limit(
+        from scripts.experiments.split_kv_rows import raised_limit
+
+        parts["tail rows dense, split-KV one run of 64 (limit raised)"] = lambda: raised_limit(
             lambda: sparse_attention(qt, k, v, dense, q_offset=head))
     rows = []
     with torch.no_grad():
@@ -57,20 +59,6 @@ def _time_parts(seq: int, pattern, device: str, dtype: torch.dtype, cpu: bool, r
         for name in ("whole call", "pattern without tail, whole call"):
             rows.append({"seq_len": seq, "case": f"profile: {name}", "kernels": _profile(parts[name])})
     return rows
-
-
-def _raised_limit(fn):
-    """Run ``fn`` with the split-KV kernel's query-run limit raised to 64 rows (experiment only)."""
-    from hf_sparsek.kernels import decode
-
-    from hf_sparsek import ops
-
-    saved = decode.MAX_Q_LEN, ops.DECODE_MAX_Q_LEN
-    decode.MAX_Q_LEN = ops.DECODE_MAX_Q_LEN = 64
-    try:
-        return fn()
-    finally:
-        decode.MAX_Q_LEN, ops.DECODE_MAX_Q_LEN = saved
 
 
 def _profile(fn) -> list[dict]:

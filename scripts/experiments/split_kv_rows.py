@@ -23,7 +23,8 @@ SHAPES = [  # (label, batch, q heads, kv heads, head dim, cache length)
 ]
 
 
-def _raised(fn):
+def raised_limit(fn):
+    """Run ``fn`` with the split-KV kernel's query-run limit raised to 64 rows (experiments only)."""
     from hf_sparsek.kernels import decode
 
     from hf_sparsek import ops
@@ -49,7 +50,7 @@ def _cases(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern) -> dict:
         return [sparse_attention(q[:, :, s:s + 16], k, v, pattern, q_offset=kv_len - q_len + s)
                 for s in range(0, q_len, 16)]
 
-    return {"default dispatch": call, "runs of 16": runs, "one split-KV launch (limit 64)": lambda: _raised(call)}
+    return {"default dispatch": call, "runs of 16": runs, "one split-KV launch (limit 64)": lambda: raised_limit(call)}
 
 
 def main() -> None:
@@ -76,7 +77,7 @@ def main() -> None:
                 for name, pattern in patterns.items():
                     cases = _cases(q, k, v, pattern)
                     call = cases["default dispatch"]
-                    base, raised = call(), _raised(call)
+                    base, raised = call(), raised_limit(call)
                     diff = float((base.float() - raised.float()).abs().max())
                     for case, fn in cases.items():
                         ms = _time_ms(fn, cpu)
