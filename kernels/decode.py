@@ -28,6 +28,8 @@ import triton.language as tl
 from .common import element_mask, index_strides, score_constants, tanh_f32
 
 MAX_Q_LEN = 16  # longest query run this path takes (decode, speculative / small chunks)
+COMBINE_CHUNK = 32  # splits the combine kernel weighs at a time (x COMBINE_D_BLOCK fp32: 8 KB per program)
+COMBINE_D_BLOCK = 64  # head-dim slice per combine program (more programs for a long split list and few rows)
 MAX_ROWS = 64  # query rows x heads per program (register budget of the fp32 accumulator at head dim 256)
 
 
@@ -194,8 +196,11 @@ def _decode_split_kernel(
 @triton.jit
 def _decode_combine_kernel(
     Out, OP, MP, LP, s_ob, s_oh, s_ot, Hq, q_len, rows_per_split, n_splits,
-    NS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    NS_PAD: tl.constexpr, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, D_BLOCK: tl.constexpr,
 ):
+    """One program per (row, ``D_BLOCK`` slice of the head dim): the splits' weights from their (max, sum) at once
+    (NS_PAD floats), then the partial outputs ``CHUNK`` splits at a time (a (splits x head dim) tile at once spilled:
+    512 splits x D 256 is 512 KB of registers)."""
     row = tl.program_id(0).to(tl.int64)  # ((b * Hq) + hq) * q_len + t
     t = row % q_len
     hq = (row // q_len) % Hq
@@ -207,11 +212,17 @@ def _decode_combine_kernel(
     l_s = tl.load(LP + at, mask=ok, other=0.0)
     m = tl.max(m_s, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.where(m_s == float("-inf"), 0.0, tl.exp2(m_s - m_safe))
-    total = tl.sum(w * l_s, 0)
-    d = tl.arange(0, HEAD_DIM)
-    parts = tl.load(OP + at[:, None] * HEAD_DIM + d[None, :], mask=ok[:, None], other=0.0)
-    acc = tl.sum(parts * w[:, None], 0)
+    total = tl.sum(tl.where(m_s == float("-inf"), 0.0, tl.exp2(m_s - m_safe)) * l_s, 0)
+    d = tl.program_id(1) * D_BLOCK + tl.arange(0, D_BLOCK)
+    c = tl.arange(0, CHUNK)
+    acc = tl.zeros([D_BLOCK], dtype=tl.float32)
+    for s0 in range(0, n_splits, CHUNK):
+        ok_c = s0 + c < n_splits
+        at_c = (s0 + c).to(tl.int64) * rows_per_split + row
+        m_c = tl.load(MP + at_c, mask=ok_c, other=float("-inf"))
+        w_c = tl.where(m_c == float("-inf"), 0.0, tl.exp2(m_c - m_safe))
+        parts = tl.load(OP + at_c[:, None] * HEAD_DIM + d[None, :], mask=ok_c[:, None], other=0.0)
+        acc += tl.sum(parts * w_c[:, None], 0)
     out = acc / tl.where(total == 0.0, 1.0, total)
     tl.store(Out + b * s_ob + hq * s_oh + t * s_ot + d, out.to(Out.dtype.element_ty))
 
@@ -334,8 +345,10 @@ def decode_forward(
         SINGLE=single, OFFSET_ON_DEVICE=offset_on_device, num_warps=num_warps, num_stages=num_stages,
     )
     if not single:
-        _decode_combine_kernel[(batch * hq * q_len,)](
+        d_block = min(dim, COMBINE_D_BLOCK)
+        _decode_combine_kernel[(batch * hq * q_len, dim // d_block)](
             out, op, mp, lp, out.stride(0), out.stride(1), out.stride(2), hq, q_len, batch * hq * q_len, n_splits,
-            NS_PAD=max(2, _next_pow2(n_splits)), HEAD_DIM=dim, num_warps=4,
+            NS_PAD=max(2, _next_pow2(n_splits)), CHUNK=min(COMBINE_CHUNK, max(2, _next_pow2(n_splits))),
+            HEAD_DIM=dim, D_BLOCK=d_block, num_warps=4,
         )
     return out

@@ -95,6 +95,24 @@ def test_decode_from_index_lists_matches_reference(case, n_splits, kernels):
     assert _rel(out, ref) < 2e-5
 
 
+@pytest.mark.parametrize("n_splits,dim", [(37, 256), (70, 128)])
+def test_many_splits_combine_in_chunks(n_splits, dim, kernels):
+    """More splits than the combine kernel weighs at a time (``COMBINE_CHUNK``) and head dims wider than its slice
+    (``COMBINE_D_BLOCK``), with padding: a dense run over a long cache, as a dense tail's rows give it."""
+    from hf_sparsek.kernels.decode import COMBINE_CHUNK, COMBINE_D_BLOCK, decode_forward
+
+    assert n_splits > COMBINE_CHUNK and dim > COMBINE_D_BLOCK
+    q, k, v = torch.randn(2, 4, 3, dim), torch.randn(2, 1, 64 * 75 + 5, dim), torch.randn(2, 1, 64 * 75 + 5, dim)
+    mask = _left_padding(2, k.shape[2])
+    index = build_index_for(q, k, SparsePattern(block_size=64), attention_mask=mask)
+    out = decode_forward(q, k, v, block=64, q_offset=index.q_offset, kv_offset=0, sink=0, window=0, scale=dim**-0.5,
+                         softcap=0.0, n_splits=n_splits, lists=(index.full_count, index.full_tiles,
+                                                                index.part_count, index.part_tiles),
+                         k_seg=index.k_seg, k_rank=index.k_rank)
+    ref = reference_attention(q.double(), k.double(), v.double(), index, scale=dim**-0.5)
+    assert _rel(out, ref) < 2e-5
+
+
 @pytest.mark.parametrize("repeats", [False, True], ids=["distinct", "repeated"])
 def test_decode_with_selected_tiles_matches_reference(kernels, repeats):
     """Tiles from outside the op (a learned scorer): -1 entries, tiles the window keeps, and repeated tiles, which
