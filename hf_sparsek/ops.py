@@ -465,14 +465,19 @@ def sparse_attention(
 
 
 def _every_row_dense(pattern: SparsePattern, q_len: int, kv_len: int, q_offset: object, kv_offset: object) -> bool:
-    """Whether every query of the call lies below ``min_sparse_len`` (known on the host: offsets that are tensors
-    say no), so that the call is dense attention and skips the pattern's per-call work."""
-    if not pattern.min_sparse_len or isinstance(q_offset, torch.Tensor) or isinstance(kv_offset, torch.Tensor):
+    """Whether every query of the call lies below ``min_sparse_len``, so that the call is dense attention and skips
+    the pattern's per-call work (selection, a dense tail's split, the per-query-head repeat). The one place that
+    decides it. Tensor offsets are read here in eager mode (the call reads them anyway); under torch.compile they
+    say no (the op's body, which gets them as ints, decides)."""
+    if not pattern.min_sparse_len:
         return False
-    if not isinstance(kv_offset, int) or not (q_offset is None or isinstance(q_offset, int)):
-        return False  # left to the offsets' own checks
-    start = kv_offset + kv_len - q_len if q_offset is None else q_offset
-    return 0 <= start and start + q_len <= pattern.min_sparse_len
+    if torch.compiler.is_compiling() and (isinstance(q_offset, torch.Tensor) or isinstance(kv_offset, torch.Tensor)):
+        return False
+    try:
+        q_offset, kv_offset = _resolve_offsets(q_len, kv_len, q_offset, kv_offset)
+    except (ValueError, TypeError):
+        return False  # left to the offsets' own checks, with their messages
+    return q_offset + q_len <= pattern.min_sparse_len
 
 
 def _with_dense_tail(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: SparsePattern,
@@ -500,7 +505,7 @@ def _with_dense_tail(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
                              q_offset=q_start, attention_mask=mask, segment_ids=seg, query_segment_ids=q_seg[0],
                              selection_state=selection_state, **common)
     dense = SparsePattern(block_size=pattern.block_size)
-    step = _tail_step(q, k, v, tail, softcap, backend, segment_ids)
+    step = _tail_step(q, k, v, tail, pattern.block_size, q_start + head, softcap, backend, segment_ids)
     last = [sparse_attention(q[:, :, head + s: head + s + step], k, v, dense, q_offset=q_start + head + s,
                              attention_mask=attention_mask, segment_ids=segment_ids,
                              query_segment_ids=None if q_seg[1] is None else q_seg[1][:, s: s + step], **common)
@@ -508,29 +513,36 @@ def _with_dense_tail(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
     return torch.cat([first, *last], dim=2)
 
 
-def _tail_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tail: int, softcap: float | None,
-               backend: Backend, segment_ids: torch.Tensor | None) -> int:
-    """Rows per call of a dense tail: runs of at most ``DECODE_MAX_Q_LEN`` where the split-KV kernel takes them (no
-    gradients, no packing, Triton), which spreads every key over the GPU where the prefill kernel gives a few rows a
-    program or two per KV head to walk them all; else the whole tail in one call. The rows' results are the same
-    either way (each row attends on its own). What the tail costs: docs/kernel-decisions.md, "Dense tail rows"."""
-    if segment_ids is not None or tail <= DECODE_MAX_Q_LEN:
+def _tail_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tail: int, block: int, tail_start: object,
+               softcap: float | None, backend: Backend, segment_ids: torch.Tensor | None) -> int:
+    """Rows per call of a dense tail: the longest run the split-KV kernel takes (``kernels/dispatch.py:
+    use_split_kv``: the whole tail where the prefill kernel would give its rows a program or two per KV head to walk
+    every key, else runs of 16; no gradients, no packing, Triton), else the whole tail in one call. The rows'
+    results are the same either way (each row attends on its own). What the tail costs: docs/kernel-decisions.md,
+    "Dense tail rows"."""
+    if segment_ids is not None:
         return tail
-    return DECODE_MAX_Q_LEN if _split_kv_takes(q, k, v, DECODE_MAX_Q_LEN, softcap, backend) else tail
+    for step in (tail, DECODE_MAX_Q_LEN):
+        if step <= tail and _split_kv_takes(q, k, v, step, softcap, backend, block, tail_start):
+            return step
+    return tail
 
 
 def _split_kv_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_len: int, softcap: float | None,
-                    backend: Backend) -> bool:
-    """Whether the split-KV kernel can run a run of ``q_len`` rows of these inputs: no gradients, the Triton
-    backend, and the kernel options' rule (``kernels/dispatch.py: use_split_kv``)."""
+                    backend: Backend, block: int, q_offset: object) -> bool:
+    """Whether the split-KV kernel runs a run of ``q_len`` rows of these inputs starting at ``q_offset`` (an int;
+    a device tensor or None: the most tiles it can span count): no gradients, the Triton backend, and the kernel
+    options' rule on the run's length and the prefill kernel's program count (``kernels/dispatch.py:
+    use_split_kv``)."""
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return False
     if not _uses_triton(q, k, v, softcap, backend):
         return False
-    from .kernels.dispatch import use_split_kv
+    from .kernels.dispatch import query_tiles, use_split_kv
     from .runtime import kernel_options
 
-    return use_split_kv(q_len, False, kernel_options())
+    row_programs = q.shape[0] * k.shape[1] * query_tiles(q_len, block, q_offset)
+    return use_split_kv(q_len, False, kernel_options(), row_programs, q.device)
 
 
 def per_query_head_pattern(pattern: SparsePattern, kv_heads: int, group: int) -> SparsePattern:
@@ -559,7 +571,8 @@ def per_query_head_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern
     return k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), pattern
 
 
-DECODE_MAX_Q_LEN = 16  # the split-KV kernel's longest query run (kernels/decode.py MAX_Q_LEN)
+DECODE_MAX_Q_LEN = 16  # a query run this short always takes the split-KV kernel (kernels/dispatch.py SHORT_RUN_ROWS)
+SPLIT_KV_MAX_Q_LEN = 64  # the longest it takes, where the prefill kernel would have few programs (decode.MAX_Q_LEN)
 
 
 def _decode_without_index(
@@ -573,18 +586,16 @@ def _decode_without_index(
     (static layouts, dense heads, packed sequences, gradients, rows split by ``min_sparse_len``, the reference
     backend, SDPA's dense shortcut): the caller builds an index."""
     q_len, kv_len, block = q.shape[2], k.shape[2], pattern.block_size
-    if q_len > DECODE_MAX_Q_LEN or segment_ids is not None or query_segment_ids is not None:
+    if q_len > SPLIT_KV_MAX_Q_LEN or segment_ids is not None or query_segment_ids is not None:
         return None
     if pattern.layout is not None or pattern.dense_heads:
         return None
-    if q_offset + q_len <= pattern.min_sparse_len:  # every row dense
-        pattern, selected_tiles = SparsePattern(block_size=block), None
-    elif q_offset < pattern.min_sparse_len:
+    if q_offset < pattern.min_sparse_len:  # rows on both sides of it (a call wholly below it came here dense)
         return None
     plain = attention_mask is None and not softcap and selected_tiles is None
     if dense_via_sdpa and pattern.is_dense and plain and _sdpa_applies(q_len, kv_len, q_offset, kv_offset):
         return None
-    if not _split_kv_takes(q, k, v, q_len, softcap, backend):
+    if not _split_kv_takes(q, k, v, q_len, softcap, backend, block, q_offset):
         return None
     k_seg = k_rank = sink_ranges = None
     if attention_mask is not None:
@@ -648,7 +659,7 @@ def _prepare_index(
     selected_tiles: torch.Tensor | None = None, selection_state: SelectionState | None = None,
 ) -> BlockIndex | None:
     """The call's block index; None where torch SDPA runs it (all rows dense, nothing masked, asked for)."""
-    if q_offset + q.shape[2] <= pattern.min_sparse_len:  # every row dense
+    if _every_row_dense(pattern, q.shape[2], k.shape[2], q_offset, kv_offset):  # the backward op comes here directly
         pattern, selected_tiles = SparsePattern(block_size=pattern.block_size), None
     plain = attention_mask is None and segment_ids is None and not softcap and selected_tiles is None
     if dense_via_sdpa and pattern.is_dense and plain and _sdpa_applies(q.shape[2], k.shape[2], q_offset, kv_offset):
@@ -735,7 +746,7 @@ def _compiled_decode_applies(q, k, v, pattern: SparsePattern, segment_ids, query
         return False
     if pattern.layout is not None or pattern.dense_heads or pattern.topk_blocks is not None:
         return False
-    return _split_kv_takes(q, k, v, q.shape[2], softcap, backend)
+    return _split_kv_takes(q, k, v, q.shape[2], softcap, backend, pattern.block_size, None)
 
 
 @torch.library.custom_op("hf_sparsek::sparse_decode", mutates_args=())

@@ -160,7 +160,9 @@ def triton_block_sparse_attention(
         raise ValueError(f"Triton block-sparse attention cannot run: {reason}")
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     options = kernel_options()
-    if not torch.compiler.is_compiling() and dispatch.use_split_kv(q.shape[2], needs_grad or return_lse, options):
+    row_programs = q.shape[0] * k.shape[1] * dispatch.query_tiles(q.shape[2], index.block_size, index.q_offset)
+    if not torch.compiler.is_compiling() and dispatch.use_split_kv(q.shape[2], needs_grad or return_lse, options,
+                                                                   row_programs, q.device):
         lists, segments, (block, q_offset, kv_offset, sink, window, scale, softcap) = _index_args(index, scale, softcap)
         if segments[1] is None:  # packed queries (q_seg) stay on the forward kernel
             with _on_device_of(q):

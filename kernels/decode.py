@@ -1,4 +1,4 @@
-"""Split-KV (flash-decoding) forward for short query runs: decode steps and small chunks (q_len <= 16).
+"""Split-KV (flash-decoding) forward for short query runs: decode steps and small chunks (q_len <= 64).
 
 A decode step has one query row per head: the prefill kernel would give each (batch, KV head) one program that
 walks every listed key tile alone, so one sequence with a long selection leaves most of the GPU idle. Here the key
@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .common import element_mask, index_strides, score_constants, tanh_f32
 
-MAX_Q_LEN = 16  # longest query run this path takes (decode, speculative / small chunks)
+MAX_Q_LEN = 64  # longest query run this kernel takes (decode, speculative / small chunks, a dense tail)
 COMBINE_CHUNK = 32  # splits the combine kernel weighs at a time (x COMBINE_D_BLOCK fp32: 8 KB per program)
 COMBINE_D_BLOCK = 64  # head-dim slice per combine program (more programs for a long split list and few rows)
 MAX_ROWS = 64  # query rows x heads per program (register budget of the fp32 accumulator at head dim 256)
@@ -237,6 +237,11 @@ def _dummy(device: torch.device) -> torch.Tensor:
     return _DUMMIES[device]
 
 
+def tiles_spanned(q_len: int, block: int) -> int:
+    """The most query tiles a run of ``q_len`` rows can touch wherever it starts (its offset on the device)."""
+    return 1 + (q_len - 2 + block) // block if q_len > 1 else 1
+
+
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
@@ -280,7 +285,7 @@ def decode_forward(
         if lists is not None or selected is not None:
             raise ValueError("a device-side q_offset works with ranges only (no index lists, no selected tiles)")
         q_offset_ptr, q_offset = q_offset, 0
-        n_q = 1 if q_len == 1 else 2  # a run of <= 16 rows spans at most two tiles; an empty one does nothing
+        n_q = tiles_spanned(q_len, block)  # the most a run can span; a tile the run misses does nothing
     else:
         q_offset_ptr = None
         n_q = (q_offset % block + q_len + block - 1) // block

@@ -237,21 +237,41 @@ def backward(
 # ---- decode: split-KV ----------------------------------------------------------------------------------------------
 
 
-def use_split_kv(q_len: int, needs_lse: bool, options: KernelOptions) -> bool:
-    """Whether a call runs the split-KV decode kernel: short query runs (decode, small chunks) that need neither
-    gradients nor the log-sum-exp."""
-    return options.split_kv_decode and not needs_lse and q_len <= decode.MAX_Q_LEN
+SHORT_RUN_ROWS = 16  # a query run this short always takes the split-KV kernel (decode, speculative steps)
+
+
+def use_split_kv(q_len: int, needs_lse: bool, options: KernelOptions, row_programs: int = 0,
+                 device: torch.device | None = None) -> bool:
+    """Whether a call runs the split-KV decode kernel; never for calls that need gradients or the log-sum-exp.
+
+    Runs of at most ``SHORT_RUN_ROWS`` rows always. Longer runs, up to ``options.split_kv_max_rows``, where the
+    prefill kernel would leave most of the GPU idle: ``row_programs`` (batch x KV heads x query tiles the run
+    spans) times ``options.split_kv_sms_per_program`` at most the device's SMs. Measured on an H100 (16K-32K
+    keys, 32-64 rows; docs/kernel-decisions.md, "Dense tail rows"): one split-KV launch was 2-7x faster than the
+    prefill kernel at batch 1 (1-16 such programs) and slower at batch 8 with 8 KV heads (64-128)."""
+    if not options.split_kv_decode or needs_lse or q_len > decode.MAX_Q_LEN:
+        return False
+    if q_len <= SHORT_RUN_ROWS:
+        return True
+    if q_len > options.split_kv_max_rows or device is None:
+        return False
+    return row_programs * options.split_kv_sms_per_program <= sm_count(device)
+
+
+def query_tiles(q_len: int, block: int, q_offset: int | torch.Tensor | None) -> int:
+    """Query tiles a run of ``q_len`` rows at ``q_offset`` spans (a device-side or unknown offset: the most it can
+    span)."""
+    if not isinstance(q_offset, int):
+        return decode.tiles_spanned(q_len, block)
+    return (q_offset % block + q_len + block - 1) // block
 
 
 def decode_splits(q: torch.Tensor, k: torch.Tensor, block: int, q_offset: int | torch.Tensor,
                   options: KernelOptions) -> int:
     """Shares per query tile: enough programs for ``decode_programs_per_sm`` per SM (the kernel caps it by the
-    entries a tile lists, so each program keeps at least one key tile). A device-side offset counts two tiles."""
-    if isinstance(q_offset, torch.Tensor):
-        n_q = 1 if q.shape[2] == 1 else 2
-    else:
-        n_q = (q_offset % block + q.shape[2] + block - 1) // block
-    programs = q.shape[0] * k.shape[1] * n_q
+    entries a tile lists, so each program keeps at least one key tile). A device-side offset counts the most tiles
+    the run can span."""
+    programs = q.shape[0] * k.shape[1] * query_tiles(q.shape[2], block, q_offset)
     return max(1, -(-options.decode_programs_per_sm * sm_count(q.device) // programs))
 
 

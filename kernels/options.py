@@ -29,7 +29,7 @@ _BOOLS = ("gluon_fwd", "gluon_fwd_persistent", "gluon_dkdv", "gluon_dq", "concur
           "dkdv_tma_rows", "autotune", "eager_fast_path", "split_kv_decode")
 _OPTIONAL_BOOLS = ("gluon_dq_persistent", "tma")
 _POSITIVE_INTS = ("gluon_dkdv_floor_exempt_row_tiles", "gluon_dq_block_n", "gluon_dq_q_slots", "split_imbalance",
-                  "decode_programs_per_sm")
+                  "decode_programs_per_sm", "split_kv_max_rows", "split_kv_sms_per_program")
 _OPTIONAL_POSITIVE_INTS = ("gluon_fwd_stages", "gluon_fwd_q_slots", "split_chunk")
 _TABLES = ("gluon_dkdv_min_programs", "gluon_dkdv_stages", "gluon_dq_stages")
 
@@ -64,8 +64,10 @@ class KernelOptions:
     candidates once per shape class (default: ``HF_SPARSEK_AUTOTUNE``); ``eager_fast_path`` eager calls skip the
     custom op's Python dispatch (host time), torch.compile still sees the op.
 
-    Decode (query runs of at most 16 rows without gradients): ``split_kv_decode`` runs the split-KV kernel
-    (kernels/decode.py; False: the forward kernel, one program per query tile and KV head);
+    Decode (query runs without gradients): ``split_kv_decode`` runs the split-KV kernel (kernels/decode.py; False:
+    the forward kernel, one program per query tile and KV head) for runs of at most 16 rows, and for runs of up to
+    ``split_kv_max_rows`` (at most the kernel's 64) where the forward kernel would have few programs: batch x KV
+    heads x query tiles times ``split_kv_sms_per_program`` at most the SMs (``dispatch.use_split_kv``);
     ``decode_programs_per_sm`` how many programs per SM the split count aims for.
     """
 
@@ -93,6 +95,8 @@ class KernelOptions:
     eager_fast_path: bool = True
     split_kv_decode: bool = True
     decode_programs_per_sm: int = 4
+    split_kv_max_rows: int = 64
+    split_kv_sms_per_program: int = 4
 
     def __post_init__(self) -> None:
         for name in _BOOLS + _OPTIONAL_BOOLS:
@@ -107,6 +111,9 @@ class KernelOptions:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"KernelOptions.{name} must be a positive int"
                                  f"{' or None' * (name in _OPTIONAL_POSITIVE_INTS)}, got {value!r}")
+        if not 16 <= self.split_kv_max_rows <= 64:
+            raise ValueError(f"KernelOptions.split_kv_max_rows must lie in 16..64 (the split-KV kernel's runs), got "
+                             f"{self.split_kv_max_rows!r}")
         for name in _TABLES:
             value = getattr(self, name)
             if not isinstance(value, Mapping):

@@ -207,3 +207,112 @@ def test_compiled_decode_reads_its_offset_on_the_device(case, kernels):
         eager = sparse_attention(q, k, v, pattern, q_offset=q_offset, attention_mask=mask, backend="reference")
     assert any("sparse_decode" in g for g in graphs)
     assert _rel(compiled, eager) < 2e-5
+
+
+def _many_sms(monkeypatch, sms: int = 132) -> None:
+    """Pretend the device has ``sms`` SMs (the interpreter's count is 1), so the split-KV rule for runs of 17-64
+    rows (``dispatch.use_split_kv``) sees a GPU's room."""
+    from hf_sparsek.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "sm_count", lambda device: sms)
+
+
+def test_split_kv_rule_for_runs_longer_than_16_rows(monkeypatch):
+    """Runs of at most 16 rows always take the split-KV kernel; 17-64 rows only where the prefill kernel's programs
+    (batch x KV heads x query tiles) times ``split_kv_sms_per_program`` fit in the SMs; never past 64 rows, the
+    option's limit, or with gradients / the log-sum-exp."""
+    from dataclasses import replace
+
+    from hf_sparsek.kernels import dispatch
+    from hf_sparsek.kernels.options import KernelOptions
+
+    _many_sms(monkeypatch, 132)
+    opts, cpu = KernelOptions(), torch.device("cpu")
+    assert dispatch.use_split_kv(16, False, opts, 10_000, cpu)
+    assert dispatch.use_split_kv(64, False, opts, 33, cpu) and not dispatch.use_split_kv(64, False, opts, 34, cpu)
+    assert not dispatch.use_split_kv(65, False, opts, 1, cpu)
+    assert not dispatch.use_split_kv(40, True, opts, 1, cpu) and not dispatch.use_split_kv(1, True, opts, 1, cpu)
+    assert not dispatch.use_split_kv(40, False, opts, 1, None)  # no device: no count of its SMs
+    assert not dispatch.use_split_kv(33, False, replace(opts, split_kv_max_rows=32), 1, cpu)
+    assert dispatch.use_split_kv(32, False, replace(opts, split_kv_max_rows=32), 1, cpu)
+    assert not dispatch.use_split_kv(4, False, replace(opts, split_kv_decode=False), 1, cpu)
+    for bad in (8, 65, 2.0):
+        with pytest.raises(ValueError, match="split_kv_max_rows"):
+            KernelOptions(split_kv_max_rows=bad)
+    assert [dispatch.query_tiles(n, 64, off) for n, off in ((40, 10), (40, 30), (64, 0), (64, 1))] == [1, 2, 1, 2]
+    assert dispatch.query_tiles(64, 32, torch.tensor([5])) == 3 == dispatch.query_tiles(64, 32, None)
+
+
+LONG_RUNS = [
+    # batch, hq, hkv, q_len, kv_len, q_offset, dim, pattern, padded
+    (2, 4, 2, 40, 500, 430, 64, SparsePattern(block_size=64, sink_tokens=5, window=130), True),  # crosses a tile
+    (1, 4, 1, 64, 333, 269, 128, SparsePattern(block_size=64), False),  # dense, two tiles
+    (2, 8, 2, 23, 300, 277, 64, SparsePattern(block_size=64, sink_tokens=8, window=64, topk_blocks=2,
+                                              selector="meanpool"), True),
+    (1, 2, 2, 64, 400, 300, 256, SparsePattern(block_size=128, sink_tokens=3, window=90), False),
+]
+
+
+@pytest.mark.parametrize("case", LONG_RUNS, ids=lambda c: f"B{c[0]}-Hq{c[1]}-Hk{c[2]}-q{c[3]}-at{c[5]}-D{c[6]}-"
+                         f"{c[7].describe()}"[:70] + ("-pad" if c[8] else ""))
+def test_runs_of_up_to_64_rows_through_the_split_kv_kernel(case, kernels, monkeypatch):
+    """Runs of 17-64 rows where the prefill kernel would have few programs: the op sends them to the split-KV kernel
+    without an index, a prebuilt index's lists run it too, and both equal the reference (static, dense and top-k
+    patterns, padding, GQA / MQA, runs crossing one or two tile edges)."""
+    batch, hq, hkv, q_len, kv_len, q_offset, dim, pattern, padded = case
+    _many_sms(monkeypatch)
+    q, k, v = torch.randn(batch, hq, q_len, dim), torch.randn(batch, hkv, kv_len, dim), torch.randn(batch, hkv,
+                                                                                                    kv_len, dim)
+    mask = _left_padding(batch, kv_len) if padded else None
+    import hf_sparsek.kernels.decode as decode_kernels
+
+    import hf_sparsek.triton_ops as triton_ops
+
+    runs = []
+    real = decode_kernels.decode_forward
+    monkeypatch.setattr(decode_kernels, "decode_forward", lambda q, *a, **kw: runs.append(q.shape[2]) or real(q, *a,
+                                                                                                              **kw))
+    kw = dict(q_offset=q_offset, attention_mask=mask)
+    with torch.no_grad():
+        out = sparse_attention(q, k, v, pattern, backend="triton", **kw)
+        index = build_index_for(q, k, pattern, **kw)
+        from_index = triton_ops.triton_block_sparse_attention(q, k, v, index, dim**-0.5)
+        ref = sparse_attention(q.double(), k.double(), v.double(), pattern, backend="reference", **kw)
+    assert runs == [q_len, q_len]
+    assert _rel(out, ref) < 2e-5 and _rel(from_index, ref) < 2e-5
+
+
+def test_a_long_run_stays_on_the_prefill_kernel_where_it_has_programs(kernels, monkeypatch):
+    """The same 40-row run on a device with few SMs (batch x KV heads x tiles too many for it): the prefill kernel
+    runs it, with the same result."""
+    import hf_sparsek.kernels.decode as decode_kernels
+
+    q, k, v = torch.randn(2, 4, 40, 64), torch.randn(2, 2, 300, 64), torch.randn(2, 2, 300, 64)
+    pattern = SparsePattern(block_size=64, sink_tokens=4, window=100)
+    runs = []
+    real = decode_kernels.decode_forward
+    monkeypatch.setattr(decode_kernels, "decode_forward", lambda q, *a, **kw: runs.append(q.shape[2]) or real(q, *a,
+                                                                                                              **kw))
+    outs = []
+    for sms in (15, 16):  # 2 x 2 x 1 tile = 4 programs: x 4 fits in 16 SMs, not in 15
+        _many_sms(monkeypatch, sms)
+        with torch.no_grad():
+            outs.append(sparse_attention(q, k, v, pattern, backend="triton"))
+    assert runs == [40]
+    assert _rel(outs[0], outs[1]) < 2e-5
+
+
+def test_a_long_run_with_its_offset_on_the_device(kernels):
+    """The graph-safe decode op with a tensor query offset takes runs of up to 64 rows: it counts the most query
+    tiles such a run can span, so a run anywhere (one tile, two) equals the reference."""
+    from hf_sparsek.ops import _pattern_text, sparse_decode_op
+
+    pattern = SparsePattern(block_size=64, sink_tokens=5, window=70)
+    q, k, v = torch.randn(2, 4, 64, 64), torch.randn(2, 2, 420, 64), torch.randn(2, 2, 420, 64)
+    mask = _left_padding(2, 420)
+    for q_offset in (128, 111, 356):
+        with torch.no_grad():
+            out = sparse_decode_op(q, k, v, mask, torch.tensor([q_offset]), 0, _pattern_text(pattern), 0.125, 0.0)
+            ref = sparse_attention(q.double(), k.double(), v.double(), pattern, q_offset=q_offset,
+                                   attention_mask=mask, backend="reference")
+        assert _rel(out, ref) < 2e-5, q_offset

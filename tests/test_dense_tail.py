@@ -72,11 +72,17 @@ def test_padding_offsets_and_the_triton_path():
     torch.testing.assert_close(tri, want, atol=2e-4, rtol=2e-4)
 
 
-def test_a_long_tail_runs_through_the_split_kv_kernel_in_short_runs(monkeypatch):
-    """Without gradients the tail goes through the split-KV kernel 16 rows at a time (the prefill kernel would give
-    its few rows a program or two per KV head to walk every key); with gradients it stays one call. Same rows."""
+@pytest.mark.parametrize("sms,want_runs", [(1, [16, 16, 8]), (32, [40]), (31, [16, 16, 8])])
+def test_a_long_tail_runs_through_the_split_kv_kernel(sms, want_runs, monkeypatch):
+    """Without gradients the tail goes through the split-KV kernel (the prefill kernel would give its few rows a
+    program or two per KV head to walk every key): in one launch where the prefill kernel's programs (batch 2 x 2 KV
+    heads x 2 query tiles) times 4 fit in the SMs, else 16 rows at a time; with gradients it stays one call. Same
+    rows."""
+    from hf_sparsek.kernels import dispatch
+
     from hf_sparsek import triton_ops
 
+    monkeypatch.setattr(dispatch, "sm_count", lambda device: sms)
     runs = []
     real = triton_ops.triton_decode_without_index
     monkeypatch.setattr(triton_ops, "triton_decode_without_index",
@@ -87,7 +93,7 @@ def test_a_long_tail_runs_through_the_split_kv_kernel_in_short_runs(monkeypatch)
     want = _by_hand(q, k, v, STATIC, attention_mask=mask)
     with triton_interpreter("attention_fwd", "block_index", "decode"):
         got = sparse_attention(q, k, v, STATIC, attention_mask=mask, backend="triton")
-        assert runs == [16, 16, 8]
+        assert runs == want_runs
         runs.clear()
         q.requires_grad_()
         sparse_attention(q, k, v, STATIC, attention_mask=mask, backend="triton")

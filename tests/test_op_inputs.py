@@ -377,7 +377,8 @@ def test_compiled_op_pattern_text_round_trips(pattern):
 
 
 @pytest.mark.parametrize("q_len,kv_len,q_offset,kv_offset", [(256, 256, None, 0), (7, 250, None, 0),
-                                                              (30, 90, 150, 100), (1, 256, None, 0)])
+                                                              (30, 90, 150, 100), (1, 256, None, 0),
+                                                              (30, 90, "tensor 150", 100)])
 def test_a_call_below_min_sparse_len_is_dense_attention_without_the_patterns_work(monkeypatch, q_len, kv_len,
                                                                                  q_offset, kv_offset):
     """Every query below ``min_sparse_len``: the call is plain causal attention (with the padding), and neither the
@@ -393,7 +394,11 @@ def test_a_call_below_min_sparse_len_is_dense_attention_without_the_patterns_wor
     k, v = torch.randn(2, 2, kv_len, 16), torch.randn(2, 2, kv_len, 16)
     mask = torch.ones(2, kv_len, dtype=torch.bool)
     mask[1, :5] = False
-    got = sparse_attention(q, k, v, pattern, q_offset=q_offset, kv_offset=kv_offset, attention_mask=mask,
+    given = q_offset  # an eager call's tensor offset (a static cache's position) is read, as the call reads it
+    if isinstance(q_offset, str):
+        q_offset = int(q_offset.split()[1])
+        given = torch.tensor([q_offset])
+    got = sparse_attention(q, k, v, pattern, q_offset=given, kv_offset=kv_offset, attention_mask=mask,
                            backend="reference")
     start = kv_offset + kv_len - q_len if q_offset is None else q_offset
     q_abs = start + torch.arange(q_len).view(-1, 1)
@@ -403,5 +408,5 @@ def test_a_call_below_min_sparse_len_is_dense_attention_without_the_patterns_wor
     torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
     assert calls == []
     sparse_attention(q, k, v, pattern.replace(min_sparse_len=(start + q_len - 64) // 64 * 64),
-                     q_offset=q_offset, kv_offset=kv_offset, attention_mask=mask, backend="reference")
+                     q_offset=given, kv_offset=kv_offset, attention_mask=mask, backend="reference")
     assert calls == ["repeat"]

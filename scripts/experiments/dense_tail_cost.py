@@ -39,12 +39,15 @@ def _time_parts(seq: int, pattern, device: str, dtype: torch.dtype, cpu: bool, r
         "tail rows dense, runs of 16": lambda: [sparse_attention(qt[:, :, s:s + 16], k, v, dense, q_offset=head + s)
                                                 for s in range(0, tail, 16)],
         "concatenation": lambda: torch.cat([qh, qt], 2),
+        "torch SDPA, dense causal": lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=True),
     }
-    if not cpu:  # what one split-KV launch over all the tail's rows would cost (the kernel's row budget allows it)
-        from scripts.experiments.split_kv_rows import raised_limit
+    from scripts.experiments.split_kv_rows import prefill_kernel_over_16_rows
 
-        parts["tail rows dense, split-KV one run of 64 (limit raised)"] = lambda: raised_limit(
-            lambda: sparse_attention(qt, k, v, dense, q_offset=head))
+    parts["tail rows dense, one call, prefill kernel over 16 rows"] = lambda: prefill_kernel_over_16_rows(
+        lambda: sparse_attention(qt, k, v, dense, q_offset=head))
+    parts["whole call, prefill kernel over 16 rows"] = lambda: prefill_kernel_over_16_rows(
+        lambda: sparse_attention(q, k, v, pattern))
     rows = []
     with torch.no_grad():
         for name, fn in parts.items():
@@ -56,7 +59,7 @@ def _time_parts(seq: int, pattern, device: str, dtype: torch.dtype, cpu: bool, r
     rows.append({"seq_len": seq, "case": "split-KV runs in one whole call", "runs": list(runs)})
     print(f"{seq:6d} split-KV runs in one whole call: {runs}", flush=True)
     if not cpu:
-        for name in ("whole call", "pattern without tail, whole call"):
+        for name in ("whole call", "pattern without tail, whole call", "whole call, prefill kernel over 16 rows"):
             rows.append({"seq_len": seq, "case": f"profile: {name}", "kernels": _profile(parts[name])})
     return rows
 
