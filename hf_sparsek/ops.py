@@ -560,7 +560,9 @@ def per_query_head_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern
     """``per_query_head``: K and V repeated to one KV head per query head, so the selector (which chooses one tile
     list per KV head) chooses per query head; a dense KV head becomes its group's query heads. The attention is
     the same function of Q, K, V (autograd sums the repeats' gradients); the kernels read group-size times the K /
-    V bytes. A call whose query heads equal its KV heads is unchanged."""
+    V bytes. One KV head (MQA) becomes a view broadcast over the query heads, with no copy, where the kernels read
+    such a view at full speed (``kernels/dispatch.py: broadcast_heads_fit``). A call whose query heads equal its KV
+    heads is unchanged."""
     group = q.shape[1] // k.shape[1]
     if group == 1:
         return k, v, pattern
@@ -568,7 +570,19 @@ def per_query_head_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern
         raise ValueError("per_query_head: the op selects per query head itself; selected_tiles and a prebuilt index "
                          "are per KV head (drop per_query_head, or pass neither)")
     pattern = per_query_head_pattern(pattern, k.shape[1], group)
+    if k.shape[1] == 1 and _broadcast_heads_fit(k.shape[-1]):
+        return k.expand(-1, group, -1, -1), v.expand(-1, group, -1, -1), pattern
     return k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), pattern
+
+
+def _broadcast_heads_fit(head_dim: int) -> bool:
+    """The kernels' rule for K / V broadcast over the heads; without Triton only the reference runs, which reads
+    any view."""
+    try:
+        from .kernels.dispatch import broadcast_heads_fit
+    except ImportError:
+        return True
+    return broadcast_heads_fit(head_dim)
 
 
 DECODE_MAX_Q_LEN = 16  # a query run this short always takes the split-KV kernel (kernels/dispatch.py SHORT_RUN_ROWS)

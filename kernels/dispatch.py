@@ -21,7 +21,7 @@ from .attention_fwd import FWD_CANDIDATES, FWD_CONFIGS, FwdConfig
 from .bwd_split import split_key_lists
 from .common import sm_count
 from .options import KernelOptions
-from .tma import aligned, compute_major, use_tma
+from .tma import AUTO_HEAD_DIMS, aligned, compute_major, use_tma
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GLUON_DTYPES = (torch.float16, torch.bfloat16)
@@ -101,6 +101,14 @@ def gluon_dkdv_reason(dtype: torch.dtype, head_dim: int, block: int, softcap: fl
                 f"{'?' if row_tiles is None else row_tiles} < {exempt} tiles (short grids of short rows are bound by "
                 "host time, which the Triton kernels' launches take less of)")
     return None
+
+
+def broadcast_heads_fit(head_dim: int) -> bool:
+    """Whether K / V may reach the kernels as a view broadcast over the heads (stride 0: one KV head repeated per
+    query head) without costing speed: the kernels that load through TMA (Gluon, TMA loads) need real strides and
+    fall back to plain loads on such a view (``tma.aligned``), and they take head dims 64 / 128 only. Elsewhere plain
+    loads read the view as it is, and the copy a repeat makes is saved."""
+    return head_dim not in (*AUTO_HEAD_DIMS, *gluon_fwd.HEAD_DIMS, *gluon_bwd.HEAD_DIMS)
 
 
 def use_gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int, softcap: float,

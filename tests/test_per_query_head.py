@@ -186,3 +186,41 @@ def test_selection_recall_measures_per_query_head() -> None:
         for key in ("coverage", "oracle_coverage", "density", "oracle_density"):
             assert a[key] == pytest.approx(b[key], abs=1e-5), key
         assert a["mean_tiles"] == b["mean_tiles"]
+
+
+@pytest.mark.parametrize("dim,broadcast", [(256, True), (64, False)])
+def test_one_kv_head_is_a_broadcast_view_on_the_kernels(dim: int, broadcast: bool, monkeypatch) -> None:
+    """MQA under ``per_query_head``: at head dims the TMA / Gluon kernels do not take, K / V reach the kernels as a
+    view broadcast over the query heads (stride 0, no copy); at 64 / 128 they are repeated (the TMA loads need real
+    strides). Either way the Triton path (interpreter: forward with the probe selector, padding, and the backward)
+    equals the multi-head twin on the reference, and the gradients are the twin's summed over the group."""
+    from conftest import triton_interpreter
+
+    from hf_sparsek import triton_ops
+
+    seen = []
+    real = triton_ops.triton_block_sparse_attention
+    monkeypatch.setattr(triton_ops, "triton_block_sparse_attention",
+                        lambda q, k, *a, **kw: seen.append(k.stride(1)) or real(q, k, *a, **kw))
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(2, 4, 150, dim, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 1, 150, dim, generator=g, requires_grad=True) for _ in range(2))
+    mask = torch.ones(2, 150, dtype=torch.bool)
+    mask[1, :23] = False
+    pattern = SparsePattern(block_size=64, sink_tokens=8, window=40, topk_blocks=1, selector="probe",
+                            probe_stride=8, per_query_head=True)
+    with triton_interpreter("attention_fwd", "attention_bwd", "block_index", "probe", "decode"):
+        out = sparse_attention(q, k, v, pattern, attention_mask=mask, backend="triton")
+        grad = torch.randn_like(out)
+        out.backward(grad)
+    assert seen and all((s == 0) == broadcast for s in seen)
+    q2, k2, v2 = (t.detach().clone() for t in (q, k, v))
+    k2, v2 = (t.repeat_interleave(4, 1).requires_grad_() for t in (k2, v2))
+    q2.requires_grad_()
+    twin = sparse_attention(q2, k2, v2, pattern.replace(per_query_head=False), attention_mask=mask,
+                            backend="reference")
+    twin.backward(grad)
+    torch.testing.assert_close(out, twin, atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(q.grad, q2.grad, atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(k.grad, k2.grad.sum(1, keepdim=True), atol=5e-4, rtol=5e-4)
+    torch.testing.assert_close(v.grad, v2.grad.sum(1, keepdim=True), atol=5e-4, rtol=5e-4)

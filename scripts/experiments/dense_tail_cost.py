@@ -48,8 +48,13 @@ def _time_parts(seq: int, pattern, device: str, dtype: torch.dtype, cpu: bool, r
         lambda: sparse_attention(qt, k, v, dense, q_offset=head))
     parts["whole call, prefill kernel over 16 rows"] = lambda: prefill_kernel_over_16_rows(
         lambda: sparse_attention(q, k, v, pattern))
+    parts["whole call, K / V repeated per query head"] = lambda: repeated_kv(lambda: sparse_attention(q, k, v, pattern))
     rows = []
     with torch.no_grad():
+        diff = (parts["whole call"]().float() - parts["whole call, K / V repeated per query head"]().float()).abs()
+        rows.append({"seq_len": seq, "case": "max abs diff, broadcast view vs repeated K / V",
+                     "value": float(diff.max())})
+        print(f"{seq:6d} max abs diff, broadcast view vs repeated K / V: {float(diff.max()):.3e}", flush=True)
         for name, fn in parts.items():
             ms = _time_ms(fn, cpu)
             rows.append({"seq_len": seq, "case": name, "ms": ms})
@@ -59,9 +64,22 @@ def _time_parts(seq: int, pattern, device: str, dtype: torch.dtype, cpu: bool, r
     rows.append({"seq_len": seq, "case": "split-KV runs in one whole call", "runs": list(runs)})
     print(f"{seq:6d} split-KV runs in one whole call: {runs}", flush=True)
     if not cpu:
-        for name in ("whole call", "pattern without tail, whole call", "whole call, prefill kernel over 16 rows"):
+        for name in ("whole call", "pattern without tail, whole call", "whole call, K / V repeated per query head"):
             rows.append({"seq_len": seq, "case": f"profile: {name}", "kernels": _profile(parts[name])})
     return rows
+
+
+def repeated_kv(fn):
+    """Run ``fn`` with one KV head repeated per query head under ``per_query_head`` (a copy, as before the broadcast
+    view; ``ops._broadcast_heads_fit``)."""
+    from hf_sparsek import ops
+
+    saved = ops._broadcast_heads_fit
+    ops._broadcast_heads_fit = lambda head_dim: False
+    try:
+        return fn()
+    finally:
+        ops._broadcast_heads_fit = saved
 
 
 def _profile(fn) -> list[dict]:
