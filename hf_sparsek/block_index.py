@@ -721,6 +721,19 @@ def attended_pairs(index: BlockIndex, batch_row: int = 0, head: int = 0) -> int:
     return int(attended_pairs_per_tile(index, batch_row, head).sum().item())
 
 
+def _tile_rows(index: BlockIndex) -> tuple[torch.Tensor, torch.Tensor]:
+    """(absolute query positions (n_q_tiles, block), which of them are rows of the call): the query tiles' rows."""
+    block, device = index.block_size, index.full_count.device
+    tiles, r = torch.arange(index.n_q_tiles, device=device), torch.arange(block, device=device)
+    q_abs = (index.q_offset // block + tiles).view(-1, 1) * block + r
+    return q_abs, (q_abs >= index.q_offset) & (q_abs < index.q_offset + index.q_len)
+
+
+def rows_per_tile(index: BlockIndex) -> torch.Tensor:
+    """The call's rows in each query tile (int64, (n_q_tiles,))."""
+    return _tile_rows(index)[1].sum(-1)
+
+
 def attended_pairs_per_tile(index: BlockIndex, batch_row: int = 0, head: int = 0) -> torch.Tensor:
     """Exact (query, key) pairs the index attends per query tile (int64, (n_q_tiles,)) for one batch row and KV head.
 
@@ -730,11 +743,10 @@ def attended_pairs_per_tile(index: BlockIndex, batch_row: int = 0, head: int = 0
     device = index.full_count.device
     bi = 0 if index.batch_broadcast else batch_row
     hi = 0 if index.head_broadcast else head
-    qb0, kb0 = index.q_offset // block, index.kv_offset // block
+    kb0 = index.kv_offset // block
     r = torch.arange(block, device=device)
-    m_all = torch.arange(index.n_q_tiles, device=device)
-    q_abs = (qb0 + m_all).view(-1, 1) * block + r  # (n_q, block)
-    rows_in = ((q_abs >= index.q_offset) & (q_abs < index.q_offset + index.q_len)).sum(-1)  # (n_q,)
+    q_abs, in_call = _tile_rows(index)  # (n_q, block)
+    rows_in = in_call.sum(-1)  # (n_q,)
     total = index.full_count[bi, hi].long() * rows_in * block
     width = index.part_tiles.shape[-1]
     cnt = index.part_count[bi, hi].long()
@@ -756,12 +768,9 @@ def attended_pairs_per_tile(index: BlockIndex, batch_row: int = 0, head: int = 0
 
 def causal_pairs_per_tile(index: BlockIndex) -> torch.Tensor:
     """Causal (query, key) pairs of each query tile's in-range rows over the index's keys (int64, (n_q_tiles,))."""
-    block, device = index.block_size, index.full_count.device
-    tiles, r = torch.arange(index.n_q_tiles, device=device), torch.arange(block, device=device)
-    q_abs = (index.q_offset // block + tiles).view(-1, 1) * block + r
-    rows_in = (q_abs >= index.q_offset) & (q_abs < index.q_offset + index.q_len)
+    q_abs, in_call = _tile_rows(index)
     visible = (q_abs - index.kv_offset + 1).clamp(0, index.kv_len)
-    return (visible * rows_in).sum(-1)
+    return (visible * in_call).sum(-1)
 
 
 def causal_pairs(q_len: int, kv_len: int, q_offset: int, kv_offset: int) -> int:

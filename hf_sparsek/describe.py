@@ -58,14 +58,19 @@ def _topk_density_bound(pattern: SparsePattern, seq_len: int, kv_heads: int) -> 
     left, not k blocks)."""
     import torch
 
-    from .block_index import attended_pairs_per_tile, build_block_index, causal_pairs, causal_pairs_per_tile
+    from .block_index import (
+        attended_pairs_per_tile,
+        build_block_index,
+        causal_pairs,
+        causal_pairs_per_tile,
+        rows_per_tile,
+    )
 
     static = pattern.replace(topk_blocks=None, selector=None, mass_threshold=None, probe_stride=None)
     index = build_block_index(static, batch=1, kv_heads=kv_heads, q_len=seq_len, kv_len=seq_len)
     causal = causal_pairs_per_tile(index)
     block = pattern.block_size
-    q_abs = torch.arange(index.n_q_tiles).view(-1, 1) * block + torch.arange(block)
-    rows_in = (q_abs < seq_len).sum(-1)
+    rows_in = rows_per_tile(index)
     pairs = 0
     for h in range(1 if index.head_broadcast else kv_heads):  # a dense head's static pairs are all its causal pairs
         have = attended_pairs_per_tile(index, 0, h)
