@@ -250,6 +250,7 @@ LONG_RUNS = [
     (2, 8, 2, 23, 300, 277, 64, SparsePattern(block_size=64, sink_tokens=8, window=64, topk_blocks=2,
                                               selector="meanpool"), True),
     (1, 2, 2, 64, 400, 300, 256, SparsePattern(block_size=128, sink_tokens=3, window=90), False),
+    (2, 4, 1, 48, 420, 372, 64, SparsePattern(block_size=64, sink_tokens=8, window=64, topk_blocks=2), True),  # mass
 ]
 
 
