@@ -255,8 +255,8 @@ def use_split_kv(q_len: int, needs_lse: bool, options: KernelOptions, row_progra
     Runs of at most ``SHORT_RUN_ROWS`` rows always. Longer runs, up to ``options.split_kv_max_rows``, where the
     prefill kernel would leave most of the GPU idle: ``row_programs`` (batch x KV heads x query tiles the run
     spans) times ``options.split_kv_sms_per_program`` at most the device's SMs. Measured on an H100 (16K-32K
-    keys, 32-64 rows; docs/kernel-decisions.md, "Dense tail rows"): one split-KV launch was 2-7x faster than the
-    prefill kernel at batch 1 (1-16 such programs) and slower at batch 8 with 8 KV heads (64-128)."""
+    keys, 32-64 rows; docs/kernel-decisions.md, "Dense tail rows"): one split-KV launch was 1.5-10x faster than the
+    prefill kernel at batch 1 (1-16 such programs) and slower at batch 8 with 8 KV heads and 64 rows (64-128)."""
     if not options.split_kv_decode or needs_lse or q_len > decode.MAX_Q_LEN:
         return False
     if q_len <= SHORT_RUN_ROWS:
