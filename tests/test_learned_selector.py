@@ -194,20 +194,20 @@ def test_triton_decode_shapes_through_the_fused_kernel(interpret, monkeypatch):
     k = torch.randn(batch, hkv, total, dim, generator=gen)
     valid = torch.ones(batch, total, dtype=torch.bool)
     valid[0, :90] = False
-    selector = _perturbed(LearnedSelector([0], hkv, dim, BLOCK), seed=3)
+    selector = _perturbed(LearnedSelector([1], hkv, dim, BLOCK), seed=3)
     args = dict(topk=3, sink_tokens=4, window=64, kv_offset=0)
     for long_from in (256, 5):  # 11 key tiles: the fused kernel; then the PyTorch scoring from 5 key tiles on
         monkeypatch.setattr(selector_module, "SHORT_MIN_KEY_TILES", long_from)
         for end in (641, 700):
             qs, ks, vs = q[:, :, end - 1:end], k[:, :, :end], valid[:, :end]
-            fused = selector.select(0, qs, ks, q_offset=end - 1, valid=vs, use_store=False, backend="triton",
+            fused = selector.select(1, qs, ks, q_offset=end - 1, valid=vs, use_store=False, backend="triton",
                                     **args)
-            torch_path = selector.select(0, qs, ks, q_offset=end - 1, valid=vs, use_store=False, backend="torch",
+            torch_path = selector.select(1, qs, ks, q_offset=end - 1, valid=vs, use_store=False, backend="torch",
                                          **args)
             assert torch.equal(fused, torch_path), end
             assert (fused >= 0).all()
-    selector.select(0, q[:, :, :640], k[:, :, :640], q_offset=0, valid=valid[:, :640], backend="triton", **args)
-    stored = selector.stores[0].key_features
+    selector.select(1, q[:, :, :640], k[:, :, :640], q_offset=0, valid=valid[:, :640], backend="triton", **args)
+    stored = selector.stores[1].key_features
     torch.testing.assert_close(stored, key_tile_features(k[:, :, :640], valid[:, :640], 0, BLOCK))
 
 
@@ -355,20 +355,20 @@ def test_store_incremental_equals_scratch():
     k_all = torch.randn(batch, hkv, total, dim, generator=gen)
     valid = torch.ones(batch, total, dtype=torch.bool)
     valid[0, :9] = False
-    selector = _perturbed(LearnedSelector([0], hkv, dim, BLOCK))
+    selector = _perturbed(LearnedSelector([1], hkv, dim, BLOCK))
     args = dict(topk=2, sink_tokens=4, window=64)
 
     def step(lo: int, hi: int) -> torch.Tensor:
-        return selector.select(0, q_all[:, :, lo:hi], k_all[:, :, :hi], q_offset=lo, kv_offset=0,
+        return selector.select(1, q_all[:, :, lo:hi], k_all[:, :, :hi], q_offset=lo, kv_offset=0,
                                valid=valid[:, :hi], **args)
 
     # One long call over every row: the tiles each query tile gets when nothing is cut.
-    whole = selector.select(0, q_all, k_all, q_offset=0, kv_offset=0, valid=valid, use_store=False, **args)
+    whole = selector.select(1, q_all, k_all, q_offset=0, kv_offset=0, valid=valid, use_store=False, **args)
     step(0, 120)  # prefill
-    store = selector.stores[0]
+    store = selector.stores[1]
     for end in range(121, total + 1):
         tiles = step(end - 1, end)
-        scratch = selector.select(0, q_all[:, :, :end], k_all[:, :, :end], q_offset=0, kv_offset=0,
+        scratch = selector.select(1, q_all[:, :, :end], k_all[:, :, :end], q_offset=0, kv_offset=0,
                                   valid=valid[:, :end], use_store=False, **args)
         assert torch.equal(tiles[:, :, -1], scratch[:, :, -1]), end  # the store = recomputing from scratch
         # ... and the row decoded now gets the tiles the long call gives its tile (rows after it do not matter)
@@ -379,14 +379,38 @@ def test_store_incremental_equals_scratch():
     assert store.recomputed == 0
     # The cache shrinks (a new, shorter prompt of the same batch): features are recomputed from the keys.
     other = torch.randn(batch, hkv, 150, dim, generator=gen)
-    selector.select(0, q_all[:, :, :150], other, q_offset=0, kv_offset=0, valid=valid[:, :150], **args)
+    selector.select(1, q_all[:, :, :150], other, q_offset=0, kv_offset=0, valid=valid[:, :150], **args)
     assert store.recomputed == 1
     torch.testing.assert_close(store.key_features, key_tile_features(other[:, :, :128], valid[:, :128], 0, BLOCK))
     # Longer, but different keys (the earlier sequence again): the fingerprint catches it.
-    selector.select(0, q_all[:, :, 149:151], k_all[:, :, :151], q_offset=149, kv_offset=0, valid=valid[:, :151],
+    selector.select(1, q_all[:, :, 149:151], k_all[:, :, :151], q_offset=149, kv_offset=0, valid=valid[:, :151],
                     **args)
     assert store.recomputed >= 2
     torch.testing.assert_close(store.key_features, key_tile_features(k_all[:, :, :128], valid[:, :128], 0, BLOCK))
+
+
+
+def test_first_layer_store_follows_rows_swapped_inside_a_tile():
+    """A first layer's keys depend on their token and position only: after a beam-search-like swap of two rows that
+    differ inside a tile but not at its last key, the fingerprints match. Layer 0 therefore pools its key tiles from
+    the keys on every call (``fingerprints_identify_history``) and chooses what recomputing from scratch chooses."""
+    gen = torch.Generator().manual_seed(8)
+    hq, hkv, dim, total = 4, 2, 8, 260
+    q_row = torch.randn(1, hq, total, dim, generator=gen)
+    k_row = torch.randn(1, hkv, total, dim, generator=gen)
+    q_all, k_all = q_row.repeat(2, 1, 1, 1), k_row.repeat(2, 1, 1, 1)
+    pull = q_row[0, :: hq // hkv, 130:].mean(1)  # (Hkv, D): where the later queries point
+    k_all[0, :, 70:120] += 4 * pull[:, None]  # tile 1 strongly relevant in row 0 only; its last key (127) shared
+    k_all[1, :, 70:120] -= 4 * pull[:, None]
+    selector = _perturbed(LearnedSelector([0], hkv, dim, BLOCK))
+    args = dict(topk=1, sink_tokens=0, window=64, kv_offset=0, valid=None)
+    selector.select(0, q_all[:, :, :250], k_all[:, :, :250], q_offset=0, **args)  # prefill: tiles 0-2 complete
+    swap = torch.tensor([1, 0])
+    qs, ks = q_all[swap], k_all[swap]
+    tiles = selector.select(0, qs[:, :, 250:251], ks[:, :, :251], q_offset=250, **args)
+    scratch = selector.select(0, qs[:, :, :251], ks[:, :, :251], q_offset=0, use_store=False, **args)
+    assert torch.equal(tiles[:, :, -1], scratch[:, :, -1])
+    assert not torch.equal(scratch[0, :, -1], scratch[1, :, -1])  # the rows choose differently: a real check
 
 
 OWN_CASES = [  # (case from CASES or FUSED_CASES, backend, whether the previous tile's rows choose other tiles there)
@@ -464,18 +488,18 @@ def test_store_on_the_device_equals_scratch(interpret):
     k_all = torch.randn(batch, hkv, total, dim, generator=gen).to(torch.bfloat16)
     valid = torch.ones(batch, total, dtype=torch.bool)
     valid[0, :9] = False
-    selector = _perturbed(LearnedSelector([0], hkv, dim, BLOCK))
+    selector = _perturbed(LearnedSelector([1], hkv, dim, BLOCK))
     args = dict(topk=2, sink_tokens=4, window=64, kv_offset=0, backend="triton")
 
     def step(k: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        return selector.select(0, q_all[:, :, lo:hi], k[:, :, :hi], q_offset=lo, valid=valid[:, :hi], **args)
+        return selector.select(1, q_all[:, :, lo:hi], k[:, :, :hi], q_offset=lo, valid=valid[:, :hi], **args)
 
     def scratch(k: torch.Tensor, end: int) -> torch.Tensor:
-        return selector.select(0, q_all[:, :, :end], k[:, :, :end], q_offset=0, valid=valid[:, :end],
+        return selector.select(1, q_all[:, :, :end], k[:, :, :end], q_offset=0, valid=valid[:, :end],
                                use_store=False, **args)
 
     step(k_all, 0, 120)
-    store = selector.stores[0]
+    store = selector.stores[1]
     for end in [*range(121, 132), *range(190, total)]:
         if end == 190:
             step(k_all, 131, 189)  # a chunk brings the cache to 189

@@ -369,8 +369,8 @@ def test_two_conversations_through_one_model_match_each_alone():
                                             ("static", "moment")])
 def test_generate_with_store_equals_recomputing(monkeypatch, cache, selector):
     """generate() of 24 tokens (DynamicCache, or StaticCache whose unwritten slots sit in the keys; left padding,
-    top-1 "mass" / "moment" tiles of 64 keys) through the face keeps one state per layer and gives the same tokens
-    and logits as recomputing the features from all keys each step."""
+    top-1 "mass" / "moment" tiles of 64 keys) through the face keeps one state per layer past the first and gives
+    the same tokens and logits as recomputing the features from all keys each step."""
     model = _build_llama()
     pattern = SparsePattern(block_size=64, sink_tokens=4, window=64, topk_blocks=1, selector=selector)
     hf_sparsek.set_pattern(model, pattern)
@@ -383,12 +383,52 @@ def test_generate_with_store_equals_recomputing(monkeypatch, cache, selector):
         gen["cache_implementation"] = "static"
     out = model.generate(ids, **gen)
     layers = [layer.self_attn for layer in model.model.layers]
-    states = [store_module._STATES.get(m) for m in layers]
+    assert store_module._STATES.get(layers[0]) is None  # a first layer keeps nothing (fingerprints_identify_history)
+    states = [store_module._STATES.get(m) for m in layers[1:]]
     assert all(s is not None and s.tiles == (120 + 23) // 64 and bool(s.reused.all()) for s in states)
-    assert len({id(s) for s in states}) == len(layers)
+    assert len({id(s) for s in states}) == len(layers) - 1
 
     monkeypatch.setattr(store_module, "selection_state_for", lambda module, pattern: None)
     ref = model.generate(ids, **gen)
     assert torch.equal(out.sequences, ref.sequences)
     torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), rtol=0, atol=0)
     assert out.sequences.shape[1] == 144
+
+
+@pytest.mark.parametrize("selector", ["mass", "moment"])
+def test_beam_search_with_store_equals_recomputing(monkeypatch, selector):
+    """A 3-beam search reorders the cache's rows between steps; beams that differ inside a tile but agree on its
+    last token share that tile's last key in the first layer (a key there depends on its token and position only).
+    The face keeps no state there (``fingerprints_identify_history``), so the search gives the tokens and logits of
+    recomputing every layer's features from all keys each step. With a first-layer state, the "moment" case here
+    reused a stale tile (logits 0.06 apart at the last step)."""
+    model = _build_llama()
+    hf_sparsek.set_pattern(model, SparsePattern(block_size=64, sink_tokens=4, window=64, topk_blocks=1,
+                                                selector=selector))
+    torch.manual_seed(0)
+    ids = torch.randint(1, 97, (2, 300))
+    ids[:, 250:290] = ids[:, 20:60]  # a repeat the search can follow
+    mask = torch.ones_like(ids)
+    mask[0, :9], ids[0, :9] = 0, 0
+    gen = dict(attention_mask=mask, max_new_tokens=40, num_beams=3, do_sample=False, pad_token_id=0,
+               output_logits=True, return_dict_in_generate=True)
+    out = model.generate(ids, **gen)
+    assert store_module._STATES.get(model.model.layers[1].self_attn) is not None
+    monkeypatch.setattr(store_module, "selection_state_for", lambda module, pattern: None)
+    ref = model.generate(ids, **gen)
+    assert torch.equal(out.sequences, ref.sequences)
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), rtol=0, atol=0)
+
+
+def test_only_layers_past_the_first_keep_a_state():
+    """The rule in one place: layer 0, a missing or non-int ``layer_idx`` keep nothing; layers 1+ keep one each."""
+    from hf_sparsek.selection.store import fingerprints_identify_history, selection_state_for
+
+    assert [fingerprints_identify_history(i) for i in (0, 1, 7, None, True, "1", -1)] == [
+        False, True, True, False, False, False, False]
+    pattern = SparsePattern(block_size=64, window=64, topk_blocks=1, selector="mass")
+    first, second, bare = torch.nn.Module(), torch.nn.Module(), torch.nn.Module()
+    first.layer_idx, second.layer_idx = 0, 1
+    assert selection_state_for(first, pattern) is None and selection_state_for(bare, pattern) is None
+    state = selection_state_for(second, pattern)
+    assert isinstance(state, SelectionState) and selection_state_for(second, pattern) is state

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..model_support import attention_shape
+from ..selection.store import fingerprints_identify_history
 from .config import QUERY_ROWS
 from .features import (
     competing_tiles,
@@ -108,7 +109,13 @@ class LearnedSelector(nn.Module):
         with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
             store = self.stores.setdefault(-1 if layer_idx is None else layer_idx, LayerStore()) if use_store else None
             if store is not None and kv_offset == 0:
-                k_feat = store.key_features_for(k, valid, kv_offset, block, use_triton, written=q_offset + q_len)
+                if fingerprints_identify_history(layer_idx):
+                    k_feat = store.key_features_for(k, valid, kv_offset, block, use_triton, written=q_offset + q_len)
+                else:  # a first layer's kept tiles cannot be checked on their last keys: every complete tile
+                    # pooled from its keys, as the store would give them
+                    end = max(0, min(kv_len, q_offset + q_len)) // block * block
+                    k_feat = key_tile_features(k[:, :, :end], None if valid is None else valid[:, :end], 0, block,
+                                               use_triton)
                 sums, counts, previous = store.query_sums_for(q, q_valid, q_offset, block, kv_heads, use_triton, k)
             else:
                 k_feat = key_tile_features(k, valid, kv_offset, block, use_triton)

@@ -10,7 +10,8 @@ What one layer keeps (:class:`LayerStore`):
 
 A call reuses them when it continues the same sequence: the batch and kv_offset are unchanged, the keys are at
 least as long as the stored tiles and the fingerprints match (every stored tile's last key is still the key at that
-position: one key per tile, since in a first layer a key depends on its token and position only). Anything else
+position: one key per tile, since in a first layer a key depends on its token and position only; a first layer
+keeps no key tiles at all, ``hf_sparsek.selection.store.fingerprints_identify_history``). Anything else
 (a new prompt, a cropped or reordered cache, a different batch) recomputes the key features from this call's
 keys. Query state (the last few, one per sequence batch the model alternates between)
 continues a call that starts where one ended, per row, for rows whose keys at the pooled positions are the kept

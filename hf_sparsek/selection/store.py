@@ -16,7 +16,9 @@ layer, kept by the caller) holds them instead:
   KV head) (a new prompt, a reordered batch, another conversation through the same layer).
 
 One key per kept tile, not one per sequence: in a model's first layer a key depends on its token and position
-only, so another sequence with the same token at one position would pass a single-key check there. The
+only, so another sequence with the same token at one position would pass a single-key check there. Even one key per
+tile does not tell such rows apart there (same tokens at every tile end, others inside: a beam search's reordered
+rows), so the face keeps no state in a first layer (:func:`fingerprints_identify_history`). The
 fingerprints are compared on the device: the Triton path (:mod:`hf_sparsek.kernels.selection_store`) checks them
 (programs spread over the kept tiles) and then decides per (row, KV head) whether to start from the kept tiles or
 from tile 0, in two launches and without a host read. The PyTorch path (CPU) reads the comparison on the host
@@ -166,13 +168,29 @@ class SelectionState:
 _STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def fingerprints_identify_history(layer_idx: object) -> bool:
+    """Whether a kept key tile may be reused on its last key alone in the layer at ``layer_idx``: False for the
+    model's first layer (0) and for a module without an int ``layer_idx``.
+
+    A first layer's keys depend on their token and position only. A batch row that now holds another history
+    (beam search reorders the cache's rows between steps) with the same token at every kept tile's last position
+    but others inside a tile passes the check there while the tile's keys differ: its kept features would be stale
+    (measured: a 3-beam search with selector "moment" chose from them). A deeper layer's key carries the tokens
+    before it through the attention below (every one of them where the layers below see at least a tile of
+    keys back), so its last key per tile tells such rows apart."""
+    return isinstance(layer_idx, int) and not isinstance(layer_idx, bool) and layer_idx >= 1
+
+
 def selection_state_for(module: torch.nn.Module, pattern: SparsePattern | None) -> SelectionState | None:
     """The :class:`SelectionState` kept for one attention module (one layer of one model) whose pattern selects
     with ``"mass"``, else None. Kept in a weak dictionary keyed by the module: it goes with the model, and two
     models never share one. Selector ``"refine"`` keeps one too (its first stage is ``"mass"``), and ``"moment"``
-    (its key features in the moment layout)."""
+    (its key features in the moment layout). None for a layer whose last key per tile does not identify the
+    history (:func:`fingerprints_identify_history`): there the features are pooled from all keys on every call."""
     if pattern is None or pattern.topk_blocks is None or pattern.resolved_selector not in ("mass", "refine",
                                                                                             "moment"):
+        return None
+    if not fingerprints_identify_history(getattr(module, "layer_idx", None)):
         return None
     state = _STATES.get(module)
     if state is None:
