@@ -2,11 +2,12 @@
 
     python -m scripts.gpu_face_checks [--out DIR]
 
-A random-weight Llama (bf16, head dim 64, GQA) with a sparse pattern, Triton backend:
-generate() with the dynamic and the static cache (same tokens), the sparse model against sdpa with the pattern's exact
-token mask, torch.compile(model, fullgraph=True) against eager (prefill, padded prefill, static-cache generate), a
-text-generation pipeline with model_kwargs, and whether the Gluon kernels are allowed on this Triton. Every check is
-recorded with its error; a failure never ends the run.
+A random-weight Llama (bf16, head dim 64, GQA) with a sparse pattern, Triton backend: generate() with the dynamic,
+static and offloaded caches (same tokens), the sparse model against sdpa with the pattern's exact token mask,
+torch.compile(model, fullgraph=True) against eager (prefill, padded prefill, static-cache generate), a
+text-generation pipeline with model_kwargs, a top-k pattern's kept key tile features against recomputing them
+(greedy and beam search), and whether the Gluon kernels are allowed on this Triton. Every check is recorded with its
+error; a failure never ends the run.
 """
 
 from __future__ import annotations
@@ -139,6 +140,52 @@ def main() -> None:
             model.to(torch.bfloat16)
         return {"ok": torch.equal(eager, comp), "same_tokens": int((eager == comp).sum()), "of": eager.numel()}
 
+    def offloaded_caches() -> dict[str, Any]:
+        """The offloaded caches (CUDA only: CPU tests cannot run them) give the dynamic cache's tokens (fp32)."""
+        kw = dict(max_new_tokens=24, do_sample=False, pad_token_id=0, disable_compile=True)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        model.float()
+        out: dict[str, Any] = {}
+        try:
+            dyn = model.generate(ids, **kw)
+            for impl in ("offloaded", "offloaded_static"):
+                got = model.generate(ids, cache_implementation=impl, **kw)
+                out[impl] = int((got == dyn).sum())
+        finally:
+            model.to(torch.bfloat16)
+        out["of"] = dyn.numel()
+        out["ok"] = all(out[impl] == dyn.numel() for impl in ("offloaded", "offloaded_static"))
+        return out
+
+    def topk_store_generate() -> dict[str, Any]:
+        """A top-k "mass" pattern keeps key tile features per layer (the Triton store, checked on the device):
+        greedy and 3-beam generate() give the tokens and logits of recomputing them from all keys each step."""
+        from hf_sparsek.selection import store as store_module
+
+        topk = SparsePattern(block_size=64, sink_tokens=16, window=128, topk_blocks=2, selector="mass")
+        hf_sparsek.set_pattern(model, topk)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        model.float()
+        real = store_module.selection_state_for
+        out: dict[str, Any] = {}
+        try:
+            for name, extra in (("greedy", {}), ("beams3", {"num_beams": 3})):
+                kw = dict(max_new_tokens=80, do_sample=False, pad_token_id=0, disable_compile=True,
+                          output_logits=True, return_dict_in_generate=True, **extra)
+                kept = model.generate(ids, **kw)
+                store_module.selection_state_for = lambda module, pattern: None
+                try:
+                    fresh = model.generate(ids, **kw)
+                finally:
+                    store_module.selection_state_for = real
+                diff = (torch.stack(kept.logits) - torch.stack(fresh.logits)).abs().max().item()
+                out[name] = {"same_tokens": bool(torch.equal(kept.sequences, fresh.sequences)), "max_logit_diff": diff}
+        finally:
+            model.to(torch.bfloat16)
+            hf_sparsek.set_pattern(model, PATTERN)
+        out["ok"] = all(v["same_tokens"] and v["max_logit_diff"] == 0.0 for v in out.values())
+        return out
+
     def pipeline_model_kwargs() -> dict[str, Any]:
         import tempfile
 
@@ -166,10 +213,13 @@ def main() -> None:
                      ("generate_static_with_transformers_auto_compile", static_auto_compile),
                      ("compile_fullgraph_equals_eager", compiled_fullgraph),
                      ("compile_fullgraph_static_generate", compiled_static_generate),
+                     ("generate_offloaded_caches_equal_dynamic", offloaded_caches),
+                     ("generate_topk_store_equals_recomputing", topk_store_generate),
                      ("pipeline_model_kwargs", pipeline_model_kwargs)):
         check(results, name, fn)
-    with open(os.path.join(args.out, "face_checks.json"), "w") as handle:
-        json.dump(results, handle, indent=2)
+    from scripts.common import write_json
+
+    write_json(os.path.join(args.out, "face_checks.json"), {"command": "python -m scripts.gpu_face_checks", **results})
     print(json.dumps({k: v.get("ok") for k, v in results.items() if k != "env"}, indent=1))
 
 
