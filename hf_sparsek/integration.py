@@ -12,6 +12,8 @@ layers of one forward share it), picks the backend and runs it.
 
 from __future__ import annotations
 
+import functools
+import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -274,6 +276,14 @@ def _learned_tiles(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
     return learned_tiles(module, query, key, pattern, mask.q_offset, mask.kv_offset, mask.padding)
 
 
+@functools.cache
+def _warn_output_attentions() -> None:
+    """Once per process, as transformers' sdpa and flash attention do: no weights come back (never materialized)."""
+    logging.getLogger(__name__).warning(
+        "attn_implementation='sparsek' does not return attention weights (output_attentions=True gives none); load "
+        "the model with attn_implementation='eager' to get them (dense attention)")
+
+
 def sparsek_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -297,6 +307,8 @@ def sparsek_attention_forward(
         )
     if is_causal is False or getattr(module, "is_causal", True) is False:
         raise ValueError("attn_implementation='sparsek' supports causal (decoder) attention only")
+    if kwargs.get("output_attentions", False):
+        _warn_output_attentions()
     if isinstance(attention_mask, torch.Tensor):
         raise ValueError(
             "attn_implementation='sparsek' received a materialized attention mask tensor; pass a 2D padding mask "

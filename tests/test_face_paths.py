@@ -397,3 +397,21 @@ def test_torch_compile_fullgraph_gradients_match_eager():
             grads.append([p.grad.clone() for p in model.parameters()])
     for eager, compiled in zip(*grads, strict=True):
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)
+
+
+def test_output_attentions_warns_that_no_weights_come_back(caplog):
+    """output_attentions=True: transformers' sdpa and flash attention warn and return no weights; sparsek does the
+    same (the weights are never materialized), once per process, naming the implementation that gives them."""
+    model = build("llama")
+    hf_sparsek.set_pattern(model, SPARSE)
+    ids = torch.randint(1, 97, (1, 70))
+    integration._warn_output_attentions.cache_clear()
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="hf_sparsek.integration"):
+        plain = model(ids).logits
+        assert not caplog.records
+        out = model(ids, output_attentions=True)
+        model(ids, output_attentions=True)
+    warnings = [r for r in caplog.records if "output_attentions" in r.getMessage()]
+    assert len(warnings) == 1 and "eager" in warnings[0].getMessage()
+    assert not out.attentions
+    torch.testing.assert_close(out.logits, plain, rtol=0, atol=0)
