@@ -207,6 +207,7 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, torch.device, torch.dtyp
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     dtype = parse_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    _check_patterns(args)
     start = time.perf_counter()
     model, tok, path = load_model(args.model, device, dtype, args.cache_dir)
     print(f"[hf-sparsek] loaded {args.model} ({path}) on {device} in {time.perf_counter() - start:.1f}s", flush=True)
@@ -222,6 +223,16 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, torch.device, torch.dtyp
     hf_sparsek.set_settings(backend=args.backend)  # process-wide: only once the choice is known to run
     os.makedirs(args.out, exist_ok=True)
     return model, tok, device, dtype, path
+
+
+def _check_patterns(args: argparse.Namespace) -> None:
+    """Refuse a malformed ``--patterns`` entry before the model loads (a large one takes minutes): every entry but
+    "default", which resolves from the model's config, is parsed as :func:`_specs` will parse it."""
+    from .modeling import parse_patterns
+
+    names = [name for name in (getattr(args, "patterns", None) or []) if name != "default"]
+    if names:
+        parse_patterns(names, None)
 
 
 def bos_id(tok: Any) -> int | None:

@@ -192,3 +192,19 @@ def test_eval_commands_refuse_lengths_past_the_models_positions(tmp_path, capsys
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert f"{flag}=" in err and "max_position_embeddings=1024" in err, (argv, err)
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_a_bad_pattern_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """``--patterns`` entries are parsed before loading: the pattern's error comes first, not the missing model's
+    (which here stands for minutes of loading a large one)."""
+    monkeypatch.delenv("HF_SPARSEK_DEBUG", raising=False)
+    missing = str(tmp_path / "no-model")
+    for command in (["eval", "ppl"], ["eval", "needle"], ["eval", "layers"], ["eval", "selection"]):
+        argv = [*command, "--model", missing, "--device", "cpu", "--out", str(tmp_path / "out"), "--patterns",
+                "default", '{"block_size": 48}']
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "block_size" in err and "one of (64, 128)" in err and "no-model" not in err, (argv, err)
+        argv[-1] = "sink128-window1024"  # a good pattern: now the model is what fails
+        assert main(argv) == 2, argv
+        assert "no-model" in capsys.readouterr().err, argv
