@@ -6,7 +6,8 @@ A random-weight Llama (bf16, head dim 64, GQA) with a sparse pattern, Triton bac
 static and offloaded caches (same tokens), the sparse model against sdpa with the pattern's exact token mask,
 torch.compile(model, fullgraph=True) against eager (prefill, padded prefill, static-cache generate), a
 text-generation pipeline with model_kwargs, a top-k pattern's kept key tile features against recomputing them
-(greedy and beam search), and whether the Gluon kernels are allowed on this Triton. Every check is recorded with its
+(greedy and beam search), a top-k pattern under transformers' automatic compile of static-cache decoding against
+eager, and whether the Gluon kernels are allowed on this Triton. Every check is recorded with its
 error; a failure never ends the run.
 """
 
@@ -18,7 +19,8 @@ import os
 import platform
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -29,6 +31,7 @@ import hf_sparsek
 from hf_sparsek import SparsePattern
 
 PATTERN = SparsePattern(block_size=64, sink_tokens=16, window=128)
+TOPK = SparsePattern(block_size=64, sink_tokens=16, window=128, topk_blocks=2, selector="mass")
 VOCAB = 512
 
 
@@ -39,6 +42,18 @@ def tiny_llama() -> torch.nn.Module:
                          attention_dropout=0.0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.bfloat16)
     return model.cuda().eval()
+
+
+@contextmanager
+def exact_fp32(model: torch.nn.Module) -> Iterator[None]:
+    """The model in fp32 without TF32 inside, bf16 again after: greedy tokens then compare exactly (bf16 random
+    weights leave near-ties that any reordering of a sum flips)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model.float()
+    try:
+        yield
+    finally:
+        model.to(torch.bfloat16)
 
 
 def check(results: dict[str, Any], name: str, fn: Callable[[], dict[str, Any]]) -> None:
@@ -85,13 +100,9 @@ def main() -> None:
         """fp32 without TF32 and without transformers' automatic compile of static-cache decoding, so that greedy
         tokens compare exactly (bf16 random weights leave near-ties that any reordering flips)."""
         kw = dict(max_new_tokens=24, do_sample=False, pad_token_id=0, disable_compile=True)
-        torch.backends.cuda.matmul.allow_tf32 = False
-        model.float()
-        try:
+        with exact_fp32(model):
             dyn = model.generate(ids, **kw)
             sta = model.generate(ids, cache_implementation="static", **kw)
-        finally:
-            model.to(torch.bfloat16)
         return {"ok": torch.equal(dyn, sta), "same_tokens": int((dyn == sta).sum()), "of": dyn.numel()}
 
     def static_auto_compile() -> dict[str, Any]:
@@ -100,14 +111,10 @@ def main() -> None:
         from torch._dynamo.utils import counters
 
         kw = dict(max_new_tokens=24, do_sample=False, pad_token_id=0, cache_implementation="static")
-        torch.backends.cuda.matmul.allow_tf32 = False
-        model.float()
         skips = counters["inductor"]["cudagraph_skips"]
-        try:
+        with exact_fp32(model):
             eager = model.generate(ids, disable_compile=True, **kw)
             auto = model.generate(ids, **kw)
-        finally:
-            model.to(torch.bfloat16)
         # the decode op is CUDA-graph safe (hf_sparsek::sparse_decode): inductor should skip no graph for it
         return {"ok": torch.equal(eager, auto), "same_tokens": int((eager == auto).sum()), "of": eager.numel(),
                 "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips}
@@ -129,30 +136,24 @@ def main() -> None:
     def compiled_static_generate() -> dict[str, Any]:
         kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=0, cache_implementation="static",
                   disable_compile=True)  # our own fullgraph compile below, not transformers' CUDA-graph one
-        torch.backends.cuda.matmul.allow_tf32 = False
-        model.float()
-        eager = model.generate(ids, **kw)
-        model.forward = torch.compile(model.forward, fullgraph=True)
-        try:
-            comp = model.generate(ids, **kw)
-        finally:
-            del model.forward
-            model.to(torch.bfloat16)
+        with exact_fp32(model):
+            eager = model.generate(ids, **kw)
+            model.forward = torch.compile(model.forward, fullgraph=True)
+            try:
+                comp = model.generate(ids, **kw)
+            finally:
+                del model.forward
         return {"ok": torch.equal(eager, comp), "same_tokens": int((eager == comp).sum()), "of": eager.numel()}
 
     def offloaded_caches() -> dict[str, Any]:
         """The offloaded caches (CUDA only: CPU tests cannot run them) give the dynamic cache's tokens (fp32)."""
         kw = dict(max_new_tokens=24, do_sample=False, pad_token_id=0, disable_compile=True)
-        torch.backends.cuda.matmul.allow_tf32 = False
-        model.float()
         out: dict[str, Any] = {}
-        try:
+        with exact_fp32(model):
             dyn = model.generate(ids, **kw)
             for impl in ("offloaded", "offloaded_static"):
                 got = model.generate(ids, cache_implementation=impl, **kw)
                 out[impl] = int((got == dyn).sum())
-        finally:
-            model.to(torch.bfloat16)
         out["of"] = dyn.numel()
         out["ok"] = all(out[impl] == dyn.numel() for impl in ("offloaded", "offloaded_static"))
         return out
@@ -162,29 +163,45 @@ def main() -> None:
         greedy and 3-beam generate() give the tokens and logits of recomputing them from all keys each step."""
         from hf_sparsek.selection import store as store_module
 
-        topk = SparsePattern(block_size=64, sink_tokens=16, window=128, topk_blocks=2, selector="mass")
-        hf_sparsek.set_pattern(model, topk)
-        torch.backends.cuda.matmul.allow_tf32 = False
-        model.float()
         real = store_module.selection_state_for
         out: dict[str, Any] = {}
+        hf_sparsek.set_pattern(model, TOPK)
         try:
-            for name, extra in (("greedy", {}), ("beams3", {"num_beams": 3})):
-                kw = dict(max_new_tokens=80, do_sample=False, pad_token_id=0, disable_compile=True,
-                          output_logits=True, return_dict_in_generate=True, **extra)
-                kept = model.generate(ids, **kw)
-                store_module.selection_state_for = lambda module, pattern: None
-                try:
-                    fresh = model.generate(ids, **kw)
-                finally:
-                    store_module.selection_state_for = real
-                diff = (torch.stack(kept.logits) - torch.stack(fresh.logits)).abs().max().item()
-                out[name] = {"same_tokens": bool(torch.equal(kept.sequences, fresh.sequences)), "max_logit_diff": diff}
+            with exact_fp32(model):
+                for name, extra in (("greedy", {}), ("beams3", {"num_beams": 3})):
+                    kw = dict(max_new_tokens=80, do_sample=False, pad_token_id=0, disable_compile=True,
+                              output_logits=True, return_dict_in_generate=True, **extra)
+                    kept = model.generate(ids, **kw)
+                    store_module.selection_state_for = lambda module, pattern: None
+                    try:
+                        fresh = model.generate(ids, **kw)
+                    finally:
+                        store_module.selection_state_for = real
+                    diff = (torch.stack(kept.logits) - torch.stack(fresh.logits)).abs().max().item()
+                    out[name] = {"same_tokens": bool(torch.equal(kept.sequences, fresh.sequences)),
+                                 "max_logit_diff": diff}
         finally:
-            model.to(torch.bfloat16)
             hf_sparsek.set_pattern(model, PATTERN)
         out["ok"] = all(v["same_tokens"] and v["max_logit_diff"] == 0.0 for v in out.values())
         return out
+
+    def topk_static_auto_compile() -> dict[str, Any]:
+        """transformers' automatic compile of static-cache decoding with a top-k pattern: runs and gives the eager
+        tokens (fp32, no TF32). Its op builds the index on the host, so inductor keeps it outside CUDA graphs:
+        the skips are recorded, not required to be zero."""
+        from torch._dynamo.utils import counters
+
+        kw = dict(max_new_tokens=24, do_sample=False, pad_token_id=0, cache_implementation="static")
+        skips = counters["inductor"]["cudagraph_skips"]
+        hf_sparsek.set_pattern(model, TOPK)
+        try:
+            with exact_fp32(model):
+                eager = model.generate(ids, disable_compile=True, **kw)
+                auto = model.generate(ids, **kw)
+        finally:
+            hf_sparsek.set_pattern(model, PATTERN)
+        return {"ok": torch.equal(eager, auto), "same_tokens": int((eager == auto).sum()), "of": eager.numel(),
+                "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips}
 
     def pipeline_model_kwargs() -> dict[str, Any]:
         import tempfile
@@ -215,6 +232,7 @@ def main() -> None:
                      ("compile_fullgraph_static_generate", compiled_static_generate),
                      ("generate_offloaded_caches_equal_dynamic", offloaded_caches),
                      ("generate_topk_store_equals_recomputing", topk_store_generate),
+                     ("generate_topk_static_with_transformers_auto_compile", topk_static_auto_compile),
                      ("pipeline_model_kwargs", pipeline_model_kwargs)):
         check(results, name, fn)
     from scripts.common import write_json
