@@ -161,10 +161,11 @@ def sparsek_mask(
                 f"{tuple(attention_mask.shape)}. Custom 4D masks are not supported by sparse attention."
             )
         source = attention_mask.to(torch.bool)  # transformers reads 2D masks as booleans for every implementation
-        am = source
-        if am.shape[-1] < kv_offset + kv_length:  # static caches: slots past the mask are future (causally hidden)
-            am = F.pad(am, (0, kv_offset + kv_length - am.shape[-1]), value=True)
-        padding = am[:, kv_offset : kv_offset + kv_length]
+        if source.shape[-1] < kv_offset + kv_length:  # static caches: slots past the mask are future (causally hidden)
+            # kept padded: a mask generate() prepares for a compiled static-cache step then has the cache's length
+            # every step, so the compiled forward sees one shape (no recompiles as the 2D mask grows)
+            source = F.pad(source, (0, kv_offset + kv_length - source.shape[-1]), value=True)
+        padding = source[:, kv_offset : kv_offset + kv_length]
         flags["unpadded"] = padding.all()
     starts = None
     if mask_function is not None and not _compiling():

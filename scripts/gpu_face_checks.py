@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch._dynamo
 import transformers
 from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -54,6 +55,13 @@ def exact_fp32(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         model.to(torch.bfloat16)
+
+
+def compile_counts() -> tuple[int, int]:
+    """(CUDA graphs inductor skipped, graphs Dynamo traced) so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"], counters["stats"]["unique_graphs"]
 
 
 def check(results: dict[str, Any], name: str, fn: Callable[[], dict[str, Any]]) -> None:
@@ -108,16 +116,17 @@ def main() -> None:
     def static_auto_compile() -> dict[str, Any]:
         """transformers compiles static-cache decoding by itself on CUDA (CUDA graphs where it can): it must run and
         give the eager tokens (fp32, no TF32)."""
-        from torch._dynamo.utils import counters
-
         kw = dict(max_new_tokens=24, do_sample=False, pad_token_id=0, cache_implementation="static")
-        skips = counters["inductor"]["cudagraph_skips"]
         with exact_fp32(model):
             eager = model.generate(ids, disable_compile=True, **kw)
+            torch._dynamo.reset()  # trace afresh: the graphs counted are this generate()'s
+            skips, graphs = compile_counts()
             auto = model.generate(ids, **kw)
-        # the decode op is CUDA-graph safe (hf_sparsek::sparse_decode): inductor should skip no graph for it
-        return {"ok": torch.equal(eager, auto), "same_tokens": int((eager == auto).sum()), "of": eager.numel(),
-                "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips}
+        # the decode op is CUDA-graph safe (hf_sparsek::sparse_decode): inductor should skip no graph for it, and
+        # the forward is traced once for all decode steps
+        skips, graphs = (now - then for now, then in zip(compile_counts(), (skips, graphs), strict=True))
+        return {"ok": torch.equal(eager, auto) and graphs == 1, "same_tokens": int((eager == auto).sum()),
+                "of": eager.numel(), "cudagraph_skips": skips, "graphs_traced": graphs}
 
     def compiled_fullgraph() -> dict[str, Any]:
         compiled = torch.compile(model, fullgraph=True)
@@ -187,21 +196,21 @@ def main() -> None:
 
     def topk_static_auto_compile() -> dict[str, Any]:
         """transformers' automatic compile of static-cache decoding with a top-k pattern: runs and gives the eager
-        tokens (fp32, no TF32). Its op builds the index on the host, so inductor keeps it outside CUDA graphs:
-        the skips are recorded, not required to be zero."""
-        from torch._dynamo.utils import counters
-
+        tokens (fp32, no TF32), traced once. Its op builds the index on the host, so inductor keeps it outside CUDA
+        graphs: the skips are recorded, not required to be zero."""
         kw = dict(max_new_tokens=24, do_sample=False, pad_token_id=0, cache_implementation="static")
-        skips = counters["inductor"]["cudagraph_skips"]
         hf_sparsek.set_pattern(model, TOPK)
         try:
             with exact_fp32(model):
                 eager = model.generate(ids, disable_compile=True, **kw)
+                torch._dynamo.reset()  # trace afresh: the graphs counted are this generate()'s
+                skips, graphs = compile_counts()
                 auto = model.generate(ids, **kw)
         finally:
             hf_sparsek.set_pattern(model, PATTERN)
-        return {"ok": torch.equal(eager, auto), "same_tokens": int((eager == auto).sum()), "of": eager.numel(),
-                "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips}
+        skips, graphs = (now - then for now, then in zip(compile_counts(), (skips, graphs), strict=True))
+        return {"ok": torch.equal(eager, auto) and graphs == 1, "same_tokens": int((eager == auto).sum()),
+                "of": eager.numel(), "cudagraph_skips": skips, "graphs_traced": graphs}
 
     def pipeline_model_kwargs() -> dict[str, Any]:
         import tempfile

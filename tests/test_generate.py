@@ -117,3 +117,27 @@ def test_dense_tail_static_cache_equals_dynamic_cache(model_type):
     hf_sparsek.set_pattern(model, SPARSE)
     _, logits_plain = _generate(model, ids, mask)
     assert (logits_plain[:, 0] - logits_dynamic[:, 0]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("pattern", ["window", "topk"])
+def test_compiled_static_decoding_traces_once_and_equals_eager(pattern):
+    """transformers' automatic compile of static-cache decoding (asked for on CPU, Dynamo's eager backend): the mask
+    generate() prepares each step keeps the cache's length, so the compiled forward is traced once for all steps
+    (on transformers 5.17 the growing 2D mask inside it traced three graphs), and the tokens and logits equal the
+    uncompiled run's. Left padding, a prompt that is not a whole number of tiles."""
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    model = build("llama")
+    hf_sparsek.set_pattern(model, SPARSE if pattern == "window" else hf_sparsek.SparsePattern(
+        block_size=64, sink_tokens=3, window=48, topk_blocks=1, selector="mass"))
+    ids, mask = _prompt(length=150)
+    eager_seq, eager_logits = _generate(model, ids, mask, cache_implementation="static", disable_compile=True)
+    config = CompileConfig(backend="eager", fullgraph=True)
+    config._compile_all_devices = True  # transformers' switch for compiling generate() off CUDA
+    torch._dynamo.reset()
+    before = counters["stats"]["unique_graphs"]
+    seq, logits = _generate(model, ids, mask, cache_implementation="static", compile_config=config)
+    assert counters["stats"]["unique_graphs"] - before == 1
+    assert torch.equal(seq, eager_seq)
+    torch.testing.assert_close(logits, eager_logits, rtol=1e-5, atol=1e-5)
