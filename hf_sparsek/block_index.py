@@ -162,12 +162,17 @@ def random_layout_keep(qb: torch.Tensor, kb: torch.Tensor, head: torch.Tensor, s
 def absolute_position(name: str, value: object) -> int:
     """Check an offset argument: an integer >= 0 (a negative one would make the kernels read before the tensors).
 
-    Plain ints cost nothing; a one-element integer tensor is read once, as ``int()`` would.
+    Plain ints cost nothing; a one-element integer tensor is read once, as ``int()`` would. An int is used as it
+    is: under torch.compile it may be symbolic (a static cache's offset in a mask generate() prepared), and
+    ``operator.index`` would specialize the trace on its value (one recompile per decode step).
     """
-    try:
-        position = operator.index(value)
-    except TypeError:
-        position = -1
+    if isinstance(value, int) and not isinstance(value, bool):
+        position = value
+    else:
+        try:
+            position = operator.index(value)
+        except TypeError:
+            position = -1
     if position < 0:
         raise ValueError(f"{name}={value!r}: expected an integer absolute position >= 0")
     return position

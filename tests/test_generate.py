@@ -119,25 +119,45 @@ def test_dense_tail_static_cache_equals_dynamic_cache(model_type):
     assert (logits_plain[:, 0] - logits_dynamic[:, 0]).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("pattern", ["window", "topk"])
-def test_compiled_static_decoding_traces_once_and_equals_eager(pattern):
-    """transformers' automatic compile of static-cache decoding (asked for on CPU, Dynamo's eager backend): the mask
-    generate() prepares each step keeps the cache's length, so the compiled forward is traced once for all steps
-    (on transformers 5.17 the growing 2D mask inside it traced three graphs), and the tokens and logits equal the
-    uncompiled run's. Left padding, a prompt that is not a whole number of tiles."""
+COMPILE_PATTERNS = {
+    "window": SPARSE,
+    "topk": hf_sparsek.SparsePattern(block_size=64, sink_tokens=3, window=48, topk_blocks=1, selector="mass"),
+    # rows below 128 dense: the decode steps' offsets cross it; Gemma 3's shipped default has such a bound
+    "min_sparse_len": hf_sparsek.SparsePattern(block_size=64, sink_tokens=3, window=48, topk_blocks=1,
+                                               selector="probe", per_query_head=True, dense_tail=16,
+                                               min_sparse_len=128),
+}
+
+
+def _compiled_static_generate(model, ids, mask):
+    """generate() with transformers' automatic compile of static-cache decoding, asked for on the CPU (Dynamo's
+    eager backend): (tokens, logits, graphs Dynamo traced)."""
     from torch._dynamo.utils import counters
     from transformers import CompileConfig
 
-    model = build("llama")
-    hf_sparsek.set_pattern(model, SPARSE if pattern == "window" else hf_sparsek.SparsePattern(
-        block_size=64, sink_tokens=3, window=48, topk_blocks=1, selector="mass"))
-    ids, mask = _prompt(length=150)
-    eager_seq, eager_logits = _generate(model, ids, mask, cache_implementation="static", disable_compile=True)
     config = CompileConfig(backend="eager", fullgraph=True)
     config._compile_all_devices = True  # transformers' switch for compiling generate() off CUDA
     torch._dynamo.reset()
     before = counters["stats"]["unique_graphs"]
     seq, logits = _generate(model, ids, mask, cache_implementation="static", compile_config=config)
-    assert counters["stats"]["unique_graphs"] - before == 1
+    return seq, logits, counters["stats"]["unique_graphs"] - before
+
+
+@pytest.mark.parametrize("model_type,pattern", [("llama", "window"), ("llama", "topk"),
+                                                ("gemma3_text", "min_sparse_len")])
+def test_compiled_static_decoding_traces_as_sdpa_and_equals_eager(model_type, pattern):
+    """Under transformers' compile of static-cache decoding the forward is traced as often as with sdpa (once for
+    Llama; Gemma 3's sliding layers add one), not once per step, and gives the uncompiled run's tokens and logits.
+    Two causes of per-step traces, both fixed: the mask generate() prepares carried the 2D mask as it grew (three
+    graphs on transformers 5.17), and an offset check read a symbolic offset as a plain int (one graph per decode
+    step with ``min_sparse_len``). Left padding; a prompt that is not a whole number of tiles."""
+    ids, mask = _prompt(length=150)
+    dense = build(model_type)
+    *_, sdpa_graphs = _compiled_static_generate(dense, ids, mask)
+    model = build(model_type)
+    hf_sparsek.set_pattern(model, COMPILE_PATTERNS[pattern])
+    eager_seq, eager_logits = _generate(model, ids, mask, cache_implementation="static", disable_compile=True)
+    seq, logits, graphs = _compiled_static_generate(model, ids, mask)
+    assert graphs == sdpa_graphs
     assert torch.equal(seq, eager_seq)
     torch.testing.assert_close(logits, eager_logits, rtol=1e-5, atol=1e-5)
