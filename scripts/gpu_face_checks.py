@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch._dynamo
 import transformers
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
 
 import hf_sparsek
 from hf_sparsek import SparsePattern
@@ -55,6 +55,17 @@ def exact_fp32(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         model.to(torch.bfloat16)
+
+
+def tiny_gemma3(impl: str) -> torch.nn.Module:
+    """Gemma 3 270M's attention shape (4 / 1 heads, head dim 256, window 512, five sliding layers then a full one)
+    at a tenth of its width, random fp32 weights: "sparsek" takes the shipped gemma3_text default."""
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=6,
+                              num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=512,
+                              query_pre_attn_scalar=256, max_position_embeddings=4096, attention_dropout=0.0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=impl, dtype=torch.float32)
+    return model.cuda().eval()
 
 
 def compile_counts() -> tuple[int, int]:
@@ -212,6 +223,32 @@ def main() -> None:
         return {"ok": torch.equal(eager, auto) and graphs == 1, "same_tokens": int((eager == auto).sum()),
                 "of": eager.numel(), "cudagraph_skips": skips, "graphs_traced": graphs}
 
+    def gemma3_default_static_auto_compile() -> dict[str, Any]:
+        """Gemma 3's shipped default (per-query-head probe, dense tail, rows below 1984 dense) under transformers'
+        automatic compile of static-cache decoding, a 1,980-token prompt whose decode steps cross 1984: the
+        uncompiled run's tokens, and at most one graph more than sdpa (the step that crosses 1984 traces anew; a
+        symbolic offset read as an int traced one per step before aa0e56e: 24 here)."""
+        prompt = torch.randint(1, VOCAB, (1, 1980), device="cuda", generator=gen)
+        kw = dict(max_new_tokens=24, do_sample=False, pad_token_id=0, cache_implementation="static")
+        out: dict[str, Any] = {}
+        for impl in ("sdpa", "sparsek"):
+            gemma = tiny_gemma3(impl)
+            eager = gemma.generate(prompt, disable_compile=True, **kw)
+            torch._dynamo.reset()
+            _, graphs = compile_counts()
+            auto = gemma.generate(prompt, **kw)
+            out[impl] = {"same_tokens": int((eager == auto).sum()), "of": eager.numel(),
+                         "graphs_traced": compile_counts()[1] - graphs}
+            del gemma
+        from hf_sparsek.model_defaults import layer_pattern
+
+        full = layer_pattern(tiny_gemma3("sparsek").config, 5)  # the full-attention layer
+        out["full_layer_pattern"] = {"selector": full.selector, "per_query_head": full.per_query_head,
+                                     "dense_tail": full.dense_tail, "min_sparse_len": full.min_sparse_len}
+        out["ok"] = (out["sparsek"]["same_tokens"] == out["sparsek"]["of"]
+                     and out["sparsek"]["graphs_traced"] <= out["sdpa"]["graphs_traced"] + 1)
+        return out
+
     def pipeline_model_kwargs() -> dict[str, Any]:
         import tempfile
 
@@ -242,6 +279,7 @@ def main() -> None:
                      ("generate_offloaded_caches_equal_dynamic", offloaded_caches),
                      ("generate_topk_store_equals_recomputing", topk_store_generate),
                      ("generate_topk_static_with_transformers_auto_compile", topk_static_auto_compile),
+                     ("gemma3_default_static_auto_compile", gemma3_default_static_auto_compile),
                      ("pipeline_model_kwargs", pipeline_model_kwargs)):
         check(results, name, fn)
     from scripts.common import write_json
