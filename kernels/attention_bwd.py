@@ -22,7 +22,16 @@ import triton.language as tl
 from . import attention_bwd_gluon
 from .attention_fwd import _dot, _dot_acc, _next_pow2, seg_args
 from .bwd_split import SplitLists, reduce_split
-from .common import element_mask, index_strides, kv_descriptors, load_rows, query_tile_rows, score_constants, tanh_f32
+from .common import (
+    element_mask,
+    index_strides,
+    kv_descriptors,
+    launch_fitting,
+    load_rows,
+    query_tile_rows,
+    score_constants,
+    tanh_f32,
+)
 from .tma import ensure_allocator
 
 
@@ -440,6 +449,14 @@ def prepare_backward(
             return
         kv_block_n = min(cfg.kv_block_n, block)
         kv_block_m = min(cfg.kv_block_m, block)
+        key = ("dkdv", dim, block, kv_block_n, kv_block_m, cfg.kv_warps, cfg.kv_stages, q.dtype, split is not None,
+               rows_tma, q.device, tuple(sorted(flags.items())))
+        # the key block here is the program's keys (its grid follows); the query step stays
+        launch_fitting(lambda bn, st: run_dkdv(bn, kv_block_m, cfg.kv_warps, st), key, kv_block_n, cfg.kv_stages)
+        if split is not None:
+            reduce_split(split, scr_k, scr_v, dk, dv, kv_offset, block)
+
+    def run_dkdv(kv_block_n: int, kv_block_m: int, warps: int, stages: int) -> None:
         _attn_bwd_dkdv_kernel[(n_k * (block // kv_block_n), batch * hkv)](
             q, k, v, do, lse_bwd, delta, dk, dv,
             t_full_count, t_full_tiles, t_part_count, t_part_tiles,
@@ -452,10 +469,8 @@ def prepare_backward(
             qk_mul, cap2, scale,
             BLOCK=block, BLOCK_N=kv_block_n, BLOCK_M=kv_block_m, HEAD_DIM=dim, **flags, SPLIT=split is not None,
             USE_TMA=rows_tma, ROW_TMA=rows_tma and q_offset % 4 == 0,
-            num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
+            num_warps=warps, num_stages=stages,
         )
-        if split is not None:
-            reduce_split(split, scr_k, scr_v, dk, dv, kv_offset, block)
 
     def launch_dq(cfg: BwdConfig) -> None:
         if plan.gluon_dq:
@@ -469,6 +484,11 @@ def prepare_backward(
         hpp = max(1, min(_next_pow2(group), block_m // sub_m))
         q_block_n = min(cfg.q_block_n, block)
         n_hc = math.ceil(group / hpp)
+        key = ("dq", dim, block, sub_m, hpp, q_block_n, cfg.q_warps, cfg.q_stages, q.dtype, tma, q.device,
+               tuple(sorted(flags.items())))
+        launch_fitting(lambda bn, st: run_dq(sub_m, hpp, n_hc, bn, cfg.q_warps, st), key, q_block_n, cfg.q_stages)
+
+    def run_dq(sub_m: int, hpp: int, n_hc: int, q_block_n: int, warps: int, stages: int) -> None:
         _attn_bwd_dq_kernel[(n_q * (block // sub_m) * n_hc, batch * hkv)](
             q, k, v, do, lse_bwd, delta, dq,
             full_count, full_tiles, part_count, part_tiles,
@@ -479,7 +499,7 @@ def prepare_backward(
             hkv, group, q_len, kv_len, q_offset, kv_offset, n_q, sink, window,
             qk_mul, cap2, scale,
             BLOCK=block, BLOCK_N=q_block_n, SUB_M=sub_m, HPP=hpp, HEAD_DIM=dim, **flags, USE_TMA=tma,
-            num_warps=cfg.q_warps, num_stages=cfg.q_stages,
+            num_warps=warps, num_stages=stages,
         )
 
     return dq, dk, dv, launch

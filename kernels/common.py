@@ -8,10 +8,12 @@ the forward (query rows x keys) and the key-major backward (keys x query rows) s
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -28,6 +30,36 @@ def sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
     return _sm_count_of_index(device.index if device.index is not None else torch.cuda.current_device())
+
+
+_FITTED: dict[tuple, tuple[int, int]] = {}  # (kernel, shapes, dtype, device) -> (key block, stages) that fit
+
+
+def launch_fitting(launch: Callable[[int, int], None], key: tuple, block_n: int, stages: int) -> None:
+    """``launch(block_n, stages)``; where the compiled kernel needs more shared memory than this GPU has (Triton's
+    OutOfResources, raised when the kernel loads, before anything runs), again with half the key block (down to 16),
+    then with fewer stages (down to 1). Why: the tile tables are tuned for 16-bit inputs on an H100; float32 inputs
+    at head dim 256 (or a GPU with less shared memory) need twice the room. The tiles split the work differently,
+    the result is the same attention (float32 sums may round differently). The shape that fits is remembered per
+    ``key`` (which kernel, its constexpr shapes, the dtype and the device), so the failed compiles are paid once."""
+    fitted = _FITTED.get(key)
+    if fitted is not None:
+        launch(*fitted)
+        return
+    bn, st = block_n, stages
+    while True:
+        try:
+            launch(bn, st)
+        except OutOfResources:
+            if bn > 16:
+                bn //= 2
+            elif st > 1:
+                bn, st = block_n, st - 1
+            else:
+                raise
+            continue
+        _FITTED[key] = (bn, st)
+        return
 
 
 def score_constants(scale: float, softcap: float) -> tuple[float, float]:

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import element_mask, index_strides, score_constants, tanh_f32
+from .common import element_mask, index_strides, launch_fitting, score_constants, tanh_f32
 
 MAX_Q_LEN = 64  # longest query run this kernel takes (decode, speculative / small chunks, a dense tail)
 COMBINE_CHUNK = 32  # splits the combine kernel weighs at a time (x COMBINE_D_BLOCK fp32: 8 KB per program)
@@ -333,7 +333,13 @@ def decode_forward(
     kseg = dummy if k_seg is None else k_seg
     krank = dummy if k_rank is None else k_rank
     grid = (n_splits, n_q * n_hc, batch * hkv)
-    _decode_split_kernel[grid](
+    flags = dict(SOFTCAP=bool(softcap), IEEE=q.dtype == torch.float32, USE_LISTS=lists is not None,
+                 HAS_SEL=lists is None and selected is not None, HAS_SINKR=sink_ranges is not None,
+                 RANGE_SELECTED=bool(range_selected), HAS_KSEG=k_seg is not None, HAS_KRANK=k_rank is not None,
+                 SINGLE=single, OFFSET_ON_DEVICE=offset_on_device)
+    key = ("decode", dim, block, min(block_n, block), rows, hpp, sel_pad, num_warps, num_stages, q.dtype, q.device,
+           tuple(sorted(flags.items())))
+    launch_fitting(lambda bn, st: _decode_split_kernel[grid](
         q, k, v, out, op, mp, lp,
         fc, ft, pc, pt, sel, sinkr, kseg, krank, dummy if q_offset_ptr is None else q_offset_ptr,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -343,12 +349,9 @@ def decode_forward(
         hkv, group, hq, q_len, kv_len, q_offset, kv_offset, sink, window,
         sink_lo, sink_hi, win_lo, win_hi, n_hc, n_splits, min_sparse_len,
         qk_mul, cap2,
-        BLOCK=block, BLOCK_N=min(block_n, block), ROWS=rows, HPP=hpp, HEAD_DIM=dim, SEL_PAD=sel_pad,
-        SOFTCAP=bool(softcap), IEEE=q.dtype == torch.float32, USE_LISTS=lists is not None,
-        HAS_SEL=lists is None and selected is not None, HAS_SINKR=sink_ranges is not None,
-        RANGE_SELECTED=bool(range_selected), HAS_KSEG=k_seg is not None, HAS_KRANK=k_rank is not None,
-        SINGLE=single, OFFSET_ON_DEVICE=offset_on_device, num_warps=num_warps, num_stages=num_stages,
-    )
+        BLOCK=block, BLOCK_N=bn, ROWS=rows, HPP=hpp, HEAD_DIM=dim, SEL_PAD=sel_pad, **flags,
+        num_warps=num_warps, num_stages=st,
+    ), key, min(block_n, block), num_stages)
     if not single:
         d_block = min(dim, COMBINE_D_BLOCK)
         _decode_combine_kernel[(batch * hq * q_len, dim // d_block)](

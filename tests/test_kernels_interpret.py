@@ -491,3 +491,34 @@ def test_sparse_attention_op_passes_opcheck(layout):
     args = (q, k, v, None, None, None, torch.tensor([-1, 0]), _pattern_text(SINK_WIN), 0.125, 0.0, "triton", False)
     torch.library.opcheck(sparse_attention_op, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_launch_fitting_shrinks_until_the_kernel_fits_and_remembers():
+    """A kernel that needs more shared memory than the GPU has (Triton raises OutOfResources when it loads, before
+    it runs) is launched again with half the key block, then fewer stages; the shape that fitted is remembered, so
+    the next call goes straight to it. Nothing fits: the error surfaces."""
+    from triton.runtime.errors import OutOfResources
+
+    from hf_sparsek.kernels.common import launch_fitting
+
+    tried: list[tuple[int, int]] = []
+
+    def launch(block_n: int, stages: int) -> None:
+        tried.append((block_n, stages))
+        if block_n * stages > 32:  # "shared memory" grows with both
+            raise OutOfResources(block_n * stages, 32, "shared memory")
+
+    launch_fitting(launch, ("test-kernel", 1), 64, 2)
+    assert tried == [(64, 2), (32, 2), (16, 2)]
+    tried.clear()
+    launch_fitting(launch, ("test-kernel", 1), 64, 2)
+    assert tried == [(16, 2)]
+    tried.clear()
+    launch_fitting(launch, ("test-kernel", 2), 64, 3)  # 16 x 3 is too much: fewer stages from the full block
+    assert tried == [(64, 3), (32, 3), (16, 3), (64, 2), (32, 2), (16, 2)]
+
+    def never(block_n: int, stages: int) -> None:
+        raise OutOfResources(1, 0, "shared memory")
+
+    with pytest.raises(OutOfResources):
+        launch_fitting(never, ("test-kernel", 3), 64, 2)
