@@ -497,9 +497,8 @@ def test_launch_fitting_shrinks_until_the_kernel_fits_and_remembers():
     """A kernel that needs more shared memory than the GPU has (Triton raises OutOfResources when it loads, before
     it runs) is launched again with half the key block, then fewer stages; the shape that fitted is remembered, so
     the next call goes straight to it. Nothing fits: the error surfaces."""
-    from triton.runtime.errors import OutOfResources
-
     from hf_sparsek.kernels.common import launch_fitting
+    from triton.runtime.errors import OutOfResources
 
     tried: list[tuple[int, int]] = []
 
