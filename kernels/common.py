@@ -35,13 +35,15 @@ def sm_count(device: torch.device) -> int:
 _FITTED: dict[tuple, tuple[int, int]] = {}  # (kernel, shapes, dtype, device) -> (key block, stages) that fit
 
 
-def launch_fitting(launch: Callable[[int, int], None], key: tuple, block_n: int, stages: int) -> None:
+def launch_fitting(launch: Callable[[int, int], None], key: tuple, block_n: int, stages: int,
+                   shrink_block: bool = True) -> None:
     """``launch(block_n, stages)``; where the compiled kernel needs more shared memory than this GPU has (Triton's
-    OutOfResources, raised when the kernel loads, before anything runs), again with half the key block (down to 16),
-    then with fewer stages (down to 1). Why: the tile tables are tuned for 16-bit inputs on an H100; float32 inputs
-    at head dim 256 (or a GPU with less shared memory) need twice the room. The tiles split the work differently,
-    the result is the same attention (float32 sums may round differently). The shape that fits is remembered per
-    ``key`` (which kernel, its constexpr shapes, the dtype and the device), so the failed compiles are paid once."""
+    OutOfResources, raised when the kernel loads, before anything runs), again with half the key block (down to 16;
+    not with ``shrink_block`` False, for kernels whose key step is a whole tile), then with fewer stages (down to 1).
+    Why: the tile tables are tuned for 16-bit inputs on an H100; float32 inputs at head dim 128-256 (or a GPU with
+    less shared memory) need twice the room. The tiles split the work differently, the result is the same (float32
+    sums may round differently). The shape that fits is remembered per ``key`` (which kernel, its constexpr shapes,
+    the dtype and the device), so the failed compiles are paid once."""
     fitted = _FITTED.get(key)
     if fitted is not None:
         launch(*fitted)
@@ -51,7 +53,7 @@ def launch_fitting(launch: Callable[[int, int], None], key: tuple, block_n: int,
         try:
             launch(bn, st)
         except OutOfResources:
-            if bn > 16:
+            if shrink_block and bn > 16:
                 bn //= 2
             elif st > 1:
                 bn, st = block_n, st - 1

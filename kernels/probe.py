@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import sm_count
+from .common import launch_fitting, sm_count
 from .selection import (
     FEATURE_CHUNK,
     NEG,
@@ -317,11 +317,16 @@ def select_by_probe(
                 HAS_WINDOW=window is not None, HAS_THRESHOLD=threshold is not None, HAS_TILE_INFO=has_info,
                 HAS_SEG=k_seg is not None, QUERY_SEG=k_seg is not None and q_start >= 0, num_warps=NUM_WARPS)
     grid = (n_pm * splits, batch * hkv)
+
+    def launch(phase: int) -> None:  # float32 at head dim 256 with 128-key tiles fits with fewer stages than 3
+        launch_fitting(lambda _, stages: _probe_kernel[grid](*args, PHASE=phase, **meta, num_stages=stages),
+                       ("probe", phase, *sorted(meta.items()), q.dtype, q.device), block, 3, shrink_block=False)
+
     if splits == 1:
-        _probe_kernel[grid](*args, PHASE=0, **meta)
+        launch(0)
         return out
-    _probe_kernel[grid](*args, PHASE=1, **meta)
-    _probe_kernel[grid](*args, PHASE=2, **meta)
+    launch(1)
+    launch(2)
     _probe_merge_kernel[(n_pm, batch * hkv)](
         pb, ps, out, *out.stride()[:3], n_q, splits, threshold if threshold is not None else 0.0,
         HKV=hkv, BM=bm, KP=kept, KP_LOG=kept.bit_length() - 1, TOPK=topk, HAS_THRESHOLD=threshold is not None,

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import launch_fitting
 from .probe import _chunk_scores, sampled_rows
 from .selection import FEATURE_CHUNK, NEG, ROWS_MIN, _next_pow2, prepare_call
 
@@ -186,15 +187,16 @@ def refine_candidates(
     d_pad = max(16, _next_pow2(dim))
     c = candidates.shape[-1]
     q_start = q_offset - kv_offset
-    _refine_kernel[(n_q, batch * hkv)](
+    meta = dict(HKV=hkv, GROUP=group, HG_P=hg_p, SLOTS=slots, STRIDE=stride, ROWS=rows, C=c, CP=max(2, _next_pow2(c)),
+                TOPK=topk, KP=max(2, _next_pow2(topk)), BLOCK=block, D=dim, D_PAD=d_pad, FC=min(FEATURE_CHUNK, d_pad),
+                HAS_WINDOW=window is not None, HAS_TILE_INFO=has_info, HAS_SEG=k_seg is not None,
+                QUERY_SEG=k_seg is not None and q_start >= 0)
+    # float32 at head dim >= 128 with 128-key tiles needs fewer pipeline stages than the default 3 to fit
+    launch_fitting(lambda _, stages: _refine_kernel[(n_q, batch * hkv)](
         q, k, seg, flags, sink_range, candidates, out, *q.stride(), *k.stride(),
         seg.stride(0) if k_seg is not None else 0, flags.stride(0) if has_info else 0,
         sink_range.stride(0) if has_info else 0, *candidates.stride()[:3], *out.stride()[:3],
         q_len, kv_len, n_q, n_k, q_offset // block, kv_offset // block, q_offset, max(q_start, 0), kv_offset, sink,
-        window or 0, scale,
-        HKV=hkv, GROUP=group, HG_P=hg_p, SLOTS=slots, STRIDE=stride, ROWS=rows, C=c, CP=max(2, _next_pow2(c)),
-        TOPK=topk, KP=max(2, _next_pow2(topk)), BLOCK=block, D=dim, D_PAD=d_pad, FC=min(FEATURE_CHUNK, d_pad),
-        HAS_WINDOW=window is not None, HAS_TILE_INFO=has_info, HAS_SEG=k_seg is not None,
-        QUERY_SEG=k_seg is not None and q_start >= 0,
-    )
+        window or 0, scale, **meta, num_stages=stages,
+    ), ("refine", *sorted(meta.items()), q.dtype, q.device), block, 3, shrink_block=False)
     return out

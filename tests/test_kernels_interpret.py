@@ -516,6 +516,16 @@ def test_launch_fitting_shrinks_until_the_kernel_fits_and_remembers():
     launch_fitting(launch, ("test-kernel", 2), 64, 3)  # 16 x 3 is too much: fewer stages from the full block
     assert tried == [(64, 3), (32, 3), (16, 3), (64, 2), (32, 2), (16, 2)]
 
+    tried.clear()
+
+    def staged(block_n: int, stages: int) -> None:
+        tried.append((block_n, stages))
+        if stages > 1:
+            raise OutOfResources(stages, 1, "shared memory")
+
+    launch_fitting(staged, ("test-kernel", 4), 64, 3, shrink_block=False)  # a whole-tile key step: stages only
+    assert tried == [(64, 3), (64, 2), (64, 1)]
+
     def never(block_n: int, stages: int) -> None:
         raise OutOfResources(1, 0, "shared memory")
 
