@@ -449,10 +449,11 @@ def prepare_backward(
             return
         kv_block_n = min(cfg.kv_block_n, block)
         kv_block_m = min(cfg.kv_block_m, block)
-        key = ("dkdv", dim, block, kv_block_n, kv_block_m, cfg.kv_warps, cfg.kv_stages, q.dtype, split is not None,
-               rows_tma, q.device, tuple(sorted(flags.items())))
         # the key block here is the program's keys (its grid follows); the query step stays
-        launch_fitting(lambda bn, st: run_dkdv(bn, kv_block_m, cfg.kv_warps, st), key, kv_block_n, cfg.kv_stages)
+        launch_fitting("dkdv", lambda bn, st: run_dkdv(bn, kv_block_m, cfg.kv_warps, st),
+                       lambda: (dim, block, kv_block_n, kv_block_m, cfg.kv_warps, cfg.kv_stages, q.dtype,
+                                split is not None, rows_tma, q.device, tuple(sorted(flags.items()))),
+                       kv_block_n, cfg.kv_stages)
         if split is not None:
             reduce_split(split, scr_k, scr_v, dk, dv, kv_offset, block)
 
@@ -484,9 +485,10 @@ def prepare_backward(
         hpp = max(1, min(_next_pow2(group), block_m // sub_m))
         q_block_n = min(cfg.q_block_n, block)
         n_hc = math.ceil(group / hpp)
-        key = ("dq", dim, block, sub_m, hpp, q_block_n, cfg.q_warps, cfg.q_stages, q.dtype, tma, q.device,
-               tuple(sorted(flags.items())))
-        launch_fitting(lambda bn, st: run_dq(sub_m, hpp, n_hc, bn, cfg.q_warps, st), key, q_block_n, cfg.q_stages)
+        launch_fitting("dq", lambda bn, st: run_dq(sub_m, hpp, n_hc, bn, cfg.q_warps, st),
+                       lambda: (dim, block, sub_m, hpp, q_block_n, cfg.q_warps, cfg.q_stages, q.dtype, tma, q.device,
+                                tuple(sorted(flags.items()))),
+                       q_block_n, cfg.q_stages)
 
     def run_dq(sub_m: int, hpp: int, n_hc: int, q_block_n: int, warps: int, stages: int) -> None:
         _attn_bwd_dq_kernel[(n_q * (block // sub_m) * n_hc, batch * hkv)](

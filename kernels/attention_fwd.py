@@ -237,8 +237,9 @@ def prepare_forward(
     def launch(cfg: FwdConfig | None) -> None:
         sub_m, hpp, block_n, warps, stages = pick_fwd_config(dim, block, group, q_len, cfg)
         grid = (n_q * (block // sub_m) * math.ceil(group / hpp), batch * hkv)
-        key = ("fwd", dim, block, sub_m, hpp, block_n, warps, stages, q.dtype, bool(softcap), tma, q.device)
-        launch_fitting(lambda bn, st: run(grid, sub_m, hpp, bn, warps, st), key, block_n, stages)
+        launch_fitting("fwd", lambda bn, st: run(grid, sub_m, hpp, bn, warps, st),
+                       lambda: (dim, block, sub_m, hpp, block_n, warps, stages, q.dtype, bool(softcap), tma, q.device),
+                       block_n, stages)
 
     def run(grid: tuple[int, int], sub_m: int, hpp: int, block_n: int, warps: int, stages: int) -> None:
         _attn_fwd_kernel[grid](

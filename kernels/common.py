@@ -8,7 +8,7 @@ the forward (query rows x keys) and the key-major backward (keys x query rows) s
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import triton
@@ -33,35 +33,59 @@ def sm_count(device: torch.device) -> int:
 
 
 _FITTED: dict[tuple, tuple[int, int]] = {}  # (kernel, shapes, dtype, device) -> (key block, stages) that fit
+_UNFIT: set[str] = set()  # kernels that did not fit once in this process: their launches consult _FITTED
 
 
-def launch_fitting(launch: Callable[[int, int], None], key: tuple, block_n: int, stages: int,
-                   shrink_block: bool = True) -> None:
+def launch_fitting(name: str, launch: Callable[[int, int], None], key: Callable[[], tuple], block_n: int,
+                   stages: int, shrink_block: bool = True) -> None:
     """``launch(block_n, stages)``; where the compiled kernel needs more shared memory than this GPU has (Triton's
     OutOfResources, raised when the kernel loads, before anything runs), again with half the key block (down to 16;
     not with ``shrink_block`` False, for kernels whose key step is a whole tile), then with fewer stages (down to 1).
     Why: the tile tables are tuned for 16-bit inputs on an H100; float32 inputs at head dim 128-256 (or a GPU with
     less shared memory) need twice the room. The tiles split the work differently, the result is the same (float32
-    sums may round differently). The shape that fits is remembered per ``key`` (which kernel, its constexpr shapes,
-    the dtype and the device), so the failed compiles are paid once."""
-    fitted = _FITTED.get(key)
-    if fitted is not None:
-        launch(*fitted)
-        return
-    bn, st = block_n, stages
-    while True:
+    sums may round differently). The shape that fits is remembered per ``key()`` (which kernel, its constexpr shapes,
+    the dtype and the device), so the failed compiles are paid once. Until kernel ``name`` fails once, a launch
+    costs one set lookup more than a plain one (the key is not built): the decode path is bound by host time."""
+    shapes = _shapes(block_n, stages, shrink_block)
+    if name not in _UNFIT:
+        try:
+            launch(*next(shapes))
+            return
+        except OutOfResources:
+            _UNFIT.add(name)
+        where = (name, *key())
+    else:
+        where = (name, *key())
+        fitted = _FITTED.get(where)
+        if fitted is not None:
+            launch(*fitted)
+            return
+    error: OutOfResources | None = None
+    for bn, st in shapes:
         try:
             launch(bn, st)
-        except OutOfResources:
-            if shrink_block and bn > 16:
-                bn //= 2
-            elif st > 1:
-                bn, st = block_n, st - 1
-            else:
-                raise
+        except OutOfResources as exc:
+            error = exc
             continue
-        _FITTED[key] = (bn, st)
+        _FITTED[where] = (bn, st)
         return
+    if error is None:  # the first shape was the only one, and it failed
+        raise OutOfResources(0, 0, f"shared memory ({name}: no smaller tile to try)")
+    raise error
+
+
+def _shapes(block_n: int, stages: int, shrink_block: bool) -> Iterator[tuple[int, int]]:
+    """(key block, stages) in the order :func:`launch_fitting` tries them: the tuned one, half the key block down to
+    16, then one stage fewer from the tuned block, down to one stage."""
+    bn, st = block_n, stages
+    while True:
+        yield bn, st
+        if shrink_block and bn > 16:
+            bn //= 2
+        elif st > 1:
+            bn, st = block_n, st - 1
+        else:
+            return
 
 
 def score_constants(scale: float, softcap: float) -> tuple[float, float]:

@@ -337,9 +337,7 @@ def decode_forward(
                  HAS_SEL=lists is None and selected is not None, HAS_SINKR=sink_ranges is not None,
                  RANGE_SELECTED=bool(range_selected), HAS_KSEG=k_seg is not None, HAS_KRANK=k_rank is not None,
                  SINGLE=single, OFFSET_ON_DEVICE=offset_on_device)
-    key = ("decode", dim, block, min(block_n, block), rows, hpp, sel_pad, num_warps, num_stages, q.dtype, q.device,
-           tuple(sorted(flags.items())))
-    launch_fitting(lambda bn, st: _decode_split_kernel[grid](
+    launch_fitting("decode", lambda bn, st: _decode_split_kernel[grid](
         q, k, v, out, op, mp, lp,
         fc, ft, pc, pt, sel, sinkr, kseg, krank, dummy if q_offset_ptr is None else q_offset_ptr,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -351,7 +349,8 @@ def decode_forward(
         qk_mul, cap2,
         BLOCK=block, BLOCK_N=bn, ROWS=rows, HPP=hpp, HEAD_DIM=dim, SEL_PAD=sel_pad, **flags,
         num_warps=num_warps, num_stages=st,
-    ), key, min(block_n, block), num_stages)
+    ), lambda: (dim, block, min(block_n, block), rows, hpp, sel_pad, num_warps, num_stages, q.dtype, q.device,
+                tuple(sorted(flags.items()))), min(block_n, block), num_stages)
     if not single:
         d_block = min(dim, COMBINE_D_BLOCK)
         _decode_combine_kernel[(batch * hq * q_len, dim // d_block)](

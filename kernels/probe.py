@@ -319,8 +319,8 @@ def select_by_probe(
     grid = (n_pm * splits, batch * hkv)
 
     def launch(phase: int) -> None:  # float32 at head dim 256 with 128-key tiles fits with fewer stages than 3
-        launch_fitting(lambda _, stages: _probe_kernel[grid](*args, PHASE=phase, **meta, num_stages=stages),
-                       ("probe", phase, *sorted(meta.items()), q.dtype, q.device), block, 3, shrink_block=False)
+        launch_fitting("probe", lambda _, stages: _probe_kernel[grid](*args, PHASE=phase, **meta, num_stages=stages),
+                       lambda: (phase, *sorted(meta.items()), q.dtype, q.device), block, 3, shrink_block=False)
 
     if splits == 1:
         launch(0)

@@ -192,11 +192,11 @@ def refine_candidates(
                 HAS_WINDOW=window is not None, HAS_TILE_INFO=has_info, HAS_SEG=k_seg is not None,
                 QUERY_SEG=k_seg is not None and q_start >= 0)
     # float32 at head dim >= 128 with 128-key tiles needs fewer pipeline stages than the default 3 to fit
-    launch_fitting(lambda _, stages: _refine_kernel[(n_q, batch * hkv)](
+    launch_fitting("refine", lambda _, stages: _refine_kernel[(n_q, batch * hkv)](
         q, k, seg, flags, sink_range, candidates, out, *q.stride(), *k.stride(),
         seg.stride(0) if k_seg is not None else 0, flags.stride(0) if has_info else 0,
         sink_range.stride(0) if has_info else 0, *candidates.stride()[:3], *out.stride()[:3],
         q_len, kv_len, n_q, n_k, q_offset // block, kv_offset // block, q_offset, max(q_start, 0), kv_offset, sink,
         window or 0, scale, **meta, num_stages=stages,
-    ), ("refine", *sorted(meta.items()), q.dtype, q.device), block, 3, shrink_block=False)
+    ), lambda: (*sorted(meta.items()), q.dtype, q.device), block, 3, shrink_block=False)
     return out

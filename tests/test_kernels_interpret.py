@@ -496,26 +496,33 @@ def test_sparse_attention_op_passes_opcheck(layout):
 def test_launch_fitting_shrinks_until_the_kernel_fits_and_remembers():
     """A kernel that needs more shared memory than the GPU has (Triton raises OutOfResources when it loads, before
     it runs) is launched again with half the key block, then fewer stages; the shape that fitted is remembered, so
-    the next call goes straight to it. Nothing fits: the error surfaces."""
+    the next call goes straight to it. A kernel that always fitted never builds its key. Nothing fits: the error
+    surfaces."""
     from hf_sparsek.kernels.common import launch_fitting
     from triton.runtime.errors import OutOfResources
 
     tried: list[tuple[int, int]] = []
+    keys: list[str] = []
 
     def launch(block_n: int, stages: int) -> None:
         tried.append((block_n, stages))
         if block_n * stages > 32:  # "shared memory" grows with both
             raise OutOfResources(block_n * stages, 32, "shared memory")
 
-    launch_fitting(launch, ("test-kernel", 1), 64, 2)
+    def key(tag: str):
+        return lambda: keys.append(tag) or (tag,)
+
+    launch_fitting("test-fits", launch, key("fits"), 16, 2)
+    assert tried == [(16, 2)] and keys == []  # the common case: one launch, no key
+    tried.clear()
+    launch_fitting("test-a", launch, key("a"), 64, 2)
     assert tried == [(64, 2), (32, 2), (16, 2)]
     tried.clear()
-    launch_fitting(launch, ("test-kernel", 1), 64, 2)
-    assert tried == [(16, 2)]
+    launch_fitting("test-a", launch, key("a"), 64, 2)
+    assert tried == [(16, 2)]  # remembered
     tried.clear()
-    launch_fitting(launch, ("test-kernel", 2), 64, 3)  # 16 x 3 is too much: fewer stages from the full block
+    launch_fitting("test-a", launch, key("a3"), 64, 3)  # 16 x 3 is too much: fewer stages from the full block
     assert tried == [(64, 3), (32, 3), (16, 3), (64, 2), (32, 2), (16, 2)]
-
     tried.clear()
 
     def staged(block_n: int, stages: int) -> None:
@@ -523,11 +530,13 @@ def test_launch_fitting_shrinks_until_the_kernel_fits_and_remembers():
         if stages > 1:
             raise OutOfResources(stages, 1, "shared memory")
 
-    launch_fitting(staged, ("test-kernel", 4), 64, 3, shrink_block=False)  # a whole-tile key step: stages only
+    launch_fitting("test-b", staged, key("b"), 64, 3, shrink_block=False)  # a whole-tile key step: stages only
     assert tried == [(64, 3), (64, 2), (64, 1)]
 
     def never(block_n: int, stages: int) -> None:
         raise OutOfResources(1, 0, "shared memory")
 
     with pytest.raises(OutOfResources):
-        launch_fitting(never, ("test-kernel", 3), 64, 2)
+        launch_fitting("test-c", never, key("c"), 64, 2)
+    with pytest.raises(OutOfResources):
+        launch_fitting("test-d", never, key("d"), 16, 1)
