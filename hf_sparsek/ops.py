@@ -758,9 +758,18 @@ def _compiled_decode_applies(q, k, v, pattern: SparsePattern, segment_ids, query
         return False
     if selected_tiles is not None or not isinstance(kv_offset, int):
         return False
-    if pattern.layout is not None or pattern.dense_heads or pattern.topk_blocks is not None:
+    if pattern.layout is not None or pattern.dense_heads:
+        return False
+    if pattern.topk_blocks is not None and not _selects_on_device(pattern, q.shape[2]):
         return False
     return _split_kv_takes(q, k, v, q.shape[2], softcap, backend, pattern.block_size, None)
+
+
+def _selects_on_device(pattern: SparsePattern, q_len: int) -> bool:
+    """Whether a compiled decode step's top-k selection runs with its position on the device (graph-safe): selector
+    ``"mass"`` for one query row (:func:`hf_sparsek.selection.mass.select_mass_at_device_offset`). Other selectors
+    and longer runs go through the op that reads the position on the host (outside CUDA graphs)."""
+    return pattern.resolved_selector == "mass" and q_len == 1
 
 
 @torch.library.custom_op("hf_sparsek::sparse_decode", mutates_args=())
@@ -768,10 +777,12 @@ def sparse_decode_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None, q_offset: torch.Tensor,
     kv_offset: int, pattern: str, scale: float, softcap: float,
 ) -> torch.Tensor:
-    """A decode step of a sink / window / dense pattern under torch.compile, reading nothing on the host: the query
-    offset (-1: the last q_len key positions) stays a device tensor the kernel reads, padding becomes key segments
-    and per-row sink tiles by device ops. Not tagged cudagraph_unsafe: a compiled decode step can be one CUDA graph.
-    Inference only (no autograd formula: the compiled path sends calls that need gradients to the other op)."""
+    """A decode step of a sink / window / dense pattern, or of a ``"mass"`` top-k pattern for one query row, under
+    torch.compile, reading nothing on the host: the query offset (-1: the last q_len key positions) stays a device
+    tensor the kernels read, padding becomes key segments and per-row sink tiles by device ops, and the top-k tiles
+    are chosen from every key tile of the cache with the unwritten ones masked (no selection store: it keeps
+    Python state). Not tagged cudagraph_unsafe: a compiled decode step can be one CUDA graph. Inference only (no
+    autograd formula: the compiled path sends calls that need gradients to the other op)."""
     pat = _pattern_of_text(pattern)
     q_len, kv_len, block = q.shape[2], k.shape[2], pat.block_size
     default = torch.full_like(q_offset, kv_offset + kv_len - q_len)
@@ -786,14 +797,19 @@ def sparse_decode_op(
     n_k = (kv_offset % block + kv_len + block - 1) // block
     window_tiles = min(n_k, (window + block - 2) // block + 2) if window else 0
     dense = pat.is_dense
+    selected = None
+    if pat.topk_blocks is not None:
+        from .selection.mass import select_mass_at_device_offset
+
+        selected = select_mass_at_device_offset(q, k, pat, position, kv_offset, k_seg)
     from .triton_ops import triton_decode_without_index
 
     return triton_decode_without_index(
         q, k, v, block=block, q_offset=position, kv_offset=kv_offset, sink=0 if dense else sink,
         window=0 if dense else window, scale=scale, softcap=softcap or None,
         ranges=(0, 0 if dense else sink_hi, 0, n_k if dense else window_tiles),
-        sink_ranges=sink_ranges if (sink and not dense) else None, range_selected=dense, k_seg=k_seg, k_rank=k_rank,
-        min_sparse_len=pat.min_sparse_len).contiguous()
+        sink_ranges=sink_ranges if (sink and not dense) else None, selected=selected, range_selected=dense,
+        k_seg=k_seg, k_rank=k_rank, min_sparse_len=pat.min_sparse_len).contiguous()
 
 
 @sparse_decode_op.register_fake

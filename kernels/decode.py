@@ -270,9 +270,10 @@ def decode_forward(
     each query tile's entries (the caller, ``kernels/dispatch.py``, picks it).
 
     ``q_offset`` may be a one-element integer tensor on the inputs' device (a static cache's position under
-    torch.compile; ranges mode only): the kernel reads it and derives the window's tiles and the rows dense under
-    ``min_sparse_len`` itself, so the launch reads nothing on the host and a CUDA graph can hold it (``ranges`` then
-    gives the sink tiles and, as its window pair, only a bound on the window's tile count)."""
+    torch.compile; ranges mode only, ``selected`` then given for the most query tiles the run can span): the kernel
+    reads it and derives the window's tiles and the rows dense under ``min_sparse_len`` itself, so the launch reads
+    nothing on the host and a CUDA graph can hold it (``ranges`` then gives the sink tiles and, as its window pair,
+    only a bound on the window's tile count)."""
     batch, hq, q_len, dim = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     if q_len > MAX_Q_LEN:
@@ -282,10 +283,12 @@ def decode_forward(
     group = hq // hkv
     offset_on_device = isinstance(q_offset, torch.Tensor)
     if offset_on_device:
-        if lists is not None or selected is not None:
-            raise ValueError("a device-side q_offset works with ranges only (no index lists, no selected tiles)")
-        q_offset_ptr, q_offset = q_offset, 0
         n_q = tiles_spanned(q_len, block)  # the most a run can span; a tile the run misses does nothing
+        if lists is not None or (selected is not None and selected.shape[2] != n_q):
+            raise ValueError(f"a device-side q_offset works with ranges only (no index lists), and selected tiles "
+                             f"for the {n_q} query tile(s) a run of {q_len} can span, got "
+                             f"{None if selected is None else tuple(selected.shape)}")
+        q_offset_ptr, q_offset = q_offset, 0
     else:
         q_offset_ptr = None
         n_q = (q_offset % block + q_len + block - 1) // block

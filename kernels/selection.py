@@ -554,16 +554,19 @@ def _select_kernel(
 
 @triton.jit
 def _short_logits_kernel(
-    QF, KF, CNT, SINK_ONLY, LOGITS, PM, PL, ROW_OK,
+    QF, KF, CNT, SINK_ONLY, LOGITS, PM, PL, ROW_OK, QOFF,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_cb, s_rb, s_rm,
     n_q, n_k, n_k_pad, n_chunks, qb0, kb0, kv_offset, kv_end, sink, scale,
     HKV: tl.constexpr, GROUP: tl.constexpr, HG_P: tl.constexpr, BM: tl.constexpr, CN: tl.constexpr,
     F: tl.constexpr, FC: tl.constexpr, BLOCK: tl.constexpr, HAS_TILE_INFO: tl.constexpr, F16: tl.constexpr,
-    SAMPLES: tl.constexpr, LOG_COUNT: tl.constexpr,
+    SAMPLES: tl.constexpr, LOG_COUNT: tl.constexpr, OFFSET_ON_DEVICE: tl.constexpr,
 ):
     """Few query tiles (decode), stage 1: one program per (chunk of CN key tiles, batch x KV head) writes the
-    estimated logits of every (query tile, head) row on its tiles and the chunk's max / sum of exp per row."""
+    estimated logits of every (query tile, head) row on its tiles and the chunk's max / sum of exp per row.
+    ``OFFSET_ON_DEVICE``: the queries' position is read from ``QOFF`` (a static cache under torch.compile)."""
     ROWS: tl.constexpr = BM * HG_P
+    if OFFSET_ON_DEVICE:
+        qb0 = tl.load(QOFF).to(tl.int32) // BLOCK
     c = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
@@ -588,16 +591,20 @@ def _short_logits_kernel(
 
 @triton.jit
 def _short_mass_kernel(
-    CNT, SINK_ONLY, LOGITS, PM, PL, MASS, STATIC, ROW_OK,
+    CNT, SINK_ONLY, LOGITS, PM, PL, MASS, STATIC, ROW_OK, QOFF,
     s_cb, s_rb, s_rm, n_q, n_k, n_k_pad, n_chunks, qb0, kb0, q_end, kv_offset, kv_end, sink, window,
     HKV: tl.constexpr, GROUP: tl.constexpr, HG_P: tl.constexpr, BM: tl.constexpr, CN: tl.constexpr,
     CB: tl.constexpr, BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_TILE_INFO: tl.constexpr,
-    SAMPLES: tl.constexpr,
+    SAMPLES: tl.constexpr, OFFSET_ON_DEVICE: tl.constexpr,
 ):
     """Few query tiles, stage 2: per (chunk, batch x KV head), each row's log-sum-exp from every chunk's max / sum,
     then the group-mean mass of the chunk's tiles: competing tiles' mass (-1 for the others) and the static tiles'
-    summed mass per query tile."""
+    summed mass per query tile. ``OFFSET_ON_DEVICE``: the position from ``QOFF``, ``q_end`` then the query count."""
     ROWS: tl.constexpr = BM * HG_P
+    if OFFSET_ON_DEVICE:
+        q_off = tl.load(QOFF).to(tl.int32)
+        qb0 = q_off // BLOCK
+        q_end = q_off + q_end
     c = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
@@ -639,7 +646,8 @@ SHORT_MIN_KEY_TILES = 256  # below this one program per (batch, KV head) reads a
 def _select_short(qf, kf, count, sink_flag, has_info, *, half, batch, hkv, group, n_q, n_k, q_offset, q_len, kv_offset,
                   kv_len, block, sink, topk, window, threshold, scale, row_ok=None, samples=0) -> torch.Tensor:
     """Few query tiles: selection spread over key tiles (two launches and a ``torch.topk``), instead of one program
-    per (batch, KV head) streaming every key tile with a serial running top-k."""
+    per (batch, KV head) streaming every key tile with a serial running top-k. ``q_offset`` may be a one-element
+    integer tensor on the device (then ``n_q`` is the most tiles the queries can span): the kernels read it."""
     hg_p = _next_pow2(group)
     bm = max(_next_pow2(n_q), ROWS_MIN // hg_p)
     rows = bm * hg_p
@@ -651,23 +659,26 @@ def _select_short(qf, kf, count, sink_flag, has_info, *, half, batch, hkv, group
     logits = torch.empty(batch * hkv, rows, n_k_pad, device=dev, dtype=torch.float32)
     pm = torch.empty(batch * hkv, rows, n_chunks, device=dev, dtype=torch.float32)
     pl = torch.empty_like(pm)
-    qb0, kb0 = q_offset // block, kv_offset // block
+    on_device = isinstance(q_offset, torch.Tensor)
+    qoff = q_offset if on_device else logits  # an unread placeholder when the position is an int
+    qb0, q_end = (0, q_len) if on_device else (q_offset // block, q_offset + q_len)
+    kb0 = kv_offset // block
     s_cb = count.stride(0) if has_info else 0
     rows_arg = row_ok if row_ok is not None else logits
     s_rb, s_rm = (row_ok.stride(0), row_ok.stride(1)) if row_ok is not None else (0, 0)
     _short_logits_kernel[(n_chunks, batch * hkv)](
-        qf, kf, count, sink_flag, logits, pm, pl, rows_arg, *qf.stride()[:3], *kf.stride()[:3], s_cb, s_rb, s_rm,
-        n_q, n_k, n_k_pad, n_chunks, qb0, kb0, kv_offset, kv_offset + kv_len, sink, scale,
+        qf, kf, count, sink_flag, logits, pm, pl, rows_arg, qoff, *qf.stride()[:3], *kf.stride()[:3], s_cb, s_rb,
+        s_rm, n_q, n_k, n_k_pad, n_chunks, qb0, kb0, kv_offset, kv_offset + kv_len, sink, scale,
         HKV=hkv, GROUP=group, HG_P=hg_p, BM=bm, CN=cn, F=feats, FC=min(FEATURE_CHUNK, feats), BLOCK=block,
-        HAS_TILE_INFO=has_info, F16=half, SAMPLES=samples, LOG_COUNT=samples > 0,
+        HAS_TILE_INFO=has_info, F16=half, SAMPLES=samples, LOG_COUNT=samples > 0, OFFSET_ON_DEVICE=on_device,
     )
     mass = torch.empty(batch * hkv, bm, n_k_pad, device=dev, dtype=torch.float32)
     static = torch.empty(batch * hkv, bm, n_chunks, device=dev, dtype=torch.float32)
     _short_mass_kernel[(n_chunks, batch * hkv)](
-        count, sink_flag, logits, pm, pl, mass, static, rows_arg, s_cb, s_rb, s_rm, n_q, n_k, n_k_pad, n_chunks, qb0,
-        kb0, q_offset + q_len, kv_offset, kv_offset + kv_len, sink, window or 0,
+        count, sink_flag, logits, pm, pl, mass, static, rows_arg, qoff, s_cb, s_rb, s_rm, n_q, n_k, n_k_pad,
+        n_chunks, qb0, kb0, q_end, kv_offset, kv_offset + kv_len, sink, window or 0,
         HKV=hkv, GROUP=group, HG_P=hg_p, BM=bm, CN=cn, CB=min(64, _next_pow2(n_chunks)), BLOCK=block,
-        HAS_WINDOW=window is not None, HAS_TILE_INFO=has_info, SAMPLES=samples,
+        HAS_WINDOW=window is not None, HAS_TILE_INFO=has_info, SAMPLES=samples, OFFSET_ON_DEVICE=on_device,
     )
     mass = mass.view(batch, hkv, bm, n_k_pad)[:, :, :n_q, :n_k]
     width = min(topk, n_k)
@@ -890,6 +901,44 @@ def select_by_mass(
                           q_offset=q_offset, q_len=q_len, kv_offset=kv_offset, kv_len=kv_len, block=block, sink=sink,
                           topk=topk, window=window, threshold=threshold, scale=scale,
                           rows_per_program=rows_per_program, num_warps=num_warps)
+
+
+def select_by_mass_at_device_offset(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    k_seg: torch.Tensor,
+    key_count: torch.Tensor,
+    sink_only: torch.Tensor,
+    *,
+    block: int,
+    q_offset: torch.Tensor,
+    kv_offset: int,
+    sink: int,
+    topk: int,
+    window: int | None,
+    threshold: float | None,
+    scale: float,
+    half: bool | None = None,
+) -> torch.Tensor:
+    """:func:`select_by_mass` for one decode row whose position is a one-element integer tensor on the device (a
+    static cache under torch.compile): (B, Hkv, 1, topk) int32 key tiles, nothing read on the host, so a CUDA graph
+    can hold the call. The keys at and after the row's end must be marked in ``k_seg`` (-1: the cache's unwritten
+    slots) and counted out of ``key_count`` / ``sink_only``, as the caller's keys sliced at the row would be; then
+    the tiles equal :func:`select_by_mass`'s few-query-tiles path on the sliced keys. Always that path (two launches
+    and a ``torch.topk`` over every key tile of the cache): the causal tile count is not known on the host."""
+    batch, hq, q_len, dim = q.shape
+    if q_len != 1 or q_offset.numel() != 1 or q_offset.dtype.is_floating_point:
+        raise ValueError(f"select_by_mass_at_device_offset takes one query row and a one-element integer offset, "
+                         f"got q_len={q_len} and an offset of shape {tuple(q_offset.shape)} {q_offset.dtype}")
+    n_q, n_k, out, count, sink_flag, _ = prepare_call(q, k, key_count, sink_only, block, 0, kv_offset, topk)
+    if out.numel() == 0:
+        return out
+    _, _, half, fdt = query_side(q, None, 0, kv_offset, half)
+    qf, kf = pool_feature_pair(q, 0, None, 0, k, kv_offset, k_seg, block, fdt)
+    return _select_short(qf, kf, count, sink_flag, True, half=half, batch=batch, hkv=k.shape[1], group=hq // k.shape[1],
+                         n_q=n_q, n_k=n_k, q_offset=q_offset.reshape(1), q_len=1, kv_offset=kv_offset,
+                         kv_len=k.shape[2], block=block, sink=sink, topk=topk, window=window, threshold=threshold,
+                         scale=scale)
 
 
 def _launch_select(qf, kf, count, sink_flag, out, has_info, *, half, group, n_q, n_k, q_offset, q_len, kv_offset,

@@ -209,6 +209,100 @@ def test_compiled_decode_reads_its_offset_on_the_device(case, kernels):
     assert _rel(compiled, eager) < 2e-5
 
 
+COMPILED_TOPK_CASES = [
+    # pattern, kv_len, q_offset, padded, hq, hkv
+    (SparsePattern(block_size=64, sink_tokens=5, window=100, topk_blocks=3), 900, 700, False, 4, 2),
+    (SparsePattern(block_size=64, sink_tokens=5, window=100, topk_blocks=3), 900, 531, True, 4, 2),
+    (SparsePattern(block_size=64, sink_tokens=70, topk_blocks=4), 800, 690, True, 4, 1),  # no window, MQA
+    (SparsePattern(block_size=64, sink_tokens=4, window=64, topk_blocks=6, mass_threshold=0.6), 900, 640, True, 4,
+     2),
+    (SparsePattern(block_size=64, sink_tokens=4, window=64, topk_blocks=3, min_sparse_len=512), 900, 450, False, 4,
+     2),  # a dense row
+    (SparsePattern(block_size=64, sink_tokens=4, window=64, topk_blocks=3, min_sparse_len=512), 900, 700, True, 4, 2),
+    (SparsePattern(block_size=64, sink_tokens=4, window=64, topk_blocks=2, per_query_head=True), 900, 650, True, 4,
+     2),
+    (SparsePattern(block_size=128, sink_tokens=4, window=100, topk_blocks=20), 700, 600, False, 2, 2),  # budget>tiles
+]
+
+
+@pytest.mark.parametrize("case", COMPILED_TOPK_CASES, ids=lambda c: f"at{c[2]}-Hq{c[4]}-Hk{c[5]}-{c[0].describe()}"
+                         [:70] + ("-pad" if c[3] else ""))
+def test_compiled_topk_decode_selects_on_the_device(case, kernels, monkeypatch):
+    """Under torch.compile a "mass" top-k decode step with a tensor position (a static cache) is the graph-safe op
+    ``hf_sparsek::sparse_decode`` too: the selection reads the position on the device and masks the cache's
+    unwritten slots (here random keys, not zeros: a reused cache) instead of slicing them off. It chooses the tiles
+    the eager call chooses on the sliced keys and equals the reference (GQA / MQA, padding, no window, a mass
+    threshold, rows dense under min_sparse_len, per query head, a budget above the tile count)."""
+    from hf_sparsek.kernels import selection as selection_kernels
+
+    from hf_sparsek.selection import select_tiles
+    from hf_sparsek.selection.mass import select_mass_at_device_offset
+
+    pattern, kv_len, q_offset, padded, hq, hkv = case
+    q, k, v = torch.randn(2, hq, 1, 64), torch.randn(2, hkv, kv_len, 64), torch.randn(2, hkv, kv_len, 64)
+    mask = _left_padding(2, kv_len) if padded else None
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    def fn(q, k, v, position, mask):
+        return sparse_attention(q, k, v, pattern, q_offset=position, attention_mask=mask, backend="triton")
+
+    with torch.no_grad():
+        compiled = torch.compile(fn, fullgraph=True, backend=backend)(q, k, v, torch.tensor(q_offset), mask)
+        ref = sparse_attention(q.double(), k.double(), v.double(), pattern, q_offset=q_offset, attention_mask=mask,
+                               backend="reference")
+    assert any("sparse_decode" in g for g in graphs) and not any("sparse_attention" in g for g in graphs)
+    assert _rel(compiled, ref) < 2e-5
+    # the tiles themselves: the eager selection on the keys sliced at the row, through the same kernels
+    monkeypatch.setattr(selection_kernels, "SHORT_MIN_KEY_TILES", 0)
+    plain = pattern.replace(per_query_head=False, min_sparse_len=0)
+    k_seg = None
+    if padded:
+        from hf_sparsek.ops import sequence_layout
+
+        k_seg = sequence_layout(2, 1, kv_len, mask, None, q.device)[0]
+    with torch.no_grad():
+        on_device = select_mass_at_device_offset(q, k, plain, torch.tensor([q_offset]), 0, k_seg)
+        eager = select_tiles(q, k, plain, q_offset, 0, k_seg)
+    assert on_device.shape == eager.shape
+    assert torch.equal(on_device.sort(-1).values, eager.sort(-1).values)
+    assert (eager >= 0).any()  # the case selects something
+
+
+def test_compiled_static_topk_generate_selects_inside_the_graph(kernels, monkeypatch):
+    """generate() under transformers' compile of static-cache decoding (Dynamo's eager backend, asked for on the CPU)
+    with a "mass" top-k pattern and left padding: every decode step of every layer selects with its position on the
+    device (the graph-safe op; nothing read on the host), and the tokens and logits equal the uncompiled run's
+    (which selects on the host, with the selection store)."""
+    from hf_sparsek.kernels import selection as selection_kernels
+    from test_generate import _compiled_static_generate, _generate, _prompt
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import hf_sparsek
+
+    torch.manual_seed(0)  # head dim 64: the kernels' smallest
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=97, max_position_embeddings=512)
+    model = LlamaForCausalLM(config).eval()
+    hf_sparsek.set_pattern(model, SparsePattern(block_size=64, sink_tokens=3, window=48, topk_blocks=1))
+    ids, mask = _prompt(length=200)
+    calls = []
+    real = selection_kernels.select_by_mass_at_device_offset
+    monkeypatch.setattr(selection_kernels, "select_by_mass_at_device_offset",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    with hf_sparsek.settings(backend="triton"):
+        eager_seq, eager_logits = _generate(model, ids, mask, cache_implementation="static", disable_compile=True)
+        assert not calls
+        seq, logits, _ = _compiled_static_generate(model, ids, mask)
+    assert len(calls) == 2 * 11  # both layers, every decode step after the prefill's token
+    assert torch.equal(seq, eager_seq)
+    torch.testing.assert_close(logits, eager_logits, rtol=1e-4, atol=1e-4)
+
+
 def _many_sms(monkeypatch, sms: int = 132) -> None:
     """Pretend the device has ``sms`` SMs (the interpreter's count is 1), so the split-KV rule for runs of 17-64
     rows (``dispatch.use_split_kv``) sees a GPU's room."""

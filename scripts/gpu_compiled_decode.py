@@ -1,0 +1,237 @@
+"""A "mass" top-k decode step inside CUDA graphs: per call, and through transformers' compiled static-cache
+``generate()``.
+
+    python -m scripts.gpu_compiled_decode --out $OUT                   # per call + generate() at 4K
+    python -m scripts.gpu_compiled_decode --out $OUT --lengths 32768 --skip-calls
+    python -m scripts.gpu_compiled_decode --cpu-smoke --out /tmp/x     # tiny sizes, Triton interpreter
+
+Per call (bf16, 32 query / 8 KV heads, D 128, sink 128 + window 1024 + top-56 of 128): a static cache whose slots
+after the position hold stale random keys. The graph-safe op (``hf_sparsek::sparse_decode``, position on the device),
+eagerly and replayed as a CUDA graph, beside the eager call on the keys sliced at the position (without and with the
+selection store) and SDPA dense on the sliced keys; its tiles and output are compared with the eager call's.
+
+``generate()`` (random-weight Llama, batch 1, greedy, ``cache_implementation="static"``: transformers compiles the
+decoding forward on CUDA): median time between decode steps for sdpa, sparsek with a window pattern and sparsek
+with the top-k pattern, and the tokens compared with the same pattern uncompiled. Writes ``compiled_decode.json``
+(a new run overwrites it; ``--tag`` names another file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+ap.add_argument("--out", default=os.environ.get("OUT", "compiled_decode_out"))
+ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes in the Triton interpreter on CPU")
+ap.add_argument("--skip-calls", action="store_true", help="only generate()")
+ap.add_argument("--lengths", default="4096", help="generate() prompt lengths (empty: none)")
+ap.add_argument("--new-tokens", type=int, default=32)
+ap.add_argument("--shape", default="16,2048,32,8", help="layers,hidden,heads,kv_heads of the random Llama")
+ap.add_argument("--max-seconds", type=float, default=540.0)
+ap.add_argument("--tag", default="")
+ARGS = ap.parse_args()
+if ARGS.cpu_smoke:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import hf_sparsek  # noqa: E402
+from hf_sparsek import SparsePattern  # noqa: E402
+from hf_sparsek.ops import _pattern_text, sparse_attention, sparse_decode_op  # noqa: E402
+from hf_sparsek.selection import SelectionState, select_tiles  # noqa: E402
+from hf_sparsek.selection.mass import select_mass_at_device_offset  # noqa: E402
+from scripts.common import bench_ms, capture_cuda_graph, write_json  # noqa: E402
+
+DEVICE = "cpu" if ARGS.cpu_smoke else "cuda"
+START = time.time()
+RESULTS: dict = {"calls": [], "generate": [], "errors": []}
+TOPK = SparsePattern(block_size=128, sink_tokens=128, window=1024, topk_blocks=56)
+WINDOW = SparsePattern(block_size=128, sink_tokens=128, window=1024)
+if ARGS.cpu_smoke:
+    TOPK = SparsePattern(block_size=64, sink_tokens=8, window=64, topk_blocks=2)
+    WINDOW = SparsePattern(block_size=64, sink_tokens=8, window=64)
+
+
+def _left() -> float:
+    return ARGS.max_seconds - (time.time() - START)
+
+
+def _rand(shape, dtype) -> torch.Tensor:
+    return torch.randn(shape, device=DEVICE, dtype=torch.float32).to(dtype)
+
+
+def _bench(fn) -> float:
+    return bench_ms(fn) if DEVICE == "cuda" else bench_ms(fn, warmup=1, rep=2)
+
+
+def call_case(batch: int, kv_len: int, slack: int, hq: int = 32, hkv: int = 8, dim: int = 128,
+              dtype=torch.bfloat16) -> None:
+    """One decode call at position ``kv_len - 1`` of a static cache of ``kv_len + slack`` slots."""
+    if _left() < 30:
+        return
+    size = f"{kv_len // 1024}K" if kv_len >= 1024 else str(kv_len)
+    row: dict = {"case": f"decode B{batch} {size} top-{TOPK.topk_blocks} of {TOPK.block_size} (mass)", "batch": batch,
+                 "position": kv_len - 1, "cache_slots": kv_len + slack, "hq": hq, "hkv": hkv, "dim": dim,
+                 "dtype": str(dtype).replace("torch.", ""), "pattern": TOPK.to_dict()}
+    try:
+        q = _rand((batch, hq, 1, dim), dtype)
+        k, v = _rand((batch, hkv, kv_len + slack, dim), dtype), _rand((batch, hkv, kv_len + slack, dim), dtype)
+        ks, vs = k[:, :, :kv_len], v[:, :, :kv_len]
+        position = torch.tensor([kv_len - 1], device=DEVICE)
+        text, scale = _pattern_text(TOPK), dim**-0.5
+        with torch.no_grad():
+            on_device = lambda: sparse_decode_op(q, k, v, None, position, 0, text, scale, 0.0)  # noqa: E731
+            sliced = lambda: sparse_attention(q, ks, vs, TOPK)  # noqa: E731
+            got, want = on_device(), sliced()
+            row["max_abs_diff_vs_eager"] = float((got.float() - want.float()).abs().max().item())
+            tiles = select_mass_at_device_offset(q, k, TOPK, position, 0, None).sort(-1).values
+            row["same_tiles_as_eager"] = bool(torch.equal(tiles, select_tiles(q, ks, TOPK, kv_len - 1, 0, None)
+                                                          .sort(-1).values))
+            row["sdpa_ms"] = _bench(lambda: F.scaled_dot_product_attention(q, ks, vs, enable_gqa=hq != hkv))
+            row["eager_no_store_ms"] = _bench(sliced)
+            state = SelectionState()
+            sparse_attention(q, ks[:, :, :-1], vs[:, :, :-1], TOPK, selection_state=state)  # the step before
+            row["eager_store_ms"] = _bench(lambda: sparse_attention(q, ks, vs, TOPK, selection_state=state))
+            row["device_offset_op_eager_ms"] = _bench(on_device)
+            if DEVICE == "cuda":
+                graph, out = capture_cuda_graph(on_device)
+                graph.replay()
+                torch.cuda.synchronize()
+                row["device_offset_op_graph_ms"] = bench_ms(graph.replay)
+                row["graph_max_abs_diff"] = float((out.float() - got.float()).abs().max().item())
+                row["graph_x_sdpa"] = row["sdpa_ms"] / row["device_offset_op_graph_ms"]
+            row["eager_store_x_sdpa"] = row["sdpa_ms"] / row["eager_store_ms"]
+    except Exception as exc:  # a case that fails is recorded, the run goes on
+        row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        RESULTS["errors"].append({"case": row["case"], "trace": traceback.format_exc()[-2000:]})
+    RESULTS["calls"].append(row)
+    print(json.dumps({k: (round(x, 4) if isinstance(x, float) else x) for k, x in row.items() if k != "pattern"}),
+          flush=True)
+
+
+def _steps(model, ids: torch.Tensor, new: int, **kwargs) -> tuple[torch.Tensor, float, list[float]]:
+    """(tokens, prefill seconds, seconds between decode steps) of one greedy generate()."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Stamps(LogitsProcessor):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def __call__(self, input_ids, scores):
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter())
+            return scores
+
+    stamps = Stamps()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                             cache_implementation="static", logits_processor=LogitsProcessorList([stamps]), **kwargs)
+    t = stamps.times
+    return out[0, ids.shape[1]:], t[0] - start, [t[i + 1] - t[i] for i in range(len(t) - 1)]
+
+
+def generate_case(model, length: int, impl: str, pattern: SparsePattern | None) -> None:
+    if _left() < 60:
+        return
+    from torch._dynamo.utils import counters
+
+    name = impl if pattern is None else f"sparsek {'top-k' if pattern.topk_blocks else 'window'}"
+    row: dict = {"prompt": length, "impl": name, "new_tokens": ARGS.new_tokens}
+    try:
+        if pattern is None:
+            model.set_attn_implementation("sdpa")
+        else:
+            hf_sparsek.set_pattern(model, pattern)
+        ids = torch.randint(0, model.config.vocab_size, (1, length), device=DEVICE)
+        torch._dynamo.reset()
+        before = counters["stats"]["unique_graphs"]
+        skips = counters["inductor"]["cudagraph_skips"]
+        started = time.time()
+        _steps(model, ids, 3)  # warm-up: the compile
+        row["warmup_s"] = time.time() - started
+        tokens, prefill, gaps = _steps(model, ids, ARGS.new_tokens + 1)
+        row["graphs_traced"] = counters["stats"]["unique_graphs"] - before
+        row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
+        gaps.sort()
+        row["prefill_s"] = prefill
+        row["decode_ms_per_token"] = gaps[len(gaps) // 2] * 1e3
+        row["decode_ms_p10_p90"] = [gaps[len(gaps) // 10] * 1e3, gaps[(9 * len(gaps)) // 10] * 1e3]
+        row["tokens_per_s"] = 1e3 / row["decode_ms_per_token"]
+        if pattern is not None:
+            eager, _, eager_gaps = _steps(model, ids, ARGS.new_tokens + 1, disable_compile=True)
+            eager_gaps.sort()
+            row["uncompiled_decode_ms_per_token"] = eager_gaps[len(eager_gaps) // 2] * 1e3
+            row["same_tokens_as_uncompiled"] = int((eager == tokens).sum().item())
+            row["of"] = int(tokens.numel())
+    except Exception as exc:
+        row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        RESULTS["errors"].append({"case": f"generate {name} {length}", "trace": traceback.format_exc()[-2000:]})
+    RESULTS["generate"].append(row)
+    print(json.dumps(row), flush=True)
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_generate(lengths: list[int]) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    layers, hidden, heads, kv_heads = (int(x) for x in ARGS.shape.split(","))
+    if ARGS.cpu_smoke:
+        layers, hidden, heads, kv_heads = 2, 128, 2, 1
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=32000,
+                         max_position_embeddings=max(lengths) + ARGS.new_tokens + 64, head_dim=hidden // heads)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(DEVICE, torch.bfloat16 if DEVICE == "cuda" else torch.float32).eval()
+    model.generation_config.pad_token_id = 0
+    if ARGS.cpu_smoke:  # transformers compiles generate() on CUDA only; ask for it here (Dynamo's eager backend)
+        from transformers import CompileConfig
+
+        config = CompileConfig(backend="eager", fullgraph=True)
+        config._compile_all_devices = True
+        model.generation_config.compile_config = config
+    RESULTS["generate_model"] = {"layers": layers, "hidden": hidden, "heads": heads, "kv_heads": kv_heads,
+                                 "params_b": sum(p.numel() for p in model.parameters()) / 1e9}
+    for length in lengths:
+        for pattern in (None, WINDOW, TOPK):
+            generate_case(model, length, "sdpa", pattern)
+
+
+def main() -> int:
+    RESULTS["command"] = "python -m scripts.gpu_compiled_decode " + " ".join(
+        a for a in sys.argv[1:] if not a.startswith("/"))
+    if not ARGS.skip_calls:
+        if ARGS.cpu_smoke:
+            with hf_sparsek.settings(backend="triton"):
+                call_case(1, 700, 100, hq=4, hkv=2, dim=64, dtype=torch.float32)
+        else:
+            call_case(1, 512 * 1024, 4096)
+            call_case(8, 128 * 1024, 4096)
+    lengths = [int(x) for x in ARGS.lengths.split(",") if x]
+    if lengths:
+        if ARGS.cpu_smoke:
+            with hf_sparsek.settings(backend="triton"):
+                run_generate([200])
+        else:
+            run_generate(lengths)
+    RESULTS["elapsed_s"] = time.time() - START
+    path = os.path.join(ARGS.out, f"compiled_decode{ARGS.tag}.json")
+    write_json(path, RESULTS)
+    print("wrote", path, "errors:", len(RESULTS["errors"]))
+    for err in RESULTS["errors"]:
+        print(err["case"], err["trace"][-600:])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
