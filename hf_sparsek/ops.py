@@ -758,7 +758,7 @@ def _compiled_decode_applies(q, k, v, pattern: SparsePattern, segment_ids, query
         return False
     if selected_tiles is not None or not isinstance(kv_offset, int):
         return False
-    if pattern.layout is not None or pattern.dense_heads:
+    if pattern.layout is not None:
         return False
     if pattern.topk_blocks is not None and not _selects_on_device(pattern, q.shape[2]):
         return False
@@ -781,16 +781,48 @@ def sparse_decode_op(
     torch.compile, reading nothing on the host: the query offset (-1: the last q_len key positions) stays a device
     tensor the kernels read, padding becomes key segments and per-row sink tiles by device ops, and the top-k tiles
     are chosen from every key tile of the cache with the unwritten ones masked (no selection store: it keeps
-    Python state). Not tagged cudagraph_unsafe: a compiled decode step can be one CUDA graph. Inference only (no
-    autograd formula: the compiled path sends calls that need gradients to the other op)."""
+    Python state). Dense heads run dense, each run of consecutive dense or sparse KV heads as one call on views.
+    Not tagged cudagraph_unsafe: a compiled decode step can be one CUDA graph. Inference only (no autograd formula:
+    the compiled path sends calls that need gradients to the other op)."""
     pat = _pattern_of_text(pattern)
-    q_len, kv_len, block = q.shape[2], k.shape[2], pat.block_size
+    q_len, kv_len = q.shape[2], k.shape[2]
     default = torch.full_like(q_offset, kv_offset + kv_len - q_len)
     position = torch.where(q_offset < 0, default, q_offset).reshape(1).to(torch.int32)
-    k_seg = k_rank = sink_ranges = None
+    layout = None
     if attention_mask is not None:
         _check_layout(q.shape[0], q_len, kv_len, attention_mask, None)
-        k_seg, k_rank, sink_ranges = _decode_layout(q, k, attention_mask, pat, kv_offset, None)
+        layout = _decode_layout(q, k, attention_mask, pat, kv_offset, None)
+    group = q.shape[1] // k.shape[1]
+    parts = []
+    for lo, hi, dense in _head_runs(pat.dense_heads, k.shape[1]):  # views, no copies of the cache
+        part = SparsePattern(block_size=pat.block_size) if dense else pat.replace(dense_heads=())
+        parts.append(_decode_on_device(q[:, lo * group: hi * group], k[:, lo:hi], v[:, lo:hi], layout, position,
+                                       kv_offset, part, scale, softcap))
+    return (parts[0] if len(parts) == 1 else torch.cat(parts, 1)).contiguous()
+
+
+def _head_runs(dense_heads: tuple[int, ...], kv_heads: int) -> list[tuple[int, int, bool]]:
+    """The KV heads as maximal runs ``(first, end, dense)`` of dense or sparse heads, in order."""
+    bad = [h for h in dense_heads if h >= kv_heads]
+    if bad:
+        raise ValueError(f"dense_heads {bad} out of range: the layer has {kv_heads} KV heads")
+    runs: list[tuple[int, int, bool]] = []
+    for h in range(kv_heads):
+        dense = h in dense_heads
+        if runs and runs[-1][2] == dense:
+            runs[-1] = (runs[-1][0], h + 1, dense)
+        else:
+            runs.append((h, h + 1, dense))
+    return runs
+
+
+def _decode_on_device(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: tuple | None,
+                      position: torch.Tensor, kv_offset: int, pat: SparsePattern, scale: float,
+                      softcap: float) -> torch.Tensor:
+    """One pattern's decode step over these heads with the position on the device (the body of
+    :func:`sparse_decode_op`); ``layout``: the padding's (key segments, ranks, per-row sink tiles) or None."""
+    kv_len, block = k.shape[2], pat.block_size
+    k_seg, k_rank, sink_ranges = (None, None, None) if layout is None else layout
     kb0 = kv_offset // block
     sink, window = pat.sink_tokens, pat.window or 0
     sink_hi = max(0, (sink - 1) // block - kb0 + 1) if sink else 0
@@ -809,7 +841,7 @@ def sparse_decode_op(
         window=0 if dense else window, scale=scale, softcap=softcap or None,
         ranges=(0, 0 if dense else sink_hi, 0, n_k if dense else window_tiles),
         sink_ranges=sink_ranges if (sink and not dense) else None, selected=selected, range_selected=dense,
-        k_seg=k_seg, k_rank=k_rank, min_sparse_len=pat.min_sparse_len).contiguous()
+        k_seg=k_seg, k_rank=k_rank, min_sparse_len=pat.min_sparse_len)
 
 
 @sparse_decode_op.register_fake

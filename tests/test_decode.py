@@ -222,6 +222,10 @@ COMPILED_TOPK_CASES = [
     (SparsePattern(block_size=64, sink_tokens=4, window=64, topk_blocks=2, per_query_head=True), 900, 650, True, 4,
      2),
     (SparsePattern(block_size=128, sink_tokens=4, window=100, topk_blocks=20), 700, 600, False, 2, 2),  # budget>tiles
+    (SparsePattern(block_size=64, sink_tokens=4, window=64, topk_blocks=2, dense_heads=(1,)), 900, 610, True, 6, 3),
+    (SparsePattern(block_size=64, sink_tokens=4, window=64, topk_blocks=2, dense_heads=(0, 3)), 900, 610, False, 8,
+     4),
+    (SparsePattern(block_size=64, sink_tokens=4, window=64, dense_heads=(1,)), 900, 610, True, 4, 2),  # no top-k
 ]
 
 
@@ -232,7 +236,8 @@ def test_compiled_topk_decode_selects_on_the_device(case, kernels, monkeypatch):
     ``hf_sparsek::sparse_decode`` too: the selection reads the position on the device and masks the cache's
     unwritten slots (here random keys, not zeros: a reused cache) instead of slicing them off. It chooses the tiles
     the eager call chooses on the sliced keys and equals the reference (GQA / MQA, padding, no window, a mass
-    threshold, rows dense under min_sparse_len, per query head, a budget above the tile count)."""
+    threshold, rows dense under min_sparse_len, per query head, a budget above the tile count, dense heads: runs of
+    consecutive dense or sparse KV heads as calls on views)."""
     from hf_sparsek.kernels import selection as selection_kernels
 
     from hf_sparsek.selection import select_tiles
@@ -257,6 +262,8 @@ def test_compiled_topk_decode_selects_on_the_device(case, kernels, monkeypatch):
                                backend="reference")
     assert any("sparse_decode" in g for g in graphs) and not any("sparse_attention" in g for g in graphs)
     assert _rel(compiled, ref) < 2e-5
+    if pattern.topk_blocks is None:
+        return
     # the tiles themselves: the eager selection on the keys sliced at the row, through the same kernels
     monkeypatch.setattr(selection_kernels, "SHORT_MIN_KEY_TILES", 0)
     plain = pattern.replace(per_query_head=False, min_sparse_len=0)
