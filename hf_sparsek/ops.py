@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from .block_index import BlockIndex, absolute_position, build_block_index
 from .patterns import BlockLayout, SparsePattern
 from .reference import reference_attention
-from .selection import SelectionState, select_tiles
+from .selection import SelectionState, select_tiles, select_tiles_at_device_offset, selects_at_device_offset
 
 Backend = Literal["auto", "triton", "reference"]
 BACKENDS = ("auto", "triton", "reference")
@@ -760,16 +760,9 @@ def _compiled_decode_applies(q, k, v, pattern: SparsePattern, segment_ids, query
         return False
     if pattern.layout is not None:
         return False
-    if pattern.topk_blocks is not None and not _selects_on_device(pattern, q.shape[2]):
-        return False
+    if pattern.topk_blocks is not None and not selects_at_device_offset(pattern, q.shape[2]):
+        return False  # other selectors and longer runs: the op that reads the position on the host
     return _split_kv_takes(q, k, v, q.shape[2], softcap, backend, pattern.block_size, None)
-
-
-def _selects_on_device(pattern: SparsePattern, q_len: int) -> bool:
-    """Whether a compiled decode step's top-k selection runs with its position on the device (graph-safe): selector
-    ``"mass"`` for one query row (:func:`hf_sparsek.selection.mass.select_mass_at_device_offset`). Other selectors
-    and longer runs go through the op that reads the position on the host (outside CUDA graphs)."""
-    return pattern.resolved_selector == "mass" and q_len == 1
 
 
 @torch.library.custom_op("hf_sparsek::sparse_decode", mutates_args=())
@@ -777,13 +770,14 @@ def sparse_decode_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None, q_offset: torch.Tensor,
     kv_offset: int, pattern: str, scale: float, softcap: float,
 ) -> torch.Tensor:
-    """A decode step of a sink / window / dense pattern, or of a ``"mass"`` top-k pattern for one query row, under
-    torch.compile, reading nothing on the host: the query offset (-1: the last q_len key positions) stays a device
-    tensor the kernels read, padding becomes key segments and per-row sink tiles by device ops, and the top-k tiles
-    are chosen from every key tile of the cache with the unwritten ones masked (no selection store: it keeps
-    Python state). Dense heads run dense, each run of consecutive dense or sparse KV heads as one call on views.
-    Not tagged cudagraph_unsafe: a compiled decode step can be one CUDA graph. Inference only (no autograd formula:
-    the compiled path sends calls that need gradients to the other op)."""
+    """A decode step of a sink / window / dense pattern, or of a ``"mass"`` / ``"probe"`` top-k pattern for one query
+    row, under torch.compile, reading nothing on the host: the query offset (-1: the last q_len key positions) stays
+    a device tensor the kernels read, padding becomes key segments and per-row sink tiles by device ops, and the
+    top-k tiles are chosen with the cache's unwritten slots masked (:func:`hf_sparsek.selection.
+    select_tiles_at_device_offset`; no selection store: it keeps Python state). Dense heads run dense, each run of
+    consecutive dense or sparse KV heads as one call on views. Not tagged cudagraph_unsafe: a compiled decode step
+    can be one CUDA graph. Inference only (no autograd formula: the compiled path sends calls that need gradients to
+    the other op)."""
     pat = _pattern_of_text(pattern)
     q_len, kv_len = q.shape[2], k.shape[2]
     default = torch.full_like(q_offset, kv_offset + kv_len - q_len)
@@ -831,9 +825,7 @@ def _decode_on_device(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout:
     dense = pat.is_dense
     selected = None
     if pat.topk_blocks is not None:
-        from .selection.mass import select_mass_at_device_offset
-
-        selected = select_mass_at_device_offset(q, k, pat, position, kv_offset, k_seg)
+        selected = select_tiles_at_device_offset(q, k, pat, position, kv_offset, k_seg)
     from .triton_ops import triton_decode_without_index
 
     return triton_decode_without_index(

@@ -96,7 +96,7 @@ def sampled_rows(Q, seg_ptr, s_qb, s_qh, s_ql, b, g, qb_r, slot, h_r, row_ok, q_
 
 @triton.jit
 def _probe_kernel(
-    Q, K, SEG, CNT, SINK_ONLY, OUT, ML, PB, PS,
+    Q, K, SEG, CNT, SINK_ONLY, OUT, ML, PB, PS, QOFF,
     s_qb, s_qh, s_ql, s_qd, s_kb, s_kh, s_kl, s_kd, s_sb, s_cb, s_ob, s_oh, s_om,
     q_len, kv_len, n_q, n_k, qb0, kb0, q_offset, q_start, kv_offset, sink, window, scale, threshold,
     n_split, tiles_per_split,
@@ -105,10 +105,15 @@ def _probe_kernel(
     STRIDE: tl.constexpr, CN: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, FC: tl.constexpr,
     TOPK: tl.constexpr, KP: tl.constexpr, KP_LOG: tl.constexpr, BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_THRESHOLD: tl.constexpr, HAS_TILE_INFO: tl.constexpr, HAS_SEG: tl.constexpr, QUERY_SEG: tl.constexpr,
+    OFFSET_ON_DEVICE: tl.constexpr = False,
 ):
     PER_TILE: tl.constexpr = SLOTS * HG_P
     ROWS: tl.constexpr = BM * PER_TILE
     KEYS: tl.constexpr = CN * BLOCK
+    if OFFSET_ON_DEVICE:  # the queries' position read here (a static cache under torch.compile)
+        q_offset = tl.load(QOFF).to(tl.int32)
+        qb0 = q_offset // BLOCK
+        q_start = q_offset - kv_offset
     n_pm = tl.cdiv(n_q, BM)
     pid_m = n_pm - 1 - tl.program_id(0) // n_split  # last query tiles first: the causal heavy programs start early
     split = tl.program_id(0) % n_split
@@ -255,7 +260,7 @@ def select_by_probe(
     sink_only: torch.Tensor | None,
     *,
     block: int,
-    q_offset: int,
+    q_offset: int | torch.Tensor,
     kv_offset: int,
     sink: int,
     topk: int,
@@ -272,7 +277,9 @@ def select_by_probe(
     power of two dividing ``block``). ``rows_per_program``: how many (sampled row, head) pairs of consecutive query
     tiles share one pass over the keys at most (more: fewer key reads, more registers; at least 16 for ``tl.dot``;
     a call with fewer query tiles takes fewer). ``splits``: key slices per program (None: :func:`probe_splits` from
-    the device's SMs; 1: one fused launch); the tiles do not depend on it, ties aside."""
+    the device's SMs; 1: one fused launch); the tiles do not depend on it, ties aside. ``q_offset`` may be a
+    one-element integer tensor on the device for one query row (a static cache under torch.compile): the kernel reads
+    it, so nothing is read on the host; the cache's keys at and after the row must then be marked in ``k_seg``."""
     batch, hq, q_len, dim = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     if stride < 1 or stride & (stride - 1) or block % stride:
@@ -281,6 +288,11 @@ def select_by_probe(
     check_rows_per_program(rows_per_program)
     if splits is not None and (not isinstance(splits, int) or splits < 1):
         raise ValueError(f"splits must be a positive int or None, got {splits!r}")
+    on_device = isinstance(q_offset, torch.Tensor)
+    if on_device and (q_len != 1 or q_offset.numel() != 1 or q_offset.dtype.is_floating_point):
+        raise ValueError(f"a device-side q_offset takes one query row and a one-element integer offset, got "
+                         f"q_len={q_len} and an offset of shape {tuple(q_offset.shape)} {q_offset.dtype}")
+    qoff, q_offset = (q_offset.reshape(1), 0) if on_device else (None, q_offset)
     n_q, n_k, out, count, sink_flag, has_info = prepare_call(q, k, key_count, sink_only, block, q_offset, kv_offset,
                                                              topk)
     if out.numel() == 0:
@@ -308,14 +320,15 @@ def select_by_probe(
         ps = torch.empty(batch * hkv, splits, n_pm * bm, device=q.device, dtype=torch.float32)
     else:
         ml = pb = ps = out  # unread
-    args = (q, k, seg, count, sink_flag, out, ml, pb, ps, *q.stride(), *k.stride(),
+    args = (q, k, seg, count, sink_flag, out, ml, pb, ps, out if qoff is None else qoff, *q.stride(), *k.stride(),
             seg.stride(0) if k_seg is not None else 0, count.stride(0) if has_info else 0, *out.stride()[:3],
             q_len, kv_len, n_q, n_k, q_offset // block, kv_offset // block, q_offset, max(q_start, 0), kv_offset,
             sink, window or 0, scale, threshold if threshold is not None else 0.0, splits, per_split)
     meta = dict(HKV=hkv, GROUP=group, HG_P=hg_p, BM=bm, SLOTS=slots, STRIDE=stride, CN=cn, D=dim, D_PAD=d_pad,
                 FC=min(FEATURE_CHUNK, d_pad), TOPK=topk, KP=kept, KP_LOG=kept.bit_length() - 1, BLOCK=block,
                 HAS_WINDOW=window is not None, HAS_THRESHOLD=threshold is not None, HAS_TILE_INFO=has_info,
-                HAS_SEG=k_seg is not None, QUERY_SEG=k_seg is not None and q_start >= 0, num_warps=NUM_WARPS)
+                HAS_SEG=k_seg is not None, QUERY_SEG=k_seg is not None and q_start >= 0 and not on_device,
+                OFFSET_ON_DEVICE=on_device, num_warps=NUM_WARPS)
     grid = (n_pm * splits, batch * hkv)
 
     def launch(phase: int) -> None:  # float32 at head dim 256 with 128-key tiles fits with fewer stages than 3

@@ -12,8 +12,8 @@ selection store) and SDPA dense on the sliced keys; its tiles and output are com
 
 ``generate()`` (random-weight Llama, batch 1, greedy, ``cache_implementation="static"``: transformers compiles the
 decoding forward on CUDA): median time between decode steps for sdpa, sparsek with a window pattern and sparsek
-with the top-k pattern, and the tokens compared with the same pattern uncompiled. Writes ``compiled_decode.json``
-(a new run overwrites it; ``--tag`` names another file).
+with the top-k pattern ("mass" and "probe"), and the tokens compared with the same pattern uncompiled. Writes
+``compiled_decode.json`` (a new run overwrites it; ``--tag`` names another file).
 """
 
 from __future__ import annotations
@@ -44,8 +44,11 @@ import torch.nn.functional as F  # noqa: E402
 import hf_sparsek  # noqa: E402
 from hf_sparsek import SparsePattern  # noqa: E402
 from hf_sparsek.ops import _pattern_text, sparse_attention, sparse_decode_op  # noqa: E402
-from hf_sparsek.selection import SelectionState, select_tiles  # noqa: E402
-from hf_sparsek.selection.mass import select_mass_at_device_offset  # noqa: E402
+from hf_sparsek.selection import (  # noqa: E402
+    SelectionState,
+    select_tiles,
+    select_tiles_at_device_offset,  # noqa: E402
+)
 from scripts.common import bench_ms, capture_cuda_graph, write_json  # noqa: E402
 
 DEVICE = "cpu" if ARGS.cpu_smoke else "cuda"
@@ -53,9 +56,11 @@ START = time.time()
 RESULTS: dict = {"calls": [], "generate": [], "errors": []}
 TOPK = SparsePattern(block_size=128, sink_tokens=128, window=1024, topk_blocks=56)
 WINDOW = SparsePattern(block_size=128, sink_tokens=128, window=1024)
+PROBE = TOPK.replace(selector="probe")
 if ARGS.cpu_smoke:
     TOPK = SparsePattern(block_size=64, sink_tokens=8, window=64, topk_blocks=2)
     WINDOW = SparsePattern(block_size=64, sink_tokens=8, window=64)
+    PROBE = TOPK.replace(selector="probe")
 
 
 def _left() -> float:
@@ -90,7 +95,7 @@ def call_case(batch: int, kv_len: int, slack: int, hq: int = 32, hkv: int = 8, d
             sliced = lambda: sparse_attention(q, ks, vs, TOPK)  # noqa: E731
             got, want = on_device(), sliced()
             row["max_abs_diff_vs_eager"] = float((got.float() - want.float()).abs().max().item())
-            tiles = select_mass_at_device_offset(q, k, TOPK, position, 0, None).sort(-1).values
+            tiles = select_tiles_at_device_offset(q, k, TOPK, position, 0, None).sort(-1).values
             row["same_tiles_as_eager"] = bool(torch.equal(tiles, select_tiles(q, ks, TOPK, kv_len - 1, 0, None)
                                                           .sort(-1).values))
             row["sdpa_ms"] = _bench(lambda: F.scaled_dot_product_attention(q, ks, vs, enable_gqa=hq != hkv))
@@ -145,7 +150,7 @@ def generate_case(model, length: int, impl: str, pattern: SparsePattern | None) 
         return
     from torch._dynamo.utils import counters
 
-    name = impl if pattern is None else f"sparsek {'top-k' if pattern.topk_blocks else 'window'}"
+    name = impl if pattern is None else f"sparsek {pattern.resolved_selector or 'window'}"
     row: dict = {"prompt": length, "impl": name, "new_tokens": ARGS.new_tokens}
     try:
         if pattern is None:
@@ -203,7 +208,7 @@ def run_generate(lengths: list[int]) -> None:
     RESULTS["generate_model"] = {"layers": layers, "hidden": hidden, "heads": heads, "kv_heads": kv_heads,
                                  "params_b": sum(p.numel() for p in model.parameters()) / 1e9}
     for length in lengths:
-        for pattern in (None, WINDOW, TOPK):
+        for pattern in (None, WINDOW, TOPK, PROBE):
             generate_case(model, length, "sdpa", pattern)
 
 

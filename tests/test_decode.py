@@ -226,22 +226,26 @@ COMPILED_TOPK_CASES = [
     (SparsePattern(block_size=64, sink_tokens=4, window=64, topk_blocks=2, dense_heads=(0, 3)), 900, 610, False, 8,
      4),
     (SparsePattern(block_size=64, sink_tokens=4, window=64, dense_heads=(1,)), 900, 610, True, 4, 2),  # no top-k
+    (SparsePattern(block_size=64, sink_tokens=4, window=64, topk_blocks=3, selector="probe"), 900, 530, True, 4, 2),
+    (SparsePattern(block_size=64, sink_tokens=64, window=128, topk_blocks=4, selector="probe", probe_stride=8,
+                   per_query_head=True, dense_tail=64, min_sparse_len=576), 1000, 700, True, 4, 1),  # Gemma-like
+    (SparsePattern(block_size=128, sink_tokens=4, window=100, topk_blocks=2, selector="probe", mass_threshold=0.5),
+     900, 777, False, 4, 2),
 ]
 
 
 @pytest.mark.parametrize("case", COMPILED_TOPK_CASES, ids=lambda c: f"at{c[2]}-Hq{c[4]}-Hk{c[5]}-{c[0].describe()}"
                          [:70] + ("-pad" if c[3] else ""))
-def test_compiled_topk_decode_selects_on_the_device(case, kernels, monkeypatch):
-    """Under torch.compile a "mass" top-k decode step with a tensor position (a static cache) is the graph-safe op
-    ``hf_sparsek::sparse_decode`` too: the selection reads the position on the device and masks the cache's
-    unwritten slots (here random keys, not zeros: a reused cache) instead of slicing them off. It chooses the tiles
-    the eager call chooses on the sliced keys and equals the reference (GQA / MQA, padding, no window, a mass
-    threshold, rows dense under min_sparse_len, per query head, a budget above the tile count, dense heads: runs of
-    consecutive dense or sparse KV heads as calls on views)."""
-    from hf_sparsek.kernels import selection as selection_kernels
+def test_compiled_topk_decode_selects_on_the_device(case, kernels):
+    """Under torch.compile a "mass" or "probe" top-k decode step with a tensor position (a static cache) is the
+    graph-safe op ``hf_sparsek::sparse_decode`` too: the selection reads the position on the device and masks the
+    cache's unwritten slots (here random keys, not zeros: a reused cache) instead of slicing them off. It chooses
+    the tiles the eager call chooses on the sliced keys and equals the reference (GQA / MQA, padding, no window, a
+    mass threshold, rows dense under min_sparse_len, per query head, a budget above the tile count, dense heads:
+    runs of consecutive dense or sparse KV heads as calls on views; Gemma 3's default's shape: probe per query head,
+    one KV head, a dense tail, rows dense below min_sparse_len)."""
 
-    from hf_sparsek.selection import select_tiles
-    from hf_sparsek.selection.mass import select_mass_at_device_offset
+    from hf_sparsek.selection import select_tiles, select_tiles_at_device_offset
 
     pattern, kv_len, q_offset, padded, hq, hkv = case
     q, k, v = torch.randn(2, hq, 1, 64), torch.randn(2, hkv, kv_len, 64), torch.randn(2, hkv, kv_len, 64)
@@ -264,16 +268,15 @@ def test_compiled_topk_decode_selects_on_the_device(case, kernels, monkeypatch):
     assert _rel(compiled, ref) < 2e-5
     if pattern.topk_blocks is None:
         return
-    # the tiles themselves: the eager selection on the keys sliced at the row, through the same kernels
-    monkeypatch.setattr(selection_kernels, "SHORT_MIN_KEY_TILES", 0)
-    plain = pattern.replace(per_query_head=False, min_sparse_len=0)
+    # the tiles themselves: the eager selection (its PyTorch definition here) on the keys sliced at the row
+    plain = pattern.replace(per_query_head=False, min_sparse_len=0, dense_tail=0)
     k_seg = None
     if padded:
         from hf_sparsek.ops import sequence_layout
 
         k_seg = sequence_layout(2, 1, kv_len, mask, None, q.device)[0]
     with torch.no_grad():
-        on_device = select_mass_at_device_offset(q, k, plain, torch.tensor([q_offset]), 0, k_seg)
+        on_device = select_tiles_at_device_offset(q, k, plain, torch.tensor([q_offset]), 0, k_seg)
         eager = select_tiles(q, k, plain, q_offset, 0, k_seg)
     assert on_device.shape == eager.shape
     assert torch.equal(on_device.sort(-1).values, eager.sort(-1).values)

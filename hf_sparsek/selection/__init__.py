@@ -25,7 +25,9 @@ from .refine import select_refine
 from .store import SelectionState
 
 __all__ = ["SelectionState", "select_mass", "select_meanpool", "select_moment", "select_oracle", "select_probe",
-           "select_refine", "select_tiles"]
+           "select_refine", "select_tiles", "select_tiles_at_device_offset", "selects_at_device_offset"]
+
+DEVICE_OFFSET_SELECTORS = ("mass", "probe")  # selectors that choose for a decode row whose position is on the device
 
 
 @torch.no_grad()
@@ -70,3 +72,47 @@ def select_tiles(
     raise ValueError(f"selector {selector!r} cannot choose tiles inside the op: the tiles must come from the model's "
                      "trained scorer (pass them as selected_tiles); selectors 'mass', 'meanpool', 'probe', "
                      "'refine', 'moment' and 'oracle' select here")
+
+
+def selects_at_device_offset(pattern: SparsePattern, q_len: int) -> bool:
+    """Whether :func:`select_tiles_at_device_offset` takes this pattern and query run: one row, selector ``"mass"``
+    or ``"probe"`` (with a stride the probe kernel samples: a power of two dividing the block)."""
+    if q_len != 1 or pattern.resolved_selector not in DEVICE_OFFSET_SELECTORS:
+        return False
+    if pattern.resolved_selector == "probe":
+        stride = pattern.probe_stride or PROBE_STRIDE
+        return not stride & (stride - 1) and pattern.block_size % stride == 0
+    return True
+
+
+@torch.no_grad()
+def select_tiles_at_device_offset(q: torch.Tensor, k: torch.Tensor, pattern: SparsePattern, q_offset: torch.Tensor,
+                                  kv_offset: int, k_seg: torch.Tensor | None) -> torch.Tensor:
+    """:func:`select_tiles` for one decode row whose position ``q_offset`` is a one-element integer tensor on the
+    device (a static cache under torch.compile): (B, Hkv, 1, topk_blocks) int32 key tiles, nothing read on the host,
+    so a CUDA graph can hold the call. Triton kernels only; the patterns :func:`selects_at_device_offset` takes.
+
+    :func:`select_tiles` slices off the keys at and after the row (a static cache's unwritten slots); here they are
+    marked as padding by device ops instead: the same features, candidates and tiles (ties aside)."""
+    import math
+
+    from .tiles import key_tile_info
+
+    if pattern.topk_blocks is None or not selects_at_device_offset(pattern, q.shape[2]):
+        raise ValueError(f"selection with a device-side position takes one query row and selector 'mass' or 'probe' "
+                         f"(a power-of-two probe_stride dividing the block), got q_len={q.shape[2]} and "
+                         f"{pattern.describe()}")
+    batch, kv_len = q.shape[0], k.shape[2]
+    written = torch.arange(kv_offset, kv_offset + kv_len, device=q.device) <= q_offset.reshape(1)
+    seg = torch.where(written, 0 if k_seg is None else k_seg, -1).expand(batch, kv_len).to(torch.int32).contiguous()
+    count, sink_only = key_tile_info(kv_len, kv_offset, seg, pattern, batch, q.device)
+    common = dict(block=pattern.block_size, q_offset=q_offset.reshape(1), kv_offset=kv_offset,
+                  sink=pattern.sink_tokens, topk=pattern.topk_blocks, window=pattern.window,
+                  threshold=pattern.mass_threshold, scale=1.0 / math.sqrt(q.shape[-1]))
+    if pattern.resolved_selector == "probe":
+        from ..kernels.probe import select_by_probe
+
+        return select_by_probe(q, k, seg, count, sink_only, stride=pattern.probe_stride or PROBE_STRIDE, **common)
+    from ..kernels.selection import select_by_mass_at_device_offset
+
+    return select_by_mass_at_device_offset(q, k, seg, count, sink_only, **common)

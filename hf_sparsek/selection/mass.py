@@ -137,24 +137,3 @@ def select_mass(q: torch.Tensor, k: torch.Tensor, pattern: SparsePattern, q_offs
     mass = tile_mass(q, k, grid, pattern.block_size, q_offset, kv_offset, k_seg, key_features=key_features)
     return choose_tiles(mass, grid, pattern.topk_blocks, pattern.mass_threshold)
 
-
-@torch.no_grad()
-def select_mass_at_device_offset(q: torch.Tensor, k: torch.Tensor, pattern: SparsePattern, q_offset: torch.Tensor,
-                                 kv_offset: int, k_seg: torch.Tensor | None) -> torch.Tensor:
-    """:func:`select_mass` of one decode row whose position ``q_offset`` is a one-element integer tensor on the
-    device (a static cache under torch.compile): (B, Hkv, 1, topk_blocks) int32 key tiles, read nothing on the
-    host (a CUDA graph can hold it). Triton only. The cache's keys at and after the row's end are marked as padding
-    here (device ops), which is what :func:`hf_sparsek.selection.select_tiles` does by slicing them off with an int
-    offset: same features, same competition, same tiles."""
-    from ..kernels.selection import select_by_mass_at_device_offset
-
-    if pattern.topk_blocks is None:
-        raise ValueError("select_mass_at_device_offset needs a pattern with topk_blocks set")
-    batch, kv_len = q.shape[0], k.shape[2]
-    written = torch.arange(kv_offset, kv_offset + kv_len, device=q.device) <= q_offset.reshape(1)
-    seg = torch.where(written, 0 if k_seg is None else k_seg, -1).expand(batch, kv_len).to(torch.int32).contiguous()
-    count, sink_only = key_tile_info(kv_len, kv_offset, seg, pattern, batch, q.device)
-    return select_by_mass_at_device_offset(
-        q, k, seg, count, sink_only, block=pattern.block_size, q_offset=q_offset, kv_offset=kv_offset,
-        sink=pattern.sink_tokens, topk=pattern.topk_blocks, window=pattern.window, threshold=pattern.mass_threshold,
-        scale=1.0 / math.sqrt(q.shape[-1]))
