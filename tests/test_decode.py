@@ -283,27 +283,28 @@ def test_compiled_topk_decode_selects_on_the_device(case, kernels):
     assert (eager >= 0).any()  # the case selects something
 
 
-def test_compiled_static_topk_generate_selects_inside_the_graph(kernels, monkeypatch):
+@pytest.mark.parametrize("selector", ["mass", "probe"])
+def test_compiled_static_topk_generate_selects_inside_the_graph(selector, kernels, monkeypatch):
     """generate() under transformers' compile of static-cache decoding (Dynamo's eager backend, asked for on the CPU)
-    with a "mass" top-k pattern and left padding: every decode step of every layer selects with its position on the
-    device (the graph-safe op; nothing read on the host), and the tokens and logits equal the uncompiled run's
-    (which selects on the host, with the selection store)."""
-    from hf_sparsek.kernels import selection as selection_kernels
+    with a "mass" or "probe" top-k pattern and left padding: every decode step of every layer selects with its
+    position on the device (the graph-safe op; nothing read on the host), and the tokens and logits equal the
+    uncompiled run's (which selects on the host; "mass" with the selection store)."""
     from test_generate import _compiled_static_generate, _generate, _prompt
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import hf_sparsek
+    import hf_sparsek.ops as ops
 
     torch.manual_seed(0)  # head dim 64: the kernels' smallest
     config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
                          num_key_value_heads=1, vocab_size=97, max_position_embeddings=512)
     model = LlamaForCausalLM(config).eval()
-    hf_sparsek.set_pattern(model, SparsePattern(block_size=64, sink_tokens=3, window=48, topk_blocks=1))
+    hf_sparsek.set_pattern(model, SparsePattern(block_size=64, sink_tokens=3, window=48, topk_blocks=1,
+                                                selector=selector))
     ids, mask = _prompt(length=200)
     calls = []
-    real = selection_kernels.select_by_mass_at_device_offset
-    monkeypatch.setattr(selection_kernels, "select_by_mass_at_device_offset",
-                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = ops.select_tiles_at_device_offset
+    monkeypatch.setattr(ops, "select_tiles_at_device_offset", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     with hf_sparsek.settings(backend="triton"):
         eager_seq, eager_logits = _generate(model, ids, mask, cache_implementation="static", disable_compile=True)
         assert not calls
