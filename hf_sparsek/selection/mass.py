@@ -136,4 +136,3 @@ def select_mass(q: torch.Tensor, k: torch.Tensor, pattern: SparsePattern, q_offs
     grid = tile_grid(q.shape[2], k.shape[2], q_offset, kv_offset, k_seg, pattern, q.shape[0], q.device)
     mass = tile_mass(q, k, grid, pattern.block_size, q_offset, kv_offset, k_seg, key_features=key_features)
     return choose_tiles(mass, grid, pattern.topk_blocks, pattern.mass_threshold)
-
