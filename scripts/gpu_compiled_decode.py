@@ -1,19 +1,21 @@
-"""A "mass" top-k decode step inside CUDA graphs: per call, and through transformers' compiled static-cache
-``generate()``.
+"""Top-k ("mass", "probe") decode steps inside CUDA graphs: per call, and through transformers' compiled
+static-cache ``generate()``. One command, one results file:
 
-    python -m scripts.gpu_compiled_decode --out $OUT                   # per call + generate() at 4K
-    python -m scripts.gpu_compiled_decode --out $OUT --lengths 32768 --skip-calls
+    python -m scripts.gpu_compiled_decode --out $OUT                   # H100: about 7 minutes
     python -m scripts.gpu_compiled_decode --cpu-smoke --out /tmp/x     # tiny sizes, Triton interpreter
 
-Per call (bf16, 32 query / 8 KV heads, D 128, sink 128 + window 1024 + top-56 of 128): a static cache whose slots
-after the position hold stale random keys. The graph-safe op (``hf_sparsek::sparse_decode``, position on the device),
-eagerly and replayed as a CUDA graph, beside the eager call on the keys sliced at the position (without and with the
-selection store) and SDPA dense on the sliced keys; its tiles and output are compared with the eager call's.
+Per call (bf16, 32 query / 8 KV heads, D 128, sink 128 + window 1024 + top-56 of 128 "mass"): a static cache whose
+slots after the position hold stale random keys. The graph-safe op (``hf_sparsek::sparse_decode``, position on the
+device), eagerly and replayed as a CUDA graph, beside the eager call on the keys sliced at the position (what the
+general op ran under torch.compile before) and SDPA dense on the sliced keys; its tiles and output are compared with
+the eager call's. At 4K with the generate() model's attention shape (D 64): the op and SDPA, each as a CUDA graph.
 
-``generate()`` (random-weight Llama, batch 1, greedy, ``cache_implementation="static"``: transformers compiles the
-decoding forward on CUDA): median time between decode steps for sdpa, sparsek with a window pattern and sparsek
-with the top-k pattern ("mass" and "probe"), and the tokens compared with the same pattern uncompiled. Writes
-``compiled_decode.json`` (a new run overwrites it; ``--tag`` names another file).
+``generate()`` (random-weight 1.1B Llama, batch 1, greedy, ``cache_implementation="static"``: transformers compiles
+the decoding forward on CUDA): median time between decode steps for sdpa, sparsek with a window pattern, with the
+top-k patterns ("mass", "probe"), and "mass" through the general op outside the graphs (the path before); graphs
+traced, CUDA graphs skipped, and tokens equal to the same pattern uncompiled (bf16 with random weights: near-ties
+make greedy tokens drift between compiled and eager kernels; the per-call rows are the exactness check). Writes
+``compiled_decode.json`` (a new run overwrites it).
 """
 
 from __future__ import annotations
@@ -44,11 +46,7 @@ import torch.nn.functional as F  # noqa: E402
 import hf_sparsek  # noqa: E402
 from hf_sparsek import SparsePattern  # noqa: E402
 from hf_sparsek.ops import _pattern_text, sparse_attention, sparse_decode_op  # noqa: E402
-from hf_sparsek.selection import (  # noqa: E402
-    SelectionState,
-    select_tiles,
-    select_tiles_at_device_offset,  # noqa: E402
-)
+from hf_sparsek.selection import select_tiles, select_tiles_at_device_offset  # noqa: E402
 from scripts.common import bench_ms, capture_cuda_graph, write_json  # noqa: E402
 
 DEVICE = "cpu" if ARGS.cpu_smoke else "cuda"
@@ -99,10 +97,7 @@ def call_case(batch: int, kv_len: int, slack: int, hq: int = 32, hkv: int = 8, d
             row["same_tiles_as_eager"] = bool(torch.equal(tiles, select_tiles(q, ks, TOPK, kv_len - 1, 0, None)
                                                           .sort(-1).values))
             row["sdpa_ms"] = _bench(lambda: F.scaled_dot_product_attention(q, ks, vs, enable_gqa=hq != hkv))
-            row["eager_no_store_ms"] = _bench(sliced)
-            state = SelectionState()
-            sparse_attention(q, ks[:, :, :-1], vs[:, :, :-1], TOPK, selection_state=state)  # the step before
-            row["eager_store_ms"] = _bench(lambda: sparse_attention(q, ks, vs, TOPK, selection_state=state))
+            row["eager_sliced_ms"] = _bench(sliced)  # the general op's body (the compiled path before)
             row["device_offset_op_eager_ms"] = _bench(on_device)
             if DEVICE == "cuda":
                 graph, out = capture_cuda_graph(on_device)
@@ -111,8 +106,39 @@ def call_case(batch: int, kv_len: int, slack: int, hq: int = 32, hkv: int = 8, d
                 row["device_offset_op_graph_ms"] = bench_ms(graph.replay)
                 row["graph_max_abs_diff"] = float((out.float() - got.float()).abs().max().item())
                 row["graph_x_sdpa"] = row["sdpa_ms"] / row["device_offset_op_graph_ms"]
-            row["eager_store_x_sdpa"] = row["sdpa_ms"] / row["eager_store_ms"]
     except Exception as exc:  # a case that fails is recorded, the run goes on
+        row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        RESULTS["errors"].append({"case": row["case"], "trace": traceback.format_exc()[-2000:]})
+    RESULTS["calls"].append(row)
+    print(json.dumps({k: (round(x, 4) if isinstance(x, float) else x) for k, x in row.items() if k != "pattern"}),
+          flush=True)
+
+
+def small_case(kv_len: int, slack: int, pattern: SparsePattern, hq: int = 32, hkv: int = 8, dim: int = 64,
+               dtype=torch.bfloat16) -> None:
+    """One decode call of the generate() model's attention shape at a short context: the graph-safe op and SDPA (on
+    the written keys), each replayed as a CUDA graph (as the compiled generate() runs them)."""
+    if _left() < 30 or DEVICE != "cuda":
+        return
+    row: dict = {"case": f"decode B1 {kv_len} {pattern.describe()} (graph) vs SDPA (graph)", "position": kv_len - 1,
+                 "cache_slots": kv_len + slack, "hq": hq, "hkv": hkv, "dim": dim, "pattern": pattern.to_dict()}
+    try:
+        q = _rand((1, hq, 1, dim), dtype)
+        k, v = _rand((1, hkv, kv_len + slack, dim), dtype), _rand((1, hkv, kv_len + slack, dim), dtype)
+        position = torch.tensor([kv_len - 1], device=DEVICE)
+        text = _pattern_text(pattern)
+        with torch.no_grad():
+            for name, call in (
+                ("sparse_op", lambda: sparse_decode_op(q, k, v, None, position, 0, text, dim**-0.5, 0.0)),
+                ("sdpa", lambda: F.scaled_dot_product_attention(q, k[:, :, :kv_len], v[:, :, :kv_len],
+                                                                enable_gqa=True)),
+            ):
+                graph, _ = capture_cuda_graph(call)
+                graph.replay()
+                torch.cuda.synchronize()
+                row[f"{name}_graph_ms"] = bench_ms(graph.replay)
+        row["sparse_x_sdpa_time"] = row["sparse_op_graph_ms"] / row["sdpa_graph_ms"]
+    except Exception as exc:
         row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         RESULTS["errors"].append({"case": row["case"], "trace": traceback.format_exc()[-2000:]})
     RESULTS["calls"].append(row)
@@ -145,12 +171,19 @@ def _steps(model, ids: torch.Tensor, new: int, **kwargs) -> tuple[torch.Tensor, 
     return out[0, ids.shape[1]:], t[0] - start, [t[i + 1] - t[i] for i in range(len(t) - 1)]
 
 
-def generate_case(model, length: int, impl: str, pattern: SparsePattern | None) -> None:
+def generate_case(model, length: int, impl: str, pattern: SparsePattern | None, before: bool = False) -> None:
+    """``before``: top-k decode steps through the general op (outside the CUDA graphs), as before 2026-12-07."""
     if _left() < 60:
         return
     from torch._dynamo.utils import counters
 
+    import hf_sparsek.ops as ops
+
     name = impl if pattern is None else f"sparsek {pattern.resolved_selector or 'window'}"
+    name += " (general op, outside the graphs: before)" if before else ""
+    rule = ops.selects_at_device_offset
+    if before:
+        ops.selects_at_device_offset = lambda pattern, q_len: False
     row: dict = {"prompt": length, "impl": name, "new_tokens": ARGS.new_tokens}
     try:
         if pattern is None:
@@ -172,7 +205,7 @@ def generate_case(model, length: int, impl: str, pattern: SparsePattern | None) 
         row["decode_ms_per_token"] = gaps[len(gaps) // 2] * 1e3
         row["decode_ms_p10_p90"] = [gaps[len(gaps) // 10] * 1e3, gaps[(9 * len(gaps)) // 10] * 1e3]
         row["tokens_per_s"] = 1e3 / row["decode_ms_per_token"]
-        if pattern is not None:
+        if pattern is not None and not before:
             eager, _, eager_gaps = _steps(model, ids, ARGS.new_tokens + 1, disable_compile=True)
             eager_gaps.sort()
             row["uncompiled_decode_ms_per_token"] = eager_gaps[len(eager_gaps) // 2] * 1e3
@@ -181,6 +214,8 @@ def generate_case(model, length: int, impl: str, pattern: SparsePattern | None) 
     except Exception as exc:
         row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         RESULTS["errors"].append({"case": f"generate {name} {length}", "trace": traceback.format_exc()[-2000:]})
+    finally:
+        ops.selects_at_device_offset = rule
     RESULTS["generate"].append(row)
     print(json.dumps(row), flush=True)
     if DEVICE == "cuda":
@@ -210,6 +245,7 @@ def run_generate(lengths: list[int]) -> None:
     for length in lengths:
         for pattern in (None, WINDOW, TOPK, PROBE):
             generate_case(model, length, "sdpa", pattern)
+        generate_case(model, length, "sdpa", TOPK, before=True)
 
 
 def main() -> int:
@@ -222,6 +258,8 @@ def main() -> int:
         else:
             call_case(1, 512 * 1024, 4096)
             call_case(8, 128 * 1024, 4096)
+            for pattern in (WINDOW, TOPK, PROBE):
+                small_case(4096, 64, pattern)
     lengths = [int(x) for x in ARGS.lengths.split(",") if x]
     if lengths:
         if ARGS.cpu_smoke:
