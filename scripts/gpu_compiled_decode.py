@@ -8,7 +8,8 @@ Per call (bf16, 32 query / 8 KV heads, D 128, sink 128 + window 1024 + top-56 of
 slots after the position hold stale random keys. The graph-safe op (``hf_sparsek::sparse_decode``, position on the
 device), eagerly and replayed as a CUDA graph, beside the eager call on the keys sliced at the position (what the
 general op ran under torch.compile before) and SDPA dense on the sliced keys; its tiles and output are compared with
-the eager call's. At 4K with the generate() model's attention shape (D 64): the op and SDPA, each as a CUDA graph.
+the eager call's. At 4K with the generate() model's attention shape (D 64): the op (without a mask, and with the
+all-ones 2D mask a compiled generate() hands every layer) and SDPA, each as a CUDA graph.
 
 ``generate()`` (random-weight 1.1B Llama, batch 1, greedy, ``cache_implementation="static"``: transformers compiles
 the decoding forward on CUDA): median time between decode steps for sdpa, sparsek with a window pattern, with the
@@ -126,10 +127,12 @@ def small_case(kv_len: int, slack: int, pattern: SparsePattern, hq: int = 32, hk
         q = _rand((1, hq, 1, dim), dtype)
         k, v = _rand((1, hkv, kv_len + slack, dim), dtype), _rand((1, hkv, kv_len + slack, dim), dtype)
         position = torch.tensor([kv_len - 1], device=DEVICE)
+        ones = torch.ones(1, kv_len + slack, dtype=torch.bool, device=DEVICE)  # what generate() passes, unpadded
         text = _pattern_text(pattern)
         with torch.no_grad():
             for name, call in (
                 ("sparse_op", lambda: sparse_decode_op(q, k, v, None, position, 0, text, dim**-0.5, 0.0)),
+                ("sparse_op_with_mask", lambda: sparse_decode_op(q, k, v, ones, position, 0, text, dim**-0.5, 0.0)),
                 ("sdpa", lambda: F.scaled_dot_product_attention(q, k[:, :, :kv_len], v[:, :, :kv_len],
                                                                 enable_gqa=True)),
             ):
