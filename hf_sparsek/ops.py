@@ -30,7 +30,13 @@ import torch.nn.functional as F
 from .block_index import BlockIndex, absolute_position, build_block_index
 from .patterns import BlockLayout, SparsePattern
 from .reference import reference_attention
-from .selection import SelectionState, select_tiles, select_tiles_at_device_offset, selects_at_device_offset
+from .selection import (
+    SelectionState,
+    select_tiles,
+    select_tiles_at_device_offset,
+    selects_at_device_offset,
+    written_key_info,
+)
 
 Backend = Literal["auto", "triton", "reference"]
 BACKENDS = ("auto", "triton", "reference")
@@ -742,8 +748,10 @@ def _traced_call(q, k, v, attention_mask, segment_ids, query_segment_ids, q_offs
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if _compiled_decode_applies(q, k, v, pattern, segment_ids, query_segment_ids, kv_offset, softcap, backend,
                                 selected_tiles):
-        return sparse_decode_op(q, k, v, attention_mask, _offset_tensor(q_offset, q.device), kv_offset,
-                                _pattern_text(pattern), scale, float(softcap or 0.0))
+        # traced here: the padding layout and the selection's key info are device ops Inductor fuses (and shares
+        # between layers with one mask); the selection and the attention are graph-safe ops
+        return _decode_step(q, k, v, attention_mask, _offset_tensor(q_offset, q.device), kv_offset, pattern, scale,
+                            float(softcap or 0.0), decode_select_op, decode_attend_op)
     offsets = torch.cat([_offset_tensor(q_offset, q.device), _offset_tensor(kv_offset, q.device)])
     return sparse_attention_op(q, k, v, attention_mask, segment_ids, query_segment_ids, offsets,
                                _pattern_text(pattern), scale, float(softcap or 0.0), backend, dense_via_sdpa,
@@ -778,20 +786,35 @@ def sparse_decode_op(
     consecutive dense or sparse KV heads as one call on views. Not tagged cudagraph_unsafe: a compiled decode step
     can be one CUDA graph. Inference only (no autograd formula: the compiled path sends calls that need gradients to
     the other op)."""
-    pat = _pattern_of_text(pattern)
+    return _decode_step(q, k, v, attention_mask, q_offset, kv_offset, _pattern_of_text(pattern), scale, softcap,
+                        _decode_select, _decode_attend)
+
+
+def _decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None,
+                 q_offset: torch.Tensor, kv_offset: int, pat: SparsePattern, scale: float, softcap: float,
+                 select, attend) -> torch.Tensor:
+    """A decode step with its position on the device: the padding layout and the selection's key info by device
+    ops, then per run of consecutive dense or sparse KV heads (views, no copies of the cache) ``select`` (top-k
+    tiles) and ``attend`` (the split-KV kernel): the custom ops under torch.compile, their bodies inside
+    :func:`sparse_decode_op`."""
     q_len, kv_len = q.shape[2], k.shape[2]
-    default = torch.full_like(q_offset, kv_offset + kv_len - q_len)
-    position = torch.where(q_offset < 0, default, q_offset).reshape(1).to(torch.int32)
-    layout = None
+    position = torch.where(q_offset < 0, kv_offset + kv_len - q_len, q_offset).reshape(1).to(torch.int32)
+    layout = (None, None, None)
     if attention_mask is not None:
         _check_layout(q.shape[0], q_len, kv_len, attention_mask, None)
         layout = _decode_layout(q, k, attention_mask, pat, kv_offset, None)
+    key_info = None
+    if pat.topk_blocks is not None:
+        key_info = written_key_info(layout[0], q.shape[0], kv_len, kv_offset, position, pat)
     group = q.shape[1] // k.shape[1]
     parts = []
-    for lo, hi, dense in _head_runs(pat.dense_heads, k.shape[1]):  # views, no copies of the cache
+    for lo, hi, dense in _head_runs(pat.dense_heads, k.shape[1]):
         part = SparsePattern(block_size=pat.block_size) if dense else pat.replace(dense_heads=())
-        parts.append(_decode_on_device(q[:, lo * group: hi * group], k[:, lo:hi], v[:, lo:hi], layout, position,
-                                       kv_offset, part, scale, softcap))
+        qs, ks, vs = q[:, lo * group: hi * group], k[:, lo:hi], v[:, lo:hi]
+        selected = None
+        if part.topk_blocks is not None:
+            selected = select(qs, ks, *key_info, position, kv_offset, _pattern_text(part))
+        parts.append(attend(qs, ks, vs, *layout, selected, position, kv_offset, _pattern_text(part), scale, softcap))
     return (parts[0] if len(parts) == 1 else torch.cat(parts, 1)).contiguous()
 
 
@@ -810,22 +833,26 @@ def _head_runs(dense_heads: tuple[int, ...], kv_heads: int) -> list[tuple[int, i
     return runs
 
 
-def _decode_on_device(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: tuple | None,
-                      position: torch.Tensor, kv_offset: int, pat: SparsePattern, scale: float,
-                      softcap: float) -> torch.Tensor:
-    """One pattern's decode step over these heads with the position on the device (the body of
-    :func:`sparse_decode_op`); ``layout``: the padding's (key segments, ranks, per-row sink tiles) or None."""
+def _decode_select(q: torch.Tensor, k: torch.Tensor, seg: torch.Tensor, count: torch.Tensor,
+                   sink_only: torch.Tensor, position: torch.Tensor, kv_offset: int, pattern: str) -> torch.Tensor:
+    """The top-k tiles of a decode row at ``position`` (:func:`hf_sparsek.selection.select_tiles_at_device_offset`
+    with its key info made beforehand)."""
+    return select_tiles_at_device_offset(q, k, _pattern_of_text(pattern), position, kv_offset, None,
+                                         key_info=(seg, count, sink_only)).contiguous()
+
+
+def _decode_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_seg: torch.Tensor | None,
+                   k_rank: torch.Tensor | None, sink_ranges: torch.Tensor | None, selected: torch.Tensor | None,
+                   position: torch.Tensor, kv_offset: int, pattern: str, scale: float, softcap: float) -> torch.Tensor:
+    """One pattern's decode step over these heads through the split-KV kernel, the position on the device."""
+    pat = _pattern_of_text(pattern)
     kv_len, block = k.shape[2], pat.block_size
-    k_seg, k_rank, sink_ranges = (None, None, None) if layout is None else layout
     kb0 = kv_offset // block
     sink, window = pat.sink_tokens, pat.window or 0
     sink_hi = max(0, (sink - 1) // block - kb0 + 1) if sink else 0
     n_k = (kv_offset % block + kv_len + block - 1) // block
     window_tiles = min(n_k, (window + block - 2) // block + 2) if window else 0
     dense = pat.is_dense
-    selected = None
-    if pat.topk_blocks is not None:
-        selected = select_tiles_at_device_offset(q, k, pat, position, kv_offset, k_seg)
     from .triton_ops import triton_decode_without_index
 
     return triton_decode_without_index(
@@ -833,7 +860,22 @@ def _decode_on_device(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout:
         window=0 if dense else window, scale=scale, softcap=softcap or None,
         ranges=(0, 0 if dense else sink_hi, 0, n_k if dense else window_tiles),
         sink_ranges=sink_ranges if (sink and not dense) else None, selected=selected, range_selected=dense,
-        k_seg=k_seg, k_rank=k_rank, min_sparse_len=pat.min_sparse_len)
+        k_seg=k_seg, k_rank=k_rank, min_sparse_len=pat.min_sparse_len).contiguous()
+
+
+# The decode step's two graph-safe pieces under torch.compile (not cudagraph_unsafe: nothing read on the host).
+decode_select_op = torch.library.custom_op("hf_sparsek::decode_select", _decode_select, mutates_args=())
+decode_attend_op = torch.library.custom_op("hf_sparsek::decode_attend", _decode_attend, mutates_args=())
+
+
+@decode_select_op.register_fake
+def _(q, k, seg, count, sink_only, position, kv_offset, pattern):
+    return q.new_empty((q.shape[0], k.shape[1], 1, _pattern_of_text(pattern).topk_blocks), dtype=torch.int32)
+
+
+@decode_attend_op.register_fake
+def _(q, k, v, k_seg, k_rank, sink_ranges, selected, position, kv_offset, pattern, scale, softcap):
+    return q.new_empty(q.shape[:3] + v.shape[3:])
 
 
 @sparse_decode_op.register_fake

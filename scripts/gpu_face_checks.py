@@ -133,8 +133,8 @@ def main() -> None:
             torch._dynamo.reset()  # trace afresh: the graphs counted are this generate()'s
             skips, graphs = compile_counts()
             auto = model.generate(ids, **kw)
-        # the decode op is CUDA-graph safe (hf_sparsek::sparse_decode): inductor should skip no graph for it, and
-        # the forward is traced once for all decode steps
+        # the decode ops are CUDA-graph safe (hf_sparsek::decode_attend, decode_select): inductor should skip no graph
+        # for them, and the forward is traced once for all decode steps
         skips, graphs = (now - then for now, then in zip(compile_counts(), (skips, graphs), strict=True))
         return {"ok": torch.equal(eager, auto) and graphs == 1, "same_tokens": int((eager == auto).sum()),
                 "of": eager.numel(), "cudagraph_skips": skips, "graphs_traced": graphs}

@@ -187,7 +187,7 @@ COMPILED_CASES = [
                          + ("-pad" if c[4] else ""))
 def test_compiled_decode_reads_its_offset_on_the_device(case, kernels):
     """Under torch.compile a decode step with a tensor query offset (a static cache) becomes the graph-safe op
-    ``hf_sparsek::sparse_decode``, which reads the offset in the kernel; it equals the eager call. The keys past the
+    ``hf_sparsek::decode_attend``, which reads the offset in the kernel; it equals the eager call. The keys past the
     queries (a static cache's unwritten slots) are masked by causality."""
     pattern, q_len, kv_len, q_offset, padded = case
     q, k, v = torch.randn(2, 4, q_len, 64), torch.randn(2, 2, kv_len, 64), torch.randn(2, 2, kv_len, 64)
@@ -205,7 +205,7 @@ def test_compiled_decode_reads_its_offset_on_the_device(case, kernels):
     with torch.no_grad():
         compiled = torch.compile(fn, fullgraph=True, backend=backend)(q, k, v, torch.tensor(q_offset), mask)
         eager = sparse_attention(q, k, v, pattern, q_offset=q_offset, attention_mask=mask, backend="reference")
-    assert any("sparse_decode" in g for g in graphs)
+    assert any("decode_attend" in g for g in graphs) and not any("sparse_attention" in g for g in graphs)
     assert _rel(compiled, eager) < 2e-5
 
 
@@ -237,13 +237,13 @@ COMPILED_TOPK_CASES = [
 @pytest.mark.parametrize("case", COMPILED_TOPK_CASES, ids=lambda c: f"at{c[2]}-Hq{c[4]}-Hk{c[5]}-{c[0].describe()}"
                          [:70] + ("-pad" if c[3] else ""))
 def test_compiled_topk_decode_selects_on_the_device(case, kernels):
-    """Under torch.compile a "mass" or "probe" top-k decode step with a tensor position (a static cache) is the
-    graph-safe op ``hf_sparsek::sparse_decode`` too: the selection reads the position on the device and masks the
-    cache's unwritten slots (here random keys, not zeros: a reused cache) instead of slicing them off. It chooses
-    the tiles the eager call chooses on the sliced keys and equals the reference (GQA / MQA, padding, no window, a
-    mass threshold, rows dense under min_sparse_len, per query head, a budget above the tile count, dense heads:
-    runs of consecutive dense or sparse KV heads as calls on views; Gemma 3's default's shape: probe per query head,
-    one KV head, a dense tail, rows dense below min_sparse_len)."""
+    """Under torch.compile a "mass" or "probe" top-k decode step with a tensor position (a static cache) takes the
+    graph-safe ops too (``hf_sparsek::decode_select``, ``decode_attend``): the selection reads the position on the
+    device and masks the cache's unwritten slots (here random keys, not zeros: a reused cache) instead of slicing
+    them off. It chooses the tiles the eager call chooses on the sliced keys and equals the reference (GQA / MQA,
+    padding, no window, a mass threshold, rows dense under min_sparse_len, per query head, a budget above the tile
+    count, dense heads: runs of consecutive dense or sparse KV heads as calls on views; Gemma 3's default's shape:
+    probe per query head, one KV head, a dense tail, rows dense below min_sparse_len)."""
 
     from hf_sparsek.selection import select_tiles, select_tiles_at_device_offset
 
@@ -264,7 +264,9 @@ def test_compiled_topk_decode_selects_on_the_device(case, kernels):
         compiled = torch.compile(fn, fullgraph=True, backend=backend)(q, k, v, torch.tensor(q_offset), mask)
         ref = sparse_attention(q.double(), k.double(), v.double(), pattern, q_offset=q_offset, attention_mask=mask,
                                backend="reference")
-    assert any("sparse_decode" in g for g in graphs) and not any("sparse_attention" in g for g in graphs)
+    assert not any("sparse_attention" in g for g in graphs)
+    assert any("decode_attend" in g for g in graphs)
+    assert any("decode_select" in g for g in graphs) == (pattern.topk_blocks is not None)
     assert _rel(compiled, ref) < 2e-5
     if pattern.topk_blocks is None:
         return

@@ -25,7 +25,8 @@ from .refine import select_refine
 from .store import SelectionState
 
 __all__ = ["SelectionState", "select_mass", "select_meanpool", "select_moment", "select_oracle", "select_probe",
-           "select_refine", "select_tiles", "select_tiles_at_device_offset", "selects_at_device_offset"]
+           "select_refine", "select_tiles", "select_tiles_at_device_offset", "selects_at_device_offset",
+           "written_key_info"]
 
 DEVICE_OFFSET_SELECTORS = ("mass", "probe")  # selectors that choose for a decode row whose position is on the device
 
@@ -85,27 +86,40 @@ def selects_at_device_offset(pattern: SparsePattern, q_len: int) -> bool:
     return True
 
 
+def written_key_info(k_seg: torch.Tensor | None, batch: int, kv_len: int, kv_offset: int, q_offset: torch.Tensor,
+                     pattern: SparsePattern) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For a decode row at the device-side position ``q_offset``: (B, kv_len) int32 key segments with the keys at
+    and after the row (a static cache's unwritten slots) marked -1, and per key tile the real keys it holds and
+    whether all are sink tokens (:func:`hf_sparsek.selection.tiles.key_tile_info`). Device ops only: traced under
+    torch.compile, where layers sharing a mask share this work."""
+    from .tiles import key_tile_info
+
+    written = torch.arange(kv_offset, kv_offset + kv_len, device=q_offset.device) <= q_offset.reshape(1)
+    seg = torch.where(written, 0 if k_seg is None else k_seg, -1).expand(batch, kv_len).to(torch.int32).contiguous()
+    count, sink_only = key_tile_info(kv_len, kv_offset, seg, pattern, batch, q_offset.device)
+    return seg, count, sink_only
+
+
 @torch.no_grad()
 def select_tiles_at_device_offset(q: torch.Tensor, k: torch.Tensor, pattern: SparsePattern, q_offset: torch.Tensor,
-                                  kv_offset: int, k_seg: torch.Tensor | None) -> torch.Tensor:
+                                  kv_offset: int, k_seg: torch.Tensor | None,
+                                  key_info: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """:func:`select_tiles` for one decode row whose position ``q_offset`` is a one-element integer tensor on the
     device (a static cache under torch.compile): (B, Hkv, 1, topk_blocks) int32 key tiles, nothing read on the host,
     so a CUDA graph can hold the call. Triton kernels only; the patterns :func:`selects_at_device_offset` takes.
 
     :func:`select_tiles` slices off the keys at and after the row (a static cache's unwritten slots); here they are
-    marked as padding by device ops instead: the same features, candidates and tiles (ties aside)."""
+    marked as padding by device ops instead: the same features, candidates and tiles (ties aside). ``key_info``:
+    :func:`written_key_info` made beforehand (else made here from ``k_seg``)."""
     import math
-
-    from .tiles import key_tile_info
 
     if pattern.topk_blocks is None or not selects_at_device_offset(pattern, q.shape[2]):
         raise ValueError(f"selection with a device-side position takes one query row and selector 'mass' or 'probe' "
                          f"(a power-of-two probe_stride dividing the block), got q_len={q.shape[2]} and "
                          f"{pattern.describe()}")
-    batch, kv_len = q.shape[0], k.shape[2]
-    written = torch.arange(kv_offset, kv_offset + kv_len, device=q.device) <= q_offset.reshape(1)
-    seg = torch.where(written, 0 if k_seg is None else k_seg, -1).expand(batch, kv_len).to(torch.int32).contiguous()
-    count, sink_only = key_tile_info(kv_len, kv_offset, seg, pattern, batch, q.device)
+    if key_info is None:
+        key_info = written_key_info(k_seg, q.shape[0], k.shape[2], kv_offset, q_offset, pattern)
+    seg, count, sink_only = key_info
     common = dict(block=pattern.block_size, q_offset=q_offset.reshape(1), kv_offset=kv_offset,
                   sink=pattern.sink_tokens, topk=pattern.topk_blocks, window=pattern.window,
                   threshold=pattern.mass_threshold, scale=1.0 / math.sqrt(q.shape[-1]))
