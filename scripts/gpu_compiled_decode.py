@@ -5,15 +5,17 @@ static-cache ``generate()``. One command, one results file:
     python -m scripts.gpu_compiled_decode --cpu-smoke --out /tmp/x     # tiny sizes, Triton interpreter
 
 Per call (bf16, 32 query / 8 KV heads, D 128, sink 128 + window 1024 + top-56 of 128 "mass"): a static cache whose
-slots after the position hold stale random keys. The graph-safe op (``hf_sparsek::sparse_decode``, position on the
-device), eagerly and replayed as a CUDA graph, beside the eager call on the keys sliced at the position (what the
-general op ran under torch.compile before) and SDPA dense on the sliced keys; its tiles and output are compared with
-the eager call's. At 4K with the generate() model's attention shape (D 64): the op (without a mask, and with the
-all-ones 2D mask a compiled generate() hands every layer) and SDPA, each as a CUDA graph.
+slots after the position hold stale random keys. The graph-safe step (``hf_sparsek::sparse_decode``: the pieces
+compiled decoding runs as ``decode_select`` / ``decode_attend``; position on the device), eagerly and replayed as a
+CUDA graph, beside the eager call on the keys sliced at the position (what the general op ran under torch.compile
+before) and SDPA dense on the sliced keys; its tiles and output are compared with the eager call's. At 4K with the
+generate() model's attention shape (D 64): the step (without a mask, and with the all-ones 2D mask a compiled
+generate() hands every layer) and SDPA, each as a CUDA graph.
 
 ``generate()`` (random-weight 1.1B Llama, batch 1, greedy, ``cache_implementation="static"``: transformers compiles
 the decoding forward on CUDA): median time between decode steps for sdpa, sparsek with a window pattern, with the
-top-k patterns ("mass", "probe"), and "mass" through the general op outside the graphs (the path before); graphs
+top-k patterns ("mass", "probe"), and as before 2026-12-07: "mass" through the general op outside the graphs, the
+window as one op with the padding layout inside (~20 small kernels a layer); graphs
 traced, CUDA graphs skipped, and tokens equal to the same pattern uncompiled (bf16 with random weights: near-ties
 make greedy tokens drift between compiled and eager kernels; the per-call rows are the exactness check). Writes
 ``compiled_decode.json`` (a new run overwrites it).
@@ -51,6 +53,7 @@ from hf_sparsek.selection import select_tiles, select_tiles_at_device_offset  # 
 from scripts.common import bench_ms, capture_cuda_graph, write_json  # noqa: E402
 
 DEVICE = "cpu" if ARGS.cpu_smoke else "cuda"
+STEP = __import__("hf_sparsek.ops", fromlist=["_decode_step"])._decode_step  # the step's code, whatever is patched
 START = time.time()
 RESULTS: dict = {"calls": [], "generate": [], "errors": []}
 TOPK = SparsePattern(block_size=128, sink_tokens=128, window=1024, topk_blocks=56)
@@ -174,8 +177,28 @@ def _steps(model, ids: torch.Tensor, new: int, **kwargs) -> tuple[torch.Tensor, 
     return out[0, ids.shape[1]:], t[0] - start, [t[i + 1] - t[i] for i in range(len(t) - 1)]
 
 
-def generate_case(model, length: int, impl: str, pattern: SparsePattern | None, before: bool = False) -> None:
-    """``before``: top-k decode steps through the general op (outside the CUDA graphs), as before 2026-12-07."""
+@torch.library.custom_op("gpu_compiled_decode::one_op_step", mutates_args=())
+def _one_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None,
+            q_offset: torch.Tensor, kv_offset: int, pattern: str, scale: float, softcap: float) -> torch.Tensor:
+    import hf_sparsek.ops as ops
+
+    return STEP(q, k, v, attention_mask, q_offset, kv_offset, ops._pattern_of_text(pattern), scale, softcap,
+                ops._decode_select, ops._decode_attend)
+
+
+@_one_op.register_fake
+def _(q, k, v, attention_mask, q_offset, kv_offset, pattern, scale, softcap):
+    return q.new_empty(q.shape[:3] + v.shape[3:])
+
+
+def _one_op_step(q, k, v, attention_mask, q_offset, kv_offset, pat, scale, softcap, select, attend):
+    """The compiled decode step as it was before 2026-12-07: one op, the padding layout computed inside it."""
+    return _one_op(q, k, v, attention_mask, q_offset, kv_offset, _pattern_text(pat), scale, softcap)
+
+
+def generate_case(model, length: int, impl: str, pattern: SparsePattern | None, before: str = "") -> None:
+    """``before``: "general op": top-k decode steps through the general op (outside the CUDA graphs); "one op": the
+    decode step as one op with the padding layout inside; both as before 2026-12-07."""
     if _left() < 60:
         return
     from torch._dynamo.utils import counters
@@ -183,10 +206,12 @@ def generate_case(model, length: int, impl: str, pattern: SparsePattern | None, 
     import hf_sparsek.ops as ops
 
     name = impl if pattern is None else f"sparsek {pattern.resolved_selector or 'window'}"
-    name += " (general op, outside the graphs: before)" if before else ""
-    rule = ops.selects_at_device_offset
-    if before:
+    name += f" ({before}: before)" if before else ""
+    rule, step = ops.selects_at_device_offset, ops._decode_step
+    if before == "general op":
         ops.selects_at_device_offset = lambda pattern, q_len: False
+    elif before == "one op":
+        ops._decode_step = _one_op_step
     row: dict = {"prompt": length, "impl": name, "new_tokens": ARGS.new_tokens}
     try:
         if pattern is None:
@@ -218,7 +243,7 @@ def generate_case(model, length: int, impl: str, pattern: SparsePattern | None, 
         row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         RESULTS["errors"].append({"case": f"generate {name} {length}", "trace": traceback.format_exc()[-2000:]})
     finally:
-        ops.selects_at_device_offset = rule
+        ops.selects_at_device_offset, ops._decode_step = rule, step
     RESULTS["generate"].append(row)
     print(json.dumps(row), flush=True)
     if DEVICE == "cuda":
@@ -248,7 +273,8 @@ def run_generate(lengths: list[int]) -> None:
     for length in lengths:
         for pattern in (None, WINDOW, TOPK, PROBE):
             generate_case(model, length, "sdpa", pattern)
-        generate_case(model, length, "sdpa", TOPK, before=True)
+        generate_case(model, length, "sdpa", TOPK, before="general op")
+        generate_case(model, length, "sdpa", WINDOW, before="one op")
 
 
 def main() -> int:
