@@ -110,6 +110,12 @@ def call_case(batch: int, kv_len: int, slack: int, hq: int = 32, hkv: int = 8, d
                 row["device_offset_op_graph_ms"] = bench_ms(graph.replay)
                 row["graph_max_abs_diff"] = float((out.float() - got.float()).abs().max().item())
                 row["graph_x_sdpa"] = row["sdpa_ms"] / row["device_offset_op_graph_ms"]
+                select = lambda: select_tiles_at_device_offset(q, k, TOPK, position, 0, None)  # noqa: E731
+                graph, _ = capture_cuda_graph(select)
+                graph.replay()
+                torch.cuda.synchronize()
+                row["device_offset_selection_graph_ms"] = bench_ms(graph.replay)
+            row["selection_sliced_eager_ms"] = _bench(lambda: select_tiles(q, ks, TOPK, kv_len - 1, 0, None))
     except Exception as exc:  # a case that fails is recorded, the run goes on
         row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         RESULTS["errors"].append({"case": row["case"], "trace": traceback.format_exc()[-2000:]})
