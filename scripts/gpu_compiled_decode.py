@@ -65,6 +65,14 @@ if ARGS.cpu_smoke:
     PROBE = TOPK.replace(selector="probe")
 
 
+def _save() -> str:
+    """Write what has run so far (a run cut short keeps its rows)."""
+    RESULTS["elapsed_s"] = time.time() - START
+    path = os.path.join(ARGS.out, f"compiled_decode{ARGS.tag}.json")
+    write_json(path, RESULTS)
+    return path
+
+
 def _left() -> float:
     return ARGS.max_seconds - (time.time() - START)
 
@@ -120,6 +128,7 @@ def call_case(batch: int, kv_len: int, slack: int, hq: int = 32, hkv: int = 8, d
         row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         RESULTS["errors"].append({"case": row["case"], "trace": traceback.format_exc()[-2000:]})
     RESULTS["calls"].append(row)
+    _save()
     print(json.dumps({k: (round(x, 4) if isinstance(x, float) else x) for k, x in row.items() if k != "pattern"}),
           flush=True)
 
@@ -154,6 +163,7 @@ def small_case(kv_len: int, slack: int, pattern: SparsePattern, hq: int = 32, hk
         row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         RESULTS["errors"].append({"case": row["case"], "trace": traceback.format_exc()[-2000:]})
     RESULTS["calls"].append(row)
+    _save()
     print(json.dumps({k: (round(x, 4) if isinstance(x, float) else x) for k, x in row.items() if k != "pattern"}),
           flush=True)
 
@@ -251,6 +261,7 @@ def generate_case(model, length: int, impl: str, pattern: SparsePattern | None, 
     finally:
         ops.selects_at_device_offset, ops._decode_step = rule, step
     RESULTS["generate"].append(row)
+    _save()
     print(json.dumps(row), flush=True)
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
@@ -302,9 +313,7 @@ def main() -> int:
                 run_generate([200])
         else:
             run_generate(lengths)
-    RESULTS["elapsed_s"] = time.time() - START
-    path = os.path.join(ARGS.out, f"compiled_decode{ARGS.tag}.json")
-    write_json(path, RESULTS)
+    path = _save()
     print("wrote", path, "errors:", len(RESULTS["errors"]))
     for err in RESULTS["errors"]:
         print(err["case"], err["trace"][-600:])
