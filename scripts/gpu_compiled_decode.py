@@ -297,22 +297,22 @@ def run_generate(lengths: list[int]) -> None:
 def main() -> int:
     RESULTS["command"] = "python -m scripts.gpu_compiled_decode " + " ".join(
         a for a in sys.argv[1:] if not a.startswith("/"))
-    if not ARGS.skip_calls:
-        if ARGS.cpu_smoke:
-            with hf_sparsek.settings(backend="triton"):
+    lengths = [int(x) for x in ARGS.lengths.split(",") if x]
+    if ARGS.cpu_smoke:
+        with hf_sparsek.settings(backend="triton"):
+            if not ARGS.skip_calls:
                 call_case(1, 700, 100, hq=4, hkv=2, dim=64, dtype=torch.float32)
-        else:
-            call_case(1, 512 * 1024, 4096)
-            call_case(8, 128 * 1024, 4096)
+            if lengths:
+                run_generate([200])
+    else:  # the short rows first: a run cut short keeps the most
+        if not ARGS.skip_calls:
             for pattern in (WINDOW, TOPK, PROBE):
                 small_case(4096, 64, pattern)
-    lengths = [int(x) for x in ARGS.lengths.split(",") if x]
-    if lengths:
-        if ARGS.cpu_smoke:
-            with hf_sparsek.settings(backend="triton"):
-                run_generate([200])
-        else:
+        if lengths:
             run_generate(lengths)
+        if not ARGS.skip_calls:
+            call_case(1, 512 * 1024, 4096)
+            call_case(8, 128 * 1024, 4096)
     path = _save()
     print("wrote", path, "errors:", len(RESULTS["errors"]))
     for err in RESULTS["errors"]:
