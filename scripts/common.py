@@ -199,3 +199,33 @@ def load_token_file(path: str) -> dict:
         with lzma.open(path, "rb") as f:
             return torch.load(io.BytesIO(f.read()))
     return torch.load(path)
+
+
+
+def timed_generate(model, ids: torch.Tensor, new: int, **kwargs) -> tuple[torch.Tensor, float, list[float]]:
+    """One greedy ``generate()`` of exactly ``new`` tokens: (its output ids, prefill seconds, seconds between decode
+    steps). Each step is stamped by a logits processor after a CUDA synchronisation, so decode time is the gap between
+    stamps, with no prefill noise in it."""
+    import time
+
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class StepStamps(LogitsProcessor):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def __call__(self, input_ids, scores):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter())
+            return scores
+
+    stamps = StepStamps()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                             logits_processor=LogitsProcessorList([stamps]), **kwargs)
+    t = stamps.times
+    return out, t[0] - start, [t[i + 1] - t[i] for i in range(len(t) - 1)]

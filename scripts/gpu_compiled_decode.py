@@ -50,7 +50,7 @@ import hf_sparsek  # noqa: E402
 from hf_sparsek import SparsePattern  # noqa: E402
 from hf_sparsek.ops import _pattern_text, sparse_attention, sparse_decode_op  # noqa: E402
 from hf_sparsek.selection import select_tiles, select_tiles_at_device_offset  # noqa: E402
-from scripts.common import bench_ms, capture_cuda_graph, write_json  # noqa: E402
+from scripts.common import bench_ms, capture_cuda_graph, timed_generate, write_json  # noqa: E402
 
 DEVICE = "cpu" if ARGS.cpu_smoke else "cuda"
 STEP = __import__("hf_sparsek.ops", fromlist=["_decode_step"])._decode_step  # the step's code, whatever is patched
@@ -71,6 +71,19 @@ def _save() -> str:
     path = os.path.join(ARGS.out, f"compiled_decode{ARGS.tag}.json")
     write_json(path, RESULTS)
     return path
+
+
+def _failed(row: dict, case: str, exc: Exception) -> None:
+    """A case that fails is recorded (its error in the row, the trace in ``errors``); the run goes on."""
+    row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    RESULTS["errors"].append({"case": case, "trace": traceback.format_exc()[-2000:]})
+
+
+def _record(kind: str, row: dict) -> None:
+    RESULTS[kind].append(row)
+    _save()
+    print(json.dumps({k: (round(x, 4) if isinstance(x, float) else x) for k, x in row.items() if k != "pattern"}),
+          flush=True)
 
 
 def _left() -> float:
@@ -125,12 +138,8 @@ def call_case(batch: int, kv_len: int, slack: int, hq: int = 32, hkv: int = 8, d
                 row["device_offset_selection_graph_ms"] = bench_ms(graph.replay)
             row["selection_sliced_eager_ms"] = _bench(lambda: select_tiles(q, ks, TOPK, kv_len - 1, 0, None))
     except Exception as exc:  # a case that fails is recorded, the run goes on
-        row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-        RESULTS["errors"].append({"case": row["case"], "trace": traceback.format_exc()[-2000:]})
-    RESULTS["calls"].append(row)
-    _save()
-    print(json.dumps({k: (round(x, 4) if isinstance(x, float) else x) for k, x in row.items() if k != "pattern"}),
-          flush=True)
+        _failed(row, row["case"], exc)
+    _record("calls", row)
 
 
 def small_case(kv_len: int, slack: int, pattern: SparsePattern, hq: int = 32, hkv: int = 8, dim: int = 64,
@@ -159,38 +168,15 @@ def small_case(kv_len: int, slack: int, pattern: SparsePattern, hq: int = 32, hk
                 torch.cuda.synchronize()
                 row[f"{name}_graph_ms"] = bench_ms(graph.replay)
         row["sparse_x_sdpa_time"] = row["sparse_op_graph_ms"] / row["sdpa_graph_ms"]
-    except Exception as exc:
-        row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-        RESULTS["errors"].append({"case": row["case"], "trace": traceback.format_exc()[-2000:]})
-    RESULTS["calls"].append(row)
-    _save()
-    print(json.dumps({k: (round(x, 4) if isinstance(x, float) else x) for k, x in row.items() if k != "pattern"}),
-          flush=True)
+    except Exception as exc:  # a case that fails is recorded, the run goes on
+        _failed(row, row["case"], exc)
+    _record("calls", row)
 
 
 def _steps(model, ids: torch.Tensor, new: int, **kwargs) -> tuple[torch.Tensor, float, list[float]]:
-    """(tokens, prefill seconds, seconds between decode steps) of one greedy generate()."""
-    from transformers import LogitsProcessor, LogitsProcessorList
-
-    class Stamps(LogitsProcessor):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-
-        def __call__(self, input_ids, scores):
-            if DEVICE == "cuda":
-                torch.cuda.synchronize()
-            self.times.append(time.perf_counter())
-            return scores
-
-    stamps = Stamps()
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                             cache_implementation="static", logits_processor=LogitsProcessorList([stamps]), **kwargs)
-    t = stamps.times
-    return out[0, ids.shape[1]:], t[0] - start, [t[i + 1] - t[i] for i in range(len(t) - 1)]
+    """(generated tokens, prefill seconds, seconds between decode steps) of one greedy static-cache generate()."""
+    out, prefill, gaps = timed_generate(model, ids, new, cache_implementation="static", **kwargs)
+    return out[0, ids.shape[1]:], prefill, gaps
 
 
 @torch.library.custom_op("gpu_compiled_decode::one_op_step", mutates_args=())
@@ -256,13 +242,10 @@ def generate_case(model, length: int, impl: str, pattern: SparsePattern | None, 
             row["same_tokens_as_uncompiled"] = int((eager == tokens).sum().item())
             row["of"] = int(tokens.numel())
     except Exception as exc:
-        row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-        RESULTS["errors"].append({"case": f"generate {name} {length}", "trace": traceback.format_exc()[-2000:]})
+        _failed(row, f"generate {name} {length}", exc)
     finally:
         ops.selects_at_device_offset, ops._decode_step = rule, step
-    RESULTS["generate"].append(row)
-    _save()
-    print(json.dumps(row), flush=True)
+    _record("generate", row)
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
 

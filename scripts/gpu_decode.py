@@ -43,7 +43,7 @@ import hf_sparsek  # noqa: E402
 from hf_sparsek import SparsePattern  # noqa: E402
 from hf_sparsek.ops import build_index_for, sparse_attention  # noqa: E402
 from hf_sparsek.triton_ops import triton_block_sparse_attention  # noqa: E402
-from scripts.common import bench_ms, capture_cuda_graph, options, write_json  # noqa: E402
+from scripts.common import bench_ms, capture_cuda_graph, options, timed_generate, write_json  # noqa: E402
 
 DEVICE = "cpu" if ARGS.cpu_smoke else "cuda"
 START = time.time()
@@ -245,34 +245,15 @@ def generate_case(length: int, impl: str, model) -> None:
     does not leak into it)."""
     if _left() < 40:
         return
-    from transformers import LogitsProcessor, LogitsProcessorList
-
-    class Stamps(LogitsProcessor):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-
-        def __call__(self, input_ids, scores):
-            if DEVICE == "cuda":
-                torch.cuda.synchronize()
-            self.times.append(time.perf_counter())
-            return scores
-
     row: dict = {"prompt": length, "impl": impl, "new_tokens": ARGS.new_tokens}
     try:
         model.set_attn_implementation(impl)
         ids = torch.randint(0, model.config.vocab_size, (1, length), device=DEVICE)
 
         def run(new: int) -> tuple[float, list[float]]:
-            stamps = Stamps()
-            if DEVICE == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            with torch.no_grad():
-                out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                     logits_processor=LogitsProcessorList([stamps]))
+            out, prefill, gaps = timed_generate(model, ids, new)
             assert out.shape[1] == length + new
-            times = stamps.times
-            return times[0] - start, [times[i + 1] - times[i] for i in range(len(times) - 1)]
+            return prefill, gaps
 
         run(3)  # warm-up: compiles, allocator
         prefill, gaps = run(ARGS.new_tokens + 1)

@@ -173,6 +173,23 @@ def test_generate_through_the_decode_kernel_equals_the_reference(cache, pattern,
     torch.testing.assert_close(results["triton"][1], results["reference"][1], rtol=1e-4, atol=1e-4)
 
 
+def _compiled_decode(q, k, v, pattern, q_offset: int, mask) -> tuple[torch.Tensor, list[str]]:
+    """``sparse_attention`` under ``torch.compile(fullgraph=True)`` (Triton kernels) with the query offset as a
+    tensor, as a static cache passes it: (output, the traced graphs as text). A fresh compile per call."""
+    torch._dynamo.reset()  # the cases share fn's code object
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    def fn(q, k, v, position, mask):
+        return sparse_attention(q, k, v, pattern, q_offset=position, attention_mask=mask, backend="triton")
+
+    with torch.no_grad():
+        return torch.compile(fn, fullgraph=True, backend=backend)(q, k, v, torch.tensor(q_offset), mask), graphs
+
+
 COMPILED_CASES = [
     # pattern, q_len, kv_len, q_offset, padded
     (SparsePattern(block_size=64, sink_tokens=5, window=100), 1, 400, 300, False),
@@ -192,18 +209,8 @@ def test_compiled_decode_reads_its_offset_on_the_device(case, kernels):
     pattern, q_len, kv_len, q_offset, padded = case
     q, k, v = torch.randn(2, 4, q_len, 64), torch.randn(2, 2, kv_len, 64), torch.randn(2, 2, kv_len, 64)
     mask = _left_padding(2, kv_len) if padded else None
-    torch._dynamo.reset()  # each case a fresh compile (the cases share fn's code object)
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(str(gm.graph))
-        return gm.forward
-
-    def fn(q, k, v, position, mask):
-        return sparse_attention(q, k, v, pattern, q_offset=position, attention_mask=mask, backend="triton")
-
+    compiled, graphs = _compiled_decode(q, k, v, pattern, q_offset, mask)
     with torch.no_grad():
-        compiled = torch.compile(fn, fullgraph=True, backend=backend)(q, k, v, torch.tensor(q_offset), mask)
         eager = sparse_attention(q, k, v, pattern, q_offset=q_offset, attention_mask=mask, backend="reference")
     assert any("decode_attend" in g for g in graphs) and not any("sparse_attention" in g for g in graphs)
     assert _rel(compiled, eager) < 2e-5
@@ -250,18 +257,8 @@ def test_compiled_topk_decode_selects_on_the_device(case, kernels):
     pattern, kv_len, q_offset, padded, hq, hkv = case
     q, k, v = torch.randn(2, hq, 1, 64), torch.randn(2, hkv, kv_len, 64), torch.randn(2, hkv, kv_len, 64)
     mask = _left_padding(2, kv_len) if padded else None
-    torch._dynamo.reset()
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(str(gm.graph))
-        return gm.forward
-
-    def fn(q, k, v, position, mask):
-        return sparse_attention(q, k, v, pattern, q_offset=position, attention_mask=mask, backend="triton")
-
+    compiled, graphs = _compiled_decode(q, k, v, pattern, q_offset, mask)
     with torch.no_grad():
-        compiled = torch.compile(fn, fullgraph=True, backend=backend)(q, k, v, torch.tensor(q_offset), mask)
         ref = sparse_attention(q.double(), k.double(), v.double(), pattern, q_offset=q_offset, attention_mask=mask,
                                backend="reference")
     assert not any("sparse_attention" in g for g in graphs)
