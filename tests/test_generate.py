@@ -161,4 +161,3 @@ def test_compiled_static_decoding_traces_as_sdpa_and_equals_eager(model_type, pa
     assert graphs == sdpa_graphs
     assert torch.equal(seq, eager_seq)
     torch.testing.assert_close(logits, eager_logits, rtol=1e-5, atol=1e-5)
-
