@@ -748,8 +748,8 @@ def _traced_call(q, k, v, attention_mask, segment_ids, query_segment_ids, q_offs
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if _compiled_decode_applies(q, k, v, pattern, segment_ids, query_segment_ids, kv_offset, softcap, backend,
                                 selected_tiles):
-        # traced here: the padding layout and the selection's key info are device ops Inductor fuses (and shares
-        # between layers with one mask); the selection and the attention are graph-safe ops
+        # traced here: the padding layout and the selection's key info are device ops Inductor fuses; the selection
+        # and the attention are graph-safe ops
         return _decode_step(q, k, v, attention_mask, _offset_tensor(q_offset, q.device), kv_offset, pattern, scale,
                             float(softcap or 0.0), decode_select_op, decode_attend_op)
     offsets = torch.cat([_offset_tensor(q_offset, q.device), _offset_tensor(kv_offset, q.device)])

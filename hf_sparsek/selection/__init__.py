@@ -91,7 +91,7 @@ def written_key_info(k_seg: torch.Tensor | None, batch: int, kv_len: int, kv_off
     """For a decode row at the device-side position ``q_offset``: (B, kv_len) int32 key segments with the keys at
     and after the row (a static cache's unwritten slots) marked -1, and per key tile the real keys it holds and
     whether all are sink tokens (:func:`hf_sparsek.selection.tiles.key_tile_info`). Device ops only: traced under
-    torch.compile, where layers sharing a mask share this work."""
+    torch.compile, where Inductor fuses this work into a few kernels."""
     from .tiles import key_tile_info
 
     written = torch.arange(kv_offset, kv_offset + kv_len, device=q_offset.device) <= q_offset.reshape(1)
