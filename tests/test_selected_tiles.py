@@ -15,11 +15,15 @@ BLOCK = 64
 
 
 def _random_tiles(batch: int, heads: int, q_len: int, q_offset: int, k: int) -> torch.Tensor:
-    """Causal key tiles per query tile (absolute grid), with -1 holes and repeats."""
+    """Causal key tiles per query tile (absolute grid), with -1 holes and repeats.
+
+    The first entry is two tiles behind the query tile (clamped at 0), so the last query tile always names a tile that
+    the tests' sink (5 tokens) and window (40 tokens) leave out, whatever the random draws give."""
     n_q = (q_offset % BLOCK + q_len + BLOCK - 1) // BLOCK
     last = (q_offset // BLOCK + torch.arange(n_q)).view(1, 1, n_q, 1)
     draw = (torch.rand(batch, heads, n_q, k) * (last + 1).float()).long()
     tiles = torch.where(torch.rand(batch, heads, n_q, k) < 0.2, -1, draw)
+    tiles[..., :1] = (last - 2).clamp(min=0).expand(batch, heads, n_q, 1)
     return tiles.to(torch.int32)
 
 
