@@ -31,6 +31,7 @@ from .model_defaults import (
     layer_pattern,
 )
 from .ops import sparse_attention
+from .patterns import SparsePattern
 from .runtime import get_settings
 
 __all__ = ["ATTN_IMPLEMENTATION", "SUPPORTED_LAYER_TYPES", "SparseKMask", "register", "sparsek_attention_forward",
@@ -344,10 +345,8 @@ def sparsek_attention_forward(
     settings = get_settings()
     selected = _learned_tiles(module, query, key, pattern, mask, segments)
     state = None  # selector "mass": the layer's key tile features kept across the calls of a generation
-    if selected is None and not module.training and not _compiling():
-        from .selection.store import selection_state_for
-
-        state = selection_state_for(module, pattern)
+    if selected is None and not module.training:
+        state = _kept_features(module, pattern, query, key, value, mask, softcap, settings.backend)
     out = sparse_attention(
         query, key, value, pattern, scale=scaling, softcap=softcap, q_offset=mask.q_offset, kv_offset=mask.kv_offset,
         attention_mask=mask.padding, segment_ids=segments, query_segment_ids=query_segments,
@@ -355,6 +354,22 @@ def sparsek_attention_forward(
         selected_tiles=selected, selection_state=state,
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _kept_features(module: torch.nn.Module, pattern: SparsePattern, query: torch.Tensor, key: torch.Tensor,
+                   value: torch.Tensor, mask: SparseKMask, softcap: float | None, backend: str) -> Any:
+    """The layer's kept key tile features for this call: eager, its SelectionState (and, on a static cache the
+    Triton kernels decode, its DecodeStore made ready for the compiled steps to come); traced, its DecodeStore."""
+    from .selection.decode_store import decode_store_of, prepare_decode_store
+
+    if _compiling():
+        return decode_store_of(module, pattern)
+    from .ops import _uses_triton
+    from .selection.store import selection_state_for
+
+    if isinstance(mask.q_offset, int) and _uses_triton(query, key, value, softcap, backend):
+        prepare_decode_store(module, pattern, key, query.shape[2], mask.q_offset, mask.kv_offset)
+    return selection_state_for(module, pattern)
 
 
 def register() -> None:

@@ -37,6 +37,7 @@ from .selection import (
     selects_at_device_offset,
     written_key_info,
 )
+from .selection.decode_store import DecodeStore
 
 Backend = Literal["auto", "triton", "reference"]
 BACKENDS = ("auto", "triton", "reference")
@@ -389,7 +390,7 @@ def sparse_attention(
     backend: Backend = "auto",
     dense_via_sdpa: bool = False,
     selected_tiles: torch.Tensor | None = None,
-    selection_state: SelectionState | None = None,
+    selection_state: SelectionState | DecodeStore | None = None,
 ) -> torch.Tensor:
     """Causal block-sparse attention. Differentiable.
 
@@ -423,7 +424,9 @@ def sparse_attention(
         selection_state: a :class:`hf_sparsek.selection.SelectionState` the caller keeps per layer: selector
             ``"mass"`` keeps its key tile features there across calls, so a decode step pools only the tile being
             filled instead of every key (reused only while the calls continue one sequence; see
-            ``hf_sparsek.selection.store``). None: no reuse. Not supported under torch.compile.
+            ``hf_sparsek.selection.store``). None: no reuse. Under torch.compile a
+            :class:`hf_sparsek.selection.decode_store.DecodeStore` made for these keys instead (a static cache's
+            decode steps: kept in device tensors a CUDA graph updates); a SelectionState raises there.
 
     Returns:
         (batch, q_heads, q_len, head_dim) in q's dtype. Rows with nothing to attend are zeros. A batch of 0 gives
@@ -449,12 +452,15 @@ def sparse_attention(
                                 query_segment_ids, index_cache, backend, dense_via_sdpa, selection_state)
     if pattern is not None and pattern.per_query_head:
         k, v, pattern = per_query_head_kv(q, k, v, pattern, selected_tiles, index)
-    if torch.compiler.is_compiling() and selection_state is not None:
-        raise ValueError("selection_state is not supported under torch.compile (it keeps Python state across "
-                         "calls); pass None there")
+    if torch.compiler.is_compiling() and isinstance(selection_state, SelectionState):
+        raise ValueError("a SelectionState is not supported under torch.compile (it keeps Python state across "
+                         "calls); pass None there, or a DecodeStore (hf_sparsek.selection.decode_store)")
     if torch.compiler.is_compiling() and index is None:
         return _traced_call(q, k, v, attention_mask, segment_ids, query_segment_ids, q_offset, kv_offset, pattern,
-                            scale, softcap, backend, dense_via_sdpa, selected_tiles)
+                            scale, softcap, backend, dense_via_sdpa, selected_tiles, selection_state)
+    if isinstance(selection_state, DecodeStore):
+        raise ValueError("a DecodeStore serves compiled decode steps only; eager calls take a SelectionState "
+                         "(hf_sparsek.selection.SelectionState) or None")
     q_offset, kv_offset = _resolve_offsets(q.shape[2], k.shape[2], q_offset, kv_offset)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if index is None:
@@ -744,14 +750,18 @@ def _offset_tensor(value: int | torch.Tensor | None, device: torch.device) -> to
 
 
 def _traced_call(q, k, v, attention_mask, segment_ids, query_segment_ids, q_offset, kv_offset, pattern, scale,
-                 softcap, backend, dense_via_sdpa, selected_tiles=None) -> torch.Tensor:
+                 softcap, backend, dense_via_sdpa, selected_tiles=None, store: DecodeStore | None = None
+                 ) -> torch.Tensor:
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if _compiled_decode_applies(q, k, v, pattern, segment_ids, query_segment_ids, kv_offset, softcap, backend,
                                 selected_tiles):
         # traced here: the padding layout and the selection's key info are device ops Inductor fuses; the selection
         # and the attention are graph-safe ops
+        if store is not None and not (pattern.resolved_selector == "mass" and store.fits(k, pattern.block_size,
+                                                                                          kv_offset)):
+            store = None  # another selector or other keys (a per-query-head repeat): features pooled from all keys
         return _decode_step(q, k, v, attention_mask, _offset_tensor(q_offset, q.device), kv_offset, pattern, scale,
-                            float(softcap or 0.0), decode_select_op, decode_attend_op)
+                            float(softcap or 0.0), decode_select_op, decode_attend_op, store)
     offsets = torch.cat([_offset_tensor(q_offset, q.device), _offset_tensor(kv_offset, q.device)])
     return sparse_attention_op(q, k, v, attention_mask, segment_ids, query_segment_ids, offsets,
                                _pattern_text(pattern), scale, float(softcap or 0.0), backend, dense_via_sdpa,
@@ -792,11 +802,12 @@ def sparse_decode_op(
 
 def _decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None,
                  q_offset: torch.Tensor, kv_offset: int, pat: SparsePattern, scale: float, softcap: float,
-                 select, attend) -> torch.Tensor:
+                 select, attend, store: DecodeStore | None = None) -> torch.Tensor:
     """A decode step with its position on the device: the padding layout and the selection's key info by device
     ops, then per run of consecutive dense or sparse KV heads (views, no copies of the cache) ``select`` (top-k
     tiles) and ``attend`` (the split-KV kernel): the custom ops under torch.compile, their bodies inside
-    :func:`sparse_decode_op`."""
+    :func:`sparse_decode_op`. ``store``: the layer's kept key tile features (selector "mass"; the selection then
+    updates them in place and pools only the tiles filled since, :func:`decode_select_kept_op`)."""
     q_len, kv_len = q.shape[2], k.shape[2]
     position = torch.where(q_offset < 0, kv_offset + kv_len - q_len, q_offset).reshape(1).to(torch.int32)
     layout = (None, None, None)
@@ -812,7 +823,10 @@ def _decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_ma
         part = SparsePattern(block_size=pat.block_size) if dense else pat.replace(dense_heads=())
         qs, ks, vs = q[:, lo * group: hi * group], k[:, lo:hi], v[:, lo:hi]
         selected = None
-        if part.topk_blocks is not None:
+        if part.topk_blocks is not None and store is not None:
+            selected = decode_select_kept_op(qs, ks, *key_info, position, kv_offset, _pattern_text(part),
+                                             *store.tensors(), lo)
+        elif part.topk_blocks is not None:
             selected = select(qs, ks, *key_info, position, kv_offset, _pattern_text(part))
         parts.append(attend(qs, ks, vs, *layout, selected, position, kv_offset, _pattern_text(part), scale, softcap))
     return (parts[0] if len(parts) == 1 else torch.cat(parts, 1)).contiguous()
@@ -839,6 +853,33 @@ def _decode_select(q: torch.Tensor, k: torch.Tensor, seg: torch.Tensor, count: t
     with its key info made beforehand)."""
     return select_tiles_at_device_offset(q, k, _pattern_of_text(pattern), position, kv_offset, None,
                                          key_info=(seg, count, sink_only)).contiguous()
+
+
+@torch.library.custom_op("hf_sparsek::decode_select_kept",
+                         mutates_args=("features", "fingerprints", "stored", "reused", "scratch"))
+def decode_select_kept_op(q: torch.Tensor, k: torch.Tensor, seg: torch.Tensor, count: torch.Tensor,
+                          sink_only: torch.Tensor, position: torch.Tensor, kv_offset: int, pattern: str,
+                          features: torch.Tensor, fingerprints: torch.Tensor, stored: torch.Tensor,
+                          reused: torch.Tensor, scratch: torch.Tensor, head_lo: int) -> torch.Tensor:
+    """:func:`_decode_select` from a :class:`DecodeStore`'s kept features (its tensors, whole; these heads are
+    ``head_lo ..`` of them): first the kept tiles are checked and the tiles filled since pooled, in place
+    (``kernels/selection_store.py: refresh_key_features_at_device_offset``), then the row selects from them.
+    Graph-safe: fixed grids, nothing read on the host; the store's tensors are static inputs of the graph."""
+    from .kernels.selection_store import refresh_key_features_at_device_offset
+
+    pat = _pattern_of_text(pattern)
+    heads = slice(head_lo, head_lo + k.shape[1])
+    refresh_key_features_at_device_offset(k, seg, features[:, heads], fingerprints[:, heads], stored[:, heads],
+                                          reused[:, heads], scratch, q_offset=position, kv_offset=kv_offset,
+                                          block=pat.block_size)
+    return select_tiles_at_device_offset(q, k, pat, position, kv_offset, None, key_info=(seg, count, sink_only),
+                                         key_features=features[:, heads]).contiguous()
+
+
+@decode_select_kept_op.register_fake
+def _(q, k, seg, count, sink_only, position, kv_offset, pattern, features, fingerprints, stored, reused, scratch,
+      head_lo):
+    return q.new_empty((q.shape[0], k.shape[1], 1, _pattern_of_text(pattern).topk_blocks), dtype=torch.int32)
 
 
 def _decode_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_seg: torch.Tensor | None,

@@ -919,13 +919,16 @@ def select_by_mass_at_device_offset(
     threshold: float | None,
     scale: float,
     half: bool | None = None,
+    key_features: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`select_by_mass` for one decode row whose position is a one-element integer tensor on the device (a
     static cache under torch.compile): (B, Hkv, 1, topk) int32 key tiles, nothing read on the host, so a CUDA graph
     can hold the call. The keys at and after the row's end must be marked in ``k_seg`` (-1: the cache's unwritten
     slots) and counted out of ``key_count`` / ``sink_only``, as the caller's keys sliced at the row would be; then
     the tiles equal :func:`select_by_mass`'s few-query-tiles path on the sliced keys. Always that path (two launches
-    and a ``torch.topk`` over every key tile of the cache): the causal tile count is not known on the host."""
+    and a ``torch.topk`` over every key tile of the cache): the causal tile count is not known on the host.
+    ``key_features``: every key tile's features kept by a decode store (valid up to the row's tile; see
+    ``kernels/selection_store.py: refresh_key_features_at_device_offset``) instead of pooling every key here."""
     batch, hq, q_len, dim = q.shape
     if q_len != 1 or q_offset.numel() != 1 or q_offset.dtype.is_floating_point:
         raise ValueError(f"select_by_mass_at_device_offset takes one query row and a one-element integer offset, "
@@ -934,7 +937,11 @@ def select_by_mass_at_device_offset(
     if out.numel() == 0:
         return out
     _, _, half, fdt = query_side(q, None, 0, kv_offset, half)
-    qf, kf = pool_feature_pair(q, 0, None, 0, k, kv_offset, k_seg, block, fdt)
+    if key_features is None:
+        qf, kf = pool_feature_pair(q, 0, None, 0, k, kv_offset, k_seg, block, fdt)
+    else:
+        qf = pool_features(q, 0, block, None, 0, True, fdt)
+        kf = checked_key_features(key_features, batch, k.shape[1], n_k, qf.shape[-1])
     return _select_short(qf, kf, count, sink_flag, True, half=half, batch=batch, hkv=k.shape[1], group=hq // k.shape[1],
                          n_q=n_q, n_k=n_k, q_offset=q_offset.reshape(1), q_len=1, kv_offset=kv_offset,
                          kv_len=k.shape[2], block=block, sink=sink, topk=topk, window=window, threshold=threshold,

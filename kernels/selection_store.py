@@ -30,14 +30,20 @@ CHECK_TILES = 64  # kept tiles' fingerprints compared per program of the check
 
 @triton.jit
 def _check_kernel(
-    K, FP, MISS, s_kb, s_kh, s_kl, s_kd, s_pb, s_ph, s_pn, stored, shift, length, H, D, n_chunks,
-    BLOCK: tl.constexpr, TILES: tl.constexpr, D_PAD: tl.constexpr,
+    K, FP, MISS, STORED, s_kb, s_kh, s_kl, s_kd, s_pb, s_ph, s_pn, s_tb, stored, shift, length, H, D, n_chunks,
+    s_miss, BLOCK: tl.constexpr, TILES: tl.constexpr, D_PAD: tl.constexpr, ON_DEVICE: tl.constexpr,
 ):
-    """MISS[bh, c]: how many kept tiles of chunk ``c`` have a last key other than their fingerprint."""
+    """MISS[bh, c]: how many kept tiles of chunk ``c`` have a last key other than their fingerprint. ``ON_DEVICE``:
+    the kept count is ``STORED[b, h]`` (device memory), and chunk 0 copies it to ``MISS[bh, n_chunks]`` for the
+    refresh launch (which overwrites ``STORED``)."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
+    if ON_DEVICE:
+        stored = tl.load(STORED + b.to(tl.int64) * s_tb + h)
+        if c == 0:
+            tl.store(MISS + bh.to(tl.int64) * s_miss + n_chunks, stored)
     d = tl.arange(0, D_PAD)
     t = c * TILES + tl.arange(0, TILES)
     pos = (t + 1) * BLOCK - 1 - shift  # the tile's last key, local index
@@ -50,16 +56,16 @@ def _check_kernel(
                    + d[None, :], mask=ok, other=0.0)
     miss = tl.sum(tl.sum((ok & (cur != kept)).to(tl.int32), 1), 0)  # NaN never equals: recompute
     miss += tl.sum(gone.to(tl.int32), 0)
-    tl.store(MISS + bh.to(tl.int64) * n_chunks + c, miss)
+    tl.store(MISS + bh.to(tl.int64) * s_miss + c, miss)
 
 
 @triton.jit
 def _refresh_kernel(
-    K, SEG, FEAT, FP, MISS, REUSED,
-    s_kb, s_kh, s_kl, s_kd, s_sb, s_fb, s_fh, s_fn, s_pb, s_ph, s_pn,
-    length, shift, stored, hi, final, n_chunks, H, D,
+    K, SEG, FEAT, FP, MISS, REUSED, STORED, QOFF,
+    s_kb, s_kh, s_kl, s_kd, s_sb, s_fb, s_fh, s_fn, s_pb, s_ph, s_pn, s_tb,
+    length, shift, stored, hi, final, n_chunks, s_miss, H, D, kv_offset, n_k,
     BLOCK: tl.constexpr, ROWS: tl.constexpr, D_PAD: tl.constexpr, HAS_SEG: tl.constexpr, CHECK: tl.constexpr,
-    LEARNED: tl.constexpr, MOMENTS: tl.constexpr, CHUNKS: tl.constexpr,
+    LEARNED: tl.constexpr, MOMENTS: tl.constexpr, CHUNKS: tl.constexpr, ON_DEVICE: tl.constexpr,
 ):
     p = tl.program_id(0)
     n_prog = tl.num_programs(0)
@@ -70,19 +76,29 @@ def _refresh_kernel(
     d_ok = d < D
     kbase = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
     fp_base = FP + b.to(tl.int64) * s_pb + h.to(tl.int64) * s_ph
+    stale = 0
+    if ON_DEVICE:  # one decode row at QOFF[0]: the causal and the final tiles from it, the kept count as checked
+        kb0 = kv_offset // BLOCK
+        q_end = tl.load(QOFF).to(tl.int32) + 1
+        hi = tl.minimum(n_k, tl.maximum(0, (q_end - 1) // BLOCK - kb0 + 1))
+        final = tl.minimum(hi, tl.maximum(0, tl.minimum(q_end, kv_offset + length) // BLOCK - kb0))
+        stored = tl.load(MISS + bh.to(tl.int64) * s_miss + n_chunks)
+        stale = (q_end - 1 < (kb0 + stored) * BLOCK).to(tl.int32)  # the row in a kept tile: a cropped / refilled cache
     lo = 0
     if CHECK:
         miss = 0
         for c0 in range(0, n_chunks, CHUNKS):
             cs = c0 + tl.arange(0, CHUNKS)
-            miss += tl.sum(tl.load(MISS + bh.to(tl.int64) * n_chunks + cs, mask=cs < n_chunks, other=0), 0)
-        same = miss == 0
+            miss += tl.sum(tl.load(MISS + bh.to(tl.int64) * s_miss + cs, mask=cs < n_chunks, other=0), 0)
+        same = (miss + stale == 0) & (stored > 0)
         lo = tl.where(same, stored, 0)
         if p == 0:
-            tl.store(REUSED + bh, same.to(tl.int8))
+            tl.store(REUSED + b.to(tl.int64) * s_tb + h, same.to(tl.int8))
+            if ON_DEVICE:
+                tl.store(STORED + b.to(tl.int64) * s_tb + h, final)
     else:
         if p == 0:
-            tl.store(REUSED + bh, tl.zeros([], dtype=tl.int8))
+            tl.store(REUSED + b.to(tl.int64) * s_tb + h, tl.zeros([], dtype=tl.int8))
     fbase = FEAT + b.to(tl.int64) * s_fb + h.to(tl.int64) * s_fh
     for t in range(lo + p, hi, n_prog):
         top = tl.full([D_PAD], float("-inf"), tl.float32)
@@ -176,19 +192,99 @@ def refresh_key_features(
     fp_strides = (fingerprints.stride(0), fingerprints.stride(1), fingerprints.stride(2))
     if check:
         _check_kernel[(n_chunks, batch * heads)](
-            k, fingerprints, miss, *k.stride(), *fp_strides, stored, shift, length, heads, dim, n_chunks,
-            BLOCK=block, TILES=CHECK_TILES, D_PAD=max(16, 1 << max(0, (dim - 1).bit_length())),
+            k, fingerprints, miss, reused, *k.stride(), *fp_strides, 0, stored, shift, length, heads, dim, n_chunks,
+            n_chunks, BLOCK=block, TILES=CHECK_TILES, D_PAD=_d_pad(dim), ON_DEVICE=False,
         )
     start_max = hi if not check else hi - stored
     programs = max(1, hi if not check else min(hi, max(start_max, CHECK_PROGRAMS)))
-    seg_arg = k_seg if k_seg is not None else features
-    s_sb = k_seg.stride(0) if k_seg is not None else 0
-    if k_seg is not None and k_seg.stride(1) != 1:
-        raise ValueError("k_seg must have a contiguous sequence dimension")
+    seg_arg, s_sb = _seg_arg(k_seg, features)
     _refresh_kernel[(programs, batch * heads)](
-        k, seg_arg, features, fingerprints, miss, reused.view(torch.int8),
-        *k.stride(), s_sb, *features.stride()[:3], *fp_strides,
-        length, shift, stored, hi, final, n_chunks, heads, dim,
+        k, seg_arg, features, fingerprints, miss, reused.view(torch.int8), reused, reused,
+        *k.stride(), s_sb, *features.stride()[:3], *fp_strides, heads,
+        length, shift, stored, hi, final, n_chunks, n_chunks, heads, dim, kv_offset, features.shape[2],
         BLOCK=block, ROWS=min(POOL_ROWS, block), D_PAD=d_pad, HAS_SEG=k_seg is not None, CHECK=check,
-        LEARNED=learned, MOMENTS=moments, CHUNKS=64,
+        LEARNED=learned, MOMENTS=moments, CHUNKS=64, ON_DEVICE=False,
+    )
+
+
+def _d_pad(dim: int) -> int:
+    return max(16, 1 << max(0, (dim - 1).bit_length()))
+
+
+def _seg_arg(k_seg: torch.Tensor | None, other: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The key segments as a kernel argument and their row stride (``other`` and 0 without segments)."""
+    if k_seg is None:
+        return other, 0
+    if k_seg.stride(1) != 1:
+        raise ValueError("k_seg must have a contiguous sequence dimension")
+    return k_seg, k_seg.stride(0)
+
+
+def check_scratch_size(batch: int, heads: int, tiles: int) -> int:
+    """int32 elements of the ``scratch`` :func:`refresh_key_features_at_device_offset` needs for ``tiles`` tiles."""
+    return batch * heads * (triton.cdiv(tiles, CHECK_TILES) + 1)
+
+
+def refresh_key_features_at_device_offset(
+    k: torch.Tensor,
+    k_seg: torch.Tensor | None,
+    features: torch.Tensor,
+    fingerprints: torch.Tensor,
+    stored: torch.Tensor,
+    reused: torch.Tensor,
+    scratch: torch.Tensor,
+    *,
+    q_offset: torch.Tensor,
+    kv_offset: int,
+    block: int,
+) -> None:
+    """:func:`refresh_key_features` for one decode row whose position is the one-element integer tensor
+    ``q_offset`` on the device, with the kept tile count per (row, KV head) in ``stored`` (B, Hkv) int32, also on the
+    device: nothing is read on the host and every launch has a fixed grid, so a CUDA graph can hold the call.
+
+    Per (row, head): the kept tiles' fingerprints are checked (every chunk of the ``features``' tiles is launched;
+    tiles past ``stored`` are skipped); where all match and the row lies past the kept tiles, the tiles from
+    ``stored`` to the row's tile are pooled, else every tile up to it (a new prompt in the cache, a cropped or
+    refilled cache); then ``stored`` becomes the count of tiles whose keys are all written (all below the row) and
+    ``reused`` (B, Hkv) bool says which (row, head) kept its tiles. ``features`` (B, Hkv, n_k, 2 * D_pad) float32 and
+    ``fingerprints`` (B, Hkv, n_k, D) in k's dtype cover every key tile of k (the static cache: its unwritten slots
+    must be -1 in ``k_seg``); ``stored`` and ``reused`` may be views with a unit head stride; ``scratch``: int32 of
+    :func:`check_scratch_size` elements. Mass layout only (``[kmax, kmin]``)."""
+    batch, heads, length, dim = k.shape
+    shift = kv_offset % block
+    n_k = (shift + length + block - 1) // block
+    if q_offset.numel() != 1 or q_offset.dtype.is_floating_point or q_offset.device != k.device:
+        raise ValueError(f"q_offset must be a one-element integer tensor on k's device, got shape "
+                         f"{tuple(q_offset.shape)} {q_offset.dtype} on {q_offset.device}")
+    if (features.dtype != torch.float32 or tuple(features.shape) != (batch, heads, n_k, features.shape[-1])
+            or features.shape[-1] // 2 < dim or features.stride(3) != 1):
+        raise ValueError(f"features must be float32 (batch={batch}, kv_heads={heads}, {n_k} tiles, 2 * D_pad >= "
+                         f"{2 * dim}) with a contiguous last dim, got {tuple(features.shape)} {features.dtype}")
+    if (fingerprints.dtype != k.dtype or tuple(fingerprints.shape) != (batch, heads, n_k, dim)
+            or fingerprints.stride(3) != 1):
+        raise ValueError(f"fingerprints must be {k.dtype} (batch={batch}, kv_heads={heads}, {n_k} tiles, dim={dim}) "
+                         f"with a contiguous last dim, got {tuple(fingerprints.shape)} {fingerprints.dtype}")
+    for name, t, dtype in (("stored", stored, torch.int32), ("reused", reused, torch.bool)):
+        if tuple(t.shape) != (batch, heads) or t.dtype != dtype or (heads > 1 and t.stride(1) != 1):
+            raise ValueError(f"{name} must be {dtype} (batch={batch}, kv_heads={heads}) with a unit head stride, got "
+                             f"{tuple(t.shape)} {t.dtype}")
+    if stored.stride(0) != reused.stride(0):
+        raise ValueError("stored and reused must share their row stride (views of one store's tensors)")
+    if scratch.dtype != torch.int32 or scratch.numel() < check_scratch_size(batch, heads, n_k):
+        raise ValueError(f"scratch must be int32 with at least {check_scratch_size(batch, heads, n_k)} elements")
+    if batch * heads == 0:
+        return
+    n_chunks = triton.cdiv(n_k, CHECK_TILES)
+    fp_strides = (fingerprints.stride(0), fingerprints.stride(1), fingerprints.stride(2))
+    _check_kernel[(n_chunks, batch * heads)](
+        k, fingerprints, scratch, stored, *k.stride(), *fp_strides, stored.stride(0), 0, shift, length, heads, dim,
+        n_chunks, n_chunks + 1, BLOCK=block, TILES=CHECK_TILES, D_PAD=_d_pad(dim), ON_DEVICE=True,
+    )
+    seg_arg, s_sb = _seg_arg(k_seg, features)
+    _refresh_kernel[(min(n_k, CHECK_PROGRAMS), batch * heads)](
+        k, seg_arg, features, fingerprints, scratch, reused.view(torch.int8), stored, q_offset,
+        *k.stride(), s_sb, *features.stride()[:3], *fp_strides, stored.stride(0),
+        length, shift, 0, 0, 0, n_chunks, n_chunks + 1, heads, dim, kv_offset, n_k,
+        BLOCK=block, ROWS=min(POOL_ROWS, block), D_PAD=features.shape[-1] // 2, HAS_SEG=k_seg is not None,
+        CHECK=True, LEARNED=False, MOMENTS=False, CHUNKS=64, ON_DEVICE=True,
     )

@@ -137,9 +137,34 @@ def call_case(batch: int, kv_len: int, slack: int, hq: int = 32, hkv: int = 8, d
                 torch.cuda.synchronize()
                 row["device_offset_selection_graph_ms"] = bench_ms(graph.replay)
             row["selection_sliced_eager_ms"] = _bench(lambda: select_tiles(q, ks, TOPK, kv_len - 1, 0, None))
+            _kept_store_rows(row, q, k, v, position, got)
     except Exception as exc:  # a case that fails is recorded, the run goes on
         _failed(row, row["case"], exc)
     _record("calls", row)
+
+
+def _kept_store_rows(row: dict, q, k, v, position, got) -> None:
+    """The step with the layer's DecodeStore (what compiled decoding runs from a model's second layer on): its first
+    call pools every tile, later ones the tile being filled; output against the step without it, eager and as a
+    CUDA graph (replays at one position: the steady state of consecutive steps)."""
+    import hf_sparsek.ops as ops
+    from hf_sparsek.selection.decode_store import DecodeStore
+
+    store = DecodeStore(*k.shape[:3], k.shape[3], TOPK.block_size, 0, k.dtype, k.device)
+    kept = lambda: STEP(q, k, v, None, position, 0, TOPK, k.shape[3] ** -0.5, 0.0,  # noqa: E731
+                        ops._decode_select, ops._decode_attend, store)
+    first = kept()
+    again = kept()
+    row["kept_store_reused"] = bool(store.reused.all().item())
+    row["kept_store_max_abs_diff_vs_no_store"] = float((first.float() - got.float()).abs().max().item())
+    row["kept_store_same_on_reuse"] = bool(torch.equal(first, again))
+    row["kept_store_eager_ms"] = _bench(kept)
+    if DEVICE == "cuda":
+        graph, _ = capture_cuda_graph(kept)
+        graph.replay()
+        torch.cuda.synchronize()
+        row["kept_store_graph_ms"] = bench_ms(graph.replay)
+        row["kept_store_graph_x_sdpa"] = row["sdpa_ms"] / row["kept_store_graph_ms"]
 
 
 def small_case(kv_len: int, slack: int, pattern: SparsePattern, hq: int = 32, hkv: int = 8, dim: int = 64,
@@ -200,7 +225,8 @@ def _one_op_step(q, k, v, attention_mask, q_offset, kv_offset, pat, scale, softc
 
 def generate_case(model, length: int, impl: str, pattern: SparsePattern | None, before: str = "") -> None:
     """``before``: "general op": top-k decode steps through the general op (outside the CUDA graphs); "one op": the
-    decode step as one op with the padding layout inside; both as before 2026-12-07."""
+    decode step as one op with the padding layout inside; "no store": "mass" steps pooling every key (no
+    DecodeStore); the first two as before 2026-12-07, the third as before 2026-12-08."""
     if _left() < 60:
         return
     from torch._dynamo.utils import counters
@@ -209,11 +235,15 @@ def generate_case(model, length: int, impl: str, pattern: SparsePattern | None, 
 
     name = impl if pattern is None else f"sparsek {pattern.resolved_selector or 'window'}"
     name += f" ({before}: before)" if before else ""
-    rule, step = ops.selects_at_device_offset, ops._decode_step
+    import hf_sparsek.selection.decode_store as decode_store
+
+    rule, step, store_of = ops.selects_at_device_offset, ops._decode_step, decode_store.decode_store_of
     if before == "general op":
         ops.selects_at_device_offset = lambda pattern, q_len: False
     elif before == "one op":
         ops._decode_step = _one_op_step
+    elif before == "no store":
+        decode_store.decode_store_of = lambda module, pattern: None
     row: dict = {"prompt": length, "impl": name, "new_tokens": ARGS.new_tokens}
     try:
         if pattern is None:
@@ -244,7 +274,7 @@ def generate_case(model, length: int, impl: str, pattern: SparsePattern | None, 
     except Exception as exc:
         _failed(row, f"generate {name} {length}", exc)
     finally:
-        ops.selects_at_device_offset, ops._decode_step = rule, step
+        ops.selects_at_device_offset, ops._decode_step, decode_store.decode_store_of = rule, step, store_of
     _record("generate", row)
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
@@ -275,6 +305,7 @@ def run_generate(lengths: list[int]) -> None:
         for pattern in (WINDOW, TOPK):  # each beside its path before 2026-12-07
             generate_case(model, length, "sdpa", pattern, before="one op" if pattern is WINDOW else "general op")
             generate_case(model, length, "sdpa", pattern)
+        generate_case(model, length, "sdpa", TOPK, before="no store")
         generate_case(model, length, "sdpa", PROBE)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hf_sparsek import SparsePattern
-from hf_sparsek.ops import build_index_for, sparse_attention
+from hf_sparsek.ops import build_index_for, sequence_layout, sparse_attention
 from hf_sparsek.reference import reference_attention
 
 
@@ -282,6 +282,58 @@ def test_compiled_topk_decode_selects_on_the_device(case, kernels):
     assert (eager >= 0).any()  # the case selects something
 
 
+@pytest.mark.parametrize("case", [
+    (SparsePattern(block_size=64, sink_tokens=4, window=64, topk_blocks=2, dense_heads=(1,)), True, 6, 3),
+    (SparsePattern(block_size=64, sink_tokens=5, window=100, topk_blocks=3, mass_threshold=0.7), False, 4, 1),
+], ids=["dense-head-pad", "mqa-threshold"])
+def test_compiled_mass_decode_steps_keep_features_in_a_decode_store(case, kernels):
+    """Compiled "mass" decode steps given a DecodeStore (as the face passes the layer's) run the graph-safe op
+    ``hf_sparsek::decode_select_kept``: step after step (one compiled function, the position a tensor) the outputs
+    equal the fp64 reference, the tiles equal the eager selection's on the sliced keys, every sparse KV head keeps
+    its tiles after the first step (dense heads: never touched), and rewriting a kept tile's keys (another prompt in
+    the cache) starts that row again from its first tile."""
+    from hf_sparsek.selection import select_tiles
+    from hf_sparsek.selection.decode_store import DecodeStore
+
+    pattern, padded, hq, hkv = case
+    kv_len = 900
+    k, v = torch.randn(2, hkv, kv_len, 64), torch.randn(2, hkv, kv_len, 64)
+    mask = _left_padding(2, kv_len) if padded else None
+    store = DecodeStore(2, hkv, kv_len, 64, 64, 0, k.dtype, k.device)
+    sparse = torch.tensor([h not in pattern.dense_heads for h in range(hkv)])
+    torch._dynamo.reset()
+    graphs, tiles = [], []
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    def fn(q, k, v, position, mask, store):
+        return sparse_attention(q, k, v, pattern, q_offset=position, attention_mask=mask, backend="triton",
+                                selection_state=store)
+
+    compiled = torch.compile(fn, fullgraph=True, backend=backend)
+    k_seg = None if mask is None else sequence_layout(2, 1, kv_len, mask, None, k.device)[0]
+    plain = pattern.replace(dense_heads=())
+    for step, position in enumerate([600, 601, 639, 640, 700]):
+        if step == 4:
+            k[1, :, 63] += 1.0  # row 1's first tile rewritten, its last key (the fingerprint) with it
+        q = torch.randn(2, hq, 1, 64)
+        with torch.no_grad():
+            out = compiled(q, k, v, torch.tensor(position), mask, store)
+            ref = sparse_attention(q.double(), k.double(), v.double(), pattern, q_offset=position,
+                                   attention_mask=mask, backend="reference")
+            tiles.append(select_tiles(q, k, plain, position, 0, k_seg))
+        assert _rel(out, ref) < 2e-5, f"row at {position}"
+        want = torch.full((2, hkv), step > 0) & sparse
+        if step == 4:
+            want[1] = False
+        assert torch.equal(store.reused, want), f"row at {position}"
+        assert torch.equal(store.stored[:, sparse], torch.full_like(store.stored[:, sparse], (position + 1) // 64))
+    assert len(graphs) == 1 and "decode_select_kept" in graphs[0]
+    assert all((t >= 0).any() for t in tiles)  # every step selects something
+
+
 @pytest.mark.parametrize("selector", ["mass", "probe"])
 def test_compiled_static_topk_generate_selects_inside_the_graph(selector, kernels, monkeypatch):
     """generate() under transformers' compile of static-cache decoding (Dynamo's eager backend, asked for on the CPU)
@@ -311,6 +363,13 @@ def test_compiled_static_topk_generate_selects_inside_the_graph(selector, kernel
     assert len(calls) == 2 * 11  # both layers, every decode step after the prefill's token
     assert torch.equal(seq, eager_seq)
     torch.testing.assert_close(logits, eager_logits, rtol=1e-4, atol=1e-4)
+    # "mass": the second layer's steps kept their key tile features (the first layer keeps none: see
+    # hf_sparsek.selection.store.fingerprints_identify_history); the last step pooled only from the kept count
+    from hf_sparsek.selection.decode_store import STORE_ATTRIBUTE
+
+    stores = [getattr(layer.self_attn, STORE_ATTRIBUTE, None) for layer in model.model.layers]
+    assert stores[0] is None
+    assert (stores[1] is not None and bool(stores[1].reused.all())) == (selector == "mass")
 
 
 def _many_sms(monkeypatch, sms: int = 132) -> None:

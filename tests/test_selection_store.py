@@ -432,3 +432,53 @@ def test_only_layers_past_the_first_keep_a_state():
     assert selection_state_for(first, pattern) is None and selection_state_for(bare, pattern) is None
     state = selection_state_for(second, pattern)
     assert isinstance(state, SelectionState) and selection_state_for(second, pattern) is state
+
+
+def _device_refresh(store, k, k_seg, position: int, kv_offset: int, block: int) -> torch.Tensor:
+    """One compiled-decode-style refresh of ``store`` (a DecodeStore) for a row at ``position`` of the static cache
+    k, the unwritten slots marked as padding as the compiled step marks them: its features up to the row's tile."""
+    from hf_sparsek.kernels.selection_store import refresh_key_features_at_device_offset
+
+    written = torch.arange(kv_offset, kv_offset + k.shape[2]) <= position
+    seg = torch.where(written, k_seg, -1).to(torch.int32).contiguous()
+    refresh_key_features_at_device_offset(k, seg, *store.tensors()[:4], store.scratch,
+                                          q_offset=torch.tensor([position], dtype=torch.int32), kv_offset=kv_offset,
+                                          block=block)
+    hi = _causal_tiles(position + 1, kv_offset, k.shape[2], block)
+    written = position + 1 - kv_offset
+    expected = _scratch(k[:, :, :written], None if k_seg is None else k_seg[:, :written], kv_offset, block)
+    assert torch.equal(store.features[:, :, :hi], expected), f"row at {position}"
+    return seg
+
+
+@pytest.mark.parametrize("kv_offset", [0, 21])
+def test_device_position_refresh_equals_scratch(kv_offset):
+    """The compiled decode steps' store (a DecodeStore refreshed with the row's position on the device, fixed
+    grids): step after step of a static cache (random keys in the unwritten slots, row 0 left-padded) its features
+    equal those pooled from the written keys, it pools from the kept count (reused) after the first step, and it
+    starts again from tile 0 when a kept tile's keys change (a new prompt), when the row moves back into a kept tile
+    (a cropped or refilled cache), and per (row, head)."""
+    from hf_sparsek.selection.decode_store import DecodeStore
+
+    block, capacity = 16, 150
+    k = torch.randn(2, 3, capacity, 40)
+    seg = _padded_seg(2, capacity, 9)
+    store = DecodeStore(2, 3, capacity, 40, block, kv_offset, k.dtype, k.device)
+    with triton_interpreter("selection", "selection_store"):
+        for step, position in enumerate(range(kv_offset + 37, kv_offset + 120, 3)):  # tile edges crossed
+            _device_refresh(store, k, seg, position, kv_offset, block)
+            assert bool(store.reused.all()) == (step > 0), f"row at {position}"
+            final = (position + 1) // block - kv_offset // block  # tiles with every key written
+            assert torch.equal(store.stored, torch.full_like(store.stored, final))
+        kept = store.stored.clone()
+        k[1, 2, 5] += 1.0  # another history in row 1, head 2: a key inside the first tile ...
+        k[1, 2, 15 - kv_offset % block] += 1.0  # ... and its last key (the fingerprint the check compares)
+        _device_refresh(store, k, seg, kv_offset + 120, kv_offset, block)
+        want = torch.ones_like(store.reused)
+        want[1, 2] = False
+        assert torch.equal(store.reused, want) and bool((store.stored >= kept).all())
+        _device_refresh(store, k, seg, kv_offset + 60, kv_offset, block)  # cropped back into a kept tile
+        assert not bool(store.reused.any())
+        assert torch.equal(store.stored, torch.full_like(store.stored, (kv_offset + 61) // block - kv_offset // block))
+        _device_refresh(store, k, seg, kv_offset + 61, kv_offset, block)
+        assert bool(store.reused.all())

@@ -103,14 +103,17 @@ def written_key_info(k_seg: torch.Tensor | None, batch: int, kv_len: int, kv_off
 @torch.no_grad()
 def select_tiles_at_device_offset(q: torch.Tensor, k: torch.Tensor, pattern: SparsePattern, q_offset: torch.Tensor,
                                   kv_offset: int, k_seg: torch.Tensor | None,
-                                  key_info: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+                                  key_info: tuple[torch.Tensor, ...] | None = None,
+                                  key_features: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`select_tiles` for one decode row whose position ``q_offset`` is a one-element integer tensor on the
     device (a static cache under torch.compile): (B, Hkv, 1, topk_blocks) int32 key tiles, nothing read on the host,
     so a CUDA graph can hold the call. Triton kernels only; the patterns :func:`selects_at_device_offset` takes.
 
     :func:`select_tiles` slices off the keys at and after the row (a static cache's unwritten slots); here they are
     marked as padding by device ops instead: the same features, candidates and tiles (ties aside). ``key_info``:
-    :func:`written_key_info` made beforehand (else made here from ``k_seg``)."""
+    :func:`written_key_info` made beforehand (else made here from ``k_seg``); ``key_features``: selector "mass"'s
+    key tile features kept by a :class:`~.decode_store.DecodeStore`, refreshed up to the row (else pooled here
+    from every key)."""
     import math
 
     if pattern.topk_blocks is None or not selects_at_device_offset(pattern, q.shape[2]):
@@ -124,9 +127,11 @@ def select_tiles_at_device_offset(q: torch.Tensor, k: torch.Tensor, pattern: Spa
                   sink=pattern.sink_tokens, topk=pattern.topk_blocks, window=pattern.window,
                   threshold=pattern.mass_threshold, scale=1.0 / math.sqrt(q.shape[-1]))
     if pattern.resolved_selector == "probe":
+        if key_features is not None:
+            raise ValueError("key_features serve selector 'mass' only; selector 'probe' reads the keys themselves")
         from ..kernels.probe import select_by_probe
 
         return select_by_probe(q, k, seg, count, sink_only, stride=pattern.probe_stride or PROBE_STRIDE, **common)
     from ..kernels.selection import select_by_mass_at_device_offset
 
-    return select_by_mass_at_device_offset(q, k, seg, count, sink_only, **common)
+    return select_by_mass_at_device_offset(q, k, seg, count, sink_only, key_features=key_features, **common)
