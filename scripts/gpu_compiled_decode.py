@@ -8,7 +8,9 @@ Per call (bf16, 32 query / 8 KV heads, D 128, sink 128 + window 1024 + top-56 of
 slots after the position hold stale random keys. The graph-safe step (``hf_sparsek::sparse_decode``: the pieces
 compiled decoding runs as ``decode_select`` / ``decode_attend``; position on the device), eagerly and replayed as a
 CUDA graph, beside the eager call on the keys sliced at the position (what the general op ran under torch.compile
-before) and SDPA dense on the sliced keys; its tiles and output are compared with the eager call's. At 4K with the
+before) and SDPA dense on the sliced keys; its tiles and output are compared with the eager call's; and the step
+with a ``DecodeStore`` (kept key tile features, what compiled decoding runs from a model's second layer on), eager
+and as a graph, its output against the step without it. At 4K with the
 generate() model's attention shape (D 64): the step (without a mask, and with the all-ones 2D mask a compiled
 generate() hands every layer) and SDPA, each as a CUDA graph.
 
@@ -226,7 +228,7 @@ def _one_op_step(q, k, v, attention_mask, q_offset, kv_offset, pat, scale, softc
 def generate_case(model, length: int, impl: str, pattern: SparsePattern | None, before: str = "") -> None:
     """``before``: "general op": top-k decode steps through the general op (outside the CUDA graphs); "one op": the
     decode step as one op with the padding layout inside; "no store": "mass" steps pooling every key (no
-    DecodeStore); the first two as before 2026-12-07, the third as before 2026-12-08."""
+    DecodeStore); the first two as before 2026-12-07, the third as before the DecodeStore (later that day)."""
     if _left() < 60:
         return
     from torch._dynamo.utils import counters
