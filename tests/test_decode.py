@@ -372,6 +372,42 @@ def test_compiled_static_topk_generate_selects_inside_the_graph(selector, kernel
     assert (stores[1] is not None and bool(stores[1].reused.all())) == (selector == "mass")
 
 
+@pytest.mark.parametrize("model_type", ["llama", "mistral"])
+def test_compiled_mass_generate_with_decode_stores_equals_uncompiled(model_type, kernels):
+    """The layers' DecodeStores through what users do with compiled static-cache generate(): a second prompt of
+    another batch size after a first (Llama: each prefill zeroes or remakes the stores; the graphs guard on them),
+    and a model whose sliding layers roll their keys (Mistral, window 105: prompts of 200 and 100 tokens, 12 new;
+    its layers keep no store). Tokens and logits equal the uncompiled runs', prompt by prompt."""
+    from test_generate import _compiled_static_generate, _generate, _prompt
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    import hf_sparsek
+    from hf_sparsek.selection.decode_store import STORE_ATTRIBUTE
+
+    torch.manual_seed(0)
+    shape = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, vocab_size=97, max_position_embeddings=512)
+    if model_type == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**shape)).eval()
+        prompts = [_prompt(batch=2, length=200), _prompt(batch=1, length=170, left_pad=0)]
+    else:
+        model = MistralForCausalLM(MistralConfig(**shape, sliding_window=105)).eval()
+        prompts = [_prompt(batch=2, length=200), _prompt(batch=2, length=100)]
+    hf_sparsek.set_pattern(model, SparsePattern(block_size=64, sink_tokens=3, window=48, topk_blocks=1))
+    with hf_sparsek.settings(backend="triton"):
+        for ids, mask in prompts:
+            eager_seq, eager_logits = _generate(model, ids, mask, cache_implementation="static",
+                                                disable_compile=True)
+            seq, logits, _ = _compiled_static_generate(model, ids, mask)
+            assert torch.equal(seq, eager_seq)
+            torch.testing.assert_close(logits, eager_logits, rtol=1e-4, atol=1e-4)
+            store = getattr(model.model.layers[1].self_attn, STORE_ATTRIBUTE, None)
+            if model_type == "llama":  # the second layer's steps kept their tiles, in a store of this batch
+                assert store.key_shape[0] == ids.shape[0] and bool(store.reused.all())
+            else:  # sliding layers pass their written keys only (no unwritten slots to tell a static cache): none
+                assert store is None
+
+
 def _many_sms(monkeypatch, sms: int = 132) -> None:
     """Pretend the device has ``sms`` SMs (the interpreter's count is 1), so the split-KV rule for runs of 17-64
     rows (``dispatch.use_split_kv``) sees a GPU's room."""
