@@ -48,6 +48,9 @@ class SparseKMask:
     ``padding``: (batch, kv_len) booleans over the keys of this call (True = real token); None when none is padded.
     ``segments``: (batch, seq) packed-sequence ids (prefill without offsets only); None for one sequence per row.
     ``attention_mask``: the 2D boolean mask it was made from (left padding decides where Llama 4 chunks start).
+    ``q_offset_tensor``: made eagerly from a tensor offset (generate() prepares a static cache step's masks before
+    the compiled forward, for models that take a dict of masks): a copy of it, which traced calls read instead of
+    the int (a traced int guards on its value: one more graph).
 
     It stands where transformers would put a (batch, 1, q_len, kv_len) mask, hence ``ndim`` and ``shape``; the
     same object reaches every layer of one mask type in one forward, so they share its block indexes.
@@ -61,6 +64,7 @@ class SparseKMask:
     padding: torch.Tensor | None
     segments: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None
+    q_offset_tensor: torch.Tensor | None = None
     _indexes: dict = field(default_factory=dict, repr=False, compare=False)
     _patterns: dict = field(default_factory=dict, repr=False, compare=False)
     _chunks: tuple | None = field(default=None, repr=False, compare=False)
@@ -70,6 +74,10 @@ class SparseKMask:
     @property
     def shape(self) -> tuple[int, ...]:
         return (self.batch_size, 1, self.q_length, self.kv_length)
+
+    def query_offset(self) -> int | torch.Tensor:
+        """The offset a call reads: traced, the tensor where there is one (see ``q_offset_tensor``)."""
+        return self.q_offset_tensor if self.q_offset_tensor is not None and _compiling() else self.q_offset
 
     # Model code that reads the mask tensor itself (DeepSeek V3.2's sparse indexer slices it, dynamic-mask models
     # read its dtype, older attention adds it to the scores) cannot run on a mask that is never materialized.
@@ -151,6 +159,7 @@ def sparsek_mask(
         )
     if isinstance(attention_mask, SparseKMask):
         attention_mask = attention_mask.attention_mask
+    q_offset_tensor = q_offset.clone() if isinstance(q_offset, torch.Tensor) and not _compiling() else None
     q_offset, kv_offset = _offset(q_offset), int(kv_offset)
     device = kwargs.get("device", "cpu") if attention_mask is None else attention_mask.device
     flags: dict[str, torch.Tensor] = {}
@@ -196,7 +205,8 @@ def sparsek_mask(
     if starts is not None:
         first = torch.zeros_like(starts[:, :1], dtype=torch.int32)
         segments = torch.cat([first, torch.cumsum(starts, -1, dtype=torch.int32)], -1)
-    return SparseKMask(batch_size, q_length, kv_length, q_offset, kv_offset, padding, segments, source)
+    return SparseKMask(batch_size, q_length, kv_length, q_offset, kv_offset, padding, segments, source,
+                       q_offset_tensor)
 
 
 ADAPTER_PATTERN_FILE = "sparsek_pattern.json"  # written beside an adapter by hf-sparsek finetune
@@ -252,7 +262,7 @@ def _chunk_segments(mask: SparseKMask, chunk: int) -> tuple[torch.Tensor, torch.
     """
     if mask.attention_mask is not None:
         left_pad = (mask.attention_mask.cumsum(-1) == 0).sum(-1).view(-1, 1)
-    elif isinstance(mask.q_offset, int) and mask.q_offset + mask.q_length <= chunk:
+    elif isinstance(mask.query_offset(), int) and mask.q_offset + mask.q_length <= chunk:
         return None
     else:
         device = mask.padding.device if mask.padding is not None else None
@@ -262,7 +272,7 @@ def _chunk_segments(mask: SparseKMask, chunk: int) -> tuple[torch.Tensor, torch.
         pos = first + torch.arange(length, device=left_pad.device).view(1, -1)
         return torch.div((pos - left_pad).clamp(min=0), chunk, rounding_mode="floor")
 
-    return chunk_of(mask.q_offset, mask.q_length), chunk_of(mask.kv_offset, mask.kv_length)
+    return chunk_of(mask.query_offset(), mask.q_length), chunk_of(mask.kv_offset, mask.kv_length)
 
 
 def _learned_tiles(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, pattern: Any,
@@ -275,7 +285,7 @@ def _learned_tiles(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
                          "use selector 'mass' for them")
     from .learned.face import learned_tiles
 
-    return learned_tiles(module, query, key, pattern, mask.q_offset, mask.kv_offset, mask.padding)
+    return learned_tiles(module, query, key, pattern, mask.query_offset(), mask.kv_offset, mask.padding)
 
 
 @functools.cache
@@ -348,7 +358,8 @@ def sparsek_attention_forward(
     if selected is None and not module.training:
         state = _kept_features(module, pattern, query, key, value, mask, softcap, settings.backend)
     out = sparse_attention(
-        query, key, value, pattern, scale=scaling, softcap=softcap, q_offset=mask.q_offset, kv_offset=mask.kv_offset,
+        query, key, value, pattern, scale=scaling, softcap=softcap, q_offset=mask.query_offset(),
+        kv_offset=mask.kv_offset,
         attention_mask=mask.padding, segment_ids=segments, query_segment_ids=query_segments,
         index_cache=mask._indexes, backend=settings.backend, dense_via_sdpa=settings.dense_via_sdpa,
         selected_tiles=selected, selection_state=state,

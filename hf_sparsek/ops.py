@@ -457,7 +457,7 @@ def sparse_attention(
                          "calls); pass None there, or a DecodeStore (hf_sparsek.selection.decode_store)")
     if torch.compiler.is_compiling() and index is None:
         return _traced_call(q, k, v, attention_mask, segment_ids, query_segment_ids, q_offset, kv_offset, pattern,
-                            scale, softcap, backend, dense_via_sdpa, selected_tiles, selection_state)
+                            scale, softcap, backend, dense_via_sdpa, selected_tiles, selection_state, index_cache)
     if isinstance(selection_state, DecodeStore):
         raise ValueError("a DecodeStore serves compiled decode steps only; eager calls take a SelectionState "
                          "(hf_sparsek.selection.SelectionState) or None")
@@ -658,8 +658,8 @@ def _decode_layout(q: torch.Tensor, k: torch.Tensor, attention_mask: torch.Tenso
     """Padding of a decode call: key segments and ranks (as the index has them) and, per batch row, the key tiles
     holding its sink (its first ``sink_tokens`` real keys), relative to the call's first tile; device ops only, made
     once per mask when ``cache`` (the layers of one forward) is given."""
-    key = ("decode-layout", k.shape[2], kv_offset, pattern.block_size, pattern.sink_tokens, q.device)
-    if cache is not None and key in cache:
+    key = _layout_key("decode-layout", q.shape[0], k.shape[2], kv_offset, pattern)
+    if cache is not None and key in cache and tuple(cache[key][0].shape) == (q.shape[0], k.shape[2]):
         return cache[key]
     batch, kv_len, block = q.shape[0], k.shape[2], pattern.block_size
     k_seg, _, k_rank = sequence_layout(batch, q.shape[2], kv_len, attention_mask, None, q.device)
@@ -676,6 +676,15 @@ def _decode_layout(q: torch.Tensor, k: torch.Tensor, attention_mask: torch.Tenso
     if cache is not None:
         cache[key] = result
     return result
+
+
+def _layout_key(name: str, batch: int, kv_len: int, kv_offset: int, pattern: SparsePattern) -> tuple:
+    """The index cache's key for a layout of the call's keys. Traced, without the length and offset: a symbolic
+    size in a dict key would pin it (one graph per decode step of a growing or sliding cache); the traced cache is
+    one forward's mask's (the face cuts the keys to its length and passes its offset), and a hit is checked on its
+    shape."""
+    sizes = () if torch.compiler.is_compiling() else (batch, kv_len, kv_offset)
+    return (name, *sizes, pattern.block_size, pattern.sink_tokens)
 
 
 def _prepare_index(
@@ -750,8 +759,8 @@ def _offset_tensor(value: int | torch.Tensor | None, device: torch.device) -> to
 
 
 def _traced_call(q, k, v, attention_mask, segment_ids, query_segment_ids, q_offset, kv_offset, pattern, scale,
-                 softcap, backend, dense_via_sdpa, selected_tiles=None, store: DecodeStore | None = None
-                 ) -> torch.Tensor:
+                 softcap, backend, dense_via_sdpa, selected_tiles=None, store: DecodeStore | None = None,
+                 index_cache: dict | None = None) -> torch.Tensor:
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if _compiled_decode_applies(q, k, v, pattern, segment_ids, query_segment_ids, kv_offset, softcap, backend,
                                 selected_tiles):
@@ -761,7 +770,7 @@ def _traced_call(q, k, v, attention_mask, segment_ids, query_segment_ids, q_offs
                                                                                           kv_offset)):
             store = None  # another selector or other keys (a per-query-head repeat): features pooled from all keys
         return _decode_step(q, k, v, attention_mask, _offset_tensor(q_offset, q.device), kv_offset, pattern, scale,
-                            float(softcap or 0.0), decode_select_op, decode_attend_op, store)
+                            float(softcap or 0.0), decode_select_op, decode_attend_op, store, index_cache)
     offsets = torch.cat([_offset_tensor(q_offset, q.device), _offset_tensor(kv_offset, q.device)])
     return sparse_attention_op(q, k, v, attention_mask, segment_ids, query_segment_ids, offsets,
                                _pattern_text(pattern), scale, float(softcap or 0.0), backend, dense_via_sdpa,
@@ -802,21 +811,28 @@ def sparse_decode_op(
 
 def _decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None,
                  q_offset: torch.Tensor, kv_offset: int, pat: SparsePattern, scale: float, softcap: float,
-                 select, attend, store: DecodeStore | None = None) -> torch.Tensor:
+                 select, attend, store: DecodeStore | None = None, cache: dict | None = None) -> torch.Tensor:
     """A decode step with its position on the device: the padding layout and the selection's key info by device
     ops, then per run of consecutive dense or sparse KV heads (views, no copies of the cache) ``select`` (top-k
     tiles) and ``attend`` (the split-KV kernel): the custom ops under torch.compile, their bodies inside
     :func:`sparse_decode_op`. ``store``: the layer's kept key tile features (selector "mass"; the selection then
-    updates them in place and pools only the tiles filled since, :func:`decode_select_kept_op`)."""
+    updates them in place and pools only the tiles filled since, :func:`decode_select_kept_op`). ``cache``: the
+    forward's index cache (one padding mask and query position for all its layers): the layout and the key info are
+    made by the first layer and reused by the others, so a traced forward computes them once, not once a layer."""
     q_len, kv_len = q.shape[2], k.shape[2]
     position = torch.where(q_offset < 0, kv_offset + kv_len - q_len, q_offset).reshape(1).to(torch.int32)
     layout = (None, None, None)
     if attention_mask is not None:
         _check_layout(q.shape[0], q_len, kv_len, attention_mask, None)
-        layout = _decode_layout(q, k, attention_mask, pat, kv_offset, None)
+        layout = _decode_layout(q, k, attention_mask, pat, kv_offset, cache)
     key_info = None
     if pat.topk_blocks is not None:
-        key_info = written_key_info(layout[0], q.shape[0], kv_len, kv_offset, position, pat)
+        key = _layout_key("decode-key-info", q.shape[0], kv_len, kv_offset, pat)
+        key_info = None if cache is None else cache.get(key)
+        if key_info is None or tuple(key_info[0].shape) != (q.shape[0], kv_len):
+            key_info = written_key_info(layout[0], q.shape[0], kv_len, kv_offset, position, pat)
+            if cache is not None:
+                cache[key] = key_info
     group = q.shape[1] // k.shape[1]
     parts = []
     for lo, hi, dense in _head_runs(pat.dense_heads, k.shape[1]):

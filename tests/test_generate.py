@@ -144,13 +144,15 @@ def _compiled_static_generate(model, ids, mask):
 
 
 @pytest.mark.parametrize("model_type,pattern", [("llama", "window"), ("llama", "topk"),
-                                                ("gemma3_text", "min_sparse_len")])
+                                                ("gemma3_text", "min_sparse_len"), ("qwen3", "topk")])
 def test_compiled_static_decoding_traces_as_sdpa_and_equals_eager(model_type, pattern):
     """Under transformers' compile of static-cache decoding the forward is traced as often as with sdpa (once for
     Llama; Gemma 3's sliding layers add one), not once per step, and gives the uncompiled run's tokens and logits.
     Two causes of per-step traces, both fixed: the mask generate() prepares carried the 2D mask as it grew (three
     graphs on transformers 5.17), and an offset check read a symbolic offset as a plain int (one graph per decode
-    step with ``min_sparse_len``). Left padding; a prompt that is not a whole number of tiles."""
+    step with ``min_sparse_len``). Qwen 3 (a dict of masks, which generate() prepares outside the compiled
+    forward) traced twice before 2026-12-07's fix: the prepared mask's int offset guarded on its value; traced calls
+    now read its tensor copy. Left padding; a prompt that is not a whole number of tiles."""
     ids, mask = _prompt(length=150)
     dense = build(model_type)
     *_, sdpa_graphs = _compiled_static_generate(dense, ids, mask)
