@@ -100,6 +100,14 @@ def _bench(fn) -> float:
     return bench_ms(fn) if DEVICE == "cuda" else bench_ms(fn, warmup=1, rep=2)
 
 
+def _graph_ms(fn) -> tuple[float, torch.Tensor]:
+    """``fn`` captured as a CUDA graph: (ms per replay, the graph's output)."""
+    graph, out = capture_cuda_graph(fn)
+    graph.replay()
+    torch.cuda.synchronize()
+    return bench_ms(graph.replay), out
+
+
 def call_case(batch: int, kv_len: int, slack: int, hq: int = 32, hkv: int = 8, dim: int = 128,
               dtype=torch.bfloat16) -> None:
     """One decode call at position ``kv_len - 1`` of a static cache of ``kv_len + slack`` slots."""
@@ -127,17 +135,11 @@ def call_case(batch: int, kv_len: int, slack: int, hq: int = 32, hkv: int = 8, d
             row["eager_sliced_ms"] = _bench(sliced)  # the general op's body (the compiled path before)
             row["device_offset_op_eager_ms"] = _bench(on_device)
             if DEVICE == "cuda":
-                graph, out = capture_cuda_graph(on_device)
-                graph.replay()
-                torch.cuda.synchronize()
-                row["device_offset_op_graph_ms"] = bench_ms(graph.replay)
+                row["device_offset_op_graph_ms"], out = _graph_ms(on_device)
                 row["graph_max_abs_diff"] = float((out.float() - got.float()).abs().max().item())
                 row["graph_x_sdpa"] = row["sdpa_ms"] / row["device_offset_op_graph_ms"]
-                select = lambda: select_tiles_at_device_offset(q, k, TOPK, position, 0, None)  # noqa: E731
-                graph, _ = capture_cuda_graph(select)
-                graph.replay()
-                torch.cuda.synchronize()
-                row["device_offset_selection_graph_ms"] = bench_ms(graph.replay)
+                row["device_offset_selection_graph_ms"], _ = _graph_ms(
+                    lambda: select_tiles_at_device_offset(q, k, TOPK, position, 0, None))
             row["selection_sliced_eager_ms"] = _bench(lambda: select_tiles(q, ks, TOPK, kv_len - 1, 0, None))
             _kept_store_rows(row, q, k, v, position, got)
     except Exception as exc:  # a case that fails is recorded, the run goes on
@@ -162,10 +164,7 @@ def _kept_store_rows(row: dict, q, k, v, position, got) -> None:
     row["kept_store_same_on_reuse"] = bool(torch.equal(first, again))
     row["kept_store_eager_ms"] = _bench(kept)
     if DEVICE == "cuda":
-        graph, _ = capture_cuda_graph(kept)
-        graph.replay()
-        torch.cuda.synchronize()
-        row["kept_store_graph_ms"] = bench_ms(graph.replay)
+        row["kept_store_graph_ms"], _ = _graph_ms(kept)
         row["kept_store_graph_x_sdpa"] = row["sdpa_ms"] / row["kept_store_graph_ms"]
 
 
@@ -190,10 +189,7 @@ def small_case(kv_len: int, slack: int, pattern: SparsePattern, hq: int = 32, hk
                 ("sdpa", lambda: F.scaled_dot_product_attention(q, k[:, :, :kv_len], v[:, :, :kv_len],
                                                                 enable_gqa=True)),
             ):
-                graph, _ = capture_cuda_graph(call)
-                graph.replay()
-                torch.cuda.synchronize()
-                row[f"{name}_graph_ms"] = bench_ms(graph.replay)
+                row[f"{name}_graph_ms"], _ = _graph_ms(call)
         row["sparse_x_sdpa_time"] = row["sparse_op_graph_ms"] / row["sdpa_graph_ms"]
     except Exception as exc:  # a case that fails is recorded, the run goes on
         _failed(row, row["case"], exc)
