@@ -17,7 +17,8 @@ generate() hands every layer) and SDPA, each as a CUDA graph.
 ``generate()`` (random-weight 1.1B Llama, batch 1, greedy, ``cache_implementation="static"``: transformers compiles
 the decoding forward on CUDA): median time between decode steps for sdpa, sparsek with a window pattern, with the
 top-k patterns ("mass", "probe"), and as before 2026-12-07: "mass" through the general op outside the graphs, the
-window as one op with the padding layout inside (~20 small kernels a layer); graphs
+window as one op with the padding layout inside (~20 small kernels a layer); as before that evening: "mass"
+without the DecodeStore, the window with each layer computing its own layout; graphs
 traced, CUDA graphs skipped, and tokens equal to the same pattern uncompiled (bf16 with random weights: near-ties
 make greedy tokens drift between compiled and eager kernels; the per-call rows are the exactness check). Writes
 ``compiled_decode.json`` (a new run overwrites it).
@@ -216,15 +217,24 @@ def _(q, k, v, attention_mask, q_offset, kv_offset, pattern, scale, softcap):
     return q.new_empty(q.shape[:3] + v.shape[3:])
 
 
-def _one_op_step(q, k, v, attention_mask, q_offset, kv_offset, pat, scale, softcap, select, attend):
+def _one_op_step(q, k, v, attention_mask, q_offset, kv_offset, pat, scale, softcap, select, attend, store=None,
+                 cache=None):
     """The compiled decode step as it was before 2026-12-07: one op, the padding layout computed inside it."""
     return _one_op(q, k, v, attention_mask, q_offset, kv_offset, _pattern_text(pat), scale, softcap)
+
+
+def _per_layer_layout_step(q, k, v, attention_mask, q_offset, kv_offset, pat, scale, softcap, select, attend,
+                           store=None, cache=None):
+    """The compiled decode step without the forward's index cache: every layer computes its own padding layout and
+    key info, as before the evening of 2026-12-07."""
+    return STEP(q, k, v, attention_mask, q_offset, kv_offset, pat, scale, softcap, select, attend, store, None)
 
 
 def generate_case(model, length: int, impl: str, pattern: SparsePattern | None, before: str = "") -> None:
     """``before``: "general op": top-k decode steps through the general op (outside the CUDA graphs); "one op": the
     decode step as one op with the padding layout inside; "no store": "mass" steps pooling every key (no
-    DecodeStore); the first two as before 2026-12-07, the third as before the DecodeStore (later that day)."""
+    DecodeStore); "layout per layer": no layout shared between layers; the first two as before 2026-12-07, the
+    last two as before that evening."""
     if _left() < 60:
         return
     from torch._dynamo.utils import counters
@@ -242,6 +252,8 @@ def generate_case(model, length: int, impl: str, pattern: SparsePattern | None, 
         ops._decode_step = _one_op_step
     elif before == "no store":
         decode_store.decode_store_of = lambda module, pattern: None
+    elif before == "layout per layer":
+        ops._decode_step = _per_layer_layout_step
     row: dict = {"prompt": length, "impl": name, "new_tokens": ARGS.new_tokens}
     try:
         if pattern is None:
@@ -250,13 +262,13 @@ def generate_case(model, length: int, impl: str, pattern: SparsePattern | None, 
             hf_sparsek.set_pattern(model, pattern)
         ids = torch.randint(0, model.config.vocab_size, (1, length), device=DEVICE)
         torch._dynamo.reset()
-        before = counters["stats"]["unique_graphs"]
+        graphs_before = counters["stats"]["unique_graphs"]
         skips = counters["inductor"]["cudagraph_skips"]
         started = time.time()
         _steps(model, ids, 3)  # warm-up: the compile
         row["warmup_s"] = time.time() - started
         tokens, prefill, gaps = _steps(model, ids, ARGS.new_tokens + 1)
-        row["graphs_traced"] = counters["stats"]["unique_graphs"] - before
+        row["graphs_traced"] = counters["stats"]["unique_graphs"] - graphs_before
         row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
         gaps.sort()
         row["prefill_s"] = prefill
@@ -304,6 +316,7 @@ def run_generate(lengths: list[int]) -> None:
             generate_case(model, length, "sdpa", pattern, before="one op" if pattern is WINDOW else "general op")
             generate_case(model, length, "sdpa", pattern)
         generate_case(model, length, "sdpa", TOPK, before="no store")
+        generate_case(model, length, "sdpa", WINDOW, before="layout per layer")
         generate_case(model, length, "sdpa", PROBE)
 
 
