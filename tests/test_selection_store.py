@@ -465,7 +465,7 @@ def test_device_position_refresh_equals_scratch(kv_offset):
     seg = _padded_seg(2, capacity, 9)
     store = DecodeStore(2, 3, capacity, 40, block, kv_offset, k.dtype, k.device)
     with triton_interpreter("selection", "selection_store"):
-        for step, position in enumerate(range(kv_offset + 37, kv_offset + 120, 3)):  # tile edges crossed
+        for step, position in enumerate(range(kv_offset + 37, kv_offset + 120, 5)):  # tile edges crossed
             _device_refresh(store, k, seg, position, kv_offset, block)
             assert bool(store.reused.all()) == (step > 0), f"row at {position}"
             final = (position + 1) // block - kv_offset // block  # tiles with every key written
