@@ -201,7 +201,6 @@ def load_token_file(path: str) -> dict:
     return torch.load(path)
 
 
-
 def timed_generate(model, ids: torch.Tensor, new: int, **kwargs) -> tuple[torch.Tensor, float, list[float]]:
     """One greedy ``generate()`` of exactly ``new`` tokens: (its output ids, prefill seconds, seconds between decode
     steps). Each step is stamped by a logits processor after a CUDA synchronisation, so decode time is the gap between

@@ -177,17 +177,24 @@ def _compiled_decode(q, k, v, pattern, q_offset: int, mask) -> tuple[torch.Tenso
     """``sparse_attention`` under ``torch.compile(fullgraph=True)`` (Triton kernels) with the query offset as a
     tensor, as a static cache passes it: (output, the traced graphs as text). A fresh compile per call."""
     torch._dynamo.reset()  # the cases share fn's code object
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(str(gm.graph))
-        return gm.forward
+    backend, graphs = _recording_backend()
 
     def fn(q, k, v, position, mask):
         return sparse_attention(q, k, v, pattern, q_offset=position, attention_mask=mask, backend="triton")
 
     with torch.no_grad():
         return torch.compile(fn, fullgraph=True, backend=backend)(q, k, v, torch.tensor(q_offset), mask), graphs
+
+
+def _recording_backend():
+    """A torch.compile backend that runs the traced graph as it is and keeps its text: (backend, the texts)."""
+    graphs: list[str] = []
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    return backend, graphs
 
 
 COMPILED_CASES = [
@@ -289,9 +296,9 @@ def test_compiled_topk_decode_selects_on_the_device(case, kernels):
 def test_compiled_mass_decode_steps_keep_features_in_a_decode_store(case, kernels):
     """Compiled "mass" decode steps given a DecodeStore (as the face passes the layer's) run the graph-safe op
     ``hf_sparsek::decode_select_kept``: step after step (one compiled function, the position a tensor) the outputs
-    equal the fp64 reference, the tiles equal the eager selection's on the sliced keys, every sparse KV head keeps
-    its tiles after the first step (dense heads: never touched), and rewriting a kept tile's keys (another prompt in
-    the cache) starts that row again from its first tile."""
+    equal the fp64 reference (whose eager selection picks some tile at every step, so a wrong choice shows), every
+    sparse KV head keeps its tiles after the first step (dense heads: never touched), and rewriting a kept tile's
+    keys (another prompt in the cache) starts that row again from its first tile."""
     from hf_sparsek.selection import select_tiles
     from hf_sparsek.selection.decode_store import DecodeStore
 
@@ -302,11 +309,8 @@ def test_compiled_mass_decode_steps_keep_features_in_a_decode_store(case, kernel
     store = DecodeStore(2, hkv, kv_len, 64, 64, 0, k.dtype, k.device)
     sparse = torch.tensor([h not in pattern.dense_heads for h in range(hkv)])
     torch._dynamo.reset()
-    graphs, tiles = [], []
-
-    def backend(gm, example_inputs):
-        graphs.append(str(gm.graph))
-        return gm.forward
+    backend, graphs = _recording_backend()
+    tiles = []
 
     def fn(q, k, v, position, mask, store):
         return sparse_attention(q, k, v, pattern, q_offset=position, attention_mask=mask, backend="triton",

@@ -434,21 +434,19 @@ def test_only_layers_past_the_first_keep_a_state():
     assert isinstance(state, SelectionState) and selection_state_for(second, pattern) is state
 
 
-def _device_refresh(store, k, k_seg, position: int, kv_offset: int, block: int) -> torch.Tensor:
+def _device_refresh(store, k, k_seg, position: int, kv_offset: int, block: int) -> None:
     """One compiled-decode-style refresh of ``store`` (a DecodeStore) for a row at ``position`` of the static cache
     k, the unwritten slots marked as padding as the compiled step marks them: its features up to the row's tile."""
     from hf_sparsek.kernels.selection_store import refresh_key_features_at_device_offset
 
-    written = torch.arange(kv_offset, kv_offset + k.shape[2]) <= position
-    seg = torch.where(written, k_seg, -1).to(torch.int32).contiguous()
-    refresh_key_features_at_device_offset(k, seg, *store.tensors()[:4], store.scratch,
+    seg = torch.where(torch.arange(kv_offset, kv_offset + k.shape[2]) <= position, k_seg, -1).to(torch.int32)
+    refresh_key_features_at_device_offset(k, seg.contiguous(), *store.tensors(),
                                           q_offset=torch.tensor([position], dtype=torch.int32), kv_offset=kv_offset,
                                           block=block)
     hi = _causal_tiles(position + 1, kv_offset, k.shape[2], block)
     written = position + 1 - kv_offset
-    expected = _scratch(k[:, :, :written], None if k_seg is None else k_seg[:, :written], kv_offset, block)
+    expected = _scratch(k[:, :, :written], k_seg[:, :written], kv_offset, block)
     assert torch.equal(store.features[:, :, :hi], expected), f"row at {position}"
-    return seg
 
 
 @pytest.mark.parametrize("kv_offset", [0, 21])
