@@ -35,6 +35,7 @@ from .selection import (
     NEG,
     ROWS_MIN,
     _next_pow2,
+    check_device_row,
     check_rows_per_program,
     competition,
     desc_key,
@@ -289,9 +290,8 @@ def select_by_probe(
     if splits is not None and (not isinstance(splits, int) or splits < 1):
         raise ValueError(f"splits must be a positive int or None, got {splits!r}")
     on_device = isinstance(q_offset, torch.Tensor)
-    if on_device and (q_len != 1 or q_offset.numel() != 1 or q_offset.dtype.is_floating_point):
-        raise ValueError(f"a device-side q_offset takes one query row and a one-element integer offset, got "
-                         f"q_len={q_len} and an offset of shape {tuple(q_offset.shape)} {q_offset.dtype}")
+    if on_device:
+        check_device_row("a device-side q_offset", q_len, q_offset)
     qoff, q_offset = (q_offset.reshape(1), 0) if on_device else (None, q_offset)
     n_q, n_k, out, count, sink_flag, has_info = prepare_call(q, k, key_count, sink_only, block, q_offset, kv_offset,
                                                              topk)

@@ -801,6 +801,13 @@ class SelectionCall(NamedTuple):
     has_info: bool  # count / sink_flag given (padding); else the kernels derive both from positions
 
 
+def check_device_row(caller: str, q_len: int, q_offset: torch.Tensor) -> None:
+    """A position kept on the device fits one query row only, given as a one-element integer tensor."""
+    if q_len != 1 or q_offset.numel() != 1 or q_offset.dtype.is_floating_point:
+        raise ValueError(f"{caller} takes one query row and a one-element integer offset, got q_len={q_len} and an "
+                         f"offset of shape {tuple(q_offset.shape)} {q_offset.dtype}")
+
+
 def prepare_call(q: torch.Tensor, k: torch.Tensor, key_count: torch.Tensor | None, sink_only: torch.Tensor | None,
                  block: int, q_offset: int, kv_offset: int, topk: int) -> SelectionCall:
     """Check q / k and the optional per-tile key info of a selection launch (mass or probe) and make its output."""
@@ -930,9 +937,7 @@ def select_by_mass_at_device_offset(
     ``key_features``: every key tile's features kept by a decode store (valid up to the row's tile; see
     ``kernels/selection_store.py: refresh_key_features_at_device_offset``) instead of pooling every key here."""
     batch, hq, q_len, dim = q.shape
-    if q_len != 1 or q_offset.numel() != 1 or q_offset.dtype.is_floating_point:
-        raise ValueError(f"select_by_mass_at_device_offset takes one query row and a one-element integer offset, "
-                         f"got q_len={q_len} and an offset of shape {tuple(q_offset.shape)} {q_offset.dtype}")
+    check_device_row("select_by_mass_at_device_offset", q_len, q_offset)
     n_q, n_k, out, count, sink_flag, _ = prepare_call(q, k, key_count, sink_only, block, 0, kv_offset, topk)
     if out.numel() == 0:
         return out

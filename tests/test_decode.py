@@ -520,3 +520,21 @@ def test_a_long_run_with_its_offset_on_the_device(kernels):
             ref = sparse_attention(q.double(), k.double(), v.double(), pattern, q_offset=q_offset,
                                    attention_mask=mask, backend="reference")
         assert _rel(out, ref) < 2e-5, q_offset
+
+
+@pytest.mark.parametrize("q_len, offset", [(2, torch.tensor([5])), (1, torch.tensor([5, 6])), (1, torch.tensor([5.0]))],
+                         ids=["two-rows", "two-offsets", "float-offset"])
+def test_selection_kernels_refuse_a_device_position_they_cannot_read(q_len, offset, kernels):
+    """A position kept on the device fits one query row given as a one-element integer tensor; both top-k kernels
+    ("mass" and "probe") say so, naming what they got, rather than reading a wrong row."""
+    from hf_sparsek.kernels.probe import select_by_probe
+    from hf_sparsek.kernels.selection import select_by_mass_at_device_offset
+
+    q, k = torch.randn(1, 2, q_len, 64), torch.randn(1, 1, 256, 64)
+    seg, count, sink = torch.zeros(1, 256, dtype=torch.int32), torch.full((1,), 4, dtype=torch.int32), None
+    common = dict(block=64, q_offset=offset, kv_offset=0, sink=4, topk=2, window=64, threshold=None, scale=0.125)
+    with pytest.raises(ValueError, match=rf"one query row and a one-element integer offset, got q_len={q_len} "
+                                         rf"and an offset of shape \({offset.numel()},\)"):
+        select_by_mass_at_device_offset(q, k, seg, count, sink, **common)
+    with pytest.raises(ValueError, match="a device-side q_offset takes one query row"):
+        select_by_probe(q, k, seg, count, sink, stride=16, **common)
