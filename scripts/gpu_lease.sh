@@ -19,13 +19,15 @@
 #   8     .carry/g4                       gpu_learned Gemma 3 16K (24.6% and 12.5% budgets, passkey)  5 min
 #   9     -                               gpu_adapt_learned: LoRA under the learned selector vs dense  3 min
 #                                         LoRA, on step 2's SmolLM2 model and scorer (right after 2)
+#   10    -                               gpu_decode, then gpu_compiled_decode (issue 24's decode        9 min
+#                                         table: eager calls, CUDA-graph steps, compiled generate())
 #   (gpu_learned's rows: static, mass, probe, refine with strides 16 and 4, oracle, learned, per budget)
 #
 # Results land under $OUT/<step name>/; commit them under scripts/results/ (one file per benchmark). Run each step as
 # `HF_SPARSEK_COMMIT=<git rev-parse HEAD here> OUT=$OUT bash scripts/gpu_lease.sh STEP`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-step="${1:?usage: bash scripts/gpu_lease.sh STEP (1-9)}"
+step="${1:?usage: bash scripts/gpu_lease.sh STEP (1-10)}"
 out="${OUT:?OUT must name the output folder}"
 # the device copy's git history is not this tree's: results files take the commit from here
 export HF_SPARSEK_COMMIT="${HF_SPARSEK_COMMIT:?set HF_SPARSEK_COMMIT to the commit of the carried tree}"
@@ -100,8 +102,12 @@ EOF
     python3 -m scripts.gpu_adapt_learned --work /tmp/gpu_learned --model smollm2-135m --seq-len 8192 --steps 120 \
       --ppl-tokens 65536 --out "$out/adapt"
     ;;
+  10)
+    python3 -m scripts.gpu_decode --out "$out/decode"
+    python3 -m scripts.gpu_compiled_decode --out "$out/compiled_decode" --max-seconds 360
+    ;;
   *)
-    echo "unknown step $step (1-9)" >&2
+    echo "unknown step $step (1-10)" >&2
     exit 2
     ;;
 esac
