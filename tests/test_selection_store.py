@@ -480,3 +480,57 @@ def test_device_position_refresh_equals_scratch(kv_offset):
         assert torch.equal(store.stored, torch.full_like(store.stored, (kv_offset + 61) // block - kv_offset // block))
         _device_refresh(store, k, seg, kv_offset + 61, kv_offset, block)
         assert bool(store.reused.all())
+
+
+@pytest.mark.parametrize("walk", range(3))
+def test_decode_store_random_walks_select_as_pooling_every_key(walk):
+    """Random decode walks over a static cache (GQA / MQA, head dims 64 / 128, keys past 0, left padding, a mass
+    threshold; the cache's unwritten slots hold stale random keys): at every step the tiles chosen from a DecodeStore
+    (``hf_sparsek::decode_select_kept``: check, refresh, select) equal those chosen by pooling every written key,
+    through steps of one and of several keys, a crop back (the old keys left in the slots after it), a new
+    conversation and one (row, head) rewritten."""
+    import random
+
+    from hf_sparsek.ops import _decode_select, _pattern_text, decode_select_kept_op, sequence_layout
+    from hf_sparsek.selection import written_key_info
+    from hf_sparsek.selection.decode_store import DecodeStore
+
+    rng = random.Random(torch.initial_seed())  # the test's seed (conftest)
+    block, hkv, group = 64, rng.choice([1, 2, 3]), rng.choice([1, 2, 4])  # many tiles for a budget of 1-2
+    batch, dim, slots = rng.choice([1, 2, 3]), rng.choice([64, 128]), rng.randint(10 * block, 14 * block)
+    kv_offset = rng.choice([0, rng.randint(1, 200)])
+    pattern = SparsePattern(block_size=block, sink_tokens=rng.choice([0, 1, 5]), window=rng.choice([None, 32, 80]),
+                            topk_blocks=rng.choice([1, 2]), mass_threshold=rng.choice([None, 0.6]))
+    mask = torch.ones(batch, slots, dtype=torch.bool)
+    for b in range(1, batch):
+        mask[b, : rng.randint(1, 3 * block)] = False
+    seg = sequence_layout(batch, 1, slots, mask, None, torch.device("cpu"))[0]
+    k = torch.randn(batch, hkv, slots, dim)
+    store = DecodeStore(batch, hkv, slots, dim, block, kv_offset, k.dtype, k.device)
+    text, position, reused = _pattern_text(pattern), kv_offset + rng.randint(4 * block, 8 * block), 0
+    written = position  # the keys before the first step are its prompt's
+    events = ["step"] * 5 + ["crop", "new", "row"]
+    rng.shuffle(events)
+    with torch.no_grad(), triton_interpreter("selection", "selection_store"):
+        for step, event in enumerate(["step", *events]):
+            if event == "crop":  # back by up to two tiles, the old keys left in the slots after (a static cache's)
+                position -= rng.randint(1, 2 * block)
+                written = position
+            elif event == "new":  # another conversation in every row
+                k.copy_(torch.randn_like(k))
+            elif event == "row":  # one (row, head)'s history rewritten
+                b, h = rng.randrange(batch), rng.randrange(hkv)
+                k[b, h, : position - kv_offset + 1] = torch.randn_like(k[b, h, : position - kv_offset + 1])
+            if position >= kv_offset + slots:
+                break
+            new = slice(written - kv_offset, position - kv_offset + 1)  # the keys this step writes
+            k[:, :, new] = torch.randn_like(k[:, :, new])
+            written = position + 1
+            q, at = torch.randn(batch, hkv * group, 1, dim), torch.tensor([position], dtype=torch.int32)
+            info = written_key_info(seg, batch, slots, kv_offset, at, pattern)
+            pooled = _decode_select(q, k, *info, at, kv_offset, text)
+            kept = decode_select_kept_op(q, k, *info, at, kv_offset, text, *store.tensors(), 0)
+            assert torch.equal(kept.sort(-1).values, pooled.sort(-1).values), f"step {step} ({event}) at {position}"
+            reused += int(store.reused.sum())
+            position += rng.choice([1, 1, 3, block + 7])  # one key, a few, or a chunk across tiles
+    assert reused > 0  # some step read kept features
