@@ -482,7 +482,7 @@ def test_device_position_refresh_equals_scratch(kv_offset):
         assert bool(store.reused.all())
 
 
-@pytest.mark.parametrize("walk", range(3))
+@pytest.mark.parametrize("walk", range(3))  # three walks: conftest seeds each test id differently
 def test_decode_store_random_walks_select_as_pooling_every_key(walk):
     """Random decode walks over a static cache (GQA / MQA, head dims 64 / 128, keys past 0, left padding, a mass
     threshold; the cache's unwritten slots hold stale random keys): at every step the tiles chosen from a DecodeStore
