@@ -93,6 +93,7 @@ def decode_case(name: str, batch: int, kv_len: int, pattern: SparsePattern, q_le
             row["max_abs_diff_vs_forward_kernel"] = float((got.float() - ref_fwd.float()).abs().max().item())
             if DEVICE == "cuda":
                 row.update(_graph_replay(whole, got))
+            row["host_profile"] = _host_profile(whole)
             row["max_abs_diff_split_vs_forward"] = float((ref.float() - ref_fwd.float()).abs().max().item())
         tokens = _visited_tokens(index)
         row["visited_tokens_per_head"] = tokens
@@ -107,7 +108,7 @@ def decode_case(name: str, batch: int, kv_len: int, pattern: SparsePattern, q_le
         row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         RESULTS["errors"].append({"case": name, "trace": traceback.format_exc()[-2000:]})
     RESULTS["cases"].append(row)
-    print(json.dumps({k: (round(x, 4) if isinstance(x, float) else x) for k, x in row.items() if k != "pattern"}))
+    _print_row(row)
 
 
 def _graph_replay(call, expected: torch.Tensor) -> dict:
@@ -121,6 +122,37 @@ def _graph_replay(call, expected: torch.Tensor) -> dict:
                 "graph_max_abs_diff": float((out.float() - expected.float()).abs().max().item())}
     except Exception as exc:
         return {"graph_error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+
+
+def _host_profile(call, iters: int = 50, top: int = 20) -> dict:
+    """Where the host's time in a call goes (the eager decode call is host-bound): wall microseconds per call issued
+    without synchronising (the host's own pace while the GPU keeps up), and the functions with the most own time
+    under cProfile (its overhead inflates Python-heavy rows; the ranking is what it is for)."""
+    import cProfile
+    import pstats
+
+    call()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        call()
+    host_us = (time.perf_counter() - start) / iters * 1e6
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(iters):
+        call()
+    prof.disable()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    stats = pstats.Stats(prof)
+    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]  # by own time
+    return {"host_us_per_call": host_us, "profiled_iters": iters,
+            "top_own_time": [{"function": f"{os.path.basename(f)}:{line}:{name}", "calls_per_call": nc / iters,
+                              "own_us_per_call": tt / iters * 1e6, "cum_us_per_call": ct / iters * 1e6}
+                             for (f, line, name), (_, nc, tt, ct, _) in rows]}
 
 
 def decode_store_case(batch: int, kv_len: int, pattern: SparsePattern, hq: int = 32, hkv: int = 8, dim: int = 128,
@@ -171,6 +203,7 @@ def decode_store_case(batch: int, kv_len: int, pattern: SparsePattern, hq: int =
                                                                     q.is_cuda))
             if DEVICE == "cuda":
                 row.update(_graph_replay(with_store, got))
+            row["host_profile"] = _host_profile(with_store)
             tokens = _visited_tokens(build_index_for(q, k, pattern))
         row["visited_tokens_per_head"] = tokens
         bytes_read = batch * hkv * tokens * dim * 2 * q.element_size()
@@ -181,7 +214,18 @@ def decode_store_case(batch: int, kv_len: int, pattern: SparsePattern, hq: int =
         row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         RESULTS["errors"].append({"case": row["case"], "trace": traceback.format_exc()[-2000:]})
     RESULTS["cases"].append(row)
-    print(json.dumps({k: (round(x, 4) if isinstance(x, float) else x) for k, x in row.items() if k != "pattern"}))
+    _print_row(row)
+
+
+def _print_row(row: dict) -> None:
+    """A case's numbers on one line (its pattern and host profile left to the JSON)."""
+    print(json.dumps({k: (round(x, 4) if isinstance(x, float) else x) for k, x in row.items()
+                      if k not in ("pattern", "host_profile")}))
+    prof = row.get("host_profile")
+    if prof:
+        print(f"  host {prof['host_us_per_call']:.1f} us a call; own time (cProfile):")
+        for entry in prof["top_own_time"][:12]:
+            print(f"    {entry['own_us_per_call']:8.1f} us  x{entry['calls_per_call']:.0f}  {entry['function']}")
 
 
 def prefill_case(name: str, batch: int, hq: int, hkv: int, seq: int, dim: int, dtype, pattern: SparsePattern) -> None:
@@ -207,7 +251,7 @@ def prefill_case(name: str, batch: int, hq: int, hkv: int, seq: int, dim: int, d
         row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         RESULTS["errors"].append({"case": name, "trace": traceback.format_exc()[-2000:]})
     RESULTS["cases"].append(row)
-    print(json.dumps({k: (round(x, 4) if isinstance(x, float) else x) for k, x in row.items() if k != "pattern"}))
+    _print_row(row)
 
 
 def small_config_sweep(batch: int, heads: int, seq: int, dim: int, dtype, pattern: SparsePattern) -> None:
