@@ -42,6 +42,8 @@ ap.add_argument("--new-tokens", type=int, default=32)
 ap.add_argument("--shape", default="16,2048,32,8", help="layers,hidden,heads,kv_heads of the random Llama")
 ap.add_argument("--max-seconds", type=float, default=540.0)
 ap.add_argument("--tag", default="")
+ap.add_argument("--profile-steps", type=int, default=8,
+                help="decode steps of each generate() row profiled per kernel (0: none)")
 ARGS = ap.parse_args()
 if ARGS.cpu_smoke:
     os.environ["TRITON_INTERPRET"] = "1"
@@ -85,8 +87,13 @@ def _failed(row: dict, case: str, exc: Exception) -> None:
 def _record(kind: str, row: dict) -> None:
     RESULTS[kind].append(row)
     _save()
-    print(json.dumps({k: (round(x, 4) if isinstance(x, float) else x) for k, x in row.items() if k != "pattern"}),
-          flush=True)
+    print(json.dumps({k: (round(x, 4) if isinstance(x, float) else x) for k, x in row.items()
+                      if k not in ("pattern", "decode_profile")}), flush=True)
+    prof = row.get("decode_profile")
+    if prof:
+        print(f"  per decode step: {prof['total_us_per_step']:.1f} us in {prof['kernels_per_step']:.0f} kernels; top:")
+        for entry in prof["top"][:15]:
+            print(f"    {entry['us_per_step']:8.1f} us  x{entry['calls_per_step']:.1f}  {entry['kernel'][:110]}")
 
 
 def _left() -> float:
@@ -230,6 +237,41 @@ def _per_layer_layout_step(q, k, v, attention_mask, q_offset, kv_offset, pat, sc
     return STEP(q, k, v, attention_mask, q_offset, kv_offset, pat, scale, softcap, select, attend, store, None)
 
 
+def _kernel_times(model, ids: torch.Tensor, new: int) -> dict[str, tuple[int, float]]:
+    """{kernel or op name: (calls, microseconds)} of one static-cache generate() of ``new`` tokens under
+    torch.profiler: device time of the kernels on CUDA (those replayed inside CUDA graphs included), own CPU time of
+    the ops on CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = DEVICE == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        _steps(model, ids, new)
+    if cuda:
+        torch.cuda.synchronize()
+    times: dict[str, tuple[int, float]] = {}
+    for event in prof.key_averages():
+        us = (getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)) if cuda \
+            else event.self_cpu_time_total
+        if us:
+            times[event.key] = (event.count, float(us))
+    return times
+
+
+def _decode_kernel_profile(model, ids: torch.Tensor, steps: int, top: int = 25) -> dict:
+    """Per decode step: where the device time goes. Two profiled generate() runs, of 1 and ``1 + steps`` tokens
+    (the same prefill), and per kernel the difference divided by ``steps``: the prefill cancels, the steps remain."""
+    base, more = _kernel_times(model, ids, 1), _kernel_times(model, ids, 1 + steps)
+    rows = []
+    for name, (count, us) in more.items():
+        count0, us0 = base.get(name, (0, 0.0))
+        if us - us0 > 0:
+            rows.append({"kernel": name[:160], "calls_per_step": (count - count0) / steps,
+                         "us_per_step": (us - us0) / steps})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    return {"steps": steps, "total_us_per_step": sum(r["us_per_step"] for r in rows),
+            "kernels_per_step": sum(r["calls_per_step"] for r in rows), "top": rows[:top]}
+
+
 def generate_case(model, length: int, impl: str, pattern: SparsePattern | None, before: str = "") -> None:
     """``before``: "general op": top-k decode steps through the general op (outside the CUDA graphs); "one op": the
     decode step as one op with the padding layout inside; "no store": "mass" steps pooling every key (no
@@ -275,6 +317,8 @@ def generate_case(model, length: int, impl: str, pattern: SparsePattern | None, 
         row["decode_ms_per_token"] = gaps[len(gaps) // 2] * 1e3
         row["decode_ms_p10_p90"] = [gaps[len(gaps) // 10] * 1e3, gaps[(9 * len(gaps)) // 10] * 1e3]
         row["tokens_per_s"] = 1e3 / row["decode_ms_per_token"]
+        if ARGS.profile_steps > 0 and not before:
+            row["decode_profile"] = _decode_kernel_profile(model, ids, ARGS.profile_steps)
         if pattern is not None and not before:
             eager, _, eager_gaps = _steps(model, ids, ARGS.new_tokens + 1, disable_compile=True)
             eager_gaps.sort()
