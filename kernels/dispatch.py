@@ -36,6 +36,19 @@ def interpreter_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def interpreter_upcast(q: torch.Tensor) -> bool:
+    """Whether these bfloat16 inputs must reach the kernels as float32 copies: Triton's CPU interpreter (3.6 to 3.9)
+    multiplies bfloat16 tiles in ``tl.dot`` as numpy's raw 16-bit words, so its results are garbage (a 16 x 16
+    product off by 1e10; float16 and float32 are right). The copies' products are the same (a bfloat16 product is
+    exact in float32) and the outputs are rounded back to bfloat16; on a GPU nothing changes."""
+    return q.dtype == torch.bfloat16 and not q.is_cuda and interpreter_mode()
+
+
+def as_float32(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """float32 copies of the floating tensors (None stays None): :func:`interpreter_upcast`'s inputs."""
+    return tuple(t if t is None or not t.is_floating_point() else t.float() for t in tensors)
+
+
 def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float | None = None) -> str | None:
     """None when the kernels can run these (batch, heads, seq, head_dim) inputs, else a reason a person can read
     (soft-capping is supported: ``softcap`` is taken for the day a kernel is not)."""
@@ -169,6 +182,10 @@ def forward(
     applies, else the Triton kernel with ``config`` (an explicit config always runs Triton), the autotuned one
     (``options.autotune``) or the head dim's default."""
     attention_fwd.check_shapes(q, k, v)
+    if interpreter_upcast(q):
+        out, lse = forward(*as_float32(q, k, v), full_count, full_tiles, part_count, part_tiles, k_seg, q_seg, k_rank,
+                           block, q_offset, kv_offset, sink, window, scale, softcap, options, config)
+        return out.to(q.dtype), lse
     q, k, v = _rows_contiguous(q, k, v)
     has_segments = k_seg is not None or q_seg is not None or k_rank is not None
     if config is None and use_gluon_forward(q, k, v, block, softcap, has_segments, options):
@@ -226,6 +243,11 @@ def backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The backward: dq, dk, dv (``lse``: the forward's log2-domain LSE), as :func:`backward_plan` decides, with
     ``config``, the autotuned config (``options.autotune``) or the head dim's default for the Triton kernels."""
+    if interpreter_upcast(q):
+        grads = backward(*as_float32(do, q, k, v, o), lse, full_count, full_tiles, part_count, part_tiles,
+                         t_full_count, t_full_tiles, t_part_count, t_part_tiles, k_seg, q_seg, k_rank, block,
+                         q_offset, kv_offset, sink, window, scale, softcap, options, config)
+        return tuple(g.to(x.dtype) for g, x in zip(grads, (q, k, v), strict=True))
     q, k, v, o, do = _rows_contiguous(q, k, v, o, do)
     has_segments = k_seg is not None or q_seg is not None or k_rank is not None
     plan = backward_plan(q, k, v, do, full_tiles, part_tiles, t_full_count, t_full_tiles, t_part_count,
@@ -291,6 +313,10 @@ def decode_forward(
     """The split-KV decode forward (``source``: ``lists=`` a block index's four lists, or ``ranges=`` with its
     optional per-row sink ranges, selected tiles and ``range_selected``; see ``kernels/decode.py``)."""
     attention_fwd.check_shapes(q, k, v)
+    if interpreter_upcast(q):
+        out = decode_forward(*as_float32(q, k, v), block=block, q_offset=q_offset, kv_offset=kv_offset, sink=sink,
+                             window=window, scale=scale, softcap=softcap, options=options, **source)
+        return out.to(q.dtype)
     q, k, v = _rows_contiguous(q, k, v)
     return decode.decode_forward(
         q, k, v, block=block, q_offset=q_offset, kv_offset=kv_offset, sink=sink, window=window, scale=scale,

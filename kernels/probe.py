@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from .common import launch_fitting, sm_count
+from .dispatch import as_float32, interpreter_upcast
 from .selection import (
     FEATURE_CHUNK,
     NEG,
@@ -281,6 +282,8 @@ def select_by_probe(
     the device's SMs; 1: one fused launch); the tiles do not depend on it, ties aside. ``q_offset`` may be a
     one-element integer tensor on the device for one query row (a static cache under torch.compile): the kernel reads
     it, so nothing is read on the host; the cache's keys at and after the row must then be marked in ``k_seg``."""
+    if interpreter_upcast(q):  # bfloat16 tiles in the interpreter's tl.dot: see kernels/dispatch.py
+        q, k = as_float32(q, k)
     batch, hq, q_len, dim = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     if stride < 1 or stride & (stride - 1) or block % stride:

@@ -1,10 +1,10 @@
 """Triton block-sparse attention kernels vs the fp64 reference, in the Triton CPU interpreter.
 
 The interpreter is enabled for this module alone (kernels re-decorated in interpreter mode if needed). Inputs
-are fp32 (exact in the interpreter) plus fp16 cases; the interpreter's bf16 ``tl.dot`` is broken on CPU, so bf16
-is checked on
-the GPU by ``scripts/gpu_kernels.py``. Forward output, LSE and dQ/dK/dV are compared by relative norm on fresh
-random inputs.
+are fp32 (exact in the interpreter) plus fp16 and bf16 cases (the interpreter's bf16 ``tl.dot`` is broken, so the
+launches hand it float32 copies there: ``kernels/dispatch.py: interpreter_upcast``; bf16 on the kernels themselves
+is checked on the GPU by ``scripts/gpu_kernels.py``). Forward output, LSE and dQ/dK/dV are compared by relative norm
+on fresh random inputs.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def kernel_options(**changes) -> contextlib.AbstractContextManager:
     return hf_sparsek.settings(kernels=dataclasses.replace(hf_sparsek.get_settings().kernels, **changes))
 
 SINK_WIN = SparsePattern(block_size=64, sink_tokens=4, window=40)
-TOL = {torch.float32: 2e-5, torch.float16: 5e-3}
+TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -162,6 +162,28 @@ def test_softcap():
 
 def test_fp16():
     _run_case(1, 4, 1, 100, 100, 64, SINK_WIN, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("q_len,kv_len", [(100, 100), (40, 200)], ids=["prefill", "chunk-40"])
+def test_bf16_matches_reference(q_len, kv_len):
+    """bfloat16 in the interpreter: forward, LSE and gradients equal the reference (its ``tl.dot`` misreads bf16
+    tiles; without the float32 copies the output is off by about 1e9)."""
+    _run_case(2, 4, 2, q_len, kv_len, 64, SINK_WIN, dtype=torch.bfloat16, grad=q_len == kv_len)
+
+
+@pytest.mark.parametrize("q_len", [1, 4])
+def test_bf16_split_kv_decode_matches_reference(q_len):
+    """The split-KV decode kernel in bfloat16 (the path ``sparse_attention`` takes for a short query run), batch 2
+    with one row left-padded, GQA: the output is bf16 and equals the reference backend's."""
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 4, q_len, 128, generator=gen).to(torch.bfloat16)
+    k, v = (torch.randn(2, 2, 230, 128, generator=gen).to(torch.bfloat16) for _ in range(2))
+    mask = torch.ones(2, 230, dtype=torch.bool)
+    mask[1, :37] = False
+    got = sparse_attention(q, k, v, SINK_WIN, attention_mask=mask, backend="triton")
+    want = sparse_attention(q, k, v, SINK_WIN, attention_mask=mask, backend="reference")
+    assert got.dtype == torch.bfloat16
+    assert _rel(got, want) < TOL[torch.bfloat16]
 
 
 @pytest.mark.parametrize(

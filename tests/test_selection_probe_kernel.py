@@ -160,3 +160,15 @@ def test_probe_splits_rule():
     with pytest.raises(ValueError, match="splits"):
         q, k, q_offset, kv_offset, k_seg = _inputs(CASES[0], seed=23)
         _kernel(q, k, PATTERNS["sink64-win64-top3"], q_offset, kv_offset, k_seg, 16, splits=0)
+
+
+def test_probe_kernel_bf16_selects_as_float32():
+    """bfloat16 queries and keys: the kernel chooses the tiles it chooses for the same values in float32 (the
+    interpreter's ``tl.dot`` misreads bf16 tiles, so the launch hands it float32 copies; a bf16 product is exact in
+    float32, so the scores are the same)."""
+    q, k, q_offset, kv_offset, k_seg = _inputs((2, 4, 2, 150, 230, 64, None, 0, True), seed=16)
+    q, k = q.to(torch.bfloat16), k.to(torch.bfloat16)
+    pattern = PATTERNS["sink64-win64-top3"]
+    got = _kernel(q, k, pattern, q_offset, kv_offset, k_seg, 16)
+    assert torch.equal(got, _kernel(q.float(), k.float(), pattern, q_offset, kv_offset, k_seg, 16))
+
