@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from .common import launch_fitting
+from .dispatch import as_float32, interpreter_upcast
 from .probe import _chunk_scores, sampled_rows
 from .selection import FEATURE_CHUNK, NEG, ROWS_MIN, _next_pow2, prepare_call
 
@@ -157,6 +158,8 @@ def refine_candidates(
     (B, n_k) per key tile (``hf_sparsek.selection.tiles.key_tile_info``), both given with padding, else None (then
     derived from positions); ``stride``: one sampled row per ``stride`` positions (a power of two dividing
     ``block``)."""
+    if interpreter_upcast(q):  # bfloat16 tiles in the interpreter's tl.dot: see kernels/dispatch.py
+        q, k = as_float32(q, k)
     batch, hq, q_len, dim = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     if stride < 1 or stride & (stride - 1) or block % stride:

@@ -147,6 +147,16 @@ def test_triton_kernel_matches_definition(case, interpret):
     assert torch.equal(got, want)
 
 
+def test_triton_kernel_bf16_selects_as_float32(interpret):
+    """bfloat16 queries and keys (padding, GQA, chunked prefill): the kernels choose the tiles they choose for the
+    same values in float32 (the interpreter's ``tl.dot`` misreads bf16 tiles; the launch hands it float32 copies)."""
+    q, k, k_seg = _inputs(2, 4, 2, 150, 400, 64, True, 21)
+    q, k = q.to(torch.bfloat16), k.to(torch.bfloat16)
+    pattern = SparsePattern(block_size=BLOCK, sink_tokens=64, window=64, topk_blocks=2, selector="refine")
+    got = select_refine(q, k, pattern, 250, 0, k_seg, backend="triton")
+    assert torch.equal(got, select_refine(q.float(), k.float(), pattern, 250, 0, k_seg, backend="triton"))
+
+
 # --- what a user sees ------------------------------------------------------------------------------------------------
 def test_pattern_rules():
     p = SparsePattern(block_size=BLOCK, window=64, topk_blocks=3, selector="refine", probe_stride=8)
