@@ -37,11 +37,12 @@ def interpreter_mode() -> bool:
 
 
 def interpreter_upcast(q: torch.Tensor) -> bool:
-    """Whether these bfloat16 inputs must reach the kernels as float32 copies: Triton's CPU interpreter (3.6 to 3.9)
+    """Whether these bfloat16 inputs must reach the kernels as float32 copies: Triton's interpreter (3.6 to 3.9)
     multiplies bfloat16 tiles in ``tl.dot`` as numpy's raw 16-bit words, so its results are garbage (a 16 x 16
     product off by 1e10; float16 and float32 are right). The copies' products are the same (a bfloat16 product is
-    exact in float32) and the outputs are rounded back to bfloat16; on a GPU nothing changes."""
-    return q.dtype == torch.bfloat16 and not q.is_cuda and interpreter_mode()
+    exact in float32) and the outputs are rounded back to bfloat16. Compiled kernels (no TRITON_INTERPRET) take
+    bfloat16 as it is."""
+    return q.dtype == torch.bfloat16 and interpreter_mode()
 
 
 def as_float32(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
