@@ -42,6 +42,10 @@ ap.add_argument("--new-tokens", type=int, default=32)
 ap.add_argument("--shape", default="16,2048,32,8", help="layers,hidden,heads,kv_heads of the random Llama")
 ap.add_argument("--max-seconds", type=float, default=540.0)
 ap.add_argument("--tag", default="")
+ap.add_argument("--before", default="one op,general op,no store,layout per layer",
+                help="which generate() rows of the paths before to run (comma list; empty: none)")
+ap.add_argument("--calls-first", action="store_true",
+                help="the per-call rows (512K / 128K included) before generate(): a short lease keeps them")
 ap.add_argument("--profile-steps", type=int, default=8,
                 help="decode steps of each generate() row profiled per kernel (0: none)")
 ARGS = ap.parse_args()
@@ -354,13 +358,17 @@ def run_generate(lengths: list[int]) -> None:
         model.generation_config.compile_config = config
     RESULTS["generate_model"] = {"layers": layers, "hidden": hidden, "heads": heads, "kv_heads": kv_heads,
                                  "params_b": sum(p.numel() for p in model.parameters()) / 1e9}
+    before = {name.strip() for name in ARGS.before.split(",") if name.strip()}
     for length in lengths:
         generate_case(model, length, "sdpa", None)
         for pattern in (WINDOW, TOPK):  # each beside its path before 2026-12-07
-            generate_case(model, length, "sdpa", pattern, before="one op" if pattern is WINDOW else "general op")
+            old = "one op" if pattern is WINDOW else "general op"
+            if old in before:
+                generate_case(model, length, "sdpa", pattern, before=old)
             generate_case(model, length, "sdpa", pattern)
-        generate_case(model, length, "sdpa", TOPK, before="no store")
-        generate_case(model, length, "sdpa", WINDOW, before="layout per layer")
+        for pattern, old in ((TOPK, "no store"), (WINDOW, "layout per layer")):
+            if old in before:
+                generate_case(model, length, "sdpa", pattern, before=old)
         generate_case(model, length, "sdpa", PROBE)
 
 
@@ -378,11 +386,15 @@ def main() -> int:
         if not ARGS.skip_calls:
             for pattern in (WINDOW, TOPK, PROBE):
                 small_case(4096, 64, pattern)
+        long_calls = [] if ARGS.skip_calls else [(1, 512 * 1024, 4096), (8, 128 * 1024, 4096)]
+        if ARGS.calls_first:
+            for case in long_calls:
+                call_case(*case)
         if lengths:
             run_generate(lengths)
-        if not ARGS.skip_calls:
-            call_case(1, 512 * 1024, 4096)
-            call_case(8, 128 * 1024, 4096)
+        if not ARGS.calls_first:
+            for case in long_calls:
+                call_case(*case)
     path = _save()
     print("wrote", path, "errors:", len(RESULTS["errors"]))
     for err in RESULTS["errors"]:
