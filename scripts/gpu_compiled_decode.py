@@ -20,8 +20,11 @@ top-k patterns ("mass", "probe"), and as before 2026-12-07: "mass" through the g
 window as one op with the padding layout inside (~20 small kernels a layer); as before that evening: "mass"
 without the DecodeStore, the window with each layer computing its own layout; graphs
 traced, CUDA graphs skipped, and tokens equal to the same pattern uncompiled (bf16 with random weights: near-ties
-make greedy tokens drift between compiled and eager kernels; the per-call rows are the exactness check). Writes
-``compiled_decode.json`` (a new run overwrites it).
+make greedy tokens drift between compiled and eager kernels; the per-call rows are the exactness check). Each
+current-path row also lists where a decode step's device time goes, per kernel (``decode_profile``: torch.profiler
+over generate() runs of 1 and 1 + ``--profile-steps`` tokens, differenced). ``--calls-first`` runs the 512K / 128K
+per-call rows before generate(), ``--before`` picks the older paths' rows. Writes ``compiled_decode.json`` (a new
+run overwrites it).
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@
 Per case: SDPA dense (the reference cost), the library's whole call (``hf_sparsek.sparse_attention``: whatever index,
 selection and launches it needs), the same call the old way (an index built for the call, then the forward kernel,
 no split-KV) and the kernel alone (inputs prepared outside the timing). Decode bandwidth counts the K/V bytes the
-call actually reads (the tiles its pattern visits). Writes ``decode_<device>.json`` and a markdown table.
+call actually reads (the tiles its pattern visits). Each decode row also has ``host_profile``: the host's
+microseconds per call (calls issued without synchronising) and cProfile's functions with the most own time. Writes
+``decode_<device>.json`` and a markdown table.
 """
 
 from __future__ import annotations
