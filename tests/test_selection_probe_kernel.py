@@ -171,4 +171,3 @@ def test_probe_kernel_bf16_selects_as_float32():
     pattern = PATTERNS["sink64-win64-top3"]
     got = _kernel(q, k, pattern, q_offset, kv_offset, k_seg, 16)
     assert torch.equal(got, _kernel(q.float(), k.float(), pattern, q_offset, kv_offset, k_seg, 16))
-
