@@ -2,7 +2,7 @@
 
 For each ``model_type`` of ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` this builds one tiny random fp32 model in eval mode
 (its config class's defaults shrunk: one layer of each kind, at least two; hidden 64; 4 query / 2 KV heads where the
-config allows; vocab 100) and runs five checks on it, all on the PyTorch reference backend:
+config allows; vocab 100) and runs six checks on it, all on the PyTorch reference backend:
 
 * ``dense``: a dense pattern (``SparsePattern(block_size=64)``, ``dense_via_sdpa=False``) equals the same weights
   under ``sdpa`` (``eager`` where sdpa is refused or the model caps its logits);
@@ -10,7 +10,9 @@ config allows; vocab 100) and runs five checks on it, all on the PyTorch referen
   plain causal layers and the model's own mask on its sliding / chunked layers (they keep their window);
 * ``cache``: prefill, a chunk, then one-token decode steps equal the full forward;
 * ``padding``: a left-padded batch equals each sequence alone;
-* ``packing``: two documents packed in one row (position_ids restarting) equal each document alone.
+* ``packing``: two documents packed in one row (position_ids restarting) equal each document alone;
+* ``generate``: greedy generate() of a left-padded batch: the dynamic cache's step logits equal a forward without a
+  cache over the generated tokens, and the static cache gives the same tokens and logits.
 
 Each check ends ``pass``, ``refused`` (a ValueError from hf_sparsek naming what is unsupported), ``FAIL`` (a
 mismatch, with its size, or a crash) or ``model`` (the model itself under sdpa/eager fails the same check, so the
@@ -43,7 +45,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 import hf_sparsek
 from hf_sparsek import SparsePattern, exact_token_mask
 
-CHECKS = ("dense", "sparse", "cache", "padding", "packing")
+CHECKS = ("dense", "sparse", "cache", "padding", "packing", "generate")
 DENSE = SparsePattern(block_size=64)
 SPARSE = SparsePattern(block_size=64, sink_tokens=3, window=48)
 ORACLE = "arch_sweep_oracle"
@@ -56,6 +58,7 @@ PAD_B = LEN_A - LEN_B
 PACK_A, PACK_B = 70, 90  # packed documents: the first PACK_A tokens of A, then the first PACK_B of B
 PREFILL, CHUNK_END = 100, 150  # cache check: prefill [0, 100), chunk [100, 150), decode the rest one by one
 DECODE_STEPS = 4
+GEN_A, GEN_B, GEN_NEW = 70, 50, 8  # generate check: prompts of 70 and 50 (+20 left padding) tokens, 8 new tokens
 TOL_EXACT = 1e-5  # same math, another code path: dense and sparse checks
 TOL_ORDER = 1e-4  # same math, another summation order (cache, padding, packing)
 DOCS_PATH = Path(__file__).resolve().parent.parent / "docs" / "architectures.md"
@@ -125,6 +128,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
         "layers_block_type": ["linear_attention", "hybrid"] * 2,
     },
     "kolibri1_1": {"index_num_heads": 2},  # at most the query heads of one KV head
+    # input / recurrent / output sections must add up to the layers kept (its defaults split 36: 8 + 20 + 8)
+    "dory": {"n_input_layers": 0, "n_recurrent_layers": 2, "n_output_layers": 0},
     "reformer": {"axial_pos_embds_dim": [16, 48], "axial_pos_shape": [16, 16]},  # must sum to hidden 64
     "gemma3n_text": {  # the last layers read the KV of earlier ones: keep two of each
         "num_hidden_layers": 4,
@@ -379,7 +384,7 @@ def _oracle_with(pattern: SparsePattern) -> Iterator[None]:
 
 
 class Sweep:
-    """One architecture's tiny model, shared by the five checks; forwards are cached per (implementation, input)."""
+    """One architecture's tiny model, shared by the six checks; forwards are cached per (implementation, input)."""
 
     def __init__(self, model: torch.nn.Module, reference: str) -> None:
         self.model = model
@@ -456,6 +461,9 @@ class Sweep:
     def check_packing(self) -> Check:
         return self.controlled(self._packing_check)
 
+    def check_generate(self) -> Check:
+        return self.controlled(self._generate_check)
+
     def _cache_check(self, impl: str) -> Check:
         """Prefill [0, PREFILL), a chunk to CHUNK_END, then one-token steps; rows equal the full forward's."""
         self.use(impl)
@@ -492,6 +500,46 @@ class Sweep:
         got = self.logits(impl, "packed", input_ids=ids, position_ids=positions)[0]
         expected = torch.cat([self.full(impl, "a")[0, :PACK_A], self.full(impl, "b")[0, :PACK_B]])
         return compare(got, expected, TOL_EXACT)
+
+    def _generate_check(self, impl: str) -> Check:
+        """generate() of a left-padded batch: the dynamic cache's step logits equal one forward without a cache over
+        the generated tokens (the padding mask extended, positions counting real tokens), and the static cache gives
+        the same tokens and logits (compared up to the first token a near-tie turns, if any)."""
+        self.use(impl)
+        pad = GEN_A - GEN_B
+        ids = torch.cat([self.ids_a[:, :GEN_A], torch.cat([torch.full((1, pad), self.pad_id),
+                                                           self.ids_b[:, :GEN_B]], 1)])
+        mask = torch.ones_like(ids)
+        mask[1, :pad] = 0
+        runs = {cache: self._generate(ids, mask, cache) for cache in ("dynamic", "static")}
+        seq, logits = runs["dynamic"]
+        full_mask = torch.cat([mask, torch.ones_like(seq[:, GEN_A:])], 1)
+        inputs: dict[str, Any] = dict(input_ids=seq, attention_mask=full_mask)
+        if self.takes_positions:
+            inputs["position_ids"] = (full_mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            full = self.model(**inputs, use_cache=False).logits.float()[:, GEN_A - 1: -1]
+        result = compare(logits, full, TOL_ORDER)
+        if result.status != "pass":
+            result.detail = f"dynamic cache vs no cache: {result.detail}"
+            return result
+        seq_static, logits_static = runs["static"]
+        differs = (seq_static[:, GEN_A:] != seq[:, GEN_A:]).any(0).nonzero()
+        steps = differs[0].item() + 1 if len(differs) else GEN_NEW  # a near-tie turns a token: compare up to it
+        result = compare(logits_static[:, :steps], logits[:, :steps], TOL_ORDER)
+        if result.status != "pass":
+            result.detail = f"static cache vs dynamic cache: {result.detail}"
+        return result
+
+    def _generate(self, ids: torch.Tensor, mask: torch.Tensor, cache: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy generate() with ``cache`` ("dynamic": the default): the sequences and the (batch, steps, vocab)
+        fp32 logits of each step."""
+        extra = {} if cache == "dynamic" else {"cache_implementation": cache}
+        with torch.no_grad():
+            out = self.model.generate(ids, attention_mask=mask, max_new_tokens=GEN_NEW, min_new_tokens=GEN_NEW,
+                                      do_sample=False, pad_token_id=self.pad_id, output_logits=True,
+                                      return_dict_in_generate=True, **extra)
+        return out.sequences, torch.stack(out.logits, 1).float()
 
     def controlled(self, check: Callable[[str], Check]) -> Check:
         """Run ``check`` with the sparse pattern; where it fails, run it with the reference implementation too. A
@@ -723,6 +771,9 @@ def render_markdown(results: list[ArchResult], seconds: float) -> str:
         "1e-4.",
         "- **padding**: a batch of 160 and 130 (+30 left padding) tokens equals each sequence alone, 1e-4.",
         "- **packing**: 70 + 90 tokens in one row, position_ids restarting, equal each document alone, 1e-5.",
+        "- **generate**: greedy `generate()` of 8 tokens from a batch of 70 and 50 (+20 left padding) tokens: the "
+        "dynamic cache's step logits equal one forward without a cache over the generated tokens, and the static "
+        "cache (`cache_implementation=\"static\"`) gives the same tokens and logits, 1e-4.",
         "",
         "Cells: `pass`; `refused: ...` (hf_sparsek raised a ValueError naming what it does not support); "
         "`FAIL: ...` (a silent mismatch with its size and first differing token, or a crash); `model: ...` (the "

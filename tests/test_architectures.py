@@ -1,9 +1,10 @@
 """Every causal-LM architecture transformers ships, through attn_implementation="sparsek" (scripts/arch_sweep.py).
 
-One test per (model_type, check): a tiny random model is built once per model_type and shared by its five checks
-(dense, sparse, cache, padding, packing; see the script's docstring). A check passes when sparse attention matches
-(``pass``) or refuses with a ValueError naming what it does not support (``refused``); it is skipped when the model
-itself fails it under sdpa/eager (``model``) or the entry is not swept (encoder-decoders, models without attention).
+One test per (model_type, check): a tiny random model is built once per model_type and shared by its six
+checks (dense, sparse, cache, padding, packing, generate; see the script's docstring). A check passes when sparse
+attention matches (``pass``) or refuses with a ValueError naming what it does not support (``refused``); it is
+skipped when the model itself fails it under sdpa/eager (``model``) or the entry is not swept (encoder-decoders,
+models without attention).
 A silent mismatch or a crash fails, with the check's size of mismatch in the message. Known failures are listed
 below by cause, as strict xfails: a fix flips them (and the entry then comes off the list).
 """
@@ -52,7 +53,7 @@ def _params() -> list:
 
 @functools.cache
 def _result(model_type: str) -> sweep.ArchResult:
-    """The architecture's row, computed once for its five tests."""
+    """The architecture's row, computed once for its six tests."""
     sweep.register_oracle()
     return sweep.run_architecture(model_type)
 
@@ -95,6 +96,33 @@ def test_sweep_catches_a_pattern_that_was_not_applied(monkeypatch: pytest.Monkey
         monkeypatch.setattr(arch, "full", lambda impl, which: full(arch.reference if impl == "sparse" else impl, which))
         outcome = arch.check_sparse()
     assert outcome.status == "FAIL" and "changed nothing" in outcome.detail, outcome
+
+
+@pytest.mark.parametrize("fault, where", [
+    ("decode", "dynamic cache vs no cache"),  # one-token steps off by 0.1%: the dynamic cache's logits drift
+    ("static prefill", "static cache vs dynamic cache"),  # only a static cache hands a prefill more keys than queries
+])
+def test_sweep_catches_generate_steps_that_differ(monkeypatch: pytest.MonkeyPatch, fault: str, where: str) -> None:
+    """The generate check fails, naming which comparison, when sparse attention is off in one generate() path."""
+    from transformers import AttentionInterface
+
+    sweep.register_oracle()
+    original = AttentionInterface._global_mapping["sparsek"]
+
+    def faulty(module, query, key, value, attention_mask, **kwargs):
+        out, weights = original(module, query, key, value, attention_mask, **kwargs)
+        q_len, kv_len = query.shape[2], key.shape[2]
+        hit = q_len == 1 if fault == "decode" else 1 < q_len < kv_len
+        return (out * 1.001 if hit else out), weights
+
+    with sweep.one_thread():
+        result, arch = sweep.build("llama")
+        assert arch is not None, result
+        with hf_sparsek.settings(backend="reference", dense_via_sdpa=False):
+            assert arch.check_generate().status == "pass"
+            monkeypatch.setitem(AttentionInterface._global_mapping, "sparsek", faulty)
+            outcome = arch.check_generate()
+    assert outcome.status == "FAIL" and outcome.detail.startswith(where), outcome
 
 
 def test_compare_reports_size_and_first_bad_token() -> None:
