@@ -163,3 +163,33 @@ def test_compiled_static_decoding_traces_as_sdpa_and_equals_eager(model_type, pa
     assert graphs == sdpa_graphs
     assert torch.equal(seq, eager_seq)
     torch.testing.assert_close(logits, eager_logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("mode", ["prompt_lookup", "assistant"])
+def test_speculative_generate_equals_greedy_with_a_static_pattern(model_type, mode):
+    """Prompt-lookup and assisted decoding verify several candidate tokens in one cached call and crop the cache
+    where a candidate is rejected; with a static pattern the tokens equal plain greedy decoding's. (A top-k pattern
+    chooses per query tile from the rows a call holds, so a verification call may choose otherwise: patterns.md.)
+    The assistant is a copy of the model, so its candidates are accepted and the calls hold several rows."""
+    import copy
+
+    model = build(model_type)
+    hf_sparsek.set_pattern(model, SPARSE)
+    assistant = copy.deepcopy(model)
+    ids = torch.randint(1, 97, (1, 110), generator=torch.Generator().manual_seed(3))
+    ids = torch.cat([ids, ids[:, 20:60]], 1)  # a repeat, for prompt lookup to find candidates in
+    rows: list[int] = []
+    model.register_forward_pre_hook(lambda _, args, kwargs: rows.append(kwargs["input_ids"].shape[1]),
+                                    with_kwargs=True)
+    args = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0, output_logits=True,
+                return_dict_in_generate=True)
+    extra = {"prompt_lookup_num_tokens": 4} if mode == "prompt_lookup" else {"assistant_model": assistant}
+    with hf_sparsek.settings(dense_via_sdpa=False):
+        greedy = model.generate(ids, **args)
+        rows.clear()
+        speculative = model.generate(ids, **args, **extra)
+    assert max(rows[1:]) > 1, rows  # candidates were verified in calls of several rows
+    assert torch.equal(speculative.sequences, greedy.sequences)
+    torch.testing.assert_close(torch.stack(speculative.logits, 1), torch.stack(greedy.logits, 1), rtol=1e-4,
+                               atol=1e-4)
