@@ -102,12 +102,13 @@ def test_sweep_catches_a_pattern_that_was_not_applied(monkeypatch: pytest.Monkey
     ("decode", "dynamic cache vs no cache"),  # one-token steps off by 0.1%: the dynamic cache's logits drift
     ("static prefill", "static cache vs dynamic cache"),  # only a static cache hands a prefill more keys than queries
 ])
-def test_sweep_catches_generate_steps_that_differ(monkeypatch: pytest.MonkeyPatch, fault: str, where: str) -> None:
+def test_sweep_catches_generate_steps_that_differ(fault: str, where: str) -> None:
     """The generate check fails, naming which comparison, when sparse attention is off in one generate() path."""
     from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     sweep.register_oracle()
-    original = AttentionInterface._global_mapping["sparsek"]
+    original = ALL_ATTENTION_FUNCTIONS["sparsek"]
 
     def faulty(module, query, key, value, attention_mask, **kwargs):
         out, weights = original(module, query, key, value, attention_mask, **kwargs)
@@ -120,8 +121,12 @@ def test_sweep_catches_generate_steps_that_differ(monkeypatch: pytest.MonkeyPatc
         assert arch is not None, result
         with hf_sparsek.settings(backend="reference", dense_via_sdpa=False):
             assert arch.check_generate().status == "pass"
-            monkeypatch.setitem(AttentionInterface._global_mapping, "sparsek", faulty)
-            outcome = arch.check_generate()
+            AttentionInterface.register("sparsek", faulty)
+            try:
+                outcome = arch.check_generate()
+            finally:
+                AttentionInterface.register("sparsek", original)
+    assert ALL_ATTENTION_FUNCTIONS["sparsek"] is original
     assert outcome.status == "FAIL" and outcome.detail.startswith(where), outcome
 
 
