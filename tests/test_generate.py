@@ -193,3 +193,19 @@ def test_speculative_generate_equals_greedy_with_a_static_pattern(model_type, mo
     assert torch.equal(speculative.sequences, greedy.sequences)
     torch.testing.assert_close(torch.stack(speculative.logits, 1), torch.stack(greedy.logits, 1), rtol=1e-4,
                                atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_generate_from_inputs_embeds_equals_sdpa(model_type):
+    """generate(inputs_embeds=...), as multimodal wrappers call a language model (the prompt arrives as embeddings,
+    later steps as tokens); left padding; a dense pattern gives sdpa's tokens and logits."""
+    model = build(model_type)
+    ids, mask = _prompt()
+    embeds = model.get_input_embeddings()(ids).detach()
+    args = dict(inputs_embeds=embeds, attention_mask=mask, **GEN)
+    sdpa = model.generate(**args)
+    hf_sparsek.set_pattern(model, KEEP_ALL)
+    with hf_sparsek.settings(dense_via_sdpa=False):
+        ours = model.generate(**args)
+    assert torch.equal(ours.sequences, sdpa.sequences)
+    torch.testing.assert_close(torch.stack(ours.logits, 1), torch.stack(sdpa.logits, 1), rtol=1e-4, atol=1e-4)
